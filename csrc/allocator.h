@@ -1,0 +1,37 @@
+// The C allocator behind torch.cuda.memory.CUDAPluggableAllocator: it reserves
+// virtual address space only. A Reservation then adopts the range and commits
+// pages into it on demand.
+//
+//   void* vkv_alloc(ssize_t size, int device, cudaStream_t stream);
+//   void  vkv_free(void* ptr, size_t size, int device, cudaStream_t stream);
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace vkv {
+
+class Reservation;
+class Backend;
+
+// Reserves `size` bytes (rounded up to pages) on `backend` and records the
+// region; returns its base address. Shared by vkv_alloc and the CPU tests.
+uintptr_t allocator_reserve(std::shared_ptr<Backend> backend, size_t size);
+// Releases a recorded region: the adopting reservation (if alive) drops its
+// pages first. Unknown addresses are ignored. Returns whether it was known.
+bool allocator_release(uintptr_t addr);
+size_t allocator_region_bytes(uintptr_t addr);  // throws InvalidArgument if unknown
+void allocator_attach(uintptr_t addr, const std::shared_ptr<Reservation>& res);
+size_t allocator_num_regions();
+std::string allocator_last_error();
+
+}  // namespace vkv
+
+extern "C" {
+__attribute__((visibility("default"))) void* vkv_alloc(ssize_t size, int device, void* stream);
+__attribute__((visibility("default"))) void vkv_free(void* ptr, size_t size, int device, void* stream);
+}

@@ -1,0 +1,66 @@
+// Layer 1: one interface over the two ways of backing virtual memory with
+// physical pages. Both give the same semantics:
+//   reserve     -> a virtual range that faults on access (nothing backed)
+//   create_page -> a physical page of page_size() bytes, owned by the caller
+//   map         -> put a page at an address inside a reservation (a page may be
+//                  mapped at several addresses at once: aliasing)
+//   set_access  -> make a run of mapped pages readable and writable
+//   unmap       -> the range faults again; the pages stay alive
+// Fences order a decommit after GPU work: an unmap waits for the fence recorded
+// after the last kernel that reads the page.
+//
+// Implementations are not thread safe on their own; PagePool serialises them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace vkv {
+
+using PageHandle = uint64_t;
+using Fence = uint64_t;  // 0: nothing to wait for
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;    // "cuda" or "host"
+  virtual int device() const = 0;          // CUDA ordinal; -1 for host
+  virtual size_t page_size() const = 0;    // bytes; also the mapping granularity
+
+  virtual uintptr_t reserve(size_t bytes) = 0;
+  virtual void release(uintptr_t addr, size_t bytes) = 0;
+  virtual PageHandle create_page() = 0;
+  virtual void destroy_page(PageHandle page) = 0;
+  virtual void map(uintptr_t addr, PageHandle page) = 0;
+  virtual void set_access(uintptr_t addr, size_t bytes) = 0;
+  virtual void unmap(uintptr_t addr, size_t bytes) = 0;
+  // Fills a mapped range with zeros, finished when this returns.
+  virtual void zero(uintptr_t addr, size_t bytes) = 0;
+
+  // Records a fence on `stream` (a cudaStream_t as an integer) after the work
+  // queued there so far.
+  virtual Fence record_fence(uintptr_t stream) = 0;
+  virtual bool fence_done(Fence fence) = 0;
+  virtual void fence_wait(Fence fence) = 0;
+  virtual void fence_destroy(Fence fence) = 0;
+
+  // Makes this backend's context current on the calling thread (CUDA: the
+  // device's primary context). Cheap; called at every entry point.
+  virtual void bind_thread() {}
+};
+
+// memfd + mmap on the CPU. page_size must be a multiple of the OS page size.
+std::shared_ptr<Backend> make_host_backend(size_t page_size);
+
+// The CUDA driver's virtual memory API on `device`; page size = the driver's
+// allocation granularity (2 MiB on H100/H200). One instance per device is shared.
+std::shared_ptr<Backend> cuda_backend(int device);
+
+// Test hook of the host backend: while held, fences recorded on the host
+// backend stay pending until released, so CPU tests can exercise ordered
+// decommit exactly like an unfinished kernel on the GPU.
+void host_hold_fences(Backend& host, bool hold);
+
+}  // namespace vkv

@@ -1,0 +1,144 @@
+// The host backend: a memfd is the "physical memory", page i lives at offset
+// i * page_size in it. A reservation is a PROT_NONE anonymous mapping; map puts
+// a file page over part of it with MAP_FIXED|MAP_SHARED (so two addresses can
+// alias one page); unmap puts PROT_NONE anonymous memory back.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <vector>
+
+#include "backend.h"
+#include "errors.h"
+
+namespace vkv {
+namespace {
+
+std::string sys_error(const char* call, const std::string& args) {
+  return std::string(call) + "(" + args + ") failed: " + std::strerror(errno);
+}
+
+std::string hex(uintptr_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%zx", static_cast<size_t>(v));
+  return buf;
+}
+
+class HostBackend final : public Backend {
+ public:
+  explicit HostBackend(size_t page_size) : page_size_(page_size) {
+    long os_page = sysconf(_SC_PAGESIZE);
+    if (page_size == 0 || page_size % static_cast<size_t>(os_page) != 0)
+      throw InvalidArgument("host page_size must be a positive multiple of the OS page size (" +
+                            std::to_string(os_page) + " bytes), got " + std::to_string(page_size));
+    fd_ = memfd_create("torch_vkv", MFD_CLOEXEC);
+    if (fd_ < 0) throw DriverError(sys_error("memfd_create", "\"torch_vkv\""));
+  }
+  ~HostBackend() override {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  std::string name() const override { return "host"; }
+  int device() const override { return -1; }
+  size_t page_size() const override { return page_size_; }
+
+  uintptr_t reserve(size_t bytes) override {
+    void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE, " + std::to_string(bytes) + " bytes"));
+    return reinterpret_cast<uintptr_t>(p);
+  }
+
+  void release(uintptr_t addr, size_t bytes) override { munmap(reinterpret_cast<void*>(addr), bytes); }
+
+  PageHandle create_page() override {
+    size_t index;
+    if (!holes_.empty()) {
+      index = *holes_.begin();
+      holes_.erase(holes_.begin());
+    } else {
+      index = file_pages_;
+      if (ftruncate(fd_, static_cast<off_t>((file_pages_ + 1) * page_size_)) != 0)
+        throw OutOfPages(sys_error("ftruncate", std::to_string((file_pages_ + 1) * page_size_) + " bytes"), 1, 0);
+      ++file_pages_;
+    }
+    return index;
+  }
+
+  void destroy_page(PageHandle page) override {
+    // Give the memory back to the OS; the offset is reused by a later page,
+    // which then reads as zeros, like a fresh page.
+    fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(page * page_size_),
+              static_cast<off_t>(page_size_));
+    holes_.insert(page);
+  }
+
+  void map(uintptr_t addr, PageHandle page) override {
+    void* p = mmap(reinterpret_cast<void*>(addr), page_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
+                   static_cast<off_t>(page * page_size_));
+    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "MAP_FIXED at " + hex(addr) + ", page " + std::to_string(page)));
+  }
+
+  void set_access(uintptr_t, size_t) override {}  // map already gave read/write
+
+  void unmap(uintptr_t addr, size_t bytes) override {
+    void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE over " + hex(addr) + ", " + std::to_string(bytes) + " bytes"));
+  }
+
+  void zero(uintptr_t addr, size_t bytes) override { std::memset(reinterpret_cast<void*>(addr), 0, bytes); }
+
+  Fence record_fence(uintptr_t) override {
+    std::lock_guard<std::mutex> lock(fence_mu_);
+    if (!hold_) return 0;
+    Fence f = ++last_fence_;
+    pending_.insert(f);
+    return f;
+  }
+  bool fence_done(Fence f) override {
+    std::lock_guard<std::mutex> lock(fence_mu_);
+    return pending_.count(f) == 0;
+  }
+  void fence_wait(Fence f) override {
+    // A held fence would never finish on its own; waiting releases it, as a
+    // finished kernel would.
+    std::lock_guard<std::mutex> lock(fence_mu_);
+    pending_.erase(f);
+  }
+  void fence_destroy(Fence f) override {
+    std::lock_guard<std::mutex> lock(fence_mu_);
+    pending_.erase(f);
+  }
+
+  void hold_fences(bool hold) {
+    std::lock_guard<std::mutex> lock(fence_mu_);
+    hold_ = hold;
+    if (!hold) pending_.clear();
+  }
+
+ private:
+  size_t page_size_;
+  int fd_ = -1;
+  size_t file_pages_ = 0;
+  std::set<size_t> holes_;
+  std::mutex fence_mu_;
+  bool hold_ = false;
+  Fence last_fence_ = 0;
+  std::set<Fence> pending_;
+};
+
+}  // namespace
+
+std::shared_ptr<Backend> make_host_backend(size_t page_size) { return std::make_shared<HostBackend>(page_size); }
+
+void host_hold_fences(Backend& host, bool hold) {
+  auto* h = dynamic_cast<HostBackend*>(&host);
+  if (!h) throw InvalidArgument("hold_fences is a test hook of the host backend, got backend '" + host.name() + "'");
+  h->hold_fences(hold);
+}
+
+}  // namespace vkv

@@ -1,0 +1,166 @@
+// Layer 2: the physical page pool and the reservations that map its pages.
+//
+// One mutex per pool guards the pool and every reservation drawing on it, and
+// serialises their driver calls, so the background committer and the Python
+// thread can use them concurrently. The binding layer releases the GIL around
+// every call into these classes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "backend.h"
+
+namespace vkv {
+
+class Reservation;
+
+struct PoolStats {
+  size_t page_size = 0;
+  size_t max_pages = 0;      // budget: pages that may exist at once
+  size_t created_pages = 0;  // pages that exist now (mapped, free or pending)
+  size_t free_pages = 0;     // created, mapped nowhere, ready to hand out
+  size_t mapped_pages = 0;   // handed out to reservations
+  size_t pending_pages = 0;  // decommitted, waiting for a fence before unmap
+  uint64_t pages_created_total = 0;
+  uint64_t pages_destroyed_total = 0;
+  uint64_t map_calls = 0;
+  uint64_t set_access_calls = 0;
+  uint64_t unmap_calls = 0;
+  double commit_seconds = 0;     // time spent mapping (commit and alias)
+  double decommit_seconds = 0;   // time spent unmapping
+};
+
+// Physical pages, created up to a budget and recycled without re-creating
+// (the paper's reserve_physical_pages). Pages are reference counted by the
+// number of places they are mapped, so one page can back several requests.
+class PagePool : public std::enable_shared_from_this<PagePool> {
+ public:
+  PagePool(std::shared_ptr<Backend> backend, size_t max_pages);
+  ~PagePool();
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  Backend& backend() { return *backend_; }
+  size_t page_size() const { return backend_->page_size(); }
+
+  // Creates free pages until `num_pages` exist (capped by the budget).
+  // Returns the number of pages that exist afterwards.
+  size_t prefill(size_t num_pages);
+  // Changes the budget. Shrinking destroys free pages (returning them to the
+  // driver) until at most `max_pages` exist or no free page is left; pages in
+  // use stay until released, and no new page is created while over budget.
+  void set_max_pages(size_t max_pages);
+  // Destroys free pages until at most `keep_free` are left; returns how many
+  // were destroyed.
+  size_t trim(size_t keep_free);
+  // Finishes decommits whose fences completed (without waiting).
+  void reap();
+  PoolStats stats();
+
+  // --- used by Reservation, with mutex() held ---------------------------------
+  std::mutex& mutex() { return mu_; }
+  // Pages that can be had now or by waiting for pending decommits.
+  size_t available_locked() const;
+  // Hands out `n` pages (reaping or waiting for pending decommits, creating
+  // new pages within the budget). Throws OutOfPages, changing nothing, when
+  // fewer than `n` can be had. `fresh` gets the pages that were never mapped.
+  std::vector<PageHandle> acquire_locked(size_t n, std::vector<bool>& fresh);
+  void retain_locked(PageHandle page);   // one more mapping of a page in use
+  void release_locked(PageHandle page);  // one mapping fewer; at zero the page is free
+  void add_pending_locked(std::weak_ptr<Reservation> owner, Fence fence, size_t num_pages);
+  void cancel_pending_locked(size_t num_pages) { pending_pages_ -= num_pages; }
+  void reap_locked(size_t wait_until_free);
+  PoolStats& counters_locked() { return counters_; }
+
+ private:
+  void destroy_locked(PageHandle page);
+
+  struct PendingBatch {
+    Fence fence;
+    std::weak_ptr<Reservation> owner;
+  };
+
+  std::shared_ptr<Backend> backend_;
+  std::mutex mu_;
+  size_t max_pages_;
+  std::vector<PageHandle> free_;
+  std::unordered_set<PageHandle> never_mapped_;
+  std::unordered_map<PageHandle, size_t> mappings_;  // page in use -> times mapped
+  size_t created_ = 0;
+  size_t pending_pages_ = 0;
+  std::deque<PendingBatch> pending_;
+  PoolStats counters_;
+};
+
+// A contiguous virtual range of `num_pages` pages whose pages are committed
+// (mapped to physical pages of `pool`) and decommitted on demand. Releases
+// everything in its destructor.
+class Reservation : public std::enable_shared_from_this<Reservation> {
+ public:
+  // Reserves a new virtual range of at least `bytes` (rounded up to pages).
+  static std::shared_ptr<Reservation> create(std::shared_ptr<PagePool> pool, size_t bytes);
+  // Takes over a range reserved by the pluggable allocator (vkv_alloc); the
+  // address itself stays the allocator's and is freed by vkv_free.
+  static std::shared_ptr<Reservation> adopt(std::shared_ptr<PagePool> pool, uintptr_t addr);
+  ~Reservation();
+  Reservation(const Reservation&) = delete;
+  Reservation& operator=(const Reservation&) = delete;
+
+  uintptr_t base() const { return base_; }
+  size_t num_pages() const { return pages_.size(); }
+  size_t bytes() const { return pages_.size() * page_size_; }
+  size_t page_size() const { return page_size_; }
+  PagePool& pool() { return *pool_; }
+
+  // Maps pages [first, first + count); pages already committed are left alone.
+  // Returns the number of pages newly committed. All or nothing: on
+  // OutOfPages or a driver error, nothing changed.
+  size_t commit(size_t first, size_t count);
+  // Decommits pages [first, first + count). With a stream, the unmap waits
+  // for a fence recorded there now (the pages are reusable once the work
+  // queued so far is done); without one, the pages are unmapped at once, and
+  // the caller guarantees no queued work reads them. Returns pages decommitted.
+  size_t decommit(size_t first, size_t count, std::optional<uintptr_t> stream);
+  // Maps the pages committed at [src_first, src_first + count) of `src` also at
+  // [first, first + count) here (both stay valid; writes through one are seen
+  // through the other). Target pages must be uncommitted.
+  size_t alias(size_t first, Reservation& src, size_t src_first, size_t count);
+  // Decommits everything now, waiting for pending fences.
+  void release_all();
+
+  bool is_committed(size_t page);
+  size_t num_committed();
+  std::vector<std::pair<size_t, size_t>> committed_ranges();  // [(first, count)]
+
+  // With the pool mutex held: unmaps the pages still pending on `fence`.
+  void finish_pending_locked(Fence fence);
+  // The allocator freed our address: forget every mapping without touching it.
+  void on_address_freed();
+
+ private:
+  Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t num_pages, bool owns_address);
+  void check_range(const char* what, size_t first, size_t count) const;
+  void unmap_runs_locked(const std::vector<size_t>& pages);
+  void release_all_locked();
+
+  std::shared_ptr<PagePool> pool_;
+  uintptr_t base_;
+  size_t page_size_;
+  bool owns_address_;
+  bool address_alive_ = true;
+  static constexpr PageHandle kNoPage = ~PageHandle{0};
+  std::vector<PageHandle> pages_;  // physical page mapped at each virtual page, or kNoPage
+  std::vector<Fence> pending_;     // fence a mapped page waits on before unmap; 0 = committed
+  size_t num_committed_ = 0;
+};
+
+}  // namespace vkv

@@ -1,0 +1,514 @@
+"""``KVCache``: the vAttention cache manager.
+
+Every slot (batch row) owns a contiguous virtual range of ``max_seq_len``
+tokens in every layer; physical pages are committed as its sequence grows::
+
+    slot 0  |###########=====.................|   # committed and used
+    slot 1  |####==...........................|   = committed, not used yet
+    slot 2  |.................................|   . reserved only (no memory)
+             ^ token 0                 max_seq_len ^
+
+Each slot's range starts on a page boundary (rows are padded to whole pages),
+so no page is ever shared by two slots and a slot's pages can be handed to
+another slot without copying anything. Attention kernels read ``key(layer)``
+and ``value(layer)`` as ordinary ``[max_batch_size, max_seq_len, num_kv_heads,
+head_dim]`` tensors, with ``cache_seqlens`` saying how many rows are valid.
+
+Per-iteration API, as in the paper::
+
+    slot = cache.alloc()                     # a request arrives
+    cache.step_async(seq_lens)               # commit this step's need, prefetch the next
+    ... forward pass, overlapping the prefetch ...
+    cache.free(slot)                         # request done; pages kept for reuse
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torch_vkv._checks import check_int, fail
+from torch_vkv._ext import core
+from torch_vkv.errors import OutOfPagesError, OutOfSlotsError
+from torch_vkv.pool import PagePool, resolve_device
+from torch_vkv.tensor import VirtualKVTensor
+
+__all__ = ["KVCache", "LAYOUTS"]
+
+#: ``per_layer``: K and V of each layer in their own ``[B, S, H, D]`` tensors
+#: (as the paper). ``interleaved``: one ``[B, S, L, 2, H, D]`` tensor in which
+#: all layers of a token share pages, so a page holds ``num_layers * 2`` times
+#: fewer tokens and commits are that much finer.
+LAYOUTS = ("per_layer", "interleaved")
+
+
+class KVCache:
+    """A KV cache in virtual memory with pages committed on demand.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: model shape.
+        max_batch_size: number of slots (concurrent requests).
+        max_seq_len: tokens per slot, the virtual capacity of each request.
+        dtype: element type of K and V.
+        device: ``"cuda[:N]"`` (CUDA virtual memory) or ``"cpu"`` (host
+            backend); default: the current CUDA device, else the CPU.
+        memory_budget: bytes of physical memory the cache may commit; ``None``
+            means up to a static allocation's size (the driver may run out
+            first, which raises :class:`OutOfPagesError` too).
+        layout: ``"per_layer"`` or ``"interleaved"`` (see :data:`LAYOUTS`).
+        margin_tokens: extra rows committed past each reservation, for kernels
+            that read a tile past the last valid token (FlashAttention-3 reads
+            up to 128-256 rows). The rows hold finite values.
+        page_size: host backend only: bytes per page (default 2 MiB).
+        pool: a :class:`PagePool` to draw pages from (shared with other
+            caches); by default the cache makes its own.
+
+    Newly committed rows hold finite values: pages fresh from the driver are
+    zero-filled once, recycled pages keep K/V values of an earlier request.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype = torch.float16,
+        device: Any = None,
+        memory_budget: int | None = None,
+        layout: str = "per_layer",
+        margin_tokens: int = 0,
+        page_size: int | None = None,
+        pool: PagePool | None = None,
+    ) -> None:
+        self.num_layers = check_int("num_layers", num_layers, low=1)
+        self.num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1)
+        self.head_dim = check_int("head_dim", head_dim, low=1)
+        self.max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, low=1)
+        self.margin_tokens = check_int("margin_tokens", margin_tokens, low=0)
+        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
+            fail("dtype", "a floating-point torch.dtype", dtype, TypeError)
+        if layout not in LAYOUTS:
+            fail("layout", f"one of {LAYOUTS}", layout)
+        self.dtype = dtype
+        self.layout = layout
+        self.device = resolve_device(device)
+        self._closed = True  # until construction succeeds
+
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if pool is None:
+            probe = PagePool(self.device, page_size=page_size)
+            page = probe.page_size
+        else:
+            if pool.device != self.device:
+                fail("pool", f"a PagePool on {self.device}", pool)
+            page = pool.page_size
+        # Bytes of one token in one buffer (the unit that commit rounds to pages).
+        per_buffer_heads = self.num_kv_heads * self.head_dim * itemsize
+        self.bytes_per_token_buffer = per_buffer_heads * (2 * self.num_layers if layout == "interleaved" else 1)
+        #: Bytes of one token in all layers, K and V.
+        self.bytes_per_token = 2 * self.num_layers * per_buffer_heads
+        # Pad each slot's row to whole pages: tokens per row must make
+        # row_bytes a multiple of the page size.
+        unit = page // math.gcd(page, self.bytes_per_token_buffer)
+        self.padded_seq_len = -(-self.max_seq_len // unit) * unit
+        self.pages_per_slot = self.padded_seq_len * self.bytes_per_token_buffer // page
+        num_buffers = 2 * self.num_layers if layout == "per_layer" else 1
+        self.reserved_bytes = num_buffers * self.max_batch_size * self.pages_per_slot * page
+
+        if pool is None:
+            budget = self.reserved_bytes if memory_budget is None else check_int("memory_budget", memory_budget, low=0)
+            pool = probe
+            pool.set_max_bytes(budget)
+        elif memory_budget is not None:
+            fail("memory_budget", "None when a shared pool is given (the pool holds the budget)", memory_budget)
+        self.pool = pool
+        self.page_size = page
+
+        B, S, H, D, L = self.max_batch_size, self.padded_seq_len, self.num_kv_heads, self.head_dim, self.num_layers
+        if layout == "per_layer":
+            self._buffers = [VirtualKVTensor.empty((B, S, H, D), dtype=dtype, pool=pool) for _ in range(2 * L)]
+            self._keys = [self._buffers[2 * l][:, : self.max_seq_len] for l in range(L)]
+            self._values = [self._buffers[2 * l + 1][:, : self.max_seq_len] for l in range(L)]
+        else:
+            buf = VirtualKVTensor.empty((B, S, L, 2, H, D), dtype=dtype, pool=pool)
+            self._buffers = [buf]
+            self._keys = [buf[:, : self.max_seq_len, l, 0] for l in range(L)]
+            self._values = [buf[:, : self.max_seq_len, l, 1] for l in range(L)]
+        self._reservations = [b.reservation for b in self._buffers]
+
+        self._free_slots: list[int] = list(range(B))  # freed order: oldest first
+        self._active: set[int] = set()
+        self._used_tokens = [0] * B  # tokens reserved by the current request of each slot
+        self._committed_pages = [0] * B  # pages per buffer backing each slot, from its start
+        self._committer = core().Committer()
+        self._pending_ticket: int | None = None
+        self._pending_pages: dict[int, int] = {}
+        self._commit_calls = 0
+        self._closed = False
+        # Release pages even if close() is never called.
+        self._finalizer = weakref.finalize(self, KVCache._release, self._buffers, self._committer)
+
+    # ------------------------------------------------------------------ views
+    def key(self, layer: int) -> torch.Tensor:
+        """Keys of ``layer``: ``[max_batch_size, max_seq_len, num_kv_heads, head_dim]``,
+        same address for the cache's lifetime. Only committed rows may be read."""
+        self._check_open()
+        return self._keys[check_int("layer", layer, low=0, high=self.num_layers - 1)]
+
+    def value(self, layer: int) -> torch.Tensor:
+        """Values of ``layer``, shaped like :meth:`key`."""
+        self._check_open()
+        return self._values[check_int("layer", layer, low=0, high=self.num_layers - 1)]
+
+    @property
+    def tokens_per_page(self) -> int | float:
+        """Tokens one page holds in one buffer: the commit granularity
+        (about a thousand for per_layer on 2 MiB pages, tens for interleaved).
+        A float when a token does not divide the page."""
+        q, r = divmod(self.page_size, self.bytes_per_token_buffer)
+        return q if r == 0 else self.page_size / self.bytes_per_token_buffer
+
+    @property
+    def active_slots(self) -> list[int]:
+        return sorted(self._active)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def committed_tokens(self, slot: int) -> int:
+        """Rows of ``slot`` that are backed in every layer (at least what was
+        reserved; page rounding may back more)."""
+        slot = self._check_slot(slot, active=False)
+        self._join_async()
+        return min(self.max_seq_len, self._committed_pages[slot] * self.page_size // self.bytes_per_token_buffer)
+
+    # ------------------------------------------------------------------ slots
+    def alloc(self) -> int:
+        """Takes a free slot and returns it. A slot freed earlier whose pages are
+        still committed is preferred: the new request reuses them. Raises
+        :class:`OutOfSlotsError` when every slot is in use."""
+        self._check_open()
+        if not self._free_slots:
+            raise OutOfSlotsError(f"all {self.max_batch_size} slots of the KV cache are in use")
+        warmest = max(range(len(self._free_slots)), key=lambda i: self._committed_pages[self._free_slots[i]])
+        slot = self._free_slots.pop(warmest)
+        self._active.add(slot)
+        self._used_tokens[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Ends the request in ``slot``. Its pages stay committed (deferred
+        reclamation) for the next request in the slot until memory is needed
+        elsewhere. Freeing a slot that is not in use raises ``ValueError``."""
+        slot = self._check_slot(slot)
+        self._active.discard(slot)
+        self._used_tokens[slot] = 0
+        self._free_slots.append(slot)
+
+    # ---------------------------------------------------------------- commits
+    def can_reserve(self, slot: int, num_tokens: int) -> bool:
+        """Whether :meth:`reserve` would succeed now (same checks, no change)."""
+        return self.can_step({self._check_slot(slot): num_tokens})
+
+    def reserve(self, slot: int, num_tokens: int) -> None:
+        """Backs tokens ``[0, num_tokens)`` of ``slot`` in every layer, plus
+        ``margin_tokens``. Never shrinks (see :meth:`decommit`). All or nothing:
+        raises :class:`OutOfPagesError` with nothing changed."""
+        self.step({self._check_slot(slot): num_tokens})
+
+    def step(self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor) -> None:
+        """Commits, now, what every active slot needs for this iteration.
+
+        Args:
+            seq_lens: tokens each slot must hold after this step, its new tokens
+                included: a sequence of ``max_batch_size`` ints (0 or less for
+                slots to leave alone), a ``{slot: num_tokens}`` mapping, or a
+                1-D integer tensor (a CUDA tensor costs a device sync).
+
+        All or nothing across slots: :class:`OutOfPagesError` leaves every slot
+        as it was.
+        """
+        need = self._parse_seq_lens(seq_lens)
+        self._join_async()
+        self._commit_now(need)
+
+    def step_async(
+        self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor, *, lookahead_tokens: int = 1
+    ) -> None:
+        """The paper's per-iteration call: backs ``seq_lens`` now (normally
+        already done by the previous call's prefetch) and commits, on the
+        background thread, what ``seq_lens + lookahead_tokens`` will need, so
+        the next step finds its pages mapped. Call :meth:`synchronize` (or any
+        other method) before relying on the prefetched rows.
+
+        The prefetch takes only pages that are free now; if memory is short it
+        is skipped, and the next call's synchronous part raises
+        :class:`OutOfPagesError` when the need is real.
+        """
+        lookahead = check_int("lookahead_tokens", lookahead_tokens, low=0)
+        need = self._parse_seq_lens(seq_lens)
+        self._join_async()
+        self._commit_now(need)
+        ahead = {s: n + lookahead for s, n in need.items()}
+        plan = self._plan(ahead)
+        if not plan or sum(plan.values()) * len(self._buffers) > self._available_pages(reclaim=False):
+            return
+        jobs = []
+        for slot, pages in plan.items():
+            first = slot * self.pages_per_slot + self._committed_pages[slot]
+            jobs += [(res, first, pages - self._committed_pages[slot]) for res in self._reservations]
+        self._pending_pages = plan
+        self._pending_ticket = self._committer.submit(jobs)
+        self._commit_calls += 1
+
+    def synchronize(self) -> None:
+        """Waits for the background commits of :meth:`step_async`. A failure
+        there (another user of a shared pool took the pages) is raised here and
+        leaves the prefetched slots as they were before the prefetch."""
+        self._join_async()
+
+    def decommit(self, slot: int, keep_tokens: int = 0, *, stream: Any = None) -> int:
+        """Returns pages of ``slot`` beyond ``keep_tokens`` (+ margin) to the
+        pool, e.g. after a crop. On CUDA the unmap waits for the work queued on
+        ``stream`` (default: current stream). Returns pages decommitted per buffer."""
+        slot = self._check_slot(slot, active=False)
+        keep = check_int("keep_tokens", keep_tokens, low=0, high=self.max_seq_len)
+        self._join_async()
+        keep_pages = self._pages_for(keep)
+        drop = self._committed_pages[slot] - keep_pages
+        if drop <= 0:
+            return 0
+        self._decommit_slot(slot, keep_pages, stream)
+        if slot in self._active:
+            self._used_tokens[slot] = min(self._used_tokens[slot], keep)
+        return drop
+
+    def reclaim(self, *, stream: Any = None) -> int:
+        """Decommits the pages that freed slots still hold; returns pages per
+        buffer freed. Pages go back to the pool (``pool.trim()`` returns them
+        to the driver)."""
+        self._check_open()
+        self._join_async()
+        freed = 0
+        for slot in self._free_slots:
+            freed += self._committed_pages[slot]
+            self._decommit_slot(slot, 0, stream)
+        return freed
+
+    def can_step(self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor) -> bool:
+        """Whether :meth:`step` would succeed now."""
+        need = self._parse_seq_lens(seq_lens)
+        self._join_async()
+        plan = self._plan(need)
+        return sum(p - self._committed_pages[s] for s, p in plan.items()) * len(self._buffers) <= (
+            self._available_pages(reclaim=True)
+        )
+
+    # ------------------------------------------------------------------ stats
+    def memory_stats(self) -> dict[str, Any]:
+        """Memory of the cache, in bytes and pages.
+
+        ``reserved_bytes`` (virtual), ``committed_bytes`` (physical, mapped),
+        ``used_bytes`` (tokens reserved by active requests x bytes per token),
+        ``cached_bytes`` (committed by freed slots, kept for reuse),
+        ``free_pages`` / ``pool_pages`` (the pool's free and existing pages),
+        ``page_size``, ``tokens_per_page``, ``active_slots``, ``commit_calls``,
+        ``map_calls``, ``set_access_calls``, ``unmap_calls``,
+        ``commit_seconds``, ``decommit_seconds``.
+        """
+        self._check_open()
+        self._join_async()
+        s = self.pool.stats()
+        nb = len(self._buffers)
+        committed_pages = sum(self._committed_pages)
+        cached_pages = sum(self._committed_pages[slot] for slot in self._free_slots)
+        return {
+            "reserved_bytes": self.reserved_bytes,
+            "committed_bytes": committed_pages * nb * self.page_size,
+            "used_bytes": sum(self._used_tokens) * self.bytes_per_token,
+            "cached_bytes": cached_pages * nb * self.page_size,
+            "free_pages": s["free_pages"],
+            "pool_pages": s["created_pages"],
+            "max_pages": s["max_pages"],
+            "page_size": self.page_size,
+            "tokens_per_page": self.tokens_per_page,
+            "active_slots": len(self._active),
+            "commit_calls": self._commit_calls,
+            "map_calls": s["map_calls"],
+            "set_access_calls": s["set_access_calls"],
+            "unmap_calls": s["unmap_calls"],
+            "commit_seconds": s["commit_seconds"],
+            "decommit_seconds": s["decommit_seconds"],
+        }
+
+    # ------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Releases every page and reservation. Tensors obtained from
+        :meth:`key` / :meth:`value` must not be used afterwards. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._join_async()
+        except Exception:
+            pass
+        self._closed = True
+        self._finalizer()
+        self._keys = self._values = []
+        self._buffers = []
+        self._reservations = []
+        self.pool.trim()
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
+            f"device={str(self.device)!r}, layout={self.layout!r}, tokens_per_page={self.tokens_per_page})"
+        )
+
+    @staticmethod
+    def _release(buffers: list[VirtualKVTensor], committer: Any) -> None:
+        for b in buffers:
+            b.release()
+
+    # -------------------------------------------------------------- internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the KVCache is closed")
+
+    def _check_slot(self, slot: Any, *, active: bool = True) -> int:
+        self._check_open()
+        slot = check_int("slot", slot, low=0, high=self.max_batch_size - 1)
+        if active and slot not in self._active:
+            fail("slot", "a slot returned by alloc() and not freed since", slot)
+        return slot
+
+    def _pages_for(self, num_tokens: int) -> int:
+        if num_tokens <= 0:
+            return 0
+        rows = min(num_tokens + self.margin_tokens, self.padded_seq_len)
+        return -(-rows * self.bytes_per_token_buffer // self.page_size)
+
+    def _parse_seq_lens(self, seq_lens: Any) -> dict[int, int]:
+        self._check_open()
+        if isinstance(seq_lens, torch.Tensor):
+            if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
+                fail("seq_lens", "a 1-D integer tensor", f"{seq_lens.dtype} tensor of shape {tuple(seq_lens.shape)}")
+            seq_lens = seq_lens.tolist()
+        if isinstance(seq_lens, Mapping):
+            items = list(seq_lens.items())
+        elif isinstance(seq_lens, Sequence):
+            if len(seq_lens) != self.max_batch_size:
+                fail("seq_lens", f"{self.max_batch_size} entries (one per slot)", f"{len(seq_lens)} entries")
+            items = [(s, n) for s, n in enumerate(seq_lens) if n > 0]
+        else:
+            fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), TypeError)
+        need: dict[int, int] = {}
+        for slot, n in items:
+            slot = self._check_slot(slot)
+            need[slot] = check_int(f"seq_lens[{slot}]", n, low=0, high=self.max_seq_len)
+        return need
+
+    def _plan(self, need: dict[int, int]) -> dict[int, int]:
+        """{slot: pages per buffer wanted} for the slots that must grow."""
+        plan = {}
+        for slot, n in need.items():
+            pages = self._pages_for(n)
+            if pages > self._committed_pages[slot]:
+                plan[slot] = pages
+        return plan
+
+    def _available_pages(self, *, reclaim: bool) -> int:
+        s = self.pool.stats()
+        available = s["free_pages"] + max(0, s["max_pages"] - s["created_pages"]) + s["pending_pages"]
+        if reclaim:
+            available += sum(self._committed_pages[slot] for slot in self._free_slots) * len(self._buffers)
+        return available
+
+    def _commit_now(self, need: dict[int, int]) -> None:
+        for slot, n in need.items():
+            self._used_tokens[slot] = max(self._used_tokens[slot], n)
+        plan = self._plan(need)
+        if not plan:
+            return
+        nb = len(self._buffers)
+        wanted = sum(p - self._committed_pages[s] for s, p in plan.items()) * nb
+        available = self._available_pages(reclaim=True)
+        if wanted > available:
+            raise OutOfPagesError(
+                f"out of physical pages: this step needs {wanted} new page(s) of {self.page_size} bytes "
+                f"(slots {sorted(plan)}), {available} available including pages cached by freed slots "
+                f"(budget {self.pool.max_pages} pages)"
+            )
+        # Deferred reclamation: take pages from freed slots, oldest first,
+        # only when the pool cannot serve the step by itself.
+        short = wanted - self._available_pages(reclaim=False)
+        for victim in list(self._free_slots):
+            if short <= 0:
+                break
+            if self._committed_pages[victim]:
+                short -= self._committed_pages[victim] * nb
+                self._decommit_slot(victim, 0, None)
+        done: list[tuple[Any, int, int]] = []
+        try:
+            for slot, pages in plan.items():
+                first = slot * self.pages_per_slot + self._committed_pages[slot]
+                count = pages - self._committed_pages[slot]
+                for res in self._reservations:
+                    res.commit(first, count)
+                    done.append((res, first, count))
+        except BaseException:
+            # All or nothing: undo this step's commits (unused, so no fence).
+            for res, first, count in done:
+                res.decommit(first, count, None)
+            raise
+        for slot, pages in plan.items():
+            self._committed_pages[slot] = pages
+        self._commit_calls += 1
+
+    def _decommit_slot(self, slot: int, keep_pages: int, stream: Any) -> None:
+        count = self._committed_pages[slot] - keep_pages
+        if count <= 0:
+            return
+        first = slot * self.pages_per_slot + keep_pages
+        fence = self._buffers[0]._fence_stream(stream)
+        for res in self._reservations:
+            res.decommit(first, count, fence)
+        self._committed_pages[slot] = keep_pages
+
+    def _join_async(self) -> None:
+        if self._pending_ticket is None:
+            return
+        ticket, plan = self._pending_ticket, self._pending_pages
+        self._pending_ticket, self._pending_pages = None, {}
+        try:
+            self._committer.wait(ticket)
+        except BaseException:
+            # Jobs run buffer by buffer; find what each slot really has and
+            # roll the partial prefetch back so every buffer agrees.
+            for slot in plan:
+                first = slot * self.pages_per_slot + self._committed_pages[slot]
+                count = plan[slot] - self._committed_pages[slot]
+                for res in self._reservations:
+                    res.decommit(first, count, None)
+            raise
+        for slot, pages in plan.items():
+            self._committed_pages[slot] = max(self._committed_pages[slot], pages)
