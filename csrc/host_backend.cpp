@@ -47,9 +47,17 @@ class HostBackend final : public Backend {
   size_t page_size() const override { return page_size_; }
 
   uintptr_t reserve(size_t bytes) override {
-    void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE, " + std::to_string(bytes) + " bytes"));
-    return reinterpret_cast<uintptr_t>(p);
+    // Over-reserve by a page and trim, so the range is aligned to page_size
+    // as cuMemAddressReserve's is.
+    size_t span = bytes + page_size_;
+    void* p = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE, " + std::to_string(span) + " bytes"));
+    uintptr_t start = reinterpret_cast<uintptr_t>(p);
+    uintptr_t aligned = (start + page_size_ - 1) / page_size_ * page_size_;
+    if (aligned > start) munmap(p, aligned - start);
+    uintptr_t end = start + span, aligned_end = aligned + bytes;
+    if (end > aligned_end) munmap(reinterpret_cast<void*>(aligned_end), end - aligned_end);
+    return aligned;
   }
 
   void release(uintptr_t addr, size_t bytes) override { munmap(reinterpret_cast<void*>(addr), bytes); }

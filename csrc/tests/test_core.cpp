@@ -1,0 +1,652 @@
+// Standalone tests of the C++ core on the host backend: no Python, no GPU.
+//
+//   g++ -std=c++17 -fsanitize=thread -g -O1 -Icsrc csrc/tests/test_core.cpp \
+//       csrc/driver.cpp csrc/host_backend.cpp csrc/cuda_backend.cpp csrc/pool.cpp \
+//       csrc/committer.cpp csrc/allocator.cpp -ldl -pthread -o test_core
+//   TSAN_OPTIONS=halt_on_error=1 ./test_core [--iterations N]
+//
+// Exits 0 when every check passed, 1 (after printing the failed check) when one
+// failed. tests/test_cpp_core.py builds and runs it under ThreadSanitizer.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "allocator.h"
+#include "backend.h"
+#include "committer.h"
+#include "errors.h"
+#include "pool.h"
+
+using namespace vkv;
+
+namespace {
+
+int g_checks = 0;
+
+#define CHECK(cond)                                                                     \
+  do {                                                                                  \
+    ++g_checks;                                                                         \
+    if (!(cond)) {                                                                      \
+      std::fprintf(stderr, "FAILED: %s:%d: CHECK(%s)\n", __FILE__, __LINE__, #cond);    \
+      return 1;                                                                         \
+    }                                                                                   \
+  } while (0)
+
+#define CHECK_EQ(a, b)                                                                                  \
+  do {                                                                                                  \
+    ++g_checks;                                                                                         \
+    auto va_ = (a);                                                                                     \
+    auto vb_ = (b);                                                                                     \
+    if (!(va_ == vb_)) {                                                                                \
+      std::fprintf(stderr, "FAILED: %s:%d: CHECK_EQ(%s, %s): %lld != %lld\n", __FILE__, __LINE__, #a, #b, \
+                   static_cast<long long>(va_), static_cast<long long>(vb_));                           \
+      return 1;                                                                                         \
+    }                                                                                                   \
+  } while (0)
+
+// Runs `stmt` and checks that it throws exactly `Exc`.
+#define CHECK_THROWS(Exc, stmt)                                                                    \
+  do {                                                                                             \
+    ++g_checks;                                                                                    \
+    bool thrown_ = false;                                                                          \
+    try {                                                                                          \
+      stmt;                                                                                        \
+    } catch (const Exc&) {                                                                         \
+      thrown_ = true;                                                                              \
+    } catch (const std::exception& e_) {                                                           \
+      std::fprintf(stderr, "FAILED: %s:%d: %s threw another exception: %s\n", __FILE__, __LINE__, \
+                   #stmt, e_.what());                                                              \
+      return 1;                                                                                    \
+    }                                                                                              \
+    if (!thrown_) {                                                                                \
+      std::fprintf(stderr, "FAILED: %s:%d: %s did not throw %s\n", __FILE__, __LINE__, #stmt, #Exc); \
+      return 1;                                                                                    \
+    }                                                                                              \
+  } while (0)
+
+#define RUN(test)                                                  \
+  do {                                                             \
+    std::printf("%-40s", #test);                                   \
+    std::fflush(stdout);                                           \
+    int rc_ = test();                                              \
+    std::printf("%s\n", rc_ == 0 ? "ok" : "FAILED");               \
+    if (rc_ != 0) return rc_;                                      \
+  } while (0)
+
+constexpr size_t kPage = 4096;  // one OS page: keeps the tests small and fast
+constexpr uintptr_t kStream = 1;  // any non-zero "stream": host fences ignore it
+
+// Whether the byte at `addr` can be read, without touching it from user space:
+// write(2) from a PROT_NONE address fails with EFAULT instead of faulting.
+bool readable(uintptr_t addr) {
+  static int fds[2] = {-1, -1};
+  if (fds[0] < 0 && pipe(fds) != 0) return false;
+  ssize_t n = write(fds[1], reinterpret_cast<const void*>(addr), 1);
+  if (n != 1) return false;
+  char c;
+  return read(fds[0], &c, 1) == 1;
+}
+
+uint8_t* at(const Reservation& r, size_t page, size_t offset = 0) {
+  return reinterpret_cast<uint8_t*>(r.base() + page * r.page_size() + offset);
+}
+
+void fill(const Reservation& r, size_t page, uint8_t value) { std::memset(at(r, page), value, r.page_size()); }
+
+// True when every byte of the page holds `value`.
+bool holds(const Reservation& r, size_t page, uint8_t value) {
+  const uint8_t* p = at(r, page);
+  for (size_t i = 0; i < r.page_size(); ++i)
+    if (p[i] != value) return false;
+  return true;
+}
+
+std::shared_ptr<PagePool> make_pool(size_t max_pages) {
+  return std::make_shared<PagePool>(make_host_backend(kPage), max_pages);
+}
+
+// ------------------------------------------------------------------ semantics
+
+int test_reserve_commit_decommit() {
+  auto pool = make_pool(16);
+  CHECK_THROWS(InvalidArgument, Reservation::create(pool, 0));
+  auto res = Reservation::create(pool, 8 * kPage - 100);  // rounded up to 8 pages
+  CHECK_EQ(res->num_pages(), 8u);
+  CHECK_EQ(res->bytes(), 8 * kPage);
+  CHECK_EQ(res->base() % kPage, 0u);
+  CHECK_EQ(res->num_committed(), 0u);
+  for (size_t p = 0; p < 8; ++p) CHECK(!readable(res->base() + p * kPage));
+
+  // Commit a contiguous run: one map per page, one set-access for the run.
+  CHECK_EQ(res->commit(2, 3), 3u);
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.map_calls, 3u);
+  CHECK_EQ(s.set_access_calls, 1u);
+  CHECK_EQ(s.mapped_pages, 3u);
+  CHECK_EQ(s.created_pages, 3u);
+  CHECK_EQ(res->num_committed(), 3u);
+  CHECK(!res->is_committed(1) && res->is_committed(2) && res->is_committed(4) && !res->is_committed(5));
+  CHECK(!readable(res->base() + 1 * kPage) && readable(res->base() + 2 * kPage) && !readable(res->base() + 5 * kPage));
+  for (size_t p = 2; p < 5; ++p) CHECK(holds(*res, p, 0));  // fresh pages read as zeros
+  auto ranges = res->committed_ranges();
+  CHECK_EQ(ranges.size(), 1u);
+  CHECK_EQ(ranges[0].first, 2u);
+  CHECK_EQ(ranges[0].second, 3u);
+
+  // Committing again is a no-op; an overlapping commit maps only the new pages,
+  // and a commit with holes batches set-access per contiguous run.
+  CHECK_EQ(res->commit(2, 3), 0u);
+  CHECK_EQ(res->commit(0, 7), 4u);  // pages 0, 1, 5, 6: runs [0,2) and [5,7)
+  s = pool->stats();
+  CHECK_EQ(s.map_calls, 7u);
+  CHECK_EQ(s.set_access_calls, 3u);
+  CHECK_EQ(res->num_committed(), 7u);
+
+  for (size_t p = 0; p < 7; ++p) fill(*res, p, static_cast<uint8_t>(0x10 + p));
+  // Decommit the middle: its pages go back to the pool, the rest is intact.
+  CHECK_EQ(res->decommit(2, 2, std::nullopt), 2u);
+  CHECK_EQ(res->decommit(2, 2, std::nullopt), 0u);
+  CHECK(!readable(res->base() + 2 * kPage) && !readable(res->base() + 3 * kPage));
+  s = pool->stats();
+  CHECK_EQ(s.free_pages, 2u);
+  CHECK_EQ(s.mapped_pages, 5u);
+  CHECK_EQ(s.unmap_calls, 1u);
+  for (size_t p : {0, 1, 4, 5, 6}) CHECK(holds(*res, p, static_cast<uint8_t>(0x10 + p)));
+  ranges = res->committed_ranges();
+  CHECK_EQ(ranges.size(), 2u);
+  CHECK(ranges[0] == std::make_pair(size_t{0}, size_t{2}));
+  CHECK(ranges[1] == std::make_pair(size_t{4}, size_t{3}));
+
+  // Recycling: no page is created, the recycled pages are not re-zeroed.
+  CHECK_EQ(res->commit(7, 1), 1u);
+  s = pool->stats();
+  CHECK_EQ(s.created_pages, 7u);
+  CHECK_EQ(s.pages_created_total, 7u);
+  CHECK_EQ(s.free_pages, 1u);
+
+  // Bad ranges are rejected before anything changes.
+  CHECK_THROWS(InvalidArgument, res->commit(7, 2));
+  CHECK_THROWS(InvalidArgument, res->commit(9, 0));
+  CHECK_THROWS(InvalidArgument, res->decommit(0, 9, std::nullopt));
+  CHECK_THROWS(InvalidArgument, res->is_committed(8));
+  CHECK_EQ(res->num_committed(), 6u);
+
+  // release_all and destruction hand every page back; trim returns them to the OS.
+  res->release_all();
+  CHECK_EQ(res->num_committed(), 0u);
+  CHECK_EQ(pool->stats().free_pages, 7u);
+  res.reset();
+  CHECK_EQ(pool->trim(2), 5u);
+  s = pool->stats();
+  CHECK_EQ(s.created_pages, 2u);
+  CHECK_EQ(s.pages_destroyed_total, 5u);
+  return 0;
+}
+
+int test_pool_budget_prefill_and_shrink() {
+  auto pool = make_pool(4);
+  CHECK_EQ(pool->prefill(10), 4u);  // capped by the budget
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.free_pages, 4u);
+  CHECK_EQ(s.max_pages, 4u);
+  auto res = Reservation::create(pool, 6 * kPage);
+  CHECK_EQ(res->commit(0, 3), 3u);
+  CHECK_EQ(pool->stats().pages_created_total, 4u);  // prefilled pages were used
+  for (size_t p = 0; p < 3; ++p) CHECK(holds(*res, p, 0));  // prefilled pages are zeroed when first mapped
+
+  // Shrinking destroys free pages now, pages in use when released.
+  pool->set_max_pages(1);
+  s = pool->stats();
+  CHECK_EQ(s.created_pages, 3u);
+  CHECK_EQ(s.free_pages, 0u);
+  CHECK_EQ(res->decommit(0, 3, std::nullopt), 3u);
+  s = pool->stats();
+  CHECK_EQ(s.created_pages, 1u);
+  CHECK_EQ(s.free_pages, 1u);
+  CHECK_THROWS(OutOfPages, res->commit(0, 2));
+  // Growing again creates pages on demand.
+  pool->set_max_pages(6);
+  CHECK_EQ(res->commit(0, 6), 6u);
+  CHECK_EQ(pool->stats().created_pages, 6u);
+  return 0;
+}
+
+int test_alias() {
+  auto pool = make_pool(8);
+  auto a = Reservation::create(pool, 4 * kPage);
+  auto b = Reservation::create(pool, 4 * kPage);
+  CHECK_EQ(a->commit(0, 3), 3u);
+  fill(*a, 0, 0xA0);
+  fill(*a, 1, 0xA1);
+  fill(*a, 2, 0xA2);
+
+  // b's pages [1, 3) show a's pages [0, 2): same physical pages, no new ones.
+  CHECK_EQ(b->alias(1, *a, 0, 2), 2u);
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 3u);
+  CHECK_EQ(s.created_pages, 3u);
+  CHECK_EQ(b->num_committed(), 2u);
+  CHECK(holds(*b, 1, 0xA0) && holds(*b, 2, 0xA1));
+  // Writes through either alias are seen through the other.
+  fill(*b, 1, 0xB1);
+  CHECK(holds(*a, 0, 0xB1));
+  *at(*a, 1, 123) = 0x5A;
+  CHECK_EQ(*at(*b, 2, 123), 0x5A);
+
+  // Alias errors: committed target, uncommitted source, overlap with itself,
+  // out of range. Nothing changes.
+  CHECK_THROWS(InvalidArgument, b->alias(2, *a, 2, 1));  // target page 2 committed
+  CHECK_THROWS(InvalidArgument, b->alias(0, *a, 3, 1));  // source page 3 not committed
+  CHECK_THROWS(InvalidArgument, a->alias(1, *a, 0, 2));  // overlapping self-alias
+  CHECK_THROWS(InvalidArgument, b->alias(3, *a, 0, 2));  // target out of range
+  CHECK_EQ(b->num_committed(), 2u);
+  CHECK_EQ(pool->stats().map_calls, 5u);
+  // A different pool's reservation cannot be aliased.
+  auto other_pool = make_pool(2);
+  auto c = Reservation::create(other_pool, 2 * kPage);
+  CHECK_THROWS(InvalidArgument, c->alias(0, *a, 0, 1));
+
+  // A page stays alive while any alias maps it.
+  CHECK_EQ(a->decommit(0, 2, std::nullopt), 2u);
+  s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 3u);
+  CHECK_EQ(s.free_pages, 0u);
+  CHECK(holds(*b, 1, 0xB1));
+  CHECK_EQ(*at(*b, 2, 123), 0x5A);
+  CHECK(!readable(a->base()));
+  CHECK_EQ(b->decommit(1, 2, std::nullopt), 2u);
+  s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 1u);
+  CHECK_EQ(s.free_pages, 2u);
+
+  // Destroying the source leaves the alias valid.
+  auto d = Reservation::create(pool, kPage);
+  CHECK_EQ(d->alias(0, *a, 2, 1), 1u);
+  a.reset();
+  CHECK(holds(*d, 0, 0xA2));
+  CHECK_EQ(pool->stats().mapped_pages, 1u);
+  d.reset();
+  CHECK_EQ(pool->stats().mapped_pages, 0u);
+  CHECK_EQ(pool->stats().free_pages, 3u);
+  return 0;
+}
+
+int test_out_of_pages_changes_nothing() {
+  auto pool = make_pool(4);
+  auto a = Reservation::create(pool, 4 * kPage);
+  auto b = Reservation::create(pool, 4 * kPage);
+  CHECK_EQ(a->commit(0, 3), 3u);
+  for (size_t p = 0; p < 3; ++p) fill(*a, p, static_cast<uint8_t>(0x30 + p));
+  PoolStats before = pool->stats();
+
+  bool thrown = false;
+  try {
+    b->commit(0, 2);  // needs 2, 1 left
+  } catch (const OutOfPages& e) {
+    thrown = true;
+    CHECK_EQ(e.requested, 2u);
+    CHECK_EQ(e.available, 1u);
+    CHECK(std::string(e.what()).find("out of physical pages") != std::string::npos);
+  }
+  CHECK(thrown);
+  // Nothing changed: no page of b, the same counters, a's data intact.
+  PoolStats after = pool->stats();
+  CHECK_EQ(b->num_committed(), 0u);
+  CHECK(!readable(b->base()) && !readable(b->base() + kPage));
+  CHECK_EQ(after.map_calls, before.map_calls);
+  CHECK_EQ(after.created_pages, before.created_pages);
+  CHECK_EQ(after.free_pages, before.free_pages);
+  CHECK_EQ(after.mapped_pages, before.mapped_pages);
+  for (size_t p = 0; p < 3; ++p) CHECK(holds(*a, p, static_cast<uint8_t>(0x30 + p)));
+
+  // A commit overlapping committed pages needs only the new ones, and fails as
+  // a whole when they are not there.
+  CHECK_EQ(b->commit(3, 1), 1u);  // the last page
+  CHECK_THROWS(OutOfPages, a->commit(2, 2));
+  CHECK_EQ(a->num_committed(), 3u);
+  CHECK(!a->is_committed(3));
+
+  // Through the committer: the ticket's error is rethrown by wait(), the jobs
+  // after the failed one are skipped, and the failed job changed nothing.
+  Committer committer;
+  uint64_t t = committer.submit({{b, 0, 1}, {a, 3, 1}});
+  CHECK_THROWS(OutOfPages, committer.wait(t));
+  CHECK(committer.done(t));
+  CHECK_EQ(b->num_committed(), 1u);
+  CHECK_EQ(a->num_committed(), 3u);
+  CHECK_THROWS(InvalidArgument, committer.wait(t + 100));  // unknown ticket
+
+  // After a decommit the same commit succeeds through the committer.
+  CHECK_EQ(a->decommit(0, 1, std::nullopt), 1u);
+  t = committer.submit({{b, 0, 1}});
+  committer.wait(t);
+  CHECK(b->is_committed(0) && holds(*b, 0, 0x30));  // recycled page keeps its bytes
+  CHECK_EQ(committer.pages_committed(), 1u);
+  return 0;
+}
+
+int test_fences_keep_pages_mapped() {
+  auto pool = make_pool(4);
+  Backend& backend = pool->backend();
+  auto a = Reservation::create(pool, 4 * kPage);
+  CHECK_EQ(a->commit(0, 4), 4u);
+  for (size_t p = 0; p < 4; ++p) fill(*a, p, static_cast<uint8_t>(0x40 + p));
+
+  host_hold_fences(backend, true);
+  // Ordered decommit: the pages stop counting as committed at once, but stay
+  // mapped (and readable by "kernels still running") until the fence is done.
+  CHECK_EQ(a->decommit(0, 2, kStream), 2u);
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.pending_pages, 2u);
+  CHECK_EQ(s.mapped_pages, 4u);
+  CHECK_EQ(s.unmap_calls, 0u);
+  CHECK_EQ(a->num_committed(), 2u);
+  CHECK(!a->is_committed(0) && !a->is_committed(1));
+  CHECK(readable(a->base()) && holds(*a, 0, 0x40) && holds(*a, 1, 0x41));
+  pool->reap();  // the fence is still pending: nothing happens
+  CHECK_EQ(pool->stats().pending_pages, 2u);
+  CHECK(holds(*a, 1, 0x41));
+
+  // Re-committing a pending page revives it: same physical page, no map call.
+  CHECK_EQ(a->commit(1, 1), 1u);
+  s = pool->stats();
+  CHECK_EQ(s.pending_pages, 1u);
+  CHECK_EQ(s.map_calls, 4u);
+  CHECK(a->is_committed(1) && holds(*a, 1, 0x41));
+
+  // Releasing the fences lets the next reap unmap the remaining pending page.
+  host_hold_fences(backend, false);
+  pool->reap();
+  s = pool->stats();
+  CHECK_EQ(s.pending_pages, 0u);
+  CHECK_EQ(s.mapped_pages, 3u);
+  CHECK_EQ(s.free_pages, 1u);
+  CHECK_EQ(s.unmap_calls, 1u);
+  CHECK(!readable(a->base()));
+  CHECK(a->is_committed(1) && holds(*a, 1, 0x41));  // the revived page stayed
+
+  // A commit that needs a page held by a pending fence waits for it (the host
+  // backend's wait releases a held fence, as a finished kernel would).
+  host_hold_fences(backend, true);
+  auto b = Reservation::create(pool, 2 * kPage);
+  CHECK_EQ(b->commit(0, 1), 1u);  // takes the free page
+  CHECK_EQ(a->decommit(2, 2, kStream), 2u);
+  CHECK(holds(*a, 3, 0x43));
+  CHECK_EQ(b->commit(1, 1), 1u);  // budget spent: waits for the fence of a's pages
+  s = pool->stats();
+  CHECK_EQ(s.pending_pages, 0u);  // the whole batch was unmapped: one page went to b
+  CHECK_EQ(s.free_pages, 1u);
+  CHECK(!readable(a->base() + 2 * kPage) && !readable(a->base() + 3 * kPage));
+  CHECK(b->is_committed(1));
+
+  // A reservation destroyed with pages still pending waits for them and
+  // returns every page; the pool forgets the fence.
+  CHECK_EQ(b->decommit(0, 2, kStream), 2u);
+  CHECK_EQ(pool->stats().pending_pages, 2u);
+  b.reset();
+  s = pool->stats();
+  CHECK_EQ(s.pending_pages, 0u);
+  CHECK_EQ(s.mapped_pages, 1u);
+  pool->reap();
+  CHECK_EQ(pool->stats().free_pages, 3u);
+
+  // release_all waits too.
+  CHECK_EQ(a->decommit(1, 1, kStream), 1u);
+  a->release_all();
+  s = pool->stats();
+  CHECK_EQ(s.pending_pages, 0u);
+  CHECK_EQ(s.mapped_pages, 0u);
+  CHECK_EQ(s.free_pages, 4u);
+  host_hold_fences(backend, false);
+  return 0;
+}
+
+// An aliased page decommitted behind a fence frees no page when its fence
+// completes (the alias still maps it): a commit counting on it must fail with
+// OutOfPages, not take a page that does not exist.
+int test_pending_alias_is_not_a_free_page() {
+  auto pool = make_pool(1);
+  host_hold_fences(pool->backend(), true);
+  auto a = Reservation::create(pool, kPage);
+  auto b = Reservation::create(pool, kPage);
+  auto c = Reservation::create(pool, kPage);
+  CHECK_EQ(a->commit(0, 1), 1u);
+  fill(*a, 0, 0x77);
+  CHECK_EQ(b->alias(0, *a, 0, 1), 1u);
+  CHECK_EQ(a->decommit(0, 1, kStream), 1u);
+  CHECK_THROWS(OutOfPages, c->commit(0, 1));
+  CHECK_EQ(c->num_committed(), 0u);
+  CHECK(holds(*b, 0, 0x77));
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 1u);
+  CHECK_EQ(s.created_pages, 1u);
+  // Once the alias goes too, the page is free for c.
+  CHECK_EQ(b->decommit(0, 1, std::nullopt), 1u);
+  CHECK_EQ(c->commit(0, 1), 1u);
+  CHECK(holds(*c, 0, 0x77));
+  host_hold_fences(pool->backend(), false);
+  return 0;
+}
+
+// The pluggable allocator's path on the host backend: reserve, adopt, commit,
+// free the address under the reservation.
+int test_allocator_adopt() {
+  auto pool = make_pool(4);
+  size_t regions = allocator_num_regions();
+  uintptr_t addr = allocator_reserve(make_host_backend(kPage), 3 * kPage - 1);
+  CHECK_EQ(allocator_region_bytes(addr), 3 * kPage);
+  CHECK_EQ(allocator_num_regions(), regions + 1);
+  auto res = Reservation::adopt(pool, addr);
+  CHECK_EQ(res->base(), addr);
+  CHECK_EQ(res->num_pages(), 3u);
+  CHECK_THROWS(InvalidArgument, Reservation::adopt(pool, addr));        // adopted twice
+  CHECK_THROWS(InvalidArgument, Reservation::adopt(pool, addr + kPage));  // unknown address
+  CHECK_EQ(res->commit(0, 3), 3u);
+  fill(*res, 2, 0x99);
+  CHECK(holds(*res, 2, 0x99));
+  // vkv_free while the reservation lives: its pages go back to the pool and
+  // later calls are refused or do nothing.
+  CHECK(allocator_release(addr));
+  CHECK(!allocator_release(addr));
+  CHECK_EQ(allocator_num_regions(), regions);
+  CHECK_EQ(res->num_committed(), 0u);
+  CHECK_EQ(pool->stats().free_pages, 3u);
+  CHECK_THROWS(InvalidArgument, res->commit(0, 1));
+  CHECK_EQ(res->decommit(0, 1, std::nullopt), 0u);
+  res.reset();
+  vkv_free(nullptr, 0, -1, nullptr);  // unknown address: ignored
+  return 0;
+}
+
+// ---------------------------------------------------------------- concurrency
+
+// The background committer commits the low half of several reservations while
+// the main thread commits and decommits (with and without fences) the high
+// half, writes and checks data, toggles held fences and reads stats, and a
+// third thread polls stats and an allocator region's life cycle. Everything
+// shares one pool, hence one mutex. Run under ThreadSanitizer.
+int test_concurrent_committer(int iterations) {
+  constexpr size_t kRes = 4, kPages = 64, kHalf = kPages / 2;
+  auto pool = make_pool(kRes * kPages + 8);
+  Backend& backend = pool->backend();
+  std::vector<std::shared_ptr<Reservation>> res;
+  for (size_t i = 0; i < kRes; ++i) res.push_back(Reservation::create(pool, kPages * kPage));
+  auto committer = std::make_unique<Committer>();
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> poller_error{0};
+  std::thread poller([&] {
+    std::mt19937 rng(7);
+    auto spare = Reservation::create(pool, 4 * kPage);
+    while (!stop.load()) {
+      PoolStats s = pool->stats();
+      if (s.mapped_pages > s.created_pages || s.free_pages > s.created_pages || s.created_pages > s.max_pages)
+        poller_error.store(1);
+      (void)committer->pages_committed();
+      (void)committer->done(1);
+      for (auto& r : res) (void)r->num_committed();
+      // A small commit / write / read / decommit cycle of its own.
+      size_t first = rng() % 4, count = 1 + rng() % (4 - first);
+      spare->commit(first, count);
+      fill(*spare, first, 0xEE);
+      if (!holds(*spare, first, 0xEE)) poller_error.store(2);
+      spare->decommit(first, count, std::nullopt);
+      // The allocator's table is process-wide: reserve, adopt, release.
+      uintptr_t addr = allocator_reserve(make_host_backend(kPage), 2 * kPage);
+      auto adopted = Reservation::adopt(pool, addr);
+      adopted->commit(0, 1);
+      *at(*adopted, 0, 5) = 1;
+      allocator_release(addr);
+    }
+  });
+
+  std::mt19937 rng(12345);
+  auto pick = [&](size_t lo, size_t hi, size_t& first, size_t& count) {  // a range inside [lo, hi)
+    first = lo + rng() % (hi - lo);
+    count = 1 + rng() % (hi - first);
+  };
+  std::vector<uint8_t> mark(kRes * kPages, 0);  // expected byte of each committed high-half page
+  for (int it = 0; it < iterations; ++it) {
+    if (it % 97 == 0) host_hold_fences(backend, (it / 97) % 2 == 0);
+
+    // Queue commits of the low half of every reservation.
+    std::vector<CommitJob> jobs;
+    std::vector<std::pair<size_t, size_t>> lo(kRes);
+    for (size_t r = 0; r < kRes; ++r) {
+      pick(0, kHalf, lo[r].first, lo[r].second);
+      jobs.push_back({res[r], lo[r].first, lo[r].second});
+    }
+    uint64_t ticket = committer->submit(std::move(jobs));
+
+    // Meanwhile: the high half of one reservation.
+    size_t r = static_cast<size_t>(it) % kRes;
+    size_t first, count;
+    pick(kHalf, kPages, first, count);
+    res[r]->commit(first, count);
+    for (size_t p = first; p < first + count; ++p) {
+      CHECK(res[r]->is_committed(p));
+      uint8_t v = static_cast<uint8_t>(1 + (it + p) % 250);
+      *at(*res[r], p, (it * 64) % kPage) = v;
+      CHECK_EQ(*at(*res[r], p, (it * 64) % kPage), v);
+      mark[r * kPages + p] = v;
+    }
+    pick(kHalf, kPages, first, count);
+    std::optional<uintptr_t> stream;
+    if (rng() % 2) stream = kStream;
+    res[r]->decommit(first, count, stream);
+    for (size_t p = first; p < first + count; ++p) {
+      CHECK(!res[r]->is_committed(p));
+      mark[r * kPages + p] = 0;
+    }
+    PoolStats s = pool->stats();
+    CHECK(s.mapped_pages <= s.created_pages);
+    CHECK(s.created_pages <= s.max_pages);
+    (void)res[r]->committed_ranges();
+    if (it % 5 == 0) pool->reap();
+
+    // The committer's pages are committed once the ticket is done.
+    committer->wait(ticket);
+    for (size_t k = 0; k < kRes; ++k) {
+      for (size_t p = lo[k].first; p < lo[k].first + lo[k].second; ++p) {
+        CHECK(res[k]->is_committed(p));
+        *at(*res[k], p, 17) = static_cast<uint8_t>(it);
+        CHECK_EQ(*at(*res[k], p, 17), static_cast<uint8_t>(it));
+      }
+      size_t f, c;
+      pick(0, kHalf, f, c);
+      res[k]->decommit(f, c, (rng() % 2) ? std::optional<uintptr_t>(kStream) : std::nullopt);
+    }
+    // High-half pages committed earlier kept their bytes through all of this.
+    if (it % 50 == 0) {
+      for (size_t k = 0; k < kRes; ++k)
+        for (size_t p = kHalf; p < kPages; ++p)
+          if (mark[k * kPages + p] != 0) CHECK(res[k]->is_committed(p));
+    }
+  }
+  stop.store(true);
+  poller.join();
+  CHECK_EQ(poller_error.load(), 0);
+
+  // A last batch from the committer, then tear everything down: every page is
+  // back in the pool.
+  uint64_t ticket = committer->submit({{res[0], 0, kPages}, {res[1], 0, kPages}});
+  committer->wait(ticket);
+  CHECK_EQ(res[0]->num_committed(), kPages);
+  committer.reset();  // joins the thread
+  host_hold_fences(backend, false);
+  res.clear();
+  pool->reap();
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 0u);
+  CHECK_EQ(s.pending_pages, 0u);
+  CHECK_EQ(s.free_pages, s.created_pages);
+  return 0;
+}
+
+// Many short-lived committers and reservations whose last reference is
+// dropped on the committer thread.
+int test_committer_lifecycle() {
+  auto pool = make_pool(64);
+  for (int round = 0; round < 50; ++round) {
+    Committer committer;
+    uint64_t last = 0;
+    for (int k = 0; k < 4; ++k) {
+      auto r = Reservation::create(pool, 8 * kPage);
+      last = committer.submit({{r, 0, 8}});
+    }  // the committer holds the only references now
+    committer.wait(last);
+    CHECK(committer.done(last));
+    CHECK_EQ(committer.pages_committed(), 32u);
+  }  // destructors join with nothing left to do
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 0u);
+  CHECK_EQ(s.free_pages, s.created_pages);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int iterations = 3000;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--iterations" && i + 1 < argc) {
+      iterations = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: %s [--iterations N]\n", argv[0]);
+      return 2;
+    }
+  }
+  try {
+    RUN(test_reserve_commit_decommit);
+    RUN(test_pool_budget_prefill_and_shrink);
+    RUN(test_alias);
+    RUN(test_out_of_pages_changes_nothing);
+    RUN(test_fences_keep_pages_mapped);
+    RUN(test_pending_alias_is_not_a_free_page);
+    RUN(test_allocator_adopt);
+    RUN(test_committer_lifecycle);
+    std::printf("%-40s", "test_concurrent_committer");
+    std::fflush(stdout);
+    int rc = test_concurrent_committer(iterations);
+    std::printf("%s (%d iterations)\n", rc == 0 ? "ok" : "FAILED", iterations);
+    if (rc != 0) return rc;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "FAILED: unexpected exception: %s\n", e.what());
+    return 1;
+  }
+  std::printf("all %d checks passed\n", g_checks);
+  return 0;
+}

@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Tests marked ``cuda`` (or parametrised with the ``cuda`` device) are skipped
+cleanly when no CUDA GPU is present; nothing touches the GPU at import or
+collection time beyond ``torch.cuda.is_available()``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none available here)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """Runs a test on the host backend and, where a GPU exists, on CUDA."""
+    return request.param
+
+
+def small_page(device: str) -> int | None:
+    """A 64 KiB host page keeps CPU tests small; CUDA uses the driver's granularity."""
+    return 64 << 10 if device == "cpu" else None

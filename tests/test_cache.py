@@ -1,0 +1,303 @@
+"""KVCache: the vAttention cache manager, on the host backend and on CUDA."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import torch_vkv
+from torch_vkv import KVCache, OutOfPagesError, OutOfSlotsError
+
+from conftest import small_page
+
+LAYOUTS = ["per_layer", "interleaved"]
+
+
+def make_cache(device: str, layout: str = "per_layer", **kw) -> KVCache:
+    args = dict(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=16,
+        max_batch_size=4,
+        max_seq_len=300,
+        dtype=torch.float16,
+        device=device,
+        layout=layout,
+        page_size=small_page(device),
+    )
+    args.update(kw)
+    L, H, D = args.pop("num_layers"), args.pop("num_kv_heads"), args.pop("head_dim")
+    return KVCache(L, H, D, **args)
+
+
+def fill(cache: KVCache, slot: int, n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(cache.num_layers):
+        for t in (cache.key(layer), cache.value(layer)):
+            t[slot, :n].copy_(torch.randn(n, cache.num_kv_heads, cache.head_dim, generator=g).to(t.dtype))
+
+
+def checksum(cache: KVCache, slot: int, n: int) -> list[float]:
+    return [
+        float(t[slot, :n].double().sum())
+        for layer in range(cache.num_layers)
+        for t in (cache.key(layer), cache.value(layer))
+    ]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shapes_addresses_and_reserve(device, layout):
+    with make_cache(device, layout) as cache:
+        k0 = cache.key(0)
+        assert k0.shape == (4, 300, 2, 16) and k0.dtype == torch.float16 and k0.stride(-1) == 1
+        assert type(k0) is torch.Tensor  # views are plain tensors
+        ptrs = [cache.key(l).data_ptr() for l in range(2)] + [cache.value(l).data_ptr() for l in range(2)]
+        slot = cache.alloc()
+        cache.reserve(slot, 10)
+        assert cache.committed_tokens(slot) >= 10
+        assert torch.isfinite(cache.key(1)[slot, :10].float()).all()  # newly committed rows are finite
+        cache.reserve(slot, 250)
+        assert cache.committed_tokens(slot) >= 250
+        fill(cache, slot, 250, seed=0)
+        assert ptrs == [cache.key(l).data_ptr() for l in range(2)] + [cache.value(l).data_ptr() for l in range(2)]
+        stats = cache.memory_stats()
+        assert stats["used_bytes"] == 250 * cache.bytes_per_token
+        assert stats["used_bytes"] <= stats["committed_bytes"] <= stats["reserved_bytes"]
+        per_buffer = 2 * cache.num_layers if layout == "per_layer" else 1
+        # committed stays within one page per buffer of what is used
+        assert stats["committed_bytes"] - stats["used_bytes"] < per_buffer * stats["page_size"]
+
+
+def test_tokens_per_page_by_layout():
+    per_layer = make_cache("cpu", "per_layer", page_size=2 << 20, num_layers=32, num_kv_heads=8, head_dim=128)
+    inter = make_cache("cpu", "interleaved", page_size=2 << 20, num_layers=32, num_kv_heads=8, head_dim=128)
+    # Llama-3-8B shapes in fp16 on 2 MiB pages: 1024 tokens a page per layer,
+    # 16 tokens a page when all 32 layers of a token share the page.
+    assert per_layer.tokens_per_page == 1024 and inter.tokens_per_page == 16
+    assert per_layer.memory_stats()["tokens_per_page"] == 1024
+    per_layer.close()
+    inter.close()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_data_survives_commits_and_decommits_of_other_slots(device, layout):
+    with make_cache(device, layout) as cache:
+        a, b = cache.alloc(), cache.alloc()
+        cache.reserve(a, 200)
+        fill(cache, a, 200, seed=1)
+        want = checksum(cache, a, 200)
+        for n in (50, 300, 120):
+            cache.reserve(b, n)
+            fill(cache, b, n, seed=n)
+            cache.decommit(b, 0)
+        cache.free(b)
+        c = cache.alloc()
+        cache.step({a: 260, c: 299})
+        assert checksum(cache, a, 200) == want
+
+
+def test_step_async_prefetches_next_step(device):
+    with make_cache(device, max_seq_len=4000) as cache:
+        slots = [cache.alloc() for _ in range(3)]
+        lens = [0] * cache.max_batch_size
+        for i, s in enumerate(slots):
+            lens[s] = 1 + i
+        tpp = cache.tokens_per_page
+        for _ in range(3 * int(tpp) + 5):
+            cache.step_async(lens, lookahead_tokens=1)
+            for s in slots:
+                # this step's rows are backed before step_async returns
+                assert cache.committed_tokens(s) >= lens[s]
+                cache.key(0)[s, lens[s] - 1].fill_(1.0)
+            cache.synchronize()
+            for s in slots:
+                assert cache.committed_tokens(s) >= lens[s] + 1  # next step's rows too
+                lens[s] += 1
+        assert cache.memory_stats()["commit_calls"] > 3
+
+
+def test_out_of_pages_changes_nothing_and_keeps_other_data(device):
+    with make_cache(device, max_seq_len=2000) as probe:
+        pages_per_token_range = probe._pages_for(500) * 2 * probe.num_layers
+    budget_pages = pages_per_token_range + 2 * 2  # room for slot a, plus a little
+    with make_cache(device, max_seq_len=2000, memory_budget=None) as cache:
+        cache.pool.set_max_bytes(budget_pages * cache.page_size)
+        a, b = cache.alloc(), cache.alloc()
+        cache.reserve(a, 500)
+        fill(cache, a, 500, seed=3)
+        want = checksum(cache, a, 500)
+        before = cache.memory_stats()
+        with pytest.raises(OutOfPagesError, match="needs .* new page") as info:
+            cache.step({a: 1900, b: 1900})
+        assert isinstance(info.value, torch_vkv.KVCacheCapacityError)
+        after = cache.memory_stats()
+        assert after["committed_bytes"] == before["committed_bytes"]
+        assert cache.committed_tokens(b) == 0
+        assert checksum(cache, a, 500) == want
+        assert not cache.can_reserve(b, 1900)
+        assert cache.can_reserve(b, 1)
+
+
+def test_freed_slot_keeps_pages_until_needed(device):
+    with make_cache(device, max_seq_len=1000) as probe:
+        one_slot = probe._pages_for(1000) * 2 * probe.num_layers
+    with make_cache(device, max_seq_len=1000) as cache:
+        cache.pool.set_max_bytes(one_slot * cache.page_size)  # memory for one full slot only
+        a = cache.alloc()
+        cache.reserve(a, 1000)
+        cache.free(a)
+        stats = cache.memory_stats()
+        assert stats["cached_bytes"] == stats["committed_bytes"] > 0  # deferred reclamation
+        again = cache.alloc()
+        assert again == a and cache.committed_tokens(a) == 1000  # warm slot preferred
+        cache.free(a)
+        b = cache.alloc()
+        assert b == a
+        cache.free(b)
+        # force another slot: take a cold one by allocating all
+        slots = [cache.alloc() for _ in range(cache.max_batch_size)]
+        cold = next(s for s in slots if s != a)
+        cache.free(a)
+        cache.reserve(cold, 1000)  # takes the pages the freed slot held
+        assert cache.committed_tokens(a) == 0 and cache.committed_tokens(cold) == 1000
+
+
+def test_slots_and_bad_inputs(device):
+    with make_cache(device) as cache:
+        slots = [cache.alloc() for _ in range(4)]
+        assert sorted(slots) == [0, 1, 2, 3]
+        with pytest.raises(OutOfSlotsError, match="all 4 slots"):
+            cache.alloc()
+        cache.free(2)
+        with pytest.raises(ValueError, match="not freed since"):
+            cache.free(2)  # double free
+        with pytest.raises(ValueError, match=r"slot: expected an int <= 3, got 4"):
+            cache.reserve(4, 1)
+        with pytest.raises(ValueError, match="not freed since"):
+            cache.reserve(2, 1)
+        with pytest.raises(ValueError, match=r"expected an int >= 0, got -1"):
+            cache.reserve(0, -1)
+        with pytest.raises(ValueError, match=r"expected an int <= 300, got 301"):
+            cache.reserve(0, 301)
+        with pytest.raises(TypeError, match="slot: expected an int"):
+            cache.reserve("0", 1)
+        with pytest.raises(ValueError, match="4 entries"):
+            cache.step([1, 2])
+        with pytest.raises(ValueError, match=r"layer: expected an int <= 1"):
+            cache.key(2)
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.alloc()
+    with pytest.raises(TypeError, match="dtype"):
+        make_cache(device, dtype=torch.int32)
+    with pytest.raises(ValueError, match="layout"):
+        make_cache(device, layout="paged")
+    with pytest.raises(ValueError, match="max_batch_size: expected an int >= 1, got 0"):
+        make_cache(device, max_batch_size=0)
+    with pytest.raises(ValueError, match="device"):
+        make_cache("meta")
+
+
+def test_close_and_gc_return_every_page(device):
+    cache = make_cache(device)
+    pool = cache.pool
+    s = cache.alloc()
+    cache.reserve(s, 300)
+    assert pool.stats()["mapped_pages"] > 0
+    cache.close()
+    cache.close()  # idempotent
+    st = pool.stats()
+    assert st["mapped_pages"] == 0 and st["created_pages"] == 0
+    cache2 = make_cache(device)
+    pool2 = cache2.pool
+    cache2.reserve(cache2.alloc(), 100)
+    del cache2
+    gc.collect()
+    assert pool2.stats()["mapped_pages"] == 0
+
+
+def test_several_caches_share_one_pool(device):
+    pool = torch_vkv.PagePool(device, page_size=small_page(device))
+    a = make_cache(device, pool=pool, page_size=None)
+    b = make_cache(device, pool=pool, page_size=None, layout="interleaved")
+    sa, sb = a.alloc(), b.alloc()
+    a.reserve(sa, 100)
+    b.reserve(sb, 100)
+    fill(a, sa, 100, 5)
+    fill(b, sb, 100, 6)
+    want = checksum(a, sa, 100)
+    b.close()
+    assert checksum(a, sa, 100) == want
+    a.close()
+    assert pool.stats()["mapped_pages"] == 0
+
+
+@pytest.mark.cuda
+def test_cuda_close_returns_driver_memory():
+    from torch_vkv._ext import core
+
+    torch.cuda.init()
+    free0, _ = core().device_memory_info(0)
+    cache = KVCache(4, 8, 128, max_batch_size=8, max_seq_len=8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(8):
+        cache.reserve(cache.alloc(), 8192)
+    free1, _ = core().device_memory_info(0)
+    assert free0 - free1 >= cache.memory_stats()["committed_bytes"]
+    cache.close()
+    del cache
+    gc.collect()
+    free2, _ = core().device_memory_info(0)
+    assert abs(free2 - free0) <= 64 << 20
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_after_more_pages_are_committed():
+    cache = KVCache(1, 2, 64, max_batch_size=2, max_seq_len=65536, dtype=torch.float32, device="cuda")
+    slot = cache.alloc()
+    cache.reserve(slot, 16)
+    k = cache.key(0)
+    n = torch.tensor([16], device="cuda")
+    out = torch.zeros((), device="cuda")
+
+    def body():
+        rows = torch.arange(k.shape[1], device="cuda") < n  # lengths live on the device
+        out.copy_((k[slot].sum(dim=(1, 2)) * rows).sum())
+
+    # Warm up on a side stream, then capture.
+    cache.reserve(slot, 65536)  # back everything the graph touches
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    k[slot].normal_()
+    for length in (16, 5000, 65536):
+        n.fill_(length)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = k[slot, :length].double().sum()
+        assert torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-2)
+    cache.close()
+
+
+@pytest.mark.cuda
+def test_cuda_decommit_while_kernel_reads_does_not_fault():
+    cache = KVCache(1, 8, 128, max_batch_size=2, max_seq_len=16384, dtype=torch.float16, device="cuda")
+    slot = cache.alloc()
+    cache.reserve(slot, 16384)
+    k = cache.key(0)
+    k[slot].normal_()
+    big = torch.randn(8192, 8192, device="cuda")
+    for _ in range(20):
+        big = big @ big / 100  # ~ tens of ms of queued work
+    total = k[slot].float().sum()  # queued after the matmuls: reads the slot
+    cache.free(slot)
+    cache.reclaim()  # the unmap waits for the read to finish
+    torch.cuda.synchronize()
+    assert torch.isfinite(total)
+    assert cache.memory_stats()["committed_bytes"] == 0
+    cache.close()
