@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 
 #include "allocator.h"
 #include "errors.h"
@@ -123,14 +124,30 @@ std::vector<PageHandle> PagePool::acquire_locked(size_t n, std::vector<bool>& fr
   // Recycled pages first, then new ones within the budget, and only then wait
   // for in-flight decommits.
   reap_locked(0);
-  while (free_.size() < n && created_ < max_pages_) {
-    PageHandle p = backend_->create_page();  // OutOfPages if the driver is full
-    ++created_;
-    ++counters_.pages_created_total;
-    free_.push_back(p);
-    never_mapped_.insert(p);
+  std::exception_ptr driver_full;
+  try {
+    while (free_.size() < n && created_ < max_pages_) {
+      PageHandle p = backend_->create_page();  // OutOfPages if the driver is full
+      ++created_;
+      ++counters_.pages_created_total;
+      free_.push_back(p);
+      never_mapped_.insert(p);
+    }
+  } catch (const OutOfPages&) {
+    driver_full = std::current_exception();  // pending decommits may still cover it
   }
   reap_locked(n);
+  // Still short only after waiting for every pending fence: the driver is full,
+  // or pending pages were aliased (an unmap frees no page while another
+  // reservation maps it, so available_locked() counted them too early).
+  if (free_.size() < n) {
+    if (driver_full) std::rethrow_exception(driver_full);
+    throw OutOfPages("out of physical pages: asked for " + std::to_string(n) + " page(s) of " +
+                         std::to_string(page_size()) + " bytes, " + std::to_string(free_.size()) +
+                         " available after waiting for pending decommits (budget " + std::to_string(max_pages_) +
+                         " pages, " + std::to_string(mappings_.size()) + " in use)",
+                     n, free_.size());
+  }
   std::vector<PageHandle> out;
   out.reserve(n);
   fresh.clear();
@@ -262,16 +279,28 @@ size_t Reservation::commit(size_t first, size_t count) {
                      to_map.size(), available);
 
   // Revive decommits still waiting for their fence: the page never left.
+  std::vector<size_t> revived;
   for (size_t p = first; p < first + count; ++p) {
     if (pages_[p] != kNoPage && pending_[p] != 0) {
       pending_[p] = 0;
       pool_->cancel_pending_locked(1);
       ++num_committed_;
+      revived.push_back(p);
     }
   }
 
   std::vector<bool> fresh;
-  std::vector<PageHandle> handles = pool_->acquire_locked(to_map.size(), fresh);
+  std::vector<PageHandle> handles;
+  try {
+    handles = pool_->acquire_locked(to_map.size(), fresh);
+  } catch (const OutOfPages&) {
+    // acquire_locked gives up only after waiting for every pending fence, the
+    // revived pages' fences included: unmap them as the reap would have, so
+    // the reservation is as it was.
+    num_committed_ -= revived.size();
+    unmap_runs_locked(revived);
+    throw;
+  }
   size_t mapped = 0;
   try {
     for (; mapped < to_map.size(); ++mapped) {

@@ -1,7 +1,7 @@
 // Standalone tests of the C++ core on the host backend: no Python, no GPU.
 //
-//   g++ -std=c++17 -fsanitize=thread -g -O1 -Icsrc csrc/tests/test_core.cpp \
-//       csrc/driver.cpp csrc/host_backend.cpp csrc/cuda_backend.cpp csrc/pool.cpp \
+//   g++ -std=c++17 -fsanitize=thread -g -O1 -Icsrc csrc/tests/test_core.cpp
+//       csrc/driver.cpp csrc/host_backend.cpp csrc/cuda_backend.cpp csrc/pool.cpp
 //       csrc/committer.cpp csrc/allocator.cpp -ldl -pthread -o test_core
 //   TSAN_OPTIONS=halt_on_error=1 ./test_core [--iterations N]
 //
@@ -437,6 +437,28 @@ int test_pending_alias_is_not_a_free_page() {
   CHECK_EQ(b->decommit(0, 1, std::nullopt), 1u);
   CHECK_EQ(c->commit(0, 1), 1u);
   CHECK(holds(*c, 0, 0x77));
+  c.reset();
+  b.reset();
+  a.reset();
+
+  // The same when the failing commit would also revive a pending page of its
+  // own range: the revived page is unmapped again (its fence is done by then).
+  pool->set_max_pages(2);
+  a = Reservation::create(pool, 3 * kPage);
+  b = Reservation::create(pool, kPage);
+  CHECK_EQ(a->commit(0, 2), 2u);
+  CHECK_EQ(b->alias(0, *a, 0, 1), 1u);
+  CHECK_EQ(a->decommit(0, 2, kStream), 2u);  // page 0 aliased by b, page 1 not
+  CHECK_EQ(pool->stats().pending_pages, 2u);
+  CHECK_THROWS(OutOfPages, a->commit(1, 2));  // revives page 1, needs a page for 2
+  CHECK_EQ(a->num_committed(), 0u);
+  CHECK(!a->is_committed(1) && !a->is_committed(2));
+  CHECK(!readable(a->base() + kPage));
+  s = pool->stats();
+  CHECK_EQ(s.pending_pages, 0u);
+  CHECK_EQ(s.mapped_pages, 1u);
+  CHECK_EQ(s.free_pages, 1u);
+  CHECK_EQ(a->commit(1, 1), 1u);
   host_hold_fences(pool->backend(), false);
   return 0;
 }
@@ -620,7 +642,7 @@ int test_committer_lifecycle() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int iterations = 3000;
+  int iterations = 10000;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--iterations" && i + 1 < argc) {
       iterations = std::atoi(argv[++i]);
