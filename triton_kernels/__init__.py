@@ -1,0 +1,32 @@
+"""Triton kernels of torch_vkv (installed as ``torch_vkv.triton_kernels``).
+
+Every kernel reads an ordinary strided cache ``[B, S_max, num_kv_heads,
+head_dim]`` (contiguous virtual memory, any row stride) or, in its *paged
+twin*, a block pool ``[num_blocks, page_size, num_kv_heads, head_dim]``
+through a block table. The twins are the same source compiled with
+``PAGED=True``; only the row addressing differs (see ``_common.py``).
+
+* :func:`prefill_attention`: varlen queries over the cache, causal bottom-right
+  aligned (prefill, chunked prefill, mixed batches).
+* :func:`decode_attention`: split-KV flash-decoding, one query per request.
+* :func:`append_kv`: write new tokens' K/V at their positions, in place.
+
+Each has a plain-PyTorch reference beside it (``*_reference``).
+Importing this package imports ``triton``.
+"""
+
+from .append import append_kv, append_kv_reference, zero_tail
+from .decode import decode_attention, decode_reference, default_num_splits
+from .prefill import attention_reference, gather_paged, prefill_attention
+
+__all__ = [
+    "append_kv",
+    "append_kv_reference",
+    "attention_reference",
+    "decode_attention",
+    "decode_reference",
+    "default_num_splits",
+    "gather_paged",
+    "prefill_attention",
+    "zero_tail",
+]

@@ -1,0 +1,126 @@
+"""Pieces shared by every kernel: row addressing and the online-softmax tile loop.
+
+Row addressing is the one place where the contiguous kernels and their paged
+twins differ. With ``PAGED=False`` the cache is contiguous virtual memory,
+``[B, S_max, num_kv_heads, head_dim]`` with any batch/row/head stride::
+
+    offset(slot, pos) = slot * stride_b + pos * stride_s
+
+With ``PAGED=True`` the cache is a block pool ``[num_blocks, PAGE_SIZE,
+num_kv_heads, head_dim]`` and ``slot`` selects a row of the block table::
+
+    offset(slot, pos) = block_table[slot, pos // PAGE_SIZE] * stride_b
+                        + (pos % PAGE_SIZE) * stride_s
+
+So a paged twin is the same kernel with one extra dependent load (the block
+id) per tile row; that load and the loss of contiguity are exactly the cost of
+paging we want to measure, with everything else equal.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_f32(t) -> bool:
+    """Upcast dot operands to fp32: only under the CPU interpreter, whose bf16/fp16 tl.dot is unreliable."""
+    return not t.is_cuda
+
+
+@triton.jit
+def _rows(
+    bt_ptr,  # block table, int32 [num_slots, max_blocks]; unused unless PAGED
+    stride_bt,  # block-table row stride (elements)
+    slot,  # int64 scalar: cache row (contiguous) or block-table row (paged)
+    pos,  # int32 [BLOCK]: token positions inside the request
+    mask,  # bool [BLOCK]: positions whose block id may be read
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    """(block, row-in-block) of the positions ``pos``; offset = block * stride_b + row * stride_s."""
+    if PAGED:
+        blk = tl.load(bt_ptr + slot * stride_bt + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+        return blk, (pos % PAGE_SIZE).to(tl.int64)
+    else:
+        return slot + tl.zeros_like(pos).to(tl.int64), pos.to(tl.int64)
+
+
+@triton.jit
+def _attn_tiles(
+    acc,  # fp32 [BLOCK_M, HEAD_DIM] running numerator
+    l_i,  # fp32 [BLOCK_M] running denominator
+    m_i,  # fp32 [BLOCK_M] running max (log2 domain)
+    q,  # [BLOCK_M, HEAD_DIM] queries, already in the cache dtype
+    q_pos,  # int32 [BLOCK_M] position of each query row (for the causal mask)
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    stride_bt,
+    slot,
+    kv_head,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    lo,  # first key position of this loop (multiple of BLOCK_N)
+    hi,  # keys >= hi are never read
+    sm_scale_log2,  # softmax scale * log2(e)
+    MASKED: tl.constexpr,  # False: every key in [lo, hi) is valid and visible, hi - lo a multiple of BLOCK_N
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DOT_F32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n < hi
+            blk, row = _rows(bt_ptr, stride_bt, slot, offs_n, n_ok, PAGED, PAGE_SIZE)
+            # Masked loads: rows past the length are never read, so NaN or
+            # unmapped memory there cannot leak in (0 * NaN would be NaN).
+            k = tl.load(
+                k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptr + (blk * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
+        else:
+            blk, row = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, PAGED, PAGE_SIZE)
+            k = tl.load(k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :])
+            v = tl.load(v_ptr + (blk * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :])
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        if MASKED:
+            ok = n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= q_pos[:, None])
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that sees no key yet keeps m = -inf; subtract 0 instead so
+            # exp2(-inf - -inf) never makes a NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = m_new
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i

@@ -1,0 +1,261 @@
+"""In-place append of new tokens' K/V into the cache (contiguous or paged).
+
+Token ``t`` of request ``r`` (rows ``cu_seqlens_q[r]:cu_seqlens_q[r+1]`` of the
+packed ``k_new``/``v_new``) goes to position ``cache_seqlens[r] - (cu_seqlens_q[r+1] - t)``
+of its cache row: ``cache_seqlens`` already counts the new tokens (append
+first, then attend), so the new tokens fill the last positions.
+
+One program per new token copies all its KV heads. The request of a token is
+found by a binary search over ``cu_seqlens_q`` inside the kernel, so there is
+no extra launch and nothing depends on host-side lengths (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _rows, next_pow2
+
+
+@triton.jit
+def _append_kv_kernel(
+    k_new_ptr,  # [total_q, H_kv, HEAD_DIM]
+    v_new_ptr,
+    k_ptr,  # cache [B, S_max, H_kv, D] or pool [num_blocks, PAGE_SIZE, H_kv, D]
+    v_ptr,
+    seqlens_ptr,  # int32 [num_requests]
+    cu_q_ptr,  # int32 [num_requests + 1] (unused unless VARLEN)
+    slots_ptr,  # [num_requests] (unused unless HAS_SLOTS)
+    bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
+    num_requests,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    if VARLEN:
+        # Largest r with cu[r] <= t (invariant cu[lo] <= t < cu[hi]).
+        lo = t * 0
+        hi = lo + num_requests
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            go = tl.load(cu_q_ptr + mid) <= t
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        r = lo
+        q_end = tl.load(cu_q_ptr + r + 1)
+    else:
+        r = t
+        q_end = t + 1
+    pos = tl.load(seqlens_ptr + r) - (q_end - t)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+    else:
+        slot = r.to(tl.int64)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos_v = tl.zeros([1], dtype=tl.int32) + pos
+    # A token before position 0 (more new tokens than cache_seqlens counts) is dropped.
+    ok = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & (pos_v[:, None] >= 0)
+    blk, row = _rows(bt_ptr, stride_bt, slot, pos_v, pos_v >= 0, PAGED, PAGE_SIZE)
+    k_row = tl.sum(blk * stride_kb + row * stride_ks, 0)  # [1] -> scalar
+    v_row = tl.sum(blk * stride_vb + row * stride_vs, 0)
+    t64 = t.to(tl.int64)
+    k = tl.load(k_new_ptr + t64 * stride_knt + offs_h[:, None] * stride_knh + offs_d[None, :], mask=ok)
+    v = tl.load(v_new_ptr + t64 * stride_vnt + offs_h[:, None] * stride_vnh + offs_d[None, :], mask=ok)
+    tl.store(k_ptr + k_row + offs_h[:, None] * stride_kh + offs_d[None, :], k.to(k_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_ptr + v_row + offs_h[:, None] * stride_vh + offs_d[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
+
+
+def _check(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table):
+    def fail(what, expected, got, exc=ValueError):
+        raise exc(f"{what}: expected {expected}, got {got}")
+
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        fail("k_cache/v_cache", "equal shapes [B, S_max, num_kv_heads, head_dim]", (tuple(k_cache.shape), tuple(v_cache.shape)))
+    want = (k_cache.shape[2], k_cache.shape[3])
+    if k_new.dim() != 3 or tuple(k_new.shape[1:]) != want or v_new.shape != k_new.shape:
+        fail("k_new/v_new", f"equal shapes [total_q, {want[0]}, {want[1]}]", (tuple(k_new.shape), tuple(v_new.shape)))
+    if min(k_cache.stride(-1), v_cache.stride(-1), k_new.stride(-1), v_new.stride(-1)) != 1 or max(
+        k_cache.stride(-1), v_cache.stride(-1), k_new.stride(-1), v_new.stride(-1)
+    ) != 1:
+        fail("stride(-1) of caches and new K/V", "1", None)
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
+        fail("cache_seqlens", "a 1-D int32 tensor", (cache_seqlens.dtype, tuple(cache_seqlens.shape)))
+    R = cache_seqlens.shape[0]
+    if cu_seqlens_q is None:
+        if k_new.shape[0] != R:
+            fail("k_new.shape[0] (decode, cu_seqlens_q=None)", f"num_requests = {R}", k_new.shape[0])
+    elif cu_seqlens_q.dtype != torch.int32 or tuple(cu_seqlens_q.shape) != (R + 1,):
+        fail("cu_seqlens_q", f"int32 of shape [{R + 1}]", (cu_seqlens_q.dtype, tuple(cu_seqlens_q.shape)))
+    if slots is not None and (slots.dim() != 1 or slots.shape[0] != R or slots.dtype not in (torch.int32, torch.int64)):
+        fail("slots", f"int32/int64 of shape [{R}]", (slots.dtype, tuple(slots.shape)))
+    if block_table is not None and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1):
+        fail("block_table", "a 2-D int32 tensor with stride(-1) == 1", (block_table.dtype, tuple(block_table.shape)))
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+) -> None:
+    """Write ``k_new``/``v_new`` at the last positions of each request's cache row, in place.
+
+    Parameters
+    ----------
+    k_cache, v_cache : shape ``[B, S_max, num_kv_heads, head_dim]`` (any
+        batch/row/head strides, ``stride(-1) == 1``), or, with ``block_table``,
+        block pools ``[num_blocks, page_size, num_kv_heads, head_dim]``.
+    k_new, v_new : shape ``[total_q, num_kv_heads, head_dim]``, packed like the queries.
+    cache_seqlens : int32, shape ``[num_requests]``, the new tokens included.
+    cu_seqlens_q : int32, shape ``[num_requests + 1]``; ``None``: one token per request.
+    slots : shape ``[num_requests]``, cache row (block-table row) per request.
+    block_table : int32, shape ``[num_slots, max_blocks]`` (paged twin).
+    """
+    _check(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
+    T = k_new.shape[0]
+    R = cache_seqlens.shape[0]
+    if T == 0 or R == 0:
+        return
+    paged = block_table is not None
+    H_kv, D = k_cache.shape[2], k_cache.shape[3]
+    bt = block_table if paged else cache_seqlens
+    _append_kv_kernel[(T,)](
+        k_new, v_new, k_cache, v_cache, cache_seqlens,
+        cu_seqlens_q if cu_seqlens_q is not None else cache_seqlens,
+        slots if slots is not None else cache_seqlens, bt, R,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0) if paged else 0,
+        NUM_KV_HEADS=H_kv, BLOCK_H=next_pow2(H_kv), HEAD_DIM=D, BLOCK_D=next_pow2(D),
+        SEARCH_STEPS=max(1, (R).bit_length() + 1), VARLEN=cu_seqlens_q is not None,
+        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        num_warps=4 if H_kv * D >= 1024 else 1,
+    )  # fmt: skip
+
+
+def append_kv_reference(k_cache, v_cache, k_new, v_new, cache_seqlens, *, cu_seqlens_q=None, slots=None, block_table=None):
+    """Plain-PyTorch twin of :func:`append_kv` (host syncs; tests only)."""
+    R = cache_seqlens.shape[0]
+    cu = cu_seqlens_q.tolist() if cu_seqlens_q is not None else list(range(R + 1))
+    lens = cache_seqlens.tolist()
+    slot_list = slots.tolist() if slots is not None else list(range(R))
+    for r in range(R):
+        n = cu[r + 1] - cu[r]
+        for i in range(n):
+            pos = lens[r] - n + i
+            if pos < 0:
+                continue
+            s = slot_list[r]
+            if block_table is not None:
+                page = k_cache.shape[1]
+                b = int(block_table[s, pos // page])
+                k_cache[b, pos % page] = k_new[cu[r] + i]
+                v_cache[b, pos % page] = v_new[cu[r] + i]
+            else:
+                k_cache[s, pos] = k_new[cu[r] + i]
+                v_cache[s, pos] = v_new[cu[r] + i]
+
+
+@triton.jit
+def _zero_tail_kernel(
+    k_ptr,
+    v_ptr,
+    seqlens_ptr,  # int32 [num_requests]
+    slots_ptr,
+    bt_ptr,
+    limit,  # positions >= limit are never written (the row's padded length)
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    MULTIPLE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    r = tl.program_id(0)
+    seqlen = tl.load(seqlens_ptr + r)
+    pos = seqlen + tl.program_id(1)
+    end = tl.minimum(tl.cdiv(seqlen, MULTIPLE) * MULTIPLE, limit)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+    else:
+        slot = r.to(tl.int64)
+    pos_v = tl.zeros([1], dtype=tl.int32) + pos
+    blk, row = _rows(bt_ptr, stride_bt, slot, pos_v, pos_v < end, PAGED, PAGE_SIZE)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = (offs_h[:, None] < NUM_KV_HEADS) & (pos_v[:, None] < end) & (offs_d[None, :] < HEAD_DIM)
+    zero = tl.zeros([BLOCK_H, HEAD_DIM], dtype=k_ptr.dtype.element_ty)
+    k_row = tl.sum(blk * stride_kb + row * stride_ks, 0)
+    v_row = tl.sum(blk * stride_vb + row * stride_vs, 0)
+    tl.store(k_ptr + k_row + offs_h[:, None] * stride_kh + offs_d[None, :], zero, mask=ok)
+    tl.store(v_ptr + v_row + offs_h[:, None] * stride_vh + offs_d[None, :], zero, mask=ok)
+
+
+def zero_tail(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    multiple: int,
+    limit: int,
+    slots: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+) -> None:
+    """Zero positions ``[len, min(round_up(len, multiple), limit))`` of each request's row, in place.
+
+    For kernels that read whole tiles and mask only the scores (FlexAttention,
+    FlashAttention-3/4): there ``0 * NaN`` in the P @ V product would leak
+    garbage past ``cache_seqlens`` into the output. Those rows hold no data
+    (they are overwritten by the next append), so zeroing them is harmless.
+    """
+    R = cache_seqlens.shape[0]
+    if R == 0 or multiple <= 1:
+        return
+    paged = block_table is not None
+    bt = block_table if paged else cache_seqlens
+    H_kv, D = k_cache.shape[2], k_cache.shape[3]
+    _zero_tail_kernel[(R, multiple - 1)](
+        k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt, limit,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0) if paged else 0,
+        MULTIPLE=multiple, NUM_KV_HEADS=H_kv, BLOCK_H=next_pow2(H_kv), HEAD_DIM=D,
+        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        num_warps=4 if H_kv * D >= 1024 else 1,
+    )  # fmt: skip

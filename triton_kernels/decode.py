@@ -1,0 +1,252 @@
+"""Split-KV decode attention (flash-decoding) over a contiguous or paged KV cache.
+
+One query token per request. A decode step reads the whole KV of every
+request once and does almost no arithmetic, so it is bound by memory
+bandwidth; the work is spread over ``num_requests x num_kv_heads x
+NUM_SPLITS`` programs so that a small batch still fills the GPU:
+
+* ``_decode_split_kernel``: program ``(r, kv_head, split)`` attends the
+  ``GROUP = num_heads // num_kv_heads`` query heads that share ``kv_head``
+  (K/V are read once for the whole group, which is what makes GQA cheap) to
+  its share of request ``r``'s keys. The share is computed on the device from
+  ``cache_seqlens[r]``: every split gets ``ceil(len / NUM_SPLITS)`` keys
+  (rounded up to ``BLOCK_N``), so no split is idle however large ``S_max`` is,
+  and the launch shape never depends on the lengths (CUDA-graph safe).
+  It writes a partial output and its log-sum-exp.
+* ``_decode_reduce_kernel``: merges the ``NUM_SPLITS`` partials per head.
+
+With ``NUM_SPLITS == 1`` the first kernel writes the final output directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _attn_tiles, dot_f32, next_pow2
+from .prefill import attention_reference, check_attention_inputs
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [num_requests, num_heads, HEAD_DIM]
+    k_ptr,  # cache [B, S_max, H_kv, D] or pool [num_blocks, PAGE_SIZE, H_kv, D]
+    v_ptr,
+    seqlens_ptr,  # int32 [num_requests]
+    slots_ptr,  # int32/int64 [num_requests] (unused unless HAS_SLOTS)
+    bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
+    o_ptr,  # DIRECT: out [num_requests, num_heads, D]; else fp32 [num_requests, num_heads, NUM_SPLITS, D]
+    lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS] (unused if DIRECT)
+    sm_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DIRECT: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    r = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seqlen = tl.load(seqlens_ptr + r)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+    else:
+        slot = r.to(tl.int64)
+
+    per_split = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seqlen)
+    # Full tiles first (no masks on the loads), then at most one partial tile.
+    hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + offs_g
+    g_ok = offs_g < GROUP
+    # BLOCK_G >= 16 rows so tl.dot can use tensor cores; the extra rows are zero.
+    q = tl.load(q_ptr + r * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + seqlen - 1  # decode: every key < seqlen is visible
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        lo, hi_full, sm_scale_log2,
+        MASKED=False, CAUSAL=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+        DOT_F32=DOT_F32,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        hi_full, hi, sm_scale_log2,
+        MASKED=True, CAUSAL=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+        DOT_F32=DOT_F32,
+    )  # fmt: skip
+
+    # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DIRECT:
+        o_offs = r * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        o_offs = r * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+        tl.store(o_ptr + o_offs, out, mask=g_ok[:, None])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        tl.store(lse_ptr + (r * NUM_SPLITS * tl.num_programs(1) * GROUP) + heads * NUM_SPLITS + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS, D], contiguous
+    mid_lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS], contiguous (log2 domain)
+    o_ptr,  # [num_requests, num_heads, D]
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    base = r * NUM_HEADS + h
+    lse = tl.load(mid_lse_ptr + base * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (length 0): output 0, not NaN
+    w = tl.math.exp2(lse - m)
+    o = tl.load(mid_o_ptr + (base * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(o_ptr + r * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Splits per (request, kv head): enough programs for ~4 waves, at least 256 keys a split.
+
+    Depends only on shapes (never on the lengths on the device), so a CUDA
+    graph captured once replays with any lengths.
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    want = math.ceil(4 * sms / max(1, num_requests * num_kv_heads))
+    cap = max(1, math.ceil(max_len / 256))
+    return int(max(1, min(want, cap, 64)))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    slots: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Split-KV decode: one query per request over its cached keys.
+
+    Parameters
+    ----------
+    q : shape ``[num_requests, num_heads, head_dim]``, fp16/bf16/fp32.
+    k_cache, v_cache : shape ``[B, S_max, num_kv_heads, head_dim]`` (any
+        batch/row/head strides, ``stride(-1) == 1``), or, with ``block_table``,
+        block pools ``[num_blocks, page_size, num_kv_heads, head_dim]``.
+    cache_seqlens : int32, shape ``[num_requests]``: valid keys per request,
+        the current token included.
+    slots : int, shape ``[num_requests]``: cache row (or block-table row) of
+        each request; default ``arange(num_requests)``.
+    block_table : int32, shape ``[num_slots, max_blocks]``: the paged twin.
+    num_splits : splits per (request, kv head); default :func:`default_num_splits`.
+
+    Returns
+    -------
+    out : shape ``[num_requests, num_heads, head_dim]``, q's dtype.
+    """
+    check_attention_inputs(q, k_cache, v_cache, cache_seqlens, None, slots, block_table)
+    R, H, D = q.shape
+    H_kv = k_cache.shape[2]
+    group = H // H_kv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    max_len = (block_table.shape[1] * page_size) if paged else k_cache.shape[1]
+    if num_splits is None:
+        num_splits = default_num_splits(R, H_kv, max_len, q.device)
+    if block_n is None:
+        block_n = 64 if D <= 128 else 32
+    if out is None:
+        out = torch.empty_like(q)
+    if R == 0:
+        return out
+    block_g = max(16, next_pow2(group))
+    direct = num_splits == 1
+    if direct:
+        mid_o, mid_lse = out, out  # mid_lse unused
+        stride_os = 0
+    else:
+        mid_o = torch.empty((R, H, num_splits, D), device=q.device, dtype=torch.float32)
+        mid_lse = torch.empty((R, H, num_splits), device=q.device, dtype=torch.float32)
+        stride_os = mid_o.stride(2)
+    bt = block_table if paged else cache_seqlens
+    _decode_split_kernel[(R, H_kv, num_splits)](
+        q, k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
+        mid_o, mid_lse, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0) if paged else 0,
+        mid_o.stride(0), mid_o.stride(1), stride_os,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
+        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    if not direct:
+        _decode_reduce_kernel[(R, H)](
+            mid_o, mid_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=H, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def decode_reference(q, k_cache, v_cache, cache_seqlens, *, slots=None, block_table=None, scale=None):
+    """Plain-PyTorch float64 reference of :func:`decode_attention` (host syncs; tests only)."""
+    cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+    return attention_reference(
+        q, k_cache, v_cache, cache_seqlens, cu, slots=slots, block_table=block_table, causal=True, scale=scale
+    )

@@ -1,0 +1,272 @@
+"""Varlen prefill attention over the cache: causal, bottom-right aligned.
+
+Queries are packed ``[total_q, num_heads, head_dim]``; request ``r`` owns rows
+``cu_seqlens_q[r]:cu_seqlens_q[r+1]`` and its keys are the first
+``cache_seqlens[r]`` rows of its cache row (its own new tokens included: they
+were appended first). The queries sit at the *last* positions, so query ``i``
+of a request with ``n`` queries and ``L`` keys is at position ``L - n + i`` and
+sees keys ``0 .. L - n + i`` (bottom-right aligned causal mask)::
+
+    keys   0 1 2 3 4 5 6        L = 7, n = 3
+    q0     x x x x x . .        position 4
+    q1     x x x x x x .        position 5
+    q2     x x x x x x x        position 6
+
+This covers plain prefill (``n == L``), chunked prefill (``n < L``) and decode
+(``n == 1``) with one kernel, so a mixed batch is one launch.
+
+Program ``(m_block, head, r)`` handles ``BLOCK_M`` queries of one head of one
+request. Keys visible to every row of the block are read without masks; only
+the diagonal band (and the ragged end) is masked. The launch grid depends on
+``max_seqlen_q`` (a host int, an upper bound is fine) and never on lengths
+held on the device, so the launch is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _attn_tiles, dot_f32
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [total_q, num_heads, HEAD_DIM]
+    k_ptr,  # cache [B, S_max, H_kv, D] or pool [num_blocks, PAGE_SIZE, H_kv, D]
+    v_ptr,
+    o_ptr,  # [total_q, num_heads, HEAD_DIM]
+    seqlens_ptr,  # int32 [num_requests]
+    cu_q_ptr,  # int32 [num_requests + 1]
+    slots_ptr,  # [num_requests] (unused unless HAS_SLOTS)
+    bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
+    sm_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    r = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + r)
+    q_len = tl.load(cu_q_ptr + r + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    seqlen = tl.load(seqlens_ptr + r)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+    else:
+        slot = r.to(tl.int64)
+    kv_head = head // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
+    first_pos = seqlen - q_len + pid_m * BLOCK_M  # position of this block's first query
+    q_pos = first_pos + tl.arange(0, BLOCK_M)
+
+    if CAUSAL:
+        # keys <= first_pos are visible to every row; the rest up to the last row's position is the band.
+        hi_full = tl.maximum(tl.minimum(first_pos + 1, seqlen), 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(tl.minimum(first_pos + BLOCK_M, seqlen), 0)
+    else:
+        hi_full = seqlen // BLOCK_N * BLOCK_N
+        hi = seqlen
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        0, hi_full, sm_scale_log2,
+        MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+        DOT_F32=DOT_F32,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        hi_full, hi, sm_scale_log2,
+        MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+        DOT_F32=DOT_F32,
+    )  # fmt: skip
+    # A query that sees no key (only with bad lengths) gets 0, not NaN.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+def _fail(what, expected, got, exc=ValueError):
+    raise exc(f"{what}: expected {expected}, got {got}")
+
+
+def check_attention_inputs(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:
+    """Shape/stride/dtype checks shared by the launchers (metadata only: no device reads)."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, "a torch.Tensor", type(t).__name__, TypeError)
+    if q.dim() != 3:
+        _fail("q", "shape [total_q, num_heads, head_dim]", tuple(q.shape))
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        _fail("k_cache/v_cache", "equal shapes [B, S_max, num_kv_heads, head_dim]", (tuple(k_cache.shape), tuple(v_cache.shape)))
+    if k_cache.shape[3] != q.shape[2]:
+        _fail("k_cache head_dim", f"q's head_dim {q.shape[2]}", k_cache.shape[3])
+    d = q.shape[2]
+    if d < 16 or d > 256 or d & (d - 1):
+        _fail("head_dim", "a power of two in [16, 256] for the Triton kernels", d)
+    if q.shape[1] % k_cache.shape[2]:
+        _fail("num_heads", f"a multiple of num_kv_heads {k_cache.shape[2]}", q.shape[1])
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        _fail("stride(-1) of q/k_cache/v_cache", "1", (q.stride(-1), k_cache.stride(-1), v_cache.stride(-1)))
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        _fail("k_cache/v_cache dtype", "one of float16, bfloat16, float32 (both the same)", (k_cache.dtype, v_cache.dtype), TypeError)
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
+        _fail("cache_seqlens", "a 1-D int32 tensor", (cache_seqlens.dtype, tuple(cache_seqlens.shape)))
+    if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (cache_seqlens.shape[0] + 1,)):
+        _fail("cu_seqlens_q", f"int32 of shape [{cache_seqlens.shape[0] + 1}]", (cu_seqlens_q.dtype, tuple(cu_seqlens_q.shape)))
+    if slots is not None and (slots.dim() != 1 or slots.shape[0] != cache_seqlens.shape[0] or slots.dtype not in (torch.int32, torch.int64)):
+        _fail("slots", f"int32/int64 of shape [{cache_seqlens.shape[0]}]", (slots.dtype, tuple(slots.shape)))
+    if block_table is not None and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1):
+        _fail("block_table", "a 2-D int32 tensor with stride(-1) == 1", (block_table.dtype, tuple(block_table.shape)))
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    slots: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
+
+    Parameters
+    ----------
+    q : shape ``[total_q, num_heads, head_dim]``.
+    k_cache, v_cache : shape ``[B, S_max, num_kv_heads, head_dim]`` (any
+        batch/row/head strides, ``stride(-1) == 1``) or, with ``block_table``,
+        block pools ``[num_blocks, page_size, num_kv_heads, head_dim]``.
+    cache_seqlens : int32, shape ``[num_requests]``, new tokens included.
+    cu_seqlens_q : int32, shape ``[num_requests + 1]``.
+    max_seqlen_q : host int, an upper bound on any request's query count
+        (``total_q`` always works); sizes the launch grid.
+    slots : shape ``[num_requests]``, cache row / block-table row per request.
+    block_table : int32, shape ``[num_slots, max_blocks]`` (paged twin).
+
+    Returns
+    -------
+    out : shape ``[total_q, num_heads, head_dim]``, q's dtype.
+    """
+    check_attention_inputs(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
+    if cu_seqlens_q is None:
+        _fail("cu_seqlens_q", "a tensor for prefill", None)
+    T, H, D = q.shape
+    H_kv = k_cache.shape[2]
+    R = cache_seqlens.shape[0]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    paged = block_table is not None
+    if block_m is None:
+        block_m = 128 if q.is_cuda else 32
+    if block_n is None:
+        block_n = 64 if D <= 128 else 32
+    if out is None:
+        out = torch.empty_like(q)
+    max_seqlen_q = max(1, min(int(max_seqlen_q), T))
+    if T == 0 or R == 0:
+        return out
+    num_warps = 8 if (D >= 128 and block_m >= 128) else 4
+    grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
+    bt = block_table if paged else cache_seqlens
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        bt.stride(0) if paged else 0,
+        GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
+        num_warps=num_warps, num_stages=3,
+    )  # fmt: skip
+    return out
+
+
+def gather_paged(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Rows ``0 .. num_tokens`` of one block-table row as a contiguous ``[num_tokens, H_kv, D]`` tensor."""
+    page = pool.shape[1]
+    pos = torch.arange(num_tokens, device=pool.device)
+    return pool[block_table[pos // page].long(), pos % page]
+
+
+def attention_reference(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=None, *, slots=None, block_table=None, causal=True, scale=None,
+    dtype=torch.float64,
+) -> torch.Tensor:
+    """Plain-PyTorch reference (float64 by default, per-request loop, host syncs; tests and checks only).
+
+    Same contract as :func:`prefill_attention`; reads only the valid rows, so
+    NaN past ``cache_seqlens`` cannot reach the result.
+    """
+    R = cache_seqlens.shape[0]
+    if cu_seqlens_q is None:
+        cu_seqlens_q = torch.arange(R + 1, device=q.device, dtype=torch.int32)
+    lens = cache_seqlens.tolist()
+    cu = cu_seqlens_q.tolist()
+    slot_list = slots.tolist() if slots is not None else list(range(R))
+    H, D = q.shape[1], q.shape[2]
+    H_kv = k_cache.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    for r in range(R):
+        n, L, s = cu[r + 1] - cu[r], lens[r], slot_list[r]
+        if n == 0:
+            continue
+        if block_table is not None:
+            k = gather_paged(k_cache, block_table[s], L)
+            v = gather_paged(v_cache, block_table[s], L)
+        else:
+            k, v = k_cache[s, :L], v_cache[s, :L]
+        qq = q[cu[r] : cu[r + 1]].to(dtype).transpose(0, 1)  # [H, n, D]
+        k = k.to(dtype).repeat_interleave(H // H_kv, dim=1).transpose(0, 1)  # [H, L, D]
+        v = v.to(dtype).repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
+        scores = (qq @ k.transpose(1, 2)) * scale  # [H, n, L]
+        if causal:
+            q_pos = torch.arange(L - n, L, device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(L, device=q.device)[None, :] > q_pos, float("-inf"))
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (bad lengths) -> 0
+        out[cu[r] : cu[r + 1]] = (p @ v).transpose(0, 1)
+    return out
