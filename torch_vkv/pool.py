@@ -101,6 +101,10 @@ class PagePool:
         keep = check_int("keep_free_bytes", keep_free_bytes, low=0)
         return self._pool.trim(keep // self.page_size)
 
+    def reap(self) -> None:
+        """Finishes decommits whose fences have completed (does not wait)."""
+        self._pool.reap()
+
     def stats(self) -> dict[str, Any]:
         """Pool counters: ``created_pages``, ``free_pages``, ``mapped_pages``,
         ``pending_pages``, ``max_pages``, ``page_size``, call counts and times."""
