@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from torch_vkv._checks import check_int, fail
+from torch_vkv._checks import ArgumentTypeError, check_int, fail
 from torch_vkv._ext import core
 from torch_vkv.errors import OutOfPagesError, OutOfSlotsError
 from torch_vkv.pool import PagePool, resolve_device
@@ -94,7 +94,7 @@ class KVCache:
         self.max_seq_len = check_int("max_seq_len", max_seq_len, low=1)
         self.margin_tokens = check_int("margin_tokens", margin_tokens, low=0)
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
-            fail("dtype", "a floating-point torch.dtype", dtype, TypeError)
+            fail("dtype", "a floating-point torch.dtype", dtype, ArgumentTypeError)
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
         self.dtype = dtype
@@ -420,7 +420,7 @@ class KVCache:
                 fail("seq_lens", f"{self.max_batch_size} entries (one per slot)", f"{len(seq_lens)} entries")
             items = [(s, n) for s, n in enumerate(seq_lens) if n > 0]
         else:
-            fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), TypeError)
+            fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), ArgumentTypeError)
         need: dict[int, int] = {}
         for slot, n in items:
             slot = self._check_slot(slot)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from torch_vkv._checks import fail
+from torch_vkv._checks import ArgumentTypeError, fail
 from torch_vkv._ext import core
 from torch_vkv.pool import PagePool
 
@@ -74,15 +74,22 @@ class VirtualKVTensor(torch.Tensor):
         shape: Sequence[int],
         *,
         dtype: torch.dtype,
-        pool: PagePool,
+        pool: PagePool | None = None,
+        device: Any = None,
+        page_size: int | None = None,
     ) -> "VirtualKVTensor":
         """Reserves virtual memory for ``shape`` (rounded up to whole pages) on
-        ``pool``'s device. Nothing is committed."""
+        ``pool``'s device, or on a new pool of its own on ``device`` (host pages
+        of ``page_size`` bytes on the CPU). Nothing is committed."""
+        if pool is None:
+            pool = PagePool(device, page_size=page_size)
+        elif device is not None or page_size is not None:
+            fail("device/page_size", "None when a pool is given (the pool decides)", (device, page_size))
         shape = tuple(int(s) for s in shape)
         if not shape or any(s <= 0 for s in shape):
             fail("shape", "a non-empty shape of positive sizes", shape)
         if not isinstance(dtype, torch.dtype):
-            fail("dtype", "a torch.dtype", dtype, TypeError)
+            fail("dtype", "a torch.dtype", dtype, ArgumentTypeError)
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
         C = core()
@@ -144,7 +151,7 @@ class VirtualKVTensor(torch.Tensor):
                     offset + stop * strides[dim]
                 ) * self.element_size()
             if isinstance(idx, bool) or not isinstance(idx, int):
-                fail("index", "ints and an optional final slice", index, TypeError)
+                fail("index", "ints and an optional final slice", index, ArgumentTypeError)
             if not 0 <= idx < shape[dim]:
                 fail(f"index[{dim}]", f"an int in [0, {shape[dim]})", idx)
             offset += idx * strides[dim]

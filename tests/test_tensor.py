@@ -1,0 +1,87 @@
+"""VirtualKVTensor: ranges of leading dimensions, plain results, subclass hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_vkv import PagePool, VirtualKVTensor
+
+from conftest import small_page
+
+
+def test_commit_by_leading_ranges_and_query(device):
+    t = VirtualKVTensor.empty((4, 4096, 2, 32), dtype=torch.float16, device=device, page_size=small_page(device))
+    row = t.stride(0) * t.element_size()
+    assert t.shape == (4, 4096, 2, 32) and t.data_ptr() % t.page_size == 0
+    assert t.committed_bytes() == 0 and not t.is_committed(0, slice(0, 1))
+    t.commit(2, slice(0, 100))
+    assert t.is_committed(2, slice(0, 100)) and not t.is_committed(3)
+    assert t.byte_range(2, slice(0, 100)) == (2 * row, 2 * row + 100 * 2 * 32 * 2)
+    x = torch.randn(100, 2, 32, dtype=torch.float16, device=t.device)
+    t[2, :100] = x
+    assert torch.equal(t[2, :100], x)
+    t.commit(1)  # a whole leading index
+    assert t.is_committed(1)
+    t[1].normal_()
+    t.decommit(1, stream=None)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t.pool.reap()
+    if row % t.page_size == 0:  # rows own whole pages: row 1's pages are gone
+        assert not t.is_committed(1, slice(0, 1))
+        assert [off // row for off, _ in t.committed_ranges()] == [2]
+    else:  # 2 MiB pages hold 4 rows: a page partly outside the range stays
+        assert t.is_committed(1) and t.committed_ranges() == [(0, t.page_size)]
+    assert torch.equal(t[2, :100], x)  # other rows untouched
+
+
+def test_operations_return_plain_tensors_and_compile(device):
+    t = VirtualKVTensor.empty((2, 64, 4), dtype=torch.float32, device=device, page_size=small_page(device))
+    t.commit(0)
+    t[0].copy_(torch.randn(64, 4))
+    for out in (t[0], t + 1, t[0].sum(), t.view(-1)[:3], torch.nn.functional.relu(t[0])):
+        assert type(out) is torch.Tensor
+    assert isinstance(t, VirtualKVTensor) and isinstance(t, torch.Tensor)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(k):
+        return (k * 2).sum(dim=-1)
+
+    view = t[0]
+    assert torch.allclose(f(view), (view * 2).sum(dim=-1))
+
+
+def test_subclass_hooks_see_every_commit():
+    class CountingTensor(VirtualKVTensor):
+        def _commit_pages(self, first, count):
+            self.log.append(("commit", first, count))
+            return super()._commit_pages(first, count)
+
+        def _decommit_pages(self, first, count, stream):
+            self.log.append(("decommit", first, count))
+            return super()._decommit_pages(first, count, stream)
+
+    t = CountingTensor.empty((8, 1024), dtype=torch.uint8, device="cpu", page_size=4096)
+    t.log = []
+    assert isinstance(t, CountingTensor)
+    t.commit(slice(0, 8))
+    t.decommit(slice(4, 8))
+    assert t.log == [("commit", 0, 2), ("decommit", 1, 1)]
+
+
+def test_bad_arguments():
+    pool = PagePool("cpu", page_size=4096)
+    with pytest.raises(ValueError, match="positive sizes"):
+        VirtualKVTensor.empty((0, 4), dtype=torch.float16, pool=pool)
+    with pytest.raises(TypeError, match="dtype"):
+        VirtualKVTensor.empty((4, 4), dtype="float16", pool=pool)
+    with pytest.raises(ValueError, match="None when a pool is given"):
+        VirtualKVTensor.empty((4, 4), dtype=torch.float16, pool=pool, device="cpu")
+    t = VirtualKVTensor.empty((4, 4), dtype=torch.float16, pool=pool)
+    with pytest.raises(ValueError, match="contiguous range"):
+        t.commit(slice(0, 2), slice(0, 2))
+    with pytest.raises(ValueError, match="at most 2 leading indices"):
+        t.commit(0, 0, 0)
+    with pytest.raises(TypeError, match="ints and an optional final slice"):
+        t.commit(0.5)
