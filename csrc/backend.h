@@ -38,6 +38,9 @@ class Backend {
   virtual void unmap(uintptr_t addr, size_t bytes) = 0;
   // Fills a mapped range with zeros, finished when this returns.
   virtual void zero(uintptr_t addr, size_t bytes) = 0;
+  // Whether a page fresh from create_page() already reads as zeros (memfd
+  // pages do; cuMemCreate memory is garbage and may hold NaN).
+  virtual bool fresh_pages_are_zero() const { return false; }
 
   // Records a fence on `stream` (a cudaStream_t as an integer) after the work
   // queued there so far.

@@ -98,6 +98,7 @@ class HostBackend final : public Backend {
     if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE over " + hex(addr) + ", " + std::to_string(bytes) + " bytes"));
   }
 
+  bool fresh_pages_are_zero() const override { return true; }
   void zero(uintptr_t addr, size_t bytes) override { std::memset(reinterpret_cast<void*>(addr), 0, bytes); }
 
   Fence record_fence(uintptr_t) override {

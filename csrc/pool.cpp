@@ -316,8 +316,9 @@ size_t Reservation::commit(size_t first, size_t count) {
     });
     // cuMemCreate memory is not zeroed and garbage can be NaN; recycled pages
     // hold earlier KV values, which are finite.
-    for (size_t i = 0; i < to_map.size(); ++i)
-      if (fresh[i]) backend.zero(base_ + to_map[i] * page_size_, page_size_);
+    if (!backend.fresh_pages_are_zero())
+      for (size_t i = 0; i < to_map.size(); ++i)
+        if (fresh[i]) backend.zero(base_ + to_map[i] * page_size_, page_size_);
   } catch (...) {
     std::vector<size_t> undo(to_map.begin(), to_map.begin() + mapped);
     try {

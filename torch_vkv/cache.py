@@ -148,6 +148,7 @@ class KVCache:
         self._active: set[int] = set()
         self._used_tokens = [0] * B  # tokens reserved by the current request of each slot
         self._committed_pages = [0] * B  # pages per buffer backing each slot, from its start
+        self._covered_tokens = [0] * B  # largest num_tokens those pages serve (margin included)
         self._committer = core().Committer()
         self._pending_ticket: int | None = None
         self._pending_pages: dict[int, int] = {}
@@ -230,8 +231,8 @@ class KVCache:
 
         Args:
             seq_lens: tokens each slot must hold after this step, its new tokens
-                included: a sequence of ``max_batch_size`` ints (0 or less for
-                slots to leave alone), a ``{slot: num_tokens}`` mapping, or a
+                included: a sequence of ``max_batch_size`` ints (0 for slots to
+                leave alone), a ``{slot: num_tokens}`` mapping, or a
                 1-D integer tensor (a CUDA tensor costs a device sync).
 
         All or nothing across slots: :class:`OutOfPagesError` leaves every slot
@@ -401,6 +402,11 @@ class KVCache:
             fail("slot", "a slot returned by alloc() and not freed since", slot)
         return slot
 
+    def _set_committed(self, slot: int, pages: int) -> None:
+        self._committed_pages[slot] = pages
+        rows = pages * self.page_size // self.bytes_per_token_buffer
+        self._covered_tokens[slot] = max(0, min(self.max_seq_len, rows - self.margin_tokens)) if pages else 0
+
     def _pages_for(self, num_tokens: int) -> int:
         if num_tokens <= 0:
             return 0
@@ -418,23 +424,24 @@ class KVCache:
         elif isinstance(seq_lens, Sequence):
             if len(seq_lens) != self.max_batch_size:
                 fail("seq_lens", f"{self.max_batch_size} entries (one per slot)", f"{len(seq_lens)} entries")
-            items = [(s, n) for s, n in enumerate(seq_lens) if n > 0]
+            items = [(s, n) for s, n in enumerate(seq_lens) if n]
         else:
             fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), ArgumentTypeError)
+        # The per-step hot path: plain loops, checks inline, one message helper.
         need: dict[int, int] = {}
+        active, max_len = self._active, self.max_seq_len
         for slot, n in items:
-            slot = self._check_slot(slot)
-            need[slot] = check_int(f"seq_lens[{slot}]", n, low=0, high=self.max_seq_len)
+            if type(slot) is not int or slot not in active:
+                slot = self._check_slot(slot)  # raises the precise error, or normalises the int
+            if type(n) is not int or not 0 <= n <= max_len:
+                n = check_int(f"seq_lens[{slot}]", n, low=0, high=max_len)
+            need[slot] = n
         return need
 
     def _plan(self, need: dict[int, int]) -> dict[int, int]:
         """{slot: pages per buffer wanted} for the slots that must grow."""
-        plan = {}
-        for slot, n in need.items():
-            pages = self._pages_for(n)
-            if pages > self._committed_pages[slot]:
-                plan[slot] = pages
-        return plan
+        covered = self._covered_tokens
+        return {slot: self._pages_for(n) for slot, n in need.items() if n > covered[slot]}
 
     def _available_pages(self, *, reclaim: bool) -> int:
         s = self.pool.stats()
@@ -481,7 +488,7 @@ class KVCache:
                 res.decommit(first, count, None)
             raise
         for slot, pages in plan.items():
-            self._committed_pages[slot] = pages
+            self._set_committed(slot, pages)
         self._commit_calls += 1
 
     def _decommit_slot(self, slot: int, keep_pages: int, stream: Any) -> None:
@@ -492,7 +499,7 @@ class KVCache:
         fence = self._buffers[0]._fence_stream(stream)
         for res in self._reservations:
             res.decommit(first, count, fence)
-        self._committed_pages[slot] = keep_pages
+        self._set_committed(slot, keep_pages)
 
     def _join_async(self) -> None:
         if self._pending_ticket is None:
@@ -511,4 +518,4 @@ class KVCache:
                     res.decommit(first, count, None)
             raise
         for slot, pages in plan.items():
-            self._committed_pages[slot] = max(self._committed_pages[slot], pages)
+            self._set_committed(slot, max(self._committed_pages[slot], pages))
