@@ -1,0 +1,558 @@
+"""``python -m torch_vkv bench alloc``: the cost of committing pages on demand.
+
+Two parts, one report (``alloc.json`` / ``alloc.md``):
+
+1. **Page latency** (``section = "latency"``), on a :class:`~torch_vkv.PagePool`
+   and a raw reservation of ``torch_vkv._C``: commit and decommit one page per
+   call vs one call over a contiguous run of pages (one ``cuMemSetAccess`` /
+   unmap per run), an ordered decommit (fence now, unmap at the next reap),
+   page creation and the first commit of fresh pages (zero-filled). These are
+   host-side driver calls, synchronous on the host, so they are timed with
+   ``time.perf_counter``; the median over repeats is reported, per call and per
+   page, together with the pool's call counters (maps, set-access and unmap
+   calls per repeat).
+
+2. **Lazy-commit overhead in a decode loop** (``section = "decode"``), batch
+   64 by default: a :class:`~torch_vkv.KVCache` whose slots start at prompt
+   lengths drawn uniformly from ``[min_len, max_len]``; each step appends one
+   token per slot to K and V of every layer and reads the cache back (decode
+   attention over the valid rows with FlashAttention-2's varlen path and
+   ``seqused_k`` on CUDA; a gather + sum over the valid rows on the CPU). Modes,
+   side by side on the same cache and the same token trajectory:
+
+   - ``precommitted``: every page the run needs is committed beforehand (a
+     static allocation);
+   - ``step``: ``cache.step(seq_lens)`` before each step (synchronous commit);
+   - ``step_async``: ``cache.step_async(seq_lens)`` (commit now what is
+     missing, prefetch the next step's pages on the background thread).
+
+   Step time comes from CUDA events on the GPU (host ``perf_counter`` on the
+   CPU); repeats interleave the modes and the overhead is the median over
+   repeats of ``mean step time(mode) / mean step time(precommitted) - 1``.
+
+Examples::
+
+    python -m torch_vkv bench alloc --quick               # < 1 min on an H100
+    python -m torch_vkv bench alloc --out bench_out       # full run
+    python -m torch_vkv bench alloc --device cpu --quick  # host backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from torch_vkv.bench.report import markdown_table, write_report
+
+__all__ = ["main"]
+
+MODES = ("precommitted", "step", "step_async")
+
+COLUMNS = (
+    "section",
+    "name",
+    "layout",
+    "pages",
+    "us_per_call",
+    "us_per_page",
+    "map_calls",
+    "set_access_calls",
+    "unmap_calls",
+    "batch",
+    "steps",
+    "tokens_per_page",
+    "ms_per_step",
+    "ms_per_step_median",
+    "ms_per_step_max",
+    "host_ms_per_step",
+    "overhead_pct",
+    "pages_committed_per_run",
+    "read",
+)
+
+
+# --------------------------------------------------------------------- options
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m torch_vkv bench alloc",
+        description="Per-page commit/decommit latency and the step-time overhead of lazy commit.",
+    )
+    p.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda if available, else cpu)")
+    p.add_argument("--quick", action="store_true", help="a short run (< 1 min on an H100)")
+    p.add_argument("--out", default=None, help="output directory (default: $TORCH_VKV_BENCH_DIR or ./bench_out)")
+    g = p.add_argument_group("latency")
+    g.add_argument("--pages", type=int, default=None, help="pages per run of the latency part")
+    g.add_argument("--latency-repeats", type=int, default=None)
+    g = p.add_argument_group("decode loop")
+    g.add_argument("--batch", type=int, default=64, help="slots decoding at once (default 64)")
+    g.add_argument("--layers", type=int, default=None)
+    g.add_argument("--kv-heads", type=int, default=None)
+    g.add_argument("--q-heads", type=int, default=None)
+    g.add_argument("--head-dim", type=int, default=None)
+    g.add_argument("--min-len", type=int, default=None, help="shortest prompt (tokens)")
+    g.add_argument("--max-len", type=int, default=None, help="longest prompt (tokens)")
+    g.add_argument("--steps", type=int, default=None, help="decode steps per timed run")
+    g.add_argument("--warmup", type=int, default=None, help="untimed steps per mode before timing")
+    g.add_argument("--repeats", type=int, default=None, help="timed runs per mode (modes interleaved)")
+    g.add_argument("--layouts", default=None, help="comma-separated KVCache layouts (default: per_layer,interleaved)")
+    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--page-size", type=int, default=None, help="host backend page size in bytes (CPU only)")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@dataclass
+class Config:
+    device: torch.device
+    pages: int
+    latency_repeats: int
+    batch: int
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+    min_len: int
+    max_len: int
+    steps: int
+    warmup: int
+    repeats: int
+    layouts: list[str]
+    dtype: torch.dtype
+    page_size: int | None
+    seed: int
+
+
+def _config(args: argparse.Namespace) -> Config:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench alloc: --device cuda asked for, but no CUDA GPU is available (try --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if args.page_size is not None:
+            raise SystemExit("bench alloc: --page-size is for the host backend; CUDA uses the driver's granularity")
+        # GPU defaults: a Llama-3-8B-like layer shape, 8 of its 32 layers.
+        d = dict(pages=64 if args.quick else 256, latency_repeats=5 if args.quick else 20, layers=8, kv_heads=8,
+                 q_heads=32, head_dim=128, min_len=512 if args.quick else 1024, max_len=3072 if args.quick else 8192,
+                 steps=256 if args.quick else 1024, warmup=16 if args.quick else 32, repeats=3 if args.quick else 5,
+                 dtype="bfloat16", page_size=None)
+    elif device.type == "cpu":
+        # CPU defaults: small shapes and 16 KiB pages, so that slots cross page
+        # boundaries within a short run (64 tokens per page per buffer).
+        d = dict(pages=16 if args.quick else 64, latency_repeats=3 if args.quick else 10, layers=2, kv_heads=2,
+                 q_heads=4, head_dim=32, min_len=32 if args.quick else 64, max_len=160 if args.quick else 512,
+                 steps=24 if args.quick else 128, warmup=2 if args.quick else 8, repeats=2 if args.quick else 5,
+                 dtype="float32", page_size=16 << 10)
+    else:
+        raise SystemExit(f"bench alloc: --device expected cpu or cuda[:N], got {args.device!r}")
+
+    def pick(name: str) -> Any:
+        v = getattr(args, name)
+        return d[name] if v is None else v
+
+    dtype_name = pick("dtype")
+    dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}.get(dtype_name)
+    if dtype is None:
+        raise SystemExit(f"bench alloc: --dtype expected bfloat16, float16 or float32, got {dtype_name!r}")
+    layouts = (args.layouts or "per_layer,interleaved").split(",")
+    for lay in layouts:
+        if lay not in ("per_layer", "interleaved"):
+            raise SystemExit(f"bench alloc: --layouts expected per_layer and/or interleaved, got {lay!r}")
+    cfg = Config(device=device, pages=pick("pages"), latency_repeats=pick("latency_repeats"), batch=args.batch,
+                 layers=pick("layers"), kv_heads=pick("kv_heads"), q_heads=pick("q_heads"),
+                 head_dim=pick("head_dim"), min_len=pick("min_len"), max_len=pick("max_len"), steps=pick("steps"),
+                 warmup=pick("warmup"), repeats=pick("repeats"), layouts=layouts, dtype=dtype,
+                 page_size=pick("page_size"), seed=args.seed)
+    for name in ("pages", "latency_repeats", "batch", "layers", "kv_heads", "q_heads", "head_dim", "min_len",
+                 "steps", "repeats"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"bench alloc: --{name.replace('_', '-')} expected >= 1, got {getattr(cfg, name)}")
+    if cfg.max_len < cfg.min_len or cfg.warmup < 0:
+        raise SystemExit(f"bench alloc: expected 1 <= min_len <= max_len and warmup >= 0, got "
+                         f"{cfg.min_len}, {cfg.max_len}, {cfg.warmup}")
+    if cfg.q_heads % cfg.kv_heads:
+        raise SystemExit(f"bench alloc: --q-heads expected a multiple of --kv-heads ({cfg.kv_heads}), got {cfg.q_heads}")
+    return cfg
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- 1. latency
+def _median_us(samples: Sequence[float]) -> float:
+    return statistics.median(samples) * 1e6
+
+
+def bench_latency(cfg: Config) -> list[dict[str, Any]]:
+    """Commit / decommit latency of single pages vs contiguous runs."""
+    from torch_vkv._ext import core
+    from torch_vkv.pool import PagePool
+
+    C = core()
+    n = cfg.pages
+    page_size = None if cfg.device.type == "cuda" else (2 << 20)  # the GPU's page size on the host too
+    pool = PagePool(cfg.device, page_size=page_size)
+    ps = pool.page_size
+    pool.set_max_bytes(n * ps)
+    raw = pool._pool  # the C++ pool: the Reservation API takes it directly
+    res = C.Reservation.create(raw, n * ps)
+    stream = int(torch.cuda.current_stream(cfg.device).cuda_stream) if cfg.device.type == "cuda" else None
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, per_call: list[float], pages_per_call: int, before: dict, after: dict, repeats: int) -> None:
+        rows.append({
+            "section": "latency", "name": name, "pages": pages_per_call,
+            "us_per_call": _median_us(per_call), "us_per_page": _median_us(per_call) / pages_per_call,
+            "map_calls": (after["map_calls"] - before["map_calls"]) / repeats,
+            "set_access_calls": (after["set_access_calls"] - before["set_access_calls"]) / repeats,
+            "unmap_calls": (after["unmap_calls"] - before["unmap_calls"]) / repeats,
+        })
+
+    # Page creation (cuMemCreate / memfd growth), then the first commit of
+    # fresh pages, which also zero-fills them.
+    t0 = time.perf_counter()
+    pool.prefill(n * ps)
+    t_create = time.perf_counter() - t0
+    rows.append({"section": "latency", "name": "create_page", "pages": 1, "us_per_call": t_create / n * 1e6,
+                 "us_per_page": t_create / n * 1e6, "map_calls": 0, "set_access_calls": 0, "unmap_calls": 0})
+    s1 = pool.stats()
+    t0 = time.perf_counter()
+    res.commit(0, n)
+    t_first = time.perf_counter() - t0
+    s2 = pool.stats()
+    row("commit_first_touch_batched (map+set_access+zero)", [t_first], n, s1, s2, 1)
+    res.decommit(0, n, None)
+
+    single_c: list[float] = []
+    single_d: list[float] = []
+    batch_c: list[float] = []
+    batch_d: list[float] = []
+    fence_d: list[float] = []
+    reap: list[float] = []
+    counters: dict[str, list[dict]] = {k: [] for k in ("sc", "sd", "bc", "bd", "fd")}
+    for _ in range(cfg.latency_repeats):
+        a = pool.stats()
+        for i in range(n):
+            t0 = time.perf_counter()
+            res.commit(i, 1)
+            single_c.append(time.perf_counter() - t0)
+        b = pool.stats()
+        for i in range(n):
+            t0 = time.perf_counter()
+            res.decommit(i, 1, None)
+            single_d.append(time.perf_counter() - t0)
+        c = pool.stats()
+        t0 = time.perf_counter()
+        res.commit(0, n)
+        batch_c.append(time.perf_counter() - t0)
+        d = pool.stats()
+        t0 = time.perf_counter()
+        res.decommit(0, n, None)
+        batch_d.append(time.perf_counter() - t0)
+        e = pool.stats()
+        # Ordered decommit: record a fence now, unmap when it has completed.
+        res.commit(0, n)
+        _sync(cfg.device)
+        f = pool.stats()
+        t0 = time.perf_counter()
+        res.decommit(0, n, stream)
+        t1 = time.perf_counter()
+        _sync(cfg.device)
+        raw.reap()
+        t2 = time.perf_counter()
+        fence_d.append(t1 - t0)
+        reap.append(t2 - t1)
+        g = pool.stats()
+        counters["sc"].append((a, b))
+        counters["sd"].append((b, c))
+        counters["bc"].append((c, d))
+        counters["bd"].append((d, e))
+        counters["fd"].append((f, g))
+    r = cfg.latency_repeats
+
+    def span(key: str) -> tuple[dict, dict]:
+        pairs = counters[key]
+        tot_before = {k: sum(p[0][k] for p in pairs) for k in ("map_calls", "set_access_calls", "unmap_calls")}
+        tot_after = {k: sum(p[1][k] for p in pairs) for k in ("map_calls", "set_access_calls", "unmap_calls")}
+        return tot_before, tot_after
+
+    row("commit_single (1 page per call)", single_c, 1, *span("sc"), r)
+    rows[-1]["pages"] = 1
+    row("commit_batched (contiguous run)", batch_c, n, *span("bc"), r)
+    row("decommit_single (1 page per call)", single_d, 1, *span("sd"), r)
+    row("decommit_batched (contiguous run)", batch_d, n, *span("bd"), r)
+    ordered = [x + y for x, y in zip(fence_d, reap)]
+    row("decommit_ordered_batched (fence + reap)", ordered, n, *span("fd"), r)
+    rows[-1]["fence_us"] = _median_us(fence_d)
+    rows[-1]["reap_us"] = _median_us(reap)
+    # The single-page rows' counters are per repeat of n calls: show them per call.
+    for rr in rows:
+        if rr["name"].startswith(("commit_single", "decommit_single")):
+            for k in ("map_calls", "set_access_calls", "unmap_calls"):
+                rr[k] = rr[k] / n
+    del res
+    pool.trim()
+    return rows
+
+
+# ----------------------------------------------------------- 2. decode loop
+class _Timer:
+    """Marks step boundaries: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, steps: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda else []
+        self.times = [0.0] * (steps + 1)
+
+    def mark(self, i: int) -> None:
+        if self.cuda:
+            self.events[i].record()
+        else:
+            self.times[i] = time.perf_counter()
+
+    def step_ms(self) -> list[float]:
+        if self.cuda:
+            return [self.events[i].elapsed_time(self.events[i + 1]) for i in range(len(self.events) - 1)]
+        return [(self.times[i + 1] - self.times[i]) * 1e3 for i in range(len(self.times) - 1)]
+
+
+class _DecodeLoop:
+    """One KVCache and a synthetic decode step over it (append + read back)."""
+
+    def __init__(self, cfg: Config, layout: str) -> None:
+        from torch_vkv import KVCache
+
+        self.cfg = cfg
+        self.dev = cfg.device
+        B, L = cfg.batch, cfg.layers
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.prompt = torch.randint(cfg.min_len, cfg.max_len + 1, (B,), generator=gen).tolist()
+        # Enough rows for the longest run; FlashAttention may read a tile past
+        # the last valid row, so keep a margin committed.
+        need = max(self.prompt) + cfg.warmup + cfg.steps + 1
+        margin = 256 if self.dev.type == "cuda" else 0
+        kw = dict(max_batch_size=B, dtype=cfg.dtype, device=self.dev, layout=layout, margin_tokens=margin,
+                  page_size=cfg.page_size)
+        cache = KVCache(L, cfg.kv_heads, cfg.head_dim, max_seq_len=need, **kw)
+        if cache.padded_seq_len != need:
+            # Rows padded to whole pages: take the padding as capacity, so each
+            # layer's [B, S] flattens into one row dimension (a view).
+            padded = cache.padded_seq_len
+            cache.close()
+            cache = KVCache(L, cfg.kv_heads, cfg.head_dim, max_seq_len=padded, **kw)
+        self.cache = cache
+        self.S = cache.max_seq_len
+        for _ in range(B):
+            cache.alloc()
+        for slot, n in enumerate(self.prompt):
+            cache.reserve(slot, n)
+
+        self.keys = [cache.key(l).flatten(0, 1) for l in range(L)]  # [B*S, H_kv, D] views
+        self.values = [cache.value(l).flatten(0, 1) for l in range(L)]
+        gen_dev = torch.Generator(device=self.dev).manual_seed(cfg.seed)
+        shape = (B, cfg.kv_heads, cfg.head_dim)
+        self.k_new = torch.randn(shape, generator=gen_dev, device=self.dev).to(cfg.dtype)
+        self.v_new = torch.randn(shape, generator=gen_dev, device=self.dev).to(cfg.dtype)
+        self.q = torch.randn((B, cfg.q_heads, cfg.head_dim), generator=gen_dev, device=self.dev).to(cfg.dtype)
+        self.slot_base = torch.arange(B, device=self.dev) * self.S  # first row of each slot
+        self.cu_q = torch.arange(B + 1, device=self.dev, dtype=torch.int32)
+        self.cu_k = (torch.arange(B + 1, device=self.dev, dtype=torch.int32) * self.S).to(torch.int32)
+        self.pos = torch.tensor(self.prompt, device=self.dev, dtype=torch.int64)  # next row to write
+        self.pos32 = self.pos.to(torch.int32)
+        self.checksum = torch.zeros((), device=self.dev, dtype=torch.float32)
+        self.read = "flash_attention_varlen" if self._flash_ok() else "gather_sum"
+
+    # -- the step ------------------------------------------------------------
+    def _flash(self, l: int, max_k: int, seqused: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._flash_attention_forward(
+            self.q, self.keys[l], self.values[l], self.cu_q, self.cu_k, 1, max_k, 0.0, False, False,
+            seqused_k=seqused,
+        )
+        return out[0]
+
+    def _flash_ok(self) -> bool:
+        if self.dev.type != "cuda" or self.cfg.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        try:
+            seqused = torch.tensor(self.prompt, device=self.dev, dtype=torch.int32)
+            out = self._flash(0, max(self.prompt), seqused)
+            torch.cuda.synchronize(self.dev)
+            return bool(torch.isfinite(out).all())
+        except (RuntimeError, TypeError, AttributeError):
+            return False
+
+    def step_compute(self, lens_after: list[int]) -> None:
+        """Appends one token per slot in every layer, then reads the valid rows."""
+        rows = self.slot_base + self.pos  # [B]: the row each slot writes now
+        for l in range(self.cfg.layers):
+            self.keys[l].index_copy_(0, rows, self.k_new)
+            self.values[l].index_copy_(0, rows, self.v_new)
+        self.pos += 1
+        self.pos32 += 1
+        if self.read == "flash_attention_varlen":
+            max_k = max(lens_after)
+            for l in range(self.cfg.layers):
+                self.checksum += self._flash(l, max_k, self.pos32).float().sum()
+        else:
+            lens = self.pos
+            total = sum(lens_after)
+            starts = torch.cumsum(lens, 0) - lens
+            idx = torch.repeat_interleave(self.slot_base - starts, lens, output_size=total)
+            idx += torch.arange(total, device=self.dev)
+            for l in range(self.cfg.layers):
+                self.checksum += self.keys[l].index_select(0, idx).float().sum()
+                self.checksum += self.values[l].index_select(0, idx).float().sum()
+
+    # -- one run of a mode ---------------------------------------------------
+    def prepare(self, mode: str, steps: int) -> None:
+        """Puts the cache back at the prompt lengths; ``precommitted`` then
+        commits everything the run will need."""
+        cache = self.cache
+        for slot, n in enumerate(self.prompt):
+            cache.decommit(slot, n)
+            cache.reserve(slot, n)
+        if mode == "precommitted":
+            for slot, n in enumerate(self.prompt):
+                cache.reserve(slot, n + steps)
+        _sync(self.dev)
+        cache.pool._pool.reap()  # unmap what the decommits left pending now, not inside the run
+        self.pos.copy_(torch.tensor(self.prompt, dtype=torch.int64))
+        self.pos32.copy_(self.pos)
+        self.checksum.zero_()
+        _sync(self.dev)
+
+    def run(self, mode: str, steps: int) -> dict[str, Any]:
+        self.prepare(mode, steps)
+        cache = self.cache
+        before = cache.pool.stats()["map_calls"]
+        timer = _Timer(self.dev, steps)
+        lens = list(self.prompt)
+        t0 = time.perf_counter()
+        for t in range(steps):
+            timer.mark(t)
+            lens = [n + 1 for n in lens]
+            if mode == "step":
+                cache.step(lens)
+            elif mode == "step_async":
+                cache.step_async(lens)
+            self.step_compute(lens)
+        timer.mark(steps)
+        cache.synchronize()
+        _sync(self.dev)
+        host_s = time.perf_counter() - t0
+        per_step = timer.step_ms()
+        return {
+            "ms_per_step": sum(per_step) / steps,
+            "ms_per_step_median": statistics.median(per_step),
+            "ms_per_step_max": max(per_step),
+            "host_ms_per_step": host_s * 1e3 / steps,
+            "pages_committed": cache.pool.stats()["map_calls"] - before,
+            "checksum": float(self.checksum),
+        }
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def bench_decode(cfg: Config, layout: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    loop = _DecodeLoop(cfg, layout)
+    try:
+        for mode in MODES:  # warm-up: kernels, allocator, page pool
+            if cfg.warmup:
+                loop.run(mode, cfg.warmup)
+        results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+        for r in range(cfg.repeats):
+            order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]  # rotate to spread drift
+            for mode in order:
+                results[mode].append(loop.run(mode, cfg.steps))
+            log(f"  {layout} repeat {r + 1}/{cfg.repeats}: " + ", ".join(
+                f"{m} {results[m][-1]['ms_per_step']:.3f} ms" for m in MODES))
+        base = results["precommitted"]
+        checksums = {m: [x["checksum"] for x in results[m]] for m in MODES}
+        rows = []
+        for mode in MODES:
+            rs = results[mode]
+            overhead = [x["ms_per_step"] / b["ms_per_step"] - 1 for x, b in zip(rs, base)]
+            same = all(abs(c - b) <= 1e-3 * max(1.0, abs(b)) for c, b in zip(checksums[mode], checksums["precommitted"]))
+            rows.append({
+                "section": "decode", "name": mode, "layout": layout, "batch": cfg.batch, "steps": cfg.steps,
+                "tokens_per_page": loop.cache.tokens_per_page,
+                "ms_per_step": statistics.median(x["ms_per_step"] for x in rs),
+                "ms_per_step_median": statistics.median(x["ms_per_step_median"] for x in rs),
+                "ms_per_step_max": max(x["ms_per_step_max"] for x in rs),
+                "host_ms_per_step": statistics.median(x["host_ms_per_step"] for x in rs),
+                "overhead_pct": 100 * statistics.median(overhead),
+                "pages_committed_per_run": statistics.median(x["pages_committed"] for x in rs),
+                "read": loop.read,
+                "output_matches_precommitted": same,
+                "layers": cfg.layers, "kv_heads": cfg.kv_heads, "q_heads": cfg.q_heads, "head_dim": cfg.head_dim,
+                "dtype": str(cfg.dtype).replace("torch.", ""), "min_len": cfg.min_len, "max_len": cfg.max_len,
+                "repeats": cfg.repeats,
+            })
+        return rows
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    cfg = _config(args)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if cfg.device.type == "cuda":
+        torch.cuda.set_device(cfg.device)
+    t_start = time.perf_counter()
+    log(f"bench alloc on {cfg.device}: latency over {cfg.pages} pages x {cfg.latency_repeats} repeats")
+    rows = bench_latency(cfg)
+    # On the CPU, one intra-op thread: spinning OpenMP workers would otherwise
+    # compete with the committer thread for the cores and drown the signal.
+    threads = torch.get_num_threads()
+    if cfg.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for layout in cfg.layouts:
+            log(f"bench alloc: decode loop, layout {layout}, batch {cfg.batch}, {cfg.layers} layers, "
+                f"{cfg.steps} steps x {cfg.repeats} repeats")
+            rows += bench_decode(cfg, layout, log)
+    finally:
+        torch.set_num_threads(threads)
+
+    lat = {r["name"].split(" ")[0]: r for r in rows if r["section"] == "latency"}
+    lines = [
+        f"device {cfg.device} ({'CUDA events' if cfg.device.type == 'cuda' else 'perf_counter'} for step times; "
+        f"latency is host time of the driver calls), {time.perf_counter() - t_start:.1f} s in all.",
+        "",
+        f"- commit: {lat['commit_single']['us_per_page']:.2f} us/page one page per call vs "
+        f"{lat['commit_batched']['us_per_page']:.2f} us/page batched over {cfg.pages} contiguous pages "
+        f"({lat['commit_single']['us_per_page'] / max(lat['commit_batched']['us_per_page'], 1e-9):.1f}x)",
+        f"- decommit: {lat['decommit_single']['us_per_page']:.2f} us/page single vs "
+        f"{lat['decommit_batched']['us_per_page']:.2f} us/page batched; ordered (fence + reap) "
+        f"{lat['decommit_ordered_batched']['us_per_page']:.2f} us/page",
+    ]
+    for layout in cfg.layouts:
+        d = {r["name"]: r for r in rows if r["section"] == "decode" and r["layout"] == layout}
+        lines.append(
+            f"- decode {layout} (batch {cfg.batch}, {d['precommitted']['tokens_per_page']} tokens/page): "
+            f"precommitted {d['precommitted']['ms_per_step']:.3f} ms/step; step {d['step']['overhead_pct']:+.2f}%, "
+            f"step_async {d['step_async']['overhead_pct']:+.2f}% (target <= 1%); "
+            f"outputs match: {all(r['output_matches_precommitted'] for r in d.values())}"
+        )
+    summary = "\n".join(lines)
+    command = "python -m torch_vkv bench alloc " + " ".join(shlex.quote(a) for a in argv)
+    write_report("alloc", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
