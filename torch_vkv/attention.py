@@ -470,10 +470,15 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         j = torch.arange(max_nb, device=dev)[None, :].expand(R, max_nb)
         dst = torch.where(j < nblk[:, None], bt.clamp(min=0), torch.full_like(bt, k_cache.shape[0]))
         p2l = torch.zeros(k_cache.shape[0] + 1, device=dev, dtype=torch.long).scatter_(0, dst.reshape(-1), j.reshape(-1))
+        # ... and -> owning request, so a mask evaluated densely (CPU) never takes another request's block.
+        owner = torch.full((k_cache.shape[0] + 1,), -1, device=dev, dtype=torch.long).scatter_(
+            0, dst.reshape(-1), torch.arange(R, device=dev)[:, None].expand(R, max_nb).reshape(-1)
+        )
         limit = page
 
         def logical(b, kv):
-            return p2l[kv // page] * page + kv % page
+            blk = kv // page
+            return torch.where(owner[blk] == b, p2l[blk] * page + kv % page, -1)
 
     if q.is_cuda:
         # Flex reads whole KV blocks and masks only the scores: zero the rows past each length

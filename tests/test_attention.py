@@ -1,0 +1,282 @@
+"""torch_vkv.attention: every backend against a float64 reference, both cache layouts.
+
+On the CPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set below
+before triton is imported), next to ``sdpa`` and ``flex``; the GPU
+(``pytest -m cuda``) runs every backend, CUDA graphs included.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from _layouts import KINDS, LAYOUTS, make_batch, make_cache, poison  # noqa: E402
+from torch_vkv import attention as attn_mod  # noqa: E402
+from torch_vkv.attention import BACKENDS, append_kv, attention, select_backend  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+RUN_BACKENDS = [b for b in BACKENDS if b != "auto"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+HEADS = {"MHA": (4, 4), "GQA": (8, 2)}
+# bf16 inputs, fp32 accumulation, compared with a float64 reference on the same bf16 inputs.
+TOL = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=4e-3, rtol=4e-3),
+       torch.float32: dict(atol=2e-3, rtol=2e-3)}  # fmt: skip
+
+
+def tk():
+    return attn_mod._triton_kernels()
+
+
+def skip_unless_runs(backend: str, device: str) -> None:
+    if backend in ("torch_fa2", "flash_attn") and device != "cuda":
+        pytest.skip(f"{backend} needs CUDA")
+    if backend == "flash_attn" and attn_mod._flash_attn_fn() is None:
+        pytest.skip("flash-attn is not installed")
+    if backend == "torch_fa2" and not attn_mod._has_torch_fa2():
+        pytest.skip("this torch has no _flash_attention_forward(seqused_k=)")
+    if backend in ("triton", "flex") and not HAS_TRITON and device == "cuda":
+        pytest.skip("triton is not installed")
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+
+
+def s_max_for(device: str) -> int:
+    # Interpreter runs are slow: small caches on the CPU; on the GPU long enough to
+    # cross split, tile and block boundaries.
+    return 48 if device == "cpu" else 700
+
+
+def setup_case(kind, heads, D, layout, device, *, dtype=torch.bfloat16, with_slots=False, seed=0):
+    H, H_kv = HEADS[heads]
+    S = s_max_for(device)
+    b = make_batch(kind, H=H, H_kv=H_kv, D=D, dtype=dtype, device=device, S_max=S, with_slots=with_slots, seed=seed)
+    k, v = make_cache(layout, len(b.lengths) + 1, S, H_kv, D, dtype=dtype, device=device, seed=seed)
+    # The new tokens' rows are written by append_kv; rows past the lengths hold NaN.
+    poison(k, v, b.lengths, b.slot_list)
+    return b, k, v
+
+
+def reference(b, k, v, causal=True, scale=None):
+    k2, v2 = k.clone(), v.clone()
+    tk().append_kv_reference(k2, v2, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    return tk().attention_reference(
+        b.q, k2, v2, b.cache_seqlens, b.cu_seqlens_q, slots=b.slots, causal=causal, scale=scale
+    )
+
+
+def run(b, k, v, backend, **kw):
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    return attention(b.q, k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots, backend=backend, **kw)
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == dtype
+    assert not out.isnan().any(), "NaN leaked into the output"
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", RUN_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backend_matrix(device, backend, kind, heads, D, layout):
+    skip_unless_runs(backend, device)
+    b, k, v = setup_case(kind, heads, D, layout, device)
+    ref = reference(b, k, v)
+    out = run(b, k, v, backend)
+    assert out.shape == b.q.shape
+    assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", RUN_BACKENDS + ["auto"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_slots_and_auto(device, backend, kind):
+    """Requests in permuted cache rows (``slots``), and the ``auto`` choice."""
+    skip_unless_runs(backend, device)
+    b, k, v = setup_case(kind, "GQA", 64, "interleaved", device, with_slots=True, seed=3)
+    assert_close(run(b, k, v, backend), reference(b, k, v), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", RUN_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_tail_does_not_change_output(device, backend):
+    """Rows past cache_seqlens: NaN or finite garbage, the output is bitwise the same."""
+    skip_unless_runs(backend, device)
+    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", device, seed=5)
+    out_nan = run(b, k, v, backend)
+    k2, v2 = k.nan_to_num(7.0), v.nan_to_num(-3.0)
+    out_fin = run(b, k2, v2, backend)
+    assert not out_nan.isnan().any()
+    assert torch.equal(out_nan, out_fin)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "flex"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncausal_scale_fp32(device, backend):
+    skip_unless_runs(backend, device)
+    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", device, dtype=torch.float32, seed=7)
+    ref = reference(b, k, v, causal=False, scale=0.3)
+    out = run(b, k, v, backend, causal=False, scale=0.3)
+    tol = TOL[torch.float32] if device == "cpu" else dict(atol=2e-2, rtol=2e-2)  # GPU fp32 dots use TF32
+    torch.testing.assert_close(out.double(), ref, **tol)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_triton_decode_splits(num_splits):
+    """Split-KV merge is exact whatever the number of splits (empty splits included)."""
+    skip_unless_runs("triton", "cpu")
+    b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu", seed=11)
+    assert_close(run(b, k, v, "triton", num_splits=num_splits), reference(b, k, v), torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_append_kv(device, kind, layout):
+    b, k, v = setup_case(kind, "GQA", 64, layout, device, seed=13)
+    k2, v2 = k.clone(), v.clone()
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    tk().append_kv_reference(k2, v2, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    assert torch.equal(k.nan_to_num(9.0), k2.nan_to_num(9.0))
+    assert torch.equal(v.nan_to_num(9.0), v2.nan_to_num(9.0))
+
+
+def test_append_kv_torch_fallback(monkeypatch):
+    """Without Triton, append_kv falls back to index_put_ with device-side positions."""
+    monkeypatch.setattr(attn_mod, "_triton_usable", lambda device: False)
+    b, k, v = setup_case("mixed", "GQA", 64, "interleaved", "cpu", with_slots=True, seed=17)
+    k2, v2 = k.clone(), v.clone()
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    tk().append_kv_reference(k2, v2, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    assert torch.equal(k.nan_to_num(9.0), k2.nan_to_num(9.0))
+
+
+def test_bad_input_messages():
+    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", "cpu")
+    with pytest.raises(ValueError, match="expected"):
+        attention(b.q, k, v, b.cache_seqlens.long(), cu_seqlens_q=b.cu_seqlens_q)
+    with pytest.raises(ValueError, match="expected"):
+        attention(b.q, k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q[:-1])
+    with pytest.raises(ValueError, match="expected"):
+        attention(b.q[:, :3], k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)  # 3 heads, 2 kv heads
+    with pytest.raises(TypeError, match="expected"):
+        attention(b.q.float(), k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)
+    with pytest.raises(ValueError, match="expected one of"):
+        attention(b.q, k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, backend="nope")
+    with pytest.raises(ValueError, match="expected"):
+        attention(b.q, k, v, b.cache_seqlens)  # decode needs one query per request
+    with pytest.raises(TypeError, match="expected"):
+        attention(b.q, k.numpy() if False else None, v, b.cache_seqlens)
+    with pytest.raises(ValueError, match="expected"):
+        attention(b.q, k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, backend="torch_fa2")  # CPU
+    with pytest.raises(ValueError, match="expected"):
+        append_kv(k, v, b.k_new[:, :1], b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)
+
+
+def test_auto_rule_cpu():
+    b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu")
+    assert select_backend(b.q, k, v, decode=True) == "sdpa"
+
+
+def test_import_is_lazy():
+    """Importing torch_vkv.attention loads neither our Triton kernels nor flash-attn."""
+    import subprocess
+    import sys
+
+    code = "import sys, torch_vkv.attention; assert 'torch_vkv.triton_kernels' not in sys.modules; assert 'flash_attn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "flex"])
+def test_compile_fullgraph_no_graph_breaks(backend):
+    """append + attention traced by dynamo as one graph (custom ops with fake impls, no host syncs)."""
+    skip_unless_runs(backend, "cpu")
+    import torch._dynamo
+
+    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", "cpu", seed=19)
+    ref = reference(b, k, v)
+
+    def step(q, k_cache, v_cache, k_new, v_new, lens, cu, slots):
+        append_kv(k_cache, v_cache, k_new, v_new, lens, cu_seqlens_q=cu, slots=slots)
+        return attention(q, k_cache, v_cache, lens, cu_seqlens_q=cu, slots=slots, backend=backend)
+
+    torch._dynamo.reset()
+    args = (b.q, k, v, b.k_new, b.v_new, b.cache_seqlens, b.cu_seqlens_q, b.slots)
+    explanation = torch._dynamo.explain(step)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    assert_close(out, ref, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", RUN_BACKENDS)
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_cuda_graph_replay_with_new_lengths(backend, kind):
+    """Capture append + attention once; change lengths and inputs on the device; replay: correct."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    skip_unless_runs(backend, "cuda")
+    b, k, v = setup_case(kind, "GQA", 128, "interleaved", "cuda", seed=23)
+    static = dict(q=b.q.clone(), k_new=b.k_new.clone(), v_new=b.v_new.clone(), lens=b.cache_seqlens.clone())
+    max_q = max(b.q_lens)
+
+    def step():
+        append_kv(k, v, static["k_new"], static["v_new"], static["lens"], cu_seqlens_q=b.cu_seqlens_q)
+        return attention(static["q"], k, v, static["lens"], cu_seqlens_q=b.cu_seqlens_q, backend=backend,
+                         max_seqlen_q=max_q)  # fmt: skip
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: compile Triton / flex kernels outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    for trial in range(3):
+        new_lens = [max(q_len, min(k.shape[1], L - 37 * trial)) for L, q_len in zip(b.lengths, b.q_lens)]
+        static["lens"].copy_(torch.tensor(new_lens, dtype=torch.int32))
+        static["q"].normal_()
+        static["k_new"].normal_()
+        static["v_new"].normal_()
+        b2 = make_batch(kind, H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=k.shape[1])
+        b2.q, b2.k_new, b2.v_new, b2.cache_seqlens = static["q"], static["k_new"], static["v_new"], static["lens"]
+        poison(k, v, new_lens, b2.slot_list)
+        ref = reference(b2, k, v)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out.clone(), ref, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", RUN_BACKENDS)
+def test_cuda_compile_fullgraph(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    skip_unless_runs(backend, "cuda")
+    b, k, v = setup_case("mixed", "GQA", 128, "per_layer", "cuda", seed=29)
+    ref = reference(b, k, v)
+
+    def step(q, k_cache, v_cache, k_new, v_new, lens, cu):
+        append_kv(k_cache, v_cache, k_new, v_new, lens, cu_seqlens_q=cu)
+        return attention(q, k_cache, v_cache, lens, cu_seqlens_q=cu, backend=backend)
+
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(b.q, k, v, b.k_new, b.v_new, b.cache_seqlens, b.cu_seqlens_q)
+    assert_close(out, ref, torch.bfloat16)

@@ -1,0 +1,128 @@
+"""torch_vkv.paged: block pool, block-table cache, and the paged twins of the kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from _layouts import KINDS, make_batch, make_cache, poison  # noqa: E402
+from torch_vkv import attention as attn_mod  # noqa: E402
+from torch_vkv.errors import OutOfPagesError  # noqa: E402
+from torch_vkv.paged import BlockPool, PagedKVCache, paged_from_dense  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+TOL = dict(atol=2e-2, rtol=2e-2)
+
+
+def test_block_pool_check_act_and_no_change_on_failure():
+    pool = BlockPool(5)
+    assert pool.allocate(2) == [0, 1]
+    assert pool.can_allocate(3) and not pool.can_allocate(4)
+    with pytest.raises(OutOfPagesError) as e:
+        pool.allocate(4)
+    assert e.value.requested_pages == 4 and e.value.available_pages == 3
+    assert pool.num_free == 3
+    pool.free([1, 0])
+    assert sorted(pool.allocate(5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="expected"):
+        pool.allocate(-1)
+    shuffled = BlockPool(64, shuffle=True).allocate(64)
+    assert sorted(shuffled) == list(range(64)) and shuffled != list(range(64))
+
+
+def test_paged_cache_reserve_release():
+    c = PagedKVCache(2, 2, 16, num_blocks=8, max_requests=3, max_seq_len=64, block_size=16, dtype=torch.float32,
+                     device="cpu")  # fmt: skip
+    assert c.kv.shape == (2, 2, 8, 16, 2, 16)
+    c.reserve(1, 17)
+    assert c.capacity(1) == 32 and c.block_table[1, :2].tolist() == [0, 1]
+    c.reserve(1, 20)  # fits: nothing allocated
+    assert c.pool.num_free == 6
+    c.reserve(0, 64)
+    assert c.block_table[0].tolist() == [2, 3, 4, 5]
+    assert not c.can_reserve(2, 48) and c.can_reserve(2, 32)
+    with pytest.raises(OutOfPagesError):
+        c.reserve(2, 48)
+    assert c.pool.num_free == 2 and c.capacity(2) == 0
+    with pytest.raises(ValueError, match="expected"):
+        c.reserve(2, 65)
+    c.release(0)
+    assert c.pool.num_free == 6
+    k, v = c.layer(1)
+    assert k.shape == (8, 16, 2, 16) and k.data_ptr() != v.data_ptr()
+
+
+def _skip(backend, device):
+    if backend in ("triton",) and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if backend == "flash_attn" and (device != "cuda" or attn_mod._flash_attn_fn() is None):
+        pytest.skip("flash-attn needs CUDA and the package")
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["triton", "flex", "sdpa", "flash_attn"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_twin_matches_contiguous_reference(device, backend, kind, block_size):
+    """Same data in a contiguous cache and a shuffled block pool: same attention output."""
+    _skip(backend, device)
+    if backend == "flash_attn":
+        block_size = 256  # FA2 paged needs pages of a multiple of 256 tokens
+    S = 48 if device == "cpu" else 600
+    H, H_kv, D = 8, 2, 64
+    b = make_batch(kind, H=H, H_kv=H_kv, D=D, dtype=torch.bfloat16, device=device, S_max=S, seed=2)
+    k, v = make_cache("per_layer", len(b.lengths), S, H_kv, D, dtype=torch.bfloat16, device=device, seed=2)
+    # Contiguous reference after the append.
+    tkm = attn_mod._triton_kernels() if HAS_TRITON else None
+    if tkm is None:
+        pytest.skip("reference helpers live next to the Triton kernels")
+    kr, vr = k.clone(), v.clone()
+    tkm.append_kv_reference(kr, vr, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)
+    ref = tkm.attention_reference(b.q, kr, vr, b.cache_seqlens, b.cu_seqlens_q)
+
+    # Paged: load the old tokens, poison the pool's free rows, append, attend.
+    old = [L - n for L, n in zip(b.lengths, b.q_lens)]
+    cache = PagedKVCache(1, H_kv, D, num_blocks=sum(-(-L // block_size) for L in b.lengths) + 3,
+                         max_requests=len(b.lengths), max_seq_len=S, block_size=block_size,
+                         dtype=torch.bfloat16, device=device, shuffle=True)  # fmt: skip
+    cache.kv.fill_(float("nan"))
+    cache.load_dense(0, k, v, old)
+    kp, vp = cache.layer(0)
+    for r, L in enumerate(b.lengths):
+        cache.reserve(r, L)
+        # rows past the old length inside the loaded blocks were zero-padded: make them NaN again
+        for p in range(old[r], -(-old[r] // block_size) * block_size):
+            blk = int(cache.block_table[r, p // block_size])
+            kp[blk, p % block_size] = float("nan")
+            vp[blk, p % block_size] = float("nan")
+    cache.append(0, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)
+    out = cache.attention(0, b.q, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, backend=backend)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_from_dense_with_slots(device):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    S, H, H_kv, D = 40, 4, 4, 64
+    b = make_batch("decode", H=H, H_kv=H_kv, D=D, dtype=torch.bfloat16, device=device, S_max=S, with_slots=True, seed=4)
+    k, v = make_cache("interleaved", len(b.lengths), S, H_kv, D, dtype=torch.bfloat16, device=device, seed=4)
+    poison(k, v, b.lengths, b.slot_list)
+    lengths_by_slot = [0] * k.shape[0]
+    for s, L in zip(b.slot_list, b.lengths):
+        lengths_by_slot[s] = L
+    cache = paged_from_dense(k, v, lengths_by_slot, block_size=16, shuffle=True)
+    tkm = attn_mod._triton_kernels()
+    ref = tkm.attention_reference(b.q, k, v, b.cache_seqlens, None, slots=b.slots)
+    for backend in ("triton", "sdpa", "flex"):
+        out = cache.attention(0, b.q, b.cache_seqlens, slots=b.slots, backend=backend)
+        torch.testing.assert_close(out.double(), ref, **TOL)
