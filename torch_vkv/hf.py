@@ -272,11 +272,12 @@ class VirtualKVLayer(CacheLayerMixin):
         B, _, S, _ = key_states.shape
         if B != p._batch:
             fail("batch size of key_states", f"{p._batch} (the cache's current batch)", B)
-        p._sync_host()
         if p._mode == "padded":
             return self._update_padded(key_states, value_states)
         if self.layer_idx == p._first_layer:
-            p._announced = 0  # this eager step is the one prepare_step announced
+            # The step prepare_step announced, if any, is this one: settle the
+            # host lengths as they were before it, then count it here.
+            p._sync_host(resolve=True)
         lens = [r + S for r in self._row_lens]
         if max(lens) > p._max_cache_len:
             fail("tokens in the cache", f"at most max_cache_len={p._max_cache_len}", max(lens))
@@ -524,14 +525,16 @@ class VirtualKVCache(Cache):
             if self._kv.committed_tokens(b) > keep:
                 self._kv.decommit(b, keep)
 
-    def _sync_host(self) -> None:
+    def _sync_host(self, *, resolve: bool = False) -> None:
         """Brings host lengths up to date after compiled steps (vkv mode).
 
-        ``prepare_step`` announces the next step's tokens. If a compiled step ran
-        since (it bumps the version counter of ``cache_seqlens``), the host adds
-        them; if nothing visible ran, the lengths are read back from the device
-        (a sync; only when a step was announced twice, as when generate() and the
-        model both build masks for one eager step).
+        :meth:`prepare_step` announces the next step's tokens. A compiled step
+        that ran since bumps the version counter of ``cache_seqlens`` (in-place
+        update), and the host then adds the announced tokens, with no device
+        sync. While the version is unchanged the step has not run, as far as the
+        host can tell, and the host lengths stand; with ``resolve=True`` (before
+        a commit decision) the lengths are read back from the device instead,
+        which is also right if a captured step ran without bumping the version.
         """
         if not self._announced or self._mode != "vkv":
             return
@@ -541,8 +544,10 @@ class VirtualKVCache(Cache):
             for layer in self.layers:
                 layer._len += n
                 layer._row_lens = [r + n for r in layer._row_lens]
-        else:
+        elif resolve:
             self._read_back()
+        else:
+            return
         self._announced = 0
 
     def _read_back(self) -> None:
@@ -566,7 +571,7 @@ class VirtualKVCache(Cache):
         n = check_int("num_new_tokens", num_new_tokens, low=0)
         if self._mode != "vkv" or self._kv is None:
             return
-        self._sync_host()
+        self._sync_host(resolve=True)
         rows = self.layers[self._first_layer]._row_lens
         lens = [r + n for r in rows]
         if lens and max(lens) > self._max_cache_len:
@@ -623,7 +628,7 @@ class VirtualKVCache(Cache):
         max_length = check_int("max_length", max_length)
         if not self.is_initialized:
             return
-        self._sync_host()
+        self._sync_host(resolve=True)
         cur = self.layers[self._first_layer]._len
         remove = -max_length if max_length < 0 else max(0, cur - max_length)
         remove = min(remove, cur)
@@ -665,7 +670,7 @@ class VirtualKVCache(Cache):
 
     def _gather(self, index: list[int]) -> None:
         """New row ``i`` = old row ``index[i]``, for every layer (copies only valid rows)."""
-        self._sync_host()
+        self._sync_host(resolve=True)
         old_b = self._batch
         for i in index:
             if not -old_b <= i < old_b:
