@@ -119,11 +119,18 @@ def _attend(
         if cu_seqlens_q is None:
             cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
         return _rowwise_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, float(scale))
-    from torch_vkv.attention import attention
+    from torch_vkv.attention import attention, select_backend
 
+    backend = select_backend(q, k_cache, v_cache, decode=cu_seqlens_q is None)
+    if backend == "sdpa":
+        # The dense fallback reads all S_max rows, uncommitted ones included:
+        # use the row-wise op (reads lengths on the host: correct, not capturable).
+        if cu_seqlens_q is None:
+            cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        return _rowwise_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, float(scale))
     return attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, causal=True, scale=scale,
-        max_seqlen_q=max_seqlen_q,
+        max_seqlen_q=max_seqlen_q, backend=backend,
     )  # fmt: skip
 
 
