@@ -50,6 +50,8 @@ def test_bench_alloc_quick_cpu(tmp_path: Path) -> None:
         assert r["tokens_per_page"] > 0, r
         assert r["output_matches_precommitted"] is True, r
         if r["name"] == "precommitted":
-            assert r["overhead_pct"] == 0 and r["pages_committed_per_run"] == 0, r
+            assert r["overhead_pct"] == 0, r
+        if r["name"].startswith("precommitted"):
+            assert r["pages_committed_per_run"] == 0, r  # nothing left to commit in the run
         else:
             assert r["pages_committed_per_run"] > 0, r  # the run crossed page boundaries

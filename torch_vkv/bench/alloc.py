@@ -23,8 +23,19 @@ Two parts, one report (``alloc.json`` / ``alloc.md``):
    - ``precommitted``: every page the run needs is committed beforehand (a
      static allocation);
    - ``step``: ``cache.step(seq_lens)`` before each step (synchronous commit);
-   - ``step_async``: ``cache.step_async(seq_lens)`` (commit now what is
-     missing, prefetch the next step's pages on the background thread).
+   - ``step_async``: ``cache.step_async(seq_lens)`` before each step (commit
+     now what is missing, prefetch the next step's pages on the background
+     thread), as in the paper;
+   - ``step_async_after_launch``: ``cache.step(seq_lens)`` before the step
+     (normally nothing left to commit) and ``cache.step_async(seq_lens)`` once
+     the step's kernels are queued, so the background commits overlap the GPU
+     work rather than the kernel launches;
+   - ``precommitted_step_async``: everything precommitted, ``step_async``
+     called anyway: the bookkeeping cost alone.
+
+   By default the host waits for every step's result (``--sync step``), as a
+   server does for the sampled tokens; ``--sync none`` lets the host run ahead
+   of the GPU, which hides host-side commit costs behind queued kernels.
 
    Step time comes from CUDA events on the GPU (host ``perf_counter`` on the
    CPU); repeats interleave the modes and the overhead is the median over
@@ -53,12 +64,13 @@ from torch_vkv.bench.report import markdown_table, write_report
 
 __all__ = ["main"]
 
-MODES = ("precommitted", "step", "step_async")
+MODES = ("precommitted", "step", "step_async", "step_async_after_launch", "precommitted_step_async")
 
 COLUMNS = (
     "section",
     "name",
     "layout",
+    "sync_per_step",
     "pages",
     "us_per_call",
     "us_per_page",
@@ -104,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--layouts", default=None, help="comma-separated KVCache layouts (default: per_layer,interleaved)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--page-size", type=int, default=None, help="host backend page size in bytes (CPU only)")
+    g.add_argument("--sync", choices=("step", "none", "both"), default="step",
+                   help="step: wait for each step's result on the host, as a server does for the sampled tokens "
+                        "(the default); none: let the host run ahead of the GPU; both: one run of each")
     g.add_argument("--seed", type=int, default=0)
     return p
 
@@ -127,6 +142,7 @@ class Config:
     dtype: torch.dtype
     page_size: int | None
     seed: int
+    sync: list[bool]
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -170,7 +186,8 @@ def _config(args: argparse.Namespace) -> Config:
                  layers=pick("layers"), kv_heads=pick("kv_heads"), q_heads=pick("q_heads"),
                  head_dim=pick("head_dim"), min_len=pick("min_len"), max_len=pick("max_len"), steps=pick("steps"),
                  warmup=pick("warmup"), repeats=pick("repeats"), layouts=layouts, dtype=dtype,
-                 page_size=pick("page_size"), seed=args.seed)
+                 page_size=pick("page_size"), seed=args.seed,
+                 sync={"step": [True], "none": [False], "both": [True, False]}[args.sync])
     for name in ("pages", "latency_repeats", "batch", "layers", "kv_heads", "q_heads", "head_dim", "min_len",
                  "steps", "repeats"):
         if getattr(cfg, name) < 1:
@@ -421,9 +438,9 @@ class _DecodeLoop:
         for slot, n in enumerate(self.prompt):
             cache.decommit(slot, n)
             cache.reserve(slot, n)
-        if mode == "precommitted":
+        if mode.startswith("precommitted"):
             for slot, n in enumerate(self.prompt):
-                cache.reserve(slot, n + steps)
+                cache.reserve(slot, n + steps + 1)  # + 1: step_async's lookahead
         _sync(self.dev)
         cache.pool._pool.reap()  # unmap what the decommits left pending now, not inside the run
         self.pos.copy_(torch.tensor(self.prompt, dtype=torch.int64))
@@ -431,7 +448,7 @@ class _DecodeLoop:
         self.checksum.zero_()
         _sync(self.dev)
 
-    def run(self, mode: str, steps: int) -> dict[str, Any]:
+    def run(self, mode: str, steps: int, sync_each_step: bool = True) -> dict[str, Any]:
         self.prepare(mode, steps)
         cache = self.cache
         before = cache.pool.stats()["map_calls"]
@@ -441,11 +458,15 @@ class _DecodeLoop:
         for t in range(steps):
             timer.mark(t)
             lens = [n + 1 for n in lens]
-            if mode == "step":
+            if mode == "step" or mode == "step_async_after_launch":
                 cache.step(lens)
-            elif mode == "step_async":
+            elif mode == "step_async" or mode == "precommitted_step_async":
                 cache.step_async(lens)
             self.step_compute(lens)
+            if mode == "step_async_after_launch":
+                cache.step_async(lens)  # nothing left to commit now: only the prefetch, behind the kernels
+            if sync_each_step:
+                self.checksum.item()  # the host waits for the step, as for sampled tokens
         timer.mark(steps)
         cache.synchronize()
         _sync(self.dev)
@@ -470,38 +491,48 @@ def bench_decode(cfg: Config, layout: str, log: Callable[[str], None]) -> list[d
         for mode in MODES:  # warm-up: kernels, allocator, page pool
             if cfg.warmup:
                 loop.run(mode, cfg.warmup)
-        results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-        for r in range(cfg.repeats):
-            order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]  # rotate to spread drift
-            for mode in order:
-                results[mode].append(loop.run(mode, cfg.steps))
-            log(f"  {layout} repeat {r + 1}/{cfg.repeats}: " + ", ".join(
-                f"{m} {results[m][-1]['ms_per_step']:.3f} ms" for m in MODES))
-        base = results["precommitted"]
-        checksums = {m: [x["checksum"] for x in results[m]] for m in MODES}
-        rows = []
-        for mode in MODES:
-            rs = results[mode]
-            overhead = [x["ms_per_step"] / b["ms_per_step"] - 1 for x, b in zip(rs, base)]
-            same = all(abs(c - b) <= 1e-3 * max(1.0, abs(b)) for c, b in zip(checksums[mode], checksums["precommitted"]))
-            rows.append({
-                "section": "decode", "name": mode, "layout": layout, "batch": cfg.batch, "steps": cfg.steps,
-                "tokens_per_page": loop.cache.tokens_per_page,
-                "ms_per_step": statistics.median(x["ms_per_step"] for x in rs),
-                "ms_per_step_median": statistics.median(x["ms_per_step_median"] for x in rs),
-                "ms_per_step_max": max(x["ms_per_step_max"] for x in rs),
-                "host_ms_per_step": statistics.median(x["host_ms_per_step"] for x in rs),
-                "overhead_pct": 100 * statistics.median(overhead),
-                "pages_committed_per_run": statistics.median(x["pages_committed"] for x in rs),
-                "read": loop.read,
-                "output_matches_precommitted": same,
-                "layers": cfg.layers, "kv_heads": cfg.kv_heads, "q_heads": cfg.q_heads, "head_dim": cfg.head_dim,
-                "dtype": str(cfg.dtype).replace("torch.", ""), "min_len": cfg.min_len, "max_len": cfg.max_len,
-                "repeats": cfg.repeats,
-            })
+        rows: list[dict[str, Any]] = []
+        for sync in cfg.sync:
+            rows += _decode_runs(cfg, loop, layout, sync, log)
         return rows
     finally:
         loop.close()
+
+
+def _decode_runs(
+    cfg: Config, loop: _DecodeLoop, layout: str, sync: bool, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    for r in range(cfg.repeats):
+        order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]  # rotate to spread drift
+        for mode in order:
+            results[mode].append(loop.run(mode, cfg.steps, sync))
+        log(f"  {layout} sync_per_step={sync} repeat {r + 1}/{cfg.repeats}: " + ", ".join(
+            f"{m} {results[m][-1]['ms_per_step']:.3f} ms" for m in MODES))
+    base = results["precommitted"]
+    checksums = {m: [x["checksum"] for x in results[m]] for m in MODES}
+    rows = []
+    for mode in MODES:
+        rs = results[mode]
+        overhead = [x["ms_per_step"] / b["ms_per_step"] - 1 for x, b in zip(rs, base)]
+        same = all(abs(c - b) <= 1e-3 * max(1.0, abs(b)) for c, b in zip(checksums[mode], checksums["precommitted"]))
+        rows.append({
+            "section": "decode", "name": mode, "layout": layout, "sync_per_step": sync, "batch": cfg.batch,
+            "steps": cfg.steps,
+            "tokens_per_page": loop.cache.tokens_per_page,
+            "ms_per_step": statistics.median(x["ms_per_step"] for x in rs),
+            "ms_per_step_median": statistics.median(x["ms_per_step_median"] for x in rs),
+            "ms_per_step_max": max(x["ms_per_step_max"] for x in rs),
+            "host_ms_per_step": statistics.median(x["host_ms_per_step"] for x in rs),
+            "overhead_pct": 100 * statistics.median(overhead),
+            "pages_committed_per_run": statistics.median(x["pages_committed"] for x in rs),
+            "read": loop.read,
+            "output_matches_precommitted": same,
+            "layers": cfg.layers, "kv_heads": cfg.kv_heads, "q_heads": cfg.q_heads, "head_dim": cfg.head_dim,
+            "dtype": str(cfg.dtype).replace("torch.", ""), "min_len": cfg.min_len, "max_len": cfg.max_len,
+            "repeats": cfg.repeats,
+        })
+    return rows
 
 
 # ------------------------------------------------------------------------ main
@@ -540,12 +571,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{lat['decommit_batched']['us_per_page']:.2f} us/page batched; ordered (fence + reap) "
         f"{lat['decommit_ordered_batched']['us_per_page']:.2f} us/page",
     ]
-    for layout in cfg.layouts:
-        d = {r["name"]: r for r in rows if r["section"] == "decode" and r["layout"] == layout}
+    for layout, sync in ((lay, sy) for lay in cfg.layouts for sy in cfg.sync):
+        d = {r["name"]: r for r in rows if r["section"] == "decode" and r["layout"] == layout
+             and r["sync_per_step"] == sync}
         lines.append(
-            f"- decode {layout} (batch {cfg.batch}, {d['precommitted']['tokens_per_page']} tokens/page): "
+            f"- decode {layout}, {'host sync every step' if sync else 'host runs ahead'} "
+            f"(batch {cfg.batch}, {d['precommitted']['tokens_per_page']} tokens/page): "
             f"precommitted {d['precommitted']['ms_per_step']:.3f} ms/step; step {d['step']['overhead_pct']:+.2f}%, "
-            f"step_async {d['step_async']['overhead_pct']:+.2f}% (target <= 1%); "
+            f"step_async {d['step_async']['overhead_pct']:+.2f}% (target <= 1%), "
+            f"step_async_after_launch {d['step_async_after_launch']['overhead_pct']:+.2f}%, "
+            f"bookkeeping alone {d['precommitted_step_async']['overhead_pct']:+.2f}%; "
             f"outputs match: {all(r['output_matches_precommitted'] for r in d.values())}"
         )
     summary = "\n".join(lines)
