@@ -330,7 +330,7 @@ def _flash_attn_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slot
     elif slots is not None:
         kw["cache_batch_idx"] = slots.to(torch.int32)
     if cu_seqlens_q is None:
-        return fn(q.unsqueeze(1), k_cache, v_cache, **kw).squeeze(1)
+        return fn(q.unsqueeze(1), k_cache, v_cache, **kw).squeeze(1).contiguous()
     # flash_attn_with_kvcache has no varlen queries: pad to [R, max_q] with each request's
     # queries in the last rows; its causal mask is bottom-right aligned, so row j of the
     # padded batch sits at position len - max_q + j, as the packed query it holds.
@@ -710,10 +710,16 @@ def attention(
             fail("backend 'torch_fa2'", "CUDA fp16/bf16 tensors, head_dim % 8 == 0, no block_table, "
                  "torch with _flash_attention_forward(seqused_k=)",
                  f"device={q.device}, dtype={q.dtype}, head_dim={q.shape[2]}, block_table={block_table is not None}")  # fmt: skip
+    # The kernels index these 1-D tensors densely (no-ops when already contiguous).
+    cache_seqlens = cache_seqlens.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None
+    slots = slots.contiguous() if slots is not None else None
     args = (q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, bool(causal), scale, max_q)
     if backend == "triton":
         if not _has_triton():
             fail("backend 'triton'", "the triton package to be importable", "ImportError")
+        if not _triton_usable(q.device):
+            fail("backend 'triton'", "CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)", str(q.device))
         if not _pow2_dim(q.shape[2]):
             fail("head_dim for backend 'triton'", "a power of two in [16, 256]", q.shape[2])
         return _triton_attention(*args, int(num_splits or 0))
@@ -777,4 +783,7 @@ def append_kv(
         fail("k_new/v_new stride(-1)", "1", (k_new.stride(-1), v_new.stride(-1)))
     if cu_seqlens_q is None and k_new.shape[0] != cache_seqlens.shape[0]:
         fail("k_new.shape[0] (decode, cu_seqlens_q=None)", f"num_requests = {cache_seqlens.shape[0]}", k_new.shape[0])
+    cache_seqlens = cache_seqlens.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None
+    slots = slots.contiguous() if slots is not None else None
     _append_kv_op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
