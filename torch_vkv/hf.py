@@ -292,7 +292,10 @@ class VirtualKVLayer(CacheLayerMixin):
             p._commit(lens)
         self._row_lens = lens
         self._len += S
-        return self._update_device(key_states, value_states)
+        out = self._update_device(key_states, value_states)
+        if self.layer_idx == p._first_layer:
+            p._mark_synced()
+        return out
 
     def _update_padded(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self._parent
@@ -433,6 +436,7 @@ class VirtualKVCache(Cache):
         self._first_layer = 0
         self._announced = 0  # tokens announced by prepare_step for a step not yet seen on the host
         self._announced_version = -1
+        self._synced_version = -1  # version of cache_seqlens (layer 0) when host lengths were last exact
         super().__init__(layers=[VirtualKVLayer(self, i) for i in range(self._num_layers)])
         if self._device is not None and self._dtype is not None:
             self._build_kv(self._device, self._dtype)
@@ -519,6 +523,7 @@ class VirtualKVCache(Cache):
             layer.cache_seqlens.zero_()
             layer._len_t.zero_()
         self._announced = 0
+        self._mark_synced()
 
     # -- host/device bookkeeping ---------------------------------------------------
     def _commit(self, lens: list[int]) -> None:
@@ -535,27 +540,38 @@ class VirtualKVCache(Cache):
     def _sync_host(self, *, resolve: bool = False) -> None:
         """Brings host lengths up to date after compiled steps (vkv mode).
 
-        :meth:`prepare_step` announces the next step's tokens. A compiled step
-        that ran since bumps the version counter of ``cache_seqlens`` (in-place
-        update), and the host then adds the announced tokens, with no device
-        sync. While the version is unchanged the step has not run, as far as the
-        host can tell, and the host lengths stand; with ``resolve=True`` (before
-        a commit decision) the lengths are read back from the device instead,
-        which is also right if a captured step ran without bumping the version.
+        Every in-place update of ``cache_seqlens`` bumps its version counter,
+        compiled ones included. :meth:`prepare_step` announces the next step's
+        tokens; if exactly one step ran since (one bump), the host adds them,
+        with no device sync. Any other unexplained change (compiled steps run
+        without ``prepare_step``) is read back from the device (a sync). With
+        ``resolve=True`` (before a commit decision) an announced step that seems
+        not to have run is read back too, which stays right even if a captured
+        step ran without bumping the counter.
         """
-        if not self._announced or self._mode != "vkv":
+        if self._mode != "vkv" or self._kv is None:
             return
-        layer0 = self.layers[self._first_layer]
-        if layer0.cache_seqlens._version != self._announced_version:
-            n = self._announced
-            for layer in self.layers:
-                layer._len += n
-                layer._row_lens = [r + n for r in layer._row_lens]
-        elif resolve:
+        v = self.layers[self._first_layer].cache_seqlens._version
+        if self._announced:
+            if v == self._announced_version + 1:
+                n = self._announced
+                for layer in self.layers:
+                    layer._len += n
+                    layer._row_lens = [r + n for r in layer._row_lens]
+            elif v != self._announced_version or resolve:
+                self._read_back()
+            else:
+                return  # the announced step has not run yet
+            self._announced = 0
+            self._mark_synced()
+        elif v != self._synced_version:
             self._read_back()
-        else:
-            return
-        self._announced = 0
+            self._mark_synced()
+
+    def _mark_synced(self) -> None:
+        """Host lengths equal the device's as of now."""
+        if self._kv is not None:
+            self._synced_version = self.layers[self._first_layer].cache_seqlens._version
 
     def _read_back(self) -> None:
         layer0 = self.layers[self._first_layer]
@@ -627,6 +643,7 @@ class VirtualKVCache(Cache):
         self._mode = None
         self._batch = 0
         self._announced = 0
+        self._mark_synced()
 
     def crop(self, max_length: int) -> None:
         """Drops tokens from the end: ``crop(-n)`` removes ``n`` tokens, ``crop(n)``
@@ -647,6 +664,7 @@ class VirtualKVCache(Cache):
             if self._mode == "vkv":
                 layer._row_lens = [max(0, r - remove) for r in layer._row_lens]
                 layer.cache_seqlens[: self._batch].copy_(torch.tensor(layer._row_lens, dtype=torch.int32))
+        self._mark_synced()
         self._trim(self._row_lens_host())
 
     def _row_lens_host(self) -> list[int]:
@@ -707,6 +725,7 @@ class VirtualKVCache(Cache):
                 layer.cache_seqlens.zero_()
                 layer.cache_seqlens[:new_b].copy_(torch.tensor(new_lens, dtype=torch.int32))
         self._batch = new_b
+        self._mark_synced()
         self._trim(new_lens)
 
     # -- stats -----------------------------------------------------------------------
@@ -865,6 +884,8 @@ def _prefill_left_padded(layer: VirtualKVLayer, q: torch.Tensor, mask: torch.Ten
         lens[b] -= pad
     layer._row_lens = lens
     layer.cache_seqlens[:B].copy_(torch.tensor(lens, dtype=torch.int32))
+    if layer.layer_idx == p._first_layer:
+        p._mark_synced()
     if layer.layer_idx == p._num_layers - 1:
         p._trim(lens)  # every layer is squeezed now: return the padding's pages
     cu = torch.zeros(B + 1, dtype=torch.int32)
