@@ -19,7 +19,7 @@ LAYOUTS = ("per_layer", "interleaved")
 def make_cache(layout, B, S_max, H_kv, D, *, dtype, device, S_pad=None, num_layers=3, layer=1, seed=0):
     """(k_cache, v_cache) views ``[B, S_max, H_kv, D]`` of one of the two layouts, random data."""
     g = torch.Generator().manual_seed(seed)
-    S_pad = S_pad or (S_max + 16)
+    S_pad = S_pad or -(-(S_max + 1) // 64) * 64  # padded rows, like KVCache (flex needs S_pad % 16 == 0)
     if layout == "per_layer":
         kb = torch.randn((B, S_pad, H_kv, D), generator=g).to(dtype=dtype, device=device)
         vb = torch.randn((B, S_pad, H_kv, D), generator=g).to(dtype=dtype, device=device)

@@ -280,3 +280,31 @@ def test_cuda_compile_fullgraph(backend):
     torch._dynamo.reset()
     out = torch.compile(step, fullgraph=True)(b.q, k, v, b.k_new, b.v_new, b.cache_seqlens, b.cu_seqlens_q)
     assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "flex", "auto"])
+def test_on_kvcache_host_backend(backend, layout):
+    """On a real KVCache (CPU host backend, uncommitted rows inaccessible) no backend reads past a length.
+
+    An uncommitted row is PROT_NONE memory there: a read past the committed rows is a segfault,
+    as it is an illegal-address fault on the GPU.
+    """
+    skip_unless_runs(backend, "cpu")
+    try:
+        from torch_vkv import KVCache
+    except Exception as e:  # the core is built separately
+        pytest.skip(f"KVCache not importable: {e}")
+    H, H_kv, D = 8, 2, 64
+    b = make_batch("mixed", H=H, H_kv=H_kv, D=D, dtype=torch.float32, device="cpu", S_max=200, seed=31)
+    with KVCache(2, H_kv, D, max_batch_size=len(b.lengths), max_seq_len=200, dtype=torch.float32, device="cpu",
+                 layout=layout, page_size=64 << 10) as cache:  # fmt: skip
+        slots = [cache.alloc() for _ in b.lengths]
+        for s, L in zip(slots, b.lengths):
+            cache.reserve(s, L)
+        b.slots = torch.tensor(slots, dtype=torch.int32)
+        b.slot_list = slots
+        k, v = cache.key(1), cache.value(1)
+        out = run(b, k, v, backend)
+        ref = tk().attention_reference(b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, slots=b.slots)
+        torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])

@@ -351,30 +351,39 @@ def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, caus
 # ----------------------------------------------------------------------------
 
 
-def _gather_rows(cache, slots, R, block_table):
-    """``[R, W, H_kv, D]`` keys of each request (a view when possible)."""
+def _gather_valid(cache, slots, block_table, lens, W):
+    """``[R, W, H_kv, D]`` copy of each request's first ``W`` positions, reading valid rows only.
+
+    Position ``p >= len`` is read from row ``len - 1`` instead (and masked by the
+    caller): on a virtual cache the rows past a length may not be committed at
+    all, so they must not even be read.
+    """
+    R = lens.shape[0]
+    pos = torch.arange(W, device=cache.device)
+    safe = torch.minimum(pos[None, :], (lens - 1).clamp(min=0)[:, None])  # [R, W]
+    rows = slots.long() if slots is not None else torch.arange(R, device=cache.device)
     if block_table is not None:
         page = cache.shape[1]
-        bt = block_table if slots is None else block_table.index_select(0, slots.long())
-        bt = bt[:R].long()
-        W = bt.shape[1] * page
-        pos = torch.arange(W, device=cache.device)
-        return cache[bt[:, pos // page], (pos % page)[None, :].expand(bt.shape[0], W)]
-    if slots is None:
-        return cache[:R]
-    return cache.index_select(0, slots.long())
+        blk = block_table.index_select(0, rows).long().gather(1, safe // page)
+        return cache[blk, safe % page]
+    return cache[rows[:, None], safe]
 
 
-def _sdpa_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
+@torch.library.custom_op("torch_vkv::sdpa_attention", mutates_args=(), schema=_ATTN_SCHEMA)
+def _sdpa_attention_op(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+    # An opaque op, so that the CPU path may size its window from the lengths (free on the host)
+    # without a graph break; on CUDA the window is the whole row (no host sync, capturable).
     R = cache_seqlens.shape[0]
     T, H, D = q.shape
-    k = _gather_rows(k_cache, slots, R, block_table)
-    v = _gather_rows(v_cache, slots, R, block_table)
-    W = k.shape[1]
-    kpos = torch.arange(W, device=q.device)
     lens = cache_seqlens.long()
+    W = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if not q.is_cuda and R > 0:
+        W = max(1, min(W, int(lens.max())))
+    k = _gather_valid(k_cache, slots, block_table, lens, W)
+    v = _gather_valid(v_cache, slots, block_table, lens, W)
+    kpos = torch.arange(W, device=q.device)
     valid = kpos[None, :] < lens[:, None]  # [R, W]
-    # Mask, never multiply: rows past the length may hold NaN.
+    # Mask, never multiply: rows past the length are not data (the gather repeated a valid row there).
     k = torch.where(valid[:, :, None, None], k, k.new_zeros(()))
     v = torch.where(valid[:, :, None, None], v, v.new_zeros(()))
     if cu_seqlens_q is None:
@@ -382,8 +391,7 @@ def _sdpa_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         q_pos = (lens - 1)[:, None]  # [R, 1]
     else:
         req, row = _pad_index(cu_seqlens_q, T, max_seqlen_q, right_aligned=False)
-        qp = q.new_zeros((R, max_seqlen_q, H, D))
-        qp = qp.index_put((req, row), q)
+        qp = q.new_zeros((R, max_seqlen_q, H, D)).index_put((req, row), q)
         n = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
         q_pos = (lens - n)[:, None] + torch.arange(max_seqlen_q, device=q.device)[None, :]
     mask = valid[:, None, :]
@@ -394,8 +402,13 @@ def _sdpa_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         enable_gqa=H != k_cache.shape[2],
     ).transpose(1, 2)  # fmt: skip
     if cu_seqlens_q is None:
-        return o[:, 0]
+        return o[:, 0].contiguous()
     return o[req, row]
+
+
+@_sdpa_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+    return torch.empty_like(q)
 
 
 # ----------------------------------------------------------------------------
@@ -441,7 +454,11 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         if s_pad is None or _flat_rows(v_cache) != s_pad:
             raise ValueError(f"flex: expected stride(0) a multiple of stride(1), got {k_cache.stride()}")
         kf, vf = _flatten(k_cache, s_pad), _flatten(v_cache, s_pad)
-        KVB = 128
+        # KV blocks must not straddle two requests' rows (the straddled rows would be read, and
+        # 0 * NaN leaks): a block size that divides S_pad keeps every row start block aligned.
+        KVB = 128 if k_cache.shape[0] == 1 else math.gcd(s_pad, 128)
+        if KVB < 16:
+            raise ValueError(f"flex: expected S_pad = stride(0) / stride(1) a multiple of 16, got {s_pad}")
         start = idx * s_pad  # first flattened row of each request
         first = start // KVB
         num = torch.where(vis > 0, (start[:, None] + vis + KVB - 1) // KVB - first[:, None], torch.zeros_like(vis))
@@ -485,13 +502,18 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         # inside its last block so that 0 * NaN cannot reach P @ V.
         _zero_tail_op(k_cache, v_cache, cache_seqlens, slots, block_table, KVB, limit)
     else:
-        # CPU flex runs unfused (dense scores over every row): mask the keys themselves.
+        # CPU flex runs unfused (dense scores over every row): mask the keys themselves, and read
+        # only valid rows (on a virtual cache the others may not be committed): an invalid row is
+        # replaced by a valid one, then by zeros.
         n_rows = kf.shape[0]
         row = torch.arange(n_rows, device=dev)
-        owner_len = torch.full((n_rows // limit + 2,), -1, device=dev, dtype=torch.long)
+        owner_len = torch.full((n_rows // KVB + 2,), -1, device=dev, dtype=torch.long)
+        longest = torch.argmax(lens).view(1)  # a [1] tensor: indexing with it stays on the device
         if block_table is None:
-            owner_len = owner_len.scatter(0, idx, lens)
-            ok = (row % limit) < owner_len[row // limit]
+            owner_len = owner_len.scatter(0, idx * (s_pad // KVB), lens)  # length, at each row's first block
+            row_start = (row // s_pad) * s_pad
+            ok = (row - row_start) < owner_len[row_start // KVB]
+            fallback = start.index_select(0, longest)
         else:
             nblk = (lens + KVB - 1) // KVB
             jj = torch.arange(bt.shape[1], device=dev)[None, :]
@@ -500,8 +522,10 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
             dst2 = torch.where(jj < nblk[:, None], bt.clamp(min=0), torch.full_like(bt, n_rows // KVB + 1))
             owner_len = owner_len.scatter(0, dst2.reshape(-1), fill.reshape(-1))
             ok = (row % KVB) < owner_len[row // KVB]
-        kf = torch.where(ok[:, None, None], kf, kf.new_zeros(()))
-        vf = torch.where(ok[:, None, None], vf, vf.new_zeros(()))
+            fallback = bt[:, 0].index_select(0, longest).clamp(min=0) * KVB
+        safe = torch.where(ok, row, fallback)
+        kf = torch.where(ok[:, None, None], kf.index_select(0, safe), kf.new_zeros(()))
+        vf = torch.where(ok[:, None, None], vf.index_select(0, safe), vf.new_zeros(()))
 
     def mask_mod(b, h, q_idx, kv_idx_):
         pos = logical(b, kv_idx_)
@@ -735,7 +759,7 @@ def attention(
         if q.is_cuda and not _has_triton():
             fail("backend 'flex' on CUDA", "the triton package to be importable", "ImportError")
         return _flex_attention(*args)
-    return _sdpa_attention(*args)
+    return _sdpa_attention_op(*args, 0)
 
 
 def append_kv(
