@@ -1,0 +1,305 @@
+"""``python -m torch_vkv bench hf``: ``generate()`` with VirtualKVCache vs DynamicCache vs StaticCache.
+
+Llama-3-8B config with random bf16 weights (built on the ``meta`` device, then
+``to_empty`` + ``normal_``: no download, about a second). For each batch,
+prompt length and number of new tokens, four variants generate the same
+greedy continuation:
+
+================  ==============================================================
+``dynamic``       ``DynamicCache``, sdpa, eager (transformers' default)
+``static``        ``StaticCache``, sdpa, generate()'s automatic compilation
+                  (``mode="reduce-overhead"``: CUDA graphs)
+``vkv``           ``VirtualKVCache``, ``attn_implementation="vkv"``, eager
+``vkv_compiled``  ``VirtualKVCache``, ``"vkv"``, generate()'s automatic
+                  compilation (CUDA graphs; commits run before each step)
+================  ==============================================================
+
+Per row: new tokens/s end to end and in decode (prefill time subtracted, from a
+one-token run), peak memory as torch sees it (``max_memory_allocated``; note
+that torch counts a VMM tensor's whole *virtual* size, so for VirtualKVCache
+read ``kv_committed``) and as the driver sees it (``total - free`` polled
+every 5 ms), and the KV bytes each cache holds at the end. Compiled variants
+are warmed up (compile + capture) on the same cache object, which is then
+``reset()``: addresses stay, so the timed run reuses the graphs.
+
+``--quick``: batch 8, prompt 1024, 128 new tokens (under ~3 minutes on an H100).
+Full: batch {1, 8, 32} x prompt {1024, 4096, 8192} x new tokens {256, 1024};
+select a subset with ``--batch``, ``--prompt``, ``--new-tokens``, ``--variants``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from torch_vkv.bench.report import write_report
+
+__all__ = ["main"]
+
+VARIANTS = ("dynamic", "static", "vkv", "vkv_compiled")
+
+# meta-llama/Meta-Llama-3-8B config.json (architecture only)
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, pad_token_id=128001,
+    hidden_act="silu", tie_word_embeddings=False,
+)  # fmt: skip
+TINY = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m torch_vkv bench hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one configuration: batch 8, prompt 1024, 128 new tokens")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (full default: 1 8 32)")
+    p.add_argument("--prompt", type=int, nargs="+", help="prompt lengths (full default: 1024 4096 8192)")
+    p.add_argument("--new-tokens", type=int, nargs="+", help="new tokens (full default: 256 1024)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (faster runs)")
+    p.add_argument("--tiny", action="store_true", help="a tiny config instead of Llama-3-8B (CPU smoke test)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out-dir", default=None, help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
+    p.add_argument("--name", default="hf", help="report name (default hf)")
+    return p
+
+
+def _build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg_kw = dict(TINY if args.tiny else LLAMA3_8B)
+    if args.layers:
+        cfg_kw["num_hidden_layers"] = args.layers
+    cfg = LlamaConfig(**cfg_kw)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    # to_empty left the rotary inverse frequencies (a non-persistent buffer) uninitialised.
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(device)
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    return model.eval()
+
+
+class _DriverPeak:
+    """Polls ``total - free`` device memory (the driver's view) every 5 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "_DriverPeak":
+        if self.device.type == "cuda":
+            self._sample()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.peak = max(self.peak, total - free)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sample()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._sample()
+
+
+def _kv_bytes(cache: Any) -> int:
+    from torch_vkv.hf import VirtualKVCache
+
+    if isinstance(cache, VirtualKVCache):
+        return int(cache.memory_stats()["committed_bytes"])
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate(model, ids, cache, new_tokens: int, *, compiled: bool):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, disable_compile=not compiled,
+        )  # fmt: skip
+
+
+def _make_cache(variant: str, model, batch: int, max_len: int, device: torch.device):
+    from transformers import DynamicCache, StaticCache
+
+    from torch_vkv.hf import VirtualKVCache
+
+    if variant == "dynamic":
+        return DynamicCache(config=model.config)
+    if variant == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    kw = {"page_size": 64 << 10} if device.type == "cpu" else {}
+    return VirtualKVCache(model.config, batch, max_len, device=device, dtype=model.dtype, **kw)
+
+
+def _run_variant(variant, model, ids, new_tokens, device, prefill_s) -> dict[str, Any]:
+    batch, prompt = ids.shape
+    impl = "vkv" if variant.startswith("vkv") else "sdpa"
+    compiled = variant in ("static", "vkv_compiled")
+    model.set_attn_implementation(impl)
+    cache = _make_cache(variant, model, batch, prompt + new_tokens, device)
+    row: dict[str, Any] = {"variant": variant, "batch": batch, "prompt": prompt, "new_tokens": new_tokens}
+    try:
+        warm = 0.0
+        if compiled:  # compile + capture on this cache object, then reset it (addresses stay)
+            t = time.perf_counter()
+            _generate(model, ids, cache, min(8, new_tokens), compiled=True)
+            _sync(device)
+            warm = time.perf_counter() - t
+            cache.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        with _DriverPeak(device) as drv:
+            _sync(device)
+            t = time.perf_counter()
+            out = _generate(model, ids, cache, new_tokens, compiled=compiled)
+            _sync(device)
+            secs = time.perf_counter() - t
+        row.update(
+            tok_s=batch * new_tokens / secs,
+            decode_tok_s=batch * (new_tokens - 1) / max(secs - prefill_s, 1e-9),
+            seconds=secs,
+            warmup_s=warm,
+            torch_peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            driver_peak_gib=drv.peak / 2**30 if device.type == "cuda" else None,
+            kv_bytes=_kv_bytes(cache),
+        )
+        row["_tokens"] = out[:, prompt:].cpu()
+    except torch.OutOfMemoryError as e:
+        row["error"] = f"OOM: {str(e).splitlines()[0][:80]}"
+    finally:
+        if hasattr(cache, "close"):
+            cache.close()
+        del cache
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        import transformers  # noqa: F401
+
+        import torch_vkv.hf  # noqa: F401  (registers "vkv")
+    except ImportError as e:
+        print(f"bench hf needs transformers: {e}")
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and not args.tiny:
+        print("bench hf: no CUDA device; use --tiny for a CPU smoke run of the benchmark code")
+        return 2
+    if args.quick:
+        batches, prompts, news = [8], [1024], [128]
+    else:
+        batches, prompts, news = [1, 8, 32], [1024, 4096, 8192], [256, 1024]
+    batches = args.batch or batches
+    prompts = args.prompt or prompts
+    news = args.new_tokens or news
+    if args.tiny:  # a smoke run: small shapes, each once
+        prompts = sorted({min(p, 64) for p in prompts}) if not args.prompt else prompts
+        news = sorted({min(n, 16) for n in news}) if not args.new_tokens else news
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes: extra threads only spin against other processes
+    t0 = time.perf_counter()
+    model = _build_model(args, device, dtype)
+    print(f"model built in {time.perf_counter() - t0:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)")
+
+    rows: list[dict[str, Any]] = []
+    checks: list[str] = []
+    for batch in batches:
+        for prompt in prompts:
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g).to(device)
+            for new in news:
+                # Prefill time (one new token, DynamicCache, sdpa): subtracted for decode tok/s.
+                model.set_attn_implementation("sdpa")
+                from transformers import DynamicCache
+
+                _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)  # warm
+                _sync(device)
+                t = time.perf_counter()
+                _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)
+                _sync(device)
+                prefill_s = time.perf_counter() - t
+                group = []
+                for variant in args.variants:
+                    row = _run_variant(variant, model, ids, new, device, prefill_s)
+                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "_tokens"})
+                    group.append(row)
+                checks += _check_group(group, model, batch)
+                ref = next((r for r in group if "_tokens" in r), None)
+                ref_tokens = ref["_tokens"] if ref is not None else None
+                for r in group:
+                    if "_tokens" in r:
+                        r["same_tokens_as_" + ref["variant"]] = float((r["_tokens"] == ref_tokens).float().mean())
+                for r in group:
+                    r.pop("_tokens", None)
+                rows.extend(group)
+
+    cmd = "python -m torch_vkv bench hf " + " ".join(argv or [])
+    summary = "\n".join(
+        ["Targets: vkv_compiled >= 0.98x static tok/s; VirtualKVCache KV <= DynamicCache's + one page per "
+         "layer, K/V and sequence; far below StaticCache's.", ""] + [f"- {c}" for c in checks]
+    )  # fmt: skip
+    columns = ["variant", "batch", "prompt", "new_tokens", "tok_s", "decode_tok_s", "seconds", "warmup_s",
+               "torch_peak_gib", "driver_peak_gib", "kv_bytes", "error"]  # fmt: skip
+    columns += sorted({k for r in rows for k in r if k.startswith("same_tokens")})
+    write_report(args.name, rows, args.out_dir, command=cmd.strip(), columns=columns, summary=summary)
+    return 0
+
+
+def _check_group(group: list[dict[str, Any]], model, batch: int) -> list[str]:
+    """Target checks for one (batch, prompt, new tokens) configuration."""
+    by = {r["variant"]: r for r in group if "error" not in r}
+    out = []
+    cfg = f"batch {group[0]['batch']}, prompt {group[0]['prompt']}, new {group[0]['new_tokens']}"
+    if "static" in by and "vkv_compiled" in by:
+        ratio = by["vkv_compiled"]["tok_s"] / by["static"]["tok_s"]
+        out.append(f"{cfg}: vkv_compiled / static tok/s = {ratio:.3f} ({'PASS' if ratio >= 0.98 else 'FAIL'} >= 0.98)")
+    if "dynamic" in by:
+        from torch_vkv.hf import VirtualKVCache  # noqa: F401
+
+        L = model.config.num_hidden_layers
+        page = 2 << 20 if next(model.parameters()).is_cuda else 64 << 10
+        bound = by["dynamic"]["kv_bytes"] + page * 2 * L * batch
+        for v in ("vkv", "vkv_compiled"):
+            if v in by:
+                ok = by[v]["kv_bytes"] <= bound
+                extra = ""
+                if "static" in by:
+                    extra = f", {by[v]['kv_bytes'] / max(by['static']['kv_bytes'], 1):.2f}x static's"
+                out.append(f"{cfg}: {v} KV {by[v]['kv_bytes'] / 2**20:.1f} MiB <= dynamic + 1 page/layer/KV/seq "
+                           f"{bound / 2**20:.1f} MiB: {'PASS' if ok else 'FAIL'}{extra}")  # fmt: skip
+    return out
