@@ -213,7 +213,11 @@ class VirtualKVLayer(CacheLayerMixin):
         with torch.inference_mode(False):  # normal tensors: they need a version counter
             self.cache_seqlens = torch.zeros(kv.max_batch_size, dtype=torch.int32, device=k.device)
             self._len_t = torch.zeros((), dtype=torch.long, device=k.device)
-        for t in (self.cache_seqlens, self._len_t, self._k_full, self._v_full):
+        # Static addresses: dynamo lifts them as graph inputs without guards on
+        # their data, and CUDA graphs read them in place. An unmarked buffer
+        # would be copied into a graph-owned input before every replay: the whole
+        # virtual capacity, uncommitted pages included.
+        for t in (self._k_buf, self._v_buf, self._k_full, self._v_full, self.cache_seqlens, self._len_t):
             torch._dynamo.mark_static_address(t)
 
     @property
