@@ -308,3 +308,17 @@ def test_on_kvcache_host_backend(backend, layout):
         out = run(b, k, v, backend)
         ref = tk().attention_reference(b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, slots=b.slots)
         torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.slow
+def test_bench_kernels_smoke(tmp_path):
+    """`python -m torch_vkv bench kernels --smoke` runs end to end and writes its report."""
+    import json
+
+    from torch_vkv.bench.kernels import main
+
+    assert main(["--smoke", "--no-plots", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    sections = {r["section"] for r in rows}
+    assert {"copy", "decode", "prefill", "vm_vs_malloc"} <= sections
+    assert not [r for r in rows if str(r.get("note", "")).startswith("error")], rows

@@ -176,6 +176,8 @@ def decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: one query per request over its cached keys.
@@ -192,6 +194,7 @@ def decode_attention(
         each request; default ``arange(num_requests)``.
     block_table : int32, shape ``[num_slots, max_blocks]``: the paged twin.
     num_splits : splits per (request, kv head); default :func:`default_num_splits`.
+    block_n, num_warps, num_stages : tile and launch parameters (tuning; defaults 64 / 4 / 3).
 
     Returns
     -------
@@ -233,7 +236,7 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
         HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(R, H)](

@@ -73,6 +73,8 @@ class Config:
     flex_prefill: set = field(default_factory=set)
     vm_decode: list = field(default_factory=list)
     vm_prefill: list = field(default_factory=list)
+    tune: list = field(default_factory=list)  # (batch, context) where Triton decode parameters are swept
+    tune_full: bool = True
     mem_fraction: float = 0.6
     sdpa_max_bytes: int = 2 << 30
     paged_blocks: tuple = (16, 256)
@@ -100,7 +102,7 @@ def _config(args) -> Config:
             device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
             models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_iters=2,
             prefill_iters=2, warmup=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
-            vm_prefill=[128], paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
+            vm_prefill=[128], tune=[(4, 256)], paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
         )  # fmt: skip
     models = args.models.split(",") if args.models else (["llama3-8b"] if args.quick else list(MODELS))
     for m in models:
@@ -110,7 +112,8 @@ def _config(args) -> Config:
         cfg = Config(
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 32, 128], contexts=[4096, 16384],
             prefill_contexts=[2048, 8192, 32768], decode_iters=10, prefill_iters=5, warmup=2,
-            flex_decode={(32, 4096)}, flex_prefill={8192}, vm_decode=[(32, 4096)], vm_prefill=[32768],
+            flex_decode={(32, 4096)}, flex_prefill=set(), vm_decode=[(32, 4096)], vm_prefill=[32768],
+            tune=[(32, 4096)], tune_full=False,
         )  # fmt: skip
     else:
         cfg = Config(
@@ -119,6 +122,7 @@ def _config(args) -> Config:
             decode_iters=20, prefill_iters=5, warmup=3,
             flex_decode={(b, c) for b in (1, 32, 128) for c in (4096, 16384)}, flex_prefill={8192, 32768},
             vm_decode=[(32, 4096), (64, 16384), (128, 4096)], vm_prefill=[8192, 32768],
+            tune=[(8, 16384), (32, 4096), (128, 16384)],
         )  # fmt: skip
     if args.flex_everywhere:
         cfg.flex_decode = None
@@ -406,6 +410,46 @@ def _vm_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
     return rows
 
 
+def _tune_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
+    """Triton split-KV decode over its launch parameters (to check / retune the defaults)."""
+    from torch_vkv.attention import _triton_kernels, _triton_usable
+
+    if not _triton_usable(cfg.device):
+        return []
+    tk = _triton_kernels()
+    rows = []
+    model = cfg.models[0]
+    H, H_kv, D = MODELS.get(model, (8, 2, 64))
+    for B, S in cfg.tune:
+        q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
+        lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
+        kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
+        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
+        default = tk.default_num_splits(B, H_kv, S, cfg.device)
+        split_set = {max(1, default // 2), default, default * 2, default * 4} if cfg.tune_full else {default, default * 2}
+        for splits in sorted(split_set):
+            for block_n in (32, 64, 128) if cfg.tune_full else (64, 128):
+                for warps in (4, 8) if cfg.tune_full else (4,):
+                    name = f"triton splits={splits} block_n={block_n} warps={warps}"
+                    row = dict(section="decode_tune", model=model, backend=name, batch=B, context=S)
+                    try:
+                        us = timer(lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
+                                                               num_warps=warps), cfg.decode_iters, 1)  # fmt: skip
+                    except Exception as e:
+                        row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
+                    else:
+                        tb = kv_bytes / (us * 1e-6) / 1e12
+                        row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw,
+                                   note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
+                    rows.append(row)
+        best = min((r for r in rows if r.get("us") and (r["batch"], r["context"]) == (B, S)), key=lambda r: r["us"], default=None)
+        if best:
+            log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
+        del k, v
+        _close(keep)
+    return rows
+
+
 # ----------------------------------------------------------------------------- summary, plots
 
 
@@ -516,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += _decode_rows(cfg, timer, caches, bw, log)
         rows += _prefill_rows(cfg, timer, caches, log)
         rows += _vm_rows(cfg, timer, caches, log)
+        rows += _tune_rows(cfg, timer, caches, bw, log)
     summary = _summary(rows, bw, caches, time.perf_counter() - t0)
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)
     write_report("kernels", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
