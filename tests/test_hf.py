@@ -402,3 +402,51 @@ def test_cuda_compiled_decode_reduce_overhead():
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
     assert cache.get_seq_length() == n + 50
+
+
+# ---------------------------------------------------------------------------------
+# lengths after compiled steps, demo, bench (CPU smoke)
+# ---------------------------------------------------------------------------------
+
+
+def test_compiled_steps_without_prepare_step_are_read_back():
+    """Steps compiled without the hook (default 2 MiB host pages: no page is
+    crossed) still leave get_seq_length() and memory_stats() right."""
+    model = tiny_model("llama", "vkv")
+    ids, _ = prompts(1, length=4)
+    ids = ids.masked_fill(ids == 0, 7)
+    cache = VirtualKVCache(model.config, 1, 64)
+    assert cache.memory_stats()["committed_bytes"] == 0  # nothing built yet
+    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(5):
+            tok = step(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+    assert cache.get_seq_length() == 9
+    assert cache.memory_stats()["tokens"] == 9
+
+
+def test_demo_runs_on_cpu(capsys):
+    from torch_vkv.demo import main
+
+    assert main(["--device", "cpu", "--batch", "2", "--prompt-len", "12", "--new-tokens", "6",
+                 "--max-cache-len", "256"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "VirtualKVCache" in out and "StaticCache" in out and "DynamicCache" in out
+    assert "same tokens from all three caches: yes" in out
+    assert main(["--device", "cpu", "--no-transformers", "--batch", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--max-cache-len", "128"]) == 0  # fmt: skip
+    assert "KVCache committed" in capsys.readouterr().out
+
+
+def test_bench_hf_tiny_smoke(tmp_path):
+    import json
+
+    from torch_vkv.bench.hf import main
+
+    assert main(["--tiny", "--quick", "--device", "cpu", "--variants", "dynamic", "vkv", "--new-tokens", "4",
+                 "--prompt", "16", "--batch", "2", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "hf.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dynamic", "vkv"]
+    assert all(r["same_tokens_as_dynamic"] == 1.0 for r in rows)
+    assert rows[1]["kv_bytes"] > 0
