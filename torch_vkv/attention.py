@@ -430,6 +430,24 @@ def _flex_fn(device):
 
 
 
+_FKB_PARAMS = None
+
+
+def _from_kv_blocks_kwargs(q_len: int, kv_len: int) -> dict:
+    """``seq_lengths`` / ``compute_q_blocks`` where this torch's ``BlockMask.from_kv_blocks`` has them."""
+    global _FKB_PARAMS
+    if _FKB_PARAMS is None:
+        import inspect
+
+        _FKB_PARAMS = set(inspect.signature(_flex_module().BlockMask.from_kv_blocks).parameters)
+    kw = {}
+    if "seq_lengths" in _FKB_PARAMS:
+        kw["seq_lengths"] = (q_len, kv_len)
+    if "compute_q_blocks" in _FKB_PARAMS:
+        kw["compute_q_blocks"] = False  # forward only: skip the transposed (q-major) index
+    return kw
+
+
 def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
     fa = _flex_module()
     R = cache_seqlens.shape[0]
@@ -536,7 +554,7 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
 
     block_mask = fa.BlockMask.from_kv_blocks(
         num[:, None, :].to(torch.int32), kv_idx.to(torch.int32), BLOCK_SIZE=(QB, KVB), mask_mod=mask_mod,
-        seq_lengths=(Q, kf.shape[0]), compute_q_blocks=False,
+        **_from_kv_blocks_kwargs(Q, kf.shape[0]),
     )  # fmt: skip
     if decode:
         qp = q.unsqueeze(2)  # [R, H, 1, D]
