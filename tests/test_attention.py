@@ -322,3 +322,17 @@ def test_bench_kernels_smoke(tmp_path):
     sections = {r["section"] for r in rows}
     assert {"copy", "decode", "prefill", "vm_vs_malloc"} <= sections
     assert not [r for r in rows if str(r.get("note", "")).startswith("error")], rows
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 128), (3, 1, 32), (6, 2, 64)], ids=["MQA", "MQA-group3-d32", "GQA-group3"])
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "flex"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mqa_and_odd_groups(device, backend, kind, shape):
+    skip_unless_runs(backend, device)
+    H, H_kv, D = shape
+    S = s_max_for(device)
+    b = make_batch(kind, H=H, H_kv=H_kv, D=D, dtype=torch.float16, device=device, S_max=S, seed=37)
+    k, v = make_cache("interleaved", len(b.lengths) + 1, S, H_kv, D, dtype=torch.float16, device=device, seed=37)
+    poison(k, v, b.lengths, b.slot_list)
+    assert_close(run(b, k, v, backend), reference(b, k, v), torch.float16)
