@@ -336,7 +336,7 @@ class VirtualKVLayer(CacheLayerMixin):
             if _is_compiling():
                 return p._max_cache_len, 0  # constant: no recompiles; the vkv mask ignores it
             if self.layer_idx == p._first_layer:
-                p.prepare_step(query_length)
+                p._prepare(query_length, strict=False)
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> Any:
@@ -498,6 +498,7 @@ class VirtualKVCache(Cache):
         for i in range(self._max_batch_size):
             slot = self._kv.alloc()
             assert slot == i, (slot, i)
+        self._cap = [0] * self._max_batch_size  # rows backed per row (host copy; see _commit)
         for layer in self.layers:
             layer._bind(self._kv)
 
@@ -531,8 +532,18 @@ class VirtualKVCache(Cache):
 
     # -- host/device bookkeeping ---------------------------------------------------
     def _commit(self, lens: list[int]) -> None:
-        """Backs rows ``[0, lens[b])`` of every row b in every layer (never shrinks)."""
+        """Backs rows ``[0, lens[b])`` of every row b in every layer (never shrinks).
+
+        Most steps stay inside pages already committed: a host-side copy of each
+        row's backed capacity skips the KVCache call then (it runs every step)."""
+        margin = self._kv.margin_tokens
+        cap = self._cap
+        if all(n + margin <= cap[b] for b, n in enumerate(lens)):
+            return
         self._kv.step({b: n for b, n in enumerate(lens) if n > 0})
+        for b, n in enumerate(lens):
+            if n > 0:
+                cap[b] = self._kv.committed_tokens(b)
 
     def _trim(self, lens: list[int]) -> None:
         """Decommits what rows do not need after a shrink (rows past the batch: all)."""
@@ -540,6 +551,7 @@ class VirtualKVCache(Cache):
             keep = lens[b] if b < len(lens) else 0
             if self._kv.committed_tokens(b) > keep:
                 self._kv.decommit(b, keep)
+            self._cap[b] = self._kv.committed_tokens(b)
 
     def _sync_host(self, *, resolve: bool = False) -> None:
         """Brings host lengths up to date after compiled steps (vkv mode).
@@ -595,13 +607,17 @@ class VirtualKVCache(Cache):
         in padded mode. Raises :class:`torch_vkv.OutOfPagesError` (nothing
         changed) when the budget cannot back the step.
         """
-        n = check_int("num_new_tokens", num_new_tokens, low=0)
+        self._prepare(check_int("num_new_tokens", num_new_tokens, low=0), strict=True)
+
+    def _prepare(self, n: int, *, strict: bool) -> None:
         if self._mode != "vkv" or self._kv is None:
             return
         self._sync_host(resolve=True)
         rows = self.layers[self._first_layer]._row_lens
         lens = [r + n for r in rows]
         if lens and max(lens) > self._max_cache_len:
+            if not strict:  # a mask-size query, maybe not a real step: the step itself will raise
+                return
             fail("tokens in the cache after this step", f"at most max_cache_len={self._max_cache_len}", max(lens))
         self._commit(lens)
         self._announced = n
