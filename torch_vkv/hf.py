@@ -230,9 +230,12 @@ class VirtualKVLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> Optional[torch.Tensor]:
-        """``[B, num_kv_heads, seq_len, head_dim]`` view of the written keys (padded
-        mode). In vkv mode rows are ragged: the view is ``max(row lengths)`` long
-        and a row is valid only up to its ``cache_seqlens`` entry."""
+        """The keys as ``DynamicCache`` holds them, ``[B, num_kv_heads, seq_len, head_dim]``.
+
+        Padded mode: a view of the committed rows (no copy). vkv mode: a copy,
+        each row's valid tokens right-aligned and zeros where ``DynamicCache``
+        would hold left padding (rows are ragged in the buffer, so no view can
+        show them without reading past a row's pages)."""
         return self._view(self._k_buf) if self.is_initialized else None
 
     @property
@@ -250,9 +253,16 @@ class VirtualKVLayer(CacheLayerMixin):
             raise AttributeError("VirtualKVLayer.values is a view of the virtual cache; write through update()")
 
     def _view(self, buf: torch.Tensor) -> torch.Tensor:
-        B = self._parent._batch
-        n = self._len if self._parent._mode == "padded" else max(self._row_lens, default=0)
-        return buf[:B, :n].transpose(1, 2)
+        p = self._parent
+        p._sync_host()
+        B, n = p._batch, self._len
+        if p._mode == "padded":
+            return buf[:B, :n].transpose(1, 2)
+        out = buf.new_zeros((B, n) + tuple(buf.shape[2:]))
+        for b, r in enumerate(self._row_lens):
+            if r:
+                out[b, n - r :] = buf[b, :r]
+        return out.transpose(1, 2)
 
     # -- CacheLayerMixin -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
