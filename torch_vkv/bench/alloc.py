@@ -60,7 +60,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from torch_vkv.bench.report import markdown_table, write_report
+from torch_vkv.bench.report import write_report
 
 __all__ = ["main"]
 
