@@ -426,7 +426,15 @@ def test_compiled_steps_without_prepare_step_are_read_back():
     assert cache.memory_stats()["tokens"] == 9
 
 
-def test_demo_runs_on_cpu(capsys):
+@pytest.fixture
+def keep_threads():
+    """demo/bench set torch's CPU thread count for their run: restore it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_runs_on_cpu(capsys, keep_threads):
     from torch_vkv.demo import main
 
     assert main(["--device", "cpu", "--batch", "2", "--prompt-len", "12", "--new-tokens", "6",
@@ -439,7 +447,7 @@ def test_demo_runs_on_cpu(capsys):
     assert "KVCache committed" in capsys.readouterr().out
 
 
-def test_bench_hf_tiny_smoke(tmp_path):
+def test_bench_hf_tiny_smoke(tmp_path, keep_threads):
     import json
 
     from torch_vkv.bench.hf import main
