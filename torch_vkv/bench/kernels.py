@@ -78,6 +78,7 @@ class Config:
     mem_fraction: float = 0.6
     sdpa_max_bytes: int = 2 << 30
     paged_blocks: tuple = (16, 256)
+    flex_paged_blocks: tuple = (16, 256)  # flex compiles once per shape and block size: fewer in --quick
     plots: bool = True
     use_vm: bool = True
 
@@ -113,7 +114,7 @@ def _config(args) -> Config:
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 32, 128], contexts=[4096, 16384],
             prefill_contexts=[2048, 8192, 32768], decode_iters=10, prefill_iters=5, warmup=2,
             flex_decode={(32, 4096)}, flex_prefill=set(), vm_decode=[(32, 4096)], vm_prefill=[32768],
-            tune=[(32, 4096)], tune_full=False,
+            tune=[(32, 4096)], tune_full=False, flex_paged_blocks=(16,),
         )  # fmt: skip
     else:
         cfg = Config(
@@ -290,6 +291,8 @@ def _decode_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log)
                     for backend in ("triton", "flex", "flash_attn"):
                         if not _available(backend, dev) or (backend == "flex" and not flex_here):
                             continue
+                        if backend == "flex" and block not in cfg.flex_paged_blocks:
+                            continue
                         if backend == "flash_attn" and block % 256:
                             continue
                         record(f"{backend}_paged", "paged", block,
@@ -345,6 +348,8 @@ def _prefill_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
                 pc = caches.paged(block, 1, S, H_kv, D)
                 for backend in ("triton", "flex", "flash_attn"):
                     if not _available(backend, dev) or (backend == "flex" and not flex_here):
+                        continue
+                    if backend == "flex" and block not in cfg.flex_paged_blocks:
                         continue
                     if backend == "flash_attn" and block % 256:
                         continue
