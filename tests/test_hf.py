@@ -325,21 +325,25 @@ def test_compiled_decode_no_graph_breaks_no_recompiles():
     assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, [n + 50] * 2)
 
 
-def test_generate_compiled_settles_lengths_without_syncs():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_compiled_settles_lengths_without_syncs(batch):
     """generate()'s own compilation path (forced on the CPU): prepare_step runs
-    from get_mask_sizes before every compiled step."""
+    from get_mask_sizes before every compiled step, so 40 steps cross pages
+    safely; batch 1 passes no attention mask (transformers may drop it)."""
     from transformers import CompileConfig
 
     model = tiny_model("llama", "vkv")
-    ids, mask = prompts(3)
-    ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=20)
+    ids, mask = prompts(batch)
+    if batch == 1:
+        mask = None
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=40)
     cc = CompileConfig(fullgraph=True, backend="eager")
     cc._compile_all_devices = True
-    cache = vcache(model, 3)
-    out = generate(model, ids, mask, cache, max_new_tokens=20, compile_config=cc)
+    cache = vcache(model, batch)
+    out = generate(model, ids, mask, cache, max_new_tokens=40, compile_config=cc)
     assert torch.equal(out, ref)
-    rows = cache.layers[0].cache_seqlens[:3].tolist()
-    assert cache.get_seq_length() == ids.shape[1] + 19
+    rows = cache.layers[0].cache_seqlens[:batch].tolist()
+    assert cache.get_seq_length() == ids.shape[1] + 39
     assert cache.memory_stats()["tokens"] == sum(rows)
     assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, rows)
 
