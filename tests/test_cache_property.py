@@ -122,7 +122,7 @@ class KVCacheMachine(RuleBasedStateMachine):
                 for page in range(first, first + count):
                     owned[page // c.pages_per_slot] += 1
             # each slot owns exactly the pages the manager thinks, all inside its row
-            assert owned == c._committed_pages
+            assert owned == list(c._committed_pages)
 
     @invariant()
     def data_intact(self):

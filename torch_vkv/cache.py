@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
@@ -145,10 +146,13 @@ class KVCache:
         self._reservations = [b.reservation for b in self._buffers]
 
         self._free_slots: list[int] = list(range(B))  # freed order: oldest first
+        # Per-slot bookkeeping as arrays: step() checks every slot each
+        # iteration, and vector compares keep that to a few microseconds.
         self._active: set[int] = set()
-        self._used_tokens = [0] * B  # tokens reserved by the current request of each slot
+        self._active_mask = np.zeros(B, dtype=bool)
+        self._used_tokens = np.zeros(B, dtype=np.int64)  # tokens reserved by each slot's current request
         self._committed_pages = [0] * B  # pages per buffer backing each slot, from its start
-        self._covered_tokens = [0] * B  # largest num_tokens those pages serve (margin included)
+        self._covered_tokens = np.zeros(B, dtype=np.int64)  # largest num_tokens those pages serve
         self._committer = core().Committer()
         self._pending_ticket: int | None = None
         self._pending_pages: dict[int, int] = {}
@@ -203,6 +207,7 @@ class KVCache:
         warmest = max(range(len(self._free_slots)), key=lambda i: self._committed_pages[self._free_slots[i]])
         slot = self._free_slots.pop(warmest)
         self._active.add(slot)
+        self._active_mask[slot] = True
         self._used_tokens[slot] = 0
         return slot
 
@@ -212,6 +217,7 @@ class KVCache:
         elsewhere. Freeing a slot that is not in use raises ``ValueError``."""
         slot = self._check_slot(slot)
         self._active.discard(slot)
+        self._active_mask[slot] = False
         self._used_tokens[slot] = 0
         self._free_slots.append(slot)
 
@@ -259,10 +265,13 @@ class KVCache:
         need = self._parse_seq_lens(seq_lens)
         self._join_async()
         self._commit_now(need)
-        ahead = {s: n + lookahead for s, n in need.items()}
+        ahead = np.where(need > 0, np.minimum(need + lookahead, self.max_seq_len), 0)
         plan = self._plan(ahead)
-        if not plan or sum(plan.values()) * len(self._buffers) > self._available_pages(reclaim=False):
+        if not plan:
             return
+        new_pages = sum(p - self._committed_pages[s] for s, p in plan.items()) * len(self._buffers)
+        if new_pages > self._available_pages(reclaim=False):
+            return  # no reclaiming in the background; the next step decides
         jobs = []
         for slot, pages in plan.items():
             first = slot * self.pages_per_slot + self._committed_pages[slot]
@@ -335,7 +344,7 @@ class KVCache:
         return {
             "reserved_bytes": self.reserved_bytes,
             "committed_bytes": committed_pages * nb * self.page_size,
-            "used_bytes": sum(self._used_tokens) * self.bytes_per_token,
+            "used_bytes": int(self._used_tokens.sum()) * self.bytes_per_token,
             "cached_bytes": cached_pages * nb * self.page_size,
             "free_pages": s["free_pages"],
             "pool_pages": s["created_pages"],
@@ -413,35 +422,43 @@ class KVCache:
         rows = min(num_tokens + self.margin_tokens, self.padded_seq_len)
         return -(-rows * self.bytes_per_token_buffer // self.page_size)
 
-    def _parse_seq_lens(self, seq_lens: Any) -> dict[int, int]:
+    def _parse_seq_lens(self, seq_lens: Any) -> np.ndarray:
+        """``seq_lens`` in any accepted form -> int64 ``[max_batch_size]``, 0 = leave alone."""
         self._check_open()
+        B, max_len = self.max_batch_size, self.max_seq_len
+        if isinstance(seq_lens, Mapping):
+            need = np.zeros(B, dtype=np.int64)
+            for slot, n in seq_lens.items():
+                slot = self._check_slot(slot)
+                need[slot] = check_int(f"seq_lens[{slot}]", n, low=0, high=max_len)
+            return need
         if isinstance(seq_lens, torch.Tensor):
             if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
                 fail("seq_lens", "a 1-D integer tensor", f"{seq_lens.dtype} tensor of shape {tuple(seq_lens.shape)}")
-            seq_lens = seq_lens.tolist()
-        if isinstance(seq_lens, Mapping):
-            items = list(seq_lens.items())
-        elif isinstance(seq_lens, Sequence):
-            if len(seq_lens) != self.max_batch_size:
-                fail("seq_lens", f"{self.max_batch_size} entries (one per slot)", f"{len(seq_lens)} entries")
-            items = [(s, n) for s, n in enumerate(seq_lens) if n]
-        else:
+            seq_lens = seq_lens.detach().cpu().numpy()
+        elif not isinstance(seq_lens, (Sequence, np.ndarray)) or isinstance(seq_lens, (str, bytes)):
             fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), ArgumentTypeError)
-        # The per-step hot path: plain loops, checks inline, one message helper.
-        need: dict[int, int] = {}
-        active, max_len = self._active, self.max_seq_len
-        for slot, n in items:
-            if type(slot) is not int or slot not in active:
-                slot = self._check_slot(slot)  # raises the precise error, or normalises the int
-            if type(n) is not int or not 0 <= n <= max_len:
-                n = check_int(f"seq_lens[{slot}]", n, low=0, high=max_len)
-            need[slot] = n
+        need = np.asarray(seq_lens)
+        if need.shape != (B,):
+            fail("seq_lens", f"{B} entries (one per slot)", f"shape {need.shape}")
+        if need.dtype.kind not in "iu":
+            bad = next(n for n in need.tolist() if isinstance(n, bool) or not isinstance(n, int))
+            check_int("seq_lens entry", bad)  # raises: not an int
+        need = need.astype(np.int64, copy=False)
+        # The per-step hot path: vector checks, precise messages only on failure.
+        out_of_range = (need < 0) | (need > max_len)
+        if out_of_range.any():
+            slot = int(np.flatnonzero(out_of_range)[0])
+            check_int(f"seq_lens[{slot}]", int(need[slot]), low=0, high=max_len)
+        inactive = (need != 0) & ~self._active_mask
+        if inactive.any():
+            self._check_slot(int(np.flatnonzero(inactive)[0]))
         return need
 
-    def _plan(self, need: dict[int, int]) -> dict[int, int]:
+    def _plan(self, need: np.ndarray) -> dict[int, int]:
         """{slot: pages per buffer wanted} for the slots that must grow."""
-        covered = self._covered_tokens
-        return {slot: self._pages_for(n) for slot, n in need.items() if n > covered[slot]}
+        grow = np.flatnonzero(need > self._covered_tokens)
+        return {int(slot): self._pages_for(int(need[slot])) for slot in grow}
 
     def _available_pages(self, *, reclaim: bool) -> int:
         s = self.pool.stats()
@@ -450,9 +467,8 @@ class KVCache:
             available += sum(self._committed_pages[slot] for slot in self._free_slots) * len(self._buffers)
         return available
 
-    def _commit_now(self, need: dict[int, int]) -> None:
-        for slot, n in need.items():
-            self._used_tokens[slot] = max(self._used_tokens[slot], n)
+    def _commit_now(self, need: np.ndarray) -> None:
+        np.maximum(self._used_tokens, need, out=self._used_tokens)
         plan = self._plan(need)
         if not plan:
             return

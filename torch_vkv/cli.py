@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends, page granularity, devices")
     sub.add_parser("demo", help="generate with a small model and compare KV memory (try --help)", add_help=False)
-    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (try bench NAME --help)")
+    # add_help=False: `bench NAME --help` reaches the benchmark's own parser.
+    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (try bench NAME --help)", add_help=False)
     bench.add_argument("name", choices=BENCHMARKS)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
