@@ -103,7 +103,7 @@ def _config(args) -> Config:
             device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
             models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_iters=2,
             prefill_iters=2, warmup=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
-            vm_prefill=[128], tune=[(4, 256)], paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
+            vm_prefill=[128], tune=[(4, 256)], tune_full=False, paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
         )  # fmt: skip
     models = args.models.split(",") if args.models else (["llama3-8b"] if args.quick else list(MODELS))
     for m in models:
