@@ -462,3 +462,27 @@ def test_bench_hf_tiny_smoke(tmp_path, keep_threads):
     assert [r["variant"] for r in rows] == ["dynamic", "vkv"]
     assert all(r["same_tokens_as_dynamic"] == 1.0 for r in rows)
     assert rows[1]["kv_bytes"] > 0
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_generate_crosses_pages():
+    """2 KiB of K per token and layer: a 2 MiB page holds 1024 tokens, so the
+    compiled (CUDA graph) steps cross a page boundary; the commit must come
+    from prepare_step before the replay, or the kernel faults."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    model.set_attn_implementation("vkv")
+    ids = torch.randint(3, 256, (2, 1000), device="cuda")
+    eager = VirtualKVCache(model.config, 2, 1200)
+    ref = generate(model, ids, None, eager, max_new_tokens=64, disable_compile=True)
+    cache = VirtualKVCache(model.config, 2, 1200)
+    out = generate(model, ids, None, cache, max_new_tokens=64)
+    assert (out == ref).float().mean() > 0.9
+    stats = cache.memory_stats()
+    page = stats["page_size"]
+    assert stats["committed_bytes"] == 2 * 2 * 2 * 2 * page  # 1063 tokens: 2 pages per layer, K/V and row
+    assert cache.get_seq_length() == 1063
