@@ -386,9 +386,8 @@ def _vm_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
             rows.append(dict(section="vm_vs_malloc", model=model, batch=B, context=S,
                              note=f"error: {type(e).__name__}: {str(e)[:120]}"))  # fmt: skip
             continue
-        for backend in ("triton", "torch_fa2", "flash_attn"):
-            if not _available(backend, dev):
-                continue
+        fast = [b for b in ("triton", "torch_fa2", "flash_attn") if _available(b, dev)]
+        for backend in fast or ["sdpa"]:
             fm = lambda b=backend: attention(q, km, vm_, lens, cu_seqlens_q=cu, max_seqlen_q=S, backend=b)  # noqa: E731
             fv = lambda b=backend: attention(q, kv, vv, lens, cu_seqlens_q=cu, max_seqlen_q=S, backend=b)  # noqa: E731
             row = dict(section="vm_vs_malloc", model=model, backend=f"{backend} {kind}", batch=B, context=S)
