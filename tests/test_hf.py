@@ -413,21 +413,33 @@ def test_cuda_compiled_decode_reduce_overhead():
 # ---------------------------------------------------------------------------------
 
 
-def test_compiled_steps_without_prepare_step_are_read_back():
-    """Steps compiled without the hook (default 2 MiB host pages: no page is
-    crossed) still leave get_seq_length() and memory_stats() right."""
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_steps_without_prepare_step(backend):
+    """Compiled steps run without the hook still commit (the in-graph safety
+    net, at the cost of a sync), cross pages safely, and leave get_seq_length()
+    and memory_stats() right."""
     model = tiny_model("llama", "vkv")
-    ids, _ = prompts(1, length=4)
+    ids, _ = prompts(2, length=4)
     ids = ids.masked_fill(ids == 0, 7)
-    cache = VirtualKVCache(model.config, 1, 64)
+    cache = vcache(model, 2)
+    ref_cache = DynamicCache(config=model.config)
     assert cache.memory_stats()["committed_bytes"] == 0  # nothing built yet
-    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    step = torch.compile(model.forward, fullgraph=True, backend=backend)
     with torch.no_grad():
         tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-        for _ in range(5):
-            tok = step(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-    assert cache.get_seq_length() == 9
-    assert cache.memory_stats()["tokens"] == 9
+        model.set_attn_implementation("sdpa")
+        model(ids, past_key_values=ref_cache)
+        model.set_attn_implementation("vkv")
+        for _ in range(40):  # 44 tokens: crosses the 32-token page
+            logits = step(tok, past_key_values=cache).logits
+            model.set_attn_implementation("sdpa")
+            ref = model(tok, past_key_values=ref_cache).logits
+            model.set_attn_implementation("vkv")
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+            tok = logits[:, -1:].argmax(-1)
+    assert cache.get_seq_length() == 44
+    assert cache.memory_stats()["tokens"] == 88
+    assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, [44, 44])
 
 
 @pytest.fixture

@@ -37,7 +37,9 @@ step (eager steps commit by themselves in ``update``).
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -139,6 +141,36 @@ def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q) -> None
     from torch_vkv.attention import append_kv
 
     append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q=cu_seqlens_q)
+
+
+# ----------------------------------------------------------------------------
+# safety net for compiled steps run without prepare_step
+# ----------------------------------------------------------------------------
+
+# handle -> VirtualKVCache (weak): how the op below, which only takes tensors
+# and ints, finds its cache. Any number of caches can live in one process.
+_CACHES: "weakref.WeakValueDictionary[int, VirtualKVCache]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+@torch.library.custom_op("torch_vkv_hf::ensure_committed", mutates_args=())
+def _ensure_committed(cache_seqlens: torch.Tensor, handle: int) -> torch.Tensor:
+    """Runs inside a compiled vkv step, before its K/V writes: if
+    :meth:`VirtualKVCache.prepare_step` did not announce the step, commits the
+    rows ``[0, cache_seqlens[b])`` now (reading the lengths: a device sync).
+    Skipped while a CUDA graph is being captured (commits cannot be captured;
+    such steps need ``prepare_step``). Returns an int32 zero the writes depend
+    on, which orders them after this op."""
+    cache = _CACHES.get(handle)
+    capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    if cache is not None and not capturing:
+        cache._commit_from_device(cache_seqlens)
+    return torch.zeros((), dtype=cache_seqlens.dtype, device=cache_seqlens.device)
+
+
+@_ensure_committed.register_fake
+def _(cache_seqlens, handle):
+    return cache_seqlens.new_empty(())
 
 
 # ----------------------------------------------------------------------------
@@ -331,10 +363,15 @@ class VirtualKVLayer(CacheLayerMixin):
         seqlens = self.cache_seqlens[:B]
         seqlens.add_(S)
         self._len_t.add_(S)
+        lens = seqlens
+        if _is_compiling() and self.layer_idx == self._parent._first_layer:
+            # Safety net: commits here if prepare_step did not run (see _ensure_committed);
+            # the writes of every layer come after it (data dependence of layer 0's, then the model's).
+            lens = seqlens + _ensure_committed(seqlens, self._parent._handle)
         k_new = k.transpose(1, 2).reshape(B * S, H, D).to(self._k_buf.dtype)
         v_new = v.transpose(1, 2).reshape(B * S, H, D).to(self._v_buf.dtype)
         cu = None if S == 1 else torch.arange(B + 1, dtype=torch.int32, device=k.device) * S
-        _append(self._k_buf[:B], self._v_buf[:B], k_new, v_new, seqlens, cu)
+        _append(self._k_buf[:B], self._v_buf[:B], k_new, v_new, lens, cu)
         return self._k_full, self._v_full
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -451,6 +488,8 @@ class VirtualKVCache(Cache):
         self._announced = 0  # tokens announced by prepare_step for a step not yet seen on the host
         self._announced_version = -1
         self._synced_version = -1  # version of cache_seqlens (layer 0) when host lengths were last exact
+        self._handle = next(_HANDLES)
+        _CACHES[self._handle] = self
         super().__init__(layers=[VirtualKVLayer(self, i) for i in range(self._num_layers)])
         if self._device is not None and self._dtype is not None:
             self._build_kv(self._device, self._dtype)
@@ -554,6 +593,16 @@ class VirtualKVCache(Cache):
         for b, n in enumerate(lens):
             if n > 0:
                 cap[b] = self._kv.committed_tokens(b)
+
+    def _commit_from_device(self, cache_seqlens: torch.Tensor) -> None:
+        """Called from a running compiled step with the lengths after it: commits
+        them unless prepare_step already did (no sync in that case)."""
+        layer0 = self.layers[self._first_layer]
+        if self._announced and layer0.cache_seqlens._version == self._announced_version:
+            return  # prepare_step backed this step
+        lens = cache_seqlens.tolist()
+        if lens and max(lens) <= self._max_cache_len:
+            self._commit(lens)
 
     def _trim(self, lens: list[int]) -> None:
         """Decommits what rows do not need after a shrink (rows past the batch: all)."""
@@ -760,9 +809,15 @@ class VirtualKVCache(Cache):
 
     # -- stats -----------------------------------------------------------------------
     def memory_stats(self) -> dict[str, Any]:
-        """:meth:`torch_vkv.KVCache.memory_stats` of the underlying cache (bytes and
-        pages), plus ``tokens`` (valid tokens stored, all rows) and ``seq_length``.
-        All zero before the cache is built."""
+        """Memory of the KV, as :meth:`torch_vkv.KVCache.memory_stats` reports it.
+
+        ``reserved_bytes`` (virtual), ``committed_bytes`` (physical: the tokens
+        stored rounded up to whole pages per layer, K/V and row), ``used_bytes``
+        (``tokens`` x bytes per token), ``page_size``, ``tokens_per_page``,
+        commit counters, ...; plus ``tokens`` (tokens stored, all rows: left
+        padding counts in padded mode, not in vkv mode) and ``seq_length``
+        (``get_seq_length()``). Byte counts are 0 before the cache is built.
+        """
         if self._kv is None:
             stats: dict[str, Any] = {k: 0 for k in ("reserved_bytes", "committed_bytes", "used_bytes", "cached_bytes")}
         else:
@@ -771,6 +826,10 @@ class VirtualKVCache(Cache):
         rows = self._row_lens_host() if self._mode is not None else []
         stats["tokens"] = sum(rows)
         stats["seq_length"] = self.layers[self._first_layer]._len if self._mode is not None else 0
+        if self._kv is not None:
+            # Exact from the host lengths (KVCache's own count skips steps that
+            # stay inside committed pages: _commit does not call it for them).
+            stats["used_bytes"] = stats["tokens"] * self._kv.bytes_per_token
         return stats
 
     def close(self) -> None:
