@@ -193,6 +193,8 @@ def _run_variant(variant, model, ids, new_tokens, device, prefill_s) -> dict[str
             driver_peak_gib=drv.peak / 2**30 if device.type == "cuda" else None,
             kv_bytes=_kv_bytes(cache),
         )
+        if variant.startswith("vkv"):
+            row["page_size"] = cache.memory_stats()["page_size"]
         row["_tokens"] = out[:, prompt:].cpu()
     except torch.OutOfMemoryError as e:
         row["error"] = f"OOM: {str(e).splitlines()[0][:80]}"
@@ -244,15 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g).to(device)
             for new in news:
                 # Prefill time (one new token, DynamicCache, sdpa): subtracted for decode tok/s.
-                model.set_attn_implementation("sdpa")
-                from transformers import DynamicCache
-
-                _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)  # warm
-                _sync(device)
-                t = time.perf_counter()
-                _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)
-                _sync(device)
-                prefill_s = time.perf_counter() - t
+                prefill_s = _prefill_seconds(model, ids, device)
                 group = []
                 for variant in args.variants:
                     row = _run_variant(variant, model, ids, new, device, prefill_s)
@@ -280,6 +274,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _prefill_seconds(model, ids, device: torch.device) -> float:
+    """Seconds of a one-new-token generate() (the prefill), DynamicCache + sdpa; 0 if it runs out of memory."""
+    from transformers import DynamicCache
+
+    model.set_attn_implementation("sdpa")
+    try:
+        _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)  # warm
+        _sync(device)
+        t = time.perf_counter()
+        _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)
+        _sync(device)
+        return time.perf_counter() - t
+    except torch.OutOfMemoryError:
+        return 0.0
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _check_group(group: list[dict[str, Any]], model, batch: int) -> list[str]:
     """Target checks for one (batch, prompt, new tokens) configuration."""
     by = {r["variant"]: r for r in group if "error" not in r}
@@ -289,13 +303,10 @@ def _check_group(group: list[dict[str, Any]], model, batch: int) -> list[str]:
         ratio = by["vkv_compiled"]["tok_s"] / by["static"]["tok_s"]
         out.append(f"{cfg}: vkv_compiled / static tok/s = {ratio:.3f} ({'PASS' if ratio >= 0.98 else 'FAIL'} >= 0.98)")
     if "dynamic" in by:
-        from torch_vkv.hf import VirtualKVCache  # noqa: F401
-
         L = model.config.num_hidden_layers
-        page = 2 << 20 if next(model.parameters()).is_cuda else 64 << 10
-        bound = by["dynamic"]["kv_bytes"] + page * 2 * L * batch
         for v in ("vkv", "vkv_compiled"):
             if v in by:
+                bound = by["dynamic"]["kv_bytes"] + by[v]["page_size"] * 2 * L * batch
                 ok = by[v]["kv_bytes"] <= bound
                 extra = ""
                 if "static" in by:
