@@ -498,3 +498,17 @@ def test_cuda_compiled_generate_crosses_pages():
     page = stats["page_size"]
     assert stats["committed_bytes"] == 2 * 2 * 2 * 2 * page  # 1063 tokens: 2 pages per layer, K/V and row
     assert cache.get_seq_length() == 1063
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "vkv"])
+def test_interleaved_layout(impl):
+    """All layers of a token share pages: same tokens, finer commits."""
+    model = tiny_model("llama", impl)
+    ids, mask = prompts(3)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=20)
+    cache = vcache(model, 3, layout="interleaved")
+    assert torch.equal(generate(model, ids, mask, cache, max_new_tokens=20), ref)
+    kv = cache.kv_cache
+    rows = cache.layers[0].cache_seqlens[:3].tolist() if impl == "vkv" else [cache.get_seq_length()] * 3
+    pages = sum(math.ceil(n * kv.bytes_per_token_buffer / kv.page_size) for n in rows)
+    assert cache.memory_stats()["committed_bytes"] == pages * kv.page_size

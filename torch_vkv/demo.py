@@ -39,7 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="prompts in the batch (default 4)")
     p.add_argument("--prompt-len", type=int, default=48, help="longest prompt, tokens (default 48)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--max-cache-len", type=int, default=2048, help="cache capacity per row (default 2048)")
+    p.add_argument("--max-cache-len", type=int, default=None,
+                   help="cache capacity per row (default 2048 on the CPU, 32768 on CUDA)")  # fmt: skip
+    p.add_argument("--layout", choices=("per_layer", "interleaved"), default=None,
+                   help="VirtualKVCache layout (default per_layer on the CPU; interleaved on CUDA, where a "
+                   "2 MiB page would otherwise hold thousands of one small layer's tokens)")  # fmt: skip
     p.add_argument("--attn", default="vkv", help="attention implementation for VirtualKVCache (default vkv)")
     p.add_argument("--page-size", type=int, default=16 << 10,
                    help="host page bytes on the CPU (default 16 KiB; CUDA uses the driver's 2 MiB)")  # fmt: skip
@@ -56,6 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.max_cache_len is None:
+        args.max_cache_len = 2048 if device.type == "cpu" else 32768
+    if args.layout is None:
+        args.layout = "per_layer" if device.type == "cpu" else "interleaved"
     torch.manual_seed(args.seed)
     if not args.no_transformers:
         try:
@@ -164,7 +172,7 @@ def _hf_demo(args: argparse.Namespace, device: torch.device) -> int:
         return out, time.perf_counter() - t
 
     kw = {"page_size": args.page_size} if device.type == "cpu" else {}
-    vcache = VirtualKVCache(cfg, B, args.max_cache_len, **kw)
+    vcache = VirtualKVCache(cfg, B, args.max_cache_len, layout=args.layout, **kw)
     out_v, t_v = run(vcache, args.attn, f"VirtualKVCache ({args.attn})")
     dcache = DynamicCache(config=cfg)
     out_d, t_d = run(dcache, "sdpa", "DynamicCache (sdpa)")
@@ -182,9 +190,10 @@ def _hf_demo(args: argparse.Namespace, device: torch.device) -> int:
     for name, what, nbytes, secs, note in rows:
         print(f"  {name:<15} {what:<10} {_fmt(nbytes):>12}   {N * B / secs:8.1f} new tok/s   ({note})")
     kv = vcache.kv_cache
-    bound = _kv_bytes(dcache) + kv.page_size * 2 * kv.num_layers * B
-    print(f"  (VirtualKVCache stays within DynamicCache + one page per layer, K/V and row: {_fmt(bound)}; "
-          f"it stores no left padding)")  # fmt: skip
+    buffers_per_row = 2 * kv.num_layers if kv.layout == "per_layer" else 1
+    bound = _kv_bytes(dcache) + kv.page_size * buffers_per_row * B
+    print(f"  (VirtualKVCache: layout {kv.layout}, at most DynamicCache + one page per buffer and row = "
+          f"{_fmt(bound)}; it stores no left padding)")  # fmt: skip
     same = torch.equal(out_v, out_d) and torch.equal(out_d, out_s)
     print(f"\nsame tokens from all three caches: {'yes' if same else 'no (kernels differ in rounding)'}")
     vcache.close()
