@@ -181,6 +181,8 @@ def test_crop_then_continue(impl):
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == ref_cache.get_seq_length()
     assert cache.get_mask_sizes(1, 0) == ref_cache.get_mask_sizes(1, 0)
+    cache.crop(0)  # a no-op, as with DynamicCache
+    assert cache.get_seq_length() == ref_cache.get_seq_length()
     # Cropping below a page boundary returns the page.
     cache.crop(-(cache.get_seq_length() - 10))
     assert cache.get_seq_length() == 10

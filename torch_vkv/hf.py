@@ -726,10 +726,11 @@ class VirtualKVCache(Cache):
 
     def crop(self, max_length: int) -> None:
         """Drops tokens from the end: ``crop(-n)`` removes ``n`` tokens, ``crop(n)``
-        with ``n >= 0`` keeps the first ``n`` (the older transformers meaning).
-        Pages past the new lengths are decommitted."""
+        with ``n > 0`` keeps the first ``n`` (the older transformers meaning),
+        ``crop(0)`` does nothing (as ``DynamicCache``). Pages past the new
+        lengths are decommitted."""
         max_length = check_int("max_length", max_length)
-        if not self.is_initialized:
+        if max_length == 0 or not self.is_initialized:
             return
         self._sync_host(resolve=True)
         cur = self.layers[self._first_layer]._len
