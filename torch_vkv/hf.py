@@ -242,9 +242,9 @@ class VirtualKVLayer(CacheLayerMixin):
         self._v_full = v.transpose(1, 2)
         self._k_full._vkv_layer = self
         self._v_full._vkv_layer = self
-        with torch.inference_mode(False):  # normal tensors: they need a version counter
-            self.cache_seqlens = torch.zeros(kv.max_batch_size, dtype=torch.int32, device=k.device)
-            self._len_t = torch.zeros((), dtype=torch.long, device=k.device)
+        # Normal tensors (built outside inference mode): they need a version counter.
+        self.cache_seqlens = torch.zeros(kv.max_batch_size, dtype=torch.int32, device=k.device)
+        self._len_t = torch.zeros((), dtype=torch.long, device=k.device)
         # Static addresses: dynamo lifts them as graph inputs without guards on
         # their data, and CUDA graphs read them in place. An unmarked buffer
         # would be copied into a graph-owned input before every replay: the whole
@@ -535,6 +535,12 @@ class VirtualKVCache(Cache):
 
     # -- set-up ------------------------------------------------------------------
     def _build_kv(self, device: torch.device, dtype: torch.dtype) -> None:
+        # Normal tensors even under inference_mode: the cache outlives the call
+        # that builds it, and later steps may run outside inference mode.
+        with torch.inference_mode(False):
+            self._build_kv_now(device, dtype)
+
+    def _build_kv_now(self, device: torch.device, dtype: torch.dtype) -> None:
         kw = dict(self._kv_kwargs)
         if device.type != "cpu" or kw["page_size"] is None:
             kw.pop("page_size")  # host backend only
