@@ -465,6 +465,17 @@ def test_demo_runs_on_cpu(capsys, keep_threads):
     assert "KVCache committed" in capsys.readouterr().out
 
 
+def test_demo_without_transformers_says_so(capsys, keep_threads, monkeypatch):
+    import sys
+
+    from torch_vkv.demo import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    assert main(["--device", "cpu", "--batch", "2", "--prompt-len", "6", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers is not installed" in out and "KVCache committed" in out
+
+
 def test_bench_hf_tiny_smoke(tmp_path, keep_threads):
     import json
 
@@ -486,7 +497,7 @@ def test_cuda_compiled_generate_crosses_pages():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=256, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, pad_token_id=0,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, pad_token_id=0, initializer_range=0.1,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
     model.set_attn_implementation("vkv")
