@@ -525,3 +525,25 @@ def test_interleaved_layout(impl):
     rows = cache.layers[0].cache_seqlens[:3].tolist() if impl == "vkv" else [cache.get_seq_length()] * 3
     pages = sum(math.ceil(n * kv.bytes_per_token_buffer / kv.page_size) for n in rows)
     assert cache.memory_stats()["committed_bytes"] == pages * kv.page_size
+
+
+def test_demo_local_checkpoint(tmp_path, capsys, keep_threads):
+    from torch_vkv.demo import main
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(tmp_path / "ckpt")
+    assert main(["--model", str(tmp_path / "ckpt"), "--device", "cpu", "--batch", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--max-cache-len", "64"]) == 0  # fmt: skip
+    assert str(tmp_path / "ckpt") in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_cuda_flash_attention_2_padded_mode():
+    pytest.importorskip("flash_attn")
+    model = tiny_model("llama", "flash_attention_2", device="cuda", dtype=torch.float16)
+    ids, mask = prompts(3, device="cuda")
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=16)
+    cache = VirtualKVCache(model.config, 3, 256)
+    out = generate(model, ids, mask, cache, max_new_tokens=16)
+    assert cache.mode == "padded"
+    assert torch.equal(out, ref)
