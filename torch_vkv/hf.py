@@ -889,7 +889,7 @@ def _fallback_sdpa(query, key, value, attention_mask, scaling):
     bottom-right causal mask and the 2-D padding mask over all keys."""
     B, _, Sq, _ = query.shape
     Sk = key.shape[2]
-    if Sk > Sq and getattr(key, "_vkv_layer", None) is None and attention_mask is not None and attention_mask.shape[-1] < Sk:
+    if attention_mask is not None and attention_mask.shape[-1] < Sk:
         raise ValueError(
             f"attn_implementation='vkv' with a cache other than VirtualKVCache: expected a padding mask over all "
             f"{Sk} keys, got {tuple(attention_mask.shape)}"
@@ -901,7 +901,8 @@ def _fallback_sdpa(query, key, value, attention_mask, scaling):
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
-    # Rows with no visible key (all-padding queries) give NaN: zero them like eager's masked softmax would not.
+    # A query with no visible key (a padding query) gives NaN; its output is never
+    # used, but NaN must not spread through later layers' arithmetic.
     out = torch.nan_to_num(out, nan=0.0)
     return out.transpose(1, 2).contiguous(), None
 
@@ -934,11 +935,16 @@ def vkv_attention_forward(
     layer = getattr(key, "_vkv_layer", None)
     if layer is None:
         return _fallback_sdpa(query, key, value, attention_mask, scaling)
-    if kwargs.get("sliding_window") is not None and layer._parent._max_cache_len > kwargs["sliding_window"]:
-        raise NotImplementedError(
-            "attn_implementation='vkv' does not implement sliding windows: expected max_cache_len <= "
-            f"sliding_window={kwargs['sliding_window']}, got {layer._parent._max_cache_len}"
-        )
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        # No sliding windows here: fine while every row fits in the window.
+        longest = layer._parent._max_cache_len if _is_compiling() else max(layer._row_lens, default=0)
+        if longest > window:
+            what = "max_cache_len (compiled steps)" if _is_compiling() else "tokens in a row"
+            raise NotImplementedError(
+                f"attn_implementation='vkv' does not implement sliding windows: expected {what} <= "
+                f"sliding_window={window}, got {longest}"
+            )
     B, Hq, Sq, D = query.shape
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     k_cache = layer._k_buf[:B]
