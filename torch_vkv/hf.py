@@ -32,7 +32,13 @@ they happen in :meth:`VirtualKVCache.prepare_step`, *before* the step.
 outside the compiled forward, and the ``"vkv"`` mask function calls
 ``get_mask_sizes`` on the cache, which calls ``prepare_step``. A hand-written
 compiled loop calls ``cache.prepare_step(num_new_tokens)`` itself before each
-step (eager steps commit by themselves in ``update``).
+step (eager steps commit by themselves in ``update``). A compiled step it
+forgot still commits, through a small op inside the graph that reads the
+lengths (a device sync); a captured CUDA graph cannot, so there the hook is
+required.
+
+Public names: :class:`VirtualKVCache`, :class:`VirtualKVLayer`,
+:func:`register`, :func:`vkv_attention_forward`, :func:`vkv_mask`.
 """
 
 from __future__ import annotations
