@@ -547,3 +547,28 @@ def test_cuda_flash_attention_2_padded_mode():
     out = generate(model, ids, mask, cache, max_new_tokens=16)
     assert cache.mode == "padded"
     assert torch.equal(out, ref)
+
+
+def test_switching_attention_mid_sequence():
+    """vkv -> sdpa on a cache holding vkv-layout rows raises (sdpa would read the
+    full capacity); sdpa -> vkv falls back to plain SDPA over the padded rows."""
+    model = tiny_model("llama", "vkv")
+    ids, mask = prompts(2)
+    cache = vcache(model, 2)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(RuntimeError, match="reset"):
+            model(ids[:, :1], past_key_values=cache)
+    cache.reset()
+    ref = generate(model, ids, mask, DynamicCache(config=model.config))
+    cache = vcache(model, 2)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)  # padded rows
+    cache.reset()
+    model.set_attn_implementation("sdpa")
+    first = generate(model, ids, mask, cache, max_new_tokens=3)  # padded mode
+    model.set_attn_implementation("vkv")
+    mask2 = torch.cat([mask, torch.ones_like(first[:, ids.shape[1]:])], 1)
+    out = generate(model, first, mask2, cache, max_new_tokens=9)  # vkv attention over padded rows
+    assert torch.equal(out, ref)

@@ -333,6 +333,12 @@ class VirtualKVLayer(CacheLayerMixin):
             fail("batch size of key_states", f"{p._batch} (the cache's current batch)", B)
         if p._mode == "padded":
             return self._update_padded(key_states, value_states)
+        if p._config_mode() != "vkv":
+            # Full-capacity views would reach eager/sdpa attention, which reads all of them.
+            raise RuntimeError(
+                "VirtualKVCache holds this sequence in the 'vkv' layout, but the model's attn_implementation "
+                f"is now {getattr(p._config, '_attn_implementation', None)!r}: expected 'vkv' until cache.reset()"
+            )
         if self.layer_idx == p._first_layer:
             # The step prepare_step announced, if any, is this one: settle the
             # host lengths as they were before it, then count it here.
@@ -531,13 +537,15 @@ class VirtualKVCache(Cache):
         """``"padded"``, ``"vkv"`` or ``None`` (nothing stored since the last reset)."""
         return self._mode
 
-    def _planned_mode(self) -> str:
-        if self._mode is not None:
-            return self._mode
+    def _config_mode(self) -> str:
+        """The mode the config's attention implementation asks for now."""
         impl = getattr(_text_config(self._config), "_attn_implementation", None)
         if impl is None:
             impl = getattr(self._config, "_attn_implementation", None)
         return "vkv" if impl == ATTN_NAME else "padded"
+
+    def _planned_mode(self) -> str:
+        return self._mode if self._mode is not None else self._config_mode()
 
     # -- set-up ------------------------------------------------------------------
     def _build_kv(self, device: torch.device, dtype: torch.dtype) -> None:
