@@ -265,7 +265,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = "python -m torch_vkv bench hf " + " ".join(argv or [])
     summary = "\n".join(
         ["Targets: vkv_compiled >= 0.98x static tok/s; VirtualKVCache KV <= DynamicCache's + one page per "
-         "layer, K/V and sequence; far below StaticCache's.", ""] + [f"- {c}" for c in checks]
+         "layer, K/V and sequence; far below StaticCache's.",
+         "",
+         "torch_peak_gib counts VirtualKVCache's whole *virtual* reservation (torch sees a VMM tensor's full "
+         "size); driver_peak_gib (total - free, polled) and kv_bytes (committed) show what is backed. "
+         "decode_tok_s subtracts the DynamicCache prefill time, so it also carries VirtualKVCache's prefill "
+         "page commits.", ""] + [f"- {c}" for c in checks]
     )  # fmt: skip
     columns = ["variant", "batch", "prompt", "new_tokens", "tok_s", "decode_tok_s", "seconds", "warmup_s",
                "torch_peak_gib", "driver_peak_gib", "kv_bytes", "error"]  # fmt: skip
