@@ -544,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         log("bench kernels: expected a CUDA device, got none (use --smoke for a CPU plumbing check)")
         return 2
     if cfg.device.type == "cuda":
+        if cfg.device.index is None:  # "cuda" means the current device
+            cfg.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(cfg.device)
     else:
         import os
