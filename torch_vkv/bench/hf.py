@@ -169,6 +169,10 @@ def _run_variant(variant, model, ids, new_tokens, device, prefill_s) -> dict[str
     try:
         warm = 0.0
         if compiled:  # compile + capture on this cache object, then reset it (addresses stay)
+            # A fresh compile per variant and shape: across many configurations the
+            # shared compiled forward would otherwise hit dynamo's recompile limit and
+            # silently run eagerly.
+            torch._dynamo.reset()
             t = time.perf_counter()
             _generate(model, ids, cache, min(8, new_tokens), compiled=True)
             _sync(device)
