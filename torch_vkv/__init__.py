@@ -16,14 +16,15 @@ from torch_vkv.pool import PagePool
 from torch_vkv.tensor import VirtualKVTensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch_vkv.attention import BACKENDS, append_kv, attention, available_backends, select_backend
+    from torch_vkv import attention
+    from torch_vkv.attention import BACKENDS, append_kv, available_backends, select_backend
+    from torch_vkv.hf import VirtualKVCache
     from torch_vkv.paged import BlockPool, PagedKVCache, paged_from_dense
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access (PEP 562).
 _LAZY = {
-    "attention": "torch_vkv.attention",
     "append_kv": "torch_vkv.attention",
     "available_backends": "torch_vkv.attention",
     "select_backend": "torch_vkv.attention",
@@ -31,6 +32,7 @@ _LAZY = {
     "BlockPool": "torch_vkv.paged",
     "PagedKVCache": "torch_vkv.paged",
     "paged_from_dense": "torch_vkv.paged",
+    "VirtualKVCache": "torch_vkv.hf",
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "OutOfSlotsError",
     "PagePool",
     "PagedKVCache",
+    "VirtualKVCache",
     "VirtualKVTensor",
     "__version__",
     "append_kv",
@@ -54,8 +57,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "attention":
+        # The submodule, which is callable: torch_vkv.attention(q, k_cache, ...)
+        # and torch_vkv.attention.append_kv both work, imported or not.
+        return importlib.import_module("torch_vkv.attention")
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as e:  # e.g. VirtualKVCache without transformers
+            raise AttributeError(f"torch_vkv.{name} needs an optional dependency: {e}") from e
+        value = getattr(module, name)
         globals()[name] = value  # later lookups skip this hook
         return value
     if name == "triton_kernels":  # installed as torch_vkv.triton_kernels

@@ -54,8 +54,9 @@ import importlib.util
 import math
 import os
 import sys
+import types
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,29 +111,56 @@ def _triton_kernels():
     return _TK
 
 
+# Evaluated once, at import: these are facts about the installation, and computing them
+# under torch.compile would break the graph (dynamo skips importlib.util.find_spec and
+# cannot wrap an op's FunctionSchema). find_spec imports nothing.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_FLASH_ATTN_SPEC = importlib.util.find_spec("flash_attn") is not None
+_HAS_TORCH_FA2 = hasattr(torch.ops.aten, "_flash_attention_forward") and "seqused_k" in str(
+    torch.ops.aten._flash_attention_forward.default._schema
+)
+
+
 def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def _triton_usable(device: torch.device) -> bool:
     """Triton runs on CUDA, and on the CPU only under ``TRITON_INTERPRET=1``."""
-    if not _has_triton():
+    if not _HAS_TRITON:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_FA_FN = None
+_FA_TRIED = False
 
 
 def _flash_attn_fn():
-    try:
-        from flash_attn import flash_attn_with_kvcache  # type: ignore[import-not-found]
-    except Exception:  # not installed, or built for another torch
+    global _FA_FN, _FA_TRIED
+    if not _HAS_FLASH_ATTN_SPEC:
         return None
-    return flash_attn_with_kvcache
+    if not _FA_TRIED:
+        try:
+            from flash_attn import flash_attn_with_kvcache  # type: ignore[import-not-found]
+
+            _FA_FN = flash_attn_with_kvcache
+        except Exception:  # broken install, or built for another torch
+            _FA_FN = None
+        _FA_TRIED = True
+    return _FA_FN
+
+
+@torch.compiler.assume_constant_result
+def _has_flash_attn() -> bool:
+    """``flash_attn_with_kvcache`` importable (a constant for torch.compile: no import traced)."""
+    return _flash_attn_fn() is not None
 
 
 def _has_torch_fa2() -> bool:
-    return hasattr(torch.ops.aten, "_flash_attention_forward") and "seqused_k" in str(
-        torch.ops.aten._flash_attention_forward.default._schema
-    )
+    return _HAS_TORCH_FA2
 
 
 def _flex_module():
@@ -418,34 +446,77 @@ def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, caus
 _FLEX_COMPILED = None
 
 
-def _flex_fn(device):
-    """Compiled flex_attention in eager CUDA code; the plain op under tracing (the caller compiles) or on CPU."""
+def _flex_limits() -> dict:
+    """Dynamo recompile limits for our compiled ``flex_attention`` (patched only around its call).
+
+    With ``dynamic=False`` every new shape, dtype or stride is a recompile of the one
+    ``flex_attention`` code object; at the default limit (8) dynamo silently fell back to
+    eager ``flex_attention``, whose CUDA path is the unfused math reference (``0 * NaN``
+    over every row, host-to-device copies in the mask: not capturable).
+    """
+    cfg = torch._dynamo.config
+    out = {}
+    for names, value in ((("recompile_limit", "cache_size_limit"), 1024),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8192)):  # fmt: skip
+        for name in names:
+            if hasattr(cfg, name):
+                out[name] = max(int(getattr(cfg, name)), value)
+                break
+    return out
+
+
+def _flex_call(device, *args, **kwargs):
+    """flex_attention: compiled on its own in eager CUDA code; the plain op under tracing (the
+    caller compiles it with its graph) and on the CPU.
+
+    ``fullgraph=True``: a graph break or the recompile limit raises instead of running the
+    eager (math) flex_attention on CUDA.
+    """
     fa = _flex_module()
     if device.type != "cuda" or torch.compiler.is_compiling():
-        return fa.flex_attention
+        return fa.flex_attention(*args, **kwargs)
     global _FLEX_COMPILED
     if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(fa.flex_attention, dynamic=False)
-    return _FLEX_COMPILED
+        _FLEX_COMPILED = torch.compile(fa.flex_attention, dynamic=False, fullgraph=True)
+    with torch._dynamo.config.patch(**_flex_limits()):
+        return _FLEX_COMPILED(*args, **kwargs)
 
 
+@torch.compiler.assume_constant_result
+def _fkb_has(param: str) -> bool:
+    """Whether this torch's ``BlockMask.from_kv_blocks`` takes ``param`` (a constant for torch.compile)."""
+    import inspect
 
-_FKB_PARAMS = None
+    return param in inspect.signature(_flex_module().BlockMask.from_kv_blocks).parameters
 
 
 def _from_kv_blocks_kwargs(q_len: int, kv_len: int) -> dict:
     """``seq_lengths`` / ``compute_q_blocks`` where this torch's ``BlockMask.from_kv_blocks`` has them."""
-    global _FKB_PARAMS
-    if _FKB_PARAMS is None:
-        import inspect
-
-        _FKB_PARAMS = set(inspect.signature(_flex_module().BlockMask.from_kv_blocks).parameters)
     kw = {}
-    if "seq_lengths" in _FKB_PARAMS:
+    if _fkb_has("seq_lengths"):
         kw["seq_lengths"] = (q_len, kv_len)
-    if "compute_q_blocks" in _FKB_PARAMS:
+    if _fkb_has("compute_q_blocks"):
         kw["compute_q_blocks"] = False  # forward only: skip the transposed (q-major) index
     return kw
+
+
+def _flex_kernel_options(Q: int, G: int, D: int, dtype, QB: int, KVB: int) -> dict:
+    """Triton kernel choice and tile sizes for CUDA flex, compatible with the BlockMask's blocks.
+
+    Inductor takes BLOCK_M/BLOCK_N from a per-GPU default config (D=64 on H100/H200:
+    BLOCK_N=128), and refuses a BlockMask whose block sizes they do not divide. So we fix
+    them: BLOCK_N the largest power of two dividing the KV block (at most 64), BLOCK_M
+    dividing the 128-row Q block. Short queries whose GQA group packs into one Q block
+    (``Q * G <= 128``, G a power of two) take the split-KV flex decoding kernel (it needs
+    BLOCK_M = next_pow2(Q * G) to divide the Q block); everything else the main kernel.
+    """
+    bn = min(KVB & -KVB, 64)
+    if bn < 16:
+        raise ValueError(f"flex on CUDA: expected a KV block size with a power-of-two factor >= 16, got {KVB}")
+    if Q * G <= QB and G & (G - 1) == 0:
+        return {"BACKEND": "TRITON_DECODE", "BLOCK_N": bn}
+    bm = 128 if dtype != torch.float32 and D <= 128 else 64
+    return {"BACKEND": "TRITON", "BLOCK_M": bm, "BLOCK_N": bn}
 
 
 def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
@@ -471,7 +542,6 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         s_pad = _flat_rows(k_cache)
         if s_pad is None or _flat_rows(v_cache) != s_pad:
             raise ValueError(f"flex: expected stride(0) a multiple of stride(1), got {k_cache.stride()}")
-        kf, vf = _flatten(k_cache, s_pad), _flatten(v_cache, s_pad)
         # KV blocks must not straddle two requests' rows (the straddled rows would be read, and
         # 0 * NaN leaks): a block size that divides S_pad keeps every row start block aligned.
         KVB = 128 if k_cache.shape[0] == 1 else math.gcd(s_pad, 128)
@@ -480,7 +550,7 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         start = idx * s_pad  # first flattened row of each request
         first = start // KVB
         num = torch.where(vis > 0, (start[:, None] + vis + KVB - 1) // KVB - first[:, None], torch.zeros_like(vis))
-        n_rows = kf.shape[0]
+        n_rows = (k_cache.shape[0] - 1) * s_pad + k_cache.shape[1]  # rows of the flattened cache
         max_nb = -(-k_cache.shape[1] // KVB) + 1
         kv_idx = (first[:, None] + torch.arange(max_nb, device=dev)[None, :]).clamp(max=-(-n_rows // KVB) - 1)
         kv_idx = kv_idx[:, None, None, :].expand(R, 1, nqb, max_nb)
@@ -493,8 +563,6 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         page = k_cache.shape[1]
         if k_cache.stride(0) != page * k_cache.stride(1) or v_cache.stride(0) != page * v_cache.stride(1):
             raise ValueError(f"flex paged: expected pools with stride(0) == page_size * stride(1), got {k_cache.stride()}")
-        kf = k_cache.as_strided((k_cache.shape[0] * page,) + tuple(k_cache.shape[2:]), (k_cache.stride(1), k_cache.stride(2), 1))
-        vf = v_cache.as_strided((v_cache.shape[0] * page,) + tuple(v_cache.shape[2:]), (v_cache.stride(1), v_cache.stride(2), 1))
         KVB = page
         bt = block_table.index_select(0, idx).long()  # [R, max_blocks]
         max_nb = bt.shape[1]
@@ -509,7 +577,7 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         owner = torch.full((k_cache.shape[0] + 1,), -1, device=dev, dtype=torch.long).scatter_(
             0, dst.reshape(-1), torch.arange(R, device=dev)[:, None].expand(R, max_nb).reshape(-1)
         )
-        limit = page
+        limit = max_nb * page  # positions (logical) past the table are never touched
 
         def logical(b, kv):
             blk = kv // page
@@ -519,7 +587,13 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         # Flex reads whole KV blocks and masks only the scores: zero the rows past each length
         # inside its last block so that 0 * NaN cannot reach P @ V.
         _zero_tail_op(k_cache, v_cache, cache_seqlens, slots, block_table, KVB, limit)
+    # Flattened views taken after the in-place zeroing (so a traced graph reads the zeroed cache).
+    if block_table is None:
+        kf, vf = _flatten(k_cache, s_pad), _flatten(v_cache, s_pad)
     else:
+        kf = k_cache.as_strided((k_cache.shape[0] * page,) + tuple(k_cache.shape[2:]), (k_cache.stride(1), k_cache.stride(2), 1))
+        vf = v_cache.as_strided((v_cache.shape[0] * page,) + tuple(v_cache.shape[2:]), (v_cache.stride(1), v_cache.stride(2), 1))
+    if not q.is_cuda:
         # CPU flex runs unfused (dense scores over every row): mask the keys themselves, and read
         # only valid rows (on a virtual cache the others may not be committed): an invalid row is
         # replaced by a valid one, then by zeros.
@@ -561,9 +635,9 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
     else:
         req, row_ = _pad_index(cu_seqlens_q, T, Q, right_aligned=False)
         qp = q.new_zeros((R, Q, H, D)).index_put((req, row_), q).transpose(1, 2)
-    kernel_options = {"BLOCK_N": KVB} if KVB < 64 else None
-    o = _flex_fn(q.device)(
-        qp, kf.transpose(0, 1).unsqueeze(0), vf.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
+    kernel_options = _flex_kernel_options(Q, H // H_kv, D, q.dtype, QB, KVB) if q.is_cuda else None
+    o = _flex_call(
+        q.device, qp, kf.transpose(0, 1).unsqueeze(0), vf.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
         enable_gqa=H != H_kv, kernel_options=kernel_options,
     )  # fmt: skip
     if decode:
@@ -642,7 +716,7 @@ def available_backends(device="cuda") -> list:
     out = []
     if device.type == "cuda" and _has_torch_fa2():
         out.append("torch_fa2")
-    if device.type == "cuda" and _flash_attn_fn() is not None:
+    if device.type == "cuda" and _has_flash_attn():
         out.append("flash_attn")
     if _triton_usable(device):
         out.append("triton")
@@ -672,7 +746,7 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> st
     if q.device.type != "cuda":
         return "sdpa"
     tri = _has_triton() and _pow2_dim(q.shape[2])
-    fa = _flash_attn_fn() is not None and q.dtype in (torch.float16, torch.bfloat16)
+    fa = _has_flash_attn() and q.dtype in (torch.float16, torch.bfloat16)
     if block_table is not None:
         if tri:
             return "triton"
@@ -768,7 +842,7 @@ def attention(
     if backend == "torch_fa2":
         return _fa2_attention(*args, 0)
     if backend == "flash_attn":
-        if _flash_attn_fn() is None:
+        if not _has_flash_attn():
             fail("backend 'flash_attn'", "the flash-attn package to be importable", "ImportError")
         return _flash_attn_attention(*args, 0)
     if backend == "flex":
@@ -829,3 +903,17 @@ def append_kv(
     cu_seqlens_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None
     slots = slots.contiguous() if slots is not None else None
     _append_kv_op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
+
+
+class _CallableModule(types.ModuleType):
+    """``torch_vkv.attention`` is both this module and its entry point:
+    ``torch_vkv.attention(q, k_cache, ...)`` calls :func:`attention`, and
+    ``torch_vkv.attention.append_kv`` etc. still reach the module. Without this,
+    what ``torch_vkv.attention`` names would depend on whether the submodule
+    had been imported yet (Python rebinds the package attribute on import)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return attention(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
