@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from _layouts import KINDS, make_batch, make_cache, poison  # noqa: E402
-from torch_vkv import attention as attn_mod  # noqa: E402
+attn_mod = importlib.import_module("torch_vkv.attention")  # the module; torch_vkv.attention is the function
 from torch_vkv.errors import OutOfPagesError  # noqa: E402
 from torch_vkv.paged import BlockPool, PagedKVCache, paged_from_dense  # noqa: E402
 

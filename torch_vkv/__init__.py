@@ -1,8 +1,11 @@
 """torch_vkv: LLM KV caches in contiguous virtual memory, pages committed on demand.
 
 Importing this package loads neither the C++ core, nor CUDA, nor Triton; each
-loads on first use. The attention entry points and the paged baseline are
+loads on first use. The paged baseline and the Hugging Face adapter are
 imported lazily on first attribute access.
+
+``torch_vkv.attention`` is the attention entry point (a function); the module
+that defines it is reached with ``from torch_vkv.attention import ...``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Imported eagerly so that ``torch_vkv.attention`` always names the function,
+# whatever was imported before (importing a submodule rebinds the package
+# attribute of the same name), and torch.compile can trace a call to it.
+from torch_vkv.attention import BACKENDS, append_kv, attention, available_backends, select_backend
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.errors import KVCacheCapacityError, OutOfPagesError, OutOfSlotsError
 from torch_vkv.pool import PagePool
 from torch_vkv.tensor import VirtualKVTensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch_vkv import attention
-    from torch_vkv.attention import BACKENDS, append_kv, available_backends, select_backend
     from torch_vkv.hf import VirtualKVCache
     from torch_vkv.paged import BlockPool, PagedKVCache, paged_from_dense
 
@@ -25,10 +30,6 @@ __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access (PEP 562).
 _LAZY = {
-    "append_kv": "torch_vkv.attention",
-    "available_backends": "torch_vkv.attention",
-    "select_backend": "torch_vkv.attention",
-    "BACKENDS": "torch_vkv.attention",
     "BlockPool": "torch_vkv.paged",
     "PagedKVCache": "torch_vkv.paged",
     "paged_from_dense": "torch_vkv.paged",
@@ -57,10 +58,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "attention":
-        # The submodule, which is callable: torch_vkv.attention(q, k_cache, ...)
-        # and torch_vkv.attention.append_kv both work, imported or not.
-        return importlib.import_module("torch_vkv.attention")
     if name in _LAZY:
         try:
             module = importlib.import_module(_LAZY[name])

@@ -54,14 +54,21 @@ import importlib.util
 import math
 import os
 import sys
-import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import fail
+
+
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing dynamo (and
+    with it triton) when torch_vkv is imported: the decorator only sets this
+    marker, which dynamo reads when it traces a call (torch 2.11 to 2.13)."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 __all__ = [
     "BACKENDS",
@@ -153,7 +160,7 @@ def _flash_attn_fn():
     return _FA_FN
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _has_flash_attn() -> bool:
     """``flash_attn_with_kvcache`` importable (a constant for torch.compile: no import traced)."""
     return _flash_attn_fn() is not None
@@ -482,7 +489,7 @@ def _flex_call(device, *args, **kwargs):
         return _FLEX_COMPILED(*args, **kwargs)
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _fkb_has(param: str) -> bool:
     """Whether this torch's ``BlockMask.from_kv_blocks`` takes ``param`` (a constant for torch.compile)."""
     import inspect
@@ -904,16 +911,3 @@ def append_kv(
     slots = slots.contiguous() if slots is not None else None
     _append_kv_op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
 
-
-class _CallableModule(types.ModuleType):
-    """``torch_vkv.attention`` is both this module and its entry point:
-    ``torch_vkv.attention(q, k_cache, ...)`` calls :func:`attention`, and
-    ``torch_vkv.attention.append_kv`` etc. still reach the module. Without this,
-    what ``torch_vkv.attention`` names would depend on whether the submodule
-    had been imported yet (Python rebinds the package attribute on import)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return attention(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
