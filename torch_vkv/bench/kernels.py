@@ -504,18 +504,22 @@ def _plots(rows: list, out_dir, log) -> None:
     for model in sorted({r["model"] for r in dec}):
         ctxs = sorted({r["context"] for r in dec if r["model"] == model})
         fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+        # One colour per variant across every panel, so panels read alike.
+        variants = sorted({(r["backend"], r["block"]) for r in dec if r["model"] == model}, key=str)
+        colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
         for ax, S in zip(axes[0], ctxs):
             sel = [r for r in dec if r["model"] == model and r["context"] == S]
             for name in sorted({(r["backend"], r["block"]) for r in sel}, key=str):
                 pts = sorted((r["batch"], r["pct_copy"]) for r in sel if (r["backend"], r["block"]) == name)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour[name],
                         label=name[0] + (f"/{name[1]}" if name[1] else ""))  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_title(f"{model} decode, context {S}")
             ax.set_xlabel("batch")
             ax.set_ylabel("% of copy bandwidth")
             ax.axhline(80, color="gray", ls="--", lw=0.8)
-        axes[0][-1].legend(fontsize=7)
+        for ax in axes[0]:
+            ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / f"kernels_decode_{model}.png", dpi=120)
         plt.close(fig)
