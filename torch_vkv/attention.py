@@ -345,7 +345,10 @@ def _fa2_supported(q, k_cache, v_cache, block_table) -> bool:
 def _pad_index(cu_seqlens_q, total_q, max_q, right_aligned):
     """For each packed query row: (request, row in a [R, max_q] padded batch)."""
     tok = torch.arange(total_q, device=cu_seqlens_q.device, dtype=torch.int32)
-    req = torch.searchsorted(cu_seqlens_q[1:], tok, right=True)
+    # Search the whole cu_seqlens_q (cu[0] = 0 <= tok) rather than the view cu_seqlens_q[1:]:
+    # torch 2.11's Inductor lowering of searchsorted read that view without its storage offset
+    # (an out-of-bounds request index under torch.compile on CUDA). Clamped: never out of range.
+    req = (torch.searchsorted(cu_seqlens_q, tok, right=True) - 1).clamp(0, cu_seqlens_q.shape[0] - 2)
     if right_aligned:  # last query of each request in the last padded row
         row = max_q - (cu_seqlens_q[1:][req] - tok)
     else:
