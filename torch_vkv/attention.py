@@ -655,6 +655,27 @@ def _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
     return o.transpose(1, 2)[req, row_]
 
 
+@torch.library.custom_op(
+    "torch_vkv::flex_attention",
+    mutates_args=("k_cache", "v_cache"),
+    schema="(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? cu_seqlens_q, "
+    "Tensor? slots, Tensor? block_table, bool causal, float scale, int max_seqlen_q) -> Tensor",
+)
+def _flex_attention_op(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
+    """Flex on CUDA as one opaque op: under an outer torch.compile, Inductor
+    fused flex's index preparation (request/row padding of q) into a kernel
+    that read out of bounds on torch 2.11; run eagerly here, flex itself is
+    still compiled on its own (``_flex_call``). Mutates the caches: the rows
+    between each length and the end of its last KV block are zeroed."""
+    out = _flex_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q)
+    return out.contiguous()
+
+
+@_flex_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 # ----------------------------------------------------------------------------
 # append and tail zeroing (custom ops that mutate the cache)
 # ----------------------------------------------------------------------------
@@ -860,7 +881,8 @@ def attention(
             fail("backend 'flex'", "torch.nn.attention.flex_attention", "ImportError")
         if q.is_cuda and not _has_triton():
             fail("backend 'flex' on CUDA", "the triton package to be importable", "ImportError")
-        return _flex_attention(*args)
+        # CPU: plain traceable code; CUDA: one opaque op (see _flex_attention_op).
+        return _flex_attention_op(*args) if q.is_cuda else _flex_attention(*args)
     return _sdpa_attention_op(*args, 0)
 
 
