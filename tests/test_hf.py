@@ -263,10 +263,14 @@ def test_registered_and_compileable_flag():
 # ---------------------------------------------------------------------------------
 
 
-def _expected_committed(cache: VirtualKVCache, rows: list[int]) -> int:
-    """Bytes a per_layer cache commits for ``rows`` tokens per row: whole pages per buffer."""
+def _expected_committed(cache: VirtualKVCache, rows: list[int], ahead: int = 0) -> int:
+    """Bytes a per_layer cache commits for ``rows`` tokens per row: whole pages per buffer.
+
+    ``ahead=1`` after decode steps: the pre-step commit also prefetches what one
+    more token needs (KVCache.step_async), so a row that ends exactly on a page
+    boundary holds the next page too (pages of ``n + 1`` tokens)."""
     kv = cache.kv_cache
-    per_buffer = sum(math.ceil(n * kv.bytes_per_token_buffer / kv.page_size) for n in rows)
+    per_buffer = sum(math.ceil((n + ahead if n else 0) * kv.bytes_per_token_buffer / kv.page_size) for n in rows)
     return per_buffer * kv.page_size * 2 * kv.num_layers
 
 
@@ -280,7 +284,7 @@ def test_memory_within_page_rounding(impl):
     generate(model, ids, mask, cache, max_new_tokens=40)
     stats = cache.memory_stats()
     rows = cache.layers[0].cache_seqlens[:3].tolist() if impl == "vkv" else [cache.get_seq_length()] * 3
-    assert stats["committed_bytes"] == _expected_committed(cache, rows)
+    assert stats["committed_bytes"] == _expected_committed(cache, rows, ahead=1)
     kv = cache.kv_cache
     dynamic = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in ref_cache.layers)
     one_page_each = kv.page_size * 2 * kv.num_layers * 3
@@ -324,7 +328,7 @@ def test_compiled_decode_no_graph_breaks_no_recompiles():
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert cache.get_seq_length() == n + 50 == ref_cache.get_seq_length()
-    assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, [n + 50] * 2)
+    assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, [n + 50] * 2, ahead=1)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -347,7 +351,7 @@ def test_generate_compiled_settles_lengths_without_syncs(batch):
     rows = cache.layers[0].cache_seqlens[:batch].tolist()
     assert cache.get_seq_length() == ids.shape[1] + 39
     assert cache.memory_stats()["tokens"] == sum(rows)
-    assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, rows)
+    assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, rows, ahead=1)
 
 
 # ---------------------------------------------------------------------------------
@@ -355,32 +359,138 @@ def test_generate_compiled_settles_lengths_without_syncs(batch):
 # ---------------------------------------------------------------------------------
 
 
+# Decisive comparisons. A bug in the cache (a wrong row, a stale length, a
+# missed write) moves logits by O(their scale); rounding moves them by far less.
+# So the GPU tests compare logits step by step against DynamicCache + sdpa in
+# float32, within |a - b| <= atol * s + rtol * |b| where s = max(1, max |b|)
+# of the row (the logits' scale: ~1-10 for the tiny models): atol = rtol = 1e-2
+# for float32 models (our Triton kernels use TF32 dots), 6e-2 for float16.
+# Greedy tokens must be equal, except where the reference's top two logits are
+# within 2 * atol * s (a near-tie that rounding may flip); after such a flip
+# the histories differ and the row is not compared further.
+TOL = {torch.float32: dict(atol=1e-2, rtol=1e-2), torch.float16: dict(atol=6e-2, rtol=6e-2)}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype, what: str) -> None:
+    tol = TOL[dtype]
+    scale = max(1.0, b.abs().max().item())
+    torch.testing.assert_close(a.float(), b.float(), atol=tol["atol"] * scale, rtol=tol["rtol"],
+                               msg=lambda m: f"{what} (logit scale {scale:.2f}): {m}")  # fmt: skip
+
+
+def _ref_model():
+    """The float32 reference: the weights of tiny_model("llama") (same seed and
+    config), sdpa, a separate object (tiny_model's cached models stay untouched)."""
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(tiny_config("llama")).to(device="cuda", dtype=torch.float32).eval()
+    ref.set_attn_implementation("sdpa")
+    ref.generation_config.pad_token_id = 0
+    return ref
+
+
+def _assert_greedy_equivalent(ref, out, prompt_len: int, dtype, what: str):
+    """``ref``/``out``: generate() results with ``output_logits``. Logits close while
+    histories agree; a token may differ only at a near-tie of the reference."""
+    tol = TOL[dtype]
+    steps = len(ref.logits)
+    assert len(out.logits) == steps, (len(out.logits), steps)
+    worst, flips = 0.0, []
+    for b in range(ref.sequences.shape[0]):
+        for t in range(steps):
+            a, r = out.logits[t][b].float(), ref.logits[t][b].float()
+            worst = max(worst, (a - r).abs().max().item())
+            _close(a, r, dtype, f"{what}: row {b}, step {t}")
+            if out.sequences[b, prompt_len + t] != ref.sequences[b, prompt_len + t]:
+                top2 = r.topk(2).values
+                margin = (top2[0] - top2[1]).item()
+                assert margin <= 2 * tol["atol"] * max(1.0, r.abs().max().item()), (
+                    f"{what}: row {b}, step {t}: token {int(out.sequences[b, prompt_len + t])} vs reference "
+                    f"{int(ref.sequences[b, prompt_len + t])} with a clear reference margin {margin:.4f}"
+                )
+                flips.append((b, t, margin))
+                break
+    print(f"{what}: max |dlogit| {worst:.2e} over {steps} steps; near-tie flips {flips}")
+    return flips
+
+
+def _generate_logits(model, ids, mask, cache, n, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False, max_new_tokens=n,
+                              output_logits=True, return_dict_in_generate=True, **kw)  # fmt: skip
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("impl", ["sdpa", "vkv"])
-def test_cuda_generate_matches_dynamic_cache(impl):
-    model = tiny_model("llama", impl, device="cuda", dtype=torch.float16)
+def test_cuda_generate_matches_dynamic_cache(impl, dtype):
+    """generate() with VirtualKVCache (vkv: auto-compiled with CUDA graphs) against
+    DynamicCache + sdpa in float32: logits within TOL, same tokens but at near-ties;
+    in float32 with sdpa (padded mode, no compile) the tokens are exactly equal."""
+    model = tiny_model("llama", impl, device="cuda", dtype=dtype)
     ids, mask = prompts(3, device="cuda")
-    ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=16)
+    ref = _generate_logits(_ref_model(), ids, mask, DynamicCache(config=model.config), 24)
     cache = VirtualKVCache(model.config, 3, 256)
-    out = generate(model, ids, mask, cache, max_new_tokens=16)
-    # fp16 kernels differ in rounding: compare the first tokens exactly, the rest mostly.
-    assert torch.equal(out[:, : ids.shape[1] + 4], ref[:, : ids.shape[1] + 4])
-    assert (out == ref).float().mean() > 0.9
+    out = _generate_logits(model, ids, mask, cache, 24)
+    flips = _assert_greedy_equivalent(ref, out, ids.shape[1], dtype, f"generate {impl} {dtype}")
+    if impl == "sdpa" and dtype == torch.float32:
+        assert not flips and torch.equal(out.sequences, ref.sequences)
+    assert cache.get_seq_length() == ids.shape[1] + 23
     assert cache.memory_stats()["committed_bytes"] <= 2 * 2 * 3 * cache.kv_cache.page_size
 
 
 @pytest.mark.cuda
-def test_cuda_generate_autocompile_cuda_graphs():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "reduce_overhead"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_teacher_forced_logits(dtype, compiled):
+    """Step by step, both caches fed the reference's tokens (teacher forcing): every
+    step's logits of the vkv model (eager, or compiled with CUDA graphs and
+    prepare_step) within TOL of DynamicCache + sdpa in float32. Left-padded batch of 3."""
+    model = tiny_model("llama", "vkv", device="cuda", dtype=dtype)
+    ref_model = _ref_model()
+    ids, mask = prompts(3, device="cuda")
+    cache = VirtualKVCache(model.config, 3, 256)
+    ref_cache = DynamicCache(config=model.config)
+    n = ids.shape[1]  # the prefill uses positions 0..n-1 (as both models see them)
+    with torch.no_grad():
+        ref_logits = ref_model(ids, attention_mask=mask, past_key_values=ref_cache).logits[:, -1]
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        _close(logits, ref_logits, dtype, "prefill")
+        step = model.forward
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead")
+        worst = 0.0
+        for i in range(40):
+            tok = ref_logits.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            pos = torch.full((3, 1), n + i, device="cuda")
+            ref_logits = ref_model(tok, attention_mask=mask, position_ids=pos, past_key_values=ref_cache).logits[:, -1]
+            cache.prepare_step(1)
+            # No mask for the vkv step: new tokens are real, and the cache knows each row's length.
+            logits = step(tok, position_ids=pos, past_key_values=cache).logits[:, -1].float()
+            worst = max(worst, (logits - ref_logits).abs().max().item())
+            _close(logits, ref_logits, dtype, f"step {i}")
+    print(f"teacher-forced {dtype} compiled={compiled}: max |dlogit| {worst:.2e}")
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == n + 40
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_generate_autocompile_cuda_graphs(dtype):
     """generate() auto-compiles (reduce-overhead: CUDA graphs) with a compileable
-    cache on CUDA; commits happen before each captured step."""
-    model = tiny_model("llama", "vkv", device="cuda", dtype=torch.float16)
+    cache on CUDA; commits happen before each captured step. Same logits as the
+    eager VirtualKVCache run and as DynamicCache + sdpa float32, within TOL."""
+    model = tiny_model("llama", "vkv", device="cuda", dtype=dtype)
     ids, mask = prompts(3, device="cuda")
     eager_cache = VirtualKVCache(model.config, 3, 4096)
-    ref = generate(model, ids, mask, eager_cache, max_new_tokens=64, disable_compile=True)
+    eager = _generate_logits(model, ids, mask, eager_cache, 64, disable_compile=True)
+    ref = _generate_logits(_ref_model(), ids, mask, DynamicCache(config=model.config), 64)
     cache = VirtualKVCache(model.config, 3, 4096)
     assert cache.is_compileable
-    out = generate(model, ids, mask, cache, max_new_tokens=64)
-    assert (out == ref).float().mean() > 0.9
+    out = _generate_logits(model, ids, mask, cache, 64)
+    _assert_greedy_equivalent(ref, eager, ids.shape[1], dtype, f"eager vkv {dtype}")
+    _assert_greedy_equivalent(ref, out, ids.shape[1], dtype, f"auto-compiled vkv {dtype}")
+    _assert_greedy_equivalent(eager, out, ids.shape[1], dtype, f"auto-compiled vs eager vkv {dtype}")
     assert cache.get_seq_length() == eager_cache.get_seq_length() == ids.shape[1] + 63
     assert cache.memory_stats()["tokens"] == eager_cache.memory_stats()["tokens"]
 
@@ -407,7 +517,8 @@ def test_cuda_compiled_decode_reduce_overhead():
     torch.cuda.synchronize()
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
-    assert cache.get_seq_length() == n + 50
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the step really ran as a CUDA graph
+    assert cache.get_seq_length() == n + 50  # host lengths right after replays (which bump no version)
 
 
 # ---------------------------------------------------------------------------------
@@ -489,28 +600,80 @@ def test_bench_hf_tiny_smoke(tmp_path, keep_threads):
     assert rows[1]["kv_bytes"] > 0
 
 
-@pytest.mark.cuda
-def test_cuda_compiled_generate_crosses_pages():
-    """2 KiB of K per token and layer: a 2 MiB page holds 1024 tokens, so the
-    compiled (CUDA graph) steps cross a page boundary; the commit must come
-    from prepare_step before the replay, or the kernel faults."""
+def _page_crossing_model(dtype):
+    """K of one token and layer: 16 heads x 64 dims = 2 KiB (fp16) / 4 KiB (fp32), so a
+    2 MiB page holds 1024 / 512 tokens: a few dozen steps after the prompt cross a page."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, pad_token_id=0, initializer_range=0.1,
+        vocab_size=256, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=64, max_position_embeddings=4096, pad_token_id=0, initializer_range=0.1,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", dtype).eval()
     model.set_attn_implementation("vkv")
-    ids = torch.randint(3, 256, (2, 1000), device="cuda")
-    eager = VirtualKVCache(model.config, 2, 1200)
-    ref = generate(model, ids, None, eager, max_new_tokens=64, disable_compile=True)
-    cache = VirtualKVCache(model.config, 2, 1200)
-    out = generate(model, ids, None, cache, max_new_tokens=64)
-    assert (out == ref).float().mean() > 0.9
+    return model
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_compiled_generate_crosses_pages(dtype):
+    """generate()'s own compilation (CUDA graphs) crosses a page boundary, with
+    max_cache_len far past the committed pages (so any read or copy of the whole
+    row capacity faults): the commit comes from the pre-step hook before the
+    replay. Logits against DynamicCache + sdpa of the same dtype (this model's logits
+    are large, so a float32 reference would mostly measure float16 rounding)."""
+    model = _page_crossing_model(dtype)
+    per_page = 2 * 1024 * 1024 // (16 * 64 * torch.empty((), dtype=dtype).element_size())
+    prompt = per_page - 24  # 40 new tokens: the 25th crosses into the second page
+    ids = torch.randint(3, 256, (2, prompt), device="cuda")
+    ref_model = _page_crossing_model(dtype)
+    ref_model.set_attn_implementation("sdpa")
+    ref = _generate_logits(ref_model, ids, None, DynamicCache(config=ref_model.config), 40)
+    cache = VirtualKVCache(model.config, 2, 3 * per_page)
+    out = _generate_logits(model, ids, None, cache, 40)
+    _assert_greedy_equivalent(ref, out, prompt, dtype, f"crossing pages {dtype}")
     stats = cache.memory_stats()
-    page = stats["page_size"]
-    assert stats["committed_bytes"] == 2 * 2 * 2 * 2 * page  # 1063 tokens: 2 pages per layer, K/V and row
-    assert cache.get_seq_length() == 1063
+    assert stats["page_size"] == 2 * 1024 * 1024 and stats["tokens_per_page"] == per_page
+    assert stats["committed_bytes"] == 2 * 2 * 2 * 2 * stats["page_size"]  # 2 pages per layer, K/V and row
+    assert cache.get_seq_length() == prompt + 39
+
+
+@pytest.mark.cuda
+def test_cuda_graph_break_inside_vkv_attention_is_safe(monkeypatch):
+    """A graph break inside the vkv attention (generate() compiles with
+    fullgraph=False, so one would be silent) must not turn the virtual K/V into
+    non-static CUDA-graph inputs: cudagraph trees would copy their whole capacity,
+    uncommitted pages included (an illegal memory access). The attention gets the
+    marked buffers themselves, never slices of them."""
+    from torch._dynamo.utils import counters
+
+    model = _page_crossing_model(torch.float16)
+    ids = torch.randint(3, 256, (2, 1000), device="cuda")
+    cache = VirtualKVCache(model.config, 2, 4096)  # 4 pages per row reserved; 1 committed at first
+    ref_cache = VirtualKVCache(model.config, 2, 4096)
+    real_attend = vkv_hf._attend
+
+    def attend_with_break(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return real_attend(*args, **kwargs)
+
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        model(ids, past_key_values=ref_cache)
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(vkv_hf, "_attend", attend_with_break)
+        step = torch.compile(model.forward, mode="reduce-overhead")
+        for i in range(40):  # crosses token 1024
+            pos = torch.full((2, 1), 1000 + i, device="cuda")
+            cache.prepare_step(1)
+            logits = step(tok, position_ids=pos, past_key_values=cache).logits[:, -1].clone()
+            ref = model(tok, position_ids=pos, past_key_values=ref_cache).logits[:, -1]
+            _close(logits, ref, torch.float16, f"step {i}")
+            tok = ref.argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    assert sum(counters["graph_break"].values()) > 0  # the break really happened
+    assert counters["inductor"]["cudagraph_skips"] == 0  # and both pieces ran as CUDA graphs
+    assert cache.get_seq_length() == 1040
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "vkv"])
@@ -523,8 +686,41 @@ def test_interleaved_layout(impl):
     assert torch.equal(generate(model, ids, mask, cache, max_new_tokens=20), ref)
     kv = cache.kv_cache
     rows = cache.layers[0].cache_seqlens[:3].tolist() if impl == "vkv" else [cache.get_seq_length()] * 3
-    pages = sum(math.ceil(n * kv.bytes_per_token_buffer / kv.page_size) for n in rows)
+    pages = sum(math.ceil((n + 1) * kv.bytes_per_token_buffer / kv.page_size) for n in rows)  # + prefetch
     assert cache.memory_stats()["committed_bytes"] == pages * kv.page_size
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("hook", ["update", "prepare_step"])
+def test_prefetch_next_page(prefetch, hook):
+    """The step that fills a page exactly also commits the next one in the
+    background (KVCache.step_async), so the step after it finds the page mapped;
+    tokens are the same either way, and prefetch=False commits only what is used."""
+    model = tiny_model("llama", "vkv")
+    ids, _ = prompts(2, length=5)
+    ids = ids.masked_fill(ids == 0, 7)
+    cache = vcache(model, 2, prefetch=prefetch)
+    kv = None
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        kv = cache.kv_cache
+        per_page = kv.tokens_per_page  # 32
+        for n in range(ids.shape[1] + 1, per_page + 2):
+            if hook == "prepare_step":
+                cache.prepare_step(1)
+            tok = model(tok, past_key_values=cache, position_ids=torch.full((2, 1), n - 1)).logits[:, -1:].argmax(-1)
+            kv.synchronize()
+            backed = kv.committed_tokens(0)
+            if n < per_page:
+                assert backed == per_page, (n, backed)
+            elif n == per_page:  # this step filled the page: the next one is prefetched
+                assert backed == (2 * per_page if prefetch else per_page), (n, backed)
+            else:
+                assert backed == 2 * per_page, (n, backed)
+    ref_cache = vcache(model, 2, prefetch=not prefetch)
+    ref = _loop(model, ref_cache, ids, per_page + 1 - ids.shape[1])[0]
+    out = _loop(model, cache.reset() or cache, ids, per_page + 1 - ids.shape[1])[0]
+    assert torch.equal(out, ref)
 
 
 def test_demo_local_checkpoint(tmp_path, capsys, keep_threads):

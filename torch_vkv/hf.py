@@ -32,7 +32,9 @@ they happen in :meth:`VirtualKVCache.prepare_step`, *before* the step.
 outside the compiled forward, and the ``"vkv"`` mask function calls
 ``get_mask_sizes`` on the cache, which calls ``prepare_step``. A hand-written
 compiled loop calls ``cache.prepare_step(num_new_tokens)`` itself before each
-step (eager steps commit by themselves in ``update``). A compiled step it
+step (eager steps commit by themselves in ``update``). Both commit points use
+``KVCache.step_async``: synchronous for the step's rows, plus a background
+prefetch of the page one more token needs, so page crossings do not stall. A compiled step it
 forgot still commits, through a small op inside the graph that reads the
 lengths (a device sync); a captured CUDA graph cannot, so there the hook is
 required.
@@ -52,6 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from torch_vkv._checks import check_int, fail
+from torch_vkv.attention import append_kv as _append_kv
+from torch_vkv.attention import attention as _vkv_attention
+from torch_vkv.attention import select_backend as _select_backend
 from torch_vkv.cache import KVCache
 
 try:  # transformers is optional for torch_vkv, required for this module
@@ -127,16 +132,14 @@ def _attend(
         if cu_seqlens_q is None:
             cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
         return _rowwise_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, float(scale))
-    from torch_vkv.attention import attention, select_backend
-
-    backend = select_backend(q, k_cache, v_cache, decode=cu_seqlens_q is None)
+    backend = _select_backend(q, k_cache, v_cache, decode=cu_seqlens_q is None)
     if backend == "sdpa":
         # The dense fallback reads all S_max rows, uncommitted ones included:
         # use the row-wise op (reads lengths on the host: correct, not capturable).
         if cu_seqlens_q is None:
             cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
         return _rowwise_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, float(scale))
-    return attention(
+    return _vkv_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, causal=True, scale=scale,
         max_seqlen_q=max_seqlen_q, backend=backend,
     )  # fmt: skip
@@ -144,9 +147,7 @@ def _attend(
 
 def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q) -> None:
     """Writes packed new K/V ``[total_q, H_kv, D]`` at ``cache_seqlens - n + i`` of each row."""
-    from torch_vkv.attention import append_kv
-
-    append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q=cu_seqlens_q)
+    _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q=cu_seqlens_q)
 
 
 # ----------------------------------------------------------------------------
@@ -254,7 +255,16 @@ class VirtualKVLayer(CacheLayerMixin):
         # Static addresses: dynamo lifts them as graph inputs without guards on
         # their data, and CUDA graphs read them in place. An unmarked buffer
         # would be copied into a graph-owned input before every replay: the whole
-        # virtual capacity, uncommitted pages included.
+        # virtual capacity, uncommitted pages included (an illegal memory access
+        # as soon as max_cache_len reaches past the committed pages).
+        #
+        # The mark belongs to these tensor *objects*; a view made from them in
+        # traced code (``buf[:B]``) is a new, unmarked tensor. If a graph break
+        # falls between making such a view and using it (generate() compiles
+        # with fullgraph=False, so a break is silent), the view becomes an input
+        # of the next graph, and cudagraph trees copy it whole at recording and
+        # before every replay. So the K/V writes and the attention always get
+        # these buffers themselves (request r is row r), never slices of them.
         for t in (self._k_buf, self._v_buf, self._k_full, self._v_full, self.cache_seqlens, self._len_t):
             torch._dynamo.mark_static_address(t)
 
@@ -342,12 +352,12 @@ class VirtualKVLayer(CacheLayerMixin):
         if self.layer_idx == p._first_layer:
             # The step prepare_step announced, if any, is this one: settle the
             # host lengths as they were before it, then count it here.
-            p._sync_host(resolve=True)
+            p._sync_host(resolve=True, in_step=True)
         lens = [r + S for r in self._row_lens]
         if max(lens) > p._max_cache_len:
             fail("tokens in the cache", f"at most max_cache_len={p._max_cache_len}", max(lens))
         if self.layer_idx == p._first_layer:  # one commit backs every layer
-            p._commit(lens)
+            p._commit(lens, prefetch=True)
         self._row_lens = lens
         self._len += S
         out = self._update_device(key_states, value_states)
@@ -362,7 +372,7 @@ class VirtualKVLayer(CacheLayerMixin):
         if end > p._max_cache_len:
             fail("tokens in the cache", f"at most max_cache_len={p._max_cache_len}", end)
         if self.layer_idx == p._first_layer:  # one commit backs every layer
-            p._commit([end] * B)
+            p._commit([end] * B, prefetch=True)
         self._k_buf[:B, start:end].copy_(k.transpose(1, 2))
         self._v_buf[:B, start:end].copy_(v.transpose(1, 2))
         self._len = end
@@ -383,7 +393,8 @@ class VirtualKVLayer(CacheLayerMixin):
         k_new = k.transpose(1, 2).reshape(B * S, H, D).to(self._k_buf.dtype)
         v_new = v.transpose(1, 2).reshape(B * S, H, D).to(self._v_buf.dtype)
         cu = None if S == 1 else torch.arange(B + 1, dtype=torch.int32, device=k.device) * S
-        _append(self._k_buf[:B], self._v_buf[:B], k_new, v_new, lens, cu)
+        # The whole marked buffers, never slices of them (see _bind): request r is row r.
+        _append(self._k_buf, self._v_buf, k_new, v_new, lens, cu)
         return self._k_full, self._v_full
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -460,6 +471,11 @@ class VirtualKVCache(Cache):
         layout: ``"per_layer"`` or ``"interleaved"`` (see :data:`torch_vkv.LAYOUTS`).
         page_size: host backend only: bytes per page (default 2 MiB).
         margin_tokens: rows committed past each reservation (see :class:`KVCache`).
+        prefetch: commit the next page in the background one step ahead
+            (:meth:`KVCache.step_async`); ``False``: synchronous commits only
+            (e.g. before capturing CUDA graphs by hand in the default
+            ``capture_error_mode="global"``, which forbids driver calls from
+            other threads).
 
     Same observable behaviour as ``DynamicCache`` in ``generate()`` and in
     hand-written loops (``get_seq_length``, ``crop``, ``reorder_cache``,
@@ -482,8 +498,10 @@ class VirtualKVCache(Cache):
         layout: str = "per_layer",
         page_size: Optional[int] = None,
         margin_tokens: int = 0,
+        prefetch: bool = True,
     ) -> None:
         self._config = config
+        self._prefetch = bool(prefetch)
         self._num_layers, self._num_kv_heads, self._head_dim = _model_shape(config)
         self._max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
         self._max_cache_len = check_int("max_cache_len", max_cache_len, low=1)
@@ -600,23 +618,50 @@ class VirtualKVCache(Cache):
         self._mark_synced()
 
     # -- host/device bookkeeping ---------------------------------------------------
-    def _commit(self, lens: list[int]) -> None:
-        """Backs rows ``[0, lens[b])`` of every row b in every layer (never shrinks).
+    def _commit(self, lens: list[int], *, prefetch: bool = False) -> None:
+        """Backs rows ``[0, lens[b])`` of every row b in every layer (never shrinks),
+        synchronously: when this returns, those rows are mapped.
 
         Most steps stay inside pages already committed: a host-side copy of each
-        row's backed capacity skips the KVCache call then (it runs every step)."""
-        margin = self._kv.margin_tokens
+        row's backed tokens (``_cap``, never more than what is really backed)
+        skips the KVCache call then (it runs every step).
+
+        ``prefetch=True`` (the pre-step hook and eager steps; not from inside a
+        running compiled step) uses :meth:`KVCache.step_async`: the same
+        synchronous commit of ``lens`` (normally already done by the previous
+        call's prefetch), plus a background commit of what ``lens + 1`` needs,
+        so the step that crosses a page boundary finds its page mapped instead
+        of waiting for the driver. The prefetch only maps rows nobody reads yet:
+        the next call joins it before anything relies on them.
+        """
+        kv = self._kv
         cap = self._cap
-        if all(n + margin <= cap[b] for b, n in enumerate(lens)):
+        ahead = 1 if (prefetch and self._prefetch) else 0
+        if all(n + ahead <= cap[b] for b, n in enumerate(lens)):
             return
-        self._kv.step({b: n for b, n in enumerate(lens) if n > 0})
-        for b, n in enumerate(lens):
-            if n > 0:
-                cap[b] = self._kv.committed_tokens(b)
+        need = {b: n for b, n in enumerate(lens) if n > 0}
+        if ahead:
+            kv.step_async(need, lookahead_tokens=ahead)
+        else:
+            kv.step(need)
+        for b, n in need.items():
+            # What the synchronous part guarantees (whole pages), read without
+            # joining the prefetch; a prefetched page is counted once joined.
+            cap[b] = max(cap[b], self._backed_tokens(n))
+
+    def _backed_tokens(self, n: int) -> int:
+        """Tokens a row is sure to hold after a commit of ``n`` tokens: whole pages
+        of ``n + margin_tokens`` rows, less the margin (KVCache's own rounding)."""
+        kv = self._kv
+        rows = min(n + kv.margin_tokens, kv.padded_seq_len)
+        pages = -(-rows * kv.bytes_per_token_buffer // kv.page_size)
+        backed = pages * kv.page_size // kv.bytes_per_token_buffer
+        return max(n, min(kv.max_seq_len, backed - kv.margin_tokens))
 
     def _commit_from_device(self, cache_seqlens: torch.Tensor) -> None:
         """Called from a running compiled step with the lengths after it: commits
-        them unless prepare_step already did (no sync in that case)."""
+        them unless prepare_step already did (no sync in that case). Synchronous
+        (no prefetch): the step's writes follow right after."""
         layer0 = self.layers[self._first_layer]
         if self._announced and layer0.cache_seqlens._version == self._announced_version:
             return  # prepare_step backed this step
@@ -625,24 +670,30 @@ class VirtualKVCache(Cache):
             self._commit(lens)
 
     def _trim(self, lens: list[int]) -> None:
-        """Decommits what rows do not need after a shrink (rows past the batch: all)."""
+        """Decommits what rows do not need after a shrink (rows past the batch: all).
+        KVCache joins a pending prefetch first, so prefetched pages go too."""
         for b in range(self._max_batch_size):
             keep = lens[b] if b < len(lens) else 0
             if self._kv.committed_tokens(b) > keep:
                 self._kv.decommit(b, keep)
-            self._cap[b] = self._kv.committed_tokens(b)
+            self._cap[b] = max(0, self._kv.committed_tokens(b) - self._kv.margin_tokens)
 
-    def _sync_host(self, *, resolve: bool = False) -> None:
+    def _sync_host(self, *, resolve: bool = False, in_step: bool = False) -> None:
         """Brings host lengths up to date after compiled steps (vkv mode).
 
-        Every in-place update of ``cache_seqlens`` bumps its version counter,
-        compiled ones included. :meth:`prepare_step` announces the next step's
-        tokens; if exactly one step ran since (one bump), the host adds them,
-        with no device sync. Any other unexplained change (compiled steps run
-        without ``prepare_step``) is read back from the device (a sync). With
-        ``resolve=True`` (before a commit decision) an announced step that seems
-        not to have run is read back too, which stays right even if a captured
-        step ran without bumping the counter.
+        An in-place update of ``cache_seqlens`` made by Python-level code bumps
+        its version counter (eager steps, compiled steps without CUDA graphs);
+        a CUDA graph *replay* runs no host code and bumps nothing.
+        :meth:`prepare_step` announces the next step's tokens:
+
+        * exactly one bump since: that step ran; the host adds the tokens (no sync);
+        * no bump, called from the eager step itself (``in_step``): the step has
+          not run, the host lengths are exact (no sync);
+        * no bump otherwise: the step may have run as a replay, or not at all;
+          read back from the device (a sync), as is any other unexplained change.
+
+        ``resolve`` is accepted for the callers that decide commits; the rule
+        above is exact in every case, so it no longer changes anything.
         """
         if self._mode != "vkv" or self._kv is None:
             return
@@ -653,10 +704,8 @@ class VirtualKVCache(Cache):
                 for layer in self.layers:
                     layer._len += n
                     layer._row_lens = [r + n for r in layer._row_lens]
-            elif v != self._announced_version or resolve:
+            elif not (in_step and v == self._announced_version):
                 self._read_back()
-            else:
-                return  # the announced step has not run yet
             self._announced = 0
             self._mark_synced()
         elif v != self._synced_version:
@@ -670,8 +719,8 @@ class VirtualKVCache(Cache):
 
     def _read_back(self) -> None:
         layer0 = self.layers[self._first_layer]
-        rows = layer0.cache_seqlens[: self._batch].tolist()
-        n = int(layer0._len_t.item())
+        both = torch.cat([layer0.cache_seqlens[: self._batch].long(), layer0._len_t.view(1)]).tolist()  # one sync
+        rows, n = both[:-1], int(both[-1])
         for layer in self.layers:
             layer._len = n
             layer._row_lens = list(rows)
@@ -685,6 +734,11 @@ class VirtualKVCache(Cache):
         twice for one step is harmless. No-op before the first (eager) step and
         in padded mode. Raises :class:`torch_vkv.OutOfPagesError` (nothing
         changed) when the budget cannot back the step.
+
+        The commit is synchronous (the rows are mapped when this returns) and,
+        with ``prefetch=True`` (the default), also starts a background commit
+        of the page the *following* step will need (:meth:`KVCache.step_async`),
+        so a step that crosses a page boundary does not wait for the driver.
         """
         self._prepare(check_int("num_new_tokens", num_new_tokens, low=0), strict=True)
 
@@ -698,7 +752,7 @@ class VirtualKVCache(Cache):
             if not strict:  # a mask-size query, maybe not a real step: the step itself will raise
                 return
             fail("tokens in the cache after this step", f"at most max_cache_len={self._max_cache_len}", max(lens))
-        self._commit(lens)
+        self._commit(lens, prefetch=True)
         self._announced = n
         self._announced_version = self.layers[self._first_layer].cache_seqlens._version
 
@@ -961,8 +1015,10 @@ def vkv_attention_forward(
             )
     B, Hq, Sq, D = query.shape
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
-    k_cache = layer._k_buf[:B]
-    v_cache = layer._v_buf[:B]
+    # The marked buffers themselves, not [:B] slices: see VirtualKVLayer._bind.
+    # Request r reads row r; rows >= B are never touched.
+    k_cache = layer._k_buf
+    v_cache = layer._v_buf
     seqlens = layer.cache_seqlens[:B]
     q = query.transpose(1, 2)  # [B, S_q, H, D]
     if Sq == 1:
@@ -1008,7 +1064,7 @@ def _prefill_left_padded(layer: VirtualKVLayer, q: torch.Tensor, mask: torch.Ten
     cu[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
     cu = cu.to(q.device)
     q_real = q[m]  # [total_real, H, D]
-    out_real = _attend(q_real, layer._k_buf[:B], layer._v_buf[:B], layer.cache_seqlens[:B], cu, scale,
+    out_real = _attend(q_real, layer._k_buf, layer._v_buf, layer.cache_seqlens[:B], cu, scale,
                        max(max(counts), 1))  # fmt: skip
     out = q.new_zeros(B, Sq, Hq, D)
     out[m] = out_real
