@@ -124,11 +124,12 @@ def test_nan_tail_does_not_change_output(device, backend):
     assert torch.equal(out_nan, out_fin)
 
 
+@pytest.mark.parametrize("D", [64, 128])  # fp32 x 128 once overflowed shared memory on the H200
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "flex"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_noncausal_scale_fp32(device, backend):
+def test_noncausal_scale_fp32(device, backend, D):
     skip_unless_runs(backend, device)
-    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", device, dtype=torch.float32, seed=7)
+    b, k, v = setup_case("mixed", "GQA", D, "per_layer", device, dtype=torch.float32, seed=7)
     ref = reference(b, k, v, causal=False, scale=0.3)
     out = run(b, k, v, backend, causal=False, scale=0.3)
     tol = TOL[torch.float32] if device == "cpu" else dict(atol=2e-2, rtol=2e-2)  # GPU fp32 dots use TF32

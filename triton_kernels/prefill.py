@@ -198,8 +198,12 @@ def prefill_attention(
     R = cache_seqlens.shape[0]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     paged = block_table is not None
+    # Shared memory holds a Q tile and num_stages K and V tiles: fp32 or
+    # head_dim 256 rows (512 bytes) need smaller tiles and fewer stages to fit
+    # the 227 KiB of an H100/H200 (fp32 x 128 at 128 rows x 3 stages needs 256 KiB).
+    wide_rows = q.element_size() * D > 256
     if block_m is None:
-        block_m = 128 if q.is_cuda else 32
+        block_m = (64 if wide_rows else 128) if q.is_cuda else 32
     if block_n is None:
         block_n = 64 if D <= 128 else 32
     if out is None:
@@ -220,7 +224,7 @@ def prefill_attention(
         bt.stride(0) if paged else 0,
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
-        num_warps=num_warps, num_stages=3,
+        num_warps=num_warps, num_stages=2 if wide_rows else 3,
     )  # fmt: skip
     return out
 
