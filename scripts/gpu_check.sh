@@ -26,7 +26,7 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 run build python setup.py build_ext --inplace
 run info python -m torch_vkv info
-run tests_gpu python -m pytest -q -m cuda -x -p no:cacheprovider ${PYTEST_ARGS:-}
+run tests_gpu python -m pytest -q -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
 for b in ${BENCHES:-alloc kernels hf}; do
   run "bench_$b" python -m torch_vkv bench "$b" $QUICK --out "$OUT"
 done
