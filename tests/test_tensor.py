@@ -16,7 +16,9 @@ def test_commit_by_leading_ranges_and_query(device):
     assert t.shape == (4, 4096, 2, 32) and t.data_ptr() % t.page_size == 0
     assert t.committed_bytes() == 0 and not t.is_committed(0, slice(0, 1))
     t.commit(2, slice(0, 100))
-    assert t.is_committed(2, slice(0, 100)) and not t.is_committed(3)
+    assert t.is_committed(2, slice(0, 100))
+    if row >= t.page_size:  # on 2 MiB pages all four 512 KiB rows share one page
+        assert not t.is_committed(3)
     assert t.byte_range(2, slice(0, 100)) == (2 * row, 2 * row + 100 * 2 * 32 * 2)
     x = torch.randn(100, 2, 32, dtype=torch.float16, device=t.device)
     t[2, :100] = x
