@@ -75,6 +75,8 @@ class Config:
     vm_prefill: list = field(default_factory=list)
     tune: list = field(default_factory=list)  # (batch, context) where Triton decode parameters are swept
     tune_full: bool = True
+    layout_cases: list = field(default_factory=list)  # (batch, context): per_layer vs interleaved decode
+    layout_layers: int = 32
     mem_fraction: float = 0.6
     sdpa_max_bytes: int = 2 << 30
     paged_blocks: tuple = (16, 256)
@@ -104,6 +106,7 @@ def _config(args) -> Config:
             models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_iters=2,
             prefill_iters=2, warmup=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
             vm_prefill=[128], tune=[(4, 256)], tune_full=False, paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
+            layout_cases=[(4, 256)], layout_layers=2,
         )  # fmt: skip
     models = args.models.split(",") if args.models else (["llama3-8b"] if args.quick else list(MODELS))
     for m in models:
@@ -114,7 +117,7 @@ def _config(args) -> Config:
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 32, 128], contexts=[4096, 16384],
             prefill_contexts=[2048, 8192, 32768], decode_iters=10, prefill_iters=5, warmup=2,
             flex_decode={(32, 4096)}, flex_prefill=set(), vm_decode=[(32, 4096)], vm_prefill=[32768],
-            tune=[(32, 4096)], tune_full=False, flex_paged_blocks=(16,),
+            tune=[(32, 4096)], tune_full=False, flex_paged_blocks=(16,), layout_cases=[(8, 4096), (32, 4096)],
         )  # fmt: skip
     else:
         cfg = Config(
@@ -123,7 +126,7 @@ def _config(args) -> Config:
             decode_iters=20, prefill_iters=5, warmup=3,
             flex_decode={(b, c) for b in (1, 32, 128) for c in (4096, 16384)}, flex_prefill={8192, 32768},
             vm_decode=[(32, 4096), (64, 16384), (128, 4096)], vm_prefill=[8192, 32768],
-            tune=[(8, 16384), (32, 4096), (128, 16384)],
+            tune=[(8, 16384), (32, 4096), (128, 16384)], layout_cases=[(8, 4096), (32, 4096), (8, 16384)],
         )  # fmt: skip
     if args.flex_everywhere:
         cfg.flex_decode = None
@@ -414,6 +417,55 @@ def _vm_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
     return rows
 
 
+def _layout_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
+    """Decode on layer 0 of a ``layout_layers``-layer KVCache, per_layer vs interleaved.
+
+    The kernels are the same; only the row stride differs: ``H_kv * D`` elements
+    (per_layer) against ``layers * 2 * H_kv * D`` (interleaved), so one page holds
+    1024 rows of a layer in the first and 16 (all layers) in the second.
+    """
+    from torch_vkv.attention import attention
+
+    if caches.KVCache is None:
+        return []
+    rows = []
+    dev = cfg.device
+    model = cfg.models[0]
+    H, H_kv, D = MODELS.get(model, (8, 2, 64))
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    for B, S in cfg.layout_cases:
+        q = torch.randn((B, H, D), dtype=cfg.dtype, device=dev)
+        lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+        kv_bytes = 2 * B * S * H_kv * D * itemsize
+        for layout in ("per_layer", "interleaved"):
+            cache = None
+            try:
+                cache = caches.KVCache(cfg.layout_layers, H_kv, D, max_batch_size=B, max_seq_len=S, dtype=cfg.dtype,
+                                       device=dev, layout=layout)  # fmt: skip
+                for _ in range(B):
+                    cache.reserve(cache.alloc(), S)
+                k, v = cache.key(0), cache.value(0)
+                k.normal_()
+                v.normal_()
+                for backend in [b for b in ("triton", "torch_fa2") if _available(b, dev)] or ["sdpa"]:
+                    row = dict(section="layout", model=model, backend=backend, memory=layout, batch=B, context=S,
+                               note=f"row stride {k.stride(1)} elements, {cache.tokens_per_page} tokens/page")  # fmt: skip
+                    us = timer(lambda b=backend: attention(q, k, v, lens, backend=b), cfg.decode_iters, 1)
+                    tb = kv_bytes / (us * 1e-6) / 1e12
+                    row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw)
+                    log(f"  layout {layout} {backend} B={B} S={S}: {us:.1f} us ({row['pct_copy']:.0f}% of copy)")
+                    rows.append(row)
+            except Exception as e:
+                rows.append(dict(section="layout", model=model, memory=layout, batch=B, context=S,
+                                 note=f"error: {type(e).__name__}: {str(e)[:120]}"))  # fmt: skip
+            finally:
+                if cache is not None:
+                    cache.close()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def _tune_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
     """Triton split-KV decode over its launch parameters (to check / retune the defaults)."""
     from torch_vkv.attention import _triton_kernels, _triton_usable
@@ -571,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += _prefill_rows(cfg, timer, caches, log)
         rows += _vm_rows(cfg, timer, caches, log)
         rows += _tune_rows(cfg, timer, caches, bw, log)
+        rows += _layout_rows(cfg, timer, caches, bw, log)
     summary = _summary(rows, bw, caches, time.perf_counter() - t0)
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)
     write_report("kernels", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
