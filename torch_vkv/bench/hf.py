@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (faster runs)")
     p.add_argument("--tiny", action="store_true", help="a tiny config instead of Llama-3-8B (CPU smoke test)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--out-dir", default=None, help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
+    p.add_argument("--out", "--out-dir", dest="out_dir", default=None, help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
     p.add_argument("--name", default="hf", help="report name (default hf)")
     return p
 
