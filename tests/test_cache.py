@@ -131,6 +131,8 @@ def test_out_of_pages_changes_nothing_and_keeps_other_data(device):
         with pytest.raises(OutOfPagesError, match="needs .* new page") as info:
             cache.step({a: 2 * tpp, b: 2 * tpp})  # needs 3 more pages per buffer
         assert isinstance(info.value, torch_vkv.KVCacheCapacityError)
+        # what was asked (3 pages per buffer) and what was free (1 per buffer)
+        assert info.value.requested_pages == 3 * nb and info.value.available_pages == nb
         after = cache.memory_stats()
         assert after["committed_bytes"] == before["committed_bytes"]
         assert cache.committed_tokens(b) == 0 and cache.committed_tokens(a) == tpp

@@ -479,7 +479,9 @@ class KVCache:
             raise OutOfPagesError(
                 f"out of physical pages: this step needs {wanted} new page(s) of {self.page_size} bytes "
                 f"(slots {sorted(plan)}), {available} available including pages cached by freed slots "
-                f"(budget {self.pool.max_pages} pages)"
+                f"(budget {self.pool.max_pages} pages)",
+                requested_pages=wanted,
+                available_pages=available,
             )
         # Deferred reclamation: take pages from freed slots, oldest first,
         # only when the pool cannot serve the step by itself.

@@ -26,8 +26,10 @@ class OutOfPagesError(KVCacheCapacityError):
     were asked for and how many could have been had.
     """
 
-    requested_pages: int = 0
-    available_pages: int = 0
+    def __init__(self, message: str, requested_pages: int = 0, available_pages: int = 0) -> None:
+        super().__init__(message)
+        self.requested_pages = requested_pages
+        self.available_pages = available_pages
 
 
 class OutOfSlotsError(KVCacheCapacityError):
