@@ -306,3 +306,16 @@ def test_cuda_decommit_while_kernel_reads_does_not_fault():
     assert torch.isfinite(total)
     assert cache.memory_stats()["committed_bytes"] == 0
     cache.close()
+
+
+def test_margin_rows_are_committed_and_finite(device):
+    with make_cache(device, max_seq_len=4000, margin_tokens=300) as cache:
+        slot = cache.alloc()
+        cache.reserve(slot, 1000)
+        # a kernel reading a 300-row tile past the last token finds committed, finite rows
+        assert cache.committed_tokens(slot) >= 1300
+        assert torch.isfinite(cache.key(0)[slot, 1000:1300].float()).all()
+        assert torch.isfinite(cache.value(1)[slot, 1000:1300].float()).all()
+        # the margin never reaches past the slot's own row
+        cache.reserve(slot, 4000)
+        assert cache.committed_tokens(slot) == 4000
