@@ -205,23 +205,11 @@ def _hf_demo(args: argparse.Namespace, device: torch.device) -> int:
 # ------------------------------------------------------------------------------
 
 
-def _rowwise_attention(q, k_cache, v_cache, rows):
-    """q ``[R, H, D]`` (one new token per request) over keys ``[0, n)`` of cache
-    row ``slot`` for each ``(slot, n)`` in ``rows``; reads valid rows only."""
-    out = torch.empty_like(q)
-    rep = q.shape[1] // k_cache.shape[2]
-    for i, (slot, n) in enumerate(rows):
-        k = k_cache[slot, :n].transpose(0, 1).repeat_interleave(rep, 0)  # [H, n, D]
-        v = v_cache[slot, :n].transpose(0, 1).repeat_interleave(rep, 0)
-        w = torch.softmax(q[i, :, None] @ k.transpose(1, 2) / k.shape[-1] ** 0.5, -1)  # [H, 1, n]
-        out[i] = (w @ v)[:, 0]
-    return out
-
-
 def _kvcache_only(args: argparse.Namespace, device: torch.device) -> int:
     """A 4-layer attention-only toy model decoding token by token through KVCache:
-    commit (``step``), write K/V at the new position, attend over the valid rows."""
-    from torch_vkv import KVCache
+    commit (``step``), write K/V at the new position (``append_kv``), attend over
+    the valid rows (``attention``)."""
+    from torch_vkv import KVCache, append_kv, attention
 
     L, H, H_kv, D, V = 4, 8, 2, 32, 2048
     B, P, N, S = args.batch, args.prompt_len, args.new_tokens, args.max_cache_len
@@ -247,15 +235,15 @@ def _kvcache_only(args: argparse.Namespace, device: torch.device) -> int:
         active = [b for b in range(B) if t < total[b] - 1]
         cache.step({slots[b]: t + 1 for b in active})  # commit first: rows [0, t+1) are backed
         x = emb[torch.tensor([tokens[b][t] for b in active], device=device)]
+        rows = torch.tensor([slots[b] for b in active], dtype=torch.int32, device=device)  # cache row of each request
+        cache_seqlens = torch.full((len(active),), t + 1, dtype=torch.int32, device=device)  # new token included
         for layer in range(L):
             kc, vc = cache.key(layer), cache.value(layer)
             k_new = (x @ wk[layer]).view(-1, H_kv, D)
             v_new = (x @ wv[layer]).view(-1, H_kv, D)
-            for i, b in enumerate(active):
-                kc[slots[b], t] = k_new[i]
-                vc[slots[b], t] = v_new[i]
+            append_kv(kc, vc, k_new, v_new, cache_seqlens, slots=rows)  # writes row t of each request
             q = (x @ wq[layer]).view(-1, H, D)
-            x = x + _rowwise_attention(q, kc, vc, [(slots[b], t + 1) for b in active]).reshape(-1, H * D)
+            x = x + attention(q, kc, vc, cache_seqlens, slots=rows).reshape(-1, H * D)
         nxt = (x @ emb.T).argmax(-1).tolist()
         for i, b in enumerate(active):
             if t + 1 >= len(tokens[b]):

@@ -73,51 +73,6 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-# ----------------------------------------------------------------------------
-# CPU attention: reads exactly the valid rows (the host backend segfaults on
-# uncommitted rows, and the "sdpa" backend of torch_vkv.attention reads all of
-# S_max). A custom op, so torch.compile sees one opaque call and no graph break.
-# ----------------------------------------------------------------------------
-
-
-@torch.library.custom_op("torch_vkv_hf::rowwise_attention", mutates_args=())
-def _rowwise_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """q ``[total_q, H, D]``, caches ``[B, S_max, H_kv, D]``; request ``r`` owns q rows
-    ``cu_seqlens_q[r]:cu_seqlens_q[r+1]`` and keys ``[0, cache_seqlens[r])``; causal, bottom-right."""
-    out = torch.zeros_like(q)
-    lens = cache_seqlens.tolist()
-    cu = cu_seqlens_q.tolist()
-    H, H_kv = q.shape[1], k_cache.shape[2]
-    for r, n_k in enumerate(lens):
-        q0, q1 = cu[r], cu[r + 1]
-        n_q = q1 - q0
-        if n_q <= 0 or n_k <= 0:
-            continue
-        k = k_cache[r, :n_k].transpose(0, 1)  # [H_kv, n_k, D], valid rows only
-        v = v_cache[r, :n_k].transpose(0, 1)
-        if H != H_kv:
-            k = k.repeat_interleave(H // H_kv, dim=0)
-            v = v.repeat_interleave(H // H_kv, dim=0)
-        qr = q[q0:q1].transpose(0, 1)  # [H, n_q, D]
-        q_pos = torch.arange(n_k - n_q, n_k, device=q.device)
-        mask = torch.arange(n_k, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)
-        out[q0:q1] = o.transpose(0, 1)
-    return out
-
-
-@_rowwise_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale):
-    return torch.empty_like(q)
-
-
 def _attend(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -127,18 +82,10 @@ def _attend(
     scale: float,
     max_seqlen_q: int,
 ) -> torch.Tensor:
-    """Packed varlen attention over the virtual cache; never reads past ``cache_seqlens``."""
-    if q.device.type == "cpu":
-        if cu_seqlens_q is None:
-            cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-        return _rowwise_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, float(scale))
-    backend = _select_backend(q, k_cache, v_cache, decode=cu_seqlens_q is None)
-    if backend == "sdpa":
-        # The dense fallback reads all S_max rows, uncommitted ones included:
-        # use the row-wise op (reads lengths on the host: correct, not capturable).
-        if cu_seqlens_q is None:
-            cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-        return _rowwise_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, float(scale))
+    """Packed varlen attention over the virtual cache; never reads past ``cache_seqlens``
+    (every backend of :func:`torch_vkv.attention` masks or gathers valid rows only;
+    on the CPU that is ``sdpa``, sized from the lengths)."""
+    backend = "sdpa" if q.device.type == "cpu" else _select_backend(q, k_cache, v_cache, decode=cu_seqlens_q is None)
     return _vkv_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, causal=True, scale=scale,
         max_seqlen_q=max_seqlen_q, backend=backend,
