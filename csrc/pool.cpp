@@ -308,8 +308,9 @@ size_t Reservation::commit(size_t first, size_t count) {
       pages_[to_map[mapped]] = handles[mapped];
       ++pool_->counters_locked().map_calls;
     }
-    // One set-access per contiguous run: one call costs ~34 us on the GPU,
-    // while a run of 512 pages costs ~125 us in all.
+    // One set-access per contiguous run, not per page: fewer driver calls. On
+    // fresh mappings the cost is mostly per page (~20 us on an H200, batched or
+    // not: docs/benchmarks.md); re-applying access to mapped pages is ~0.25 us a page.
     for_each_run(to_map, [&](size_t run_first, size_t run_count) {
       backend.set_access(base_ + run_first * page_size_, run_count * page_size_);
       ++pool_->counters_locked().set_access_calls;
