@@ -764,8 +764,9 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> st
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
-    * CUDA prefill / mixed batch: ``torch_fa2`` (FA2, ~340 TFLOP/s at 32K on
-      H100/H200), else ``flash_attn``, else ``triton``.
+    * CUDA prefill / mixed batch: ``triton`` (measured on an H200, bf16, batch 1:
+      274-454 TFLOP/s for 2K-128K tokens against 189-356 for ``torch_fa2``;
+      docs/benchmarks.md), else ``flash_attn`` (not measured here), else ``torch_fa2``.
     * Paged (``block_table`` given) on CUDA: ``triton`` (its paged twin), else
       ``flash_attn`` when the page size is a multiple of 256, else ``flex``.
     * Anything the preferred backend cannot take (fp32, odd strides, head_dim
@@ -785,7 +786,7 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> st
             return "flash_attn"
         return "flex" if _flex_module() is not None else "sdpa"
     fa2 = _fa2_supported(q, k_cache, v_cache, None)
-    order = ("triton", "flash_attn", "torch_fa2") if decode else ("torch_fa2", "flash_attn", "triton")
+    order = ("triton", "flash_attn", "torch_fa2")  # decode and prefill alike: see the docstring
     ok = {"triton": tri, "flash_attn": fa, "torch_fa2": fa2}
     for name in order:
         if ok[name]:
