@@ -245,6 +245,16 @@ def _available(backend: str, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- sections
 
 
+def _paged_backends(cfg: Config, block: int, flex_here: bool) -> list:
+    """Backends with a paged path that run at this block size (flash-attn needs multiples of 256)."""
+    return [
+        b for b in ("triton", "flex", "flash_attn")
+        if _available(b, cfg.device)
+        and not (b == "flex" and (not flex_here or block not in cfg.flex_paged_blocks))
+        and not (b == "flash_attn" and block % 256)
+    ]  # fmt: skip
+
+
 def _decode_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
     from torch_vkv.attention import attention
 
@@ -291,13 +301,7 @@ def _decode_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log)
                 del keep
                 for block in cfg.paged_blocks:
                     pc = caches.paged(block, B, S, H_kv, D)
-                    for backend in ("triton", "flex", "flash_attn"):
-                        if not _available(backend, dev) or (backend == "flex" and not flex_here):
-                            continue
-                        if backend == "flex" and block not in cfg.flex_paged_blocks:
-                            continue
-                        if backend == "flash_attn" and block % 256:
-                            continue
+                    for backend in _paged_backends(cfg, block, flex_here):
                         record(f"{backend}_paged", "paged", block,
                                lambda b=backend: pc.attention(0, q, lens, backend=b))  # fmt: skip
                     del pc
@@ -349,13 +353,7 @@ def _prefill_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
             del keep
             for block in cfg.paged_blocks:
                 pc = caches.paged(block, 1, S, H_kv, D)
-                for backend in ("triton", "flex", "flash_attn"):
-                    if not _available(backend, dev) or (backend == "flex" and not flex_here):
-                        continue
-                    if backend == "flex" and block not in cfg.flex_paged_blocks:
-                        continue
-                    if backend == "flash_attn" and block % 256:
-                        continue
+                for backend in _paged_backends(cfg, block, flex_here):
                     record(f"{backend}_paged", "paged", block, lambda b=backend: pc.attention(
                         0, q, lens, cu_seqlens_q=cu, max_seqlen_q=S, backend=b))  # fmt: skip
                 del pc
