@@ -319,3 +319,29 @@ def test_margin_rows_are_committed_and_finite(device):
         # the margin never reaches past the slot's own row
         cache.reserve(slot, 4000)
         assert cache.committed_tokens(slot) == 4000
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_commit_vocabulary_and_page_arithmetic(device, layout):
+    """``commit``/``can_commit`` are the verbs; ``reserve``/``can_reserve``
+    stay as aliases; ``pages_for_tokens``/``tokens_for_pages`` are inverses."""
+    with make_cache(device, layout, margin_tokens=3) as cache:
+        a, b = cache.alloc(), cache.alloc()
+        assert cache.can_commit(a, 40) and cache.can_reserve(a, 40)
+        cache.commit(a, 40)
+        cache.reserve(b, 41)
+        assert cache.committed_tokens(a) >= 40 and cache.committed_tokens(b) >= 41
+        stats = cache.memory_stats()
+        assert stats["committed_bytes"] == (
+            (cache.pages_for_tokens(40) + cache.pages_for_tokens(41))
+            * cache.page_size * (2 * cache.num_layers if layout == "per_layer" else 1)
+        )
+        assert cache.pages_for_tokens(0) == 0 and cache.tokens_for_pages(0) == 0
+        for n in (1, 17, 100, 299, 300):
+            p = cache.pages_for_tokens(n)
+            assert cache.tokens_for_pages(p) >= n  # p pages back n tokens ...
+            assert p == 1 or cache.tokens_for_pages(p - 1) < n  # ... and p - 1 do not
+            assert cache.pages_for_tokens(cache.tokens_for_pages(p)) <= p
+        assert cache.tokens_for_pages(cache.pages_per_slot) == cache.max_seq_len
+        with pytest.raises(ValueError, match="num_pages"):
+            cache.tokens_for_pages(-1)

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 from _layouts import KINDS, make_batch, make_cache, poison  # noqa: E402
 attn_mod = importlib.import_module("torch_vkv.attention")  # the module; torch_vkv.attention is the function
-from torch_vkv.errors import OutOfPagesError  # noqa: E402
+from torch_vkv.errors import OutOfPagesError, OutOfSlotsError  # noqa: E402
 from torch_vkv.paged import BlockPool, PagedKVCache, paged_from_dense  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -36,6 +36,32 @@ def test_block_pool_check_act_and_no_change_on_failure():
         pool.allocate(-1)
     shuffled = BlockPool(64, shuffle=True).allocate(64)
     assert sorted(shuffled) == list(range(64)) and shuffled != list(range(64))
+
+
+def test_paged_cache_speaks_kvcache_vocabulary():
+    """alloc/free slots, commit/can_commit tokens, key/value pools, memory_stats,
+    as KVCache; the old names (max_requests, block_size, reserve, release) still work."""
+    c = PagedKVCache(2, 2, 16, num_blocks=8, max_batch_size=2, max_seq_len=64, page_size=16,
+                     dtype=torch.float32, device="cpu")  # fmt: skip
+    assert c.block_size == c.page_size == 16 and c.max_requests == c.max_batch_size == 2
+    a, b = c.alloc(), c.alloc()
+    assert {a, b} == {0, 1} and c.num_free_slots == 0
+    with pytest.raises(OutOfSlotsError):
+        c.alloc()
+    assert c.can_commit(a, 33) and not c.can_commit(a, 129)
+    c.commit(a, 33)
+    assert c.committed_tokens(a) == 48 and c.pages_for_tokens(33) == 3
+    stats = c.memory_stats()
+    assert stats["committed_bytes"] == 3 * c.bytes_per_page == 3 * 2 * 2 * 16 * 2 * 16 * 4
+    assert stats["free_pages"] == 5 and stats["active_slots"] == 2
+    assert c.key(1).shape == (8, 16, 2, 16) and c.key(1).data_ptr() == c.layer(1)[0].data_ptr()
+    c.free(a)
+    assert c.pool.num_free == 8 and c.num_free_slots == 1 and c.alloc() == a
+    with pytest.raises(ValueError, match="block_size"):
+        PagedKVCache(1, 1, 16, num_blocks=1, max_batch_size=1, max_seq_len=16, page_size=16, block_size=16,
+                     device="cpu")  # fmt: skip
+    with pytest.raises(TypeError, match="max_batch_size"):
+        PagedKVCache(1, 1, 16, num_blocks=1, max_seq_len=16, device="cpu")
 
 
 def test_paged_cache_reserve_release():

@@ -17,6 +17,7 @@ head_dim]`` tensors, with ``cache_seqlens`` saying how many rows are valid.
 Per-iteration API, as in the paper::
 
     slot = cache.alloc()                     # a request arrives
+    cache.commit(slot, prompt_len)           # back its prompt (or let step_async do it)
     cache.step_async(seq_lens)               # commit this step's need, prefetch the next
     ... forward pass, overlapping the prefetch ...
     cache.free(slot)                         # request done; pages kept for reuse
@@ -222,15 +223,41 @@ class KVCache:
         self._free_slots.append(slot)
 
     # ---------------------------------------------------------------- commits
-    def can_reserve(self, slot: int, num_tokens: int) -> bool:
-        """Whether :meth:`reserve` would succeed now (same checks, no change)."""
+    def can_commit(self, slot: int, num_tokens: int) -> bool:
+        """Whether :meth:`commit` would succeed now (same checks, no change)."""
         return self.can_step({self._check_slot(slot): num_tokens})
 
-    def reserve(self, slot: int, num_tokens: int) -> None:
+    def commit(self, slot: int, num_tokens: int) -> None:
         """Backs tokens ``[0, num_tokens)`` of ``slot`` in every layer, plus
-        ``margin_tokens``. Never shrinks (see :meth:`decommit`). All or nothing:
-        raises :class:`OutOfPagesError` with nothing changed."""
+        ``margin_tokens``: maps physical pages under the slot's reserved range.
+        Never shrinks (see :meth:`decommit`). All or nothing: raises
+        :class:`OutOfPagesError` with nothing changed."""
         self.step({self._check_slot(slot): num_tokens})
+
+    def reserve(self, slot: int, num_tokens: int) -> None:
+        """Alias of :meth:`commit`, its first name (the address space is
+        reserved at construction; this call commits pages). Kept working."""
+        self.commit(slot, num_tokens)
+
+    def can_reserve(self, slot: int, num_tokens: int) -> bool:
+        """Alias of :meth:`can_commit`."""
+        return self.can_commit(slot, num_tokens)
+
+    # ------------------------------------------------------- page arithmetic
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        """Pages per buffer that back tokens ``[0, num_tokens)`` of a slot
+        (``margin_tokens`` included); 0 for ``num_tokens <= 0``."""
+        return self._pages_for(check_int("num_tokens", num_tokens))
+
+    def tokens_for_pages(self, num_pages: int) -> int:
+        """The largest ``num_tokens`` that ``num_pages`` pages per buffer back
+        (``margin_tokens`` excluded, capped at ``max_seq_len``): the inverse of
+        :meth:`pages_for_tokens`, ``pages_for_tokens(tokens_for_pages(p)) <= p``."""
+        num_pages = check_int("num_pages", num_pages, low=0)
+        if num_pages == 0:
+            return 0
+        rows = num_pages * self.page_size // self.bytes_per_token_buffer
+        return max(0, min(self.max_seq_len, rows - self.margin_tokens))
 
     def step(self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor) -> None:
         """Commits, now, what every active slot needs for this iteration.
@@ -328,7 +355,7 @@ class KVCache:
         """Memory of the cache, in bytes and pages.
 
         ``reserved_bytes`` (virtual), ``committed_bytes`` (physical, mapped),
-        ``used_bytes`` (tokens reserved by active requests x bytes per token),
+        ``used_bytes`` (tokens committed for active requests x bytes per token),
         ``cached_bytes`` (committed by freed slots, kept for reuse),
         ``free_pages`` / ``pool_pages`` (the pool's free and existing pages),
         ``page_size``, ``tokens_per_page``, ``active_slots``, ``commit_calls``,
@@ -413,8 +440,7 @@ class KVCache:
 
     def _set_committed(self, slot: int, pages: int) -> None:
         self._committed_pages[slot] = pages
-        rows = pages * self.page_size // self.bytes_per_token_buffer
-        self._covered_tokens[slot] = max(0, min(self.max_seq_len, rows - self.margin_tokens)) if pages else 0
+        self._covered_tokens[slot] = self.tokens_for_pages(pages)
 
     def _pages_for(self, num_tokens: int) -> int:
         if num_tokens <= 0:

@@ -1,15 +1,15 @@
 """Block-table (paged) KV cache: the PagedAttention baseline that virtual KV must beat.
 
-Each layer's K and V live in block pools ``[num_blocks, block_size,
+Each layer's K and V live in block pools ``[num_blocks, page_size,
 num_kv_heads, head_dim]``; a request owns a list of blocks, recorded in an
-int32 block table ``[max_requests, max_blocks_per_request]`` on the device::
+int32 block table ``[max_batch_size, max_blocks_per_request]`` on the device::
 
     logical (request 3):  tokens 0..15 | 16..31 | 32..47 | 48..52
     block_table[3]:            7       |   2    |   11   |   4      (then unused entries)
     pool:  [blk0][blk1][blk2][blk3][blk4]...[blk7]...[blk11]...
 
-The kernels translate a position ``p`` to ``block_table[slot, p // block_size]``
-and row ``p % block_size``: the same Triton kernels as for the contiguous cache
+The kernels translate a position ``p`` to ``block_table[slot, p // page_size]``
+and row ``p % page_size``: the same Triton kernels as for the contiguous cache
 compiled with ``PAGED=True`` (``torch_vkv.triton_kernels``), so benchmarks
 measure the cost of paging with everything else equal.
 
@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._checks import check_int, fail
-from .errors import OutOfPagesError
+from .errors import OutOfPagesError, OutOfSlotsError
 
 __all__ = ["BlockPool", "PagedKVCache", "paged_from_dense"]
 
@@ -71,21 +71,38 @@ class BlockPool:
         self._free.extend(reversed(list(blocks)))
 
 
+def _one_of(name: str, value, old_name: str, old_value, default):
+    """``value``, or the same argument under its old name; not both."""
+    if value is not None and old_value is not None:
+        fail(f"{name}/{old_name}", f"one of them ({old_name} is the old name of {name})", (value, old_value))
+    if value is None and old_value is None and default is None:
+        fail(name, "an int", None, TypeError)
+    return value if value is not None else old_value if old_value is not None else default
+
+
 class PagedKVCache:
-    """Paged KV cache for ``num_layers`` layers, ``max_requests`` slots.
+    """Paged KV cache for ``num_layers`` layers and ``max_batch_size`` slots.
+
+    It speaks :class:`~torch_vkv.KVCache`'s vocabulary, so an engine can hold
+    either: ``alloc`` / ``free`` slots, ``commit`` / ``can_commit`` tokens of a
+    slot (``reserve`` / ``can_reserve`` / ``release`` are aliases), ``key`` /
+    ``value`` per layer, ``memory_stats``. A *page* here is a block of
+    ``page_size`` tokens (vLLM's block).
 
     Parameters
     ----------
     num_layers, num_kv_heads, head_dim : model shape.
     num_blocks : blocks in the pool (shared by all slots; each layer has its own copy of the pool).
-    max_requests : rows of the block table (slots).
+    max_batch_size : rows of the block table (slots). ``max_requests`` is its old name.
     max_seq_len : longest request, sizes the block table's second dimension.
-    block_size : tokens per block (16 by default, as vLLM).
+    page_size : tokens per block (16 by default, as vLLM). ``block_size`` is its old name.
+    dtype, device : of the pools.
+    shuffle : hand blocks out in a shuffled order (a fragmented, long-running server).
 
     Attributes
     ----------
-    kv : shape ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``.
-    block_table : int32, shape ``[max_requests, ceil(max_seq_len / block_size)]``, on ``device``.
+    kv : shape ``[num_layers, 2, num_blocks, page_size, num_kv_heads, head_dim]``.
+    block_table : int32, shape ``[max_batch_size, ceil(max_seq_len / page_size)]``, on ``device``.
     """
 
     def __init__(
@@ -95,48 +112,110 @@ class PagedKVCache:
         head_dim: int,
         *,
         num_blocks: int,
-        max_requests: int,
+        max_batch_size: Optional[int] = None,
         max_seq_len: int,
-        block_size: int = 16,
+        page_size: Optional[int] = None,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cuda",
         shuffle: bool = False,
+        max_requests: Optional[int] = None,
+        block_size: Optional[int] = None,
     ) -> None:
         self.num_layers = check_int("num_layers", num_layers, low=1)
         self.num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1)
         self.head_dim = check_int("head_dim", head_dim, low=1)
-        self.block_size = check_int("block_size", block_size, low=1)
-        self.max_requests = check_int("max_requests", max_requests, low=1)
-        self.max_seq_len = check_int("max_seq_len", max_seq_len, low=1)
-        self.pool = BlockPool(num_blocks, shuffle=shuffle)
-        self.max_blocks = math.ceil(self.max_seq_len / self.block_size)
-        self.kv = torch.empty(
-            (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim), dtype=dtype, device=device
+        self.page_size = check_int("page_size", _one_of("page_size", page_size, "block_size", block_size, 16), low=1)
+        self.max_batch_size = check_int(
+            "max_batch_size", _one_of("max_batch_size", max_batch_size, "max_requests", max_requests, None), low=1
         )
-        self.block_table = torch.zeros((self.max_requests, self.max_blocks), dtype=torch.int32, device=device)
-        self._blocks: list[list[int]] = [[] for _ in range(self.max_requests)]
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, low=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            fail("dtype", "a floating-point torch.dtype", dtype, TypeError)
+        self.dtype = dtype
+        self.pool = BlockPool(num_blocks, shuffle=shuffle)
+        self.max_blocks = math.ceil(self.max_seq_len / self.page_size)
+        self.kv = torch.empty(
+            (self.num_layers, 2, num_blocks, self.page_size, self.num_kv_heads, self.head_dim), dtype=dtype, device=device
+        )
+        self.device = self.kv.device
+        self.block_table = torch.zeros((self.max_batch_size, self.max_blocks), dtype=torch.int32, device=device)
+        self._blocks: list[list[int]] = [[] for _ in range(self.max_batch_size)]
+        self._free_slots: list[int] = list(range(self.max_batch_size))
+        self._active: set[int] = set()
+        itemsize = self.kv.element_size()
+        #: Bytes of one block in all layers, K and V.
+        self.bytes_per_page = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def block_size(self) -> int:
+        """Old name of :attr:`page_size` (tokens per block)."""
+        return self.page_size
+
+    @property
+    def max_requests(self) -> int:
+        """Old name of :attr:`max_batch_size`."""
+        return self.max_batch_size
+
+    # -- slots ------------------------------------------------------------
+
+    def alloc(self) -> int:
+        """Takes a free slot (block-table row) and returns it; raises
+        :class:`~torch_vkv.errors.OutOfSlotsError` when every slot is in use."""
+        if not self._free_slots:
+            raise OutOfSlotsError(f"all {self.max_batch_size} slots of the paged KV cache are in use")
+        slot = self._free_slots.pop(0)
+        self._active.add(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Returns the blocks of ``slot`` to the pool and, if it came from
+        :meth:`alloc`, the slot to the free list."""
+        slot = self._check_slot(slot)
+        self.pool.free(self._blocks[slot])
+        self._blocks[slot] = []
+        if slot in self._active:
+            self._active.discard(slot)
+            self._free_slots.append(slot)
+
+    def release(self, slot: int) -> None:
+        """Alias of :meth:`free`."""
+        self.free(slot)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
 
     # -- capacity ---------------------------------------------------------
 
     def _check_slot(self, slot: int) -> int:
-        return check_int("slot", slot, low=0, high=self.max_requests - 1)
+        return check_int("slot", slot, low=0, high=self.max_batch_size - 1)
 
     def capacity(self, slot: int) -> int:
         """Tokens that slot ``slot`` can hold without allocating."""
-        return len(self._blocks[self._check_slot(slot)]) * self.block_size
+        return len(self._blocks[self._check_slot(slot)]) * self.page_size
 
-    def can_reserve(self, slot: int, num_tokens: int) -> bool:
-        need = math.ceil(num_tokens / self.block_size) - len(self._blocks[self._check_slot(slot)])
+    def committed_tokens(self, slot: int) -> int:
+        """Same as :meth:`capacity` (``KVCache``'s name)."""
+        return min(self.max_seq_len, self.capacity(slot))
+
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        """Blocks that hold tokens ``[0, num_tokens)`` of a slot."""
+        return max(0, -(-check_int("num_tokens", num_tokens) // self.page_size))
+
+    def can_commit(self, slot: int, num_tokens: int) -> bool:
+        """Whether :meth:`commit` would succeed now (no change)."""
+        num_tokens = check_int("num_tokens", num_tokens, low=0)
+        need = self.pages_for_tokens(num_tokens) - len(self._blocks[self._check_slot(slot)])
         return num_tokens <= self.max_seq_len and self.pool.can_allocate(max(0, need))
 
-    def reserve(self, slot: int, num_tokens: int) -> None:
-        """Grow slot ``slot`` to hold ``num_tokens`` tokens (allocates blocks, updates the block table)."""
+    def commit(self, slot: int, num_tokens: int) -> None:
+        """Grows ``slot`` to hold ``num_tokens`` tokens (allocates blocks,
+        updates the block table). All or nothing: raises
+        :class:`~torch_vkv.errors.OutOfPagesError` with nothing changed."""
         slot = self._check_slot(slot)
-        num_tokens = check_int("num_tokens", num_tokens, low=0)
-        if num_tokens > self.max_seq_len:
-            fail("num_tokens", f"at most max_seq_len = {self.max_seq_len}", num_tokens)
+        num_tokens = check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)
         have = self._blocks[slot]
-        need = math.ceil(num_tokens / self.block_size) - len(have)
+        need = self.pages_for_tokens(num_tokens) - len(have)
         if need <= 0:
             return
         new = self.pool.allocate(need)
@@ -147,18 +226,42 @@ class PagedKVCache:
             self.block_table.device, non_blocking=True
         )
 
-    def release(self, slot: int) -> None:
-        """Return slot ``slot``'s blocks to the pool."""
-        slot = self._check_slot(slot)
-        self.pool.free(self._blocks[slot])
-        self._blocks[slot] = []
+    def can_reserve(self, slot: int, num_tokens: int) -> bool:
+        """Alias of :meth:`can_commit`."""
+        return self.can_commit(slot, num_tokens)
+
+    def reserve(self, slot: int, num_tokens: int) -> None:
+        """Alias of :meth:`commit`."""
+        self.commit(slot, num_tokens)
+
+    def memory_stats(self) -> dict:
+        """``reserved_bytes`` (the whole pool, allocated up front),
+        ``committed_bytes`` (blocks held by slots), ``free_pages``,
+        ``max_pages``, ``page_size`` (tokens per block), ``active_slots``."""
+        used_blocks = self.pool.num_blocks - self.pool.num_free
+        return {
+            "reserved_bytes": self.pool.num_blocks * self.bytes_per_page,
+            "committed_bytes": used_blocks * self.bytes_per_page,
+            "free_pages": self.pool.num_free,
+            "max_pages": self.pool.num_blocks,
+            "page_size": self.page_size,
+            "active_slots": len(self._active),
+        }
 
     # -- data -------------------------------------------------------------
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k_pool, v_pool) of ``layer``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        """(k_pool, v_pool) of ``layer``, each ``[num_blocks, page_size, num_kv_heads, head_dim]``."""
         layer = check_int("layer", layer, low=0, high=self.num_layers - 1)
         return self.kv[layer, 0], self.kv[layer, 1]
+
+    def key(self, layer: int) -> torch.Tensor:
+        """Key block pool of ``layer``: ``[num_blocks, page_size, num_kv_heads, head_dim]``."""
+        return self.layer(layer)[0]
+
+    def value(self, layer: int) -> torch.Tensor:
+        """Value block pool of ``layer``, shaped like :meth:`key`."""
+        return self.layer(layer)[1]
 
     def append(self, layer, k_new, v_new, cache_seqlens, *, cu_seqlens_q=None, slots=None) -> None:
         """Write new tokens' K/V (``[total_q, num_kv_heads, head_dim]``) at their positions; see :func:`torch_vkv.attention.append_kv`."""
@@ -185,19 +288,19 @@ class PagedKVCache:
         kp, vp = self.layer(layer)
         slots = list(range(len(lengths))) if slots is None else list(slots)
         for i, (n, s) in enumerate(zip(lengths, slots)):
-            self.reserve(s, n)
+            self.commit(s, n)
             blocks = self._blocks[s]
-            nb = math.ceil(n / self.block_size)
+            nb = math.ceil(n / self.page_size)
             if nb == 0:
                 continue
-            pad = nb * self.block_size
+            pad = nb * self.page_size
             src_k = k.new_zeros((pad,) + tuple(k.shape[2:]))
             src_v = v.new_zeros((pad,) + tuple(v.shape[2:]))
             src_k[:n] = k[i, :n]
             src_v[:n] = v[i, :n]
             idx = torch.tensor(blocks[:nb], device=kp.device, dtype=torch.long)
-            kp[idx] = src_k.view(nb, self.block_size, *k.shape[2:]).to(kp.dtype)
-            vp[idx] = src_v.view(nb, self.block_size, *v.shape[2:]).to(vp.dtype)
+            kp[idx] = src_k.view(nb, self.page_size, *k.shape[2:]).to(kp.dtype)
+            vp[idx] = src_v.view(nb, self.page_size, *v.shape[2:]).to(vp.dtype)
 
 
 def paged_from_dense(
@@ -216,7 +319,7 @@ def paged_from_dense(
     B, S, H, D = k.shape
     nb = sum(math.ceil(n / block_size) for n in lengths) + extra_blocks
     cache = PagedKVCache(
-        1, H, D, num_blocks=max(1, nb), max_requests=B, max_seq_len=S, block_size=block_size,
+        1, H, D, num_blocks=max(1, nb), max_batch_size=B, max_seq_len=S, page_size=block_size,
         dtype=k.dtype, device=k.device, shuffle=shuffle,
     )  # fmt: skip
     cache.load_dense(0, k, v, lengths)
