@@ -158,7 +158,7 @@ def test_append_kv(device, kind, layout):
 
 def test_append_kv_torch_fallback(monkeypatch):
     """Without Triton, append_kv falls back to index_put_ with device-side positions."""
-    monkeypatch.setattr(attn_mod, "_triton_usable", lambda device: False)
+    monkeypatch.setattr(attn_mod.deps, "triton_usable", lambda device: False)
     b, k, v = setup_case("mixed", "GQA", 64, "interleaved", "cpu", with_slots=True, seed=17)
     k2, v2 = k.clone(), v.clone()
     append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
