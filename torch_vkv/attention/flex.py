@@ -176,7 +176,9 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
         owner_len = torch.full((n_rows // KVB + 2,), -1, device=dev, dtype=torch.long)
         longest = torch.argmax(lens).view(1)  # a [1] tensor: indexing with it stays on the device
         if block_table is None:
-            owner_len = owner_len.scatter(0, idx * (s_pad // KVB), lens)  # length, at each row's first block
+            # Length at each row's first block; amax: a bad request (length 0, slot 0) never hides
+            # the length of the valid request in slot 0.
+            owner_len = owner_len.scatter_reduce(0, idx * (s_pad // KVB), lens, reduce="amax")
             row_start = (row // s_pad) * s_pad
             ok = (row - row_start) < owner_len[row_start // KVB]
             fallback = start.index_select(0, longest)

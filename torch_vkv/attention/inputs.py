@@ -175,7 +175,7 @@ def check_values(
         cu = list(range(R + 1))
     slot_list = slots.tolist() if slots is not None else list(range(R))
     num_slots, max_len, num_blocks = cache_bounds(k_cache, block_table)
-    committed = _committed_rows(k_cache) if on_device else None
+    committed = _committed_rows(k_cache) if debug_enabled() else None
     for r in range(R):
         s, L, n = slot_list[r], lens[r], cu[r + 1] - cu[r]
         if not 0 <= s < num_slots:
