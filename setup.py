@@ -7,7 +7,7 @@ declared in ``csrc/driver.h``, so no CUDA toolkit and no libtorch are needed.
 import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext = Pybind11Extension(
     "torch_vkv._C",
@@ -23,7 +23,9 @@ setup(
     version="0.1.0",
     description="Virtual-memory KV cache for PyTorch (vAttention): contiguous KV, pages committed on demand",
     python_requires=">=3.10",
-    packages=["torch_vkv", "torch_vkv.bench", "torch_vkv.triton_kernels"],
+    # Every package under torch_vkv/ (attention/, bench/, ...), plus the top-level
+    # triton_kernels/ folder installed as torch_vkv.triton_kernels.
+    packages=find_packages(include=["torch_vkv", "torch_vkv.*"]) + ["torch_vkv.triton_kernels"],
     package_dir={"torch_vkv.triton_kernels": "triton_kernels"},
     package_data={"torch_vkv": ["py.typed"]},
     ext_modules=[ext],

@@ -158,7 +158,7 @@ def test_append_kv(device, kind, layout):
 
 def test_append_kv_torch_fallback(monkeypatch):
     """Without Triton, append_kv falls back to index_put_ with device-side positions."""
-    monkeypatch.setattr(attn_mod, "_triton_usable", lambda device: False)
+    monkeypatch.setattr(attn_mod.deps, "triton_usable", lambda device: False)
     b, k, v = setup_case("mixed", "GQA", 64, "interleaved", "cpu", with_slots=True, seed=17)
     k2, v2 = k.clone(), v.clone()
     append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
@@ -191,15 +191,6 @@ def test_bad_input_messages():
 def test_auto_rule_cpu():
     b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu")
     assert select_backend(b.q, k, v, decode=True) == "sdpa"
-
-
-def test_import_is_lazy():
-    """Importing torch_vkv.attention loads neither our Triton kernels nor flash-attn."""
-    import subprocess
-    import sys
-
-    code = "import sys, torch_vkv.attention; assert 'torch_vkv.triton_kernels' not in sys.modules; assert 'flash_attn' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton", "flex"])

@@ -4,8 +4,9 @@ Importing this package loads neither the C++ core, nor CUDA, nor Triton; each
 loads on first use. The paged baseline and the Hugging Face adapter are
 imported lazily on first attribute access.
 
-``torch_vkv.attention`` is the attention entry point (a function); the module
-that defines it is reached with ``from torch_vkv.attention import ...``.
+``torch_vkv.attention`` is the attention entry point (a function); the package
+that defines it is reached with ``from torch_vkv.attention import ...`` (see
+``docs/attention.md``, "Layout").
 """
 
 from __future__ import annotations

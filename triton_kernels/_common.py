@@ -15,10 +15,18 @@ num_kv_heads, head_dim]`` and ``slot`` selects a row of the block table::
 So a paged twin is the same kernel with one extra dependent load (the block
 id) per tile row; that load and the loss of contiguity are exactly the cost of
 paging we want to measure, with everything else equal.
+
+Bounds: the launchers trust their (already checked) shapes, but never the
+*values* of device metadata. Each kernel treats a request whose slot is
+outside ``[0, num_slots)`` or whose length is outside ``[num_new_tokens,
+max_len]`` as empty (it reads no key and writes no row of the cache), and
+``_rows`` clamps a block id read from the block table into ``[0, num_blocks)``
+and reports it as not valid, so no address ever leaves the cache.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,9 +35,30 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def bounds(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[int, int, int]:
+    """(num_slots, max_len, num_blocks) of a cache, the limits the kernels hold metadata to."""
+    if block_table is None:
+        return k_cache.shape[0], k_cache.shape[1], 1
+    return block_table.shape[0], block_table.shape[1] * k_cache.shape[1], k_cache.shape[0]
+
+
 def dot_f32(t) -> bool:
     """Upcast dot operands to fp32: only under the CPU interpreter, whose bf16/fp16 tl.dot is unreliable."""
     return not t.is_cuda
+
+
+@triton.jit
+def _request(seqlens_ptr, slots_ptr, r, num_new, num_slots, max_len, HAS_SLOTS: tl.constexpr):
+    """(slot, seqlen, ok) of request ``r``: ``ok`` when its metadata stays inside the cache,
+    ``0 <= slot < num_slots`` and ``num_new <= seqlen <= max_len`` (the new tokens fit below
+    the length, the length in the row). Without slots, request ``r`` uses slot ``r``."""
+    seqlen = tl.load(seqlens_ptr + r)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+    else:
+        slot = r.to(tl.int64)
+    ok = (slot >= 0) & (slot < num_slots) & (seqlen >= num_new) & (seqlen <= max_len)
+    return slot, seqlen, ok
 
 
 @triton.jit
@@ -39,15 +68,22 @@ def _rows(
     slot,  # int64 scalar: cache row (contiguous) or block-table row (paged)
     pos,  # int32 [BLOCK]: token positions inside the request
     mask,  # bool [BLOCK]: positions whose block id may be read
+    num_blocks,  # blocks in the pool (PAGED only): ids outside [0, num_blocks) are clamped
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
 ):
-    """(block, row-in-block) of the positions ``pos``; offset = block * stride_b + row * stride_s."""
+    """(block, row-in-block, ok) of the positions ``pos``; offset = block * stride_b + row * stride_s.
+
+    ``ok`` is ``mask`` and, when PAGED, "the block id read is inside the pool"; a bad id is
+    clamped into the pool, so even an unmasked load stays in bounds (a store must use ``ok``).
+    """
     if PAGED:
         blk = tl.load(bt_ptr + slot * stride_bt + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
-        return blk, (pos % PAGE_SIZE).to(tl.int64)
+        ok = mask & (blk >= 0) & (blk < num_blocks)
+        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
+        return blk, (pos % PAGE_SIZE).to(tl.int64), ok
     else:
-        return slot + tl.zeros_like(pos).to(tl.int64), pos.to(tl.int64)
+        return slot + tl.zeros_like(pos).to(tl.int64), pos.to(tl.int64), mask
 
 
 @triton.jit
@@ -71,6 +107,7 @@ def _attn_tiles(
     stride_vh,
     lo,  # first key position of this loop (multiple of BLOCK_N)
     hi,  # keys >= hi are never read
+    num_blocks,  # PAGED: blocks in the pool (bad block ids are clamped, and masked in the masked tiles)
     sm_scale_log2,  # softmax scale * log2(e)
     MASKED: tl.constexpr,  # False: every key in [lo, hi) is valid and visible, hi - lo a multiple of BLOCK_N
     CAUSAL: tl.constexpr,
@@ -84,8 +121,7 @@ def _attn_tiles(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         if MASKED:
-            n_ok = offs_n < hi
-            blk, row = _rows(bt_ptr, stride_bt, slot, offs_n, n_ok, PAGED, PAGE_SIZE)
+            blk, row, n_ok = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, num_blocks, PAGED, PAGE_SIZE)
             # Masked loads: rows past the length are never read, so NaN or
             # unmapped memory there cannot leak in (0 * NaN would be NaN).
             k = tl.load(
@@ -99,7 +135,7 @@ def _attn_tiles(
                 other=0.0,
             )
         else:
-            blk, row = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, PAGED, PAGE_SIZE)
+            blk, row, _ = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, num_blocks, PAGED, PAGE_SIZE)
             k = tl.load(k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :])
             v = tl.load(v_ptr + (blk * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :])
         if DOT_F32:
@@ -124,3 +160,28 @@ def _attn_tiles(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_span(
+    acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    lo, hi_full, hi, num_blocks, sm_scale_log2,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Keys ``[lo, hi)``: full tiles ``[lo, hi_full)`` without masks, then the masked rest."""
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        lo, hi_full, num_blocks, sm_scale_log2,
+        MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+        DOT_F32=DOT_F32,
+    )  # fmt: skip
+    return _attn_tiles(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        hi_full, hi, num_blocks, sm_scale_log2,
+        MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+        DOT_F32=DOT_F32,
+    )  # fmt: skip

@@ -8,6 +8,12 @@ first, then attend), so the new tokens fill the last positions.
 One program per new token copies all its KV heads. The request of a token is
 found by a binary search over ``cu_seqlens_q`` inside the kernel, so there is
 no extra launch and nothing depends on host-side lengths (CUDA-graph safe).
+
+The launchers trust their inputs' shapes, dtypes and strides (the public entry
+``torch_vkv.attention.append_kv`` checks them once) but not the metadata
+values: a request whose slot is out of range, whose length is below its
+number of new tokens or above the row (``max_len``), or whose block id falls
+outside the pool writes nothing (see ``_common.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _rows, next_pow2
+from ._common import _request, _rows, bounds, next_pow2
 
 
 @triton.jit
@@ -30,16 +36,11 @@ def _append_kv_kernel(
     slots_ptr,  # [num_requests] (unused unless HAS_SLOTS)
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
     num_requests,
-    stride_knt,
-    stride_knh,
-    stride_vnt,
-    stride_vnh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
+    num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
+    stride_knt, stride_knh,  # k_new: token, head
+    stride_vnt, stride_vnh,  # v_new
+    stride_kb, stride_ks, stride_kh,  # k_cache: batch (or block), row, head
+    stride_vb, stride_vs, stride_vh,  # v_cache
     stride_bt,
     NUM_KV_HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -62,22 +63,24 @@ def _append_kv_kernel(
             lo = tl.where(go, mid, lo)
             hi = tl.where(go, hi, mid)
         r = lo
+        q_start = tl.load(cu_q_ptr + r)
         q_end = tl.load(cu_q_ptr + r + 1)
     else:
         r = t
+        q_start = t
         q_end = t + 1
-    pos = tl.load(seqlens_ptr + r) - (q_end - t)
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + r).to(tl.int64)
-    else:
-        slot = r.to(tl.int64)
+    slot, seqlen, valid = _request(seqlens_ptr, slots_ptr, r, q_end - q_start, num_slots, max_len, HAS_SLOTS)
+    pos = seqlen - (q_end - t)
 
+    # Bad metadata writes nothing: a slot outside the cache, a length below the request's
+    # new tokens or past the row, or a token outside its request's rows (cu_seqlens_q not
+    # non-decreasing) would otherwise land outside [0, max_len) of some slot.
+    valid = valid & (q_start <= t) & (t < q_end)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    pos_v = tl.zeros([1], dtype=tl.int32) + pos
-    # A token before position 0 (more new tokens than cache_seqlens counts) is dropped.
-    ok = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & (pos_v[:, None] >= 0)
-    blk, row = _rows(bt_ptr, stride_bt, slot, pos_v, pos_v >= 0, PAGED, PAGE_SIZE)
+    pos_v = tl.zeros([1], dtype=tl.int32) + tl.where(valid, pos, -1)  # a valid request's pos is >= 0
+    blk, row, row_ok = _rows(bt_ptr, stride_bt, slot, pos_v, pos_v >= 0, num_blocks, PAGED, PAGE_SIZE)
+    ok = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & row_ok[:, None]
     k_row = tl.sum(blk * stride_kb + row * stride_ks, 0)  # [1] -> scalar
     v_row = tl.sum(blk * stride_vb + row * stride_vs, 0)
     t64 = t.to(tl.int64)
@@ -85,33 +88,6 @@ def _append_kv_kernel(
     v = tl.load(v_new_ptr + t64 * stride_vnt + offs_h[:, None] * stride_vnh + offs_d[None, :], mask=ok)
     tl.store(k_ptr + k_row + offs_h[:, None] * stride_kh + offs_d[None, :], k.to(k_ptr.dtype.element_ty), mask=ok)
     tl.store(v_ptr + v_row + offs_h[:, None] * stride_vh + offs_d[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
-
-
-def _check(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table):
-    def fail(what, expected, got, exc=ValueError):
-        raise exc(f"{what}: expected {expected}, got {got}")
-
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        fail("k_cache/v_cache", "equal shapes [B, S_max, num_kv_heads, head_dim]", (tuple(k_cache.shape), tuple(v_cache.shape)))
-    want = (k_cache.shape[2], k_cache.shape[3])
-    if k_new.dim() != 3 or tuple(k_new.shape[1:]) != want or v_new.shape != k_new.shape:
-        fail("k_new/v_new", f"equal shapes [total_q, {want[0]}, {want[1]}]", (tuple(k_new.shape), tuple(v_new.shape)))
-    if min(k_cache.stride(-1), v_cache.stride(-1), k_new.stride(-1), v_new.stride(-1)) != 1 or max(
-        k_cache.stride(-1), v_cache.stride(-1), k_new.stride(-1), v_new.stride(-1)
-    ) != 1:
-        fail("stride(-1) of caches and new K/V", "1", None)
-    if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
-        fail("cache_seqlens", "a 1-D int32 tensor", (cache_seqlens.dtype, tuple(cache_seqlens.shape)))
-    R = cache_seqlens.shape[0]
-    if cu_seqlens_q is None:
-        if k_new.shape[0] != R:
-            fail("k_new.shape[0] (decode, cu_seqlens_q=None)", f"num_requests = {R}", k_new.shape[0])
-    elif cu_seqlens_q.dtype != torch.int32 or tuple(cu_seqlens_q.shape) != (R + 1,):
-        fail("cu_seqlens_q", f"int32 of shape [{R + 1}]", (cu_seqlens_q.dtype, tuple(cu_seqlens_q.shape)))
-    if slots is not None and (slots.dim() != 1 or slots.shape[0] != R or slots.dtype not in (torch.int32, torch.int64)):
-        fail("slots", f"int32/int64 of shape [{R}]", (slots.dtype, tuple(slots.shape)))
-    if block_table is not None and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1):
-        fail("block_table", "a 2-D int32 tensor with stride(-1) == 1", (block_table.dtype, tuple(block_table.shape)))
 
 
 def append_kv(
@@ -137,8 +113,10 @@ def append_kv(
     cu_seqlens_q : int32, shape ``[num_requests + 1]``; ``None``: one token per request.
     slots : shape ``[num_requests]``, cache row (block-table row) per request.
     block_table : int32, shape ``[num_slots, max_blocks]`` (paged twin).
+
+    Trusts the shapes, dtypes and strides (checked by the public entry); a request
+    with out-of-range metadata values writes nothing.
     """
-    _check(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
     T = k_new.shape[0]
     R = cache_seqlens.shape[0]
     if T == 0 or R == 0:
@@ -149,7 +127,7 @@ def append_kv(
     _append_kv_kernel[(T,)](
         k_new, v_new, k_cache, v_cache, cache_seqlens,
         cu_seqlens_q if cu_seqlens_q is not None else cache_seqlens,
-        slots if slots is not None else cache_seqlens, bt, R,
+        slots if slots is not None else cache_seqlens, bt, R, *bounds(k_cache, block_table),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -162,21 +140,24 @@ def append_kv(
 
 
 def append_kv_reference(k_cache, v_cache, k_new, v_new, cache_seqlens, *, cu_seqlens_q=None, slots=None, block_table=None):
-    """Plain-PyTorch twin of :func:`append_kv` (host syncs; tests only)."""
+    """Plain-PyTorch twin of :func:`append_kv` (host syncs; tests only); skips requests with bad metadata."""
     R = cache_seqlens.shape[0]
     cu = cu_seqlens_q.tolist() if cu_seqlens_q is not None else list(range(R + 1))
     lens = cache_seqlens.tolist()
     slot_list = slots.tolist() if slots is not None else list(range(R))
+    num_slots, max_len, num_blocks = bounds(k_cache, block_table)
     for r in range(R):
         n = cu[r + 1] - cu[r]
+        if not (0 <= slot_list[r] < num_slots and 0 <= n <= lens[r] <= max_len):
+            continue
         for i in range(n):
             pos = lens[r] - n + i
-            if pos < 0:
-                continue
             s = slot_list[r]
             if block_table is not None:
                 page = k_cache.shape[1]
                 b = int(block_table[s, pos // page])
+                if not 0 <= b < num_blocks:
+                    continue
                 k_cache[b, pos % page] = k_new[cu[r] + i]
                 v_cache[b, pos % page] = v_new[cu[r] + i]
             else:
@@ -192,12 +173,11 @@ def _zero_tail_kernel(
     slots_ptr,
     bt_ptr,
     limit,  # positions >= limit are never written (the row's padded length)
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
+    num_slots,
+    max_len,
+    num_blocks,
+    stride_kb, stride_ks, stride_kh,  # k_cache: batch (or block), row, head
+    stride_vb, stride_vs, stride_vh,  # v_cache
     stride_bt,
     MULTIPLE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -208,18 +188,15 @@ def _zero_tail_kernel(
     PAGE_SIZE: tl.constexpr,
 ):
     r = tl.program_id(0)
-    seqlen = tl.load(seqlens_ptr + r)
+    slot, seqlen, ok = _request(seqlens_ptr, slots_ptr, r, 0, num_slots, max_len, HAS_SLOTS)
     pos = seqlen + tl.program_id(1)
     end = tl.minimum(tl.cdiv(seqlen, MULTIPLE) * MULTIPLE, limit)
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + r).to(tl.int64)
-    else:
-        slot = r.to(tl.int64)
+    end = tl.where(ok, end, -1)  # bad metadata zeroes nothing
     pos_v = tl.zeros([1], dtype=tl.int32) + pos
-    blk, row = _rows(bt_ptr, stride_bt, slot, pos_v, pos_v < end, PAGED, PAGE_SIZE)
+    blk, row, row_ok = _rows(bt_ptr, stride_bt, slot, pos_v, (pos_v >= 0) & (pos_v < end), num_blocks, PAGED, PAGE_SIZE)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = (offs_h[:, None] < NUM_KV_HEADS) & (pos_v[:, None] < end) & (offs_d[None, :] < HEAD_DIM)
+    ok = (offs_h[:, None] < NUM_KV_HEADS) & row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     zero = tl.zeros([BLOCK_H, HEAD_DIM], dtype=k_ptr.dtype.element_ty)
     k_row = tl.sum(blk * stride_kb + row * stride_ks, 0)
     v_row = tl.sum(blk * stride_vb + row * stride_vs, 0)
@@ -252,6 +229,7 @@ def zero_tail(
     H_kv, D = k_cache.shape[2], k_cache.shape[3]
     _zero_tail_kernel[(R, multiple - 1)](
         k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt, limit,
+        *bounds(k_cache, block_table),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0,

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attn_tiles, dot_f32, next_pow2
-from .prefill import attention_reference, check_attention_inputs
+from ._common import _attn_span, _request, bounds, dot_f32, next_pow2
+from .prefill import attention_reference
 
 
 @triton.jit
@@ -40,18 +40,13 @@ def _decode_split_kernel(
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
     o_ptr,  # DIRECT: out [num_requests, num_heads, D]; else fp32 [num_requests, num_heads, NUM_SPLITS, D]
     lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS] (unused if DIRECT)
+    num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
     sm_scale_log2,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,  # k_cache: batch (or block), row, head
+    stride_vb, stride_vs, stride_vh,  # v_cache
     stride_bt,
-    stride_ot,
-    stride_oh,
+    stride_ot, stride_oh,
     stride_os,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -67,11 +62,9 @@ def _decode_split_kernel(
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seqlen = tl.load(seqlens_ptr + r)
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + r).to(tl.int64)
-    else:
-        slot = r.to(tl.int64)
+    slot, seqlen, ok = _request(seqlens_ptr, slots_ptr, r, 1, num_slots, max_len, HAS_SLOTS)
+    # Bad metadata (slot out of range, length outside [1, max_len]): no key is read, output 0.
+    seqlen = tl.where(ok, seqlen, 0)
 
     per_split = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * per_split
@@ -94,19 +87,11 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _attn_tiles(
+    acc, l_i, m_i = _attn_span(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        lo, hi_full, sm_scale_log2,
-        MASKED=False, CAUSAL=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
-        DOT_F32=DOT_F32,
-    )  # fmt: skip
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        hi_full, hi, sm_scale_log2,
-        MASKED=True, CAUSAL=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
-        DOT_F32=DOT_F32,
+        lo, hi_full, hi, num_blocks, sm_scale_log2,
+        CAUSAL=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
     )  # fmt: skip
 
     # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.
@@ -127,8 +112,7 @@ def _decode_reduce_kernel(
     mid_o_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS, D], contiguous
     mid_lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS], contiguous (log2 domain)
     o_ptr,  # [num_requests, num_heads, D]
-    stride_ot,
-    stride_oh,
+    stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -199,8 +183,10 @@ def decode_attention(
     Returns
     -------
     out : shape ``[num_requests, num_heads, head_dim]``, q's dtype.
+
+    Trusts the shapes, dtypes and strides (checked by ``torch_vkv.attention``);
+    a request with out-of-range metadata values reads no key and gets zeros.
     """
-    check_attention_inputs(q, k_cache, v_cache, cache_seqlens, None, slots, block_table)
     R, H, D = q.shape
     H_kv = k_cache.shape[2]
     group = H // H_kv
@@ -228,7 +214,7 @@ def decode_attention(
     bt = block_table if paged else cache_seqlens
     _decode_split_kernel[(R, H_kv, num_splits)](
         q, k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
-        mid_o, mid_lse, scale * 1.4426950408889634,
+        mid_o, mid_lse, *bounds(k_cache, block_table), scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -20,6 +20,12 @@ request. Keys visible to every row of the block are read without masks; only
 the diagonal band (and the ragged end) is masked. The launch grid depends on
 ``max_seqlen_q`` (a host int, an upper bound is fine) and never on lengths
 held on the device, so the launch is CUDA-graph safe.
+
+The launcher trusts its inputs' shapes, dtypes and strides (the public entry
+``torch_vkv.attention.attention`` checks them once), not the metadata values:
+a request whose slot or length is out of range (``_common.py``) reads no key
+and gets zero rows, and query rows outside ``[0, total_q)`` (inconsistent
+``cu_seqlens_q``) are neither read nor written.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attn_tiles, dot_f32
+from ._common import _attn_span, _request, bounds, dot_f32
 
 
 @triton.jit
@@ -43,17 +49,13 @@ def _prefill_kernel(
     cu_q_ptr,  # int32 [num_requests + 1]
     slots_ptr,  # [num_requests] (unused unless HAS_SLOTS)
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
+    total_q,
+    num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
     sm_scale_log2,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_ot,
-    stride_oh,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,  # k_cache: batch (or block), row, head
+    stride_vb, stride_vs, stride_vh,  # v_cache
+    stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -72,17 +74,15 @@ def _prefill_kernel(
     q_len = tl.load(cu_q_ptr + r + 1) - q_start
     if pid_m * BLOCK_M >= q_len:
         return
-    seqlen = tl.load(seqlens_ptr + r)
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + r).to(tl.int64)
-    else:
-        slot = r.to(tl.int64)
+    slot, seqlen, ok = _request(seqlens_ptr, slots_ptr, r, q_len, num_slots, max_len, HAS_SLOTS)
+    # Bad metadata (slot out of range, length outside [q_len, max_len]): no key is read, rows get 0.
+    seqlen = tl.where(ok, seqlen, 0)
     kv_head = head // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < q_len
     q_rows = (q_start + offs_m).to(tl.int64)
+    m_ok = (offs_m < q_len) & (q_rows >= 0) & (q_rows < total_q)  # cu_seqlens_q may be inconsistent
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
@@ -102,57 +102,15 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _attn_tiles(
+    acc, l_i, m_i = _attn_span(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        0, hi_full, sm_scale_log2,
-        MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
-        DOT_F32=DOT_F32,
-    )  # fmt: skip
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        hi_full, hi, sm_scale_log2,
-        MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
-        DOT_F32=DOT_F32,
+        0, hi_full, hi, num_blocks, sm_scale_log2,
+        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
     )  # fmt: skip
     # A query that sees no key (only with bad lengths) gets 0, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
-
-
-def _fail(what, expected, got, exc=ValueError):
-    raise exc(f"{what}: expected {expected}, got {got}")
-
-
-def check_attention_inputs(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:
-    """Shape/stride/dtype checks shared by the launchers (metadata only: no device reads)."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
-        if not isinstance(t, torch.Tensor):
-            _fail(name, "a torch.Tensor", type(t).__name__, TypeError)
-    if q.dim() != 3:
-        _fail("q", "shape [total_q, num_heads, head_dim]", tuple(q.shape))
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        _fail("k_cache/v_cache", "equal shapes [B, S_max, num_kv_heads, head_dim]", (tuple(k_cache.shape), tuple(v_cache.shape)))
-    if k_cache.shape[3] != q.shape[2]:
-        _fail("k_cache head_dim", f"q's head_dim {q.shape[2]}", k_cache.shape[3])
-    d = q.shape[2]
-    if d < 16 or d > 256 or d & (d - 1):
-        _fail("head_dim", "a power of two in [16, 256] for the Triton kernels", d)
-    if q.shape[1] % k_cache.shape[2]:
-        _fail("num_heads", f"a multiple of num_kv_heads {k_cache.shape[2]}", q.shape[1])
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        _fail("stride(-1) of q/k_cache/v_cache", "1", (q.stride(-1), k_cache.stride(-1), v_cache.stride(-1)))
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        _fail("k_cache/v_cache dtype", "one of float16, bfloat16, float32 (both the same)", (k_cache.dtype, v_cache.dtype), TypeError)
-    if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
-        _fail("cache_seqlens", "a 1-D int32 tensor", (cache_seqlens.dtype, tuple(cache_seqlens.shape)))
-    if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (cache_seqlens.shape[0] + 1,)):
-        _fail("cu_seqlens_q", f"int32 of shape [{cache_seqlens.shape[0] + 1}]", (cu_seqlens_q.dtype, tuple(cu_seqlens_q.shape)))
-    if slots is not None and (slots.dim() != 1 or slots.shape[0] != cache_seqlens.shape[0] or slots.dtype not in (torch.int32, torch.int64)):
-        _fail("slots", f"int32/int64 of shape [{cache_seqlens.shape[0]}]", (slots.dtype, tuple(slots.shape)))
-    if block_table is not None and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1):
-        _fail("block_table", "a 2-D int32 tensor with stride(-1) == 1", (block_table.dtype, tuple(block_table.shape)))
 
 
 def prefill_attention(
@@ -189,10 +147,10 @@ def prefill_attention(
     Returns
     -------
     out : shape ``[total_q, num_heads, head_dim]``, q's dtype.
+
+    Trusts the shapes, dtypes and strides (checked by ``torch_vkv.attention``);
+    out-of-range metadata values are masked (see the module docstring).
     """
-    check_attention_inputs(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
-    if cu_seqlens_q is None:
-        _fail("cu_seqlens_q", "a tensor for prefill", None)
     T, H, D = q.shape
     H_kv = k_cache.shape[2]
     R = cache_seqlens.shape[0]
@@ -216,7 +174,7 @@ def prefill_attention(
     bt = block_table if paged else cache_seqlens
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
-        scale * 1.4426950408889634,
+        T, *bounds(k_cache, block_table), scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -243,7 +201,8 @@ def attention_reference(
     """Plain-PyTorch reference (float64 by default, per-request loop, host syncs; tests and checks only).
 
     Same contract as :func:`prefill_attention`; reads only the valid rows, so
-    NaN past ``cache_seqlens`` cannot reach the result.
+    NaN past ``cache_seqlens`` cannot reach the result. A request with
+    out-of-range metadata gets zero rows (as in the kernels).
     """
     R = cache_seqlens.shape[0]
     if cu_seqlens_q is None:
@@ -254,11 +213,12 @@ def attention_reference(
     H, D = q.shape[1], q.shape[2]
     H_kv = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    num_slots, max_len, _ = bounds(k_cache, block_table)
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     for r in range(R):
         n, L, s = cu[r + 1] - cu[r], lens[r], slot_list[r]
-        if n == 0:
-            continue
+        if n <= 0 or not (0 <= s < num_slots and n <= L <= max_len):
+            continue  # no queries, or bad metadata: zero rows, as the kernels give
         if block_table is not None:
             k = gather_paged(k_cache, block_table[s], L)
             v = gather_paged(v_cache, block_table[s], L)

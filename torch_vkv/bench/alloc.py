@@ -38,8 +38,11 @@ Two parts, one report (``alloc.json`` / ``alloc.md``):
    of the GPU, which hides host-side commit costs behind queued kernels.
 
    Step time comes from CUDA events on the GPU (host ``perf_counter`` on the
-   CPU); repeats interleave the modes and the overhead is the median over
-   repeats of ``mean step time(mode) / mean step time(precommitted) - 1``.
+   CPU) at the step boundaries, through ``torch_vkv.bench.timing.StepClock``:
+   a decode trajectory is stateful (exactly ``steps`` steps from a prepared
+   cache), so a call-repeating timer such as ``do_bench`` cannot drive it.
+   Repeats interleave the modes and the overhead is the median over repeats of
+   ``mean step time(mode) / mean step time(precommitted) - 1``.
 
 Examples::
 
@@ -61,6 +64,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from torch_vkv.bench.report import write_report
+from torch_vkv.bench.timing import StepClock
 
 __all__ = ["main"]
 
@@ -323,26 +327,6 @@ def bench_latency(cfg: Config) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------- 2. decode loop
-class _Timer:
-    """Marks step boundaries: CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device, steps: int) -> None:
-        self.cuda = device.type == "cuda"
-        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda else []
-        self.times = [0.0] * (steps + 1)
-
-    def mark(self, i: int) -> None:
-        if self.cuda:
-            self.events[i].record()
-        else:
-            self.times[i] = time.perf_counter()
-
-    def step_ms(self) -> list[float]:
-        if self.cuda:
-            return [self.events[i].elapsed_time(self.events[i + 1]) for i in range(len(self.events) - 1)]
-        return [(self.times[i + 1] - self.times[i]) * 1e3 for i in range(len(self.times) - 1)]
-
-
 class _DecodeLoop:
     """One KVCache and a synthetic decode step over it (append + read back)."""
 
@@ -452,7 +436,7 @@ class _DecodeLoop:
         self.prepare(mode, steps)
         cache = self.cache
         before = cache.pool.stats()["map_calls"]
-        timer = _Timer(self.dev, steps)
+        timer = StepClock(self.dev, steps)
         lens = list(self.prompt)
         t0 = time.perf_counter()
         for t in range(steps):

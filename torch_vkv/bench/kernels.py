@@ -20,10 +20,11 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
 * ``vm_vs_malloc``: the same kernel on ``cudaMalloc`` memory and on the
   virtual cache, measurements interleaved; the ratio should be 1.00.
 
-Timing: CUDA events around one call; before each call a 1 GiB memset flushes
-the L2 and keeps the GPU busy while the host enqueues the call, so host launch
-overhead is hidden (as in a CUDA-graph replay) and the number is GPU time.
-Median over the iterations.
+Timing: ``triton.testing.do_bench`` (``torch_vkv.bench.timing.time_us``): CUDA
+events around each call, the L2 cleared before each call (which also keeps the
+GPU busy while the host enqueues the call, so host launch overhead is mostly
+hidden, as in a CUDA-graph replay); the median over the calls that fit the
+section's time budget. On the CPU (``--smoke``) a ``perf_counter`` loop.
 
 Examples::
 
@@ -46,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from torch_vkv.bench.report import write_report
+from torch_vkv.bench.timing import time_us
 
 __all__ = ["main"]
 
@@ -66,9 +68,9 @@ class Config:
     batches: list
     contexts: list
     prefill_contexts: list
-    decode_iters: int
-    prefill_iters: int
-    warmup: int
+    decode_rep_ms: float  # do_bench budgets (ms): timed calls, and warm-up before them
+    prefill_rep_ms: float
+    warmup_ms: float
     flex_decode: set = field(default_factory=set)  # (batch, context) where flex runs; None = everywhere
     flex_prefill: set = field(default_factory=set)
     vm_decode: list = field(default_factory=list)
@@ -103,8 +105,8 @@ def _config(args) -> Config:
     if args.smoke:
         return Config(
             device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-            models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_iters=2,
-            prefill_iters=2, warmup=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
+            models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_rep_ms=2,
+            prefill_rep_ms=2, warmup_ms=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
             vm_prefill=[128], tune=[(4, 256)], tune_full=False, paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
             layout_cases=[(4, 256)], layout_layers=2,
         )  # fmt: skip
@@ -115,7 +117,7 @@ def _config(args) -> Config:
     if args.quick:
         cfg = Config(
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 32, 128], contexts=[4096, 16384],
-            prefill_contexts=[2048, 8192, 32768], decode_iters=10, prefill_iters=5, warmup=2,
+            prefill_contexts=[2048, 8192, 32768], decode_rep_ms=25, prefill_rep_ms=50, warmup_ms=10,
             flex_decode={(32, 4096)}, flex_prefill=set(), vm_decode=[(32, 4096)], vm_prefill=[32768],
             tune=[(32, 4096)], tune_full=False, flex_paged_blocks=(16,), layout_cases=[(8, 4096), (32, 4096)],
         )  # fmt: skip
@@ -123,7 +125,7 @@ def _config(args) -> Config:
         cfg = Config(
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 8, 32, 64, 128, 256],
             contexts=[1024, 4096, 16384, 32768], prefill_contexts=[2048, 8192, 32768, 65536, 131072],
-            decode_iters=20, prefill_iters=5, warmup=3,
+            decode_rep_ms=50, prefill_rep_ms=100, warmup_ms=25,
             flex_decode={(b, c) for b in (1, 32, 128) for c in (4096, 16384)}, flex_prefill={8192, 32768},
             vm_decode=[(32, 4096), (64, 16384), (128, 4096)], vm_prefill=[8192, 32768],
             tune=[(8, 16384), (32, 4096), (128, 16384)], layout_cases=[(8, 4096), (32, 4096), (8, 16384)],
@@ -139,43 +141,18 @@ def _config(args) -> Config:
 # ----------------------------------------------------------------------------- timing
 
 
-class Timer:
-    """Median GPU time of ``fn()`` in microseconds (L2 flushed before each call)."""
-
-    def __init__(self, device: torch.device, flush_bytes: int = 1 << 30) -> None:
-        self.device = device
-        self.flush = torch.empty(flush_bytes if device.type == "cuda" else 1 << 20, dtype=torch.int8, device=device)
-
-    def __call__(self, fn: Callable[[], Any], iters: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        if self.device.type != "cuda":
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
-            return statistics.median(times)
-        torch.cuda.synchronize(self.device)
-        events = []
-        for _ in range(iters):
-            self.flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(self.device)
-        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+def _time(cfg: Config, fn: Callable[[], Any], rep_ms: float) -> float:
+    """Median microseconds of ``fn()`` (do_bench on CUDA), after ``cfg.warmup_ms`` of warm-up."""
+    return time_us(fn, cfg.device, rep_ms=rep_ms, warmup_ms=cfg.warmup_ms)
 
 
-def copy_bandwidth(timer: Timer, nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(cfg: Config, nbytes: int = 1 << 30) -> float:
     """TB/s of ``dst.copy_(src)``, read + write bytes counted."""
-    if timer.device.type != "cuda":
+    if cfg.device.type != "cuda":
         nbytes = 64 << 20
-    src = torch.empty(nbytes, dtype=torch.uint8, device=timer.device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=cfg.device)
     dst = torch.empty_like(src)
-    us = timer(lambda: dst.copy_(src), iters=20, warmup=3)
+    us = _time(cfg, lambda: dst.copy_(src), cfg.decode_rep_ms)
     return 2 * nbytes / (us * 1e-6) / 1e12
 
 
@@ -255,7 +232,7 @@ def _paged_backends(cfg: Config, block: int, flex_here: bool) -> list:
     ]  # fmt: skip
 
 
-def _decode_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
+def _decode_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
     from torch_vkv.attention import attention
 
     rows = []
@@ -276,7 +253,7 @@ def _decode_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log)
                 def record(backend, memory, block, fn):
                     row = dict(base, backend=backend, memory=memory, block=block)
                     try:
-                        us = timer(fn, cfg.decode_iters, cfg.warmup)
+                        us = _time(cfg, fn, cfg.decode_rep_ms)
                     except Exception as e:  # one backend failing must not stop the run
                         row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
                         log(f"  decode {model} B={B} S={S} {backend}/{memory}: {row['note']}")
@@ -310,7 +287,7 @@ def _decode_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log)
     return rows
 
 
-def _prefill_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
+def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
     from torch_vkv.attention import attention
 
     rows = []
@@ -323,12 +300,11 @@ def _prefill_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
             cu = torch.tensor([0, S], dtype=torch.int32, device=dev)
             flops = 4 * H * D * S * S / 2
             base = dict(section="prefill", model=model, batch=1, context=S)
-            iters = cfg.prefill_iters if S < 65536 else max(2, cfg.prefill_iters // 2)
 
             def record(backend, memory, block, fn):
                 row = dict(base, backend=backend, memory=memory, block=block)
                 try:
-                    us = timer(fn, iters, min(cfg.warmup, 2))
+                    us = _time(cfg, fn, cfg.prefill_rep_ms)
                 except Exception as e:
                     row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
                     log(f"  prefill {model} S={S} {backend}/{memory}: {row['note']}")
@@ -362,7 +338,7 @@ def _prefill_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
     return rows
 
 
-def _vm_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
+def _vm_rows(cfg: Config, caches: Caches, log) -> list:
     """Same kernel, same shapes: cudaMalloc vs virtual memory, measurements interleaved."""
     from torch_vkv.attention import attention
 
@@ -395,10 +371,10 @@ def _vm_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
             try:
                 same = torch.equal(fm(), fv())
                 tm, tv = [], []
-                iters = cfg.decode_iters if kind == "decode" else cfg.prefill_iters
+                rep_ms = cfg.decode_rep_ms if kind == "decode" else cfg.prefill_rep_ms
                 for _ in range(3):  # interleave to cancel drift (clocks, temperature)
-                    tm.append(timer(fm, iters, 1))
-                    tv.append(timer(fv, iters, 1))
+                    tm.append(_time(cfg, fm, rep_ms))
+                    tv.append(_time(cfg, fv, rep_ms))
                 us_m, us_v = statistics.median(tm), statistics.median(tv)
                 row.update(memory="vm/malloc", us=us_v, ratio_vm_malloc=us_v / us_m,
                            note=f"malloc {us_m:.1f} us; outputs {'bitwise equal' if same else 'DIFFER'}")  # fmt: skip
@@ -415,7 +391,7 @@ def _vm_rows(cfg: Config, timer: Timer, caches: Caches, log) -> list:
     return rows
 
 
-def _layout_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
+def _layout_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
     """Decode on layer 0 of a ``layout_layers``-layer KVCache, per_layer vs interleaved.
 
     The kernels are the same; only the row stride differs: ``H_kv * D`` elements
@@ -448,7 +424,7 @@ def _layout_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log)
                 for backend in [b for b in ("triton", "torch_fa2") if _available(b, dev)] or ["sdpa"]:
                     row = dict(section="layout", model=model, backend=backend, memory=layout, batch=B, context=S,
                                note=f"row stride {k.stride(1)} elements, {cache.tokens_per_page} tokens/page")  # fmt: skip
-                    us = timer(lambda b=backend: attention(q, k, v, lens, backend=b), cfg.decode_iters, 1)
+                    us = _time(cfg, lambda b=backend: attention(q, k, v, lens, backend=b), cfg.decode_rep_ms)
                     tb = kv_bytes / (us * 1e-6) / 1e12
                     row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw)
                     log(f"  layout {layout} {backend} B={B} S={S}: {us:.1f} us ({row['pct_copy']:.0f}% of copy)")
@@ -464,13 +440,13 @@ def _layout_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log)
     return rows
 
 
-def _tune_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -> list:
+def _tune_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
     """Triton split-KV decode over its launch parameters (to check / retune the defaults)."""
-    from torch_vkv.attention import _triton_kernels, _triton_usable
+    from torch_vkv.attention import deps
 
-    if not _triton_usable(cfg.device):
+    if not deps.triton_usable(cfg.device):
         return []
-    tk = _triton_kernels()
+    tk = deps.triton_kernels()
     rows = []
     model = cfg.models[0]
     H, H_kv, D = MODELS.get(model, (8, 2, 64))
@@ -487,8 +463,8 @@ def _tune_rows(cfg: Config, timer: Timer, caches: Caches, copy_bw: float, log) -
                     name = f"triton splits={splits} block_n={block_n} warps={warps}"
                     row = dict(section="decode_tune", model=model, backend=name, batch=B, context=S)
                     try:
-                        us = timer(lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
-                                                               num_warps=warps), cfg.decode_iters, 1)  # fmt: skip
+                        us = _time(cfg, lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
+                                                                    num_warps=warps), cfg.decode_rep_ms)  # fmt: skip
                     except Exception as e:
                         row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
                     else:
@@ -608,20 +584,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         MODELS.setdefault("tiny", (8, 2, 64))
     t0 = time.perf_counter()
-    timer = Timer(cfg.device)
     caches = Caches(cfg, log)
     if caches.vm_error:
         log(f"bench kernels: {caches.vm_error}")
     with torch.inference_mode():
-        bw = copy_bandwidth(timer)
+        bw = copy_bandwidth(cfg)
         log(f"bench kernels on {cfg.device}: copy bandwidth {bw:.2f} TB/s (read + write)")
         rows = [dict(section="copy", backend="copy_", memory="malloc", tb_s=bw, pct_copy=100.0,
                      note="dst.copy_(src), 1 GiB, read + write bytes")]  # fmt: skip
-        rows += _decode_rows(cfg, timer, caches, bw, log)
-        rows += _prefill_rows(cfg, timer, caches, log)
-        rows += _vm_rows(cfg, timer, caches, log)
-        rows += _tune_rows(cfg, timer, caches, bw, log)
-        rows += _layout_rows(cfg, timer, caches, bw, log)
+        rows += _decode_rows(cfg, caches, bw, log)
+        rows += _prefill_rows(cfg, caches, log)
+        rows += _vm_rows(cfg, caches, log)
+        rows += _tune_rows(cfg, caches, bw, log)
+        rows += _layout_rows(cfg, caches, bw, log)
     summary = _summary(rows, bw, caches, time.perf_counter() - t0)
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)
     write_report("kernels", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)

@@ -1,0 +1,128 @@
+"""The ``torch_vkv.attention`` package: its names, the module/function clash, its size, its imports."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_public_names_and_signatures():
+    import inspect
+
+    import torch_vkv
+    from torch_vkv.attention import BACKENDS, append_kv, attention, available_backends, select_backend
+
+    assert torch_vkv.attention is attention and torch_vkv.append_kv is append_kv
+    assert torch_vkv.select_backend is select_backend and torch_vkv.available_backends is available_backends
+    assert torch_vkv.BACKENDS is BACKENDS == ("auto", "torch_fa2", "flash_attn", "triton", "flex", "sdpa")
+    params = list(inspect.signature(attention).parameters)
+    assert params == ["q", "k_cache", "v_cache", "cache_seqlens", "cu_seqlens_q", "slots", "causal", "scale",
+                      "backend", "block_table", "max_seqlen_q", "num_splits"]  # fmt: skip
+    assert list(inspect.signature(append_kv).parameters) == [
+        "k_cache", "v_cache", "k_new", "v_new", "cache_seqlens", "cu_seqlens_q", "slots", "block_table"]  # fmt: skip
+    assert list(inspect.signature(select_backend).parameters) == ["q", "k_cache", "v_cache", "decode", "block_table"]
+
+
+def test_private_names_kept_for_old_callers():
+    """Names the former single module had, still importable (hf.py, tests/test_paged.py, bench)."""
+    from torch_vkv.attention import (  # noqa: F401
+        _flash_attn_fn,
+        _has_torch_fa2,
+        _has_triton,
+        _triton_kernels,
+        _triton_usable,
+    )
+
+    assert _triton_usable(torch.device("cuda")) == (importlib.util.find_spec("triton") is not None)
+
+
+def test_attention_stays_the_function_after_importing_submodules():
+    """The clash is resolved one way: ``torch_vkv.attention`` is the function, whatever was imported."""
+    r = run_python(
+        "import torch_vkv.attention.sdpa, torch_vkv.attention.inputs\n"
+        "import torch_vkv, importlib\n"
+        "assert callable(torch_vkv.attention) and torch_vkv.attention.__name__ == 'attention', torch_vkv.attention\n"
+        "import torch_vkv.attention.flex\n"
+        "assert callable(torch_vkv.attention)\n"
+        "pkg = importlib.import_module('torch_vkv.attention')\n"
+        "assert pkg.__name__ == 'torch_vkv.attention' and pkg.attention is torch_vkv.attention\n"
+        "print('ok')\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_compile_traces_a_call_to_torch_vkv_attention():
+    """``torch.compile(fullgraph=True)`` traces ``torch_vkv.attention(...)`` reached through the package attribute."""
+    import torch._dynamo
+
+    import torch_vkv
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 16)
+    k = torch.randn(3, 8, 2, 16)
+    v = torch.randn(3, 8, 2, 16)
+    lens = torch.tensor([2, 8, 5], dtype=torch.int32)
+
+    def step(q, k, v, lens):
+        return torch_vkv.attention(q, k, v, lens, backend="sdpa")
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(q, k, v, lens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, lens)
+    torch.testing.assert_close(out, step(q, k, v, lens), atol=1e-5, rtol=1e-5)  # fp32, same math
+
+
+def test_import_is_lean():
+    """Importing the package imports neither triton, nor our kernels, nor flash-attn, nor dynamo."""
+    r = run_python(
+        "import sys, torch_vkv.attention\n"
+        "bad = [m for m in ('triton', 'torch_vkv.triton_kernels', 'flash_attn', 'torch._dynamo') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="torch_vkv.triton_kernels imports triton")
+def test_triton_kernels_is_one_plain_import():
+    """``torch_vkv.triton_kernels`` comes from the installed mapping of ``triton_kernels/`` (setup.py)."""
+    r = run_python(
+        "import torch_vkv.triton_kernels as tk, os\n"
+        "print(os.path.dirname(tk.__file__))\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert os.path.basename(r.stdout.strip()) == "triton_kernels"
+    src = (ROOT / "torch_vkv" / "attention" / "deps.py").read_text()
+    assert "spec_from_file_location" not in src  # no fallback loader
+
+
+def test_no_module_over_600_lines():
+    files = sorted((ROOT / "torch_vkv" / "attention").glob("*.py")) + sorted((ROOT / "triton_kernels").glob("*.py"))
+    assert files
+    long = {f.name: n for f in files if (n := len(f.read_text().splitlines())) > 600}
+    assert not long, long
+
+
+def test_debug_enabled_reads_the_environment_at_call_time(monkeypatch):
+    from torch_vkv.attention import debug_enabled
+
+    monkeypatch.delenv("TORCH_VKV_DEBUG", raising=False)
+    assert not debug_enabled()
+    monkeypatch.setenv("TORCH_VKV_DEBUG", "1")
+    assert debug_enabled()
+    monkeypatch.setenv("TORCH_VKV_DEBUG", "0")
+    assert not debug_enabled()

@@ -1,0 +1,49 @@
+"""torch_vkv.bench.timing: the CPU path of time_us (do_bench runs on CUDA) and StepClock."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from torch_vkv.bench.timing import StepClock, time_us
+
+
+def test_time_us_measures_a_known_sleep():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    us = time_us(fn, torch.device("cpu"), rep_ms=20, warmup_ms=4)
+    assert 1800 < us < 20000  # 2 ms sleeps; generous upper bound for a loaded 2-core machine
+    # first call + estimate + ~2 warm-up + ~10 timed calls: the budgets, not a fixed count
+    assert 5 <= len(calls) <= 20, len(calls)
+
+
+def test_time_us_rejects_bad_budgets():
+    with pytest.raises(ValueError, match="expected rep_ms > 0"):
+        time_us(lambda: None, torch.device("cpu"), rep_ms=0, warmup_ms=1)
+
+
+def test_step_clock_on_the_host():
+    clock = StepClock(torch.device("cpu"), 3)
+    for i in range(3):
+        clock.mark(i)
+        time.sleep(0.001 * (i + 1))
+    clock.mark(3)
+    ms = clock.step_ms()
+    assert len(ms) == 3
+    assert all(m >= 0.9 * (i + 1) for i, m in enumerate(ms)), ms
+
+
+@pytest.mark.cuda
+def test_time_us_on_cuda_uses_do_bench():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("triton")
+    x = torch.empty(1 << 26, device="cuda")
+    us = time_us(lambda: x.zero_(), torch.device("cuda"), rep_ms=20, warmup_ms=5)
+    assert 1 < us < 10_000  # 256 MiB memset on a datacenter GPU

@@ -1,0 +1,48 @@
+"""Pieces shared by several backends: the op schema and views of the cache's rows."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# The schema of every read-only attention op (one op per backend).
+ATTN_SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? cu_seqlens_q, Tensor? slots, "
+    "Tensor? block_table, bool causal, float scale, int max_seqlen_q, int num_splits) -> Tensor"
+)
+
+
+def flat_rows(cache: torch.Tensor) -> Optional[int]:
+    """S_pad when the cache's batch rows are evenly spaced rows of one buffer, else None."""
+    s0, s1 = cache.stride(0), cache.stride(1)
+    if cache.shape[0] == 1:
+        return cache.shape[1]
+    if s1 > 0 and s0 % s1 == 0 and s0 // s1 >= cache.shape[1]:
+        return s0 // s1
+    return None
+
+
+def flatten(cache: torch.Tensor, s_pad: int) -> torch.Tensor:
+    """``[B, S_max, H, D]`` -> ``[(B-1)*S_pad + S_max, H, D]`` rows of the same memory (no copy)."""
+    B, S, H, D = cache.shape
+    n = (B - 1) * s_pad + S
+    return cache.as_strided((n, H, D), (cache.stride(1), cache.stride(2), 1))
+
+
+def pad_index(cu_seqlens_q, total_q, max_q, right_aligned):
+    """For each packed query row: (request, row in a [R, max_q] padded batch), both in range.
+
+    Rows of an inconsistent ``cu_seqlens_q`` (device metadata is never checked) are clamped
+    into ``[0, max_q)``: they may collide, but never index outside the padded batch.
+    """
+    tok = torch.arange(total_q, device=cu_seqlens_q.device, dtype=torch.int32)
+    # Search the whole cu_seqlens_q (cu[0] = 0 <= tok) rather than the view cu_seqlens_q[1:]:
+    # torch 2.11's Inductor lowering of searchsorted read that view without its storage offset
+    # (an out-of-bounds request index under torch.compile on CUDA). Clamped: never out of range.
+    req = (torch.searchsorted(cu_seqlens_q, tok, right=True) - 1).clamp(0, cu_seqlens_q.shape[0] - 2)
+    if right_aligned:  # last query of each request in the last padded row
+        row = max_q - (cu_seqlens_q[1:][req] - tok)
+    else:
+        row = tok - cu_seqlens_q[:-1][req]
+    return req.long(), row.long().clamp(0, max_q - 1)

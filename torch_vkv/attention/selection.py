@@ -1,0 +1,62 @@
+"""Which backends run here, and the ``auto`` rule (:func:`select_backend`)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import deps
+from .torch_fa2 import fa2_supported
+from .triton_backend import pow2_dim
+
+
+def available_backends(device="cuda") -> list:
+    """Backends that can run on ``device`` in this process (``auto`` excluded)."""
+    device = torch.device(device)
+    out = []
+    if device.type == "cuda" and deps.HAS_TORCH_FA2:
+        out.append("torch_fa2")
+    if device.type == "cuda" and deps.has_flash_attn():
+        out.append("flash_attn")
+    if deps.triton_usable(device):
+        out.append("triton")
+    if deps.flex_module() is not None:
+        out.append("flex")
+    out.append("sdpa")
+    return out
+
+
+def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> str:
+    """The ``auto`` rule: the fastest backend measured for the device and the step kind.
+
+    * CPU: ``triton`` under ``TRITON_INTERPRET=1`` is *not* chosen (slow); ``sdpa``.
+    * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
+      over every request/head/split; FA2's varlen kernel does not split KV and
+      reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
+    * CUDA prefill / mixed batch: ``triton`` (measured on an H200, bf16, batch 1:
+      274-454 TFLOP/s for 2K-128K tokens against 189-356 for ``torch_fa2``;
+      docs/benchmarks.md), else ``flash_attn`` (not measured here), else ``torch_fa2``.
+    * Paged (``block_table`` given) on CUDA: ``triton`` (its paged twin), else
+      ``flash_attn`` when the page size is a multiple of 256, else ``flex``.
+    * Anything the preferred backend cannot take (fp32, odd strides, head_dim
+      not a power of two for Triton) falls to the next; ``sdpa`` last.
+
+    Decided from shapes and dtypes only, so the choice is the same at trace
+    time and at run time.
+    """
+    if q.device.type != "cuda":
+        return "sdpa"
+    tri = deps.HAS_TRITON and pow2_dim(q.shape[2])
+    fa = deps.has_flash_attn() and q.dtype in (torch.float16, torch.bfloat16)
+    if block_table is not None:
+        if tri:
+            return "triton"
+        if fa and k_cache.shape[1] % 256 == 0:
+            return "flash_attn"
+        return "flex" if deps.flex_module() is not None else "sdpa"
+    fa2 = fa2_supported(q, k_cache, v_cache, None)
+    order = ("triton", "flash_attn", "torch_fa2")  # decode and prefill alike: see the docstring
+    ok = {"triton": tri, "flash_attn": fa, "torch_fa2": fa2}
+    for name in order:
+        if ok[name]:
+            return name
+    return "sdpa"

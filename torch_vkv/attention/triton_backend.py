@@ -1,0 +1,38 @@
+"""Backend ``triton``: our kernels (``torch_vkv.triton_kernels``) as one custom op.
+
+Split-KV decode (flash-decoding) when ``cu_seqlens_q`` is None, else the
+varlen causal prefill kernel; with ``block_table`` their paged twins. The
+launchers trust the input checked by :func:`torch_vkv.attention.attention`
+and mask bad metadata values on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import deps
+from .common import ATTN_SCHEMA
+
+
+def pow2_dim(d: int) -> bool:
+    """A head_dim the Triton kernels take: a power of two in [16, 256]."""
+    return 16 <= d <= 256 and d & (d - 1) == 0
+
+
+@torch.library.custom_op("torch_vkv::triton_attention", mutates_args=(), schema=ATTN_SCHEMA)
+def triton_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+    tk = deps.triton_kernels()
+    if cu_seqlens_q is None:
+        return tk.decode_attention(
+            q, k_cache, v_cache, cache_seqlens, slots=slots, block_table=block_table, scale=scale,
+            num_splits=num_splits if num_splits > 0 else None,
+        )  # fmt: skip
+    return tk.prefill_attention(
+        q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
+        slots=slots, block_table=block_table, causal=causal, scale=scale,
+    )  # fmt: skip
+
+
+@triton_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+    return torch.empty_like(q)

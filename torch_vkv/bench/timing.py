@@ -1,0 +1,73 @@
+"""Timers shared by the benchmarks: one for a call, one for the steps of a loop.
+
+* :func:`time_us`: median time of one call of ``fn``. On CUDA it is
+  ``triton.testing.do_bench`` (CUDA events around each call, the L2 cleared
+  before each call, which also keeps the GPU busy while the host enqueues the
+  call, so launch overhead is mostly hidden); elsewhere, or without triton, a
+  host ``perf_counter`` loop with the same warm-up and repetition budgets.
+* :class:`StepClock`: per-step times of a loop whose steps change state (a
+  decode trajectory of exactly ``steps`` steps from a prepared cache), which a
+  call-repeating timer such as ``do_bench`` cannot drive: CUDA events at the
+  step boundaries on the GPU, ``perf_counter`` on the host.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["StepClock", "time_us"]
+
+
+def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
+    """Median microseconds of one ``fn()`` call, from about ``rep_ms`` of calls after ``warmup_ms`` of warm-up.
+
+    Both budgets are in milliseconds, as in ``triton.testing.do_bench``: the number of
+    calls follows from a first estimate of one call (at least one call each).
+    """
+    if rep_ms <= 0 or warmup_ms < 0:
+        raise ValueError(f"time_us: expected rep_ms > 0 and warmup_ms >= 0, got {rep_ms}, {warmup_ms}")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+    fn()  # first call: compilation, allocation
+    t0 = time.perf_counter()
+    fn()
+    estimate_ms = max((time.perf_counter() - t0) * 1e3, 1e-6)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    times = []
+    for _ in range(max(1, int(rep_ms / estimate_ms))):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+class StepClock:
+    """Marks the boundaries of ``steps`` steps; :meth:`step_ms` gives each step's time.
+
+    CUDA events on the GPU (device time between the marks, read after a sync), host
+    ``perf_counter`` elsewhere.
+    """
+
+    def __init__(self, device: torch.device, steps: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda else []
+        self.times = [0.0] * (steps + 1)
+
+    def mark(self, i: int) -> None:
+        if self.cuda:
+            self.events[i].record()
+        else:
+            self.times[i] = time.perf_counter()
+
+    def step_ms(self) -> list[float]:
+        if self.cuda:
+            return [self.events[i].elapsed_time(self.events[i + 1]) for i in range(len(self.events) - 1)]
+        return [(self.times[i + 1] - self.times[i]) * 1e3 for i in range(len(self.times) - 1)]
