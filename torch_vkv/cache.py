@@ -616,8 +616,11 @@ class KVCache(Unique):
         if isinstance(seq_lens, Mapping):
             return self._parse_mapping(seq_lens)
         if isinstance(seq_lens, torch.Tensor):
-            if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
-                fail("seq_lens", "a 1-D integer tensor", f"{seq_lens.dtype} tensor of shape {tuple(seq_lens.shape)}")
+            got = f"{seq_lens.dtype} tensor of shape {tuple(seq_lens.shape)}"
+            if seq_lens.dtype.is_floating_point or seq_lens.dtype.is_complex or seq_lens.dtype == torch.bool:
+                fail("seq_lens", "a 1-D integer tensor", got, ArgumentTypeError)
+            if seq_lens.dim() != 1:
+                fail("seq_lens", "a 1-D integer tensor", got)
             seq_lens = seq_lens.detach().cpu().numpy()
         elif not isinstance(seq_lens, (Sequence, np.ndarray)) or isinstance(seq_lens, (str, bytes)):
             fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), ArgumentTypeError)
