@@ -434,18 +434,20 @@ class KVCache(Unique):
     @_locked
     def decommit(self, slot: int, keep_tokens: int = 0, *, stream: Any = None) -> int:
         """Returns pages of ``slot`` beyond ``keep_tokens`` (+ margin) to the
-        pool, e.g. after a crop. On CUDA the unmap waits for the work queued on
-        ``stream`` (default: current stream). Returns pages decommitted per buffer."""
+        pool, e.g. after a crop; an active slot then uses at most
+        ``keep_tokens`` tokens (``used_bytes`` follows even when no page is
+        dropped). On CUDA the unmap waits for the work queued on ``stream``
+        (default: current stream). Returns pages decommitted per buffer."""
         slot = self._check_slot(slot, active=False)
         keep = check_int("keep_tokens", keep_tokens, low=0, high=self.max_seq_len)
         self._join_async()
+        if slot in self._active:
+            self._used_tokens[slot] = min(self._used_tokens[slot], keep)
         keep_pages = self._pages_for(keep)
         drop = self._committed_pages[slot] - keep_pages
         if drop <= 0:
             return 0
         self._decommit_slot(slot, keep_pages, stream)
-        if slot in self._active:
-            self._used_tokens[slot] = min(self._used_tokens[slot], keep)
         return drop
 
     @_locked
