@@ -20,11 +20,15 @@ import numpy as np
 import torch
 from torch_vkv import KVCache, OutOfPagesError, OutOfSlotsError, PagePool
 
-layout, num_threads, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-PAGE, L, B, S = 4096, 2, 6, 256
-pool = PagePool("cpu", page_size=PAGE, max_bytes=100 * PAGE)  # short: commits reclaim and fail at times
+layout, num_threads, requests, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+L, B, S = 2, 6, 256
+pool = PagePool(device, page_size=4096 if device == "cpu" else None)
+PAGE = pool.page_size
+# Short of memory: commits reclaim, and fail at times.
+pool.set_max_bytes((100 if device == "cpu" else 60) * PAGE)
+H, D = (2, 8) if device == "cpu" else (64, 128)  # a full slot: 16 pages of 4 KiB, or of 2 MiB on CUDA
 caches = [
-    KVCache(L, 2, 8, max_batch_size=B, max_seq_len=S, dtype=torch.float32, device="cpu", layout=layout, pool=pool)
+    KVCache(L, H, D, max_batch_size=B, max_seq_len=S, dtype=torch.float32, device=device, layout=layout, pool=pool)
     for _ in range(2)
 ]
 errors = []
@@ -102,7 +106,7 @@ for cache in caches:
     assert cache.memory_stats()["committed_bytes"] == sum(cache._committed_pages) * len(cache._reservations) * PAGE
 s = pool.stats()
 assert s["mapped_pages"] == mapped and s["pending_pages"] == 0, (s, mapped)
-assert s["created_pages"] <= 100
+assert s["created_pages"] <= pool.max_pages
 for cache in caches:
     cache.close()
 assert pool.stats()["mapped_pages"] == 0
@@ -111,6 +115,6 @@ print("ok", s["map_calls"])
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
-def test_threads_share_a_cache_and_a_pool(layout):
-    out = run_python(WORKLOAD, layout, "6", "40", timeout=300)
+def test_threads_share_a_cache_and_a_pool(device, layout):
+    out = run_python(WORKLOAD, layout, "6", "40", device, timeout=300)
     assert out.startswith("ok")
