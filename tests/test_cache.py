@@ -345,3 +345,57 @@ def test_commit_vocabulary_and_page_arithmetic(device, layout):
         assert cache.tokens_for_pages(cache.pages_per_slot) == cache.max_seq_len
         with pytest.raises(ValueError, match="num_pages"):
             cache.tokens_for_pages(-1)
+
+
+@pytest.mark.parametrize("call", ["commit", "step", "step_async"])
+def test_failed_commit_changes_nothing_used_bytes_included(device, call):
+    """Issue 8: after a failed ``reserve(slot, 400)`` ``used_bytes`` said 400 tokens."""
+    page = small_page(device) or 2 << 20
+    with make_cache(device, max_seq_len=1000) as probe:
+        tpp, nb = int(probe.tokens_per_page), 2 * probe.num_layers
+    with make_cache(device, max_seq_len=4 * tpp, memory_budget=2 * nb * page) as cache:
+        a, b = cache.alloc(), cache.alloc()
+        cache.commit(a, tpp // 2)
+        fill(cache, a, tpp // 2, seed=7)
+        want = checksum(cache, a, tpp // 2)
+        before = cache.memory_stats()
+        args = {"commit": (b, 3 * tpp), "step": ({a: 3 * tpp},), "step_async": ({a: tpp, b: 3 * tpp},)}[call]
+        with pytest.raises(OutOfPagesError):
+            getattr(cache, call)(*args)
+        after = cache.memory_stats()
+        for key in ("used_bytes", "committed_bytes", "cached_bytes", "active_slots"):
+            assert after[key] == before[key], key
+        assert after["used_bytes"] == (tpp // 2) * cache.bytes_per_token
+        assert cache.committed_tokens(a) == tpp and cache.committed_tokens(b) == 0
+        assert checksum(cache, a, tpp // 2) == want
+        cache.commit(b, tpp)  # what fits still works, and counts
+        assert cache.memory_stats()["used_bytes"] == (tpp // 2 + tpp) * cache.bytes_per_token
+
+
+def test_closing_a_cache_on_a_shared_pool_returns_only_its_pages(device):
+    """Issue 8: closing one cache on a pre-filled shared pool trimmed the pool (128 pages -> 16)."""
+    page = small_page(device) or 2 << 20
+    pool = torch_vkv.PagePool(device, page_size=small_page(device), prefill_bytes=128 * page)
+    a = make_cache(device, pool=pool, page_size=None)
+    b = make_cache(device, pool=pool, page_size=None)
+    sa, sb = a.alloc(), b.alloc()
+    a.commit(sa, 300)
+    b.commit(sb, 300)
+    fill(a, sa, 300, seed=8)
+    want = checksum(a, sa, 300)
+    a_pages = a.memory_stats()["committed_bytes"] // page
+    s = pool.stats()
+    assert s["created_pages"] == 128 and s["mapped_pages"] == 2 * a_pages
+    b.close()  # b's pages go back to the free list; nothing is destroyed
+    s = pool.stats()
+    assert s["created_pages"] == 128 and s["mapped_pages"] == a_pages and s["free_pages"] == 128 - a_pages
+    assert checksum(a, sa, 300) == want
+    a.close()
+    assert pool.stats()["created_pages"] == 128 and pool.stats()["free_pages"] == 128
+    assert pool.trim() == 128  # the pool's owner decides when pages go back to the driver
+    # A cache that made its own pool returns its pages to the driver on close.
+    own = make_cache(device)
+    own.commit(own.alloc(), 300)
+    own_pool = own.pool
+    own.close()
+    assert own_pool.stats()["created_pages"] == 0

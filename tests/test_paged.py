@@ -156,3 +156,71 @@ def test_paged_from_dense_with_slots(device):
             continue
         out = cache.attention(0, b.q, b.cache_seqlens, slots=b.slots, backend=backend)
         torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+def test_paged_cache_copies_are_independent_and_shallow_copy_is_refused():
+    import copy
+    import pickle
+
+    c = PagedKVCache(1, 1, 4, num_blocks=6, max_batch_size=2, max_seq_len=32, page_size=8, dtype=torch.float32)
+    assert c.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # the default, as KVCache's
+    a = c.alloc()
+    c.commit(a, 10)
+    c.kv.fill_(1.0)
+    with pytest.raises(TypeError, match="copy.copy: expected copy.deepcopy for a PagedKVCache"):
+        copy.copy(c)
+    for twin in (copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
+        assert twin.kv.data_ptr() != c.kv.data_ptr() and torch.equal(twin.kv, c.kv)
+        assert torch.equal(twin.block_table, c.block_table) and twin.committed_tokens(a) == 16
+        b = twin.alloc()
+        twin.commit(b, 32)  # changes the twin only
+        twin.kv.zero_()
+        assert c.num_free_slots == 1 and c.pool.num_free == 4 and bool((c.kv == 1.0).all())
+        assert twin.pool.num_free == 0 and twin._lock is not c._lock
+
+
+def test_paged_cache_bookkeeping_from_threads():
+    """Threads alloc / commit / free concurrently: no block is handed out twice
+    and every block comes back. A tiny switch interval makes thread switches
+    frequent; with the GIL the list operations rarely interleave, so this
+    mostly guards the invariants (and free-threaded builds, where they would)."""
+    import sys
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    c = PagedKVCache(1, 1, 4, num_blocks=64, max_batch_size=8, max_seq_len=64, page_size=4, dtype=torch.float32,
+                     device="cpu")  # fmt: skip
+    errors = []
+
+    def worker(seed):
+        import random
+
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                try:
+                    slot = c.alloc()
+                except OutOfSlotsError:
+                    continue
+                try:
+                    c.commit(slot, rng.randint(1, 64))
+                    c.commit(slot, 64)
+                except OutOfPagesError:
+                    pass
+                c.memory_stats()
+                c.free(slot)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors
+    assert c.num_free_slots == 8 and sorted(c.pool._free) == list(range(64))

@@ -5,6 +5,12 @@ from __future__ import annotations
 import numbers
 from typing import Any, NoReturn
 
+import numpy as np
+
+#: Exact types of the integers that vectorised checks take as they are (bool,
+#: unsigned and arbitrary integer types go through :func:`check_int`).
+INT_TYPES = frozenset({int, np.int64, np.int32, np.int16, np.int8})
+
 
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type. It is both a ``TypeError`` and a
@@ -25,3 +31,34 @@ def check_int(what: str, value: Any, *, low: int | None = None, high: int | None
     if high is not None and value > high:
         fail(what, f"an int <= {high}", value)
     return value
+
+
+def check_int_array(what: str, values: Any, *, low: int, high: int) -> np.ndarray:
+    """Checks a 1-D array-like of integers in ``[low, high]`` and returns it as int64.
+
+    Vectorised for integer arrays (the per-step hot path); any other input
+    (bools, floats, huge Python ints, mixed types) goes through
+    :func:`check_int` entry by entry, so the message names the first bad entry
+    as ``what[i]`` with its true value (an unsigned 2**64 - 1 is never
+    reported as -1).
+    """
+    if isinstance(values, np.ndarray):
+        arr = values
+    elif set(map(type, values)) <= INT_TYPES:
+        try:
+            arr = np.array(values, dtype=np.int64)
+        except OverflowError:  # a Python int beyond int64: checked one by one below
+            arr = np.array(values, dtype=object)
+    else:
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = list(values)
+    if arr.dtype.kind in "iu":
+        bad = (arr < low) | (arr > high)  # compared before any cast, so nothing wraps
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            check_int(f"{what}[{i}]", arr[i].item(), low=low, high=high)
+        return arr.astype(np.int64, copy=False)
+    items = arr.tolist()
+    for i, value in enumerate(items):
+        check_int(f"{what}[{i}]", value, low=low, high=high)
+    return np.array(items, dtype=np.int64).reshape(arr.shape)

@@ -21,22 +21,44 @@ Per-iteration API, as in the paper::
     cache.step_async(seq_lens)               # commit this step's need, prefetch the next
     ... forward pass, overlapping the prefetch ...
     cache.free(slot)                         # request done; pages kept for reuse
+
+Threads
+-------
+Every method may be called from any thread. One lock per cache (an
+``RLock``) is held around its bookkeeping and the commits it makes; the C++
+calls release the GIL, and the background committer never takes the lock, so
+waiting for a prefetch under it cannot deadlock. What the cache cannot know
+stays the caller's job: which thread reads or writes which rows. A thread must
+only touch rows that a commit which returned has backed, in a slot no other
+thread frees, decommits or reclaims meanwhile: after ``free(slot)``, any
+thread's commit may reclaim that slot's pages.
+
+Copies and processes
+--------------------
+A cache owns its pages: ``copy.copy``, ``copy.deepcopy`` and pickling raise
+``TypeError`` (clone the rows you want instead). After ``os.fork()`` the
+child's copy is unusable: every method raises ``RuntimeError`` and nothing is
+released in the child (the parent owns the pages); create a new cache there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_int, fail
+from torch_vkv._checks import INT_TYPES, ArgumentTypeError, check_int, check_int_array, fail
 from torch_vkv._ext import core
+from torch_vkv._lifetime import Unique, forked_error, track
 from torch_vkv.errors import OutOfPagesError, OutOfSlotsError
-from torch_vkv.pool import PagePool, resolve_device
+from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool, resolve_device
 from torch_vkv.tensor import VirtualKVTensor
 
 __all__ = ["KVCache", "LAYOUTS"]
@@ -47,31 +69,66 @@ __all__ = ["KVCache", "LAYOUTS"]
 #: fewer tokens and commits are that much finer.
 LAYOUTS = ("per_layer", "interleaved")
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-class KVCache:
+
+def _locked(method: _F) -> _F:
+    """Runs ``method`` holding the cache's lock (re-entrant: methods call each other)."""
+
+    @functools.wraps(method)
+    def locked(self: "KVCache", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+class KVCache(Unique):
     """A KV cache in virtual memory with pages committed on demand.
 
-    Args:
-        num_layers, num_kv_heads, head_dim: model shape.
-        max_batch_size: number of slots (concurrent requests).
-        max_seq_len: tokens per slot, the virtual capacity of each request.
-        dtype: element type of K and V.
-        device: ``"cuda[:N]"`` (CUDA virtual memory) or ``"cpu"`` (host
-            backend); default: the current CUDA device, else the CPU.
-        memory_budget: bytes of physical memory the cache may commit; ``None``
-            means up to a static allocation's size (the driver may run out
-            first, which raises :class:`OutOfPagesError` too).
-        layout: ``"per_layer"`` or ``"interleaved"`` (see :data:`LAYOUTS`).
-        margin_tokens: extra rows committed past each reservation, for kernels
-            that read a tile past the last valid token (FlashAttention-3 reads
-            up to 128-256 rows). The rows hold finite values.
-        page_size: host backend only: bytes per page (default 2 MiB).
-        pool: a :class:`PagePool` to draw pages from (shared with other
-            caches); by default the cache makes its own.
+    Parameters
+    ----------
+    num_layers, num_kv_heads, head_dim : int
+        Model shape.
+    max_batch_size : int
+        Number of slots (concurrent requests).
+    max_seq_len : int
+        Tokens per slot, the virtual capacity of each request. The whole
+        reservation, ``max_batch_size * max_seq_len * bytes_per_token`` rounded
+        to pages, must fit in the address space
+        (:data:`torch_vkv.pool.ADDRESS_SPACE_BYTES`, 128 TiB).
+    dtype : torch.dtype
+        Element type of K and V.
+    device : str or torch.device, optional
+        ``"cuda[:N]"`` (CUDA virtual memory) or ``"cpu"`` (host backend);
+        default: the current CUDA device, else the CPU.
+    memory_budget : int, optional
+        Bytes of physical memory the cache may commit; ``None`` means up to a
+        static allocation's size (the driver may run out first, which raises
+        :class:`OutOfPagesError` too).
+    layout : str
+        ``"per_layer"`` or ``"interleaved"`` (see :data:`LAYOUTS`).
+    margin_tokens : int
+        Extra rows committed past each reservation, for kernels that read a
+        tile past the last valid token (FlashAttention-3 reads up to 128-256
+        rows). The rows hold finite values.
+    page_size : int, optional
+        Host backend only: bytes per page (default 2 MiB).
+    pool : PagePool, optional
+        A pool to draw pages from (shared with other caches); by default the
+        cache makes its own. Closing a cache on a shared pool returns its pages
+        to the pool's free list and destroys none.
 
+    Notes
+    -----
     Newly committed rows hold finite values: pages fresh from the driver are
     zero-filled once, recycled pages keep K/V values of an earlier request.
+    Safe to call from several threads (see the module docstring for what stays
+    the caller's job); cannot be copied or pickled; unusable in a child
+    process after ``fork()``.
     """
+
+    _copy_hint = "clone the rows you need (cache.key(layer)[slot, :n].clone())"
 
     def __init__(
         self,
@@ -89,6 +146,10 @@ class KVCache:
         page_size: int | None = None,
         pool: PagePool | None = None,
     ) -> None:
+        self._closed = True  # until construction succeeds
+        self._forked = False
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
         self.num_layers = check_int("num_layers", num_layers, low=1)
         self.num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1)
         self.head_dim = check_int("head_dim", head_dim, low=1)
@@ -99,24 +160,42 @@ class KVCache:
             fail("dtype", "a floating-point torch.dtype", dtype, ArgumentTypeError)
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
+        if memory_budget is not None:
+            memory_budget = check_int("memory_budget", memory_budget, low=0)
+        if pool is not None and not isinstance(pool, PagePool):
+            fail("pool", "a torch_vkv.PagePool or None", pool, ArgumentTypeError)
         self.dtype = dtype
         self.layout = layout
         self.device = resolve_device(device)
-        self._closed = True  # until construction succeeds
 
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if pool is None:
-            probe = PagePool(self.device, page_size=page_size)
-            page = probe.page_size
-        else:
-            if pool.device != self.device:
-                fail("pool", f"a PagePool on {self.device}", pool)
-            page = pool.page_size
         # Bytes of one token in one buffer (the unit that commit rounds to pages).
         per_buffer_heads = self.num_kv_heads * self.head_dim * itemsize
         self.bytes_per_token_buffer = per_buffer_heads * (2 * self.num_layers if layout == "interleaved" else 1)
         #: Bytes of one token in all layers, K and V.
         self.bytes_per_token = 2 * self.num_layers * per_buffer_heads
+        # Checked before anything is reserved: the C++ takes 64-bit sizes.
+        if self.max_batch_size * self.max_seq_len * self.bytes_per_token > ADDRESS_SPACE_BYTES:
+            fail(
+                "max_seq_len",
+                f"at most {ADDRESS_SPACE_BYTES // (self.max_batch_size * self.bytes_per_token)} tokens per slot "
+                f"with max_batch_size={self.max_batch_size} and {self.bytes_per_token} bytes per token "
+                f"(the reservation must fit in the {ADDRESS_SPACE_BYTES >> 40} TiB address space)",
+                max_seq_len,
+            )
+
+        if pool is None:
+            probe = PagePool(self.device, page_size=page_size)
+            page = probe.page_size
+        else:
+            if memory_budget is not None:
+                fail("memory_budget", "None when a shared pool is given (the pool holds the budget)", memory_budget)
+            if page_size is not None and page_size != pool.page_size:
+                fail("page_size", f"None or the pool's page size {pool.page_size}", page_size)
+            if pool.device != self.device:
+                fail("pool", f"a PagePool on {self.device}", pool)
+            pool.stats()  # raises in a child process if the pool was inherited through fork()
+            page = pool.page_size
         # Pad each slot's row to whole pages: tokens per row must make
         # row_bytes a multiple of the page size.
         unit = page // math.gcd(page, self.bytes_per_token_buffer)
@@ -124,13 +203,19 @@ class KVCache:
         self.pages_per_slot = self.padded_seq_len * self.bytes_per_token_buffer // page
         num_buffers = 2 * self.num_layers if layout == "per_layer" else 1
         self.reserved_bytes = num_buffers * self.max_batch_size * self.pages_per_slot * page
+        if self.reserved_bytes > ADDRESS_SPACE_BYTES:  # page padding can push a near fit over
+            fail(
+                "max_seq_len",
+                f"a size whose reservation, {self.reserved_bytes} bytes once rows are padded to "
+                f"{page}-byte pages, fits in the {ADDRESS_SPACE_BYTES >> 40} TiB address space",
+                max_seq_len,
+            )
 
+        # A cache that made its own pool trims it on close; one on a shared pool does not.
+        self._owns_pool = pool is None
         if pool is None:
-            budget = self.reserved_bytes if memory_budget is None else check_int("memory_budget", memory_budget, low=0)
             pool = probe
-            pool.set_max_bytes(budget)
-        elif memory_budget is not None:
-            fail("memory_budget", "None when a shared pool is given (the pool holds the budget)", memory_budget)
+            pool.set_max_bytes(self.reserved_bytes if memory_budget is None else memory_budget)
         self.pool = pool
         self.page_size = page
 
@@ -151,7 +236,7 @@ class KVCache:
         # iteration, and vector compares keep that to a few microseconds.
         self._active: set[int] = set()
         self._active_mask = np.zeros(B, dtype=bool)
-        self._used_tokens = np.zeros(B, dtype=np.int64)  # tokens reserved by each slot's current request
+        self._used_tokens = np.zeros(B, dtype=np.int64)  # tokens committed for each slot's current request
         self._committed_pages = [0] * B  # pages per buffer backing each slot, from its start
         self._covered_tokens = np.zeros(B, dtype=np.int64)  # largest num_tokens those pages serve
         self._committer = core().Committer()
@@ -161,6 +246,7 @@ class KVCache:
         self._closed = False
         # Release pages even if close() is never called.
         self._finalizer = weakref.finalize(self, KVCache._release, self._buffers, self._committer)
+        track(self)
 
     # ------------------------------------------------------------------ views
     def key(self, layer: int) -> torch.Tensor:
@@ -183,21 +269,29 @@ class KVCache:
         return q if r == 0 else self.page_size / self.bytes_per_token_buffer
 
     @property
+    @_locked
     def active_slots(self) -> list[int]:
+        """Slots in use (returned by :meth:`alloc`, not freed since), ascending."""
+        self._check_open()
         return sorted(self._active)
 
     @property
+    @_locked
     def num_free_slots(self) -> int:
+        """Slots :meth:`alloc` can still hand out."""
+        self._check_open()
         return len(self._free_slots)
 
+    @_locked
     def committed_tokens(self, slot: int) -> int:
         """Rows of ``slot`` that are backed in every layer (at least what was
-        reserved; page rounding may back more)."""
+        committed; page rounding may back more)."""
         slot = self._check_slot(slot, active=False)
         self._join_async()
-        return min(self.max_seq_len, self._committed_pages[slot] * self.page_size // self.bytes_per_token_buffer)
+        return self._committed_rows(slot)
 
     # ------------------------------------------------------------------ slots
+    @_locked
     def alloc(self) -> int:
         """Takes a free slot and returns it. A slot freed earlier whose pages are
         still committed is preferred: the new request reuses them. Raises
@@ -212,6 +306,7 @@ class KVCache:
         self._used_tokens[slot] = 0
         return slot
 
+    @_locked
     def free(self, slot: int) -> None:
         """Ends the request in ``slot``. Its pages stay committed (deferred
         reclamation) for the next request in the slot until memory is needed
@@ -223,16 +318,20 @@ class KVCache:
         self._free_slots.append(slot)
 
     # ---------------------------------------------------------------- commits
+    @_locked
     def can_commit(self, slot: int, num_tokens: int) -> bool:
         """Whether :meth:`commit` would succeed now (same checks, no change)."""
-        return self.can_step({self._check_slot(slot): num_tokens})
+        slot = self._check_slot(slot)
+        return self.can_step({slot: check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)})
 
+    @_locked
     def commit(self, slot: int, num_tokens: int) -> None:
         """Backs tokens ``[0, num_tokens)`` of ``slot`` in every layer, plus
         ``margin_tokens``: maps physical pages under the slot's reserved range.
         Never shrinks (see :meth:`decommit`). All or nothing: raises
-        :class:`OutOfPagesError` with nothing changed."""
-        self.step({self._check_slot(slot): num_tokens})
+        :class:`OutOfPagesError` with nothing changed (``used_bytes`` included)."""
+        slot = self._check_slot(slot)
+        self.step({slot: check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)})
 
     def reserve(self, slot: int, num_tokens: int) -> None:
         """Alias of :meth:`commit`, its first name (the address space is
@@ -259,24 +358,33 @@ class KVCache:
         rows = num_pages * self.page_size // self.bytes_per_token_buffer
         return max(0, min(self.max_seq_len, rows - self.margin_tokens))
 
-    def step(self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor) -> None:
+    @_locked
+    def step(self, seq_lens: Sequence[int] | np.ndarray | torch.Tensor | Mapping[int, int]) -> None:
         """Commits, now, what every active slot needs for this iteration.
 
-        Args:
-            seq_lens: tokens each slot must hold after this step, its new tokens
-                included: a sequence of ``max_batch_size`` ints (0 for slots to
-                leave alone), a ``{slot: num_tokens}`` mapping, or a
-                1-D integer tensor (a CUDA tensor costs a device sync).
+        Parameters
+        ----------
+        seq_lens : list, numpy.ndarray, torch.Tensor or mapping
+            Tokens each slot must hold after this step, its new tokens
+            included: ``max_batch_size`` integers, shape ``[max_batch_size]``
+            (0 for slots to leave alone; a CUDA tensor costs a device sync), or
+            a ``{slot: num_tokens}`` mapping of active slots. An int64 NumPy
+            array is the fastest form, a mapping the slowest (about 2 us more
+            at batch 64).
 
         All or nothing across slots: :class:`OutOfPagesError` leaves every slot
-        as it was.
+        as it was, ``used_bytes`` included.
         """
         need = self._parse_seq_lens(seq_lens)
         self._join_async()
         self._commit_now(need)
 
+    @_locked
     def step_async(
-        self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor, *, lookahead_tokens: int = 1
+        self,
+        seq_lens: Sequence[int] | np.ndarray | torch.Tensor | Mapping[int, int],
+        *,
+        lookahead_tokens: int = 1,
     ) -> None:
         """The paper's per-iteration call: backs ``seq_lens`` now (normally
         already done by the previous call's prefetch) and commits, on the
@@ -284,9 +392,17 @@ class KVCache:
         the next step finds its pages mapped. Call :meth:`synchronize` (or any
         other method) before relying on the prefetched rows.
 
-        The prefetch takes only pages that are free now; if memory is short it
-        is skipped, and the next call's synchronous part raises
-        :class:`OutOfPagesError` when the need is real.
+        Parameters
+        ----------
+        seq_lens : list, numpy.ndarray, torch.Tensor or mapping
+            As for :meth:`step`: shape ``[max_batch_size]`` or ``{slot: num_tokens}``.
+        lookahead_tokens : int
+            Tokens past ``seq_lens`` to prefetch for each slot that ``seq_lens`` names.
+
+        The synchronous part is all or nothing (:class:`OutOfPagesError`
+        changes nothing). The prefetch takes only pages that are free now; if
+        memory is short it is skipped, and the next call's synchronous part
+        raises :class:`OutOfPagesError` when the need is real.
         """
         lookahead = check_int("lookahead_tokens", lookahead_tokens, low=0)
         need = self._parse_seq_lens(seq_lens)
@@ -307,28 +423,34 @@ class KVCache:
         self._pending_ticket = self._committer.submit(jobs)
         self._commit_calls += 1
 
+    @_locked
     def synchronize(self) -> None:
         """Waits for the background commits of :meth:`step_async`. A failure
         there (another user of a shared pool took the pages) is raised here and
         leaves the prefetched slots as they were before the prefetch."""
+        self._check_open()
         self._join_async()
 
+    @_locked
     def decommit(self, slot: int, keep_tokens: int = 0, *, stream: Any = None) -> int:
         """Returns pages of ``slot`` beyond ``keep_tokens`` (+ margin) to the
-        pool, e.g. after a crop. On CUDA the unmap waits for the work queued on
-        ``stream`` (default: current stream). Returns pages decommitted per buffer."""
+        pool, e.g. after a crop; an active slot then uses at most
+        ``keep_tokens`` tokens (``used_bytes`` follows even when no page is
+        dropped). On CUDA the unmap waits for the work queued on ``stream``
+        (default: current stream). Returns pages decommitted per buffer."""
         slot = self._check_slot(slot, active=False)
         keep = check_int("keep_tokens", keep_tokens, low=0, high=self.max_seq_len)
         self._join_async()
+        if slot in self._active:
+            self._used_tokens[slot] = min(self._used_tokens[slot], keep)
         keep_pages = self._pages_for(keep)
         drop = self._committed_pages[slot] - keep_pages
         if drop <= 0:
             return 0
         self._decommit_slot(slot, keep_pages, stream)
-        if slot in self._active:
-            self._used_tokens[slot] = min(self._used_tokens[slot], keep)
         return drop
 
+    @_locked
     def reclaim(self, *, stream: Any = None) -> int:
         """Decommits the pages that freed slots still hold; returns pages per
         buffer freed. Pages go back to the pool (``pool.trim()`` returns them
@@ -341,8 +463,9 @@ class KVCache:
             self._decommit_slot(slot, 0, stream)
         return freed
 
-    def can_step(self, seq_lens: Sequence[int] | Mapping[int, int] | torch.Tensor) -> bool:
-        """Whether :meth:`step` would succeed now."""
+    @_locked
+    def can_step(self, seq_lens: Sequence[int] | np.ndarray | torch.Tensor | Mapping[int, int]) -> bool:
+        """Whether :meth:`step` would succeed now (``seq_lens`` as for :meth:`step`)."""
         need = self._parse_seq_lens(seq_lens)
         self._join_async()
         plan = self._plan(need)
@@ -351,6 +474,7 @@ class KVCache:
         )
 
     # ------------------------------------------------------------------ stats
+    @_locked
     def memory_stats(self) -> dict[str, Any]:
         """Memory of the cache, in bytes and pages.
 
@@ -388,9 +512,16 @@ class KVCache:
         }
 
     # ------------------------------------------------------------- lifecycle
+    @_locked
     def close(self) -> None:
         """Releases every page and reservation. Tensors obtained from
-        :meth:`key` / :meth:`value` must not be used afterwards. Idempotent."""
+        :meth:`key` / :meth:`value` must not be used afterwards. Idempotent.
+
+        The pages go back to the pool; a cache that made its own pool also
+        returns them to the driver, one on a shared pool leaves that to the
+        pool's owner (:meth:`PagePool.trim`)."""
+        if self._forked:
+            raise forked_error("KVCache", "cache", self._pid)
         if self._closed:
             return
         try:
@@ -402,7 +533,8 @@ class KVCache:
         self._keys = self._values = []
         self._buffers = []
         self._reservations = []
-        self.pool.trim()
+        if self._owns_pool:
+            self.pool.trim()
 
     def __enter__(self) -> "KVCache":
         return self
@@ -412,23 +544,49 @@ class KVCache:
 
     @property
     def closed(self) -> bool:
+        """Whether the cache is closed (or was inherited through ``fork()``)."""
         return self._closed
 
     def __repr__(self) -> str:
-        return (
+        """Shape, layout and, per active slot, ``used/committed`` rows.
+
+        Reads bookkeeping only, never K/V memory, and takes no lock (a snapshot
+        while another thread commits may be one step stale)."""
+        head = (
             f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
-            f"device={str(self.device)!r}, layout={self.layout!r}, tokens_per_page={self.tokens_per_page})"
+            f"device={str(self.device)!r}, layout={self.layout!r}"
         )
+        if self._forked:
+            return f"{head}, created in process {self._pid} before fork(): unusable here)"
+        if self._closed:
+            return f"{head}, closed)"
+        active = sorted(self._active)
+        shown = ", ".join(f"{s}: {int(self._used_tokens[s])}/{self._committed_rows(s)}" for s in active[:8])
+        if len(active) > 8:
+            shown += f", ... ({len(active) - 8} more)"
+        return f"{head}, tokens_per_page={self.tokens_per_page}, rows used/committed by slot={{{shown}}})"
 
     @staticmethod
     def _release(buffers: list[VirtualKVTensor], committer: Any) -> None:
         for b in buffers:
             b.release()
 
+    def _mark_forked(self) -> None:
+        # In a child after fork(): unusable, and its finalizer must not release
+        # or trim anything (the parent owns the pages). The lock may have been
+        # held by a parent thread that does not exist here: replace it.
+        self._forked = True
+        self._closed = True
+        self._lock = threading.RLock()
+        self._pending_ticket = None
+        self._finalizer.detach()
+
     # -------------------------------------------------------------- internals
     def _check_open(self) -> None:
         if self._closed:
+            if self._forked:
+                raise forked_error("KVCache", "cache", self._pid)
             raise RuntimeError("the KVCache is closed")
 
     def _check_slot(self, slot: Any, *, active: bool = True) -> int:
@@ -437,6 +595,9 @@ class KVCache:
         if active and slot not in self._active:
             fail("slot", "a slot returned by alloc() and not freed since", slot)
         return slot
+
+    def _committed_rows(self, slot: int) -> int:
+        return min(self.max_seq_len, self._committed_pages[slot] * self.page_size // self.bytes_per_token_buffer)
 
     def _set_committed(self, slot: int, pages: int) -> None:
         self._committed_pages[slot] = pages
@@ -449,36 +610,53 @@ class KVCache:
         return -(-rows * self.bytes_per_token_buffer // self.page_size)
 
     def _parse_seq_lens(self, seq_lens: Any) -> np.ndarray:
-        """``seq_lens`` in any accepted form -> int64 ``[max_batch_size]``, 0 = leave alone."""
+        """``seq_lens`` in any accepted form -> int64 ``[max_batch_size]``, 0 = leave alone.
+
+        The per-step hot path: vector checks, precise messages only on failure."""
         self._check_open()
-        B, max_len = self.max_batch_size, self.max_seq_len
+        B = self.max_batch_size
         if isinstance(seq_lens, Mapping):
-            need = np.zeros(B, dtype=np.int64)
-            for slot, n in seq_lens.items():
-                slot = self._check_slot(slot)
-                need[slot] = check_int(f"seq_lens[{slot}]", n, low=0, high=max_len)
-            return need
+            return self._parse_mapping(seq_lens)
         if isinstance(seq_lens, torch.Tensor):
-            if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
-                fail("seq_lens", "a 1-D integer tensor", f"{seq_lens.dtype} tensor of shape {tuple(seq_lens.shape)}")
+            got = f"{seq_lens.dtype} tensor of shape {tuple(seq_lens.shape)}"
+            if seq_lens.dtype.is_floating_point or seq_lens.dtype.is_complex or seq_lens.dtype == torch.bool:
+                fail("seq_lens", "a 1-D integer tensor", got, ArgumentTypeError)
+            if seq_lens.dim() != 1:
+                fail("seq_lens", "a 1-D integer tensor", got)
             seq_lens = seq_lens.detach().cpu().numpy()
         elif not isinstance(seq_lens, (Sequence, np.ndarray)) or isinstance(seq_lens, (str, bytes)):
             fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), ArgumentTypeError)
-        need = np.asarray(seq_lens)
-        if need.shape != (B,):
-            fail("seq_lens", f"{B} entries (one per slot)", f"shape {need.shape}")
-        if need.dtype.kind not in "iu":
-            bad = next(n for n in need.tolist() if isinstance(n, bool) or not isinstance(n, int))
-            check_int("seq_lens entry", bad)  # raises: not an int
-        need = need.astype(np.int64, copy=False)
-        # The per-step hot path: vector checks, precise messages only on failure.
-        out_of_range = (need < 0) | (need > max_len)
-        if out_of_range.any():
-            slot = int(np.flatnonzero(out_of_range)[0])
-            check_int(f"seq_lens[{slot}]", int(need[slot]), low=0, high=max_len)
+        shape = seq_lens.shape if isinstance(seq_lens, np.ndarray) else (len(seq_lens),)
+        if shape != (B,):
+            fail("seq_lens", f"{B} entries (one per slot)", f"shape {shape}")
+        need = check_int_array("seq_lens", seq_lens, low=0, high=self.max_seq_len)
         inactive = (need != 0) & ~self._active_mask
         if inactive.any():
             self._check_slot(int(np.flatnonzero(inactive)[0]))
+        return need
+
+    def _parse_mapping(self, seq_lens: Mapping[Any, Any]) -> np.ndarray:
+        B, max_len = self.max_batch_size, self.max_seq_len
+        need = np.zeros(B, dtype=np.int64)
+        if not seq_lens:
+            return need
+        slots, counts = list(seq_lens.keys()), list(seq_lens.values())
+        if set(map(type, slots)) <= INT_TYPES and set(map(type, counts)) <= INT_TYPES:
+            try:
+                s, n = np.array(slots, dtype=np.int64), np.array(counts, dtype=np.int64)
+            except OverflowError:
+                pass  # a count past int64: the precise path below names it
+            else:
+                if (
+                    ((s >= 0) & (s < B)).all()
+                    and ((n >= 0) & (n <= max_len)).all()
+                    and self._active_mask[s].all()
+                ):
+                    need[s] = n
+                    return need
+        for slot, n in seq_lens.items():  # something is wrong: find it, with its message
+            slot = self._check_slot(slot)
+            need[slot] = check_int(f"seq_lens[{slot}]", n, low=0, high=max_len)
         return need
 
     def _plan(self, need: np.ndarray) -> dict[int, int]:
@@ -494,10 +672,13 @@ class KVCache:
         return available
 
     def _commit_now(self, need: np.ndarray) -> None:
-        np.maximum(self._used_tokens, need, out=self._used_tokens)
         plan = self._plan(need)
-        if not plan:
-            return
+        if plan:
+            self._commit_plan(plan)
+        # Only once every page is mapped: a failed step changes nothing.
+        np.maximum(self._used_tokens, need, out=self._used_tokens)
+
+    def _commit_plan(self, plan: dict[int, int]) -> None:
         nb = len(self._buffers)
         wanted = sum(p - self._committed_pages[s] for s, p in plan.items()) * nb
         available = self._available_pages(reclaim=True)

@@ -19,28 +19,69 @@ backend); int32 block table resident on the device and updated only for the
 entries that change; blocks handed out lowest id first, so a fresh cache is
 as contiguous as a paged cache can be (``BlockPool(shuffle=True)`` models a
 fragmented, long-running server instead).
+
+Threads: the bookkeeping methods of :class:`BlockPool` and
+:class:`PagedKVCache` (alloc / free / commit / capacity / memory_stats) hold a
+lock; as with :class:`~torch_vkv.KVCache`, which thread writes which rows is
+the caller's job (never a slot that another thread frees). Both are plain
+PyTorch memory: ``copy.deepcopy`` and pickling make an independent copy (the
+lock is not copied), ``copy.copy`` is refused because the copy would share the
+block table and the free list with the original. After ``fork()`` a CPU cache
+is the child's own copy-on-write copy, as any tensor.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Optional, Sequence
+import threading
+from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 
 from ._checks import check_int, fail
 from .errors import OutOfPagesError, OutOfSlotsError
+from .pool import resolve_device
 
 __all__ = ["BlockPool", "PagedKVCache", "paged_from_dense"]
 
 
-class BlockPool:
+class _Locked:
+    """A ``_lock`` (an ``RLock``) that copies and pickles leave out: each copy gets its own."""
+
+    _lock: Any
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError(
+            f"copy.copy: expected copy.deepcopy for a {type(self).__name__}, got a shallow copy, which would "
+            "share the block table and the free list with the original"
+        )
+
+
+class BlockPool(_Locked):
     """Free list of ``num_blocks`` fixed-size KV blocks (ids ``0 .. num_blocks - 1``).
 
     :meth:`can_allocate` / :meth:`allocate` form a check/act pair;
     :meth:`allocate` raises :class:`~torch_vkv.errors.OutOfPagesError` and
     changes nothing when fewer blocks are free than asked.
+
+    Parameters
+    ----------
+    num_blocks : int
+        Blocks in the pool.
+    shuffle : bool
+        Hand blocks out in a shuffled order (a fragmented, long-running server).
+    seed : int
+        Seed of the shuffle.
     """
 
     def __init__(self, num_blocks: int, *, shuffle: bool = False, seed: int = 0) -> None:
@@ -49,26 +90,36 @@ class BlockPool:
         if shuffle:
             random.Random(seed).shuffle(ids)
         self._free = ids[::-1]  # pop() from the end: lowest id (or first shuffled) first
+        self._lock = threading.RLock()
 
     @property
     def num_free(self) -> int:
+        """Blocks free now."""
         return len(self._free)
 
     def can_allocate(self, n: int) -> bool:
-        return 0 <= n <= len(self._free)
+        """Whether :meth:`allocate` of ``n`` blocks would succeed now."""
+        return 0 <= check_int("n", n) <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        """Takes ``n`` free blocks and returns their ids; all or nothing."""
         n = check_int("n", n, low=0)
-        if n > len(self._free):
-            err = OutOfPagesError(f"allocate: expected at most {len(self._free)} free blocks, got a request for {n}")
-            err.requested_pages, err.available_pages = n, len(self._free)
-            raise err
-        out = self._free[len(self._free) - n :][::-1]
-        del self._free[len(self._free) - n :]
-        return out
+        with self._lock:
+            if n > len(self._free):
+                raise OutOfPagesError(
+                    f"allocate: expected at most {len(self._free)} free blocks, got a request for {n}",
+                    requested_pages=n,
+                    available_pages=len(self._free),
+                )
+            out = self._free[len(self._free) - n :][::-1]
+            del self._free[len(self._free) - n :]
+            return out
 
     def free(self, blocks: Sequence[int]) -> None:
-        self._free.extend(reversed(list(blocks)))
+        """Returns ``blocks`` (ids from :meth:`allocate`) to the pool."""
+        blocks = [check_int("block", b, low=0, high=self.num_blocks - 1) for b in blocks]
+        with self._lock:
+            self._free.extend(reversed(blocks))
 
 
 def _one_of(name: str, value, old_name: str, old_value, default):
@@ -80,7 +131,7 @@ def _one_of(name: str, value, old_name: str, old_value, default):
     return value if value is not None else old_value if old_value is not None else default
 
 
-class PagedKVCache:
+class PagedKVCache(_Locked):
     """Paged KV cache for ``num_layers`` layers and ``max_batch_size`` slots.
 
     It speaks :class:`~torch_vkv.KVCache`'s vocabulary, so an engine can hold
@@ -91,18 +142,30 @@ class PagedKVCache:
 
     Parameters
     ----------
-    num_layers, num_kv_heads, head_dim : model shape.
-    num_blocks : blocks in the pool (shared by all slots; each layer has its own copy of the pool).
-    max_batch_size : rows of the block table (slots). ``max_requests`` is its old name.
-    max_seq_len : longest request, sizes the block table's second dimension.
-    page_size : tokens per block (16 by default, as vLLM). ``block_size`` is its old name.
-    dtype, device : of the pools.
-    shuffle : hand blocks out in a shuffled order (a fragmented, long-running server).
+    num_layers, num_kv_heads, head_dim : int
+        Model shape.
+    num_blocks : int
+        Blocks in the pool (shared by all slots; each layer has its own copy of the pool).
+    max_batch_size : int
+        Rows of the block table (slots). ``max_requests`` is its old name.
+    max_seq_len : int
+        Longest request; sizes the block table's second dimension.
+    page_size : int
+        Tokens per block (16 by default, as vLLM). ``block_size`` is its old name.
+    dtype : torch.dtype
+        Element type of the pools.
+    device : str or torch.device, optional
+        Device of the pools; default: the current CUDA device, else the CPU
+        (as :class:`~torch_vkv.KVCache`).
+    shuffle : bool
+        Hand blocks out in a shuffled order (a fragmented, long-running server).
 
     Attributes
     ----------
-    kv : shape ``[num_layers, 2, num_blocks, page_size, num_kv_heads, head_dim]``.
-    block_table : int32, shape ``[max_batch_size, ceil(max_seq_len / page_size)]``, on ``device``.
+    kv : torch.Tensor
+        shape ``[num_layers, 2, num_blocks, page_size, num_kv_heads, head_dim]``.
+    block_table : torch.Tensor
+        int32, shape ``[max_batch_size, ceil(max_seq_len / page_size)]``, on ``device``.
     """
 
     def __init__(
@@ -116,7 +179,7 @@ class PagedKVCache:
         max_seq_len: int,
         page_size: Optional[int] = None,
         dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cuda",
+        device: str | torch.device | None = None,
         shuffle: bool = False,
         max_requests: Optional[int] = None,
         block_size: Optional[int] = None,
@@ -132,6 +195,8 @@ class PagedKVCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             fail("dtype", "a floating-point torch.dtype", dtype, TypeError)
         self.dtype = dtype
+        device = resolve_device(device)
+        self._lock = threading.RLock()
         self.pool = BlockPool(num_blocks, shuffle=shuffle)
         self.max_blocks = math.ceil(self.max_seq_len / self.page_size)
         self.kv = torch.empty(
@@ -161,21 +226,23 @@ class PagedKVCache:
     def alloc(self) -> int:
         """Takes a free slot (block-table row) and returns it; raises
         :class:`~torch_vkv.errors.OutOfSlotsError` when every slot is in use."""
-        if not self._free_slots:
-            raise OutOfSlotsError(f"all {self.max_batch_size} slots of the paged KV cache are in use")
-        slot = self._free_slots.pop(0)
-        self._active.add(slot)
-        return slot
+        with self._lock:
+            if not self._free_slots:
+                raise OutOfSlotsError(f"all {self.max_batch_size} slots of the paged KV cache are in use")
+            slot = self._free_slots.pop(0)
+            self._active.add(slot)
+            return slot
 
     def free(self, slot: int) -> None:
         """Returns the blocks of ``slot`` to the pool and, if it came from
         :meth:`alloc`, the slot to the free list."""
         slot = self._check_slot(slot)
-        self.pool.free(self._blocks[slot])
-        self._blocks[slot] = []
-        if slot in self._active:
-            self._active.discard(slot)
-            self._free_slots.append(slot)
+        with self._lock:
+            self.pool.free(self._blocks[slot])
+            self._blocks[slot] = []
+            if slot in self._active:
+                self._active.discard(slot)
+                self._free_slots.append(slot)
 
     def release(self, slot: int) -> None:
         """Alias of :meth:`free`."""
@@ -183,6 +250,7 @@ class PagedKVCache:
 
     @property
     def num_free_slots(self) -> int:
+        """Slots :meth:`alloc` can still hand out."""
         return len(self._free_slots)
 
     # -- capacity ---------------------------------------------------------
@@ -192,7 +260,9 @@ class PagedKVCache:
 
     def capacity(self, slot: int) -> int:
         """Tokens that slot ``slot`` can hold without allocating."""
-        return len(self._blocks[self._check_slot(slot)]) * self.page_size
+        slot = self._check_slot(slot)
+        with self._lock:
+            return len(self._blocks[slot]) * self.page_size
 
     def committed_tokens(self, slot: int) -> int:
         """Same as :meth:`capacity` (``KVCache``'s name)."""
@@ -204,9 +274,11 @@ class PagedKVCache:
 
     def can_commit(self, slot: int, num_tokens: int) -> bool:
         """Whether :meth:`commit` would succeed now (no change)."""
+        slot = self._check_slot(slot)
         num_tokens = check_int("num_tokens", num_tokens, low=0)
-        need = self.pages_for_tokens(num_tokens) - len(self._blocks[self._check_slot(slot)])
-        return num_tokens <= self.max_seq_len and self.pool.can_allocate(max(0, need))
+        with self._lock:
+            need = self.pages_for_tokens(num_tokens) - len(self._blocks[slot])
+            return num_tokens <= self.max_seq_len and self.pool.can_allocate(max(0, need))
 
     def commit(self, slot: int, num_tokens: int) -> None:
         """Grows ``slot`` to hold ``num_tokens`` tokens (allocates blocks,
@@ -214,17 +286,18 @@ class PagedKVCache:
         :class:`~torch_vkv.errors.OutOfPagesError` with nothing changed."""
         slot = self._check_slot(slot)
         num_tokens = check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)
-        have = self._blocks[slot]
-        need = self.pages_for_tokens(num_tokens) - len(have)
-        if need <= 0:
-            return
-        new = self.pool.allocate(need)
-        start = len(have)
-        have.extend(new)
-        # One small host-to-device copy of the changed entries only.
-        self.block_table[slot, start : start + need] = torch.tensor(new, dtype=torch.int32).to(
-            self.block_table.device, non_blocking=True
-        )
+        with self._lock:
+            have = self._blocks[slot]
+            need = self.pages_for_tokens(num_tokens) - len(have)
+            if need <= 0:
+                return
+            new = self.pool.allocate(need)
+            start = len(have)
+            have.extend(new)
+            # One small host-to-device copy of the changed entries only.
+            self.block_table[slot, start : start + need] = torch.tensor(new, dtype=torch.int32).to(
+                self.block_table.device, non_blocking=True
+            )
 
     def can_reserve(self, slot: int, num_tokens: int) -> bool:
         """Alias of :meth:`can_commit`."""
@@ -238,15 +311,16 @@ class PagedKVCache:
         """``reserved_bytes`` (the whole pool, allocated up front),
         ``committed_bytes`` (blocks held by slots), ``free_pages``,
         ``max_pages``, ``page_size`` (tokens per block), ``active_slots``."""
-        used_blocks = self.pool.num_blocks - self.pool.num_free
-        return {
-            "reserved_bytes": self.pool.num_blocks * self.bytes_per_page,
-            "committed_bytes": used_blocks * self.bytes_per_page,
-            "free_pages": self.pool.num_free,
-            "max_pages": self.pool.num_blocks,
-            "page_size": self.page_size,
-            "active_slots": len(self._active),
-        }
+        with self._lock:
+            free = self.pool.num_free
+            return {
+                "reserved_bytes": self.pool.num_blocks * self.bytes_per_page,
+                "committed_bytes": (self.pool.num_blocks - free) * self.bytes_per_page,
+                "free_pages": free,
+                "max_pages": self.pool.num_blocks,
+                "page_size": self.page_size,
+                "active_slots": len(self._active),
+            }
 
     # -- data -------------------------------------------------------------
 
@@ -264,7 +338,26 @@ class PagedKVCache:
         return self.layer(layer)[1]
 
     def append(self, layer, k_new, v_new, cache_seqlens, *, cu_seqlens_q=None, slots=None) -> None:
-        """Write new tokens' K/V (``[total_q, num_kv_heads, head_dim]``) at their positions; see :func:`torch_vkv.attention.append_kv`."""
+        """Writes new tokens' K and V at their positions through the block table.
+
+        Parameters
+        ----------
+        layer : int
+            Layer to write.
+        k_new, v_new : torch.Tensor
+            shape ``[total_q, num_kv_heads, head_dim]`` (or ``[batch, q_len,
+            num_kv_heads, head_dim]`` without ``cu_seqlens_q``).
+        cache_seqlens : torch.Tensor
+            int32, shape ``[batch]``: each sequence's length after the append,
+            the new tokens included.
+        cu_seqlens_q : torch.Tensor, optional
+            int32, shape ``[batch + 1]``: offsets of each sequence's new tokens in ``k_new``.
+        slots : torch.Tensor, optional
+            int32, shape ``[batch]``: block-table row of each sequence (default ``0 .. batch - 1``).
+
+        Same contract as :func:`torch_vkv.attention.append_kv`; the blocks must
+        be committed first (:meth:`commit`).
+        """
         from .attention import append_kv
 
         k, v = self.layer(layer)
@@ -272,7 +365,12 @@ class PagedKVCache:
 
     def attention(self, layer, q, cache_seqlens, *, cu_seqlens_q=None, slots=None, causal=True, scale=None,
                   backend="auto", **kwargs) -> torch.Tensor:  # fmt: skip
-        """Paged attention for ``layer``; same contract as :func:`torch_vkv.attention.attention`."""
+        """Paged attention over ``layer``'s blocks.
+
+        ``q``: shape ``[total_q, num_heads, head_dim]`` (or ``[batch, q_len,
+        num_heads, head_dim]``); ``cache_seqlens``: int32 ``[batch]``; returns a
+        tensor shaped like ``q``. Same contract as :func:`torch_vkv.attention.attention`.
+        """
         from .attention import attention
 
         k, v = self.layer(layer)
@@ -281,8 +379,9 @@ class PagedKVCache:
 
     def load_dense(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
                    slots: Optional[Sequence[int]] = None) -> None:  # fmt: skip
-        """Copy rows ``0 .. lengths[i]`` of ``k[i]``/``v[i]`` (``[B, S, H_kv, D]``) into slot ``slots[i]``, reserving blocks.
+        """Copies rows ``[0, lengths[i])`` of ``k[i]`` / ``v[i]`` into slot ``slots[i]``, committing blocks.
 
+        ``k``, ``v``: shape ``[B, S, num_kv_heads, head_dim]``; ``lengths``, ``slots``: ``B`` ints.
         For tests and benchmarks: the same data in a contiguous cache and in this paged one.
         """
         kp, vp = self.layer(layer)

@@ -1,0 +1,70 @@
+"""Lifetime rules for the objects that own driver or OS memory (``KVCache``, ``PagePool``).
+
+Such an object has exactly one owner, in one process:
+
+* it cannot be copied (``copy.copy``, ``copy.deepcopy``) or pickled: a copy
+  would share the page tables with the original, and closing one would leave
+  the other pointing at released memory. :class:`Unique` raises a
+  ``TypeError`` that says so.
+* after ``os.fork()`` the child's copy is unusable: every method raises a
+  ``RuntimeError`` ("this KVCache was created in process <pid> before fork();
+  create a new cache in the child"), and its finalizer does nothing in the
+  child (no release, no trim: the parent owns the pages). :func:`track`
+  registers an object for this; the ``after_in_child`` fork handler calls each
+  live object's ``_mark_forked()``.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, NoReturn
+
+__all__ = ["Unique", "forked_error", "track"]
+
+_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def track(obj: Any) -> None:
+    """Marks ``obj`` unusable in any child forked while it is alive (calls ``obj._mark_forked()`` there)."""
+    _live.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread exists in the child: nothing runs concurrently.
+    for obj in list(_live):
+        obj._mark_forked()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_error(kind: str, noun: str, pid: int) -> RuntimeError:
+    """The error every method of an object inherited through fork() raises."""
+    return RuntimeError(
+        f"this {kind} was created in process {pid} before fork(); create a new {noun} in the child "
+        f"(process {os.getpid()})"
+    )
+
+
+class Unique:
+    """Refuses ``copy.copy``, ``copy.deepcopy`` and pickling with a ``TypeError``."""
+
+    _copy_hint = "share the object itself instead"
+
+    def _refuse_copy(self, how: str) -> NoReturn:
+        name = type(self).__name__
+        raise TypeError(
+            f"{how}: expected an object that can be copied, got a {name}, which owns virtual memory and "
+            f"its pages and cannot be copied or pickled; {self._copy_hint}"
+        )
+
+    def __copy__(self) -> NoReturn:
+        self._refuse_copy("copy.copy")
+
+    def __deepcopy__(self, memo: Any) -> NoReturn:
+        self._refuse_copy("copy.deepcopy")
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        self._refuse_copy("pickle")
