@@ -1,8 +1,9 @@
 """Builds csrc/tests/test_core.cpp under ThreadSanitizer and runs it.
 
 The C++ program exercises the core on the host backend without Python:
-reserve / commit / decommit / alias semantics, out of pages, held fences, and
-a background Committer racing the main thread on one pool. It must exit 0 with
+reserve / commit / decommit / alias semantics, unbacked pages (read-only zero
+pages, PROT_NONE in strict mode), close, out of pages, held fences, and a
+background Committer racing the main thread on one pool. It must exit 0 with
 no ThreadSanitizer report.
 """
 
