@@ -5,12 +5,15 @@
 
 #include "backend.h"
 #include "errors.h"
+#include "fork.h"
 #include "pool.h"
+#include "util.h"
 
 namespace vkv {
 namespace {
 
 struct Region {
+  Origin origin;  // a forked child forgets inherited regions without freeing them
   size_t bytes;
   std::shared_ptr<Backend> backend;
   std::weak_ptr<Reservation> adopted_by;
@@ -39,7 +42,7 @@ uintptr_t allocator_reserve(std::shared_ptr<Backend> backend, size_t size) {
   uintptr_t addr = backend->reserve(bytes);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  r.regions[addr] = Region{bytes, std::move(backend), {}};
+  r.regions[addr] = Region{Origin(), bytes, std::move(backend), {}};
   return addr;
 }
 
@@ -53,6 +56,7 @@ bool allocator_release(uintptr_t addr) {
     region = std::move(it->second);
     r.regions.erase(it);
   }
+  if (region.origin.forked()) return true;  // the parent's range: nothing to free here
   if (auto res = region.adopted_by.lock()) res->on_address_freed();
   region.backend->bind_thread();
   region.backend->release(addr, region.bytes);
@@ -64,19 +68,21 @@ size_t allocator_region_bytes(uintptr_t addr) {
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.regions.find(addr);
   if (it == r.regions.end())
-    throw InvalidArgument("address " + std::to_string(addr) + " was not returned by vkv_alloc");
+    throw InvalidArgument("address " + hex(addr) + " was not returned by vkv_alloc");
   return it->second.bytes;
 }
 
-void allocator_attach(uintptr_t addr, const std::shared_ptr<Reservation>& res) {
+std::shared_ptr<Reservation> allocator_adopt(std::shared_ptr<PagePool> pool, uintptr_t addr) {
+  std::shared_ptr<Reservation> res = Reservation::adopt(std::move(pool), addr, allocator_region_bytes(addr));
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.regions.find(addr);
   if (it == r.regions.end())
-    throw InvalidArgument("address " + std::to_string(addr) + " was not returned by vkv_alloc");
+    throw InvalidArgument("address " + hex(addr) + " was freed while it was being adopted");
   if (it->second.adopted_by.lock())
-    throw InvalidArgument("address " + std::to_string(addr) + " is already adopted by another reservation");
+    throw InvalidArgument("address " + hex(addr) + " is already adopted by another reservation");
   it->second.adopted_by = res;
+  return res;
 }
 
 size_t allocator_num_regions() {

@@ -1,11 +1,14 @@
 // Layer 1: one interface over the two ways of backing virtual memory with
 // physical pages. Both give the same semantics:
-//   reserve     -> a virtual range that faults on access (nothing backed)
+//   reserve     -> a virtual range with nothing backed: CUDA faults on access;
+//                  the host backend reads zeros and faults on writes (strict
+//                  mode, TORCH_VKV_DEBUG=1 when the range is reserved: faults
+//                  on any access)
 //   create_page -> a physical page of page_size() bytes, owned by the caller
 //   map         -> put a page at an address inside a reservation (a page may be
 //                  mapped at several addresses at once: aliasing)
 //   set_access  -> make a run of mapped pages readable and writable
-//   unmap       -> the range faults again; the pages stay alive
+//   unmap       -> the range is as reserved again; the pages stay alive
 // Fences order a decommit after GPU work: an unmap waits for the fence recorded
 // after the last kernel that reads the page.
 //
@@ -49,9 +52,21 @@ class Backend {
   virtual void fence_wait(Fence fence) = 0;
   virtual void fence_destroy(Fence fence) = 0;
 
+  // Waits for all work queued on the device (CUDA: cuCtxSynchronize), before
+  // pages that a kernel may still read are unmapped for good.
+  virtual void synchronize() {}
+
   // Makes this backend's context current on the calling thread (CUDA: the
   // device's primary context). Cheap; called at every entry point.
   virtual void bind_thread() {}
+
+  // In the child of a fork only (fork.h); neither touches the physical pages
+  // the parent still uses. make_private: the child's mapping of `page` at
+  // `addr` becomes copy-on-write, so its writes never reach the parent.
+  // forget: the child gives its view of a reserved range back. Both do
+  // nothing on CUDA, which a forked child cannot use.
+  virtual void make_private(uintptr_t addr, PageHandle page) {}
+  virtual void forget(uintptr_t addr, size_t bytes) {}
 };
 
 // memfd + mmap on the CPU. page_size must be a multiple of the OS page size.

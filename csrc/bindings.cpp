@@ -7,6 +7,7 @@
 #include "allocator.h"
 #include "backend.h"
 #include "committer.h"
+#include "dlpack.h"
 #include "driver.h"
 #include "errors.h"
 #include "pool.h"
@@ -51,6 +52,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetObject(cls.ptr(), err.ptr());
     } catch (const InvalidArgument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const Forked& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     } catch (const DriverError& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     }
@@ -88,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_max_pages", &PagePool::set_max_pages, py::arg("max_pages"), release_gil())
       .def("trim", &PagePool::trim, py::arg("keep_free") = 0, release_gil())
       .def("reap", &PagePool::reap, release_gil())
+      .def_property_readonly("forked", &PagePool::forked, "Whether the pool was inherited through fork().")
       .def("stats", [](PagePool& p) {
         PoolStats s;
         {
@@ -97,9 +101,10 @@ PYBIND11_MODULE(_C, m) {
         return stats_dict(s);
       });
 
-  py::class_<Reservation, std::shared_ptr<Reservation>>(m, "Reservation", py::buffer_protocol())
+  py::class_<Reservation, std::shared_ptr<Reservation>>(m, "Reservation")
       .def_static("create", &Reservation::create, py::arg("pool"), py::arg("bytes"), release_gil())
-      .def_static("adopt", &Reservation::adopt, py::arg("pool"), py::arg("addr"), release_gil())
+      .def_static("adopt", &allocator_adopt, py::arg("pool"), py::arg("addr"), release_gil(),
+                  "Takes over a range returned by allocator_reserve / vkv_alloc.")
       .def_property_readonly("base", &Reservation::base)
       .def_property_readonly("num_pages", &Reservation::num_pages)
       .def_property_readonly("bytes", &Reservation::bytes)
@@ -110,18 +115,32 @@ PYBIND11_MODULE(_C, m) {
       .def("alias", &Reservation::alias, py::arg("first"), py::arg("src"), py::arg("src_first"), py::arg("count"),
            release_gil())
       .def("release_all", &Reservation::release_all, release_gil())
+      .def("close", &Reservation::close, release_gil(), "release_all, then refuse commits (the range stays reserved).")
+      .def_property_readonly("closed", &Reservation::closed)
+      .def_property_readonly("forked", &Reservation::forked, "Whether the reservation was inherited through fork().")
+      .def(
+          "dlpack",
+          [](std::shared_ptr<Reservation> r) {
+            // The capsule protocol: a consumer renames it "used_dltensor" and
+            // calls the deleter later; an unconsumed capsule deletes its tensor.
+            DLManagedTensor* m = export_dlpack(std::move(r));
+            PyObject* cap = PyCapsule_New(m, "dltensor", [](PyObject* c) {
+              if (PyCapsule_IsValid(c, "dltensor")) {
+                auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+                t->deleter(t);
+              }
+            });
+            if (!cap) {
+              m->deleter(m);
+              throw py::error_already_set();
+            }
+            return py::reinterpret_steal<py::object>(cap);
+          },
+          "The whole range as a DLPack capsule (uint8) for torch.from_dlpack; every tensor over it keeps "
+          "the reservation alive.")
       .def("is_committed", &Reservation::is_committed, py::arg("page"), release_gil())
       .def("num_committed", &Reservation::num_committed, release_gil())
-      .def("committed_ranges", &Reservation::committed_ranges, release_gil())
-      // Host reservations only: the whole range as a writable byte buffer, for
-      // torch.frombuffer. The buffer keeps the reservation alive.
-      .def_buffer([](Reservation& r) -> py::buffer_info {
-        if (r.pool().backend().name() != "host")
-          throw InvalidArgument("only host reservations expose a CPU buffer, got backend '" +
-                                r.pool().backend().name() + "'");
-        return py::buffer_info(reinterpret_cast<void*>(r.base()), 1, py::format_descriptor<uint8_t>::format(), 1,
-                               {r.bytes()}, {size_t{1}}, /*readonly=*/false);
-      });
+      .def("committed_ranges", &Reservation::committed_ranges, release_gil());
 
   py::class_<Committer, std::shared_ptr<Committer>>(m, "Committer")
       .def(py::init<>())
@@ -137,7 +156,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("jobs"), "Queue [(reservation, first_page, num_pages), ...]; returns a ticket.")
       .def("wait", &Committer::wait, py::arg("ticket"), release_gil())
       .def("done", &Committer::done, py::arg("ticket"), release_gil())
-      .def("pages_committed", &Committer::pages_committed, release_gil());
+      .def("pages_committed", &Committer::pages_committed, release_gil())
+      .def_property_readonly("forked", &Committer::forked, "Whether the committer was inherited through fork().");
 
   m.def("allocator_reserve", &allocator_reserve, py::arg("backend"), py::arg("size"), release_gil(),
         "What vkv_alloc does, on any backend (vkv_alloc uses the CUDA one).");

@@ -1,62 +1,97 @@
 #include "committer.h"
 
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <utility>
+
 #include "errors.h"
 
 namespace vkv {
 
-Committer::Committer() : thread_([this] { run(); }) {}
+struct Committer::State {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::pair<uint64_t, std::vector<CommitJob>>> queue;
+  std::map<uint64_t, std::exception_ptr> errors;
+  uint64_t next_ticket = 0;
+  uint64_t finished = 0;  // tickets run in order, so all <= finished are done
+  size_t pages_committed = 0;
+  bool stop = false;
+  std::thread thread;
+};
+
+Committer::Committer() : state_(std::make_unique<State>()) {
+  State* s = state_.get();
+  s->thread = std::thread([s] { run(*s); });
+}
 
 Committer::~Committer() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+  if (origin_.forked()) {
+    // The parent's thread does not exist here: joining it would block
+    // forever, and so would destroying a condition variable it waited on.
+    (void)state_.release();
+    return;
   }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->stop = true;
+  }
+  state_->cv.notify_all();
+  if (state_->thread.joinable()) state_->thread.join();
 }
 
 uint64_t Committer::submit(std::vector<CommitJob> jobs) {
+  origin_.check();
+  State& s = *state_;
   uint64_t ticket;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    ticket = ++next_ticket_;
-    queue_.emplace_back(ticket, std::move(jobs));
+    std::lock_guard<std::mutex> lock(s.mu);
+    ticket = ++s.next_ticket;
+    s.queue.emplace_back(ticket, std::move(jobs));
   }
-  cv_.notify_all();
+  s.cv.notify_all();
   return ticket;
 }
 
 void Committer::wait(uint64_t ticket) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (ticket > next_ticket_) throw InvalidArgument("unknown committer ticket " + std::to_string(ticket));
-  cv_.wait(lock, [&] { return finished_ >= ticket; });
-  auto it = errors_.find(ticket);
-  if (it != errors_.end()) {
+  origin_.check();
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.mu);
+  if (ticket > s.next_ticket) throw InvalidArgument("unknown committer ticket " + std::to_string(ticket));
+  s.cv.wait(lock, [&] { return s.finished >= ticket; });
+  auto it = s.errors.find(ticket);
+  if (it != s.errors.end()) {
     std::exception_ptr e = it->second;
-    errors_.erase(it);
+    s.errors.erase(it);
     std::rethrow_exception(e);
   }
 }
 
 bool Committer::done(uint64_t ticket) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return finished_ >= ticket;
+  origin_.check();
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->finished >= ticket;
 }
 
 size_t Committer::pages_committed() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return pages_committed_;
+  origin_.check();
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->pages_committed;
 }
 
-void Committer::run() {
+void Committer::run(State& s) {
   for (;;) {
     std::pair<uint64_t, std::vector<CommitJob>> item;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stop_ and nothing left to do
-      item = std::move(queue_.front());
-      queue_.pop_front();
+      std::unique_lock<std::mutex> lock(s.mu);
+      s.cv.wait(lock, [&] { return s.stop || !s.queue.empty(); });
+      if (s.queue.empty()) return;  // stop and nothing left to do
+      item = std::move(s.queue.front());
+      s.queue.pop_front();
     }
     std::exception_ptr error;
     size_t committed = 0;
@@ -70,12 +105,12 @@ void Committer::run() {
     }
     item.second.clear();  // drop reservation references outside the lock
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (error) errors_[item.first] = error;
-      pages_committed_ += committed;
-      finished_ = item.first;
+      std::lock_guard<std::mutex> lock(s.mu);
+      if (error) s.errors[item.first] = error;
+      s.pages_committed += committed;
+      s.finished = item.first;
     }
-    cv_.notify_all();
+    s.cv.notify_all();
   }
 }
 

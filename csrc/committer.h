@@ -3,16 +3,11 @@
 // a ticket before the pages are needed.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
-#include <exception>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
+#include "fork.h"
 #include "pool.h"
 
 namespace vkv {
@@ -26,7 +21,9 @@ struct CommitJob {
 class Committer {
  public:
   Committer();
-  ~Committer();  // finishes queued work, then joins the thread
+  // Finishes queued work, then joins the thread. In a forked child, where the
+  // thread does not exist, it returns at once and leaks the queue's state.
+  ~Committer();
   Committer(const Committer&) = delete;
   Committer& operator=(const Committer&) = delete;
 
@@ -37,19 +34,16 @@ class Committer {
   void wait(uint64_t ticket);
   bool done(uint64_t ticket);
   size_t pages_committed();  // total pages the thread committed
+  // Whether this committer was inherited from the parent of a fork; every
+  // method but this one then throws Forked.
+  bool forked() const { return origin_.forked(); }
 
  private:
-  void run();
+  struct State;  // on the heap, so that a forked child can leak it
+  static void run(State& s);
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::pair<uint64_t, std::vector<CommitJob>>> queue_;
-  std::map<uint64_t, std::exception_ptr> errors_;
-  uint64_t next_ticket_ = 0;
-  uint64_t finished_ = 0;  // tickets run in order, so all <= finished_ are done
-  size_t pages_committed_ = 0;
-  bool stop_ = false;
-  std::thread thread_;
+  Origin origin_;
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace vkv

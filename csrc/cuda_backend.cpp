@@ -7,15 +7,11 @@
 #include "backend.h"
 #include "driver.h"
 #include "errors.h"
+#include "fork.h"
+#include "util.h"
 
 namespace vkv {
 namespace {
-
-std::string hex(uintptr_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%zx", static_cast<size_t>(v));
-  return buf;
-}
 
 class CudaBackend final : public Backend {
  public:
@@ -38,7 +34,9 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
-    // Destructors report nothing; the process may be shutting down.
+    // Destructors report nothing; the process may be shutting down. A forked
+    // child cannot use CUDA at all: it makes no driver call.
+    if (origin_.forked()) return;
     api_.cuCtxSetCurrent(ctx_);
     if (zero_stream_) api_.cuStreamDestroy(zero_stream_);
     api_.cuDevicePrimaryCtxRelease(dev_);
@@ -47,6 +45,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   int device() const override { return device_; }
   size_t page_size() const override { return page_size_; }
+  const Origin& origin() const { return origin_; }
+  void synchronize() override { cu::check(api_.cuCtxSynchronize(), "cuCtxSynchronize", "device=" + std::to_string(device_)); }
   void bind_thread() override { cu::check(api_.cuCtxSetCurrent(ctx_), "cuCtxSetCurrent", "device=" + std::to_string(device_)); }
 
   uintptr_t reserve(size_t bytes) override {
@@ -102,6 +102,7 @@ class CudaBackend final : public Backend {
   void fence_destroy(Fence f) override { api_.cuEventDestroy(reinterpret_cast<cu::CUevent>(f)); }
 
  private:
+  Origin origin_;
   int device_;
   const cu::Api& api_;
   cu::CUdevice dev_ = 0;
@@ -118,11 +119,14 @@ std::shared_ptr<Backend> cuda_backend(int device) {
   // One backend per device, shared by every pool and by the pluggable
   // allocator; it lives as long as someone holds it.
   static std::mutex mu;
-  static std::map<int, std::weak_ptr<Backend>> by_device;
+  static std::map<int, std::weak_ptr<CudaBackend>> by_device;
   std::lock_guard<std::mutex> lock(mu);
   if (device < 0) throw InvalidArgument("CUDA device ordinal must be >= 0, got " + std::to_string(device));
   auto& weak = by_device[device];
-  if (auto alive = weak.lock()) return alive;
+  if (auto alive = weak.lock()) {
+    alive->origin().check();  // CUDA is not usable in a forked child
+    return alive;
+  }
   auto made = std::make_shared<CudaBackend>(device);
   weak = made;
   return made;

@@ -1,6 +1,7 @@
 // Exceptions of the C++ core. The binding layer translates them into Python:
 // OutOfPages -> torch_vkv.OutOfPagesError, DriverError -> RuntimeError,
-// InvalidArgument -> ValueError. Nothing in the core ever exits or aborts.
+// InvalidArgument -> ValueError, Forked -> RuntimeError. Nothing in the core
+// ever exits or aborts.
 #pragma once
 
 #include <stdexcept>
@@ -14,6 +15,11 @@ struct DriverError : std::runtime_error {
 
 struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+
+// An object inherited through fork() was used in the child (fork.h).
+struct Forked : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // No physical page could be had: the pool's budget is spent, or the driver

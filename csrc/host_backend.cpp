@@ -1,32 +1,25 @@
 // The host backend: a memfd is the "physical memory", page i lives at offset
-// i * page_size in it. A reservation is a PROT_NONE anonymous mapping; map puts
-// a file page over part of it with MAP_FIXED|MAP_SHARED (so two addresses can
-// alias one page); unmap puts PROT_NONE anonymous memory back.
+// i * page_size in it. A reservation is one read-only anonymous private
+// mapping: every page of it reads as zeros (the kernel's shared zero page, no
+// memory used) and a write faults. map puts a file page over part of it with
+// MAP_FIXED|MAP_SHARED (so two addresses can alias one page); unmap puts the
+// read-only zero mapping back. In strict mode (TORCH_VKV_DEBUG=1 when the
+// range is reserved) the unbacked pages are PROT_NONE instead, so any read of
+// them faults: the test suite's way to catch out-of-bounds reads.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
+#include <map>
 #include <mutex>
 #include <set>
-#include <vector>
 
 #include "backend.h"
 #include "errors.h"
+#include "util.h"
 
 namespace vkv {
 namespace {
-
-std::string sys_error(const char* call, const std::string& args) {
-  return std::string(call) + "(" + args + ") failed: " + std::strerror(errno);
-}
-
-std::string hex(uintptr_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%zx", static_cast<size_t>(v));
-  return buf;
-}
 
 class HostBackend final : public Backend {
  public:
@@ -49,18 +42,25 @@ class HostBackend final : public Backend {
   uintptr_t reserve(size_t bytes) override {
     // Over-reserve by a page and trim, so the range is aligned to page_size
     // as cuMemAddressReserve's is.
+    bool strict = debug_mode();
     size_t span = bytes + page_size_;
-    void* p = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE, " + std::to_string(span) + " bytes"));
+    void* p = mmap(nullptr, span, unbacked_prot(strict), kUnbackedFlags, -1, 0);
+    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "unbacked range, " + std::to_string(span) + " bytes"));
     uintptr_t start = reinterpret_cast<uintptr_t>(p);
     uintptr_t aligned = (start + page_size_ - 1) / page_size_ * page_size_;
     if (aligned > start) munmap(p, aligned - start);
     uintptr_t end = start + span, aligned_end = aligned + bytes;
     if (end > aligned_end) munmap(reinterpret_cast<void*>(aligned_end), end - aligned_end);
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    ranges_[aligned] = Range{bytes, strict};
     return aligned;
   }
 
-  void release(uintptr_t addr, size_t bytes) override { munmap(reinterpret_cast<void*>(addr), bytes); }
+  void release(uintptr_t addr, size_t bytes) override {
+    munmap(reinterpret_cast<void*>(addr), bytes);
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    ranges_.erase(addr);
+  }
 
   PageHandle create_page() override {
     size_t index;
@@ -93,10 +93,20 @@ class HostBackend final : public Backend {
   void set_access(uintptr_t, size_t) override {}  // map already gave read/write
 
   void unmap(uintptr_t addr, size_t bytes) override {
-    void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
-                   -1, 0);
-    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "PROT_NONE over " + hex(addr) + ", " + std::to_string(bytes) + " bytes"));
+    void* p = mmap(reinterpret_cast<void*>(addr), bytes, unbacked_prot(strict_at(addr)), kUnbackedFlags | MAP_FIXED, -1, 0);
+    if (p == MAP_FAILED)
+      throw DriverError(sys_error("mmap", "unbacked pages over " + hex(addr) + ", " + std::to_string(bytes) + " bytes"));
   }
+
+  void make_private(uintptr_t addr, PageHandle page) override {
+    // Copy-on-write over the same file page: the child reads what the page
+    // holds and keeps its own writes.
+    mmap(reinterpret_cast<void*>(addr), page_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd_,
+         static_cast<off_t>(page * page_size_));
+  }
+
+  // No lock: another thread of the parent may have held ranges_mu_ at fork().
+  void forget(uintptr_t addr, size_t bytes) override { munmap(reinterpret_cast<void*>(addr), bytes); }
 
   bool fresh_pages_are_zero() const override { return true; }
   void zero(uintptr_t addr, size_t bytes) override { std::memset(reinterpret_cast<void*>(addr), 0, bytes); }
@@ -130,8 +140,27 @@ class HostBackend final : public Backend {
   }
 
  private:
+  static constexpr int kUnbackedFlags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+  static int unbacked_prot(bool strict) { return strict ? PROT_NONE : PROT_READ; }
+
+  // Whether the reserved range holding `addr` was reserved in strict mode.
+  bool strict_at(uintptr_t addr) {
+    std::lock_guard<std::mutex> lock(ranges_mu_);
+    auto it = ranges_.upper_bound(addr);
+    if (it == ranges_.begin()) return debug_mode();  // not reserved here: a caller's range
+    --it;
+    return addr < it->first + it->second.bytes ? it->second.strict : debug_mode();
+  }
+
+  struct Range {
+    size_t bytes;
+    bool strict;
+  };
+
   size_t page_size_;
   int fd_ = -1;
+  std::mutex ranges_mu_;
+  std::map<uintptr_t, Range> ranges_;  // reserved ranges by base address
   size_t file_pages_ = 0;
   std::set<size_t> holes_;
   std::mutex fence_mu_;

@@ -4,8 +4,8 @@
 #include <chrono>
 #include <exception>
 
-#include "allocator.h"
 #include "errors.h"
+#include "util.h"
 
 namespace vkv {
 namespace {
@@ -38,6 +38,9 @@ PagePool::PagePool(std::shared_ptr<Backend> backend, size_t max_pages)
 }
 
 PagePool::~PagePool() {
+  // In a forked child the pages are the parent's: destroying one would punch
+  // a hole in the memfd the parent still maps.
+  if (origin_.forked()) return;
   // Every reservation holds the pool alive, so no page is mapped any more.
   try {
     backend_->bind_thread();
@@ -48,6 +51,7 @@ PagePool::~PagePool() {
 }
 
 size_t PagePool::prefill(size_t num_pages) {
+  origin_.check();
   std::lock_guard<std::mutex> lock(mu_);
   backend_->bind_thread();
   num_pages = std::min(num_pages, max_pages_);
@@ -62,6 +66,7 @@ size_t PagePool::prefill(size_t num_pages) {
 }
 
 void PagePool::set_max_pages(size_t max_pages) {
+  origin_.check();
   std::lock_guard<std::mutex> lock(mu_);
   backend_->bind_thread();
   max_pages_ = max_pages;
@@ -72,6 +77,7 @@ void PagePool::set_max_pages(size_t max_pages) {
 }
 
 size_t PagePool::trim(size_t keep_free) {
+  origin_.check();
   std::lock_guard<std::mutex> lock(mu_);
   backend_->bind_thread();
   reap_locked(0);
@@ -85,12 +91,14 @@ size_t PagePool::trim(size_t keep_free) {
 }
 
 void PagePool::reap() {
+  origin_.check();
   std::lock_guard<std::mutex> lock(mu_);
   backend_->bind_thread();
   reap_locked(0);
 }
 
 PoolStats PagePool::stats() {
+  origin_.check();
   std::lock_guard<std::mutex> lock(mu_);
   PoolStats s = counters_;
   s.max_pages = max_pages_;
@@ -206,9 +214,12 @@ Reservation::Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t 
       page_size_(pool_->page_size()),
       owns_address_(owns_address),
       pages_(num_pages, kNoPage),
-      pending_(num_pages, 0) {}
+      pending_(num_pages, 0) {
+  fork_register(this);
+}
 
 std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool, size_t bytes) {
+  pool->origin().check();
   if (bytes == 0) throw InvalidArgument("reservation size must be > 0 bytes, got 0");
   size_t ps = pool->page_size();
   size_t num_pages = (bytes + ps - 1) / ps;
@@ -221,27 +232,41 @@ std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool,
   return std::shared_ptr<Reservation>(new Reservation(std::move(pool), base, num_pages, true));
 }
 
-std::shared_ptr<Reservation> Reservation::adopt(std::shared_ptr<PagePool> pool, uintptr_t addr) {
-  size_t bytes = allocator_region_bytes(addr);  // throws for an unknown address
+std::shared_ptr<Reservation> Reservation::adopt(std::shared_ptr<PagePool> pool, uintptr_t addr, size_t bytes) {
+  pool->origin().check();
   size_t ps = pool->page_size();
-  if (bytes % ps != 0 || addr % ps != 0)
-    throw InvalidArgument("allocator region at " + std::to_string(addr) + " (" + std::to_string(bytes) +
-                          " bytes) is not aligned to the pool's page size " + std::to_string(ps));
-  auto res = std::shared_ptr<Reservation>(new Reservation(std::move(pool), addr, bytes / ps, false));
-  allocator_attach(addr, res);
-  return res;
+  if (bytes == 0 || bytes % ps != 0 || addr % ps != 0)
+    throw InvalidArgument("a range of " + std::to_string(bytes) + " bytes at " + hex(addr) +
+                          " cannot be adopted: expected a non-empty range aligned to the pool's page size " +
+                          std::to_string(ps));
+  return std::shared_ptr<Reservation>(new Reservation(std::move(pool), addr, bytes / ps, false));
 }
 
 Reservation::~Reservation() {
+  fork_unregister(this);
+  if (origin_.forked()) {
+    // A forked child only gives its view of the range back: the pages, the
+    // pool and the driver are the parent's.
+    if (owns_address_) pool_->backend().forget(base_, bytes());
+    return;
+  }
+  // A destructor must not throw; the driver already reported any error
+  // through the call that failed, or the process is shutting down.
   try {
     std::lock_guard<std::mutex> lock(pool_->mutex());
     pool_->backend().bind_thread();
-    release_all_locked();
+    try {
+      release_all_locked();
+    } catch (...) {
+    }
     if (owns_address_) pool_->backend().release(base_, bytes());
   } catch (...) {
-    // A destructor must not throw; the driver already reported the error
-    // through the call that failed, or the process is shutting down.
   }
+}
+
+void Reservation::check_usable(const char* what) const {
+  if (closed_) throw InvalidArgument(std::string(what) + ": the reservation was closed (its cache was closed)");
+  if (!address_alive_) throw InvalidArgument(std::string(what) + ": the reservation's address was already freed");
 }
 
 void Reservation::check_range(const char* what, size_t first, size_t count) const {
@@ -252,9 +277,10 @@ void Reservation::check_range(const char* what, size_t first, size_t count) cons
 }
 
 size_t Reservation::commit(size_t first, size_t count) {
+  origin_.check();
   check_range("commit", first, count);
   std::lock_guard<std::mutex> lock(pool_->mutex());
-  if (!address_alive_) throw InvalidArgument("commit: the reservation's address was already freed");
+  check_usable("commit");
   Backend& backend = pool_->backend();
   backend.bind_thread();
   auto t0 = Clock::now();
@@ -335,6 +361,7 @@ size_t Reservation::commit(size_t first, size_t count) {
 }
 
 size_t Reservation::decommit(size_t first, size_t count, std::optional<uintptr_t> stream) {
+  origin_.check();
   check_range("decommit", first, count);
   std::lock_guard<std::mutex> lock(pool_->mutex());
   if (!address_alive_) return 0;
@@ -358,12 +385,15 @@ size_t Reservation::decommit(size_t first, size_t count, std::optional<uintptr_t
 }
 
 size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size_t count) {
+  origin_.check();
   check_range("alias", first, count);
   src.check_range("alias source", src_first, count);
   if (src.pool_ != pool_) throw InvalidArgument("alias: source and target reservations draw on different page pools");
   if (&src == this && first < src_first + count && src_first < first + count)
     throw InvalidArgument("alias: source and target page ranges overlap");
   std::lock_guard<std::mutex> lock(pool_->mutex());
+  check_usable("alias");
+  src.check_usable("alias source");
   Backend& backend = pool_->backend();
   backend.bind_thread();
   auto t0 = Clock::now();
@@ -400,14 +430,26 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
 }
 
 void Reservation::release_all() {
+  origin_.check();
   std::lock_guard<std::mutex> lock(pool_->mutex());
   pool_->backend().bind_thread();
+  release_all_locked();
+}
+
+void Reservation::close() {
+  origin_.check();
+  std::lock_guard<std::mutex> lock(pool_->mutex());
+  pool_->backend().bind_thread();
+  closed_ = true;  // even if the driver fails below: no commit after close
   release_all_locked();
 }
 
 void Reservation::release_all_locked() {
   if (!address_alive_) return;
   Backend& backend = pool_->backend();
+  // Committed pages may still be read by queued kernels (pending ones wait
+  // for their own fences below).
+  if (num_committed_ > 0) backend.synchronize();
   std::vector<size_t> pages;
   for (size_t p = 0; p < pages_.size(); ++p) {
     if (pages_[p] == kNoPage) continue;
@@ -454,18 +496,27 @@ void Reservation::on_address_freed() {
   address_alive_ = false;
 }
 
+void Reservation::privatize_after_fork() {
+  if (origin_.forked() || !address_alive_) return;
+  for (size_t p = 0; p < pages_.size(); ++p)
+    if (pages_[p] != kNoPage) pool_->backend().make_private(base_ + p * page_size_, pages_[p]);
+}
+
 bool Reservation::is_committed(size_t page) {
+  origin_.check();
   check_range("is_committed", page, 1);
   std::lock_guard<std::mutex> lock(pool_->mutex());
   return pages_[page] != kNoPage && pending_[page] == 0;
 }
 
 size_t Reservation::num_committed() {
+  origin_.check();
   std::lock_guard<std::mutex> lock(pool_->mutex());
   return num_committed_;
 }
 
 std::vector<std::pair<size_t, size_t>> Reservation::committed_ranges() {
+  origin_.check();
   std::lock_guard<std::mutex> lock(pool_->mutex());
   std::vector<size_t> pages;
   for (size_t p = 0; p < pages_.size(); ++p)

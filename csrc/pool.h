@@ -6,6 +6,7 @@
 // every call into these classes.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "fork.h"
 
 namespace vkv {
 
@@ -66,7 +68,18 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   void reap();
   PoolStats stats();
 
-  // --- used by Reservation, with mutex() held ---------------------------------
+  // fork() support (fork.h): the prepare handler holds every pool's mutex
+  // while fork() runs, so the child never sees a half-done commit.
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+  // Whether this pool was inherited from the parent of a fork.
+  bool forked() const { return origin_.forked(); }
+  const Origin& origin() const { return origin_; }
+
+ private:
+  // The locking protocol, shared with Reservation only: one mutex guards the
+  // pool and every reservation drawing on it, and serialises driver calls.
+  friend class Reservation;
   std::mutex& mutex() { return mu_; }
   // Pages that can be had now or by waiting for pending decommits.
   size_t available_locked() const;
@@ -80,8 +93,6 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   void cancel_pending_locked(size_t num_pages) { pending_pages_ -= num_pages; }
   void reap_locked(size_t wait_until_free);
   PoolStats& counters_locked() { return counters_; }
-
- private:
   void destroy_locked(PageHandle page);
 
   struct PendingBatch {
@@ -89,6 +100,7 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
     std::weak_ptr<Reservation> owner;
   };
 
+  Origin origin_;
   std::shared_ptr<Backend> backend_;
   std::mutex mu_;
   size_t max_pages_;
@@ -108,9 +120,9 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
  public:
   // Reserves a new virtual range of at least `bytes` (rounded up to pages).
   static std::shared_ptr<Reservation> create(std::shared_ptr<PagePool> pool, size_t bytes);
-  // Takes over a range reserved by the pluggable allocator (vkv_alloc); the
-  // address itself stays the allocator's and is freed by vkv_free.
-  static std::shared_ptr<Reservation> adopt(std::shared_ptr<PagePool> pool, uintptr_t addr);
+  // Takes over `bytes` at `addr`, a range someone else reserved (the
+  // pluggable allocator: allocator_adopt); the address stays theirs.
+  static std::shared_ptr<Reservation> adopt(std::shared_ptr<PagePool> pool, uintptr_t addr, size_t bytes);
   ~Reservation();
   Reservation(const Reservation&) = delete;
   Reservation& operator=(const Reservation&) = delete;
@@ -134,29 +146,45 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   // [first, first + count) here (both stay valid; writes through one are seen
   // through the other). Target pages must be uncommitted.
   size_t alias(size_t first, Reservation& src, size_t src_first, size_t count);
-  // Decommits everything now, waiting for pending fences.
+  // Decommits everything now, waiting for pending fences (and, on CUDA, for
+  // the device: a kernel may still read the pages).
   void release_all();
+  // release_all, after which commits are refused: the end of a cache. The
+  // range stays reserved (host: it reads as zeros) until the last owner of
+  // the reservation drops it.
+  void close();
+  bool closed() const { return closed_.load(); }
+  // Whether this reservation was inherited from the parent of a fork.
+  bool forked() const { return origin_.forked(); }
 
   bool is_committed(size_t page);
   size_t num_committed();
   std::vector<std::pair<size_t, size_t>> committed_ranges();  // [(first, count)]
 
-  // With the pool mutex held: unmaps the pages still pending on `fence`.
-  void finish_pending_locked(Fence fence);
   // The allocator freed our address: forget every mapping without touching it.
   void on_address_freed();
+  // In the child of a fork, with the pool's mutex held by the fork handler:
+  // the committed pages become copy-on-write (Backend::make_private). Does
+  // nothing for a reservation inherited by an earlier fork (already private).
+  void privatize_after_fork();
 
  private:
+  friend class PagePool;
+  // With the pool mutex held: unmaps the pages still pending on `fence`.
+  void finish_pending_locked(Fence fence);
   Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t num_pages, bool owns_address);
   void check_range(const char* what, size_t first, size_t count) const;
   void unmap_runs_locked(const std::vector<size_t>& pages);
   void release_all_locked();
+  void check_usable(const char* what) const;  // with the pool mutex held
 
+  Origin origin_;
   std::shared_ptr<PagePool> pool_;
   uintptr_t base_;
   size_t page_size_;
   bool owns_address_;
   bool address_alive_ = true;
+  std::atomic<bool> closed_{false};
   static constexpr PageHandle kNoPage = ~PageHandle{0};
   std::vector<PageHandle> pages_;  // physical page mapped at each virtual page, or kNoPage
   std::vector<Fence> pending_;     // fence a mapped page waits on before unmap; 0 = committed

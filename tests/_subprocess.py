@@ -1,4 +1,9 @@
-"""Run a Python snippet in a fresh interpreter, so a crash fails one test instead of killing pytest."""
+"""Run a test scenario in a fresh Python interpreter.
+
+Scenarios that could crash the interpreter (a segfault, a hang, an abort) run
+in a child process, so a regression is a failed test with the child's output,
+not a dead pytest session.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,86 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+TESTS = Path(__file__).resolve().parent
 
 
-def run_python(code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
-    """Runs ``code`` (dedented) with ``args`` in ``sys.argv[1:]``; returns its stdout.
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs ``code`` (dedented) with this interpreter; never raises on failure.
 
-    Fails the calling test, with the child's output, when the child dies from a
-    signal (a segfault is reported as SIGSEGV), exits non-zero or outlives ``timeout``.
+    ``env`` entries are added to the current environment; a value of ``""``
+    removes the variable. A child still running after ``timeout`` seconds is
+    killed and reported as a failed test.
     """
-    cmd = [sys.executable, "-c", textwrap.dedent(code), *args]
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for name, value in (env or {}).items():
+        if value == "":
+            child_env.pop(name, None)
+        else:
+            child_env[name] = value
     try:
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            env=child_env,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"the child did not finish within {timeout} s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
-    if out.returncode != 0:
-        how = f"signal {signal.Signals(-out.returncode).name}" if out.returncode < 0 else f"exit code {out.returncode}"
-        raise AssertionError(f"the child failed with {how}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}")
-    return out.stdout
+        pytest.fail(f"the child process did not finish within {timeout} s (a hang)\n{_output(e.stdout, e.stderr)}")
+
+
+def describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def check_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Runs ``code`` like :func:`run_python` and fails the test, with the
+    child's output, unless it exits with status 0. Returns its stdout."""
+    r = run_python(code, env=env, timeout=timeout)
+    if r.returncode != 0:
+        pytest.fail(f"the child process failed: {describe(r.returncode)}\n{_output(r.stdout, r.stderr)}")
+    return r.stdout
+
+
+def check_scenario(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """:func:`check_python` for a scenario that checks itself with asserts:
+    also fails unless the child ran to its last line. Returns its stdout."""
+    marker = "-- scenario ran to its end --"
+    out = check_python(f"{textwrap.dedent(code)}\nprint({marker!r})\n", env=env, timeout=timeout)
+    if not out.rstrip().endswith(marker):
+        pytest.fail(f"the child exited with status 0 before the end of its scenario\n--- stdout\n{out[-5000:]}")
+    return out
+
+
+def _output(stdout: str | bytes | None, stderr: str | bytes | None) -> str:
+    def text(s: str | bytes | None) -> str:
+        return s.decode(errors="replace") if isinstance(s, bytes) else (s or "")
+
+    return f"--- stdout\n{text(stdout)[-5000:]}\n--- stderr\n{text(stderr)[-5000:]}"
+
+
+def run_script(code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+    """Runs ``code`` (dedented) with ``args`` in ``sys.argv[1:]``; returns its
+    stdout. Fails the calling test, with the child's output, when the child
+    dies from a signal (a segfault shows as SIGSEGV), exits non-zero or
+    outlives ``timeout``."""
+    child_env = {**os.environ, **(env or {})}
+    child_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                           env=child_env, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the child process did not finish within {timeout} s (a hang)\n{_output(e.stdout, e.stderr)}")
+    if r.returncode != 0:
+        pytest.fail(f"the child process failed: {describe(r.returncode)}\n{_output(r.stdout, r.stderr)}")
+    return r.stdout

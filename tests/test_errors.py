@@ -17,7 +17,7 @@ import torch
 
 from torch_vkv import KVCache, PagePool, PagedKVCache
 
-from _subprocess import run_python
+from _subprocess import run_script as run_python
 
 PAGE = 16 << 10
 

@@ -87,3 +87,18 @@ def test_bad_arguments():
         t.commit(0, 0, 0)
     with pytest.raises(TypeError, match="ints and an optional final slice"):
         t.commit(0.5)
+
+
+def test_release_keeps_the_tensor_usable_close_is_final():
+    t = VirtualKVTensor.empty((4, 1024), dtype=torch.uint8, device="cpu", page_size=4096)
+    assert not t.forked and not t.closed
+    assert t.commit(0, slice(0, 1024)) == 1
+    t.release()
+    assert t.committed_bytes() == 0
+    assert t.commit(1) == 1  # release() is not the end
+    t.close()
+    assert t.closed and t.committed_bytes() == 0 and t.pool.stats()["mapped_pages"] == 0
+    with pytest.raises(ValueError, match="closed"):
+        t.commit(0)
+    t.close()  # idempotent
+    assert repr(t).endswith("<released>)")

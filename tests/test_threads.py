@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from _subprocess import run_python
+from _subprocess import run_script as run_python
 
 WORKLOAD = r"""
 import random, sys, threading, traceback

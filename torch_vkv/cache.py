@@ -47,7 +47,6 @@ import functools
 import math
 import os
 import threading
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, TypeVar
 
@@ -59,7 +58,7 @@ from torch_vkv._ext import core
 from torch_vkv._lifetime import Unique, forked_error, track
 from torch_vkv.errors import OutOfPagesError, OutOfSlotsError
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool, resolve_device
-from torch_vkv.tensor import VirtualKVTensor
+from torch_vkv.tensor import VirtualKVTensor, VirtualKVView
 
 __all__ = ["KVCache", "LAYOUTS"]
 
@@ -222,13 +221,14 @@ class KVCache(Unique):
         B, S, H, D, L = self.max_batch_size, self.padded_seq_len, self.num_kv_heads, self.head_dim, self.num_layers
         if layout == "per_layer":
             self._buffers = [VirtualKVTensor.empty((B, S, H, D), dtype=dtype, pool=pool) for _ in range(2 * L)]
-            self._keys = [self._buffers[2 * l][:, : self.max_seq_len] for l in range(L)]
-            self._values = [self._buffers[2 * l + 1][:, : self.max_seq_len] for l in range(L)]
+            kv = [(b, b[:, : self.max_seq_len]) for b in self._buffers]
+            self._keys = [VirtualKVView.of(*kv[2 * l]) for l in range(L)]
+            self._values = [VirtualKVView.of(*kv[2 * l + 1]) for l in range(L)]
         else:
             buf = VirtualKVTensor.empty((B, S, L, 2, H, D), dtype=dtype, pool=pool)
             self._buffers = [buf]
-            self._keys = [buf[:, : self.max_seq_len, l, 0] for l in range(L)]
-            self._values = [buf[:, : self.max_seq_len, l, 1] for l in range(L)]
+            self._keys = [VirtualKVView.of(buf, buf[:, : self.max_seq_len, l, 0]) for l in range(L)]
+            self._values = [VirtualKVView.of(buf, buf[:, : self.max_seq_len, l, 1]) for l in range(L)]
         self._reservations = [b.reservation for b in self._buffers]
 
         self._free_slots: list[int] = list(range(B))  # freed order: oldest first
@@ -244,18 +244,25 @@ class KVCache(Unique):
         self._pending_pages: dict[int, int] = {}
         self._commit_calls = 0
         self._closed = False
-        # Release pages even if close() is never called.
-        self._finalizer = weakref.finalize(self, KVCache._release, self._buffers, self._committer)
+        # No finalizer: like any storage, the buffers' reservations are
+        # released when the last tensor over them dies (the cache's, or a
+        # view kept by the caller), never under a live view.
         track(self)
 
     # ------------------------------------------------------------------ views
-    def key(self, layer: int) -> torch.Tensor:
+    def key(self, layer: int) -> VirtualKVView:
         """Keys of ``layer``: ``[max_batch_size, max_seq_len, num_kv_heads, head_dim]``,
-        same address for the cache's lifetime. Only committed rows may be read."""
+        same address for the cache's lifetime, a :class:`VirtualKVView` (ops on
+        it return plain tensors; its ``repr`` reads committed rows only).
+
+        Rows past what was committed read as zeros on the host backend; on
+        CUDA reading them faults, so that is the caller's responsibility. The
+        view keeps the memory alive after the cache is dropped; after
+        :meth:`close` it reads zeros (host) or is invalid (CUDA)."""
         self._check_open()
         return self._keys[check_int("layer", layer, low=0, high=self.num_layers - 1)]
 
-    def value(self, layer: int) -> torch.Tensor:
+    def value(self, layer: int) -> VirtualKVView:
         """Values of ``layer``, shaped like :meth:`key`."""
         self._check_open()
         return self._values[check_int("layer", layer, low=0, high=self.num_layers - 1)]
@@ -514,8 +521,11 @@ class KVCache(Unique):
     # ------------------------------------------------------------- lifecycle
     @_locked
     def close(self) -> None:
-        """Releases every page and reservation. Tensors obtained from
-        :meth:`key` / :meth:`value` must not be used afterwards. Idempotent.
+        """Returns every page to the pool now. Views obtained from :meth:`key` /
+        :meth:`value` stay safe to hold and print (``<released>``): on the host
+        backend they read zeros, on CUDA reading them is invalid like freed
+        memory. The address ranges are released when the last view dies.
+        Idempotent.
 
         The pages go back to the pool; a cache that made its own pool also
         returns them to the driver, one on a shared pool leaves that to the
@@ -529,7 +539,8 @@ class KVCache(Unique):
         except Exception:
             pass
         self._closed = True
-        self._finalizer()
+        for b in self._buffers:
+            b.close()
         self._keys = self._values = []
         self._buffers = []
         self._reservations = []
@@ -567,20 +578,15 @@ class KVCache(Unique):
             shown += f", ... ({len(active) - 8} more)"
         return f"{head}, tokens_per_page={self.tokens_per_page}, rows used/committed by slot={{{shown}}})"
 
-    @staticmethod
-    def _release(buffers: list[VirtualKVTensor], committer: Any) -> None:
-        for b in buffers:
-            b.release()
-
     def _mark_forked(self) -> None:
-        # In a child after fork(): unusable, and its finalizer must not release
-        # or trim anything (the parent owns the pages). The lock may have been
-        # held by a parent thread that does not exist here: replace it.
+        # In a child after fork(): unusable. Nothing is released here (the
+        # parent owns the pages; the C++ objects refuse to touch them). The
+        # lock may have been held by a parent thread that does not exist
+        # here: replace it.
         self._forked = True
         self._closed = True
         self._lock = threading.RLock()
         self._pending_ticket = None
-        self._finalizer.detach()
 
     # -------------------------------------------------------------- internals
     def _check_open(self) -> None:

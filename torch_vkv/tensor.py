@@ -2,55 +2,74 @@
 
 Kernels see an ordinary strided tensor with a stable ``data_ptr()``; physical
 pages are committed and decommitted underneath it by ranges of its leading
-dimensions. Reading a row whose page is not committed faults (a segfault on
-the host backend, an illegal-address error on the GPU), exactly as with the
-driver, so callers commit before they read: :class:`torch_vkv.KVCache` does.
+dimensions.
 
-On CUDA the storage comes from a ``torch.cuda.MemPool`` built on torch_vkv's
-pluggable allocator (``vkv_alloc`` reserves virtual space only), so PyTorch
-owns the tensor in the ordinary way. On the CPU it wraps a host reservation
-through the buffer protocol; the tensor keeps the reservation alive.
+**Reads of rows that are not committed.** On the host backend (CPU) every page
+that is not committed reads as zeros and faults only on a write; in strict
+mode (``TORCH_VKV_DEBUG=1`` in the environment when the tensor is created)
+it faults on any access, so tests catch out-of-bounds reads. On CUDA a shared
+zero page does not scale (it costs driver memory per mapping), so such a read
+is an illegal-address fault that kills the CUDA context: **on CUDA, reading
+rows past what was committed is the caller's responsibility**
+(:class:`torch_vkv.KVCache` commits what ``reserve``/``step`` ask for, and
+its kernels read no further). What torch_vkv itself does never reads them:
+``repr``/``str`` of a :class:`VirtualKVTensor` or a :class:`VirtualKVView`
+show shape, dtype, device and committed rows, and at most the values of
+committed rows.
+
+**Lifetime.** The storage is the reservation itself, handed to PyTorch through
+DLPack: every tensor and view over it keeps the virtual range alive, as with
+any PyTorch storage, and the range (with any pages still committed) is
+released when the last of them dies. :meth:`VirtualKVTensor.close` returns the
+pages at once: afterwards views read zeros on the host backend, and on CUDA
+they are invalid like freed memory (their ``repr`` says ``<released>``
+without reading).
+
+**Copies.** Pickling, ``torch.save`` and ``copy.deepcopy`` of these tensors
+raise ``TypeError``: they would write the whole virtual range. Clone the rows
+you want (``cache.key(0)[slot, :n].clone()``); ordinary tensors pickle as usual.
+
+**fork.** In a child process an inherited tensor's committed pages are
+private copy-on-write copies (the child's writes never reach the parent), and
+every page-table operation raises ``RuntimeError`` ("create a new cache in
+the child"). CUDA itself cannot be used in a forked child (PyTorch says the
+same); use the ``spawn`` start method.
 
 Extension points for subclasses:
 
 * ``_commit_pages(first, count)`` / ``_decommit_pages(first, count, stream)``
   are the only places that touch the page table; override them to observe or
   veto commits (call ``super()``);
-* ``__torch_function__`` returns plain ``torch.Tensor`` results for every
-  operation (views included), so ``torch.compile`` and kernels only ever see
-  plain tensors; a subclass that wants its own type back must override it;
+* ``__torch_function__`` is disabled (PyTorch's
+  ``_disabled_torch_function_impl``, as ``torch.nn.Parameter`` does): every
+  operation, views included, returns a plain ``torch.Tensor`` at no cost per
+  call, so kernels and ``torch.compile`` only meet plain tensors; a subclass
+  that wants its own type back must override it;
 * metadata are plain Python attributes (``page_size``, ``reservation``, ``pool``).
 """
 
 from __future__ import annotations
 
-import functools
+import bisect
 import math
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
+import torch.utils.dlpack
 
 from torch_vkv._checks import ArgumentTypeError, fail
 from torch_vkv._ext import core
 from torch_vkv.pool import PagePool
 
-__all__ = ["VirtualKVTensor"]
+__all__ = ["VirtualKVTensor", "VirtualKVView"]
 
 
-@functools.lru_cache(maxsize=None)
-def _pluggable_allocator() -> Any:
-    """The CUDAPluggableAllocator over ``vkv_alloc``/``vkv_free`` (stateless; one per process)."""
-    from torch.cuda.memory import CUDAPluggableAllocator
-
-    return CUDAPluggableAllocator(core().__file__, "vkv_alloc", "vkv_free")
-
-
-def _new_mem_pool() -> Any:
-    alloc = _pluggable_allocator().allocator()
-    try:
-        return torch.cuda.MemPool(alloc, no_split=True)
-    except TypeError:  # older signature without no_split
-        return torch.cuda.MemPool(alloc)
+def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
+    raise TypeError(
+        f"a {type(self).__name__} lives in reserved virtual memory and cannot be pickled, saved with "
+        "torch.save or deep-copied (that would write the whole virtual range, committed or not); "
+        "clone the rows you want instead, e.g. cache.key(0)[slot, :n].clone()"
+    )
 
 
 class VirtualKVTensor(torch.Tensor):
@@ -66,7 +85,9 @@ class VirtualKVTensor(torch.Tensor):
     page_size: int
     pool: PagePool
     reservation: Any
-    _mem_pool: Any
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    __reduce_ex__ = __deepcopy__ = _refuse_copy
 
     @classmethod
     def empty(
@@ -92,49 +113,36 @@ class VirtualKVTensor(torch.Tensor):
             fail("dtype", "a torch.dtype", dtype, ArgumentTypeError)
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
-        C = core()
-        mem_pool = None
-        if pool.device.type == "cuda":
-            mem_pool = _new_mem_pool()
-            with torch.cuda.use_mem_pool(mem_pool, device=pool.device):
-                try:
-                    raw = torch.empty(nbytes, dtype=torch.uint8, device=pool.device)
-                except torch.OutOfMemoryError as e:
-                    raise RuntimeError(
-                        f"vkv_alloc could not reserve {nbytes} bytes of virtual memory: "
-                        f"{C.allocator_last_error() or e}"
-                    ) from e
-            reservation = C.Reservation.adopt(pool._pool, raw.data_ptr())
-        else:
-            reservation = C.Reservation.create(pool._pool, nbytes)
-            raw = torch.frombuffer(reservation, dtype=torch.uint8, count=nbytes)
+        reservation = core().Reservation.create(pool._pool, nbytes)
+        # The reservation is the storage: the DLPack deleter keeps it alive
+        # for as long as any tensor or view over it lives.
+        raw = torch.utils.dlpack.from_dlpack(reservation.dlpack())[:nbytes]
         data = raw.view(dtype).view(shape)
         self = torch.Tensor._make_subclass(cls, data, False)
         self.page_size = pool.page_size
         self.pool = pool
         self.reservation = reservation
-        self._mem_pool = mem_pool
         return self
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # Every operation returns plain tensors: kernels, autograd and
-        # torch.compile never meet the subclass, only its storage.
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # never reads the tensor's memory
+        head = f"VirtualKVTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
+        state = self._unusable_state()
+        if state:
+            return f"{head}, {state})"
+        return f"{head}, committed_bytes={self.committed_bytes()}, reserved_bytes={self.reservation.bytes})"
 
-    def __repr__(self, *, tensor_contents=None) -> str:  # never reads memory
-        return (
-            f"VirtualKVTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-            f"committed_bytes={self.committed_bytes()}, reserved_bytes={self.reservation.bytes})"
-        )
+    def _unusable_state(self) -> str | None:
+        if self.reservation.forked:
+            return "<inherited through fork(): unusable in this process>"
+        if self.reservation.closed:
+            return "<released>"
+        return None
 
     # -- ranges ---------------------------------------------------------------
     def byte_range(self, *index: int | slice) -> tuple[int, int]:
         """Byte offsets ``[start, stop)`` from the start of the storage that the
         leading ``index`` selects."""
-        with torch._C.DisableTorchFunctionSubclass():
-            shape, strides = tuple(self.shape), tuple(self.stride())
+        shape, strides = tuple(self.shape), tuple(self.stride())
         if len(index) > len(shape):
             fail("index", f"at most {len(shape)} leading indices", index)
         offset = 0
@@ -213,6 +221,105 @@ class VirtualKVTensor(torch.Tensor):
         return self.reservation.decommit(first, count, stream) if count else 0
 
     def release(self) -> None:
-        """Decommits every page now (waiting for pending fences). The virtual
-        range stays reserved until the tensor (and, on CUDA, its pool) dies."""
+        """Decommits every page now (waiting for pending fences, and on CUDA for
+        the device). The virtual range stays reserved until the last tensor
+        over it dies; pages can be committed again."""
         self.reservation.release_all()
+
+    def close(self) -> None:
+        """Returns every page now (as :meth:`release`) and refuses commits
+        from then on. Views stay valid Python objects: on the host backend they
+        read zeros, on CUDA they are invalid like freed memory. Idempotent."""
+        if not self.reservation.closed:
+            self.reservation.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.reservation.closed
+
+    @property
+    def forked(self) -> bool:
+        """Whether this tensor was inherited from the parent of a fork (then
+        every page-table operation raises ``RuntimeError``)."""
+        return self.reservation.forked
+
+
+class VirtualKVView(torch.nn.Parameter):
+    """A view of a :class:`VirtualKVTensor` (what ``KVCache.key(layer)`` and
+    ``KVCache.value(layer)`` return), shape ``[max_batch_size, max_seq_len,
+    num_kv_heads, head_dim]``.
+
+    It is the same strided tensor over the same memory; only three things
+    differ from a plain view. ``repr``/``str`` never read a row that is not
+    committed: they show shape, dtype, device, :meth:`committed_rows` per slot
+    and the values of committed rows of the first slots, or ``<released>``
+    after the cache was closed. Pickling, ``torch.save`` and ``copy.deepcopy``
+    raise ``TypeError`` (clone the rows wanted instead). Every operation returns
+    a plain ``torch.Tensor`` (``__torch_function__`` is disabled), so ops and
+    kernels see plain tensors at no extra cost.
+
+    It derives from ``torch.nn.Parameter`` (with ``requires_grad=False``)
+    because PyTorch treats parameters as plain tensors everywhere a custom
+    subclass is refused: ``torch.compile`` passes them to custom ops (its
+    first-call aliasing check rejects other subclasses), CUDA graphs and
+    ``torch._dynamo.mark_static_address`` take them as static inputs. One
+    consequence: assigned to an ``nn.Module`` attribute it would be registered
+    as a parameter of the module; keep cache views in plain attributes of
+    non-module objects, or store ``view.as_subclass(torch.Tensor)``.
+
+    Reading rows past the committed ones reads zeros on the host backend and
+    faults on CUDA: there it is the caller's responsibility.
+    """
+
+    source: VirtualKVTensor
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    __reduce_ex__ = __deepcopy__ = _refuse_copy
+
+    #: Slots whose committed rows ``repr`` prints.
+    REPR_SLOTS = 2
+
+    @classmethod
+    def of(cls, source: VirtualKVTensor, view: torch.Tensor) -> "VirtualKVView":
+        """Wraps ``view`` (a tensor over ``source``'s memory, at least 2-D:
+        slots, rows, ...) without copying."""
+        if not isinstance(source, VirtualKVTensor):
+            fail("source", "a VirtualKVTensor", type(source), ArgumentTypeError)
+        if view.dim() < 2 or view.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+            fail("view", "a tensor of at least 2 dimensions over the source's storage", tuple(view.shape))
+        self = torch.Tensor._make_subclass(cls, view, False)
+        self.source = source
+        return self
+
+    def committed_rows(self) -> list[int]:
+        """For each index of the first dimension (a slot), how many leading rows
+        of the second lie entirely in committed pages. Reads only the page table."""
+        esz = self.element_size()
+        sizes, strides = tuple(self.shape), tuple(self.stride())
+        offset = self.data_ptr() - self.source.reservation.base
+        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz  # bytes one row spans
+        ps = self.source.page_size
+        runs = [(f * ps, (f + n) * ps) for f, n in self.source.reservation.committed_ranges()]
+        starts = [lo for lo, _ in runs]
+        rows = []
+        for slot in range(sizes[0]):
+            start = offset + slot * strides[0] * esz
+            i = bisect.bisect_right(starts, start) - 1
+            end = runs[i][1] if i >= 0 else 0
+            fits = start + extent <= end
+            rows.append(min(sizes[1], (end - start - extent) // (strides[1] * esz) + 1) if fits else 0)
+        return rows
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # reads committed rows only
+        head = f"VirtualKVView(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
+        state = self.source._unusable_state()
+        if state:
+            return f"{head}, {state})"
+        rows = self.committed_rows()
+        lines = [f"{head}, committed_rows={rows})"]
+        filled = [(slot, n) for slot, n in enumerate(rows) if n]
+        for slot, n in filled[: self.REPR_SLOTS]:
+            lines.append(f"slot {slot}, rows [0, {n}):\n{self[slot, :n]!r}")
+        if len(filled) > self.REPR_SLOTS:
+            lines.append(f"({len(filled) - self.REPR_SLOTS} more slots with committed rows)")
+        return "\n".join(lines)

@@ -1,8 +1,7 @@
 // Standalone tests of the C++ core on the host backend: no Python, no GPU.
 //
 //   g++ -std=c++17 -fsanitize=thread -g -O1 -Icsrc csrc/tests/test_core.cpp
-//       csrc/driver.cpp csrc/host_backend.cpp csrc/cuda_backend.cpp csrc/pool.cpp
-//       csrc/committer.cpp csrc/allocator.cpp -ldl -pthread -o test_core
+//       $(ls csrc/*.cpp | grep -v bindings.cpp) -ldl -pthread -o test_core
 //   TSAN_OPTIONS=halt_on_error=1 ./test_core [--iterations N]
 //
 // Exits 0 when every check passed, 1 (after printing the failed check) when one
@@ -89,15 +88,43 @@ int g_checks = 0;
 constexpr size_t kPage = 4096;  // one OS page: keeps the tests small and fast
 constexpr uintptr_t kStream = 1;  // any non-zero "stream": host fences ignore it
 
-// Whether the byte at `addr` can be read, without touching it from user space:
-// write(2) from a PROT_NONE address fails with EFAULT instead of faulting.
-bool readable(uintptr_t addr) {
+// A pipe for probing addresses from the kernel's side: read(2) and write(2)
+// fail with EFAULT on an address they may not access instead of faulting.
+int* probe_pipe() {
   static int fds[2] = {-1, -1};
-  if (fds[0] < 0 && pipe(fds) != 0) return false;
-  ssize_t n = write(fds[1], reinterpret_cast<const void*>(addr), 1);
-  if (n != 1) return false;
+  if (fds[0] < 0 && pipe(fds) != 0) fds[0] = fds[1] = -1;
+  return fds;
+}
+
+// Whether the byte at `addr` can be read (committed, or a read-only zero page).
+bool readable(uintptr_t addr) {
+  int* fds = probe_pipe();
+  if (write(fds[1], reinterpret_cast<const void*>(addr), 1) != 1) return false;
   char c;
   return read(fds[0], &c, 1) == 1;
+}
+
+// Whether the byte at `addr` can be written: its page is committed. The byte
+// keeps its value.
+bool writable(uintptr_t addr) {
+  int* fds = probe_pipe();
+  char c = 0;
+  if (readable(addr)) c = *reinterpret_cast<volatile char*>(addr);
+  if (write(fds[1], &c, 1) != 1) return false;
+  if (read(fds[0], reinterpret_cast<void*>(addr), 1) == 1) return true;
+  if (read(fds[0], &c, 1) != 1) return false;  // drains the byte left in the pipe
+  return false;
+}
+
+// A page that is not committed reads as zeros and cannot be written (the
+// host backend's default), or cannot even be read (strict mode).
+bool reads_zero_only(const Reservation& r, size_t page) {
+  uintptr_t addr = r.base() + page * r.page_size();
+  if (!readable(addr) || writable(addr)) return false;
+  const volatile uint8_t* p = reinterpret_cast<const volatile uint8_t*>(addr);
+  for (size_t i = 0; i < r.page_size(); ++i)
+    if (p[i] != 0) return false;
+  return true;
 }
 
 uint8_t* at(const Reservation& r, size_t page, size_t offset = 0) {
@@ -128,7 +155,7 @@ int test_reserve_commit_decommit() {
   CHECK_EQ(res->bytes(), 8 * kPage);
   CHECK_EQ(res->base() % kPage, 0u);
   CHECK_EQ(res->num_committed(), 0u);
-  for (size_t p = 0; p < 8; ++p) CHECK(!readable(res->base() + p * kPage));
+  for (size_t p = 0; p < 8; ++p) CHECK(!writable(res->base() + p * kPage));
 
   // Commit a contiguous run: one map per page, one set-access for the run.
   CHECK_EQ(res->commit(2, 3), 3u);
@@ -139,7 +166,7 @@ int test_reserve_commit_decommit() {
   CHECK_EQ(s.created_pages, 3u);
   CHECK_EQ(res->num_committed(), 3u);
   CHECK(!res->is_committed(1) && res->is_committed(2) && res->is_committed(4) && !res->is_committed(5));
-  CHECK(!readable(res->base() + 1 * kPage) && readable(res->base() + 2 * kPage) && !readable(res->base() + 5 * kPage));
+  CHECK(!writable(res->base() + 1 * kPage) && writable(res->base() + 2 * kPage) && !writable(res->base() + 5 * kPage));
   for (size_t p = 2; p < 5; ++p) CHECK(holds(*res, p, 0));  // fresh pages read as zeros
   auto ranges = res->committed_ranges();
   CHECK_EQ(ranges.size(), 1u);
@@ -159,7 +186,7 @@ int test_reserve_commit_decommit() {
   // Decommit the middle: its pages go back to the pool, the rest is intact.
   CHECK_EQ(res->decommit(2, 2, std::nullopt), 2u);
   CHECK_EQ(res->decommit(2, 2, std::nullopt), 0u);
-  CHECK(!readable(res->base() + 2 * kPage) && !readable(res->base() + 3 * kPage));
+  CHECK(reads_zero_only(*res, 2) && reads_zero_only(*res, 3));
   s = pool->stats();
   CHECK_EQ(s.free_pages, 2u);
   CHECK_EQ(s.mapped_pages, 5u);
@@ -193,6 +220,49 @@ int test_reserve_commit_decommit() {
   s = pool->stats();
   CHECK_EQ(s.created_pages, 2u);
   CHECK_EQ(s.pages_destroyed_total, 5u);
+  return 0;
+}
+
+// Pages that are not committed are read-only zero pages, or PROT_NONE in
+// strict mode (TORCH_VKV_DEBUG=1 when the range is reserved); close() returns
+// the pages and refuses commits, leaving the range readable as zeros.
+int test_unbacked_pages_and_strict_mode() {
+  auto pool = make_pool(8);
+  unsetenv("TORCH_VKV_DEBUG");
+  auto res = Reservation::create(pool, 4 * kPage);
+  for (size_t p = 0; p < 4; ++p) CHECK(reads_zero_only(*res, p));
+  CHECK_EQ(res->commit(1, 2), 2u);
+  fill(*res, 1, 0x11);
+  CHECK(writable(res->base() + kPage) && holds(*res, 1, 0x11));
+  CHECK(reads_zero_only(*res, 0) && reads_zero_only(*res, 3));
+  CHECK_EQ(res->decommit(1, 1, std::nullopt), 1u);
+  CHECK(reads_zero_only(*res, 1));  // the zero mapping is back, not the old bytes
+
+  setenv("TORCH_VKV_DEBUG", "1", 1);
+  auto strict = Reservation::create(pool, 2 * kPage);
+  CHECK_EQ(res->decommit(2, 1, std::nullopt), 1u);
+  CHECK(reads_zero_only(*res, 2));  // strictness is the reservation's, fixed when it was made
+  CHECK(!readable(strict->base()) && !readable(strict->base() + kPage));
+  CHECK_EQ(strict->commit(0, 1), 1u);
+  CHECK(writable(strict->base()) && holds(*strict, 0, 0));
+  CHECK_EQ(strict->decommit(0, 1, std::nullopt), 1u);
+  CHECK(!readable(strict->base()));
+  setenv("TORCH_VKV_DEBUG", "0", 1);  // "0" is off
+  auto lax = Reservation::create(pool, kPage);
+  CHECK(reads_zero_only(*lax, 0));
+  unsetenv("TORCH_VKV_DEBUG");
+
+  CHECK_EQ(res->commit(0, 4), 4u);
+  fill(*res, 3, 0x33);
+  CHECK(!res->closed());
+  res->close();
+  CHECK(res->closed());
+  CHECK_EQ(res->num_committed(), 0u);
+  for (size_t p = 0; p < 4; ++p) CHECK(reads_zero_only(*res, p));
+  CHECK_THROWS(InvalidArgument, res->commit(0, 1));
+  CHECK_EQ(res->decommit(0, 4, std::nullopt), 0u);
+  res->close();  // again: nothing to do
+  CHECK_EQ(pool->stats().mapped_pages, 0u);
   return 0;
 }
 
@@ -266,7 +336,7 @@ int test_alias() {
   CHECK_EQ(s.free_pages, 0u);
   CHECK(holds(*b, 1, 0xB1));
   CHECK_EQ(*at(*b, 2, 123), 0x5A);
-  CHECK(!readable(a->base()));
+  CHECK(!writable(a->base()));
   CHECK_EQ(b->decommit(1, 2, std::nullopt), 2u);
   s = pool->stats();
   CHECK_EQ(s.mapped_pages, 1u);
@@ -305,7 +375,7 @@ int test_out_of_pages_changes_nothing() {
   // Nothing changed: no page of b, the same counters, a's data intact.
   PoolStats after = pool->stats();
   CHECK_EQ(b->num_committed(), 0u);
-  CHECK(!readable(b->base()) && !readable(b->base() + kPage));
+  CHECK(!writable(b->base()) && !writable(b->base() + kPage));
   CHECK_EQ(after.map_calls, before.map_calls);
   CHECK_EQ(after.created_pages, before.created_pages);
   CHECK_EQ(after.free_pages, before.free_pages);
@@ -355,7 +425,7 @@ int test_fences_keep_pages_mapped() {
   CHECK_EQ(s.unmap_calls, 0u);
   CHECK_EQ(a->num_committed(), 2u);
   CHECK(!a->is_committed(0) && !a->is_committed(1));
-  CHECK(readable(a->base()) && holds(*a, 0, 0x40) && holds(*a, 1, 0x41));
+  CHECK(writable(a->base()) && holds(*a, 0, 0x40) && holds(*a, 1, 0x41));
   pool->reap();  // the fence is still pending: nothing happens
   CHECK_EQ(pool->stats().pending_pages, 2u);
   CHECK(holds(*a, 1, 0x41));
@@ -375,7 +445,7 @@ int test_fences_keep_pages_mapped() {
   CHECK_EQ(s.mapped_pages, 3u);
   CHECK_EQ(s.free_pages, 1u);
   CHECK_EQ(s.unmap_calls, 1u);
-  CHECK(!readable(a->base()));
+  CHECK(!writable(a->base()));
   CHECK(a->is_committed(1) && holds(*a, 1, 0x41));  // the revived page stayed
 
   // A commit that needs a page held by a pending fence waits for it (the host
@@ -389,7 +459,7 @@ int test_fences_keep_pages_mapped() {
   s = pool->stats();
   CHECK_EQ(s.pending_pages, 0u);  // the whole batch was unmapped: one page went to b
   CHECK_EQ(s.free_pages, 1u);
-  CHECK(!readable(a->base() + 2 * kPage) && !readable(a->base() + 3 * kPage));
+  CHECK(!writable(a->base() + 2 * kPage) && !writable(a->base() + 3 * kPage));
   CHECK(b->is_committed(1));
 
   // A reservation destroyed with pages still pending waits for them and
@@ -453,7 +523,7 @@ int test_pending_alias_is_not_a_free_page() {
   CHECK_THROWS(OutOfPages, a->commit(1, 2));  // revives page 1, needs a page for 2
   CHECK_EQ(a->num_committed(), 0u);
   CHECK(!a->is_committed(1) && !a->is_committed(2));
-  CHECK(!readable(a->base() + kPage));
+  CHECK(!writable(a->base() + kPage));
   s = pool->stats();
   CHECK_EQ(s.pending_pages, 0u);
   CHECK_EQ(s.mapped_pages, 1u);
@@ -471,11 +541,11 @@ int test_allocator_adopt() {
   uintptr_t addr = allocator_reserve(make_host_backend(kPage), 3 * kPage - 1);
   CHECK_EQ(allocator_region_bytes(addr), 3 * kPage);
   CHECK_EQ(allocator_num_regions(), regions + 1);
-  auto res = Reservation::adopt(pool, addr);
+  auto res = allocator_adopt(pool, addr);
   CHECK_EQ(res->base(), addr);
   CHECK_EQ(res->num_pages(), 3u);
-  CHECK_THROWS(InvalidArgument, Reservation::adopt(pool, addr));        // adopted twice
-  CHECK_THROWS(InvalidArgument, Reservation::adopt(pool, addr + kPage));  // unknown address
+  CHECK_THROWS(InvalidArgument, allocator_adopt(pool, addr));        // adopted twice
+  CHECK_THROWS(InvalidArgument, allocator_adopt(pool, addr + kPage));  // unknown address
   CHECK_EQ(res->commit(0, 3), 3u);
   fill(*res, 2, 0x99);
   CHECK(holds(*res, 2, 0x99));
@@ -528,7 +598,7 @@ int test_concurrent_committer(int iterations) {
       spare->decommit(first, count, std::nullopt);
       // The allocator's table is process-wide: reserve, adopt, release.
       uintptr_t addr = allocator_reserve(make_host_backend(kPage), 2 * kPage);
-      auto adopted = Reservation::adopt(pool, addr);
+      auto adopted = allocator_adopt(pool, addr);
       adopted->commit(0, 1);
       *at(*adopted, 0, 5) = 1;
       allocator_release(addr);
@@ -653,6 +723,7 @@ int main(int argc, char** argv) {
   }
   try {
     RUN(test_reserve_commit_decommit);
+    RUN(test_unbacked_pages_and_strict_mode);
     RUN(test_pool_budget_prefill_and_shrink);
     RUN(test_alias);
     RUN(test_out_of_pages_changes_nothing);

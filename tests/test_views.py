@@ -1,0 +1,348 @@
+"""Reads of uncommitted memory, safe repr, copies refused, and views that
+outlive their cache (issue 8, items 1 and 2).
+
+Every scenario that could crash the interpreter runs in a child process
+(tests/_subprocess.py). Host backend unless marked ``cuda``.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from torch_vkv import KVCache, VirtualKVTensor
+from torch_vkv.tensor import VirtualKVView
+
+from _subprocess import check_scenario, describe, run_python
+
+# A small cache: 64 tokens per 4 KiB host page (2 heads x 8 dims x 4 bytes),
+# 4 pages per slot.
+PRELUDE = """
+import copy, gc, io, pickle
+import torch
+from torch_vkv import KVCache, VirtualKVTensor
+
+def make(layout="per_layer"):
+    return KVCache(2, 2, 8, max_batch_size=3, max_seq_len=256, dtype=torch.float32, device="cpu",
+                   page_size=4096, layout=layout)
+
+def filled(layout="per_layer"):
+    # slot 0 holds 40 random tokens in layer 0's K; slots 1 and 2 are not committed.
+    cache = make(layout)
+    slot = cache.alloc()
+    cache.reserve(slot, 40)
+    x = torch.randn(40, 2, 8)
+    cache.key(0)[slot, :40] = x
+    return cache, slot, x
+"""
+
+STRICT = {"TORCH_VKV_DEBUG": "1"}
+LAX = {"TORCH_VKV_DEBUG": ""}
+
+
+# ---------------------------------------------------------------- item 1: reads
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_repr_reads_no_uncommitted_row(layout):
+    """In strict mode any read of an uncommitted row is a SIGSEGV, so a child
+    that prints every tensor we hand out and exits 0 proves repr reads none."""
+    out = check_scenario(
+        PRELUDE
+        + f"""
+cache, slot, x = filled({layout!r})
+k = cache.key(0)
+for t in (k, cache.value(0), cache.key(1), cache._buffers[0]):
+    print(t)
+    print(str(t), f"{{t}}", repr(t))
+print("rows", k.committed_rows())
+""",
+        env=STRICT,
+    )
+    assert "VirtualKVView(shape=(3, 256, 2, 8), dtype=torch.float32, device=cpu" in out
+    assert "slot 0, rows [0, " in out and "VirtualKVTensor(" in out
+    if layout == "per_layer":
+        assert "rows [64, 0, 0]" in out  # 40 tokens round up to one 64-token page
+
+
+def test_strict_mode_faults_on_an_uncommitted_read():
+    r = run_python(PRELUDE + "cache, slot, x = filled()\nprint(float(cache.key(0)[slot + 1].sum()))", env=STRICT)
+    assert r.returncode == -signal.SIGSEGV, f"expected SIGSEGV in strict mode, got {describe(r.returncode)}\n{r.stderr}"
+
+
+def test_uncommitted_rows_read_zeros_by_default():
+    check_scenario(
+        PRELUDE
+        + """
+cache, slot, x = filled()
+k = cache.key(0)
+ref = x.double().sum()
+assert torch.equal(k[slot, :40], x)
+assert float((k.double().sum() - ref).abs()) < 1e-9, (k.sum(), ref)  # every other row reads 0
+assert torch.count_nonzero(k[slot + 1]) == 0 and torch.count_nonzero(cache.value(1)) == 0
+print(k)
+""",
+        env=LAX,
+    )
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_committed_rows_follow_the_page_table(layout):
+    cache = KVCache(3, 2, 8, max_batch_size=3, max_seq_len=300, dtype=torch.float32, device="cpu",
+                    page_size=4096, layout=layout)
+    with cache:
+        a, b = cache.alloc(), cache.alloc()
+        cache.reserve(a, 100)
+        cache.reserve(b, 7)
+        for layer in range(3):
+            for view in (cache.key(layer), cache.value(layer)):
+                rows = view.committed_rows()
+                assert rows[2] == 0
+                for slot in (a, b):
+                    t = cache.committed_tokens(slot)
+                    # interleaved: a layer's part of the first token past the
+                    # committed ones may still lie inside the last page
+                    assert t <= rows[slot] <= t + (layout == "interleaved"), (layer, slot, rows, t)
+
+
+# ------------------------------------------------------------ item 2: copies
+def test_pickle_save_and_deepcopy_refuse_with_a_hint():
+    check_scenario(
+        PRELUDE
+        + """
+cache, slot, x = filled()
+for t in (cache.key(0), cache.value(1), cache._buffers[0]):
+    for what, fn in [("pickle", pickle.dumps), ("deepcopy", copy.deepcopy), ("copy", copy.copy)]:
+        try:
+            fn(t)
+        except TypeError as e:
+            assert "clone" in str(e) and "cache.key(0)[slot, :n].clone()" in str(e), str(e)
+        else:
+            raise AssertionError(f"{what} of {type(t).__name__} did not raise")
+    buf = io.BytesIO()
+    try:
+        torch.save(t, buf)
+    except TypeError as e:
+        assert "clone" in str(e)
+    else:
+        raise AssertionError("torch.save did not raise")
+    assert buf.tell() < 4096, buf.tell()  # nothing like the virtual range was written
+# what the message suggests works
+rows = pickle.loads(pickle.dumps(cache.key(0)[slot, :40].clone()))
+assert torch.equal(rows, x)
+""",
+        env=LAX,
+    )
+
+
+# --------------------------------------------------------- item 2: lifetimes
+def test_view_outlives_a_dropped_cache():
+    """Dropping the cache releases nothing under a live view; each buffer's
+    pages go when its last view dies."""
+    check_scenario(
+        PRELUDE
+        + """
+cache, slot, x = filled()
+pool = cache.pool
+k, v = cache.key(0), cache.value(1)
+mapped = pool.stats()["mapped_pages"]
+assert mapped == 4, mapped   # one page per buffer (2 layers x K, V)
+del cache
+gc.collect()
+assert pool.stats()["mapped_pages"] == 2        # the pages under k and v stay; the other buffers' go
+assert torch.equal(k[slot, :40], x)              # read
+y = torch.randn(40, 2, 8)
+k[slot, :40] = y                                 # write
+v[slot, :5] = 1.0
+assert torch.equal(k[slot, :40], y) and float(v[slot, :5].sum()) == 80.0
+print(k)                                         # print
+print(float(k.sum()))
+del k
+gc.collect()
+assert pool.stats()["mapped_pages"] == 1         # v keeps its own buffer's page
+del v
+gc.collect()
+s = pool.stats()
+assert s["mapped_pages"] == 0 and s["free_pages"] == s["created_pages"], s
+""",
+        env=LAX,
+    )
+
+
+def test_view_after_close_reads_zeros_and_says_released():
+    check_scenario(
+        PRELUDE
+        + """
+cache, slot, x = filled()
+pool = cache.pool
+k = cache.key(0)
+buf = k.source
+assert "<released>" not in repr(k) and "<released>" not in repr(buf)
+cache.close()
+assert pool.stats()["mapped_pages"] == 0      # close() returns the pages at once
+assert repr(k).endswith("<released>)") and repr(buf).endswith("<released>)"), (repr(k), repr(buf))
+print(k, buf)
+assert float(k.sum()) == 0.0 and torch.count_nonzero(k[slot, :40]) == 0   # stale views read zeros
+try:
+    buf.commit(0)
+except ValueError as e:
+    assert "closed" in str(e)
+else:
+    raise AssertionError("commit after close did not raise")
+""",
+        env=LAX,
+    )
+
+
+def test_virtual_tensor_repr_after_release():
+    check_scenario(
+        """
+import torch
+from torch_vkv import VirtualKVTensor
+t = VirtualKVTensor.empty((4, 1024), dtype=torch.uint8, device="cpu", page_size=4096)
+t.commit(1)
+t[1] = 7
+assert "committed_bytes=4096" in repr(t)
+t.release()
+assert "committed_bytes=0" in repr(t) and int(t.sum()) == 0
+t.commit(2)   # release() keeps the tensor usable
+t.close()
+assert t.closed and repr(t).endswith("<released>)"), repr(t)
+print(t)
+""",
+        env=LAX,
+    )
+
+
+# ------------------------------------------------- the view type itself
+def test_views_are_plain_for_ops_compile_and_static_addresses():
+    with KVCache(2, 2, 8, max_batch_size=2, max_seq_len=128, dtype=torch.float32, device="cpu",
+                 page_size=4096) as cache:
+        slots = [cache.alloc(), cache.alloc()]
+        for slot in slots:
+            cache.reserve(slot, 64)
+        k = cache.key(1)
+        assert type(k) is VirtualKVView and isinstance(k, torch.Tensor)
+        assert k.data_ptr() == cache._buffers[2].data_ptr() and k.stride() == cache._buffers[2][:, :128].stride()
+        for out in (k[0], k + 1, k.sum(), k[:, :4].reshape(-1), torch.nn.functional.relu(k[0]), k.narrow(1, 0, 3)):
+            assert type(out) is torch.Tensor
+        torch._dynamo.mark_static_address(k)
+
+        @torch.compile(fullgraph=True)
+        def append_and_score(cache_k, x, pos, q):
+            cache_k[:, pos] = x
+            return (cache_k[:, : pos + 1] * q).sum(dim=(-1, -2))
+
+        k[:, :10] = torch.randn(2, 10, 2, 8)
+        x, q = torch.randn(2, 2, 8), torch.randn(2, 8)
+        rows = k[:, :10].clone()
+        rows[:, 9] = x
+        ref = (rows.double() * q.double()).sum(dim=(-1, -2))
+        out = append_and_score(k, x, 9, q)
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)  # float32 against a float64 reference
+        assert torch.equal(k[:, 9], x)
+
+
+def test_views_pass_custom_ops_in_compiled_graphs():
+    """torch.compile's first call checks custom ops' inputs and refuses tensor
+    subclasses other than parameters: the views must get through."""
+
+    @torch.library.custom_op("torch_vkv_test::write_row", mutates_args=("k",))
+    def write_row(k: torch.Tensor, x: torch.Tensor, pos: int) -> None:
+        k[:, pos].copy_(x)
+
+    @write_row.register_fake
+    def _(k, x, pos):
+        return None
+
+    with KVCache(1, 2, 8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu",
+                 page_size=4096) as cache:
+        for slot in (cache.alloc(), cache.alloc()):
+            cache.reserve(slot, 64)
+        k = cache.key(0)
+        assert isinstance(k, torch.nn.Parameter) and not k.requires_grad
+
+        @torch.compile(fullgraph=True)
+        def step(k, x, pos):
+            write_row(k, x, pos)
+            return k[:, : pos + 1].sum(dim=(1, 2, 3))
+
+        x = torch.randn(2, 2, 8)
+        out = step(k, x, 3)
+        assert torch.equal(k[:, 3], x)
+        torch.testing.assert_close(out.double(), k[:, :4].double().sum(dim=(1, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
+def test_view_of_checks_its_arguments():
+    t = VirtualKVTensor.empty((2, 64, 4), dtype=torch.float32, device="cpu", page_size=4096)
+    with pytest.raises(TypeError, match="source: expected a VirtualKVTensor"):
+        VirtualKVView.of(torch.zeros(2, 2), t)
+    with pytest.raises(ValueError, match="over the source's storage"):
+        VirtualKVView.of(t, torch.zeros(2, 64, 4))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        VirtualKVView.of(t, t[0, 0])
+
+
+# ------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+def test_cuda_repr_reads_no_uncommitted_row_and_context_stays_healthy():
+    """Printing every tensor we hand out on CUDA, before and after close(),
+    reads no uncommitted row: the CUDA context is healthy afterwards."""
+    check_scenario(
+        """
+import gc, torch
+from torch_vkv import KVCache
+for layout in ("per_layer", "interleaved"):
+    cache = KVCache(2, 8, 128, max_batch_size=4, max_seq_len=4096, dtype=torch.bfloat16, device="cuda",
+                    layout=layout)
+    slot = cache.alloc()
+    cache.reserve(slot, 100)
+    cache.key(0)[slot, :100] = 1.0
+    k = cache.key(0)
+    for t in (k, cache.value(1), cache._buffers[0]):
+        print(t)
+        print(str(t), f"{t}")
+    rows = k.committed_rows()
+    assert rows[slot] >= 100 and all(r == 0 for s, r in enumerate(rows) if s != slot), rows
+    cache.close()
+    assert repr(k).endswith("<released>)"), repr(k)
+    print(k, k.source)
+    del cache, k
+    gc.collect()
+torch.cuda.synchronize()
+x = torch.randn(1024, 1024, device="cuda")
+assert torch.isfinite((x @ x).sum()).item()
+torch.cuda.synchronize()
+""",
+        timeout=300,
+    )
+
+
+@pytest.mark.cuda
+def test_cuda_view_outlives_a_dropped_cache():
+    check_scenario(
+        """
+import gc, torch
+from torch_vkv import KVCache
+cache = KVCache(2, 8, 128, max_batch_size=2, max_seq_len=4096, dtype=torch.float16, device="cuda")
+slot = cache.alloc()
+cache.reserve(slot, 100)
+x = torch.randn(100, 8, 128, device="cuda", dtype=torch.float16)
+cache.key(0)[slot, :100] = x
+k = cache.key(0)
+del cache
+gc.collect()
+torch.cuda.synchronize()
+assert torch.equal(k[slot, :100], x)
+k[slot, :100] = 2 * x
+assert torch.equal(k[slot, :100], 2 * x)
+print(k)
+del k
+gc.collect()
+torch.cuda.synchronize()
+y = torch.randn(256, 256, device="cuda")
+assert torch.isfinite(y.sum()).item()
+""",
+        timeout=300,
+    )
