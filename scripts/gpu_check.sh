@@ -28,7 +28,9 @@ run() {  # run NAME CMD...: log to $FINAL/NAME.log, remember failures
   [ $rc -eq 0 ] || status=1
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$FINAL/gpu.txt"
-run build python setup.py build_ext --inplace
+# An (editable) install, not build_ext --inplace: it also maps triton_kernels/ to
+# torch_vkv.triton_kernels (setup.py package_dir), which has no other loader.
+run build python -m pip install --no-deps --no-build-isolation -e .
 run info python -m torch_vkv info
 run tests_gpu python -m pytest -q -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch_vkv.bench.report import write_report
+from torch_vkv.bench.report import plot_kernels, write_report
 from torch_vkv.bench.timing import time_us
 
 __all__ = ["main"]
@@ -480,7 +480,7 @@ def _tune_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
     return rows
 
 
-# ----------------------------------------------------------------------------- summary, plots
+# ----------------------------------------------------------------------------- summary
 
 
 def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
@@ -511,58 +511,6 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
         lines.append("- Same kernel, virtual / cudaMalloc time: " + ", ".join(
             f"{r['backend']} B={r['batch']} S={r['context']}: {r['ratio_vm_malloc']:.3f}" for r in vm) + " (target 1.00; prefill within 2%).")  # fmt: skip
     return "\n".join(lines)
-
-
-def _plots(rows: list, out_dir, log) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        log("matplotlib not importable: no plots")
-        return
-    from pathlib import Path
-    import os
-
-    out = Path(out_dir or os.environ.get("TORCH_VKV_BENCH_DIR", "bench_out"))
-    dec = [r for r in rows if r["section"] == "decode" and r.get("us")]
-    for model in sorted({r["model"] for r in dec}):
-        ctxs = sorted({r["context"] for r in dec if r["model"] == model})
-        fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
-        # One colour per variant across every panel, so panels read alike.
-        variants = sorted({(r["backend"], r["block"]) for r in dec if r["model"] == model}, key=str)
-        colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
-        for ax, S in zip(axes[0], ctxs):
-            sel = [r for r in dec if r["model"] == model and r["context"] == S]
-            for name in sorted({(r["backend"], r["block"]) for r in sel}, key=str):
-                pts = sorted((r["batch"], r["pct_copy"]) for r in sel if (r["backend"], r["block"]) == name)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour[name],
-                        label=name[0] + (f"/{name[1]}" if name[1] else ""))  # fmt: skip
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{model} decode, context {S}")
-            ax.set_xlabel("batch")
-            ax.set_ylabel("% of copy bandwidth")
-            ax.axhline(80, color="gray", ls="--", lw=0.8)
-        for ax in axes[0]:
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / f"kernels_decode_{model}.png", dpi=120)
-        plt.close(fig)
-    pre = [r for r in rows if r["section"] == "prefill" and r.get("us")]
-    if pre:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in sorted({(r["model"], r["backend"], r["block"]) for r in pre}, key=str):
-            pts = sorted((r["context"], r["tflop_s"]) for r in pre if (r["model"], r["backend"], r["block"]) == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{name[0]} {name[1]}" + (f"/{name[2]}" if name[2] else ""))  # fmt: skip
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (batch 1, causal)")
-        ax.set_ylabel("TFLOP/s")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "kernels_prefill.png", dpi=120)
-        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -601,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)
     write_report("kernels", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
     if cfg.plots:
-        _plots(rows, args.out, log)
+        plot_kernels(rows, args.out, log)
     return 0
 
 
