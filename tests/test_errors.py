@@ -173,3 +173,13 @@ def test_bad_constructor_arguments():
         PagePool("cpu", page_size=PAGE, prefill_bytes=-5)
     with pytest.raises(TypeError, match="max_bytes: expected an int, got 1.5"):
         PagePool("cpu", page_size=PAGE, max_bytes=1.5)
+
+
+def test_cuda_in_a_child_forked_after_cuda_init_is_a_runtime_error(monkeypatch):
+    """torch's rule, said by us before anything touches CUDA (the real fork runs in test_fork on a GPU)."""
+    from torch_vkv.pool import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(RuntimeError, match=r"CUDA cannot be used in a forked child.*got 'cuda:1'"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -40,15 +40,22 @@ def resolve_device(device: Any) -> torch.device:
     ``None`` -> the current CUDA device if CUDA is available, else the CPU;
     ``"cuda"`` -> the current CUDA device. A CUDA device on a machine (or a
     torch build) without CUDA, or an index past the last GPU, is a
-    ``ValueError`` (checked without initialising CUDA when none is available).
+    ``ValueError`` (checked without initialising CUDA when none is available);
+    CUDA in a child forked after CUDA was initialised is a ``RuntimeError``,
+    as torch's own.
     """
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         fail("device", "a torch.device, 'cpu' or 'cuda[:N]'", device)
     if device.type == "cuda":
+        if getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
+            raise RuntimeError(
+                f"device: expected 'cpu' in a process forked after CUDA was initialised (CUDA cannot be used in a "
+                f"forked child, as torch says; start workers with the 'spawn' method), got {str(device)!r}"
+            )
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
             fail("device", f"'cpu' ({why})", str(device))
