@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 import torch_vkv.hf as vkv_hf  # noqa: E402
+import torch_vkv.hf.attention as vkv_attn  # noqa: E402
 from torch_vkv.hf import VirtualKVCache  # noqa: E402
 
 PAGE = 4096  # host page: 32 tokens of one layer's K (2 heads x 16 dims x fp32)
@@ -217,7 +218,7 @@ def test_left_padding_squeezed_in_vkv_mode():
     ids, mask = prompts(3)
     cache = vcache(model, 3)
     generate(model, ids, mask, cache, max_new_tokens=4)
-    rows = cache.layers[0].cache_seqlens[:3].tolist()
+    rows = cache.lengths.rows()
     real = mask.sum(1).tolist()
     assert rows == [r + 3 for r in real]  # pads never stored: only real tokens
     assert cache.get_seq_length() == ids.shape[1] + 3  # the DynamicCache count
@@ -283,7 +284,7 @@ def test_memory_within_page_rounding(impl):
     cache = vcache(model, 3, max_len=256)
     generate(model, ids, mask, cache, max_new_tokens=40)
     stats = cache.memory_stats()
-    rows = cache.layers[0].cache_seqlens[:3].tolist() if impl == "vkv" else [cache.get_seq_length()] * 3
+    rows = cache.lengths.rows() if impl == "vkv" else [cache.get_seq_length()] * 3
     assert stats["committed_bytes"] == _expected_committed(cache, rows, ahead=1)
     kv = cache.kv_cache
     dynamic = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in ref_cache.layers)
@@ -348,7 +349,7 @@ def test_generate_compiled_settles_lengths_without_syncs(batch):
     cache = vcache(model, batch)
     out = generate(model, ids, mask, cache, max_new_tokens=40, compile_config=cc)
     assert torch.equal(out, ref)
-    rows = cache.layers[0].cache_seqlens[:batch].tolist()
+    rows = cache.lengths.rows()
     assert cache.get_seq_length() == ids.shape[1] + 39
     assert cache.memory_stats()["tokens"] == sum(rows)
     assert cache.memory_stats()["committed_bytes"] == _expected_committed(cache, rows, ahead=1)
@@ -650,7 +651,7 @@ def test_cuda_graph_break_inside_vkv_attention_is_safe(monkeypatch):
     ids = torch.randint(3, 256, (2, 1000), device="cuda")
     cache = VirtualKVCache(model.config, 2, 4096)  # 4 pages per row reserved; 1 committed at first
     ref_cache = VirtualKVCache(model.config, 2, 4096)
-    real_attend = vkv_hf._attend
+    real_attend = vkv_attn._attend
 
     def attend_with_break(*args, **kwargs):
         torch._dynamo.graph_break()
@@ -661,7 +662,7 @@ def test_cuda_graph_break_inside_vkv_attention_is_safe(monkeypatch):
         model(ids, past_key_values=ref_cache)
         torch._dynamo.reset()
         counters.clear()
-        monkeypatch.setattr(vkv_hf, "_attend", attend_with_break)
+        monkeypatch.setattr(vkv_attn, "_attend", attend_with_break)
         step = torch.compile(model.forward, mode="reduce-overhead")
         for i in range(40):  # crosses token 1024
             pos = torch.full((2, 1), 1000 + i, device="cuda")
@@ -685,7 +686,7 @@ def test_interleaved_layout(impl):
     cache = vcache(model, 3, layout="interleaved")
     assert torch.equal(generate(model, ids, mask, cache, max_new_tokens=20), ref)
     kv = cache.kv_cache
-    rows = cache.layers[0].cache_seqlens[:3].tolist() if impl == "vkv" else [cache.get_seq_length()] * 3
+    rows = cache.lengths.rows() if impl == "vkv" else [cache.get_seq_length()] * 3
     pages = sum(math.ceil((n + 1) * kv.bytes_per_token_buffer / kv.page_size) for n in rows)  # + prefetch
     assert cache.memory_stats()["committed_bytes"] == pages * kv.page_size
 
