@@ -28,7 +28,6 @@ net for loops that forget it is :mod:`torch_vkv.hf.commit_op`.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -38,27 +37,14 @@ from torch_vkv._checks import ArgumentTypeError, check_int, fail
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.hf import commit_op
 from torch_vkv.hf.compat import model_shape, text_config
-from torch_vkv.hf.layer import VirtualKVLayer
-from torch_vkv.hf.lengths import SequenceLengths, padding_counts
+from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
+from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
 
 from transformers.cache_utils import Cache
 
 __all__ = ["VirtualKVCache"]
 
 ATTN_NAME = "vkv"
-
-
-@dataclass(frozen=True)
-class _Step:
-    """The eager step in progress, fixed by the first layer's update."""
-
-    batch: int
-    num_tokens: int
-    padded: bool  # padded mode: rows hold what DynamicCache holds
-    start: int  # padded mode: where the new tokens go
-    real_index: Optional[torch.Tensor] = None  # vkv + left padding: int64 [total_real], flat [B * S] index
-    cu_seqlens_q: Optional[torch.Tensor] = None  # vkv: int32 [B + 1] (None: decode, one token a row)
-    max_seqlen_q: int = 1
 
 
 def _check_device(device: Any) -> Optional[torch.device]:
@@ -152,7 +138,7 @@ class VirtualKVCache(Cache):
         self._layout = layout
         self._lengths: Optional[SequenceLengths] = None
         self._mode: Optional[str] = None  # None until the first update: "padded" or "vkv"
-        self._step: Optional[_Step] = None
+        self._step: Optional[StepPlan] = None
         self._pending_padding: Optional[torch.Tensor] = None  # [B, S] bool from the "vkv" mask function
         self._handle = commit_op.register_cache(self)
         self._ref = weakref.ref(self)
@@ -251,28 +237,12 @@ class VirtualKVCache(Cache):
             for i in range(self._max_batch_size):
                 slot = kv.alloc()
                 assert slot == i, (slot, i)
-            base = self._interleaved_base(kv) if kv.layout == "interleaved" else None
+            base = interleaved_base(kv) if kv.layout == "interleaved" else None
             self._lengths = SequenceLengths(self._max_batch_size, kv.device)
             self._lengths.seq_length_t._vkv_cache = self._ref  # how vkv_mask finds this cache
         self._kv = kv
         for layer in self.layers:
             layer._bind(kv.key(layer.layer_idx), kv.value(layer.layer_idx), base)
-
-    @staticmethod
-    def _interleaved_base(kv: KVCache) -> torch.Tensor:
-        """One plain view ``[max_B, max_seq_len, L, 2, H, D]`` over the interleaved
-        buffer, the single K/V input of compiled steps (see ``VirtualKVLayer._bind``)."""
-        k0 = kv.key(0)
-        H, D = kv.num_kv_heads, kv.head_dim
-        size = (kv.max_batch_size, kv.max_seq_len, kv.num_layers, 2, H, D)
-        stride = (k0.stride(0), k0.stride(1), 2 * k0.stride(2) * H, k0.stride(2) * H, k0.stride(2), 1)
-        base = k0.as_strided(size, stride, k0.storage_offset())
-        for l in range(kv.num_layers):  # the layout KVCache documents; a change must not pass silently
-            for j, view in enumerate((kv.key(l), kv.value(l))):
-                mine = base[:, :, l, j]
-                if mine.data_ptr() != view.data_ptr() or mine.stride() != view.stride() or mine.shape != view.shape:
-                    raise RuntimeError(f"KVCache interleaved layout is not [B, S, L, 2, H, D] (layer {l}, part {j})")
-        return base
 
     def _ensure_kv(self, key_states: torch.Tensor) -> None:
         if self._kv is None:
@@ -313,7 +283,7 @@ class VirtualKVCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     # -- steps -------------------------------------------------------------------------------
-    def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> _Step:
+    def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
         """The step ``key_states`` belongs to. Layer 0 begins it: fixes mode and
         batch on the first step, settles the lengths, plans the padding squeeze,
         commits, counts the tokens. Other layers join it."""
@@ -351,20 +321,8 @@ class VirtualKVCache(Cache):
             fail("tokens in the cache", f"at most max_cache_len={self._max_cache_len}", max(seq + S, *new_rows))
         self._commit(new_rows, prefetch=True)  # OutOfPagesError: nothing changed
         lengths.advance(counts, S)
-        dev = key_states.device
-        if self._mode == "padded":
-            step = _Step(B, S, padded=True, start=seq)
-        elif real is not None:
-            flat = mask.reshape(-1).nonzero().flatten()
-            cu = torch.zeros(B + 1, dtype=torch.int32)
-            cu[1:] = torch.tensor(real, dtype=torch.int32).cumsum(0)
-            step = _Step(B, S, False, seq, real_index=flat.to(dev), cu_seqlens_q=cu.to(dev),
-                         max_seqlen_q=max(max(real), 1))  # fmt: skip
-        elif S > 1:
-            step = _Step(B, S, False, seq, cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32, device=dev) * S,
-                         max_seqlen_q=S)  # fmt: skip
-        else:
-            step = _Step(B, S, False, seq)
+        step = StepPlan.build(B, S, seq, padded=self._mode == "padded", mask=mask, real=real,
+                              device=key_states.device)  # fmt: skip
         self._step = step
         return step
 

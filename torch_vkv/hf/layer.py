@@ -20,9 +20,26 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("torch_vkv.hf needs transformers >= 5.0 (pip install 'transformers>=5')") from e
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch_vkv.cache import KVCache
     from torch_vkv.hf.cache import VirtualKVCache
 
-__all__ = ["VirtualKVLayer"]
+__all__ = ["VirtualKVLayer", "interleaved_base"]
+
+
+def interleaved_base(kv: "KVCache") -> torch.Tensor:
+    """One plain view ``[max_B, max_seq_len, L, 2, H, D]`` over the interleaved
+    buffer, the single K/V input of compiled steps (see ``VirtualKVLayer._bind``)."""
+    k0 = kv.key(0)
+    H, D = kv.num_kv_heads, kv.head_dim
+    size = (kv.max_batch_size, kv.max_seq_len, kv.num_layers, 2, H, D)
+    stride = (k0.stride(0), k0.stride(1), 2 * k0.stride(2) * H, k0.stride(2) * H, k0.stride(2), 1)
+    base = k0.as_strided(size, stride, k0.storage_offset())
+    for l in range(kv.num_layers):  # the layout KVCache documents; a change must not pass silently
+        for j, view in enumerate((kv.key(l), kv.value(l))):
+            mine = base[:, :, l, j]
+            if mine.data_ptr() != view.data_ptr() or mine.stride() != view.stride() or mine.shape != view.shape:
+                raise RuntimeError(f"KVCache interleaved layout is not [B, S, L, 2, H, D] (layer {l}, part {j})")
+    return base
 
 
 class VirtualKVLayer(CacheLayerMixin):

@@ -20,11 +20,12 @@ function ask this object.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["SequenceLengths"]
+__all__ = ["SequenceLengths", "StepPlan"]
 
 
 class SequenceLengths:
@@ -165,6 +166,35 @@ class SequenceLengths:
 
     def __repr__(self) -> str:
         return f"SequenceLengths(rows={self._rows}, seq_length={self._seq_length}, announced={self._announced})"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The eager step in progress, fixed by the cache in the first layer's update;
+    the other layers and the attention read it."""
+
+    batch: int
+    num_tokens: int
+    padded: bool  # padded mode: rows hold what DynamicCache holds
+    start: int  # padded mode: where the new tokens go
+    real_index: Optional[torch.Tensor] = None  # vkv + left padding: int64 [total_real], flat [B * S] index
+    cu_seqlens_q: Optional[torch.Tensor] = None  # vkv: int32 [B + 1] (None: decode, one token a row)
+    max_seqlen_q: int = 1
+
+    @staticmethod
+    def build(batch: int, num_tokens: int, start: int, *, padded: bool, mask: Optional[torch.Tensor],
+              real: Optional[list[int]], device: torch.device) -> "StepPlan":  # fmt: skip
+        """``real``: real tokens per row from :func:`padding_counts` (``None``: all)."""
+        B, S = batch, num_tokens
+        if padded or (S == 1 and real is None):
+            return StepPlan(B, S, padded, start)
+        if real is None:
+            cu = torch.arange(B + 1, dtype=torch.int32, device=device) * S
+            return StepPlan(B, S, False, start, cu_seqlens_q=cu, max_seqlen_q=S)
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(real, dtype=torch.int32).cumsum(0)
+        index = mask.reshape(-1).nonzero().flatten().to(device)
+        return StepPlan(B, S, False, start, real_index=index, cu_seqlens_q=cu.to(device), max_seqlen_q=max(max(real), 1))
 
 
 def padding_counts(mask: Optional[torch.Tensor], batch: int, num_tokens: int) -> Optional[list[int]]:
