@@ -4,7 +4,6 @@ boundaries and every commit path runs), and the GPU comparison rules."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
