@@ -77,7 +77,9 @@ def test_compiled_step_mutates_only_static_inputs(layout):
 
     def inner(gm, example_inputs, **kwargs):
         out = cfx.compile_fx_inner(gm, example_inputs, **kwargs)
-        seen.append((set(out.mutated_input_idxs), set(kwargs.get("static_input_idxs") or ())))
+        kv_inputs = {i for i, t in enumerate(example_inputs)
+                     if isinstance(t, torch.Tensor) and tuple(t.shape) in kv_shapes}  # fmt: skip
+        seen.append((set(out.mutated_input_idxs), set(kwargs.get("static_input_idxs") or ()), kv_inputs))
         return out
 
     torch._dynamo.reset()
@@ -85,15 +87,20 @@ def test_compiled_step_mutates_only_static_inputs(layout):
                          backend=lambda gm, ex: cfx.compile_fx(gm, ex, inner_compile=inner))  # fmt: skip
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         tok = model(ids, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        kv = cache.kv_cache  # inputs over the virtual K/V, by shape (the inputs are fake tensors here)
+        B, S, H, D = kv.key(0).shape
+        kv_shapes = {(B, S, H, D), (B, H, S, D), (B, S, kv.num_layers, 2, H, D)}
         for i in range(3):
             cache.prepare_step(1)
             tok = step(tok, **forward_kwargs(model, cache), position_ids=torch.full((2, 1), 5 + i)).logits
             tok = tok[:, -1:].argmax(-1)
     assert len(seen) == 1
-    mutated, static = seen[0]
+    mutated, static, kv_inputs = seen[0]
     # K/V (2 per layer, or the one interleaved buffer), cache_seqlens, seq_length_t
     assert len(mutated) == (2 * 2 + 2 if layout == "per_layer" else 1 + 2), mutated
     assert mutated <= static, f"mutated inputs {sorted(mutated)} not all static {sorted(static)}"
+    # Any input over the virtual K/V is static (a non-static one is copied whole before each replay).
+    assert len(kv_inputs) == (4 if layout == "per_layer" else 1) and kv_inputs <= static, (kv_inputs, static)
     assert cache.get_seq_length() == 8
 
 

@@ -448,7 +448,7 @@ class VirtualKVCache(Cache):
         """Position of the first new query. With ``"vkv"``, a 0-d device tensor
         (as ``StaticCache`` does) or, before the first step, an int; both tell
         :func:`~torch_vkv.hf.vkv_mask` which cache it serves."""
-        if self._planned_mode() != "vkv":
+        if self._planned_mode() != "vkv" or (self._mode is None and torch.compiler.is_compiling()):
             return self.get_seq_length()
         if self._mode == "vkv":
             return self._lengths.seq_length_t

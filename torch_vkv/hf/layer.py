@@ -98,7 +98,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self._v_full = v.transpose(1, 2)
         self._k_full._vkv_layer = self
         self._v_full._vkv_layer = self
-        for t in (k, v) if base is None else (base,):
+        for t in ((k, v) if base is None else (base,)) + (self._k_full, self._v_full):
             torch._dynamo.mark_static_address(t)
 
     def _unbind(self) -> None:
