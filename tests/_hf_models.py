@@ -10,8 +10,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import DynamicCache  # noqa: E402
-
 from torch_vkv.hf import VirtualKVCache, forward_kwargs, generate_kwargs  # noqa: E402
 
 PAGE = 4096  # host page: 32 tokens of one layer's K (2 heads x 16 dims x fp32)

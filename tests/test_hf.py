@@ -16,13 +16,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 import torch_vkv.hf as vkv_hf  # noqa: E402
-import torch_vkv.hf.attention as vkv_attn  # noqa: E402
-from torch_vkv.hf import VirtualKVCache, forward_kwargs, generate_kwargs  # noqa: E402
+from torch_vkv.hf import forward_kwargs  # noqa: E402
 
 from _hf_models import (  # noqa: E402
-    FAMILIES, IMPLS, PAGE, TOL, _assert_greedy_equivalent, _close, _expected_committed, _generate_logits, _loop,
-    _page_crossing_model, _ref_model, _step, generate, prompts, tiny_config, tiny_model, vcache,
-)  # fmt: skip
+    FAMILIES, IMPLS, _expected_committed, _loop, _step, generate, prompts, tiny_model, vcache,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -209,7 +207,8 @@ def test_prefetch_next_page(prefetch, hook):
         for n in range(ids.shape[1] + 1, per_page + 2):
             if hook == "prepare_step":
                 cache.prepare_step(1)
-            tok = model(tok, **forward_kwargs(model, cache), position_ids=torch.full((2, 1), n - 1)).logits[:, -1:].argmax(-1)
+            pos = torch.full((2, 1), n - 1)
+            tok = model(tok, **forward_kwargs(model, cache), position_ids=pos).logits[:, -1:].argmax(-1)
             kv.synchronize()
             backed = kv.committed_tokens(0)
             if n < per_page:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,14 +9,13 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache  # noqa: E402
 
-import torch_vkv.hf as vkv_hf  # noqa: E402
 import torch_vkv.hf.attention as vkv_attn  # noqa: E402
-from torch_vkv.hf import VirtualKVCache, forward_kwargs, generate_kwargs  # noqa: E402
+from torch_vkv.hf import VirtualKVCache, forward_kwargs  # noqa: E402
 
 from _hf_models import (  # noqa: E402
-    FAMILIES, IMPLS, PAGE, TOL, _assert_greedy_equivalent, _close, _expected_committed, _generate_logits, _loop,
-    _page_crossing_model, _ref_model, _step, generate, prompts, tiny_config, tiny_model, vcache,
-)  # fmt: skip
+    _assert_greedy_equivalent, _close, _expected_committed, _generate_logits, _page_crossing_model, _ref_model,
+    generate, prompts, tiny_model, vcache,
+)
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
@@ -172,7 +169,8 @@ def test_cuda_teacher_forced_logits(dtype, compiled):
             tok = ref_logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             pos = torch.full((3, 1), n + i, device="cuda")
-            ref_logits = ref_model(tok, attention_mask=mask, position_ids=pos, **forward_kwargs(ref_model, ref_cache)).logits[:, -1]
+            ref_kw = forward_kwargs(ref_model, ref_cache)
+            ref_logits = ref_model(tok, attention_mask=mask, position_ids=pos, **ref_kw).logits[:, -1]
             cache.prepare_step(1)
             # No mask for the vkv step: new tokens are real, and the cache knows each row's length.
             logits = step(tok, position_ids=pos, **forward_kwargs(model, cache)).logits[:, -1].float()
@@ -220,7 +218,8 @@ def test_cuda_compiled_decode_reduce_overhead():
     with torch.no_grad():
         for i in range(50):
             cache.prepare_step(1)
-            logits = step(tok, **forward_kwargs(model, cache), position_ids=torch.full((2, 1), n + i, device="cuda")).logits
+            pos = torch.full((2, 1), n + i, device="cuda")
+            logits = step(tok, **forward_kwargs(model, cache), position_ids=pos).logits
             tok = logits[:, -1:].argmax(-1).clone()
     torch.cuda.synchronize()
     assert dict(counters["graph_break"]) == {}

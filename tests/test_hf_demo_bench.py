@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,14 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache  # noqa: E402
 
-import torch_vkv.hf as vkv_hf  # noqa: E402
-import torch_vkv.hf.attention as vkv_attn  # noqa: E402
-from torch_vkv.hf import VirtualKVCache, forward_kwargs, generate_kwargs  # noqa: E402
 
-from _hf_models import (  # noqa: E402
-    FAMILIES, IMPLS, PAGE, TOL, _assert_greedy_equivalent, _close, _expected_committed, _generate_logits, _loop,
-    _page_crossing_model, _ref_model, _step, generate, prompts, tiny_config, tiny_model, vcache,
-)  # fmt: skip
+from _hf_models import generate, prompts, tiny_config, tiny_model  # noqa: E402
 
 
 @pytest.fixture

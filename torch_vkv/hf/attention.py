@@ -63,10 +63,11 @@ def vkv_mask(
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return None
     m = attention_mask.to(torch.bool)
-    cache = _cache_of(q_offset)
+    # Traced code never looks for the cache (the padding plan is for eager steps).
+    cache = None if torch.compiler.is_compiling() else _cache_of(q_offset)
     if cache is not None:
         new = m[:, -q_length:]
-        if q_length > 1 and not torch.compiler.is_compiling():
+        if q_length > 1:
             cache._set_padding(new)
         return new
     if isinstance(q_offset, torch.Tensor):  # StaticCache and the like: the keys past the mask are empty

@@ -291,8 +291,9 @@ class VirtualKVCache(Cache):
         if layer_idx != 0:
             step = self._step
             if step is None or (step.batch, step.num_tokens) != (B, S):
+                had = None if step is None else (step.batch, step.num_tokens)
                 fail(f"key_states of layer {layer_idx}", "the batch and new tokens of layer 0's update in this step",
-                     f"batch {B}, {S} new tokens; layer 0 had {None if step is None else (step.batch, step.num_tokens)}")  # fmt: skip
+                     f"batch {B}, {S} new tokens; layer 0 had (batch, new tokens) = {had}")  # fmt: skip
             return step
         self._ensure_kv(key_states)
         if self._mode is None:

@@ -97,7 +97,15 @@ class SequenceLengths:
         """An eager step: row ``b`` gains ``counts[b]`` valid tokens, every row
         ``num_tokens`` seen tokens. The step's own announcement, if any, is used up."""
         self.settle(in_step=True)
-        self.set([r + c for r, c in zip(self._rows, counts)], self._seq_length + num_tokens)
+        rows = [r + c for r, c in zip(self._rows, counts)]
+        if not self.on_device or len(set(counts)) != 1:
+            self.set(rows, self._seq_length + num_tokens)
+            return
+        # Every row gains the same count (decode): add on the device, no host-to-device copy.
+        self.set_host(rows, self._seq_length + num_tokens)
+        with torch.inference_mode(False):
+            self.cache_seqlens[: len(rows)].add_(counts[0])
+            self.seq_length_t.add_(num_tokens)
 
     def set_host(self, rows: list[int], seq_length: int) -> None:
         """The host takes lengths read from the device (which already holds them)."""
@@ -194,7 +202,8 @@ class StepPlan:
         cu = torch.zeros(B + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(real, dtype=torch.int32).cumsum(0)
         index = mask.reshape(-1).nonzero().flatten().to(device)
-        return StepPlan(B, S, False, start, real_index=index, cu_seqlens_q=cu.to(device), max_seqlen_q=max(max(real), 1))
+        return StepPlan(B, S, False, start, real_index=index, cu_seqlens_q=cu.to(device),
+                        max_seqlen_q=max(max(real), 1))  # fmt: skip
 
 
 def padding_counts(mask: Optional[torch.Tensor], batch: int, num_tokens: int) -> Optional[list[int]]:
