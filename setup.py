@@ -23,7 +23,7 @@ setup(
     version="0.1.0",
     description="Virtual-memory KV cache for PyTorch (vAttention): contiguous KV, pages committed on demand",
     python_requires=">=3.10",
-    packages=["torch_vkv", "torch_vkv.bench", "torch_vkv.triton_kernels"],
+    packages=["torch_vkv", "torch_vkv.bench", "torch_vkv.serving", "torch_vkv.triton_kernels"],
     package_dir={"torch_vkv.triton_kernels": "triton_kernels"},
     package_data={"torch_vkv": ["py.typed"]},
     ext_modules=[ext],
