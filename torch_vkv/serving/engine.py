@@ -52,10 +52,10 @@ def _model_shape(config: Any) -> tuple[int, int, int]:
 
 
 def _eos_ids(model: Any) -> tuple[int, ...]:
+    """EOS ids from ``generation_config.eos_token_id`` (int or list); the
+    config's only when the model has no generation config."""
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = getattr(_text_config(model.config), "eos_token_id", None)
+    eos = gen.eos_token_id if gen is not None else getattr(_text_config(model.config), "eos_token_id", None)
     if eos is None:
         return ()
     if isinstance(eos, torch.Tensor):
@@ -388,8 +388,9 @@ class Engine:
         ``committed_bytes`` (physical KV memory held, freed slots' cached
         pages included), ``used_bytes`` (K/V of running requests' computed
         tokens), ``memory_budget``, ``num_finished``, ``num_iterations``,
-        ``num_generated_tokens``, ``host_seconds`` (scheduling, metadata and
-        bookkeeping time, model forward and sampling excluded)."""
+        ``num_generated_tokens``, ``host_seconds`` (host time of scheduling,
+        page commits, batch metadata and output bookkeeping, summed over
+        iterations; the model forward and the sampler are excluded)."""
         self._check_open()
         s = self.scheduler
         return {
@@ -402,7 +403,7 @@ class Engine:
             "num_finished": self._num_finished,
             "num_iterations": self._num_iterations,
             "num_generated_tokens": self._num_generated,
-            "host_seconds": self._host_seconds,
+            "host_seconds": self._host_seconds + self.runner.prepare_seconds,
             "kv": self.kv_kind,
         }
 

@@ -21,6 +21,7 @@ padding rows point at a scratch slot, so they never touch a request's cache.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -157,6 +158,8 @@ class ModelRunner:
         self._h32 = torch.zeros(3 * max_batch_size + 1, dtype=torch.int32, pin_memory=self._pin)
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._scratch = scratch_slot
+        #: Host seconds spent building batches' metadata (inputs, lengths, slots, copies queued).
+        self.prepare_seconds = 0.0
         if cuda_graphs and self.device.type == "cuda":
             if scratch_slot is None:
                 raise ValueError("scratch_slot: expected a slot for the padding rows of CUDA graphs, got None")
@@ -171,12 +174,13 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Runs ``batch``; returns (logits ``[S, vocab]``, indices into
         ``batch.requests`` of the ``S`` requests that sample this step)."""
+        t0 = time.perf_counter()
         reqs, news = batch.requests, batch.num_new_tokens
         R = len(reqs)
         if batch.decode_only:
             bs = next((b for b in self._graphs if b >= R), None) if self._graphs else None
             if bs is not None:
-                return self._replay(batch, bs), list(range(R))
+                return self._replay(batch, bs, t0), list(range(R))
             tokens = [r.token_ids[-1] for r in reqs]
             lens = [r.num_tokens for r in reqs]
             positions = [n - 1 for n in lens]
@@ -210,6 +214,7 @@ class ModelRunner:
             self._keys, self._values, d32[:R], d32[2 * R :] if cu is not None else None, d32[R : 2 * R],
             self.kv.block_table, max_q, self.backend,
         )  # fmt: skip
+        self.prepare_seconds += time.perf_counter() - t0
         return self._forward(d64[:T], d64[T : 2 * T], d64[2 * T :], ctx), sample
 
     # --------------------------------------------------------- CUDA graphs
@@ -241,7 +246,7 @@ class ModelRunner:
         self._graphs = dict(sorted(self._graphs.items()))
         torch.cuda.synchronize(dev)
 
-    def _replay(self, batch: ScheduledBatch, bs: int) -> torch.Tensor:
+    def _replay(self, batch: ScheduledBatch, bs: int, t0: float) -> torch.Tensor:
         reqs = batch.requests
         R = len(reqs)
         staged = self._g_host[: 4 * bs]
@@ -261,6 +266,7 @@ class ModelRunner:
         self._g_lens[:bs].copy_(d[2])
         self._g_slots[:bs].copy_(d[3])
         graph, out = self._graphs[bs]
+        self.prepare_seconds += time.perf_counter() - t0
         graph.replay()
         return out[:R]
 
