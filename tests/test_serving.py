@@ -90,7 +90,7 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
     return have[:n]
 
 
-def assert_greedy_equal(model, prompt: list[int], got: list[int], want: list[int]) -> None:
+def assert_greedy_equal(model, prompt: list[int], got: list[int], want: list[int], near_tie: float = NEAR_TIE) -> None:
     assert len(got) == len(want), (len(got), len(want))
     for i, (a, b) in enumerate(zip(got, want)):
         if a == b:
@@ -99,9 +99,9 @@ def assert_greedy_equal(model, prompt: list[int], got: list[int], want: list[int
             logits = model(torch.tensor([prompt + want[:i]], device=model.device)).logits[0, -1].float()
         top2 = logits.topk(2)
         gap = float(top2.values[0] - top2.values[1])
-        assert gap < NEAR_TIE and a in top2.indices.tolist(), (
+        assert gap < near_tie and a in top2.indices.tolist(), (
             f"first difference at output token {i}: engine {a}, generate {b}, top-2 logit gap {gap:.2e} "
-            f"(near-tie threshold {NEAR_TIE})"
+            f"(near-tie threshold {near_tie})"
         )
         return  # past a near-tie the continuations legitimately diverge
 
@@ -546,40 +546,75 @@ def test_graph_batch_sizes():
 # ---------------------------------------------------------------------- GPU
 
 
+# fp32 on the GPU: Triton's dots use TF32 (about 1e-3 relative), so a near-tie is looser there.
+NEAR_TIE_GPU = 2e-2
+
+
+def _cuda_kv(kv: str) -> dict:
+    return {k: v for k, v in KV_CONFIGS[kv].items() if k != "page_size"}  # CUDA pages are the driver's
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kv", list(KV_CONFIGS))
-def test_cuda_graphs_match_eager_and_generate(kv):
-    """On the GPU: decode steps replayed from CUDA graphs give the same tokens as
-    eager steps and as generate() (float32 model, so near-ties stay rare)."""
+def test_cuda_graph_logits_match_eager(kv):
+    """One decode batch (5 requests, padded to the size-8 graph): logits from the
+    graph replay equal the eager forward's (fp32, atol 1e-3: split counts of the
+    decode kernel may differ with the padded batch size)."""
+    model = make_model("llama", device="cuda")
+    prompts = random_prompts(random.Random(37), 5, lo=5, hi=300)
+    with Engine(model, max_batch_size=8, max_seq_len=512, chunk_size=2048, device="cuda", **_cuda_kv(kv)) as e:
+        assert e.runner.graph_sizes == [1, 2, 4, 8]
+        for p in prompts:
+            e.add_request(p, greedy(10))
+        e.step()  # prefill all five; the next batch is decode-only
+        batch = e.scheduler.schedule(0.0)
+        assert batch.decode_only and len(batch.requests) == 5
+        with torch.inference_mode():
+            graphed, rows = e.runner.execute(batch)
+            graphed = graphed.float().clone()
+            saved, e.runner._graphs = e.runner._graphs, {}
+            try:
+                eager, rows_e = e.runner.execute(batch)  # rewrites the same K/V rows: idempotent
+            finally:
+                e.runner._graphs = saved
+        assert rows == rows_e == list(range(5))
+        torch.testing.assert_close(graphed, eager.float(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", list(KV_CONFIGS))
+def test_cuda_graphs_and_eager_match_generate(kv):
+    """End to end on the GPU: with and without CUDA graphs, greedy outputs equal
+    generate()'s up to near-ties (``NEAR_TIE_GPU``)."""
     model = make_model("llama", device="cuda")
     rng = random.Random(29)
     prompts = random_prompts(rng, 11, lo=5, hi=200)
     params = [greedy(rng.randint(1, 40)) for _ in prompts]
-    cfg = {k: v for k, v in KV_CONFIGS[kv].items() if k != "page_size"}
-    common = dict(max_batch_size=8, max_seq_len=512, chunk_size=128, device="cuda", **cfg)
+    common = dict(max_batch_size=8, max_seq_len=512, chunk_size=128, device="cuda", **_cuda_kv(kv))
     with Engine(model, cuda_graphs=True, **common) as e:
-        assert e.runner.graph_sizes == [1, 2, 4, 8]
         graphed = e.generate(prompts, params, use_tqdm=False)
     with Engine(model, cuda_graphs=False, **common) as e:
         eager = e.generate(prompts, params, use_tqdm=False)
     for p, q, g, o in zip(prompts, params, graphed, eager):
-        assert g.token_ids == o.token_ids
-        assert_greedy_equal(model, p, g.token_ids, reference(model, p, q.max_tokens))
+        want = reference(model, p, q.max_tokens)
+        assert_greedy_equal(model, p, g.token_ids, want, NEAR_TIE_GPU)
+        assert_greedy_equal(model, p, o.token_ids, want, NEAR_TIE_GPU)
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_seeded_sampling_and_preemption():
+def test_cuda_bf16_seeded_sampling_within_budget():
+    """bf16, interleaved layout, an 8 MiB budget (four 2 MiB pages, one per slot
+    at most here, the graphs' scratch slot holding one): every request finishes,
+    committed memory stays within the budget, and the same batch with the same
+    seeds gives the same tokens again."""
     model = make_model("qwen2", device="cuda", dtype=torch.bfloat16)
     prompts = random_prompts(random.Random(31), 12, lo=50, hi=300)
     params = [SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, seed=i) for i in range(12)]
-    with Engine(model, max_batch_size=12, max_seq_len=512, kv="virtual", layout="interleaved",
-                memory_budget=8 << 20, device="cuda") as e:  # fmt: skip
-        outs = e.generate(prompts, params, use_tqdm=False)
-        stats = e.stats()
-        assert stats["committed_bytes"] <= 8 << 20
-    with Engine(model, max_batch_size=12, max_seq_len=512, device="cuda") as e:
-        alone = e.generate(prompts[:2], params[:2], use_tqdm=False)
-    assert all(len(o.token_ids) == 64 for o in outs)
-    # bf16 logits differ slightly between batch shapes: compare the first tokens only.
-    for a, b in zip(alone, outs[:2]):
-        assert a.token_ids[:4] == b.token_ids[:4]
+    runs = []
+    for _ in range(2):
+        with Engine(model, max_batch_size=12, max_seq_len=512, kv="virtual", layout="interleaved",
+                    memory_budget=8 << 20, device="cuda") as e:  # fmt: skip
+            runs.append([o.token_ids for o in e.generate(prompts, params, use_tqdm=False)])
+            assert e.stats()["committed_bytes"] <= 8 << 20
+    assert all(len(t) == 64 for t in runs[0])
+    assert runs[0] == runs[1]
