@@ -618,3 +618,15 @@ def test_cuda_bf16_seeded_sampling_within_budget():
             assert e.stats()["committed_bytes"] <= 8 << 20
     assert all(len(t) == 64 for t in runs[0])
     assert runs[0] == runs[1]
+
+
+def test_import_is_lean():
+    """Importing the serving package loads neither transformers nor CUDA."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch_vkv.serving; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -22,8 +22,7 @@ from typing import Any, Optional, Union
 import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
-from torch_vkv.attention import BACKENDS
-from torch_vkv.cache import LAYOUTS
+from torch_vkv import BACKENDS, LAYOUTS
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams

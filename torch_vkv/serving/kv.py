@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv.cache import KVCache
+from torch_vkv import KVCache
 
 __all__ = ["KVManager"]
 
@@ -77,7 +77,7 @@ class KVManager:
             self.total_pages = int(self.cache.memory_stats()["max_pages"])
             self.block_table = None
         else:
-            from torch_vkv.paged import PagedKVCache
+            from torch_vkv import PagedKVCache  # imported lazily by the package
 
             block_bytes = self.bytes_per_token * block_size
             per_slot = -(-max_seq_len // block_size)

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv.attention import append_kv, attention
+from torch_vkv import append_kv, attention  # the public entry points (functions)
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
 

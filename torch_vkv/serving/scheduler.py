@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from torch_vkv.errors import KVCacheCapacityError
+from torch_vkv import KVCacheCapacityError
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.request import Request, RequestStatus
 
