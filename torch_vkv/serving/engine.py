@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
@@ -444,9 +445,8 @@ class Engine:
             pass
 
 
-def _one_slot(num_slots: int, slot: int, num_tokens: int):
-    import numpy as np
-
+def _one_slot(num_slots: int, slot: int, num_tokens: int) -> np.ndarray:
+    """``seq_lens`` for the KV manager: ``num_tokens`` in ``slot``, nothing elsewhere."""
     seq = np.zeros(num_slots, dtype=np.int64)
     seq[slot] = num_tokens
     return seq

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from torch_vkv import append_kv, attention  # the public entry points (functions)
