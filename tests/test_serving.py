@@ -480,7 +480,12 @@ def test_add_request_errors_then_serves():
                 e.add_request(prompt, greedy(4))
         with pytest.raises(TypeError, match="params"):
             e.add_request([1, 2], {"max_tokens": 3})
-        rid = e.add_request([1, 2], greedy(4), request_id="x")
+        import numpy as np
+
+        assert e.abort(e.add_request(np.array([1, 2]), greedy(4)))  # numpy and torch prompts work too
+        assert e.abort(e.add_request(torch.tensor([1, 2]), greedy(4)))
+        e.step()  # returns the two aborted outputs
+        rid = e.add_request((1, 2), greedy(4), request_id="x")
         with pytest.raises(ValueError, match="request_id"):
             e.add_request([1, 2], greedy(4), request_id="x")
         with pytest.raises(ValueError, match="prompt"):

@@ -234,6 +234,8 @@ class Engine:
                 fail("prompt_token_ids", "a 1-D integer tensor or a sequence of ints",
                      f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}")  # fmt: skip
             prompt = prompt.tolist()
+        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+            prompt = prompt.tolist()
         elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
             fail("prompt_token_ids", "a sequence of token ids", type(prompt), ArgumentTypeError)
         prompt = [check_int("prompt token id", t) for t in prompt]
