@@ -181,6 +181,11 @@ class KVManager:
                 self.cache.commit(int(s), int(seq_lens[s]))  # all or nothing per slot; can_grow checked all
         np.maximum(self._covered, seq_lens, out=self._covered)
 
+    def synchronize(self) -> None:
+        """Waits for the background commits of the last :meth:`grow` (virtual)."""
+        if self.kind == "virtual":
+            self.cache.synchronize()
+
     def reclaim(self) -> None:
         """Virtual: returns the pages cached by freed slots to the pool (paged: nothing to do)."""
         if self.kind == "virtual":

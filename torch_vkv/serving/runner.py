@@ -227,6 +227,7 @@ class ModelRunner:
         self._g_lens = torch.ones(B, dtype=torch.int32, device=dev)
         self._g_slots = torch.full((B,), self._scratch, dtype=torch.int32, device=dev)
         self._g_host = torch.zeros(4 * B, dtype=torch.int64, pin_memory=True)
+        self.kv.synchronize()  # no background commit may run into the capture
         pool = None
         for bs in reversed(graph_batch_sizes(B)):
             ctx = BatchContext(self._keys, self._values, self._g_lens[:bs], None, self._g_slots[:bs],
@@ -238,7 +239,8 @@ class ModelRunner:
                 self._forward(*args)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: the KV committer thread's driver calls are not part of the capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._forward(*args)
             pool = graph.pool()
             self._graphs[bs] = (graph, out)
