@@ -396,3 +396,62 @@ def test_bench_serve_without_url_says_it_is_not_there_yet(capsys):
         main(["bench", "serve", "--num-requests", "2"])
     assert e.value.code == 2
     assert "--url" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ workloads, report
+def test_traces_ship_with_the_package():
+    from torch_vkv.bench.workloads import TRACES, load_trace, trace_path
+
+    for name in TRACES:
+        rows = load_trace(name)
+        assert len(rows) > 100 and all(p >= 1 and o >= 1 for p, o in rows), name
+    assert len(load_trace("arxiv_long_offline")) == 427
+    assert (trace_path("sync_vs_async").parent / "LICENSE-vattention.txt").exists()
+
+
+def test_workload_lengths_and_poisson_arrivals():
+    from torch_vkv.bench.workloads import load_trace, make_requests, poisson_arrivals, workload_lengths
+
+    lengths = workload_lengths("arxiv_long_offline", 500, seed=3)
+    assert len(lengths) == 500 and set(lengths) <= set(load_trace("arxiv_long_offline"))
+    assert len(set(workload_lengths("arxiv_summarization", 50, seed=3))) > 40  # a sample, not one row repeated
+    assert workload_lengths("uniform", 20, seed=1) == workload_lengths("uniform", 20, seed=1)
+    assert all(100 <= p <= 1024 and 100 <= o <= 1024 for p, o in workload_lengths("uniform", 200))
+    t = poisson_arrivals(20000, rate=4.0, seed=0)
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    assert t[0] == 0 and all(g >= 0 for g in gaps)
+    assert abs(sum(gaps) / len(gaps) - 0.25) < 0.25 * 0.03  # mean gap 1/rate, within 3% at 20k samples
+    assert poisson_arrivals(5, math.inf) == [0.0] * 5
+    specs = make_requests(lengths[:10], request_rate=2.0, max_prompt_tokens=50, max_output_tokens=7)
+    assert all(s.prompt_tokens == 50 and s.output_tokens <= 7 for s in specs)
+    with pytest.raises(ValueError, match="request_rate"):
+        poisson_arrivals(3, 0.0)
+    with pytest.raises(ValueError, match="workload: expected one of"):
+        workload_lengths("nope", 3)
+
+
+def test_summarize_percentiles_match_numpy():
+    import numpy as np
+
+    from torch_vkv.bench.serve_client import RequestResult, summarize
+
+    rng = np.random.default_rng(0)
+    results = []
+    for i in range(50):
+        ttft = float(rng.uniform(0.01, 1.0))
+        itl = rng.uniform(0.001, 0.1, size=int(rng.integers(1, 20))).tolist()
+        n = len(itl) + 1
+        results.append(RequestResult(i, 10, n, ok=True, output_tokens=n, ttft_s=ttft, e2e_s=ttft + sum(itl),
+                                     itl_s=itl))  # fmt: skip
+    results.append(RequestResult(50, 10, 5, ok=False, error="HTTP 503"))
+    row = summarize(results, 10.0, ttft_slo_s=0.5, tpot_slo_s=1.0)
+    ttfts = [r.ttft_s for r in results[:50]]
+    itls = [x for r in results[:50] for x in r.itl_s]
+    for q in (50, 90, 99):
+        assert row[f"ttft_p{q}_s"] == pytest.approx(np.percentile(ttfts, q), rel=1e-12)
+        assert row[f"itl_p{q}_s"] == pytest.approx(np.percentile(itls, q), rel=1e-12)
+    assert row["completed"] == 50 and row["failed"] == 1
+    assert row["output_tokens_per_s"] == pytest.approx(sum(r.output_tokens for r in results[:50]) / 10.0)
+    assert row["goodput_requests_per_s"] == pytest.approx(sum(t <= 0.5 for t in ttfts) / 10.0)
+    tpots = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in results[:50]]
+    assert row["tpot_mean_s"] == pytest.approx(np.mean(tpots), rel=1e-12)

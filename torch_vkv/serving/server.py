@@ -777,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--page-size", type=_parse_bytes, default=None, help="host backend page size in bytes")
     e.add_argument("--block-size", type=_positive, default=16, help="tokens per block (--kv paged)")
     e.add_argument("--chunk-size", type=_positive, default=512, help="token budget of one iteration")
-    e.add_argument("--attention-backend", choices=("auto", *BACKENDS), default="auto")
+    e.add_argument("--attention-backend", choices=tuple(dict.fromkeys(("auto", *BACKENDS))), default="auto")
     e.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs for decodes")
     e.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
