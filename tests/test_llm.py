@@ -1,4 +1,5 @@
-"""The text API: ``LLM``, ``TextStream`` (incremental detokenization, stop strings) and ``SamplingParams.stop``/``n``."""
+"""The text API: ``LLM``, ``TextStream`` (incremental detokenization, stop strings),
+``SamplingParams.stop`` and ``n``."""
 
 from __future__ import annotations
 

@@ -398,6 +398,33 @@ def test_bench_serve_without_url_says_it_is_not_there_yet(capsys):
     assert "--url" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+def test_cuda_server_streams_greedy_text_and_batches_correctly(ckpt, tmp_path):
+    """On the GPU (CUDA graphs replayed from the engine thread): streamed == non-streamed, batched == alone."""
+    srv = Server(ckpt, tmp_path / "server.log", "--device", "cuda", "--max-batch-size", "8")
+    try:
+        prompts = ["hello world", "the quick brown fox", "a tiny model", "héllo wörld ✓"]
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            alone = [c.post("/v1/completions", json=dict(GREEDY, prompt=p)).json()["choices"][0]["text"]
+                     for p in prompts]  # fmt: skip
+            streamed = "".join(e["choices"][0]["text"]
+                               for e in _stream(c, "/v1/completions", dict(GREEDY, prompt=prompts[0]))[:-1]
+                               if e["choices"])  # fmt: skip
+        assert streamed == alone[0]
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+                return await asyncio.gather(*(_stream_async(client, dict(GREEDY, prompt=prompts[i % 4]))
+                                              for i in range(16)))  # fmt: skip
+
+        for i, r in enumerate(asyncio.run(run())):
+            assert r["reason"] == "length" and r["text"] == alone[i % 4]
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.output()
+
+
 # ------------------------------------------------------------ workloads, report
 def test_traces_ship_with_the_package():
     from torch_vkv.bench.workloads import TRACES, load_trace, trace_path

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -84,20 +84,8 @@ class _Stream:
 
     index: int
     sink: Callable[[Any], None]
-    text: TextStream
     num_prompt_tokens: int
-
-
-@dataclass
-class _Metrics:
-    """Counters and histograms filled by the engine thread, read by /metrics."""
-
-    ttft: list[float] = field(default_factory=list)
-    tpot: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
-    finished: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
+    text: Optional[TextStream] = None  # set when the engine accepts the request
 
 
 class EngineLoop:
@@ -139,7 +127,9 @@ class EngineLoop:
         client request; raises :class:`QueueFullError` (nothing queued) when
         they do not fit, ``RuntimeError`` when the server is shutting down."""
         with self._lock:
-            if not self._accepting or self.error is not None:
+            if self.error is not None:
+                raise RuntimeError(f"the engine failed: {self.error}")
+            if not self._accepting:
                 raise RuntimeError("the server is shutting down")
             if self._in_flight + len(requests) > self.max_in_flight:
                 raise QueueFullError(
@@ -149,7 +139,7 @@ class EngineLoop:
             self._in_flight += len(requests)
         ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(requests))]
         for i, (rid, (prompt, params)) in enumerate(zip(ids, requests)):
-            self._commands.put(("add", rid, prompt, params, _Stream(i, sink, None, len(prompt))))  # type: ignore[arg-type]
+            self._commands.put(("add", rid, prompt, params, _Stream(i, sink, len(prompt))))
         return ids
 
     def abort(self, request_ids: Sequence[str]) -> None:
@@ -180,6 +170,10 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         try:
+            if engine.device.type == "cuda":  # the current device is per thread
+                import torch
+
+                torch.cuda.set_device(engine.device)
             while True:
                 busy = engine.has_unfinished_requests()
                 if self._drain(block=not busy):
@@ -191,12 +185,25 @@ class EngineLoop:
                 stats = engine.stats()
                 stats["num_pending"] = pending
                 self.stats = stats
-        except BaseException as exc:  # the engine failed: every stream ends with an error
+        except BaseException as exc:  # the engine failed: every request ends with an error
             log.exception("engine loop failed")
-            self.error = exc
+            with self._lock:
+                self.error = exc
             for s in self._streams.values():
                 s.sink(_Failed(f"engine failure: {exc}"))
             self._streams.clear()
+        self._answer_queued()
+
+    def _answer_queued(self) -> None:
+        """After the loop ends: requests still queued are refused (their handlers wait)."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                self._release(1)
+                cmd[4].sink(_Rejected(cmd[4].index, "the server is shutting down"))
 
     def _drain(self, block: bool) -> bool:
         """Runs queued commands (waiting for one when ``block``); True on "stop"."""
@@ -291,8 +298,10 @@ def _make_registry(loop: EngineLoop, model_name: str):
     tpot = Histogram("vkv_time_per_output_token_seconds", "Mean time per output token after the first, per request.",
                      ln, buckets=buckets_tpot, registry=reg).labels(**labels)  # fmt: skip
     e2e = Histogram("vkv_e2e_request_latency_seconds", "End-to-end request latency in the engine.", ln,
-                    buckets=(0.1, 0.3, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300), registry=reg).labels(**labels)  # fmt: skip
-    prompt_tokens = Counter("vkv_prompt_tokens", "Prompt tokens of finished requests.", ln, registry=reg).labels(**labels)
+                    buckets=(0.1, 0.3, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300),
+                    registry=reg).labels(**labels)  # fmt: skip
+    prompt_tokens = Counter("vkv_prompt_tokens", "Prompt tokens of finished requests.", ln,
+                            registry=reg).labels(**labels)  # fmt: skip
     gen_tokens = Counter("vkv_generation_tokens", "Generated tokens of finished requests.", ln,
                          registry=reg).labels(**labels)  # fmt: skip
     success = Counter("vkv_request_success", "Finished requests by finish reason (stop, length, abort).",
@@ -447,8 +456,9 @@ def create_app(
 
     @app.exception_handler(405)
     async def _not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(_error_body(f"method {request.method} not allowed on {request.url.path}",
-                                        "invalid_request_error", None, "method_not_allowed"), status_code=405)  # fmt: skip
+        body = _error_body(f"method {request.method} not allowed on {request.url.path}", "invalid_request_error",
+                           None, "method_not_allowed")  # fmt: skip
+        return JSONResponse(body, status_code=405)
 
     # ---------------------------------------------------------------- info
     @app.get("/health")
