@@ -7,7 +7,8 @@ preemption, seeded sampling and CUDA graphs (see ``docs/serving.md``).
 """
 
 from torch_vkv.serving.engine import Engine
+from torch_vkv.serving.llm import LLM
 from torch_vkv.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from torch_vkv.serving.params import SamplingParams
 
-__all__ = ["CompletionOutput", "Engine", "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Engine", "RequestMetrics", "RequestOutput", "SamplingParams"]

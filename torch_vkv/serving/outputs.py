@@ -54,7 +54,9 @@ class RequestMetrics:
 
 class CompletionOutput:
     """One completion of a request: its output ``token_ids`` so far and ``finish_reason``
-    (``"length"``, ``"stop"``, ``"abort"``, or ``None`` while running).
+    (``"length"``, ``"stop"``, ``"abort"``, or ``None`` while running). ``text``
+    is the decoded output, filled by the text API (:class:`torch_vkv.serving.LLM`);
+    the engine alone leaves it ``""``.
 
     Outputs are cumulative snapshots: ``token_ids`` holds every token generated
     up to the step that returned this object and never changes afterwards. The
@@ -62,11 +64,12 @@ class CompletionOutput:
     a step costs O(1) per request whatever the output length.
     """
 
-    __slots__ = ("index", "finish_reason", "_source", "_n", "_ids")
+    __slots__ = ("index", "finish_reason", "text", "_source", "_n", "_ids")
 
     def __init__(self, index: int, source: list[int], n: int, finish_reason: Optional[str]) -> None:
         self.index = index
         self.finish_reason = finish_reason
+        self.text = ""
         self._source, self._n, self._ids = source, n, None
 
     @property

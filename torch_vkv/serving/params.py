@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
 
@@ -35,6 +35,10 @@ class SamplingParams:
         ignore_eos: do not stop at the model's EOS ids (``stop_token_ids`` still stop).
         seed: makes sampling reproducible and independent of the batch; ``None``
             draws a seed when the request arrives.
+        stop: strings that end the request (text API and server only: the
+            text stops before the first one, ``finish_reason="stop"``); one
+            string or a sequence of non-empty strings, kept as a tuple.
+        n: completions per prompt; only ``1`` for now (more needs shared pages).
 
     Raises ``ValueError`` (``TypeError`` for a wrong type) at construction for
     anything out of range.
@@ -47,6 +51,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
     seed: Optional[int] = None
+    stop: Union[str, Sequence[str], None] = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -68,6 +74,22 @@ class SamplingParams:
             fail("ignore_eos", "a bool", self.ignore_eos, ArgumentTypeError)
         if self.seed is not None:
             set_(self, "seed", check_int("seed", self.seed))
+        stop_strings = self.stop
+        if stop_strings is None:
+            stop_strings = ()
+        elif isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)
+        elif isinstance(stop_strings, bytes) or not hasattr(stop_strings, "__iter__"):
+            fail("stop", "a string, a sequence of strings or None", stop_strings, ArgumentTypeError)
+        stop_strings = tuple(stop_strings)
+        for s in stop_strings:
+            if not isinstance(s, str):
+                fail("stop entry", "a str", s, ArgumentTypeError)
+            if not s:
+                fail("stop entry", "a non-empty string", s)
+        set_(self, "stop", stop_strings)
+        if check_int("n", self.n, low=1) != 1:
+            raise ValueError(f"n: n > 1 needs shared pages (not supported yet); expected 1, got {self.n!r}")
 
     @property
     def greedy(self) -> bool:
