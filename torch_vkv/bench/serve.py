@@ -527,7 +527,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--quick and --smoke are different sizes: pick one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.smoke:
-        parser.error("without a GPU only --smoke runs in process (the full sizes are Llama-3-8B / Yi-6B-200k)")
+        parser.error("without a GPU only --smoke runs in process (the full sizes are Llama-3-8B / Yi-6B-200k); "
+                     "to load a running server instead, pass --url http://HOST:PORT")
     scale = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.configs:
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
