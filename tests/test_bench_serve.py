@@ -219,3 +219,18 @@ def test_smoke_on_cuda(tmp_path):
     assert report["env"]["gpu"]
     for row in report["rows"]:
         assert row["completed"] == row["requests"] and row["output_tokens_per_s"] > 0
+
+
+@pytest.mark.cuda
+def test_generate_batch_peer_on_cuda():
+    """transformers' continuous batching as the outside peer: every request
+    gets its tokens (slow on a CPU: 30-70 s of set-up, hence CUDA only)."""
+    from torch_vkv.bench.models import build_model
+    from torch_vkv.bench.serve_engine import run_generate_batch
+
+    model = build_model("tiny", device="cuda", dtype=torch.bfloat16)
+    before = model.config._attn_implementation
+    specs = _tiny_specs(4)
+    res = run_generate_batch(model, specs, random_prompts(specs, model.config.vocab_size), 4)
+    assert res.duration_s > 0 and all(r.ok and r.output_tokens == 4 for r in res.results)
+    assert model.config._attn_implementation == before
