@@ -134,6 +134,12 @@ def test_cli_errors(capsys):
         with pytest.raises(SystemExit):
             serve.main(["--workload", "offline"])
         assert "--smoke" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--smoke", "--trace", "uniform"])
+    assert "--trace apply to the load client" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--smoke", "--request-rates", "0"])
+    assert "expected a rate > 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected"):
         serve.workloads("huge")
 

@@ -466,7 +466,7 @@ def _plots(report: dict[str, Any], out: Path, log) -> dict[str, str]:
         for p, cfg, r in runs:
             mem = r["memory"]
             if mem:
-                ax.plot([m["t_s"] for m in mem], [m["committed_bytes"] / 2**20 for m in mem],
+                ax.plot([m["t_s"] for m in mem], [m["committed_bytes"] / 2**20 for m in mem], drawstyle="steps-post",
                         label=_label(cfg, p, w))
         ax.set(xlabel="time (s)", ylabel="committed KV memory (MiB)", title=f"{name}: committed KV memory")
         ax.legend(fontsize=6)
@@ -507,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = serve_client.build_parser()
     p.description = ("Serving benchmark. With --url: the load client over HTTP. Without: the engine in process, "
                      "virtual vs paged configurations side by side.")  # fmt: skip
+    for action in p._actions:  # the load client's --smoke help says what it does over HTTP
+        if action.dest == "smoke":
+            action.help += "; in process: every workload with a 2-layer model, seconds on a CPU"
     p.add_argument("--workload", action="append", choices=SERVE_WORKLOADS, default=None,
                    help="in process: a workload (repeat for several; default all)")  # fmt: skip
     p.add_argument("--configs", default=None,
@@ -525,6 +528,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.url is not None:
         return serve_client.main(argv, serve_client.build_parser())
+    client_only = {"--trace": args.trace != "arxiv_summarization", "--request-rate": not math.isinf(args.request_rate),
+                   "--max-prompt-tokens": args.max_prompt_tokens, "--max-output-tokens": args.max_output_tokens,
+                   "--model": args.model}  # fmt: skip
+    given = [k for k, v in client_only.items() if v]
+    if given:
+        parser.error(f"{', '.join(given)} apply to the load client (--url); in process, pick --workload, "
+                     "--num-requests and --request-rates")  # fmt: skip
     if args.quick and args.smoke:
         parser.error("--quick and --smoke are different sizes: pick one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
