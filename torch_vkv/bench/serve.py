@@ -1,25 +1,574 @@
 """``python -m torch_vkv bench serve``: the serving benchmark.
 
-With ``--url`` it is the load client (:mod:`.serve_client`): the workloads of
-:mod:`.workloads` sent to any OpenAI-compatible server over HTTP. The
-in-process mode (the engine driven directly, virtual vs paged side by side)
-is not implemented yet; it reuses :mod:`.workloads` and
-:func:`.serve_client.summarize` for the same report.
+With ``--url`` it is the load client (:mod:`.serve_client`): a workload sent
+to any OpenAI-compatible server over HTTP. Without it, the engine runs in
+process: the paper's end-to-end experiments, every configuration
+(:data:`.serve_engine.CONFIGS`, FlashInfer and transformers' ``generate_batch``
+where available) on one model object, side by side:
+
+* ``offline``: nano-vllm's workload (lengths uniform in [100, 1024]), all at t=0, Llama-3-8B;
+* ``long-offline``: ``arxiv_long_offline`` (64K-193K prompts), all at t=0, chunk 16384, Yi-6B-200k;
+* ``long-online``: ``arxiv_long_online`` at Poisson rates (Yi-6B-200k) and a
+  denser sweep on ``arxiv_summarization`` (Llama-3-8B);
+* ``sync-vs-async``: ``sync_vs_async``, ``KVCache.step`` vs ``step_async`` (virtual configurations);
+* ``capacity``: ``arxiv_summarization`` at a fixed KV budget: how many requests run at once.
+
+Random bf16 weights (:mod:`.models`), every request to its trace length
+(``ignore_eos``). One report: ``serve.json`` (every request's timings, committed
+KV memory and host time of every iteration, the roofline), ``serve.md`` (a
+table per workload, ratios vs the best paged configuration) and plots.
+``--smoke``: a tiny model and tiny sizes (seconds on a CPU); ``--quick``: the
+GPU preset of ``scripts/gpu_check.sh`` (about 4-5 minutes on an H200).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
+import torch
+
+from torch_vkv._checks import fail
 from torch_vkv.bench import serve_client
+
+__all__ = ["SERVE_WORKLOADS", "Workload", "main", "run"]
+
+SERVE_WORKLOADS = ("offline", "long-offline", "long-online", "sync-vs-async", "capacity")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One run of every configuration: ``num_requests`` of ``trace`` (a
+    :data:`.workloads.WORKLOADS` name) arriving at ``rate`` requests/s
+    (``inf``: all at t=0), served by ``model`` (a :data:`.models.MODELS` name)."""
+
+    trace: str
+    rate: float
+    model: str
+    num_requests: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload at one scale (``full``, ``quick`` or ``smoke``): its parts,
+    the engine's sizes (``max_seq_len`` is a cap: each part uses its longest
+    request), an optional KV ``memory_budget`` in bytes (``None``: the
+    engine's default), and lengths clipped to ``max_prompt_tokens`` /
+    ``max_output_tokens`` where set (smoke only)."""
+
+    name: str
+    parts: tuple[Part, ...]
+    max_batch_size: int
+    max_seq_len: int
+    chunk_size: int
+    memory_budget: Optional[int] = None
+    max_prompt_tokens: Optional[int] = None
+    max_output_tokens: Optional[int] = None
+
+
+GiB = 1 << 30
+INF = math.inf
+
+
+def workloads(scale: str, device_type: str = "cuda") -> dict[str, Workload]:
+    """The workloads at ``scale``. GPU sizes fit one 10-minute command
+    (``full``) or about 4-5 minutes (``quick``) on an H200; ``smoke`` runs on a
+    CPU in seconds (on CUDA its capacity budget is 8 pages of 2 MiB: the
+    driver's granularity, where the CPU test uses 4 KiB host pages)."""
+    if scale not in ("smoke", "quick", "full"):
+        fail("scale", "'smoke', 'quick' or 'full'", scale)
+    if scale == "smoke":
+        budget = (16 << 20) if device_type == "cuda" else (128 << 10)
+        def w(name, parts, **kw):  # noqa: E306
+            sizes = dict(max_batch_size=4, max_seq_len=512, chunk_size=64, max_prompt_tokens=48, max_output_tokens=6)
+            return Workload(name, tuple(Part(t, r, "tiny", n) for t, r, n in parts), **{**sizes, **kw})
+
+        return {
+            "offline": w("offline", [("uniform", INF, 4)]),
+            "long-offline": w("long-offline", [("arxiv_long_offline", INF, 2)], max_prompt_tokens=200),
+            "long-online": w("long-online", [("arxiv_long_online", 40.0, 3), ("arxiv_summarization", 80.0, 3)]),
+            "sync-vs-async": w("sync-vs-async", [("sync_vs_async", INF, 4)]),
+            "capacity": w("capacity", [("arxiv_summarization", INF, 8)], max_batch_size=16, memory_budget=budget),
+        }
+    q = scale == "quick"
+    rates = (2.0, 8.0) if q else (1.0, 2.0, 4.0, 8.0)
+    return {
+        "offline": Workload("offline", (Part("uniform", INF, "llama3-8b", 64 if q else 256),),
+                            max_batch_size=64 if q else 128, max_seq_len=2049, chunk_size=4096,
+                            memory_budget=40 * GiB),  # fmt: skip
+        "long-offline": Workload("long-offline", (Part("arxiv_long_offline", INF, "yi-6b-200k", 1 if q else 3),),
+                                 max_batch_size=4, max_seq_len=200_000, chunk_size=16384,
+                                 memory_budget=48 * GiB),  # fmt: skip
+        "long-online": Workload(
+            "long-online",
+            (Part("arxiv_long_online", 0.3, "yi-6b-200k", 2 if q else 4),)
+            + tuple(Part("arxiv_summarization", r, "llama3-8b", 8) for r in rates),
+            max_batch_size=64, max_seq_len=60_000, chunk_size=4096, memory_budget=40 * GiB,
+        ),  # fmt: skip
+        "sync-vs-async": Workload("sync-vs-async", (Part("sync_vs_async", INF, "llama3-8b", 16 if q else 32),),
+                                  max_batch_size=64, max_seq_len=5120, chunk_size=4096,
+                                  memory_budget=24 * GiB),  # fmt: skip
+        "capacity": Workload("capacity", (Part("arxiv_summarization", INF, "llama3-8b", 32 if q else 64),),
+                             max_batch_size=256, max_seq_len=8192, chunk_size=4096, memory_budget=4 * GiB),  # fmt: skip
+    }
+
+
+# ----------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------
+
+
+def peer_configs(device: torch.device) -> tuple[list[str], list[dict[str, str]]]:
+    """Configurations beyond :data:`CONFIGS` this machine can run, and the
+    ones it cannot, each with the reason."""
+    from torch_vkv.attention import BACKENDS
+
+    runnable, skipped = [], []
+    try:
+        import flashinfer  # noqa: F401
+
+        if "flashinfer" in BACKENDS:
+            runnable += ["paged-16:flashinfer", "virtual-per_layer:flashinfer"]
+        else:
+            skipped.append({"config": "flashinfer", "reason": "torch_vkv.attention has no flashinfer backend yet"})
+    except Exception as exc:
+        skipped.append({"config": "flashinfer", "reason": f"import flashinfer failed ({type(exc).__name__}: {exc})"})
+    from transformers import GenerationMixin
+
+    if hasattr(GenerationMixin, "generate_batch"):
+        runnable.append("hf-generate_batch")
+    else:
+        skipped.append({"config": "hf-generate_batch", "reason": "this transformers has no generate_batch"})
+    return runnable, skipped
+
+
+# ----------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------
+
+
+def _ratio(a: Any, b: Any) -> Optional[float]:
+    if a is None or b is None or not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+        return None
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return None
+    return a / b
+
+
+def _row(w: Workload, part: Part, cfg: str, run: Any, cost: Any, device_rates: dict, slo: dict) -> dict[str, Any]:
+    from torch_vkv.bench.roofline import run_floor
+
+    row = {"workload": w.name, "group": f"{part.trace}@{part.rate:g}", "config": cfg, "model": part.model,
+           "trace": part.trace, "request_rate": part.rate}  # fmt: skip
+    row.update(serve_client.summarize(run.results, run.duration_s, ttft_slo_s=slo["ttft"], tpot_slo_s=slo["tpot"]))
+    row["makespan_s"] = max((r.start_s + r.e2e_s for r in run.results if r.e2e_s is not None), default=math.nan)
+    its = run.iterations
+    if its:
+        busy = sum(i.wall_s for i in its)
+        floor = run_floor(its, cost, device_rates)
+        row.update(
+            num_iterations=len(its), iter_mean_s=busy / len(its), busy_s=busy,
+            host_s_per_iter=sum(i.host_s for i in its) / len(its),
+            host_pct=100 * sum(i.host_s for i in its) / busy if busy > 0 else math.nan,
+            roofline_floor_s=floor, pct_roofline=100 * floor / busy if busy > 0 else math.nan,
+        )  # fmt: skip
+    if run.memory:
+        row["peak_committed_bytes"] = max(m["committed_bytes"] for m in run.memory)
+        row["peak_running"] = max(m["num_running"] for m in run.memory)
+        queued = [m["num_running"] for m in run.memory if m["num_waiting"] > 0]
+        row["mean_running_while_queued"] = sum(queued) / len(queued) if queued else math.nan
+    if run.stats:
+        row["num_preemptions"] = run.stats.get("num_preemptions")
+    return row
+
+
+def run(
+    names: Sequence[str],
+    scale: str,
+    configs: Sequence[str],
+    *,
+    num_requests: Optional[int] = None,
+    request_rates: Optional[Sequence[float]] = None,
+    device: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    ttft_slo_s: float = 2.0,
+    tpot_slo_s: float = 0.1,
+    seed: int = 0,
+    log=print,
+) -> dict[str, Any]:
+    """Runs workloads ``names`` at ``scale`` over ``configs``; returns the
+    report (see :func:`main`). ``num_requests`` / ``request_rates`` override
+    every part's count / the online rates."""
+    from torch_vkv.bench.models import build_model
+    from torch_vkv.bench.roofline import ModelCost, measure_device
+    from torch_vkv.bench.serve_engine import random_prompts, run_engine, run_generate_batch
+    from torch_vkv.bench.workloads import make_requests, workload_lengths
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    table = workloads(scale, device.type)
+    engine_cfgs = [c for c in configs if c != "hf-generate_batch"]
+    peers, skipped = peer_configs(device)
+    if scale == "smoke":  # the smoke run exercises our own configurations only
+        skipped += [{"config": p, "reason": "not run at --smoke size"} for p in peers if p not in engine_cfgs]
+    elif "hf-generate_batch" in peers and "hf-generate_batch" not in configs:
+        skipped.append({"config": "hf-generate_batch", "reason": "not selected (--configs)"})
+    peer_gb = "hf-generate_batch" in configs and "hf-generate_batch" in peers and scale != "smoke"
+    page_size = 4096 if device.type == "cpu" else None  # host backend: OS pages, so a tiny model spans many
+    rates = measure_device(device, dtype)
+    log(f"device {device}: copy {rates['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
+        f"{rates['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({dtype})")  # fmt: skip
+    slo = {"ttft": ttft_slo_s, "tpot": tpot_slo_s}
+    report: dict[str, Any] = {"device_rates": rates, "dtype": str(dtype), "scale": scale, "slo_s": slo,
+                              "configs": list(configs), "skipped": skipped, "workloads": {}, "rows": []}  # fmt: skip
+    models: dict[str, Any] = {}
+    for name in names:
+        w = table[name]
+        parts = list(w.parts)
+        if request_rates and name == "long-online":
+            parts = [parts[0]] + [replace(parts[-1], rate=r) for r in request_rates]
+        if num_requests:
+            parts = [replace(p, num_requests=num_requests) for p in parts]
+        wrep: dict[str, Any] = {"parts": [], "rows": [], "skipped": []}
+        for part in parts:
+            if part.model not in models:
+                models.clear()  # one model on the device at a time
+                _release(device)
+                models[part.model] = build_model(part.model, device=device, dtype=dtype, seed=seed)
+            model = models[part.model]
+            lengths = workload_lengths(part.trace, part.num_requests, seed)
+            specs = make_requests(lengths, request_rate=part.rate, seed=seed, max_prompt_tokens=w.max_prompt_tokens,
+                                  max_output_tokens=w.max_output_tokens)  # fmt: skip
+            longest = max(s.prompt_tokens + s.output_tokens for s in specs)
+            max_seq_len = min(w.max_seq_len, longest + 1)
+            prompts = random_prompts(specs, model.config.vocab_size, seed)
+            cost = None
+            prep = {"trace": part.trace, "request_rate": part.rate, "model": part.model,
+                    "num_requests": len(specs), "max_seq_len": max_seq_len, "max_batch_size": w.max_batch_size,
+                    "chunk_size": w.chunk_size, "memory_budget": w.memory_budget,
+                    "prompt_tokens": sum(s.prompt_tokens for s in specs),
+                    "output_tokens": sum(s.output_tokens for s in specs), "runs": {}}  # fmt: skip
+            cfgs = [parse_config(c) for c in engine_cfgs]
+            if name == "sync-vs-async":
+                virt = [c for c in cfgs if c.kv == "virtual"]
+                wrep["skipped"] += [{"config": c.name, "reason": "paged has no step_async"} for c in cfgs
+                                    if c.kv != "virtual"]  # fmt: skip
+                cfgs = [c.with_sync(s) for c in virt for s in (True, False)]
+            for cfg in cfgs:
+                t = time.perf_counter()
+                try:
+                    res = run_engine(model, cfg, specs, prompts, max_batch_size=w.max_batch_size,
+                                     max_seq_len=max_seq_len, chunk_size=w.chunk_size, memory_budget=w.memory_budget,
+                                     page_size=page_size)  # fmt: skip
+                except Exception as exc:  # one configuration failing must not lose the others
+                    wrep["skipped"].append({"config": cfg.name, "group": f"{part.trace}@{part.rate:g}",
+                                            "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
+                    log(f"{name} {part.trace}@{part.rate:g} {cfg.name}: FAILED {type(exc).__name__}: {exc}")
+                    continue
+                if cost is None:
+                    cost = ModelCost.of(model, _kv_bytes_per_token(model, dtype))
+                row = _row(w, part, cfg.name, res, cost, rates, slo)
+                wrep["rows"].append(row)
+                prep["runs"][cfg.name] = _run_dict(specs, res)
+                log(f"{name} {part.trace}@{part.rate:g} {cfg.name}: {row['output_tokens_per_s']:.1f} out tok/s, "
+                    f"makespan {row['makespan_s']:.2f} s ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+            if name == "offline" and peer_gb:
+                # The peer is slow (224 new tokens/s for 64 requests on an H200, docs/benchmarks.md):
+                # a subset, with one output length (its generation config is per batch).
+                n_peer = min(len(specs), 16 if scale == "quick" else 32)
+                new = min(128, sorted(s.output_tokens for s in specs[:n_peer])[n_peer // 2])
+                try:
+                    with torch.inference_mode(False):
+                        res = run_generate_batch(model, specs[:n_peer], prompts[:n_peer], new)
+                    row = _row(w, part, "hf-generate_batch", res, cost, rates, slo)
+                    row["note"] = f"{n_peer} requests, {new} new tokens each (one generation config)"
+                    wrep["rows"].append(row)
+                    prep["runs"]["hf-generate_batch"] = _run_dict(specs[:n_peer], res)
+                    log(f"offline hf-generate_batch: {row['output_tokens_per_s']:.1f} out tok/s ({row['note']})")
+                except Exception as exc:
+                    reason = f"failed: {type(exc).__name__}: {exc}"
+                    wrep["skipped"].append({"config": "hf-generate_batch", "reason": reason})
+            wrep["parts"].append(prep)
+        _add_ratios(name, wrep["rows"])
+        report["workloads"][name] = wrep
+        report["rows"] += wrep["rows"]
+    models.clear()
+    _release(device)
+    return report
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _run_dict(specs: Sequence[Any], res: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "duration_s": res.duration_s,
+        "requests": [dict(s.to_dict(), **r.to_dict()) for s, r in zip(specs, res.results)],
+        "iterations": [asdict(i) for i in res.iterations],
+        "memory": res.memory,
+        "engine_stats": res.stats,
+    }
+
+
+def _add_ratios(name: str, rows: list[dict[str, Any]]) -> None:
+    """Per group: throughput (and, online, normalised latency) over the best
+    paged configuration's; sync-vs-async: async over sync; capacity: peak
+    concurrency over paged-16's."""
+    for group in {r["group"] for r in rows}:
+        g = [r for r in rows if r["group"] == group]
+        paged = [r for r in g if r["config"].startswith("paged-")]
+        best = max(paged, key=lambda r: r["output_tokens_per_s"], default=None)
+        for r in g:
+            if best is not None:
+                r["best_paged"] = best["config"]
+                r["x_best_paged_tput"] = _ratio(r["output_tokens_per_s"], best["output_tokens_per_s"])
+                if name == "long-online":
+                    for q in ("p50", "p99"):
+                        lo = min((p[f"norm_latency_{q}_s"] for p in paged), default=None)
+                        r[f"x_best_paged_norm_{q}"] = _ratio(r[f"norm_latency_{q}_s"], lo)
+            if name == "sync-vs-async" and r["config"].endswith("+async"):
+                sync = next((s for s in g if s["config"] == r["config"][: -len("async")] + "sync"), None)
+                if sync is not None:
+                    r["x_sync_tput"] = _ratio(r["output_tokens_per_s"], sync["output_tokens_per_s"])
+                    r["x_sync_iter_time"] = _ratio(r.get("iter_mean_s"), sync.get("iter_mean_s"))
+            if name == "capacity":
+                p16 = next((p for p in g if p["config"] == "paged-16"), None)
+                if p16 is not None:
+                    r["x_paged16_concurrency"] = _ratio(r.get("peak_running"), p16.get("peak_running"))
+
+
+def parse_config(spec: str):
+    from torch_vkv.bench.serve_engine import parse_config as parse
+
+    return parse(spec)
+
+
+# ----------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------
+
+COLUMNS = {
+    "offline": ["config", "completed", "output_tokens_per_s", "total_tokens_per_s", "makespan_s",
+                "x_best_paged_tput", "pct_roofline", "iter_mean_s", "host_pct", "peak_committed_bytes", "note"],
+    "long-offline": ["config", "completed", "makespan_s", "output_tokens_per_s", "total_tokens_per_s",
+                     "x_best_paged_tput", "pct_roofline", "ttft_mean_s", "host_pct", "peak_committed_bytes"],
+    "long-online": ["group", "config", "completed", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+                    "tpot_p99_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s", "norm_latency_p50_s", "norm_latency_p99_s",
+                    "x_best_paged_norm_p50", "x_best_paged_norm_p99", "goodput_requests_per_s", "pct_roofline"],
+    "sync-vs-async": ["config", "completed", "output_tokens_per_s", "iter_mean_s", "host_s_per_iter", "host_pct",
+                      "x_sync_tput", "x_sync_iter_time", "pct_roofline"],
+    "capacity": ["config", "completed", "peak_running", "mean_running_while_queued", "x_paged16_concurrency",
+                 "num_preemptions", "peak_committed_bytes", "output_tokens_per_s", "makespan_s"],
+}  # fmt: skip
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and inf become None: the JSON stays standard."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path:
+    """``serve.json``, ``serve.md`` and the plots under ``out_dir``; returns the md path."""
+    from torch_vkv.bench.report import environment, markdown_table
+
+    out = Path(out_dir or os.environ.get("TORCH_VKV_BENCH_DIR", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(report, env=environment(), command=command)
+    plots = _plots(report, out, log)
+    report["plots"] = plots
+    (out / "serve.json").write_text(json.dumps(_finite(report), indent=1))
+    r = report["device_rates"]
+    md = ["# serve", "", f"- command: `{command}`"] + [f"- {k}: {v}" for k, v in report["env"].items()]
+    md += [f"- copy bandwidth {r['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul {r['matmul_flops_per_s'] / 1e12:.2f} "
+           f"TFLOP/s ({report['dtype']}), measured in this run",
+           f"- goodput targets: TTFT <= {report['slo_s']['ttft']} s and TPOT <= {report['slo_s']['tpot']} s",
+           "- `x_best_paged_*`: over the best paged configuration of the same group (throughput: higher is better; "
+           "normalised latency: lower is better); `pct_roofline`: the run's roofline floor over its busy "
+           "time"]  # fmt: skip
+    md += [f"- skipped: {s['config']}: {s['reason']}" for s in report["skipped"]]
+    for name, w in report["workloads"].items():
+        md += ["", f"## {name}", ""]
+        for p in w["parts"]:
+            md.append(f"- {p['trace']} at {p['request_rate']:g} req/s: {p['num_requests']} requests "
+                      f"({p['prompt_tokens']} prompt + {p['output_tokens']} output tokens), {p['model']}, "
+                      f"max_batch_size {p['max_batch_size']}, max_seq_len {p['max_seq_len']}, "
+                      f"chunk {p['chunk_size']}, KV budget {_gib(p['memory_budget'])}")  # fmt: skip
+        md += [f"- skipped: {s['config']}: {s['reason']}" for s in w["skipped"]]
+        md += ["", markdown_table(w["rows"], COLUMNS[name])]
+        md += [f"![{k}]({Path(v).name})" for k, v in plots.items() if k.startswith(name + ":")]
+    path = out / "serve.md"
+    path.write_text("\n".join(md) + "\n")
+    log("\n".join(md))
+    return path
+
+
+def _gib(n: Optional[int]) -> str:
+    return "engine default" if n is None else f"{n / GiB:.3g} GiB"
+
+
+def _label(cfg: str, part: dict, w: dict) -> str:
+    return f"{cfg} ({part['trace']}@{part['request_rate']:g})" if len(w["parts"]) > 1 else cfg
+
+
+def _plots(report: dict[str, Any], out: Path, log) -> dict[str, str]:
+    """Throughput vs request rate, latency CDFs and committed KV memory over
+    time, per workload; ``{}`` (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        log("matplotlib not importable: no plots")
+        report["skipped"].append({"config": "plots", "reason": "matplotlib not importable"})
+        return {}
+    plots: dict[str, str] = {}
+
+    def save(fig, key: str, fname: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        plots[key] = str(out / fname)
+
+    for name, w in report["workloads"].items():
+        slug = name.replace("-", "_")
+        runs = [(p, cfg, r) for p in w["parts"] for cfg, r in p["runs"].items()]
+        if not runs:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for p, cfg, r in runs:
+            mem = r["memory"]
+            if mem:
+                ax.plot([m["t_s"] for m in mem], [m["committed_bytes"] / 2**20 for m in mem], drawstyle="steps-post",
+                        label=_label(cfg, p, w))
+        ax.set(xlabel="time (s)", ylabel="committed KV memory (MiB)", title=f"{name}: committed KV memory")
+        ax.legend(fontsize=6)
+        save(fig, f"{name}:memory", f"serve_{slug}_memory.png")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for p, cfg, r in runs:
+            lat = sorted(q["e2e_s"] / q["output_tokens"] for q in r["requests"] if q["ok"] and q["output_tokens"])
+            if lat:
+                ax.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post",
+                        label=_label(cfg, p, w))
+        ax.set(xlabel="e2e latency per output token (s)", ylabel="fraction of requests", title=f"{name}: latency CDF")
+        ax.legend(fontsize=6)
+        save(fig, f"{name}:latency_cdf", f"serve_{slug}_latency_cdf.png")
+        online = [r for r in w["rows"] if math.isfinite(r["request_rate"])]
+        if online:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for trace in sorted({r["trace"] for r in online}):
+                for cfg in sorted({r["config"] for r in online}):
+                    pts = sorted((r["request_rate"], r["output_tokens_per_s"]) for r in online
+                                 if r["trace"] == trace and r["config"] == cfg)  # fmt: skip
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=f"{cfg} ({trace})")
+            ax.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title=f"{name}: throughput vs rate",
+                   xscale="log")  # fmt: skip
+            ax.legend(fontsize=6)
+            save(fig, f"{name}:throughput_vs_rate", f"serve_{slug}_throughput_vs_rate.png")
+    return plots
+
+
+# ----------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torch_vkv.bench.serve_engine import CONFIGS
+
+    p = serve_client.build_parser()
+    p.description = ("Serving benchmark. With --url: the load client over HTTP. Without: the engine in process, "
+                     "virtual vs paged configurations side by side.")  # fmt: skip
+    for action in p._actions:  # the load client's --smoke help says what it does over HTTP
+        if action.dest == "smoke":
+            action.help += "; in process: every workload with a 2-layer model, seconds on a CPU"
+    p.add_argument("--workload", action="append", choices=SERVE_WORKLOADS, default=None,
+                   help="in process: a workload (repeat for several; default all)")  # fmt: skip
+    p.add_argument("--configs", default=None,
+                   help=f"in process: comma-separated configurations (default: {','.join(CONFIGS)} plus FlashInfer "
+                        "and hf-generate_batch where available); NAME:BACKEND picks an attention backend")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="in process: the GPU preset of scripts/gpu_check.sh (~4-5 min)")
+    p.add_argument("--request-rates", default=None, help="in process: long-online sweep rates, comma-separated")
+    p.add_argument("--device", default=None, help="in process: default cuda when present, else cpu")
+    return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = serve_client.build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.url is None and not any(a in ("-h", "--help") for a in (argv or ())):
-        parser.error(
-            "without --url this would run the engine in process, which is not implemented yet; "
-            "start a server (python -m torch_vkv serve --model PATH) and pass --url http://HOST:PORT"
-        )
-    return serve_client.main(argv, parser)
+    from torch_vkv.bench.serve_engine import CONFIGS
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.url is not None:
+        return serve_client.main(argv, serve_client.build_parser())
+    client_only = {"--trace": args.trace != "arxiv_summarization", "--request-rate": not math.isinf(args.request_rate),
+                   "--max-prompt-tokens": args.max_prompt_tokens, "--max-output-tokens": args.max_output_tokens,
+                   "--model": args.model}  # fmt: skip
+    given = [k for k, v in client_only.items() if v]
+    if given:
+        parser.error(f"{', '.join(given)} apply to the load client (--url); in process, pick --workload, "
+                     "--num-requests and --request-rates")  # fmt: skip
+    if args.quick and args.smoke:
+        parser.error("--quick and --smoke are different sizes: pick one")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.smoke:
+        parser.error("without a GPU only --smoke runs in process (the full sizes are Llama-3-8B / Yi-6B-200k); "
+                     "to load a running server instead, pass --url http://HOST:PORT")
+    scale = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        for c in configs:
+            if c != "hf-generate_batch":
+                try:
+                    parse_config(c)
+                except ValueError as exc:
+                    parser.error(str(exc))
+    else:
+        configs = list(CONFIGS) + peer_configs(device)[0]
+    rates = None
+    if args.request_rates:
+        try:
+            rates = [serve_client._rate(x) for x in args.request_rates.split(",")]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    names = args.workload or list(SERVE_WORKLOADS)
+    slo = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo}
+    if scale == "smoke":  # a CPU second is not a GPU second: targets the tiny model meets
+        slo = {k: v if v is not None else 60.0 for k, v in slo.items()}
+    else:
+        slo = {"ttft_slo_s": slo["ttft_slo_s"] or 2.0, "tpot_slo_s": slo["tpot_slo_s"] or 0.1}
+    t = time.perf_counter()
+    report = run(names, scale, configs, num_requests=args.num_requests, request_rates=rates, device=device,
+                 seed=args.seed, **slo)  # fmt: skip
+    report["wall_s"] = time.perf_counter() - t
+    command = "python -m torch_vkv bench serve " + " ".join(sys.argv[3:] if argv is None else argv)
+    write(report, args.out, command)
+    failed = [s for w in report["workloads"].values() for s in w["skipped"] if s["reason"].startswith("failed")]
+    return 1 if failed else 0

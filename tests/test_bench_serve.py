@@ -1,0 +1,242 @@
+"""``python -m torch_vkv bench serve`` in process: every workload at --smoke
+size on the CPU (a subprocess, OMP_NUM_THREADS=1), the report's schema, and
+the pieces (configurations, roofline, sync step, model restore) on their own."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torch_vkv.bench import serve, serve_client
+from torch_vkv.bench.roofline import IterationRecord, ModelCost, run_floor
+from torch_vkv.bench.serve_engine import CONFIGS, EngineConfig, parse_config, random_prompts, run_engine
+from torch_vkv.bench.workloads import make_requests, workload_lengths
+
+SUMMARY_KEYS = set(serve_client.summarize([], 1.0, ttft_slo_s=1.0, tpot_slo_s=1.0))
+POSITIVE = ["output_tokens_per_s", "total_tokens_per_s", "request_throughput", "makespan_s", "duration_s",
+            "iter_mean_s", "busy_s", "roofline_floor_s", "pct_roofline", "peak_committed_bytes", "peak_running"] + [
+    f"{m}_{s}_s" for m in ("ttft", "tpot", "itl", "e2e", "norm_latency") for s in ("mean", "p50", "p90", "p99")]
+
+
+def _smoke(tmp_path, *extra: str) -> tuple[dict, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch_vkv", "bench", "serve", "--smoke", "--out", str(tmp_path), *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads((tmp_path / "serve.json").read_text()), (tmp_path / "serve.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    return _smoke(tmp_path_factory.mktemp("serve"))
+
+
+def test_smoke_every_workload_schema_and_numbers(smoke_report):
+    report, md = smoke_report
+    assert set(report["workloads"]) == set(serve.SERVE_WORKLOADS)
+    for key in ("env", "command", "device_rates", "slo_s", "configs", "skipped", "rows", "plots"):
+        assert key in report
+    assert report["device_rates"]["copy_bytes_per_s"] > 0 and report["device_rates"]["matmul_flops_per_s"] > 0
+    assert any(s["config"] == "hf-generate_batch" or s["config"] == "flashinfer" for s in report["skipped"])
+    for name, w in report["workloads"].items():
+        assert f"## {name}" in md
+        assert w["rows"], name
+        assert not [s for s in w["skipped"] if s["reason"].startswith("failed")], w["skipped"]
+        configs = {r["config"] for r in w["rows"]}
+        if name == "sync-vs-async":
+            assert configs == {f"{c}+{m}" for c in CONFIGS if c.startswith("virtual") for m in ("sync", "async")}
+        else:
+            assert configs == set(CONFIGS)
+        for row in w["rows"]:
+            assert SUMMARY_KEYS <= set(row), "the load client's schema"
+            assert row["completed"] == row["requests"] > 0 and row["failed"] == 0
+            for k in POSITIVE:
+                v = row[k]
+                assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (name, row["config"], k)
+            assert 0 <= row["host_pct"] <= 100 and row["host_s_per_iter"] >= 0
+            assert 0 <= row["goodput_fraction"] <= 1
+        for part in w["parts"]:
+            for cfg, run in part["runs"].items():
+                assert len(run["requests"]) == part["num_requests"]
+                for q in run["requests"]:
+                    assert q["ok"] and q["finish_reason"] == "length"
+                    assert q["output_tokens"] == q["expected_output_tokens"]
+                    assert len(q["itl_s"]) == q["output_tokens"] - 1 and all(x >= 0 for x in q["itl_s"])
+                    assert 0 < q["ttft_s"] <= q["e2e_s"]
+                mem = run["memory"]
+                assert mem and all(m["committed_bytes"] >= 0 for m in mem)
+                assert [m["t_s"] for m in mem] == sorted(m["t_s"] for m in mem)
+                its = run["iterations"]
+                computed = part["prompt_tokens"] + part["output_tokens"] - part["num_requests"]
+                assert sum(i["num_tokens"] for i in its) >= computed  # more after a preemption
+                assert sum(i["num_decode"] for i in its) > 0 and sum(i["num_prefill_tokens"] for i in its) > 0
+
+
+def test_smoke_ratios_and_capacity(smoke_report):
+    report, _ = smoke_report
+    for name in ("offline", "long-offline", "long-online", "capacity"):
+        for group in {r["group"] for r in report["workloads"][name]["rows"]}:
+            rows = [r for r in report["workloads"][name]["rows"] if r["group"] == group]
+            best = max((r for r in rows if r["config"].startswith("paged")), key=lambda r: r["output_tokens_per_s"])
+            assert all(r["best_paged"] == best["config"] for r in rows)
+            assert best["x_best_paged_tput"] == pytest.approx(1.0)
+            for r in rows:
+                assert r["x_best_paged_tput"] == pytest.approx(r["output_tokens_per_s"] / best["output_tokens_per_s"])
+    online = report["workloads"]["long-online"]["rows"]
+    assert {r["trace"] for r in online} == {"arxiv_long_online", "arxiv_summarization"}
+    assert all(r["x_best_paged_norm_p99"] > 0 for r in online)
+    asyncs = [r for r in report["workloads"]["sync-vs-async"]["rows"] if r["config"].endswith("+async")]
+    assert len(asyncs) == 2 and all(r["x_sync_tput"] > 0 and r["x_sync_iter_time"] > 0 for r in asyncs)
+    cap = {r["config"]: r for r in report["workloads"]["capacity"]["rows"]}
+    budget = report["workloads"]["capacity"]["parts"][0]["memory_budget"]
+    # 128 KiB of a tiny model's KV (512 B a token): one block of 256 tokens, or 16 of 16 tokens.
+    assert cap["paged-256"]["peak_running"] == 1
+    assert cap["paged-16"]["peak_running"] > 1
+    assert cap["paged-16"]["x_paged16_concurrency"] == 1.0
+    for cfg, r in cap.items():
+        assert r["peak_committed_bytes"] <= budget, cfg
+    assert cap["virtual-interleaved"]["num_preemptions"] >= 0
+
+
+def test_smoke_one_workload_and_configs(tmp_path):
+    report, md = _smoke(tmp_path, "--workload", "capacity", "--configs", "virtual-interleaved,paged-16",
+                        "--num-requests", "3")  # fmt: skip
+    assert list(report["workloads"]) == ["capacity"]
+    rows = report["workloads"]["capacity"]["rows"]
+    assert [r["config"] for r in rows] == ["virtual-interleaved", "paged-16"]
+    assert all(r["requests"] == 3 for r in rows)
+    assert "| virtual-interleaved |" in md
+
+
+def test_parse_config():
+    assert parse_config("virtual-per_layer") == EngineConfig("virtual-per_layer", "virtual", "per_layer")
+    assert parse_config("paged-256:triton") == EngineConfig("paged-256:triton", "paged", block_size=256,
+                                                            attention_backend="triton")  # fmt: skip
+    for bad in ("virtual", "virtual-flat", "paged-0", "paged-x", "paged-16:nope", "hf"):
+        with pytest.raises(ValueError, match="expected"):
+            parse_config(bad)
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit):
+        serve.main(["--smoke", "--quick"])
+    assert "pick one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--smoke", "--configs", "paged-0"])
+    assert "expected" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            serve.main(["--workload", "offline"])
+        assert "--smoke" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--smoke", "--trace", "uniform"])
+    assert "--trace apply to the load client" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--smoke", "--request-rates", "0"])
+    assert "expected a rate > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected"):
+        serve.workloads("huge")
+
+
+def test_roofline_floor_by_hand():
+    cost = ModelCost(weight_bytes=1000, linear_flops_per_token=10, kv_bytes_per_token=4, num_layers=2, num_heads=3,
+                     head_dim=5)  # fmt: skip
+    dev = {"copy_bytes_per_s": 100.0, "matmul_flops_per_s": 1000.0}
+    # A prefill chunk of 4 tokens after 2 computed (pairs 4*2 + 4*5/2 = 18) and one decode at context 7.
+    rec = IterationRecord(t_s=1.0, wall_s=0.5, host_s=0.1, num_tokens=5, num_decode=1, num_prefill_tokens=4,
+                          kv_tokens_read=6 + 7, prefill_attn_pairs=18)  # fmt: skip
+    expect = (1000 + 13 * 4) / 100.0 + (4 * 10 + 4 * 2 * 3 * 5 * 18) / 1000.0
+    assert rec.floor_s(cost, dev) == pytest.approx(expect)
+    assert run_floor([rec, rec], cost, dev) == pytest.approx(2 * expect)
+
+
+def _tiny_specs(n=3):
+    return make_requests(workload_lengths("uniform", n), max_prompt_tokens=24, max_output_tokens=4)
+
+
+def test_run_engine_records_work_restores_attention_and_sync(monkeypatch):
+    from torch_vkv.bench.models import build_model
+    from torch_vkv.cache import KVCache
+
+    model = build_model("tiny", device="cpu", dtype=torch.float32)
+    before = model.config._attn_implementation
+    specs = _tiny_specs()
+    prompts = random_prompts(specs, model.config.vocab_size)
+    calls = {"step": 0, "step_async": 0}
+    step, step_async = KVCache.step, KVCache.step_async
+
+    def counting(name, fn):
+        def wrapped(self, *a, **k):
+            calls[name] += 1
+            return fn(self, *a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(KVCache, "step", counting("step", step))
+    monkeypatch.setattr(KVCache, "step_async", counting("step_async", step_async))
+    kw = dict(max_batch_size=4, max_seq_len=64, chunk_size=16, memory_budget=None, page_size=4096, warmup=False)
+    res = run_engine(model, parse_config("virtual-interleaved").with_sync(True), specs, prompts, **kw)
+    assert calls["step"] > 0 and calls["step_async"] == 0
+    assert model.config._attn_implementation == before
+    its = res.iterations
+    # Every prompt token is computed once (no preemption at this size) and every output but the last decoded.
+    assert sum(i.num_prefill_tokens for i in its) == sum(s.prompt_tokens for s in specs)
+    assert sum(i.num_decode for i in its) == sum(s.output_tokens - 1 for s in specs)
+    assert all(r.ok and r.output_tokens == s.output_tokens for r, s in zip(res.results, specs))
+    calls.update(step=0, step_async=0)
+    run_engine(model, parse_config("virtual-interleaved"), specs, prompts, **kw)
+    assert calls["step_async"] > 0
+    assert model.config._attn_implementation == before
+
+
+def test_models_random_weights_and_rotary():
+    from torch_vkv.bench.models import MODELS, build_model, model_config, weight_bytes
+
+    assert {"llama3-8b", "yi-6b-200k", "tiny"} <= set(MODELS)
+    c = model_config("llama3-8b")
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.vocab_size) == (32, 8, 128256)
+    m = build_model("tiny", device="cpu", dtype=torch.float32, seed=1)
+    ref = model_config("tiny")
+    from transformers import LlamaForCausalLM
+
+    fresh = LlamaForCausalLM(ref)
+    torch.testing.assert_close(m.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    w = m.lm_head.weight
+    assert torch.isfinite(w).all() and abs(w.std().item() - 0.02) < 0.002
+    emb = m.get_input_embeddings().weight
+    assert weight_bytes(m) == sum(p.numel() * 4 for p in m.parameters()) - emb.numel() * 4
+    with pytest.raises(ValueError, match="expected"):
+        model_config("gpt-5")
+
+
+@pytest.mark.cuda
+def test_smoke_on_cuda(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch_vkv", "bench", "serve", "--smoke", "--device", "cuda", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((tmp_path / "serve.json").read_text())
+    assert report["env"]["gpu"]
+    for row in report["rows"]:
+        assert row["completed"] == row["requests"] and row["output_tokens_per_s"] > 0
+
+
+@pytest.mark.cuda
+def test_generate_batch_peer_on_cuda():
+    """transformers' continuous batching as the outside peer: every request
+    gets its tokens (slow on a CPU: 30-70 s of set-up, hence CUDA only)."""
+    from torch_vkv.bench.models import build_model
+    from torch_vkv.bench.serve_engine import run_generate_batch
+
+    model = build_model("tiny", device="cuda", dtype=torch.bfloat16)
+    before = model.config._attn_implementation
+    specs = _tiny_specs(4)
+    res = run_generate_batch(model, specs, random_prompts(specs, model.config.vocab_size), 4)
+    assert res.duration_s > 0 and all(r.ok and r.output_tokens == 4 for r in res.results)
+    assert model.config._attn_implementation == before

@@ -1,0 +1,265 @@
+"""Drive one ``Engine`` configuration through a workload, in process.
+
+:func:`run_engine` builds ``Engine(model, kv=..., layout=..., block_size=...,
+attention_backend=...)`` on a shared model, replays the workload's arrival
+times (requests are added at the first iteration boundary after their arrival;
+latencies count from the arrival itself), steps until every request finished,
+and records per request the engine's own timings (:class:`RequestResult`, the
+load client's schema), per iteration the wall time, the engine's host time and
+the work the roofline counts (:class:`IterationRecord`), and the committed KV
+memory after every iteration. :func:`run_generate_batch` runs transformers'
+own continuous batching (``generate_batch``, paged) as the outside peer.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from torch_vkv._checks import fail
+from torch_vkv.bench.roofline import IterationRecord
+from torch_vkv.bench.serve_client import RequestResult
+from torch_vkv.bench.workloads import RequestSpec
+
+__all__ = ["CONFIGS", "EngineConfig", "RunResult", "parse_config", "random_prompts", "run_engine",
+           "run_generate_batch"]  # fmt: skip
+
+#: Engine configurations every machine runs (``NAME[:BACKEND]`` picks an attention backend).
+CONFIGS = ("virtual-per_layer", "virtual-interleaved", "paged-16", "paged-256")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One engine configuration: ``kv``, ``layout`` (virtual), ``block_size``
+    (paged), ``attention_backend``; ``sync`` replaces ``KVCache.step_async``
+    by the synchronous ``KVCache.step`` (the sync-vs-async workload)."""
+
+    name: str
+    kv: str
+    layout: str = "per_layer"
+    block_size: int = 16
+    attention_backend: str = "auto"
+    sync: bool = False
+
+    def with_sync(self, sync: bool) -> "EngineConfig":
+        return EngineConfig(f"{self.name}+{'sync' if sync else 'async'}", self.kv, self.layout, self.block_size,
+                            self.attention_backend, sync)  # fmt: skip
+
+
+def parse_config(spec: str) -> EngineConfig:
+    """``virtual-per_layer``, ``virtual-interleaved``, ``paged-N`` (blocks of
+    N tokens), each optionally ``:BACKEND`` (``torch_vkv.attention``'s)."""
+    from torch_vkv.attention import BACKENDS
+
+    name, _, backend = spec.partition(":")
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        fail("configuration backend", f"one of {BACKENDS}", backend)
+    kind, _, arg = name.partition("-")
+    if kind == "virtual" and arg in ("per_layer", "interleaved"):
+        return EngineConfig(spec, "virtual", layout=arg, attention_backend=backend)
+    if kind == "paged" and arg.isdigit() and int(arg) > 0:
+        return EngineConfig(spec, "paged", block_size=int(arg), attention_backend=backend)
+    fail("configuration", "virtual-per_layer, virtual-interleaved or paged-N, optionally :BACKEND", spec)
+    raise AssertionError  # unreachable
+
+
+@dataclass
+class RunResult:
+    """What one configuration measured over one workload."""
+
+    config: str
+    results: list[RequestResult]
+    duration_s: float
+    iterations: list[IterationRecord] = field(default_factory=list)
+    memory: list[dict[str, float]] = field(default_factory=list)  # after every iteration
+    stats: dict[str, Any] = field(default_factory=dict)  # the engine's last stats()
+
+
+def random_prompts(specs: Sequence[RequestSpec], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids of each request's prompt length (the same for every configuration)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(s.prompt_tokens)] for s in specs]
+
+
+def _result(spec: RequestSpec, out: Any, arrival: float, t0: float) -> RequestResult:
+    m = out.metrics
+    times = m.token_times
+    res = RequestResult(spec.index, spec.prompt_tokens, spec.output_tokens, start_s=arrival - t0)
+    res.output_tokens = len(out.token_ids)
+    res.finish_reason = out.finish_reason
+    res.ok = out.finish_reason == "length" and bool(times)
+    if not res.ok:
+        res.error = f"finish_reason {out.finish_reason!r} after {res.output_tokens} tokens"
+        return res
+    res.ttft_s = times[0] - arrival
+    res.e2e_s = m.finished_time - arrival
+    res.itl_s = [b - a for a, b in zip(times, times[1:])]
+    return res
+
+
+def _hook_execute(engine: Any, pending: dict) -> None:
+    """Wraps ``engine.runner.execute`` to record the roofline's work of each
+    batch (the engine exposes no such hook; the batch is read, never changed)."""
+    execute = engine.runner.execute
+
+    def recording_execute(batch: Any):
+        decode = prefill = kv_read = pairs = 0
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            start = r.num_computed_tokens
+            kv_read += start + n
+            if n == 1 and r.output_token_ids and start == len(r.token_ids) - 1:
+                decode += 1
+            else:
+                prefill += n
+                pairs += n * start + n * (n + 1) // 2
+        pending.update(num_decode=decode, num_prefill_tokens=prefill, kv_tokens_read=kv_read,
+                       prefill_attn_pairs=pairs, num_tokens=batch.num_tokens)  # fmt: skip
+        return execute(batch)
+
+    engine.runner.execute = recording_execute
+
+
+def _use_sync_step(engine: Any) -> None:
+    """Makes the engine's per-iteration ``step_async`` a synchronous ``step``."""
+    cache = engine.kv.cache
+
+    def step_sync(seq_lens: Any, *, lookahead_tokens: int = 1) -> None:
+        cache.step(seq_lens)
+
+    cache.step_async = step_sync
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def run_engine(
+    model: Any,
+    cfg: EngineConfig,
+    specs: Sequence[RequestSpec],
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    chunk_size: int,
+    memory_budget: Optional[int],
+    page_size: Optional[int] = None,
+    cuda_graphs: bool = True,
+    warmup: bool = True,
+) -> RunResult:
+    """Serves ``specs`` (with ``prompts``) on a fresh engine of ``cfg``; closes
+    it (the model's attention implementation is restored) before returning."""
+    from torch_vkv.serving import Engine, SamplingParams
+
+    engine = Engine(
+        model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv=cfg.kv, layout=cfg.layout,
+        memory_budget=memory_budget, page_size=page_size if cfg.kv == "virtual" else None,
+        block_size=cfg.block_size, chunk_size=chunk_size, attention_backend=cfg.attention_backend,
+        cuda_graphs=cuda_graphs,
+    )  # fmt: skip
+    device = engine.device
+    try:
+        if cfg.sync:
+            if cfg.kv != "virtual":
+                fail("sync", "a virtual configuration (paged has no step_async)", cfg.name)
+            _use_sync_step(engine)
+        if warmup:  # compile kernels and capture graphs outside the timed run
+            warm = min(16, max_seq_len - 4)
+            engine.generate([[1] * warm] * 2, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                            use_tqdm=False)  # fmt: skip
+        pending: dict = {}
+        _hook_execute(engine, pending)
+        order = sorted(range(len(specs)), key=lambda i: specs[i].arrival_s)
+        by_id: dict[str, int] = {}
+        results: list[Optional[RequestResult]] = [None] * len(specs)
+        iterations: list[IterationRecord] = []
+        memory: list[dict[str, float]] = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0, mono0 = time.perf_counter(), time.monotonic()
+        nxt = 0
+        while nxt < len(order) or engine.has_unfinished_requests():
+            now = time.perf_counter() - t0
+            while nxt < len(order) and specs[order[nxt]].arrival_s <= now:
+                i = order[nxt]
+                params = SamplingParams(max_tokens=specs[i].output_tokens, temperature=0.0, ignore_eos=True)
+                by_id[engine.add_request(prompts[i], params)] = i
+                nxt += 1
+            if not engine.has_unfinished_requests():
+                time.sleep(max(0.0, specs[order[nxt]].arrival_s - (time.perf_counter() - t0)))
+                continue
+            host0 = engine.stats()["host_seconds"]
+            pending.clear()
+            ts = time.perf_counter()
+            outputs = engine.step()
+            te = time.perf_counter()
+            st = engine.stats()
+            if pending:
+                iterations.append(IterationRecord(t_s=te - t0, wall_s=te - ts, host_s=st["host_seconds"] - host0,
+                                                  **pending))  # fmt: skip
+            memory.append({"t_s": te - t0, "committed_bytes": st["committed_bytes"], "used_bytes": st["used_bytes"],
+                           "num_running": st["num_running"], "num_waiting": st["num_waiting"]})  # fmt: skip
+            for out in outputs:
+                i = by_id.get(out.request_id)
+                if i is not None and out.finished:
+                    results[i] = _result(specs[i], out, mono0 + specs[i].arrival_s, mono0)
+        duration = time.perf_counter() - t0
+        stats = engine.stats()
+    finally:
+        engine.close()
+        del engine
+        _release(device)
+    assert all(r is not None for r in results)
+    return RunResult(cfg.name, results, duration, iterations, memory, stats)  # type: ignore[arg-type]
+
+
+def run_generate_batch(model: Any, specs: Sequence[RequestSpec], prompts: Sequence[Sequence[int]],
+                       max_new_tokens: int) -> RunResult:  # fmt: skip
+    """transformers' ``generate_batch`` (continuous batching, paged cache),
+    greedy, ``max_new_tokens`` for every request (it takes one generation
+    config for the batch). Called outside ``torch.inference_mode()``: its
+    background thread fails on inference tensors otherwise. Only throughput is
+    comparable (per-request latencies are not reported by every version)."""
+    from transformers import GenerationConfig
+
+    if not hasattr(model, "generate_batch"):
+        raise RuntimeError("this transformers has no generate_batch")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    inputs = [list(p) for p in prompts]
+    try:
+        outs = model.generate_batch(inputs, generation_config=cfg)
+    except Exception:
+        # Versions that do not pick a paged attention themselves: the one the
+        # measurements in docs/benchmarks.md used, then the model's own back.
+        orig = model.config._attn_implementation
+        model.set_attn_implementation("paged|sdpa")
+        try:
+            t0 = time.perf_counter()
+            outs = model.generate_batch(inputs, generation_config=cfg)
+        finally:
+            model.set_attn_implementation(orig)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    duration = time.perf_counter() - t0
+    generated = [list(getattr(o, "generated_tokens", []) or []) for o in outs.values()]
+    results = []
+    for s, toks in zip(specs, generated):
+        r = RequestResult(s.index, s.prompt_tokens, max_new_tokens, ok=bool(toks), output_tokens=len(toks))
+        r.e2e_s = duration if toks else None
+        r.error = None if toks else "no output"
+        results.append(r)
+    _release(device)
+    return RunResult("hf-generate_batch", results, duration)
