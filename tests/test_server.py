@@ -389,11 +389,13 @@ def test_bench_serve_client_against_the_server(server, tmp_path):
     assert (out / "serve_client.md").read_text().startswith("# serve_client")
 
 
-def test_bench_serve_without_url_says_it_is_not_there_yet(capsys):
+def test_bench_serve_in_process_refuses_client_only_flags(capsys):
+    """Without --url, bench serve runs the engine in process: the load client's
+    own flags are refused with a message that names --url."""
     from torch_vkv.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["bench", "serve", "--num-requests", "2"])
+        main(["bench", "serve", "--num-requests", "2", "--request-rate", "4"])
     assert e.value.code == 2
     assert "--url" in capsys.readouterr().err
 
