@@ -10,9 +10,9 @@ a sync). This object holds both, and the rule that keeps them in step:
   :meth:`VirtualKVCache.prepare_step` *announces* it beforehand, and the
   in-graph op (:mod:`torch_vkv.hf.commit_op`) reports it when it runs, so the
   host adds the announced tokens without reading the device;
-* a step the host cannot account for (a CUDA-graph *replay* runs no Python, so
-  it reports nothing) is settled by reading the lengths back: one small
-  device-to-host copy.
+* once a CUDA graph was captured, a step may run as a *replay*, which runs no
+  Python and reports nothing: from then on every host read of the lengths
+  reads them back from the device (one small device-to-host copy).
 
 Nothing else keeps a copy: layers, the attention function and the mask
 function ask this object.
@@ -157,6 +157,13 @@ class SequenceLengths:
 
         ``in_step``: called by the eager step that may itself be the announced one.
         """
+        if self._maybe_replayed and self.on_device:
+            # A CUDA graph was captured, so a step may have run as a replay, which
+            # runs no Python: only the device knows. Read it every time (one small
+            # copy): an announcement can't say whether its step ran yet, and
+            # trusting it left the host a step behind (an under-commit).
+            self.set_host(*self.read_device())
+            return
         if not self._announced:
             return
         if self._reported == 1:  # the announced step ran once, compiled: add it (no sync)
@@ -164,13 +171,10 @@ class SequenceLengths:
             self._rows = [r + n for r in self._rows]
             self._seq_length += n
             self._announced = self._reported = 0
-        elif not self._maybe_replayed:
+        elif in_step:
             # Nothing ran yet; the announcement stays for the step to come (or,
             # from the eager step itself, is used up by it).
-            if in_step:
-                self._announced = 0
-        else:  # a replay may have run it: ask the device
-            self.set_host(*self.read_device())
+            self._announced = 0
 
     def __repr__(self) -> str:
         return f"SequenceLengths(rows={self._rows}, seq_length={self._seq_length}, announced={self._announced})"
