@@ -167,6 +167,14 @@ class Engine:
         if memory_budget is None and self.device.type == "cuda":
             itemsize = torch.empty((), dtype=self.dtype).element_size()
             static = num_slots * self.max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
+            if kv == "virtual":
+                # Whole 2 MiB pages per buffer and slot: a tiny model's static size
+                # is less than one page per buffer, which could not back one token.
+                page = 2 << 20
+                per_slot = self.max_seq_len * num_kv_heads * head_dim * itemsize
+                buffers = 2 * num_layers if layout == "per_layer" else 1
+                per_slot *= 2 * num_layers // buffers
+                static = num_slots * buffers * (-(-per_slot // page)) * page
             memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
         self.kv = KVManager(
             kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
