@@ -27,14 +27,17 @@ setup(
     # triton_kernels/ folder installed as torch_vkv.triton_kernels.
     packages=find_packages(include=["torch_vkv", "torch_vkv.*"]) + ["torch_vkv.triton_kernels"],
     package_dir={"torch_vkv.triton_kernels": "triton_kernels"},
-    package_data={"torch_vkv": ["py.typed"]},
+    package_data={"torch_vkv": ["py.typed"], "torch_vkv.bench": ["traces/*.csv", "traces/LICENSE-vattention.txt",
+                                                                 "traces/README.md"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=5.0"],
-        "test": ["pytest", "hypothesis", "triton>=3.2", "transformers>=5.0"],
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
+        "test": ["pytest", "hypothesis", "triton>=3.2", "transformers>=5.0", "fastapi", "uvicorn", "prometheus_client",
+                 "openai", "httpx", "tokenizers"],
     },
     zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""Command line: ``python -m torch_vkv {info,demo,bench}``."""
+"""Command line: ``python -m torch_vkv {info,demo,serve,bench}``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Sequence
 
-BENCHMARKS = ("alloc", "kernels", "hf")
+BENCHMARKS = ("alloc", "kernels", "hf", "serve")
 
 
 def info() -> int:
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends, page granularity, devices")
     sub.add_parser("demo", help="generate with a small model and compare KV memory (try --help)", add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (try serve --help)", add_help=False)
     # add_help=False: `bench NAME --help` reaches the benchmark's own parser.
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (try bench NAME --help)", add_help=False)
     bench.add_argument("name", choices=BENCHMARKS)
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from torch_vkv.demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "serve":
+        from torch_vkv.serving.server import main as serve_main
+
+        return serve_main(rest)
     module = importlib.import_module(f"torch_vkv.bench.{args.name}")
     return module.main(rest)
 

@@ -1,0 +1,107 @@
+"""The demo and ``bench hf`` (CPU smoke tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache  # noqa: E402
+
+
+from _hf_models import generate, prompts, tiny_config, tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def keep_threads():
+    """demo/bench set torch's CPU thread count for their run: restore it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_runs_on_cpu(capsys, keep_threads):
+    from torch_vkv.demo import main
+
+    assert main(["--device", "cpu", "--batch", "2", "--prompt-len", "12", "--new-tokens", "6",
+                 "--max-cache-len", "256"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "VirtualKVCache" in out and "StaticCache" in out and "DynamicCache" in out
+    assert "same tokens from all three caches: yes (exact equality, float32 on the CPU)" in out
+    assert main(["--device", "cpu", "--no-transformers", "--batch", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--max-cache-len", "128"]) == 0  # fmt: skip
+    assert "KVCache committed" in capsys.readouterr().out
+
+
+def test_demo_without_transformers_says_so(capsys, keep_threads, monkeypatch):
+    import sys
+
+    from torch_vkv.demo import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    assert main(["--device", "cpu", "--batch", "2", "--prompt-len", "6", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers is not installed" in out and "KVCache committed" in out
+
+
+def test_bench_hf_tiny_smoke(tmp_path, keep_threads):
+    import json
+
+    from torch_vkv.bench.hf import main
+
+    assert main(["--tiny", "--quick", "--device", "cpu", "--variants", "dynamic", "vkv", "--new-tokens", "4",
+                 "--prompt", "16", "--batch", "2", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "hf.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dynamic", "vkv"]
+    assert all(r["same_tokens_as_dynamic"] == 1.0 for r in rows)
+    assert rows[1]["kv_bytes"] > 0
+    assert rows[1]["capacity"] == "server" and rows[1]["max_cache_len"] == 8192
+
+
+def test_bench_hf_capacities_side_by_side(tmp_path, keep_threads):
+    import json
+
+    from torch_vkv.bench.hf import main
+
+    assert main(["--tiny", "--quick", "--device", "cpu", "--variants", "dynamic", "static", "vkv_compiled",
+                 "vkv_interleaved_compiled", "--new-tokens", "4", "--prompt", "16", "--batch", "2",
+                 "--max-cache-len", "256", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "hf.json").read_text())
+    got = [(r["variant"], r["capacity"], r["max_cache_len"]) for r in report["rows"]]
+    assert got == [("dynamic", "server", 256)] + [
+        (v, kind, cap) for v in ("static", "vkv_compiled", "vkv_interleaved_compiled")
+        for kind, cap in (("server", 256), ("exact", 20))
+    ]  # fmt: skip
+    assert all(r["same_tokens_as_dynamic"] == 1.0 for r in report["rows"])
+    inter = [r for r in report["rows"] if r["variant"] == "vkv_interleaved_compiled"]
+    assert all(r["kv_buffers"] == 1 for r in inter)
+
+
+def test_demo_local_checkpoint(tmp_path, capsys, keep_threads):
+    from torch_vkv.demo import main
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(tmp_path / "ckpt")
+    assert main(["--model", str(tmp_path / "ckpt"), "--device", "cpu", "--batch", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--max-cache-len", "64"]) == 0  # fmt: skip
+    assert str(tmp_path / "ckpt") in capsys.readouterr().out
+
+
+def test_demo_agreement_report_judges_each_token(capsys):
+    """The GPU comparison of the demo, run on the CPU: a float32 model agrees
+    with its float32 copy on every token; a token the reference ranks far
+    below its argmax is reported as outside the tolerance, not as a bare "no"."""
+    from torch_vkv.demo import _print_agreement
+
+    model = tiny_model("llama", "sdpa")
+    ids, mask = prompts(2)
+    out = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=6)
+    bad = out.clone()
+    with torch.no_grad():
+        logits = model(out[:, :-1], attention_mask=torch.cat([mask, torch.ones_like(out[:, 8:])], 1)).logits
+    bad[0, -1] = logits[0, -1].argmin()  # the reference's worst token
+    _print_agreement(model, {"good": out, "bad": bad}, mask, ids.shape[1])
+    text = capsys.readouterr().out
+    assert "good            12/12 argmax, 0 near ties: agrees" in text
+    assert "bad             11/12 argmax, 0 near ties: 1 token(s) outside the tolerance" in text

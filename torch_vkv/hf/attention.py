@@ -1,0 +1,179 @@
+"""The ``"vkv"`` attention implementation and its mask function.
+
+Both only read. :func:`vkv_attention_forward` reads the virtual cache through
+:func:`torch_vkv.attention` with per-row lengths, nothing past them; what a
+step writes (the new K/V, the lengths, the squeeze of left padding, commits)
+was done by the cache's ``update`` before. :func:`vkv_mask` hands the cache
+the padding of the new tokens (the cache's step plan needs it) and returns a
+``[batch, q_length]`` mask whose shape does not grow, so compiled steps see
+static shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import torch_vkv
+
+__all__ = ["ATTN_NAME", "register", "vkv_attention_forward", "vkv_mask"]
+
+ATTN_NAME = "vkv"
+
+
+def _attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale, max_seqlen_q):
+    """Packed varlen attention over the virtual cache (``q``: ``[total_q, H, D]``).
+
+    Every backend of :func:`torch_vkv.attention` reads only rows below
+    ``cache_seqlens`` (on the CPU the ``sdpa`` backend gathers valid rows)."""
+    return torch_vkv.attention(
+        q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, causal=True, scale=scale,
+        max_seqlen_q=max_seqlen_q,
+    )  # fmt: skip
+
+
+def _cache_of(q_offset: Any) -> Any:
+    ref = getattr(q_offset, "_vkv_cache", None)
+    return ref() if ref is not None else None
+
+
+def vkv_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Optional[Callable] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> Optional[torch.Tensor]:
+    """Mask function of ``"vkv"`` (registered with ``AttentionMaskInterface``).
+
+    With a :class:`VirtualKVCache` (its ``get_query_offset`` names it) the
+    cache masks by its lengths and the attention only needs to know which
+    *new* tokens are padding: this returns the last ``q_length`` columns of the
+    2-D padding mask, ``[batch, q_length]`` bool, and, for an eager multi-token
+    step, hands them to the cache, whose first layer squeezes the padding out.
+    With another cache it returns the 2-D mask over all ``kv_length`` keys
+    (for the plain fallback), or ``None``.
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    m = attention_mask.to(torch.bool)
+    # Traced code never looks for the cache (the padding plan is for eager steps).
+    cache = None if torch.compiler.is_compiling() else _cache_of(q_offset)
+    if cache is not None:
+        new = m[:, -q_length:]
+        if q_length > 1:
+            cache._set_padding(new)
+        return new
+    if isinstance(q_offset, torch.Tensor):  # StaticCache and the like: the keys past the mask are empty
+        return m[:, -q_length:]
+    return m[:, -kv_length:] if isinstance(kv_length, int) and 0 < kv_length <= m.shape[1] else m
+
+
+def _fallback_sdpa(query, key, value, attention_mask, scaling):
+    """vkv attention with another cache (DynamicCache, none): plain SDPA with a
+    bottom-right causal mask and the 2-D padding mask over all keys."""
+    B, _, Sq, _ = query.shape
+    Sk = key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] < Sk:
+        raise ValueError(
+            f"attn_implementation='vkv' with a cache other than VirtualKVCache: expected a padding mask over all "
+            f"{Sk} keys, got {tuple(attention_mask.shape)}"
+        )
+    q_pos = torch.arange(Sk - Sq, Sk, device=query.device)
+    mask = (torch.arange(Sk, device=query.device)[None, :] <= q_pos[:, None])[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -Sk:].bool()
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    # A query with no visible key (a padding query) gives NaN; its output is never
+    # used, but NaN must not spread through later layers' arithmetic.
+    out = torch.nan_to_num(out, nan=0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def vkv_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``"vkv"`` attention implementation: reads the cache, writes nothing to it.
+
+    Args:
+        query: ``[B, num_heads, S_q, head_dim]``.
+        key, value: what :meth:`VirtualKVLayer.update` returned in vkv mode, the
+            full-capacity views ``[max_batch_size, num_kv_heads, max_cache_len, head_dim]``.
+        attention_mask: ``[B, S_q]`` bool from :func:`vkv_mask` (False = left
+            padding among the new tokens) or ``None``. The cache's step plan,
+            built from the same mask, says where the real queries are.
+
+    Returns ``(out [B, S_q, num_heads, head_dim], None)``; padding queries get
+    zeros. No mask is built and nothing past the cache's lengths is read.
+    """
+    if dropout:
+        raise NotImplementedError("attn_implementation='vkv' is for inference: dropout must be 0")
+    layer = getattr(key, "_vkv_layer", None)
+    if layer is None:
+        return _fallback_sdpa(query, key, value, attention_mask, scaling)
+    cache = layer._parent
+    compiling = torch.compiler.is_compiling()
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        # No sliding windows here: fine while every row fits in the window.
+        longest = cache.max_cache_len if compiling else max(cache.lengths.rows(), default=0)
+        if longest > window:
+            what = "max_cache_len (compiled steps)" if compiling else "tokens in a row"
+            raise NotImplementedError(
+                f"attn_implementation='vkv' does not implement sliding windows: expected {what} <= "
+                f"sliding_window={window}, got {longest}"
+            )
+    B, Hq, Sq, D = query.shape
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+    # The whole buffers (layer.buffers()), never slices made earlier: request r reads row r.
+    k_cache, v_cache = layer.buffers()
+    seqlens = cache.lengths.cache_seqlens[:B]
+    q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
+    if Sq == 1:
+        return _attend(q, k_cache, v_cache, seqlens, None, scale, 1).view(B, 1, Hq, D), None
+    step = None if compiling else cache._step
+    if step is not None and step.real_index is not None:  # left padding: real queries only
+        out_real = _attend(q[step.real_index], k_cache, v_cache, seqlens, step.cu_seqlens_q, scale,
+                           step.max_seqlen_q)  # fmt: skip
+        out = q.new_zeros(B * Sq, Hq, D)
+        out[step.real_index] = out_real
+        return out.view(B, Sq, Hq, D), None
+    cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * Sq
+    return _attend(q, k_cache, v_cache, seqlens, cu, scale, Sq).view(B, Sq, Hq, D), None
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers ``"vkv"`` with transformers' ``AttentionInterface`` (and its mask
+    function with ``AttentionMaskInterface``). Idempotent; runs on import."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # pragma: no cover
+        AttentionMaskInterface = None
+    AttentionInterface.register(ATTN_NAME, vkv_attention_forward)
+    if AttentionMaskInterface is not None:
+        AttentionMaskInterface.register(ATTN_NAME, vkv_mask)
+    _REGISTERED = True

@@ -1,0 +1,87 @@
+"""What differs between the transformers versions we support (5.x).
+
+transformers is renaming ``past_key_values``: 5.24 takes ``cache=`` in
+``generate()`` (``past_key_values=`` deprecated, removal in 6.0) and in model
+``forward()`` (removal in 5.40); older 5.x releases (5.17 on our GPU machine)
+know only ``past_key_values=``. :func:`generate_kwargs` and
+:func:`forward_kwargs` return the keyword the installed version takes, so the
+same code runs on both without a ``FutureWarning``::
+
+    out = model.generate(ids, **generate_kwargs(cache), max_new_tokens=32)
+    logits = model(tok, **forward_kwargs(model, cache)).logits
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch_vkv._checks import fail
+
+__all__ = ["cache_keyword", "forward_kwargs", "generate_kwargs", "model_shape", "text_config"]
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_keyword() -> str:
+    try:
+        from transformers.generation import utils
+    except ImportError:  # pragma: no cover - transformers without generation
+        return "past_key_values"
+    # The names generate() holds the cache under; "cache" first since the rename.
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_keyword(forward_owner: type) -> str:
+    try:
+        params = inspect.signature(forward_owner.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(model: Any = None) -> str:
+    """``"cache"`` or ``"past_key_values"``: the keyword ``model.forward`` takes
+    a cache under (``model=None``: the one ``generate()`` takes)."""
+    if model is None:
+        return _generate_keyword()
+    return _forward_keyword(type(model))
+
+
+def generate_kwargs(cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for ``model.generate(...)`` with the installed transformers."""
+    return {_generate_keyword(): cache}
+
+
+def forward_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for ``model(...)`` / ``model.forward(...)``."""
+    return {cache_keyword(model): cache}
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's config of a (maybe multimodal) transformers config."""
+    if hasattr(config, "get_text_config"):
+        try:
+            return config.get_text_config(decoder=True)
+        except TypeError:
+            return config.get_text_config()
+    return config
+
+
+def model_shape(config: Any) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` from a transformers config."""
+    tc = text_config(config)
+    try:
+        num_layers = int(tc.num_hidden_layers)
+        num_heads = int(tc.num_attention_heads)
+        hidden = getattr(tc, "hidden_size", None)
+    except (AttributeError, TypeError, ValueError):
+        fail("config", "a decoder config with num_hidden_layers and num_attention_heads (e.g. model.config)",
+             type(config).__name__, TypeError)  # fmt: skip
+    num_kv_heads = int(getattr(tc, "num_key_value_heads", None) or num_heads)
+    head_dim = getattr(tc, "head_dim", None) or (hidden // num_heads if hidden else None)
+    if num_layers < 1 or num_kv_heads < 1 or not head_dim or int(head_dim) < 1:
+        fail("config", "num_hidden_layers, num_key_value_heads and head_dim >= 1",
+             (num_layers, num_kv_heads, head_dim))  # fmt: skip
+    return num_layers, num_kv_heads, int(head_dim)

@@ -1,0 +1,454 @@
+"""``Engine``: continuous batching on virtual KV (or the paged baseline).
+
+    from torch_vkv.serving import Engine, SamplingParams
+    with Engine(model, max_batch_size=64, max_seq_len=8192) as engine:
+        outputs = engine.generate(prompts, SamplingParams(max_tokens=128, temperature=0.0))
+
+Each :meth:`Engine.step` is one iteration: the scheduler picks the batch
+(decodes first, then prefill chunks, within ``chunk_size`` tokens) and commits
+its pages, the runner runs the model once over the flattened ragged batch, the
+sampler draws one token for every request whose prompt is fully computed, and
+finished requests release their slots. See ``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from torch_vkv._checks import ArgumentTypeError, check_int, fail
+from torch_vkv import BACKENDS, LAYOUTS
+from torch_vkv.serving.kv import KVManager
+from torch_vkv.serving.outputs import RequestOutput
+from torch_vkv.serving.params import SamplingParams
+from torch_vkv.serving.request import Request, RequestStatus
+from torch_vkv.serving.runner import ATTN_NAME, ModelRunner, register
+from torch_vkv.serving.sampler import Sampler
+from torch_vkv.serving.scheduler import Scheduler
+
+__all__ = ["Engine"]
+
+KV_KINDS = ("virtual", "paged")
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _model_shape(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a transformers config."""
+    c = _text_config(config)
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return c.num_hidden_layers, kv_heads, head_dim
+
+
+def _eos_ids(model: Any) -> tuple[int, ...]:
+    """EOS ids from ``generation_config.eos_token_id`` (int or list); the
+    config's only when the model has no generation config."""
+    gen = getattr(model, "generation_config", None)
+    eos = gen.eos_token_id if gen is not None else getattr(_text_config(model.config), "eos_token_id", None)
+    if eos is None:
+        return ()
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
+
+
+def _check_sliding_window(config: Any, max_seq_len: int) -> None:
+    c = _text_config(config)
+    window = getattr(c, "sliding_window", None)
+    if window is None or not getattr(c, "use_sliding_window", True):
+        return
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return
+    if max_seq_len > window:
+        fail("max_seq_len", f"<= the model's sliding_window {window} (sliding-window attention is not "
+             "supported: every layer attends over the whole sequence)", max_seq_len)  # fmt: skip
+
+
+class Engine:
+    """A serving engine over a Hugging Face causal LM.
+
+    Args:
+        model: a transformers causal LM (``...ForCausalLM``), or a local
+            checkpoint path (loaded with ``AutoModelForCausalLM``). The engine
+            takes the model over while open: it moves it to ``device`` /
+            ``dtype``, puts it in eval mode and switches its attention to
+            ``"vkv_serving"``; :meth:`close` restores the attention implementation.
+        max_batch_size: most requests running at once (slots).
+        max_seq_len: most tokens of one request, prompt + output.
+        kv: ``"virtual"`` (a :class:`torch_vkv.KVCache`) or ``"paged"`` (the
+            block-table baseline, ``block_size`` tokens per block).
+        layout: the ``KVCache`` layout (``"per_layer"`` or ``"interleaved"``; virtual only).
+        memory_budget: bytes of KV memory. ``None``: a static cache's size
+            (``max_batch_size * max_seq_len`` tokens), on CUDA at most 90% of
+            the free GPU memory.
+        page_size: host backend only: bytes per page (as ``KVCache``).
+        block_size: tokens per block (paged only).
+        chunk_size: token budget of one iteration (decodes + prefill chunks).
+        attention_backend: ``torch_vkv.attention``'s ``backend``.
+        cuda_graphs: replay CUDA graphs for decode-only iterations (CUDA only).
+        device: default CUDA when present, else the CPU (host backend).
+        dtype: default the model's.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int,
+        max_seq_len: int,
+        kv: str = "virtual",
+        layout: str = "per_layer",
+        memory_budget: Optional[int] = None,
+        page_size: Optional[int] = None,
+        block_size: int = 16,
+        chunk_size: int = 512,
+        attention_backend: str = "auto",
+        cuda_graphs: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        self._closed = True  # until construction succeeds
+        self.max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, low=2)
+        if kv not in KV_KINDS:
+            fail("kv", f"one of {KV_KINDS}", kv)
+        if layout not in LAYOUTS:
+            fail("layout", f"one of {LAYOUTS}", layout)
+        if memory_budget is not None:
+            check_int("memory_budget", memory_budget, low=1)
+        if page_size is not None:
+            check_int("page_size", page_size, low=1)
+            if kv == "paged":
+                fail("page_size", "None with kv='paged' (blocks are block_size tokens)", page_size)
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1)
+        if attention_backend != "auto" and attention_backend not in BACKENDS:
+            fail("attention_backend", f"'auto' or one of {tuple(BACKENDS)}", attention_backend)
+        if not isinstance(cuda_graphs, bool):
+            fail("cuda_graphs", "a bool", cuda_graphs, ArgumentTypeError)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            fail("dtype", "a floating-point torch.dtype or None", dtype, ArgumentTypeError)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype is not None else "auto")
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
+        _check_sliding_window(model.config, self.max_seq_len)
+        self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
+        model.to(device=self.device, dtype=self.dtype)
+        model.eval()
+        self.model = model
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size = int(getattr(emb, "num_embeddings", 0) or _text_config(model.config).vocab_size)
+        self.eos_token_ids = _eos_ids(model)
+        num_layers, num_kv_heads, head_dim = _model_shape(model.config)
+
+        graphs = cuda_graphs and self.device.type == "cuda"
+        num_slots = self.max_batch_size + (1 if graphs else 0)  # + a scratch slot for graph padding rows
+        if memory_budget is None and self.device.type == "cuda":
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            static = num_slots * self.max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
+            memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
+        self.kv = KVManager(
+            kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
+            max_seq_len=self.max_seq_len, dtype=self.dtype, device=self.device, memory_budget=memory_budget,
+            layout=layout, page_size=page_size, block_size=self.block_size,
+        )  # fmt: skip
+        self.kv_kind, self.layout = kv, layout
+        self.memory_budget = memory_budget
+        try:
+            scratch = None
+            if graphs:
+                scratch = self.kv.alloc()
+                self.kv.grow(_one_slot(num_slots, scratch, 1))
+            self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
+            register()
+            self._orig_attn = getattr(model.config, "_attn_implementation", None)
+            model.set_attn_implementation(ATTN_NAME)
+            self.runner = ModelRunner(
+                model, self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size,
+                backend=attention_backend, cuda_graphs=graphs, scratch_slot=scratch,
+            )  # fmt: skip
+        except BaseException:
+            self._restore_model()
+            self.kv.close()
+            raise
+        self.sampler = Sampler()
+        self._requests: dict[str, Request] = {}
+        self._undelivered: list[RequestOutput] = []  # aborted requests, returned by the next step
+        self._next_id = 0
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self._num_iterations = 0
+        self._num_generated = 0
+        self._num_finished = 0
+        self._host_seconds = 0.0
+        self._closed = False
+
+    # -------------------------------------------------------------- requests
+    def add_request(
+        self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None, request_id: Optional[str] = None
+    ) -> str:
+        """Queues a request and returns its id.
+
+        Args:
+            prompt_token_ids: the prompt, ``1 .. max_seq_len - 1`` token ids in ``[0, vocab_size)``.
+            params: ``SamplingParams`` (default ``SamplingParams()``).
+            request_id: a unique string; default a counter.
+
+        Raises ``ValueError`` for an empty prompt, a prompt of ``max_seq_len``
+        tokens or more, a token id out of range, a duplicate ``request_id``, or
+        a request that could not fit in the KV memory budget even alone;
+        nothing is queued then.
+        """
+        self._check_open()
+        prompt, params, request_id = self._validate(prompt_token_ids, params, request_id)
+        self._enqueue(prompt, params, request_id)
+        return request_id
+
+    def _validate(self, prompt: Any, params: Any, request_id: Any) -> tuple[list[int], SamplingParams, str]:
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            fail("params", "a SamplingParams", type(params), ArgumentTypeError)
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+                fail("prompt_token_ids", "a 1-D integer tensor or a sequence of ints",
+                     f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}")  # fmt: skip
+            prompt = prompt.tolist()
+        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+            prompt = prompt.tolist()
+        elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            fail("prompt_token_ids", "a sequence of token ids", type(prompt), ArgumentTypeError)
+        prompt = [check_int("prompt token id", t) for t in prompt]
+        if not prompt:
+            fail("prompt_token_ids", "at least one token", prompt)
+        if len(prompt) >= self.max_seq_len:
+            fail("prompt_token_ids", f"fewer than max_seq_len={self.max_seq_len} tokens", f"{len(prompt)} tokens")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            fail("prompt token id", f"an int in [0, {self.vocab_size})", bad)
+        if request_id is None:
+            while str(self._next_id) in self._requests:
+                self._next_id += 1
+            request_id = str(self._next_id)
+            self._next_id += 1
+        elif not isinstance(request_id, str):
+            fail("request_id", "a str or None", type(request_id), ArgumentTypeError)
+        elif request_id in self._requests:
+            fail("request_id", "an id not used by an unfinished request", request_id)
+        longest = min(len(prompt) + params.max_tokens, self.max_seq_len)
+        if not self.kv.fits_alone(longest):
+            fail("prompt_token_ids + max_tokens",
+                 f"a request that fits in the KV memory budget alone ({self.kv.total_pages} pages of "
+                 f"{self.kv.page_bytes} bytes)", f"{longest} tokens needing {self.kv.pages_for(longest)} pages")  # fmt: skip
+        return prompt, params, request_id
+
+    def _enqueue(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request(request_id, prompt, params, seed=seed, eos_token_ids=self.eos_token_ids,
+                      arrival_time=time.monotonic())  # fmt: skip
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Finishes a request with ``finish_reason="abort"`` and releases its
+        slot and pages; the next :meth:`step` returns its final output.
+        Returns False (and does nothing) when no unfinished request has that id."""
+        self._check_open()
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        req.finish_reason = "abort"
+        self._finish(req, time.monotonic())
+        self._undelivered.append(req.output())
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a request is waiting or running, or an aborted request's
+        final output is still to be returned by :meth:`step`."""
+        return bool(self._requests) or bool(self._undelivered)
+
+    def _finish(self, req: Request, now: float) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finished_time = now
+        del self._requests[req.request_id]
+        self._num_finished += 1
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Runs one iteration. Returns the requests that got a token or
+        finished in it (cumulative outputs), aborted ones included."""
+        self._check_open()
+        outputs, self._undelivered = self._undelivered, []
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        batch = self.scheduler.schedule(now)
+        if not batch.requests:
+            return outputs
+        t1 = time.perf_counter()
+        logits, rows = self.runner.execute(batch)
+        reqs = [batch.requests[i] for i in rows]
+        t2 = time.perf_counter()
+        tokens = self._sample(logits, reqs).tolist()  # the iteration's one device -> host sync
+        t3 = time.perf_counter()
+        now = time.monotonic()
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+        for r, t in zip(reqs, tokens):
+            if r.append_token(t, now, self.max_seq_len):
+                self.scheduler.remove(r)
+                self._finish(r, now)
+            outputs.append(r.output())
+        self._num_generated += len(tokens)
+        self._num_iterations += 1
+        self._host_seconds += (t1 - t0) + (time.perf_counter() - t3)
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        if all(r.params.temperature == 0.0 for r in reqs):
+            return self.sampler(logits)
+        p = [r.params for r in reqs]
+        dev = logits.device
+        floats = torch.tensor([[q.temperature for q in p], [q.top_p for q in p]], dtype=torch.float32)
+        ints = torch.tensor([[q.top_k for q in p], [r.seed for r in reqs], [len(r.output_token_ids) for r in reqs]],
+                            dtype=torch.int64)  # fmt: skip
+        floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        return self.sampler(
+            logits, floats[0], ints[0], floats[1], ints[1], ints[2],
+            use_top_k=any(q.top_k > 0 for q in p), use_top_p=any(q.top_p < 1.0 for q in p),
+        )  # fmt: skip
+
+    # -------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Serves ``prompts`` (lists of token ids) to the end; returns their
+        final outputs in the order of ``prompts``. ``params``: one
+        ``SamplingParams`` for all, or one per prompt. Every prompt is checked
+        before any is queued. Requests added earlier with :meth:`add_request`
+        are served alongside (their outputs are not returned)."""
+        self._check_open()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            fail("prompts", "a sequence of prompts (sequences of token ids)", type(prompts), ArgumentTypeError)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)):
+            if len(params) != len(prompts):
+                fail("params", f"one SamplingParams or a list of {len(prompts)}", f"a list of {len(params)}")
+        else:
+            fail("params", "a SamplingParams or a list of them", type(params), ArgumentTypeError)
+        checked = [self._validate(prompt, p, None) for prompt, p in zip(prompts, params)]  # distinct ids
+        for prompt, p, rid in checked:
+            self._enqueue(prompt, p, rid)
+        index = {rid: i for i, (_, _, rid) in enumerate(checked)}
+        results: list[Optional[RequestOutput]] = [None] * len(checked)
+        from tqdm.auto import tqdm
+
+        start, generated = time.perf_counter(), 0
+        with tqdm(total=len(checked), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while any(r is None for r in results):
+                for out in self.step():
+                    i = index.get(out.request_id)
+                    if i is None or results[i] is not None:
+                        continue
+                    if out.request_id in index:
+                        generated += 1
+                    if out.finished:
+                        results[i] = out
+                        bar.update(1)
+                if use_tqdm:
+                    bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        """``num_running``, ``num_waiting``, ``num_preemptions``,
+        ``committed_bytes`` (physical KV memory held, freed slots' cached
+        pages included), ``used_bytes`` (K/V of running requests' computed
+        tokens), ``memory_budget``, ``num_finished``, ``num_iterations``,
+        ``num_generated_tokens``, ``host_seconds`` (host time of scheduling,
+        page commits, batch metadata and output bookkeeping, summed over
+        iterations; the model forward and the sampler are excluded)."""
+        self._check_open()
+        s = self.scheduler
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "num_preemptions": s.num_preemptions,
+            "committed_bytes": self.kv.committed_bytes(),
+            "used_bytes": sum(r.num_computed_tokens for r in s.running) * self.kv.bytes_per_token,
+            "memory_budget": self.memory_budget,
+            "num_finished": self._num_finished,
+            "num_iterations": self._num_iterations,
+            "num_generated_tokens": self._num_generated,
+            "host_seconds": self._host_seconds + self.runner.prepare_seconds,
+            "kv": self.kv_kind,
+        }
+
+    # ------------------------------------------------------------- lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the Engine is closed")
+
+    def _restore_model(self) -> None:
+        orig = getattr(self, "_orig_attn", None)
+        if orig is not None and getattr(self.model.config, "_attn_implementation", None) == ATTN_NAME:
+            self.model.set_attn_implementation(orig)
+
+    def close(self) -> None:
+        """Drops every request, frees the KV cache and CUDA graphs, and puts
+        the model's attention implementation back. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.runner.close()
+        self._restore_model()
+        self.kv.close()
+        self._requests.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _one_slot(num_slots: int, slot: int, num_tokens: int) -> np.ndarray:
+    """``seq_lens`` for the KV manager: ``num_tokens`` in ``slot``, nothing elsewhere."""
+    seq = np.zeros(num_slots, dtype=np.int64)
+    seq[slot] = num_tokens
+    return seq

@@ -1,0 +1,97 @@
+"""``SamplingParams``: how one request is decoded."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+from torch_vkv._checks import ArgumentTypeError, check_int, fail
+
+__all__ = ["SamplingParams"]
+
+
+def _check_float(what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(what, "a real number", value, ArgumentTypeError)
+    value = float(value)
+    if value != value:  # NaN
+        fail(what, "a number, not NaN", value)
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters of one request (vLLM's names and defaults).
+
+    Args:
+        max_tokens: most tokens to generate (>= 1). Generation also stops when
+            prompt + output reaches the engine's ``max_seq_len``.
+        temperature: >= 0; ``0`` is greedy (argmax).
+        top_p: nucleus sampling, in ``(0, 1]``; ``1`` disables it.
+        top_k: keep the ``top_k`` most likely tokens; ``-1`` or ``0`` disables it.
+        stop_token_ids: ids that end the request (the stop token is kept as the
+            last output token, ``finish_reason="stop"``).
+        ignore_eos: do not stop at the model's EOS ids (``stop_token_ids`` still stop).
+        seed: makes sampling reproducible and independent of the batch; ``None``
+            draws a seed when the request arrives.
+        stop: strings that end the request (text API and server only: the
+            text stops before the first one, ``finish_reason="stop"``); one
+            string or a sequence of non-empty strings, kept as a tuple.
+        n: completions per prompt; only ``1`` for now (more needs shared pages).
+
+    Raises ``ValueError`` (``TypeError`` for a wrong type) at construction for
+    anything out of range.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    stop: Union[str, Sequence[str], None] = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "max_tokens", check_int("max_tokens", self.max_tokens, low=1))
+        temperature = _check_float("temperature", self.temperature)
+        if temperature < 0 or temperature == float("inf"):
+            fail("temperature", "a finite float >= 0 (0 is greedy)", self.temperature)
+        set_(self, "temperature", temperature)
+        top_p = _check_float("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            fail("top_p", "a float in (0, 1]", self.top_p)
+        set_(self, "top_p", top_p)
+        set_(self, "top_k", check_int("top_k", self.top_k, low=-1))
+        stop = self.stop_token_ids
+        if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
+            fail("stop_token_ids", "a sequence of token ids", stop, ArgumentTypeError)
+        set_(self, "stop_token_ids", tuple(check_int("stop_token_ids entry", t, low=0) for t in stop))
+        if not isinstance(self.ignore_eos, bool):
+            fail("ignore_eos", "a bool", self.ignore_eos, ArgumentTypeError)
+        if self.seed is not None:
+            set_(self, "seed", check_int("seed", self.seed))
+        stop_strings = self.stop
+        if stop_strings is None:
+            stop_strings = ()
+        elif isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)
+        elif isinstance(stop_strings, bytes) or not hasattr(stop_strings, "__iter__"):
+            fail("stop", "a string, a sequence of strings or None", stop_strings, ArgumentTypeError)
+        stop_strings = tuple(stop_strings)
+        for s in stop_strings:
+            if not isinstance(s, str):
+                fail("stop entry", "a str", s, ArgumentTypeError)
+            if not s:
+                fail("stop entry", "a non-empty string", s)
+        set_(self, "stop", stop_strings)
+        if check_int("n", self.n, low=1) != 1:
+            raise ValueError(f"n: n > 1 needs shared pages (not supported yet); expected 1, got {self.n!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is greedy (``temperature == 0``)."""
+        return self.temperature == 0.0

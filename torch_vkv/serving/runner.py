@@ -1,0 +1,281 @@
+"""``ModelRunner``: runs a Hugging Face causal LM over one flattened ragged batch.
+
+The model runs through transformers' own modeling code, unchanged: the engine
+registers an attention implementation (:data:`ATTN_NAME`) with
+``transformers.AttentionInterface`` and switches the model to it. Each forward
+gets ``input_ids`` / ``position_ids`` of shape ``[1, total_tokens]`` (every
+request's new tokens back to back, no padding), ``use_cache=False``, and the
+iteration's metadata as one extra keyword argument (:data:`CTX_KWARG`), which
+transformers forwards to the attention function of every layer. There, the new
+tokens' K/V (after RoPE) are written with :func:`torch_vkv.append_kv` and the
+queries attend with :func:`torch_vkv.attention`, like
+``flash_attn_with_kvcache``. No mask is built: no mask function is registered
+for the name, so transformers' mask factory returns ``None`` without looking at
+the positions (no host sync). Logits are computed only for the rows that
+sample (``logits_to_keep`` = their indices).
+
+On CUDA, decode-only iterations replay CUDA graphs captured for a few padded
+batch sizes over static buffers (tokens, positions, ``cache_seqlens``, slots);
+padding rows point at a scratch slot, so they never touch a request's cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from torch_vkv import append_kv, attention  # the public entry points (functions)
+from torch_vkv.serving.kv import KVManager
+from torch_vkv.serving.scheduler import ScheduledBatch
+
+__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "serving_attention_forward"]
+
+#: Name of the attention implementation the engine switches models to.
+ATTN_NAME = "vkv_serving"
+#: Keyword argument of the model's forward that carries a :class:`BatchContext`.
+CTX_KWARG = "vkv_serving_batch"
+
+
+@dataclass
+class BatchContext:
+    """Metadata of one forward, shared by every layer.
+
+    ``cache_seqlens``: int32 ``[R]`` (new tokens included); ``cu_seqlens_q``:
+    int32 ``[R + 1]`` or ``None`` for a decode-only batch; ``slots``: int32
+    ``[R]``; ``block_table``: the paged cache's or ``None``; ``max_seqlen_q``:
+    host int.
+    """
+
+    keys: list
+    values: list
+    cache_seqlens: torch.Tensor
+    cu_seqlens_q: Optional[torch.Tensor]
+    slots: torch.Tensor
+    block_table: Optional[torch.Tensor]
+    max_seqlen_q: int
+    backend: str
+
+
+def serving_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The :data:`ATTN_NAME` attention: append this step's K/V, then attend over the cache.
+
+    Args:
+        query: ``[1, num_heads, total_tokens, head_dim]``.
+        key, value: the new tokens' ``[1, num_kv_heads, total_tokens, head_dim]`` (after RoPE).
+
+    Returns ``([1, total_tokens, num_heads, head_dim], None)``.
+    """
+    ctx: Optional[BatchContext] = kwargs.get(CTX_KWARG)
+    if ctx is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_NAME!r} runs only inside torch_vkv.serving.Engine: expected the "
+            f"{CTX_KWARG!r} keyword argument, got none (set the model's attn_implementation back to use it alone)"
+        )
+    if dropout:
+        raise NotImplementedError(f"attn_implementation={ATTN_NAME!r} is for inference: dropout must be 0")
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    k_new = key[0].transpose(0, 1)
+    v_new = value[0].transpose(0, 1)
+    k_cache, v_cache = ctx.keys[layer], ctx.values[layer]
+    append_kv(k_cache, v_cache, k_new, v_new, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
+              block_table=ctx.block_table)  # fmt: skip
+    out = attention(q, k_cache, v_cache, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
+                    scale=scaling, backend=ctx.backend, block_table=ctx.block_table,
+                    max_seqlen_q=ctx.max_seqlen_q)  # fmt: skip
+    return out.unsqueeze(0), None
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers :data:`ATTN_NAME` with ``transformers.AttentionInterface`` (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, serving_attention_forward)
+        _REGISTERED = True
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Padded batch sizes with a CUDA graph: 1, 2, 4, 8, then multiples of 16 (and the maximum)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16))
+    return sorted(set(sizes + [max_batch_size]))
+
+
+class ModelRunner:
+    """Turns a :class:`ScheduledBatch` into logits of its sampling rows.
+
+    Args:
+        model: a transformers causal LM, already on the device, in eval mode,
+            switched to :data:`ATTN_NAME`.
+        kv: the KV manager.
+        max_batch_size: most requests in a batch; ``chunk_size``: most tokens.
+        backend: ``torch_vkv.attention``'s ``backend``.
+        cuda_graphs: capture decode-only steps (CUDA only).
+        scratch_slot: the slot padding rows of graphed steps write to
+            (required with ``cuda_graphs``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVManager,
+        *,
+        max_batch_size: int,
+        chunk_size: int,
+        backend: str = "auto",
+        cuda_graphs: bool = False,
+        scratch_slot: Optional[int] = None,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = kv.device
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self._keys = [kv.key(l) for l in range(kv.num_layers)]
+        self._values = [kv.value(l) for l in range(kv.num_layers)]
+        self._pin = self.device.type == "cuda"
+        max_tokens = max(chunk_size, max_batch_size)
+        # Host staging: int64 tokens | positions | sample rows; int32 cu | seqlens | slots.
+        self._h64 = torch.zeros(3 * max_tokens, dtype=torch.int64, pin_memory=self._pin)
+        self._h32 = torch.zeros(3 * max_batch_size + 1, dtype=torch.int32, pin_memory=self._pin)
+        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._scratch = scratch_slot
+        #: Host seconds spent building batches' metadata (inputs, lengths, slots, copies queued).
+        self.prepare_seconds = 0.0
+        if cuda_graphs and self.device.type == "cuda":
+            if scratch_slot is None:
+                raise ValueError("scratch_slot: expected a slot for the padding rows of CUDA graphs, got None")
+            self._capture()
+
+    # ------------------------------------------------------------- forward
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        out = self.model(input_ids=ids[None], position_ids=pos[None], use_cache=False, logits_to_keep=rows,
+                         **{CTX_KWARG: ctx})  # fmt: skip
+        return out.logits[0]
+
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Runs ``batch``; returns (logits ``[S, vocab]``, indices into
+        ``batch.requests`` of the ``S`` requests that sample this step)."""
+        t0 = time.perf_counter()
+        reqs, news = batch.requests, batch.num_new_tokens
+        R = len(reqs)
+        if batch.decode_only:
+            bs = next((b for b in self._graphs if b >= R), None) if self._graphs else None
+            if bs is not None:
+                return self._replay(batch, bs, t0), list(range(R))
+            tokens = [r.token_ids[-1] for r in reqs]
+            lens = [r.num_tokens for r in reqs]
+            positions = [n - 1 for n in lens]
+            sample = list(range(R))
+            cu = None
+            max_q = 1
+        else:
+            tokens, positions, lens, sample, cu = [], [], [], [], [0]
+            for i, (r, n) in enumerate(zip(reqs, news)):
+                c = r.num_computed_tokens
+                tokens += r.token_ids[c : c + n]
+                positions += range(c, c + n)
+                lens.append(c + n)
+                cu.append(cu[-1] + n)
+                if c + n == r.num_tokens:
+                    sample.append(i)
+            max_q = max(news)
+        T, S = len(tokens), len(sample)
+        h64 = self._h64[: 2 * T + S].numpy()
+        h64[:T] = tokens
+        h64[T : 2 * T] = positions
+        h64[2 * T :] = [cu[i + 1] - 1 for i in sample] if cu is not None else sample
+        h32 = self._h32[: 2 * R + (R + 1 if cu is not None else 0)].numpy()
+        h32[:R] = lens
+        h32[R : 2 * R] = [r.slot for r in reqs]
+        if cu is not None:
+            h32[2 * R :] = cu
+        d64 = self._h64[: 2 * T + S].to(self.device, non_blocking=True)
+        d32 = self._h32[: h32.shape[0]].to(self.device, non_blocking=True)
+        ctx = BatchContext(
+            self._keys, self._values, d32[:R], d32[2 * R :] if cu is not None else None, d32[R : 2 * R],
+            self.kv.block_table, max_q, self.backend,
+        )  # fmt: skip
+        self.prepare_seconds += time.perf_counter() - t0
+        return self._forward(d64[:T], d64[T : 2 * T], d64[2 * T :], ctx), sample
+
+    # --------------------------------------------------------- CUDA graphs
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        B = self.max_batch_size
+        dev = self.device
+        self._g_ids = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._g_pos = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._g_rows = torch.arange(B, dtype=torch.int64, device=dev)
+        self._g_lens = torch.ones(B, dtype=torch.int32, device=dev)
+        self._g_slots = torch.full((B,), self._scratch, dtype=torch.int32, device=dev)
+        self._g_host = torch.zeros(4 * B, dtype=torch.int64, pin_memory=True)
+        self.kv.synchronize()  # no background commit may run into the capture
+        pool = None
+        for bs in reversed(graph_batch_sizes(B)):
+            ctx = BatchContext(self._keys, self._values, self._g_lens[:bs], None, self._g_slots[:bs],
+                               self.kv.block_table, 1, self.backend)  # fmt: skip
+            args = (self._g_ids[:bs], self._g_pos[:bs], self._g_rows[:bs], ctx)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, outside the capture
+                self._forward(*args)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the KV committer thread's driver calls are not part of the capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = self._forward(*args)
+            pool = graph.pool()
+            self._graphs[bs] = (graph, out)
+        self._graphs = dict(sorted(self._graphs.items()))
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, batch: ScheduledBatch, bs: int, t0: float) -> torch.Tensor:
+        reqs = batch.requests
+        R = len(reqs)
+        staged = self._g_host[: 4 * bs]
+        h = staged.numpy().reshape(4, bs)
+        h[0, :R] = [r.token_ids[-1] for r in reqs]
+        h[1, :R] = [r.num_tokens - 1 for r in reqs]
+        h[2, :R] = [r.num_tokens for r in reqs]
+        h[3, :R] = [r.slot for r in reqs]
+        # Padding rows: token 0 at position 0 of the scratch slot, one key.
+        h[0, R:] = 0
+        h[1, R:] = 0
+        h[2, R:] = 1
+        h[3, R:] = self._scratch
+        d = staged.to(self.device, non_blocking=True).view(4, bs)
+        self._g_ids[:bs].copy_(d[0])
+        self._g_pos[:bs].copy_(d[1])
+        self._g_lens[:bs].copy_(d[2])
+        self._g_slots[:bs].copy_(d[3])
+        graph, out = self._graphs[bs]
+        self.prepare_seconds += time.perf_counter() - t0
+        graph.replay()
+        return out[:R]
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        """Batch sizes with a captured CUDA graph (empty on the CPU or without graphs)."""
+        return list(self._graphs)
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._keys = self._values = []

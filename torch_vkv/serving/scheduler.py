@@ -1,0 +1,213 @@
+"""``Scheduler``: Sarathi-Serve's chunked prefill over a token budget, with recompute preemption.
+
+One iteration (``chunk_size`` = token budget)::
+
+    running (admission order)         waiting (FIFO; preempted at the front)
+    [A dec][B dec][C pre 300/900]     [D 700][E 40]
+       |      |        |                 |
+       v      v        v                 v
+    budget 512:  A:1  B:1  C:510 (chunk) ..... D, E wait (budget spent)
+    -> one ragged batch  [A][B][C c c c ... c]   (decodes first, no padding)
+       cu_seqlens_q = [0, 1, 2, 512], cache_seqlens = [len A, len B, 300 + 510]
+
+1. Decodes of running requests, oldest first, one token each.
+2. Prefill chunks of running requests still prefilling, oldest first.
+3. Waiting requests, in order, while budget, slots and memory last: admitted
+   by the pages their first chunk needs now plus a small watermark (not by
+   their maximum length).
+
+When a running request cannot grow, the most recently admitted running
+request is preempted (recompute): its slot and pages are released and it goes
+back to the front of the queue with its tokens (prompt + output so far), which
+are prefilled again later; its final output is unchanged. A request that
+cannot fit in the whole budget even alone is refused at ``add_request``, so
+the oldest running request always makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from torch_vkv import KVCacheCapacityError
+from torch_vkv.serving.kv import KVManager
+from torch_vkv.serving.request import Request, RequestStatus
+
+__all__ = ["ScheduledBatch", "Scheduler"]
+
+
+@dataclass
+class ScheduledBatch:
+    """What one iteration runs: ``requests[i]`` computes ``num_new_tokens[i]``
+    tokens starting at its ``num_computed_tokens`` (decodes first).
+
+    ``seq_lens``: int64 ``[num_slots]``, tokens each slot holds after the step
+    (0 for slots not in the batch); ``decode_only``: every request computes one
+    token (CUDA-graph eligible).
+    """
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    seq_lens: Optional[np.ndarray] = None
+    num_tokens: int = 0
+    decode_only: bool = True
+
+
+class Scheduler:
+    """Chooses each iteration's batch and owns the queues.
+
+    Args:
+        kv: the KV manager (slots and pages).
+        max_batch_size: most running requests.
+        chunk_size: token budget of one iteration.
+        watermark: fraction of the pool's pages kept free when admitting a
+            request while others run (vLLM's 1%), so running requests can grow.
+    """
+
+    def __init__(self, kv: KVManager, *, max_batch_size: int, chunk_size: int, watermark: float = 0.01) -> None:
+        self.kv = kv
+        self.max_batch_size = max_batch_size
+        self.chunk_size = chunk_size
+        self.watermark_pages = int(watermark * kv.total_pages)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the last is the youngest
+        self.num_preemptions = 0
+        self._admissions = 0
+
+    # ---------------------------------------------------------------- queues
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Takes ``req`` out of the queues and releases its slot (finish or abort)."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.kv.free(req.slot)
+            req.slot = None
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, req: Request) -> None:
+        """Recompute preemption: release the slot, back to the front of the queue."""
+        self.running.remove(req)
+        self.kv.free(req.slot)
+        req.slot = None
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self, now: float) -> ScheduledBatch:
+        """The next iteration's batch, its pages committed (``kv.grow``). Never
+        raises for lack of memory: that is a preemption or a wait."""
+        while True:
+            batch = self._plan(now)
+            if not batch.requests:
+                return batch
+            try:
+                self.kv.grow(batch.seq_lens)
+                return batch
+            except KVCacheCapacityError:
+                # The driver ran out below the budget: shed the youngest and plan again.
+                self.preempt(self.running[-1])
+
+    def _plan(self, now: float) -> ScheduledBatch:
+        kv = self.kv
+        seq = np.zeros(kv.num_slots, dtype=np.int64)
+        sched: dict[int, tuple[Request, int]] = {}  # id(req) -> (req, tokens), in batch order
+        budget = self.chunk_size
+        preempted = False
+
+        def unschedule(victim: Request) -> None:
+            nonlocal budget
+            entry = sched.pop(id(victim), None)
+            if entry is not None:
+                budget += entry[1]
+            seq[victim.slot] = 0
+
+        def make_room(req: Request) -> bool:
+            """Preempt the youngest running requests until ``seq`` fits; False if ``req`` itself went."""
+            nonlocal preempted
+            while not kv.can_grow(seq):
+                victim = self.running[-1]
+                unschedule(victim)
+                self.preempt(victim)
+                preempted = True
+                if victim is req:
+                    return False
+            return True
+
+        # 1. decodes, oldest first
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1][:budget]
+        for r in decodes:
+            seq[r.slot] = r.num_tokens
+        if not kv.can_grow(seq):  # rare: some decode must cross into pages that are not there
+            seq[:] = 0
+            kept = []
+            for r in decodes:
+                if r.status is not RequestStatus.RUNNING:
+                    continue  # preempted as a victim meanwhile
+                seq[r.slot] = r.num_tokens
+                if make_room(r):
+                    kept.append(r)
+            decodes = [r for r in kept if r.status is RequestStatus.RUNNING]
+        for r in decodes:
+            sched[id(r)] = (r, 1)
+        budget -= len(decodes)
+
+        # 2. prefill chunks of running requests, oldest first
+        for r in [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]:
+            if budget <= 0:
+                break
+            if r.status is not RequestStatus.RUNNING:
+                continue
+            n = min(r.num_tokens - r.num_computed_tokens, budget)
+            seq[r.slot] = r.num_computed_tokens + n
+            if make_room(r):
+                sched[id(r)] = (r, n)
+                budget -= n
+
+        # 3. admit waiting requests, in order (none after a preemption this iteration)
+        if not preempted and self.waiting and budget > 0:
+            planned = sum(kv.need_pages(r.slot, int(seq[r.slot])) for r, _ in sched.values())
+            free = kv.available_pages() - planned
+            while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and kv.num_free_slots:
+                r = self.waiting[0]
+                n = min(r.num_tokens, budget)
+                need = kv.need_pages(None, n)
+                reserve = self.watermark_pages if self.running else 0
+                if need + reserve > free:
+                    break  # first come, first served: nobody overtakes the head of the queue
+                slot = kv.alloc()
+                seq[slot] = n
+                if not kv.can_grow(seq):  # the estimates are upper bounds: not expected
+                    seq[slot] = 0
+                    kv.free(slot)
+                    break
+                self.waiting.popleft()
+                r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, 0
+                self._admissions += 1
+                r.admitted_at = self._admissions
+                if r.first_scheduled_time is None:
+                    r.first_scheduled_time = now
+                self.running.append(r)
+                sched[id(r)] = (r, n)
+                budget -= n
+                free -= need
+
+        batch = ScheduledBatch(seq_lens=seq)
+        for r, n in sched.values():
+            batch.requests.append(r)
+            batch.num_new_tokens.append(n)
+            batch.num_tokens += n
+            if n != 1 or r.num_tokens - r.num_computed_tokens != 1:
+                batch.decode_only = False
+        return batch
