@@ -831,6 +831,18 @@ class KVCache(Unique):
                 res.decommit(slot * self.pages_per_slot + lo, end - lo, fence)
         np.minimum(self._first_pages[:, slot], keep_pages, out=self._first_pages[:, slot])
 
+    @_locked
+    def window_start(self, layer: int) -> np.ndarray:
+        """First row of each slot that ``layer`` still holds (int64 ``[max_batch_size]``): the
+        rows below it were given back behind the layer's sliding window; 0 for a global layer."""
+        self._check_open()
+        layer = check_int("layer", layer, low=0, high=self.num_layers - 1)
+        self._join_async()
+        g = self._buffer_group[2 * layer] if self._windowed else -1
+        if g < 0:
+            return np.zeros(self.max_batch_size, dtype=np.int64)
+        return -(-self._first_pages[g] * self.page_size // self.bytes_per_token_buffer)
+
     def _held_pages(self, slot: int) -> int:
         """Pages committed for ``slot`` in all buffers together."""
         held = self._committed_pages[slot] * len(self._buffers)
@@ -851,7 +863,7 @@ class KVCache(Unique):
             return
         for g, w in enumerate(self._window_sizes.tolist()):
             first_row = -(-int(self._first_pages[g, slot]) * self.page_size // self.bytes_per_token_buffer)
-            if keep - w < first_row:
+            if first_row > max(0, keep - w):
                 fail(f"keep_tokens of slot {slot}", f"0 or at least {first_row + w} (its layers with a "
                      f"{w}-token window gave back the rows below {first_row})", keep)  # fmt: skip
 
