@@ -29,10 +29,11 @@ def test_public_names_and_signatures():
     assert torch_vkv.BACKENDS is BACKENDS == ("auto", "torch_fa2", "flash_attn", "triton", "flex", "sdpa")
     params = list(inspect.signature(attention).parameters)
     assert params == ["q", "k_cache", "v_cache", "cache_seqlens", "cu_seqlens_q", "slots", "causal", "scale",
-                      "backend", "block_table", "max_seqlen_q", "num_splits"]  # fmt: skip
+                      "backend", "block_table", "max_seqlen_q", "num_splits", "window_left", "softcap"]  # fmt: skip
     assert list(inspect.signature(append_kv).parameters) == [
         "k_cache", "v_cache", "k_new", "v_new", "cache_seqlens", "cu_seqlens_q", "slots", "block_table"]  # fmt: skip
-    assert list(inspect.signature(select_backend).parameters) == ["q", "k_cache", "v_cache", "decode", "block_table"]
+    assert list(inspect.signature(select_backend).parameters) == [
+        "q", "k_cache", "v_cache", "decode", "block_table", "softcap"]  # fmt: skip
 
 
 def test_private_names_kept_for_old_callers():

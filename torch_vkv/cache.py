@@ -117,6 +117,17 @@ class KVCache(Unique):
         A pool to draw pages from (shared with other caches); by default the
         cache makes its own. Closing a cache on a shared pool returns its pages
         to the pool's free list and destroys none.
+    sliding_window : int or list of (int or None), optional
+        ``per_layer`` layout only. Tokens each layer attends to (Hugging Face's
+        ``sliding_window``: a query at ``p`` sees keys ``[p - W + 1, p]``, i.e.
+        ``attention(..., window_left=W - 1)``); an int applies to every layer,
+        a list gives one entry per layer, ``None`` for a global layer. Each
+        :meth:`step` / :meth:`step_async` decommits the pages of a windowed
+        layer that lie entirely behind ``L - W``, ``L`` the slot's length
+        before that step (its new tokens are written from ``L`` on and read
+        keys from ``L - W + 1`` on), ordered after the work queued on the
+        current stream like every decommit. See docs/design.md, "Pages behind
+        the window".
 
     Notes
     -----
@@ -144,6 +155,7 @@ class KVCache(Unique):
         margin_tokens: int = 0,
         page_size: int | None = None,
         pool: PagePool | None = None,
+        sliding_window: int | Sequence[int | None] | None = None,
     ) -> None:
         self._closed = True  # until construction succeeds
         self._forked = False
@@ -159,6 +171,8 @@ class KVCache(Unique):
             fail("dtype", "a floating-point torch.dtype", dtype, ArgumentTypeError)
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
+        #: Tokens each layer attends to (``None``: all), from ``sliding_window``.
+        self.sliding_window = _parse_windows(sliding_window, self.num_layers, layout)
         if memory_budget is not None:
             memory_budget = check_int("memory_budget", memory_budget, low=0)
         if pool is not None and not isinstance(pool, PagePool):
@@ -243,6 +257,7 @@ class KVCache(Unique):
         self._pending_ticket: int | None = None
         self._pending_pages: dict[int, int] = {}
         self._commit_calls = 0
+        self._init_windows()
         self._closed = False
         # No finalizer: like any storage, the buffers' reservations are
         # released when the last tensor over them dies (the cache's, or a
@@ -323,6 +338,9 @@ class KVCache(Unique):
         self._active_mask[slot] = False
         self._used_tokens[slot] = 0
         self._free_slots.append(slot)
+        if self._windowed and self._first_pages[:, slot].any():
+            # Its windowed layers lost their first rows, which the next request needs: no warm reuse.
+            self._decommit_slot(slot, 0, None)
 
     # ---------------------------------------------------------------- commits
     @_locked
@@ -385,7 +403,9 @@ class KVCache(Unique):
         """
         need = self._parse_seq_lens(seq_lens)
         self._join_async()
+        before = self._used_tokens.copy() if self._windowed else None
         self._commit_now(need)
+        self._trim_windows(need, before)
 
     @_locked
     def step_async(
@@ -415,7 +435,9 @@ class KVCache(Unique):
         lookahead = check_int("lookahead_tokens", lookahead_tokens, low=0)
         need = self._parse_seq_lens(seq_lens)
         self._join_async()
+        before = self._used_tokens.copy() if self._windowed else None
         self._commit_now(need)
+        self._trim_windows(need, before)
         ahead = np.where(need > 0, np.minimum(need + lookahead, self.max_seq_len), 0)
         plan = self._plan(ahead)
         if not plan:
@@ -449,6 +471,7 @@ class KVCache(Unique):
         slot = self._check_slot(slot, active=False)
         keep = check_int("keep_tokens", keep_tokens, low=0, high=self.max_seq_len)
         self._join_async()
+        self._check_window_crop(slot, keep)
         if slot in self._active:
             self._used_tokens[slot] = min(self._used_tokens[slot], keep)
         keep_pages = self._pages_for(keep)
@@ -489,6 +512,8 @@ class KVCache(Unique):
         ``reserved_bytes`` (virtual), ``committed_bytes`` (physical, mapped),
         ``used_bytes`` (tokens committed for active requests x bytes per token),
         ``cached_bytes`` (committed by freed slots, kept for reuse),
+        ``window_committed_bytes`` (what the layers with a ``sliding_window`` hold,
+        part of ``committed_bytes``; 0 without windows),
         ``free_pages`` / ``pool_pages`` (the pool's free and existing pages),
         ``page_size``, ``tokens_per_page``, ``active_slots``, ``commit_calls``,
         ``map_calls``, ``set_access_calls``, ``unmap_calls``,
@@ -497,14 +522,13 @@ class KVCache(Unique):
         self._check_open()
         self._join_async()
         s = self.pool.stats()
-        nb = len(self._buffers)
-        committed_pages = sum(self._committed_pages)
-        cached_pages = sum(self._committed_pages[slot] for slot in self._free_slots)
+        held = [self._held_pages(slot) for slot in range(self.max_batch_size)]
         return {
             "reserved_bytes": self.reserved_bytes,
-            "committed_bytes": committed_pages * nb * self.page_size,
+            "committed_bytes": sum(held) * self.page_size,
             "used_bytes": int(self._used_tokens.sum()) * self.bytes_per_token,
-            "cached_bytes": cached_pages * nb * self.page_size,
+            "cached_bytes": sum(held[slot] for slot in self._free_slots) * self.page_size,
+            "window_committed_bytes": self._window_committed_pages() * self.page_size,
             "free_pages": s["free_pages"],
             "pool_pages": s["created_pages"],
             "max_pages": s["max_pages"],
@@ -675,7 +699,7 @@ class KVCache(Unique):
         s = self.pool.stats()
         available = s["free_pages"] + max(0, s["max_pages"] - s["created_pages"]) + s["pending_pages"]
         if reclaim:
-            available += sum(self._committed_pages[slot] for slot in self._free_slots) * len(self._buffers)
+            available += sum(self._held_pages(slot) for slot in self._free_slots)
         return available
 
     def _commit_now(self, need: np.ndarray) -> None:
@@ -704,7 +728,7 @@ class KVCache(Unique):
             if short <= 0:
                 break
             if self._committed_pages[victim]:
-                short -= self._committed_pages[victim] * nb
+                short -= self._held_pages(victim)
                 self._decommit_slot(victim, 0, None)
         done: list[tuple[Any, int, int]] = []
         try:
@@ -727,10 +751,13 @@ class KVCache(Unique):
         count = self._committed_pages[slot] - keep_pages
         if count <= 0:
             return
-        first = slot * self.pages_per_slot + keep_pages
         fence = self._buffers[0]._fence_stream(stream)
-        for res in self._reservations:
-            res.decommit(first, count, fence)
+        if self._windowed:
+            self._decommit_windowed(slot, keep_pages, fence)
+        else:
+            first = slot * self.pages_per_slot + keep_pages
+            for res in self._reservations:
+                res.decommit(first, count, fence)
         self._set_committed(slot, keep_pages)
 
     def _join_async(self) -> None:
@@ -751,3 +778,108 @@ class KVCache(Unique):
             raise
         for slot, pages in plan.items():
             self._set_committed(slot, max(self._committed_pages[slot], pages))
+
+    # ------------------------------------------------------ sliding windows
+    # A layer with a sliding window of W tokens needs, after a step to length L,
+    # only rows >= L - W (the next query, at L, sees keys from L - W + 1). Its
+    # buffers then hold pages [first, committed) of a slot instead of
+    # [0, committed): ``_first_pages[g, slot]`` per group g of buffers sharing a
+    # window; every other buffer, and the page count ``_committed_pages``, stay
+    # as without windows.
+
+    def _init_windows(self) -> None:
+        windows = sorted({w for w in self.sliding_window if w is not None})
+        self._windowed = bool(windows)
+        self._window_sizes = np.array(windows, dtype=np.int64)  # [G]
+        self._first_pages = np.zeros((len(windows), self.max_batch_size), dtype=np.int64)  # [G, B]
+        # Group of each buffer (K and V of layer l are buffers 2l and 2l + 1), -1: global.
+        group = {w: g for g, w in enumerate(windows)}
+        self._buffer_group = [group.get(self.sliding_window[i // 2], -1) for i in range(len(self._buffers))]
+        self._group_buffers = [
+            [self._reservations[i] for i, g in enumerate(self._buffer_group) if g == gi] for gi in range(len(windows))
+        ]
+
+    def _trim_windows(self, need: np.ndarray, before: np.ndarray | None) -> None:
+        """Decommit, in every windowed buffer, the pages of the slots this step names (``need > 0``)
+        that lie entirely behind ``before - W``, ``before`` the slot's length before the step: this
+        step writes its new tokens from ``before`` on, and its first query (at ``before``) reads keys
+        from ``before - W + 1`` on. So a layer holds at most W + new tokens + 2 pages of rows.
+        Vectorised; no-op without windows."""
+        if not self._windowed:
+            return
+        # First page still needed: the one holding row before - W (floor), never past what is committed.
+        target = np.maximum(before[None, :] - self._window_sizes[:, None], 0) * self.bytes_per_token_buffer
+        target //= self.page_size
+        np.minimum(target, np.asarray(self._committed_pages)[None, :], out=target)
+        grow = (need[None, :] > 0) & (target > self._first_pages)
+        if not grow.any():
+            return
+        fence = self._buffers[0]._fence_stream(None)
+        for g, slot in zip(*np.nonzero(grow)):
+            lo, hi = int(self._first_pages[g, slot]), int(target[g, slot])
+            for res in self._group_buffers[g]:
+                res.decommit(int(slot) * self.pages_per_slot + lo, hi - lo, fence)
+            self._first_pages[g, slot] = hi
+
+    def _decommit_windowed(self, slot: int, keep_pages: int, fence: Any) -> None:
+        """``_decommit_slot`` when some buffers start at a later page: each buffer gives back
+        its committed pages from ``keep_pages`` on."""
+        end = self._committed_pages[slot]
+        for res, g in zip(self._reservations, self._buffer_group):
+            lo = keep_pages if g < 0 else max(keep_pages, int(self._first_pages[g, slot]))
+            if end > lo:
+                res.decommit(slot * self.pages_per_slot + lo, end - lo, fence)
+        np.minimum(self._first_pages[:, slot], keep_pages, out=self._first_pages[:, slot])
+
+    @_locked
+    def window_start(self, layer: int) -> np.ndarray:
+        """First row of each slot that ``layer`` still holds (int64 ``[max_batch_size]``): the
+        rows below it were given back behind the layer's sliding window; 0 for a global layer."""
+        self._check_open()
+        layer = check_int("layer", layer, low=0, high=self.num_layers - 1)
+        self._join_async()
+        g = self._buffer_group[2 * layer] if self._windowed else -1
+        if g < 0:
+            return np.zeros(self.max_batch_size, dtype=np.int64)
+        return -(-self._first_pages[g] * self.page_size // self.bytes_per_token_buffer)
+
+    def _held_pages(self, slot: int) -> int:
+        """Pages committed for ``slot`` in all buffers together."""
+        held = self._committed_pages[slot] * len(self._buffers)
+        if self._windowed:
+            held -= sum(int(self._first_pages[g, slot]) * len(b) for g, b in enumerate(self._group_buffers))
+        return held
+
+    def _window_committed_pages(self) -> int:
+        total = 0
+        committed = np.asarray(self._committed_pages)
+        for g, bufs in enumerate(self._group_buffers):
+            total += int((committed - self._first_pages[g]).sum()) * len(bufs)
+        return total
+
+    def _check_window_crop(self, slot: int, keep: int) -> None:
+        """A crop to ``keep`` tokens must leave every windowed layer the rows its next query reads."""
+        if not self._windowed or keep == 0:
+            return
+        for g, w in enumerate(self._window_sizes.tolist()):
+            first_row = -(-int(self._first_pages[g, slot]) * self.page_size // self.bytes_per_token_buffer)
+            if first_row > max(0, keep - w):
+                fail(f"keep_tokens of slot {slot}", f"0 or at least {first_row + w} (its layers with a "
+                     f"{w}-token window gave back the rows below {first_row})", keep)  # fmt: skip
+
+
+def _parse_windows(sliding_window: Any, num_layers: int, layout: str) -> list[int | None]:
+    """``sliding_window`` -> one entry per layer (``None``: a global layer)."""
+    if sliding_window is None:
+        return [None] * num_layers
+    if isinstance(sliding_window, (Sequence, np.ndarray)) and not isinstance(sliding_window, (str, bytes)):
+        if len(sliding_window) != num_layers:
+            fail("sliding_window", f"an int or a list of {num_layers} entries (one per layer)",
+                 f"{len(sliding_window)} entries")  # fmt: skip
+        windows = [None if w is None else check_int(f"sliding_window[{i}]", w, low=1) for i, w in enumerate(sliding_window)]
+    else:
+        windows = [check_int("sliding_window", sliding_window, low=1)] * num_layers
+    if layout != "per_layer" and any(w is not None for w in windows):
+        fail("sliding_window", "None with layout='interleaved' (its pages hold every layer of a token, so a "
+             "page behind a window is still needed by the global layers: use layout='per_layer')", sliding_window)  # fmt: skip
+    return windows

@@ -87,6 +87,14 @@ def _rows(
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (the CPU interpreter has no libdevice): sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # 2 * log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attn_tiles(
     acc,  # fp32 [BLOCK_M, HEAD_DIM] running numerator
     l_i,  # fp32 [BLOCK_M] running denominator
@@ -107,10 +115,15 @@ def _attn_tiles(
     stride_vh,
     lo,  # first key position of this loop (multiple of BLOCK_N)
     hi,  # keys >= hi are never read
+    key_lo,  # keys < key_lo are never read (the window's start for the block's first query; else 0)
+    window,  # WINDOW: a query at p sees keys >= p - window
     num_blocks,  # PAGED: blocks in the pool (bad block ids are clamped, and masked in the masked tiles)
-    sm_scale_log2,  # softmax scale * log2(e)
+    qk_mul,  # softmax scale * log2(e); with SOFTCAP: softmax scale / softcap
+    cap_out,  # SOFTCAP: softcap * log2(e)
     MASKED: tl.constexpr,  # False: every key in [lo, hi) is valid and visible, hi - lo a multiple of BLOCK_N
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,  # sliding window (masked tiles mask keys < q_pos - window)
+    SOFTCAP: tl.constexpr,  # scores soft-capped: softcap * tanh(score / softcap)
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGED: tl.constexpr,
@@ -121,7 +134,9 @@ def _attn_tiles(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         if MASKED:
-            blk, row, n_ok = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, num_blocks, PAGED, PAGE_SIZE)
+            blk, row, n_ok = _rows(
+                bt_ptr, stride_bt, slot, offs_n, (offs_n < hi) & (offs_n >= key_lo), num_blocks, PAGED, PAGE_SIZE
+            )
             # Masked loads: rows past the length are never read, so NaN or
             # unmapped memory there cannot leak in (0 * NaN would be NaN).
             k = tl.load(
@@ -141,11 +156,15 @@ def _attn_tiles(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        qk = tl.dot(q, tl.trans(k)) * qk_mul
+        if SOFTCAP:
+            qk = cap_out * _tanh(qk)
         if MASKED:
             ok = n_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= q_pos[:, None])
+            if WINDOW:
+                ok = ok & (offs_n[None, :] >= q_pos[:, None] - window)
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that sees no key yet keeps m = -inf; subtract 0 instead so
@@ -166,22 +185,43 @@ def _attn_tiles(
 def _attn_span(
     acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    lo, hi_full, hi, num_blocks, sm_scale_log2,
-    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+    lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """Keys ``[lo, hi)``: full tiles ``[lo, hi_full)`` without masks, then the masked rest."""
+    """Keys ``[lo, hi)``: the masked window edge ``[lo, lo_full)`` (empty without a window),
+    full tiles ``[lo_full, hi_full)`` without masks, then the masked rest ``[hi_full, hi)``.
+
+    Keys below ``key_lo`` are never read (masked loads), so rows behind a sliding
+    window may hold anything, or be decommitted.
+    """
+    if WINDOW:
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            lo, lo_full, key_lo, window, num_blocks, qk_mul, cap_out,
+            MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        )  # fmt: skip
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        lo, hi_full, num_blocks, sm_scale_log2,
-        MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
-        DOT_F32=DOT_F32,
+        lo_full, hi_full, key_lo, window, num_blocks, qk_mul, cap_out,
+        MASKED=False, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
     )  # fmt: skip
     return _attn_tiles(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        hi_full, hi, num_blocks, sm_scale_log2,
-        MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
-        DOT_F32=DOT_F32,
+        tl.maximum(hi_full, lo_full), hi, key_lo, window, num_blocks, qk_mul, cap_out,
+        MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
     )  # fmt: skip
+
+
+def score_params(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_mul, cap_out) of the kernels: scores in the log2 domain, soft-capped when ``softcap > 0``."""
+    log2e = 1.4426950408889634
+    if softcap > 0:
+        return scale / softcap, softcap * log2e
+    return scale * log2e, 1.0

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attn_span, _request, bounds, dot_f32, next_pow2
+from ._common import _attn_span, _request, bounds, dot_f32, next_pow2, score_params
 from .prefill import attention_reference
 
 
@@ -41,7 +41,8 @@ def _decode_split_kernel(
     o_ptr,  # DIRECT: out [num_requests, num_heads, D]; else fp32 [num_requests, num_heads, NUM_SPLITS, D]
     lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS] (unused if DIRECT)
     num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
-    sm_scale_log2,
+    qk_mul, cap_out,  # score scaling (_common.score_params)
+    window,  # WINDOW: the query (position seqlen - 1) sees keys [seqlen - 1 - window, seqlen - 1]
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,  # k_cache: batch (or block), row, head
     stride_vb, stride_vs, stride_vh,  # v_cache
@@ -54,6 +55,8 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -66,11 +69,19 @@ def _decode_split_kernel(
     # Bad metadata (slot out of range, length outside [1, max_len]): no key is read, output 0.
     seqlen = tl.where(ok, seqlen, 0)
 
-    per_split = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    if WINDOW:
+        # Only the window is split and read: keys [key_lo, seqlen); the tile holding key_lo is masked.
+        key_lo = tl.maximum(seqlen - 1 - window, 0)
+    else:
+        key_lo = 0
+    base = key_lo // BLOCK_N * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seqlen - base, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = base + split * per_split
     hi = tl.minimum(lo + per_split, seqlen)
     # Full tiles first (no masks on the loads), then at most one partial tile.
     hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    # The window edge: the first tile, masked when key_lo is not tile aligned.
+    lo_full = tl.minimum(tl.maximum(tl.cdiv(key_lo, BLOCK_N) * BLOCK_N, lo), tl.maximum(hi_full, lo))
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -90,8 +101,8 @@ def _decode_split_kernel(
     acc, l_i, m_i = _attn_span(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        lo, hi_full, hi, num_blocks, sm_scale_log2,
-        CAUSAL=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
+        CAUSAL=False, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
     )  # fmt: skip
 
     # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.
@@ -158,6 +169,8 @@ def decode_attention(
     slots: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     scale: float | None = None,
+    window_left: int | None = None,
+    softcap: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
@@ -177,7 +190,11 @@ def decode_attention(
     slots : int, shape ``[num_requests]``: cache row (or block-table row) of
         each request; default ``arange(num_requests)``.
     block_table : int32, shape ``[num_slots, max_blocks]``: the paged twin.
-    num_splits : splits per (request, kv head); default :func:`default_num_splits`.
+    window_left : sliding window: the query sees keys ``[len - 1 - window_left, len)``;
+        only those are read and split (the cost stops growing with the context).
+    softcap : scores become ``softcap * tanh(score / softcap)`` before the softmax.
+    num_splits : splits per (request, kv head); default :func:`default_num_splits`
+        (of the window's length with ``window_left``).
     block_n, num_warps, num_stages : tile and launch parameters (tuning; defaults 64 / 4 / 3).
 
     Returns
@@ -195,7 +212,8 @@ def decode_attention(
     page_size = k_cache.shape[1] if paged else 1
     max_len = (block_table.shape[1] * page_size) if paged else k_cache.shape[1]
     if num_splits is None:
-        num_splits = default_num_splits(R, H_kv, max_len, q.device)
+        span = max_len if window_left is None else min(max_len, window_left + 1)
+        num_splits = default_num_splits(R, H_kv, span, q.device)
     if block_n is None:
         block_n = 64 if D <= 128 else 32
     if out is None:
@@ -214,14 +232,15 @@ def decode_attention(
     bt = block_table if paged else cache_seqlens
     _decode_split_kernel[(R, H_kv, num_splits)](
         q, k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
-        mid_o, mid_lse, *bounds(k_cache, block_table), scale * 1.4426950408889634,
+        mid_o, mid_lse, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
+        window_left if window_left is not None else 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0,
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
-        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
+        WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
@@ -233,9 +252,12 @@ def decode_attention(
     return out
 
 
-def decode_reference(q, k_cache, v_cache, cache_seqlens, *, slots=None, block_table=None, scale=None):
+def decode_reference(
+    q, k_cache, v_cache, cache_seqlens, *, slots=None, block_table=None, scale=None, window_left=None, softcap=None
+):
     """Plain-PyTorch float64 reference of :func:`decode_attention` (host syncs; tests only)."""
     cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return attention_reference(
-        q, k_cache, v_cache, cache_seqlens, cu, slots=slots, block_table=block_table, causal=True, scale=scale
-    )
+        q, k_cache, v_cache, cache_seqlens, cu, slots=slots, block_table=block_table, causal=True, scale=scale,
+        window_left=window_left, softcap=softcap,
+    )  # fmt: skip

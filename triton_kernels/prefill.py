@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attn_span, _request, bounds, dot_f32
+from ._common import _attn_span, _request, bounds, dot_f32, score_params
 
 
 @triton.jit
@@ -51,7 +51,8 @@ def _prefill_kernel(
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
     total_q,
     num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
-    sm_scale_log2,
+    qk_mul, cap_out,  # score scaling (_common.score_params)
+    window,  # WINDOW: a query at p sees keys [p - window, p]
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,  # k_cache: batch (or block), row, head
     stride_vb, stride_vs, stride_vh,  # v_cache
@@ -62,6 +63,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -98,6 +101,17 @@ def _prefill_kernel(
     else:
         hi_full = seqlen // BLOCK_N * BLOCK_N
         hi = seqlen
+    if WINDOW:
+        # Whole tiles behind the first row's window are skipped; keys below key_lo are never read.
+        # Tiles from lo_full on are inside every row's window (up to hi_full: unmasked).
+        key_lo = tl.maximum(first_pos - window, 0)
+        lo = key_lo // BLOCK_N * BLOCK_N
+        lo_full = tl.cdiv(tl.maximum(first_pos + BLOCK_M - 1 - window, 0), BLOCK_N) * BLOCK_N
+        lo_full = tl.minimum(tl.maximum(lo_full, lo), tl.maximum(hi_full, lo))
+    else:
+        key_lo = 0
+        lo = 0
+        lo_full = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -105,8 +119,8 @@ def _prefill_kernel(
     acc, l_i, m_i = _attn_span(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        0, hi_full, hi, num_blocks, sm_scale_log2,
-        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
+        CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
     )  # fmt: skip
     # A query that sees no key (only with bad lengths) gets 0, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -125,6 +139,8 @@ def prefill_attention(
     block_table: torch.Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    window_left: int | None = None,
+    softcap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
@@ -143,6 +159,10 @@ def prefill_attention(
         (``total_q`` always works); sizes the launch grid.
     slots : shape ``[num_requests]``, cache row / block-table row per request.
     block_table : int32, shape ``[num_slots, max_blocks]`` (paged twin).
+    window_left : sliding window: a query at position ``p`` sees keys
+        ``[p - window_left, p]``; whole tiles behind it are skipped and no key
+        below the block's first window is read. ``None``: no window.
+    softcap : scores become ``softcap * tanh(score / softcap)`` before the softmax.
 
     Returns
     -------
@@ -174,14 +194,15 @@ def prefill_attention(
     bt = block_table if paged else cache_seqlens
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
-        T, *bounds(k_cache, block_table), scale * 1.4426950408889634,
+        T, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
+        window_left if window_left is not None else 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         bt.stride(0) if paged else 0,
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
-        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
+        WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
         num_warps=num_warps, num_stages=2 if wide_rows else 3,
     )  # fmt: skip
     return out
@@ -196,12 +217,14 @@ def gather_paged(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int)
 
 def attention_reference(
     q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=None, *, slots=None, block_table=None, causal=True, scale=None,
-    dtype=torch.float64,
+    window_left=None, softcap=None, dtype=torch.float64,
 ) -> torch.Tensor:
     """Plain-PyTorch reference (float64 by default, per-request loop, host syncs; tests and checks only).
 
     Same contract as :func:`prefill_attention`; reads only the valid rows, so
-    NaN past ``cache_seqlens`` cannot reach the result. A request with
+    NaN past ``cache_seqlens`` (or behind ``window_left``) cannot reach the
+    result. ``window_left``: a query at ``p`` sees keys ``[p - window_left, p]``;
+    ``softcap``: scores ``softcap * tanh(score / softcap)``. A request with
     out-of-range metadata gets zero rows (as in the kernels).
     """
     R = cache_seqlens.shape[0]
@@ -224,13 +247,22 @@ def attention_reference(
             v = gather_paged(v_cache, block_table[s], L)
         else:
             k, v = k_cache[s, :L], v_cache[s, :L]
+        if window_left is not None:  # keys behind every query's window: not read (they may be NaN)
+            k0 = max(0, L - n - window_left)
+            k = torch.cat([k.new_zeros((k0,) + k.shape[1:]), k[k0:]])
+            v = torch.cat([v.new_zeros((k0,) + v.shape[1:]), v[k0:]])
         qq = q[cu[r] : cu[r + 1]].to(dtype).transpose(0, 1)  # [H, n, D]
         k = k.to(dtype).repeat_interleave(H // H_kv, dim=1).transpose(0, 1)  # [H, L, D]
         v = v.to(dtype).repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
         scores = (qq @ k.transpose(1, 2)) * scale  # [H, n, L]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        q_pos = torch.arange(L - n, L, device=q.device)[:, None]
+        k_pos = torch.arange(L, device=q.device)[None, :]
         if causal:
-            q_pos = torch.arange(L - n, L, device=q.device)[:, None]
-            scores = scores.masked_fill(torch.arange(L, device=q.device)[None, :] > q_pos, float("-inf"))
+            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        if window_left is not None:
+            scores = scores.masked_fill(k_pos < q_pos - window_left, float("-inf"))
         p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (bad lengths) -> 0
         out[cu[r] : cu[r + 1]] = (p @ v).transpose(0, 1)
     return out

@@ -93,9 +93,9 @@ from .append import append_kv_op
 from .common import flat_rows
 from .flash_attn import flash_attn_attention
 from .flex import flex_attend, flex_attention_op
-from .inputs import BACKENDS, check_append, check_attention, check_values, debug_enabled
+from .inputs import BACKENDS, check_append, check_attention, check_values, check_window, debug_enabled
 from .sdpa import sdpa_attention
-from .selection import available_backends, select_backend
+from .selection import available_backends, select_backend, supports
 from .torch_fa2 import fa2_attention, fa2_supported
 from .triton_backend import pow2_dim, triton_attention
 
@@ -123,6 +123,8 @@ def attention(
     block_table: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
     num_splits: Optional[int] = None,
+    window_left: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Attention of packed queries over their requests' cached keys.
 
@@ -149,6 +151,14 @@ def attention(
         bound makes padded backends (flex, sdpa, flash_attn) cheaper.
     num_splits : Triton decode only: KV splits per (request, kv head);
         default from the shapes (never from the lengths).
+    window_left : sliding window, int >= 0: a query at position ``p`` sees keys
+        ``[p - window_left, p]`` (bottom-right aligned like the causal mask; a
+        Hugging Face ``sliding_window = W`` is ``window_left = W - 1``). Keys
+        behind every query's window are never read (those rows may be
+        decommitted); ``None``: no window. Every backend takes it.
+    softcap : float > 0: scores become ``softcap * tanh(score / softcap)`` before
+        the softmax (Gemma 2). ``torch_fa2`` has none: it raises, ``auto`` picks
+        another backend.
 
     Returns
     -------
@@ -165,8 +175,12 @@ def attention(
     T = q.shape[0]
     max_q = 1 if decode else max(1, min(T, int(max_seqlen_q) if max_seqlen_q is not None else T))
     check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, T, max_seqlen_q=max_q)
+    win, cap = check_window(window_left, softcap)
     if backend == "auto":
-        backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table)
+        backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table, softcap=cap > 0)
+    if not supports(backend, window_left=win >= 0, softcap=cap > 0):
+        fail(f"backend {backend!r} with softcap", "a backend with soft-capping (flash_attn, triton, flex, sdpa, "
+             "or 'auto')", backend)  # fmt: skip
     if backend == "torch_fa2" and not fa2_supported(q, k_cache, v_cache, block_table):
         # Not flattenable (or paged, or fp32, or CPU): the same math through our kernels.
         if block_table is None and q.is_cuda and deps.HAS_TORCH_FA2 and q.dtype != torch.float32 and flat_rows(k_cache) is None:
@@ -180,6 +194,7 @@ def attention(
     cu_seqlens_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None
     slots = slots.contiguous() if slots is not None else None
     args = (q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, bool(causal), scale, max_q)
+    extra = (win, cap)
     if backend == "triton":
         if not deps.HAS_TRITON:
             fail("backend 'triton'", "the triton package to be importable", "ImportError")
@@ -187,21 +202,21 @@ def attention(
             fail("backend 'triton'", "CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)", str(q.device))
         if not pow2_dim(q.shape[2]):
             fail("head_dim for backend 'triton'", "a power of two in [16, 256]", q.shape[2])
-        return triton_attention(*args, int(num_splits or 0))
+        return triton_attention(*args, int(num_splits or 0), *extra)
     if backend == "torch_fa2":
-        return fa2_attention(*args, 0)
+        return fa2_attention(*args, 0, *extra)
     if backend == "flash_attn":
         if not deps.has_flash_attn():
             fail("backend 'flash_attn'", "the flash-attn package to be importable", "ImportError")
-        return flash_attn_attention(*args, 0)
+        return flash_attn_attention(*args, 0, *extra)
     if backend == "flex":
         if deps.flex_module() is None:
             fail("backend 'flex'", "torch.nn.attention.flex_attention", "ImportError")
         if q.is_cuda and not deps.HAS_TRITON:
             fail("backend 'flex' on CUDA", "the triton package to be importable", "ImportError")
         # CPU: plain traceable code; CUDA: one opaque op (see flex.flex_attention_op).
-        return flex_attention_op(*args) if q.is_cuda else flex_attend(*args)
-    return sdpa_attention(*args, 0)
+        return flex_attention_op(*args, *extra) if q.is_cuda else flex_attend(*args, *extra)
+    return sdpa_attention(*args, 0, *extra)
 
 
 def append_kv(

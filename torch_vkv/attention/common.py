@@ -6,10 +6,12 @@ from typing import Optional
 
 import torch
 
-# The schema of every read-only attention op (one op per backend).
+# The schema of every read-only attention op (one op per backend). ``window_left=-1``: no
+# sliding window; ``softcap=0.0``: no soft cap (the public entry takes ``None`` for both).
 ATTN_SCHEMA = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? cu_seqlens_q, Tensor? slots, "
-    "Tensor? block_table, bool causal, float scale, int max_seqlen_q, int num_splits) -> Tensor"
+    "Tensor? block_table, bool causal, float scale, int max_seqlen_q, int num_splits, int window_left=-1, "
+    "float softcap=0.0) -> Tensor"
 )
 
 

@@ -2,6 +2,8 @@
 
 ``cache_batch_idx = slots``; varlen queries are padded to ``[R, max_seqlen_q]``,
 right-aligned; paged with ``block_table`` (page size a multiple of 256).
+``window_left`` -> ``window_size=(window_left, 0)`` (``-1`` right when not causal),
+``softcap`` -> ``softcap`` (flash-attn >= 2.6).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from .inputs import cache_bounds, safe_blocks, valid_requests
 
 
 @torch.library.custom_op("torch_vkv::flash_attn_attention", mutates_args=(), schema=ATTN_SCHEMA)
-def flash_attn_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+def flash_attn_attention(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
     fn = deps.flash_attn_fn()
     if fn is None:
         raise RuntimeError("flash_attn backend: expected the flash-attn package to be importable, got ImportError")
@@ -22,6 +27,10 @@ def flash_attn_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots
     # Device metadata is not checked: a bad request attends to no key (length 0, slot 0).
     ok, lens, rows = valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
     kw = dict(cache_seqlens=lens.to(torch.int32), softmax_scale=scale, causal=causal)
+    if window_left >= 0:
+        kw["window_size"] = (window_left, 0 if causal else -1)
+    if softcap > 0:
+        kw["softcap"] = softcap
     if block_table is not None:
         kw["block_table"] = safe_blocks(block_table, cache_bounds(k_cache, block_table)[2]).index_select(0, rows)
     elif slots is not None:
@@ -39,5 +48,6 @@ def flash_attn_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots
 
 
 @flash_attn_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+      window_left=-1, softcap=0.0):  # fmt: skip
     return torch.empty_like(q)

@@ -4,6 +4,11 @@ The block mask is built on the device from the lengths
 (``BlockMask.from_kv_blocks``, no dense mask). On CUDA the whole backend is one
 opaque op (``torch_vkv::flex_attention``) and ``flex_attention`` is compiled on
 its own; on the CPU it is plain traceable torch code (flex runs unfused).
+``window_left`` goes into the mask (and whole KV blocks behind each q block's
+window are left out of the block mask); ``softcap`` is a ``score_mod``. On
+CUDA flex reads whole KV blocks: the rows behind the window inside the block
+that holds its start are read (and masked), so they must be committed (a
+``KVCache`` keeps the page holding ``length - window``; see docs/design.md).
 """
 
 from __future__ import annotations
@@ -93,14 +98,17 @@ def _flex_kernel_options(Q: int, G: int, D: int, dtype, QB: int, KVB: int) -> di
     return {"BACKEND": "TRITON", "BLOCK_M": bm, "BLOCK_N": bn}
 
 
-def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
+def flex_attend(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
     fa = deps.flex_module()
     R = cache_seqlens.shape[0]
     T, H, D = q.shape
     H_kv = k_cache.shape[2]
     dev = q.device
     # Device metadata is not checked: a bad request reads no key and gets zeros (length 0, slot 0).
-    _, lens, idx = valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
+    good, lens, idx = valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
     decode = cu_seqlens_q is None
     Q = 1 if decode else max_seqlen_q
     QB = 128
@@ -111,6 +119,11 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
     qb_start = torch.arange(nqb, device=dev)[None, :] * QB
     vis = lens[:, None] - n[:, None] + torch.minimum(qb_start + QB, n[:, None]) if causal else lens[:, None].expand(R, nqb)
     vis = torch.where(qb_start < n[:, None], vis.clamp(0), torch.zeros_like(vis))
+    # First key of q block j's window (0 without one): whole KV blocks before it are skipped.
+    win = window_left >= 0
+    lo_qb = (lens[:, None] - n[:, None] + qb_start - window_left).clamp(min=0) if win else torch.zeros_like(vis)
+    # First key any query of a request sees: rows before it are never used (CPU: never read).
+    first_key = lo_qb[:, 0]
 
     if block_table is None:
         s_pad = flat_rows(k_cache)
@@ -122,12 +135,12 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
         if KVB < 16:
             raise ValueError(f"flex: expected S_pad = stride(0) / stride(1) a multiple of 16, got {s_pad}")
         start = idx * s_pad  # first flattened row of each request
-        first = start // KVB
-        num = torch.where(vis > 0, (start[:, None] + vis + KVB - 1) // KVB - first[:, None], torch.zeros_like(vis))
+        first = (start[:, None] + lo_qb) // KVB  # [R, nqb]
+        num = torch.where(vis > lo_qb, (start[:, None] + vis + KVB - 1) // KVB - first, torch.zeros_like(vis))
         n_rows = (k_cache.shape[0] - 1) * s_pad + k_cache.shape[1]  # rows of the flattened cache
         max_nb = -(-k_cache.shape[1] // KVB) + 1
-        kv_idx = (first[:, None] + torch.arange(max_nb, device=dev)[None, :]).clamp(max=-(-n_rows // KVB) - 1)
-        kv_idx = kv_idx[:, None, None, :].expand(R, 1, nqb, max_nb)
+        kv_idx = (first[:, :, None] + torch.arange(max_nb, device=dev)).clamp(max=-(-n_rows // KVB) - 1)
+        kv_idx = kv_idx[:, None]  # [R, 1, nqb, max_nb]
         limit = s_pad
 
         def logical(b, kv):
@@ -140,8 +153,10 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
         KVB = page
         bt = safe_blocks(block_table, k_cache.shape[0]).index_select(0, idx).long()  # [R, max_blocks]
         max_nb = bt.shape[1]
-        num = (vis + page - 1) // page
-        kv_idx = bt.clamp(min=0)[:, None, None, :].expand(R, 1, nqb, max_nb)
+        fb = lo_qb // page  # first logical block of each q block's window
+        num = torch.where(vis > lo_qb, (vis + page - 1) // page - fb, torch.zeros_like(vis))
+        jb = (fb[:, :, None] + torch.arange(max_nb, device=dev)).clamp(max=max_nb - 1)  # [R, nqb, max_nb]
+        kv_idx = bt.clamp(min=0).gather(1, jb.reshape(R, -1)).reshape(R, 1, nqb, max_nb)
         # Physical block -> logical block, for the masks (each block belongs to one request).
         nblk = (lens + page - 1) // page
         j = torch.arange(max_nb, device=dev)[None, :].expand(R, max_nb)
@@ -181,6 +196,11 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
             owner_len = owner_len.scatter_reduce(0, idx * (s_pad // KVB), lens, reduce="amax")
             row_start = (row // s_pad) * s_pad
             ok = (row - row_start) < owner_len[row_start // KVB]
+            if win:  # rows behind the window of a request's first query (a bad request's: none)
+                owner_first = torch.zeros_like(owner_len).scatter_reduce(
+                    0, idx * (s_pad // KVB), torch.where(good, first_key, s_pad), reduce="amin", include_self=False
+                )
+                ok = ok & ((row - row_start) >= owner_first[row_start // KVB])
             fallback = start.index_select(0, longest)
         else:
             nblk = (lens + KVB - 1) // KVB
@@ -190,6 +210,10 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
             dst2 = torch.where(jj < nblk[:, None], bt.clamp(min=0), torch.full_like(bt, n_rows // KVB + 1))
             owner_len = owner_len.scatter(0, dst2.reshape(-1), fill.reshape(-1))
             ok = (row % KVB) < owner_len[row // KVB]
+            if win:  # rows of block j behind the window of the request's first query
+                skip = (first_key[:, None] - jj * KVB).clamp(0, KVB)
+                owner_skip = torch.zeros_like(owner_len).scatter(0, dst2.reshape(-1), skip.reshape(-1))
+                ok = ok & ((row % KVB) >= owner_skip[row // KVB])
             fallback = bt[:, 0].index_select(0, longest).clamp(min=0) * KVB
         safe = torch.where(ok, row, fallback)
         kf = torch.where(ok[:, None, None], kf.index_select(0, safe), kf.new_zeros(()))
@@ -200,7 +224,15 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
         ok = (pos >= 0) & (pos < lens[b]) & (q_idx < n[b])
         if causal:
             ok = ok & (pos <= lens[b] - n[b] + q_idx)
+        if win:
+            ok = ok & (pos >= lens[b] - n[b] + q_idx - window_left)
         return ok
+
+    score_mod = None
+    if softcap > 0:
+
+        def score_mod(score, b, h, q_idx, kv_idx_):
+            return softcap * torch.tanh(score / softcap)
 
     block_mask = fa.BlockMask.from_kv_blocks(
         num[:, None, :].to(torch.int32), kv_idx.to(torch.int32), BLOCK_SIZE=(QB, KVB), mask_mod=mask_mod,
@@ -214,7 +246,7 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
     kernel_options = _flex_kernel_options(Q, H // H_kv, D, q.dtype, QB, KVB) if q.is_cuda else None
     o = _flex_call(
         q.device, qp, kf.transpose(0, 1).unsqueeze(0), vf.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
-        enable_gqa=H != H_kv, kernel_options=kernel_options,
+        score_mod=score_mod, enable_gqa=H != H_kv, kernel_options=kernel_options,
     )  # fmt: skip
     if decode:
         return o[:, :, 0]
@@ -225,20 +257,28 @@ def flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_t
     "torch_vkv::flex_attention",
     mutates_args=("k_cache", "v_cache"),
     schema="(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? cu_seqlens_q, "
-    "Tensor? slots, Tensor? block_table, bool causal, float scale, int max_seqlen_q) -> Tensor",
+    "Tensor? slots, Tensor? block_table, bool causal, float scale, int max_seqlen_q, int window_left=-1, "
+    "float softcap=0.0) -> Tensor",
 )
-def flex_attention_op(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
+def flex_attention_op(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
     """Flex on CUDA as one opaque op: under an outer torch.compile, Inductor
     fused flex's index preparation (request/row padding of q) into a kernel
     that read out of bounds on torch 2.11; run eagerly here, flex itself is
     still compiled on its own (``_flex_call``). Mutates the caches: the rows
     between each length and the end of its last KV block are zeroed."""
-    out = flex_attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q)
+    out = flex_attend(
+        q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q,
+        window_left, softcap,
+    )  # fmt: skip
     return out.contiguous()
 
 
 @flex_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q):
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q,
+      window_left=-1, softcap=0.0):  # fmt: skip
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

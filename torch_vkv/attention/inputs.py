@@ -22,12 +22,14 @@ starts at 0, never decreases and ends at ``total_q``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Optional
 
 import torch
 
-from .._checks import fail
+from .._checks import check_int, fail
 
 BACKENDS = ("auto", "torch_fa2", "flash_attn", "triton", "flex", "sdpa")
 
@@ -123,6 +125,22 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
         fail("q.shape[0] (decode, cu_seqlens_q=None)", f"num_requests = {cache_seqlens.shape[0]}", q.shape[0])
     if not isinstance(backend, str) or backend not in BACKENDS:
         fail("backend", f"one of {BACKENDS}", backend)
+
+
+def check_window(window_left, softcap) -> tuple:
+    """``(window_left, softcap)`` as the ops take them: ``-1`` / ``0.0`` for None.
+
+    ``window_left``: None or an int >= 0 (a query at ``p`` sees keys ``[p - window_left, p]``);
+    ``softcap``: None or a finite real > 0 (scores ``softcap * tanh(score / softcap)``).
+    """
+    win = -1 if window_left is None else check_int("window_left", window_left, low=0)
+    if softcap is None:
+        return win, 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        fail("softcap", "None or a real number > 0", softcap, TypeError)
+    if not (math.isfinite(float(softcap)) and float(softcap) > 0):
+        fail("softcap", "None or a finite real number > 0", softcap)
+    return win, float(softcap)
 
 
 def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:

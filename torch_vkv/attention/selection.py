@@ -25,7 +25,23 @@ def available_backends(device="cuda") -> list:
     return out
 
 
-def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> str:
+#: What each backend supports beyond plain causal attention (``window_left``, ``softcap``).
+FEATURES = {
+    "torch_fa2": frozenset({"window_left"}),  # PyTorch's FA2 takes window_size_left, no soft cap
+    "flash_attn": frozenset({"window_left", "softcap"}),
+    "triton": frozenset({"window_left", "softcap"}),
+    "flex": frozenset({"window_left", "softcap"}),
+    "sdpa": frozenset({"window_left", "softcap"}),
+}
+
+
+def supports(backend: str, *, window_left: bool = False, softcap: bool = False) -> bool:
+    """Whether ``backend`` takes a sliding window / a soft cap."""
+    need = {name for name, on in (("window_left", window_left), ("softcap", softcap)) if on}
+    return need <= FEATURES[backend]
+
+
+def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softcap: bool = False) -> str:
     """The ``auto`` rule: the fastest backend measured for the device and the step kind.
 
     * CPU: ``triton`` under ``TRITON_INTERPRET=1`` is *not* chosen (slow); ``sdpa``.
@@ -38,7 +54,9 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> st
     * Paged (``block_table`` given) on CUDA: ``triton`` (its paged twin), else
       ``flash_attn`` when the page size is a multiple of 256, else ``flex``.
     * Anything the preferred backend cannot take (fp32, odd strides, head_dim
-      not a power of two for Triton) falls to the next; ``sdpa`` last.
+      not a power of two for Triton, a ``softcap`` for ``torch_fa2``: see
+      :data:`FEATURES`) falls to the next; ``sdpa`` last. Every backend takes
+      ``window_left``.
 
     Decided from shapes and dtypes only, so the choice is the same at trace
     time and at run time.
@@ -53,7 +71,7 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None) -> st
         if fa and k_cache.shape[1] % 256 == 0:
             return "flash_attn"
         return "flex" if deps.flex_module() is not None else "sdpa"
-    fa2 = fa2_supported(q, k_cache, v_cache, None)
+    fa2 = fa2_supported(q, k_cache, v_cache, None) and supports("torch_fa2", softcap=softcap)
     order = ("triton", "flash_attn", "torch_fa2")  # decode and prefill alike: see the docstring
     ok = {"triton": tri, "flash_attn": fa, "torch_fa2": fa2}
     for name in order:

@@ -1,7 +1,9 @@
 """Backend ``torch_fa2``: PyTorch's built-in FlashAttention-2, varlen path with ``seqused_k``.
 
 The cache is flattened to ``[B*S_pad, H, D]`` rows (``cum_seq_k = slots * S_pad``)
-and used unchanged. CUDA, fp16/bf16, ``stride(0) % stride(1) == 0``.
+and used unchanged. CUDA, fp16/bf16, ``stride(0) % stride(1) == 0``. Sliding windows
+through ``window_size_left``; PyTorch's FA2 has no soft cap (``attention`` raises
+for ``softcap`` with this backend, and ``auto`` picks another).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from .inputs import valid_requests
 
 
 @torch.library.custom_op("torch_vkv::fa2_attention", mutates_args=(), schema=ATTN_SCHEMA)
-def fa2_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+def fa2_attention(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
     R = cache_seqlens.shape[0]
     s_pad = flat_rows(k_cache)
     if s_pad is None or flat_rows(v_cache) != s_pad or block_table is not None:
@@ -35,13 +40,22 @@ def fa2_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block
     out = torch.ops.aten._flash_attention_forward(
         q, flatten(k_cache, s_pad), flatten(v_cache, s_pad), cu_q, cum_k, max_q, k_cache.shape[1],
         0.0, causal, False, scale=scale, seqused_k=lens.to(torch.int32),
+        **_window_kwargs(window_left, causal),
     )[0]  # fmt: skip
     return out
 
 
 @fa2_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+      window_left=-1, softcap=0.0):  # fmt: skip
     return torch.empty_like(q)
+
+
+def _window_kwargs(window_left: int, causal: bool) -> dict:
+    """FA2's ``window_size_left/right`` for a sliding window (right 0 when causal, else unlimited)."""
+    if window_left < 0:
+        return {}
+    return {"window_size_left": window_left, "window_size_right": 0 if causal else -1}
 
 
 def fa2_supported(q, k_cache, v_cache, block_table) -> bool:

@@ -20,19 +20,25 @@ def pow2_dim(d: int) -> bool:
 
 
 @torch.library.custom_op("torch_vkv::triton_attention", mutates_args=(), schema=ATTN_SCHEMA)
-def triton_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+def triton_attention(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
     tk = deps.triton_kernels()
+    win = window_left if window_left >= 0 else None
+    cap = softcap if softcap > 0 else None
     if cu_seqlens_q is None:
         return tk.decode_attention(
             q, k_cache, v_cache, cache_seqlens, slots=slots, block_table=block_table, scale=scale,
-            num_splits=num_splits if num_splits > 0 else None,
+            num_splits=num_splits if num_splits > 0 else None, window_left=win, softcap=cap,
         )  # fmt: skip
     return tk.prefill_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
-        slots=slots, block_table=block_table, causal=causal, scale=scale,
+        slots=slots, block_table=block_table, causal=causal, scale=scale, window_left=win, softcap=cap,
     )  # fmt: skip
 
 
 @triton_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+      window_left=-1, softcap=0.0):  # fmt: skip
     return torch.empty_like(q)

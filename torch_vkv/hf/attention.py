@@ -24,14 +24,15 @@ __all__ = ["ATTN_NAME", "register", "vkv_attention_forward", "vkv_mask"]
 ATTN_NAME = "vkv"
 
 
-def _attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale, max_seqlen_q):
+def _attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale, max_seqlen_q, window_left=None, softcap=None):
     """Packed varlen attention over the virtual cache (``q``: ``[total_q, H, D]``).
 
     Every backend of :func:`torch_vkv.attention` reads only rows below
-    ``cache_seqlens`` (on the CPU the ``sdpa`` backend gathers valid rows)."""
+    ``cache_seqlens`` and, with ``window_left``, none behind the window (on the
+    CPU the ``sdpa`` backend gathers valid rows)."""
     return torch_vkv.attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, causal=True, scale=scale,
-        max_seqlen_q=max_seqlen_q,
+        max_seqlen_q=max_seqlen_q, window_left=window_left, softcap=softcap,
     )  # fmt: skip
 
 
@@ -129,16 +130,12 @@ def vkv_attention_forward(
         return _fallback_sdpa(query, key, value, attention_mask, scaling)
     cache = layer._parent
     compiling = torch.compiler.is_compiling()
+    # Sliding window (Mistral, Gemma 2/3, Qwen2 sliding layers): transformers' sliding_window = W
+    # lets a query see W keys, itself included, i.e. window_left = W - 1. Soft cap: Gemma 2.
     window = kwargs.get("sliding_window")
-    if window is not None:
-        # No sliding windows here: fine while every row fits in the window.
-        longest = cache.max_cache_len if compiling else max(cache.lengths.rows(), default=0)
-        if longest > window:
-            what = "max_cache_len (compiled steps)" if compiling else "tokens in a row"
-            raise NotImplementedError(
-                f"attn_implementation='vkv' does not implement sliding windows: expected {what} <= "
-                f"sliding_window={window}, got {longest}"
-            )
+    win = {} if window is None else {"window_left": int(window) - 1}
+    if kwargs.get("softcap") is not None:
+        win["softcap"] = float(kwargs["softcap"])
     B, Hq, Sq, D = query.shape
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     # The whole buffers (layer.buffers()), never slices made earlier: request r reads row r.
@@ -146,16 +143,16 @@ def vkv_attention_forward(
     seqlens = cache.lengths.cache_seqlens[:B]
     q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
     if Sq == 1:
-        return _attend(q, k_cache, v_cache, seqlens, None, scale, 1).view(B, 1, Hq, D), None
+        return _attend(q, k_cache, v_cache, seqlens, None, scale, 1, **win).view(B, 1, Hq, D), None
     step = None if compiling else cache._step
     if step is not None and step.real_index is not None:  # left padding: real queries only
         out_real = _attend(q[step.real_index], k_cache, v_cache, seqlens, step.cu_seqlens_q, scale,
-                           step.max_seqlen_q)  # fmt: skip
+                           step.max_seqlen_q, **win)  # fmt: skip
         out = q.new_zeros(B * Sq, Hq, D)
         out[step.real_index] = out_real
         return out.view(B, Sq, Hq, D), None
     cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * Sq
-    return _attend(q, k_cache, v_cache, seqlens, cu, scale, Sq).view(B, Sq, Hq, D), None
+    return _attend(q, k_cache, v_cache, seqlens, cu, scale, Sq, **win).view(B, Sq, Hq, D), None
 
 
 _REGISTERED = False

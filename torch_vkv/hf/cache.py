@@ -226,6 +226,9 @@ class VirtualKVCache(Cache):
             kw.pop("page_size")
         elif kw["page_size"] is None:
             kw.pop("page_size")
+        if self._planned_mode() == "vkv" and kw["layout"] == "per_layer":
+            # Only the vkv attention never reads behind a window; eager/sdpa read every row.
+            kw["sliding_window"] = layer_windows(self._config, self._num_layers)
         # Normal tensors even under inference_mode: the cache outlives the call that builds it.
         with torch.inference_mode(False):
             kv = KVCache(
@@ -413,9 +416,13 @@ class VirtualKVCache(Cache):
         """Rows ``b`` keep ``rows[b]`` tokens (rows past them none): pages beyond are
         decommitted and the KVCache's per-slot counts are set to the new lengths."""
         kv = self._kv
+        windowed = any(w is not None for w in kv.sliding_window)
         for b in range(self._max_batch_size):
             keep = rows[b] if b < len(rows) else 0
-            kv.decommit(b, keep)
+            kv.decommit(b, keep)  # windowed layers: a crop must keep what their window needs
+            if windowed and keep:
+                continue  # free() would give back the window's live pages; decommit() set the count
+
             # decommit() leaves the slot's used-token count as it was when no whole
             # page goes: free + alloc (the slot keeps its pages) resets it to `keep`.
             kv.free(b)
@@ -508,6 +515,22 @@ class VirtualKVCache(Cache):
             idx = idx.nonzero().flatten()
         self._gather([int(i) for i in idx.tolist()])
 
+    def _gather_window(self, layer: Any, index: list[int], old_rows: list[int], start: np.ndarray) -> None:
+        """``_gather`` for a sliding layer: row ``b`` takes old row ``i``'s rows from
+        ``max(start[b], start[i])`` on (rows below ``start`` are not committed)."""
+        for b, i in enumerate(index):
+            if start[b] > start[i] and old_rows[i] > start[i]:
+                raise NotImplementedError(
+                    f"VirtualKVCache: row {b} gave back rows below {start[b]} in layer {layer.layer_idx} (sliding "
+                    f"window), but old row {i} needs them from {start[i]}: expected rows of equal lengths"
+                )
+        for buf in layer.buffers():
+            saved = {i: buf[i, start[i] : old_rows[i]].clone() for i in set(index)}
+            for b, i in enumerate(index):
+                lo = max(int(start[b]), int(start[i]))
+                if old_rows[i] > lo:
+                    buf[b, lo : old_rows[i]] = saved[i][lo - int(start[i]) :]
+
     def _gather(self, index: list[int]) -> None:
         """New row ``i`` = old row ``index[i]``, for every layer (copies only valid rows)."""
         self._check_open()
@@ -526,6 +549,10 @@ class VirtualKVCache(Cache):
         self._commit(new_rows)
         dev = self._kv.device
         for layer in self.layers:
+            start = self._kv.window_start(layer.layer_idx)
+            if start.any():  # a sliding layer gave rows back: copy from each row's window start
+                self._gather_window(layer, index, old_rows, start)
+                continue
             for buf in layer.buffers():
                 if len(set(old_rows)) == 1:  # one gather for the whole batch
                     n = old_rows[0]
@@ -592,3 +619,17 @@ class _QueryOffset(int):
         obj = super().__new__(cls, value)
         obj._vkv_cache = cache_ref
         return obj
+
+
+def layer_windows(config: Any, num_layers: int) -> list:
+    """Each layer's sliding window in tokens (``None``: global), from a transformers config:
+    ``layer_types`` ("sliding_attention" layers take ``sliding_window``; Gemma 2/3, Qwen2/3),
+    else ``sliding_window`` for every layer (Mistral; Qwen2 only with ``use_sliding_window``)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and len(types) == num_layers:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [int(window)] * num_layers
