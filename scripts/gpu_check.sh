@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh                  # build + GPU tests + quick benchmarks
 #   BENCH=full bash scripts/gpu_check.sh       # full benchmark sweeps
 #   BENCHES="alloc" bash scripts/gpu_check.sh  # only these benchmarks; BENCHES="" for none
+#   BENCHES="serve" bash scripts/gpu_check.sh  # the end-to-end serving workloads (bench serve --quick, ~5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs go straight to $FINAL (they survive a timeout); benchmark reports (JSON,

@@ -62,3 +62,16 @@ def check_int_array(what: str, values: Any, *, low: int, high: int) -> np.ndarra
     for i, value in enumerate(items):
         check_int(f"{what}[{i}]", value, low=low, high=high)
     return np.array(items, dtype=np.int64).reshape(arr.shape)
+
+
+def positive_int_arg(text: str) -> int:
+    """An ``argparse`` type: an int >= 1, with "expected X, got Y" on failure."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value

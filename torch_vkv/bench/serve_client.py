@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from torch_vkv._checks import positive_int_arg as _positive
 from torch_vkv.bench.workloads import TRACES, WORKLOADS, RequestSpec, make_requests, workload_lengths
 
 __all__ = ["RequestResult", "build_parser", "main", "run_workload", "summarize"]
@@ -193,16 +194,6 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected requests/s (a number or inf), got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a rate > 0, got {text!r}")
-    return v
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
     return v
 
 

@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from torch_vkv._checks import positive_int_arg as _positive
 from torch_vkv.serving.llm import LLM, TextStream
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams
@@ -738,16 +739,6 @@ def _parse_bytes(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
     return value
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
-    return v
 
 
 def _non_negative(text: str) -> int:
