@@ -23,8 +23,8 @@ uses).
 
 Per row: new tokens/s end to end and in decode (prefill time subtracted, from a
 one-token run), peak memory as torch sees it (``max_memory_allocated``; note
-that torch counts a VMM tensor's whole *virtual* size, so for VirtualKVCache
-read ``kv_committed``) and as the driver sees it (``total - free`` polled
+that torch does not count the virtual cache's storage, which reaches it through
+DLPack, so for VirtualKVCache read ``kv_committed``) and as the driver sees it (``total - free`` polled
 every 5 ms), and the KV bytes each cache holds at the end. Compiled variants
 are warmed up (compile + capture) on the same cache object, which is then
 ``reset()``: addresses stay, so the timed run reuses the graphs.
