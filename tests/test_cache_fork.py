@@ -338,3 +338,65 @@ def test_paged_fork_failures_change_nothing_and_blocks_come_back():
     assert c.pool.num_free == 1
     c.free(f)
     assert c.pool.num_free == 4 and c.memory_stats()["shared_pages"] == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_forks_frees_crops_and_reclaims_keep_every_slot_intact(layout, seed):
+    """Random alloc / append / fork / crop / free / reclaim against a model of each slot's rows, under a
+    budget tight enough that commits fail and reclaim: every active slot reads what was written; the pool
+    maps exactly the pages ``committed_bytes`` counts; every page is back after ``close()``."""
+    import random
+
+    rng = random.Random(seed)
+    pool = PagePool("cpu", page_size=4096)
+    pool.set_max_bytes(48 * 4096)
+    c = make(layout, batch=6, seq=512, pool=pool)
+    model: dict[int, list[torch.Tensor]] = {}  # active slot -> its rows [0, used) in every buffer
+
+    def append(slot, n):
+        used = model[slot][0].shape[0] if slot in model else 0
+        try:
+            c.commit(slot, n)
+        except OutOfPagesError:
+            return
+        fill(c, slot, used, n, seed=rng.randrange(1 << 30))
+        model[slot] = rows(c, slot, 0, n)
+
+    for _ in range(60):
+        op = rng.choice(["alloc", "append", "append", "fork", "fork", "crop", "free", "reclaim"])
+        active = sorted(model)
+        if op == "alloc" and c.num_free_slots:
+            s = c.alloc()
+            model[s] = rows(c, s, 0, 0)
+            append(s, rng.randrange(1, 300))
+        elif op == "append" and active:
+            s = rng.choice(active)
+            append(s, min(512, model[s][0].shape[0] + rng.randrange(1, 100)))
+        elif op == "fork" and active:
+            s = rng.choice(active)
+            n = rng.randrange(0, model[s][0].shape[0] + 1)
+            before = cache_state(c)
+            try:
+                f = c.fork(s, n)
+            except (OutOfSlotsError, OutOfPagesError):
+                assert cache_state(c) == before
+            else:
+                model[f] = [r[:n].clone() for r in model[s]]
+        elif op == "crop" and active:
+            s = rng.choice(active)
+            keep = min(model[s][0].shape[0], c.tokens_for_pages(rng.randrange(0, 4)))  # a page boundary
+            c.decommit(s, keep)
+            model[s] = [r[:keep] for r in model[s]]
+        elif op == "free" and active:
+            s = rng.choice(active)
+            c.free(s)
+            del model[s]
+        elif op == "reclaim":
+            c.reclaim()
+        for s, want in model.items():
+            assert same(rows(c, s, 0, want[0].shape[0]), want), (op, s)
+        assert c.memory_stats()["committed_bytes"] == pool.stats()["mapped_pages"] * c.page_size
+    c.close()
+    st = pool.stats()
+    assert st["mapped_pages"] == 0 and st["pending_pages"] == 0 and st["free_pages"] == st["created_pages"]
