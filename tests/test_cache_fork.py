@@ -400,3 +400,33 @@ def test_random_forks_frees_crops_and_reclaims_keep_every_slot_intact(layout, se
     c.close()
     st = pool.stats()
     assert st["mapped_pages"] == 0 and st["pending_pages"] == 0 and st["free_pages"] == st["created_pages"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_fork_shares_pages_and_survives_free_reclaim_and_warm_reuse(layout):
+    # 2 MiB pages: per_layer 8 heads x 128 x 2 bytes = 2 KiB a token, 1024 tokens per page.
+    c = KVCache(2, 8, 128, max_batch_size=3, max_seq_len=4096, dtype=torch.float16, device="cuda", layout=layout)
+    with c:
+        s = source(c, 3000)
+        w = c.alloc()
+        c.commit(w, 4096)
+        fill(c, w, 0, 4096, seed=1)
+        c.free(w)  # warm: the fork below replaces its first pages (unmapped once the stream is done)
+        before = c.memory_stats()["committed_bytes"]
+        f = c.fork(s, 2500)
+        assert f == w
+        assert c.memory_stats()["shared_pages"] > 0
+        assert c.memory_stats()["committed_bytes"] <= before
+        expect = rows(c, f, 0, 2500)
+        assert same(expect, rows(c, s, 0, 2500))
+        c.commit(f, 3500)
+        fill(c, f, 2500, 3500, seed=2)
+        assert same(rows(c, f, 0, 2500), expect)
+        c.free(s)
+        c.reclaim()
+        other = c.alloc()
+        c.commit(other, 4096)
+        fill(c, other, 0, 4096, seed=3)
+        torch.cuda.synchronize()
+        assert same(rows(c, f, 0, 2500), expect)
