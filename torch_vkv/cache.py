@@ -535,13 +535,14 @@ class KVCache(Unique):
         into the new slot, not copied: both slots read the same physical pages.
         The partly filled last page (and the ``margin_tokens`` rows) is
         committed fresh in the new slot and its rows below ``num_tokens`` are
-        copied. Costs at most one page per buffer (two with a margin that
-        crosses a page) plus the pages the copy needs.
+        copied. New pages per buffer: ``pages_for_tokens(num_tokens)`` minus the
+        shared ones, at most one without ``margin_tokens``.
 
-        A shared page is **read-only by contract**: neither slot may write rows
-        below ``(num_tokens * bytes_per_token_buffer // page_size) * page_size /
-        bytes_per_token_buffer`` (appends go past the shared prefix, which is
-        what decoding does). A page returns to the pool only when no slot maps
+        A shared page is **read-only by contract**: neither slot may write the
+        rows it holds, those below the last page boundary under ``num_tokens``
+        (appends go past the shared prefix, which is what decoding does; a
+        crop into the prefix must end on a page boundary before writing
+        again). A page returns to the pool only when no slot maps
         it: :meth:`free` of a slot holding shared pages decommits all its pages
         at once (so deferred reclamation never takes a page another slot
         reads), and :meth:`decommit` below the prefix drops the slot's own
