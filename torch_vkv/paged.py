@@ -72,7 +72,9 @@ class BlockPool(_Locked):
 
     :meth:`can_allocate` / :meth:`allocate` form a check/act pair;
     :meth:`allocate` raises :class:`~torch_vkv.errors.OutOfPagesError` and
-    changes nothing when fewer blocks are free than asked.
+    changes nothing when fewer blocks are free than asked. Blocks are
+    reference counted: :meth:`share` adds a holder (a fork), :meth:`free`
+    drops one, and a block is free again when its last holder frees it.
 
     Parameters
     ----------
@@ -90,6 +92,7 @@ class BlockPool(_Locked):
         if shuffle:
             random.Random(seed).shuffle(ids)
         self._free = ids[::-1]  # pop() from the end: lowest id (or first shuffled) first
+        self._extra_refs: dict[int, int] = {}  # block -> holders past the first (shared blocks only)
         self._lock = threading.RLock()
 
     @property
@@ -116,10 +119,30 @@ class BlockPool(_Locked):
             return out
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Returns ``blocks`` (ids from :meth:`allocate`) to the pool."""
+        """Drops one holder of each of ``blocks`` (ids from :meth:`allocate`); a block
+        goes back to the pool when its last holder frees it."""
         blocks = [check_int("block", b, low=0, high=self.num_blocks - 1) for b in blocks]
         with self._lock:
-            self._free.extend(reversed(blocks))
+            for b in reversed(blocks):
+                extra = self._extra_refs.get(b, 0)
+                if extra > 1:
+                    self._extra_refs[b] = extra - 1
+                elif extra == 1:
+                    del self._extra_refs[b]
+                else:
+                    self._free.append(b)
+
+    def share(self, blocks: Sequence[int]) -> None:
+        """Adds a holder to each of ``blocks`` (allocated blocks): each then needs one more :meth:`free`."""
+        blocks = [check_int("block", b, low=0, high=self.num_blocks - 1) for b in blocks]
+        with self._lock:
+            for b in blocks:
+                self._extra_refs[b] = self._extra_refs.get(b, 0) + 1
+
+    @property
+    def num_shared(self) -> int:
+        """Blocks held by more than one holder now."""
+        return len(self._extra_refs)
 
 
 def _one_of(name: str, value, old_name: str, old_value, default):
@@ -299,6 +322,45 @@ class PagedKVCache(_Locked):
                 self.block_table.device, non_blocking=True
             )
 
+    def fork(self, slot: int, num_tokens: int) -> int:
+        """Takes a free slot whose first ``num_tokens`` tokens are those of ``slot``
+        and returns it: :meth:`KVCache.fork <torch_vkv.KVCache.fork>` over blocks.
+
+        The full blocks below ``num_tokens`` are shared (the block table of the
+        new slot points at them; :meth:`BlockPool.share`), the partly filled
+        last block is allocated fresh and its rows copied in every layer, K and
+        V. Shared blocks are read-only by contract: appends go past the shared
+        prefix. A block returns to the pool when no slot holds it. Raises
+        :class:`~torch_vkv.errors.OutOfSlotsError` /
+        :class:`~torch_vkv.errors.OutOfPagesError` with nothing changed, and
+        ``ValueError`` when ``num_tokens`` exceeds what ``slot`` holds.
+        """
+        slot = self._check_slot(slot)
+        num_tokens = check_int("num_tokens", num_tokens, low=0)
+        with self._lock:
+            src = self._blocks[slot]
+            if num_tokens > len(src) * self.page_size:
+                fail("num_tokens", f"an int <= {len(src) * self.page_size} (the tokens slot {slot} holds)", num_tokens)
+            if not self._free_slots:
+                raise OutOfSlotsError(f"all {self.max_batch_size} slots of the paged KV cache are in use")
+            full, rows = divmod(num_tokens, self.page_size)
+            new = self._free_slots[0]
+            if self._blocks[new]:  # a slot committed without alloc(): keep its blocks to itself
+                fail("fork", f"a free slot without blocks (slot {new} holds some: free() it first)", new)
+            fresh = self.pool.allocate(1 if rows else 0)  # OutOfPagesError: nothing changed
+            self._free_slots.pop(0)
+            self._active.add(new)
+            self.pool.share(src[:full])
+            blocks = src[:full] + fresh
+            self._blocks[new] = blocks
+            if fresh:
+                self.kv[:, :, fresh[0], :rows] = self.kv[:, :, src[full], :rows]
+            if blocks:
+                self.block_table[new, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32).to(
+                    self.block_table.device, non_blocking=True
+                )
+            return new
+
     def can_reserve(self, slot: int, num_tokens: int) -> bool:
         """Alias of :meth:`can_commit`."""
         return self.can_commit(slot, num_tokens)
@@ -309,13 +371,15 @@ class PagedKVCache(_Locked):
 
     def memory_stats(self) -> dict:
         """``reserved_bytes`` (the whole pool, allocated up front),
-        ``committed_bytes`` (blocks held by slots), ``free_pages``,
-        ``max_pages``, ``page_size`` (tokens per block), ``active_slots``."""
+        ``committed_bytes`` (blocks held by slots, a shared block once),
+        ``shared_pages`` (blocks that several slots hold after :meth:`fork`),
+        ``free_pages``, ``max_pages``, ``page_size`` (tokens per block), ``active_slots``."""
         with self._lock:
             free = self.pool.num_free
             return {
                 "reserved_bytes": self.pool.num_blocks * self.bytes_per_page,
                 "committed_bytes": (self.pool.num_blocks - free) * self.bytes_per_page,
+                "shared_pages": self.pool.num_shared,
                 "free_pages": free,
                 "max_pages": self.pool.num_blocks,
                 "page_size": self.page_size,
