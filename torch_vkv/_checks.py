@@ -64,14 +64,22 @@ def check_int_array(what: str, values: Any, *, low: int, high: int) -> np.ndarra
     return np.array(items, dtype=np.int64).reshape(arr.shape)
 
 
-def positive_int_arg(text: str) -> int:
-    """An ``argparse`` type: an int >= 1, with "expected X, got Y" on failure."""
+def int_arg(low: int):
+    """An ``argparse`` type: an int >= ``low``, with "expected X, got Y" on failure."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+#: ``argparse`` types for counts (>= 1) and sizes that may be 0.
+positive_int_arg = int_arg(1)
+non_negative_int_arg = int_arg(0)

@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from torch_vkv._checks import non_negative_int_arg as _non_negative
 from torch_vkv._checks import positive_int_arg as _positive
 from torch_vkv.serving.llm import LLM, TextStream
 from torch_vkv.serving.outputs import RequestOutput
@@ -739,16 +740,6 @@ def _parse_bytes(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
     return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
-    return v
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
