@@ -7,6 +7,7 @@
 #   BENCH=full bash scripts/gpu_check.sh       # full benchmark sweeps
 #   BENCHES="alloc" bash scripts/gpu_check.sh  # only these benchmarks; BENCHES="" for none
 #   BENCHES="serve" bash scripts/gpu_check.sh  # the end-to-end serving workloads (bench serve --quick, ~5 min)
+#   TEST_TIMEOUT=300 BENCH_TIMEOUT=120 ...     # seconds per step (0: none), so one call fits the device's limit
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs go straight to $FINAL (they survive a timeout); benchmark reports (JSON,
@@ -14,15 +15,15 @@ cd "$(dirname "$0")/.."
 FINAL=${OUT:-gpu_out}
 OUT=$(mktemp -d)
 mkdir -p "$FINAL"
-export PYTHONUNBUFFERED=1 TORCH_VKV_BENCH_DIR="$OUT"
+export PYTHONUNBUFFERED=1 TORCH_VKV_BENCH_DIR="$OUT" TORCH_VKV_FAILURE_LOG="$FINAL/failures.log"
 QUICK=--quick
 [ "${BENCH:-quick}" = full ] && QUICK=
 status=0
-run() {  # run NAME CMD...: log to $FINAL/NAME.log, remember failures
-  local name=$1; shift
+run() {  # run NAME SECONDS CMD...: log to $FINAL/NAME.log (SECONDS 0: no limit), remember failures
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local t0=$SECONDS
-  "$@" >"$FINAL/$name.log" 2>&1
+  timeout "$limit" "$@" >"$FINAL/$name.log" 2>&1
   local rc=$?
   tail -n "${TAIL:-15}" "$FINAL/$name.log"
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
@@ -31,11 +32,11 @@ run() {  # run NAME CMD...: log to $FINAL/NAME.log, remember failures
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$FINAL/gpu.txt"
 # An (editable) install, not build_ext --inplace: it also maps triton_kernels/ to
 # torch_vkv.triton_kernels (setup.py package_dir), which has no other loader.
-run build python -m pip install --no-deps --no-build-isolation -e .
-run info python -m torch_vkv info
-run tests_gpu python -m pytest -q -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
+run build 0 python -m pip install --no-deps --no-build-isolation -e .
+run info 0 python -m torch_vkv info
+run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
-  run "bench_$b" python -m torch_vkv bench "$b" $QUICK --out "$OUT"
+  run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK --out "$OUT"
 done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
 echo "results: logs in $FINAL, benchmark reports in $FINAL/results.tgz"

@@ -7,8 +7,19 @@ collection time beyond ``torch.cuda.is_available()``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_runtest_logreport(report):
+    """``TORCH_VKV_FAILURE_LOG=FILE``: append each failure's traceback as it happens, so a run that
+    is cut short (a GPU machine's time limit) still tells why tests failed."""
+    path = os.environ.get("TORCH_VKV_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"\n===== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
 
 def pytest_collection_modifyitems(config, items):

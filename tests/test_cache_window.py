@@ -93,7 +93,8 @@ def test_long_generation_keeps_a_window_of_pages(device, async_):
     per_layer = [sum(held_per_buffer(cache, l, s) for s in slots) * 2 * cache.page_size for l in range(4)]
     assert stats["committed_bytes"] == sum(per_layer)
     assert stats["window_committed_bytes"] == per_layer[1] + per_layer[3]
-    assert stats["window_committed_bytes"] < stats["committed_bytes"] // 4
+    if lens.min() > 8 * tpp:  # host pages of 32 rows; a 2 MiB CUDA page holds 16384 rows, more than max_seq_len
+        assert stats["window_committed_bytes"] < stats["committed_bytes"] // 4
     cache.close()
 
 
