@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from torch_vkv.bench.models import random_model
 from torch_vkv.bench.report import report_dir, write_report
 
 __all__ = ["GEMMA3_12B", "TINY_GEMMA3", "VARIANTS", "build_gemma3", "run"]
@@ -65,18 +66,9 @@ def build_gemma3(config_kwargs: dict, *, device: torch.device, dtype: torch.dtyp
         kw["num_hidden_layers"] = layers
         kw["layer_types"] = (list(kw["layer_types"]) * layers)[:layers]
     config = Gemma3TextConfig(**kw)
-    with torch.device("meta"):
-        model = Gemma3ForCausalLM(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight.zero_()
-        emb = model.get_input_embeddings()
-        emb.embed_scale.fill_(config.hidden_size**0.5)  # a buffer: to_empty left it uninitialised
+    model = random_model(Gemma3ForCausalLM, config, device=device, dtype=dtype, seed=seed, norm_weight=0.0)
+    with torch.no_grad():  # buffers: to_empty left them uninitialised
+        model.get_input_embeddings().embed_scale.fill_(config.hidden_size**0.5)
     with torch.device(device):
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.generation_config.eos_token_id = None

@@ -1,16 +1,10 @@
 """``EngineLoop``: the engine in its own thread, fed by commands, answering with events.
 
-Threads::
-
-    asyncio event loop (uvicorn, FastAPI)           engine loop thread (owns the Engine)
-    handler: validate, tokenize ----- commands -->  add_request / abort
-             await its asyncio.Queue <-- events --  step(); detokenize; stop strings
-                       (loop.call_soon_threadsafe)
-
-The engine is touched only by its thread; a request waits on its own queue, so
-no request blocks another's tokens. Events reach a request's ``sink``:
-``Accepted`` or ``Rejected`` once, then ``Delta``\\ s (the last with a
-``finish_reason``), or ``Failed`` when the engine itself failed.
+The engine is touched only by its thread (the package docstring draws the two
+threads); a request waits on its own queue, so no request blocks another's
+tokens. Events reach a request's ``sink``: ``Accepted`` or ``Rejected`` once,
+then ``Delta``\\ s (the last with a ``finish_reason``), or ``Failed`` when the
+engine itself failed.
 """
 
 from __future__ import annotations
