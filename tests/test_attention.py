@@ -313,8 +313,13 @@ def test_bench_kernels_smoke(tmp_path):
     assert main(["--smoke", "--no-plots", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     sections = {r["section"] for r in rows}
-    assert {"copy", "decode", "prefill", "vm_vs_malloc"} <= sections
+    assert {"copy", "decode", "prefill", "vm_vs_malloc", "window"} <= sections  # --window 4096 by default
     assert not [r for r in rows if str(r.get("note", "")).startswith("error")], rows
+    win = [r for r in rows if r["section"] == "window"]
+    full = {r["backend"]: r["bytes_read"] for r in win if r["note"] == "window_left=None"}
+    cut = {r["backend"]: r["bytes_read"] for r in win if r["note"] != "window_left=None"}
+    assert full and all(full[b] == 4 * cut[b] for b in full)  # context 256, window_left 63: a quarter of the rows
+    assert "Sliding-window decode vs full attention" in (tmp_path / "kernels.md").read_text()
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 128), (3, 1, 32), (6, 2, 64)], ids=["MQA", "MQA-group3-d32", "GQA-group3"])

@@ -105,3 +105,29 @@ def test_demo_agreement_report_judges_each_token(capsys):
     text = capsys.readouterr().out
     assert "good            12/12 argmax, 0 near ties: agrees" in text
     assert "bad             11/12 argmax, 0 near ties: 1 token(s) outside the tolerance" in text
+
+
+def test_bench_hf_gemma3_tiny_smoke(tmp_path, keep_threads):
+    """``bench hf --workload gemma3 --tiny``: the three caches give the same tokens, the
+    per-step KV series is recorded for each, StaticCache holds its preallocation from the
+    first step, and VirtualKVCache's sliding layers stop growing once past the window."""
+    import json
+
+    from torch_vkv.bench.hf import main
+
+    assert main(["--workload", "gemma3", "--tiny", "--device", "cpu", "--prompt", "24", "--new-tokens", "56",
+                 "--batch", "1", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "hf_gemma3.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dynamic", "static", "vkv"]
+    assert all(r["same_tokens_as_dynamic"] == 1.0 and r["tok_s"] > 0 for r in rows)
+    series = json.loads((tmp_path / "hf_gemma3_series.json").read_text())["per_step"]
+    assert {k: len(v) for k, v in series.items()} == {"dynamic": 56, "static": 56, "vkv": 56}
+    static = [s[0] for s in series["static"]]
+    assert len(set(static)) == 1  # preallocated
+    vkv_total = [s[0] for s in series["vkv"]]
+    vkv_sliding = [s[1] for s in series["vkv"]]
+    assert vkv_total == sorted(vkv_total) and vkv_total[-1] > vkv_total[0]  # the global layer grows
+    # 4 KiB host pages hold 16 tokens of a buffer; window 32: at most 2 + 2 pages per sliding buffer.
+    assert 0 < max(vkv_sliding) <= 5 * 2 * 4 * 4096
+    assert vkv_sliding[-1] < vkv_total[-1]
+    assert (tmp_path / "hf_gemma3.md").exists()

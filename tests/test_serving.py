@@ -530,13 +530,6 @@ def test_engine_constructor_errors(kwargs, exc):
     assert model.config._attn_implementation == "sdpa"  # untouched on failure
 
 
-def test_sliding_window_longer_than_window_refused():
-    model = make_model("mistral")
-    model.config.sliding_window = 16
-    with pytest.raises(ValueError, match="sliding_window"):
-        engine_for(model, max_seq_len=64)
-
-
 def test_engine_not_a_model():
     with pytest.raises(TypeError, match="model"):
         Engine(object(), max_batch_size=2, max_seq_len=16, device="cpu")

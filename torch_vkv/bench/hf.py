@@ -30,6 +30,8 @@ are warmed up (compile + capture) on the same cache object, which is then
 ``reset()``: addresses stay, so the timed run reuses the graphs.
 
 ``--quick``: batch 8, prompt 1024, 128 new tokens (under ~3 minutes on an H100).
+``--workload gemma3``: a Gemma-3-like model's KV memory over time instead
+(:mod:`torch_vkv.bench.gemma3`).
 Full: batch {1, 8, 32} x prompt {1024, 4096, 8192} x new tokens {256, 1024};
 select a subset with ``--batch``, ``--prompt``, ``--new-tokens``, ``--variants``.
 """
@@ -86,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny config instead of Llama-3-8B (CPU smoke test)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", "--out-dir", dest="out_dir", default=None, help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
-    p.add_argument("--name", default="hf", help="report name (default hf)")
+    p.add_argument("--name", default="hf", help="report name (default hf; hf_gemma3 for --workload gemma3)")
+    p.add_argument("--workload", choices=("llama", "gemma3"), default="llama",
+                   help="llama: the cache variants above (default); gemma3: a Gemma-3-like model's KV memory over "
+                   "time, VirtualKVCache vs DynamicCache vs StaticCache (torch_vkv/bench/gemma3.py)")  # fmt: skip
     return p
 
 
@@ -244,6 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as e:
         print(f"bench hf needs transformers: {e}")
         return 2
+    if args.workload == "gemma3":
+        from torch_vkv.bench.gemma3 import run
+
+        return run(args, list(argv) if argv is not None else [])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and not args.tiny:
         print("bench hf: no CUDA device; use --tiny for a CPU smoke run of the benchmark code")

@@ -31,7 +31,7 @@ Examples::
     python -m torch_vkv bench kernels --quick            # < 2 min on an H100
     python -m torch_vkv bench kernels --out bench_out    # full grid
     python -m torch_vkv bench kernels --smoke            # tiny, CPU ok (plumbing check)
-    python -m torch_vkv bench kernels --quick --window 4096   # + 4K-window decode at 32K/128K vs full
+    python -m torch_vkv bench kernels --quick --window 0      # without the 4K-window decode section
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import torch
 
+from torch_vkv.bench.kernels_window import window_rows, window_summary
 from torch_vkv.bench.report import plot_kernels, write_report
 from torch_vkv.bench.timing import time_us
 
@@ -57,7 +58,7 @@ DECODE_BACKENDS = ("triton", "torch_fa2", "flash_attn", "flex", "sdpa")
 PREFILL_BACKENDS = ("torch_fa2", "triton", "flash_attn", "flex", "sdpa")
 COLUMNS = (
     "section", "model", "backend", "memory", "block", "batch", "context", "us", "tb_s", "pct_copy",
-    "tflop_s", "ratio_vm_malloc", "note",
+    "tflop_s", "ratio_vm_malloc", "bytes_read", "note",
 )  # fmt: skip
 
 
@@ -98,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vm", action="store_true", help="do not use torch_vkv.KVCache (cudaMalloc only)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--flex-everywhere", action="store_true", help="run flex at every shape (compiles per shape: slow)")
-    p.add_argument("--window", type=int, default=0, help="add the sliding-window decode section: window_left=N "
-                   "at 32K and 128K context vs full attention (0: off)")  # fmt: skip
+    p.add_argument("--window", type=int, default=4096, help="the sliding-window decode section: window_left=N "
+                   "at 32K and 128K context vs full attention, time and bytes read (default 4096; 0: off)")  # fmt: skip
     return p
 
 
@@ -287,43 +288,6 @@ def _decode_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
                     del pc
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    return rows
-
-
-def _window_rows(cfg: Config, caches: Caches, copy_bw: float, log, window: int, *, smoke: bool) -> list:
-    """``window`` section: decode with ``window_left=window`` vs full attention on the same cache
-    (every request at the full context). ``tb_s`` counts the K+V bytes each call must read."""
-    from torch_vkv.attention import attention, supports
-
-    rows, dev = [], cfg.device
-    item = torch.empty((), dtype=cfg.dtype).element_size()
-    for model in cfg.models:
-        H, H_kv, D = MODELS.get(model, (8, 2, 64))
-        for S in ([256] if smoke else [32768, 131072]):
-            for B in ([1] if smoke else [1, 8]):
-                q = torch.randn((B, H, D), dtype=cfg.dtype, device=dev)
-                lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-                memory = "vm" if caches.KVCache is not None else "malloc"
-                k, v, keep = caches.contiguous(memory, B, S, H_kv, D)
-                for backend in ("triton", "flash_attn", "torch_fa2", "flex"):
-                    if not _available(backend, dev) or not supports(backend, window_left=True):
-                        continue
-                    for win in (None, window):
-                        read = 2 * B * (S if win is None else min(S, win + 1)) * H_kv * D * item
-                        row = dict(section="window", model=model, backend=backend, memory=memory, batch=B,
-                                   context=S, note=f"window_left={win}")  # fmt: skip
-                        fn = lambda b=backend, w=win: attention(q, k, v, lens, backend=b, window_left=w)  # noqa: E731
-                        try:
-                            us = _time(cfg, fn, cfg.decode_rep_ms)
-                        except Exception as e:  # one backend failing must not stop the run
-                            row["note"] += f"; error: {type(e).__name__}: {str(e)[:120]}"
-                        else:
-                            tb = read / (us * 1e-6) / 1e12
-                            row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw)
-                        log(f"  window {model} B={B} S={S} {backend} {row['note']}: {row.get('us', float('nan')):.1f} us")
-                        rows.append(row)
-                del k, v
-                _close(keep)
     return rows
 
 
@@ -586,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += _tune_rows(cfg, caches, bw, log)
         rows += _layout_rows(cfg, caches, bw, log)
         if args.window > 0:
-            rows += _window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)
-    summary = _summary(rows, bw, caches, time.perf_counter() - t0)
+            rows += window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)
+    summary = _summary(rows, bw, caches, time.perf_counter() - t0) + window_summary(rows)
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)
     write_report("kernels", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
     if cfg.plots:

@@ -15,7 +15,7 @@ import torch
 
 from torch_vkv._checks import fail
 
-__all__ = ["MODELS", "build_model", "model_config", "weight_bytes"]
+__all__ = ["MODELS", "build_model", "model_config", "random_model", "weight_bytes"]
 
 #: Llama-family configurations (``LlamaConfig`` keyword arguments).
 MODELS: dict[str, dict[str, Any]] = {
@@ -43,21 +43,31 @@ def model_config(name: str) -> Any:
     return LlamaConfig(**MODELS[name], tie_word_embeddings=False)
 
 
-def build_model(name: str, *, device: Any, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A ``LlamaForCausalLM`` of ``name``'s shape with random weights, on ``device``."""
-    from transformers import LlamaForCausalLM
-
-    config = model_config(name)
+def random_model(cls: Any, config: Any, *, device: Any, dtype: torch.dtype, seed: int = 0,
+                 norm_weight: float = 1.0) -> torch.nn.Module:  # fmt: skip
+    """``cls(config)`` built on the ``meta`` device, then ``to_empty`` on ``device``:
+    every parameter ``normal_(0, 0.02)``, RMSNorm weights ``norm_weight`` (1 for
+    Llama's ``w * x``, 0 for Gemma's ``(1 + w) * x``: what a trained model's are
+    near). Buffers are left to the caller: ``to_empty`` leaves them uninitialised."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = cls(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
-        for m in model.modules():  # norms: ones, as a trained model's are near
+        for m in model.modules():
             if type(m).__name__.endswith("RMSNorm"):
-                m.weight.fill_(1.0)
+                m.weight.fill_(norm_weight)
+    return model
+
+
+def build_model(name: str, *, device: Any, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A ``LlamaForCausalLM`` of ``name``'s shape with random weights, on ``device``."""
+    from transformers import LlamaForCausalLM
+
+    config = model_config(name)
+    model = random_model(LlamaForCausalLM, config, device=device, dtype=dtype, seed=seed, norm_weight=1.0)
     # Buffers (the rotary inv_freq) are not parameters: to_empty left them
     # uninitialised, so rebuild every module that owns one.
     for parent in list(model.modules()):

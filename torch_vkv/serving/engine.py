@@ -63,19 +63,6 @@ def _eos_ids(model: Any) -> tuple[int, ...]:
     return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
 
 
-def _check_sliding_window(config: Any, max_seq_len: int) -> None:
-    c = _text_config(config)
-    window = getattr(c, "sliding_window", None)
-    if window is None or not getattr(c, "use_sliding_window", True):
-        return
-    layer_types = getattr(c, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return
-    if max_seq_len > window:
-        fail("max_seq_len", f"<= the model's sliding_window {window} (sliding-window attention is not "
-             "supported: every layer attends over the whole sequence)", max_seq_len)  # fmt: skip
-
-
 class Engine:
     """A serving engine over a Hugging Face causal LM.
 
@@ -100,6 +87,16 @@ class Engine:
         cuda_graphs: replay CUDA graphs for decode-only iterations (CUDA only).
         device: default CUDA when present, else the CPU (host backend).
         dtype: default the model's.
+
+    Sliding-window and soft-capped families (Mistral, Gemma 2 / 3, Qwen2 / 3
+    with ``use_sliding_window``): each layer attends with its own window and
+    soft cap, as the model passes them. ``kv="virtual"`` with
+    ``layout="per_layer"`` gives back a sliding layer's pages behind its
+    window as requests grow (:attr:`sliding_window`, ``KVCache(sliding_window=)``);
+    ``layout="interleaved"`` (a page holds every layer of a token) and
+    ``kv="paged"`` (a block holds every layer) keep every page and only
+    restrict what attention reads. Admission still counts a request's pages as
+    if every layer kept all its tokens (an upper bound).
     """
 
     def __init__(
@@ -152,7 +149,6 @@ class Engine:
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype is not None else "auto")
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
-        _check_sliding_window(model.config, self.max_seq_len)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
@@ -161,6 +157,10 @@ class Engine:
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or _text_config(model.config).vocab_size)
         self.eos_token_ids = _eos_ids(model)
         num_layers, num_kv_heads, head_dim = _model_shape(model.config)
+        from torch_vkv.hf.cache import layer_windows  # the HF adapter's reading of the config
+
+        #: Each layer's sliding window in tokens (``None``: a global layer), from the model's config.
+        self.sliding_window = layer_windows(model.config, num_layers)
 
         graphs = cuda_graphs and self.device.type == "cuda"
         num_slots = self.max_batch_size + (1 if graphs else 0)  # + a scratch slot for graph padding rows
@@ -179,7 +179,7 @@ class Engine:
         self.kv = KVManager(
             kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
             max_seq_len=self.max_seq_len, dtype=self.dtype, device=self.device, memory_budget=memory_budget,
-            layout=layout, page_size=page_size, block_size=self.block_size,
+            layout=layout, page_size=page_size, block_size=self.block_size, sliding_window=self.sliding_window,
         )  # fmt: skip
         self.kv_kind, self.layout = kv, layout
         self.memory_budget = memory_budget
@@ -396,7 +396,9 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """``num_running``, ``num_waiting``, ``num_preemptions``,
         ``committed_bytes`` (physical KV memory held, freed slots' cached
-        pages included), ``used_bytes`` (K/V of running requests' computed
+        pages included), ``window_committed_bytes`` (the part of it held by
+        sliding-window layers; 0 unless ``kv="virtual"``, ``layout="per_layer"``
+        and the model has sliding layers), ``used_bytes`` (K/V of running requests' computed
         tokens), ``memory_budget``, ``num_finished``, ``num_iterations``,
         ``num_generated_tokens``, ``host_seconds`` (host time of scheduling,
         page commits, batch metadata and output bookkeeping, summed over
@@ -408,6 +410,7 @@ class Engine:
             "num_waiting": len(s.waiting),
             "num_preemptions": s.num_preemptions,
             "committed_bytes": self.kv.committed_bytes(),
+            "window_committed_bytes": self.kv.window_committed_bytes(),
             "used_bytes": sum(r.num_computed_tokens for r in s.running) * self.kv.bytes_per_token,
             "memory_budget": self.memory_budget,
             "num_finished": self._num_finished,

@@ -40,6 +40,13 @@ class KVManager:
         memory_budget: bytes of KV memory (``None``: a static allocation's size).
         layout, page_size: ``KVCache``'s (virtual only).
         block_size: tokens per block (paged only).
+        sliding_window: each layer's window in tokens (``None``: global), or
+            ``None`` for none. Virtual ``per_layer`` only: passed to
+            ``KVCache(sliding_window=)``, so pages behind a layer's window are
+            given back at each :meth:`grow`. The ``interleaved`` layout and
+            ``paged`` keep every page (one page or block holds all layers of
+            a token, which the global layers still read); the attention applies
+            the window in every case.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class KVManager:
         layout: str = "per_layer",
         page_size: Optional[int] = None,
         block_size: int = 16,
+        sliding_window: Optional[list] = None,
     ) -> None:
         self.kind = kind
         self.num_slots = num_slots
@@ -66,10 +74,14 @@ class KVManager:
         #: Bytes of one token's K and V in all layers.
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize
         self.memory_budget = memory_budget
+        windowed = sliding_window is not None and any(w is not None for w in sliding_window)
+        #: Whether pages behind sliding windows are given back (virtual ``per_layer`` with a window).
+        self.gives_back_windows = windowed and kind == "virtual" and layout == "per_layer"
         if kind == "virtual":
             self.cache: Any = KVCache(
                 num_layers, num_kv_heads, head_dim, max_batch_size=num_slots, max_seq_len=max_seq_len,
                 dtype=dtype, device=device, memory_budget=memory_budget, layout=layout, page_size=page_size,
+                sliding_window=sliding_window if self.gives_back_windows else None,
             )  # fmt: skip
             # A page group (one page of a slot in every buffer) costs this many pool pages.
             self._pages_per_group = 2 * num_layers if layout == "per_layer" else 1
@@ -194,6 +206,12 @@ class KVManager:
     # ----------------------------------------------------------------- stats
     def committed_bytes(self) -> int:
         return int(self.cache.memory_stats()["committed_bytes"])
+
+    def window_committed_bytes(self) -> int:
+        """Bytes the sliding layers' buffers hold (virtual ``per_layer`` with windows; else 0)."""
+        if not self.gives_back_windows:
+            return 0
+        return int(self.cache.memory_stats()["window_committed_bytes"])
 
     def slot_pages(self, slot: int) -> list:
         """Identifiers of the pool pages backing ``slot`` (for tests of page

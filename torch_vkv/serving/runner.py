@@ -76,7 +76,14 @@ def serving_attention_forward(
         query: ``[1, num_heads, total_tokens, head_dim]``.
         key, value: the new tokens' ``[1, num_kv_heads, total_tokens, head_dim]`` (after RoPE).
 
-    Returns ``([1, total_tokens, num_heads, head_dim], None)``.
+        kwargs: the batch context (:data:`CTX_KWARG`); the layer's ``sliding_window``
+            (transformers' ``W``: a query sees ``W`` keys, itself included) and
+            ``softcap`` (Gemma 2), as the model's attention module passes them.
+
+    Returns ``([1, total_tokens, num_heads, head_dim], None)``. A sliding layer
+    attends with ``window_left = W - 1`` whatever the KV layout: the virtual
+    ``per_layer`` cache has given back the pages behind the window, the other
+    layouts keep them but are not read there either.
     """
     ctx: Optional[BatchContext] = kwargs.get(CTX_KWARG)
     if ctx is None:
@@ -93,9 +100,11 @@ def serving_attention_forward(
     k_cache, v_cache = ctx.keys[layer], ctx.values[layer]
     append_kv(k_cache, v_cache, k_new, v_new, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
               block_table=ctx.block_table)  # fmt: skip
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     out = attention(q, k_cache, v_cache, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
-                    scale=scaling, backend=ctx.backend, block_table=ctx.block_table,
-                    max_seqlen_q=ctx.max_seqlen_q)  # fmt: skip
+                    scale=scaling, backend=ctx.backend, block_table=ctx.block_table, max_seqlen_q=ctx.max_seqlen_q,
+                    window_left=None if window is None else int(window) - 1,
+                    softcap=None if softcap is None else float(softcap))  # fmt: skip
     return out.unsqueeze(0), None
 
 

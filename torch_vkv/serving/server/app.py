@@ -1,0 +1,204 @@
+"""``create_app``: the FastAPI app and its routes.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (answered
+by :mod:`~torch_vkv.serving.server.streaming`), ``GET /v1/models``,
+``GET /health``, ``GET /metrics``. Requests are checked here (model name,
+sampling fields, prompt length and token ids) before they reach the engine
+thread, so a bad request costs the engine nothing.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run time.
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from torch_vkv.serving.llm import LLM
+from torch_vkv.serving.params import SamplingParams
+from torch_vkv.serving.server.loop import DEFAULT_MAX_WAITING, EngineLoop
+from torch_vkv.serving.server.metrics import make_registry
+from torch_vkv.serving.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    HTTPError,
+    error_body,
+    validation_error_body,
+)
+from torch_vkv.serving.server.streaming import respond
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    llm: LLM,
+    *,
+    served_model_name: Optional[str] = None,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    loop: Optional[EngineLoop] = None,
+):
+    """A FastAPI app serving ``llm``. The engine loop thread starts with the
+    app (lifespan) and stops with it, closing the engine.
+
+    Args:
+        llm: the engine and its tokenizer.
+        served_model_name: the name clients use as ``model`` (default the
+            model's ``name_or_path``).
+        max_waiting: requests allowed to wait beyond ``max_batch_size``
+            running ones; more answer 503.
+        loop: an :class:`EngineLoop` to use (default: a new one).
+    """
+    engine = llm.engine
+    name = served_model_name or str(getattr(engine.model, "name_or_path", "") or "model")
+    if loop is None:
+        loop = EngineLoop(llm, max_waiting=max_waiting)
+    registry, on_finish = make_registry(loop, name)
+    loop._on_finish = on_finish
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not loop._thread.is_alive():
+            loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, loop.stop)
+
+    app = FastAPI(title="torch_vkv", lifespan=lifespan)
+    app.state.engine_loop = loop
+    app.state.served_model_name = name
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error_body(exc.errors()), status_code=400)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"no route {request.method} {request.url.path}", "not_found_error",
+                                        None, "not_found"), status_code=404)  # fmt: skip
+
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        body = error_body(f"method {request.method} not allowed on {request.url.path}", "invalid_request_error",
+                           None, "method_not_allowed")  # fmt: skip
+        return JSONResponse(body, status_code=405)
+
+    # ---------------------------------------------------------------- info
+    @app.get("/health")
+    async def health() -> Response:
+        if not loop.alive:
+            return JSONResponse(error_body("the engine loop is not running", "server_error", None, "engine_dead"),
+                                status_code=503)  # fmt: skip
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": name, "object": "model", "created": created, "owned_by": "torch_vkv",
+            "max_model_len": engine.max_seq_len,
+        }]}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------- helpers
+    def check_model(req: Any) -> None:
+        if req.model is not None and req.model != name:
+            raise HTTPError(404, f"model: expected {name!r} (see /v1/models), got {req.model!r}",
+                             "invalid_request_error", "model", "model_not_found")  # fmt: skip
+
+    def sampling(req: Any, max_tokens: int) -> SamplingParams:
+        if req.n != 1:
+            raise HTTPError(400, f"n: n > 1 needs shared pages (not supported yet); expected 1, got {req.n}",
+                             param="n", code="unsupported")  # fmt: skip
+        for field_name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(req, field_name)
+            if v not in (None, 0, 0.0):
+                raise HTTPError(400, f"{field_name}: expected 0 or null (penalties are not supported), got {v}",
+                                 param=field_name, code="unsupported")  # fmt: skip
+        if req.logprobs not in (None, False, 0):
+            raise HTTPError(400, f"logprobs: expected null (not supported), got {req.logprobs}",
+                             param="logprobs", code="unsupported")  # fmt: skip
+        kw: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
+        for k in ("temperature", "top_p", "top_k", "seed", "stop"):
+            v = getattr(req, k)
+            if v is not None:
+                kw[k] = v
+        if req.stop_token_ids:
+            kw["stop_token_ids"] = tuple(req.stop_token_ids)
+        try:
+            return SamplingParams(**kw)
+        except (ValueError, TypeError) as exc:
+            param = str(exc).split(":", 1)[0].split(" ")[0]
+            raise HTTPError(400, str(exc), param=param, code="invalid_value") from None
+
+    def check_prompt(ids: list[int], param: str) -> None:
+        if not ids:
+            raise HTTPError(400, f"{param}: expected at least one token, got an empty prompt", param=param,
+                             code="invalid_value")  # fmt: skip
+        if len(ids) >= engine.max_seq_len:
+            raise HTTPError(400, f"{param}: expected fewer than max_seq_len={engine.max_seq_len} tokens, got "
+                             f"{len(ids)} tokens", param=param, code="context_length_exceeded")  # fmt: skip
+        bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise HTTPError(400, f"{param}: expected token ids in [0, {engine.vocab_size}), got {bad}",
+                             param=param, code="invalid_value")  # fmt: skip
+
+    # ------------------------------------------------------------ endpoints
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Any:  # type: ignore[valid-type]
+        check_model(body)
+        if body.echo or (body.best_of not in (None, 1)) or body.suffix:
+            param = "echo" if body.echo else "best_of" if body.best_of not in (None, 1) else "suffix"
+            raise HTTPError(400, f"{param}: not supported, got {getattr(body, param)!r}", param=param,
+                             code="unsupported")  # fmt: skip
+        p = body.prompt
+        if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) or not p:
+            prompts = [p]
+        else:
+            prompts = list(p)
+        ids = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            toks = list(llm.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+            check_prompt(toks, param)
+            ids.append(toks)
+        params = sampling(body, body.max_tokens if body.max_tokens is not None else 16)
+        include_usage = body.stream_options.include_usage if body.stream_options is not None else True
+        return await respond(loop, name, raw, [(t, params) for t in ids], body.stream, False, include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:  # type: ignore[valid-type]
+        check_model(body)
+        messages = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.text for part in content)
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            ids = llm.apply_chat_template(messages)
+        except (ValueError, TypeError) as exc:
+            raise HTTPError(400, str(exc), param="messages", code="invalid_value") from None
+        except Exception as exc:  # a template error (jinja2)
+            raise HTTPError(400, f"messages: the chat template failed: {exc}", param="messages",
+                             code="invalid_value") from None  # fmt: skip
+        check_prompt(ids, "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
+        params = sampling(body, max_tokens)
+        include_usage = body.stream_options.include_usage if body.stream_options is not None else True
+        return await respond(loop, name, raw, [(ids, params)], body.stream, True, include_usage)
+
+    return app
