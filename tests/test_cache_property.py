@@ -2,7 +2,8 @@
 
 Random alloc / free / commit (and its alias reserve) / decommit / reclaim /
 step / step_async / synchronize, with seq_lens as a mapping, a list or an
-array. The model keeps, per active slot, the tokens it uses and the value
+array, and the page-sharing operations fork (a new slot) and remap (slots
+take other slots' histories at once, beam search's reorder). The model keeps, per active slot, the tokens it uses and the value
 written at every row of every layer's K and V. Checked after every step:
 
 * every active slot's used rows are committed, and hold what was written, in
@@ -10,8 +11,13 @@ written at every row of every layer's K and V. Checked after every step:
 * ``used_bytes`` equals the model's tokens times ``bytes_per_token``;
 * committed memory fits the budget and matches the pool's count; no page
   belongs to two slots;
-* a failed commit / step changes nothing (``used_bytes``, committed rows and
-  data included); ``alloc`` prefers a freed slot that still holds pages;
+* a failed commit / step / fork / remap changes nothing (``used_bytes``,
+  committed rows and data included); ``alloc`` prefers a freed slot that
+  still holds pages;
+* shared pages: every reference count is positive and equals the number of
+  slots mapping the page, so no page returns to the pool while a slot maps it
+  (the data check above reads every shared row after every free, reclaim and
+  deferred reclamation);
 * ``close()`` returns every page.
 
 ``test_kvcache_state_machine`` is sized to run in well under a minute; the
@@ -21,6 +27,7 @@ written at every row of every layer's K and V. Checked after every step:
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import hypothesis.strategies as st
 import numpy as np
@@ -121,6 +128,12 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(data=st.data(), keep=st.integers(min_value=0, max_value=MAX_SEQ))
     def decommit(self, data, keep):
         slot = data.draw(st.sampled_from(sorted(self.used)))
+        if self.cache._shared_ids[slot]:
+            # The fork contract: a crop into shared pages must not write there next;
+            # remap onto itself gives the slot its own copy of the page at the new end.
+            keep = min(keep, self.used[slot])
+            if not self._or_nothing(lambda: self.cache.remap([slot], [slot], [keep])):
+                keep -= keep % (PAGE // self.cache.bytes_per_token_buffer)  # no page for a copy: end on a boundary
         self.cache.decommit(slot, keep)
         self.used[slot] = min(self.used[slot], keep)
         assert self.cache.committed_tokens(slot) >= self.used[slot]
@@ -152,6 +165,42 @@ class KVCacheMachine(RuleBasedStateMachine):
         if ok and use_async and sync:
             self.cache.synchronize()
 
+    def _or_nothing(self, call) -> bool:
+        before, ref = self._snapshot(), self.ref.clone()
+        try:
+            call()
+        except (OutOfPagesError, OutOfSlotsError):
+            assert self._snapshot() == before, "a failed fork/remap changed the cache"
+            self.data_intact_in_every_layer()
+            return False
+        return True
+
+    @precondition(lambda self: self.used)
+    @rule(data=st.data(), part=st.floats(min_value=0, max_value=1))
+    def fork(self, data, part):
+        slot = data.draw(st.sampled_from(sorted(self.used)))
+        n = int(self.used[slot] * part)
+        out = []
+        if self._or_nothing(lambda: out.append(self.cache.fork(slot, n))):
+            new = out[0]
+            assert new not in self.used
+            self.used[new] = n
+            self.ref[new] = 0
+            self.ref[new, :, :, :n] = self.ref[slot, :, :, :n]
+
+    @precondition(lambda self: self.used)
+    @rule(data=st.data())
+    def remap(self, data):
+        active = sorted(self.used)
+        dsts = data.draw(st.lists(st.sampled_from(active), min_size=1, max_size=len(active), unique=True))
+        srcs = [data.draw(st.sampled_from(active)) for _ in dsts]
+        ns = [data.draw(st.integers(min_value=0, max_value=self.used[s])) for s in srcs]
+        if self._or_nothing(lambda: self.cache.remap(dsts, srcs, ns)):
+            old = self.ref.clone()
+            for d, s, n in zip(dsts, srcs, ns):
+                self.ref[d, :, :, :n] = old[s, :, :, :n]
+                self.used[d] = n
+
     # -- invariants -------------------------------------------------------------
     @invariant()
     def counts_agree(self):
@@ -173,6 +222,20 @@ class KVCacheMachine(RuleBasedStateMachine):
                     owned[page // c.pages_per_slot] += 1
             # each slot owns exactly the pages the manager thinks, all inside its row
             assert owned == list(c._committed_pages)
+
+    @invariant()
+    def shared_pages_counted(self):
+        if not hasattr(self, "cache"):
+            return
+        c = self.cache
+        refs = dict(c._page_refs)
+        assert all(r > 0 for r in refs.values()), "a page reference count went to zero or below"
+        mapped_by = Counter(i for s in range(B) for i in c._shared_ids[s])
+        assert refs == dict(mapped_by), "reference counts differ from the slots mapping each page"
+        for s in range(B):  # shared pages are committed, at the front of the slot's row
+            assert len(c._shared_ids[s]) <= c._committed_pages[s]
+        for s in set(range(B)) - set(self.used):  # a freed slot keeps only pages of its own
+            assert all(refs[i] == 1 for i in c._shared_ids[s])
 
     @invariant()
     def data_intact_in_every_layer(self):

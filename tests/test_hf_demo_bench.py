@@ -131,3 +131,18 @@ def test_bench_hf_gemma3_tiny_smoke(tmp_path, keep_threads):
     assert 0 < max(vkv_sliding) <= 5 * 2 * 4 * 4096
     assert vkv_sliding[-1] < vkv_total[-1]
     assert (tmp_path / "hf_gemma3.md").exists()
+
+
+def test_bench_hf_beam_smoke(tmp_path, keep_threads):
+    import json
+
+    from torch_vkv.bench.hf import main
+
+    assert main(["--tiny", "--beam", "--device", "cpu", "--num-beams", "3", "--prompt", "48", "--new-tokens", "4",
+                 "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "hf_beam.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dynamic", "copy", "remap"]
+    assert all(r["same_sequences_as_dynamic"] for r in rows)
+    copy, remap = rows[1], rows[2]
+    assert remap["shared_pages"] > 0 and copy["shared_pages"] == 0
+    assert remap["copied_bytes"] < copy["copied_bytes"] and remap["kv_bytes"] < copy["kv_bytes"]

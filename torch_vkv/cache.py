@@ -54,6 +54,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
+from torch_vkv import _remap
 from torch_vkv._checks import INT_TYPES, ArgumentTypeError, check_int, check_int_array, fail
 from torch_vkv._ext import core
 from torch_vkv._lifetime import Unique, forked_error, track
@@ -602,6 +603,73 @@ class KVCache(Unique):
         self._active_mask[new] = True
         self._used_tokens[new] = num_tokens
         return new
+
+    @_locked
+    def remap(self, slots: Sequence[int], sources: Sequence[int], num_tokens: Sequence[int]) -> int:
+        """Slot ``slots[i]`` takes the first ``num_tokens[i]`` tokens of slot ``sources[i]``,
+        in every layer, for every ``i`` at once (beam search's reorder, a batch repeat or select).
+
+        A parallel assignment: every source is read as it was before the call,
+        so permutations (``a <- b`` and ``b <- a``) work. As in :meth:`fork`,
+        the source's pages that lie entirely below ``num_tokens[i]`` are
+        mapped into the destination, not copied; pages the two slots already
+        share are left alone; only the partly filled last page is copied. A
+        destination thus copies at most one page per buffer, plus one page
+        for each cycle of the assignment (staged while its slots are
+        overwritten). ``slots[i] == sources[i]`` crops the slot to
+        ``num_tokens[i]`` tokens (its pages stay; a shared page at the new end
+        is replaced by a copy of its own, since appends go there).
+
+        Afterwards each destination uses ``num_tokens[i]`` tokens (``used_bytes``),
+        keeps the pages it owned past the shared prefix (no recommit), and the
+        shared pages are read-only by contract, as after :meth:`fork`. Slots
+        not named are untouched; a page returns to the pool only when no slot
+        maps it.
+
+        Parameters
+        ----------
+        slots : sequence of int
+            Distinct active destination slots.
+        sources : sequence of int
+            Active slots, one per destination (may repeat, may be destinations).
+        num_tokens : sequence of int
+            Tokens taken, one per destination, at most those committed for its
+            source's request.
+
+        Returns
+        -------
+        int
+            Bytes copied (partial pages, all buffers); 0 when every destination
+            ends on a page boundary or already shares its source's pages.
+
+        Raises :class:`OutOfPagesError` with nothing changed when the
+        destinations' new last pages do not fit; ``ValueError`` for bad
+        arguments or a cache with a ``sliding_window`` (whose windowed layers
+        gave back the pages a remap would share: copy rows instead).
+        """
+        self._check_open()
+        lists = []
+        for what, seq in (("slots", slots), ("sources", sources), ("num_tokens", num_tokens)):
+            if isinstance(seq, torch.Tensor):
+                seq = seq.tolist()
+            if not isinstance(seq, (Sequence, np.ndarray)) or isinstance(seq, (str, bytes)):
+                fail(what, "a sequence of ints", type(seq), ArgumentTypeError)
+            lists.append(list(seq))
+        if not len(lists[0]) == len(lists[1]) == len(lists[2]):
+            fail("slots, sources, num_tokens", "sequences of one length", tuple(len(x) for x in lists))
+        dsts = [self._check_slot(s) for s in lists[0]]
+        srcs = [self._check_slot(s) for s in lists[1]]
+        if len(set(dsts)) != len(dsts):
+            fail("slots", "distinct slots", dsts)
+        self._join_async()
+        if self._windowed:
+            fail("remap", "a cache without sliding_window (windowed layers give back the pages a remap would share)",
+                 f"sliding_window={self.sliding_window}")  # fmt: skip
+        moves = {}
+        for d, s, n in zip(dsts, srcs, lists[2]):
+            have = int(self._used_tokens[s])
+            moves[d] = (s, check_int(f"num_tokens for slot {d} (source slot {s} has {have} tokens)", n, low=0, high=have))
+        return _remap.remap(self, moves)
 
     def _map_prefix(self, dst: int, src: int, count: int) -> None:
         """Maps pages ``[0, count)`` of slot ``src`` at pages ``[0, count)`` of slot ``dst`` in every

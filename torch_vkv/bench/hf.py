@@ -32,6 +32,7 @@ are warmed up (compile + capture) on the same cache object, which is then
 ``--quick``: batch 8, prompt 1024, 128 new tokens (under ~3 minutes on an H100).
 ``--workload gemma3``: a Gemma-3-like model's KV memory over time instead
 (:mod:`torch_vkv.bench.gemma3`).
+``--beam``: beam search instead (:mod:`torch_vkv.bench.hf_beam`).
 Full: batch {1, 8, 32} x prompt {1024, 4096, 8192} x new tokens {256, 1024};
 select a subset with ``--batch``, ``--prompt``, ``--new-tokens``, ``--variants``.
 """
@@ -46,6 +47,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from torch_vkv._checks import positive_int_arg
 from torch_vkv.bench.report import write_report
 
 __all__ = ["main"]
@@ -88,10 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny config instead of Llama-3-8B (CPU smoke test)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", "--out-dir", dest="out_dir", default=None, help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
-    p.add_argument("--name", default="hf", help="report name (default hf; hf_gemma3 for --workload gemma3)")
+    p.add_argument("--name", default="hf",
+                   help="report name (default hf; hf_gemma3 with --workload gemma3, hf_beam with --beam)")
     p.add_argument("--workload", choices=("llama", "gemma3"), default="llama",
                    help="llama: the cache variants above (default); gemma3: a Gemma-3-like model's KV memory over "
                    "time, VirtualKVCache vs DynamicCache vs StaticCache (torch_vkv/bench/gemma3.py)")  # fmt: skip
+    p.add_argument("--beam", action="store_true", help="beam search instead: pages remapped vs rows copied vs "
+                   "DynamicCache (default batch 1, prompt 2048, 256 new tokens; see torch_vkv.bench.hf_beam)")
+    p.add_argument("--num-beams", type=positive_int_arg, default=4, help="beams with --beam (default 4)")
     return p
 
 
@@ -273,6 +279,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     model = _build_model(args, device, dtype)
     print(f"model built in {time.perf_counter() - t0:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)")
+
+    if args.beam:
+        from torch_vkv.bench.hf_beam import run_beam
+
+        return run_beam(args, model, device, ("python -m torch_vkv bench hf " + " ".join(argv or [])).strip())
 
     rows: list[dict[str, Any]] = []
     checks: list[str] = []

@@ -35,7 +35,7 @@ import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
 from torch_vkv.cache import LAYOUTS, KVCache
-from torch_vkv.hf import commit_op
+from torch_vkv.hf import batch_ops, commit_op
 from torch_vkv.hf.compat import model_shape, text_config
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
@@ -97,6 +97,10 @@ class VirtualKVCache(Cache):
     (``TypeError``): it owns address space and pages.
     """
 
+    #: Private switch: batch operations copy rows instead of remapping pages (the
+    #: old path, for comparisons; ``bench hf --beam``).
+    _copy_batch_ops = False
+
     def __init__(
         self,
         config: Any,
@@ -140,6 +144,7 @@ class VirtualKVCache(Cache):
         self._mode: Optional[str] = None  # None until the first update: "padded" or "vkv"
         self._step: Optional[StepPlan] = None
         self._pending_padding: Optional[torch.Tensor] = None  # [B, S] bool from the "vkv" mask function
+        self._batch_copied_bytes = 0  # bytes batch operations wrote into the cache (memory_stats)
         self._handle = commit_op.register_cache(self)
         self._ref = weakref.ref(self)
         super().__init__(layers=[VirtualKVLayer(self, i) for i in range(self._num_layers)])
@@ -412,25 +417,6 @@ class VirtualKVCache(Cache):
         else:
             self._kv.step(need)
 
-    def _shrink(self, rows: list[int]) -> None:
-        """Rows ``b`` keep ``rows[b]`` tokens (rows past them none): pages beyond are
-        decommitted and the KVCache's per-slot counts are set to the new lengths."""
-        kv = self._kv
-        windowed = any(w is not None for w in kv.sliding_window)
-        for b in range(self._max_batch_size):
-            keep = rows[b] if b < len(rows) else 0
-            kv.decommit(b, keep)  # windowed layers: a crop must keep what their window needs
-            if windowed and keep:
-                continue  # free() would give back the window's live pages; decommit() set the count
-
-            # decommit() leaves the slot's used-token count as it was when no whole
-            # page goes: free + alloc (the slot keeps its pages) resets it to `keep`.
-            kv.free(b)
-            slot = kv.alloc()
-            assert slot == b, (slot, b)
-            if keep:
-                kv.commit(b, keep)
-
     # -- Cache API ---------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> Any:
         """Tokens seen per row (left padding included), like ``DynamicCache``: an
@@ -473,7 +459,7 @@ class VirtualKVCache(Cache):
         self._check_open()
         if self._kv is not None:
             self._kv.synchronize()
-            self._shrink([])
+            batch_ops.shrink(self, [])
             self._lengths.start(0, on_device=False)
         self._mode = None
         self._step = None
@@ -493,21 +479,24 @@ class VirtualKVCache(Cache):
             return
         rows = [max(0, r - remove) for r in self._lengths.rows()]
         self._lengths.set(rows, cur - remove)
-        self._shrink(rows)
+        batch_ops.shrink(self, rows)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Row ``i`` becomes old row ``beam_idx[i]`` (beam search)."""
+        """Row ``i`` becomes old row ``beam_idx[i]`` (beam search): full pages are
+        remapped, at most the partly filled last page of each changed row is
+        copied (:mod:`torch_vkv.hf.batch_ops`)."""
         if self._mode is not None:
             self._gather([int(i) for i in torch.as_tensor(beam_idx).tolist()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        """Each row repeated ``repeats`` times in place (row i -> rows i*r .. i*r+r-1)."""
+        """Each row repeated ``repeats`` times in place (row i -> rows i*r .. i*r+r-1);
+        the repeats share the row's full pages."""
         repeats = check_int("repeats", repeats, low=1)
         if self._mode is not None:
             self._gather([i for i in range(self._lengths.batch) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keeps only the rows ``indices`` (in that order)."""
+        """Keeps only the rows ``indices`` (in that order); rows dropped give their pages back."""
         if self._mode is None:
             return
         idx = torch.as_tensor(indices)
@@ -515,56 +504,9 @@ class VirtualKVCache(Cache):
             idx = idx.nonzero().flatten()
         self._gather([int(i) for i in idx.tolist()])
 
-    def _gather_window(self, layer: Any, index: list[int], old_rows: list[int], start: np.ndarray) -> None:
-        """``_gather`` for a sliding layer: row ``b`` takes old row ``i``'s rows from
-        ``max(start[b], start[i])`` on (rows below ``start`` are not committed)."""
-        for b, i in enumerate(index):
-            if start[b] > start[i] and old_rows[i] > start[i]:
-                raise NotImplementedError(
-                    f"VirtualKVCache: row {b} gave back rows below {start[b]} in layer {layer.layer_idx} (sliding "
-                    f"window), but old row {i} needs them from {start[i]}: expected rows of equal lengths"
-                )
-        for buf in layer.buffers():
-            saved = {i: buf[i, start[i] : old_rows[i]].clone() for i in set(index)}
-            for b, i in enumerate(index):
-                lo = max(int(start[b]), int(start[i]))
-                if old_rows[i] > lo:
-                    buf[b, lo : old_rows[i]] = saved[i][lo - int(start[i]) :]
-
     def _gather(self, index: list[int]) -> None:
-        """New row ``i`` = old row ``index[i]``, for every layer (copies only valid rows)."""
-        self._check_open()
-        old_rows, seq = self._lengths.rows(), self._lengths.seq_length()
-        old_b = len(old_rows)
-        for i in index:
-            if not -old_b <= i < old_b:
-                fail("row index", f"an int in [0, {old_b})", i)
-        index = [i % old_b for i in index]
-        new_b = len(index)
-        if new_b > self._max_batch_size:
-            fail("batch size after the batch operation", f"at most max_batch_size={self._max_batch_size}", new_b)
-        if index == list(range(old_b)):
-            return
-        new_rows = [old_rows[i] for i in index]
-        self._commit(new_rows)
-        dev = self._kv.device
-        for layer in self.layers:
-            start = self._kv.window_start(layer.layer_idx)
-            if start.any():  # a sliding layer gave rows back: copy from each row's window start
-                self._gather_window(layer, index, old_rows, start)
-                continue
-            for buf in layer.buffers():
-                if len(set(old_rows)) == 1:  # one gather for the whole batch
-                    n = old_rows[0]
-                    if n:
-                        buf[:new_b, :n] = buf[torch.tensor(index, device=dev), :n]
-                else:  # ragged rows (vkv after left padding): row by row
-                    saved = {i: buf[i, : old_rows[i]].clone() for i in set(index)}
-                    for b, i in enumerate(index):
-                        buf[b, : old_rows[i]] = saved[i]
-        self._lengths.set(new_rows, seq)
-        self._step = None
-        self._shrink(new_rows)
+        """New row ``i`` = old row ``index[i]``, every layer (:func:`torch_vkv.hf.batch_ops.gather`)."""
+        batch_ops.gather(self, index)
 
     # -- stats and lifetime ---------------------------------------------------------------------
     def memory_stats(self) -> dict[str, Any]:
@@ -575,8 +517,10 @@ class VirtualKVCache(Cache):
         (tokens backed for the rows x bytes per token), ``page_size``,
         ``tokens_per_page``, commit counters, ...; plus ``tokens`` (tokens
         stored, all rows: left padding counts in padded mode, not in vkv mode)
-        and ``seq_length`` (``get_seq_length()``). Byte counts are 0 before the
-        cache is built.
+        and ``seq_length`` (``get_seq_length()``), and ``batch_copied_bytes``
+        (bytes the batch operations copied so far: partial pages, or whole rows
+        where they copy; see :mod:`torch_vkv.hf.batch_ops`). Byte counts are 0
+        before the cache is built.
         """
         self._check_open()
         if self._kv is None:
@@ -586,6 +530,7 @@ class VirtualKVCache(Cache):
         built = self._mode is not None
         stats["tokens"] = sum(self._lengths.rows()) if built else 0
         stats["seq_length"] = self._lengths.seq_length() if built else 0
+        stats["batch_copied_bytes"] = self._batch_copied_bytes
         return stats
 
     def close(self) -> None:
