@@ -368,3 +368,22 @@ def test_cuda_compiled_decode_runs_as_one_cuda_graph(layout):
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert cache.get_seq_length() == 25
+
+
+def test_generate_compiled_again_with_a_cache_of_another_size():
+    """One model, generate() compiled three times with caches of different max_cache_len: the
+    buffer sizes stay static (a recompile), never dynamic; dynamic sizes made dynamo's guard
+    creation fail ("sources must not be empty for symbol s45", torch 2.11 on an H200 and 2.13)."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama", "vkv")
+    ids, mask = prompts(3)
+    cc = CompileConfig(fullgraph=True, mode="default")  # inductor: backend="eager" never builds these guards
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    runs = [(max_len, steps, generate(model, ids, mask, VirtualKVCache(model.config, 3, max_len),
+                                      max_new_tokens=steps, compile_config=cc))
+            for max_len, steps in [(256, 24), (4096, 64), (512, 30)]]  # fmt: skip
+    for max_len, steps, out in runs:
+        ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=steps)
+        assert torch.equal(out, ref), max_len

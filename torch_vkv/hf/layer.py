@@ -100,6 +100,10 @@ class VirtualKVLayer(CacheLayerMixin):
         self._v_full._vkv_layer = self
         for t in ((k, v) if base is None else (base,)) + (self._k_full, self._v_full):
             torch._dynamo.mark_static_address(t)
+            # Static shapes too: a second cache of another size recompiles rather than turning
+            # the buffer sizes dynamic (dynamo's automatic dynamic shapes), which breaks guard
+            # creation for these views in torch 2.11-2.13 ("sources must not be empty").
+            torch._dynamo.mark_static(t)
 
     def _unbind(self) -> None:
         self._k = self._v = self._base = self._k_full = self._v_full = None
