@@ -8,6 +8,7 @@
 #   BENCHES="alloc" bash scripts/gpu_check.sh  # only these benchmarks; BENCHES="" for none
 #   BENCHES="serve" bash scripts/gpu_check.sh  # the end-to-end serving workloads (bench serve --quick, ~5 min)
 #   TEST_TIMEOUT=300 BENCH_TIMEOUT=120 ...     # seconds per step (0: none), so one call fits the device's limit
+# With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs go straight to $FINAL (they survive a timeout); benchmark reports (JSON,
@@ -29,6 +30,16 @@ run() {  # run NAME SECONDS CMD...: log to $FINAL/NAME.log (SECONDS 0: no limit)
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || status=1
 }
+# FlashInfer, when its wheels were carried (bash ../shared/tools/flashinfer-wheels.sh puts them in .whl/):
+# installed outside the venv, JIT-compiled with the machine's nvcc; the compiled kernels go to .fi_cache/
+# (carry it too, and decode/FA3 kernels are not rebuilt: 13-25 s and ~100 s each otherwise).
+if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  mkdir -p .fi_cache
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
+    FLASHINFER_DECODE_AUTO_CUDNN=0 FLASHINFER_WORKSPACE_BASE="$PWD/.fi_cache"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$FINAL/gpu.txt"
 # An (editable) install, not build_ext --inplace: it also maps triton_kernels/ to
 # torch_vkv.triton_kernels (setup.py package_dir), which has no other loader.

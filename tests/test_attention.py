@@ -35,10 +35,12 @@ def tk():
 
 
 def skip_unless_runs(backend: str, device: str) -> None:
-    if backend in ("torch_fa2", "flash_attn") and device != "cuda":
+    if backend in ("torch_fa2", "flash_attn", "flashinfer") and device != "cuda":
         pytest.skip(f"{backend} needs CUDA")
     if backend == "flash_attn" and attn_mod._flash_attn_fn() is None:
         pytest.skip("flash-attn is not installed")
+    if backend == "flashinfer" and not importlib.import_module("torch_vkv.attention.deps").has_flashinfer():
+        pytest.skip("flashinfer is not importable (bash ../shared/tools/flashinfer-wheels.sh brings it)")
     if backend == "torch_fa2" and not attn_mod._has_torch_fa2():
         pytest.skip("this torch has no _flash_attention_forward(seqused_k=)")
     if backend in ("triton", "flex") and not HAS_TRITON and device == "cuda":

@@ -26,7 +26,7 @@ def test_public_names_and_signatures():
 
     assert torch_vkv.attention is attention and torch_vkv.append_kv is append_kv
     assert torch_vkv.select_backend is select_backend and torch_vkv.available_backends is available_backends
-    assert torch_vkv.BACKENDS is BACKENDS == ("auto", "torch_fa2", "flash_attn", "triton", "flex", "sdpa")
+    assert torch_vkv.BACKENDS is BACKENDS == ("auto", "torch_fa2", "flash_attn", "flashinfer", "triton", "flex", "sdpa")
     params = list(inspect.signature(attention).parameters)
     assert params == ["q", "k_cache", "v_cache", "cache_seqlens", "cu_seqlens_q", "slots", "causal", "scale",
                       "backend", "block_table", "max_seqlen_q", "num_splits", "window_left", "softcap"]  # fmt: skip
@@ -91,7 +91,7 @@ def test_import_is_lean():
     """Importing the package imports neither triton, nor our kernels, nor flash-attn, nor dynamo."""
     r = run_python(
         "import sys, torch_vkv.attention\n"
-        "bad = [m for m in ('triton', 'torch_vkv.triton_kernels', 'flash_attn', 'torch._dynamo') if m in sys.modules]\n"
+        "bad = [m for m in ('triton', 'torch_vkv.triton_kernels', 'flash_attn', 'flashinfer', 'torch._dynamo') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )

@@ -173,7 +173,7 @@ def test_bad_window_and_softcap(kwargs, exc, match):
 
 def test_feature_table_and_auto_never_picks_a_backend_without_softcap():
     assert supports("torch_fa2", window_left=True) and not supports("torch_fa2", softcap=True)
-    for name in ("flash_attn", "triton", "flex", "sdpa"):
+    for name in ("flash_attn", "flashinfer", "triton", "flex", "sdpa"):
         assert supports(name, window_left=True, softcap=True)
     q, k, v, _, _ = make_case([5], [1], S=8, device="cpu", dtype=torch.float32)
     assert select_backend(q, k, v, decode=True, softcap=True) == "sdpa"

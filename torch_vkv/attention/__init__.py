@@ -30,6 +30,11 @@ Backends (``backend=``):
                 CUDA, fp16/bf16, ``stride(0) % stride(1) == 0``.
 ``flash_attn``  ``flash_attn_with_kvcache`` from the flash-attn package, if
                 importable (paged: page size a multiple of 256).
+``flashinfer``  FlashInfer's kernels, unchanged, if importable: tensor-core
+                decode over a trivial page table (one page = one slot's
+                rows), FA3 (Hopper) / FA2 ragged prefill on each slot's
+                contiguous rows. CUDA, fp16/bf16, head_dim 64/128/256, no
+                ``block_table``; prefill reads the lengths on the host.
 ``triton``      our kernels (``torch_vkv.triton_kernels``): split-KV decode
                 (flash-decoding) and varlen causal prefill; with
                 ``block_table=`` their paged twins.
@@ -49,7 +54,8 @@ Layout of this package (one module per concern)::
     selection.py       available_backends(), select_backend() (the ``auto`` rule)
     deps.py            optional dependencies (triton, flash-attn, flex), found lazily
     common.py          the op schema and flat views shared by backends
-    torch_fa2.py  flash_attn.py  triton_backend.py  flex.py  sdpa.py   one backend each
+    torch_fa2.py  flash_attn.py  flashinfer_backend.py  triton_backend.py  flex.py  sdpa.py
+                       one backend each
     append.py          the ops that write the cache (append_kv, zero_tail)
 
 The Triton kernels live in the top-level ``triton_kernels/`` folder, installed
@@ -92,6 +98,7 @@ from . import deps
 from .append import append_kv_op
 from .common import flat_rows
 from .flash_attn import flash_attn_attention
+from .flashinfer_backend import flashinfer_attention, layout_problem
 from .flex import flex_attend, flex_attention_op
 from .inputs import BACKENDS, check_append, check_attention, check_values, check_window, debug_enabled
 from .sdpa import sdpa_attention
@@ -179,7 +186,7 @@ def attention(
     if backend == "auto":
         backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table, softcap=cap > 0)
     if not supports(backend, window_left=win >= 0, softcap=cap > 0):
-        fail(f"backend {backend!r} with softcap", "a backend with soft-capping (flash_attn, triton, flex, sdpa, "
+        fail(f"backend {backend!r} with softcap", "a backend with soft-capping (flash_attn, flashinfer, triton, flex, sdpa, "
              "or 'auto')", backend)  # fmt: skip
     if backend == "torch_fa2" and not fa2_supported(q, k_cache, v_cache, block_table):
         # Not flattenable (or paged, or fp32, or CPU): the same math through our kernels.
@@ -209,6 +216,9 @@ def attention(
         if not deps.has_flash_attn():
             fail("backend 'flash_attn'", "the flash-attn package to be importable", "ImportError")
         return flash_attn_attention(*args, 0, *extra)
+    if backend == "flashinfer":
+        _check_flashinfer(q, k_cache, v_cache, decode, block_table)
+        return flashinfer_attention(*args, 0, *extra)
     if backend == "flex":
         if deps.flex_module() is None:
             fail("backend 'flex'", "torch.nn.attention.flex_attention", "ImportError")
@@ -217,6 +227,21 @@ def attention(
         # CPU: plain traceable code; CUDA: one opaque op (see flex.flex_attention_op).
         return flex_attention_op(*args, *extra) if q.is_cuda else flex_attend(*args, *extra)
     return sdpa_attention(*args, 0, *extra)
+
+
+def _check_flashinfer(q, k_cache, v_cache, decode: bool, block_table) -> None:
+    """What ``backend="flashinfer"`` needs, checked before the op (clear errors, no value read)."""
+    if not deps.has_flashinfer():
+        fail("backend 'flashinfer'", "the flashinfer package (>= 0.7) to be importable", "ImportError")
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        fail("backend 'flashinfer'", "CUDA fp16/bf16 tensors", f"device={q.device}, dtype={q.dtype}")
+    if q.shape[2] not in (64, 128, 256):
+        fail("head_dim for backend 'flashinfer'", "64, 128 or 256", q.shape[2])
+    if block_table is not None:
+        fail("backend 'flashinfer'", "no block_table (it runs on the contiguous cache)", "a block_table")
+    problem = layout_problem(k_cache, v_cache, decode=decode)
+    if problem is not None:
+        fail("cache layout for backend 'flashinfer'", problem, "another layout (use 'auto' to skip flashinfer)")
 
 
 def append_kv(

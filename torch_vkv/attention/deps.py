@@ -17,6 +17,7 @@ import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FLASH_ATTN_SPEC = importlib.util.find_spec("flash_attn") is not None
+HAS_FLASHINFER_SPEC = importlib.util.find_spec("flashinfer") is not None
 HAS_TORCH_FA2 = hasattr(torch.ops.aten, "_flash_attention_forward") and "seqused_k" in str(
     torch.ops.aten._flash_attention_forward.default._schema
 )
@@ -83,3 +84,40 @@ def flex_module():
     except ImportError:
         return None
     return fa
+
+
+_FI_MOD = None
+_FI_TRIED = False
+
+
+def flashinfer_module():
+    """The ``flashinfer`` package (>= 0.7), or None when it is absent or fails to import."""
+    global _FI_MOD, _FI_TRIED
+    if not HAS_FLASHINFER_SPEC:
+        return None
+    if not _FI_TRIED:
+        try:
+            import flashinfer  # type: ignore[import-not-found]
+
+            _FI_MOD = flashinfer if hasattr(flashinfer, "BatchPrefillWithRaggedKVCacheWrapper") else None
+        except Exception:  # broken install, or built for another torch / CUDA
+            _FI_MOD = None
+        _FI_TRIED = True
+    return _FI_MOD
+
+
+@assume_constant_result
+def has_flashinfer() -> bool:
+    """FlashInfer importable (a constant for torch.compile: no import traced)."""
+    return flashinfer_module() is not None
+
+
+_CAPABILITY: dict = {}
+
+
+@assume_constant_result
+def cuda_capability(index: int) -> tuple:
+    """``(major, minor)`` of CUDA device ``index``; asked on first use (never at import), then kept."""
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITY[index]

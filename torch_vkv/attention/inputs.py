@@ -31,7 +31,7 @@ import torch
 
 from .._checks import check_int, fail
 
-BACKENDS = ("auto", "torch_fa2", "flash_attn", "triton", "flex", "sdpa")
+BACKENDS = ("auto", "torch_fa2", "flash_attn", "flashinfer", "triton", "flex", "sdpa")
 
 
 def debug_enabled() -> bool:

@@ -13,8 +13,8 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
   ``cudaMalloc`` memory if KVCache is unavailable, said in the ``memory``
   column), then the paged twins: our Triton kernels through a block table
   (block 16 and 256), FlexAttention over the block pool, and flash-attn's
-  paged kernel (block 256) when installed. Reported: us, TB/s of K+V read and
-  % of the copy bandwidth.
+  paged kernel (block 256) when installed; FlashInfer's paged anchor when importable
+  (:mod:`torch_vkv.bench.flashinfer_paged`). Reported: us, TB/s of K+V read, % of copy BW.
 * ``prefill``: batch 1, causal, context c (c queries over c keys): TFLOP/s
   (4 * H * D * c^2 / 2 FLOPs).
 * ``vm_vs_malloc``: the same kernel on ``cudaMalloc`` memory and on the
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -48,14 +49,15 @@ from typing import Any, Callable
 import torch
 
 from torch_vkv.bench.kernels_window import window_rows, window_summary
+from torch_vkv.bench import flashinfer_paged
 from torch_vkv.bench.report import plot_kernels, write_report
 from torch_vkv.bench.timing import time_us
 
 __all__ = ["main"]
 
 MODELS = {"llama3-8b": (32, 8, 128), "yi-34b": (56, 8, 128)}
-DECODE_BACKENDS = ("triton", "torch_fa2", "flash_attn", "flex", "sdpa")
-PREFILL_BACKENDS = ("torch_fa2", "triton", "flash_attn", "flex", "sdpa")
+DECODE_BACKENDS = ("flashinfer", "triton", "torch_fa2", "flash_attn", "flex", "sdpa")
+PREFILL_BACKENDS = ("flashinfer", "torch_fa2", "triton", "flash_attn", "flex", "sdpa")
 COLUMNS = (
     "section", "model", "backend", "memory", "block", "batch", "context", "us", "tb_s", "pct_copy",
     "tflop_s", "ratio_vm_malloc", "bytes_read", "note",
@@ -213,8 +215,7 @@ class Caches:
 
 
 def _close(keep) -> None:
-    if hasattr(keep, "close"):
-        keep.close()
+    getattr(keep, "close", lambda: None)()
 
 
 def _available(backend: str, device: torch.device) -> bool:
@@ -286,6 +287,7 @@ def _decode_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
                         record(f"{backend}_paged", "paged", block,
                                lambda b=backend: pc.attention(0, q, lens, backend=b))  # fmt: skip
                     del pc
+                flashinfer_paged.anchor(record, "decode", q, B, S, H_kv, D)  # its own pool, block 16
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
@@ -337,6 +339,7 @@ def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
                     record(f"{backend}_paged", "paged", block, lambda b=backend: pc.attention(
                         0, q, lens, cu_seqlens_q=cu, max_seqlen_q=S, backend=b))  # fmt: skip
                 del pc
+            flashinfer_paged.anchor(record, "prefill", q, 1, S, H_kv, D)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -530,8 +533,6 @@ def main(argv: list[str] | None = None) -> int:
             cfg.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(cfg.device)
     else:
-        import os
-
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.smoke:
         MODELS.setdefault("tiny", (8, 2, 64))
@@ -544,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench kernels on {cfg.device}: copy bandwidth {bw:.2f} TB/s (read + write)")
         rows = [dict(section="copy", backend="copy_", memory="malloc", tb_s=bw, pct_copy=100.0,
                      note="dst.copy_(src), 1 GiB, read + write bytes")]  # fmt: skip
+        rows += flashinfer_paged.skipped_rows(_available("flashinfer", cfg.device))
         rows += _decode_rows(cfg, caches, bw, log)
         rows += _prefill_rows(cfg, caches, log)
         rows += _vm_rows(cfg, caches, log)

@@ -135,7 +135,9 @@ def peer_configs(device: torch.device) -> tuple[list[str], list[dict[str, str]]]
         import flashinfer  # noqa: F401
 
         if "flashinfer" in BACKENDS:
-            runnable += ["paged-16:flashinfer", "virtual-per_layer:flashinfer"]
+            runnable.append("virtual-per_layer:flashinfer")
+            skipped.append({"config": "paged-16:flashinfer",
+                            "reason": "the flashinfer backend runs on the virtual cache only (no block_table path)"})
         else:
             skipped.append({"config": "flashinfer", "reason": "torch_vkv.attention has no flashinfer backend yet"})
     except Exception as exc:

@@ -1,0 +1,273 @@
+"""backend="flashinfer": host metadata (CPU, pure functions), the dispatch logic through a
+stand-in for FlashInfer's two wrappers (CPU), and the real kernels (``pytest -m cuda``).
+
+The stand-in implements only the documented contract of FlashInfer's wrappers (a ragged
+request ``i`` attends its rows ``kv_indptr[i]:kv_indptr[i+1]`` with a bottom-right causal
+mask; a paged request reads pages ``indices[indptr[r]:indptr[r+1]]``, length
+``(pages - 1) * page_size + last_page_len[r]``, from the buffers given at construction, as
+a replayed CUDA graph would) and reads no other row, so NaN-poisoned tails reach the output
+only if our metadata points at them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import types
+
+import pytest
+import torch
+
+from _layouts import KINDS, LAYOUTS, make_batch, make_cache, poison
+
+attn_mod = importlib.import_module("torch_vkv.attention")
+fib = importlib.import_module("torch_vkv.attention.flashinfer_backend")
+deps = importlib.import_module("torch_vkv.attention.deps")
+from torch_vkv.attention import append_kv, attention  # noqa: E402
+
+
+def reference(q, k, v, lens, cu, slots, **kw):
+    from torch_vkv.triton_kernels import attention_reference
+
+    return attention_reference(q, k, v, lens, cu, slots=slots, **kw)
+
+
+# --------------------------------------------------------------------------- pure host metadata
+
+
+def _ragged_reference(lengths, cu, slots, s_pad, num_slots, max_len):
+    """Per request: (valid, its kv rows, its q rows), straight from the definitions."""
+    out = []
+    for r in range(len(lengths)):
+        n = cu[r + 1] - cu[r]
+        ok = 0 <= slots[r] < num_slots and 0 <= n <= lengths[r] <= max_len
+        kv = list(range(slots[r] * s_pad, slots[r] * s_pad + lengths[r])) if ok else []
+        out.append((ok, kv, list(range(cu[r], cu[r + 1]))))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ragged_layout_matches_definition(seed):
+    rng = random.Random(seed)
+    num_slots, s_pad = rng.randint(1, 6), rng.choice([16, 48, 64])
+    max_len = s_pad - rng.randint(0, 8)
+    R = rng.randint(1, num_slots)
+    slots = rng.sample(range(num_slots), R)
+    if seed % 5 == 0:
+        slots[0] = num_slots + 3  # out of range: the request must get no keys
+    lengths = [rng.randint(0, max_len) for _ in range(R)]
+    n = [rng.randint(0, L) for L in lengths]
+    cu = [0]
+    for x in n:
+        cu.append(cu[-1] + x)
+    qo, kv, q_order, valid = fib.ragged_layout(lengths, cu, slots, s_pad, num_slots, max_len)
+    assert all(a <= b for a, b in zip(qo, qo[1:])) and all(a <= b for a, b in zip(kv, kv[1:]))
+    assert qo[0] == kv[0] == 0 and qo[-1] == cu[-1] and len(qo) == len(kv)
+    order = list(range(cu[-1])) if q_order is None else q_order
+    assert sorted(order) == list(range(cu[-1]))
+    # Recover each pseudo request's rows; a pseudo request with queries is exactly one real one.
+    seen = {}
+    for i in range(len(qo) - 1):
+        rows_q = order[qo[i]:qo[i + 1]]
+        if rows_q:
+            r = next(r for r in range(R) if cu[r] <= rows_q[0] < cu[r + 1])
+            seen[r] = (list(range(kv[i], kv[i + 1])), rows_q)
+    for r, (ok, kv_rows, q_rows) in enumerate(_ragged_reference(lengths, cu, slots, s_pad, num_slots, max_len)):
+        assert valid[r] == ok
+        if q_rows:
+            assert seen[r] == (kv_rows, q_rows), r
+
+
+def test_ragged_layout_rejects_shared_slots_and_keeps_identity():
+    with pytest.raises(ValueError, match="distinct slots.*slot 1"):
+        fib.ragged_layout([4, 4], [0, 1, 2], [1, 1], 16, 4, 16)
+    qo, kv, order, valid = fib.ragged_layout([5, 3], [0, 2, 3], [0, 1], 16, 2, 16)
+    assert (qo, kv, order, valid) == ([0, 2, 2, 3], [0, 5, 16, 19], None, [True, True])
+
+
+def test_decode_page_table_lengths_follow_flashinfer_formula():
+    lens = torch.tensor([7, 0, 31], dtype=torch.int32)
+    rows = torch.tensor([2, 0, 1])
+    indptr, indices, last = fib.decode_page_table(lens, rows)
+    assert indptr.tolist() == [0, 1, 2, 3] and indices.tolist() == [2, 0, 1]
+    assert indptr.dtype == indices.dtype == last.dtype == torch.int32
+    page = 32
+    # FlashInfer: pages == 0 -> 0, else (pages - 1) * page_size + last_page_len.
+    got = [0 if b == a else (b - a - 1) * page + last[r].item() for r, (a, b) in enumerate(zip(indptr, indptr[1:]))]
+    assert got == lens.tolist()
+
+
+def _meta_cache(layout, B, S, H_kv, D, L=3):
+    """``[B, S, H_kv, D]`` K/V views of a layout on the meta device (shapes and strides only)."""
+    S_pad = -(-(S + 1) // 64) * 64
+    if layout == "per_layer":
+        kb = torch.empty((B, S_pad, H_kv, D), device="meta", dtype=torch.bfloat16)
+        return kb[:, :S], torch.empty_like(kb)[:, :S]
+    buf = torch.empty((B, S_pad, L, 2, H_kv, D), device="meta", dtype=torch.bfloat16)
+    return buf[:, :S, 1, 0], buf[:, :S, 1, 1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_problem(layout):
+    k, v = _meta_cache(layout, 3, 40, 2, 64)
+    assert fib.layout_problem(k, v, decode=True) is None
+    assert fib.layout_problem(k, v, decode=False) is None
+    # Interleaved, 32 layers, 128K rows: one slot's rows span more than 2**32 elements.
+    bk, bv = _meta_cache(layout, 4, 131072, 8, 128, L=32)
+    if layout == "interleaved":
+        assert "2**32" in fib.layout_problem(bk, bv, decode=True)
+        assert "2**32" in fib.layout_problem(bk, bv, decode=False)
+    else:
+        assert fib.layout_problem(bk, bv, decode=True) is None
+    assert "equal strides" in fib.layout_problem(k, k.contiguous(), decode=True)
+    odd = torch.empty((3, 40, 2, 64), device="meta").as_strided((3, 40, 2, 64), (5000, 128, 64, 1))
+    assert "multiple of stride(1)" in fib.layout_problem(odd, odd, decode=False)
+
+
+def test_unavailable_or_cpu_is_a_clear_error():
+    b = make_batch("decode", H=4, H_kv=2, D=64, dtype=torch.bfloat16, device="cpu", S_max=48)
+    k, v = make_cache("per_layer", 5, 48, 2, 64, dtype=torch.bfloat16, device="cpu")
+    want = "importable" if not deps.has_flashinfer() else "CUDA fp16/bf16"
+    with pytest.raises(ValueError, match=f"backend 'flashinfer'.*{want}"):
+        attention(b.q, k, v, b.cache_seqlens, backend="flashinfer")
+    assert "flashinfer" not in attn_mod.available_backends("cpu")
+    assert attn_mod.select_backend(b.q, k, v, decode=True) == "sdpa"
+
+
+# --------------------------------------------------------------------------- dispatch through a stand-in
+
+
+class _FakeRagged:
+    def __init__(self, workspace, layout, backend="auto"):
+        assert layout == "NHD"
+
+    def plan(self, qo_indptr, kv_indptr, H, H_kv, D, **kw):
+        self.qo, self.kv, self.kw = qo_indptr.tolist(), kv_indptr.tolist(), kw
+
+    def run(self, q, k, v):
+        out = torch.zeros_like(q)
+        for i in range(len(self.qo) - 1):
+            a, b, s, e = self.qo[i], self.qo[i + 1], self.kv[i], self.kv[i + 1]
+            if b > a:
+                out[a:b] = _attend(q[a:b], k[s:e], v[s:e], self.kw["causal"], self.kw).to(q.dtype)
+        return out
+
+
+class _FakeDecode:
+    def __init__(self, workspace, layout, *, use_cuda_graph, use_tensor_cores, paged_kv_indptr_buffer,
+                 paged_kv_indices_buffer, paged_kv_last_page_len_buffer, backend):  # fmt: skip
+        assert layout == "NHD" and use_cuda_graph and use_tensor_cores
+        self.indptr, self.indices, self.last = paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer
+        _FakeDecode.plans += 1
+
+    def plan(self, indptr, indices, last, H, H_kv, D, page_size, **kw):
+        self.page, self.kw = page_size, kw
+
+    def run(self, q, kv):
+        k, v = kv
+        out = torch.zeros_like(q)
+        for r in range(q.shape[0]):  # reads the buffers, as a replayed graph does
+            pages = self.indices[self.indptr[r]:self.indptr[r + 1]].tolist()
+            n = 0 if not pages else (len(pages) - 1) * self.page + int(self.last[r])
+            kr = torch.cat([k[p] for p in pages])[:n] if pages else k[0, :0]
+            vr = torch.cat([v[p] for p in pages])[:n] if pages else v[0, :0]
+            out[r:r + 1] = _attend(q[r:r + 1], kr, vr, True, self.kw).to(q.dtype)
+        return out
+
+
+_FakeDecode.plans = 0
+
+
+def _attend(q, k, v, causal, kw):
+    """One request through the float64 reference (only the rows given)."""
+    n, L = q.shape[0], k.shape[0]
+    lens = torch.tensor([L], dtype=torch.int32)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    win = kw.get("window_left", -1)
+    cap = kw.get("logits_soft_cap") or None
+    return reference(q, k[None], v[None], lens, cu, None, causal=causal, scale=kw["sm_scale"],
+                     window_left=None if win < 0 else win, softcap=cap)  # fmt: skip
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    fake = types.SimpleNamespace(BatchPrefillWithRaggedKVCacheWrapper=_FakeRagged,
+                                 BatchDecodeWithPagedKVCacheWrapper=_FakeDecode)  # fmt: skip
+    monkeypatch.setattr(deps, "flashinfer_module", lambda: fake)
+    monkeypatch.setattr(fib, "WORKSPACE_BYTES", 16)
+    monkeypatch.setattr(fib, "_prefill_backend", lambda device: "fa2")
+    for table in ("_WORKSPACE", "_DECODE", "_RAGGED"):  # fresh plan caches for the stand-in
+        monkeypatch.setattr(fib, table, {})
+    return fake
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_dispatch_against_reference(fake_flashinfer, kind, layout, with_slots):
+    """The op's metadata (trivial page table, ragged gaps, query order) against the float64 reference."""
+    H, H_kv, D, S = 8, 2, 64, 48
+    b = make_batch(kind, H=H, H_kv=H_kv, D=D, dtype=torch.float32, device="cpu", S_max=S, with_slots=with_slots, seed=11)
+    k, v = make_cache(layout, len(b.lengths) + 1, S, H_kv, D, dtype=torch.float32, device="cpu", seed=11)
+    poison(k, v, b.lengths, b.slot_list)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    for win, cap in ((-1, 0.0), (9, 0.0), (-1, 5.0)):
+        out = fib.flashinfer_attention(b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, b.slots, None, True, 0.125,
+                                       max(b.q_lens), 0, win, cap)  # fmt: skip
+        ref = reference(b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, b.slots, scale=0.125,
+                        window_left=None if win < 0 else win, softcap=cap or None)  # fmt: skip
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer):
+    H, H_kv, D, S = 4, 2, 64, 32
+    k, v = make_cache("per_layer", 3, S, H_kv, D, dtype=torch.float32, device="cpu")
+    q = torch.randn(3, H, D)
+    _FakeDecode.plans = 0
+    for lens in ([5, 9, 32], [6, 1, 2]):
+        lens_t = torch.tensor(lens, dtype=torch.int32)
+        out = fib.flashinfer_attention(q, k, v, lens_t, None, None, None, True, 0.125, 1, 0)
+        torch.testing.assert_close(out.double(), reference(q, k, v, lens_t, None, None, scale=0.125), atol=1e-5, rtol=1e-5)
+    assert _FakeDecode.plans == 1  # planned once, then only the page-table buffers change
+    bad = torch.tensor([5, 99, 3], dtype=torch.int32)  # device-style metadata is masked, not read
+    out = fib.flashinfer_attention(q, k, v, bad, None, torch.tensor([0, 1, 7]), None, True, 0.125, 1, 0)
+    assert out[1:].abs().sum() == 0 and out[0].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- the real kernels (GPU)
+
+
+def _skip_unless_flashinfer():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not deps.has_flashinfer():
+        pytest.skip("flashinfer is not importable (bash ../shared/tools/flashinfer-wheels.sh brings it)")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("D", [64, 128])
+def test_flashinfer_window_softcap_cuda(kind, layout, D):
+    _skip_unless_flashinfer()
+    b = make_batch(kind, H=8, H_kv=2, D=D, dtype=torch.bfloat16, device="cuda", S_max=700, with_slots=True, seed=41)
+    k, v = make_cache(layout, len(b.lengths) + 1, 700, 2, D, dtype=torch.bfloat16, device="cuda", seed=41)
+    poison(k, v, b.lengths, b.slot_list)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    for win, cap in ((None, None), (100, None), (None, 30.0)):
+        out = attention(b.q, k, v, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots,
+                        backend="flashinfer", window_left=win, softcap=cap)  # fmt: skip
+        ref = reference(b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, b.slots, window_left=win, softcap=cap)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_flashinfer_auto_on_cuda():
+    _skip_unless_flashinfer()
+    b = make_batch("decode", H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=256)
+    k, v = make_cache("per_layer", 5, 256, 2, 128, dtype=torch.bfloat16, device="cuda")
+    assert attn_mod.select_backend(b.q, k, v, decode=True) == "flashinfer"
+    want = "flashinfer" if torch.cuda.get_device_capability()[0] == 9 else "triton"
+    assert attn_mod.select_backend(b.q, k, v, decode=False) in (want, "flash_attn", "torch_fa2")

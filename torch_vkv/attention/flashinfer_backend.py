@@ -1,0 +1,316 @@
+"""Backend ``flashinfer``: FlashInfer's kernels, unchanged, over the cache's contiguous rows.
+
+Two entry points of FlashInfer (>= 0.7) are used as they are:
+
+* **Decode** (``cu_seqlens_q=None``): ``BatchDecodeWithPagedKVCacheWrapper(...,
+  "NHD", use_tensor_cores=True)`` with a *trivial page table*: each slot's
+  ``S_max`` rows are one page (``page_size = S_max``, the page stride is the
+  cache's ``stride(0)``), request ``r`` owns the single page ``slots[r]`` and
+  its last page holds ``cache_seqlens[r]`` keys. The wrapper is made in
+  FlashInfer's CUDA-graph mode and planned **once per shape** for every request
+  at the full ``S_max`` (work split over the whole row; tiles past a request's
+  real length are empty in the kernel). Each call copies ``slots`` and
+  ``cache_seqlens`` into the wrapper's own page-table buffers on the device, so
+  no length is read on the host: the op is capturable once it has run outside
+  the graph (plan outside the graph, run inside).
+* **Prefill / chunked prefill / mixed** (``cu_seqlens_q`` given):
+  ``BatchPrefillWithRaggedKVCacheWrapper`` (``backend="fa3"`` on Hopper,
+  ``"fa2"`` elsewhere) over the cache flattened to rows
+  (:func:`~torch_vkv.attention.common.flatten`): request ``r``'s keys are the
+  contiguous rows ``[slots[r] * S_pad, slots[r] * S_pad + cache_seqlens[r])``.
+  The ragged layout needs non-decreasing ``kv_indptr``, so requests are taken in
+  slot order and the rows between two requests become an empty *gap request*
+  (no query, so no work): :func:`ragged_layout`. Its plan needs the lengths on
+  the host: device metadata is read with a sync (eager only; plans are reused
+  while the metadata values stay the same, e.g. across layers). Under CUDA-graph
+  capture such a step runs the Triton kernels instead.
+
+``window_left`` and ``softcap`` are passed through (``window_left`` /
+``logits_soft_cap``). fp16/bf16, ``head_dim`` in {64, 128, 256}, K and V views
+with equal strides; layouts whose strides do not fit FlashInfer's 32-bit
+element offsets raise :class:`ValueError` (:func:`layout_problem`), and ``auto``
+skips ``flashinfer`` for them.
+
+FA3 loads whole key tiles and masks only the scores, so before an FA3 prefill
+the rows ``[len, round_up(len, FA3_TILE))`` of each used slot are zeroed
+(``zero_tail``, as for ``flex``): ``0 * NaN`` cannot reach ``P @ V``. Those
+rows must be committed (``KVCache(margin_tokens=FA3_TILE)``).
+
+Plans and workspaces are kept per device and shape in this module (FlashInfer's
+wrappers are stateful); calls are expected on one stream at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import deps
+from .append import zero_tail_op
+from .common import ATTN_SCHEMA, flat_rows, flatten
+from .inputs import valid_requests
+
+__all__ = ["FA3_TILE", "decode_page_table", "layout_problem", "ragged_layout", "flashinfer_attention"]
+
+#: Rows past a request's last key that an FA3 tile may load (zeroed before an FA3 prefill).
+FA3_TILE = 256
+#: Bytes of FlashInfer's float workspace per device (its recommended 128 MiB, doubled for long prefills).
+WORKSPACE_BYTES = 256 << 20
+HEAD_DIMS = (64, 128, 256)
+_U32 = 1 << 32
+_I32 = (1 << 31) - 1
+
+
+# ----------------------------------------------------------------------------- host metadata (pure)
+
+
+def layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, *, decode: bool) -> Optional[str]:
+    """Why FlashInfer cannot address this cache view, or None when it can (shapes and strides only).
+
+    Decode: page stride ``stride(0)`` and row/head strides below ``2**32`` elements
+    (FlashInfer keeps them in ``uint32``). Prefill: the flattened rows
+    ``(B - 1) * S_pad + S_max`` times ``stride(1)`` below ``2**32`` (the ragged kernels
+    compute ``row * stride`` in 32 bits) and ``stride(0)`` a multiple of ``stride(1)``.
+    K and V must have equal strides in both cases.
+    """
+    if k_cache.stride() != v_cache.stride():
+        return f"K and V views with equal strides, got {k_cache.stride()} / {v_cache.stride()}"
+    if decode:
+        if max(k_cache.stride()[:3]) >= _U32:
+            return f"strides below 2**32 elements (page = one slot's rows), got {k_cache.stride()}"
+        return None
+    s_pad = flat_rows(k_cache)
+    if s_pad is None:
+        return f"stride(0) a multiple of stride(1) (rows of one buffer), got {k_cache.stride()}"
+    rows = (k_cache.shape[0] - 1) * s_pad + k_cache.shape[1]
+    if rows * k_cache.stride(1) >= _U32 or rows > _I32:
+        return f"(B - 1) * S_pad + S_max = {rows} rows of stride {k_cache.stride(1)} below 2**32 elements"
+    return None
+
+
+def decode_page_table(cache_seqlens: torch.Tensor, rows: torch.Tensor) -> tuple:
+    """The trivial page table of a decode step: one page (a slot's ``S_max`` rows) per request.
+
+    Parameters
+    ----------
+    cache_seqlens : shape ``[R]``: keys per request (0 for a request to be skipped).
+    rows : shape ``[R]``: the slot (page id) of each request.
+
+    Returns
+    -------
+    indptr : int32, shape ``[R + 1]``, ``arange(R + 1)``.
+    indices : int32, shape ``[R]``, the slots.
+    last_page_len : int32, shape ``[R]``, the lengths (FlashInfer's length of a
+        one-page request is its last page's length; 0 reads nothing).
+    """
+    R = cache_seqlens.shape[0]
+    indptr = torch.arange(R + 1, dtype=torch.int32, device=cache_seqlens.device)
+    return indptr, rows.to(torch.int32), cache_seqlens.to(torch.int32)
+
+
+def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, num_slots: int, max_len: int) -> tuple:
+    """Host metadata of FlashInfer's ragged prefill over the flattened cache rows.
+
+    Valid requests are visited in slot order; request ``r`` becomes a *pseudo
+    request* with its query rows and keys ``[slots[r] * s_pad, slots[r] * s_pad +
+    lengths[r])``; the rows before it not owned by the previous one become a gap
+    pseudo request with no query rows (no work). Invalid requests (slot out of
+    range, length below its new tokens or above ``max_len``) follow with no keys.
+
+    Parameters
+    ----------
+    lengths : ``[R]`` ints, keys per request (new tokens included).
+    cu_seqlens_q : ``[R + 1]`` ints, query row offsets.
+    slots : ``[R]`` ints, the cache row of each request.
+    s_pad, num_slots, max_len : rows between two slots, slots, and rows usable per slot.
+
+    Returns
+    -------
+    qo_indptr, kv_indptr : lists of ints, ``[P + 1]`` each, non-decreasing.
+    q_order : list of query rows in pseudo-request order, or None when that is the identity.
+    valid : list of bools ``[R]``.
+
+    Raises
+    ------
+    ValueError : two valid requests share a slot (their rows would overlap).
+    """
+    R = len(lengths)
+    n = [cu_seqlens_q[r + 1] - cu_seqlens_q[r] for r in range(R)]
+    valid = [0 <= slots[r] < num_slots and 0 <= n[r] <= lengths[r] <= max_len for r in range(R)]
+    order = sorted((r for r in range(R) if valid[r]), key=lambda r: slots[r])
+    for a, b in zip(order, order[1:]):
+        if slots[a] == slots[b]:
+            raise ValueError(f"flashinfer prefill: expected distinct slots (contiguous rows per request), "
+                             f"got requests {a} and {b} both in slot {slots[a]}")  # fmt: skip
+    order += [r for r in range(R) if not valid[r]]
+    qo, kv, q_order, pos = [0], [0], [], 0
+    for r in order:
+        start = slots[r] * s_pad if valid[r] else pos
+        if start > pos:  # gap request: rows nobody attends to
+            qo.append(qo[-1])
+            kv.append(start)
+        pos = start + (lengths[r] if valid[r] else 0)
+        qo.append(qo[-1] + n[r])
+        kv.append(pos)
+        q_order.extend(range(cu_seqlens_q[r], cu_seqlens_q[r + 1]))
+    identity = q_order == list(range(len(q_order)))
+    return qo, kv, None if identity else q_order, valid
+
+
+# ----------------------------------------------------------------------------- wrappers and plans
+
+_WORKSPACE: dict = {}  # device -> FlashInfer float workspace (shared: used only during a run, one stream)
+_DECODE: dict = {}  # (device, R, shapes, options) -> _DecodePlan
+_RAGGED: dict = {}  # (device, fa backend) -> [wrapper, last plan key]
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    ws = _WORKSPACE.get(device)
+    if ws is None:
+        ws = _WORKSPACE[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return ws
+
+
+def _prefill_backend(device: torch.device) -> str:
+    """FA3 on Hopper (sm90), FlashInfer's FA2 elsewhere."""
+    return "fa3" if deps.cuda_capability(device.index or 0)[0] == 9 else "fa2"
+
+
+class _DecodePlan:
+    """A CUDA-graph-mode tensor-core decode wrapper planned once for ``R`` requests at ``S_max`` keys.
+
+    The page-table buffers belong to this object; every run rewrites ``indices``
+    and ``last_page_len`` on the device (capturable), never the plan.
+    """
+
+    def __init__(self, fi, q, k_cache, R, scale, window_left, softcap):
+        dev = q.device
+        S = k_cache.shape[1]
+        self.indptr = torch.arange(R + 1, dtype=torch.int32, device=dev)
+        self.indices = torch.arange(R, dtype=torch.int32, device=dev)
+        self.last_page_len = torch.full((R,), S, dtype=torch.int32, device=dev)
+        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+            _workspace(dev), "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len, backend="fa2",
+        )  # fmt: skip
+        # Planned for every request at the full row: the split of the keys covers [0, S_max),
+        # so any length <= S_max written later into last_page_len is attended in full.
+        self.wrapper.plan(
+            torch.arange(R + 1, dtype=torch.int32), torch.arange(R, dtype=torch.int32),
+            torch.full((R,), S, dtype=torch.int32), q.shape[1], k_cache.shape[2], q.shape[2], S,
+            window_left=window_left, logits_soft_cap=softcap, q_data_type=q.dtype, kv_data_type=k_cache.dtype,
+            sm_scale=scale, non_blocking=False,
+        )  # fmt: skip
+
+    def run(self, q, k_cache, v_cache, lens, rows):
+        _, indices, last = decode_page_table(lens, rows)
+        self.indices.copy_(indices)
+        self.last_page_len.copy_(last)
+        return self.wrapper.run(q, (k_cache, v_cache))
+
+
+def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, softcap):
+    R = cache_seqlens.shape[0]
+    key = (q.device, R, tuple(k_cache.shape), k_cache.stride(), q.shape[1], q.dtype, scale, window_left, softcap)
+    plan = _DECODE.get(key)
+    if plan is None:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("flashinfer decode: expected one call outside the CUDA graph first (it plans "
+                               f"the kernel for this shape: {R} requests, cache {tuple(k_cache.shape)}), got "
+                               "the first call inside a capture")  # fmt: skip
+        plan = _DECODE[key] = _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap)
+    # Device metadata is never read: a bad request attends to no key (length 0, slot 0).
+    ok, lens, rows = valid_requests(k_cache, cache_seqlens, None, slots, None)
+    out = plan.run(q, k_cache, v_cache, lens, rows)
+    return torch.where(ok[:, None, None], out, 0)  # a 0-length request's row may hold NaN
+
+
+def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap):
+    dev, R = q.device, cache_seqlens.shape[0]
+    s_pad = flat_rows(k_cache)
+    slot_list = slots.tolist() if slots is not None else list(range(R))  # a sync for device metadata
+    qo, kv, q_order, valid = ragged_layout(cache_seqlens.tolist(), cu_seqlens_q.tolist(), slot_list, s_pad,
+                                           k_cache.shape[0], k_cache.shape[1])  # fmt: skip
+    backend = _prefill_backend(dev)
+    holder = _RAGGED.get((dev, backend))
+    if holder is None:
+        holder = _RAGGED[(dev, backend)] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
+            _workspace(dev), "NHD", backend=backend), None]  # fmt: skip
+    wrapper = holder[0]
+    H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
+    plan_key = (tuple(qo), tuple(kv), H, H_kv, D, q.dtype, causal, scale, window_left, softcap)
+    if holder[1] != plan_key:  # layers of one step share the plan
+        wrapper.plan(
+            torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), H, H_kv, D,
+            causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
+            q_data_type=q.dtype, kv_data_type=k_cache.dtype,
+        )  # fmt: skip
+        holder[1] = plan_key
+    ok = torch.tensor(valid, dtype=torch.bool, device=dev)
+    if backend == "fa3":
+        lens = torch.where(ok, cache_seqlens, 0).to(torch.int32)
+        rows = torch.tensor([s if v else 0 for s, v in zip(slot_list, valid)], dtype=torch.int32, device=dev)
+        zero_tail_op(k_cache, v_cache, lens, rows, None, FA3_TILE, k_cache.shape[1])
+    kf, vf = flatten(k_cache, s_pad), flatten(v_cache, s_pad)
+    if q_order is None:
+        return wrapper.run(q.contiguous(), kf, vf)
+    order = torch.tensor(q_order, dtype=torch.long, device=dev)
+    out = torch.empty_like(q)
+    out[order] = wrapper.run(q.index_select(0, order), kf, vf)
+    return out
+
+
+def _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots):
+    """Rows of requests whose metadata is out of range are zero (their kv range was empty)."""
+    ok, _, _ = valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, None)
+    n = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).clamp(min=0).long()
+    req_ok = torch.repeat_interleave(ok, n, output_size=out.shape[0]) if out.shape[0] else ok[:0]
+    return torch.where(req_ok[:, None, None], out, 0)
+
+
+@torch.library.custom_op("torch_vkv::flashinfer_attention", mutates_args=(), schema=ATTN_SCHEMA)
+def flashinfer_attention(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
+    fi = deps.flashinfer_module()
+    if fi is None:
+        raise RuntimeError("flashinfer backend: expected the flashinfer package to be importable, got ImportError")
+    problem = layout_problem(k_cache, v_cache, decode=cu_seqlens_q is None)
+    if block_table is not None or problem is not None:
+        raise ValueError(f"flashinfer backend: expected {problem or 'no block_table (FlashInfer paged pools are not wired)'}")
+    if cu_seqlens_q is None:
+        return _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, softcap)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        # The ragged plan needs the lengths on the host, which a capture cannot read.
+        if not deps.triton_usable(q.device):
+            raise RuntimeError("flashinfer prefill inside a CUDA-graph capture: expected host-readable lengths "
+                               "or triton for the fallback, got neither")  # fmt: skip
+        from .triton_backend import triton_attention
+
+        return triton_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, None, causal, scale,
+                                max_seqlen_q, 0, window_left, softcap)  # fmt: skip
+    out = _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap)
+    return _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots)
+
+
+@flashinfer_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+      window_left=-1, softcap=0.0):  # fmt: skip
+    return torch.empty_like(q)
+
+
+def flashinfer_supported(q, k_cache, v_cache, *, decode: bool, block_table=None) -> bool:
+    """Whether ``flashinfer`` takes these tensors as they are (shapes, dtypes, strides; no value read)."""
+    return (
+        q.is_cuda
+        and block_table is None
+        and deps.has_flashinfer()
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[2] in HEAD_DIMS
+        and layout_problem(k_cache, v_cache, decode=decode) is None
+    )
