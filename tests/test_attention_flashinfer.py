@@ -264,10 +264,10 @@ def test_flashinfer_window_softcap_cuda(kind, layout, D):
 
 
 @pytest.mark.cuda
-def test_flashinfer_auto_on_cuda():
-    _skip_unless_flashinfer()
+def test_auto_does_not_pick_flashinfer_until_it_passes_the_gpu_suite():
+    """``auto`` keeps to Triton on CUDA even with FlashInfer importable: the backend failed
+    compiled generate() under CUDA graph trees on an H200 (docs/attention.md, ``auto``)."""
     b = make_batch("decode", H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=256)
     k, v = make_cache("per_layer", 5, 256, 2, 128, dtype=torch.bfloat16, device="cuda")
-    assert attn_mod.select_backend(b.q, k, v, decode=True) == "flashinfer"
-    want = "flashinfer" if torch.cuda.get_device_capability()[0] == 9 else "triton"
-    assert attn_mod.select_backend(b.q, k, v, decode=False) in (want, "flash_attn", "torch_fa2")
+    assert attn_mod.select_backend(b.q, k, v, decode=True) != "flashinfer"
+    assert attn_mod.select_backend(b.q, k, v, decode=False) != "flashinfer"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from . import deps
-from .flashinfer_backend import flashinfer_supported
 from .torch_fa2 import fa2_supported
 from .triton_backend import pow2_dim
 
@@ -49,17 +48,20 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
     """The ``auto`` rule: the fastest backend measured for the device and the step kind.
 
     * CPU: ``triton`` under ``TRITON_INTERPRET=1`` is *not* chosen (slow); ``sdpa``.
-    * CUDA decode (``cu_seqlens_q=None``): ``flashinfer`` when importable (its
-      tensor-core decode over the trivial page table read the virtual cache at
-      4.39 TB/s on an H200, 2-4% ahead of our Triton split-KV; docs/benchmarks.md),
-      else ``triton`` split-KV (flash-decoding over every request/head/split;
-      FA2's varlen kernel does not split KV and reaches ~41% of copy bandwidth),
-      else ``flash_attn``, else ``torch_fa2``.
-    * CUDA prefill / mixed batch: ``flashinfer`` on Hopper (sm90) only, where its
-      FA3 ragged kernel measured 662-674 TFLOP/s against 361-456 for ``triton``
-      (H200, bf16, batch 1, 8K-32K tokens); elsewhere ``triton`` (274-454 TFLOP/s
-      for 2K-128K tokens against 189-356 for ``torch_fa2``), else ``flash_attn``
-      (not measured here), else ``torch_fa2``.
+    * ``flashinfer`` is never chosen by ``auto`` yet: pass ``backend="flashinfer"``.
+      Its kernels measured fastest in standalone scripts (tensor-core decode over
+      a trivial page table at 4.39 TB/s; FA3 ragged prefill at 662-674 TFLOP/s on
+      an H200), but the backend itself has not passed the GPU suite: on an H200
+      (2026-12-02) with FlashInfer importable, two compiled ``generate()`` tests
+      failed inside CUDA graph trees ("tensors in the cudagraph pool not tracked
+      as outputs"; most likely its plan buffers, created lazily inside the
+      graph pool: the same tests passed without FlashInfer).
+    * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
+      over every request/head/split; FA2's varlen kernel does not split KV and
+      reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
+    * CUDA prefill / mixed batch: ``triton`` (274-454 TFLOP/s for 2K-128K tokens
+      against 189-356 for ``torch_fa2``), else ``flash_attn`` (not measured
+      here), else ``torch_fa2``.
     * Paged (``block_table`` given) on CUDA: ``triton`` (its paged twin), else
       ``flash_attn`` when the page size is a multiple of 256, else ``flex``.
     * Anything the preferred backend cannot take (fp32, odd strides, head_dim
@@ -81,11 +83,8 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
             return "flash_attn"
         return "flex" if deps.flex_module() is not None else "sdpa"
     fa2 = fa2_supported(q, k_cache, v_cache, None) and supports("torch_fa2", softcap=softcap)
-    fi = flashinfer_supported(q, k_cache, v_cache, decode=decode)
-    if fi and not decode:
-        fi = deps.cuda_capability(q.device.index or 0)[0] == 9  # FA3 measured on Hopper only
-    order = ("flashinfer", "triton", "flash_attn", "torch_fa2")  # see the docstring
-    ok = {"flashinfer": fi, "triton": tri, "flash_attn": fa, "torch_fa2": fa2}
+    order = ("triton", "flash_attn", "torch_fa2")  # see the docstring (flashinfer: explicit only, for now)
+    ok = {"triton": tri, "flash_attn": fa, "torch_fa2": fa2}
     for name in order:
         if ok[name]:
             return name
