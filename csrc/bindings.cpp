@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <vector>
 
 #include "allocator.h"
 #include "backend.h"
@@ -46,30 +47,44 @@ py::array table_view(const std::shared_ptr<SlotTable>& table, T* data, std::vect
   return py::array(py::dtype::of<T>(), std::move(shape), data, py::cast(table));
 }
 
-// `seq_lens` as int64 in `out` when it is a 1-D NumPy integer array (one
-// copy: the GIL is released while the table reads it); false otherwise.
+// `seq_lens` copied as int64 into `out` when it exposes, through the buffer
+// protocol, one dimension of native int32 or int64 (a NumPy array, any
+// strides); false for anything else (lists, tensors, other dtypes), which the
+// caller normalises. Reads the buffer directly: no NumPy API, no temporaries,
+// this is the per-step hot path.
 bool int64_lengths(py::handle seq_lens, std::vector<int64_t>& out) {
-  if (!py::isinstance<py::array>(seq_lens)) return false;
-  auto a = py::reinterpret_borrow<py::array>(seq_lens);
-  if (a.ndim() != 1 || a.dtype().kind() != 'i') return false;
-  size_t n = static_cast<size_t>(a.shape(0));
-  out.resize(n);
-  const char* base = static_cast<const char*>(a.data());
-  py::ssize_t stride = a.strides(0);
-  switch (a.itemsize()) {
-    case 8:
-      for (size_t i = 0; i < n; ++i) std::memcpy(&out[i], base + i * stride, 8);
-      return true;
-    case 4:
+  PyObject* obj = seq_lens.ptr();
+  if (!PyObject_CheckBuffer(obj)) return false;
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_RECORDS_RO) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  const char* f = view.format ? view.format : "B";
+  // '@' and '=' are native; '<' is too on the little-endian hosts we build for.
+  if (*f == '@' || *f == '=' || (*f == '<' && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)) ++f;
+  bool is64 = view.itemsize == 8 && (*f == 'q' || *f == 'l') && f[1] == '\0';
+  bool is32 = view.itemsize == 4 && (*f == 'i' || *f == 'l') && f[1] == '\0';
+  bool ok = view.ndim == 1 && (is64 || is32);
+  if (ok) {
+    size_t n = static_cast<size_t>(view.shape[0]);
+    out.resize(n);
+    const char* p = static_cast<const char*>(view.buf);
+    py::ssize_t stride = view.strides ? view.strides[0] : view.itemsize;
+    if (is64 && stride == 8) {
+      std::memcpy(out.data(), p, n * 8);
+    } else if (is64) {
+      for (size_t i = 0; i < n; ++i) std::memcpy(&out[i], p + i * stride, 8);
+    } else {
       for (size_t i = 0; i < n; ++i) {
         int32_t v;
-        std::memcpy(&v, base + i * stride, 4);
+        std::memcpy(&v, p + i * stride, 4);
         out[i] = v;
       }
-      return true;
-    default:
-      return false;
+    }
   }
+  PyBuffer_Release(&view);
+  return ok;
 }
 
 }  // namespace
@@ -215,9 +230,13 @@ PYBIND11_MODULE(_C, m) {
           "step",
           [](SlotTable& t, py::handle seq_lens, int64_t lookahead) {
             // The per-step fast path: anything but a 1-D int32/int64 array is
-            // the caller's to normalise (STEP_INVALID, nothing changed).
-            std::vector<int64_t> need;
+            // the caller's to normalise (STEP_INVALID, nothing changed). The
+            // common step (no page crossed) keeps the GIL: releasing it would
+            // cost more than the step; any driver work or wait runs without it.
+            thread_local std::vector<int64_t> need;
             if (!int64_lengths(seq_lens, need)) return static_cast<int>(kStepInvalid);
+            StepStatus quiet = t.step_quiet(need.data(), need.size(), lookahead);
+            if (quiet != kStepBusy) return static_cast<int>(quiet);
             py::gil_scoped_release nogil;
             return static_cast<int>(t.step(need.data(), need.size(), lookahead));
           },
@@ -226,7 +245,7 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "plan_pages",
           [](SlotTable& t, py::handle seq_lens) -> int64_t {
-            std::vector<int64_t> need;
+            thread_local std::vector<int64_t> need;
             if (!int64_lengths(seq_lens, need)) return -1;
             py::gil_scoped_release nogil;
             return t.plan_pages(need.data(), need.size());

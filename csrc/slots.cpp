@@ -187,6 +187,27 @@ StepStatus SlotTable::step(const T* need, size_t n, int64_t lookahead) {
 }
 
 template <typename T>
+StepStatus SlotTable::step_quiet(const T* need, size_t n, int64_t lookahead) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open_locked("step");
+  if (n != g_.num_slots) return kStepInvalid;
+  // One branch-free pass (the compiler vectorises it): each entry valid, and
+  // whether any slot wants pages, i.e. need + lookahead (>= need: one compare
+  // covers the commit and the prefetch) passes what its pages cover.
+  int64_t ahead_cap = lookahead < 0 ? 0 : std::min<int64_t>(lookahead, g_.max_seq_len);
+  bool ok = true, busy = false;
+  for (size_t s = 0; s < n; ++s) {
+    int64_t v = static_cast<int64_t>(need[s]);
+    ok &= (v >= 0) & (v <= g_.max_seq_len) & ((v == 0) | (active_[s] != 0));
+    busy |= (v > 0) & (std::min<int64_t>(v + ahead_cap, g_.max_seq_len) > covered_[s]);
+  }
+  if (!ok) return kStepInvalid;
+  if (busy || ticket_ != 0 || (!windows_.empty() && plan_trim_locked(need))) return kStepBusy;
+  for (size_t s = 0; s < n; ++s) used_[s] = std::max<int64_t>(used_[s], static_cast<int64_t>(need[s]));
+  return kStepDone;
+}
+
+template <typename T>
 int64_t SlotTable::plan_pages(const T* need, size_t n) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open_locked("plan_pages");
@@ -290,6 +311,8 @@ uint64_t SlotTable::commit_calls() {
 
 template StepStatus SlotTable::step<int64_t>(const int64_t*, size_t, int64_t);
 template StepStatus SlotTable::step<int32_t>(const int32_t*, size_t, int64_t);
+template StepStatus SlotTable::step_quiet<int64_t>(const int64_t*, size_t, int64_t);
+template StepStatus SlotTable::step_quiet<int32_t>(const int32_t*, size_t, int64_t);
 template int64_t SlotTable::plan_pages<int64_t>(const int64_t*, size_t);
 template int64_t SlotTable::plan_pages<int32_t>(const int32_t*, size_t);
 

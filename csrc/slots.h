@@ -50,6 +50,7 @@ enum StepStatus : int {
   kStepInvalid = 1,  // seq_lens is not B integers in [0, max_seq_len], 0 on inactive slots
   kStepShort = 2,    // the pool lacks pages: short_pages() says how many were wanted
   kStepTrim = 3,     // done; windowed buffers have pages to give back: call trim_windows
+  kStepBusy = 4,     // step_quiet only: the step has driver work to do (call step)
 };
 
 class SlotTable {
@@ -80,6 +81,13 @@ class SlotTable {
   // the table unchanged.
   template <typename T>
   StepStatus step(const T* need, size_t n, int64_t lookahead);
+  // The common case of step, for a caller that should not give up a lock
+  // (the GIL) for nothing: when no prefetch is queued and no slot of `need`
+  // (nor need + lookahead) crosses a page boundary, nor any window, raises the
+  // used tokens and returns kStepDone. Otherwise changes nothing and returns
+  // kStepInvalid for invalid input, else kStepBusy (call step).
+  template <typename T>
+  StepStatus step_quiet(const T* need, size_t n, int64_t lookahead);
   // Pages (all buffers) that step(need) would have to take from the pool, or
   // -1 for invalid input. Joins the previous prefetch.
   template <typename T>

@@ -67,7 +67,6 @@ class _StepMixin:
         """
         self._step(seq_lens, -1)
 
-    @locked
     def step_async(self: "KVCache", seq_lens: SeqLens, *, lookahead_tokens: int = 1) -> None:
         """The paper's per-iteration call: backs ``seq_lens`` now (normally
         already done by the previous call's prefetch) and commits, on the
@@ -91,7 +90,15 @@ class _StepMixin:
         """
         if type(lookahead_tokens) is not int or lookahead_tokens < 0:
             lookahead_tokens = check_int("lookahead_tokens", lookahead_tokens, low=0)
-        self._step(seq_lens, lookahead_tokens)
+        # The lock taken here rather than by @locked, and the common case
+        # inlined: this is the per-iteration call (docs/design.md, "The slot table").
+        with self._lock:
+            if type(seq_lens) is np.ndarray and not self._closed:
+                status = self._slots.step(seq_lens, lookahead_tokens)
+                if status != STEP_DONE:
+                    self._finish_step(seq_lens, lookahead_tokens, status)
+            else:
+                self._step(seq_lens, lookahead_tokens)
 
     @locked
     def can_step(self: "KVCache", seq_lens: SeqLens) -> bool:
@@ -118,18 +125,24 @@ class _StepMixin:
         """One step through the C++ slot table (``lookahead < 0``: no prefetch)."""
         if self._closed:
             self._check_open()
-        given = seq_lens
-        if type(seq_lens) is torch.Tensor and seq_lens.device.type == "cpu" and seq_lens.dtype in _FAST_TENSOR_DTYPES:
-            seq_lens = seq_lens.detach().numpy()
+        fast = seq_lens
+        if type(seq_lens) is torch.Tensor and seq_lens.is_cpu and seq_lens.dtype in _FAST_TENSOR_DTYPES:
+            fast = seq_lens.numpy()  # a view; integer tensors never require grad
+        status = self._slots.step(fast, lookahead)
+        if status != STEP_DONE:
+            self._finish_step(seq_lens, lookahead, status)
+
+    def _finish_step(self: "KVCache", given: Any, lookahead: int, status: int) -> None:
+        """The rest of a step the table answered with ``status``: parse, reclaim or trim."""
         slots = self._slots
-        status = slots.step(seq_lens, lookahead)
-        if status == STEP_DONE:
-            return
+        seq_lens = given
         if status == STEP_INVALID:
             seq_lens = self._parse_seq_lens(given)  # the precise error, or an int64 array the table takes
             status = slots.step(seq_lens, lookahead)
         if status == STEP_SHORT:
-            self._reclaim_for(np.asarray(seq_lens), *slots.short_pages())
+            if not isinstance(seq_lens, np.ndarray):  # a CPU tensor the table read as it was
+                seq_lens = self._parse_seq_lens(seq_lens)
+            self._reclaim_for(seq_lens, *slots.short_pages())
             status = slots.step(seq_lens, lookahead)
             if status == STEP_SHORT:  # the pool shrank meanwhile (a shared pool's other user)
                 wanted, available = slots.short_pages()
