@@ -12,6 +12,8 @@ Such an object has exactly one owner, in one process:
   child (no release, no trim: the parent owns the pages). :func:`track`
   registers an object for this; the ``after_in_child`` fork handler calls each
   live object's ``_mark_forked()``.
+
+:func:`locked` serialises such an object's methods on its ``_lock``.
 """
 
 from __future__ import annotations

@@ -23,12 +23,21 @@ Per-iteration API, as in the paper::
     ... forward pass, overlapping the prefetch ...
     cache.free(slot)                         # request done; pages kept for reuse
 
+Modules
+-------
+The per-slot bookkeeping and the per-step commit decision live in the C++
+slot table (``csrc/slots.h``); ``KVCache`` is assembled from this module
+(construction, views, slots, commits, stats, lifecycle) and three mixins:
+the per-step API (``_cache_step.py``), forks and shared pages
+(``_cache_fork.py``) and sliding windows (``_cache_windows.py``).
+
 Threads
 -------
 Every method may be called from any thread. One lock per cache (an
 ``RLock``) is held around its bookkeeping and the commits it makes; the C++
-calls release the GIL, and the background committer never takes the lock, so
-waiting for a prefetch under it cannot deadlock. What the cache cannot know
+calls release the GIL around driver work and waits, and the background
+committer never takes the lock, so waiting for a prefetch under it cannot
+deadlock. What the cache cannot know
 stays the caller's job: which thread reads or writes which rows. A thread must
 only touch rows that a commit which returned has backed, in a slot no other
 thread frees, decommits or reclaims meanwhile: after ``free(slot)``, any
