@@ -139,9 +139,10 @@ def test_lookahead_tokens_is_checked() -> None:
     for bad, exc in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
         with pytest.raises(exc, match="lookahead_tokens: expected an int"):
             c.step_async(np.array([1, 0, 0, 0]), lookahead_tokens=bad)
-    c.step_async(np.array([1, 0, 0, 0]), lookahead_tokens=np.int64(600))  # capped at max_seq_len
-    c.synchronize()
-    assert c.committed_tokens(0) == MAX_SEQ
+    for big in (np.int64(600), 10**30):  # capped at max_seq_len
+        c.step_async(np.array([1, 0, 0, 0]), lookahead_tokens=big)
+        c.synchronize()
+        assert c.committed_tokens(0) == MAX_SEQ
     c.close()
 
 

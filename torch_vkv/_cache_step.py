@@ -88,8 +88,9 @@ class _StepMixin:
         no slot crosses a page boundary is one C++ call over the slot table
         (docs/design.md, "The slot table").
         """
-        if type(lookahead_tokens) is not int or lookahead_tokens < 0:
-            lookahead_tokens = check_int("lookahead_tokens", lookahead_tokens, low=0)
+        if type(lookahead_tokens) is not int or not 0 <= lookahead_tokens <= self.max_seq_len:
+            # Past max_seq_len every lookahead means the whole row (and the table takes int64).
+            lookahead_tokens = min(check_int("lookahead_tokens", lookahead_tokens, low=0), self.max_seq_len)
         # The lock taken here rather than by @locked, and the common case
         # inlined: this is the per-iteration call (docs/design.md, "The slot table").
         with self._lock:
