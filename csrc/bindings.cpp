@@ -255,7 +255,8 @@ PYBIND11_MODULE(_C, m) {
       .def("trim_windows", &SlotTable::trim_windows, py::arg("stream") = py::none(), release_gil())
       .def("join", &SlotTable::join, release_gil())
       .def_property_readonly("pending", &SlotTable::pending)
-      .def("commit_slot", &SlotTable::commit_slot, py::arg("slot"), py::arg("pages"), release_gil())
+      .def("commit_slots", &SlotTable::commit_slots, py::arg("plan"), release_gil(),
+           "Commits [(slot, pages per buffer), ...] from each slot's committed end, all or nothing.")
       .def("set_committed", &SlotTable::set_committed, py::arg("slot"), py::arg("pages"))
       .def("pages_for", &SlotTable::pages_for, py::arg("num_tokens"))
       .def("tokens_for", &SlotTable::tokens_for, py::arg("num_pages"))

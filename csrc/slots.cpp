@@ -269,15 +269,20 @@ void SlotTable::join_locked() {
   for (const auto& [slot, pages] : plan) set_committed_locked(slot, std::max(committed_[slot], pages));
 }
 
-void SlotTable::commit_slot(size_t slot, int64_t pages) {
+void SlotTable::commit_slots(const std::vector<std::pair<size_t, int64_t>>& plan) {
   std::lock_guard<std::mutex> lock(mu_);
-  check_open_locked("commit_slot");
-  if (slot >= g_.num_slots || pages < 0 || static_cast<size_t>(pages) > g_.pages_per_slot)
-    throw InvalidArgument("commit_slot: expected a slot < " + std::to_string(g_.num_slots) + " and pages in [0, " +
-                          std::to_string(g_.pages_per_slot) + "], got slot " + std::to_string(slot) + ", pages " +
-                          std::to_string(pages));
-  if (pages <= committed_[slot]) return;
-  commit_plan_locked({{slot, pages}});
+  check_open_locked("commit_slots");
+  std::vector<std::pair<size_t, int64_t>> grow;
+  std::vector<bool> seen(g_.num_slots, false);
+  for (const auto& [slot, pages] : plan) {
+    if (slot >= g_.num_slots || pages < 0 || static_cast<size_t>(pages) > g_.pages_per_slot || seen[slot])
+      throw InvalidArgument("commit_slots: expected distinct slots < " + std::to_string(g_.num_slots) +
+                            " and pages in [0, " + std::to_string(g_.pages_per_slot) + "], got slot " +
+                            std::to_string(slot) + ", pages " + std::to_string(pages));
+    seen[slot] = true;
+    if (pages > committed_[slot]) grow.emplace_back(slot, pages);
+  }
+  if (!grow.empty()) commit_plan_locked(grow);
 }
 
 void SlotTable::set_committed(size_t slot, int64_t pages) {

@@ -102,8 +102,9 @@ class SlotTable {
   // partial prefetch back (every buffer agrees again) and rethrows.
   void join();
   bool pending();
-  // Commits pages [committed, pages) of `slot` in every buffer, all or nothing.
-  void commit_slot(size_t slot, int64_t pages);
+  // Commits pages [committed, pages) of each (slot, pages) in every buffer,
+  // all or nothing (OutOfPages with nothing changed; no reclaiming here).
+  void commit_slots(const std::vector<std::pair<size_t, int64_t>>& plan);
   // Bookkeeping only (the caller mapped or unmapped the pages).
   void set_committed(size_t slot, int64_t pages);
   uint64_t commit_calls();

@@ -93,7 +93,7 @@ class _ForkMixin:
         try:
             self._map_prefix(new, slot, full)
             if need > self._committed_pages[new]:
-                self._slots.commit_slot(new, need)
+                self._commit_plan({new: need})
         except BaseException:
             self._decommit_slot(new, 0, None)
             self._free_slots.append(new)

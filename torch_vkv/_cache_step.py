@@ -143,7 +143,8 @@ class _StepMixin:
         if status == STEP_SHORT:
             if not isinstance(seq_lens, np.ndarray):  # a CPU tensor the table read as it was
                 seq_lens = self._parse_seq_lens(seq_lens)
-            self._reclaim_for(seq_lens, *slots.short_pages())
+            wanted, pool_available = slots.short_pages()
+            self._reclaim_for(wanted, pool_available, np.flatnonzero(seq_lens > self._covered_tokens).tolist())
             status = slots.step(seq_lens, lookahead)
             if status == STEP_SHORT:  # the pool shrank meanwhile (a shared pool's other user)
                 wanted, available = slots.short_pages()
@@ -158,16 +159,15 @@ class _StepMixin:
         elif status != STEP_DONE:
             raise RuntimeError(f"torch_vkv internal error: the slot table refused a checked step (status {status})")
 
-    def _reclaim_for(self: "KVCache", need: np.ndarray, wanted: int, pool_available: int) -> None:
+    def _reclaim_for(self: "KVCache", wanted: int, pool_available: int, slots: list[int]) -> None:
         """Deferred reclamation: takes pages from freed slots, oldest first, until the pool can
-        serve ``wanted`` pages; raises :class:`OutOfPagesError`, changing nothing, when even
-        all of them would not do."""
+        serve ``wanted`` pages (all buffers) for ``slots``; raises :class:`OutOfPagesError`,
+        changing nothing, when even all of them would not do."""
         cached = sum(self._held_pages(slot) for slot in self._free_slots)
         if wanted > pool_available + cached:
-            grow = np.flatnonzero(need > self._covered_tokens).tolist()
             raise OutOfPagesError(
                 f"out of physical pages: this step needs {wanted} new page(s) of {self.page_size} bytes "
-                f"(slots {grow}), {pool_available + cached} available including pages cached by freed slots "
+                f"(slots {slots}), {pool_available + cached} available including pages cached by freed slots "
                 f"(budget {self.pool.max_pages} pages)",
                 requested_pages=wanted,
                 available_pages=pool_available + cached,
@@ -179,6 +179,15 @@ class _StepMixin:
             if self._committed_pages[victim]:
                 short -= self._held_pages(victim)
                 self._decommit_slot(victim, 0, None)
+
+    def _commit_plan(self: "KVCache", plan: dict[int, int]) -> None:
+        """Commits ``{slot: pages per buffer}`` from each slot's committed end, all or nothing,
+        reclaiming freed slots' pages when the pool alone is short (the commit path of
+        :meth:`fork`; steps go through the slot table's own)."""
+        wanted = sum(max(0, p - int(self._committed_pages[s])) for s, p in plan.items()) * len(self._buffers)
+        if wanted:
+            self._reclaim_for(wanted, self._available_pages(reclaim=False), sorted(plan))
+        self._slots.commit_slots(list(plan.items()))
 
     def _available_pages(self: "KVCache", *, reclaim: bool) -> int:
         s = self.pool.stats()

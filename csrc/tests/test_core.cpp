@@ -803,12 +803,18 @@ int test_slot_table_step() {
   CHECK_EQ(f.held(1, 0), 2u);
   CHECK(!f.res[1]->is_committed(0) && !f.res[1]->is_committed(1));
 
-  // commit_slot and set_committed check their slot; close drops the buffers.
-  CHECK_THROWS(InvalidArgument, t.commit_slot(4, 1));
+  // commit_slots and set_committed check their slots; close drops the buffers.
+  CHECK_THROWS(InvalidArgument, t.commit_slots({{4, 1}}));
+  CHECK_THROWS(InvalidArgument, t.commit_slots({{2, 1}, {2, 2}}));
   CHECK_THROWS(InvalidArgument, t.set_committed(0, 9));
-  t.commit_slot(2, 1);
+  t.commit_slots({{2, 1}, {3, 2}});
   CHECK_EQ(t.committed_data()[2], 1);
+  CHECK_EQ(t.committed_data()[3], 2);
   CHECK_EQ(f.held(0, 2), 1u);
+  CHECK_EQ(f.held(1, 3), 2u);
+  CHECK_THROWS(OutOfPages, t.commit_slots({{2, 2}, {3, 8}}));  // 2 + 12 pages, 20 - 12 in the pool
+  CHECK_EQ(t.committed_data()[2], 1);
+  CHECK_EQ(f.held(0, 2) + f.held(1, 2), 2u);
   t.close();
   CHECK_THROWS(InvalidArgument, t.step(need.data(), 4, 1));
   CHECK_EQ(t.pages_for(17), 2);
