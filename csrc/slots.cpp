@@ -222,7 +222,9 @@ std::pair<size_t, size_t> SlotTable::short_pages() const { return {short_wanted_
 void SlotTable::trim_windows(std::optional<uintptr_t> stream) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open_locked("trim_windows");
-  for (const auto& [gi, slot, target] : trim_) {
+  for (const auto& [gi, slot, planned] : trim_) {
+    // The plan is the last step's; if the slot shrank since (a crop), never past its committed end.
+    int64_t target = std::min(planned, committed_[slot]);
     int64_t* first = first_pages_.data() + gi * g_.num_slots + slot;
     if (target <= *first) continue;
     for (const auto& res : group_buffers_[gi])
