@@ -2,7 +2,11 @@
 // the background committer never waits on Python and Python never waits on a
 // driver call with the GIL held.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
+
+#include <cstring>
+#include <vector>
 
 #include "allocator.h"
 #include "backend.h"
@@ -11,6 +15,7 @@
 #include "driver.h"
 #include "errors.h"
 #include "pool.h"
+#include "slots.h"
 
 namespace py = pybind11;
 using namespace vkv;
@@ -34,6 +39,52 @@ py::dict stats_dict(const PoolStats& s) {
   d["commit_seconds"] = s.commit_seconds;
   d["decommit_seconds"] = s.decommit_seconds;
   return d;
+}
+
+// A view of `count` entries of the table's memory; the array keeps the table alive.
+template <typename T>
+py::array table_view(const std::shared_ptr<SlotTable>& table, T* data, std::vector<py::ssize_t> shape) {
+  return py::array(py::dtype::of<T>(), std::move(shape), data, py::cast(table));
+}
+
+// `seq_lens` copied as int64 into `out` when it exposes, through the buffer
+// protocol, one dimension of native int32 or int64 (a NumPy array, any
+// strides); false for anything else (lists, tensors, other dtypes), which the
+// caller normalises. Reads the buffer directly: no NumPy API, no temporaries,
+// this is the per-step hot path.
+bool int64_lengths(py::handle seq_lens, std::vector<int64_t>& out) {
+  PyObject* obj = seq_lens.ptr();
+  if (!PyObject_CheckBuffer(obj)) return false;
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_RECORDS_RO) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  const char* f = view.format ? view.format : "B";
+  // '@' and '=' are native; '<' is too on the little-endian hosts we build for.
+  if (*f == '@' || *f == '=' || (*f == '<' && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)) ++f;
+  bool is64 = view.itemsize == 8 && (*f == 'q' || *f == 'l') && f[1] == '\0';
+  bool is32 = view.itemsize == 4 && (*f == 'i' || *f == 'l') && f[1] == '\0';
+  bool ok = view.ndim == 1 && (is64 || is32);
+  if (ok) {
+    size_t n = static_cast<size_t>(view.shape[0]);
+    out.resize(n);
+    const char* p = static_cast<const char*>(view.buf);
+    py::ssize_t stride = view.strides ? view.strides[0] : view.itemsize;
+    if (is64 && stride == 8) {
+      std::memcpy(out.data(), p, n * 8);
+    } else if (is64) {
+      for (size_t i = 0; i < n; ++i) std::memcpy(&out[i], p + i * stride, 8);
+    } else {
+      for (size_t i = 0; i < n; ++i) {
+        int32_t v;
+        std::memcpy(&v, p + i * stride, 4);
+        out[i] = v;
+      }
+    }
+  }
+  PyBuffer_Release(&view);
+  return ok;
 }
 
 }  // namespace
@@ -158,6 +209,80 @@ PYBIND11_MODULE(_C, m) {
       .def("done", &Committer::done, py::arg("ticket"), release_gil())
       .def("pages_committed", &Committer::pages_committed, release_gil())
       .def_property_readonly("forked", &Committer::forked, "Whether the committer was inherited through fork().");
+
+  py::class_<SlotTable, std::shared_ptr<SlotTable>>(m, "SlotTable",
+                                                    "Per-slot lengths and committed pages of a KVCache, and the "
+                                                    "per-step commit / prefetch decision (csrc/slots.h).")
+      .def(py::init([](std::vector<std::shared_ptr<Reservation>> buffers, std::vector<int64_t> buffer_windows,
+                       std::shared_ptr<Committer> committer, size_t num_slots, int64_t max_seq_len,
+                       int64_t padded_seq_len, size_t pages_per_slot, int64_t margin_tokens,
+                       size_t bytes_per_token) {
+             size_t page_size = buffers.empty() || !buffers[0] ? 0 : buffers[0]->page_size();
+             SlotGeometry g{num_slots,      max_seq_len,   padded_seq_len, pages_per_slot,
+                            margin_tokens, bytes_per_token, page_size};
+             return std::make_shared<SlotTable>(g, std::move(buffers), std::move(buffer_windows),
+                                                std::move(committer));
+           }),
+           py::arg("buffers"), py::arg("buffer_windows"), py::arg("committer"), py::arg("num_slots"),
+           py::arg("max_seq_len"), py::arg("padded_seq_len"), py::arg("pages_per_slot"), py::arg("margin_tokens"),
+           py::arg("bytes_per_token"))
+      .def(
+          "step",
+          [](SlotTable& t, py::handle seq_lens, int64_t lookahead) {
+            // The per-step fast path: anything but a 1-D int32/int64 array is
+            // the caller's to normalise (STEP_INVALID, nothing changed). The
+            // common step (no page crossed) keeps the GIL: releasing it would
+            // cost more than the step; any driver work or wait runs without it.
+            thread_local std::vector<int64_t> need;
+            if (!int64_lengths(seq_lens, need)) return static_cast<int>(kStepInvalid);
+            StepStatus quiet = t.step_quiet(need.data(), need.size(), lookahead);
+            if (quiet != kStepBusy) return static_cast<int>(quiet);
+            py::gil_scoped_release nogil;
+            return static_cast<int>(t.step(need.data(), need.size(), lookahead));
+          },
+          py::arg("seq_lens"), py::arg("lookahead"),
+          "One iteration (lookahead < 0: no prefetch); returns a STEP_* status.")
+      .def(
+          "plan_pages",
+          [](SlotTable& t, py::handle seq_lens) -> int64_t {
+            thread_local std::vector<int64_t> need;
+            if (!int64_lengths(seq_lens, need)) return -1;
+            py::gil_scoped_release nogil;
+            return t.plan_pages(need.data(), need.size());
+          },
+          py::arg("seq_lens"), "Pages (all buffers) step(seq_lens) would take from the pool; -1: invalid input.")
+      .def("short_pages", &SlotTable::short_pages, "(wanted, available) pages of the last STEP_SHORT.")
+      .def("trim_windows", &SlotTable::trim_windows, py::arg("stream") = py::none(), release_gil())
+      .def("join", &SlotTable::join, release_gil())
+      .def_property_readonly("pending", &SlotTable::pending)
+      .def("commit_slots", &SlotTable::commit_slots, py::arg("plan"), release_gil(),
+           "Commits [(slot, pages per buffer), ...] from each slot's committed end, all or nothing.")
+      .def("set_committed", &SlotTable::set_committed, py::arg("slot"), py::arg("pages"))
+      .def("pages_for", &SlotTable::pages_for, py::arg("num_tokens"))
+      .def("tokens_for", &SlotTable::tokens_for, py::arg("num_pages"))
+      .def_property_readonly("commit_calls", &SlotTable::commit_calls)
+      .def("close", &SlotTable::close, release_gil())
+      .def_property_readonly("window_sizes", [](SlotTable& t) { return t.window_sizes(); })
+      .def_property_readonly("buffer_groups", [](SlotTable& t) { return t.buffer_groups(); })
+      .def_property_readonly(
+          "arrays",
+          [](std::shared_ptr<SlotTable> t) {
+            // Views of the table's own memory (no copy), kept alive by the table.
+            auto B = static_cast<py::ssize_t>(t->geometry().num_slots);
+            auto G = static_cast<py::ssize_t>(t->num_groups());
+            py::dict d;
+            d["active"] = table_view(t, t->active_data(), {B});
+            d["used"] = table_view(t, t->used_data(), {B});
+            d["committed"] = table_view(t, t->committed_data(), {B});
+            d["covered"] = table_view(t, t->covered_data(), {B});
+            d["first_pages"] = table_view(t, t->first_pages_data(), {G, B});
+            return d;
+          },
+          "NumPy views of the table: active, used, committed, covered [B] and first_pages [G, B].");
+  m.attr("STEP_DONE") = static_cast<int>(kStepDone);
+  m.attr("STEP_INVALID") = static_cast<int>(kStepInvalid);
+  m.attr("STEP_SHORT") = static_cast<int>(kStepShort);
+  m.attr("STEP_TRIM") = static_cast<int>(kStepTrim);
 
   m.def("allocator_reserve", &allocator_reserve, py::arg("backend"), py::arg("size"), release_gil(),
         "What vkv_alloc does, on any backend (vkv_alloc uses the CUDA one).");

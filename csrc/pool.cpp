@@ -109,6 +109,12 @@ PoolStats PagePool::stats() {
   return s;
 }
 
+size_t PagePool::available() {
+  origin_.check();
+  std::lock_guard<std::mutex> lock(mu_);
+  return available_locked();
+}
+
 void PagePool::destroy_locked(PageHandle page) {
   backend_->destroy_page(page);
   never_mapped_.erase(page);

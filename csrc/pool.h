@@ -67,6 +67,9 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   // Finishes decommits whose fences completed (without waiting).
   void reap();
   PoolStats stats();
+  // Pages a commit can have now: free, creatable within the budget, or
+  // pending a fence (stats().free_pages + creatable + pending_pages).
+  size_t available();
 
   // fork() support (fork.h): the prepare handler holds every pool's mutex
   // while fork() runs, so the child never sees a half-done commit.

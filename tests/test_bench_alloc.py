@@ -40,6 +40,13 @@ def test_bench_alloc_quick_cpu(tmp_path: Path) -> None:
     assert latency["decommit_batched"]["unmap_calls"] == 1
     assert latency["decommit_single"]["unmap_calls"] == 1
 
+    # The per-step call's host cost, per layout at batch 64 and 256.
+    calls = {(r["layout"], r["batch"]): r for r in rows if r["section"] == "step_call"}
+    assert set(calls) == {(layout, b) for layout in ("per_layer", "interleaved") for b in (64, 256)}
+    for r in calls.values():
+        assert r["name"] == "step_async_unchanged" and 0 < r["us_per_call"] < 1e4, r
+    assert "step_async host cost with unchanged lengths" in (tmp_path / "alloc.md").read_text()
+
     decode = [r for r in rows if r["section"] == "decode"]
     assert {(r["layout"], r["name"]) for r in decode} == {
         (layout, mode) for layout in ("per_layer", "interleaved") for mode in MODES

@@ -1,9 +1,11 @@
 """A stateful property test of KVCache against a plain Python model.
 
 Random alloc / free / commit (and its alias reserve) / decommit / reclaim /
-step / step_async / synchronize, with seq_lens as a mapping, a list or an
-array, and the page-sharing operations fork (a new slot) and remap (slots
-take other slots' histories at once, beam search's reorder). The model keeps, per active slot, the tokens it uses and the value
+step / step_async / synchronize, with seq_lens as a mapping, a list, an
+int64 / int32 / strided array or a CPU tensor (the arrays and the tensor take
+the C++ slot table's fast path, csrc/slots.h), random lookaheads, and the
+page-sharing operations fork (a new slot) and remap (slots take other slots'
+histories at once, beam search's reorder). The model keeps, per active slot, the tokens it uses and the value
 written at every row of every layer's K and V. Checked after every step:
 
 * every active slot's used rows are committed, and hold what was written, in
@@ -147,20 +149,26 @@ class KVCacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.used)
     @rule(
         grow=st.lists(st.integers(min_value=0, max_value=96), min_size=B, max_size=B),
-        form=st.sampled_from(["mapping", "list", "array", "tensor"]),
+        form=st.sampled_from(["mapping", "list", "array", "array32", "strided", "tensor"]),
         use_async=st.booleans(),
         sync=st.booleans(),
+        lookahead=st.sampled_from([0, 1, 1, 1, 17, 200]),
     )
-    def step(self, grow, form, use_async, sync):
+    def step(self, grow, form, use_async, sync, lookahead):
         want = {s: min(MAX_SEQ, self.used[s] + grow[s]) for s in self.used}
         dense = [want.get(s, 0) for s in range(B)]
         seq_lens = {
             "mapping": want,
             "list": dense,
             "array": np.array(dense, dtype=np.int64),
+            "array32": np.array(dense, dtype=np.int32),
+            "strided": np.repeat(np.array(dense, dtype=np.int64), 2)[::2],
             "tensor": torch.tensor(dense, dtype=torch.int32),
         }[form]
-        call = self.cache.step_async if use_async else self.cache.step
+        if use_async:
+            call = lambda lens: self.cache.step_async(lens, lookahead_tokens=lookahead)  # noqa: E731
+        else:
+            call = self.cache.step
         ok = self._commit_or_nothing({s: n for s, n in want.items() if n}, lambda: call(seq_lens))
         if ok and use_async and sync:
             self.cache.synchronize()
@@ -222,6 +230,8 @@ class KVCacheMachine(RuleBasedStateMachine):
                     owned[page // c.pages_per_slot] += 1
             # each slot owns exactly the pages the manager thinks, all inside its row
             assert owned == list(c._committed_pages)
+        # the slot table's covered tokens follow its committed pages
+        assert list(c._covered_tokens) == [c.tokens_for_pages(int(p)) for p in c._committed_pages]
 
     @invariant()
     def shared_pages_counted(self):

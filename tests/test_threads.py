@@ -101,8 +101,8 @@ for cache in caches:
         for first, count in res.committed_ranges():
             for page in range(first, first + count):
                 owned[page // cache.pages_per_slot] += 1
-        assert owned == cache._committed_pages, (owned, cache._committed_pages)
-    mapped += sum(cache._committed_pages) * len(cache._reservations)
+        assert owned == list(cache._committed_pages), (owned, cache._committed_pages)
+    mapped += int(cache._committed_pages.sum()) * len(cache._reservations)
     assert cache.memory_stats()["committed_bytes"] == sum(cache._committed_pages) * len(cache._reservations) * PAGE
 if device == "cuda":  # decommits are fenced by CUDA events: let them pass, then reap the pending pages
     torch.cuda.synchronize()

@@ -12,15 +12,20 @@ Such an object has exactly one owner, in one process:
   child (no release, no trim: the parent owns the pages). :func:`track`
   registers an object for this; the ``after_in_child`` fork handler calls each
   live object's ``_mark_forked()``.
+
+:func:`locked` serialises such an object's methods on its ``_lock``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
-__all__ = ["Unique", "forked_error", "track"]
+__all__ = ["Unique", "forked_error", "locked", "track"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _live: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
@@ -38,6 +43,17 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def locked(method: _F) -> _F:
+    """Runs ``method`` holding ``self._lock`` (an ``RLock``: locked methods call each other)."""
+
+    @functools.wraps(method)
+    def run_locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run_locked  # type: ignore[return-value]
 
 
 def forked_error(kind: str, noun: str, pid: int) -> RuntimeError:

@@ -28,6 +28,7 @@
 #include "committer.h"
 #include "errors.h"
 #include "pool.h"
+#include "slots.h"
 
 using namespace vkv;
 
@@ -709,6 +710,178 @@ int test_committer_lifecycle() {
   return 0;
 }
 
+
+// ---------------------------------------------------------------- slot table
+
+// 4 slots of 8 pages (16 tokens a page, 120 tokens a slot) in two buffers:
+// buffer 0 global, buffer 1 with a 20-token sliding window.
+struct SlotFixture {
+  static constexpr size_t kSlots = 4, kPagesPerSlot = 8;
+  std::shared_ptr<PagePool> pool;
+  std::vector<std::shared_ptr<Reservation>> res;
+  std::shared_ptr<Committer> committer = std::make_shared<Committer>();
+  std::unique_ptr<SlotTable> table;
+  explicit SlotFixture(size_t budget, std::vector<int64_t> windows = {0, 20}, size_t slots = kSlots) {
+    pool = make_pool(budget);
+    for (size_t i = 0; i < windows.size(); ++i) res.push_back(Reservation::create(pool, slots * kPagesPerSlot * kPage));
+    SlotGeometry g{slots, 120, 128, kPagesPerSlot, 0, kPage / 16, kPage};
+    table = std::make_unique<SlotTable>(g, res, windows, committer);
+  }
+  // Pages of `slot` committed in buffer `b`.
+  size_t held(size_t b, size_t slot) {
+    size_t n = 0;
+    for (size_t p = slot * kPagesPerSlot; p < (slot + 1) * kPagesPerSlot; ++p) n += res[b]->is_committed(p);
+    return n;
+  }
+};
+
+int test_slot_table_step() {
+  SlotFixture f(20);
+  SlotTable& t = *f.table;
+  CHECK_EQ(t.pages_for(17), 2);
+  CHECK_EQ(t.tokens_for(2), 32);
+  CHECK_EQ(t.pages_for(0), 0);
+  CHECK_EQ(t.tokens_for(100), 120);  // capped at max_seq_len
+  t.active_data()[0] = t.active_data()[1] = true;
+  std::vector<int64_t> need = {17, 0, 0, 0};
+
+  CHECK_EQ(t.step(need.data(), 4, -1), kStepDone);  // commits now, no prefetch
+  CHECK_EQ(t.committed_data()[0], 2);
+  CHECK_EQ(t.covered_data()[0], 32);
+  CHECK_EQ(t.used_data()[0], 17);
+  CHECK_EQ(f.held(0, 0), 2u);
+  CHECK_EQ(f.held(1, 0), 2u);
+  CHECK(!t.pending());
+
+  need[0] = 20;  // no page crossed, not even with the lookahead: the quiet path does it all
+  CHECK_EQ(t.step_quiet(need.data(), 4, 1), kStepDone);
+  CHECK_EQ(t.used_data()[0], 20);
+  need[0] = 32;  // the lookahead crosses: busy, nothing changed
+  CHECK_EQ(t.step_quiet(need.data(), 4, 1), kStepBusy);
+  CHECK_EQ(t.used_data()[0], 20);
+  CHECK_EQ(t.step(need.data(), 4, 1), kStepDone);  // page 3 prefetched in the background
+  CHECK_EQ(t.used_data()[0], 32);
+  CHECK(t.pending());
+  CHECK_EQ(t.step_quiet(need.data(), 4, 1), kStepBusy);  // a queued prefetch is joined by step only
+  t.join();
+  CHECK(!t.pending());
+  CHECK_EQ(t.committed_data()[0], 3);
+  CHECK_EQ(f.held(0, 0), 3u);
+  CHECK_EQ(t.commit_calls(), 2u);
+
+  // Invalid input changes nothing: an inactive slot, past max_seq_len, negative, wrong length.
+  for (auto bad : {std::vector<int64_t>{5, 0, 3, 0}, std::vector<int64_t>{121, 0, 0, 0},
+                   std::vector<int64_t>{-1, 0, 0, 0}, std::vector<int64_t>{5, 0, 0}}) {
+    CHECK_EQ(t.step(bad.data(), bad.size(), 1), kStepInvalid);
+    CHECK_EQ(t.step_quiet(bad.data(), bad.size(), 1), kStepInvalid);
+    CHECK_EQ(t.plan_pages(bad.data(), bad.size()), -1);
+  }
+  CHECK_EQ(t.used_data()[0], 32);
+  std::vector<int32_t> need32 = {33, 0, 0, 0};
+  CHECK_EQ(t.step(need32.data(), 4, -1), kStepDone);  // int32 lengths too
+  CHECK_EQ(t.used_data()[0], 33);
+
+  // Short of pages: 2 buffers x 8 pages wanted, 20 - 6 in the pool; nothing changes.
+  need = {33, 120, 0, 0};
+  CHECK_EQ(t.plan_pages(need.data(), 4), 16);
+  CHECK_EQ(t.step(need.data(), 4, 1), kStepShort);
+  CHECK_EQ(t.short_pages().first, 16u);
+  CHECK_EQ(t.short_pages().second, 14u);
+  CHECK_EQ(t.committed_data()[1], 0);
+  CHECK_EQ(t.used_data()[1], 0);
+  CHECK_EQ(f.held(0, 1) + f.held(1, 1), 0u);
+
+  // The window: after a step from 60 tokens, rows < 40 are behind it: pages [0, 2) of buffer 1 go.
+  need = {60, 0, 0, 0};
+  CHECK_EQ(t.step(need.data(), 4, -1), kStepDone);  // from 33: row 13, page 0 still needed
+  need[0] = 64;
+  CHECK_EQ(t.step_quiet(need.data(), 4, -1), kStepBusy);
+  CHECK_EQ(t.step(need.data(), 4, -1), kStepTrim);
+  t.trim_windows(std::nullopt);
+  CHECK_EQ(t.first_pages_data()[0], 2);
+  CHECK_EQ(f.held(0, 0), 4u);  // the global buffer keeps every page
+  CHECK_EQ(f.held(1, 0), 2u);
+  CHECK(!f.res[1]->is_committed(0) && !f.res[1]->is_committed(1));
+
+  // commit_slots and set_committed check their slots; close drops the buffers.
+  CHECK_THROWS(InvalidArgument, t.commit_slots({{4, 1}}));
+  CHECK_THROWS(InvalidArgument, t.commit_slots({{2, 1}, {2, 2}}));
+  CHECK_THROWS(InvalidArgument, t.set_committed(0, 9));
+  t.commit_slots({{2, 1}, {3, 2}});
+  CHECK_EQ(t.committed_data()[2], 1);
+  CHECK_EQ(t.committed_data()[3], 2);
+  CHECK_EQ(f.held(0, 2), 1u);
+  CHECK_EQ(f.held(1, 3), 2u);
+  CHECK_THROWS(OutOfPages, t.commit_slots({{2, 2}, {3, 8}}));  // 2 + 12 pages, 20 - 12 in the pool
+  CHECK_EQ(t.committed_data()[2], 1);
+  CHECK_EQ(f.held(0, 2) + f.held(1, 2), 2u);
+  t.close();
+  CHECK_THROWS(InvalidArgument, t.step(need.data(), 4, 1));
+  CHECK_EQ(t.pages_for(17), 2);
+  return 0;
+}
+
+// Threads stepping their own slots of one table at once (each step may join
+// another thread's prefetch), windows trimming, a poller reading counters and
+// planning; between rounds every buffer must hold exactly what the table says.
+int test_slot_table_threads(int iterations) {
+  constexpr size_t kThreads = 4, kSlots = 2 * kThreads;
+  SlotFixture f(2 * kSlots * SlotFixture::kPagesPerSlot, {0, 20}, kSlots);
+  SlotTable& t = *f.table;
+  for (size_t s = 0; s < kSlots; ++s) t.active_data()[s] = true;
+  std::atomic<bool> stop{false};
+  std::atomic<int> errors{0};
+  std::thread poller([&] {
+    std::vector<int64_t> zero(kSlots, 0);
+    while (!stop.load()) {
+      (void)t.commit_calls();
+      (void)t.pending();
+      if (t.plan_pages(zero.data(), kSlots) != 0) errors.store(1);
+      PoolStats s = f.pool->stats();
+      if (s.mapped_pages > s.created_pages) errors.store(2);
+    }
+  });
+  int rounds = std::max(1, iterations / 500);
+  for (int round = 0; round < rounds; ++round) {
+    std::vector<std::thread> threads;
+    for (size_t k = 0; k < kThreads; ++k) {
+      threads.emplace_back([&, k] {
+        std::mt19937 rng(static_cast<unsigned>(round * 31 + k));
+        std::vector<int64_t> need(kSlots, 0);
+        int64_t len[2] = {0, 0};
+        while (len[0] < 120 || len[1] < 120) {
+          for (int j = 0; j < 2; ++j) {
+            len[j] = std::min<int64_t>(120, len[j] + 1 + rng() % 9);
+            need[2 * k + j] = len[j];
+          }
+          StepStatus st = t.step_quiet(need.data(), kSlots, 1);
+          if (st == kStepBusy) st = t.step(need.data(), kSlots, 1);
+          if (st == kStepTrim) t.trim_windows(std::nullopt);
+          else if (st != kStepDone) errors.store(3);
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    t.join();
+    for (size_t s = 0; s < kSlots; ++s) {
+      CHECK_EQ(t.used_data()[s], 120);
+      CHECK_EQ(t.committed_data()[s], 8);
+      CHECK_EQ(f.held(0, s), 8u);
+      CHECK_EQ(static_cast<int64_t>(f.held(1, s)), 8 - t.first_pages_data()[s]);
+      CHECK(t.first_pages_data()[s] >= 5);  // a trim lost to another thread's step is redone later
+      // Back to empty for the next round (single-threaded here).
+      for (auto& r : f.res) r->decommit(s * SlotFixture::kPagesPerSlot, SlotFixture::kPagesPerSlot, std::nullopt);
+      t.set_committed(s, 0);
+      t.used_data()[s] = 0;
+      t.first_pages_data()[s] = 0;
+    }
+  }
+  stop.store(true);
+  poller.join();
+  CHECK_EQ(errors.load(), 0);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -731,6 +904,11 @@ int main(int argc, char** argv) {
     RUN(test_pending_alias_is_not_a_free_page);
     RUN(test_allocator_adopt);
     RUN(test_committer_lifecycle);
+    RUN(test_slot_table_step);
+    std::printf("%-40s", "test_slot_table_threads");
+    std::fflush(stdout);
+    if (int rc = test_slot_table_threads(iterations); rc != 0) return rc;
+    std::printf("ok\n");
     std::printf("%-40s", "test_concurrent_committer");
     std::fflush(stdout);
     int rc = test_concurrent_committer(iterations);

@@ -42,7 +42,13 @@ Two parts, one report (``alloc.json`` / ``alloc.md``):
    a decode trajectory is stateful (exactly ``steps`` steps from a prepared
    cache), so a call-repeating timer such as ``do_bench`` cannot drive it.
    Repeats interleave the modes and the overhead is the median over repeats of
-   ``mean step time(mode) / mean step time(precommitted) - 1``.
+   ``mean step time(mode) / mean step time(precommitted) - 1``. The loop
+   passes its lengths as an int64 NumPy array updated in place, the form the
+   C++ slot table reads directly.
+
+3. **Host cost of the per-step call** (``section = "step_call"``): microseconds
+   per ``step_async(lens)`` when no slot crosses a page, at batch 64 and 256
+   (``torch_vkv.bench.step_call``).
 
 Examples::
 
@@ -61,9 +67,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from torch_vkv.bench.report import write_report
+from torch_vkv.bench.step_call import bench_step_call
 from torch_vkv.bench.timing import StepClock
 
 __all__ = ["main"]
@@ -91,6 +99,7 @@ COLUMNS = (
     "overhead_pct",
     "pages_committed_per_run",
     "read",
+    "calls",
 )
 
 
@@ -392,8 +401,9 @@ class _DecodeLoop:
         except (RuntimeError, TypeError, AttributeError):
             return False
 
-    def step_compute(self, lens_after: list[int]) -> None:
-        """Appends one token per slot in every layer, then reads the valid rows."""
+    def step_compute(self, max_len: int, total: int) -> None:
+        """Appends one token per slot in every layer, then reads the valid rows
+        (``max_len``: the longest slot after the step, ``total``: all slots' tokens)."""
         rows = self.slot_base + self.pos  # [B]: the row each slot writes now
         for l in range(self.cfg.layers):
             self.keys[l].index_copy_(0, rows, self.k_new)
@@ -401,12 +411,11 @@ class _DecodeLoop:
         self.pos += 1
         self.pos32 += 1
         if self.read == "flash_attention_varlen":
-            max_k = max(lens_after)
+            max_k = max_len
             for l in range(self.cfg.layers):
                 self.checksum += self._flash(l, max_k, self.pos32).float().sum()
         else:
             lens = self.pos
-            total = sum(lens_after)
             starts = torch.cumsum(lens, 0) - lens
             idx = torch.repeat_interleave(self.slot_base - starts, lens, output_size=total)
             idx += torch.arange(total, device=self.dev)
@@ -437,16 +446,17 @@ class _DecodeLoop:
         cache = self.cache
         before = cache.pool.stats()["map_calls"]
         timer = StepClock(self.dev, steps)
-        lens = list(self.prompt)
+        lens = np.array(self.prompt, dtype=np.int64)  # updated in place: the slot table reads it as it is
+        max_len, total, B = max(self.prompt), sum(self.prompt), len(self.prompt)
         t0 = time.perf_counter()
         for t in range(steps):
             timer.mark(t)
-            lens = [n + 1 for n in lens]
+            lens += 1
             if mode == "step" or mode == "step_async_after_launch":
                 cache.step(lens)
             elif mode == "step_async" or mode == "precommitted_step_async":
                 cache.step_async(lens)
-            self.step_compute(lens)
+            self.step_compute(max_len + t + 1, total + B * (t + 1))
             if mode == "step_async_after_launch":
                 cache.step_async(lens)  # nothing left to commit now: only the prefetch, behind the kernels
             if sync_each_step:
@@ -540,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench alloc: decode loop, layout {layout}, batch {cfg.batch}, {cfg.layers} layers, "
                 f"{cfg.steps} steps x {cfg.repeats} repeats")
             rows += bench_decode(cfg, layout, log)
+        for layout in cfg.layouts:
+            rows += bench_step_call(cfg.device, layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                                    dtype=cfg.dtype, page_size=cfg.page_size, layout=layout,
+                                    calls=500 if args.quick else 2000)
     finally:
         torch.set_num_threads(threads)
 
@@ -567,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
             f"bookkeeping alone {d['precommitted_step_async']['overhead_pct']:+.2f}%; "
             f"outputs match: {all(r['output_matches_precommitted'] for r in d.values())}"
         )
+    calls = {(r["layout"], r["batch"]): r["us_per_call"] for r in rows if r["section"] == "step_call"}
+    lines.append("- step_async host cost with unchanged lengths (no page crossed): " + ", ".join(
+        f"{lay} batch {b} {us:.2f} us/call" for (lay, b), us in calls.items()) + " (target <= 3 us at batch 256)")
     summary = "\n".join(lines)
     command = "python -m torch_vkv bench alloc " + " ".join(shlex.quote(a) for a in argv)
     write_report("alloc", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
