@@ -84,7 +84,8 @@ def test_prefix_hit_counts(kv):
             return s["prefix_hit_tokens"] - h0, s["num_computed_tokens"] - c0
 
         assert hits_of(a) == (0, len(a) + 1)  # cold: the prompt, then one decode
-        assert hits_of(a[: 2 * B + 3] + [(a[2 * B + 3] + 1) % (VOCAB - 1)] + a[2 * B + 4 :]) == (2 * B, len(a) - 2 * B + 1)
+        fork = a[: 2 * B + 3] + [(a[2 * B + 3] + 1) % (VOCAB - 1)] + a[2 * B + 4 :]  # differs in block 2
+        assert hits_of(fork) == (2 * B, len(a) - 2 * B + 1)
         assert hits_of(a) == (3 * B, len(a) - 3 * B + 1)  # the finished request's blocks stayed cached
         assert hits_of(a[: 3 * B]) == (3 * B - 1, 2)  # a whole cached prompt: its last token is recomputed
         assert hits_of(a[: B - 1]) == (0, B)  # shorter than a block: nothing to share

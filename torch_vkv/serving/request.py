@@ -149,4 +149,5 @@ class SequenceGroup:
             max(s.finished_time for s in self.seqs) if done else None,
             _source=first.token_times, _n=len(first.output_token_ids),
         )  # fmt: skip
-        return RequestOutput(self.request_id, first.prompt_token_ids, [s.completion() for s in self.seqs], done, metrics)
+        completions = [s.completion() for s in self.seqs]
+        return RequestOutput(self.request_id, first.prompt_token_ids, completions, done, metrics)
