@@ -24,7 +24,7 @@ import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
-from torch_vkv.serving.kv import KVManager
+from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
 from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
@@ -174,15 +174,9 @@ class Engine:
         num_slots = self.max_batch_size + (1 if graphs else 0)  # + a scratch slot for graph padding rows
         if memory_budget is None and self.device.type == "cuda":
             itemsize = torch.empty((), dtype=self.dtype).element_size()
-            static = num_slots * self.max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
-            if kv == "virtual":
-                # Whole 2 MiB pages per buffer and slot: a tiny model's static size
-                # is less than one page per buffer, which could not back one token.
-                page = 2 << 20
-                per_slot = self.max_seq_len * num_kv_heads * head_dim * itemsize
-                buffers = 2 * num_layers if layout == "per_layer" else 1
-                per_slot *= 2 * num_layers // buffers
-                static = num_slots * buffers * (-(-per_slot // page)) * page
+            static = static_budget(kv, layout=layout, num_slots=num_slots, max_seq_len=self.max_seq_len,
+                                   num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                   itemsize=itemsize)  # fmt: skip
             memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
         self.kv = KVManager(
             kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
@@ -463,10 +457,11 @@ class Engine:
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
-        """``num_running``, ``num_waiting``, ``num_preemptions``,
-        ``committed_bytes`` (physical KV memory held, freed slots' cached
-        pages included), ``used_bytes`` (K/V of running requests' computed
-        tokens), ``memory_budget``, ``num_finished``, ``num_iterations``,
+        """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``,
+        ``committed_bytes`` (physical KV memory held, freed and parked slots'
+        cached pages included), ``used_bytes`` (K/V of running requests'
+        computed tokens; a shared prefix counts once per request using it),
+        ``memory_budget``, ``num_finished``, ``num_iterations``,
         ``num_generated_tokens`` (of every completion), ``num_computed_tokens``
         (tokens run through the model: prefill chunks and decodes),
         ``host_seconds`` (host time of scheduling, page commits, batch

@@ -37,7 +37,20 @@ from torch_vkv import KVCache
 from torch_vkv.serving.prefix import PrefixIndex, block_keys
 from torch_vkv.serving.request import Request
 
-__all__ = ["KVManager"]
+__all__ = ["KVManager", "static_budget"]
+
+
+def static_budget(kind: str, *, layout: str, num_slots: int, max_seq_len: int, num_layers: int, num_kv_heads: int,
+                  head_dim: int, itemsize: int, page_size: int = 2 << 20) -> int:  # fmt: skip
+    """Bytes of a static cache of ``num_slots`` x ``max_seq_len`` tokens; for
+    ``virtual`` in whole pages of ``page_size`` bytes per buffer and slot (a
+    tiny model's static size is less than one page per buffer, which could not
+    back one token)."""
+    if kind != "virtual":
+        return num_slots * max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
+    buffers = 2 * num_layers if layout == "per_layer" else 1
+    per_slot = max_seq_len * num_kv_heads * head_dim * itemsize * (2 * num_layers // buffers)
+    return num_slots * buffers * (-(-per_slot // page_size)) * page_size
 
 
 class KVManager:
@@ -75,11 +88,18 @@ class KVManager:
         parking_slots: int = 0,
     ) -> None:
         self.kind = kind
-        num_slots += parking_slots if prefix_caching else 0
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        request_slots = num_slots
+        if prefix_caching and parking_slots:
+            if memory_budget is None and kind == "virtual":  # parked slots do not enlarge the default budget
+                memory_budget = static_budget(
+                    kind, layout=layout, num_slots=num_slots, max_seq_len=max_seq_len, num_layers=num_layers,
+                    num_kv_heads=num_kv_heads, head_dim=head_dim, itemsize=itemsize, page_size=page_size or 2 << 20,
+                )  # fmt: skip
+            num_slots += parking_slots
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.num_layers = num_layers
-        itemsize = torch.empty((), dtype=dtype).element_size()
         #: Bytes of one token's K and V in all layers.
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize
         self.memory_budget = memory_budget
@@ -99,7 +119,7 @@ class KVManager:
 
             block_bytes = self.bytes_per_token * block_size
             per_slot = -(-max_seq_len // block_size)
-            num_blocks = num_slots * per_slot if memory_budget is None else memory_budget // block_bytes
+            num_blocks = request_slots * per_slot if memory_budget is None else memory_budget // block_bytes
             if num_blocks < 1:
                 raise ValueError(
                     f"memory_budget: expected at least one block of {block_size} tokens ({block_bytes} bytes), "
@@ -286,7 +306,10 @@ class KVManager:
             self.cache.synchronize()
 
     def reclaim(self) -> None:
-        """Virtual: returns the pages cached by freed slots to the pool (paged: nothing to do)."""
+        """Evicts every parked slot (the prefix cache empties), then, virtual:
+        returns the pages cached by freed slots to the pool."""
+        while self.evict():
+            pass
         if self.kind == "virtual":
             self.cache.reclaim()
 
