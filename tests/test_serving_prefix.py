@@ -8,6 +8,7 @@ token), 16 for paged (``block_size``).
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -287,3 +288,47 @@ def test_parallel_sampling_errors():
         engine_for(model_of("llama"), "paged", prefix_caching=1)
     assert SamplingParams(n=3).n == 3
     assert torch.is_grad_enabled()  # the engine's inference mode does not leak
+
+
+# ------------------------------------------------- random sequences, sharing
+
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import invariant, rule  # noqa: E402
+from test_serving_property import MAX_SEQ_LEN, EngineMachine  # noqa: E402
+
+SYSTEM = [(7 * i + 3) % (VOCAB - 1) for i in range(33)]  # a block in every layout (per_layer: 32 tokens)
+
+
+class SharingMachine(EngineMachine):
+    """``test_serving_property``'s machine, plus requests that share a system
+    prompt, some with ``n > 1``: under random budgets, aborts and preemptions
+    the budget holds, every output is complete, greedy ones equal generate(),
+    and ``reclaim()`` at the end finds every page back (no reference leaks)."""
+
+    @rule(suffix_len=st.integers(1, 8), max_tokens=st.integers(1, 7), n=st.integers(1, 3), greedy=st.booleans())
+    def add_shared(self, suffix_len, max_tokens, n, greedy):
+        prompt = SYSTEM + [self.rng.randrange(VOCAB - 1) for _ in range(suffix_len)]
+        rid = f"s{len(self.params)}"
+        n = min(n, self.engine.max_batch_size)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, seed=len(self.params), n=n)
+        assert self.engine.add_request(prompt, params, request_id=rid) == rid
+        self.params[rid] = (prompt, params)
+        self.live.add(rid)
+
+    @invariant()
+    def memory_within_budget_and_pages_owned_once(self):  # pages are shared here: the budget only
+        if self.engine is not None:
+            assert self.engine.stats()["committed_bytes"] <= self.budget
+
+    def teardown(self):
+        super().teardown()
+        for rid, out in self.done.items():
+            prompt, params = self.params[rid]
+            assert len(out.outputs) == params.n and [c.index for c in out.outputs] == list(range(params.n))
+            if rid not in self.aborted:
+                want = min(params.max_tokens, MAX_SEQ_LEN - len(prompt))
+                assert all(len(c.token_ids) == want for c in out.outputs)
+
+
+SharingMachine.TestCase.settings = settings(EngineMachine.TestCase.settings, max_examples=int(os.environ.get("SHARING_EXAMPLES", "6")))
+TestSharingMachine = SharingMachine.TestCase
