@@ -119,17 +119,20 @@ def test_running_requests_share_their_computed_blocks():
 def test_prefix_index_lru_and_verification():
     idx = PrefixIndex(4)
     a, b = list(range(12)), list(range(8)) + [99, 98, 97, 96]
+    idx.add(2, [-1] * 12, block_keys(a, 4))  # a's keys over other tokens: what a hash collision looks like
     idx.add(3, a, block_keys(a, 4))
     idx.add(5, b, block_keys(b, 4))
-    assert idx.lookup(a, block_keys(a, 4)) == (3, 12)
+    assert idx.lookup(a, block_keys(a, 4)) == (3, 12)  # slot 2 came first, its tokens differ: skipped
     assert idx.lookup(b[:10], block_keys(b[:10], 4)) == (3, 8)  # slots 3 and 5 hold blocks 0-1; 3 came first
     assert idx.lookup([7] * 12, block_keys([7] * 12, 4)) == (None, 0)
-    idx._tokens[3] = [-1] * 12  # a hash collision: the token ids do not match, so slot 3 is not used
-    assert idx.lookup(a, block_keys(a, 4)) == (5, 8)
+    idx.remove(3)
+    assert idx.lookup(a, block_keys(a, 4)) == (5, 8)  # the longest verified prefix left
+    idx.remove(2)
+    idx.add(3, a, block_keys(a, 4))
     idx.park(3), idx.park(5), idx.touch(3)
     assert idx.parked == [5, 3] and idx.lru() == 5 and idx.lru(exclude=5) == 3
     idx.remove(5)
-    assert idx.lookup(b, block_keys(b, 4)) == (None, 0) and idx.parked == [3]
+    assert idx.lookup(b, block_keys(b, 4)) == (3, 8) and idx.parked == [3]  # blocks 0-1 are a's too
 
 
 @pytest.mark.parametrize("kv", list(KV_CONFIGS))

@@ -136,6 +136,9 @@ class KVManager:
             self.block_tokens = block_size
         #: The prefix cache's index (``None`` when prefix caching is off).
         self.prefix = PrefixIndex(self.block_tokens) if prefix_caching else None
+        # Pool pages each parked slot holds, and their sum: admission reads it every step.
+        self._parked_pages: dict[int, int] = {}
+        self._parked_total = 0
         self.device = torch.device(device)
         # Tokens each slot is known to have backed (a lower bound for virtual:
         # step_async may prefetch more): the scheduler's estimates read it.
@@ -180,9 +183,12 @@ class KVManager:
             self.cache.decommit(slot, keep)
             self._covered[slot] = self.cache.committed_tokens(slot)
             prefix.park(slot)
+            self._parked_pages[slot] = self.pages_for(int(self._covered[slot]))
+            self._parked_total += self._parked_pages[slot]
             return
         if prefix is not None:
             prefix.remove(slot)
+            self._parked_total -= self._parked_pages.pop(slot, 0)
         self.cache.free(slot)
         self._active[slot] = False
         if self.kind == "paged":
@@ -264,8 +270,7 @@ class KVManager:
         completes; a parked slot's pages count in full, though evicting it
         frees only those no other slot shares (:meth:`can_grow` is exact)."""
         s = self.cache.memory_stats()
-        parked = self.prefix.parked if self.prefix is not None else ()
-        held = sum(self.pages_for(self.cache.committed_tokens(p)) for p in parked)
+        held = self._parked_total
         if self.kind == "paged":
             return int(s["free_pages"]) + held
         uncreated = max(0, int(s["max_pages"]) - int(s["pool_pages"]))

@@ -90,10 +90,11 @@ class PrefixIndex:
         self._tokens.pop(slot, None)
         self._parked.pop(slot, None)
 
-    def lookup(self, token_ids: Sequence[int], keys: Sequence[int]) -> tuple[Optional[int], int]:
+    def lookup(self, token_ids: list[int], keys: Sequence[int]) -> tuple[Optional[int], int]:
         """The slot holding the longest indexed prefix of ``token_ids`` and that
         prefix's length in tokens (a multiple of ``block_tokens``); ``(None, 0)``
-        on a miss. ``keys``: :func:`block_keys` of ``token_ids``."""
+        on a miss. ``keys``: :func:`block_keys` of (a prefix of) ``token_ids``.
+        Token lists (here and in :meth:`add`) are Python lists."""
         lo, hi = 0, len(keys)
         while lo < hi:  # keys of a chain are indexed as a prefix: bisect the longest one
             mid = (lo + hi + 1) // 2
@@ -104,7 +105,7 @@ class PrefixIndex:
         B = self.block_tokens
         for n in range(lo, 0, -1):  # verify the token ids; step back on a (rare) collision
             for slot in self._holders.get(keys[n - 1], ()):
-                if list(self._tokens[slot][: n * B]) == list(token_ids[: n * B]):
+                if self._tokens[slot][: n * B] == token_ids[: n * B]:  # lists
                     return slot, n * B
         return None, 0
 
