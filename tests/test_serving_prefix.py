@@ -3,7 +3,8 @@
 Tiny random models (``test_serving``'s), 4 KiB host pages: a block of the
 prefix cache is 32 tokens for virtual per_layer (128 bytes of one layer's K or
 V per token), 8 for virtual interleaved (512 bytes of all layers' K and V per
-token), 16 for paged (``block_size``).
+token), 16 for paged (``block_size``). ``SHARING_EXAMPLES`` sets the examples
+of the state machine (default 6).
 """
 
 from __future__ import annotations
@@ -333,5 +334,7 @@ class SharingMachine(EngineMachine):
                 assert all(len(c.token_ids) == want for c in out.outputs)
 
 
-SharingMachine.TestCase.settings = settings(EngineMachine.TestCase.settings, max_examples=int(os.environ.get("SHARING_EXAMPLES", "6")))
+SharingMachine.TestCase.settings = settings(
+    EngineMachine.TestCase.settings, max_examples=int(os.environ.get("SHARING_EXAMPLES", "6"))
+)
 TestSharingMachine = SharingMachine.TestCase
