@@ -117,6 +117,23 @@ def test_running_requests_share_their_computed_blocks():
         assert_greedy_equal(model_of("llama"), p, outs[rid].token_ids, reference(model_of("llama"), p, n))
 
 
+@pytest.mark.parametrize("kv", list(KV_CONFIGS))
+def test_requests_arriving_together_share_the_prefix(kv):
+    """Requests queued together: the second waits one step for the first one's prompt blocks
+    instead of computing them again alongside, then forks them."""
+    B = BLOCK[kv]
+    rng = random.Random(8)
+    system = tokens(rng, 2 * B)
+    prompts = [system + tokens(rng, 3), system + tokens(rng, 5), system + tokens(rng, 2)]
+    with engine_for(model_of("llama"), kv, chunk_size=256) as e:
+        outs = serve(e, prompts, greedy(3))
+        stats = e.stats()
+    assert stats["prefix_hit_tokens"] == 2 * 2 * B
+    assert stats["num_computed_tokens"] == sum(len(p) for p in prompts) - 4 * B + 3 * 2
+    for p, o in zip(prompts, outs):
+        assert_greedy_equal(model_of("llama"), p, o.token_ids, reference(model_of("llama"), p, 3))
+
+
 def test_prefix_index_lru_and_verification():
     idx = PrefixIndex(4)
     a, b = list(range(12)), list(range(8)) + [99, 98, 97, 96]

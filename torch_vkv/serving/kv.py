@@ -28,7 +28,7 @@ them, so parking never takes a slot a running request needs.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -239,6 +239,18 @@ class KVManager:
         n = min(req.num_computed_tokens, len(req.prompt_token_ids)) // self.block_tokens
         if n > prefix.num_blocks(req.slot):
             prefix.add(req.slot, req.prompt_token_ids, req.block_keys[:n])
+
+    def pending_keys(self, scheduled: Iterable[tuple[Request, int]]) -> set[int]:
+        """Keys of the prompt blocks that ``(request, new tokens)`` pairs
+        complete in this step (indexed once it ran)."""
+        keys: set[int] = set()
+        if self.prefix is None:
+            return keys
+        for r, n in scheduled:
+            if r.block_keys is not None and r.num_computed_tokens < len(r.prompt_token_ids):
+                hi = min(r.num_computed_tokens + n, len(r.prompt_token_ids)) // self.block_tokens
+                keys.update(r.block_keys[r.num_computed_tokens // self.block_tokens : hi])
+        return keys
 
     def shared_pages(self, num_tokens: int) -> int:
         """Pool pages a fork of ``num_tokens`` tokens maps instead of committing."""

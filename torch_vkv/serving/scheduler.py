@@ -15,7 +15,9 @@ One iteration (``chunk_size`` = token budget)::
 3. Waiting requests, in order, while budget, slots and memory last: admitted
    by the pages their first chunk needs now plus a small watermark (not by
    their maximum length). With prefix caching, a request starts by forking
-   the slot that holds its longest cached prefix and prefills only the rest.
+   the slot that holds its longest cached prefix and prefills only the rest;
+   one whose next prompt block another request computes in this step waits
+   for the next step, which finds that block cached.
    An ``n > 1`` request is admitted only when its ``n`` slots are free.
 
 When a running request cannot grow, the most recently admitted running
@@ -195,11 +197,17 @@ class Scheduler:
             free = kv.available_pages() - planned
             # Slots promised to the completions of n > 1 requests still prefilling.
             promised = sum(r.fanout - 1 for r in self.running)
+            # Prompt blocks this step computes: a request whose next block is one of them waits a step
+            # and then finds it cached, instead of computing it again alongside.
+            pending = kv.pending_keys(sched.values())
             while self.waiting and budget > 0:
                 r = self.waiting[0]
                 if len(self.running) + promised + r.fanout > self.max_batch_size or kv.num_free_slots < r.fanout:
                     break
                 src, hit = kv.match(r)  # a cached prefix: fork its slot, prefill the rest
+                nxt = hit // kv.block_tokens
+                if pending and nxt < len(r.block_keys) and r.block_keys[nxt] in pending:
+                    break
                 n = min(r.num_tokens - hit, budget)
                 # An n > 1 request's completions will each fork (and may copy) one page group.
                 need = kv.need_pages(None, hit + n) - kv.shared_pages(hit) + (r.fanout - 1) * kv.pages_for(1)
@@ -219,6 +227,7 @@ class Scheduler:
                 r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, hit
                 if kv.prefix is not None:
                     kv.prefix.record(r.num_tokens, hit)
+                    pending |= kv.pending_keys([(r, n)])
                 self._admissions += 1
                 r.admitted_at = self._admissions
                 if r.first_scheduled_time is None:
