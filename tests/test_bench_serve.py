@@ -51,6 +51,8 @@ def test_smoke_every_workload_schema_and_numbers(smoke_report):
         configs = {r["config"] for r in w["rows"]}
         if name == "sync-vs-async":
             assert configs == {f"{c}+{m}" for c in CONFIGS if c.startswith("virtual") for m in ("sync", "async")}
+        elif name in serve.CACHING_WORKLOADS:
+            assert configs == {f"{c}+{m}" for c in serve.CACHE_CONFIGS for m in ("cache", "nocache")}
         else:
             assert configs == set(CONFIGS)
         for row in w["rows"]:
@@ -67,14 +69,18 @@ def test_smoke_every_workload_schema_and_numbers(smoke_report):
                 for q in run["requests"]:
                     assert q["ok"] and q["finish_reason"] == "length"
                     assert q["output_tokens"] == q["expected_output_tokens"]
-                    assert len(q["itl_s"]) == q["output_tokens"] - 1 and all(x >= 0 for x in q["itl_s"])
+                    # n > 1: output_tokens counts every completion, ITL is completion 0's
+                    assert len(q["itl_s"]) == q["output_tokens"] // part["n"] - 1 and all(x >= 0 for x in q["itl_s"])
                     assert 0 < q["ttft_s"] <= q["e2e_s"]
                 mem = run["memory"]
                 assert mem and all(m["committed_bytes"] >= 0 for m in mem)
                 assert [m["t_s"] for m in mem] == sorted(m["t_s"] for m in mem)
                 its = run["iterations"]
-                computed = part["prompt_tokens"] + part["output_tokens"] - part["num_requests"]
-                assert sum(i["num_tokens"] for i in its) >= computed  # more after a preemption
+                stats = run["engine_stats"]
+                computed = (part["prompt_tokens"] - stats["prefix_hit_tokens"] + part["output_tokens"]
+                            - part["num_requests"] * part["n"])  # fmt: skip
+                assert sum(i["num_tokens"] for i in its) == stats["num_computed_tokens"]
+                assert stats["num_computed_tokens"] >= computed  # more after a preemption
                 assert sum(i["num_decode"] for i in its) > 0 and sum(i["num_prefill_tokens"] for i in its) > 0
 
 
@@ -102,6 +108,27 @@ def test_smoke_ratios_and_capacity(smoke_report):
     for cfg, r in cap.items():
         assert r["peak_committed_bytes"] <= budget, cfg
     assert cap["virtual-interleaved"]["num_preemptions"] >= 0
+
+
+def test_smoke_prefix_caching_and_parallel_sampling(smoke_report):
+    report, md = smoke_report
+    rows = {r["config"]: r for r in report["workloads"]["prefix"]["rows"]}
+    part = report["workloads"]["prefix"]["parts"][0]
+    shared, n_req = part["shared_prefix_tokens"], part["num_requests"]
+    for cfg in serve.CACHE_CONFIGS:
+        on, off = rows[f"{cfg}+cache"], rows[f"{cfg}+nocache"]
+        assert off["prefix_hit_rate"] == 0 and on["prefix_hit_rate"] > 0
+        # Every request after the first finds the shared prompt's full blocks (64 tokens: whole blocks here).
+        assert on["prefix_hit_tokens"] == (n_req - 1) * shared
+        assert on["num_computed_tokens"] == off["num_computed_tokens"] - on["prefix_hit_tokens"]
+        assert on["x_nocache_tput"] > 0 and on["x_paged16_tput"] > 0 and on["x_paged16_memory"] > 0
+    assert rows["paged-16+cache"]["x_paged16_tput"] == 1.0
+    par = report["workloads"]["parallel"]
+    p = par["parts"][0]
+    for r in par["rows"]:  # the prompt prefilled once per request, then n streams decode
+        assert r["num_computed_tokens"] == p["prompt_tokens"] + p["output_tokens"] - p["num_requests"] * p["n"]
+        assert r["output_tokens"] == p["output_tokens"]
+    assert "## prefix" in md and "## parallel" in md
 
 
 def test_smoke_one_workload_and_configs(tmp_path):

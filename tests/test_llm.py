@@ -30,12 +30,10 @@ def test_bad_stop_is_rejected(stop, exc):
         SamplingParams(stop=stop)
 
 
-def test_n_above_one_is_rejected_clearly():
-    with pytest.raises(ValueError, match="n > 1 needs shared pages"):
-        SamplingParams(n=2)
+def test_n_is_checked():
     with pytest.raises(ValueError, match="n: expected an int >= 1"):
         SamplingParams(n=0)
-    assert SamplingParams(n=1).n == 1
+    assert SamplingParams(n=1).n == 1 and SamplingParams(n=4).n == 4  # the Engine serves n > 1
 
 
 # ------------------------------------------------------------------ TextStream
@@ -175,6 +173,8 @@ def test_bad_prompts_raise_and_the_llm_keeps_serving(llm):
         llm.generate("hello", {"max_tokens": 3})
     with pytest.raises(ValueError, match="chat_template|role"):
         llm.chat([{"content": "x"}])
+    with pytest.raises(ValueError, match=r"sampling_params.n: expected 1 with the text API .*got 2"):
+        llm.generate("hello", SamplingParams(n=2))
     assert llm.engine.stats()["num_running"] == 0
     assert len(llm.generate("hello", GREEDY)[0].token_ids) == 12
 

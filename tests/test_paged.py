@@ -224,3 +224,22 @@ def test_paged_cache_bookkeeping_from_threads():
         sys.setswitchinterval(old)
     assert not errors
     assert c.num_free_slots == 8 and sorted(c.pool._free) == list(range(64))
+
+
+def test_paged_decommit_keeps_blocks_another_slot_holds():
+    """decommit drops one holder of the blocks past keep_tokens: shared blocks stay with the fork."""
+    cache = PagedKVCache(1, 1, 4, num_blocks=8, max_batch_size=3, max_seq_len=64, page_size=4, dtype=torch.float32,
+                         device="cpu")  # fmt: skip
+    a = cache.alloc()
+    cache.commit(a, 14)  # 4 blocks
+    b = cache.fork(a, 8)  # shares blocks 0-1
+    assert cache.memory_stats()["free_pages"] == 4 and cache.memory_stats()["shared_pages"] == 2
+    assert cache.decommit(a, 5) == 2  # keeps blocks 0-1 (tokens 0-7 cover 5)
+    assert cache.committed_tokens(a) == 8 and cache.memory_stats()["free_pages"] == 6
+    assert cache.decommit(a, 0) == 2  # drops a's holds on the shared blocks: b still has them
+    assert cache.memory_stats()["free_pages"] == 6 and cache.memory_stats()["shared_pages"] == 0
+    assert cache.decommit(b, 8) == 0 and cache.committed_tokens(b) == 8
+    cache.free(b)
+    assert cache.memory_stats()["free_pages"] == 8
+    with pytest.raises(ValueError, match="keep_tokens"):
+        cache.decommit(a, 65)

@@ -361,6 +361,19 @@ class PagedKVCache(_Locked):
                 )
             return new
 
+    def decommit(self, slot: int, keep_tokens: int = 0) -> int:
+        """Drops ``slot``'s blocks past those holding tokens ``[0, keep_tokens)``
+        (``KVCache.decommit``'s name): each goes back to the pool unless another
+        slot still holds it (a fork). Returns the blocks dropped."""
+        slot = self._check_slot(slot)
+        keep = self.pages_for_tokens(check_int("keep_tokens", keep_tokens, low=0, high=self.max_seq_len))
+        with self._lock:
+            blocks = self._blocks[slot]
+            drop = blocks[keep:]
+            self.pool.free(drop)
+            del blocks[keep:]
+            return len(drop)
+
     def can_reserve(self, slot: int, num_tokens: int) -> bool:
         """Alias of :meth:`can_commit`."""
         return self.can_commit(slot, num_tokens)

@@ -11,7 +11,9 @@ where available) on one model object, side by side:
 * ``long-online``: ``arxiv_long_online`` at Poisson rates (Yi-6B-200k) and a
   denser sweep on ``arxiv_summarization`` (Llama-3-8B);
 * ``sync-vs-async``: ``sync_vs_async``, ``KVCache.step`` vs ``step_async`` (virtual configurations);
-* ``capacity``: ``arxiv_summarization`` at a fixed KV budget: how many requests run at once.
+* ``capacity``: ``arxiv_summarization`` at a fixed KV budget: how many requests run at once;
+* ``prefix``: requests sharing a 4K-token system prompt (256 unique tokens each), prefix caching on and off;
+* ``parallel``: ``n=8`` parallel sampling (the prompt prefilled once, 8 completions), caching on and off.
 
 Random bf16 weights (:mod:`.models`), every request to its trace length
 (``ignore_eos``). One report: ``serve.json`` (every request's timings, committed
@@ -40,19 +42,28 @@ from torch_vkv.bench import serve_client
 
 __all__ = ["SERVE_WORKLOADS", "Workload", "main", "run"]
 
-SERVE_WORKLOADS = ("offline", "long-offline", "long-online", "sync-vs-async", "capacity")
+SERVE_WORKLOADS = ("offline", "long-offline", "long-online", "sync-vs-async", "capacity", "prefix", "parallel")
+#: Workloads that run each of :data:`CACHE_CONFIGS` with prefix caching on and off.
+CACHING_WORKLOADS = ("prefix", "parallel")
+CACHE_CONFIGS = ("virtual-interleaved", "virtual-per_layer", "paged-16")
 
 
 @dataclass(frozen=True)
 class Part:
     """One run of every configuration: ``num_requests`` of ``trace`` (a
     :data:`.workloads.WORKLOADS` name) arriving at ``rate`` requests/s
-    (``inf``: all at t=0), served by ``model`` (a :data:`.models.MODELS` name)."""
+    (``inf``: all at t=0), served by ``model`` (a :data:`.models.MODELS` name).
+    ``lengths``: every request's (prompt, output) tokens instead of the
+    trace's (``trace`` then only names the part); ``shared_prefix_tokens``:
+    the first tokens every prompt shares; ``n``: completions a request."""
 
     trace: str
     rate: float
     model: str
     num_requests: int
+    lengths: Optional[tuple[int, int]] = None
+    shared_prefix_tokens: int = 0
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,10 @@ def workloads(scale: str, device_type: str = "cuda") -> dict[str, Workload]:
             "long-online": w("long-online", [("arxiv_long_online", 40.0, 3), ("arxiv_summarization", 80.0, 3)]),
             "sync-vs-async": w("sync-vs-async", [("sync_vs_async", INF, 4)]),
             "capacity": w("capacity", [("arxiv_summarization", INF, 8)], max_batch_size=16, memory_budget=budget),
+            "prefix": Workload("prefix", (Part("shared_prompt", INF, "tiny", 8, (72, 4), 64),), max_batch_size=4,
+                               max_seq_len=512, chunk_size=64),  # fmt: skip
+            "parallel": Workload("parallel", (Part("n8", INF, "tiny", 2, (40, 5), n=8),), max_batch_size=16,
+                                 max_seq_len=512, chunk_size=64),  # fmt: skip
         }
     q = scale == "quick"
     rates = (2.0, 8.0) if q else (1.0, 2.0, 4.0, 8.0)
@@ -117,6 +132,14 @@ def workloads(scale: str, device_type: str = "cuda") -> dict[str, Workload]:
                                   memory_budget=24 * GiB),  # fmt: skip
         "capacity": Workload("capacity", (Part("arxiv_summarization", INF, "llama3-8b", 32 if q else 64),),
                              max_batch_size=256, max_seq_len=8192, chunk_size=4096, memory_budget=4 * GiB),  # fmt: skip
+        # Issue 12: 128 requests sharing a 4K-token system prompt, 256 unique tokens each, 128 out.
+        "prefix": Workload("prefix", (Part("shared_prompt", INF, "llama3-8b", 64 if q else 128, (4096 + 256, 128),
+                                           4096),),
+                           max_batch_size=128, max_seq_len=4096 + 256 + 129, chunk_size=4096,
+                           memory_budget=40 * GiB),  # fmt: skip
+        "parallel": Workload("parallel", (Part("n8", INF, "llama3-8b", 16 if q else 32, (1024, 256), n=8),),
+                             max_batch_size=256, max_seq_len=1024 + 257, chunk_size=4096,
+                             memory_budget=40 * GiB),  # fmt: skip
     }
 
 
@@ -188,6 +211,8 @@ def _row(w: Workload, part: Part, cfg: str, run: Any, cost: Any, device_rates: d
         row["mean_running_while_queued"] = sum(queued) / len(queued) if queued else math.nan
     if run.stats:
         row["num_preemptions"] = run.stats.get("num_preemptions")
+        for k in ("prefix_hit_rate", "prefix_hit_tokens", "num_computed_tokens"):
+            row[k] = run.stats.get(k)
     return row
 
 
@@ -245,30 +270,39 @@ def run(
                 _release(device)
                 models[part.model] = build_model(part.model, device=device, dtype=dtype, seed=seed)
             model = models[part.model]
-            lengths = workload_lengths(part.trace, part.num_requests, seed)
+            if part.lengths is not None:
+                lengths = [part.lengths] * part.num_requests
+            else:
+                lengths = workload_lengths(part.trace, part.num_requests, seed)
             specs = make_requests(lengths, request_rate=part.rate, seed=seed, max_prompt_tokens=w.max_prompt_tokens,
                                   max_output_tokens=w.max_output_tokens)  # fmt: skip
             longest = max(s.prompt_tokens + s.output_tokens for s in specs)
             max_seq_len = min(w.max_seq_len, longest + 1)
-            prompts = random_prompts(specs, model.config.vocab_size, seed)
+            prompts = random_prompts(specs, model.config.vocab_size, seed, part.shared_prefix_tokens)
             cost = None
             prep = {"trace": part.trace, "request_rate": part.rate, "model": part.model,
                     "num_requests": len(specs), "max_seq_len": max_seq_len, "max_batch_size": w.max_batch_size,
                     "chunk_size": w.chunk_size, "memory_budget": w.memory_budget,
                     "prompt_tokens": sum(s.prompt_tokens for s in specs),
-                    "output_tokens": sum(s.output_tokens for s in specs), "runs": {}}  # fmt: skip
+                    "output_tokens": part.n * sum(s.output_tokens for s in specs),
+                    "shared_prefix_tokens": part.shared_prefix_tokens, "n": part.n, "runs": {}}  # fmt: skip
             cfgs = [parse_config(c) for c in engine_cfgs]
             if name == "sync-vs-async":
                 virt = [c for c in cfgs if c.kv == "virtual"]
                 wrep["skipped"] += [{"config": c.name, "reason": "paged has no step_async"} for c in cfgs
                                     if c.kv != "virtual"]  # fmt: skip
                 cfgs = [c.with_sync(s) for c in virt for s in (True, False)]
+            if name in CACHING_WORKLOADS:
+                keep = [c for c in cfgs if c.name.partition(":")[0] in CACHE_CONFIGS]
+                wrep["skipped"] += [{"config": c.name, "reason": f"not one of {CACHE_CONFIGS}"} for c in cfgs
+                                    if c not in keep]  # fmt: skip
+                cfgs = [c.with_caching(on) for c in keep for on in (True, False)]
             for cfg in cfgs:
                 t = time.perf_counter()
                 try:
                     res = run_engine(model, cfg, specs, prompts, max_batch_size=w.max_batch_size,
                                      max_seq_len=max_seq_len, chunk_size=w.chunk_size, memory_budget=w.memory_budget,
-                                     page_size=page_size)  # fmt: skip
+                                     page_size=page_size, n=part.n)  # fmt: skip
                 except Exception as exc:  # one configuration failing must not lose the others
                     wrep["skipped"].append({"config": cfg.name, "group": f"{part.trace}@{part.rate:g}",
                                             "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
@@ -358,6 +392,15 @@ def _add_ratios(name: str, rows: list[dict[str, Any]]) -> None:
                 p16 = next((p for p in g if p["config"] == "paged-16"), None)
                 if p16 is not None:
                     r["x_paged16_concurrency"] = _ratio(r.get("peak_running"), p16.get("peak_running"))
+            if name in CACHING_WORKLOADS:
+                base, _, mode = r["config"].rpartition("+")
+                p16 = next((p for p in g if p["config"] == f"paged-16+{mode}"), None)
+                if p16 is not None:  # the issue's targets: vs paged-16 with the same caching
+                    r["x_paged16_tput"] = _ratio(r["output_tokens_per_s"], p16["output_tokens_per_s"])
+                    r["x_paged16_memory"] = _ratio(r.get("peak_committed_bytes"), p16.get("peak_committed_bytes"))
+                off = next((p for p in g if p["config"] == f"{base}+nocache"), None)
+                if off is not None and mode == "cache":
+                    r["x_nocache_tput"] = _ratio(r["output_tokens_per_s"], off["output_tokens_per_s"])
 
 
 def parse_config(spec: str):
@@ -382,6 +425,12 @@ COLUMNS = {
                       "x_sync_tput", "x_sync_iter_time", "pct_roofline"],
     "capacity": ["config", "completed", "peak_running", "mean_running_while_queued", "x_paged16_concurrency",
                  "num_preemptions", "peak_committed_bytes", "output_tokens_per_s", "makespan_s"],
+    "prefix": ["config", "completed", "output_tokens_per_s", "x_paged16_tput", "x_nocache_tput", "ttft_p50_s",
+               "ttft_p99_s", "peak_committed_bytes", "x_paged16_memory", "prefix_hit_rate", "num_computed_tokens",
+               "num_preemptions", "makespan_s"],
+    "parallel": ["config", "completed", "output_tokens_per_s", "x_paged16_tput", "x_nocache_tput", "ttft_p50_s",
+                 "ttft_p99_s", "peak_committed_bytes", "x_paged16_memory", "num_computed_tokens", "num_preemptions",
+                 "makespan_s"],
 }  # fmt: skip
 
 
@@ -403,7 +452,9 @@ def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path
     out = Path(out_dir or os.environ.get("TORCH_VKV_BENCH_DIR", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
     report = dict(report, env=environment(), command=command)
-    plots = _plots(report, out, log)
+    from torch_vkv.bench.serve_plots import plots as make_plots
+
+    plots = make_plots(report, out, log)
     report["plots"] = plots
     (out / "serve.json").write_text(json.dumps(_finite(report), indent=1))
     r = report["device_rates"]
@@ -433,69 +484,6 @@ def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path
 
 def _gib(n: Optional[int]) -> str:
     return "engine default" if n is None else f"{n / GiB:.3g} GiB"
-
-
-def _label(cfg: str, part: dict, w: dict) -> str:
-    return f"{cfg} ({part['trace']}@{part['request_rate']:g})" if len(w["parts"]) > 1 else cfg
-
-
-def _plots(report: dict[str, Any], out: Path, log) -> dict[str, str]:
-    """Throughput vs request rate, latency CDFs and committed KV memory over
-    time, per workload; ``{}`` (and a note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        log("matplotlib not importable: no plots")
-        report["skipped"].append({"config": "plots", "reason": "matplotlib not importable"})
-        return {}
-    plots: dict[str, str] = {}
-
-    def save(fig, key: str, fname: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        plots[key] = str(out / fname)
-
-    for name, w in report["workloads"].items():
-        slug = name.replace("-", "_")
-        runs = [(p, cfg, r) for p in w["parts"] for cfg, r in p["runs"].items()]
-        if not runs:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for p, cfg, r in runs:
-            mem = r["memory"]
-            if mem:
-                ax.plot([m["t_s"] for m in mem], [m["committed_bytes"] / 2**20 for m in mem], drawstyle="steps-post",
-                        label=_label(cfg, p, w))
-        ax.set(xlabel="time (s)", ylabel="committed KV memory (MiB)", title=f"{name}: committed KV memory")
-        ax.legend(fontsize=6)
-        save(fig, f"{name}:memory", f"serve_{slug}_memory.png")
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for p, cfg, r in runs:
-            lat = sorted(q["e2e_s"] / q["output_tokens"] for q in r["requests"] if q["ok"] and q["output_tokens"])
-            if lat:
-                ax.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post",
-                        label=_label(cfg, p, w))
-        ax.set(xlabel="e2e latency per output token (s)", ylabel="fraction of requests", title=f"{name}: latency CDF")
-        ax.legend(fontsize=6)
-        save(fig, f"{name}:latency_cdf", f"serve_{slug}_latency_cdf.png")
-        online = [r for r in w["rows"] if math.isfinite(r["request_rate"])]
-        if online:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for trace in sorted({r["trace"] for r in online}):
-                for cfg in sorted({r["config"] for r in online}):
-                    pts = sorted((r["request_rate"], r["output_tokens_per_s"]) for r in online
-                                 if r["trace"] == trace and r["config"] == cfg)  # fmt: skip
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=f"{cfg} ({trace})")
-            ax.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title=f"{name}: throughput vs rate",
-                   xscale="log")  # fmt: skip
-            ax.legend(fontsize=6)
-            save(fig, f"{name}:throughput_vs_rate", f"serve_{slug}_throughput_vs_rate.png")
-    return plots
 
 
 # ----------------------------------------------------------------------------

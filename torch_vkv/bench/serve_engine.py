@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -37,7 +37,9 @@ CONFIGS = ("virtual-per_layer", "virtual-interleaved", "paged-16", "paged-256")
 class EngineConfig:
     """One engine configuration: ``kv``, ``layout`` (virtual), ``block_size``
     (paged), ``attention_backend``; ``sync`` replaces ``KVCache.step_async``
-    by the synchronous ``KVCache.step`` (the sync-vs-async workload)."""
+    by the synchronous ``KVCache.step`` (the sync-vs-async workload);
+    ``prefix_caching``: the engine's (on by default; the prefix and parallel
+    workloads run each configuration with and without it)."""
 
     name: str
     kv: str
@@ -45,10 +47,13 @@ class EngineConfig:
     block_size: int = 16
     attention_backend: str = "auto"
     sync: bool = False
+    prefix_caching: bool = True
 
     def with_sync(self, sync: bool) -> "EngineConfig":
-        return EngineConfig(f"{self.name}+{'sync' if sync else 'async'}", self.kv, self.layout, self.block_size,
-                            self.attention_backend, sync)  # fmt: skip
+        return replace(self, name=f"{self.name}+{'sync' if sync else 'async'}", sync=sync)
+
+    def with_caching(self, on: bool) -> "EngineConfig":
+        return replace(self, name=f"{self.name}+{'cache' if on else 'nocache'}", prefix_caching=on)
 
 
 def parse_config(spec: str) -> EngineConfig:
@@ -81,19 +86,28 @@ class RunResult:
     stats: dict[str, Any] = field(default_factory=dict)  # the engine's last stats()
 
 
-def random_prompts(specs: Sequence[RequestSpec], vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """Random token ids of each request's prompt length (the same for every configuration)."""
+def random_prompts(specs: Sequence[RequestSpec], vocab_size: int, seed: int = 0,
+                   shared_prefix_tokens: int = 0) -> list[list[int]]:  # fmt: skip
+    """Random token ids of each request's prompt length (the same for every
+    configuration); the first ``shared_prefix_tokens`` are the same in every
+    prompt (a system prompt)."""
     rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(s.prompt_tokens)] for s in specs]
+    shared = [rng.randrange(vocab_size) for _ in range(shared_prefix_tokens)]
+    return [shared[: s.prompt_tokens] + [rng.randrange(vocab_size) for _ in range(s.prompt_tokens - len(shared))]
+            for s in specs]  # fmt: skip
 
 
 def _result(spec: RequestSpec, out: Any, arrival: float, t0: float) -> RequestResult:
+    """The request's timings. With ``n`` completions: ``output_tokens`` counts
+    them all, TTFT and ITL are completion 0's (all sample their first token
+    together), e2e ends when the last one finished."""
     m = out.metrics
     times = m.token_times
-    res = RequestResult(spec.index, spec.prompt_tokens, spec.output_tokens, start_s=arrival - t0)
-    res.output_tokens = len(out.token_ids)
+    n = len(out.outputs)
+    res = RequestResult(spec.index, spec.prompt_tokens, n * spec.output_tokens, start_s=arrival - t0)
+    res.output_tokens = sum(len(c.token_ids) for c in out.outputs)
     res.finish_reason = out.finish_reason
-    res.ok = out.finish_reason == "length" and bool(times)
+    res.ok = all(c.finish_reason == "length" for c in out.outputs) and bool(times)
     if not res.ok:
         res.error = f"finish_reason {out.finish_reason!r} after {res.output_tokens} tokens"
         return res
@@ -155,16 +169,20 @@ def run_engine(
     page_size: Optional[int] = None,
     cuda_graphs: bool = True,
     warmup: bool = True,
+    n: int = 1,
 ) -> RunResult:
     """Serves ``specs`` (with ``prompts``) on a fresh engine of ``cfg``; closes
-    it (the model's attention implementation is restored) before returning."""
+    it (the model's attention implementation is restored) before returning.
+    ``n > 1``: parallel sampling, ``n`` completions a request (temperature 1,
+    seeded by the request's index); else greedy. The stats' prefix-cache and
+    token counters count the timed run only (not the warm-up)."""
     from torch_vkv.serving import Engine, SamplingParams
 
     engine = Engine(
         model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv=cfg.kv, layout=cfg.layout,
         memory_budget=memory_budget, page_size=page_size if cfg.kv == "virtual" else None,
         block_size=cfg.block_size, chunk_size=chunk_size, attention_backend=cfg.attention_backend,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, prefix_caching=cfg.prefix_caching,
     )  # fmt: skip
     device = engine.device
     try:
@@ -183,6 +201,7 @@ def run_engine(
         results: list[Optional[RequestResult]] = [None] * len(specs)
         iterations: list[IterationRecord] = []
         memory: list[dict[str, float]] = []
+        before = engine.stats()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0, mono0 = time.perf_counter(), time.monotonic()
@@ -191,7 +210,8 @@ def run_engine(
             now = time.perf_counter() - t0
             while nxt < len(order) and specs[order[nxt]].arrival_s <= now:
                 i = order[nxt]
-                params = SamplingParams(max_tokens=specs[i].output_tokens, temperature=0.0, ignore_eos=True)
+                params = SamplingParams(max_tokens=specs[i].output_tokens, temperature=0.0 if n == 1 else 1.0,
+                                        ignore_eos=True, n=n, seed=i)  # fmt: skip
                 by_id[engine.add_request(prompts[i], params)] = i
                 nxt += 1
             if not engine.has_unfinished_requests():
@@ -214,6 +234,9 @@ def run_engine(
                     results[i] = _result(specs[i], out, mono0 + specs[i].arrival_s, mono0)
         duration = time.perf_counter() - t0
         stats = engine.stats()
+        for k in ("prefix_hit_tokens", "prefix_query_tokens", "num_computed_tokens", "num_generated_tokens"):
+            stats[k] -= before[k]
+        stats["prefix_hit_rate"] = stats["prefix_hit_tokens"] / max(1, stats["prefix_query_tokens"])
     finally:
         engine.close()
         del engine

@@ -9,6 +9,6 @@ preemption, seeded sampling and CUDA graphs (see ``docs/serving.md``).
 from torch_vkv.serving.engine import Engine
 from torch_vkv.serving.llm import LLM
 from torch_vkv.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from torch_vkv.serving.params import SamplingParams
+from torch_vkv.serving.params import SamplingParams, completion_seed
 
-__all__ = ["LLM", "CompletionOutput", "Engine", "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Engine", "RequestMetrics", "RequestOutput", "SamplingParams", "completion_seed"]

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
-from torch_vkv import BACKENDS, LAYOUTS
-from torch_vkv.serving.kv import KVManager
+from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
+from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
-from torch_vkv.serving.params import SamplingParams
-from torch_vkv.serving.request import Request, RequestStatus
+from torch_vkv.serving.params import SamplingParams, completion_seed
+from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
 from torch_vkv.serving.runner import ATTN_NAME, ModelRunner, register
 from torch_vkv.serving.sampler import Sampler
 from torch_vkv.serving.scheduler import Scheduler
@@ -87,6 +87,11 @@ class Engine:
         cuda_graphs: replay CUDA graphs for decode-only iterations (CUDA only).
         device: default CUDA when present, else the CPU (host backend).
         dtype: default the model's.
+        prefix_caching: reuse the K/V of full prompt blocks across requests
+            (blocks of ``KVCache.tokens_per_page`` tokens for virtual, of
+            ``block_size`` for paged; see ``docs/serving.md``). Finished
+            requests' blocks stay cached until memory is needed, least
+            recently used first.
 
     Sliding-window and soft-capped families (Mistral, Gemma 2 / 3, Qwen2 / 3
     with ``use_sliding_window``): each layer attends with its own window and
@@ -115,6 +120,7 @@ class Engine:
         cuda_graphs: bool = True,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        prefix_caching: bool = True,
     ) -> None:
         self._closed = True  # until construction succeeds
         self.max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
@@ -135,6 +141,8 @@ class Engine:
             fail("attention_backend", f"'auto' or one of {tuple(BACKENDS)}", attention_backend)
         if not isinstance(cuda_graphs, bool):
             fail("cuda_graphs", "a bool", cuda_graphs, ArgumentTypeError)
+        if not isinstance(prefix_caching, bool):
+            fail("prefix_caching", "a bool", prefix_caching, ArgumentTypeError)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             fail("dtype", "a floating-point torch.dtype or None", dtype, ArgumentTypeError)
         if device is None:
@@ -166,21 +174,21 @@ class Engine:
         num_slots = self.max_batch_size + (1 if graphs else 0)  # + a scratch slot for graph padding rows
         if memory_budget is None and self.device.type == "cuda":
             itemsize = torch.empty((), dtype=self.dtype).element_size()
-            static = num_slots * self.max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
-            if kv == "virtual":
-                # Whole 2 MiB pages per buffer and slot: a tiny model's static size
-                # is less than one page per buffer, which could not back one token.
-                page = 2 << 20
-                per_slot = self.max_seq_len * num_kv_heads * head_dim * itemsize
-                buffers = 2 * num_layers if layout == "per_layer" else 1
-                per_slot *= 2 * num_layers // buffers
-                static = num_slots * buffers * (-(-per_slot // page)) * page
+            static = static_budget(kv, layout=layout, num_slots=num_slots, max_seq_len=self.max_seq_len,
+                                   num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                   itemsize=itemsize)  # fmt: skip
             memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
         self.kv = KVManager(
             kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
             max_seq_len=self.max_seq_len, dtype=self.dtype, device=self.device, memory_budget=memory_budget,
             layout=layout, page_size=page_size, block_size=self.block_size, sliding_window=self.sliding_window,
+            prefix_caching=prefix_caching, parking_slots=self.max_batch_size,
         )  # fmt: skip
+        # Off where sliding layers give back the pages a shared prefix would need (KVManager.can_fork).
+        self.prefix_caching = self.kv.prefix is not None
+        #: Tokens of one prefix-cache block: one page of the layout for virtual
+        #: (``KVCache.tokens_per_page`` rounded down), ``block_size`` for paged.
+        self.prefix_block_tokens = self.kv.block_tokens
         self.kv_kind, self.layout = kv, layout
         self.memory_budget = memory_budget
         try:
@@ -208,6 +216,7 @@ class Engine:
         self._num_iterations = 0
         self._num_generated = 0
         self._num_finished = 0
+        self._num_computed = 0
         self._host_seconds = 0.0
         self._closed = False
 
@@ -223,9 +232,10 @@ class Engine:
             request_id: a unique string; default a counter.
 
         Raises ``ValueError`` for an empty prompt, a prompt of ``max_seq_len``
-        tokens or more, a token id out of range, a duplicate ``request_id``, or
-        a request that could not fit in the KV memory budget even alone;
-        nothing is queued then.
+        tokens or more, a token id out of range, a duplicate ``request_id``,
+        ``params.n > max_batch_size`` (or ``n > 1`` where sliding layers give
+        back pages), or a request that could not fit in the
+        KV memory budget even alone; nothing is queued then.
         """
         self._check_open()
         prompt, params, request_id = self._validate(prompt_token_ids, params, request_id)
@@ -263,6 +273,11 @@ class Engine:
             fail("request_id", "a str or None", type(request_id), ArgumentTypeError)
         elif request_id in self._requests:
             fail("request_id", "an id not used by an unfinished request", request_id)
+        if params.n > self.max_batch_size:
+            fail("params.n", f"at most max_batch_size={self.max_batch_size} (each completion runs in a slot)", params.n)
+        if params.n > 1 and not self.kv.can_fork:
+            fail("params.n", "1 for a model whose sliding layers give back pages (kv='virtual', layout='per_layer'; "
+                 "n > 1 forks the prompt's pages: use layout='interleaved' or kv='paged')", params.n)  # fmt: skip
         longest = min(len(prompt) + params.max_tokens, self.max_seq_len)
         if not self.kv.fits_alone(longest):
             fail("prompt_token_ids + max_tokens",
@@ -272,8 +287,17 @@ class Engine:
 
     def _enqueue(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Request(request_id, prompt, params, seed=seed, eos_token_ids=self.eos_token_ids,
-                      arrival_time=time.monotonic())  # fmt: skip
+        now = time.monotonic()
+        seqs = [
+            Request(request_id, prompt, params, seed=completion_seed(seed, i), eos_token_ids=self.eos_token_ids,
+                    arrival_time=now, index=i)
+            for i in range(params.n)
+        ]  # fmt: skip
+        if params.n > 1:  # completions 1.. start when completion 0 samples its first token (see step)
+            group = SequenceGroup(request_id, seqs)
+            for q in seqs:
+                q.group = group
+        req = seqs[0]
         self._requests[request_id] = req
         self.scheduler.add(req)
 
@@ -285,9 +309,12 @@ class Engine:
         req = self._requests.get(request_id)
         if req is None:
             return False
-        self.scheduler.remove(req)
-        req.finish_reason = "abort"
-        self._finish(req, time.monotonic())
+        now = time.monotonic()
+        for q in req.group.seqs if req.group is not None else [req]:
+            if not q.finished:
+                self.scheduler.remove(q)
+                q.finish_reason = "abort"
+                self._finish(q, now)
         self._undelivered.append(req.output())
         return True
 
@@ -296,11 +323,13 @@ class Engine:
         final output is still to be returned by :meth:`step`."""
         return bool(self._requests) or bool(self._undelivered)
 
-    def _finish(self, req: Request, now: float) -> None:
-        req.status = RequestStatus.FINISHED
-        req.finished_time = now
-        del self._requests[req.request_id]
-        self._num_finished += 1
+    def _finish(self, seq: Request, now: float) -> None:
+        """Marks a sequence finished (its slot already released); the request too once all its completions are."""
+        seq.status = RequestStatus.FINISHED
+        seq.finished_time = now
+        if seq.group is None or seq.group.finished:
+            del self._requests[seq.request_id]
+            self._num_finished += 1
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -317,21 +346,60 @@ class Engine:
         t1 = time.perf_counter()
         logits, rows = self.runner.execute(batch)
         reqs = [batch.requests[i] for i in rows]
+        parents = [r for r in reqs if r.fanout > 1]
+        if parents:  # n > 1: the other completions' first tokens come from their first sequence's logits
+            row_of = list(range(len(reqs)))
+            for r in parents:
+                row_of += [reqs.index(r)] * (r.fanout - 1)
+                reqs += r.group.seqs[1:]
+            logits = logits[torch.tensor(row_of, device=logits.device)]
         t2 = time.perf_counter()
         tokens = self._sample(logits, reqs).tolist()  # the iteration's one device -> host sync
         t3 = time.perf_counter()
         now = time.monotonic()
         for r, n in zip(batch.requests, batch.num_new_tokens):
             r.num_computed_tokens += n
-        for r, t in zip(reqs, tokens):
-            if r.append_token(t, now, self.max_seq_len):
-                self.scheduler.remove(r)
-                self._finish(r, now)
-            outputs.append(r.output())
+            self.kv.index(r)
+        done = [r for r, t in zip(reqs, tokens) if r.append_token(t, now, self.max_seq_len)]
+        for r in parents:
+            self._fork_completions(r)
+        for r in done:
+            self.scheduler.remove(r)
+            self._finish(r, now)
+        seen: set = set()
+        for r in reqs:
+            key = id(r.group) if r.group is not None else id(r)
+            if key not in seen:
+                seen.add(key)
+                outputs.append(r.output())
         self._num_generated += len(tokens)
+        self._num_computed += batch.num_tokens
         self._num_iterations += 1
         self._host_seconds += (t1 - t0) + (time.perf_counter() - t3)
         return outputs
+
+    def _fork_completions(self, first: Request) -> None:
+        """Starts completions ``1 .. n-1`` of ``first``'s request, which just
+        sampled their first tokens: each forks ``first``'s slot (the prompt's
+        full pages shared, the partial one copied) and decodes from there. One
+        that cannot get a slot or a page now waits at the front of the queue
+        with its token, to be prefilled again (like a preempted sequence)."""
+        first.fanout = 1
+        queued = []
+        for q in first.group.seqs[1:]:
+            q.first_scheduled_time = first.first_scheduled_time
+            q.block_keys = first.block_keys
+            if q.finish_reason is not None:  # finished by its first token: never runs
+                continue
+            try:
+                slot = self.kv.fork(first.slot, first.num_computed_tokens)
+            except KVCacheCapacityError:
+                queued.append(q)
+                continue
+            q.num_computed_tokens = first.num_computed_tokens
+            self.scheduler.start(q, slot)
+            self.kv.index(q)
+        self.scheduler.waiting.extendleft(reversed(queued))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         if all(r.params.temperature == 0.0 for r in reqs):
@@ -394,17 +462,25 @@ class Engine:
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
-        """``num_running``, ``num_waiting``, ``num_preemptions``,
-        ``committed_bytes`` (physical KV memory held, freed slots' cached
-        pages included), ``window_committed_bytes`` (the part of it held by
-        sliding-window layers; 0 unless ``kv="virtual"``, ``layout="per_layer"``
-        and the model has sliding layers), ``used_bytes`` (K/V of running requests' computed
-        tokens), ``memory_budget``, ``num_finished``, ``num_iterations``,
-        ``num_generated_tokens``, ``host_seconds`` (host time of scheduling,
-        page commits, batch metadata and output bookkeeping, summed over
-        iterations; the model forward and the sampler are excluded)."""
+        """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``,
+        ``committed_bytes`` (physical KV memory held, freed and parked slots'
+        cached pages included), ``window_committed_bytes`` (the part of it
+        held by sliding-window layers; 0 unless ``kv="virtual"``,
+        ``layout="per_layer"`` and the model has sliding layers), ``used_bytes`` (K/V of running requests'
+        computed tokens; a shared prefix counts once per request using it),
+        ``memory_budget``, ``num_finished``, ``num_iterations``,
+        ``num_generated_tokens`` (of every completion), ``num_computed_tokens``
+        (tokens run through the model: prefill chunks and decodes),
+        ``host_seconds`` (host time of scheduling, page commits, batch
+        metadata and output bookkeeping, summed over iterations; the model
+        forward and the sampler are excluded), ``prefix_caching``,
+        ``prefix_hit_tokens`` (prompt tokens found in the prefix cache at
+        admission, not computed), ``prefix_query_tokens`` (tokens of the
+        admitted prefills, looked up), ``prefix_hit_rate`` (their ratio, 0.0
+        before any) and ``prefix_cached_slots`` (finished requests' slots kept
+        for their blocks)."""
         self._check_open()
-        s = self.scheduler
+        s, p = self.scheduler, self.kv.prefix
         return {
             "num_running": len(s.running),
             "num_waiting": len(s.waiting),
@@ -416,8 +492,14 @@ class Engine:
             "num_finished": self._num_finished,
             "num_iterations": self._num_iterations,
             "num_generated_tokens": self._num_generated,
+            "num_computed_tokens": self._num_computed,
             "host_seconds": self._host_seconds + self.runner.prepare_seconds,
             "kv": self.kv_kind,
+            "prefix_caching": self.prefix_caching,
+            "prefix_hit_tokens": p.hit_tokens if p is not None else 0,
+            "prefix_query_tokens": p.query_tokens if p is not None else 0,
+            "prefix_hit_rate": p.hit_tokens / p.query_tokens if p is not None and p.query_tokens else 0.0,
+            "prefix_cached_slots": len(p.parked) if p is not None else 0,
         }
 
     # ------------------------------------------------------------- lifecycle

@@ -15,18 +15,42 @@ Capacity is always counted in *pool pages*: a 2 MiB page (host backend:
 ``page_size`` bytes) of one buffer for ``virtual`` (a slot's page group costs
 one page in each of its ``2 * num_layers`` or 1 buffers), a block of all
 layers for ``paged``.
+
+Prefix caching (``prefix_caching=True``): a :class:`PrefixIndex` keys the full
+prompt blocks each slot holds. A new request forks the slot holding its
+longest cached prefix (:meth:`KVManager.fork`: full pages shared, a partial
+one copied). A finished request's slot is *parked* (kept active, its pages
+past the indexed blocks given back) until memory or a slot is needed: then
+the least recently used parked slot is freed, which drops only its own
+references to pages other slots share. ``parking_slots`` extra slots hold
+them, so parking never takes a slot a running request needs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 
 from torch_vkv import KVCache
+from torch_vkv.serving.prefix import PrefixIndex, block_keys
+from torch_vkv.serving.request import Request
 
-__all__ = ["KVManager"]
+__all__ = ["KVManager", "static_budget"]
+
+
+def static_budget(kind: str, *, layout: str, num_slots: int, max_seq_len: int, num_layers: int, num_kv_heads: int,
+                  head_dim: int, itemsize: int, page_size: int = 2 << 20) -> int:  # fmt: skip
+    """Bytes of a static cache of ``num_slots`` x ``max_seq_len`` tokens; for
+    ``virtual`` in whole pages of ``page_size`` bytes per buffer and slot (a
+    tiny model's static size is less than one page per buffer, which could not
+    back one token)."""
+    if kind != "virtual":
+        return num_slots * max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
+    buffers = 2 * num_layers if layout == "per_layer" else 1
+    per_slot = max_seq_len * num_kv_heads * head_dim * itemsize * (2 * num_layers // buffers)
+    return num_slots * buffers * (-(-per_slot // page_size)) * page_size
 
 
 class KVManager:
@@ -47,6 +71,9 @@ class KVManager:
             ``paged`` keep every page (one page or block holds all layers of
             a token, which the global layers still read); the attention applies
             the window in every case.
+        prefix_caching: keep and share full prompt blocks between requests.
+        parking_slots: slots past ``num_slots`` for parked (finished, cached)
+            requests; ``num_slots`` below is the total.
     """
 
     def __init__(
@@ -65,18 +92,32 @@ class KVManager:
         page_size: Optional[int] = None,
         block_size: int = 16,
         sliding_window: Optional[list] = None,
+        prefix_caching: bool = False,
+        parking_slots: int = 0,
     ) -> None:
         self.kind = kind
-        self.num_slots = num_slots
-        self.max_seq_len = max_seq_len
-        self.num_layers = num_layers
         itemsize = torch.empty((), dtype=dtype).element_size()
-        #: Bytes of one token's K and V in all layers.
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize
-        self.memory_budget = memory_budget
+        request_slots = num_slots
         windowed = sliding_window is not None and any(w is not None for w in sliding_window)
         #: Whether pages behind sliding windows are given back (virtual ``per_layer`` with a window).
         self.gives_back_windows = windowed and kind == "virtual" and layout == "per_layer"
+        #: Whether slots can share pages (prefix caching, ``n > 1``): not where sliding layers give
+        #: back their first pages, which a fork would share (``KVCache.fork`` refuses those caches).
+        self.can_fork = not self.gives_back_windows
+        prefix_caching = prefix_caching and self.can_fork
+        if prefix_caching and parking_slots:
+            if memory_budget is None and kind == "virtual":  # parked slots do not enlarge the default budget
+                memory_budget = static_budget(
+                    kind, layout=layout, num_slots=num_slots, max_seq_len=max_seq_len, num_layers=num_layers,
+                    num_kv_heads=num_kv_heads, head_dim=head_dim, itemsize=itemsize, page_size=page_size or 2 << 20,
+                )  # fmt: skip
+            num_slots += parking_slots
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.num_layers = num_layers
+        #: Bytes of one token's K and V in all layers.
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize
+        self.memory_budget = memory_budget
         if kind == "virtual":
             self.cache: Any = KVCache(
                 num_layers, num_kv_heads, head_dim, max_batch_size=num_slots, max_seq_len=max_seq_len,
@@ -88,12 +129,13 @@ class KVManager:
             self.page_bytes = self.cache.page_size
             self.total_pages = int(self.cache.memory_stats()["max_pages"])
             self.block_table = None
+            self.block_tokens = max(1, int(self.cache.tokens_per_page))
         else:
             from torch_vkv import PagedKVCache  # imported lazily by the package
 
             block_bytes = self.bytes_per_token * block_size
             per_slot = -(-max_seq_len // block_size)
-            num_blocks = num_slots * per_slot if memory_budget is None else memory_budget // block_bytes
+            num_blocks = request_slots * per_slot if memory_budget is None else memory_budget // block_bytes
             if num_blocks < 1:
                 raise ValueError(
                     f"memory_budget: expected at least one block of {block_size} tokens ({block_bytes} bytes), "
@@ -107,6 +149,12 @@ class KVManager:
             self.page_bytes = block_bytes
             self.total_pages = num_blocks
             self.block_table = self.cache.block_table
+            self.block_tokens = block_size
+        #: The prefix cache's index (``None`` when prefix caching is off).
+        self.prefix = PrefixIndex(self.block_tokens) if prefix_caching else None
+        # Pool pages each parked slot holds, and their sum: admission reads it every step.
+        self._parked_pages: dict[int, int] = {}
+        self._parked_total = 0
         self.device = torch.device(device)
         # Tokens each slot is known to have backed (a lower bound for virtual:
         # step_async may prefetch more): the scheduler's estimates read it.
@@ -127,23 +175,104 @@ class KVManager:
     # ----------------------------------------------------------------- slots
     @property
     def num_free_slots(self) -> int:
-        return self.cache.num_free_slots
+        """Slots :meth:`alloc` can hand out, parked ones included (evicted on demand)."""
+        return self.cache.num_free_slots + (len(self.prefix.parked) if self.prefix is not None else 0)
 
     def alloc(self) -> int:
         """A free slot (virtual: the one that still holds the most pages)."""
+        self._make_free_slot(None)
         slot = self.cache.alloc()
         self._active[slot] = True
         self._covered[slot] = self.cache.committed_tokens(slot)
         return slot
 
-    def free(self, slot: int) -> None:
-        """Ends the slot's request. Virtual: its pages stay with the slot until
-        memory is needed elsewhere (deferred reclamation); paged: blocks return
-        to the pool at once."""
+    def free(self, slot: int, *, park: bool = False) -> None:
+        """Ends the slot's request. With ``park`` and prefix caching, a slot
+        holding indexed prompt blocks is parked: it keeps those blocks (its
+        pages past them are given back) until :meth:`evict`. Otherwise the
+        slot is freed: virtual pages stay with it until memory is needed
+        elsewhere (deferred reclamation), paged blocks return at once; pages
+        shared with other slots stay with them."""
+        prefix = self.prefix
+        if park and prefix is not None and prefix.num_blocks(slot):
+            keep = prefix.num_blocks(slot) * self.block_tokens
+            self.cache.decommit(slot, keep)
+            self._covered[slot] = self.cache.committed_tokens(slot)
+            prefix.park(slot)
+            self._parked_pages[slot] = self.pages_for(int(self._covered[slot]))
+            self._parked_total += self._parked_pages[slot]
+            return
+        if prefix is not None:
+            prefix.remove(slot)
+            self._parked_total -= self._parked_pages.pop(slot, 0)
         self.cache.free(slot)
         self._active[slot] = False
         if self.kind == "paged":
             self._covered[slot] = 0
+
+    def evict(self, exclude: Optional[int] = None) -> bool:
+        """Frees the least recently used parked slot (not ``exclude``); False when none is."""
+        slot = self.prefix.lru(exclude) if self.prefix is not None else None
+        if slot is None:
+            return False
+        self.free(slot)
+        return True
+
+    def _make_free_slot(self, exclude: Optional[int]) -> None:
+        if not self.cache.num_free_slots:
+            self.evict(exclude)
+
+    # ---------------------------------------------------------- prefix cache
+    def match(self, req: Request) -> tuple[Optional[int], int]:
+        """(slot, tokens): the slot holding the longest cached prefix of ``req``'s
+        tokens and its length, at most ``req.num_tokens - 1`` (the last token is
+        always computed, for its logits); ``(None, 0)`` on a miss or with prefix
+        caching off. Only prompt blocks are cached."""
+        if self.prefix is None:
+            return None, 0
+        if req.block_keys is None:
+            req.block_keys = block_keys(req.prompt_token_ids, self.block_tokens)
+        slot, hit = self.prefix.lookup(req.token_ids, req.block_keys)
+        return slot, min(hit, req.num_tokens - 1)
+
+    def fork(self, src: int, num_tokens: int) -> int:
+        """A new slot whose first ``num_tokens`` tokens are ``src``'s: full pages
+        shared, a partial page copied (``KVCache.fork`` / ``PagedKVCache.fork``).
+        Raises ``OutOfSlotsError`` / ``OutOfPagesError`` with nothing changed."""
+        self._make_free_slot(src)
+        slot = self.cache.fork(src, num_tokens)
+        if self.prefix is not None:
+            self.prefix.touch(src)
+        self._active[slot] = True
+        self._covered[slot] = self.cache.committed_tokens(slot)
+        return slot
+
+    def index(self, req: Request) -> None:
+        """Adds ``req``'s newly computed full prompt blocks to the prefix cache."""
+        prefix = self.prefix
+        if prefix is None or req.block_keys is None:
+            return
+        n = min(req.num_computed_tokens, len(req.prompt_token_ids)) // self.block_tokens
+        if n > prefix.num_blocks(req.slot):
+            prefix.add(req.slot, req.prompt_token_ids, req.block_keys[:n])
+
+    def pending_keys(self, scheduled: Iterable[tuple[Request, int]]) -> set[int]:
+        """Keys of the prompt blocks that ``(request, new tokens)`` pairs
+        complete in this step (indexed once it ran)."""
+        keys: set[int] = set()
+        if self.prefix is None:
+            return keys
+        for r, n in scheduled:
+            if r.block_keys is not None and r.num_computed_tokens < len(r.prompt_token_ids):
+                hi = min(r.num_computed_tokens + n, len(r.prompt_token_ids)) // self.block_tokens
+                keys.update(r.block_keys[r.num_computed_tokens // self.block_tokens : hi])
+        return keys
+
+    def shared_pages(self, num_tokens: int) -> int:
+        """Pool pages a fork of ``num_tokens`` tokens maps instead of committing."""
+        if self.kind == "paged":
+            return num_tokens // self.block_tokens
+        return num_tokens * self.cache.bytes_per_token_buffer // self.page_bytes * self._pages_per_group
 
     # ----------------------------------------------------------------- pages
     def pages_for(self, num_tokens: int) -> int:
@@ -163,18 +292,29 @@ class KVManager:
         return self.pages_for(num_tokens) - (self.pages_for(have) if have else 0)
 
     def available_pages(self) -> int:
-        """Pool pages a step can still take: free ones, ones not created yet
-        and (virtual) pages cached by freed slots. A lower bound for virtual
-        (pages whose decommit waits on a fence count only once it completes)."""
+        """Pool pages a step can still take: free ones, ones not created yet,
+        (virtual) pages cached by freed slots, and the pages of parked slots.
+        Virtual pages whose decommit waits on a fence count only once it
+        completes; a parked slot's pages count in full, though evicting it
+        frees only those no other slot shares (:meth:`can_grow` is exact)."""
         s = self.cache.memory_stats()
+        held = self._parked_total
         if self.kind == "paged":
-            return int(s["free_pages"])
+            return int(s["free_pages"]) + held
         uncreated = max(0, int(s["max_pages"]) - int(s["pool_pages"]))
-        return int(s["free_pages"]) + uncreated + int(s["cached_bytes"]) // self.page_bytes
+        return int(s["free_pages"]) + uncreated + int(s["cached_bytes"]) // self.page_bytes + held
 
     def can_grow(self, seq_lens: np.ndarray) -> bool:
         """Whether every slot ``s`` with ``seq_lens[s] > 0`` can hold
-        ``seq_lens[s]`` tokens at once (exact). ``seq_lens``: int64 ``[num_slots]``."""
+        ``seq_lens[s]`` tokens at once (exact). ``seq_lens``: int64 ``[num_slots]``.
+        With prefix caching it evicts parked slots, least recently used first,
+        until they can (or none is left)."""
+        while not self._fits(seq_lens):
+            if not self.evict():
+                return False
+        return True
+
+    def _fits(self, seq_lens: np.ndarray) -> bool:
         if self.kind == "virtual":
             return self.cache.can_step(seq_lens)
         grow = np.flatnonzero(seq_lens > self._covered)
@@ -199,7 +339,10 @@ class KVManager:
             self.cache.synchronize()
 
     def reclaim(self) -> None:
-        """Virtual: returns the pages cached by freed slots to the pool (paged: nothing to do)."""
+        """Evicts every parked slot (the prefix cache empties), then, virtual:
+        returns the pages cached by freed slots to the pool."""
+        while self.evict():
+            pass
         if self.kind == "virtual":
             self.cache.reclaim()
 

@@ -234,6 +234,9 @@ class LLM:
         for p in params:
             if not isinstance(p, SamplingParams):
                 fail("sampling_params", "SamplingParams", type(p), ArgumentTypeError)
+            if p.n != 1:
+                # Stop strings end one completion early, which the engine cannot do alone (Engine supports n > 1).
+                fail("sampling_params.n", "1 with the text API (use Engine for n > 1 completions)", p.n)
         streams: dict[str, tuple[int, TextStream]] = {}
         results: list[Optional[RequestOutput]] = [None] * len(prompts)
         try:

@@ -8,7 +8,26 @@ from typing import Optional, Sequence, Union
 
 from torch_vkv._checks import ArgumentTypeError, check_int, fail
 
-__all__ = ["SamplingParams"]
+__all__ = ["SamplingParams", "completion_seed"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def completion_seed(seed: int, index: int) -> int:
+    """The seed completion ``index`` of an ``n > 1`` request samples with.
+
+    Completion 0 uses ``seed`` itself (so ``n=1`` and completion 0 of ``n=k``
+    give the same tokens); completion ``i > 0`` uses splitmix64 of
+    ``seed + i * 0x9E3779B97F4A7C15`` (mod 2**64), its low 63 bits. So
+    ``SamplingParams(n=k, seed=s)``'s completion ``i`` equals a request with
+    ``SamplingParams(n=1, seed=completion_seed(s, i))``.
+    """
+    if index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 def _check_float(what: str, value: object) -> float:
@@ -38,7 +57,10 @@ class SamplingParams:
         stop: strings that end the request (text API and server only: the
             text stops before the first one, ``finish_reason="stop"``); one
             string or a sequence of non-empty strings, kept as a tuple.
-        n: completions per prompt; only ``1`` for now (more needs shared pages).
+        n: completions per prompt (parallel sampling): the prompt is prefilled
+            once and the ``n`` sequences fork its pages; completion ``i``
+            samples with :func:`completion_seed` ``(seed, i)``. At most the
+            engine's ``max_batch_size``.
 
     Raises ``ValueError`` (``TypeError`` for a wrong type) at construction for
     anything out of range.
@@ -88,8 +110,7 @@ class SamplingParams:
             if not s:
                 fail("stop entry", "a non-empty string", s)
         set_(self, "stop", stop_strings)
-        if check_int("n", self.n, low=1) != 1:
-            raise ValueError(f"n: n > 1 needs shared pages (not supported yet); expected 1, got {self.n!r}")
+        set_(self, "n", check_int("n", self.n, low=1))
 
     @property
     def greedy(self) -> bool:

@@ -14,7 +14,11 @@ One iteration (``chunk_size`` = token budget)::
 2. Prefill chunks of running requests still prefilling, oldest first.
 3. Waiting requests, in order, while budget, slots and memory last: admitted
    by the pages their first chunk needs now plus a small watermark (not by
-   their maximum length).
+   their maximum length). With prefix caching, a request starts by forking
+   the slot that holds its longest cached prefix and prefills only the rest;
+   one whose next prompt block another request computes in this step waits
+   for the next step, which finds that block cached.
+   An ``n > 1`` request is admitted only when its ``n`` slots are free.
 
 When a running request cannot grow, the most recently admitted running
 request is preempted (recompute): its slot and pages are released and it goes
@@ -82,19 +86,31 @@ class Scheduler:
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
-        """Takes ``req`` out of the queues and releases its slot (finish or abort)."""
+        """Takes ``req`` out of the queues and releases its slot (finish or
+        abort): with prefix caching the slot is parked with its prompt blocks."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            self.kv.free(req.slot)
+            self.kv.free(req.slot, park=True)
             req.slot = None
-        elif req.status is RequestStatus.WAITING:
+        elif req.status is RequestStatus.WAITING and req in self.waiting:
             self.waiting.remove(req)
+
+    def start(self, req: Request, slot: int) -> None:
+        """Runs ``req``, a completion forked from its first sequence's slot
+        (``n > 1``), its K/V up to ``req.num_computed_tokens`` already in ``slot``."""
+        req.slot, req.status = slot, RequestStatus.RUNNING
+        self._admissions += 1
+        req.admitted_at = self._admissions
+        self.running.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def preempt(self, req: Request) -> None:
-        """Recompute preemption: release the slot, back to the front of the queue."""
+        """Recompute preemption: release the slot, back to the front of the queue.
+        Pages the slot shares (a cached prefix, the prompt of ``n > 1``
+        completions) stay with the other slots that map them: only this
+        slot's references go."""
         self.running.remove(req)
         self.kv.free(req.slot)
         req.slot = None
@@ -179,21 +195,39 @@ class Scheduler:
         if not preempted and self.waiting and budget > 0:
             planned = sum(kv.need_pages(r.slot, int(seq[r.slot])) for r, _ in sched.values())
             free = kv.available_pages() - planned
-            while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and kv.num_free_slots:
+            # Slots promised to the completions of n > 1 requests still prefilling.
+            promised = sum(r.fanout - 1 for r in self.running)
+            # Prompt blocks this step computes: a request whose next block is one of them waits a step
+            # and then finds it cached, instead of computing it again alongside.
+            pending = kv.pending_keys(sched.values())
+            while self.waiting and budget > 0:
                 r = self.waiting[0]
-                n = min(r.num_tokens, budget)
-                need = kv.need_pages(None, n)
+                if len(self.running) + promised + r.fanout > self.max_batch_size or kv.num_free_slots < r.fanout:
+                    break
+                src, hit = kv.match(r)  # a cached prefix: fork its slot, prefill the rest
+                nxt = hit // kv.block_tokens
+                if pending and nxt < len(r.block_keys) and r.block_keys[nxt] in pending:
+                    break
+                n = min(r.num_tokens - hit, budget)
+                # An n > 1 request's completions will each fork (and may copy) one page group.
+                need = kv.need_pages(None, hit + n) - kv.shared_pages(hit) + (r.fanout - 1) * kv.pages_for(1)
                 reserve = self.watermark_pages if self.running else 0
                 if need + reserve > free:
                     break  # first come, first served: nobody overtakes the head of the queue
-                slot = kv.alloc()
-                seq[slot] = n
+                try:
+                    slot = kv.fork(src, hit) if hit else kv.alloc()
+                except KVCacheCapacityError:  # the partial page of the fork: not expected
+                    break
+                seq[slot] = hit + n
                 if not kv.can_grow(seq):  # the estimates are upper bounds: not expected
                     seq[slot] = 0
                     kv.free(slot)
                     break
                 self.waiting.popleft()
-                r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, 0
+                r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, hit
+                if kv.prefix is not None:
+                    kv.prefix.record(r.num_tokens, hit)
+                    pending |= kv.pending_keys([(r, n)])
                 self._admissions += 1
                 r.admitted_at = self._admissions
                 if r.first_scheduled_time is None:
@@ -202,6 +236,7 @@ class Scheduler:
                 sched[id(r)] = (r, n)
                 budget -= n
                 free -= need
+                promised += r.fanout - 1
 
         batch = ScheduledBatch(seq_lens=seq)
         for r, n in sched.values():

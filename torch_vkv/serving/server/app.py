@@ -121,7 +121,7 @@ def create_app(
 
     def sampling(req: Any, max_tokens: int) -> SamplingParams:
         if req.n != 1:
-            raise HTTPError(400, f"n: n > 1 needs shared pages (not supported yet); expected 1, got {req.n}",
+            raise HTTPError(400, f"n: expected 1 (one choice per prompt; the Engine supports n > 1), got {req.n}",
                              param="n", code="unsupported")  # fmt: skip
         for field_name in ("presence_penalty", "frequency_penalty"):
             v = getattr(req, field_name)
