@@ -78,6 +78,15 @@ def test_window_left_and_softcap_match_the_issue_formulas(backend, window_left, 
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "flex"])
+@pytest.mark.parametrize("window_left", [0, 7, 19, 20, 64])  # contexts 20 and 9
+def test_decode_with_a_window_and_softcap(backend, window_left):
+    q, k, v, lens, cu = case([20, 9], [1, 1])
+    out = attention(q, k, v, lens, backend=backend, window_left=window_left, softcap=3.0)  # cu_seqlens_q=None: decode
+    want = reference(q, k, v, lens, cu, window_left=window_left, softcap=3.0)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_window_at_least_the_context_is_full_attention():
     q, k, v, lens, cu = case([30], [4])
     full = attention(q, k, v, lens, cu_seqlens_q=cu, backend="sdpa")
@@ -160,14 +169,21 @@ def test_interleaved_keeps_a_page_while_any_layer_needs_it():
         assert stats["committed_bytes"] >= 1000 * c.bytes_per_token
         assert all(c.window_start(l)[s] == 0 for l in range(4))
     with kv_cache([64, 32, 64, 32], layout="interleaved") as c:
-        s = c.alloc()
-        grow(c, s, 1000, step=1)
+        s, n = c.alloc(), 0
+        for length in [500, *range(501, 700)]:
+            c.step({s: length})
+            for layer in range(4):  # row p of layer l holds p + l
+                c.key(layer)[s, n:length] = torch.arange(n, length, dtype=torch.float32)[:, None, None] + layer
+            n = length
         stats = c.memory_stats()
         tpp = c.tokens_per_page  # interleaved: a page holds every layer of a token
         assert 0 < stats["window_committed_bytes"] == stats["committed_bytes"]
         assert stats["committed_bytes"] <= (math.ceil(64 / tpp) + 2) * c.page_size
-        start = c.window_start(1)[s]
-        assert 0 < start <= 1000 - 64  # the rows the largest window still reads are kept
+        start = int(c.window_start(1)[s])
+        assert 0 < start <= n - 64  # the rows the largest window still reads are kept, in every layer
+        for layer in range(4):
+            want = torch.arange(start, n, dtype=torch.float32) + layer
+            assert torch.equal(c.key(layer)[s, start:n, 0, 0], want), layer
 
 
 def test_virtual_kv_cache_sets_windows_from_gemma3_layer_types():
