@@ -7,7 +7,8 @@ list with ``None`` for global layers, bad values, the interleaved layout,
 ``memory_stats()``), ``VirtualKVCache`` windows from a Gemma 3 config.
 Issue 9: ``Engine``'s keywords and defaults, ``SamplingParams`` ranges,
 ``add_request`` errors, ``abort``, ``finish_reason``, ``stats()``, ``close()``,
-``RequestOutput`` and its ``metrics``. Tiny random models (``_hf_models``), CPU.
+``RequestOutput`` and its ``metrics``, seeded sampling alone and in a batch,
+preemption under a small budget. Tiny random models (``_hf_models``), CPU.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def test_sliding_window_int_and_list():
 @pytest.mark.parametrize(
     "windows, exc, match",
     [
-        ([64, None], ValueError, r"sliding_window: expected an int or a list of 4 entries.*got .2 entries: \[64, None\]"),
+        ([64, None], ValueError, r"sliding_window: expected an int or a list of 4 entries \(one per layer\), got \[64, None\]"),
         (-8, ValueError, "sliding_window: expected an int >= 1, got -8"),
         ([64, None, -1, None], ValueError, r"sliding_window\[2\]: expected an int >= 1, got -1"),
         (0, ValueError, "sliding_window: expected an int >= 1, got 0"),
@@ -396,3 +397,25 @@ def test_engine_serves_sliding_families_with_the_window_given_back(family):
                 window_bytes = e.stats()["window_committed_bytes"]
     assert out.request_id == rid and out.token_ids == eager_reference(model, prompt, 4 * WINDOW)
     assert window_bytes > 0
+
+
+def test_seeded_sampling_is_reproducible_alone_or_in_a_batch_and_top_k_0_disables(llama):
+    p = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    with engine(llama) as e:
+        alone = e.generate([[5, 6, 7]], p, use_tqdm=False)[0].token_ids
+        batch = e.generate([[9, 9, 9, 9], [5, 6, 7], [1]], [SamplingParams(max_tokens=5, seed=3), p, p],
+                           use_tqdm=False)  # fmt: skip
+        no_k = e.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=11,
+                                                      ignore_eos=True, top_k=0), use_tqdm=False)[0]  # fmt: skip
+    assert batch[1].token_ids == alone and no_k.token_ids == alone
+
+
+def test_small_budget_preempts_and_every_request_ends_with_the_same_tokens(llama):
+    prompts = [[10 + i, 20 + i, 30 + i, 40 + i, 50 + i] for i in range(4)]
+    want = [reference_greedy(llama, p, 40) for p in prompts]
+    # A page group (K and V of both layers) is 4 pages of 32 tokens: 3 groups hold one 45-token request.
+    with engine(llama, max_seq_len=96, memory_budget=12 * PAGE, prefix_caching=False) as e:
+        outs = e.generate(prompts, greedy(40), use_tqdm=False)
+        stats = e.stats()
+    assert stats["num_preemptions"] > 0 and stats["committed_bytes"] <= 12 * PAGE
+    assert [o.token_ids for o in outs] == want

@@ -101,7 +101,7 @@ def parse_windows(sliding_window: Any, num_layers: int) -> list[int | None]:
     if isinstance(sliding_window, (Sequence, np.ndarray)) and not isinstance(sliding_window, (str, bytes)):
         if len(sliding_window) != num_layers:
             fail("sliding_window", f"an int or a list of {num_layers} entries (one per layer)",
-                 f"{len(sliding_window)} entries: {list(sliding_window)}")  # fmt: skip
+                 list(sliding_window))  # fmt: skip
         windows = [None if w is None else check_int(f"sliding_window[{i}]", w, low=1) for i, w in enumerate(sliding_window)]
     else:
         windows = [check_int("sliding_window", sliding_window, low=1)] * num_layers
