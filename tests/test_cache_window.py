@@ -182,7 +182,7 @@ def test_crop_keeps_what_the_window_needs():
         ([4, None, 0, None], "per_layer", ValueError, r"sliding_window\[2\]: expected an int >= 1"),
         (2.5, "per_layer", TypeError, "sliding_window: expected an int"),
         ([True, None, None, None], "per_layer", TypeError, r"sliding_window\[0\]: expected an int"),
-        (16, "interleaved", ValueError, "sliding_window: expected None with layout='interleaved'"),
+        ([4, None], "interleaved", ValueError, "sliding_window: expected an int or a list of 4 entries"),
     ],
 )
 def test_bad_sliding_window(windows, layout, exc, match):

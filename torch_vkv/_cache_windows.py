@@ -45,10 +45,20 @@ class _WindowMixin:
         self._check_open()
         layer = check_int("layer", layer, low=0, high=self.num_layers - 1)
         self._join_async()
-        g = self._buffer_group[2 * layer] if self._windowed else -1
+        g = self._buffer_group[2 * layer if self.layout == "per_layer" else 0] if self._windowed else -1
         if g < 0:
             return np.zeros(self.max_batch_size, dtype=np.int64)
         return -(-self._first_pages[g] * self.page_size // self.bytes_per_token_buffer)
+
+    def _buffer_windows(self: "KVCache") -> list[int]:
+        """The window of each buffer for the slot table (0: keeps every page). ``per_layer``: its
+        layer's. ``interleaved``: its one buffer holds every layer of a token, so a page goes only
+        once no layer needs it: the largest window when every layer slides, else 0."""
+        if self.layout == "per_layer":
+            return [self.sliding_window[i // 2] or 0 for i in range(len(self._buffers))]
+        if any(w is None for w in self.sliding_window):
+            return [0]
+        return [max(self.sliding_window)]
 
     def _decommit_windowed(self: "KVCache", slot: int, keep_pages: int, fence: Any) -> None:
         """``_decommit_slot`` when some buffers start at a later page: each buffer gives back
@@ -84,18 +94,15 @@ class _WindowMixin:
                      f"{w}-token window gave back the rows below {first_row})", keep)  # fmt: skip
 
 
-def parse_windows(sliding_window: Any, num_layers: int, layout: str) -> list[int | None]:
+def parse_windows(sliding_window: Any, num_layers: int) -> list[int | None]:
     """``sliding_window`` -> one entry per layer (``None``: a global layer)."""
     if sliding_window is None:
         return [None] * num_layers
     if isinstance(sliding_window, (Sequence, np.ndarray)) and not isinstance(sliding_window, (str, bytes)):
         if len(sliding_window) != num_layers:
             fail("sliding_window", f"an int or a list of {num_layers} entries (one per layer)",
-                 f"{len(sliding_window)} entries")  # fmt: skip
+                 list(sliding_window))  # fmt: skip
         windows = [None if w is None else check_int(f"sliding_window[{i}]", w, low=1) for i, w in enumerate(sliding_window)]
     else:
         windows = [check_int("sliding_window", sliding_window, low=1)] * num_layers
-    if layout != "per_layer" and any(w is not None for w in windows):
-        fail("sliding_window", "None with layout='interleaved' (its pages hold every layer of a token, so a "
-             "page behind a window is still needed by the global layers: use layout='per_layer')", sliding_window)  # fmt: skip
     return windows

@@ -116,7 +116,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
         cache makes its own. Closing a cache on a shared pool returns its pages
         to the pool's free list and destroys none.
     sliding_window : int or list of (int or None), optional
-        ``per_layer`` layout only. Tokens each layer attends to (Hugging Face's
+        Tokens each layer attends to (Hugging Face's
         ``sliding_window``: a query at ``p`` sees keys ``[p - W + 1, p]``, i.e.
         ``attention(..., window_left=W - 1)``); an int applies to every layer,
         a list gives one entry per layer, ``None`` for a global layer. Each
@@ -124,7 +124,11 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
         layer that lie entirely behind ``L - W``, ``L`` the slot's length
         before that step (its new tokens are written from ``L`` on and read
         keys from ``L - W + 1`` on), ordered after the work queued on the
-        current stream like every decommit. See docs/design.md, "Pages behind
+        current stream like every decommit. The ``interleaved`` layout shares
+        each page across layers, so it keeps a page while any layer needs it:
+        nothing is given back when some layer is global, and pages behind the
+        largest window when every layer slides (``per_layer`` suits models
+        with global and sliding layers). See docs/design.md, "Pages behind
         the window".
 
     Notes
@@ -170,7 +174,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
         #: Tokens each layer attends to (``None``: all), from ``sliding_window``.
-        self.sliding_window = parse_windows(sliding_window, self.num_layers, layout)
+        self.sliding_window = parse_windows(sliding_window, self.num_layers)
         if memory_budget is not None:
             memory_budget = check_int("memory_budget", memory_budget, low=0)
         if pool is not None and not isinstance(pool, PagePool):
@@ -249,11 +253,8 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
         # The slot table (csrc/slots.h) owns the per-slot bookkeeping and makes
         # the per-step commit decision in C++; these are NumPy views of its
         # arrays, written here only under the cache's lock (as every call into it is).
-        window_of_buffer = [0] * len(self._buffers)
-        if layout == "per_layer":
-            window_of_buffer = [self.sliding_window[i // 2] or 0 for i in range(len(self._buffers))]
         self._slots = core().SlotTable(
-            self._reservations, window_of_buffer, self._committer, num_slots=B, max_seq_len=self.max_seq_len,
+            self._reservations, self._buffer_windows(), self._committer, num_slots=B, max_seq_len=self.max_seq_len,
             padded_seq_len=S, pages_per_slot=self.pages_per_slot, margin_tokens=self.margin_tokens,
             bytes_per_token=self.bytes_per_token_buffer,
         )  # fmt: skip
