@@ -226,19 +226,21 @@ transformers = pytest.importorskip("transformers")
 
 from test_serving import _plain_torch_append, engine_for, greedy, model_of  # noqa: E402
 
-from torch_vkv.serving import Engine, SamplingParams, completion_seed  # noqa: E402
+from torch_vkv.serving import SamplingParams, completion_seed  # noqa: E402
 
 __all__ = ["_plain_torch_append"]  # the autouse fixture, re-exported so pytest applies it here
 
 
-def test_prefix_caching_is_on_by_default_and_reports_hits():
+@pytest.mark.parametrize("kv", ["virtual-interleaved", "virtual-per_layer", "paged"])
+def test_prefix_caching_is_on_by_default_and_reports_hits(kv):
+    """Hits are whole blocks (a page of the layout; paged: block_size tokens) of the cached prompt."""
     model = model_of("llama")
-    with Engine(model, max_batch_size=4, max_seq_len=256, device="cpu", cuda_graphs=False,
-                kv="virtual", layout="interleaved", page_size=PAGE) as e:  # fmt: skip
+    with engine_for(model, kv) as e:  # prefix_caching not passed: on by default
         stats = e.stats()
         assert stats["prefix_caching"] is True
         assert stats["prefix_hit_tokens"] == 0 and stats["prefix_hit_rate"] == 0.0
         block = e.prefix_block_tokens
+        assert block == (16 if kv == "paged" else e.kv.cache.tokens_per_page)
         rng = random.Random(0)
         system = [rng.randrange(3, 150) for _ in range(3 * block)]
         first = system + [5, 6, 7]
@@ -249,8 +251,7 @@ def test_prefix_caching_is_on_by_default_and_reports_hits():
     assert stats["prefix_hit_tokens"] == 3 * block  # the whole system prompt's full blocks
     assert stats["prefix_query_tokens"] == len(first) + len(second)
     assert stats["prefix_hit_rate"] == pytest.approx(3 * block / (len(first) + len(second)))
-    with Engine(model, max_batch_size=4, max_seq_len=256, device="cpu", cuda_graphs=False, kv="virtual",
-                layout="interleaved", page_size=PAGE, prefix_caching=False) as e:  # fmt: skip
+    with engine_for(model, kv, prefix_caching=False) as e:
         off = [o.token_ids for o in e.generate([first, second], greedy(3), use_tqdm=False)]
         assert e.stats()["prefix_caching"] is False and e.stats()["prefix_hit_tokens"] == 0
     assert off == [out1.token_ids, out2.token_ids]
