@@ -117,9 +117,10 @@ class _ForkMixin:
         the source's pages that lie entirely below ``num_tokens[i]`` are
         mapped into the destination, not copied; pages the two slots already
         share are left alone; only the partly filled last page is copied. A
-        destination thus copies at most one page per buffer, plus one page
-        for each cycle of the assignment (staged while its slots are
-        overwritten). ``slots[i] == sources[i]`` crops the slot to
+        destination thus copies at most one page per buffer, cycles of the
+        assignment included (a cycle member is staged by mapping its pages
+        aside, which needs one spare page per buffer until its reader has
+        copied). ``slots[i] == sources[i]`` crops the slot to
         ``num_tokens[i]`` tokens (its pages stay; a shared page at the new end
         is replaced by a copy of its own, since appends go there).
 

@@ -15,14 +15,19 @@ below that are unmapped (the pool frees a page only when no slot maps it).
 Order. A slot's history may be needed by another destination while it is
 itself overwritten (``a <- b`` and ``b <- a``). Moves run so that every
 reader of a slot runs before the slot is overwritten; what is left then are
-cycles, and each is broken by *staging* one member: its full pages are mapped
-into a scratch reservation (no copy, no memory) and its partial last page is
-copied into a temporary tensor. So a remap copies one partial page per
-destination that changes, plus one per cycle.
+cycles, and each is broken by *staging* one member: its full pages and its
+partly filled last page are mapped into a scratch reservation (no copy, no
+new memory) and its reader later copies the partial page from there. The
+staged pages get share ids, so the staged slot treats them as shared: it
+writes its own new last page into a fresh page, never into the staged one.
+So a remap copies exactly one partial page per destination that changes
+(a crop ``d <- d`` onto a shared page stages that page the same way), and a
+cycle holds one page per buffer more until its reader has copied.
 
 All or nothing for capacity: the new pages every destination needs (its
-partial page when it has none of its own there) are counted first, and
-:class:`OutOfPagesError` is raised before anything changes.
+partial page when it has none of its own there, or when the page it has is
+staged or shared) are counted first, and :class:`OutOfPagesError` is raised
+before anything changes.
 """
 
 from __future__ import annotations
@@ -74,16 +79,22 @@ def plan_moves(sources: dict[int, int]) -> list[tuple[str, int, int]]:
 
 @dataclass
 class _Staged:
-    """A slot's history kept aside while the slot is overwritten: its full
-    pages ``[lo, full)`` mapped into ``scratch`` (buffer ``i`` at
-    ``i * (full - lo)``), the share ids of its pages ``[0, full)``, and its
-    partial last page's bytes, one tensor per buffer."""
+    """Pages ``[lo, end)`` of a slot kept aside while the slot is overwritten:
+    mapped into ``scratch`` (buffer ``i`` at page ``i * (end - lo)``), whose
+    bytes ``view`` reads (plain uint8), with the share ids of pages ``[0, end)``.
+    ``end`` is ``full`` plus the partly filled last page when there is one."""
 
     scratch: Any
+    view: torch.Tensor | None
     lo: int
+    end: int
     full: int
     ids: list[int]
-    tail: list[torch.Tensor] = field(default_factory=list)
+
+    def page(self, buffer: int, page: int, page_size: int) -> torch.Tensor:
+        """The bytes of staged page ``page`` (an index in the slot) of buffer ``buffer``."""
+        at = (buffer * (self.end - self.lo) + page - self.lo) * page_size
+        return self.view[at : at + page_size]
 
 
 class _Remap:
@@ -95,10 +106,15 @@ class _Remap:
         # on the device: before the first one, and again after each copy this call queues.
         self.dirty = cache.device.type == "cuda"
         self.staged: dict[int, _Staged] = {}  # destination -> the staged history it reads
+        self.order = plan_moves({d: s for d, (s, _) in moves.items() if s != d})
 
     # -- page arithmetic ------------------------------------------------------------
     def full(self, n: int) -> int:
         return n * self.c.bytes_per_token_buffer // self.c.page_size
+
+    def end(self, n: int) -> int:
+        """Pages holding bytes below ``n`` tokens: the full ones and the partly filled last one."""
+        return -(-n * self.c.bytes_per_token_buffer // self.c.page_size)
 
     def rows(self, buffer: Any) -> torch.Tensor:
         """A buffer as ``[max_batch_size, bytes per slot]`` plain uint8 rows."""
@@ -111,12 +127,16 @@ class _Remap:
     def new_pages(self) -> int:
         """Pages (all buffers) the destinations will commit: each needs its own pages
         ``[full, pages_for(n))``; it keeps the own pages it holds there unless it
-        shares a page at or past ``full`` (then they all go and are committed fresh)."""
+        shares a page at or past ``full`` (then they all go and are committed fresh),
+        counting the pages a cycle stages as shared."""
         c = self.c
         shared_len = {d: len(c._shared_ids[d]) for d in self.moves}
         for d, (s, n) in self.moves.items():  # readers share their source's pages [0, full)
             if s in shared_len:
                 shared_len[s] = max(shared_len[s], self.full(n))
+        for kind, d, reader in self.order:  # a staged slot shares its reader's partial page too
+            if kind == "stage":
+                shared_len[d] = max(shared_len[d], self.end(self.moves[reader][1]))
         total = 0
         for d, (s, n) in self.moves.items():
             full, need = self.full(n), c._pages_for(n)
@@ -177,24 +197,40 @@ class _Remap:
         """Keeps ``slot``'s history for ``reader``, the one pending move that reads it."""
         c = self.c
         n = self.moves[reader][1]
-        full = self.full(n)
-        ids = self.share(slot, full)
-        lo = _common(ids, c._shared_ids[reader])
-        scratch = None
-        if full > lo:
-            nb = len(c._reservations)
-            scratch = core().Reservation.create(c.pool._pool, nb * (full - lo) * c.page_size)
+        full, end = self.full(n), self.end(n)
+        ids = self.share(slot, end)  # the partial page too: ``slot`` must not write it in place
+        lo = min(full, _common(ids, c._shared_ids[reader]))  # pages reader maps already
+        self.staged[reader] = self.keep(slot, lo, end, full, ids)
+
+    def keep(self, slot: int, lo: int, end: int, full: int, ids: list[int]) -> _Staged:
+        """Maps ``slot``'s pages ``[lo, end)`` (share ids ``ids``) into a scratch reservation."""
+        c = self.c
+        scratch, view = None, None
+        if end > lo:
+            span = end - lo
+            scratch = core().Reservation.create(c.pool._pool, len(c._reservations) * span * c.page_size)
+            view = torch.utils.dlpack.from_dlpack(scratch.dlpack())
             for i, res in enumerate(c._reservations):
-                scratch.alias(i * (full - lo), res, self.first(slot, lo), full - lo)
-            for i in ids[lo:]:
+                scratch.alias(i * span, res, self.first(slot, lo), span)
+            for i in ids[lo:end]:
                 c._page_refs[i] += 1
-        tail = []
-        lo_b, hi_b = full * c.page_size, n * c.bytes_per_token_buffer
-        if hi_b > lo_b:
-            tail = [self.rows(b)[slot, lo_b:hi_b].clone() for b in c._buffers]
-            self.copied += (hi_b - lo_b) * len(tail)
-            self.dirty = c.device.type == "cuda"
-        self.staged[reader] = _Staged(scratch, lo, full, list(ids), tail)
+        return _Staged(scratch, view, lo, end, full, list(ids[:end]))
+
+    def copy_tail(self, d: int, s: int, n: int, staged: _Staged | None) -> None:
+        """Copies the bytes below ``n`` tokens of the partly filled last page into ``d``'s own
+        page, from slot ``s`` or from ``staged``: the one copy a destination makes."""
+        c = self.c
+        lo_b, hi_b = self.full(n) * c.page_size, n * c.bytes_per_token_buffer
+        if hi_b <= lo_b:
+            return
+        for i, b in enumerate(c._buffers):
+            if staged is None:
+                src = self.rows(b)[s, lo_b:hi_b]
+            else:
+                src = staged.page(i, self.full(n), c.page_size)[: hi_b - lo_b]
+            self.rows(b)[d, lo_b:hi_b].copy_(src)
+        self.copied += (hi_b - lo_b) * len(c._buffers)
+        self.dirty = c.device.type == "cuda"
 
     def move(self, d: int) -> None:
         """Slot ``d`` takes its source's (or the staged) first ``n`` tokens."""
@@ -202,7 +238,7 @@ class _Remap:
         s, n = self.moves[d]
         full, need = self.full(n), c._pages_for(n)
         staged = self.staged.get(d)
-        src_ids = staged.ids if staged is not None else self.share(s, full)
+        src_ids = staged.ids[:full] if staged is not None else self.share(s, full)
         ids = c._shared_ids[d]
         lo = _common(ids, src_ids)
         assert staged is None or lo >= staged.lo, (lo, staged.lo)  # d's ids only grew since staging
@@ -218,7 +254,7 @@ class _Remap:
                 if staged is None:
                     res.alias(self.first(d, lo), res, self.first(s, lo), full - lo)
                 else:
-                    span = staged.full - staged.lo
+                    span = staged.end - staged.lo
                     res.alias(self.first(d, lo), staged.scratch, i * span + lo - staged.lo, full - lo)
             for i in src_ids[lo:full]:
                 c._page_refs[i] += 1
@@ -226,33 +262,25 @@ class _Remap:
         c._set_committed(d, kept)
         if need > kept:
             c._commit_plan({d: need})
-        lo_b, hi_b = full * c.page_size, n * c.bytes_per_token_buffer
-        if hi_b > lo_b:
-            for i, b in enumerate(c._buffers):
-                src = staged.tail[i] if staged is not None else self.rows(b)[s, lo_b:hi_b]
-                self.rows(b)[d, lo_b:hi_b].copy_(src)
-            self.copied += (hi_b - lo_b) * len(c._buffers)
-            self.dirty = c.device.type == "cuda"
+        self.copy_tail(d, s, n, staged)
         c._used_tokens[d] = n
 
     def own_tail(self, d: int) -> None:
         """``d <- d``: a crop to ``n`` tokens; a shared page at or past ``full`` is replaced
-        by an own copy (copy on write), since ``d`` appends there next."""
+        by an own copy (copy on write), since ``d`` appends there next: the shared page
+        stays mapped in a scratch reservation while ``d``'s fresh page is filled from it."""
         c = self.c
         n = self.moves[d][1]
-        full = self.full(n)
-        if len(c._shared_ids[d]) > full:
-            lo_b, hi_b = full * c.page_size, n * c.bytes_per_token_buffer
-            tail = [self.rows(b)[d, lo_b:hi_b].clone() for b in c._buffers] if hi_b > lo_b else []
+        full, end = self.full(n), self.end(n)
+        ids = c._shared_ids[d]
+        if len(ids) > full:
+            staged = self.staged[d] = self.keep(d, full, end, full, ids)
             self.drop(d, full, c._committed_pages[d])
             c._set_committed(d, full)
             need = c._pages_for(n)
             if need > full:
                 c._commit_plan({d: need})
-            for b, t in zip(c._buffers, tail):
-                self.rows(b)[d, lo_b:hi_b].copy_(t)
-            self.copied += 2 * (hi_b - lo_b) * len(tail)
-            self.dirty = c.device.type == "cuda"
+            self.copy_tail(d, d, n, staged)
         c._used_tokens[d] = n
 
     def release_staged(self) -> None:
@@ -261,7 +289,7 @@ class _Remap:
             if st.scratch is not None:
                 self.settle()
                 st.scratch.decommit(0, st.scratch.num_pages, None)
-                for i in st.ids[st.lo : st.full]:
+                for i in st.ids[st.lo : st.end]:
                     c._page_refs[i] -= 1
                     if c._page_refs[i] == 0:
                         del c._page_refs[i]
@@ -269,18 +297,18 @@ class _Remap:
 
     def run(self) -> int:
         self.reserve_pages()
-        order = plan_moves({d: s for d, (s, _) in self.moves.items() if s != d})
         try:
-            for kind, d, other in order:
+            for kind, d, other in self.order:
                 if kind == "stage":
                     self.stage(d, other)
                 else:
                     self.move(d)
+            self.release_staged()  # before the crops: a crop stages under its own slot's key
+            for d, (s, _) in self.moves.items():
+                if s == d:
+                    self.own_tail(d)
         finally:
             self.release_staged()
-        for d, (s, _) in self.moves.items():
-            if s == d:
-                self.own_tail(d)
         return self.copied
 
 
