@@ -12,6 +12,12 @@ import os
 import pytest
 import torch
 
+# Triton kernels run on CPU tensors only under its interpreter, and Triton reads the variable when it is
+# first imported: set it here, before any test module imports Triton, so every subset of the suite (any
+# file order) sees the same mode. Only where CUDA is absent, as the test modules that need it do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_runtest_logreport(report):
     """``TORCH_VKV_FAILURE_LOG=FILE``: append each failure's traceback as it happens, so a run that
