@@ -143,6 +143,19 @@ def check_window(window_left, softcap) -> tuple:
     return win, float(softcap)
 
 
+def window_from_module_kwargs(kwargs: dict) -> dict:
+    """``attention``'s ``window_left`` / ``softcap`` from what a transformers attention module passes its
+    attention function: ``sliding_window = W`` lets a query see ``W`` keys, itself included, so
+    ``window_left = W - 1`` (Mistral, Gemma 2/3, Qwen2/3 sliding layers); ``softcap`` as is (Gemma 2).
+    Only the keys that apply: ``{}`` for a global, uncapped layer."""
+    out = {}
+    if kwargs.get("sliding_window") is not None:
+        out["window_left"] = int(kwargs["sliding_window"]) - 1
+    if kwargs.get("softcap") is not None:
+        out["softcap"] = float(kwargs["softcap"])
+    return out
+
+
 def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:
     """Shapes, dtypes, devices and strides of :func:`append_kv`'s arguments (no value is read)."""
     _check_tensor("k_new", k_new)

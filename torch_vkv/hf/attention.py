@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_vkv
+from torch_vkv.attention.inputs import window_from_module_kwargs
 
 __all__ = ["ATTN_NAME", "register", "vkv_attention_forward", "vkv_mask"]
 
@@ -130,12 +131,7 @@ def vkv_attention_forward(
         return _fallback_sdpa(query, key, value, attention_mask, scaling)
     cache = layer._parent
     compiling = torch.compiler.is_compiling()
-    # Sliding window (Mistral, Gemma 2/3, Qwen2 sliding layers): transformers' sliding_window = W
-    # lets a query see W keys, itself included, i.e. window_left = W - 1. Soft cap: Gemma 2.
-    window = kwargs.get("sliding_window")
-    win = {} if window is None else {"window_left": int(window) - 1}
-    if kwargs.get("softcap") is not None:
-        win["softcap"] = float(kwargs["softcap"])
+    win = window_from_module_kwargs(kwargs)  # sliding window / soft cap of this layer, if any
     B, Hq, Sq, D = query.shape
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     # The whole buffers (layer.buffers()), never slices made earlier: request r reads row r.

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from torch_vkv import append_kv, attention  # the public entry points (functions)
+from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
 
@@ -100,11 +101,9 @@ def serving_attention_forward(
     k_cache, v_cache = ctx.keys[layer], ctx.values[layer]
     append_kv(k_cache, v_cache, k_new, v_new, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
               block_table=ctx.block_table)  # fmt: skip
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     out = attention(q, k_cache, v_cache, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
                     scale=scaling, backend=ctx.backend, block_table=ctx.block_table, max_seqlen_q=ctx.max_seqlen_q,
-                    window_left=None if window is None else int(window) - 1,
-                    softcap=None if softcap is None else float(softcap))  # fmt: skip
+                    **window_from_module_kwargs(kwargs))  # fmt: skip
     return out.unsqueeze(0), None
 
 
