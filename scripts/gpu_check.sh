@@ -6,8 +6,9 @@
 #   bash scripts/gpu_check.sh                  # build + GPU tests + quick benchmarks
 #   BENCH=full bash scripts/gpu_check.sh       # full benchmark sweeps
 #   BENCHES="alloc" bash scripts/gpu_check.sh  # only these benchmarks; BENCHES="" for none
-#   BENCHES="serve" bash scripts/gpu_check.sh  # the end-to-end serving workloads (bench serve --quick, ~5 min)
+#   BENCHES="serve" bash scripts/gpu_check.sh  # the serving workloads (bench serve --quick, ~2 min each: pick some with BENCH_ARGS)
 #   TEST_TIMEOUT=300 BENCH_TIMEOUT=120 ...     # seconds per step (0: none), so one call fits the device's limit
+#   TESTS=0 BENCHES=serve BENCH_ARGS="--workload offline" ...  # no tests; extra arguments for every benchmark
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,9 +46,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$FIN
 # torch_vkv.triton_kernels (setup.py package_dir), which has no other loader.
 run build 0 python -m pip install --no-deps --no-build-isolation -e .
 run info 0 python -m torch_vkv info
-run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
+[ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
-  run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK --out "$OUT"
+  run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
 echo "results: logs in $FINAL, benchmark reports in $FINAL/results.tgz"

@@ -19,6 +19,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def no_interpreted_triton(monkeypatch):
+    """On the CPU, ``append_kv`` (and ``backend="triton"``) take Triton's
+    interpreter when it is on: far too slow for whole models. Tests that run
+    models turn Triton off for CPU tensors. Not by unsetting TRITON_INTERPRET:
+    Triton reads it when its modules are first imported, and a process that
+    imported part of Triton with it set and part without breaks."""
+    from torch_vkv.attention import deps
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(deps, "triton_usable", lambda device: False)
+
+
 def pytest_runtest_logreport(report):
     """``TORCH_VKV_FAILURE_LOG=FILE``: append each failure's traceback as it happens, so a run that
     is cut short (a GPU machine's time limit) still tells why tests failed."""

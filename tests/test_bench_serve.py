@@ -18,6 +18,9 @@ from torch_vkv.bench.roofline import IterationRecord, ModelCost, run_floor
 from torch_vkv.bench.serve_engine import CONFIGS, EngineConfig, parse_config, random_prompts, run_engine
 from torch_vkv.bench.workloads import make_requests, workload_lengths
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 SUMMARY_KEYS = set(serve_client.summarize([], 1.0, ttft_slo_s=1.0, tpot_slo_s=1.0))
 POSITIVE = ["output_tokens_per_s", "total_tokens_per_s", "request_throughput", "makespan_s", "duration_s",
             "iter_mean_s", "busy_s", "roofline_floor_s", "pct_roofline", "peak_committed_bytes", "peak_running"] + [
@@ -26,6 +29,7 @@ POSITIVE = ["output_tokens_per_s", "total_tokens_per_s", "request_throughput", "
 
 def _smoke(tmp_path, *extra: str) -> tuple[dict, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)  # plain torch appends: the interpreter is far too slow for models
     cmd = [sys.executable, "-m", "torch_vkv", "bench", "serve", "--smoke", "--out", str(tmp_path), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -14,6 +14,7 @@ import os
 import random
 import warnings
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -38,12 +39,9 @@ KV_CONFIGS = {
 
 
 @pytest.fixture(autouse=True)
-def _plain_torch_append(monkeypatch):
-    """On the CPU, ``append_kv`` takes the Triton interpreter whenever
-    TRITON_INTERPRET=1 (other test files set it): far too slow for whole
-    models. Only ``test_triton_backend_interpreted`` runs interpreted."""
-    if not torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def _plain_torch_append(no_interpreted_triton):
+    """Whole models on the CPU append with plain torch (conftest); only
+    ``test_triton_backend_interpreted`` runs the kernels interpreted."""
 
 
 def make_model(family: str, seed: int = 0, device: str = "cpu", dtype=torch.float32):
@@ -533,6 +531,53 @@ def test_engine_constructor_errors(kwargs, exc):
 def test_engine_not_a_model():
     with pytest.raises(TypeError, match="model"):
         Engine(object(), max_batch_size=2, max_seq_len=16, device="cpu")
+
+
+def test_batch_metadata_is_16_byte_aligned_for_every_batch_size():
+    """Triton specialises kernels on pointer alignment: the lengths, slots and
+    cu_seqlens of every batch start 16-byte aligned, whatever its number of
+    requests, so no batch size compiles a new kernel variant mid-serving."""
+    model = model_of("llama")
+    seen = []
+    with engine_for(model, max_batch_size=7, chunk_size=40) as e:
+        forward = e.runner._forward
+
+        def checking_forward(ids, pos, rows, ctx):
+            parts = [ctx.cache_seqlens, ctx.slots] + ([ctx.cu_seqlens_q] if ctx.cu_seqlens_q is not None else [])
+            seen.append((ctx.cache_seqlens.shape[0], [t.data_ptr() % 16 for t in parts + [pos]]))
+            return forward(ids, pos, rows, ctx)
+
+        e.runner._forward = checking_forward
+        rng = random.Random(3)
+        e.generate(random_prompts(rng, 7, 1, 30), greedy(4), use_tqdm=False)
+    assert len({r % 4 for r, _ in seen}) >= 3, f"the batches should cover several sizes mod 4: {seen}"
+    assert all(m == [0] * len(m) for _, m in seen), seen
+
+
+def test_paged_grow_reaches_the_cache_only_at_block_boundaries():
+    """The paged baseline's per-step host work: a decode step commits only for
+    slots that cross into a new block (one step in block_size), not for every
+    running slot, and admission stays exact (blocks counted per slot)."""
+    from torch_vkv.serving.kv import KVManager
+
+    m = KVManager("paged", num_layers=2, num_kv_heads=2, head_dim=8, num_slots=5, max_seq_len=200,
+                  dtype=torch.float32, device="cpu", memory_budget=None, layout="per_layer", block_size=16)  # fmt: skip
+    slots = [m.alloc() for _ in range(4)]
+    seq = np.zeros(m.num_slots, dtype=np.int64)
+    for i, s in enumerate(slots):
+        seq[s] = 5 + 7 * i
+    calls = []
+    commit = m.cache.commit
+    m.cache.commit = lambda slot, n: (calls.append((slot, n)), commit(slot, n))[1]
+    for _ in range(64):
+        assert m.can_grow(seq)
+        m.grow(seq)
+        seq[slots] += 1
+    # 64 steps of 4 slots: 4 first commits plus one per block boundary crossed (4 each).
+    assert len(calls) == 4 + 4 * 4, calls
+    for s in slots:
+        assert m.cache.capacity(s) >= seq[s] - 1 and m.cache.capacity(s) % 16 == 0
+        assert m.need_pages(s, int(seq[s]) + 40) == -(-(int(seq[s]) + 40) // 16) - m.cache.capacity(s) // 16
 
 
 def test_graph_batch_sizes():

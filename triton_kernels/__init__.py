@@ -15,11 +15,19 @@ Each has a plain-PyTorch reference beside it (``*_reference``).
 Importing this package imports ``triton``.
 """
 
-from .append import append_kv, append_kv_reference, zero_tail
-from .decode import decode_attention, decode_reference, default_num_splits
-from .prefill import attention_reference, gather_paged, prefill_attention
+import os
+
+#: Whether these kernels were defined under Triton's CPU interpreter: Triton reads
+#: ``TRITON_INTERPRET`` when a kernel is decorated, so this, not the variable's
+#: value later, says whether they run on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
+from .decode import decode_attention  # noqa: E402, decode_reference, default_num_splits
+from .prefill import attention_reference, gather_paged, prefill_attention  # noqa: E402
 
 __all__ = [
+    "INTERPRETED",
     "append_kv",
     "append_kv_reference",
     "attention_reference",

@@ -25,7 +25,10 @@ import triton.language as tl
 from ._common import _request, _rows, bounds, next_pow2
 
 
-@triton.jit
+# Runtime sizes are not specialised (Triton would compile a variant per value
+# equal to 1 or divisible by 16): a serving engine's batches take every value,
+# and each new variant is a compile of about a second in the middle of a step.
+@triton.jit(do_not_specialize=["num_requests", "search_steps"])
 def _append_kv_kernel(
     k_new_ptr,  # [total_q, H_kv, HEAD_DIM]
     v_new_ptr,
@@ -36,6 +39,7 @@ def _append_kv_kernel(
     slots_ptr,  # [num_requests] (unused unless HAS_SLOTS)
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
     num_requests,
+    search_steps,  # VARLEN: binary-search steps over cu_q, bit_length(num_requests) + 1
     num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
     stride_knt, stride_knh,  # k_new: token, head
     stride_vnt, stride_vnh,  # v_new
@@ -46,7 +50,6 @@ def _append_kv_kernel(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     PAGED: tl.constexpr,
@@ -57,7 +60,7 @@ def _append_kv_kernel(
         # Largest r with cu[r] <= t (invariant cu[lo] <= t < cu[hi]).
         lo = t * 0
         hi = lo + num_requests
-        for _ in tl.static_range(SEARCH_STEPS):
+        for _ in range(search_steps):
             mid = (lo + hi) // 2
             go = tl.load(cu_q_ptr + mid) <= t
             lo = tl.where(go, mid, lo)
@@ -127,13 +130,13 @@ def append_kv(
     _append_kv_kernel[(T,)](
         k_new, v_new, k_cache, v_cache, cache_seqlens,
         cu_seqlens_q if cu_seqlens_q is not None else cache_seqlens,
-        slots if slots is not None else cache_seqlens, bt, R, *bounds(k_cache, block_table),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        slots if slots is not None else cache_seqlens, bt, R, max(1, R.bit_length() + 1),
+        *bounds(k_cache, block_table), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0,
         NUM_KV_HEADS=H_kv, BLOCK_H=next_pow2(H_kv), HEAD_DIM=D, BLOCK_D=next_pow2(D),
-        SEARCH_STEPS=max(1, (R).bit_length() + 1), VARLEN=cu_seqlens_q is not None,
+        VARLEN=cu_seqlens_q is not None,
         HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
         num_warps=4 if H_kv * D >= 1024 else 1,
     )  # fmt: skip
@@ -165,7 +168,7 @@ def append_kv_reference(k_cache, v_cache, k_new, v_new, cache_seqlens, *, cu_seq
                 v_cache[s, pos] = v_new[cu[r] + i]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["limit"])
 def _zero_tail_kernel(
     k_ptr,
     v_ptr,

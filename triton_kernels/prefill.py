@@ -39,7 +39,8 @@ import triton.language as tl
 from ._common import _attn_span, _request, bounds, dot_f32, score_params
 
 
-@triton.jit
+# total_q varies with every batch: not specialised (see append._append_kv_kernel).
+@triton.jit(do_not_specialize=["total_q"])
 def _prefill_kernel(
     q_ptr,  # [total_q, num_heads, HEAD_DIM]
     k_ptr,  # cache [B, S_max, H_kv, D] or pool [num_blocks, PAGE_SIZE, H_kv, D]

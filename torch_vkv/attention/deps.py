@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -43,11 +44,15 @@ def triton_kernels():
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA, and on the CPU only under ``TRITON_INTERPRET=1``."""
+    """Triton runs on CUDA, and on the CPU only under ``TRITON_INTERPRET=1``:
+    as it was when the kernels were defined (Triton reads it then), once they are."""
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
         return True
+    kernels = sys.modules.get("torch_vkv.triton_kernels")
+    if kernels is not None:
+        return bool(kernels.INTERPRETED)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -20,7 +20,8 @@ Random bf16 weights (:mod:`.models`), every request to its trace length
 KV memory and host time of every iteration, the roofline), ``serve.md`` (a
 table per workload, ratios vs the best paged configuration) and plots.
 ``--smoke``: a tiny model and tiny sizes (seconds on a CPU); ``--quick``: the
-GPU preset of ``scripts/gpu_check.sh`` (about 4-5 minutes on an H200).
+GPU preset of ``scripts/gpu_check.sh`` (on an H200 about 6 minutes per three workloads:
+more than one 10-minute device call for all seven; pick them with ``--workload``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -90,7 +92,7 @@ INF = math.inf
 
 def workloads(scale: str, device_type: str = "cuda") -> dict[str, Workload]:
     """The workloads at ``scale``. GPU sizes fit one 10-minute command
-    (``full``) or about 4-5 minutes (``quick``) on an H200; ``smoke`` runs on a
+    (``full``, per workload) or about 2 minutes each (``quick``) on an H200; ``smoke`` runs on a
     CPU in seconds (on CUDA its capacity budget is 8 pages of 2 MiB: the
     driver's granularity, where the CPU test uses 4 KiB host pages)."""
     if scale not in ("smoke", "quick", "full"):
@@ -229,10 +231,13 @@ def run(
     tpot_slo_s: float = 0.1,
     seed: int = 0,
     log=print,
+    on_workload=None,
 ) -> dict[str, Any]:
     """Runs workloads ``names`` at ``scale`` over ``configs``; returns the
     report (see :func:`main`). ``num_requests`` / ``request_rates`` override
-    every part's count / the online rates."""
+    every part's count / the online rates; ``on_workload(report)`` is called
+    after each workload (``main`` writes the report so far: a run cut short
+    by a time limit keeps what it finished)."""
     from torch_vkv.bench.models import build_model
     from torch_vkv.bench.roofline import ModelCost, measure_device
     from torch_vkv.bench.serve_engine import random_prompts, run_engine, run_generate_batch
@@ -307,6 +312,7 @@ def run(
                     wrep["skipped"].append({"config": cfg.name, "group": f"{part.trace}@{part.rate:g}",
                                             "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
                     log(f"{name} {part.trace}@{part.rate:g} {cfg.name}: FAILED {type(exc).__name__}: {exc}")
+                    log(traceback.format_exc(limit=-8))
                     continue
                 if cost is None:
                     cost = ModelCost.of(model, _kv_bytes_per_token(model, dtype))
@@ -335,6 +341,8 @@ def run(
         _add_ratios(name, wrep["rows"])
         report["workloads"][name] = wrep
         report["rows"] += wrep["rows"]
+        if on_workload is not None:
+            on_workload(report)
     models.clear()
     _release(device)
     return report
@@ -505,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=None,
                    help=f"in process: comma-separated configurations (default: {','.join(CONFIGS)} plus FlashInfer "
                         "and hf-generate_batch where available); NAME:BACKEND picks an attention backend")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="in process: the GPU preset of scripts/gpu_check.sh (~4-5 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="in process: the GPU preset of scripts/gpu_check.sh (about 2 minutes a workload on an H200)")
     p.add_argument("--request-rates", default=None, help="in process: long-online sweep rates, comma-separated")
     p.add_argument("--device", default=None, help="in process: default cuda when present, else cpu")
     return p
@@ -555,10 +564,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         slo = {"ttft_slo_s": slo["ttft_slo_s"] or 2.0, "tpot_slo_s": slo["tpot_slo_s"] or 0.1}
     t = time.perf_counter()
-    report = run(names, scale, configs, num_requests=args.num_requests, request_rates=rates, device=device,
-                 seed=args.seed, **slo)  # fmt: skip
-    report["wall_s"] = time.perf_counter() - t
     command = "python -m torch_vkv bench serve " + " ".join(sys.argv[3:] if argv is None else argv)
+
+    def write_so_far(report: dict[str, Any]) -> None:
+        write(dict(report, wall_s=time.perf_counter() - t), args.out, command, log=lambda *a: None)
+
+    report = run(names, scale, configs, num_requests=args.num_requests, request_rates=rates, device=device,
+                 seed=args.seed, on_workload=write_so_far, **slo)  # fmt: skip
+    report["wall_s"] = time.perf_counter() - t
     write(report, args.out, command)
     failed = [s for w in report["workloads"].values() for s in w["skipped"] if s["reason"].startswith("failed")]
     return 1 if failed else 0

@@ -195,7 +195,7 @@ class Engine:
             scratch = None
             if graphs:
                 scratch = self.kv.alloc()
-                self.kv.grow(_one_slot(num_slots, scratch, 1))
+                self.kv.grow(_one_slot(self.kv.num_slots, scratch, 1))  # parking slots included
             self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
             register()
             self._orig_attn = getattr(model.config, "_attn_implementation", None)

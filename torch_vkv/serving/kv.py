@@ -318,8 +318,11 @@ class KVManager:
         if self.kind == "virtual":
             return self.cache.can_step(seq_lens)
         grow = np.flatnonzero(seq_lens > self._covered)
-        need = sum(self.need_pages(int(s), int(seq_lens[s])) for s in grow)
-        return need <= self.cache.pool.num_free
+        if grow.size == 0:
+            return True
+        bs = self.block_tokens  # _covered is whole blocks (grow below), so this is exact
+        need = (-(-seq_lens[grow] // bs) - (-(-self._covered[grow] // bs))).sum()
+        return int(need) <= self.cache.pool.num_free
 
     def grow(self, seq_lens: np.ndarray) -> None:
         """Backs ``seq_lens`` (see :meth:`can_grow`); all or nothing. Virtual:
@@ -328,10 +331,15 @@ class KVManager:
         is not there (only if the driver itself runs out after ``can_grow``)."""
         if self.kind == "virtual":
             self.cache.step_async(seq_lens)
-        else:
-            for s in np.flatnonzero(seq_lens > self._covered):
-                self.cache.commit(int(s), int(seq_lens[s]))  # all or nothing per slot; can_grow checked all
-        np.maximum(self._covered, seq_lens, out=self._covered)
+            np.maximum(self._covered, seq_lens, out=self._covered)
+            return
+        # Paged: only slots that cross into a new block (about one in block_size per decode step)
+        # reach the cache; _covered then holds whole blocks, so the others are skipped next step.
+        grow = np.flatnonzero(seq_lens > self._covered)
+        for s in grow:
+            self.cache.commit(int(s), int(seq_lens[s]))  # all or nothing per slot; can_grow checked all
+        bs = self.block_tokens
+        self._covered[grow] = np.minimum(-(-seq_lens[grow] // bs) * bs, self.max_seq_len)
 
     def synchronize(self) -> None:
         """Waits for the background commits of the last :meth:`grow` (virtual)."""

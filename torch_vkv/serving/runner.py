@@ -160,9 +160,11 @@ class ModelRunner:
         self._values = [kv.value(l) for l in range(kv.num_layers)]
         self._pin = self.device.type == "cuda"
         max_tokens = max(chunk_size, max_batch_size)
-        # Host staging: int64 tokens | positions | sample rows; int32 cu | seqlens | slots.
-        self._h64 = torch.zeros(3 * max_tokens, dtype=torch.int64, pin_memory=self._pin)
-        self._h32 = torch.zeros(3 * max_batch_size + 1, dtype=torch.int32, pin_memory=self._pin)
+        # Host staging: int64 tokens | positions | sample rows; int32 seqlens | slots | cu. Each part
+        # starts 16-byte aligned: Triton specialises kernels on pointer alignment, and offsets that
+        # moved with the batch size would compile a variant (about a second) mid-step for new sizes.
+        self._h64 = torch.zeros(3 * _align(max_tokens, 2), dtype=torch.int64, pin_memory=self._pin)
+        self._h32 = torch.zeros(3 * _align(max_batch_size + 1, 4), dtype=torch.int32, pin_memory=self._pin)
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._scratch = scratch_slot
         #: Host seconds spent building batches' metadata (inputs, lengths, slots, copies queued).
@@ -206,23 +208,24 @@ class ModelRunner:
                     sample.append(i)
             max_q = max(news)
         T, S = len(tokens), len(sample)
-        h64 = self._h64[: 2 * T + S].numpy()
+        t2, r4 = _align(T, 2), _align(R + 1, 4)  # 16-byte aligned parts (see __init__)
+        h64 = self._h64[: 2 * t2 + S].numpy()
         h64[:T] = tokens
-        h64[T : 2 * T] = positions
-        h64[2 * T :] = [cu[i + 1] - 1 for i in sample] if cu is not None else sample
-        h32 = self._h32[: 2 * R + (R + 1 if cu is not None else 0)].numpy()
+        h64[t2 : t2 + T] = positions
+        h64[2 * t2 :] = [cu[i + 1] - 1 for i in sample] if cu is not None else sample
+        h32 = self._h32[: 2 * r4 + (R + 1 if cu is not None else 0)].numpy()
         h32[:R] = lens
-        h32[R : 2 * R] = [r.slot for r in reqs]
+        h32[r4 : r4 + R] = [r.slot for r in reqs]
         if cu is not None:
-            h32[2 * R :] = cu
-        d64 = self._h64[: 2 * T + S].to(self.device, non_blocking=True)
+            h32[2 * r4 :] = cu
+        d64 = self._h64[: h64.shape[0]].to(self.device, non_blocking=True)
         d32 = self._h32[: h32.shape[0]].to(self.device, non_blocking=True)
         ctx = BatchContext(
-            self._keys, self._values, d32[:R], d32[2 * R :] if cu is not None else None, d32[R : 2 * R],
+            self._keys, self._values, d32[:R], d32[2 * r4 :] if cu is not None else None, d32[r4 : r4 + R],
             self.kv.block_table, max_q, self.backend,
         )  # fmt: skip
         self.prepare_seconds += time.perf_counter() - t0
-        return self._forward(d64[:T], d64[T : 2 * T], d64[2 * T :], ctx), sample
+        return self._forward(d64[:T], d64[t2 : t2 + T], d64[2 * t2 :], ctx), sample
 
     # --------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
@@ -287,3 +290,8 @@ class ModelRunner:
     def close(self) -> None:
         self._graphs.clear()
         self._keys = self._values = []
+
+
+def _align(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
