@@ -22,6 +22,9 @@ from _hf_models import (  # noqa: E402
     FAMILIES, IMPLS, _expected_committed, _loop, _step, generate, prompts, tiny_model, vcache,
 )
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", IMPLS)

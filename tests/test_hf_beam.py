@@ -13,6 +13,9 @@ from torch_vkv.hf import forward_kwargs  # noqa: E402
 
 from _hf_models import _step, generate, prompts, tiny_model, vcache  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 PROMPT = 70  # > 2 pages of 32 tokens per_layer (4 KiB host pages): the prompt has full pages to share
 NEW = 6
 

@@ -12,6 +12,9 @@ from transformers import DynamicCache  # noqa: E402
 
 from _hf_models import generate, prompts, tiny_config, tiny_model  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 
 @pytest.fixture
 def keep_threads():

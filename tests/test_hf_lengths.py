@@ -13,6 +13,9 @@ pytest.importorskip("transformers")
 from torch_vkv.hf import commit_op  # noqa: E402
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 
 def test_eager_steps_count_on_host_and_device():
     ln = SequenceLengths(4, torch.device("cpu"))

@@ -21,6 +21,9 @@ from torch_vkv.hf import VirtualKVCache, cache_keyword, forward_kwargs, generate
 
 from _hf_models import PAGE, generate, prompts, tiny_config, tiny_model, vcache  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 BAD_ARGS = [
     (dict(layout="rows"), ValueError, "layout"),
     (dict(layout=None), ValueError, "layout"),

@@ -21,6 +21,9 @@ from transformers import DynamicCache  # noqa: E402
 
 from torch_vkv.hf.cache import layer_windows  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 WINDOW = 8
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,

@@ -12,6 +12,9 @@ from _tiny_checkpoint import build_checkpoint, build_tokenizer
 from torch_vkv.serving import LLM, SamplingParams
 from torch_vkv.serving.llm import TextStream
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 TOKENIZER = build_tokenizer()
 # ASCII, two-, three- and four-byte UTF-8 characters: byte-level BPE splits the long ones over tokens.
 ALPHABET = "ab d\néöü✓日本語🙂"

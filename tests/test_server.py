@@ -22,6 +22,9 @@ httpx = pytest.importorskip("httpx", reason="the server tests need httpx (test e
 from _tiny_checkpoint import build_checkpoint  # noqa: E402
 from torch_vkv.serving import LLM, SamplingParams  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 MAX_SEQ_LEN = 512
 ENGINE_ARGS = ["--max-seq-len", str(MAX_SEQ_LEN), "--page-size", "64KiB", "--chunk-size", "256"]
 

@@ -24,6 +24,9 @@ from test_serving import (  # noqa: E402
 from torch_vkv.serving import SamplingParams, completion_seed  # noqa: E402
 from torch_vkv.serving.prefix import PrefixIndex, block_keys  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 __all__ = ["_plain_torch_append"]  # the autouse fixture, re-exported so pytest applies it here
 
 BLOCK = {"virtual-per_layer": 32, "virtual-interleaved": 8, "paged": 16}

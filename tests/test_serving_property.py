@@ -21,6 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from test_serving import PAGE, VOCAB, assert_greedy_equal, engine_for, model_of, reference  # noqa: E402
 from torch_vkv.serving import SamplingParams  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 MAX_SEQ_LEN = 48
 # Pool pages of one budget unit: virtual per_layer (4 KiB page = 32 tokens of
 # one of 4 buffers), interleaved (4 KiB = 8 tokens of all layers), paged (a

@@ -26,6 +26,9 @@ from test_serving import _plain_torch_append, assert_greedy_equal  # noqa: E402,
 
 from torch_vkv.serving import Engine, SamplingParams  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 WINDOW = 16
 PAGE = 4096  # host page: 8 tokens of one layer's K (2 KV heads x 64 dims x fp32)
 VOCAB = 160

@@ -33,6 +33,9 @@ from torch_vkv.attention.selection import supports  # noqa: E402
 from torch_vkv.hf import VirtualKVCache, generate_kwargs  # noqa: E402
 from torch_vkv.serving import CompletionOutput, Engine, RequestMetrics, RequestOutput, SamplingParams  # noqa: E402
 
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
 H, H_KV, D = 4, 2, 16
 
 
