@@ -387,3 +387,38 @@ def test_generate_compiled_again_with_a_cache_of_another_size():
     for max_len, steps, out in runs:
         ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=steps)
         assert torch.equal(out, ref), max_len
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_aot_eager_is_refused_with_a_clear_error_not_a_fault(layout):
+    """``torch.compile(backend="aot_eager")`` runs the functionalized write on a
+    copy of the whole K/V buffer and copies it back, uncommitted pages included:
+    a segfault on the host backend before the check. The compiled step now raises
+    a RuntimeError naming the backend, the cache keeps working eagerly, and
+    inductor still compiles it. In a child process: a regression would crash."""
+    from _subprocess import check_scenario
+
+    check_scenario(f"""
+        import torch
+        from _hf_models import prompts, tiny_model, vcache
+        from torch_vkv.hf import forward_kwargs
+        model = tiny_model("llama", "vkv")
+        ids, _ = prompts(2, length=4)
+        ids = ids.masked_fill(ids == 0, 7)
+        cache = vcache(model, 2, layout={layout!r})
+        with torch.no_grad():
+            tok = model(ids, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+            step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+            try:
+                step(tok, **forward_kwargs(model, cache))
+            except RuntimeError as e:
+                assert "aot_eager" in str(e) and "inductor" in str(e), str(e)
+            else:
+                raise AssertionError("aot_eager compiled a step over a virtual KV cache")
+            assert cache.get_seq_length() == 4
+            torch._dynamo.reset()
+            step = torch.compile(model.forward, fullgraph=True)  # inductor: in place, accepted
+            for _ in range(3):
+                tok = step(tok, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+            assert cache.get_seq_length() == 7, cache.get_seq_length()
+    """, timeout=600)

@@ -23,7 +23,7 @@ import os
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
-from .decode import decode_attention  # noqa: E402, decode_reference, default_num_splits
+from .decode import decode_attention, decode_reference, default_num_splits  # noqa: E402
 from .prefill import attention_reference, gather_paged, prefill_attention  # noqa: E402
 
 __all__ = [

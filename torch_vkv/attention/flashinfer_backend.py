@@ -37,12 +37,17 @@ the rows ``[len, round_up(len, FA3_TILE))`` of each used slot are zeroed
 rows must be committed (``KVCache(margin_tokens=FA3_TILE)``).
 
 Plans and workspaces are kept per device and shape in this module (FlashInfer's
-wrappers are stateful); calls are expected on one stream at a time.
+wrappers are stateful); calls are expected on one stream at a time. They are
+allocated on a side stream (:func:`_outside_graph_pools`): a first call inside
+``torch.compile``'s CUDA-graph warm-up would otherwise put them in the graph's
+private pool, which cudagraph trees refuse ("tensors in the cudagraph pool not
+tracked as outputs").
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -165,10 +170,28 @@ _DECODE: dict = {}  # (device, R, shapes, options) -> _DecodePlan
 _RAGGED: dict = {}  # (device, fa backend) -> [wrapper, last plan key]
 
 
+@contextlib.contextmanager
+def _outside_graph_pools(device: torch.device) -> Iterator[None]:
+    """Allocates the block's long-lived state (workspaces, plans) outside any CUDA
+    graph pool. CUDA-graph trees route the allocations of their stream to the
+    graph's pool, warm-up runs included; a side stream's allocations are not
+    routed. The side stream waits for the current one and back."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        yield  # the CPU, or a capture (plans are refused there, see _decode)
+        return
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
 def _workspace(device: torch.device) -> torch.Tensor:
     ws = _WORKSPACE.get(device)
     if ws is None:
-        ws = _WORKSPACE[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        with _outside_graph_pools(device):
+            ws = _WORKSPACE[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return ws
 
 
@@ -220,7 +243,8 @@ def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, s
             raise RuntimeError("flashinfer decode: expected one call outside the CUDA graph first (it plans "
                                f"the kernel for this shape: {R} requests, cache {tuple(k_cache.shape)}), got "
                                "the first call inside a capture")  # fmt: skip
-        plan = _DECODE[key] = _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap)
+        with _outside_graph_pools(q.device):
+            plan = _DECODE[key] = _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap)
     # Device metadata is never read: a bad request attends to no key (length 0, slot 0).
     ok, lens, rows = valid_requests(k_cache, cache_seqlens, None, slots, None)
     out = plan.run(q, k_cache, v_cache, lens, rows)
@@ -236,17 +260,19 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
     backend = _prefill_backend(dev)
     holder = _RAGGED.get((dev, backend))
     if holder is None:
-        holder = _RAGGED[(dev, backend)] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
-            _workspace(dev), "NHD", backend=backend), None]  # fmt: skip
+        with _outside_graph_pools(dev):
+            holder = _RAGGED[(dev, backend)] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
+                _workspace(dev), "NHD", backend=backend), None]  # fmt: skip
     wrapper = holder[0]
     H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
     plan_key = (tuple(qo), tuple(kv), H, H_kv, D, q.dtype, causal, scale, window_left, softcap)
     if holder[1] != plan_key:  # layers of one step share the plan
-        wrapper.plan(
-            torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), H, H_kv, D,
-            causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
-            q_data_type=q.dtype, kv_data_type=k_cache.dtype,
-        )  # fmt: skip
+        with _outside_graph_pools(dev):
+            wrapper.plan(
+                torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), H, H_kv, D,
+                causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
+                q_data_type=q.dtype, kv_data_type=k_cache.dtype,
+            )  # fmt: skip
         holder[1] = plan_key
     ok = torch.tensor(valid, dtype=torch.bool, device=dev)
     if backend == "fa3":

@@ -55,7 +55,8 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       (2026-12-02) with FlashInfer importable, two compiled ``generate()`` tests
       failed inside CUDA graph trees ("tensors in the cudagraph pool not tracked
       as outputs"; most likely its plan buffers, created lazily inside the
-      graph pool: the same tests passed without FlashInfer).
+      graph pool: the same tests passed without FlashInfer). Its state is now
+      allocated on a side stream, outside graph pools; not yet run on a GPU.
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.

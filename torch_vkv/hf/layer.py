@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 import torch_vkv
+from torch_vkv._compile_guard import check_backend
 
 try:  # transformers is optional for torch_vkv, required for this package
     from transformers.cache_utils import CacheLayerMixin
@@ -188,6 +189,7 @@ class VirtualKVLayer(CacheLayerMixin):
         p._check_states(key_states, value_states)
         B, H, S, D = key_states.shape
         if torch.compiler.is_compiling():
+            check_backend()  # aot_eager would copy the whole buffer: a clear error instead of a fault
             lens = p._compiled_step_lengths(self.layer_idx, B, S)
             cu = None if S == 1 else torch.arange(B + 1, dtype=torch.int32, device=key_states.device) * S
             self._append(key_states, value_states, lens, cu, None)
