@@ -127,3 +127,42 @@ def test_debug_enabled_reads_the_environment_at_call_time(monkeypatch):
     assert debug_enabled()
     monkeypatch.setenv("TORCH_VKV_DEBUG", "0")
     assert not debug_enabled()
+
+
+def test_append_kv_into_a_kv_cache_refuses_aot_eager_and_plain_tensors_compile():
+    """``torch_vkv.append_kv`` into a ``KVCache``'s buffers under
+    ``torch.compile(backend="aot_eager")`` raises a RuntimeError naming the
+    backend (aot_eager copies the whole reservation around the in-place write,
+    uncommitted pages included: a fault), while ordinary tensors still compile
+    with aot_eager and the cache compiles with inductor. In a child process."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+        import torch, torch_vkv
+        from torch_vkv import KVCache
+
+        def write(k, v, k_new, v_new, lens):
+            torch_vkv.append_kv(k, v, k_new, v_new, lens)
+
+        torch.manual_seed(0)
+        k_new, v_new = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+        lens = torch.tensor([3, 1], dtype=torch.int32)
+        with KVCache(1, 2, 16, max_batch_size=2, max_seq_len=4096, dtype=torch.float32, device="cpu",
+                     page_size=4096) as cache:
+            for s in (cache.alloc(), cache.alloc()):
+                cache.commit(s, 3)
+            k, v = cache.key(0), cache.value(0)
+            try:
+                torch.compile(write, fullgraph=True, backend="aot_eager")(k, v, k_new, v_new, lens)
+            except RuntimeError as e:
+                assert "aot_eager" in str(e), str(e)
+            else:
+                raise AssertionError("aot_eager compiled a write into a virtual KV cache")
+            torch._dynamo.reset()
+            torch.compile(write, fullgraph=True)(k, v, k_new, v_new, lens)  # inductor: in place
+            torch.testing.assert_close(k[0, 2], k_new[0]) ; torch.testing.assert_close(v[1, 0], v_new[1])
+        plain_k, plain_v = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+        torch._dynamo.reset()
+        torch.compile(write, fullgraph=True, backend="aot_eager")(plain_k, plain_v, k_new, v_new, lens)
+        torch.testing.assert_close(plain_k[0, 2], k_new[0])
+    """, timeout=600)

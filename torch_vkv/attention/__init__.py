@@ -94,6 +94,8 @@ from typing import Optional
 import torch
 
 from .._checks import fail
+from .._compile_guard import check_backend
+from ..tensor import VirtualKVTensor, VirtualKVView
 from . import deps
 from .append import append_kv_op
 from .common import flat_rows
@@ -278,6 +280,8 @@ def append_kv(
     A request whose metadata is out of range writes nothing: ``ValueError`` when the
     metadata is on the host, masked on the device (see the module docstring).
     """
+    if torch.compiler.is_compiling() and isinstance(k_cache, (VirtualKVTensor, VirtualKVView)):
+        check_backend()  # aot_eager would copy the whole reservation around the write: an error, not a fault
     check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
     check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, k_new.shape[0], what="append_kv")
     cache_seqlens = cache_seqlens.contiguous()
