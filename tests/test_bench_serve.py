@@ -109,6 +109,10 @@ def test_smoke_ratios_and_capacity(smoke_report):
     assert cap["paged-256"]["peak_running"] == 1
     assert cap["paged-16"]["peak_running"] > 1
     assert cap["paged-16"]["x_paged16_concurrency"] == 1.0
+    assert cap["paged-16"]["x_paged16_mean_running"] == 1.0
+    p16_mean = cap["paged-16"]["mean_running_while_queued"]
+    for row in cap.values():
+        assert row["x_paged16_mean_running"] == pytest.approx(row["mean_running_while_queued"] / p16_mean)
     for cfg, r in cap.items():
         assert r["peak_committed_bytes"] <= budget, cfg
     assert cap["virtual-interleaved"]["num_preemptions"] >= 0
