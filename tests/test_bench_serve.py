@@ -275,3 +275,20 @@ def test_generate_batch_peer_on_cuda():
     res = run_generate_batch(model, specs, random_prompts(specs, model.config.vocab_size), 4)
     assert res.duration_s > 0 and all(r.ok and r.output_tokens == 4 for r in res.results)
     assert model.config._attn_implementation == before
+
+
+def test_profile_adds_the_split_and_top_operators(tmp_path):
+    """``--profile``: every engine row gets the profiled split (on the CPU: no
+    device kernels, the engine's host share, operators ranked by CPU time) and
+    serve.md a line per configuration."""
+    report, md = _smoke(tmp_path, "--workload", "offline", "--configs", "virtual-per_layer,paged-16", "--profile")
+    rows = report["workloads"]["offline"]["rows"]
+    assert {r["config"] for r in rows} == {"virtual-per_layer", "paged-16"}
+    for r in rows:
+        p = r["profile"]
+        assert p["ranked_by"] == "cpu" and p["kernel_pct"] is None and r["profile_kernel_pct"] is None
+        assert p["num_iterations"] == r["num_iterations"] > 0
+        assert 0 < p["host_pct"] < 100 and p["host_s"] <= p["busy_s"]
+        names = [t["name"] for t in p["top"]]
+        assert "torch_vkv::append_kv" in names and all(t["self_ms"] > 0 and t["calls"] > 0 for t in p["top"])
+        assert f"- profile uniform@inf {r['config']}: no device kernels" in md

@@ -211,6 +211,8 @@ def _row(w: Workload, part: Part, cfg: str, run: Any, cost: Any, device_rates: d
         row["peak_running"] = max(m["num_running"] for m in run.memory)
         queued = [m["num_running"] for m in run.memory if m["num_waiting"] > 0]
         row["mean_running_while_queued"] = sum(queued) / len(queued) if queued else math.nan
+    if getattr(run, "profile", None):
+        row.update(profile=run.profile, profile_kernel_pct=run.profile["kernel_pct"])
     if run.stats:
         row["num_preemptions"] = run.stats.get("num_preemptions")
         for k in ("prefix_hit_rate", "prefix_hit_tokens", "num_computed_tokens"):
@@ -232,6 +234,7 @@ def run(
     seed: int = 0,
     log=print,
     on_workload=None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Runs workloads ``names`` at ``scale`` over ``configs``; returns the
     report (see :func:`main`). ``num_requests`` / ``request_rates`` override
@@ -307,7 +310,7 @@ def run(
                 try:
                     res = run_engine(model, cfg, specs, prompts, max_batch_size=w.max_batch_size,
                                      max_seq_len=max_seq_len, chunk_size=w.chunk_size, memory_budget=w.memory_budget,
-                                     page_size=page_size, n=part.n)  # fmt: skip
+                                     page_size=page_size, n=part.n, profile=profile)  # fmt: skip
                 except Exception as exc:  # one configuration failing must not lose the others
                     wrep["skipped"].append({"config": cfg.name, "group": f"{part.trace}@{part.rate:g}",
                                             "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
@@ -460,6 +463,7 @@ def _finite(obj: Any) -> Any:
 def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path:
     """``serve.json``, ``serve.md`` and the plots under ``out_dir``; returns the md path."""
     from torch_vkv.bench.report import environment, markdown_table
+    from torch_vkv.bench.serve_profile import profile_lines
 
     out = Path(out_dir or os.environ.get("TORCH_VKV_BENCH_DIR", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -487,6 +491,7 @@ def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path
                       f"chunk {p['chunk_size']}, KV budget {_gib(p['memory_budget'])}")  # fmt: skip
         md += [f"- skipped: {s['config']}: {s['reason']}" for s in w["skipped"]]
         md += ["", markdown_table(w["rows"], COLUMNS[name])]
+        md += profile_lines(w["rows"])
         md += [f"![{k}]({Path(v).name})" for k, v in plots.items() if k.startswith(name + ":")]
     path = out / "serve.md"
     path.write_text("\n".join(md) + "\n")
@@ -517,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=None,
                    help=f"in process: comma-separated configurations (default: {','.join(CONFIGS)} plus FlashInfer "
                         "and hf-generate_batch where available); NAME:BACKEND picks an attention backend")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="in process: torch.profiler over each timed loop: kernel vs host time, top operators "
+                        "(slows the host: take timings from a run without it)")
     p.add_argument("--quick", action="store_true",
                    help="in process: the GPU preset of scripts/gpu_check.sh (about 2 minutes a workload on an H200)")
     p.add_argument("--request-rates", default=None, help="in process: long-online sweep rates, comma-separated")
@@ -574,7 +582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write(dict(report, wall_s=time.perf_counter() - t), args.out, command, log=lambda *a: None)
 
     report = run(names, scale, configs, num_requests=args.num_requests, request_rates=rates, device=device,
-                 seed=args.seed, on_workload=write_so_far, **slo)  # fmt: skip
+                 seed=args.seed, on_workload=write_so_far, profile=args.profile, **slo)  # fmt: skip
     report["wall_s"] = time.perf_counter() - t
     write(report, args.out, command)
     failed = [s for w in report["workloads"].values() for s in w["skipped"] if s["reason"].startswith("failed")]

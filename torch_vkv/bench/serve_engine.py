@@ -84,6 +84,7 @@ class RunResult:
     iterations: list[IterationRecord] = field(default_factory=list)
     memory: list[dict[str, float]] = field(default_factory=list)  # after every iteration
     stats: dict[str, Any] = field(default_factory=dict)  # the engine's last stats()
+    profile: Optional[dict[str, Any]] = None  # serve_profile.summarize_profile, with --profile
 
 
 def random_prompts(specs: Sequence[RequestSpec], vocab_size: int, seed: int = 0,
@@ -170,12 +171,15 @@ def run_engine(
     cuda_graphs: bool = True,
     warmup: bool = True,
     n: int = 1,
+    profile: bool = False,
 ) -> RunResult:
     """Serves ``specs`` (with ``prompts``) on a fresh engine of ``cfg``; closes
     it (the model's attention implementation is restored) before returning.
     ``n > 1``: parallel sampling, ``n`` completions a request (temperature 1,
     seeded by the request's index); else greedy. The stats' prefix-cache and
-    token counters count the timed run only (not the warm-up)."""
+    token counters count the timed run only (not the warm-up). ``profile``:
+    ``torch.profiler`` over the timed loop (:mod:`torch_vkv.bench.serve_profile`;
+    ``RunResult.profile``); it slows the host side."""
     from torch_vkv.serving import Engine, SamplingParams
 
     engine = Engine(
@@ -185,6 +189,7 @@ def run_engine(
         cuda_graphs=cuda_graphs, prefix_caching=cfg.prefix_caching,
     )  # fmt: skip
     device = engine.device
+    prof = None
     try:
         if cfg.sync:
             if cfg.kv != "virtual":
@@ -206,6 +211,10 @@ def run_engine(
         before = engine.stats()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        if profile:
+            from torch_vkv.bench.serve_profile import start_profiler
+
+            prof = start_profiler(device)
         t0, mono0 = time.perf_counter(), time.monotonic()
         nxt = 0
         while nxt < len(order) or engine.has_unfinished_requests():
@@ -235,16 +244,25 @@ def run_engine(
                 if i is not None and out.finished:
                     results[i] = _result(specs[i], out, mono0 + specs[i].arrival_s, mono0)
         duration = time.perf_counter() - t0
+        summary = None
+        if prof is not None:
+            from torch_vkv.bench.serve_profile import summarize_profile
+
+            summary = summarize_profile(prof, busy_s=sum(i.wall_s for i in iterations),
+                                        host_s=sum(i.host_s for i in iterations), num_iterations=len(iterations))
+            prof = None
         stats = engine.stats()
         for k in ("prefix_hit_tokens", "prefix_query_tokens", "num_computed_tokens", "num_generated_tokens"):
             stats[k] -= before[k]
         stats["prefix_hit_rate"] = stats["prefix_hit_tokens"] / max(1, stats["prefix_query_tokens"])
     finally:
+        if prof is not None:  # the loop failed: stop the profiler before the error propagates
+            prof.stop()
         engine.close()
         del engine
         _release(device)
     assert all(r is not None for r in results)
-    return RunResult(cfg.name, results, duration, iterations, memory, stats)  # type: ignore[arg-type]
+    return RunResult(cfg.name, results, duration, iterations, memory, stats, summary)  # type: ignore[arg-type]
 
 
 def run_generate_batch(model: Any, specs: Sequence[RequestSpec], prompts: Sequence[Sequence[int]],

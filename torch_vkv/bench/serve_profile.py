@@ -1,0 +1,71 @@
+"""``bench serve --profile``: where a configuration's busy time goes.
+
+The serving benchmark's targets ask, where one is missed, whether an iteration
+is bound by the host or by the kernels. ``--profile`` runs ``torch.profiler``
+over each configuration's timed loop and adds to its row the device time of
+every kernel (``profile_kernel_pct`` of the busy time), beside the engine's own
+host time (``host_pct``), and to ``serve.json`` / ``serve.md`` the operators that
+took the most device time (CPU time on a CPU). Profiling slows the host side:
+take throughput and latency from a run without ``--profile``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["start_profiler", "summarize_profile", "profile_lines"]
+
+
+def start_profiler(device: torch.device) -> Any:
+    """A started ``torch.profiler.profile`` of the CPU and, on CUDA, the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def summarize_profile(prof: Any, *, busy_s: float, host_s: float, num_iterations: int, top: int = 8) -> dict:
+    """Stops ``prof`` and returns the run's split: ``kernel_s`` (device time of
+    all kernels), ``kernel_pct`` and ``host_pct`` of ``busy_s`` (the summed wall
+    time of the profiled iterations), per-iteration means, and the ``top``
+    operators by self device time (self CPU time when no device ran)."""
+    prof.stop()
+    events = prof.key_averages()
+    kernel_us = sum(max(0.0, float(e.self_device_time_total)) for e in events)
+    key = "self_device_time_total" if kernel_us > 0 else "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: float(getattr(e, key)), reverse=True)[:top]
+    n = max(1, num_iterations)
+    device = kernel_us > 0  # no device activity (a CPU run): no kernel split, operators by CPU time
+    return {
+        "busy_s": busy_s,
+        "host_s": host_s,
+        "kernel_s": kernel_us / 1e6 if device else None,
+        "kernel_pct": 100 * kernel_us / 1e6 / busy_s if device and busy_s > 0 else None,
+        "host_pct": 100 * host_s / busy_s if busy_s > 0 else None,
+        "num_iterations": num_iterations,
+        "kernel_ms_per_iteration": kernel_us / 1e3 / n if device else None,
+        "host_ms_per_iteration": host_s * 1e3 / n,
+        "ranked_by": "device" if kernel_us > 0 else "cpu",
+        "top": [{"name": e.key, "self_ms": float(getattr(e, key)) / 1e3, "calls": int(e.count)} for e in ranked],
+    }
+
+
+def profile_lines(rows: list) -> list:
+    """Markdown lines: per configuration with a profile, the split and the top operators."""
+    lines = []
+    for r in rows:
+        p = r.get("profile")
+        if not p:
+            continue
+        tops = ", ".join(f"`{t['name'][:60]}` {t['self_ms']:.1f} ms x{t['calls']}" for t in p["top"][:5])
+        kernel = "no device kernels"
+        if p["kernel_pct"] is not None:
+            kernel = f"kernels {p['kernel_pct']:.1f}% of the busy time ({p['kernel_ms_per_iteration']:.2f} ms an iteration)"
+        host = f"{p['host_pct']:.1f}%" if p["host_pct"] is not None else "n/a"
+        lines.append(f"- profile {r.get('group', '')} {r['config']}: {kernel}, engine host time {host}; "
+                     f"top by {p['ranked_by']} time: {tops}")  # fmt: skip
+    return lines
