@@ -36,10 +36,10 @@ def summarize_profile(prof: Any, *, busy_s: float, host_s: float, num_iterations
     prof.stop()
     events = prof.key_averages()
     kernel_us = sum(max(0.0, float(e.self_device_time_total)) for e in events)
-    key = "self_device_time_total" if kernel_us > 0 else "self_cpu_time_total"
+    device = kernel_us > 0  # no device activity (a CPU run): no kernel split, operators by CPU time
+    key = "self_device_time_total" if device else "self_cpu_time_total"
     ranked = sorted(events, key=lambda e: float(getattr(e, key)), reverse=True)[:top]
     n = max(1, num_iterations)
-    device = kernel_us > 0  # no device activity (a CPU run): no kernel split, operators by CPU time
     return {
         "busy_s": busy_s,
         "host_s": host_s,
@@ -49,7 +49,7 @@ def summarize_profile(prof: Any, *, busy_s: float, host_s: float, num_iterations
         "num_iterations": num_iterations,
         "kernel_ms_per_iteration": kernel_us / 1e3 / n if device else None,
         "host_ms_per_iteration": host_s * 1e3 / n,
-        "ranked_by": "device" if kernel_us > 0 else "cpu",
+        "ranked_by": "device" if device else "cpu",
         "top": [{"name": e.key, "self_ms": float(getattr(e, key)) / 1e3, "calls": int(e.count)} for e in ranked],
     }
 
