@@ -9,6 +9,8 @@
 #   BENCHES="serve" bash scripts/gpu_check.sh  # the serving workloads (bench serve --quick, ~2 min each: pick some with BENCH_ARGS)
 #   TEST_TIMEOUT=300 BENCH_TIMEOUT=120 ...     # seconds per step (0: none), so one call fits the device's limit
 #   TESTS=0 BENCHES=serve BENCH_ARGS="--workload offline" ...  # no tests; extra arguments for every benchmark
+#   TEST_WORKERS=10 bash scripts/gpu_check.sh   # the CUDA suite over 10 pytest-xdist processes sharing the GPU
+#                                                # (pytest-xdist is in the device image)
 #   TEST_SHARD=1/2 BENCHES="" bash scripts/gpu_check.sh   # every 2nd test file from the 1st: the CUDA suite
 #                                                        # in two device calls (then TEST_SHARD=2/2)
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
@@ -52,7 +54,10 @@ if [ -n "${TEST_SHARD:-}" ]; then  # i/n: test files i, i+n, i+2n, ... (1-based,
   shard_files=$(ls tests/test_*.py | sort | awk -v i="${TEST_SHARD%/*}" -v n="${TEST_SHARD#*/}" '(NR - i) % n == 0')
   PYTEST_ARGS="$shard_files ${PYTEST_ARGS:-}"
 fi
-[ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false ${PYTEST_ARGS:-}
+xdist=""
+[ "${TEST_WORKERS:-1}" -gt 1 ] && xdist="-n $TEST_WORKERS"
+[ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false \
+  --durations=20 $xdist ${PYTEST_ARGS:-}
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done

@@ -134,7 +134,10 @@ def test_noncausal_scale_fp32(device, backend, D):
     b, k, v = setup_case("mixed", "GQA", D, "per_layer", device, dtype=torch.float32, seed=7)
     ref = reference(b, k, v, causal=False, scale=0.3)
     out = run(b, k, v, backend, causal=False, scale=0.3)
-    tol = TOL[torch.float32] if device == "cpu" else dict(atol=2e-2, rtol=2e-2)  # GPU fp32 dots use TF32
+    # Our Triton kernels multiply fp32 exactly on the GPU too (a TF32 dot once flipped a float32 model's
+    # greedy token); flex's generated kernels may use TF32.
+    tf32 = device != "cpu" and backend == "flex"
+    tol = dict(atol=2e-2, rtol=2e-2) if tf32 else TOL[torch.float32]
     torch.testing.assert_close(out.double(), ref, **tol)
 
 

@@ -138,8 +138,11 @@ def test_unavailable_or_cpu_is_a_clear_error():
 
 
 class _FakeRagged:
+    made: list = []  # the FlashInfer backend ("fa2"/"fa3") of each wrapper made
+
     def __init__(self, workspace, layout, backend="auto"):
         assert layout == "NHD"
+        _FakeRagged.made.append(backend)
 
     def plan(self, qo_indptr, kv_indptr, H, H_kv, D, **kw):
         self.qo, self.kv, self.kw = qo_indptr.tolist(), kv_indptr.tolist(), kw
@@ -233,6 +236,44 @@ def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer):
     bad = torch.tensor([5, 99, 3], dtype=torch.int32)  # device-style metadata is masked, not read
     out = fib.flashinfer_attention(q, k, v, bad, None, torch.tensor([0, 1, 7]), None, True, 0.125, 1, 0)
     assert out[1:].abs().sum() == 0 and out[0].abs().sum() > 0
+
+
+def test_fa3_tail_fits_needs_tail_rows_in_the_view_and_committed():
+    k = torch.zeros(3, 600, 2, 64)
+    assert fib.fa3_tail_fits(k, [100, 300, 512], [0, 1, 2], [True] * 3)  # tails end at 256, 512, 512
+    assert not fib.fa3_tail_fits(k, [100, 513], [0, 1], [True] * 2)  # 768 rows > 600: the next slot's rows
+    assert fib.fa3_tail_fits(k, [100, 513], [0, 1], [True, False])  # invalid requests read nothing
+    from torch_vkv import KVCache
+
+    page = 64 << 10  # 128 tokens per page for 2 heads x 64 x fp32
+    for margin, fits in ((0, False), (fib.FA3_TILE, True)):
+        with KVCache(1, 2, 64, max_batch_size=2, max_seq_len=1024, dtype=torch.float32, device="cpu",
+                     page_size=page, margin_tokens=margin) as cache:  # fmt: skip
+            slot = cache.alloc()
+            cache.commit(slot, 260)  # 3 pages, 384 rows (5 with the margin); the tail ends at row 512
+            assert fib.fa3_tail_fits(cache.key(0), [260], [slot], [True]) is fits
+
+
+@pytest.mark.parametrize("window, lengths, want", [(-1, [40, 300], "fa3"), (-1, [40, 600], "fa2"),
+                                                   (9, [40, 300], "fa2")])  # fmt: skip
+def test_prefill_takes_fa2_where_fa3_tiles_are_unsafe(fake_flashinfer, monkeypatch, window, lengths, want):
+    """FA3 reads whole 256-row tiles: a request whose tile would leave its slot's view (the
+    next slot's rows: here NaN) or a sliding window sends the call to FlashInfer's FA2."""
+    monkeypatch.setattr(fib, "_prefill_backend", lambda device: "fa3")
+    H, H_kv, D, S = 4, 2, 64, 600
+    k, v = make_cache("per_layer", 3, S, H_kv, D, dtype=torch.float32, device="cpu", seed=3)
+    poison(k, v, lengths, [0, 1])
+    n_new = [8, 8]
+    q = torch.randn(sum(n_new), H, D)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    _FakeRagged.made = []
+    out = fib.flashinfer_attention(q, k, v, lens, cu, None, None, True, 0.125, 8, 0, window, 0.0)
+    assert _FakeRagged.made == [want]
+    ref = reference(q, k, v, lens, cu, None, scale=0.125, window_left=None if window < 0 else window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    if want == "fa3":  # the tail FA3 may read was zeroed, nothing past it
+        assert k[1, 300:512].eq(0).all() and k[1, 512:].isnan().all()
 
 
 # --------------------------------------------------------------------------- the real kernels (GPU)

@@ -43,13 +43,13 @@ def cpu_backends():
     return out
 
 
-def make_case(lens, n_new, *, S, device, dtype, paged=False, seed=0):
-    """Random cache (``[B, S, H_kv, D]`` or a shuffled block pool), queries and metadata."""
+def make_case(lens, n_new, *, S, device, dtype, paged=False, seed=0, head_dim=D):
+    """Random cache (``[B, S, H_kv, head_dim]`` or a shuffled block pool), queries and metadata."""
     g = torch.Generator().manual_seed(seed)
     B = len(lens)
-    k = torch.randn(B, S, H_KV, D, generator=g)
-    v = torch.randn(B, S, H_KV, D, generator=g)
-    q = torch.randn(sum(n_new), H, D, generator=g)
+    k = torch.randn(B, S, H_KV, head_dim, generator=g)
+    v = torch.randn(B, S, H_KV, head_dim, generator=g)
+    q = torch.randn(sum(n_new), H, head_dim, generator=g)
     cu = torch.tensor([0] + list(torch.tensor(n_new).cumsum(0).tolist()), dtype=torch.int32)
     lens_t = torch.tensor(lens, dtype=torch.int32)
     to = dict(device=device, dtype=dtype)
@@ -184,19 +184,20 @@ def test_feature_table_and_auto_never_picks_a_backend_without_softcap():
 @pytest.mark.parametrize("window", [0, 63, 200, 4000])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_window_softcap_every_backend_cuda(kind, window, softcap):
-    """Every CUDA backend in bf16; rows behind the window NaN where a backend masks exactly
-    (flex on CUDA reads the whole KV block holding the window's start: poisoned block-aligned)."""
+    """Every CUDA backend in bf16, head_dim 64 (one every backend takes); rows behind the window
+    NaN where a backend masks exactly (flex, FA2 and FlashInfer read the whole KV tile holding
+    the window's start: poisoned tile-aligned)."""
     lens = [700, 333, 1] if kind == "prefill" else [700, 129, 1]
     n_new = [700, 100, 1] if kind == "prefill" else [1, 1, 1]
-    q, k, v, lens_t, cu = make_case(lens, n_new, S=768, device="cuda", dtype=torch.bfloat16)
+    q, k, v, lens_t, cu = make_case(lens, n_new, S=768, device="cuda", dtype=torch.bfloat16, head_dim=64)
     want = reference(q, k, v, lens_t, cu, window_left=window, softcap=softcap)
     for backend in available_backends("cuda"):
         if not supports(backend, window_left=True, softcap=softcap is not None):
             with pytest.raises(ValueError, match="softcap"):
                 run(backend, q, k, v, lens_t, cu, decode=kind == "decode", window=window, softcap=softcap)
             continue
-        if backend in ("flex", "torch_fa2"):
-            # Both read whole KV tiles (flex: 128-row blocks; FA2: 64 or 128 rows, aligned from row 0)
+        if backend in ("flex", "torch_fa2", "flashinfer"):
+            # They read whole KV tiles (flex: 128-row blocks; FA2: 64 or 128 rows, aligned from row 0)
             # and mask scores, so 0 * NaN would poison rows of the tile holding the window's start.
             # KVCache never decommits that tile: it keeps the page holding row length - W.
             poison = [max(0, L - n - window) // 128 * 128 for L, n in zip(lens, n_new)]

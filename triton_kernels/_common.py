@@ -87,6 +87,17 @@ def _rows(
 
 
 @triton.jit
+def _dot(a, b):
+    """``a @ b`` with fp32 accumulation. fp32 operands use exact fp32 products ("ieee"): Triton's
+    default for them on a GPU is TF32 (10-bit mantissa), about 1e-3 off a float32 reference,
+    enough to flip a greedy token of a float32 model."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _tanh(x):
     """tanh from exp2 (the CPU interpreter has no libdevice): sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
     e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # 2 * log2(e)
@@ -156,7 +167,7 @@ def _attn_tiles(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_mul
+        qk = _dot(q, tl.trans(k)) * qk_mul
         if SOFTCAP:
             qk = cap_out * _tanh(qk)
         if MASKED:
@@ -176,7 +187,7 @@ def _attn_tiles(
         p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -33,8 +33,13 @@ skips ``flashinfer`` for them.
 
 FA3 loads whole key tiles and masks only the scores, so before an FA3 prefill
 the rows ``[len, round_up(len, FA3_TILE))`` of each used slot are zeroed
-(``zero_tail``, as for ``flex``): ``0 * NaN`` cannot reach ``P @ V``. Those
-rows must be committed (``KVCache(margin_tokens=FA3_TILE)``).
+(``zero_tail``, as for ``flex``): ``0 * NaN`` cannot reach ``P @ V``. FA3 runs
+only where that is possible (:func:`fa3_tail_fits`): every request's tail rows
+inside its slot's view and, on a ``KVCache`` view, committed
+(``KVCache(margin_tokens=FA3_TILE)`` commits them); and without a sliding window
+(its tiles are not page aligned, so the one holding the window's start could
+reach a page already given back). Otherwise the call takes FlashInfer's FA2
+prefill, whose loads stop at each request's last key.
 
 Plans and workspaces are kept per device and shape in this module (FlashInfer's
 wrappers are stateful); calls are expected on one stream at a time. They are
@@ -56,7 +61,7 @@ from .append import zero_tail_op
 from .common import ATTN_SCHEMA, flat_rows, flatten
 from .inputs import valid_requests
 
-__all__ = ["FA3_TILE", "decode_page_table", "layout_problem", "ragged_layout", "flashinfer_attention"]
+__all__ = ["FA3_TILE", "decode_page_table", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
 
 #: Rows past a request's last key that an FA3 tile may load (zeroed before an FA3 prefill).
 FA3_TILE = 256
@@ -163,6 +168,24 @@ def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, nu
     return qo, kv, None if identity else q_order, valid
 
 
+def fa3_tail_fits(k_cache: torch.Tensor, lengths: list, slots: list, valid: list) -> bool:
+    """Whether FA3 may read each valid request's rows ``[len, round_up(len, FA3_TILE))``.
+
+    They must lie in the slot's view (``zero_tail`` zeroes them; past the view are
+    another slot's rows, which may hold anything or be decommitted) and, when the
+    view knows its pages (a ``KVCache`` view), be committed. Reads the page table
+    only (no device work).
+    """
+    committed = k_cache.committed_rows() if hasattr(k_cache, "committed_rows") else None
+    for length, slot, ok in zip(lengths, slots, valid):
+        if not ok:
+            continue
+        need = -(-length // FA3_TILE) * FA3_TILE
+        if need > k_cache.shape[1] or (committed is not None and need > committed[slot]):
+            return False
+    return True
+
+
 # ----------------------------------------------------------------------------- wrappers and plans
 
 _WORKSPACE: dict = {}  # device -> FlashInfer float workspace (shared: used only during a run, one stream)
@@ -255,9 +278,12 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
     dev, R = q.device, cache_seqlens.shape[0]
     s_pad = flat_rows(k_cache)
     slot_list = slots.tolist() if slots is not None else list(range(R))  # a sync for device metadata
-    qo, kv, q_order, valid = ragged_layout(cache_seqlens.tolist(), cu_seqlens_q.tolist(), slot_list, s_pad,
+    lengths = cache_seqlens.tolist()
+    qo, kv, q_order, valid = ragged_layout(lengths, cu_seqlens_q.tolist(), slot_list, s_pad,
                                            k_cache.shape[0], k_cache.shape[1])  # fmt: skip
     backend = _prefill_backend(dev)
+    if backend == "fa3" and (window_left >= 0 or not fa3_tail_fits(k_cache, lengths, slot_list, valid)):
+        backend = "fa2"  # see the module docstring: FA3's tile reads past the keys are not safe here
     holder = _RAGGED.get((dev, backend))
     if holder is None:
         with _outside_graph_pools(dev):
