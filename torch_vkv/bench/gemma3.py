@@ -38,7 +38,7 @@ from torch_vkv.bench.report import report_dir, write_report
 
 __all__ = ["GEMMA3_12B", "TINY_GEMMA3", "VARIANTS", "build_gemma3", "run"]
 
-VARIANTS = ("dynamic", "static", "vkv")
+VARIANTS = ("vkv", "dynamic", "static")
 
 # google/gemma-3-12b text config (architecture only; rope scaling of the global layers left out)
 GEMMA3_12B = dict(
@@ -172,12 +172,53 @@ def _plot(series: dict, path, title: str) -> bool:
     return True
 
 
+class _Report:
+    """Writes ``<name>.json/.md``, the per-step series and the plot from the rows so far."""
+
+    def __init__(self, args: Any, argv: Sequence[str], cfg: Any, dtype: torch.dtype, batch: int, prompt: int):
+        self.args, self.argv, self.cfg, self.dtype, self.batch, self.prompt = args, argv, cfg, dtype, batch, prompt
+        self.name = args.name if args.name != "hf" else "hf_gemma3"
+
+    def write(self, rows: list) -> None:
+        rows = [dict(r) for r in rows]  # the caller's rows keep their tokens and series
+        cfg, name = self.cfg, self.name
+        ref = next((r for r in rows if r["variant"] == "dynamic" and "_tokens" in r), None)
+        for r in rows:
+            if ref is not None and "_tokens" in r:
+                r["same_tokens_as_" + ref["variant"]] = float((r["_tokens"] == ref["_tokens"]).float().mean())
+        series = {r["variant"]: r.pop("_series") for r in rows if "_series" in r}
+        for r in rows:
+            r.pop("_tokens", None)
+        out = report_dir(self.args.out_dir)
+        (out / f"{name}_series.json").write_text(json.dumps(
+            {"columns": ["kv_bytes", "sliding_kv_bytes"], "per_step": series}))  # fmt: skip
+        sliding = sum(t == "sliding_attention" for t in cfg.layer_types)
+        by = {r["variant"]: r for r in rows if "error" not in r}
+        lines = [f"Gemma-3-like: {cfg.num_hidden_layers} layers ({sliding} sliding, window {cfg.sliding_window}), "
+                 f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim}, {self.dtype}; eager generate(), greedy.",
+                 "kv_bytes: K/V tensors held (dynamic, static) or pages committed (vkv), after each step; per-step "
+                 f"series in {name}_series.json."]  # fmt: skip
+        if "vkv" in by:
+            for other in ("dynamic", "static"):
+                if other in by:
+                    lines.append(f"- vkv / {other}: KV at the end {by['vkv']['kv_bytes_end'] / by[other]['kv_bytes_end']:.2f}x, "
+                                 f"peak {by['vkv']['kv_bytes_peak'] / by[other]['kv_bytes_peak']:.2f}x, "
+                                 f"tok/s {by['vkv']['tok_s'] / by[other]['tok_s']:.2f}x")  # fmt: skip
+        if _plot(series, out / f"{name}_memory.png", f"{name}: batch {self.batch}, prompt {self.prompt}"):
+            lines.append(f"Plot: {name}_memory.png")
+        columns = ["variant", "batch", "prompt", "new_tokens", "tok_s", "seconds", "kv_bytes_end", "kv_bytes_peak",
+                   "sliding_kv_bytes_end", "error"] + sorted({k for r in rows for k in r if k.startswith("same_tokens")})  # fmt: skip
+        cmd = "python -m torch_vkv bench hf " + " ".join(self.argv)
+        write_report(name, rows, self.args.out_dir, command=cmd.strip(), columns=columns, summary="\n".join(lines))
+
+
 def run(args: Any, argv: Sequence[str]) -> int:
     """The workload, from ``bench hf``'s parsed arguments (``tiny``, ``quick``, ``batch``,
     ``prompt``, ``new_tokens``, ``layers``, ``device``, ``out_dir``, ``name``)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and not args.tiny:
-        print("bench hf --workload gemma3: no CUDA device; use --tiny for a CPU smoke run")
+    if device.type == "cpu" and not (args.tiny or args.layers):
+        print("bench hf --workload gemma3: no CUDA device; use --tiny for a CPU smoke run, or --layers N for "
+              "the 12B-like shapes with N layers (KV memory is the same page arithmetic as on a GPU; time is not)")
         return 2
     if args.tiny:
         batch, prompt, new = 2, 40, 48
@@ -197,40 +238,15 @@ def run(args: Any, argv: Sequence[str]) -> int:
     print(f"gemma3-like model built in {time.perf_counter() - t0:.1f} s "
           f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)")  # fmt: skip
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    rows = []
+    rows: list = []
+    report = _Report(args, argv, cfg, dtype, batch, prompt)
+    # VARIANTS order: VirtualKVCache first, and the report is rewritten after each variant,
+    # so a run cut by a time limit keeps what finished.
     for variant in VARIANTS:
         row = _run_variant(variant, model, ids, new, device)
         print({k: v for k, v in row.items() if not k.startswith("_")})
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ref = next((r for r in rows if "_tokens" in r), None)
-    for r in rows:
-        if "_tokens" in r:
-            r["same_tokens_as_" + ref["variant"]] = float((r["_tokens"] == ref["_tokens"]).float().mean())
-    series = {r["variant"]: r.pop("_series") for r in rows if "_series" in r}
-    for r in rows:
-        r.pop("_tokens", None)
-    name = args.name if args.name != "hf" else "hf_gemma3"
-    out = report_dir(args.out_dir)
-    (out / f"{name}_series.json").write_text(json.dumps(
-        {"columns": ["kv_bytes", "sliding_kv_bytes"], "per_step": series}))  # fmt: skip
-    sliding = sum(t == "sliding_attention" for t in cfg.layer_types)
-    by = {r["variant"]: r for r in rows if "error" not in r}
-    lines = [f"Gemma-3-like: {cfg.num_hidden_layers} layers ({sliding} sliding, window {cfg.sliding_window}), "
-             f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim}, {dtype}; eager generate(), greedy.",
-             "kv_bytes: K/V tensors held (dynamic, static) or pages committed (vkv), after each step; per-step "
-             f"series in {name}_series.json."]  # fmt: skip
-    if "vkv" in by:
-        for other in ("dynamic", "static"):
-            if other in by:
-                lines.append(f"- vkv / {other}: KV at the end {by['vkv']['kv_bytes_end'] / by[other]['kv_bytes_end']:.2f}x, "
-                             f"peak {by['vkv']['kv_bytes_peak'] / by[other]['kv_bytes_peak']:.2f}x, "
-                             f"tok/s {by['vkv']['tok_s'] / by[other]['tok_s']:.2f}x")  # fmt: skip
-    if _plot(series, out / f"{name}_memory.png", f"{name}: batch {batch}, prompt {prompt}"):
-        lines.append(f"Plot: {name}_memory.png")
-    columns = ["variant", "batch", "prompt", "new_tokens", "tok_s", "seconds", "kv_bytes_end", "kv_bytes_peak",
-               "sliding_kv_bytes_end", "error"] + sorted({k for r in rows for k in r if k.startswith("same_tokens")})  # fmt: skip
-    cmd = "python -m torch_vkv bench hf " + " ".join(argv)
-    write_report(name, rows, args.out_dir, command=cmd.strip(), columns=columns, summary="\n".join(lines))
+        report.write(rows)
     return 0
