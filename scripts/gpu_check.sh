@@ -58,6 +58,9 @@ xdist=""
 [ "${TEST_WORKERS:-1}" -gt 1 ] && xdist="-n $TEST_WORKERS"
 [ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false \
   --durations=20 $xdist ${PYTEST_ARGS:-}
+# A test step cut by its time limit may leave pytest-xdist workers running on the GPU: stop them before
+# anything is timed.
+pkill -f -- "-m pytest" 2>/dev/null && sleep 2
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done

@@ -318,7 +318,11 @@ def test_bench_kernels_smoke(tmp_path):
     assert main(["--smoke", "--no-plots", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     sections = {r["section"] for r in rows}
-    assert {"copy", "decode", "prefill", "vm_vs_malloc", "window"} <= sections  # --window 4096 by default
+    assert {"copy", "decode", "prefill", "vm_vs_malloc", "window", "decode_tune", "prefill_tune"} <= sections
+    tune = [r for r in rows if r["section"] == "prefill_tune"]
+    assert len(tune) >= 2 and all(r["tflop_s"] > 0 for r in tune)
+    assert [r["note"] for r in tune].count("default") == 1
+    assert "Triton prefill, batch 1, S=64: best" in (tmp_path / "kernels.md").read_text()
     assert not [r for r in rows if str(r.get("note", "")).startswith("error")], rows
     win = [r for r in rows if r["section"] == "window"]
     full = {r["backend"]: r["bytes_read"] for r in win if r["note"] == "window_left=None"}

@@ -381,3 +381,25 @@ def test_cuda_bad_device_metadata_masked_then_debug_raises(backend, monkeypatch)
         append_kv(k, v, new, new, lens, slots=slots)
     with pytest.raises(ValueError, match="TORCH_VKV_DEBUG=1"):
         attention(torch.randn(4, H, 64, device=dev, dtype=dtype), k, v, lens, slots=slots, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "layout, margin, refused",
+    [("per_layer", 0, False),  # 128 rows a page: pages end on flex's 128-row block boundaries
+     ("interleaved", 0, True),  # 32 rows a page: a length's last block can reach an uncommitted page
+     ("interleaved", 95, True),
+     ("interleaved", 96, False)],  # the margin covers the rest of a block
+)  # fmt: skip
+def test_flex_refuses_kvcache_views_whose_blocks_reach_uncommitted_pages(layout, margin, refused):
+    """On CUDA flex zeroes and reads whole 128-row KV blocks; past a length they must be committed
+    (an illegal memory access otherwise). The check reads only the cache's shapes, so it runs here."""
+    from torch_vkv import KVCache
+    from torch_vkv.attention.flex import uncommitted_block_reads
+
+    with KVCache(2, 2, 64, max_batch_size=2, max_seq_len=256, dtype=torch.float32, device="cpu", layout=layout,
+                 page_size=64 << 10, margin_tokens=margin) as cache:  # fmt: skip
+        problem = uncommitted_block_reads(cache.key(1))
+        assert (problem is not None) == refused
+        if refused:
+            assert "margin_tokens >= 96" in problem and f"got margin_tokens={margin}" in problem
+    assert uncommitted_block_reads(torch.zeros(2, 256, 2, 64)) is None  # not a KVCache view: not checked

@@ -245,6 +245,8 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
             self._buffers = [buf]
             self._keys = [VirtualKVView.of(buf, buf[:, : self.max_seq_len, l, 0]) for l in range(L)]
             self._values = [VirtualKVView.of(buf, buf[:, : self.max_seq_len, l, 1]) for l in range(L)]
+        for view in self._keys + self._values:  # for backends that read whole tiles past a length (flex)
+            view.margin_tokens = self.margin_tokens
         self._reservations = [b.reservation for b in self._buffers]
 
         self._free_slots: list[int] = list(range(B))  # freed order: oldest first

@@ -144,6 +144,8 @@ def prefill_attention(
     softcap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -164,6 +166,8 @@ def prefill_attention(
         ``[p - window_left, p]``; whole tiles behind it are skipped and no key
         below the block's first window is read. ``None``: no window.
     softcap : scores become ``softcap * tanh(score / softcap)`` before the softmax.
+    block_m, block_n, num_warps, num_stages : launch parameters; default from the
+        shapes (``bench kernels``' ``prefill_tune`` section sweeps them).
 
     Returns
     -------
@@ -190,7 +194,10 @@ def prefill_attention(
     max_seqlen_q = max(1, min(int(max_seqlen_q), T))
     if T == 0 or R == 0:
         return out
-    num_warps = 8 if (D >= 128 and block_m >= 128) else 4
+    if num_warps is None:
+        num_warps = 8 if (D >= 128 and block_m >= 128) else 4
+    if num_stages is None:
+        num_stages = 2 if wide_rows else 3
     grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
     bt = block_table if paged else cache_seqlens
     _prefill_kernel[grid](
@@ -204,7 +211,7 @@ def prefill_attention(
         bt.stride(0) if paged else 0,
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
-        num_warps=num_warps, num_stages=2 if wide_rows else 3,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 

@@ -101,7 +101,7 @@ from .append import append_kv_op
 from .common import flat_rows
 from .flash_attn import flash_attn_attention
 from .flashinfer_backend import flashinfer_attention, layout_problem
-from .flex import flex_attend, flex_attention_op
+from .flex import flex_attend, flex_attention_op, uncommitted_block_reads
 from .inputs import BACKENDS, check_append, check_attention, check_values, check_window, debug_enabled
 from .sdpa import sdpa_attention
 from .selection import available_backends, select_backend, supports
@@ -226,6 +226,11 @@ def attention(
             fail("backend 'flex'", "torch.nn.attention.flex_attention", "ImportError")
         if q.is_cuda and not deps.HAS_TRITON:
             fail("backend 'flex' on CUDA", "the triton package to be importable", "ImportError")
+        # Eager calls only: a traced call sees no cache attributes (documented in docs/attention.md).
+        checked = q.is_cuda and block_table is None and not torch.compiler.is_compiling()
+        problem = uncommitted_block_reads(k_cache) if checked else None
+        if problem is not None:
+            raise ValueError(f"backend 'flex' on CUDA: expected {problem}")
         # CPU: plain traceable code; CUDA: one opaque op (see flex.flex_attention_op).
         return flex_attention_op(*args, *extra) if q.is_cuda else flex_attend(*args, *extra)
     return sdpa_attention(*args, 0, *extra)

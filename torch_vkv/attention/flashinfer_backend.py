@@ -251,9 +251,10 @@ class _DecodePlan:
         )  # fmt: skip
 
     def run(self, q, k_cache, v_cache, lens, rows):
-        _, indices, last = decode_page_table(lens, rows)
-        self.indices.copy_(indices)
-        self.last_page_len.copy_(last)
+        # decode_page_table's indices and last_page_len, written straight into the planned buffers
+        # (copy_ casts to int32; indptr never changes).
+        self.indices.copy_(rows)
+        self.last_page_len.copy_(lens)
         return self.wrapper.run(q, (k_cache, v_cache))
 
 

@@ -25,6 +25,43 @@ from .inputs import safe_blocks, valid_requests
 _FLEX_COMPILED = None
 
 
+def kv_block_rows(k_cache: torch.Tensor) -> int:
+    """Rows per KV block of flex over a contiguous cache: whole blocks never straddle two
+    slots' rows (a block size that divides S_pad keeps every row start block aligned)."""
+    s_pad = flat_rows(k_cache)
+    if k_cache.shape[0] == 1 or s_pad is None:
+        return 128
+    return math.gcd(s_pad, 128)
+
+
+def uncommitted_block_reads(k_cache: torch.Tensor) -> "str | None":
+    """What flex on CUDA needs of a ``KVCache`` view and what it got, or None when it
+    can touch no uncommitted row.
+
+    Flex zeroes and reads each request's rows up to the end of the KV block holding
+    its last key. A ``KVCache`` commits whole pages plus ``margin_tokens`` past each
+    length, so those rows are committed when a page holds whole blocks or the margin
+    covers the rest of a block. Reading an uncommitted row is an illegal memory
+    access on CUDA, which ends the process's use of the GPU: refused up front.
+    Views that do not come from a ``KVCache`` (no ``margin_tokens``) are not checked.
+    """
+    margin = getattr(k_cache, "margin_tokens", None)
+    source = getattr(k_cache, "source", None)
+    if margin is None or source is None:
+        return None
+    row_bytes = k_cache.stride(1) * k_cache.element_size()
+    rows_per_page = source.page_size // row_bytes if row_bytes else 0
+    block = kv_block_rows(k_cache)
+    if rows_per_page == 0 or rows_per_page % block == 0:
+        return None  # a row spans pages, or every page ends on a block boundary
+    need = block - rows_per_page if block % rows_per_page == 0 else block - 1
+    if margin >= need:
+        return None
+    return (f"a KVCache with margin_tokens >= {need} (flex reads whole KV blocks of {block} rows, a page "
+            f"holds {rows_per_page} rows of this layout), or another backend ('auto' never picks flex on "
+            f"CUDA); got margin_tokens={margin}")
+
+
 def _flex_limits() -> dict:
     """Dynamo recompile limits for our compiled ``flex_attention`` (patched only around its call).
 
@@ -131,7 +168,7 @@ def flex_attend(
             raise ValueError(f"flex: expected stride(0) a multiple of stride(1), got {k_cache.stride()}")
         # KV blocks must not straddle two requests' rows (the straddled rows would be read, and
         # 0 * NaN leaks): a block size that divides S_pad keeps every row start block aligned.
-        KVB = 128 if k_cache.shape[0] == 1 else math.gcd(s_pad, 128)
+        KVB = kv_block_rows(k_cache)
         if KVB < 16:
             raise ValueError(f"flex: expected S_pad = stride(0) / stride(1) a multiple of 16, got {s_pad}")
         start = idx * s_pad  # first flattened row of each request

@@ -19,6 +19,8 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
   (4 * H * D * c^2 / 2 FLOPs).
 * ``vm_vs_malloc``: the same kernel on ``cudaMalloc`` memory and on the
   virtual cache, measurements interleaved; the ratio should be 1.00.
+* ``decode_tune`` / ``prefill_tune``: our Triton kernels over their launch
+  parameters (:mod:`torch_vkv.bench.kernels_tune`), to check the defaults.
 
 Timing: ``triton.testing.do_bench`` (``torch_vkv.bench.timing.time_us``): CUDA
 events around each call, the L2 cleared before each call (which also keeps the
@@ -48,6 +50,7 @@ from typing import Any, Callable
 
 import torch
 
+from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
 from torch_vkv.bench.kernels_window import window_rows, window_summary
 from torch_vkv.bench import flashinfer_paged
 from torch_vkv.bench.report import plot_kernels, write_report
@@ -81,6 +84,7 @@ class Config:
     vm_prefill: list = field(default_factory=list)
     tune: list = field(default_factory=list)  # (batch, context) where Triton decode parameters are swept
     tune_full: bool = True
+    prefill_tune: list = field(default_factory=list)  # contexts where Triton prefill parameters are swept
     layout_cases: list = field(default_factory=list)  # (batch, context): per_layer vs interleaved decode
     layout_layers: int = 32
     mem_fraction: float = 0.6
@@ -113,7 +117,7 @@ def _config(args) -> Config:
             device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
             models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_rep_ms=2,
             prefill_rep_ms=2, warmup_ms=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
-            vm_prefill=[128], tune=[(4, 256)], tune_full=False, paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
+            vm_prefill=[128], tune=[(4, 256)], tune_full=False, prefill_tune=[64], paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
             layout_cases=[(4, 256)], layout_layers=2,
         )  # fmt: skip
     models = args.models.split(",") if args.models else (["llama3-8b"] if args.quick else list(MODELS))
@@ -125,7 +129,7 @@ def _config(args) -> Config:
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 32, 128], contexts=[4096, 16384],
             prefill_contexts=[2048, 8192, 32768], decode_rep_ms=25, prefill_rep_ms=50, warmup_ms=10,
             flex_decode={(32, 4096)}, flex_prefill=set(), vm_decode=[(32, 4096)], vm_prefill=[32768],
-            tune=[(32, 4096)], tune_full=False, flex_paged_blocks=(16,), layout_cases=[(8, 4096), (32, 4096)],
+            tune=[(32, 4096)], tune_full=False, prefill_tune=[8192], flex_paged_blocks=(16,), layout_cases=[(8, 4096), (32, 4096)],
         )  # fmt: skip
     else:
         cfg = Config(
@@ -134,7 +138,7 @@ def _config(args) -> Config:
             decode_rep_ms=50, prefill_rep_ms=100, warmup_ms=25,
             flex_decode={(b, c) for b in (1, 32, 128) for c in (4096, 16384)}, flex_prefill={8192, 32768},
             vm_decode=[(32, 4096), (64, 16384), (128, 4096)], vm_prefill=[8192, 32768],
-            tune=[(8, 16384), (32, 4096), (128, 16384)], layout_cases=[(8, 4096), (32, 4096), (8, 16384)],
+            tune=[(8, 16384), (32, 4096), (128, 16384)], prefill_tune=[8192, 32768], layout_cases=[(8, 4096), (32, 4096), (8, 16384)],
         )  # fmt: skip
     if args.flex_everywhere:
         cfg.flex_decode = None
@@ -447,46 +451,6 @@ def _layout_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
     return rows
 
 
-def _tune_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
-    """Triton split-KV decode over its launch parameters (to check / retune the defaults)."""
-    from torch_vkv.attention import deps
-
-    if not deps.triton_usable(cfg.device):
-        return []
-    tk = deps.triton_kernels()
-    rows = []
-    model = cfg.models[0]
-    H, H_kv, D = MODELS.get(model, (8, 2, 64))
-    for B, S in cfg.tune:
-        q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
-        lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
-        kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
-        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
-        default = tk.default_num_splits(B, H_kv, S, cfg.device)
-        split_set = {max(1, default // 2), default, default * 2, default * 4} if cfg.tune_full else {default, default * 2}
-        for splits in sorted(split_set):
-            for block_n in (32, 64, 128) if cfg.tune_full else (64, 128):
-                for warps in (4, 8) if cfg.tune_full else (4,):
-                    name = f"triton splits={splits} block_n={block_n} warps={warps}"
-                    row = dict(section="decode_tune", model=model, backend=name, batch=B, context=S)
-                    try:
-                        us = _time(cfg, lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
-                                                                    num_warps=warps), cfg.decode_rep_ms)  # fmt: skip
-                    except Exception as e:
-                        row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
-                    else:
-                        tb = kv_bytes / (us * 1e-6) / 1e12
-                        row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw,
-                                   note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
-                    rows.append(row)
-        best = min((r for r in rows if r.get("us") and (r["batch"], r["context"]) == (B, S)), key=lambda r: r["us"], default=None)
-        if best:
-            log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
-        del k, v
-        _close(keep)
-    return rows
-
-
 # ----------------------------------------------------------------------------- summary
 
 
@@ -517,6 +481,7 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
     if vm:
         lines.append("- Same kernel, virtual / cudaMalloc time: " + ", ".join(
             f"{r['backend']} B={r['batch']} S={r['context']}: {r['ratio_vm_malloc']:.3f}" for r in vm) + " (target 1.00; prefill within 2%).")  # fmt: skip
+    lines += prefill_tune_summary(rows)
     return "\n".join(lines)
 
 
@@ -549,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += _decode_rows(cfg, caches, bw, log)
         rows += _prefill_rows(cfg, caches, log)
         rows += _vm_rows(cfg, caches, log)
-        rows += _tune_rows(cfg, caches, bw, log)
+        rows += decode_tune_rows(cfg, caches, bw, log, _time)
+        rows += prefill_tune_rows(cfg, caches, log, _time)
         rows += _layout_rows(cfg, caches, bw, log)
         if args.window > 0:
             rows += window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)

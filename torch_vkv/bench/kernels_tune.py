@@ -1,0 +1,127 @@
+"""``bench kernels`` sections that sweep our Triton kernels' launch parameters.
+
+* ``decode_tune``: split-KV decode over ``num_splits``, ``block_n`` and
+  ``num_warps`` at a few (batch, context) points, as % of the run's copy
+  bandwidth; the row marked ``default`` is what :func:`decode_attention` picks.
+* ``prefill_tune``: causal prefill (batch 1) over ``block_m``, ``block_n``,
+  ``num_warps`` and ``num_stages``, in TFLOP/s of the causal half; the row
+  marked ``default`` is what :func:`prefill_attention` picks. Configurations
+  that do not fit the GPU's shared memory are rows with an ``error`` note.
+
+Both exist to check or retune the defaults on a new GPU in one call; they read
+the same virtual cache as the ``decode``/``prefill`` sections.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["decode_tune_rows", "prefill_tune_rows", "prefill_tune_summary"]
+
+
+def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None], time_fn: Callable) -> list:
+    """Triton split-KV decode over its launch parameters, at ``cfg.tune`` (batch, context) points."""
+    from torch_vkv.attention import deps
+    from torch_vkv.bench.kernels import MODELS, _close  # loaded: it imports this module
+
+    if not deps.triton_usable(cfg.device):
+        return []
+    tk = deps.triton_kernels()
+    rows = []
+    model = cfg.models[0]
+    H, H_kv, D = MODELS.get(model, (8, 2, 64))
+    for B, S in cfg.tune:
+        q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
+        lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
+        kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
+        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
+        default = tk.default_num_splits(B, H_kv, S, cfg.device)
+        split_set = {max(1, default // 2), default, default * 2, default * 4} if cfg.tune_full else {default, default * 2}
+        for splits in sorted(split_set):
+            for block_n in (32, 64, 128) if cfg.tune_full else (64, 128):
+                for warps in (4, 8) if cfg.tune_full else (4,):
+                    name = f"triton splits={splits} block_n={block_n} warps={warps}"
+                    row = dict(section="decode_tune", model=model, backend=name, batch=B, context=S)
+                    try:
+                        us = time_fn(cfg, lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
+                                                                      num_warps=warps), cfg.decode_rep_ms)  # fmt: skip
+                    except Exception as e:
+                        row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
+                    else:
+                        tb = kv_bytes / (us * 1e-6) / 1e12
+                        row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw,
+                                   note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
+                    rows.append(row)
+        best = min((r for r in rows if r.get("us") and (r["batch"], r["context"]) == (B, S)), key=lambda r: r["us"], default=None)
+        if best:
+            log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
+        del k, v
+        _close(keep)
+    return rows
+
+
+def _prefill_grid(full: bool) -> list:
+    """(block_m, block_n, num_warps, num_stages) to try; the defaults of head_dim 128 bf16 are among them."""
+    if full:
+        return list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+    return [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+            (64, 128, 4, 3)]  # fmt: skip
+
+
+def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None], time_fn: Callable) -> list:
+    """Triton causal prefill (batch 1) over its launch parameters, at ``cfg.prefill_tune`` contexts."""
+    from torch_vkv.attention import deps
+    from torch_vkv.bench.kernels import MODELS, _close  # loaded: it imports this module
+
+    if not deps.triton_usable(cfg.device) or not cfg.prefill_tune:
+        return []
+    tk = deps.triton_kernels()
+    rows = []
+    model = cfg.models[0]
+    H, H_kv, D = MODELS.get(model, (8, 2, 64))
+    on_gpu = cfg.device.type == "cuda"
+    for S in cfg.prefill_tune:
+        q = torch.randn((S, H, D), dtype=cfg.dtype, device=cfg.device)
+        lens = torch.full((1,), S, dtype=torch.int32, device=cfg.device)
+        cu = torch.tensor([0, S], dtype=torch.int32, device=cfg.device)
+        flops = 4 * H * D * S * S / 2
+        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", 1, S, H_kv, D)
+        # What prefill_attention picks by itself (its defaults; CPU: the interpreter's small tiles).
+        default = (128 if on_gpu else 32, 64, 8 if on_gpu and D >= 128 else 4, 3)
+        grid = _prefill_grid(cfg.tune_full) if on_gpu else [default, (16, 32, 4, 2)]
+        for bm, bn, warps, stages in grid:
+            name = f"triton block_m={bm} block_n={bn} warps={warps} stages={stages}"
+            row = dict(section="prefill_tune", model=model, backend=name, batch=1, context=S)
+            try:
+                us = time_fn(cfg, lambda: tk.prefill_attention(q, k, v, lens, cu, S, block_m=bm, block_n=bn,
+                                                               num_warps=warps, num_stages=stages), cfg.prefill_rep_ms)  # fmt: skip
+            except Exception as e:  # e.g. a configuration past the shared memory
+                row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
+            else:
+                row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12,
+                           note="default" if (bm, bn, warps, stages) == default else None)  # fmt: skip
+            rows.append(row)
+        best = max((r for r in rows if r.get("us") and r["context"] == S), key=lambda r: r["tflop_s"], default=None)
+        if best:
+            log(f"  prefill_tune S={S}: best {best['backend']} {best['tflop_s']:.1f} TFLOP/s")
+        del k, v
+        _close(keep)
+    return rows
+
+
+def prefill_tune_summary(rows: list) -> list:
+    """One line per swept context: the best configuration against the default (target: 600 TFLOP/s)."""
+    lines = []
+    for S in sorted({r["context"] for r in rows if r["section"] == "prefill_tune"}):
+        done = [r for r in rows if r["section"] == "prefill_tune" and r["context"] == S and r.get("tflop_s")]
+        if not done:
+            continue
+        best = max(done, key=lambda r: r["tflop_s"])
+        default = next((r for r in done if r.get("note") == "default"), None)
+        vs = f", {best['tflop_s'] / default['tflop_s']:.2f}x the default's {default['tflop_s']:.0f}" if default else ""
+        lines.append(f"- Triton prefill, batch 1, S={S}: best {best['backend']}: {best['tflop_s']:.0f} TFLOP/s{vs} "
+                     f"(target >= 600).")  # fmt: skip
+    return lines
