@@ -305,6 +305,43 @@ def test_flashinfer_window_softcap_cuda(kind, layout, D):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("margin", [0, 256])
+def test_flashinfer_prefill_on_a_kvcache_reads_only_committed_rows(layout, margin):
+    """A KVCache without a margin: FA3's tile past a request's end would reach an uncommitted page
+    (an illegal memory access); the call takes FA2 instead. With the margin, FA3 runs. Either way the
+    output matches the reference and the process keeps its GPU (a later op still works)."""
+    _skip_unless_flashinfer()
+    from torch_vkv import KVCache
+
+    # Llama-3-8B's KV shape: interleaved, a 2 MiB page holds 16 tokens of all 32 layers (so without a
+    # margin, 1000 tokens commit 1008 rows and FA3's tile would read to 1024); per_layer, 1024 tokens.
+    H, H_kv, D = 32, 8, 128
+    lengths, n_new = [300, 1000], [300, 17]  # the second: a chunk at the end of a 1000-token prompt
+    with KVCache(32, H_kv, D, max_batch_size=2, max_seq_len=4096, dtype=torch.bfloat16, device="cuda",
+                 layout=layout, margin_tokens=margin) as cache:  # fmt: skip
+        slots = [cache.alloc() for _ in lengths]
+        for slot, n in zip(slots, lengths):
+            cache.commit(slot, n)
+        k, v = cache.key(0), cache.value(0)
+        g = torch.Generator(device="cuda").manual_seed(5)
+        for slot, n in zip(slots, lengths):
+            k[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(k.dtype)
+            v[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(v.dtype)
+        q = torch.randn((sum(n_new), H, D), generator=g, device="cuda").to(torch.bfloat16)
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        cu = torch.tensor([0, n_new[0], sum(n_new)], dtype=torch.int32, device="cuda")
+        slots_t = torch.tensor(slots, dtype=torch.int32, device="cuda")
+        fits = fib.fa3_tail_fits(k, lengths, slots, [True, True])
+        assert fits == (layout == "per_layer" or margin > 0)
+        out = attention(q, k, v, lens, cu_seqlens_q=cu, slots=slots_t, backend="flashinfer")
+        ref = reference(q, k, v, lens, cu, slots_t)
+        torch.cuda.synchronize()
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
 def test_auto_does_not_pick_flashinfer_until_it_passes_the_gpu_suite():
     """``auto`` keeps to Triton on CUDA even with FlashInfer importable: the backend failed
     compiled generate() under CUDA graph trees on an H200 (docs/attention.md, ``auto``)."""
