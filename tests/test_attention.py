@@ -141,6 +141,30 @@ def test_noncausal_scale_fp32(device, backend, D):
     torch.testing.assert_close(out.double(), ref, **tol)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["prefill", "mixed"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_tma_equals_pointer_loads(device, kind, layout):
+    """``prefill_attention(tma=True)`` reads the full tiles through tensor descriptors and the
+    masked ones as before: bitwise the same output, and NaN past the lengths never read."""
+    skip_unless_runs("triton", device)
+    b, k, v = setup_case(kind, "GQA", 64, layout, device, seed=43)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    blocks = dict(block_m=16, block_n=16) if device == "cpu" else {}
+    args = (b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, max(b.q_lens))
+    out = tk().prefill_attention(*args, tma=True, **blocks)
+    assert torch.equal(out, tk().prefill_attention(*args, tma=False, **blocks))
+    assert_close(out, reference(b, k, v), torch.bfloat16)
+
+
+def test_prefill_tma_refuses_what_a_descriptor_cannot_address():
+    k = torch.zeros(2, 32, 2, 64)
+    assert tk().tma_problem(k, k, None) is None
+    assert "no block_table" in tk().tma_problem(k, k, torch.zeros(2, 2, dtype=torch.int32))
+    odd = torch.zeros(2, 32, 3, 6)[..., :5]  # a 20-byte head stride
+    assert "16-byte" in tk().tma_problem(odd, odd, None)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_triton_decode_splits(num_splits):
     """Split-KV merge is exact whatever the number of splits (empty splits included)."""

@@ -114,6 +114,8 @@ def _attn_tiles(
     q_pos,  # int32 [BLOCK_M] position of each query row (for the causal mask)
     k_ptr,
     v_ptr,
+    k_desc,  # USE_TMA: tensor descriptors of k/v_cache [B, S_max, H_kv, D], block [1, BLOCK_N, 1, D]
+    v_desc,
     bt_ptr,
     stride_bt,
     slot,
@@ -140,6 +142,7 @@ def _attn_tiles(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
+    USE_TMA: tl.constexpr,  # full tiles through the tensor descriptors (bulk copies on Hopper); not with PAGED
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
@@ -160,6 +163,11 @@ def _attn_tiles(
                 mask=n_ok[:, None],
                 other=0.0,
             )
+        elif USE_TMA:
+            # Full tiles only: every row is below the length, so committed (a masked tile's rows
+            # past the length could lie in uncommitted pages, which a bulk copy would touch).
+            k = k_desc.load([slot.to(tl.int32), start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = v_desc.load([slot.to(tl.int32), start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
             blk, row, _ = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, num_blocks, PAGED, PAGE_SIZE)
             k = tl.load(k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :])
@@ -194,11 +202,12 @@ def _attn_tiles(
 
 @triton.jit
 def _attn_span(
-    acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+    acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Keys ``[lo, hi)``: the masked window edge ``[lo, lo_full)`` (empty without a window),
     full tiles ``[lo_full, hi_full)`` without masks, then the masked rest ``[hi_full, hi)``.
@@ -208,25 +217,25 @@ def _attn_span(
     """
     if WINDOW:
         acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+            acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             lo, lo_full, key_lo, window, num_blocks, qk_mul, cap_out,
             MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False,
         )  # fmt: skip
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo_full, hi_full, key_lo, window, num_blocks, qk_mul, cap_out,
         MASKED=False, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=USE_TMA,
     )  # fmt: skip
     return _attn_tiles(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         tl.maximum(hi_full, lo_full), hi, key_lo, window, num_blocks, qk_mul, cap_out,
         MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False,
     )  # fmt: skip
 
 

@@ -99,10 +99,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attn_span(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=False, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        USE_TMA=False,
     )  # fmt: skip
 
     # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.

@@ -45,6 +45,8 @@ def _prefill_kernel(
     q_ptr,  # [total_q, num_heads, HEAD_DIM]
     k_ptr,  # cache [B, S_max, H_kv, D] or pool [num_blocks, PAGE_SIZE, H_kv, D]
     v_ptr,
+    k_desc,  # USE_TMA: tensor descriptors of k/v_cache (else k_ptr/v_ptr again, unused)
+    v_desc,
     o_ptr,  # [total_q, num_heads, HEAD_DIM]
     seqlens_ptr,  # int32 [num_requests]
     cu_q_ptr,  # int32 [num_requests + 1]
@@ -70,6 +72,7 @@ def _prefill_kernel(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -118,10 +121,11 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attn_span(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
+        USE_TMA=USE_TMA,
     )  # fmt: skip
     # A query that sees no key (only with bad lengths) gets 0, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -146,6 +150,7 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tma: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -168,6 +173,10 @@ def prefill_attention(
     softcap : scores become ``softcap * tanh(score / softcap)`` before the softmax.
     block_m, block_n, num_warps, num_stages : launch parameters; default from the
         shapes (``bench kernels``' ``prefill_tune`` section sweeps them).
+    tma : read the full key tiles through tensor descriptors (bulk copies on
+        Hopper; :func:`tma_problem` says when a cache cannot); the masked tiles
+        keep ordinary loads, so no row past a length is touched. Off by
+        default until measured faster (``prefill_tune`` has both).
 
     Returns
     -------
@@ -200,8 +209,16 @@ def prefill_attention(
         num_stages = 2 if wide_rows else 3
     grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
     bt = block_table if paged else cache_seqlens
+    k_desc, v_desc = k_cache, v_cache  # placeholders: not read without USE_TMA
+    if tma:
+        problem = tma_problem(k_cache, v_cache, block_table)
+        if problem is not None:
+            raise ValueError(f"prefill_attention(tma=True): expected {problem}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, D]) for t in (k_cache, v_cache))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
+        q, k_cache, v_cache, k_desc, v_desc, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
         T, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
         window_left if window_left is not None else 0,
         q.stride(0), q.stride(1),
@@ -211,9 +228,23 @@ def prefill_attention(
         bt.stride(0) if paged else 0,
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
+        USE_TMA=bool(tma),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> str | None:
+    """Why ``prefill_attention(tma=True)`` cannot take this cache, or None: a contiguous cache
+    (no block table) whose base addresses are 16-byte aligned and whose strides, but the last
+    (1 element), are multiples of 16 bytes (what a tensor descriptor needs)."""
+    if block_table is not None:
+        return "a contiguous cache (no block_table)"
+    for t in (k_cache, v_cache):
+        esz = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * esz % 16 for st in t.stride()[:-1]):
+            return f"16-byte aligned base and strides, unit last stride; got strides {t.stride()} x {esz} bytes"
+    return None
 
 
 def gather_paged(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:

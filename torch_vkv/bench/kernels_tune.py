@@ -4,7 +4,8 @@
   ``num_warps`` at a few (batch, context) points, as % of the run's copy
   bandwidth; the row marked ``default`` is what :func:`decode_attention` picks.
 * ``prefill_tune``: causal prefill (batch 1) over ``block_m``, ``block_n``,
-  ``num_warps`` and ``num_stages``, in TFLOP/s of the causal half; the row
+  ``num_warps``, ``num_stages`` and ``tma`` (full key tiles through tensor
+  descriptors), in TFLOP/s of the causal half; the row
   marked ``default`` is what :func:`prefill_attention` picks. Configurations
   that do not fit the GPU's shared memory are rows with an ``error`` note.
 
@@ -64,11 +65,12 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
 
 
 def _prefill_grid(full: bool) -> list:
-    """(block_m, block_n, num_warps, num_stages) to try; the defaults of head_dim 128 bf16 are among them."""
+    """(block_m, block_n, num_warps, num_stages, tma) to try; the defaults of head_dim 128 bf16 are among them."""
     if full:
-        return list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
-    return [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
-            (64, 128, 4, 3)]  # fmt: skip
+        return list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (False, True)))
+    plain = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+             (64, 128, 4, 3)]  # fmt: skip
+    return [c + (False,) for c in plain] + [c + (True,) for c in plain[:4]]
 
 
 def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None], time_fn: Callable) -> list:
@@ -90,19 +92,19 @@ def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None], time_fn
         flops = 4 * H * D * S * S / 2
         k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", 1, S, H_kv, D)
         # What prefill_attention picks by itself (its defaults; CPU: the interpreter's small tiles).
-        default = (128 if on_gpu else 32, 64, 8 if on_gpu and D >= 128 else 4, 3)
-        grid = _prefill_grid(cfg.tune_full) if on_gpu else [default, (16, 32, 4, 2)]
-        for bm, bn, warps, stages in grid:
-            name = f"triton block_m={bm} block_n={bn} warps={warps} stages={stages}"
+        default = (128 if on_gpu else 32, 64, 8 if on_gpu and D >= 128 else 4, 3, False)
+        grid = _prefill_grid(cfg.tune_full) if on_gpu else [default, (16, 32, 4, 2, True)]
+        for bm, bn, warps, stages, tma in grid:
+            name = f"triton block_m={bm} block_n={bn} warps={warps} stages={stages}" + (" tma" if tma else "")
             row = dict(section="prefill_tune", model=model, backend=name, batch=1, context=S)
             try:
-                us = time_fn(cfg, lambda: tk.prefill_attention(q, k, v, lens, cu, S, block_m=bm, block_n=bn,
-                                                               num_warps=warps, num_stages=stages), cfg.prefill_rep_ms)  # fmt: skip
+                us = time_fn(cfg, lambda: tk.prefill_attention(q, k, v, lens, cu, S, block_m=bm, block_n=bn, num_warps=warps,
+                                                               num_stages=stages, tma=tma), cfg.prefill_rep_ms)  # fmt: skip
             except Exception as e:  # e.g. a configuration past the shared memory
                 row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
             else:
                 row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12,
-                           note="default" if (bm, bn, warps, stages) == default else None)  # fmt: skip
+                           note="default" if (bm, bn, warps, stages, tma) == default else None)  # fmt: skip
             rows.append(row)
         best = max((r for r in rows if r.get("us") and r["context"] == S), key=lambda r: r["tflop_s"], default=None)
         if best:
