@@ -238,6 +238,24 @@ def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer):
     assert out[1:].abs().sum() == 0 and out[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_prefill_zeroes_rows_of_bad_requests_only(fake_flashinfer, monkeypatch, backend):
+    """A request with a slot past the cache gets zero rows, the others their attention, whether the
+    call takes the path for all-valid metadata (no masking after the kernel) or not."""
+    monkeypatch.setattr(fib, "_prefill_backend", lambda device: backend)
+    H, H_kv, D, S = 4, 2, 64, 600
+    k, v = make_cache("per_layer", 3, S, H_kv, D, dtype=torch.float32, device="cpu", seed=9)
+    q = torch.randn(12, H, D)
+    lens = torch.tensor([40, 30, 25], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    for slots, bad in ((torch.tensor([2, 0, 1]), None), (torch.tensor([2, 7, 1]), 1)):
+        out = fib.flashinfer_attention(q, k, v, lens, cu, slots, None, True, 0.125, 4, 0, -1, 0.0)
+        ref = reference(q, k, v, lens, cu, slots, scale=0.125)  # zero rows for the bad request
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        if bad is not None:
+            assert out[4:8].eq(0).all() and out[:4].abs().sum() > 0
+
+
 def test_fa3_tail_fits_needs_tail_rows_in_the_view_and_committed():
     k = torch.zeros(3, 600, 2, 64)
     assert fib.fa3_tail_fits(k, [100, 300, 512], [0, 1, 2], [True] * 3)  # tails end at 256, 512, 512

@@ -21,9 +21,11 @@ Two entry points of FlashInfer (>= 0.7) are used as they are:
   The ragged layout needs non-decreasing ``kv_indptr``, so requests are taken in
   slot order and the rows between two requests become an empty *gap request*
   (no query, so no work): :func:`ragged_layout`. Its plan needs the lengths on
-  the host: device metadata is read with a sync (eager only; plans are reused
-  while the metadata values stay the same, e.g. across layers). Under CUDA-graph
-  capture such a step runs the Triton kernels instead.
+  the host: device metadata is read with one sync, one copy of all of it (eager
+  only; plans are reused while the metadata values stay the same, e.g. across
+  layers). When every request is valid the output needs no masking afterwards
+  and FA3's tail zeroing uses the tensors as given. Under CUDA-graph capture
+  such a step runs the Triton kernels instead.
 
 ``window_left`` and ``softcap`` are passed through (``window_left`` /
 ``logits_soft_cap``). fp16/bf16, ``head_dim`` in {64, 128, 256}, K and V views
@@ -276,12 +278,16 @@ def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, s
 
 
 def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap):
+    """(out, every request valid with consistent ``cu_seqlens_q``): FlashInfer's ragged prefill."""
     dev, R = q.device, cache_seqlens.shape[0]
     s_pad = flat_rows(k_cache)
-    slot_list = slots.tolist() if slots is not None else list(range(R))  # a sync for device metadata
-    lengths = cache_seqlens.tolist()
-    qo, kv, q_order, valid = ragged_layout(lengths, cu_seqlens_q.tolist(), slot_list, s_pad,
-                                           k_cache.shape[0], k_cache.shape[1])  # fmt: skip
+    # The metadata in one device-to-host copy (one sync, not one per tensor).
+    parts = [cache_seqlens, cu_seqlens_q] + ([slots] if slots is not None else [])
+    host = torch.cat([t.reshape(-1).to(torch.int64) for t in parts]).tolist()
+    lengths, cu = host[:R], host[R : 2 * R + 1]
+    slot_list = host[2 * R + 1 :] if slots is not None else list(range(R))
+    qo, kv, q_order, valid = ragged_layout(lengths, cu, slot_list, s_pad, k_cache.shape[0], k_cache.shape[1])
+    clean = all(valid) and cu[0] == 0 and cu[-1] == q.shape[0] and all(a <= b for a, b in zip(cu, cu[1:]))
     backend = _prefill_backend(dev)
     if backend == "fa3" and (window_left >= 0 or not fa3_tail_fits(k_cache, lengths, slot_list, valid)):
         backend = "fa2"  # see the module docstring: FA3's tile reads past the keys are not safe here
@@ -301,18 +307,22 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
                 q_data_type=q.dtype, kv_data_type=k_cache.dtype,
             )  # fmt: skip
         holder[1] = plan_key
-    ok = torch.tensor(valid, dtype=torch.bool, device=dev)
     if backend == "fa3":
-        lens = torch.where(ok, cache_seqlens, 0).to(torch.int32)
-        rows = torch.tensor([s if v else 0 for s, v in zip(slot_list, valid)], dtype=torch.int32, device=dev)
+        if all(valid):  # the tensors as given (no host-to-device copy)
+            lens = cache_seqlens.to(torch.int32)
+            rows = slots.to(torch.int32) if slots is not None else torch.arange(R, dtype=torch.int32, device=dev)
+        else:
+            ok = torch.tensor(valid, dtype=torch.bool, device=dev)
+            lens = torch.where(ok, cache_seqlens, 0).to(torch.int32)
+            rows = torch.tensor([s if v else 0 for s, v in zip(slot_list, valid)], dtype=torch.int32, device=dev)
         zero_tail_op(k_cache, v_cache, lens, rows, None, FA3_TILE, k_cache.shape[1])
     kf, vf = flatten(k_cache, s_pad), flatten(v_cache, s_pad)
     if q_order is None:
-        return wrapper.run(q.contiguous(), kf, vf)
+        return wrapper.run(q.contiguous(), kf, vf), clean
     order = torch.tensor(q_order, dtype=torch.long, device=dev)
     out = torch.empty_like(q)
     out[order] = wrapper.run(q.index_select(0, order), kf, vf)
-    return out
+    return out, clean
 
 
 def _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots):
@@ -347,8 +357,9 @@ def flashinfer_attention(
 
         return triton_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, None, causal, scale,
                                 max_seqlen_q, 0, window_left, softcap)  # fmt: skip
-    out = _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap)
-    return _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots)
+    out, clean = _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left,
+                         softcap)  # fmt: skip
+    return out if clean else _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots)
 
 
 @flashinfer_attention.register_fake
