@@ -51,12 +51,11 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
     * ``flashinfer`` is never chosen by ``auto`` yet: pass ``backend="flashinfer"``.
       Its kernels measured fastest in standalone scripts (tensor-core decode over
       a trivial page table at 4.39 TB/s; FA3 ragged prefill at 662-674 TFLOP/s on
-      an H200), but the backend itself has not passed the GPU suite: on an H200
-      (2026-12-02) with FlashInfer importable, two compiled ``generate()`` tests
-      failed inside CUDA graph trees ("tensors in the cudagraph pool not tracked
-      as outputs"; most likely its plan buffers, created lazily inside the
-      graph pool: the same tests passed without FlashInfer). Its state is now
-      allocated on a side stream, outside graph pools; not yet run on a GPU.
+      an H200), but through this backend they measured slower than ``triton``
+      (``bench kernels``, H200, 2026-12-02: decode 359 vs 145 us at batch 32, 4K;
+      prefill 306 vs 440 TFLOP/s at 8K), likely its per-call host work. Its GPU
+      attention tests pass; compiled ``generate()`` under CUDA graph trees with it
+      (which failed before its state moved to a side stream) has not been re-run.
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
