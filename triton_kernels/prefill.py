@@ -132,6 +132,20 @@ def _prefill_kernel(
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
+def default_launch(head_dim: int, element_size: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) that :func:`prefill_attention` picks by itself.
+
+    Shared memory holds a Q tile and num_stages K and V tiles: fp32 or head_dim
+    256 rows (512 bytes) need smaller tiles and fewer stages to fit the 227 KiB
+    of an H100/H200 (fp32 x 128 at 128 rows x 3 stages needs 256 KiB). The CPU
+    interpreter takes small tiles.
+    """
+    wide_rows = element_size * head_dim > 256
+    block_m = (64 if wide_rows else 128) if on_gpu else 32
+    num_warps = 8 if (head_dim >= 128 and block_m >= 128) else 4
+    return block_m, 64 if head_dim <= 128 else 32, num_warps, 2 if wide_rows else 3
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -190,23 +204,17 @@ def prefill_attention(
     R = cache_seqlens.shape[0]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     paged = block_table is not None
-    # Shared memory holds a Q tile and num_stages K and V tiles: fp32 or
-    # head_dim 256 rows (512 bytes) need smaller tiles and fewer stages to fit
-    # the 227 KiB of an H100/H200 (fp32 x 128 at 128 rows x 3 stages needs 256 KiB).
-    wide_rows = q.element_size() * D > 256
-    if block_m is None:
-        block_m = (64 if wide_rows else 128) if q.is_cuda else 32
-    if block_n is None:
-        block_n = 64 if D <= 128 else 32
+    default = default_launch(D, q.element_size(), q.is_cuda)
+    block_m = default[0] if block_m is None else block_m
+    block_n = default[1] if block_n is None else block_n
     if out is None:
         out = torch.empty_like(q)
     max_seqlen_q = max(1, min(int(max_seqlen_q), T))
     if T == 0 or R == 0:
         return out
-    if num_warps is None:
+    if num_warps is None:  # the default's rule, for the block_m actually used
         num_warps = 8 if (D >= 128 and block_m >= 128) else 4
-    if num_stages is None:
-        num_stages = 2 if wide_rows else 3
+    num_stages = default[3] if num_stages is None else num_stages
     grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
     bt = block_table if paged else cache_seqlens
     k_desc, v_desc = k_cache, v_cache  # placeholders: not read without USE_TMA

@@ -514,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += _decode_rows(cfg, caches, bw, log)
         rows += _prefill_rows(cfg, caches, log)
         rows += _vm_rows(cfg, caches, log)
-        rows += decode_tune_rows(cfg, caches, bw, log, _time)
-        rows += prefill_tune_rows(cfg, caches, log, _time)
+        rows += decode_tune_rows(cfg, caches, bw, log)
+        rows += prefill_tune_rows(cfg, caches, log)
         rows += _layout_rows(cfg, caches, bw, log)
         if args.window > 0:
             rows += window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)

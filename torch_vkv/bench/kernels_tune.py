@@ -23,10 +23,29 @@ import torch
 __all__ = ["decode_tune_rows", "prefill_tune_rows", "prefill_tune_summary"]
 
 
-def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None], time_fn: Callable) -> list:
+def _timed(cfg: Any, row: dict, fn: Callable[[], Any], rep_ms: float) -> "float | None":
+    """Times ``fn`` into ``row`` (``us``), or notes its error (a configuration that does not
+    compile or fit) and returns None."""
+    from torch_vkv.bench.kernels import _time  # loaded: it imports this module
+
+    try:
+        row["us"] = _time(cfg, fn, rep_ms)
+    except Exception as e:
+        row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
+        return None
+    return row["us"]
+
+
+def _best(rows: list, key: str, higher: bool) -> "dict | None":
+    """The fastest timed row of one sweep point (``key``: ``us``, or ``tflop_s`` with ``higher``)."""
+    done = [r for r in rows if r.get(key)]
+    return (max if higher else min)(done, key=lambda r: r[key], default=None)
+
+
+def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None]) -> list:
     """Triton split-KV decode over its launch parameters, at ``cfg.tune`` (batch, context) points."""
     from torch_vkv.attention import deps
-    from torch_vkv.bench.kernels import MODELS, _close  # loaded: it imports this module
+    from torch_vkv.bench.kernels import MODELS, _close
 
     if not deps.triton_usable(cfg.device):
         return []
@@ -41,22 +60,21 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
         k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
         default = tk.default_num_splits(B, H_kv, S, cfg.device)
         split_set = {max(1, default // 2), default, default * 2, default * 4} if cfg.tune_full else {default, default * 2}
+        point = []
         for splits in sorted(split_set):
             for block_n in (32, 64, 128) if cfg.tune_full else (64, 128):
                 for warps in (4, 8) if cfg.tune_full else (4,):
                     name = f"triton splits={splits} block_n={block_n} warps={warps}"
                     row = dict(section="decode_tune", model=model, backend=name, batch=B, context=S)
-                    try:
-                        us = time_fn(cfg, lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
+                    us = _timed(cfg, row, lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
                                                                       num_warps=warps), cfg.decode_rep_ms)  # fmt: skip
-                    except Exception as e:
-                        row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
-                    else:
+                    if us is not None:
                         tb = kv_bytes / (us * 1e-6) / 1e12
-                        row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw,
+                        row.update(tb_s=tb, pct_copy=100 * tb / copy_bw,
                                    note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
-                    rows.append(row)
-        best = min((r for r in rows if r.get("us") and (r["batch"], r["context"]) == (B, S)), key=lambda r: r["us"], default=None)
+                    point.append(row)
+        rows += point
+        best = _best(point, "us", higher=False)
         if best:
             log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
         del k, v
@@ -73,10 +91,10 @@ def _prefill_grid(full: bool) -> list:
     return [c + (False,) for c in plain] + [c + (True,) for c in plain[:4]]
 
 
-def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None], time_fn: Callable) -> list:
+def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None]) -> list:
     """Triton causal prefill (batch 1) over its launch parameters, at ``cfg.prefill_tune`` contexts."""
     from torch_vkv.attention import deps
-    from torch_vkv.bench.kernels import MODELS, _close  # loaded: it imports this module
+    from torch_vkv.bench.kernels import MODELS, _close
 
     if not deps.triton_usable(cfg.device) or not cfg.prefill_tune:
         return []
@@ -91,22 +109,21 @@ def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None], time_fn
         cu = torch.tensor([0, S], dtype=torch.int32, device=cfg.device)
         flops = 4 * H * D * S * S / 2
         k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", 1, S, H_kv, D)
-        # What prefill_attention picks by itself (its defaults; CPU: the interpreter's small tiles).
-        default = (128 if on_gpu else 32, 64, 8 if on_gpu and D >= 128 else 4, 3, False)
+        # What prefill_attention picks by itself (CPU: the interpreter's small tiles).
+        default = tk.default_launch(D, q.element_size(), on_gpu) + (False,)
         grid = _prefill_grid(cfg.tune_full) if on_gpu else [default, (16, 32, 4, 2, True)]
+        point = []
         for bm, bn, warps, stages, tma in grid:
             name = f"triton block_m={bm} block_n={bn} warps={warps} stages={stages}" + (" tma" if tma else "")
             row = dict(section="prefill_tune", model=model, backend=name, batch=1, context=S)
-            try:
-                us = time_fn(cfg, lambda: tk.prefill_attention(q, k, v, lens, cu, S, block_m=bm, block_n=bn, num_warps=warps,
+            us = _timed(cfg, row, lambda: tk.prefill_attention(q, k, v, lens, cu, S, block_m=bm, block_n=bn, num_warps=warps,
                                                                num_stages=stages, tma=tma), cfg.prefill_rep_ms)  # fmt: skip
-            except Exception as e:  # e.g. a configuration past the shared memory
-                row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
-            else:
-                row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12,
+            if us is not None:
+                row.update(tflop_s=flops / (us * 1e-6) / 1e12,
                            note="default" if (bm, bn, warps, stages, tma) == default else None)  # fmt: skip
-            rows.append(row)
-        best = max((r for r in rows if r.get("us") and r["context"] == S), key=lambda r: r["tflop_s"], default=None)
+            point.append(row)
+        rows += point
+        best = _best(point, "tflop_s", higher=True)
         if best:
             log(f"  prefill_tune S={S}: best {best['backend']} {best['tflop_s']:.1f} TFLOP/s")
         del k, v
@@ -119,9 +136,9 @@ def prefill_tune_summary(rows: list) -> list:
     lines = []
     for S in sorted({r["context"] for r in rows if r["section"] == "prefill_tune"}):
         done = [r for r in rows if r["section"] == "prefill_tune" and r["context"] == S and r.get("tflop_s")]
-        if not done:
+        best = _best(done, "tflop_s", higher=True)
+        if best is None:
             continue
-        best = max(done, key=lambda r: r["tflop_s"])
         default = next((r for r in done if r.get("note") == "default"), None)
         vs = f", {best['tflop_s'] / default['tflop_s']:.2f}x the default's {default['tflop_s']:.0f}" if default else ""
         lines.append(f"- Triton prefill, batch 1, S={S}: best {best['backend']}: {best['tflop_s']:.0f} TFLOP/s{vs} "
