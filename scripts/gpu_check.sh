@@ -11,6 +11,7 @@
 #   TESTS=0 BENCHES=serve BENCH_ARGS="--workload offline" ...  # no tests; extra arguments for every benchmark
 #   TEST_WORKERS=10 bash scripts/gpu_check.sh   # the CUDA suite over 10 pytest-xdist processes sharing the GPU
 #                                                # (pytest-xdist is in the device image)
+#   TEST_PER_TEST_TIMEOUT=120 ...                # fail (with a stack) any test that runs longer
 #   TEST_SHARD=1/2 BENCHES="" bash scripts/gpu_check.sh   # every 2nd test file from the 1st: the CUDA suite
 #                                                        # in two device calls (then TEST_SHARD=2/2)
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
@@ -54,8 +55,10 @@ if [ -n "${TEST_SHARD:-}" ]; then  # i/n: test files i, i+n, i+2n, ... (1-based,
   shard_files=$(ls tests/test_*.py | sort | awk -v i="${TEST_SHARD%/*}" -v n="${TEST_SHARD#*/}" '(NR - i) % n == 0')
   PYTEST_ARGS="$shard_files ${PYTEST_ARGS:-}"
 fi
-xdist=""
-[ "${TEST_WORKERS:-1}" -gt 1 ] && xdist="-n $TEST_WORKERS"
+xdist=""  # -v: the log names every finished test, so a step cut by its limit still shows which ones were left
+[ "${TEST_WORKERS:-1}" -gt 1 ] && xdist="-n $TEST_WORKERS --dist worksteal -v"
+# TEST_PER_TEST_TIMEOUT=N: a test running longer than N s fails with its stack (pytest-timeout, in the image)
+[ -n "${TEST_PER_TEST_TIMEOUT:-}" ] && xdist="$xdist --timeout $TEST_PER_TEST_TIMEOUT"
 [ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false \
   --durations=20 $xdist ${PYTEST_ARGS:-}
 # A test step cut by its time limit may leave pytest-xdist workers running on the GPU: stop them before
