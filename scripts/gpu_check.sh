@@ -56,7 +56,10 @@ if [ -n "${TEST_SHARD:-}" ]; then  # i/n: test files i, i+n, i+2n, ... (1-based,
   PYTEST_ARGS="$shard_files ${PYTEST_ARGS:-}"
 fi
 xdist=""  # -v: the log names every finished test, so a step cut by its limit still shows which ones were left
-[ "${TEST_WORKERS:-1}" -gt 1 ] && xdist="-n $TEST_WORKERS --dist worksteal -v"
+# Inductor compiles with a pool of one process per core in every pytest process: with many workers that
+# oversubscribes the CPUs, and the compile-heavy tests are the ones that then run longest.
+[ "${TEST_WORKERS:-1}" -gt 1 ] && xdist="-n $TEST_WORKERS --dist worksteal -v" \
+  && export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
 # TEST_PER_TEST_TIMEOUT=N: a test running longer than N s fails with its stack (pytest-timeout, in the image)
 [ -n "${TEST_PER_TEST_TIMEOUT:-}" ] && xdist="$xdist --timeout $TEST_PER_TEST_TIMEOUT"
 [ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false \

@@ -141,20 +141,45 @@ def test_noncausal_scale_fp32(device, backend, D):
     torch.testing.assert_close(out.double(), ref, **tol)
 
 
+@pytest.mark.parametrize("D", [64, 128])  # 128: where the GPU default turns descriptors on (default_tma)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["prefill", "mixed"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_prefill_tma_equals_pointer_loads(device, kind, layout):
+def test_prefill_tma_equals_pointer_loads(device, kind, layout, D):
     """``prefill_attention(tma=True)`` reads the full tiles through tensor descriptors and the
     masked ones as before: bitwise the same output, and NaN past the lengths never read."""
     skip_unless_runs("triton", device)
-    b, k, v = setup_case(kind, "GQA", 64, layout, device, seed=43)
+    b, k, v = setup_case(kind, "GQA", D, layout, device, seed=43)
     append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
     blocks = dict(block_m=16, block_n=16) if device == "cpu" else {}
     args = (b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, max(b.q_lens))
     out = tk().prefill_attention(*args, tma=True, **blocks)
     assert torch.equal(out, tk().prefill_attention(*args, tma=False, **blocks))
     assert_close(out, reference(b, k, v), torch.bfloat16)
+
+
+def test_prefill_launch_defaults():
+    """The launch that prefill_attention picks by itself: 128-key tiles for 16-bit head_dim 128
+    on a GPU (measured faster), small tiles in the interpreter, never descriptors off a GPU."""
+    assert tk().default_launch(128, 2, True) == (128, 128, 8, 3)
+    assert tk().default_launch(64, 2, True) == (128, 64, 4, 3)
+    assert tk().default_launch(128, 4, True) == (64, 64, 4, 2)  # fp32 x 128 must fit shared memory
+    assert tk().default_launch(256, 2, True) == (64, 32, 4, 2)
+    assert tk().default_launch(128, 2, False)[:2] == (32, 64)
+    q, k = torch.zeros(4, 8, 128, dtype=torch.bfloat16), torch.zeros(1, 32, 2, 128, dtype=torch.bfloat16)
+    assert tk().default_tma(q, k, k, None) is False
+
+
+@pytest.mark.cuda
+def test_cuda_prefill_default_tma_on_hopper():
+    """On Hopper, bf16 x 128 prefill reads through descriptors by default (and never a paged pool)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("descriptors are a default on Hopper (sm_90) only; this GPU is not one")
+    q = torch.zeros(4, 8, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.zeros(1, 32, 2, 128, dtype=torch.bfloat16, device="cuda")
+    assert tk().default_tma(q, k, k, None) is True
+    assert tk().default_tma(q, k, k, torch.zeros(1, 2, dtype=torch.int32, device="cuda")) is False
+    assert tk().default_tma(q.float(), k.float(), k.float(), None) is False
 
 
 def test_prefill_tma_refuses_what_a_descriptor_cannot_address():

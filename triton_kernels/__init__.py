@@ -24,7 +24,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
 from .decode import decode_attention, decode_reference, default_num_splits  # noqa: E402
-from .prefill import attention_reference, default_launch, gather_paged, prefill_attention, tma_problem  # noqa: E402
+from .prefill import attention_reference, default_launch, default_tma, gather_paged, prefill_attention, tma_problem  # noqa: E402
 
 __all__ = [
     "INTERPRETED",
@@ -34,6 +34,7 @@ __all__ = [
     "decode_attention",
     "decode_reference",
     "default_launch",
+    "default_tma",
     "default_num_splits",
     "gather_paged",
     "prefill_attention",

@@ -30,6 +30,7 @@ and gets zero rows, and query rows outside ``[0, total_q)`` (inconsistent
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -137,13 +138,31 @@ def default_launch(head_dim: int, element_size: int, on_gpu: bool) -> tuple[int,
 
     Shared memory holds a Q tile and num_stages K and V tiles: fp32 or head_dim
     256 rows (512 bytes) need smaller tiles and fewer stages to fit the 227 KiB
-    of an H100/H200 (fp32 x 128 at 128 rows x 3 stages needs 256 KiB). The CPU
-    interpreter takes small tiles.
+    of an H100/H200 (fp32 x 128 at 128 rows x 3 stages needs 256 KiB). 16-bit
+    head_dim 128 takes 128-key tiles: 1.07x the 64-key ones on the H200, and 1.22x
+    with tensor descriptors (:func:`default_tma`) (``bench kernels``' prefill_tune, 8K context,
+    docs/benchmarks.md). The CPU interpreter takes small tiles.
     """
     wide_rows = element_size * head_dim > 256
     block_m = (64 if wide_rows else 128) if on_gpu else 32
     num_warps = 8 if (head_dim >= 128 and block_m >= 128) else 4
-    return block_m, 64 if head_dim <= 128 else 32, num_warps, 2 if wide_rows else 3
+    block_n = 128 if (on_gpu and element_size == 2 and head_dim == 128) else 64 if head_dim <= 128 else 32
+    return block_m, block_n, num_warps, 2 if wide_rows else 3
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def default_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
+    """Whether :func:`prefill_attention` reads full key tiles through tensor descriptors by itself:
+    where it was measured faster (Hopper, 16-bit, head_dim 128: 530 against 465 TFLOP/s at 8K
+    on the H200) and :func:`tma_problem` has no objection."""
+    return (
+        q.is_cuda and q.element_size() == 2 and q.shape[-1] == 128 and _is_hopper(q.device.index or 0)
+        and tma_problem(k_cache, v_cache, block_table) is None
+    )  # fmt: skip
 
 
 def prefill_attention(
@@ -164,7 +183,7 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    tma: bool = False,
+    tma: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -189,8 +208,8 @@ def prefill_attention(
         shapes (``bench kernels``' ``prefill_tune`` section sweeps them).
     tma : read the full key tiles through tensor descriptors (bulk copies on
         Hopper; :func:`tma_problem` says when a cache cannot); the masked tiles
-        keep ordinary loads, so no row past a length is touched. Off by
-        default until measured faster (``prefill_tune`` has both).
+        keep ordinary loads, so no row past a length is touched. ``None``:
+        :func:`default_tma` decides (on where measured faster); ``False``: never.
 
     Returns
     -------
@@ -217,6 +236,8 @@ def prefill_attention(
     num_stages = default[3] if num_stages is None else num_stages
     grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
     bt = block_table if paged else cache_seqlens
+    if tma is None:
+        tma = default_tma(q, k_cache, v_cache, block_table)
     k_desc, v_desc = k_cache, v_cache  # placeholders: not read without USE_TMA
     if tma:
         problem = tma_problem(k_cache, v_cache, block_table)

@@ -110,7 +110,7 @@ def prefill_tune_rows(cfg: Any, caches: Any, log: Callable[[str], None]) -> list
         flops = 4 * H * D * S * S / 2
         k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", 1, S, H_kv, D)
         # What prefill_attention picks by itself (CPU: the interpreter's small tiles).
-        default = tk.default_launch(D, q.element_size(), on_gpu) + (False,)
+        default = tk.default_launch(D, q.element_size(), on_gpu) + (tk.default_tma(q, k, v, None),)
         grid = _prefill_grid(cfg.tune_full) if on_gpu else [default, (16, 32, 4, 2, True)]
         point = []
         for bm, bn, warps, stages, tma in grid:
