@@ -1,5 +1,6 @@
 """``bench kernels``: the first decode shape is timed again at the end of its section, and a first
-timing out of line with it is replaced (and said so), never silently kept or dropped."""
+timing out of line with it is replaced (and said so), never silently kept or dropped; the same shape's
+host time per call is reported beside it."""
 
 from __future__ import annotations
 
@@ -32,3 +33,23 @@ def test_first_shape_retimed_and_out_of_line_rows_replaced(monkeypatch):
     assert rows[0]["tb_s"] == (16 << 20) / 16e-6 / 1e12
     assert rows[1]["us"] == 36.0 and "us_first" not in rows[1] and "note" not in rows[1]
     assert rows[2]["us"] == 250.0 and rows[3]["us"] == 143.0
+
+
+def test_host_cost_rows_time_calls_without_a_sync(monkeypatch):
+    calls = []
+
+    def fake_contiguous(cfg, caches, record, q, lens, B, S, H_kv, D, flex_here):
+        record("triton", "vm", None, lambda: calls.append("triton"))
+        record("sdpa", "vm", None, lambda: 1 / 0)  # a failing backend becomes a note
+
+    monkeypatch.setattr(kernels, "_contiguous_decode", fake_contiguous)
+    cfg = kernels.Config.__new__(kernels.Config)
+    cfg.device = torch.device("cpu")
+    base = dict(section="decode", model="m", batch=1, context=4096)
+    rows = kernels._host_cost_rows(cfg, None, (base, None, None, 0, 8, 128, False), lambda msg: None)
+    assert [r["section"] for r in rows] == ["decode_host", "decode_host"]
+    assert rows[0]["us"] > 0 and len(calls) == 1 + 3  # a warm-up call, then the timed ones
+    assert "ZeroDivisionError" in rows[1]["note"] and "us" not in rows[1]
+    summary = kernels._summary([dict(base, backend="triton", memory="vm", us=88.0)] + rows, 4.2,
+                               type("C", (), {"vm_error": None})(), 1.0)  # fmt: skip
+    assert "Host time per decode call, batch 1, context 4096: triton" in summary and "(timed 88.0 us)" in summary

@@ -15,6 +15,9 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
   (block 16 and 256), FlexAttention over the block pool, and flash-attn's
   paged kernel (block 256) when installed; FlashInfer's paged anchor when importable
   (:mod:`torch_vkv.bench.flashinfer_paged`). Reported: us, TB/s of K+V read, % of copy BW.
+  The first shape is timed again at the end (an out-of-line first timing is replaced, with a note).
+* ``decode_host``: at the first shape, the host's time per call of each backend (calls launched
+  back to back, no sync inside): beside ``decode``, whether a small-batch time is the host's floor.
 * ``prefill``: batch 1, causal, context c (c queries over c keys): TFLOP/s
   (4 * H * D * c^2 / 2 FLOPs).
 * ``vm_vs_malloc``: the same kernel on ``cudaMalloc`` memory and on the
@@ -275,7 +278,43 @@ def _decode_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
                     torch.cuda.empty_cache()
     if first is not None and len(rows) > 1:
         _retime_first(cfg, caches, rows, first, copy_bw, log)
+        rows += _host_cost_rows(cfg, caches, first, log)
     return rows
+
+
+def _host_cost_rows(cfg: Config, caches: Caches, first: tuple, log) -> list:
+    """Host time per call of each contiguous backend at the first shape (``decode_host``): calls
+    launched back to back with no sync inside the loop, so where the device keeps up this is the
+    host's cost of one call (checks, dispatch, launches). Beside the ``decode`` rows it says whether
+    a small-batch time is the host's floor or the kernel's."""
+    base, q, lens, _, H_kv, D, flex_here = first
+    rows: list = []
+    calls = 100 if cfg.device.type == "cuda" else 3
+
+    def record(backend, memory, block, fn):
+        row = dict(base, section="decode_host", backend=backend, memory=memory, block=block)
+        try:
+            fn()
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            us = (time.perf_counter() - t0) / calls * 1e6
+            _sync(cfg.device)
+        except Exception as e:  # one backend failing must not stop the run
+            row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
+        else:
+            row.update(us=us, note=f"host time per call, {calls} calls launched back to back")
+            log(f"  decode_host {backend}: {us:.1f} us per call on the host")
+        rows.append(row)
+
+    _contiguous_decode(cfg, caches, record, q, lens, base["batch"], base["context"], H_kv, D, flex_here)
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _decode_recorder(cfg: Config, rows: list, base: dict, kv_bytes: int, copy_bw: float, log):
@@ -499,6 +538,13 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
     if caches.vm_error:
         lines.append(f"Virtual memory: {caches.vm_error}.")
     dec = [r for r in rows if r["section"] == "decode" and r.get("us")]
+    host = [r for r in rows if r["section"] == "decode_host" and r.get("us")]
+    if host:
+        timed = {(r["backend"], r["batch"], r["context"]): r["us"] for r in dec}
+        parts = [f"{r['backend']} {r['us']:.1f} us" + (f" (timed {timed[k]:.1f} us)" if (k := (r["backend"], r["batch"], r["context"])) in timed else "")
+                 for r in host]  # fmt: skip
+        lines.append(f"- Host time per decode call, batch {host[0]['batch']}, context {host[0]['context']}: "
+                     + ", ".join(parts) + ". Where it is close to the timed one, that row measures the host.")
     big = [r for r in dec if r["batch"] >= 32 and r["context"] >= 4096]
     ours = [r for r in big if r["backend"] == "triton"]
     if ours:
