@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_vkv.bench import kernels
+from torch_vkv.bench import kernels, kernels_decode
 
 
 def test_first_shape_retimed_and_out_of_line_rows_replaced(monkeypatch):
@@ -16,7 +16,7 @@ def test_first_shape_retimed_and_out_of_line_rows_replaced(monkeypatch):
         for backend, us in later.items():
             record(backend, "vm", None, lambda us=us: us)
 
-    monkeypatch.setattr(kernels, "_contiguous_decode", fake_contiguous)
+    monkeypatch.setattr(kernels_decode, "_contiguous_decode", fake_contiguous)
     monkeypatch.setattr(kernels, "_time", lambda cfg, fn, rep_ms: fn())
     base = dict(section="decode", model="m", batch=1, context=4096)
     rows = [
@@ -28,7 +28,7 @@ def test_first_shape_retimed_and_out_of_line_rows_replaced(monkeypatch):
     cfg = kernels.Config.__new__(kernels.Config)
     cfg.decode_rep_ms = 1.0
     first = (base, torch.zeros(1), torch.zeros(1), 16 << 20, 8, 128, False)
-    kernels._retime_first(cfg, None, rows, first, 4.2, lambda msg: None)
+    kernels_decode._retime_first(cfg, None, rows, first, 4.2, lambda msg: None)
     assert rows[0]["us"] == 16.0 and rows[0]["us_first"] == 88.0 and "out of line" in rows[0]["note"]
     assert rows[0]["tb_s"] == (16 << 20) / 16e-6 / 1e12
     assert rows[1]["us"] == 36.0 and "us_first" not in rows[1] and "note" not in rows[1]
@@ -42,11 +42,11 @@ def test_host_cost_rows_time_calls_without_a_sync(monkeypatch):
         record("triton", "vm", None, lambda: calls.append("triton"))
         record("sdpa", "vm", None, lambda: 1 / 0)  # a failing backend becomes a note
 
-    monkeypatch.setattr(kernels, "_contiguous_decode", fake_contiguous)
+    monkeypatch.setattr(kernels_decode, "_contiguous_decode", fake_contiguous)
     cfg = kernels.Config.__new__(kernels.Config)
     cfg.device = torch.device("cpu")
     base = dict(section="decode", model="m", batch=1, context=4096)
-    rows = kernels._host_cost_rows(cfg, None, (base, None, None, 0, 8, 128, False), lambda msg: None)
+    rows = kernels_decode._host_cost_rows(cfg, None, (base, None, None, 0, 8, 128, False), lambda msg: None)
     assert [r["section"] for r in rows] == ["decode_host", "decode_host"]
     assert rows[0]["us"] > 0 and len(calls) == 1 + 3  # a warm-up call, then the timed ones
     assert "ZeroDivisionError" in rows[1]["note"] and "us" not in rows[1]

@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import torch
 
+from torch_vkv.bench.kernels_decode import decode_rows
 from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
 from torch_vkv.bench.kernels_window import window_rows, window_summary
 from torch_vkv.bench import flashinfer_paged
@@ -242,138 +243,6 @@ def _paged_backends(cfg: Config, block: int, flex_here: bool) -> list:
         and not (b == "flex" and (not flex_here or block not in cfg.flex_paged_blocks))
         and not (b == "flash_attn" and block % 256)
     ]  # fmt: skip
-
-
-def _decode_rows(cfg: Config, caches: Caches, copy_bw: float, log) -> list:
-    """Decode over every (model, context, batch) of ``cfg``: each backend on the contiguous cache, the paged
-    twins, FlashInfer's paged anchor. The first shape's contiguous rows are timed again at the end
-    (:func:`_retime_first`): on the H200 the rows timed first came out 3-10x slow in two runs."""
-    rows: list = []
-    first = None
-    dev = cfg.device
-    total_mem = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 8 << 30
-    for model in cfg.models:
-        H, H_kv, D = MODELS.get(model, (8, 2, 64))
-        for S in cfg.contexts:
-            for B in cfg.batches:
-                kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
-                base = dict(section="decode", model=model, batch=B, context=S)
-                if kv_bytes > cfg.mem_fraction * total_mem:
-                    rows.append(dict(base, note=f"skipped: K+V {kv_bytes / 2**30:.0f} GiB > memory limit"))
-                    continue
-                q = torch.randn((B, H, D), dtype=cfg.dtype, device=dev)
-                lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-                record = _decode_recorder(cfg, rows, base, kv_bytes, copy_bw, log)
-                flex_here = cfg.flex_decode is None or (B, S) in cfg.flex_decode
-                _contiguous_decode(cfg, caches, record, q, lens, B, S, H_kv, D, flex_here)
-                first = first or (base, q, lens, kv_bytes, H_kv, D, flex_here)
-                for block in cfg.paged_blocks:
-                    pc = caches.paged(block, B, S, H_kv, D)
-                    for backend in _paged_backends(cfg, block, flex_here):
-                        record(f"{backend}_paged", "paged", block,
-                               lambda b=backend: pc.attention(0, q, lens, backend=b))  # fmt: skip
-                    del pc
-                flashinfer_paged.anchor(record, "decode", q, B, S, H_kv, D)  # its own pool, block 16
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-    if first is not None and len(rows) > 1:
-        _retime_first(cfg, caches, rows, first, copy_bw, log)
-        rows += _host_cost_rows(cfg, caches, first, log)
-    return rows
-
-
-def _host_cost_rows(cfg: Config, caches: Caches, first: tuple, log) -> list:
-    """Host time per call of each contiguous backend at the first shape (``decode_host``): calls
-    launched back to back with no sync inside the loop, so where the device keeps up this is the
-    host's cost of one call (checks, dispatch, launches). Beside the ``decode`` rows it says whether
-    a small-batch time is the host's floor or the kernel's."""
-    base, q, lens, _, H_kv, D, flex_here = first
-    rows: list = []
-    calls = 100 if cfg.device.type == "cuda" else 3
-
-    def record(backend, memory, block, fn):
-        row = dict(base, section="decode_host", backend=backend, memory=memory, block=block)
-        try:
-            fn()
-            _sync(cfg.device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            us = (time.perf_counter() - t0) / calls * 1e6
-            _sync(cfg.device)
-        except Exception as e:  # one backend failing must not stop the run
-            row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
-        else:
-            row.update(us=us, note=f"host time per call, {calls} calls launched back to back")
-            log(f"  decode_host {backend}: {us:.1f} us per call on the host")
-        rows.append(row)
-
-    _contiguous_decode(cfg, caches, record, q, lens, base["batch"], base["context"], H_kv, D, flex_here)
-    return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _decode_recorder(cfg: Config, rows: list, base: dict, kv_bytes: int, copy_bw: float, log):
-    """``record(backend, memory, block, fn)``: times ``fn`` into a row of ``rows`` (an error becomes a note)."""
-
-    def record(backend, memory, block, fn):
-        row = dict(base, backend=backend, memory=memory, block=block)
-        try:
-            us = _time(cfg, fn, cfg.decode_rep_ms)
-        except Exception as e:  # one backend failing must not stop the run
-            row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
-            log(f"  decode {base['model']} B={base['batch']} S={base['context']} {backend}/{memory}: {row['note']}")
-        else:
-            tb = kv_bytes / (us * 1e-6) / 1e12
-            row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw)
-            log(f"  decode {base['model']} B={base['batch']:4d} S={base['context']:6d} {backend:10s} {memory:7s} "
-                f"{block or '':>4} {us:9.1f} us {tb:5.2f} TB/s {100 * tb / copy_bw:5.1f}%")  # fmt: skip
-        rows.append(row)
-
-    return record
-
-
-def _contiguous_decode(cfg: Config, caches: Caches, record, q, lens, B: int, S: int, H_kv: int, D: int,
-                       flex_here: bool) -> None:  # fmt: skip
-    """Every decode backend of ``DECODE_BACKENDS`` over one contiguous cache (virtual when available)."""
-    from torch_vkv.attention import attention
-
-    memory = "vm" if caches.KVCache is not None else "malloc"
-    k, v, keep = caches.contiguous(memory, B, S, H_kv, D)
-    for backend in DECODE_BACKENDS:
-        if not _available(backend, cfg.device) or (backend == "flex" and not flex_here):
-            continue
-        if backend == "sdpa" and 2 * B * S * H_kv * D * q.element_size() > cfg.sdpa_max_bytes:
-            continue
-        record(backend, memory, None, lambda b=backend: attention(q, k, v, lens, backend=b))
-    del k, v
-    _close(keep)
-
-
-def _retime_first(cfg: Config, caches: Caches, rows: list, first: tuple, copy_bw: float, log) -> None:
-    """Time the first shape's contiguous rows again, now that everything has run once. Where the
-    first timing is more than 20% slower, that row is marked (note) and left out of ``us`` (kept
-    as ``us_first``): the later timing is the steady state."""
-    base, q, lens, kv_bytes, H_kv, D, flex_here = first
-    again: list = []
-    record = _decode_recorder(cfg, again, base, kv_bytes, copy_bw, log)
-    _contiguous_decode(cfg, caches, record, q, lens, base["batch"], base["context"], H_kv, D, flex_here)
-    by_backend = {r["backend"]: r for r in again if r.get("us")}
-    for row in rows:
-        later = by_backend.get(row.get("backend"))
-        if later is None or not row.get("us") or row["model"] != base["model"] or \
-                (row["batch"], row["context"]) != (base["batch"], base["context"]):  # fmt: skip
-            continue
-        if row["us"] > 1.2 * later["us"]:
-            log(f"  decode {row['backend']} B={row['batch']} S={row['context']}: first timing {row['us']:.1f} us, "
-                f"{later['us']:.1f} us at the end of the section: the later one is kept")  # fmt: skip
-            row.update(us_first=row["us"], us=later["us"], tb_s=later["tb_s"], pct_copy=later["pct_copy"],
-                       note=f"timed again at the end of the section: the first timing, {row['us']:.1f} us, was "
-                            f"out of line")  # fmt: skip
 
 
 def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
@@ -597,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [dict(section="copy", backend="copy_", memory="malloc", tb_s=bw, pct_copy=100.0,
                      note="dst.copy_(src), 1 GiB, read + write bytes")]  # fmt: skip
         rows += flashinfer_paged.skipped_rows(_available("flashinfer", cfg.device))
-        rows += _decode_rows(cfg, caches, bw, log)
+        rows += decode_rows(cfg, caches, bw, log)
         rows += _prefill_rows(cfg, caches, log)
         rows += _vm_rows(cfg, caches, log)
         rows += decode_tune_rows(cfg, caches, bw, log)
