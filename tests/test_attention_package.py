@@ -166,3 +166,39 @@ def test_append_kv_into_a_kv_cache_refuses_aot_eager_and_plain_tensors_compile()
         torch.compile(write, fullgraph=True, backend="aot_eager")(plain_k, plain_v, k_new, v_new, lens)
         torch.testing.assert_close(plain_k[0, 2], k_new[0])
     """, timeout=600)
+
+
+def test_eager_calls_skip_the_dispatcher_only_where_nothing_can_tell():
+    """``dispatch_free``: plain eager calls run the op's implementation directly (the dispatcher
+    costs 10-20 us a call); a compile trace, a dispatch mode (fake tensors) or an input autograd
+    tracks goes through the custom op. Both paths give the same result."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torch_vkv.attention import attention
+    from torch_vkv.attention.common import dispatch_free
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 16, generator=g)
+    k, v = torch.randn(2, 8, 2, 16, generator=g), torch.randn(2, 8, 2, 16, generator=g)
+    lens = torch.tensor([5, 8], dtype=torch.int32)
+    assert dispatch_free(q, k, v)
+    with FakeTensorMode():
+        assert not dispatch_free(q, k, v)
+    needs_grad = q.clone().requires_grad_()
+    assert not dispatch_free(needs_grad, k, v)
+    with torch.no_grad():
+        assert dispatch_free(needs_grad, k, v)
+    from torch_vkv.attention import append_kv, deps
+
+    if not deps.triton_usable(q.device):
+        pytest.skip("the direct path is the Triton backend's: needs TRITON_INTERPRET=1 on the CPU")
+    direct = attention(q, k, v, lens, backend="triton")
+    through_op = attention(needs_grad, k, v, lens, backend="triton")
+    torch.testing.assert_close(through_op.detach(), direct, rtol=0, atol=0)
+    k_new = torch.randn(2, 2, 16, generator=g)
+    caches = [(k.clone(), v.clone()), (k.clone(), v.clone())]
+    append_kv(*caches[0], k_new, k_new, lens)  # direct
+    append_kv(*caches[1], k_new.clone().requires_grad_(), k_new, lens)  # through the op
+    for a, b in zip(*caches):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(caches[0][0][1, 7], k_new[1]) and not torch.equal(caches[0][0][1, 7], k[1, 7])

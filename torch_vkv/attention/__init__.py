@@ -97,8 +97,8 @@ from .._checks import fail
 from .._compile_guard import check_backend
 from ..tensor import VirtualKVTensor, VirtualKVView
 from . import deps
-from .append import append_kv_op
-from .common import flat_rows
+from .append import append_kv_impl, append_kv_op
+from .common import dispatch_free, flat_rows
 from .flash_attn import flash_attn_attention
 from .flashinfer_backend import flashinfer_attention, layout_problem
 from .flex import flex_attend, flex_attention_op, uncommitted_block_reads
@@ -106,7 +106,7 @@ from .inputs import BACKENDS, check_append, check_attention, check_values, check
 from .sdpa import sdpa_attention
 from .selection import available_backends, select_backend, supports
 from .torch_fa2 import fa2_attention, fa2_supported
-from .triton_backend import pow2_dim, triton_attention
+from .triton_backend import pow2_dim, triton_attention, triton_attention_impl
 
 __all__ = [
     "BACKENDS",
@@ -211,7 +211,8 @@ def attention(
             fail("backend 'triton'", "CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)", str(q.device))
         if not pow2_dim(q.shape[2]):
             fail("head_dim for backend 'triton'", "a power of two in [16, 256]", q.shape[2])
-        return triton_attention(*args, int(num_splits or 0), *extra)
+        op = triton_attention_impl if dispatch_free(q, k_cache, v_cache) else triton_attention
+        return op(*args, int(num_splits or 0), *extra)
     if backend == "torch_fa2":
         return fa2_attention(*args, 0, *extra)
     if backend == "flash_attn":
@@ -292,7 +293,8 @@ def append_kv(
     cache_seqlens = cache_seqlens.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None
     slots = slots.contiguous() if slots is not None else None
-    append_kv_op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
+    op = append_kv_impl if dispatch_free(k_cache, v_cache, k_new, v_new) else append_kv_op
+    op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
 
 
 # ----------------------------------------------------------------------------

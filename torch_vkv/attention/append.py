@@ -61,6 +61,11 @@ def masked_index_put(cache, row, pos, values, ok, *, sync_free: bool) -> None:
     "Tensor? cu_seqlens_q, Tensor? slots, Tensor? block_table) -> ()",
 )
 def append_kv_op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table):
+    append_kv_impl(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
+
+
+def append_kv_impl(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:
+    """What :func:`append_kv_op` runs (called directly where :func:`~.common.dispatch_free`)."""
     if deps.triton_usable(k_cache.device):
         deps.triton_kernels().append_kv(
             k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q=cu_seqlens_q, slots=slots, block_table=block_table

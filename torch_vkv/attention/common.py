@@ -1,4 +1,4 @@
-"""Pieces shared by several backends: the op schema and views of the cache's rows."""
+"""Pieces shared by several backends: the op schema, the eager fast path, views of the cache's rows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,24 @@ ATTN_SCHEMA = (
     "Tensor? block_table, bool causal, float scale, int max_seqlen_q, int num_splits, int window_left=-1, "
     "float softcap=0.0) -> Tensor"
 )
+
+
+def dispatch_free(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call may run an op's implementation directly, not through the dispatcher.
+
+    Our ops are custom ops so that ``torch.compile`` traces them (a fake
+    implementation, no graph break) and CUDA graphs capture them. In plain eager
+    execution the dispatcher adds only its own cost: about 10 us a call, 20 us
+    for a mutating op (``fill_defaults`` and version-counter bumps), measured on
+    our CPU machine with torch 2.13: 13% of a decode layer's host time in eager
+    ``generate()``. So the direct call is taken when nothing would see the
+    difference: no ``torch.compile`` trace, no dispatch mode on the stack (fake
+    tensors, functionalization, ``make_fx``), and no input that autograd tracks
+    (the ops have no derivative: through the op, backward raises).
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def flat_rows(cache: torch.Tensor) -> Optional[int]:

@@ -24,6 +24,15 @@ def triton_attention(
     q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
     window_left=-1, softcap=0.0,
 ):  # fmt: skip
+    return triton_attention_impl(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale,
+                                 max_seqlen_q, num_splits, window_left, softcap)  # fmt: skip
+
+
+def triton_attention_impl(
+    q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
+    window_left=-1, softcap=0.0,
+) -> torch.Tensor:  # fmt: skip
+    """What :func:`triton_attention` runs (called directly where :func:`~.common.dispatch_free`)."""
     tk = deps.triton_kernels()
     win = window_left if window_left >= 0 else None
     cap = softcap if softcap > 0 else None
