@@ -184,6 +184,8 @@ def test_eager_calls_skip_the_dispatcher_only_where_nothing_can_tell():
     assert dispatch_free(q, k, v)
     with FakeTensorMode():
         assert not dispatch_free(q, k, v)
+    with torch.profiler.profile():  # profiles name our ops
+        assert not dispatch_free(q, k, v)
     needs_grad = q.clone().requires_grad_()
     assert not dispatch_free(needs_grad, k, v)
     with torch.no_grad():

@@ -25,10 +25,11 @@ def dispatch_free(*tensors: Optional[torch.Tensor]) -> bool:
     our CPU machine with torch 2.13: 13% of a decode layer's host time in eager
     ``generate()``. So the direct call is taken when nothing would see the
     difference: no ``torch.compile`` trace, no dispatch mode on the stack (fake
-    tensors, functionalization, ``make_fx``), and no input that autograd tracks
-    (the ops have no derivative: through the op, backward raises).
+    tensors, functionalization, ``make_fx``), no profiler running (a profile
+    names our ops, ``torch_vkv::append_kv``, ...), and no input that autograd
+    tracks (the ops have no derivative: through the op, backward raises).
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._autograd._profiler_enabled():
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
