@@ -72,7 +72,7 @@ import torch
 
 from torch_vkv.bench.report import write_report
 from torch_vkv.bench.step_call import bench_step_call
-from torch_vkv.bench.timing import StepClock
+from torch_vkv.bench.timing import StepClock, sync
 
 __all__ = ["main"]
 
@@ -213,11 +213,6 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------- 1. latency
 def _median_us(samples: Sequence[float]) -> float:
     return statistics.median(samples) * 1e6
@@ -292,12 +287,12 @@ def bench_latency(cfg: Config) -> list[dict[str, Any]]:
         e = pool.stats()
         # Ordered decommit: record a fence now, unmap when it has completed.
         res.commit(0, n)
-        _sync(cfg.device)
+        sync(cfg.device)
         f = pool.stats()
         t0 = time.perf_counter()
         res.decommit(0, n, stream)
         t1 = time.perf_counter()
-        _sync(cfg.device)
+        sync(cfg.device)
         raw.reap()
         t2 = time.perf_counter()
         fence_d.append(t1 - t0)
@@ -434,12 +429,12 @@ class _DecodeLoop:
         if mode.startswith("precommitted"):
             for slot, n in enumerate(self.prompt):
                 cache.reserve(slot, n + steps + 1)  # + 1: step_async's lookahead
-        _sync(self.dev)
+        sync(self.dev)
         cache.pool._pool.reap()  # unmap what the decommits left pending now, not inside the run
         self.pos.copy_(torch.tensor(self.prompt, dtype=torch.int64))
         self.pos32.copy_(self.pos)
         self.checksum.zero_()
-        _sync(self.dev)
+        sync(self.dev)
 
     def run(self, mode: str, steps: int, sync_each_step: bool = True) -> dict[str, Any]:
         self.prepare(mode, steps)
@@ -463,7 +458,7 @@ class _DecodeLoop:
                 self.checksum.item()  # the host waits for the step, as for sampled tokens
         timer.mark(steps)
         cache.synchronize()
-        _sync(self.dev)
+        sync(self.dev)
         host_s = time.perf_counter() - t0
         per_step = timer.step_ms()
         return {

@@ -35,6 +35,7 @@ import torch
 
 from torch_vkv.bench.models import random_model
 from torch_vkv.bench.report import report_dir, write_report
+from torch_vkv.bench.timing import sync
 
 __all__ = ["GEMMA3_12B", "TINY_GEMMA3", "VARIANTS", "build_gemma3", "first_divergence", "run"]
 
@@ -135,15 +136,13 @@ def _run_variant(variant: str, model, ids: torch.Tensor, new_tokens: int, device
     rec = _Recorder(cache)
     row: dict[str, Any] = {"variant": variant, "batch": batch, "prompt": prompt, "new_tokens": new_tokens}
     try:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs(cache),
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  stopping_criteria=StoppingCriteriaList([rec]), disable_compile=True)  # fmt: skip
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         secs = time.perf_counter() - t
         total = [s[0] for s in rec.series]
         row.update(tok_s=batch * new_tokens / secs, seconds=secs, kv_bytes_end=total[-1], kv_bytes_peak=max(total),

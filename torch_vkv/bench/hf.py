@@ -49,6 +49,7 @@ import torch
 
 from torch_vkv._checks import positive_int_arg
 from torch_vkv.bench.report import write_report
+from torch_vkv.bench.timing import sync
 
 __all__ = ["main"]
 
@@ -162,11 +163,6 @@ def _kv_bytes(cache: Any) -> int:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _generate(model, ids, cache, new_tokens: int, *, compiled: bool):
     from torch_vkv.hf import generate_kwargs
 
@@ -208,7 +204,7 @@ def _run_variant(variant, model, ids, new_tokens, device, prefill_s, capacity: i
             torch._dynamo.reset()
             t = time.perf_counter()
             _generate(model, ids, cache, min(8, new_tokens), compiled=True)
-            _sync(device)
+            sync(device)
             warm = time.perf_counter() - t
             cache.reset()
         gc.collect()
@@ -216,10 +212,10 @@ def _run_variant(variant, model, ids, new_tokens, device, prefill_s, capacity: i
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         with _DriverPeak(device) as drv:
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             out = _generate(model, ids, cache, new_tokens, compiled=compiled)
-            _sync(device)
+            sync(device)
             secs = time.perf_counter() - t
         row.update(
             tok_s=batch * new_tokens / secs,
@@ -341,10 +337,10 @@ def _prefill_seconds(model, ids, device: torch.device) -> float:
     model.set_attn_implementation("sdpa")
     try:
         _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)  # warm
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         _generate(model, ids, DynamicCache(config=model.config), 1, compiled=False)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
     except torch.OutOfMemoryError:
         return 0.0

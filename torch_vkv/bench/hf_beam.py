@@ -61,7 +61,7 @@ def _kv_stats(cache: Any) -> dict[str, Any]:
 
 def run_beam(args: argparse.Namespace, model, device: torch.device, command: str) -> int:
     """Runs the beam-search comparison for ``bench hf --beam`` and writes its report."""
-    from torch_vkv.bench.hf import _sync
+    from torch_vkv.bench.timing import sync
     from torch_vkv.hf import generate_kwargs
 
     beams, batch = args.num_beams, (args.batch or [1])[0]
@@ -74,13 +74,13 @@ def run_beam(args: argparse.Namespace, model, device: torch.device, command: str
     rows, outs = [], {}
     for variant in VARIANTS:
         cache = _cache(variant, model, batch * beams, prompt + new, device, page_size)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs(cache),
                                  max_new_tokens=new, min_new_tokens=new, num_beams=beams,
                                  num_return_sequences=beams, do_sample=False)  # fmt: skip
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         outs[variant] = out
         row = {"variant": variant, "batch": batch, "num_beams": beams, "prompt": prompt, "new_tokens": new,

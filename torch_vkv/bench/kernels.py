@@ -410,8 +410,10 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
     host = [r for r in rows if r["section"] == "decode_host" and r.get("us")]
     if host:
         timed = {(r["backend"], r["batch"], r["context"]): r["us"] for r in dec}
-        parts = [f"{r['backend']} {r['us']:.1f} us" + (f" (timed {timed[k]:.1f} us)" if (k := (r["backend"], r["batch"], r["context"])) in timed else "")
-                 for r in host]  # fmt: skip
+        parts = []
+        for r in host:
+            t = timed.get((r["backend"], r["batch"], r["context"]))
+            parts.append(f"{r['backend']} {r['us']:.1f} us" + (f" (timed {t:.1f} us)" if t is not None else ""))
         lines.append(f"- Host time per decode call, batch {host[0]['batch']}, context {host[0]['context']}: "
                      + ", ".join(parts) + ". Where it is close to the timed one, that row measures the host.")
     big = [r for r in dec if r["batch"] >= 32 and r["context"] >= 4096]

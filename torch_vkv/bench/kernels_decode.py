@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from torch_vkv.bench import flashinfer_paged
+from torch_vkv.bench.timing import sync
 
 __all__ = ["decode_rows"]
 
@@ -28,7 +29,8 @@ def _k():
 def decode_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None]) -> list:
     """Decode over every (model, context, batch) of ``cfg``: each backend on the contiguous cache, the paged
     twins, FlashInfer's paged anchor. The first shape's contiguous rows are timed again at the end
-    (:func:`_retime_first`): on the H200 the rows timed first came out 3-10x slow in two runs."""
+    (:func:`_recheck_first`), with their host time per call: on the H200 the batch-1 rows timed first
+    came out 5-14x slower than in the 2026-11-21 table in two runs."""
     rows: list = []
     first = None
     dev = cfg.device
@@ -58,44 +60,31 @@ def decode_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     if first is not None and len(rows) > 1:
-        _retime_first(cfg, caches, rows, first, copy_bw, log)
-        rows += _host_cost_rows(cfg, caches, first, log)
+        rows += _recheck_first(cfg, caches, rows, first, copy_bw, log)
     return rows
 
 
-def _host_cost_rows(cfg: Any, caches: Any, first: tuple, log) -> list:
-    """Host time per call of each contiguous backend at the first shape (``decode_host``): calls
-    launched back to back with no sync inside the loop, so where the device keeps up this is the
-    host's cost of one call (checks, dispatch, launches). Beside the ``decode`` rows it says whether
-    a small-batch time is the host's floor or the kernel's."""
-    base, q, lens, _, H_kv, D, flex_here = first
-    rows: list = []
+def _host_row(cfg: Any, base: dict, backend: str, memory: str, block, fn: Callable[[], Any], log) -> dict:
+    """A ``decode_host`` row: the host's time per call of ``fn``, calls launched back to back with no
+    sync inside the loop, so where the device keeps up this is the host's cost of one call (checks,
+    dispatch, launches). Beside the ``decode`` rows it says whether a small-batch time is the host's
+    floor or the kernel's."""
+    row = dict(base, section="decode_host", backend=backend, memory=memory, block=block)
     calls = 100 if cfg.device.type == "cuda" else 3
-
-    def record(backend, memory, block, fn):
-        row = dict(base, section="decode_host", backend=backend, memory=memory, block=block)
-        try:
+    try:
+        fn()
+        sync(cfg.device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn()
-            _sync(cfg.device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            us = (time.perf_counter() - t0) / calls * 1e6
-            _sync(cfg.device)
-        except Exception as e:  # one backend failing must not stop the run
-            row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
-        else:
-            row.update(us=us, note=f"host time per call, {calls} calls launched back to back")
-            log(f"  decode_host {backend}: {us:.1f} us per call on the host")
-        rows.append(row)
-
-    _contiguous_decode(cfg, caches, record, q, lens, base["batch"], base["context"], H_kv, D, flex_here)
-    return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        us = (time.perf_counter() - t0) / calls * 1e6
+        sync(cfg.device)
+    except Exception as e:  # one backend failing must not stop the run
+        row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
+    else:
+        row.update(us=us, note=f"host time per call, {calls} calls launched back to back")
+        log(f"  decode_host {backend}: {us:.1f} us per call on the host")
+    return row
 
 
 def _decode_recorder(cfg: Any, rows: list, base: dict, kv_bytes: int, copy_bw: float, log):
@@ -135,13 +124,21 @@ def _contiguous_decode(cfg: Any, caches: Any, record, q, lens, B: int, S: int, H
     _k()._close(keep)
 
 
-def _retime_first(cfg: Any, caches: Any, rows: list, first: tuple, copy_bw: float, log) -> None:
-    """Time the first shape's contiguous rows again, now that everything has run once. Where the
-    first timing is more than 20% slower, that row is marked (note) and left out of ``us`` (kept
-    as ``us_first``): the later timing is the steady state."""
+def _recheck_first(cfg: Any, caches: Any, rows: list, first: tuple, copy_bw: float, log) -> list:
+    """One more pass over the first shape's contiguous backends, now that everything has run once:
+    each is timed again and its host time per call measured (the ``decode_host`` rows, returned).
+    Where the first timing in ``rows`` is more than 20% slower than the new one, that row is
+    marked (note) and takes the new timing (the first kept as ``us_first``): the later timing is
+    the steady state."""
     base, q, lens, kv_bytes, H_kv, D, flex_here = first
     again: list = []
-    record = _decode_recorder(cfg, again, base, kv_bytes, copy_bw, log)
+    host: list = []
+    timed = _decode_recorder(cfg, again, base, kv_bytes, copy_bw, log)
+
+    def record(backend, memory, block, fn):
+        timed(backend, memory, block, fn)
+        host.append(_host_row(cfg, base, backend, memory, block, fn, log))
+
     _contiguous_decode(cfg, caches, record, q, lens, base["batch"], base["context"], H_kv, D, flex_here)
     by_backend = {r["backend"]: r for r in again if r.get("us")}
     for row in rows:
@@ -155,3 +152,4 @@ def _retime_first(cfg: Any, caches: Any, rows: list, first: tuple, copy_bw: floa
             row.update(us_first=row["us"], us=later["us"], tb_s=later["tb_s"], pct_copy=later["pct_copy"],
                        note=f"timed again at the end of the section: the first timing, {row['us']:.1f} us, was "
                             f"out of line")  # fmt: skip
+    return host

@@ -9,6 +9,7 @@
   decode trajectory of exactly ``steps`` steps from a prepared cache), which a
   call-repeating timer such as ``do_bench`` cannot drive: CUDA events at the
   step boundaries on the GPU, ``perf_counter`` on the host.
+* :func:`sync`: wait for ``device``'s queued work (a no-op off CUDA).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["StepClock", "time_us"]
+__all__ = ["StepClock", "sync", "time_us"]
 
 
 def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
@@ -71,3 +72,9 @@ class StepClock:
         if self.cuda:
             return [self.events[i].elapsed_time(self.events[i + 1]) for i in range(len(self.events) - 1)]
         return [(self.times[i + 1] - self.times[i]) * 1e3 for i in range(len(self.times) - 1)]
+
+
+def sync(device: torch.device) -> None:
+    """Waits for the work queued on ``device`` (CUDA); nothing to wait for elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
