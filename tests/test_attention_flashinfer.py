@@ -85,16 +85,43 @@ def test_ragged_layout_rejects_shared_slots_and_keeps_identity():
     assert (qo, kv, order, valid) == ([0, 2, 2, 3], [0, 5, 16, 19], None, [True, True])
 
 
-def test_decode_page_table_lengths_follow_flashinfer_formula():
-    lens = torch.tensor([7, 0, 31], dtype=torch.int32)
-    rows = torch.tensor([2, 0, 1])
-    indptr, indices, last = fib.decode_page_table(lens, rows)
-    assert indptr.tolist() == [0, 1, 2, 3] and indices.tolist() == [2, 0, 1]
+@pytest.mark.parametrize("page_rows, max_pages", [(16, 4), (32, 1)])
+def test_decode_page_table_lengths_follow_flashinfer_formula(page_rows, max_pages):
+    lens = torch.tensor([7, 0, max_pages * page_rows, 17], dtype=torch.int32)
+    rows = torch.tensor([2, 0, 1, 3])
+    pages_per_slot = max_pages + 1  # S_pad one page longer than S_max
+    indptr, indices, last = fib.decode_page_table(lens, rows, page_rows, pages_per_slot, max_pages)
+    assert indptr.tolist() == [r * max_pages for r in range(5)]
     assert indptr.dtype == indices.dtype == last.dtype == torch.int32
-    page = 32
-    # FlashInfer: pages == 0 -> 0, else (pages - 1) * page_size + last_page_len.
-    got = [0 if b == a else (b - a - 1) * page + last[r].item() for r, (a, b) in enumerate(zip(indptr, indptr[1:]))]
+    for r, slot in enumerate(rows.tolist()):  # all of the slot's pages, in order
+        pages = indices[r * max_pages:(r + 1) * max_pages].tolist()
+        assert pages == [slot * pages_per_slot + j for j in range(max_pages)]
+    # FlashInfer's paged_kv_t::get_length in 32-bit unsigned arithmetic:
+    # pages == 0 -> 0, else (pages - 1) * page_size + last_page_len.
+    got = [0 if b == a else ((b - a - 1) * page_rows + last[r].item()) % 2**32
+           for r, (a, b) in enumerate(zip(indptr.tolist(), indptr.tolist()[1:]))]
     assert got == lens.tolist()
+
+
+@pytest.mark.parametrize("S, S_pad, want", [(4096, 4160, 64), (48, 64, 16), (40, 64, 40), (4096, 4100, 4096),
+                                            (128, 128, 64)])
+def test_decode_page_rows_divide_the_slot_and_the_pitch(S, S_pad, want):
+    cache = torch.empty((3, S_pad, 2, 8), device="meta")[:, :S]
+    assert fib.decode_page_rows(cache) == want
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_pages_are_the_cache_rows(layout):
+    k, _ = make_cache(layout, 3, 48, 2, 8, dtype=torch.float32, device="cpu")
+    P = fib.decode_page_rows(k)
+    assert P == 16
+    pages = fib.decode_pages(k, P)
+    pitch = fib.flat_rows(k) // P
+    for slot in range(3):
+        for j in range(48 // P):
+            assert pages[slot * pitch + j].data_ptr() == k[slot, j * P].data_ptr()
+            assert torch.equal(pages[slot * pitch + j], k[slot, j * P:(j + 1) * P])
+    assert fib.decode_pages(k, 48) is k
 
 
 def _meta_cache(layout, B, S, H_kv, D, L=3):
@@ -114,11 +141,14 @@ def test_layout_problem(layout):
     assert fib.layout_problem(k, v, decode=False) is None
     # Interleaved, 32 layers, 128K rows: one slot's rows span more than 2**32 elements.
     bk, bv = _meta_cache(layout, 4, 131072, 8, 128, L=32)
+    # Decode reads pages of 64 rows, whose strides fit; the ragged prefill addresses the slots' rows.
+    assert fib.layout_problem(bk, bv, decode=True) is None
     if layout == "interleaved":
-        assert "2**32" in fib.layout_problem(bk, bv, decode=True)
         assert "2**32" in fib.layout_problem(bk, bv, decode=False)
-    else:
-        assert fib.layout_problem(bk, bv, decode=True) is None
+    # One page per slot (S_max not a multiple of 16): the page stride is stride(0).
+    ok, _ = _meta_cache(layout, 4, 131071, 8, 128, L=32)
+    if layout == "interleaved":
+        assert "2**32" in fib.layout_problem(ok, ok, decode=True)
     assert "equal strides" in fib.layout_problem(k, k.contiguous(), decode=True)
     odd = torch.empty((3, 40, 2, 64), device="meta").as_strided((3, 40, 2, 64), (5000, 128, 64, 1))
     assert "multiple of stride(1)" in fib.layout_problem(odd, odd, decode=False)
@@ -171,7 +201,7 @@ class _FakeDecode:
         out = torch.zeros_like(q)
         for r in range(q.shape[0]):  # reads the buffers, as a replayed graph does
             pages = self.indices[self.indptr[r]:self.indptr[r + 1]].tolist()
-            n = 0 if not pages else (len(pages) - 1) * self.page + int(self.last[r])
+            n = 0 if not pages else ((len(pages) - 1) * self.page + int(self.last[r])) % 2**32  # FlashInfer's uint32
             kr = torch.cat([k[p] for p in pages])[:n] if pages else k[0, :0]
             vr = torch.cat([v[p] for p in pages])[:n] if pages else v[0, :0]
             out[r:r + 1] = _attend(q[r:r + 1], kr, vr, True, self.kw).to(q.dtype)

@@ -3,16 +3,24 @@
 Two entry points of FlashInfer (>= 0.7) are used as they are:
 
 * **Decode** (``cu_seqlens_q=None``): ``BatchDecodeWithPagedKVCacheWrapper(...,
-  "NHD", use_tensor_cores=True)`` with a *trivial page table*: each slot's
-  ``S_max`` rows are one page (``page_size = S_max``, the page stride is the
-  cache's ``stride(0)``), request ``r`` owns the single page ``slots[r]`` and
-  its last page holds ``cache_seqlens[r]`` keys. The wrapper is made in
-  FlashInfer's CUDA-graph mode and planned **once per shape** for every request
-  at the full ``S_max`` (work split over the whole row; tiles past a request's
-  real length are empty in the kernel). Each call copies ``slots`` and
-  ``cache_seqlens`` into the wrapper's own page-table buffers on the device, so
-  no length is read on the host: the op is capturable once it has run outside
-  the graph (plan outside the graph, run inside).
+  "NHD", use_tensor_cores=True)`` over a page table laid on the cache's own
+  rows: pages of ``P`` rows (:func:`decode_page_rows`, :data:`DECODE_PAGE_ROWS`
+  at most), so a slot ``s`` is the ``S_max / P`` consecutive pages from
+  ``s * S_pad / P`` on (:func:`decode_pages` is the view, no copy). FlashInfer
+  splits a request's keys in whole pages (at least ``128 / P`` of them), so
+  pages smaller than a slot are what lets it split one long request over the
+  GPU; with one page per slot (the first version) batch 1 at 16K ran 7x
+  slower than FlashInfer's own paged cache (H200, 2026-12-02). The wrapper is
+  made in FlashInfer's CUDA-graph mode and planned **once per shape** for every
+  request at the full ``S_max`` (the split covers the whole row; a tile past a
+  request's real length is empty in the kernel: its ``chunk_start`` and
+  ``chunk_end`` are clamped to the length). Each call writes the page table
+  (:func:`decode_page_table`) into the wrapper's own buffers on the device, so
+  no length is read on the host and the op is capturable once it has run
+  outside the graph (plan outside the graph, run inside). A request keeps all
+  ``S_max / P`` pages in the table and its length goes into ``last_page_len``
+  through FlashInfer's formula ``(pages - 1) * P + last_page_len`` (see
+  :func:`decode_page_table`).
 * **Prefill / chunked prefill / mixed** (``cu_seqlens_q`` given):
   ``BatchPrefillWithRaggedKVCacheWrapper`` (``backend="fa3"`` on Hopper,
   ``"fa2"`` elsewhere) over the cache flattened to rows
@@ -63,8 +71,12 @@ from .append import zero_tail_op
 from .common import ATTN_SCHEMA, flat_rows, flatten
 from .inputs import valid_requests
 
-__all__ = ["FA3_TILE", "decode_page_table", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
+__all__ = ["DECODE_PAGE_ROWS", "FA3_TILE", "decode_page_rows", "decode_page_table", "decode_pages", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
 
+#: Largest page of the decode page table, in rows (see :func:`decode_page_rows`).
+DECODE_PAGE_ROWS = 64
+#: Smallest page worth splitting into; below it a slot is one page.
+MIN_DECODE_PAGE_ROWS = 16
 #: Rows past a request's last key that an FA3 tile may load (zeroed before an FA3 prefill).
 FA3_TILE = 256
 #: Bytes of FlashInfer's float workspace per device (its recommended 128 MiB, doubled for long prefills).
@@ -80,8 +92,9 @@ _I32 = (1 << 31) - 1
 def layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, *, decode: bool) -> Optional[str]:
     """Why FlashInfer cannot address this cache view, or None when it can (shapes and strides only).
 
-    Decode: page stride ``stride(0)`` and row/head strides below ``2**32`` elements
-    (FlashInfer keeps them in ``uint32``). Prefill: the flattened rows
+    Decode: the page stride (``page_rows * stride(1)``, or ``stride(0)`` with one page
+    per slot; :func:`decode_page_rows`) and the row/head strides below ``2**32``
+    elements (FlashInfer keeps them in ``uint32``). Prefill: the flattened rows
     ``(B - 1) * S_pad + S_max`` times ``stride(1)`` below ``2**32`` (the ragged kernels
     compute ``row * stride`` in 32 bits) and ``stride(0)`` a multiple of ``stride(1)``.
     K and V must have equal strides in both cases.
@@ -89,8 +102,11 @@ def layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, *, decode: bool
     if k_cache.stride() != v_cache.stride():
         return f"K and V views with equal strides, got {k_cache.stride()} / {v_cache.stride()}"
     if decode:
-        if max(k_cache.stride()[:3]) >= _U32:
-            return f"strides below 2**32 elements (page = one slot's rows), got {k_cache.stride()}"
+        page_rows = decode_page_rows(k_cache)
+        page_stride = k_cache.stride(0) if page_rows == k_cache.shape[1] else page_rows * k_cache.stride(1)
+        strides = (page_stride,) + k_cache.stride()[1:]
+        if max(strides[:3]) >= _U32:
+            return f"page, row and head strides below 2**32 elements (pages of {page_rows} rows), got {strides}"
         return None
     s_pad = flat_rows(k_cache)
     if s_pad is None:
@@ -101,24 +117,70 @@ def layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, *, decode: bool
     return None
 
 
-def decode_page_table(cache_seqlens: torch.Tensor, rows: torch.Tensor) -> tuple:
-    """The trivial page table of a decode step: one page (a slot's ``S_max`` rows) per request.
+def decode_page_rows(k_cache: torch.Tensor) -> int:
+    """Rows per page of the decode page table over ``k_cache`` (shapes and strides only).
+
+    The largest power of two from :data:`DECODE_PAGE_ROWS` down to
+    :data:`MIN_DECODE_PAGE_ROWS` that divides both ``S_max`` and the row pitch
+    ``S_pad`` between two slots, so every page lies inside one slot's view. Else
+    ``S_max``: one page per slot (no split of a request's keys).
+    """
+    S, s_pad = k_cache.shape[1], flat_rows(k_cache)
+    rows = DECODE_PAGE_ROWS
+    while s_pad is not None and rows >= MIN_DECODE_PAGE_ROWS:
+        if S % rows == 0 and s_pad % rows == 0:
+            return rows
+        rows //= 2
+    return S
+
+
+def decode_pages(cache: torch.Tensor, page_rows: int) -> torch.Tensor:
+    """``[B, S_max, H, D]`` -> ``[num_pages, page_rows, H, D]``: the same memory as pages (no copy).
+
+    Page ``p`` is the rows ``[p * page_rows, (p + 1) * page_rows)`` of the flattened
+    cache (:func:`~torch_vkv.attention.common.flatten`), so slot ``s`` starts at page
+    ``s * S_pad / page_rows``. With ``page_rows == S_max`` a page is a slot (the view
+    as given).
+    """
+    B, S, H, D = cache.shape
+    if page_rows == S:
+        return cache
+    s_pad = flat_rows(cache)
+    num_pages = ((B - 1) * s_pad + S) // page_rows
+    return cache.as_strided((num_pages, page_rows, H, D), (page_rows * cache.stride(1),) + cache.stride()[1:])
+
+
+def decode_page_table(cache_seqlens: torch.Tensor, rows: torch.Tensor, page_rows: int, pages_per_slot: int,
+                      max_pages: int) -> tuple:  # fmt: skip
+    """The page table of a decode step: every request keeps all ``max_pages`` pages of its slot.
 
     Parameters
     ----------
-    cache_seqlens : shape ``[R]``: keys per request (0 for a request to be skipped).
-    rows : shape ``[R]``: the slot (page id) of each request.
+    cache_seqlens : shape ``[R]``: keys per request (0 for a request to be skipped), at most
+        ``max_pages * page_rows``.
+    rows : shape ``[R]``: the slot of each request.
+    page_rows : rows per page.
+    pages_per_slot : pages between two slots (``S_pad / page_rows``).
+    max_pages : pages of one slot's view (``S_max / page_rows``).
 
     Returns
     -------
-    indptr : int32, shape ``[R + 1]``, ``arange(R + 1)``.
-    indices : int32, shape ``[R]``, the slots.
-    last_page_len : int32, shape ``[R]``, the lengths (FlashInfer's length of a
-        one-page request is its last page's length; 0 reads nothing).
+    indptr : int32, shape ``[R + 1]``, ``arange(R + 1) * max_pages``: fixed, so a plan
+        made once holds for any lengths.
+    indices : int32, shape ``[R * max_pages]``: request ``r``'s pages ``rows[r] *
+        pages_per_slot + j``, ``j < max_pages``.
+    last_page_len : int32, shape ``[R]``: ``cache_seqlens - (max_pages - 1) * page_rows``,
+        negative for a request shorter than its pages. FlashInfer's length of a request
+        (``paged_kv_t::get_length``) is ``(pages - 1) * page_size + last_page_len`` in
+        32-bit integers, which is then exactly ``cache_seqlens[r]``; it reads no page past
+        that length, and no other kernel we call reads ``last_page_len``.
     """
-    R = cache_seqlens.shape[0]
-    indptr = torch.arange(R + 1, dtype=torch.int32, device=cache_seqlens.device)
-    return indptr, rows.to(torch.int32), cache_seqlens.to(torch.int32)
+    R, dev = cache_seqlens.shape[0], cache_seqlens.device
+    indptr = torch.arange(R + 1, dtype=torch.int32, device=dev) * max_pages
+    first = rows.to(torch.int32)[:, None] * pages_per_slot
+    indices = (first + torch.arange(max_pages, dtype=torch.int32, device=dev)).reshape(-1)
+    last = cache_seqlens.to(torch.int32) - (max_pages - 1) * page_rows
+    return indptr, indices, last
 
 
 def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, num_slots: int, max_len: int) -> tuple:
@@ -234,35 +296,39 @@ class _DecodePlan:
 
     def __init__(self, fi, q, k_cache, R, scale, window_left, softcap):
         dev = q.device
-        S = k_cache.shape[1]
-        self.indptr = torch.arange(R + 1, dtype=torch.int32, device=dev)
-        self.indices = torch.arange(R, dtype=torch.int32, device=dev)
-        self.last_page_len = torch.full((R,), S, dtype=torch.int32, device=dev)
+        self.page_rows = decode_page_rows(k_cache)
+        self.max_pages = k_cache.shape[1] // self.page_rows
+        s_pad = flat_rows(k_cache)
+        self.pages_per_slot = s_pad // self.page_rows if self.max_pages > 1 else 1
+        # The plan's table: every request at the full S_max (any lengths <= S_max written later fit).
+        lens = torch.full((R,), k_cache.shape[1], dtype=torch.int32)
+        indptr, indices, last = decode_page_table(lens, torch.zeros(R, dtype=torch.int32), self.page_rows,
+                                                  self.pages_per_slot, self.max_pages)  # fmt: skip
+        self.indptr, self.indices, self.last_page_len = indptr.to(dev), indices.to(dev), last.to(dev)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             _workspace(dev), "NHD", use_cuda_graph=True, use_tensor_cores=True,
             paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_page_len, backend="fa2",
         )  # fmt: skip
-        # Planned for every request at the full row: the split of the keys covers [0, S_max),
-        # so any length <= S_max written later into last_page_len is attended in full.
         self.wrapper.plan(
-            torch.arange(R + 1, dtype=torch.int32), torch.arange(R, dtype=torch.int32),
-            torch.full((R,), S, dtype=torch.int32), q.shape[1], k_cache.shape[2], q.shape[2], S,
+            indptr, indices, last, q.shape[1], k_cache.shape[2], q.shape[2], self.page_rows,
             window_left=window_left, logits_soft_cap=softcap, q_data_type=q.dtype, kv_data_type=k_cache.dtype,
             sm_scale=scale, non_blocking=False,
         )  # fmt: skip
 
     def run(self, q, k_cache, v_cache, lens, rows):
-        # decode_page_table's indices and last_page_len, written straight into the planned buffers
-        # (copy_ casts to int32; indptr never changes).
-        self.indices.copy_(rows)
-        self.last_page_len.copy_(lens)
-        return self.wrapper.run(q, (k_cache, v_cache))
+        # decode_page_table's indices and last_page_len, written into the planned buffers (indptr is fixed).
+        _, indices, last = decode_page_table(lens, rows, self.page_rows, self.pages_per_slot, self.max_pages)
+        self.indices.copy_(indices)
+        self.last_page_len.copy_(last)
+        pages = (decode_pages(k_cache, self.page_rows), decode_pages(v_cache, self.page_rows))
+        return self.wrapper.run(q, pages)
 
 
 def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, softcap):
     R = cache_seqlens.shape[0]
-    key = (q.device, R, tuple(k_cache.shape), k_cache.stride(), q.shape[1], q.dtype, scale, window_left, softcap)
+    key = (q.device, R, tuple(k_cache.shape), k_cache.stride(), q.shape[1], q.dtype, scale, window_left, softcap,
+           DECODE_PAGE_ROWS)
     plan = _DECODE.get(key)
     if plan is None:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -481,8 +481,8 @@ def bench_decode(cfg: Config, layout: str, log: Callable[[str], None]) -> list[d
             if cfg.warmup:
                 loop.run(mode, cfg.warmup)
         rows: list[dict[str, Any]] = []
-        for sync in cfg.sync:
-            rows += _decode_runs(cfg, loop, layout, sync, log)
+        for host_waits in cfg.sync:
+            rows += _decode_runs(cfg, loop, layout, host_waits, log)
         return rows
     finally:
         loop.close()
@@ -564,11 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{lat['decommit_batched']['us_per_page']:.2f} us/page batched; ordered (fence + reap) "
         f"{lat['decommit_ordered_batched']['us_per_page']:.2f} us/page",
     ]
-    for layout, sync in ((lay, sy) for lay in cfg.layouts for sy in cfg.sync):
+    for layout, host_waits in ((lay, sy) for lay in cfg.layouts for sy in cfg.sync):
         d = {r["name"]: r for r in rows if r["section"] == "decode" and r["layout"] == layout
-             and r["sync_per_step"] == sync}
+             and r["sync_per_step"] == host_waits}
         lines.append(
-            f"- decode {layout}, {'host sync every step' if sync else 'host runs ahead'} "
+            f"- decode {layout}, {'host sync every step' if host_waits else 'host runs ahead'} "
             f"(batch {cfg.batch}, {d['precommitted']['tokens_per_page']} tokens/page): "
             f"precommitted {d['precommitted']['ms_per_step']:.3f} ms/step; step {d['step']['overhead_pct']:+.2f}%, "
             f"step_async {d['step_async']['overhead_pct']:+.2f}% (target <= 1%), "

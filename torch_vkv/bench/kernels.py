@@ -28,8 +28,12 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
 Timing: ``triton.testing.do_bench`` (``torch_vkv.bench.timing.time_us``): CUDA
 events around each call, the L2 cleared before each call (which also keeps the
 GPU busy while the host enqueues the call, so host launch overhead is mostly
-hidden, as in a CUDA-graph replay); the median over the calls that fit the
-section's time budget. On the CPU (``--smoke``) a ``perf_counter`` loop.
+hidden); the median over the calls that fit the section's time budget. Decode
+rows are timed twice: ``us`` replays the call from a CUDA graph
+(``time_us_graph``: the kernels alone, as a CUDA-graph decode step runs them;
+a backend that cannot be captured keeps its eager time, said in ``timer`` and
+the note) and ``us_eager`` times the eager call, where a small batch shows
+the host's cost per call. On the CPU (``--smoke``) a ``perf_counter`` loop.
 
 Examples::
 
@@ -37,6 +41,7 @@ Examples::
     python -m torch_vkv bench kernels --out bench_out    # full grid
     python -m torch_vkv bench kernels --smoke            # tiny, CPU ok (plumbing check)
     python -m torch_vkv bench kernels --quick --window 0      # without the 4K-window decode section
+    python -m torch_vkv bench kernels --quick --sections decode,prefill
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch_vkv.bench.kernels_decode import decode_rows
+from torch_vkv.bench.kernels_decode import decode_rows, decode_summary
 from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
 from torch_vkv.bench.kernels_window import window_rows, window_summary
 from torch_vkv.bench import flashinfer_paged
@@ -65,8 +70,10 @@ __all__ = ["main"]
 MODELS = {"llama3-8b": (32, 8, 128), "yi-34b": (56, 8, 128)}
 DECODE_BACKENDS = ("flashinfer", "triton", "torch_fa2", "flash_attn", "flex", "sdpa")
 PREFILL_BACKENDS = ("flashinfer", "torch_fa2", "triton", "flash_attn", "flex", "sdpa")
+#: ``--sections``: decode (with decode_host), prefill, vm_vs_malloc, the two tune sections, layout, window.
+SECTIONS = ("decode", "prefill", "vm", "tune", "layout", "window")
 COLUMNS = (
-    "section", "model", "backend", "memory", "block", "batch", "context", "us", "tb_s", "pct_copy",
+    "section", "model", "backend", "memory", "block", "batch", "context", "us", "us_eager", "tb_s", "pct_copy",
     "tflop_s", "ratio_vm_malloc", "bytes_read", "note",
 )  # fmt: skip
 
@@ -109,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vm", action="store_true", help="do not use torch_vkv.KVCache (cudaMalloc only)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--flex-everywhere", action="store_true", help="run flex at every shape (compiles per shape: slow)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of sections to run, from "
+                   f"{','.join(SECTIONS)} (default: all; the copy bandwidth is always measured)")  # fmt: skip
     p.add_argument("--window", type=int, default=4096, help="the sliding-window decode section: window_left=N "
                    "at 32K and 128K context vs full attention, time and bytes read (default 4096; 0: off)")  # fmt: skip
     return p
@@ -434,6 +443,7 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
                     if p["us"] < r["us"]:
                         losses.append(f"{p['backend']}/{p['block']} at {p['model']} B={p['batch']} S={p['context']}")
         lines.append("- Ahead of every paged variant at those shapes: " + ("yes." if not losses else "NO: " + "; ".join(losses)))
+    lines += decode_summary(rows)
     vm = [r for r in rows if r["section"] == "vm_vs_malloc" and r.get("ratio_vm_malloc")]
     if vm:
         lines.append("- Same kernel, virtual / cudaMalloc time: " + ", ".join(
@@ -446,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     cfg = _config(args)
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        raise SystemExit(f"--sections: expected names from {','.join(SECTIONS)}, got {args.sections!r}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if cfg.device.type != "cuda" and not args.smoke:
         log("bench kernels: expected a CUDA device, got none (use --smoke for a CPU plumbing check)")
@@ -468,13 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = [dict(section="copy", backend="copy_", memory="malloc", tb_s=bw, pct_copy=100.0,
                      note="dst.copy_(src), 1 GiB, read + write bytes")]  # fmt: skip
         rows += flashinfer_paged.skipped_rows(_available("flashinfer", cfg.device))
-        rows += decode_rows(cfg, caches, bw, log)
-        rows += _prefill_rows(cfg, caches, log)
-        rows += _vm_rows(cfg, caches, log)
-        rows += decode_tune_rows(cfg, caches, bw, log)
-        rows += prefill_tune_rows(cfg, caches, log)
-        rows += _layout_rows(cfg, caches, bw, log)
-        if args.window > 0:
+        run = lambda name: name in sections  # noqa: E731
+        rows += decode_rows(cfg, caches, bw, log) if run("decode") else []
+        rows += _prefill_rows(cfg, caches, log) if run("prefill") else []
+        rows += _vm_rows(cfg, caches, log) if run("vm") else []
+        if run("tune"):
+            rows += decode_tune_rows(cfg, caches, bw, log) + prefill_tune_rows(cfg, caches, log)
+        rows += _layout_rows(cfg, caches, bw, log) if run("layout") else []
+        if args.window > 0 and run("window"):
             rows += window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)
     summary = _summary(rows, bw, caches, time.perf_counter() - t0) + window_summary(rows)
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)

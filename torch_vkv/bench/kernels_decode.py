@@ -14,9 +14,9 @@ from typing import Any, Callable
 import torch
 
 from torch_vkv.bench import flashinfer_paged
-from torch_vkv.bench.timing import sync
+from torch_vkv.bench.timing import sync, time_us_graph
 
-__all__ = ["decode_rows"]
+__all__ = ["decode_rows", "decode_summary"]
 
 
 def _k():
@@ -88,20 +88,35 @@ def _host_row(cfg: Any, base: dict, backend: str, memory: str, block, fn: Callab
 
 
 def _decode_recorder(cfg: Any, rows: list, base: dict, kv_bytes: int, copy_bw: float, log):
-    """``record(backend, memory, block, fn)``: times ``fn`` into a row of ``rows`` (an error becomes a note)."""
+    """``record(backend, memory, block, fn)``: times ``fn`` into a row of ``rows`` (an error becomes a note).
+
+    On CUDA the row's ``us`` is the call replayed from a CUDA graph (:func:`time_us_graph`: the
+    kernels' time, as in a CUDA-graph decode step, the same for every backend) and ``us_eager`` the
+    eager call (host work included where the device waits for it); a backend that cannot be
+    captured keeps its eager time, ``timer`` says which. Off CUDA both are the host loop's.
+    """
 
     def record(backend, memory, block, fn):
         row = dict(base, backend=backend, memory=memory, block=block)
         try:
-            us = _k()._time(cfg, fn, cfg.decode_rep_ms)
+            us_eager = _k()._time(cfg, fn, cfg.decode_rep_ms)
         except Exception as e:  # one backend failing must not stop the run
             row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
             log(f"  decode {base['model']} B={base['batch']} S={base['context']} {backend}/{memory}: {row['note']}")
-        else:
-            tb = kv_bytes / (us * 1e-6) / 1e12
-            row.update(us=us, tb_s=tb, pct_copy=100 * tb / copy_bw)
-            log(f"  decode {base['model']} B={base['batch']:4d} S={base['context']:6d} {backend:10s} {memory:7s} "
-                f"{block or '':>4} {us:9.1f} us {tb:5.2f} TB/s {100 * tb / copy_bw:5.1f}%")  # fmt: skip
+            rows.append(row)
+            return
+        us, timer = us_eager, "host loop"
+        if cfg.device.type == "cuda":
+            try:
+                us, timer = time_us_graph(fn, cfg.device, rep_ms=cfg.decode_rep_ms, warmup_ms=cfg.warmup_ms), "cuda graph"
+            except Exception as e:  # not capturable: the eager time stands, said in the row
+                timer = f"eager (capture failed: {type(e).__name__}: {str(e)[:80]})"
+        tb = kv_bytes / (us * 1e-6) / 1e12
+        row.update(us=us, us_eager=us_eager, timer=timer, tb_s=tb, pct_copy=100 * tb / copy_bw)
+        if timer.startswith("eager"):
+            row["note"] = timer
+        log(f"  decode {base['model']} B={base['batch']:4d} S={base['context']:6d} {backend:10s} {memory:7s} "
+            f"{block or '':>4} {us:9.1f} us (eager {us_eager:7.1f}) {tb:5.2f} TB/s {100 * tb / copy_bw:5.1f}%")  # fmt: skip
         rows.append(row)
 
     return record
@@ -149,7 +164,40 @@ def _recheck_first(cfg: Any, caches: Any, rows: list, first: tuple, copy_bw: flo
         if row["us"] > 1.2 * later["us"]:
             log(f"  decode {row['backend']} B={row['batch']} S={row['context']}: first timing {row['us']:.1f} us, "
                 f"{later['us']:.1f} us at the end of the section: the later one is kept")  # fmt: skip
-            row.update(us_first=row["us"], us=later["us"], tb_s=later["tb_s"], pct_copy=later["pct_copy"],
+            row.update(us_first=row["us"], us=later["us"], us_eager=later["us_eager"], tb_s=later["tb_s"],
+                       pct_copy=later["pct_copy"],
                        note=f"timed again at the end of the section: the first timing, {row['us']:.1f} us, was "
                             f"out of line")  # fmt: skip
     return host
+
+
+def decode_summary(rows: list) -> list:
+    """Summary lines of the decode targets: each virtual-memory backend against FlashInfer's paged
+    anchor (block 16) at batch >= 8 and context >= 4K (speed-up, target >= 1.02), and the best
+    one's share of copy bandwidth at batch 1-4 and context >= 16K (target >= 70%). Rows compared
+    only when both were timed the same way (``timer``)."""
+    dec = [r for r in rows if r.get("section") == "decode" and r.get("us")]
+    shape = lambda r: (r["model"], r["batch"], r["context"])  # noqa: E731
+    anchor = {shape(r): r for r in dec if r["backend"] == "flashinfer_paged"}
+    ours = [r for r in dec if r["memory"] in ("vm", "malloc")]
+    lines = []
+    for backend in sorted({r["backend"] for r in ours}):
+        pairs = [(anchor[shape(r)]["us"] / r["us"], r) for r in ours if r["backend"] == backend
+                 and r["batch"] >= 8 and r["context"] >= 4096 and shape(r) in anchor
+                 and anchor[shape(r)].get("timer") == r.get("timer")]  # fmt: skip
+        if pairs:
+            worst = min(pairs, key=lambda p: p[0])
+            lines.append(f"- {backend} on {worst[1]['memory']} memory against flashinfer_paged/16, batch >= 8, "
+                         f"context >= 4K: {worst[0]:.3f}x - {max(p[0] for p in pairs):.3f}x the speed (target >= 1.02x: "
+                         f"{'met' if worst[0] >= 1.02 else 'NOT met'}; worst at B={worst[1]['batch']} "
+                         f"S={worst[1]['context']}).")  # fmt: skip
+    small = {}
+    for r in ours:
+        if r["batch"] <= 4 and r["context"] >= 16384 and r["pct_copy"] > small.get(shape(r), (0, None))[0]:
+            small[shape(r)] = (r["pct_copy"], r)
+    if small:
+        pct = [p for p, _ in small.values()]
+        lines.append("- Fastest virtual-memory decode at batch 1-4, context >= 16K: " + ", ".join(
+            f"{r['backend']} {p:.0f}% at B={r['batch']} S={r['context']}" for p, r in small.values())
+            + f" of copy bandwidth (target >= 70%: {'met' if min(pct) >= 70 else 'NOT met'}).")  # fmt: skip
+    return lines

@@ -1,8 +1,12 @@
 """``bench kernels`` sections that sweep our Triton kernels' launch parameters.
 
 * ``decode_tune``: split-KV decode over ``num_splits``, ``block_n`` and
-  ``num_warps`` at a few (batch, context) points, as % of the run's copy
-  bandwidth; the row marked ``default`` is what :func:`decode_attention` picks.
+  ``num_warps`` at a few (batch, context) points and at batch 1 with the
+  longest context, replayed from a CUDA graph (the kernels' time), as % of the
+  run's copy bandwidth; the row marked ``default`` is what
+  :func:`decode_attention` picks.
+  Then the ``flashinfer`` backend's decode over the page size of its page table
+  (CUDA-graph replay), where FlashInfer is importable.
 * ``prefill_tune``: causal prefill (batch 1) over ``block_m``, ``block_n``,
   ``num_warps``, ``num_stages`` and ``tma`` (full key tiles through tensor
   descriptors), in TFLOP/s of the causal half; the row
@@ -23,13 +27,23 @@ import torch
 __all__ = ["decode_tune_rows", "prefill_tune_rows", "prefill_tune_summary"]
 
 
-def _timed(cfg: Any, row: dict, fn: Callable[[], Any], rep_ms: float) -> "float | None":
+def _decode_tune_points(cfg: Any) -> list:
+    """``cfg.tune`` and batch 1 at the longest context (where the split heuristic matters most)."""
+    return list(dict.fromkeys(list(cfg.tune) + [(1, max(cfg.contexts))]))
+
+
+def _timed(cfg: Any, row: dict, fn: Callable[[], Any], rep_ms: float, graph: bool = False) -> "float | None":
     """Times ``fn`` into ``row`` (``us``), or notes its error (a configuration that does not
-    compile or fit) and returns None."""
+    compile or fit) and returns None. ``graph``: replayed from a CUDA graph on CUDA (the
+    kernels alone: batch-1 decode is host-bound eagerly)."""
     from torch_vkv.bench.kernels import _time  # loaded: it imports this module
+    from torch_vkv.bench.timing import time_us_graph
 
     try:
-        row["us"] = _time(cfg, fn, rep_ms)
+        if graph and cfg.device.type == "cuda":
+            row["us"] = time_us_graph(fn, cfg.device, rep_ms=rep_ms, warmup_ms=cfg.warmup_ms)
+        else:
+            row["us"] = _time(cfg, fn, rep_ms)
     except Exception as e:
         row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
         return None
@@ -53,26 +67,71 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
     rows = []
     model = cfg.models[0]
     H, H_kv, D = MODELS.get(model, (8, 2, 64))
-    for B, S in cfg.tune:
+    for B, S in _decode_tune_points(cfg):
         q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
         lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
         kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
         k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
         default = tk.default_num_splits(B, H_kv, S, cfg.device)
-        split_set = {max(1, default // 2), default, default * 2, default * 4} if cfg.tune_full else {default, default * 2}
+        split_set = {max(1, default // 2), default, default * 2, default * 4}
         point = []
         for splits in sorted(split_set):
             for block_n in (32, 64, 128) if cfg.tune_full else (64, 128):
-                for warps in (4, 8) if cfg.tune_full else (4,):
+                for warps in (4, 8):
                     name = f"triton splits={splits} block_n={block_n} warps={warps}"
                     row = dict(section="decode_tune", model=model, backend=name, batch=B, context=S)
                     us = _timed(cfg, row, lambda: tk.decode_attention(q, k, v, lens, num_splits=splits, block_n=block_n,
-                                                                      num_warps=warps), cfg.decode_rep_ms)  # fmt: skip
+                                                                      num_warps=warps), cfg.decode_rep_ms, graph=True)  # fmt: skip
                     if us is not None:
                         tb = kv_bytes / (us * 1e-6) / 1e12
                         row.update(tb_s=tb, pct_copy=100 * tb / copy_bw,
                                    note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
                     point.append(row)
+        rows += point
+        best = _best(point, "us", higher=False)
+        if best:
+            log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
+        del k, v
+        _close(keep)
+    return rows + _flashinfer_page_rows(cfg, caches, copy_bw, log)
+
+
+#: Page sizes (rows) of the ``flashinfer`` backend's decode page table that ``decode_tune`` tries.
+FLASHINFER_PAGE_ROWS = (16, 32, 64, 128, 256)
+
+
+def _flashinfer_page_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None]) -> list:
+    """The ``flashinfer`` backend's decode over the page size of its page table on the contiguous
+    rows (``flashinfer_backend.DECODE_PAGE_ROWS``), at ``cfg.tune`` and at batch 1 with the longest
+    context, replayed from a CUDA graph (batch 1 is host-bound eagerly)."""
+    from torch_vkv.attention import attention, available_backends, flashinfer_backend as fib
+    from torch_vkv.bench.kernels import MODELS, _close
+
+    if "flashinfer" not in available_backends(cfg.device):
+        return []
+    rows = []
+    model = cfg.models[0]
+    H, H_kv, D = MODELS.get(model, (8, 2, 64))
+    default = fib.DECODE_PAGE_ROWS
+    for B, S in _decode_tune_points(cfg):
+        q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
+        lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
+        kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
+        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
+        point = []
+        try:
+            for page_rows in FLASHINFER_PAGE_ROWS:
+                fib.DECODE_PAGE_ROWS = page_rows
+                row = dict(section="decode_tune", model=model, backend=f"flashinfer page_rows={page_rows}", batch=B,
+                           context=S, note="default" if page_rows == default else None)  # fmt: skip
+                us = _timed(cfg, row, lambda: attention(q, k, v, lens, backend="flashinfer"), cfg.decode_rep_ms,
+                            graph=True)  # fmt: skip
+                if us is not None:
+                    tb = kv_bytes / (row["us"] * 1e-6) / 1e12
+                    row.update(tb_s=tb, pct_copy=100 * tb / copy_bw)
+                point.append(row)
+        finally:
+            fib.DECODE_PAGE_ROWS = default
         rows += point
         best = _best(point, "us", higher=False)
         if best:

@@ -5,6 +5,9 @@
   before each call, which also keeps the GPU busy while the host enqueues the
   call, so launch overhead is mostly hidden); elsewhere, or without triton, a
   host ``perf_counter`` loop with the same warm-up and repetition budgets.
+* :func:`time_us_graph`: the same median for ``fn`` captured once in a CUDA graph and
+  replayed: the device's time of the call with no host work in it (checks, dispatch,
+  launches), as in a CUDA-graph decode step. CUDA only.
 * :class:`StepClock`: per-step times of a loop whose steps change state (a
   decode trajectory of exactly ``steps`` steps from a prepared cache), which a
   call-repeating timer such as ``do_bench`` cannot drive: CUDA events at the
@@ -21,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["StepClock", "sync", "time_us"]
+__all__ = ["StepClock", "sync", "time_us", "time_us_graph"]
 
 
 def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
@@ -48,6 +51,34 @@ def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmu
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
+
+
+def time_us_graph(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
+    """Median microseconds of one ``fn()`` call captured in a CUDA graph, timed by :func:`time_us`
+    on the graph's replay (the L2 cleared before each replay).
+
+    ``fn`` runs a few times on a side stream first (compilation, plans, allocator warm-up,
+    as ``torch.cuda.graph`` asks). Raises ``ValueError`` off CUDA, and whatever the capture
+    raises for a ``fn`` that cannot be captured (a host sync, a host read of device data).
+    """
+    if device.type != "cuda":
+        raise ValueError(f"time_us_graph: expected a CUDA device, got {device}")
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    current.wait_stream(side)
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return time_us(graph.replay, device, rep_ms=rep_ms, warmup_ms=warmup_ms)
+    finally:
+        sync(device)
+        graph.reset()
 
 
 class StepClock:
