@@ -190,6 +190,22 @@ def test_prefill_tma_refuses_what_a_descriptor_cannot_address():
     assert "16-byte" in tk().tma_problem(odd, odd, None)
 
 
+def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
+    """One split once (request, kv head) programs fill the SMs, else ~2 waves, >= 256 keys a split
+    (the H200's 132 SMs; shapes only, no GPU needed)."""
+    skip_unless_runs("triton", "cpu")
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda", 0)
+    assert tk().default_num_splits(32, 8, 4096, cuda) == 1  # 256 programs >= 132 SMs
+    assert tk().default_num_splits(1, 8, 16384, cuda) == 33  # ceil(2 * 132 / 8)
+    assert tk().default_num_splits(1, 8, 1024, cuda) == 4  # 256 keys a split at least
+    assert tk().default_num_splits(1, 1, 1 << 20, cuda) == 64  # capped
+    assert tk().default_num_splits(8, 8, 4096, cuda) == 5
+    assert tk().default_num_splits(1, 2, 4096, torch.device("cpu")) == 4  # 4 "SMs" off CUDA
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_triton_decode_splits(num_splits):
     """Split-KV merge is exact whatever the number of splits (empty splits included)."""
