@@ -191,7 +191,8 @@ def test_prefill_tma_refuses_what_a_descriptor_cannot_address():
 
 
 def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
-    """One split once (request, kv head) programs fill the SMs, else ~2 waves, >= 256 keys a split
+    """Contiguous: one split once (request, kv head) programs fill the SMs, else ~2 waves; paged: ~4
+    waves; >= 256 keys a split
     (the H200's 132 SMs; shapes only, no GPU needed)."""
     skip_unless_runs("triton", "cpu")
     import types
@@ -204,6 +205,9 @@ def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
     assert tk().default_num_splits(1, 1, 1 << 20, cuda) == 64  # capped
     assert tk().default_num_splits(8, 8, 4096, cuda) == 5
     assert tk().default_num_splits(1, 2, 4096, torch.device("cpu")) == 4  # 4 "SMs" off CUDA
+    # The paged twin keeps about four waves (its block-table loads gain from more programs).
+    assert tk().default_num_splits(32, 8, 4096, cuda, paged=True) == 3
+    assert tk().default_num_splits(1, 8, 16384, cuda, paged=True) == 64
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5])

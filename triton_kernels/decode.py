@@ -146,13 +146,19 @@ def _decode_reduce_kernel(
     tl.store(o_ptr + r * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
-def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
-    """Splits per (request, kv head): one when the ``(request, kv head)`` programs already fill
-    every SM, else enough splits for about two waves of programs, at least 256 keys a split.
+def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, device: torch.device,
+                       paged: bool = False) -> int:  # fmt: skip
+    """Splits per (request, kv head), at least 256 keys a split.
 
-    Measured on the H200 (``bench kernels`` ``decode_tune``, CUDA-graph replay, 2026-12-02):
-    Llama-3-8B heads at batch 32, 4K (256 programs on 132 SMs): 1 split 134.9 us against 142.3
-    for 3 (the earlier four-wave rule); batch 1, 16K: 32 splits 31.7 us against 34.3 for 64.
+    Contiguous rows: one split when the ``(request, kv head)`` programs already fill every
+    SM, else enough splits for about two waves of programs. Paged (``paged=True``): about
+    four waves, whatever the batch, as the block-table loads gain from more programs in flight.
+
+    Measured on the H200 (``bench kernels``, CUDA-graph replay, 2026-12-02), Llama-3-8B heads:
+    contiguous, batch 32, 4K (256 programs on 132 SMs): 1 split 134.9 us against 142.3 for 3
+    (the four-wave rule); batch 1, 16K: 32 splits 31.7 us against 34.3 for 64. The paged twin
+    under the two-wave rule slowed down instead: batch 32, 4K, block 16: 161.4 us against 148.9
+    (16K: 588 against 513), so it keeps four waves.
     Depends only on shapes (never on the lengths on the device), so a CUDA graph captured
     once replays with any lengths.
     """
@@ -161,9 +167,9 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     else:
         sms = 4
     programs = max(1, num_requests * num_kv_heads)
-    if programs >= sms:
+    if not paged and programs >= sms:
         return 1
-    want = math.ceil(2 * sms / programs)
+    want = math.ceil((4 if paged else 2) * sms / programs)
     cap = max(1, math.ceil(max_len / 256))
     return int(max(1, min(want, cap, 64)))
 
@@ -221,7 +227,7 @@ def decode_attention(
     max_len = (block_table.shape[1] * page_size) if paged else k_cache.shape[1]
     if num_splits is None:
         span = max_len if window_left is None else min(max_len, window_left + 1)
-        num_splits = default_num_splits(R, H_kv, span, q.device)
+        num_splits = default_num_splits(R, H_kv, span, q.device, paged=paged)
     if block_n is None:
         block_n = 64 if D <= 128 else 32
     if out is None:
