@@ -12,6 +12,7 @@
 #   TEST_WORKERS=10 bash scripts/gpu_check.sh   # the CUDA suite over 10 pytest-xdist processes sharing the GPU
 #                                                # (pytest-xdist is in the device image)
 #   TEST_PER_TEST_TIMEOUT=120 ...                # fail (with a stack) any test that runs longer
+#   PYTEST_ARGS="tests/test_x.py" PYTEST_K="decode and not flex" ...  # files (split on spaces) and a -k expression
 #   TEST_SHARD=1/2 BENCHES="" bash scripts/gpu_check.sh   # every 2nd test file from the 1st: the CUDA suite
 #                                                        # in two device calls (then TEST_SHARD=2/2)
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
@@ -63,7 +64,7 @@ xdist=""  # -v: the log names every finished test, so a step cut by its limit st
 # TEST_PER_TEST_TIMEOUT=N: a test running longer than N s fails with its stack (pytest-timeout, in the image)
 [ -n "${TEST_PER_TEST_TIMEOUT:-}" ] && xdist="$xdist --timeout $TEST_PER_TEST_TIMEOUT"
 [ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false \
-  --durations=20 $xdist ${PYTEST_ARGS:-}
+  --durations=20 $xdist ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-}
 # A test step cut by its time limit may leave pytest-xdist workers running on the GPU: stop them before
 # anything is timed.
 pkill -f -- "-m pytest" 2>/dev/null && sleep 2
