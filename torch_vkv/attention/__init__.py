@@ -31,8 +31,8 @@ Backends (``backend=``):
 ``flash_attn``  ``flash_attn_with_kvcache`` from the flash-attn package, if
                 importable (paged: page size a multiple of 256).
 ``flashinfer``  FlashInfer's kernels, unchanged, if importable: tensor-core
-                decode over a trivial page table (one page = one slot's
-                rows), FA3 (Hopper) / FA2 ragged prefill on each slot's
+                decode over a page table of 16-64-row pages laid on each
+                slot's rows, FA3 (Hopper) / FA2 ragged prefill on each slot's
                 contiguous rows. CUDA, fp16/bf16, head_dim 64/128/256, no
                 ``block_table``; prefill reads the lengths on the host.
 ``triton``      our kernels (``torch_vkv.triton_kernels``): split-KV decode

@@ -48,14 +48,11 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
     """The ``auto`` rule: the fastest backend measured for the device and the step kind.
 
     * CPU: ``triton`` under ``TRITON_INTERPRET=1`` is *not* chosen (slow); ``sdpa``.
-    * ``flashinfer`` is never chosen by ``auto`` yet: pass ``backend="flashinfer"``.
-      Its kernels measured fastest in standalone scripts (tensor-core decode over
-      a trivial page table at 4.39 TB/s; FA3 ragged prefill at 662-674 TFLOP/s on
-      an H200), but through this backend they measured slower than ``triton``
-      (``bench kernels``, H200, 2026-12-02: decode 359 vs 145 us at batch 32, 4K;
-      prefill 306 vs 440 TFLOP/s at 8K), likely its per-call host work. Its GPU
-      attention tests pass; compiled ``generate()`` under CUDA graph trees with it
-      (which failed before its state moved to a side stream) has not been re-run.
+    * ``flashinfer`` is never chosen by ``auto``: pass ``backend="flashinfer"``.
+      Measured through ``bench kernels`` (H200, 2026-12-02 23:13 UTC, CUDA-graph
+      replay) it trails ``triton`` except at batch 128, 16K: decode 180 vs 138 us
+      at batch 32, 4K, 76 vs 33 us at batch 1, 16K, 1990 vs 2029 us at batch 128,
+      16K; prefill 398 vs 524 TFLOP/s at 8K, 568 vs 548 at 32K (docs/benchmarks.md).
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
