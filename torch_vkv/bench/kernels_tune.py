@@ -27,6 +27,12 @@ import torch
 __all__ = ["decode_tune_rows", "prefill_tune_rows", "prefill_tune_summary"]
 
 
+def _log_best_decode(point: list, B: int, S: int, log: Callable[[str], None]) -> None:
+    best = _best(point, "us", higher=False)
+    if best:
+        log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
+
+
 def _decode_tune_points(cfg: Any) -> list:
     """``cfg.tune`` and batch 1 at the longest context (where the split heuristic matters most)."""
     return list(dict.fromkeys(list(cfg.tune) + [(1, max(cfg.contexts))]))
@@ -88,9 +94,7 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
                                    note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
                     point.append(row)
         rows += point
-        best = _best(point, "us", higher=False)
-        if best:
-            log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
+        _log_best_decode(point, B, S, log)
         del k, v
         _close(keep)
     return rows + _flashinfer_page_rows(cfg, caches, copy_bw, log)
@@ -133,9 +137,7 @@ def _flashinfer_page_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[
         finally:
             fib.DECODE_PAGE_ROWS = default
         rows += point
-        best = _best(point, "us", higher=False)
-        if best:
-            log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
+        _log_best_decode(point, B, S, log)
         del k, v
         _close(keep)
     return rows
