@@ -103,8 +103,7 @@ def layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, *, decode: bool
         return f"K and V views with equal strides, got {k_cache.stride()} / {v_cache.stride()}"
     if decode:
         page_rows = decode_page_rows(k_cache)
-        page_stride = k_cache.stride(0) if page_rows == k_cache.shape[1] else page_rows * k_cache.stride(1)
-        strides = (page_stride,) + k_cache.stride()[1:]
+        strides = decode_pages(k_cache, page_rows).stride()
         if max(strides[:3]) >= _U32:
             return f"page, row and head strides below 2**32 elements (pages of {page_rows} rows), got {strides}"
         return None
@@ -175,12 +174,16 @@ def decode_page_table(cache_seqlens: torch.Tensor, rows: torch.Tensor, page_rows
         32-bit integers, which is then exactly ``cache_seqlens[r]``; it reads no page past
         that length, and no other kernel we call reads ``last_page_len``.
     """
-    R, dev = cache_seqlens.shape[0], cache_seqlens.device
-    indptr = torch.arange(R + 1, dtype=torch.int32, device=dev) * max_pages
+    R = cache_seqlens.shape[0]
+    indptr = torch.arange(R + 1, dtype=torch.int32, device=cache_seqlens.device) * max_pages
+    return (indptr,) + _page_entries(cache_seqlens, rows, page_rows, pages_per_slot, max_pages)
+
+
+def _page_entries(cache_seqlens, rows, page_rows: int, pages_per_slot: int, max_pages: int) -> tuple:
+    """(indices, last_page_len) of :func:`decode_page_table`: the part that changes between calls."""
     first = rows.to(torch.int32)[:, None] * pages_per_slot
-    indices = (first + torch.arange(max_pages, dtype=torch.int32, device=dev)).reshape(-1)
-    last = cache_seqlens.to(torch.int32) - (max_pages - 1) * page_rows
-    return indptr, indices, last
+    indices = (first + torch.arange(max_pages, dtype=torch.int32, device=rows.device)).reshape(-1)
+    return indices, cache_seqlens.to(torch.int32) - (max_pages - 1) * page_rows
 
 
 def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, num_slots: int, max_len: int) -> tuple:
@@ -318,7 +321,7 @@ class _DecodePlan:
 
     def run(self, q, k_cache, v_cache, lens, rows):
         # decode_page_table's indices and last_page_len, written into the planned buffers (indptr is fixed).
-        _, indices, last = decode_page_table(lens, rows, self.page_rows, self.pages_per_slot, self.max_pages)
+        indices, last = _page_entries(lens, rows, self.page_rows, self.pages_per_slot, self.max_pages)
         self.indices.copy_(indices)
         self.last_page_len.copy_(last)
         pages = (decode_pages(k_cache, self.page_rows), decode_pages(v_cache, self.page_rows))

@@ -33,6 +33,16 @@ def _log_best_decode(point: list, B: int, S: int, log: Callable[[str], None]) ->
         log(f"  decode_tune B={B} S={S}: best {best['backend']} {best['us']:.1f} us ({best['pct_copy']:.0f}% of copy)")
 
 
+def _decode_inputs(cfg: Any, caches: Any, B: int, S: int, H: int, H_kv: int, D: int) -> tuple:
+    """(q ``[B, H, D]``, lengths ``[B]`` all S, K+V bytes, k, v, keepalive) of one decode sweep point,
+    on the contiguous cache (virtual when available)."""
+    q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
+    lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
+    kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
+    k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
+    return q, lens, kv_bytes, k, v, keep
+
+
 def _decode_tune_points(cfg: Any) -> list:
     """``cfg.tune`` and batch 1 at the longest context (where the split heuristic matters most)."""
     return list(dict.fromkeys(list(cfg.tune) + [(1, max(cfg.contexts))]))
@@ -74,10 +84,7 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
     model = cfg.models[0]
     H, H_kv, D = MODELS.get(model, (8, 2, 64))
     for B, S in _decode_tune_points(cfg):
-        q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
-        lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
-        kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
-        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
+        q, lens, kv_bytes, k, v, keep = _decode_inputs(cfg, caches, B, S, H, H_kv, D)
         default = tk.default_num_splits(B, H_kv, S, cfg.device)
         split_set = {max(1, default // 2), default, default * 2, default * 4}
         point = []
@@ -118,10 +125,7 @@ def _flashinfer_page_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[
     H, H_kv, D = MODELS.get(model, (8, 2, 64))
     default = fib.DECODE_PAGE_ROWS
     for B, S in _decode_tune_points(cfg):
-        q = torch.randn((B, H, D), dtype=cfg.dtype, device=cfg.device)
-        lens = torch.full((B,), S, dtype=torch.int32, device=cfg.device)
-        kv_bytes = 2 * B * S * H_kv * D * torch.empty((), dtype=cfg.dtype).element_size()
-        k, v, keep = caches.contiguous("vm" if caches.KVCache is not None else "malloc", B, S, H_kv, D)
+        q, lens, kv_bytes, k, v, keep = _decode_inputs(cfg, caches, B, S, H, H_kv, D)
         point = []
         try:
             for page_rows in FLASHINFER_PAGE_ROWS:
