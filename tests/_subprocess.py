@@ -24,8 +24,18 @@ def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float =
 
     ``env`` entries are added to the current environment; a value of ``""``
     removes the variable. A child still running after ``timeout`` seconds is
-    killed and reported as a failed test.
+    reported as a failed test with every thread's Python stack (see
+    :func:`run_argv`).
     """
+    return run_argv(["-c", textwrap.dedent(code)], env=env, timeout=timeout)
+
+
+def run_argv(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs this interpreter with ``args`` (``["-m", "torch_vkv", ...]``) and
+    ``env`` as in :func:`run_python`; never raises on failure. The child runs
+    with ``faulthandler`` on: one still running after ``timeout`` seconds gets
+    SIGABRT, which prints every thread's Python stack, and the test fails with
+    that output (where it hung, not only that it did)."""
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     for name, value in (env or {}).items():
@@ -33,16 +43,20 @@ def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float =
             child_env.pop(name, None)
         else:
             child_env[name] = value
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            capture_output=True,
-            text=True,
-            env=child_env,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the child process did not finish within {timeout} s (a hang)\n{_output(e.stdout, e.stderr)}")
+    argv = [sys.executable, "-X", "faulthandler", *args]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler: the stacks go to stderr
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            pytest.fail(f"the child process did not finish within {timeout} s (a hang; its stacks are in stderr)\n"
+                        f"{_output(out, err)}")  # fmt: skip
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def describe(returncode: int) -> str:

@@ -256,19 +256,31 @@ def test_smoke_on_cuda(tmp_path):
     (one offline, one at a memory budget of 2 MiB pages); the CPU tests cover every workload.
 
     FlashInfer's configuration and transformers' ``generate_batch`` peer are left to their own tests
-    (the flashinfer attention tests, test_generate_batch_peer_on_cuda): with them this test ran past
-    200 s alone on the H200 (2026-12-02), most likely FlashInfer's JIT builds for the tiny model's
-    shapes plus the peer's 30-70 s set-up."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch_vkv", "bench", "serve", "--smoke", "--device", "cuda", "--out", str(tmp_path),
-           "--workload", "offline", "--workload", "capacity",
-           "--configs", "virtual-per_layer,virtual-interleaved,paged-16,paged-256"]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    (the flashinfer attention tests, test_generate_batch_peer_on_cuda). This test once never ended on
+    the H200 (2026-12-03): paged-256's default budget held one block for five slots and the CUDA graphs'
+    scratch slot took it, so ``Engine.generate`` waited for ever (fixed: ``static_budget`` gives every
+    slot whole blocks, the scratch slot's pages are pinned, and the engine aborts a request it can never
+    schedule; tests/test_serving.py). A hang now fails with the child's Python stacks."""
+    from _subprocess import run_argv
+
+    args = ["-m", "torch_vkv", "bench", "serve", "--smoke", "--device", "cuda", "--out", str(tmp_path),
+            "--workload", "offline", "--workload", "capacity",
+            "--configs", "virtual-per_layer,virtual-interleaved,paged-16,paged-256"]  # fmt: skip
+    p = run_argv(args, env={"OMP_NUM_THREADS": "1"}, timeout=400)  # a hang fails with the child's stacks
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "serve.json").read_text())
     assert report["env"]["gpu"]
     for row in report["rows"]:
         assert row["completed"] == row["requests"] and row["output_tokens_per_s"] > 0
+
+
+def test_a_hung_child_fails_with_its_stacks():
+    """The helper the CUDA smoke test runs through: a child that outlives its
+    timeout fails the test, and the failure shows where the child was."""
+    from _subprocess import run_python
+
+    with pytest.raises(pytest.fail.Exception, match="(?s)did not finish.*in sleep_here"):
+        run_python("import time\ndef sleep_here():\n    time.sleep(120)\nsleep_here()", timeout=3)
 
 
 @pytest.mark.cuda

@@ -504,6 +504,91 @@ def test_request_larger_than_budget_is_refused():
         assert len(out.token_ids) == 20
 
 
+def test_static_budget_holds_whole_blocks_per_slot():
+    """The default budget of a paged engine on CUDA: every slot gets its last
+    block whole. Block 256 and ``max_seq_len`` 60 need one block per slot;
+    rounding only the total down to blocks left 1 block for 5 slots, and the
+    CUDA graphs' scratch slot took it (``bench serve --smoke`` spun for ever)."""
+    from torch_vkv.serving.kv import static_budget
+
+    shape = dict(num_layers=2, num_kv_heads=2, head_dim=16, itemsize=2)
+    block_bytes = 256 * 2 * 2 * 2 * 16 * 2
+    assert static_budget("paged", layout="per_layer", num_slots=5, max_seq_len=60, block_size=256, **shape) \
+        == 5 * block_bytes
+    assert static_budget("paged", layout="per_layer", num_slots=5, max_seq_len=257, block_size=256, **shape) \
+        == 10 * block_bytes
+    assert static_budget("paged", layout="per_layer", num_slots=3, max_seq_len=64, block_size=16, **shape) \
+        == 3 * 64 * block_bytes // 256
+
+
+@pytest.mark.parametrize("kv", ["paged", "virtual-per_layer"])
+def test_pinned_pages_are_not_a_request_budget(kv):
+    """A slot the engine keeps for itself (the CUDA graphs' scratch slot) takes
+    its pages off what requests can ever hold: a request that would fit only
+    with them is refused at once, not queued for ever."""
+    from torch_vkv.serving.kv import KVManager
+
+    kw = dict(block_size=16) if kv == "paged" else dict(page_size=PAGE)
+    m = KVManager(kv.partition("-")[0], num_layers=2, num_kv_heads=2, head_dim=8, num_slots=3, max_seq_len=64,
+                  dtype=torch.float32, device="cpu", memory_budget=None, layout="per_layer", **kw)  # fmt: skip
+    whole = m.total_pages
+    assert m.fits_alone(64) and m.usable_pages == whole
+    slot = m.alloc_pinned(1)
+    assert m.pinned_pages == m.pages_for(1) > 0 and m.usable_pages == whole - m.pages_for(1)
+    assert m.cache.capacity(slot) >= 1 if kv == "paged" else m.cache.committed_tokens(slot) >= 1
+    assert m.fits_alone(m.max_seq_len) == (m.pages_for(m.max_seq_len) <= whole - m.pages_for(1))
+    m.close()
+
+
+def test_engine_refuses_a_budget_its_pinned_slot_would_fill():
+    """The engine checks at construction that a request fits beside its
+    pinned pages (on CPU nothing is pinned, so one page is enough there)."""
+    model = model_of("llama")
+    block_bytes = 16 * 2 * 2 * 2 * 16 * 4  # 16 tokens x K/V x 2 layers x 2 heads x head_dim 16 x fp32
+    with engine_for(model, kv="paged", memory_budget=block_bytes) as e:
+        assert e.kv.usable_pages == 1
+        assert len(e.generate([[1, 2, 3]], greedy(4), use_tqdm=False)[0].token_ids) == 4
+    from torch_vkv.serving.kv import KVManager
+
+    alloc_pinned = KVManager.alloc_pinned
+    try:  # what CUDA graphs do on a GPU: a scratch slot pinned before the check
+        KVManager.alloc_pinned = lambda self, n: alloc_pinned(self, n)
+        orig_init = KVManager.__init__
+
+        def init(self, *a, **k):
+            orig_init(self, *a, **k)
+            self.alloc_pinned(1)
+
+        KVManager.__init__ = init
+        with pytest.raises(ValueError, match="scratch slot"):
+            engine_for(model, kv="paged", memory_budget=block_bytes)
+    finally:
+        KVManager.alloc_pinned = alloc_pinned
+        KVManager.__init__ = orig_init
+
+
+@pytest.mark.parametrize("prompt_len, chunk_size", [(40, 64), (70, 128)], ids=["preempted-alone", "never-admitted"])
+def test_a_request_that_can_never_be_scheduled_is_aborted_not_spun_on(prompt_len, chunk_size):
+    """The guard behind the budget check: should a page estimate be wrong, a
+    request that cannot run with every page free is aborted (RuntimeWarning)
+    and the request behind it runs. Two ways: it is admitted and preempted
+    while running alone (its prompt fits, its output does not), or, as head of
+    the queue, it is never admitted (its first chunk does not fit)."""
+    model = model_of("llama")
+    with engine_for(model, kv="paged", memory_budget=4 * 16 * 512, chunk_size=chunk_size) as e:  # 4 blocks = 64 tokens
+        e.kv.fits_alone = lambda n: True  # the wrong estimate
+        big = e.add_request(list(range(prompt_len)), greedy(30))  # 70+ tokens: never fits
+        small = e.add_request([5, 6, 7], greedy(3))
+        outs, steps = {}, 0
+        with pytest.warns(RuntimeWarning, match="cannot be scheduled"):
+            while e.has_unfinished_requests():
+                steps += 1
+                assert steps < 100, "the engine spins"
+                outs.update({o.request_id: o for o in e.step() if o.finished})
+        assert outs[big].finish_reason == "abort"
+        assert outs[small].finish_reason == "length" and len(outs[small].token_ids) == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, exc",
     [
@@ -661,6 +746,20 @@ def test_cuda_bf16_seeded_sampling_within_budget():
             assert e.stats()["committed_bytes"] <= 8 << 20
     assert all(len(t) == 64 for t in runs[0])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["paged-256", "virtual-per_layer"])
+def test_cuda_default_budget_serves_beside_the_scratch_slot(kv):
+    """The default budget with CUDA graphs: short sequences in large blocks
+    (256 tokens for ``max_seq_len`` 60) still leave room for a request beside
+    the graphs' pinned scratch slot (this spun for ever before the fix)."""
+    model = make_model("llama", device="cuda", dtype=torch.bfloat16)
+    kw = dict(kv="paged", block_size=256) if kv == "paged-256" else dict(kv="virtual", layout="per_layer")
+    with Engine(model, max_batch_size=4, max_seq_len=60, device="cuda", **kw) as e:
+        assert e.kv.pinned_pages > 0 and e.kv.fits_alone(60)
+        outs = e.generate([[1, 2, 3]] * 6, greedy(8), use_tqdm=False)
+    assert all(len(o.token_ids) == 8 and o.finish_reason == "length" for o in outs)
 
 
 def test_import_is_lean():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -176,7 +177,7 @@ class Engine:
             itemsize = torch.empty((), dtype=self.dtype).element_size()
             static = static_budget(kv, layout=layout, num_slots=num_slots, max_seq_len=self.max_seq_len,
                                    num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                   itemsize=itemsize)  # fmt: skip
+                                   itemsize=itemsize, block_size=self.block_size)  # fmt: skip
             memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
         self.kv = KVManager(
             kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
@@ -194,8 +195,11 @@ class Engine:
         try:
             scratch = None
             if graphs:
-                scratch = self.kv.alloc()
-                self.kv.grow(_one_slot(self.kv.num_slots, scratch, 1))  # parking slots included
+                scratch = self.kv.alloc_pinned(1)
+            if not self.kv.fits_alone(1):
+                fail("memory_budget", f"room for one request beside the CUDA graphs' scratch slot "
+                     f"(at least {self.kv.pinned_pages + self.kv.pages_for(1)} pages of {self.kv.page_bytes} bytes)",
+                     f"{memory_budget} bytes ({self.kv.total_pages} pages)")  # fmt: skip
             self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
             register()
             self._orig_attn = getattr(model.config, "_attn_implementation", None)
@@ -211,6 +215,7 @@ class Engine:
         self.sampler = Sampler()
         self._requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # aborted requests, returned by the next step
+        self._stalled_steps = 0  # steps in a row that scheduled nothing while requests waited (see step)
         self._next_id = 0
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._num_iterations = 0
@@ -281,7 +286,7 @@ class Engine:
         longest = min(len(prompt) + params.max_tokens, self.max_seq_len)
         if not self.kv.fits_alone(longest):
             fail("prompt_token_ids + max_tokens",
-                 f"a request that fits in the KV memory budget alone ({self.kv.total_pages} pages of "
+                 f"a request that fits in the KV memory budget alone ({self.kv.usable_pages} pages of "
                  f"{self.kv.page_bytes} bytes)", f"{longest} tokens needing {self.kv.pages_for(longest)} pages")  # fmt: skip
         return prompt, params, request_id
 
@@ -318,6 +323,32 @@ class Engine:
         self._undelivered.append(req.output())
         return True
 
+    def _abort_unschedulable(self, scheduled: bool) -> bool:
+        """Aborts, with a RuntimeWarning, the requests that could never run, so
+        that ``generate()`` and the server loop never spin on them while the
+        requests behind them go on; returns whether it aborted any.
+
+        :meth:`_validate` refuses a request that does not fit in the budget
+        alone, so this guards against a wrong page estimate. Two cases: a
+        request preempted while it ran alone (it had every usable page and
+        could not grow: recomputing it would end the same way), and a head of
+        the queue that is not admitted while nothing runs, on the second such
+        step in a row (the first may wait on pages whose decommit is fenced)."""
+        stuck = self.scheduler.take_unschedulable()
+        if not scheduled and self.scheduler.waiting and not self.scheduler.running:
+            self._stalled_steps += 1
+            if self._stalled_steps >= 2:
+                stuck.append(self.scheduler.waiting[0])
+                self._stalled_steps = 0
+        else:
+            self._stalled_steps = 0
+        for req in stuck:
+            warnings.warn(f"Engine: request {req.request_id!r} ({req.num_tokens} tokens so far) cannot be scheduled "
+                          f"even with all {self.kv.usable_pages} usable KV pages; aborted", RuntimeWarning,
+                          stacklevel=3)  # fmt: skip
+            self.abort(req.request_id)
+        return bool(stuck)
+
     def has_unfinished_requests(self) -> bool:
         """Whether a request is waiting or running, or an aborted request's
         final output is still to be returned by :meth:`step`."""
@@ -341,6 +372,8 @@ class Engine:
         t0 = time.perf_counter()
         now = time.monotonic()
         batch = self.scheduler.schedule(now)
+        if self._abort_unschedulable(bool(batch.requests)):
+            outputs, self._undelivered = outputs + self._undelivered, []
         if not batch.requests:
             return outputs
         t1 = time.perf_counter()
@@ -353,7 +386,6 @@ class Engine:
                 row_of += [reqs.index(r)] * (r.fanout - 1)
                 reqs += r.group.seqs[1:]
             logits = logits[torch.tensor(row_of, device=logits.device)]
-        t2 = time.perf_counter()
         tokens = self._sample(logits, reqs).tolist()  # the iteration's one device -> host sync
         t3 = time.perf_counter()
         now = time.monotonic()
@@ -538,10 +570,3 @@ class Engine:
             self.close()
         except Exception:
             pass
-
-
-def _one_slot(num_slots: int, slot: int, num_tokens: int) -> np.ndarray:
-    """``seq_lens`` for the KV manager: ``num_tokens`` in ``slot``, nothing elsewhere."""
-    seq = np.zeros(num_slots, dtype=np.int64)
-    seq[slot] = num_tokens
-    return seq

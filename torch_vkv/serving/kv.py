@@ -41,13 +41,15 @@ __all__ = ["KVManager", "static_budget"]
 
 
 def static_budget(kind: str, *, layout: str, num_slots: int, max_seq_len: int, num_layers: int, num_kv_heads: int,
-                  head_dim: int, itemsize: int, page_size: int = 2 << 20) -> int:  # fmt: skip
-    """Bytes of a static cache of ``num_slots`` x ``max_seq_len`` tokens; for
-    ``virtual`` in whole pages of ``page_size`` bytes per buffer and slot (a
-    tiny model's static size is less than one page per buffer, which could not
-    back one token)."""
+                  head_dim: int, itemsize: int, page_size: int = 2 << 20, block_size: int = 16) -> int:  # fmt: skip
+    """Bytes of a static cache of ``num_slots`` x ``max_seq_len`` tokens, in
+    whole pages per slot: for ``virtual`` pages of ``page_size`` bytes per
+    buffer (a tiny model's static size is less than one page per buffer,
+    which could not back one token), for ``paged`` blocks of ``block_size``
+    tokens (a slot's last block is whole even when ``max_seq_len`` ends in it)."""
     if kind != "virtual":
-        return num_slots * max_seq_len * 2 * num_layers * num_kv_heads * head_dim * itemsize
+        blocks_per_slot = -(-max_seq_len // block_size)
+        return num_slots * blocks_per_slot * block_size * 2 * num_layers * num_kv_heads * head_dim * itemsize
     buffers = 2 * num_layers if layout == "per_layer" else 1
     per_slot = max_seq_len * num_kv_heads * head_dim * itemsize * (2 * num_layers // buffers)
     return num_slots * buffers * (-(-per_slot // page_size)) * page_size
@@ -118,6 +120,8 @@ class KVManager:
         #: Bytes of one token's K and V in all layers.
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize
         self.memory_budget = memory_budget
+        #: Pool pages held for good by engine-internal slots (:meth:`alloc_pinned`).
+        self.pinned_pages = 0
         if kind == "virtual":
             self.cache: Any = KVCache(
                 num_layers, num_kv_heads, head_dim, max_batch_size=num_slots, max_seq_len=max_seq_len,
@@ -279,9 +283,33 @@ class KVManager:
         """Pool pages that tokens ``[0, num_tokens)`` of one slot take."""
         return self.cache.pages_for_tokens(num_tokens) * self._pages_per_group
 
+    @property
+    def usable_pages(self) -> int:
+        """Pool pages requests can ever hold: the budget's, less those pinned
+        by engine-internal slots (:meth:`alloc_pinned`)."""
+        return self.total_pages - self.pinned_pages
+
     def fits_alone(self, num_tokens: int) -> bool:
-        """Whether one request of ``num_tokens`` tokens fits in the whole budget."""
-        return self.pages_for(num_tokens) <= self.total_pages
+        """Whether one request of ``num_tokens`` tokens fits in the budget
+        with no other request running (pinned pages excluded)."""
+        return self.pages_for(num_tokens) <= self.usable_pages
+
+    def alloc_pinned(self, num_tokens: int) -> int:
+        """A slot for the engine's own use (the CUDA graphs' scratch slot)
+        holding ``num_tokens`` tokens for its whole life: its pages are taken
+        off :attr:`usable_pages`, so no request is accepted that could only
+        run with them. Raises :class:`~torch_vkv.OutOfPagesError` when the
+        budget cannot back it."""
+        slot = self.alloc()
+        seq = np.zeros(self.num_slots, dtype=np.int64)
+        seq[slot] = num_tokens
+        try:
+            self.grow(seq)
+        except BaseException:
+            self.free(slot)
+            raise
+        self.pinned_pages += self.pages_for(num_tokens)
+        return slot
 
     def need_pages(self, slot: Optional[int], num_tokens: int) -> int:
         """Pool pages that growing ``slot`` (``None``: a fresh slot) to

@@ -75,10 +75,13 @@ class Scheduler:
         self.kv = kv
         self.max_batch_size = max_batch_size
         self.chunk_size = chunk_size
-        self.watermark_pages = int(watermark * kv.total_pages)
+        self.watermark_pages = int(watermark * kv.usable_pages)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is the youngest
         self.num_preemptions = 0
+        #: Requests preempted while they ran alone: they had every usable page and
+        #: could not grow, so they never will (the engine aborts them; see take_unschedulable).
+        self.unschedulable: list[Request] = []
         self._admissions = 0
 
     # ---------------------------------------------------------------- queues
@@ -102,6 +105,11 @@ class Scheduler:
         self._admissions += 1
         req.admitted_at = self._admissions
         self.running.append(req)
+
+    def take_unschedulable(self) -> list[Request]:
+        """The requests that cannot run even alone (see :attr:`unschedulable`), and forgets them."""
+        out, self.unschedulable = self.unschedulable, []
+        return out
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -158,6 +166,8 @@ class Scheduler:
                 self.preempt(victim)
                 preempted = True
                 if victim is req:
+                    if not self.running:
+                        self.unschedulable.append(req)
                     return False
             return True
 
