@@ -183,3 +183,30 @@ def test_table_views_and_close() -> None:
     assert c.pages_for_tokens(65) == 2 and c.tokens_for_pages(10**30) == MAX_SEQ
     with pytest.raises(RuntimeError, match="closed"):
         c.step_async(np.array([1, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_available_pages_and_the_pool_count_agree_with_memory_stats(layout: str) -> None:
+    """The cheap reads a scheduler uses every iteration (no wait for the
+    background commits) give memory_stats()'s figures once those are done:
+    free + not created + freed slots' cached pages, and mapped = committed."""
+    from torch_vkv.serving.kv import KVManager
+
+    kv = KVManager("virtual", num_layers=2, num_kv_heads=2, head_dim=16, num_slots=4, max_seq_len=4096,
+                   dtype=torch.float32, device="cpu", memory_budget=64 * 4096, layout=layout,
+                   page_size=4096)  # fmt: skip
+    c = kv.cache
+    a, b = c.alloc(), c.alloc()
+    seq = np.zeros(4, dtype=np.int64)
+    seq[a], seq[b] = 300, 90
+    c.step_async(seq, lookahead_tokens=64)
+    c.free(b)
+    c.synchronize()
+    s = c.memory_stats()
+    uncreated = s["max_pages"] - s["pool_pages"]
+    assert c.available_pages() == s["free_pages"] + uncreated + s["cached_bytes"] // s["page_size"]
+    assert 0 < c.available_pages() < 64
+    assert kv.mapped_bytes() == kv.committed_bytes() == s["committed_bytes"] > 0
+    kv.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.available_pages()

@@ -111,6 +111,17 @@ class _StepMixin:
         return wanted <= self._available_pages(reclaim=True)
 
     @locked
+    def available_pages(self: "KVCache") -> int:
+        """Pool pages a commit could take now: free ones, ones not created yet,
+        ones whose decommit waits on a fence, and those cached by freed slots
+        (reclaimed on demand). Unlike :meth:`memory_stats` it does not wait for
+        the background commits of :meth:`step_async` (a page they are taking
+        may still count): the cheap figure for a scheduler's admission, which
+        :meth:`can_step` then checks exactly."""
+        self._check_open()
+        return self._available_pages(reclaim=True)
+
+    @locked
     def synchronize(self: "KVCache") -> None:
         """Waits for the background commits of :meth:`step_async`. A failure
         there (another user of a shared pool took the pages) is raised here and

@@ -493,6 +493,13 @@ class Engine:
         return results  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- stats
+    @property
+    def host_seconds(self) -> float:
+        """``stats()["host_seconds"]`` alone, without the rest (which reads
+        exact memory counts, waiting for background commits): cheap enough to
+        read every iteration."""
+        return self._host_seconds + self.runner.prepare_seconds
+
     def stats(self) -> dict[str, Any]:
         """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``,
         ``committed_bytes`` (physical KV memory held, freed and parked slots'
@@ -525,7 +532,7 @@ class Engine:
             "num_iterations": self._num_iterations,
             "num_generated_tokens": self._num_generated,
             "num_computed_tokens": self._num_computed,
-            "host_seconds": self._host_seconds + self.runner.prepare_seconds,
+            "host_seconds": self.host_seconds,
             "kv": self.kv_kind,
             "prefix_caching": self.prefix_caching,
             "prefix_hit_tokens": p.hit_tokens if p is not None else 0,

@@ -321,16 +321,16 @@ class KVManager:
 
     def available_pages(self) -> int:
         """Pool pages a step can still take: free ones, ones not created yet,
-        (virtual) pages cached by freed slots, and the pages of parked slots.
-        Virtual pages whose decommit waits on a fence count only once it
-        completes; a parked slot's pages count in full, though evicting it
-        frees only those no other slot shares (:meth:`can_grow` is exact)."""
-        s = self.cache.memory_stats()
+        (virtual) pages cached by freed slots or whose decommit waits on a
+        fence, and the pages of parked slots. A parked slot's pages count in
+        full, though evicting it frees only those no other slot shares, and
+        virtual counts do not wait for background commits (an upper bound for
+        admission; :meth:`can_grow` is exact)."""
         held = self._parked_total
         if self.kind == "paged":
-            return int(s["free_pages"]) + held
-        uncreated = max(0, int(s["max_pages"]) - int(s["pool_pages"]))
-        return int(s["free_pages"]) + uncreated + int(s["cached_bytes"]) // self.page_bytes + held
+            return int(self.cache.memory_stats()["free_pages"]) + held
+        # Not memory_stats(): it waits for the last step's background commit, every iteration.
+        return self.cache.available_pages() + held
 
     def can_grow(self, seq_lens: np.ndarray) -> bool:
         """Whether every slot ``s`` with ``seq_lens[s] > 0`` can hold
@@ -384,7 +384,17 @@ class KVManager:
 
     # ----------------------------------------------------------------- stats
     def committed_bytes(self) -> int:
+        """Physical KV bytes held (freed slots' cached pages included), exact:
+        waits for background commits."""
         return int(self.cache.memory_stats()["committed_bytes"])
+
+    def mapped_bytes(self) -> int:
+        """:meth:`committed_bytes` read from the pool's counter without waiting
+        for background commits (one in flight may or may not count yet): for
+        sampling memory every iteration without serialising the commits."""
+        if self.kind == "paged":
+            return self.committed_bytes()
+        return int(self.cache.pool.stats()["mapped_pages"]) * self.page_bytes
 
     def window_committed_bytes(self) -> int:
         """Bytes the sliding layers' buffers hold (virtual ``per_layer`` with windows; else 0)."""
