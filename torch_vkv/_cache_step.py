@@ -204,7 +204,7 @@ class _StepMixin:
         s = self.pool.stats()
         available = s["free_pages"] + max(0, s["max_pages"] - s["created_pages"]) + s["pending_pages"]
         if reclaim:
-            available += sum(self._held_pages(slot) for slot in self._free_slots)
+            available += self._held_pages_sum(self._free_slots)
         return available
 
     def _parse_seq_lens(self: "KVCache", seq_lens: Any) -> np.ndarray:

@@ -77,6 +77,17 @@ class _WindowMixin:
             held -= sum(int(self._first_pages[g, slot]) * len(b) for g, b in enumerate(self._group_buffers))
         return held
 
+    def _held_pages_sum(self: "KVCache", slots: Sequence[int]) -> int:
+        """:meth:`_held_pages` summed over ``slots``, in NumPy (a scheduler asks
+        for all freed slots every iteration)."""
+        if not slots:
+            return 0
+        idx = np.asarray(slots, dtype=np.intp)
+        held = int(self._committed_pages[idx].sum()) * len(self._buffers)
+        if self._windowed:
+            held -= sum(int(self._first_pages[g, idx].sum()) * len(b) for g, b in enumerate(self._group_buffers))
+        return held
+
     def _window_committed_pages(self: "KVCache") -> int:
         total = 0
         for g, bufs in enumerate(self._group_buffers):

@@ -470,7 +470,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
             "committed_bytes": (sum(held) - extra_maps) * self.page_size,
             "shared_pages": shared,
             "used_bytes": int(self._used_tokens.sum()) * self.bytes_per_token,
-            "cached_bytes": sum(held[slot] for slot in self._free_slots) * self.page_size,
+            "cached_bytes": self._held_pages_sum(self._free_slots) * self.page_size,
             "window_committed_bytes": self._window_committed_pages() * self.page_size,
             "free_pages": s["free_pages"],
             "pool_pages": s["created_pages"],
