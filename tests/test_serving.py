@@ -639,6 +639,35 @@ def test_batch_metadata_is_16_byte_aligned_for_every_batch_size():
     assert all(m == [0] * len(m) for _, m in seen), seen
 
 
+@pytest.mark.parametrize("kind, layout", [("virtual", "per_layer"), ("virtual", "interleaved"), ("paged", "per_layer")])
+def test_need_pages_total_is_the_sum_and_decodes_within_a_page_skip_it(kind, layout):
+    """The scheduler's per-iteration page estimate: ``need_pages_total`` equals
+    the sum of ``need_pages`` over the growing slots, exactly, at every step of
+    a decode loop; after a grow, a slot's count of held tokens is what its
+    whole pages back, so decodes inside a page ask for nothing."""
+    from torch_vkv.serving.kv import KVManager
+
+    kw = dict(page_size=PAGE) if kind == "virtual" else dict(block_size=16)
+    m = KVManager(kind, num_layers=2, num_kv_heads=2, head_dim=8, num_slots=5, max_seq_len=300,
+                  dtype=torch.float32, device="cpu", memory_budget=None, layout=layout, **kw)  # fmt: skip
+    slots = [m.alloc() for _ in range(4)]
+    seq = np.zeros(m.num_slots, dtype=np.int64)
+    for i, s in enumerate(slots):
+        seq[s] = 3 + 37 * i
+    for _ in range(120):
+        want = sum(m.need_pages(s, int(seq[s])) for s in slots)
+        assert m.need_pages_total(seq) == want
+        m.grow(seq)
+        assert m.need_pages_total(seq) == 0
+        for s in slots:
+            assert m.cache.pages_for_tokens(int(m._covered[s])) == m.cache.pages_for_tokens(int(seq[s]))
+        seq[slots] += 1
+    m.synchronize()
+    for s in slots:
+        assert m.cache.committed_tokens(s) >= seq[s] - 1
+    m.close()
+
+
 def test_paged_grow_reaches_the_cache_only_at_block_boundaries():
     """The paged baseline's per-step host work: a decode step commits only for
     slots that cross into a new block (one step in block_size), not for every

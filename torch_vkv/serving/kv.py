@@ -319,6 +319,12 @@ class KVManager:
             return 0
         return self.pages_for(num_tokens) - (self.pages_for(have) if have else 0)
 
+    def need_pages_total(self, seq_lens: np.ndarray) -> int:
+        """:meth:`need_pages` summed over the slots of ``seq_lens`` (int64
+        ``[num_slots]``, 0 = not growing); only slots past what they hold are
+        looked at."""
+        return sum(self.need_pages(int(s), int(seq_lens[s])) for s in np.flatnonzero(seq_lens > self._covered))
+
     def available_pages(self) -> int:
         """Pool pages a step can still take: free ones, ones not created yet,
         (virtual) pages cached by freed slots or whose decommit waits on a
@@ -359,7 +365,12 @@ class KVManager:
         is not there (only if the driver itself runs out after ``can_grow``)."""
         if self.kind == "virtual":
             self.cache.step_async(seq_lens)
-            np.maximum(self._covered, seq_lens, out=self._covered)
+            # _covered holds what whole pages back, so the next decodes skip need_pages (a Python call
+            # each) until they cross into a new page: about one step in tokens_per_page.
+            c = self.cache
+            for s in np.flatnonzero(seq_lens > self._covered):
+                n = int(seq_lens[s])
+                self._covered[s] = max(n, c.tokens_for_pages(c.pages_for_tokens(n)))
             return
         # Paged: only slots that cross into a new block (about one in block_size per decode step)
         # reach the cache; _covered then holds whole blocks, so the others are skipped next step.

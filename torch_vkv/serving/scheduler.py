@@ -203,7 +203,7 @@ class Scheduler:
 
         # 3. admit waiting requests, in order (none after a preemption this iteration)
         if not preempted and self.waiting and budget > 0:
-            planned = sum(kv.need_pages(r.slot, int(seq[r.slot])) for r, _ in sched.values())
+            planned = kv.need_pages_total(seq)
             free = kv.available_pages() - planned
             # Slots promised to the completions of n > 1 requests still prefilling.
             promised = sum(r.fanout - 1 for r in self.running)
