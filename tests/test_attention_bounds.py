@@ -333,24 +333,32 @@ def test_bad_device_metadata_on_a_kvcache_never_faults():
 # --------------------------------------------------------------------------- debug mode
 
 
-def test_debug_hook_checks_committed_rows(monkeypatch):
-    """With TORCH_VKV_DEBUG=1 the committed-rows hook (None until the cache wires it) is consulted."""
-    _, _, k, v = cache()
-    monkeypatch.setattr(attn_mod.inputs, "_committed_rows", lambda k_cache: [4] * B)
-    args = (rand(2, H, D), k, v, i32([3, 6]))
-    attention(*args, backend="sdpa")  # debug off: the hook is not read
-    monkeypatch.setenv("TORCH_VKV_DEBUG", "1")
-    with pytest.raises(ValueError, match=r"request 1 \(slot 1\) cache_seqlens: expected at most the slot's 4 committed rows, got 6"):
-        attention(*args, backend="sdpa")
-    assert attn_mod.inputs._committed_rows is not None
-    monkeypatch.setenv("TORCH_VKV_DEBUG", "0")
-    attention(*args, backend="sdpa")
+def test_append_past_the_committed_rows_of_a_kvcache_raises():
+    """append_kv into KVCache views checks (host metadata) that the new rows
+    are committed in both caches: an uncommitted write is a segfault on the
+    host backend, run here in a child so a missed check fails the test."""
+    from _subprocess import check_scenario
 
-
-def test_committed_rows_hook_is_unwired():
-    """The hook exists and says "unknown" until tensor.py exposes what is committed."""
-    _, _, k, _ = cache()
-    assert attn_mod.inputs._committed_rows(k) is None
+    check_scenario("""
+import torch
+from torch_vkv import KVCache, append_kv
+c = KVCache(1, 2, 16, max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cpu", page_size=4096)
+s = c.alloc()
+c.commit(s, 20)  # one page: 32 rows (128 bytes a token)
+k, v = c.key(0), c.value(0)
+rows = k.committed_rows()[s]
+new = torch.randn(5, 2, 16)
+cu, slots = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([s], dtype=torch.int32)
+for length in (rows + 3, rows + 5, 250):
+    try:
+        append_kv(k, v, new, new, torch.tensor([length], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+    except ValueError as e:
+        assert "slot 0" in str(e) and "committed" in str(e) and f"[{length - 5}, {length})" in str(e), e
+    else:
+        raise AssertionError(f"no error for length {length}")
+append_kv(k, v, new, 2 * new, torch.tensor([rows], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+assert torch.equal(k[s, rows - 5:rows], new) and torch.equal(v[s, rows - 5:rows], 2 * new)
+""", env={"TORCH_VKV_DEBUG": ""})
 
 
 @pytest.mark.cuda

@@ -346,3 +346,74 @@ assert torch.isfinite(y.sum()).item()
 """,
         timeout=300,
     )
+
+
+# ------------------------------------------------------- writes through a view
+# A write to an uncommitted row faults (SIGSEGV on the host backend, an illegal address on CUDA).
+# Writes through the view itself are checked first; each scenario runs in a child, so a missed
+# check fails the test instead of killing pytest.
+
+WRITES = {
+    "zero_": "k.zero_()",
+    "copy_": "k.copy_(torch.ones_like(k))",
+    "fill_": "k.fill_(1.0)",
+    "iadd": "k += 1",
+    "row past the committed ones": "k[slot, k.committed_rows()[slot]] = 1.0",
+    "row 0 of every slot": "k[:, 0] = 1.0",
+    "negative row": "k[slot, -1] = 1.0",
+    "slice of rows": "k[slot, 30:k.committed_rows()[slot] + 5] = 1.0",
+}
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("write", list(WRITES), ids=list(WRITES))
+def test_writes_to_uncommitted_rows_raise_and_change_nothing(write, layout):
+    """The checked writes raise ValueError naming the slot, the committed rows
+    and the end of the write; the committed rows keep their values."""
+    check_scenario(PRELUDE + f"""
+cache, slot, x = filled({layout!r})
+k = cache.key(0)
+try:
+    {WRITES[write]}
+except ValueError as e:
+    msg = str(e)
+else:
+    raise AssertionError("no error")
+assert "committed" in msg and "slot" in msg and "rows [" in msg, msg
+assert torch.equal(k[slot, :40], x)
+""", env=LAX)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_writes_within_committed_rows_still_work(layout):
+    check_scenario(PRELUDE + f"""
+cache, slot, x = filled({layout!r})
+k = cache.key(0)
+rows = k.committed_rows()[slot]
+assert rows >= 40
+k[slot, rows - 1] = 3.0
+k[slot, :rows] += 0  # a plain tensor view: unchecked, and within the rows
+k[slot, 2:4] = torch.zeros(2, 2, 8)
+assert float(k[slot, rows - 1].sum()) == 3.0 * 16 and float(k[slot, 2:4].abs().sum()) == 0
+cache.commit(slot, 256)
+for other in (1, 2):
+    cache.commit(cache.alloc(), 256)
+k.zero_()  # every row of every slot is committed now
+k.copy_(torch.ones_like(k))
+assert float(k.sum()) == k.numel()
+""", env=LAX)
+
+
+def test_writes_through_a_view_kept_after_close_raise():
+    check_scenario(PRELUDE + """
+cache, slot, x = filled()
+k = cache.key(0)
+cache.close()
+for write in (lambda: k.__setitem__((slot, 0), 2.0), k.zero_, lambda: k.fill_(1.0)):
+    try:
+        write()
+    except RuntimeError as e:
+        assert "closed" in str(e), e
+    else:
+        raise AssertionError("no error")
+""", env=LAX)

@@ -17,7 +17,17 @@ class ArgumentTypeError(TypeError, ValueError):
     ``ValueError``: callers that catch either for bad input catch it."""
 
 
+class Described(str):
+    """A ``got`` that describes the value (``"rows [0, 256)"``) rather than
+    being it: :func:`fail` shows it without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def fail(what: str, expected: str, got: Any, exc: type[Exception] = ValueError) -> NoReturn:
+    """Raises ``exc("what: expected X, got Y")``; ``got`` as its ``repr`` (a
+    :class:`Described` string as it is)."""
     raise exc(f"{what}: expected {expected}, got {got!r}")
 
 

@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 import torch
 import torch.utils.dlpack
 
-from torch_vkv._checks import ArgumentTypeError, fail
+from torch_vkv._checks import ArgumentTypeError, Described, fail
 from torch_vkv._ext import core
 from torch_vkv.pool import PagePool
 
@@ -294,6 +294,9 @@ class VirtualKVView(torch.nn.Parameter):
     def committed_rows(self) -> list[int]:
         """For each index of the first dimension (a slot), how many leading rows
         of the second lie entirely in committed pages. Reads only the page table."""
+        return self._committed_rows(range(self.shape[0]))
+
+    def _committed_rows(self, slots: Iterable[int]) -> list[int]:
         esz = self.element_size()
         sizes, strides = tuple(self.shape), tuple(self.stride())
         offset = self.data_ptr() - self.source.reservation.base
@@ -302,13 +305,54 @@ class VirtualKVView(torch.nn.Parameter):
         runs = [(f * ps, (f + n) * ps) for f, n in self.source.reservation.committed_ranges()]
         starts = [lo for lo, _ in runs]
         rows = []
-        for slot in range(sizes[0]):
+        for slot in slots:
             start = offset + slot * strides[0] * esz
             i = bisect.bisect_right(starts, start) - 1
             end = runs[i][1] if i >= 0 else 0
             fits = start + extent <= end
             rows.append(min(sizes[1], (end - start - extent) // (strides[1] * esz) + 1) if fits else 0)
         return rows
+
+    def _rows_committed(self, slot: int, start: int, end: int) -> bool:
+        """Whether rows ``[start, end)`` of ``slot`` lie in committed pages
+        (True when empty). Reads only the page table."""
+        if end <= start:
+            return True
+        esz = self.element_size()
+        sizes, strides = tuple(self.shape), tuple(self.stride())
+        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz
+        base = self.data_ptr() - self.source.reservation.base + slot * strides[0] * esz
+        lo, hi = base + start * strides[1] * esz, base + (end - 1) * strides[1] * esz + extent
+        ps = self.source.page_size
+        for first, count in self.source.reservation.committed_ranges():  # sorted, merged runs of pages
+            if first * ps <= lo and hi <= (first + count) * ps:
+                return True
+        return False
+
+    # -- writes ---------------------------------------------------------------
+    # A write to a row that is not committed faults (SIGSEGV on the host backend, an illegal
+    # address that ends the CUDA context): it would kill a server with every request in flight.
+    # Writes through the view itself are checked against the page table first (a few us); what
+    # an op returns is a plain tensor and unchecked (advanced indexing is not checked either).
+
+    def _check_write(self, index: Any = None) -> None:
+        state = self.source._unusable_state()
+        if state:
+            raise RuntimeError(f"cannot write through a view of a closed or inherited cache ({state}); "
+                               "take new views from an open KVCache")  # fmt: skip
+        slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1])
+        if slots is None or not rows:
+            return
+        lo, hi = min(rows), max(rows) + 1
+        for slot in slots:
+            if not self._rows_committed(slot, lo, hi):
+                fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
+                     f"{self._committed_rows([slot])[0]}; commit more first: KVCache.commit or step)",
+                     Described(f"rows [{lo}, {hi})"))  # fmt: skip
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._check_write(index)
+        torch.Tensor.__setitem__(self, index, value)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # reads committed rows only
         head = f"VirtualKVView(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
@@ -323,3 +367,45 @@ class VirtualKVView(torch.nn.Parameter):
         if len(filled) > self.REPR_SLOTS:
             lines.append(f"({len(filled) - self.REPR_SLOTS} more slots with committed rows)")
         return "\n".join(lines)
+
+
+def _slots_and_rows(index: Any, num_slots: int, num_rows: int) -> tuple[Optional[list[int]], range]:
+    """The slots and rows a basic index of a ``[slots, rows, ...]`` view
+    touches: ints and slices in the first two places (``None``: the whole
+    view). ``(None, ...)`` for an index it cannot read (tensors, lists,
+    Ellipsis, None), which is then not checked."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if index is None:
+        parts = ()
+    picked = []
+    for part, size in zip(parts[:2], (num_slots, num_rows)):
+        if isinstance(part, slice):
+            picked.append(range(*part.indices(size)))
+        elif isinstance(part, int) and not isinstance(part, bool):
+            i = part + size if part < 0 else part
+            picked.append(range(i, i + 1) if 0 <= i < size else range(0))  # out of range: torch raises
+        else:
+            return None, range(0)
+    picked += [range(num_slots), range(num_rows)][len(picked):]
+    return list(picked[0]), picked[1]
+
+
+def _checked_inplace(name: str) -> Callable[..., torch.Tensor]:
+    method = getattr(torch.Tensor, name)
+
+    def inplace(self: "VirtualKVView", *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_write()
+        return method(self, *args, **kwargs)
+
+    inplace.__name__ = inplace.__qualname__ = name
+    inplace.__doc__ = f"``torch.Tensor.{name}`` on the whole view, once every row it writes is committed."
+    return inplace
+
+
+# In-place ops on the whole view write every row of every slot. index_put_ / index_copy_ / scatter_
+# write chosen rows (append_kv's plain-torch path calls index_put_ on the view) and are not wrapped.
+_WHOLE_VIEW_WRITES = ("zero_", "fill_", "copy_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_",
+                      "add_", "sub_", "mul_", "div_", "clamp_", "__iadd__", "__isub__", "__imul__", "__itruediv__")
+for _name in _WHOLE_VIEW_WRITES:
+    setattr(VirtualKVView, _name, _checked_inplace(_name))
+del _name

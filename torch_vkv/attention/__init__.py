@@ -289,7 +289,8 @@ def append_kv(
     if torch.compiler.is_compiling() and isinstance(k_cache, (VirtualKVTensor, VirtualKVView)):
         check_backend()  # aot_eager would copy the whole reservation around the write: an error, not a fault
     check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
-    check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, k_new.shape[0], what="append_kv")
+    check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, k_new.shape[0], what="append_kv",
+                 v_cache=v_cache)  # fmt: skip
     cache_seqlens = cache_seqlens.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None
     slots = slots.contiguous() if slots is not None else None

@@ -42,14 +42,12 @@ def debug_enabled() -> bool:
     return os.environ.get("TORCH_VKV_DEBUG", "0") not in ("", "0")
 
 
-def _committed_rows(k_cache: torch.Tensor) -> Optional[list]:
-    """Rows committed per slot of ``k_cache``, for the debug check; None when unknown.
+def _uncommitted_rows(cache: torch.Tensor, slot: int, start: int, end: int) -> bool:
+    """Whether rows ``[start, end)`` of ``slot`` reach pages that are not committed:
+    known for a ``VirtualKVView`` (``KVCache.key``/``value``), else False."""
+    from ..tensor import VirtualKVView  # the tensor module never imports attention
 
-    Hook for the cache owner: ``attention``/``append_kv`` see only a tensor, and
-    the tensor module does not expose its commitment yet. While this returns
-    None, the debug check holds lengths to ``S_max`` (the rows of the view).
-    """
-    return None
+    return isinstance(cache, VirtualKVView) and not cache._rows_committed(slot, start, end)
 
 
 def cache_bounds(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> tuple:
@@ -180,10 +178,15 @@ def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, sl
 
 
 def check_values(
-    k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, total_q, *, max_seqlen_q=None, what="attention"
+    k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, total_q, *, max_seqlen_q=None, what="attention",
+    v_cache=None,
 ) -> None:
     """Raise ``ValueError`` naming the first bad request; a no-op for device metadata
-    unless :func:`debug_enabled`, and always while tracing or capturing a CUDA graph."""
+    unless :func:`debug_enabled`, and always while tracing or capturing a CUDA graph.
+
+    For ``append_kv`` into views of a ``KVCache`` (``v_cache`` given) it also
+    checks that the rows written are committed: a write to an uncommitted row
+    is a segfault on the host backend and an illegal address on CUDA."""
     if torch.compiler.is_compiling():
         return
     on_device = cache_seqlens.device.type != "cpu"
@@ -206,7 +209,6 @@ def check_values(
         cu = list(range(R + 1))
     slot_list = slots.tolist() if slots is not None else list(range(R))
     num_slots, max_len, num_blocks = cache_bounds(k_cache, block_table)
-    committed = _committed_rows(k_cache) if debug_enabled() else None
     for r in range(R):
         s, L, n = slot_list[r], lens[r], cu[r + 1] - cu[r]
         if not 0 <= s < num_slots:
@@ -216,9 +218,12 @@ def check_values(
                  f"at least its {n} new token(s) (the length counts them: append first, then attend)", L)  # fmt: skip
         if L > max_len:
             fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}", f"at most the {max_len} rows of a slot", L)
-        if committed is not None and L > committed[s]:
-            fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}",
-                 f"at most the slot's {committed[s]} committed rows", L)  # fmt: skip
+        if v_cache is not None and block_table is None and n:
+            for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if _uncommitted_rows(c, s, L - n, L):
+                    fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}",
+                         f"a length whose new rows [{L - n}, {L}) of {name} are committed (commit them first: "
+                         "KVCache.commit or step)", L)  # fmt: skip
     if block_table is not None and R:
         page = k_cache.shape[1]
         for r in range(R):

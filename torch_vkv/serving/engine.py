@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
@@ -199,7 +199,7 @@ class Engine:
             if not self.kv.fits_alone(1):
                 fail("memory_budget", f"room for one request beside the CUDA graphs' scratch slot "
                      f"(at least {self.kv.pinned_pages + self.kv.pages_for(1)} pages of {self.kv.page_bytes} bytes)",
-                     f"{memory_budget} bytes ({self.kv.total_pages} pages)")  # fmt: skip
+                     Described(f"{memory_budget} bytes ({self.kv.total_pages} pages)"))  # fmt: skip
             self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
             register()
             self._orig_attn = getattr(model.config, "_attn_implementation", None)
@@ -265,7 +265,8 @@ class Engine:
         if not prompt:
             fail("prompt_token_ids", "at least one token", prompt)
         if len(prompt) >= self.max_seq_len:
-            fail("prompt_token_ids", f"fewer than max_seq_len={self.max_seq_len} tokens", f"{len(prompt)} tokens")
+            fail("prompt_token_ids", f"fewer than max_seq_len={self.max_seq_len} tokens",
+                 Described(f"{len(prompt)} tokens"))  # fmt: skip
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             fail("prompt token id", f"an int in [0, {self.vocab_size})", bad)
@@ -287,7 +288,8 @@ class Engine:
         if not self.kv.fits_alone(longest):
             fail("prompt_token_ids + max_tokens",
                  f"a request that fits in the KV memory budget alone ({self.kv.usable_pages} pages of "
-                 f"{self.kv.page_bytes} bytes)", f"{longest} tokens needing {self.kv.pages_for(longest)} pages")  # fmt: skip
+                 f"{self.kv.page_bytes} bytes)",
+                 Described(f"{longest} tokens needing {self.kv.pages_for(longest)} pages"))  # fmt: skip
         return prompt, params, request_id
 
     def _enqueue(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
@@ -466,7 +468,7 @@ class Engine:
             params = [params] * len(prompts)
         elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)):
             if len(params) != len(prompts):
-                fail("params", f"one SamplingParams or a list of {len(prompts)}", f"a list of {len(params)}")
+                fail("params", f"one SamplingParams or a list of {len(prompts)}", Described(f"a list of {len(params)}"))
         else:
             fail("params", "a SamplingParams or a list of them", type(params), ArgumentTypeError)
         checked = [self._validate(prompt, p, None) for prompt, p in zip(prompts, params)]  # distinct ids
