@@ -411,3 +411,35 @@ def test_flex_refuses_kvcache_views_whose_blocks_reach_uncommitted_pages(layout,
         if refused:
             assert "margin_tokens >= 96" in problem and f"got margin_tokens={margin}" in problem
     assert uncommitted_block_reads(torch.zeros(2, 256, 2, 64)) is None  # not a KVCache view: not checked
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(scale=float("nan")), ValueError, "scale: expected None or a finite real number > 0"),
+        (dict(scale=float("inf")), ValueError, "scale"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(scale=0), ValueError, "scale"),
+        (dict(scale="x"), TypeError, "scale: expected None or a real number > 0, got 'x'"),
+        (dict(scale=True), TypeError, "scale"),
+        (dict(causal="no"), TypeError, "causal: expected a bool, got 'no'"),
+        (dict(causal=1), TypeError, "causal"),
+    ],
+)
+def test_bad_scale_and_causal_are_refused(kwargs, exc, match):
+    """Scalar arguments are checked like the tensors: a NaN scale would
+    silently give NaN rows, a string a bare float() error."""
+    _, _, k, v = cache()
+    with pytest.raises(exc, match=match):
+        attention(rand(2, H, D), k, v, i32([3, 6]), backend="sdpa", **kwargs)
+
+
+def test_good_scale_and_causal_forms_are_taken():
+    import numpy as np
+
+    _, _, k, v = cache()
+    q = rand(2, H, D)
+    ref = attention(q, k, v, i32([3, 6]), backend="sdpa", scale=0.25)
+    for scale in (0.25, torch.tensor(0.25).item(), np.float32(0.25)):
+        torch.testing.assert_close(attention(q, k, v, i32([3, 6]), backend="sdpa", scale=scale), ref)
+    attention(q, k, v, i32([3, 6]), backend="sdpa", causal=np.bool_(True))

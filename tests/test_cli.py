@@ -33,3 +33,25 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "torch_vkv", "info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "torch_vkv" in out.stdout
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("alloc", "kernels", "hf", "serve")) and "bench NAME --help" in out
+    assert main(["bench"]) == 2  # no name: the same help, as an error
+
+
+@pytest.mark.parametrize("command", [["demo"], ["bench", "serve", "--smoke"], ["bench", "alloc"], ["serve"]])
+@pytest.mark.parametrize("device", ["tpu", "cuda:99"])
+def test_a_device_this_machine_lacks_is_a_usage_error(command, device, capsys):
+    """--device is checked by argparse: exit status 2 and "expected ..., got ...", no traceback."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 99:
+        pytest.skip("this machine has a cuda:99")
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--device", device])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device" in err and "expected" in err and device in err

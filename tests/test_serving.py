@@ -540,9 +540,9 @@ def test_pinned_pages_are_not_a_request_budget(kv):
     m.close()
 
 
-def test_engine_refuses_a_budget_its_pinned_slot_would_fill():
+def test_engine_refuses_a_budget_its_pinned_slot_would_fill(monkeypatch):
     """The engine checks at construction that a request fits beside its
-    pinned pages (on CPU nothing is pinned, so one page is enough there)."""
+    pinned pages (on CPU nothing is pinned, so one block is enough there)."""
     model = model_of("llama")
     block_bytes = 16 * 2 * 2 * 2 * 16 * 4  # 16 tokens x K/V x 2 layers x 2 heads x head_dim 16 x fp32
     with engine_for(model, kv="paged", memory_budget=block_bytes) as e:
@@ -550,21 +550,15 @@ def test_engine_refuses_a_budget_its_pinned_slot_would_fill():
         assert len(e.generate([[1, 2, 3]], greedy(4), use_tqdm=False)[0].token_ids) == 4
     from torch_vkv.serving.kv import KVManager
 
-    alloc_pinned = KVManager.alloc_pinned
-    try:  # what CUDA graphs do on a GPU: a scratch slot pinned before the check
-        KVManager.alloc_pinned = lambda self, n: alloc_pinned(self, n)
-        orig_init = KVManager.__init__
+    init = KVManager.__init__
 
-        def init(self, *a, **k):
-            orig_init(self, *a, **k)
-            self.alloc_pinned(1)
+    def init_with_a_pinned_slot(self, *a, **k):  # what CUDA graphs do on a GPU, before the engine's check
+        init(self, *a, **k)
+        self.alloc_pinned(1)
 
-        KVManager.__init__ = init
-        with pytest.raises(ValueError, match="scratch slot"):
-            engine_for(model, kv="paged", memory_budget=block_bytes)
-    finally:
-        KVManager.alloc_pinned = alloc_pinned
-        KVManager.__init__ = orig_init
+    monkeypatch.setattr(KVManager, "__init__", init_with_a_pinned_slot)
+    with pytest.raises(ValueError, match="scratch slot"):
+        engine_for(model, kv="paged", memory_budget=block_bytes)
 
 
 @pytest.mark.parametrize("prompt_len, chunk_size", [(40, 64), (70, 128)], ids=["preempted-alone", "never-admitted"])
@@ -602,6 +596,8 @@ def test_a_request_that_can_never_be_scheduled_is_aborted_not_spun_on(prompt_len
         (dict(cuda_graphs="yes"), TypeError),
         (dict(dtype="float16"), TypeError),
         (dict(memory_budget=0), ValueError),
+        (dict(device="tpu"), ValueError),
+        (dict(device="cuda:99"), ValueError),  # no such device here (a CPU-only torch: no CUDA at all)
     ],
 )
 def test_engine_constructor_errors(kwargs, exc):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
 import numpy as np
+import torch
 
 #: Exact types of the integers that vectorised checks take as they are (bool,
 #: unsigned and arbitrary integer types go through :func:`check_int`).
@@ -93,3 +94,32 @@ def int_arg(low: int):
 #: ``argparse`` types for counts (>= 1) and sizes that may be 0.
 positive_int_arg = int_arg(1)
 non_negative_int_arg = int_arg(0)
+
+
+def check_device(device: Any) -> Optional[torch.device]:
+    """``None`` or a usable ``torch.device`` (CPU, or a CUDA device that exists here)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        fail("device", "None, a torch.device or a string such as 'cpu' or 'cuda:0'", device, ArgumentTypeError)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("device", "'cpu' (this torch has no usable CUDA device)", str(dev))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail("device index", f"< {torch.cuda.device_count()} (CUDA devices here)", dev.index)
+    elif dev.type != "cpu":
+        fail("device", "'cpu' or 'cuda[:N]'", str(dev))
+    return dev
+
+
+def device_arg(text: str) -> torch.device:
+    """``argparse`` type of the command line's ``--device``: :func:`check_device`,
+    its error shown as a usage error (exit status 2), not a traceback."""
+    import argparse
+
+    try:
+        return check_device(text)  # type: ignore[return-value]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -49,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (try serve --help)", add_help=False)
     # add_help=False: `bench NAME --help` reaches the benchmark's own parser.
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (try bench NAME --help)", add_help=False)
-    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("name", choices=BENCHMARKS, help="the benchmark; `bench NAME --help` shows its options")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] in ([], ["-h"], ["--help"]):  # its parser has no --help of its own
+        bench.print_help()
+        return 0 if argv[1:2] else 2
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:

@@ -21,6 +21,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from torch_vkv._checks import device_arg
+
 __all__ = ["main"]
 
 
@@ -35,7 +37,7 @@ def _fmt(nbytes: float) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="PATH", help="a local transformers checkpoint (default: random small Llama)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch", type=int, default=4, help="prompts in the batch (default 4)")
     p.add_argument("--prompt-len", type=int, default=48, help="longest prompt, tokens (default 48)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")

@@ -88,7 +88,6 @@ tensor shapes and on the host ints ``max_seqlen_q`` / ``num_splits``).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -102,7 +101,9 @@ from .common import dispatch_free, flat_rows
 from .flash_attn import flash_attn_attention
 from .flashinfer_backend import flashinfer_attention, layout_problem
 from .flex import flex_attend, flex_attention_op, uncommitted_block_reads
-from .inputs import BACKENDS, check_append, check_attention, check_values, check_window, debug_enabled
+from .inputs import (
+    BACKENDS, check_append, check_attention, check_scale_causal, check_values, check_window, debug_enabled,
+)
 from .sdpa import sdpa_attention
 from .selection import available_backends, select_backend, supports
 from .torch_fa2 import fa2_attention, fa2_supported
@@ -151,8 +152,8 @@ def attention(
         ``None``: decode, one query per request.
     slots : int32/int64, shape ``[num_requests]``: cache row (block-table row)
         of each request; default ``arange(num_requests)``.
-    causal : bottom-right aligned causal mask (queries at the last positions).
-    scale : softmax scale; default ``1 / sqrt(head_dim)``.
+    causal : bool: bottom-right aligned causal mask (queries at the last positions).
+    scale : softmax scale, a finite real > 0; default ``1 / sqrt(head_dim)``.
     backend : one of :data:`BACKENDS`; ``"auto"`` follows :func:`select_backend`.
     block_table : int32, shape ``[num_slots, max_blocks]``: run the paged twin.
     max_seqlen_q : host int, an upper bound on any request's query count
@@ -180,7 +181,7 @@ def attention(
     """
     check_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, backend)
     decode = cu_seqlens_q is None
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    scale = check_scale_causal(scale, causal, q.shape[2])
     T = q.shape[0]
     max_q = 1 if decode else max(1, min(T, int(max_seqlen_q) if max_seqlen_q is not None else T))
     check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, T, max_seqlen_q=max_q)

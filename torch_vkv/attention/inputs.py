@@ -27,9 +27,10 @@ import numbers
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 
-from .._checks import check_int, fail
+from .._checks import ArgumentTypeError, check_int, fail
 
 BACKENDS = ("auto", "torch_fa2", "flash_attn", "flashinfer", "triton", "flex", "sdpa")
 
@@ -139,6 +140,20 @@ def check_window(window_left, softcap) -> tuple:
     if not (math.isfinite(float(softcap)) and float(softcap) > 0):
         fail("softcap", "None or a finite real number > 0", softcap)
     return win, float(softcap)
+
+
+def check_scale_causal(scale, causal, head_dim: int) -> float:
+    """``scale`` as the ops take it (None: ``1 / sqrt(head_dim)``; else a finite
+    real > 0), after checking that ``causal`` is a bool."""
+    if not isinstance(causal, (bool, np.bool_)):
+        fail("causal", "a bool", causal, ArgumentTypeError)
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        fail("scale", "None or a real number > 0", scale, ArgumentTypeError)
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        fail("scale", "None or a finite real number > 0 (the softmax scale)", scale)
+    return float(scale)
 
 
 def window_from_module_kwargs(kwargs: dict) -> dict:

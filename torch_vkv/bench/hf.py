@@ -47,6 +47,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from torch_vkv._checks import device_arg
 from torch_vkv._checks import positive_int_arg
 from torch_vkv.bench.report import write_report
 from torch_vkv.bench.timing import sync
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (faster runs)")
     p.add_argument("--tiny", action="store_true", help="a tiny config instead of Llama-3-8B (CPU smoke test)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--out", "--out-dir", dest="out_dir", default=None, help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
     p.add_argument("--name", default="hf",
                    help="report name (default hf; hf_gemma3 with --workload gemma3, hf_beam with --beam)")

@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from torch_vkv._checks import device_arg
 from torch_vkv._checks import fail
 from torch_vkv.bench import serve_client
 
@@ -528,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="in process: the GPU preset of scripts/gpu_check.sh (about 2 minutes a workload on an H200)")
     p.add_argument("--request-rates", default=None, help="in process: long-online sweep rates, comma-separated")
-    p.add_argument("--device", default=None, help="in process: default cuda when present, else cpu")
+    p.add_argument("--device", default=None, type=device_arg, help="in process: default cuda when present, else cpu")
     return p
 
 

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.hf import batch_ops, commit_op
 from torch_vkv.hf.compat import model_shape, text_config
@@ -45,23 +45,6 @@ from transformers.cache_utils import Cache
 __all__ = ["VirtualKVCache"]
 
 ATTN_NAME = "vkv"
-
-
-def _check_device(device: Any) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        fail("device", "None, a torch.device or a string such as 'cpu' or 'cuda:0'", device, ArgumentTypeError)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            fail("device", "'cpu' (this torch has no usable CUDA device)", str(dev))
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            fail("device index", f"< {torch.cuda.device_count()} (CUDA devices here)", dev.index)
-    elif dev.type != "cpu":
-        fail("device", "'cpu' or 'cuda[:N]'", str(dev))
-    return dev
 
 
 class VirtualKVCache(Cache):
@@ -124,7 +107,7 @@ class VirtualKVCache(Cache):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             fail("dtype", "None or a floating-point torch.dtype", dtype, ArgumentTypeError)
         self._dtype = dtype
-        self._device = _check_device(device)
+        self._device = check_device(device)
         if memory_budget is not None:
             memory_budget = check_int("memory_budget", memory_budget, low=0)
         if not isinstance(layout, str) or layout not in LAYOUTS:

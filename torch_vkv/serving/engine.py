@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_device, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
@@ -148,7 +148,7 @@ class Engine:
             fail("dtype", "a floating-point torch.dtype or None", dtype, ArgumentTypeError)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = check_device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from torch_vkv._checks import device_arg
 from torch_vkv._checks import non_negative_int_arg as _non_negative
 from torch_vkv._checks import positive_int_arg as _positive
 from torch_vkv.serving.llm import LLM
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk-size", type=_positive, default=512, help="token budget of one iteration")
     e.add_argument("--attention-backend", choices=tuple(dict.fromkeys(("auto", *BACKENDS))), default="auto")
     e.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs for decodes")
-    e.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    e.add_argument("--device", default=None, type=device_arg, help="default: cuda when present, else cpu")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
