@@ -31,6 +31,7 @@ BAD_ARGS = [
     (dict(memory_budget="1GB"), TypeError, "memory_budget"),
     (dict(page_size=0), ValueError, "page_size"),
     (dict(page_size=4096.0), TypeError, "page_size"),
+    (dict(page_size=123), ValueError, "page_size"),  # not a multiple of the OS page: caught here, not at generate()
     (dict(margin_tokens=-2), ValueError, "margin_tokens"),
     (dict(device="tpu"), ValueError, "device"),
     (dict(device="not a device"), TypeError, "device"),
@@ -121,11 +122,15 @@ def test_close_then_use_raises_runtime_error():
                 assert "closed" in str(e), e
             else:
                 raise AssertionError(what + " after close() did not raise")
-        for call in (cache.memory_stats, cache.reset, lambda: generate(model, ids, mask, cache)):
+        calls = (cache.memory_stats, cache.reset, lambda: generate(model, ids, mask, cache), cache.get_seq_length,
+                 lambda: cache.crop(-1), lambda: cache.get_mask_sizes(1), cache.get_query_offset,
+                 lambda: cache.reorder_cache(torch.tensor([1, 0])), lambda: cache.batch_repeat_interleave(2),
+                 lambda: cache.batch_select_indices(torch.tensor([0])), cache.get_max_length)
+        for call in calls:
             try:
                 call()
             except RuntimeError as e:
-                assert "closed" in str(e), e
+                assert "VirtualKVCache is closed" in str(e), e
             else:
                 raise AssertionError("no RuntimeError after close()")
         print("OK")

@@ -14,6 +14,7 @@ and one inherited through ``fork()`` is unusable in the child (see
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
@@ -68,6 +69,14 @@ def resolve_device(device: Any) -> torch.device:
     return device
 
 
+def check_host_page_size(page_size: Any) -> int:
+    """A host backend page size: a positive multiple of the OS page size (``mmap`` maps whole pages)."""
+    page_size = check_int("page_size", page_size, low=1)
+    if page_size % mmap.PAGESIZE:
+        fail("host page_size", f"a positive multiple of the OS page size ({mmap.PAGESIZE} bytes)", page_size)
+    return page_size
+
+
 class PagePool(Unique):
     """A budget of physical pages on one device.
 
@@ -113,7 +122,7 @@ class PagePool(Unique):
             torch.cuda.init()  # the primary context PyTorch uses must exist first
             self._backend = C.cuda_backend(self.device.index)
         else:
-            page_size = DEFAULT_HOST_PAGE_SIZE if page_size is None else check_int("page_size", page_size, low=1)
+            page_size = DEFAULT_HOST_PAGE_SIZE if page_size is None else check_host_page_size(page_size)
             self._backend = C.host_backend(page_size)
         self.page_size: int = self._backend.page_size
         self._backend_name: str = self._backend.name  # plain values: readable in a forked child

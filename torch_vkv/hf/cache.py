@@ -35,6 +35,7 @@ import torch
 
 from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail
 from torch_vkv.cache import LAYOUTS, KVCache
+from torch_vkv.pool import check_host_page_size
 from torch_vkv.hf import batch_ops, commit_op
 from torch_vkv.hf.compat import model_shape, text_config
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
@@ -113,7 +114,7 @@ class VirtualKVCache(Cache):
         if not isinstance(layout, str) or layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
         if page_size is not None:
-            page_size = check_int("page_size", page_size, low=1)
+            page_size = check_host_page_size(page_size)
             if self._device is not None and self._device.type == "cuda":
                 fail("page_size", "None on CUDA (the driver's 2 MiB granularity is used)", page_size)
         margin_tokens = check_int("margin_tokens", margin_tokens, low=0)
@@ -268,6 +269,7 @@ class VirtualKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends ``key_states``/``value_states`` ``[B, num_kv_heads, S_new, head_dim]`` to layer ``layer_idx``."""
+        self._check_open()
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < self._num_layers:
             fail("layer_idx", f"an int in [0, {self._num_layers}) (the cache was built for a config with "
                  f"{self._num_layers} layers)", layer_idx)  # fmt: skip
@@ -404,6 +406,7 @@ class VirtualKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> Any:
         """Tokens seen per row (left padding included), like ``DynamicCache``: an
         int, or a 0-d device tensor while compiling (no recompile as it grows)."""
+        self._check_open()
         if self._mode is None or self._lengths is None:
             return 0
         if torch.compiler.is_compiling() and self._mode == "vkv":
@@ -414,6 +417,7 @@ class VirtualKVCache(Cache):
         """``(kv_length, kv_offset)`` for mask building. In vkv mode this is also
         the pre-step hook: outside a compiled region it commits the pages the
         next ``query_length`` tokens need (see :meth:`prepare_step`)."""
+        self._check_open()
         if self._mode == "vkv":
             if torch.compiler.is_compiling():
                 return self._max_cache_len, 0  # constant: no recompiles; the vkv mask ignores it
@@ -425,6 +429,7 @@ class VirtualKVCache(Cache):
         """Position of the first new query. With ``"vkv"``, a 0-d device tensor
         (as ``StaticCache`` does) or, before the first step, an int; both tell
         :func:`~torch_vkv.hf.vkv_mask` which cache it serves."""
+        self._check_open()
         if self._planned_mode() != "vkv" or (self._mode is None and torch.compiler.is_compiling()):
             return self.get_seq_length()
         if self._mode == "vkv":
@@ -432,9 +437,11 @@ class VirtualKVCache(Cache):
         return _QueryOffset(self.get_seq_length(), self._ref)
 
     def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        self._check_open()
         return self._max_cache_len
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.16 name
+        self._check_open()
         return self._max_cache_len
 
     def reset(self) -> None:
@@ -453,6 +460,7 @@ class VirtualKVCache(Cache):
         with ``n > 0`` keeps the first ``n`` (the older transformers meaning),
         ``crop(0)`` does nothing (as ``DynamicCache``). Pages past the new
         lengths are decommitted."""
+        self._check_open()
         max_length = check_int("max_length", max_length)
         if max_length == 0 or self._mode is None:
             return
@@ -468,18 +476,21 @@ class VirtualKVCache(Cache):
         """Row ``i`` becomes old row ``beam_idx[i]`` (beam search): full pages are
         remapped, at most the partly filled last page of each changed row is
         copied (:mod:`torch_vkv.hf.batch_ops`)."""
+        self._check_open()
         if self._mode is not None:
             self._gather([int(i) for i in torch.as_tensor(beam_idx).tolist()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row repeated ``repeats`` times in place (row i -> rows i*r .. i*r+r-1);
         the repeats share the row's full pages."""
+        self._check_open()
         repeats = check_int("repeats", repeats, low=1)
         if self._mode is not None:
             self._gather([i for i in range(self._lengths.batch) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keeps only the rows ``indices`` (in that order); rows dropped give their pages back."""
+        self._check_open()
         if self._mode is None:
             return
         idx = torch.as_tensor(indices)
