@@ -797,3 +797,20 @@ def test_import_is_lean():
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kv", list(KV_CONFIGS))
+def test_default_budget_is_a_static_caches_size_and_reported(kv):
+    """memory_budget=None is a static cache's size in whole pages (blocks) per
+    slot, on the CPU too, and stats() reports it (it said None there)."""
+    from torch_vkv.serving.kv import static_budget
+
+    model = model_of("llama")
+    with engine_for(model, kv, max_batch_size=3, max_seq_len=100) as e:
+        cfg = KV_CONFIGS[kv]
+        want = static_budget(cfg["kv"], layout=cfg.get("layout", "per_layer"), num_slots=3, max_seq_len=100,
+                             num_layers=2, num_kv_heads=2, head_dim=16, itemsize=4, page_size=cfg.get("page_size", PAGE),
+                             block_size=cfg.get("block_size", 16))  # fmt: skip
+        assert e.stats()["memory_budget"] == e.memory_budget == want > 0
+        outs = e.generate([[1, 2, 3]] * 3, greedy(90), use_tqdm=False)  # every slot full at once fits
+        assert all(len(o.token_ids) == 90 for o in outs) and e.stats()["num_preemptions"] == 0

@@ -336,9 +336,11 @@ class VirtualKVView(torch.nn.Parameter):
     # an op returns is a plain tensor and unchecked (advanced indexing is not checked either).
 
     def _check_write(self, index: Any = None) -> None:
-        state = self.source._unusable_state()
-        if state:
-            raise RuntimeError(f"cannot write through a view of a closed or inherited cache ({state}); "
+        reservation = self.source.reservation
+        if reservation.forked:
+            return  # a forked child writes its private copy of what was mapped (docs/design.md, "fork")
+        if reservation.closed:
+            raise RuntimeError("cannot write through a view of a closed cache (its memory is released); "
                                "take new views from an open KVCache")  # fmt: skip
         slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1])
         if slots is None or not rows:

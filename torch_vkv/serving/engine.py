@@ -25,6 +25,7 @@ import torch
 
 from torch_vkv._checks import ArgumentTypeError, Described, check_device, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
+from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
@@ -173,12 +174,16 @@ class Engine:
 
         graphs = cuda_graphs and self.device.type == "cuda"
         num_slots = self.max_batch_size + (1 if graphs else 0)  # + a scratch slot for graph padding rows
-        if memory_budget is None and self.device.type == "cuda":
+        if memory_budget is None:
             itemsize = torch.empty((), dtype=self.dtype).element_size()
+            host_page = page_size or DEFAULT_HOST_PAGE_SIZE
             static = static_budget(kv, layout=layout, num_slots=num_slots, max_seq_len=self.max_seq_len,
                                    num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                   itemsize=itemsize, block_size=self.block_size)  # fmt: skip
-            memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
+                                   itemsize=itemsize, block_size=self.block_size,
+                                   page_size=host_page if self.device.type == "cpu" else 2 << 20)  # fmt: skip
+            memory_budget = static
+            if self.device.type == "cuda":
+                memory_budget = min(static, int(0.9 * torch.cuda.mem_get_info(self.device)[0]))
         self.kv = KVManager(
             kv, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_slots=num_slots,
             max_seq_len=self.max_seq_len, dtype=self.dtype, device=self.device, memory_budget=memory_budget,
