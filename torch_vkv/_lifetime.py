@@ -71,8 +71,9 @@ class Unique:
 
     def _refuse_copy(self, how: str) -> NoReturn:
         name = type(self).__name__
+        article = "an" if name[:1] in "AEIOU" else "a"
         raise TypeError(
-            f"{how}: expected an object that can be copied, got a {name}, which owns virtual memory and "
+            f"{how}: expected an object that can be copied, got {article} {name}, which owns virtual memory and "
             f"its pages and cannot be copied or pickled; {self._copy_hint}"
         )
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from torch_vkv._lifetime import Unique
 from torch_vkv._checks import ArgumentTypeError, Described, check_device, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE
@@ -65,7 +66,7 @@ def _eos_ids(model: Any) -> tuple[int, ...]:
     return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
 
 
-class Engine:
+class Engine(Unique):
     """A serving engine over a Hugging Face causal LM.
 
     Args:
@@ -572,6 +573,19 @@ class Engine:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    _copy_hint = "an Engine holds a model, its KV cache and requests in flight: build another"
+
+    def __repr__(self) -> str:  # reads counters only
+        head = f"Engine(kv={self.__dict__.get('kv_kind')!r}"
+        if self.__dict__.get("kv_kind") == "virtual":
+            head += f", layout={self.layout!r}"
+        get = self.__dict__.get
+        head += f", max_batch_size={get('max_batch_size')}, max_seq_len={get('max_seq_len')}"
+        if self._closed:
+            return f"{head}, closed)"
+        s = self.scheduler
+        return f"{head}, running={len(s.running)}, waiting={len(s.waiting)}, device={str(self.device)!r})"
 
     def __enter__(self) -> "Engine":
         return self
