@@ -443,3 +443,13 @@ def test_good_scale_and_causal_forms_are_taken():
     for scale in (0.25, torch.tensor(0.25).item(), np.float32(0.25)):
         torch.testing.assert_close(attention(q, k, v, i32([3, 6]), backend="sdpa", scale=scale), ref)
     attention(q, k, v, i32([3, 6]), backend="sdpa", causal=np.bool_(True))
+
+
+def test_a_transposed_k_cache_is_named_as_such():
+    """The error names the argument that is wrong: a transposed k_cache is
+    reported as k_cache's head_dim (it used to be "v_cache.shape")."""
+    _, _, k, v = cache()
+    with pytest.raises(ValueError, match="k_cache head_dim: expected q's head_dim"):
+        attention(rand(2, H, D), k.transpose(-1, -2), v, i32([3, 6]), backend="sdpa")
+    with pytest.raises(ValueError, match="v_cache.shape"):
+        attention(rand(2, H, D), k, v.transpose(-1, -2), i32([3, 6]), backend="sdpa")

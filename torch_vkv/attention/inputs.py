@@ -74,12 +74,14 @@ def _check_common(k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_ta
     if k_cache.dim() != 4:
         fail("k_cache", "4-D [B, S_max, num_kv_heads, head_dim]" if block_table is None
              else "4-D [num_blocks, page_size, num_kv_heads, head_dim]", tuple(k_cache.shape))  # fmt: skip
+    if k_cache.stride(-1) != 1:  # first: a transposed k_cache would otherwise be reported as v_cache's shape
+        fail("k_cache.stride(-1)", "1 (contiguous head_dim, shape [..., num_kv_heads, head_dim])", k_cache.stride(-1))
     if v_cache.shape != k_cache.shape:
         fail("v_cache.shape", f"k_cache.shape {tuple(k_cache.shape)}", tuple(v_cache.shape))
     if k_cache.dtype != v_cache.dtype:
         fail("v_cache.dtype", f"k_cache.dtype {k_cache.dtype}", v_cache.dtype, TypeError)
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        fail("k_cache/v_cache stride(-1)", "1 (contiguous head_dim)", (k_cache.stride(-1), v_cache.stride(-1)))
+    if v_cache.stride(-1) != 1:
+        fail("v_cache.stride(-1)", "1 (contiguous head_dim, shape [..., num_kv_heads, head_dim])", v_cache.stride(-1))
     if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
         fail("cache_seqlens", "a 1-D int32 tensor [num_requests]", f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     R = cache_seqlens.shape[0]
@@ -109,6 +111,9 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
     _check_tensor("q", q)
     if q.dim() != 3:
         fail("q", "3-D [total_q, num_heads, head_dim]", tuple(q.shape))
+    _check_tensor("k_cache", k_cache)
+    if k_cache.dim() == 4 and k_cache.shape[3] != q.shape[2]:  # before k/v agreement: names the culprit
+        fail("k_cache head_dim", f"q's head_dim {q.shape[2]}", k_cache.shape[3])
     _check_common(k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, q.device, "q")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         fail("q.dtype", "float16, bfloat16 or float32", q.dtype, TypeError)
