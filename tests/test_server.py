@@ -334,6 +334,9 @@ def test_malformed_json_and_unknown_route(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "error" in r.json()
+        err = r.json()["error"]
+        assert err["param"] is None and err["code"] == "invalid_json", err
+        assert err["message"].startswith("body: expected a JSON object, got invalid JSON"), err
         r = c.get("/v1/nothing")
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         r = c.get("/v1/completions")

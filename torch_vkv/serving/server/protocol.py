@@ -94,6 +94,12 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*[\[\]-].*)$")
 def validation_error_body(errors: list) -> dict:
     """The 400 body for pydantic's ``errors()``: the first error, its field path as ``param``."""
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is ("body", character offset), not a field
+        where = first.get("loc", ("body", None))[-1]
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        at = f" at character {where}" if isinstance(where, int) else ""
+        return error_body(f"body: expected a JSON object, got invalid JSON ({reason}{at})", "invalid_request_error",
+                          None, "invalid_json")  # fmt: skip
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     param = ".".join(loc) or None
     msg = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
