@@ -267,8 +267,14 @@ class VirtualKVView(torch.nn.Parameter):
     as a parameter of the module; keep cache views in plain attributes of
     non-module objects, or store ``view.as_subclass(torch.Tensor)``.
 
-    Reading rows past the committed ones reads zeros on the host backend and
-    faults on CUDA: there it is the caller's responsibility.
+    Writes through the view itself (``view[slot, rows] = x`` with int/slice
+    indexes, and whole-view in-place ops such as ``zero_``, ``fill_``,
+    ``copy_``, ``+=``) are checked against the page table first and raise
+    ``ValueError`` for rows that are not committed (``RuntimeError`` after the
+    cache was closed): such a write would fault. Writes through tensors an op
+    returned are not checked. Reading rows past the committed ones reads zeros
+    on the host backend and faults on CUDA: there it is the caller's
+    responsibility.
     """
 
     source: VirtualKVTensor
