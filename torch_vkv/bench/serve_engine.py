@@ -118,14 +118,24 @@ def _result(spec: RequestSpec, out: Any, arrival: float, t0: float) -> RequestRe
     return res
 
 
-def _memory_sample(engine: Any, t_s: float) -> dict[str, float]:
-    """One iteration's memory and queue sizes, read without waiting for the
-    engine's background page commits: ``engine.stats()`` waits for them (its
-    counts are exact), and calling it every iteration would serialise the
-    commits that ``step_async`` overlaps with the next step, and add that
-    wait to every request's latency (the makespan), for virtual only."""
+#: Seconds between two reads of the pool's committed-memory counter in the timed loop.
+MEMORY_SAMPLE_S = 0.02
+
+
+def _memory_sample(engine: Any, t_s: float, last: Optional[dict[str, float]]) -> dict[str, float]:
+    """One iteration's memory and queue sizes. ``engine.stats()`` is not used:
+    its exact memory counts wait for the engine's background page commits,
+    and calling it every iteration would serialise the commits that
+    ``step_async`` overlaps with the next step and add that wait to every
+    request's latency (the makespan), for virtual only. The committed bytes
+    come from the pool's counter (``KVManager.mapped_bytes``), read at most
+    every :data:`MEMORY_SAMPLE_S` (its lock is held while a commit maps
+    pages); between reads an iteration repeats the last value. Queue sizes
+    and ``used_bytes`` are read every iteration."""
     sched = engine.scheduler
-    return {"t_s": t_s, "committed_bytes": engine.kv.mapped_bytes(),
+    fresh = last is None or t_s - last["read_t_s"] >= MEMORY_SAMPLE_S
+    return {"t_s": t_s, "committed_bytes": engine.kv.mapped_bytes() if fresh else last["committed_bytes"],
+            "read_t_s": t_s if fresh else last["read_t_s"],
             "used_bytes": sum(r.num_computed_tokens for r in sched.running) * engine.kv.bytes_per_token,
             "num_running": len(sched.running), "num_waiting": len(sched.waiting)}  # fmt: skip
 
@@ -248,7 +258,7 @@ def run_engine(
             if pending:
                 iterations.append(IterationRecord(t_s=te - t0, wall_s=te - ts, host_s=engine.host_seconds - host0,
                                                   **pending))  # fmt: skip
-            memory.append(_memory_sample(engine, te - t0))
+            memory.append(_memory_sample(engine, te - t0, memory[-1] if memory else None))
             for out in outputs:
                 i = by_id.get(out.request_id)
                 if i is not None and out.finished:
