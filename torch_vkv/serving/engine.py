@@ -332,16 +332,11 @@ class Engine(Unique):
         return True
 
     def _abort_unschedulable(self, scheduled: bool) -> bool:
-        """Aborts, with a RuntimeWarning, the requests that could never run, so
-        that ``generate()`` and the server loop never spin on them while the
-        requests behind them go on; returns whether it aborted any.
-
-        :meth:`_validate` refuses a request that does not fit in the budget
-        alone, so this guards against a wrong page estimate. Two cases: a
-        request preempted while it ran alone (it had every usable page and
-        could not grow: recomputing it would end the same way), and a head of
-        the queue that is not admitted while nothing runs, on the second such
-        step in a row (the first may wait on pages whose decommit is fenced)."""
+        """Aborts (RuntimeWarning) the requests that could never run, so no loop
+        spins on them; returns whether it aborted any. A guard behind
+        :meth:`_validate`'s budget check, for a wrong page estimate: a request
+        preempted while it ran alone, or a head of the queue not admitted
+        while nothing runs in two steps in a row (one may wait on a fence)."""
         stuck = self.scheduler.take_unschedulable()
         if not scheduled and self.scheduler.waiting and not self.scheduler.running:
             self._stalled_steps += 1
