@@ -229,3 +229,26 @@ def test_attention_over_a_windowed_cache_equals_full_history_reference(backend):
     want = attention_reference(q, full_k, full_v, seq, window_left=W - 1, softcap=5.0)
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=2e-4)
     cache.close()
+
+
+def test_repr_of_a_windowed_layer_shows_the_rows_it_still_holds():
+    """committed_rows() counts leading rows (0 once a window gave the first
+    pages back); the view's repr says which rows the slot still holds and
+    prints them, reading committed memory only."""
+    c = KVCache(2, 2, 16, max_batch_size=3, max_seq_len=256, dtype=torch.float32, device="cpu", page_size=4096,
+                sliding_window=[40, None])  # fmt: skip
+    s = c.alloc()
+    lens = np.zeros(3, dtype=np.int64)
+    for n in range(1, 160):
+        lens[s] = n
+        c.step(lens)
+    x = torch.randn(40, 2, 16)
+    c.key(0)[s, 119:159] = x  # the window's rows: committed
+    assert c.key(0).committed_rows() == [0, 0, 0]
+    text = repr(c.key(0))
+    lo, hi = c.key(0)._committed_span(s)
+    assert 0 < lo <= 119 and hi >= 159
+    assert f"slot {s} holds rows [{lo}, {hi}) (earlier rows given back)" in text
+    assert f"slot {s}, rows [{lo}, {hi}):" in text
+    assert "committed_rows=[160, 0, 0]" in repr(c.key(1))  # the global layer keeps every row
+    c.close()

@@ -368,13 +368,35 @@ class VirtualKVView(torch.nn.Parameter):
         if state:
             return f"{head}, {state})"
         rows = self.committed_rows()
-        lines = [f"{head}, committed_rows={rows})"]
-        filled = [(slot, n) for slot, n in enumerate(rows) if n]
-        for slot, n in filled[: self.REPR_SLOTS]:
-            lines.append(f"slot {slot}, rows [0, {n}):\n{self[slot, :n]!r}")
+        spans = {slot: self._committed_span(slot) for slot, n in enumerate(rows) if not n}
+        behind = {slot: span for slot, span in spans.items() if span[1] > span[0]}  # a window gave rows back
+        extra = ", sliding window: " + ", ".join(
+            f"slot {slot} holds rows [{lo}, {hi}) (earlier rows given back)" for slot, (lo, hi) in behind.items()
+        ) if behind else ""  # fmt: skip
+        lines = [f"{head}, committed_rows={rows}{extra})"]
+        filled = sorted([(slot, 0, n) for slot, n in enumerate(rows) if n]
+                        + [(slot, lo, hi) for slot, (lo, hi) in behind.items()])  # fmt: skip
+        for slot, lo, hi in filled[: self.REPR_SLOTS]:
+            lines.append(f"slot {slot}, rows [{lo}, {hi}):\n{self[slot, lo:hi]!r}")
         if len(filled) > self.REPR_SLOTS:
             lines.append(f"({len(filled) - self.REPR_SLOTS} more slots with committed rows)")
         return "\n".join(lines)
+
+    def _committed_span(self, slot: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` of ``slot`` in its first run of committed pages
+        (``(0, 0)``: none): where a sliding window gave the first rows back."""
+        esz = self.element_size()
+        sizes, strides = tuple(self.shape), tuple(self.stride())
+        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz
+        base = self.data_ptr() - self.source.reservation.base + slot * strides[0] * esz
+        row = strides[1] * esz
+        ps = self.source.page_size
+        for first, count in self.source.reservation.committed_ranges():
+            lo = max(0, -(-(first * ps - base) // row))
+            hi = min(sizes[1], ((first + count) * ps - extent - base) // row + 1)
+            if hi > lo:
+                return lo, hi
+        return 0, 0
 
 
 def _slots_and_rows(index: Any, num_slots: int, num_rows: int) -> tuple[Optional[list[int]], range]:
