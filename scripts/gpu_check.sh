@@ -23,7 +23,8 @@ cd "$(dirname "$0")/.."
 FINAL=${OUT:-gpu_out}
 OUT=$(mktemp -d)
 mkdir -p "$FINAL"
-export PYTHONUNBUFFERED=1 TORCH_VKV_BENCH_DIR="$OUT" TORCH_VKV_FAILURE_LOG="$FINAL/failures.log"
+export PYTHONUNBUFFERED=1 TORCH_VKV_BENCH_DIR="$OUT" TORCH_VKV_FAILURE_LOG="$FINAL/failures.log" \
+  TORCH_VKV_DURATIONS_LOG="$FINAL/durations.log"  # each test's seconds as it ends (sort -rn it)
 QUICK=--quick
 [ "${BENCH:-quick}" = full ] && QUICK=
 status=0

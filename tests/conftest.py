@@ -34,11 +34,17 @@ def no_interpreted_triton(monkeypatch):
 
 def pytest_runtest_logreport(report):
     """``TORCH_VKV_FAILURE_LOG=FILE``: append each failure's traceback as it happens, so a run that
-    is cut short (a GPU machine's time limit) still tells why tests failed."""
+    is cut short (a GPU machine's time limit) still tells why tests failed. ``TORCH_VKV_DURATIONS_LOG=FILE``:
+    append each test's seconds as it ends (``--durations`` prints only at the end of a run that was not cut),
+    to plan how to split the GPU suite."""
     path = os.environ.get("TORCH_VKV_FAILURE_LOG")
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"\n===== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+    durations = os.environ.get("TORCH_VKV_DURATIONS_LOG")
+    if durations and report.when == "call":
+        with open(durations, "a") as f:
+            f.write(f"{report.duration:9.2f} {report.outcome:8} {report.nodeid}\n")
 
 
 def pytest_collection_modifyitems(config, items):
