@@ -453,3 +453,36 @@ def test_a_transposed_k_cache_is_named_as_such():
         attention(rand(2, H, D), k.transpose(-1, -2), v, i32([3, 6]), backend="sdpa")
     with pytest.raises(ValueError, match="v_cache.shape"):
         attention(rand(2, H, D), k, v.transpose(-1, -2), i32([3, 6]), backend="sdpa")
+
+
+def test_append_into_a_closed_or_forked_caches_views():
+    """A closed cache's views: RuntimeError naming the closed cache (not advice to
+    commit). A forked child's views: appends work as before (its private copy)."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+import os, torch
+from torch_vkv import KVCache, append_kv
+c = KVCache(1, 2, 16, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu", page_size=4096)
+s = c.alloc()
+c.commit(s, 20)
+k, v = c.key(0), c.value(0)
+new = torch.randn(1, 2, 16)
+lens, slots = torch.tensor([5], dtype=torch.int32), torch.tensor([s], dtype=torch.int32)
+pid = os.fork()
+if pid == 0:
+    try:
+        append_kv(k, v, new, new, lens, slots=slots)
+        os._exit(0 if torch.equal(k[s, 4], new[0]) else 3)
+    except BaseException:
+        os._exit(4)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+c.close()
+try:
+    append_kv(k, v, new, new, lens, slots=slots)
+except RuntimeError as e:
+    assert "closed" in str(e), e
+else:
+    raise AssertionError("no error after close()")
+""", env={"TORCH_VKV_DEBUG": ""})

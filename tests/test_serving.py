@@ -557,7 +557,7 @@ def test_engine_refuses_a_budget_its_pinned_slot_would_fill(monkeypatch):
         self.alloc_pinned(1)
 
     monkeypatch.setattr(KVManager, "__init__", init_with_a_pinned_slot)
-    with pytest.raises(ValueError, match="scratch slot"):
+    with pytest.raises(ValueError, match="memory_budget: expected room for one request"):
         engine_for(model, kv="paged", memory_budget=block_bytes)
 
 

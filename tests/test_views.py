@@ -362,6 +362,11 @@ WRITES = {
     "row 0 of every slot": "k[:, 0] = 1.0",
     "negative row": "k[slot, -1] = 1.0",
     "slice of rows": "k[slot, 30:k.committed_rows()[slot] + 5] = 1.0",
+    "numpy ints": "k[np.int64(slot), np.int64(k.committed_rows()[slot])] = 1.0",
+    "0-d tensor row": "k[slot, torch.tensor(k.committed_rows()[slot])] = 1.0",
+    "bool index": "k[True] = 1.0",
+    "list of slots": "k[[slot, 1], 0] = 1.0",
+    "tensor of rows": "k[slot, torch.tensor([2, k.committed_rows()[slot]])] = 1.0",
 }
 
 
@@ -371,6 +376,7 @@ def test_writes_to_uncommitted_rows_raise_and_change_nothing(write, layout):
     """The checked writes raise ValueError naming the slot, the committed rows
     and the end of the write; the committed rows keep their values."""
     check_scenario(PRELUDE + f"""
+import numpy as np
 cache, slot, x = filled({layout!r})
 k = cache.key(0)
 try:
@@ -417,3 +423,17 @@ for write in (lambda: k.__setitem__((slot, 0), 2.0), k.zero_, lambda: k.fill_(1.
     else:
         raise AssertionError("no error")
 """, env=LAX)
+
+
+def test_checked_writes_trace_under_torch_compile():
+    """In-place ops on a view compile (fullgraph): the check runs eagerly only."""
+    cache = KVCache(2, 2, 8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu", page_size=4096)
+    for _ in range(2):
+        cache.commit(cache.alloc(), 64)
+    k = cache.key(0)
+    fn = torch.compile(lambda view, x: (view.add_(1.0), x + 1), fullgraph=True, backend="eager")
+    fn(k, torch.ones(2))
+    assert float(k[0, 0, 0, 0]) == 1.0
+    k[False] = 5.0  # writes nothing
+    assert float(k[0, 0, 0, 0]) == 1.0
+    cache.close()

@@ -68,13 +68,14 @@ class Unique:
     """Refuses ``copy.copy``, ``copy.deepcopy`` and pickling with a ``TypeError``."""
 
     _copy_hint = "share the object itself instead"
+    _owns = "owns virtual memory and its pages"
 
     def _refuse_copy(self, how: str) -> NoReturn:
         name = type(self).__name__
         article = "an" if name[:1] in "AEIOU" else "a"
         raise TypeError(
-            f"{how}: expected an object that can be copied, got {article} {name}, which owns virtual memory and "
-            f"its pages and cannot be copied or pickled; {self._copy_hint}"
+            f"{how}: expected an object that can be copied, got {article} {name}, which {self._owns} and "
+            f"cannot be copied or pickled; {self._copy_hint}"
         )
 
     def __copy__(self) -> NoReturn:

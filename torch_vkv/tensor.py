@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.utils.dlpack
 
@@ -319,9 +321,10 @@ class VirtualKVView(torch.nn.Parameter):
             rows.append(min(sizes[1], (end - start - extent) // (strides[1] * esz) + 1) if fits else 0)
         return rows
 
-    def _rows_committed(self, slot: int, start: int, end: int) -> bool:
+    def _rows_committed(self, slot: int, start: int, end: int, runs: Optional[list] = None) -> bool:
         """Whether rows ``[start, end)`` of ``slot`` lie in committed pages
-        (True when empty). Reads only the page table."""
+        (True when empty). Reads only the page table; ``runs``: its
+        ``committed_ranges()`` when the caller already has them."""
         if end <= start:
             return True
         esz = self.element_size()
@@ -330,7 +333,7 @@ class VirtualKVView(torch.nn.Parameter):
         base = self.data_ptr() - self.source.reservation.base + slot * strides[0] * esz
         lo, hi = base + start * strides[1] * esz, base + (end - 1) * strides[1] * esz + extent
         ps = self.source.page_size
-        for first, count in self.source.reservation.committed_ranges():  # sorted, merged runs of pages
+        for first, count in runs if runs is not None else self.source.reservation.committed_ranges():  # merged
             if first * ps <= lo and hi <= (first + count) * ps:
                 return True
         return False
@@ -342,6 +345,8 @@ class VirtualKVView(torch.nn.Parameter):
     # an op returns is a plain tensor and unchecked (advanced indexing is not checked either).
 
     def _check_write(self, index: Any = None) -> None:
+        if torch.compiler.is_compiling():
+            return  # traced code: the page table is not traceable (write through append_kv there)
         reservation = self.source.reservation
         if reservation.forked:
             return  # a forked child writes its private copy of what was mapped (docs/design.md, "fork")
@@ -349,11 +354,12 @@ class VirtualKVView(torch.nn.Parameter):
             raise RuntimeError("cannot write through a view of a closed cache (its memory is released); "
                                "take new views from an open KVCache")  # fmt: skip
         slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1])
-        if slots is None or not rows:
+        if not slots or not rows:
             return
         lo, hi = min(rows), max(rows) + 1
+        runs = reservation.committed_ranges()
         for slot in slots:
-            if not self._rows_committed(slot, lo, hi):
+            if not self._rows_committed(slot, lo, hi, runs):
                 fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
                      f"{self._committed_rows([slot])[0]}; commit more first: KVCache.commit or step)",
                      Described(f"rows [{lo}, {hi})"))  # fmt: skip
@@ -400,24 +406,39 @@ class VirtualKVView(torch.nn.Parameter):
 
 
 def _slots_and_rows(index: Any, num_slots: int, num_rows: int) -> tuple[Optional[list[int]], range]:
-    """The slots and rows a basic index of a ``[slots, rows, ...]`` view
-    touches: ints and slices in the first two places (``None``: the whole
-    view). ``(None, ...)`` for an index it cannot read (tensors, lists,
-    Ellipsis, None), which is then not checked."""
+    """The slots and rows an index of a ``[slots, rows, ...]`` view touches,
+    from its first two places: ints (NumPy ints, 0-d integer tensors), slices,
+    and on the CPU 1-D integer tensors or lists (``None``-less indexes only).
+    A bool index touches everything (``True``) or nothing (``False``).
+    ``(None, ...)`` for an index it cannot read (Ellipsis, None, CUDA index
+    tensors: reading them would sync), which is then not checked."""
     parts = index if isinstance(index, tuple) else (index,)
     if index is None:
         parts = ()
-    picked = []
+    if any(isinstance(p, (bool, np.bool_)) for p in parts):
+        return (list(range(num_slots)), range(num_rows)) if all(parts) else ([], range(0))
+    picked: list[Sequence[int]] = []
     for part, size in zip(parts[:2], (num_slots, num_rows)):
         if isinstance(part, slice):
             picked.append(range(*part.indices(size)))
-        elif isinstance(part, int) and not isinstance(part, bool):
-            i = part + size if part < 0 else part
-            picked.append(range(i, i + 1) if 0 <= i < size else range(0))  # out of range: torch raises
+            continue
+        if isinstance(part, torch.Tensor) and not part.is_floating_point() and part.dtype != torch.bool:
+            if part.dim() == 0:
+                part = int(part)
+            elif part.dim() == 1 and part.device.type == "cpu":
+                part = part.tolist()
+            else:
+                return None, range(0)
+        if isinstance(part, numbers.Integral):
+            i = int(part) + size if int(part) < 0 else int(part)
+            picked.append([i] if 0 <= i < size else [])  # out of range: torch raises
+        elif isinstance(part, list) and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in part):
+            picked.append([int(x) + size if int(x) < 0 else int(x) for x in part if -size <= int(x) < size])
         else:
             return None, range(0)
     picked += [range(num_slots), range(num_rows)][len(picked):]
-    return list(picked[0]), picked[1]
+    rows = list(picked[1])
+    return list(picked[0]), (range(min(rows), max(rows) + 1) if rows else range(0))
 
 
 def _checked_inplace(name: str) -> Callable[..., torch.Tensor]:

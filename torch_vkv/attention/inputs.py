@@ -43,12 +43,21 @@ def debug_enabled() -> bool:
     return os.environ.get("TORCH_VKV_DEBUG", "0") not in ("", "0")
 
 
-def _uncommitted_rows(cache: torch.Tensor, slot: int, start: int, end: int) -> bool:
-    """Whether rows ``[start, end)`` of ``slot`` reach pages that are not committed:
-    known for a ``VirtualKVView`` (``KVCache.key``/``value``), else False."""
+def _committed_rows_check(cache: torch.Tensor):
+    """For a ``VirtualKVView`` (``KVCache.key``/``value``) of an open cache: a
+    function ``(slot, start, end) -> bool``, whether those rows are committed
+    (the page table read once); ``None`` when nothing can be known (another
+    tensor, or a forked child, whose writes go to its private copy). A closed
+    cache's view raises ``RuntimeError``."""
     from ..tensor import VirtualKVView  # the tensor module never imports attention
 
-    return isinstance(cache, VirtualKVView) and not cache._rows_committed(slot, start, end)
+    if not isinstance(cache, VirtualKVView) or cache.source.reservation.forked:
+        return None
+    if cache.source.reservation.closed:
+        raise RuntimeError("append_kv: the cache of k_cache/v_cache is closed (its memory is released); "
+                           "take new views from an open KVCache")  # fmt: skip
+    runs = cache.source.reservation.committed_ranges()
+    return lambda slot, start, end: cache._rows_committed(slot, start, end, runs)
 
 
 def cache_bounds(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> tuple:
@@ -229,6 +238,10 @@ def check_values(
         cu = list(range(R + 1))
     slot_list = slots.tolist() if slots is not None else list(range(R))
     num_slots, max_len, num_blocks = cache_bounds(k_cache, block_table)
+    checks = []  # append_kv into KVCache views: the rows written must be committed
+    if v_cache is not None and block_table is None:
+        checks = [(name, f) for name, c in (("k_cache", k_cache), ("v_cache", v_cache))
+                  if (f := _committed_rows_check(c)) is not None]  # fmt: skip
     for r in range(R):
         s, L, n = slot_list[r], lens[r], cu[r + 1] - cu[r]
         if not 0 <= s < num_slots:
@@ -238,9 +251,9 @@ def check_values(
                  f"at least its {n} new token(s) (the length counts them: append first, then attend)", L)  # fmt: skip
         if L > max_len:
             fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}", f"at most the {max_len} rows of a slot", L)
-        if v_cache is not None and block_table is None and n:
-            for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-                if _uncommitted_rows(c, s, L - n, L):
+        if n and checks:
+            for name, committed in checks:
+                if not committed(s, L - n, L):
                     fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}",
                          f"a length whose new rows [{L - n}, {L}) of {name} are committed (commit them first: "
                          "KVCache.commit or step)", L)  # fmt: skip

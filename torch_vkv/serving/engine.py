@@ -203,8 +203,9 @@ class Engine(Unique):
             if graphs:
                 scratch = self.kv.alloc_pinned(1)
             if not self.kv.fits_alone(1):
-                fail("memory_budget", f"room for one request beside the CUDA graphs' scratch slot "
-                     f"(at least {self.kv.pinned_pages + self.kv.pages_for(1)} pages of {self.kv.page_bytes} bytes)",
+                beside = " beside the CUDA graphs' scratch slot" if graphs else ""
+                fail("memory_budget", f"room for one request{beside} (at least "
+                     f"{self.kv.pinned_pages + self.kv.pages_for(1)} pages of {self.kv.page_bytes} bytes)",
                      Described(f"{memory_budget} bytes ({self.kv.total_pages} pages)"))  # fmt: skip
             self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
             register()
@@ -569,7 +570,8 @@ class Engine(Unique):
     def closed(self) -> bool:
         return self._closed
 
-    _copy_hint = "an Engine holds a model, its KV cache and requests in flight: build another"
+    _copy_hint = "build another Engine"
+    _owns = "holds a model, its KV cache and the requests in flight"
 
     def __repr__(self) -> str:  # reads counters only
         head = f"Engine(kv={self.__dict__.get('kv_kind')!r}"
