@@ -342,7 +342,8 @@ class VirtualKVView(torch.nn.Parameter):
     # A write to a row that is not committed faults (SIGSEGV on the host backend, an illegal
     # address that ends the CUDA context): it would kill a server with every request in flight.
     # Writes through the view itself are checked against the page table first (a few us); what
-    # an op returns is a plain tensor and unchecked (advanced indexing is not checked either).
+    # an op returns is a plain tensor and unchecked, and so are writes with CUDA index tensors
+    # (reading them would sync), Ellipsis or None in the index.
 
     def _check_write(self, index: Any = None) -> None:
         if torch.compiler.is_compiling():
