@@ -304,21 +304,27 @@ class VirtualKVView(torch.nn.Parameter):
         of the second lie entirely in committed pages. Reads only the page table."""
         return self._committed_rows(range(self.shape[0]))
 
-    def _committed_rows(self, slots: Iterable[int]) -> list[int]:
+    def _row_layout(self) -> tuple[int, int, int, int]:
+        """``(offset, slot_bytes, row_bytes, extent)``: where row 0 of slot 0
+        starts in the reservation, the byte strides of slots and rows, and the
+        bytes one row spans (heads and head_dim)."""
         esz = self.element_size()
         sizes, strides = tuple(self.shape), tuple(self.stride())
-        offset = self.data_ptr() - self.source.reservation.base
-        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz  # bytes one row spans
+        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz
+        return self.data_ptr() - self.source.reservation.base, strides[0] * esz, strides[1] * esz, extent
+
+    def _committed_rows(self, slots: Iterable[int]) -> list[int]:
+        offset, slot_bytes, row_bytes, extent = self._row_layout()
         ps = self.source.page_size
         runs = [(f * ps, (f + n) * ps) for f, n in self.source.reservation.committed_ranges()]
         starts = [lo for lo, _ in runs]
         rows = []
         for slot in slots:
-            start = offset + slot * strides[0] * esz
+            start = offset + slot * slot_bytes
             i = bisect.bisect_right(starts, start) - 1
             end = runs[i][1] if i >= 0 else 0
             fits = start + extent <= end
-            rows.append(min(sizes[1], (end - start - extent) // (strides[1] * esz) + 1) if fits else 0)
+            rows.append(min(self.shape[1], (end - start - extent) // row_bytes + 1) if fits else 0)
         return rows
 
     def _rows_committed(self, slot: int, start: int, end: int, runs: Optional[list] = None) -> bool:
@@ -327,11 +333,9 @@ class VirtualKVView(torch.nn.Parameter):
         ``committed_ranges()`` when the caller already has them."""
         if end <= start:
             return True
-        esz = self.element_size()
-        sizes, strides = tuple(self.shape), tuple(self.stride())
-        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz
-        base = self.data_ptr() - self.source.reservation.base + slot * strides[0] * esz
-        lo, hi = base + start * strides[1] * esz, base + (end - 1) * strides[1] * esz + extent
+        offset, slot_bytes, row_bytes, extent = self._row_layout()
+        base = offset + slot * slot_bytes
+        lo, hi = base + start * row_bytes, base + (end - 1) * row_bytes + extent
         ps = self.source.page_size
         for first, count in runs if runs is not None else self.source.reservation.committed_ranges():  # merged
             if first * ps <= lo and hi <= (first + count) * ps:
@@ -392,15 +396,12 @@ class VirtualKVView(torch.nn.Parameter):
     def _committed_span(self, slot: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` of ``slot`` in its first run of committed pages
         (``(0, 0)``: none): where a sliding window gave the first rows back."""
-        esz = self.element_size()
-        sizes, strides = tuple(self.shape), tuple(self.stride())
-        extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz
-        base = self.data_ptr() - self.source.reservation.base + slot * strides[0] * esz
-        row = strides[1] * esz
+        offset, slot_bytes, row, extent = self._row_layout()
+        base = offset + slot * slot_bytes
         ps = self.source.page_size
         for first, count in self.source.reservation.committed_ranges():
             lo = max(0, -(-(first * ps - base) // row))
-            hi = min(sizes[1], ((first + count) * ps - extent - base) // row + 1)
+            hi = min(self.shape[1], ((first + count) * ps - extent - base) // row + 1)
             if hi > lo:
                 return lo, hi
         return 0, 0

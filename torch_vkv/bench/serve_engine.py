@@ -136,7 +136,7 @@ def _memory_sample(engine: Any, t_s: float, last: Optional[dict[str, float]]) ->
     fresh = last is None or t_s - last["read_t_s"] >= MEMORY_SAMPLE_S
     return {"t_s": t_s, "committed_bytes": engine.kv.mapped_bytes() if fresh else last["committed_bytes"],
             "read_t_s": t_s if fresh else last["read_t_s"],
-            "used_bytes": sum(r.num_computed_tokens for r in sched.running) * engine.kv.bytes_per_token,
+            "used_bytes": engine.used_bytes,
             "num_running": len(sched.running), "num_waiting": len(sched.waiting)}  # fmt: skip
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from torch_vkv._lifetime import Unique
-from torch_vkv._checks import ArgumentTypeError, Described, check_device, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
-from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE
+from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
@@ -148,11 +148,7 @@ class Engine(Unique):
             fail("prefix_caching", "a bool", prefix_caching, ArgumentTypeError)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             fail("dtype", "a floating-point torch.dtype or None", dtype, ArgumentTypeError)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = check_device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)  # the pool's rule: None -> CUDA if present, "cuda" -> its index
 
         if isinstance(model, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
@@ -504,6 +500,12 @@ class Engine(Unique):
         read every iteration."""
         return self._host_seconds + self.runner.prepare_seconds
 
+    @property
+    def used_bytes(self) -> int:
+        """``stats()["used_bytes"]`` alone (cheap): the K/V bytes of running
+        requests' computed tokens."""
+        return sum(r.num_computed_tokens for r in self.scheduler.running) * self.kv.bytes_per_token
+
     def stats(self) -> dict[str, Any]:
         """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``,
         ``committed_bytes`` (physical KV memory held, freed and parked slots'
@@ -530,7 +532,7 @@ class Engine(Unique):
             "num_preemptions": s.num_preemptions,
             "committed_bytes": self.kv.committed_bytes(),
             "window_committed_bytes": self.kv.window_committed_bytes(),
-            "used_bytes": sum(r.num_computed_tokens for r in s.running) * self.kv.bytes_per_token,
+            "used_bytes": self.used_bytes,
             "memory_budget": self.memory_budget,
             "num_finished": self._num_finished,
             "num_iterations": self._num_iterations,
@@ -574,10 +576,8 @@ class Engine(Unique):
     _owns = "holds a model, its KV cache and the requests in flight"
 
     def __repr__(self) -> str:  # reads counters only
-        head = f"Engine(kv={self.__dict__.get('kv_kind')!r}"
-        if self.__dict__.get("kv_kind") == "virtual":
-            head += f", layout={self.layout!r}"
-        get = self.__dict__.get
+        get = self.__dict__.get  # a constructor that failed part-way leaves some unset
+        head = f"Engine(kv={get('kv_kind')!r}" + (f", layout={self.layout!r}" if get("kv_kind") == "virtual" else "")
         head += f", max_batch_size={get('max_batch_size')}, max_seq_len={get('max_seq_len')}"
         if self._closed:
             return f"{head}, closed)"
