@@ -202,6 +202,25 @@ def test_cuda_generate_autocompile_cuda_graphs(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_cuda_generate_autocompile_new_cache_each_call(layout):
+    """generate()'s own compilation (CUDA graphs) with a fresh VirtualKVCache per call: the
+    step compiles once (a new cache re-records the graph at its addresses, it does not
+    recompile), inductor skips no CUDA graph, and every call gives the first call's tokens."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", "vkv", device="cuda", dtype=torch.float16)
+    ids, mask = prompts(3, device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    outs = [generate(model, ids, mask, VirtualKVCache(model.config, 3, 1024, layout=layout), max_new_tokens=24)
+            for _ in range(3)]  # fmt: skip
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
 def test_cuda_compiled_decode_reduce_overhead():
     from torch._dynamo.utils import counters
 
@@ -387,6 +406,29 @@ def test_generate_compiled_again_with_a_cache_of_another_size():
     for max_len, steps, out in runs:
         ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=steps)
         assert torch.equal(out, ref), max_len
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_generate_compiled_with_a_new_cache_each_call_compiles_once(layout):
+    """A server's pattern: a fresh VirtualKVCache per generate() call, one compiled model. The
+    decode step compiles once: nothing of a cache's identity reaches dynamo's guards (an int
+    handle of the commit safety net did, so every new cache recompiled, and after dynamo's
+    recompile limit (8) the step silently ran eagerly)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = tiny_model("llama", "vkv")
+    ids, mask = prompts(2)
+    cc = CompileConfig(fullgraph=True, mode="default")
+    cc._compile_all_devices = True  # generate() compiles on CUDA only, unless told
+    torch._dynamo.reset()
+    counters.clear()
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=6)
+    for _ in range(3):
+        out = generate(model, ids, mask, VirtualKVCache(model.config, 2, 256, layout=layout), max_new_tokens=6,
+                       compile_config=cc)  # fmt: skip
+        assert torch.equal(out, ref)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])

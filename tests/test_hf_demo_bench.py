@@ -62,6 +62,26 @@ def test_bench_hf_tiny_smoke(tmp_path, keep_threads):
     assert rows[1]["capacity"] == "server" and rows[1]["max_cache_len"] == 8192
 
 
+def test_bench_hf_profile_splits_each_variant(tmp_path, keep_threads):
+    """``--profile``: each row carries torch.profiler's split (on the CPU: operators by CPU time,
+    no kernel split) and the markdown says what took the longest, per variant and capacity."""
+    import json
+
+    from torch_vkv.bench.hf import main
+
+    assert main(["--tiny", "--quick", "--device", "cpu", "--variants", "static", "vkv", "--new-tokens", "4",
+                 "--prompt", "16", "--batch", "2", "--capacities", "exact", "--profile",
+                 "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "hf.json").read_text())["rows"]
+    for r in rows:
+        p = r["profile"]
+        assert p["ranked_by"] == "cpu" and p["kernel_pct"] is None and p["host_pct"] is None
+        assert p["num_iterations"] == 4 and p["busy_s"] == r["seconds"] and p["top"]
+    md = (tmp_path / "hf.md").read_text()
+    assert "- profile static exact: no device kernels" in md and "- profile vkv exact:" in md
+    assert "torch_vkv::" in md  # our attention ops are named among the vkv variant's top operators
+
+
 def test_bench_hf_capacities_side_by_side(tmp_path, keep_threads):
     import json
 

@@ -101,19 +101,19 @@ class _Observer:
 
 def test_ensure_committed_calls_its_cache_and_returns_zero():
     obs = _Observer()
-    handle = commit_op.register_cache(obs)
-    out = commit_op.ensure_committed(torch.tensor([3, 4], dtype=torch.int32), torch.tensor(4), handle)
+    key = commit_op.register_cache(obs, torch.device("cpu"))
+    out = commit_op.ensure_committed(torch.tensor([3, 4], dtype=torch.int32), torch.tensor(4), key)
     assert out.dtype == torch.int32 and out.shape == () and int(out) == 0
     assert obs.calls == [([3, 4], 4, False)]
 
 
 def test_ensure_committed_runs_at_run_time_of_a_compiled_step():
     obs = _Observer()
-    handle = commit_op.register_cache(obs)
+    key = commit_op.register_cache(obs, torch.device("cpu"))
 
     def step(lens, seq):
         lens = lens + 1
-        return lens + commit_op.ensure_committed(lens, seq + 1, handle)
+        return lens + commit_op.ensure_committed(lens, seq + 1, key)
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     lens = torch.tensor([1, 2], dtype=torch.int32)
@@ -124,8 +124,29 @@ def test_ensure_committed_runs_at_run_time_of_a_compiled_step():
 
 def test_ensure_committed_holds_caches_weakly():
     obs = _Observer()
-    handle = commit_op.register_cache(obs)
+    key = commit_op.register_cache(obs, torch.device("cpu"))
     del obs
     gc.collect()
-    out = commit_op.ensure_committed(torch.tensor([1], dtype=torch.int32), torch.tensor(1), handle)
+    out = commit_op.ensure_committed(torch.tensor([1], dtype=torch.int32), torch.tensor(1), key)
     assert int(out) == 0  # no cache any more: nothing to do, no error
+
+
+def test_ensure_committed_finds_each_cache_by_its_key_without_recompiling():
+    """Two caches through one compiled function: each call reaches its own
+    cache, and the second cache does not recompile (dynamo guards on ints,
+    not on a tensor's address: an int handle recompiled for every cache)."""
+    import torch._dynamo.testing
+
+    first, second = _Observer(), _Observer()
+    keys = [commit_op.register_cache(o, torch.device("cpu")) for o in (first, second)]
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(lens, seq, key):
+        return lens + commit_op.ensure_committed(lens, seq, key)
+
+    lens = torch.tensor([5, 6], dtype=torch.int32)
+    step(lens, torch.tensor(6), keys[0])
+    step(lens + 1, torch.tensor(7), keys[1])
+    assert first.calls == [([5, 6], 6, False)] and second.calls == [([6, 7], 7, False)]
+    assert counter.frame_count == 1

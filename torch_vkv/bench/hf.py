@@ -50,6 +50,7 @@ import torch
 from torch_vkv._checks import device_arg
 from torch_vkv._checks import positive_int_arg
 from torch_vkv.bench.report import write_report
+from torch_vkv.bench.serve_profile import profile_lines, start_profiler, summarize_profile
 from torch_vkv.bench.timing import sync
 
 __all__ = ["main"]
@@ -100,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", action="store_true", help="beam search instead: pages remapped vs rows copied vs "
                    "DynamicCache (default batch 1, prompt 2048, 256 new tokens; see torch_vkv.bench.hf_beam)")
     p.add_argument("--num-beams", type=positive_int_arg, default=4, help="beams with --beam (default 4)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over each variant's timed generate(): kernel time per new token vs the "
+                   "wall time, and the kernels that took the longest (it slows the host side: take tok/s from a "
+                   "run without it)")  # fmt: skip
     return p
 
 
@@ -188,7 +193,8 @@ def _make_cache(variant: str, model, batch: int, max_len: int, device: torch.dev
     return VirtualKVCache(model.config, batch, max_len, device=device, dtype=model.dtype, layout=layout, **kw)
 
 
-def _run_variant(variant, model, ids, new_tokens, device, prefill_s, capacity: int, kind: str) -> dict[str, Any]:
+def _run_variant(variant, model, ids, new_tokens, device, prefill_s, capacity: int, kind: str,
+                 profile: bool = False) -> dict[str, Any]:  # fmt: skip
     batch, prompt = ids.shape
     impl = "vkv" if variant.startswith("vkv") else "sdpa"
     compiled = variant in COMPILED
@@ -212,12 +218,15 @@ def _run_variant(variant, model, ids, new_tokens, device, prefill_s, capacity: i
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        prof = start_profiler(device) if profile else None
         with _DriverPeak(device) as drv:
             sync(device)
             t = time.perf_counter()
             out = _generate(model, ids, cache, new_tokens, compiled=compiled)
             sync(device)
             secs = time.perf_counter() - t
+        if prof is not None:
+            row["profile"] = summarize_profile(prof, busy_s=secs, host_s=None, num_iterations=new_tokens)
         row.update(
             tok_s=batch * new_tokens / secs,
             decode_tok_s=batch * (new_tokens - 1) / max(secs - prefill_s, 1e-9),
@@ -298,7 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     # both, side by side; the others run once.
                     kinds = args.capacities if variant in COMPILED else args.capacities[:1]
                     for kind in kinds:
-                        row = _run_variant(variant, model, ids, new, device, prefill_s, caps[kind], kind)
+                        row = _run_variant(variant, model, ids, new, device, prefill_s, caps[kind], kind,
+                                           profile=args.profile)  # fmt: skip
                         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "_tokens"})
                         group.append(row)
                 checks += _check_group(group, model, batch)
@@ -327,6 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     columns = ["variant", "capacity", "max_cache_len", "batch", "prompt", "new_tokens", "tok_s", "decode_tok_s", "seconds", "warmup_s",
                "torch_peak_gib", "driver_peak_gib", "kv_bytes", "error"]  # fmt: skip
     columns += sorted({k for r in rows for k in r if k.startswith("same_tokens")})
+    if args.profile:  # one step per new token: "per iteration" is per decode step (the prefill spread over them)
+        summary += "\n\n" + "\n".join(profile_lines(rows, labels=("variant", "capacity")))
     write_report(args.name, rows, args.out_dir, command=cmd.strip(), columns=columns, summary=summary)
     return 0
 

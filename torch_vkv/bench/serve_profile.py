@@ -11,7 +11,7 @@ take throughput and latency from a run without ``--profile``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -28,11 +28,12 @@ def start_profiler(device: torch.device) -> Any:
     return prof
 
 
-def summarize_profile(prof: Any, *, busy_s: float, host_s: float, num_iterations: int, top: int = 8) -> dict:
+def summarize_profile(prof: Any, *, busy_s: float, host_s: Optional[float], num_iterations: int, top: int = 8) -> dict:
     """Stops ``prof`` and returns the run's split: ``kernel_s`` (device time of
     all kernels), ``kernel_pct`` and ``host_pct`` of ``busy_s`` (the summed wall
-    time of the profiled iterations), per-iteration means, and the ``top``
-    operators by self device time (self CPU time when no device ran)."""
+    time of the profiled iterations; ``host_s`` ``None``: no host split, as for
+    ``bench hf``), per-iteration means, and the ``top`` operators by self
+    device time (self CPU time when no device ran)."""
     prof.stop()
     events = prof.key_averages()
     kernel_us = sum(max(0.0, float(e.self_device_time_total)) for e in events)
@@ -45,17 +46,17 @@ def summarize_profile(prof: Any, *, busy_s: float, host_s: float, num_iterations
         "host_s": host_s,
         "kernel_s": kernel_us / 1e6 if device else None,
         "kernel_pct": 100 * kernel_us / 1e6 / busy_s if device and busy_s > 0 else None,
-        "host_pct": 100 * host_s / busy_s if busy_s > 0 else None,
+        "host_pct": 100 * host_s / busy_s if host_s is not None and busy_s > 0 else None,
         "num_iterations": num_iterations,
         "kernel_ms_per_iteration": kernel_us / 1e3 / n if device else None,
-        "host_ms_per_iteration": host_s * 1e3 / n,
+        "host_ms_per_iteration": host_s * 1e3 / n if host_s is not None else None,
         "ranked_by": "device" if device else "cpu",
         "top": [{"name": e.key, "self_ms": float(getattr(e, key)) / 1e3, "calls": int(e.count)} for e in ranked],
     }
 
 
-def profile_lines(rows: list) -> list:
-    """Markdown lines: per configuration with a profile, the split and the top operators."""
+def profile_lines(rows: list, labels: Sequence[str] = ("group", "config")) -> list:
+    """Markdown lines: per row with a profile (named by its ``labels`` keys), the split and the top operators."""
     lines = []
     for r in rows:
         p = r.get("profile")
@@ -65,7 +66,7 @@ def profile_lines(rows: list) -> list:
         kernel = "no device kernels"
         if p["kernel_pct"] is not None:
             kernel = f"kernels {p['kernel_pct']:.1f}% of the busy time ({p['kernel_ms_per_iteration']:.2f} ms an iteration)"
-        host = f"{p['host_pct']:.1f}%" if p["host_pct"] is not None else "n/a"
-        lines.append(f"- profile {r.get('group', '')} {r['config']}: {kernel}, engine host time {host}; "
-                     f"top by {p['ranked_by']} time: {tops}")  # fmt: skip
+        host = f", engine host time {p['host_pct']:.1f}%" if p["host_pct"] is not None else ""
+        name = " ".join(str(r[k]) for k in labels if r.get(k) not in (None, ""))
+        lines.append(f"- profile {name}: {kernel}{host}; top by {p['ranked_by']} time: {tops}")
     return lines

@@ -129,7 +129,7 @@ class VirtualKVCache(Cache):
         self._step: Optional[StepPlan] = None
         self._pending_padding: Optional[torch.Tensor] = None  # [B, S] bool from the "vkv" mask function
         self._batch_copied_bytes = 0  # bytes batch operations wrote into the cache (memory_stats)
-        self._handle = commit_op.register_cache(self)
+        self._op_key: Optional[torch.Tensor] = None  # commit_op's key, with the KV cache
         self._ref = weakref.ref(self)
         super().__init__(layers=[VirtualKVLayer(self, i) for i in range(self._num_layers)])
         if self._device is not None and self._dtype is not None:
@@ -232,6 +232,7 @@ class VirtualKVCache(Cache):
             base = interleaved_base(kv) if kv.layout == "interleaved" else None
             self._lengths = SequenceLengths(self._max_batch_size, kv.device)
             self._lengths.seq_length_t._vkv_cache = self._ref  # how vkv_mask finds this cache
+            self._op_key = commit_op.register_cache(self, kv.device)
         self._kv = kv
         for layer in self.layers:
             layer._bind(kv.key(layer.layer_idx), kv.value(layer.layer_idx), base)
@@ -332,7 +333,7 @@ class VirtualKVCache(Cache):
         if layer_idx != 0:
             return lengths.cache_seqlens[:batch]
         seqlens = lengths.advance_on_device(batch, num_tokens)
-        return seqlens + commit_op.ensure_committed(seqlens, lengths.seq_length_t, self._handle)
+        return seqlens + commit_op.ensure_committed(seqlens, lengths.seq_length_t, self._op_key)
 
     def _on_compiled_step(self, cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, capturing: bool) -> None:
         """Run time of a compiled step (from :func:`commit_op.ensure_committed`)."""

@@ -14,13 +14,17 @@ cannot be captured, and a replay runs no Python): it only tells the cache
 that steps may now run as replays, so the host reads lengths back when it
 cannot account for a step. Captured steps need ``prepare_step``.
 
-The op only takes tensors and ints, so it finds its cache through a handle:
-a process-wide table of weak references (any number of caches per process).
+The op only takes tensors, so it finds its cache through a *key*: a
+one-byte tensor of the cache's own, never written, marked as a static input
+(``mark_static_address``), whose address the op looks up in a process-wide
+table of weak references (any number of caches per process). An int handle
+would be simpler, but dynamo specialises on ints: every new cache would
+recompile the model's compiled forward (and past dynamo's recompile limit,
+silently run it eagerly). A tensor's address is not guarded.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from typing import Any, Protocol
 
@@ -33,30 +37,37 @@ class _StepObserver(Protocol):
     def _on_compiled_step(self, cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, capturing: bool) -> None: ...
 
 
-_CACHES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
-_HANDLES = itertools.count(1)
+_CACHES: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
 
 
-def register_cache(cache: _StepObserver) -> int:
-    """Returns the handle under which :func:`ensure_committed` finds ``cache``
-    (held weakly: the table never keeps a cache alive)."""
-    handle = next(_HANDLES)
-    _CACHES[handle] = cache
-    return handle
+def _address(key: torch.Tensor) -> tuple:
+    return key.device.type, key.device.index, key.data_ptr()
+
+
+def register_cache(cache: _StepObserver, device: torch.device) -> torch.Tensor:
+    """Returns the key (a one-byte tensor on ``device``) under which
+    :func:`ensure_committed` finds ``cache``. The cache keeps the key alive
+    and passes it to every call; the table holds the cache weakly, so it
+    never keeps a cache alive, and an entry whose cache died is gone before
+    its address can be reused."""
+    key = torch.zeros(1, dtype=torch.uint8, device=device)
+    torch._dynamo.mark_static_address(key)  # compiled steps get the tensor itself, not a copy
+    _CACHES[_address(key)] = cache
+    return key
 
 
 @torch.library.custom_op("torch_vkv_hf::ensure_committed", mutates_args=())
-def ensure_committed(cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, handle: int) -> torch.Tensor:
+def ensure_committed(cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, cache_key: torch.Tensor) -> torch.Tensor:
     """Commits the rows a running compiled step writes, unless announced.
 
     Args:
         cache_seqlens: int32, shape ``[batch]``: lengths after this step.
         seq_length_t: int64, shape ``[]``: tokens seen after this step.
-        handle: from :func:`register_cache`.
+        cache_key: from :func:`register_cache`.
 
     Returns an int32 zero of shape ``[]`` on ``cache_seqlens``' device.
     """
-    cache = _CACHES.get(handle)
+    cache = _CACHES.get(_address(cache_key))
     if cache is not None:
         capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
         cache._on_compiled_step(cache_seqlens, seq_length_t, capturing)
@@ -64,5 +75,5 @@ def ensure_committed(cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, ha
 
 
 @ensure_committed.register_fake
-def _(cache_seqlens, seq_length_t, handle):
+def _(cache_seqlens, seq_length_t, cache_key):
     return cache_seqlens.new_empty(())
