@@ -313,3 +313,27 @@ def test_profile_adds_the_split_and_top_operators(tmp_path):
         names = [t["name"] for t in p["top"]]
         assert "torch_vkv::append_kv" in names and all(t["self_ms"] > 0 and t["calls"] > 0 for t in p["top"])
         assert f"- profile uniform@inf {r['config']}: no device kernels" in md
+
+
+def test_profile_counts_each_kernel_once():
+    """The device time is the kernels' own: host ranges that report the device time of the kernels they
+    launched (an operator, inductor's "## Call CompiledFxGraph ##") are not added again (on an H200
+    they were, and bench hf reported kernels at 129-139% of the wall time)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from torch_vkv.bench.serve_profile import summarize_profile
+
+    def ev(key, device_type, self_device_us, self_cpu_us=1.0, count=1):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_device_us,
+                               self_cpu_time_total=self_cpu_us, count=count)  # fmt: skip
+
+    events = [ev("## Call CompiledFxGraph abc ##", DeviceType.CPU, 900.0), ev("aten::mm", DeviceType.CPU, 300.0),
+              ev("gemm_kernel", DeviceType.CUDA, 700.0, count=7), ev("_decode_split_kernel", DeviceType.CUDA, 200.0),
+              ev("copy_kernel", DeviceType.CUDA, 100.0)]  # fmt: skip
+    prof = SimpleNamespace(stop=lambda: None, key_averages=lambda: events)
+    p = summarize_profile(prof, busy_s=0.002, host_s=None, num_iterations=4, top=2)
+    assert p["kernel_s"] == pytest.approx(1000e-6) and p["kernel_pct"] == pytest.approx(50.0)
+    assert p["kernel_ms_per_iteration"] == pytest.approx(0.25) and p["host_pct"] is None
+    assert [(t["name"], t["calls"]) for t in p["top"]] == [("gemm_kernel", 7), ("_decode_split_kernel", 1)]

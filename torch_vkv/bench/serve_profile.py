@@ -4,8 +4,8 @@ The serving benchmark's targets ask, where one is missed, whether an iteration
 is bound by the host or by the kernels. ``--profile`` runs ``torch.profiler``
 over each configuration's timed loop and adds to its row the device time of
 every kernel (``profile_kernel_pct`` of the busy time), beside the engine's own
-host time (``host_pct``), and to ``serve.json`` / ``serve.md`` the operators that
-took the most device time (CPU time on a CPU). Profiling slows the host side:
+host time (``host_pct``), and to ``serve.json`` / ``serve.md`` the kernels that
+took the most device time (operators by CPU time on a CPU). Profiling slows the host side:
 take throughput and latency from a run without ``--profile``.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
+from torch.autograd import DeviceType
 
 __all__ = ["start_profiler", "summarize_profile", "profile_lines"]
 
@@ -32,14 +33,19 @@ def summarize_profile(prof: Any, *, busy_s: float, host_s: Optional[float], num_
     """Stops ``prof`` and returns the run's split: ``kernel_s`` (device time of
     all kernels), ``kernel_pct`` and ``host_pct`` of ``busy_s`` (the summed wall
     time of the profiled iterations; ``host_s`` ``None``: no host split, as for
-    ``bench hf``), per-iteration means, and the ``top`` operators by self
-    device time (self CPU time when no device ran)."""
+    ``bench hf``), per-iteration means, and the ``top`` kernels by device
+    time (operators by self CPU time when no device ran)."""
     prof.stop()
     events = prof.key_averages()
-    kernel_us = sum(max(0.0, float(e.self_device_time_total)) for e in events)
+    # Kernels only: a host-side range (an operator, inductor's "## Call CompiledFxGraph ##")
+    # also reports the device time of the kernels it launched, which would count them twice.
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    if not kernels:  # a profiler that files kernels under their operators: drop inductor's ranges at least
+        kernels = [e for e in events if not e.key.startswith("## ")]
+    kernel_us = sum(max(0.0, float(e.self_device_time_total)) for e in kernels)
     device = kernel_us > 0  # no device activity (a CPU run): no kernel split, operators by CPU time
     key = "self_device_time_total" if device else "self_cpu_time_total"
-    ranked = sorted(events, key=lambda e: float(getattr(e, key)), reverse=True)[:top]
+    ranked = sorted(kernels if device else events, key=lambda e: float(getattr(e, key)), reverse=True)[:top]
     n = max(1, num_iterations)
     return {
         "busy_s": busy_s,
