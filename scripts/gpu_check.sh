@@ -66,9 +66,10 @@ xdist=""  # -v: the log names every finished test, so a step cut by its limit st
 [ -n "${TEST_PER_TEST_TIMEOUT:-}" ] && xdist="$xdist --timeout $TEST_PER_TEST_TIMEOUT"
 [ "${TESTS:-1}" = 0 ] || run tests_gpu "${TEST_TIMEOUT:-0}" python -m pytest -rs -m cuda -p no:cacheprovider -o log_cli=false \
   --durations=20 $xdist ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-}
-# A test step cut by its time limit may leave pytest-xdist workers running on the GPU: stop them before
-# anything is timed.
-pkill -f -- "-m pytest" 2>/dev/null && sleep 2
+# A test step cut by its time limit may leave pytest processes running on the GPU: stop them before
+# anything is timed. The pattern is this script's own pytest line: a plain "-m pytest" also matched the
+# device call's command line when that ran pytest itself, and killed the whole call.
+pkill -f -- "-m cuda -p no:cacheprovider -o log_cli=false" 2>/dev/null && sleep 2
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done
