@@ -308,11 +308,50 @@ def test_profile_adds_the_split_and_top_operators(tmp_path):
     for r in rows:
         p = r["profile"]
         assert p["ranked_by"] == "cpu" and p["kernel_pct"] is None and r["profile_kernel_pct"] is None
-        assert p["num_iterations"] == r["num_iterations"] > 0
+        # The window opens once every request is admitted (a few chunked-prefill iterations in) and
+        # this short run ends inside it.
+        first = p["first_iteration"]
+        assert 0 <= first < 16 and p["num_iterations"] == r["num_iterations"] - first > 0
         assert 0 < p["host_pct"] < 100 and p["host_s"] <= p["busy_s"]
         names = [t["name"] for t in p["top"]]
         assert "torch_vkv::append_kv" in names and all(t["self_ms"] > 0 and t["calls"] > 0 for t in p["top"])
-        assert f"- profile uniform@inf {r['config']}: no device kernels" in md
+        last = r["num_iterations"] - 1
+        assert f"- profile uniform@inf {r['config']}, iterations {first}-{last} (" in md
+        assert "decode-only): no device kernels" in md
+
+
+def test_profile_window_covers_its_iterations_only():
+    """The window opens at ``start_by`` while requests wait (earlier once none does), covers
+    ``num_iterations`` iterations, and sums their wall and host time only."""
+    from torch_vkv.bench.roofline import IterationRecord
+    from torch_vkv.bench.serve_profile import ProfileWindow
+
+    def record(i, prefill):
+        return IterationRecord(t_s=float(i), wall_s=0.1 * (i + 1), host_s=0.01, num_tokens=prefill or 4,
+                               num_decode=0 if prefill else 4, num_prefill_tokens=prefill, kv_tokens_read=64,
+                               prefill_attn_pairs=0)  # fmt: skip
+
+    window = ProfileWindow(torch.device("cpu"), num_iterations=3, start_by=2)
+    iterations = []
+    for i in range(8):
+        window.before_step(len(iterations), requests_wait=i < 6)
+        torch.randn(64, 64) @ torch.randn(64, 64)  # something for the profiler to see
+        iterations.append(record(i, prefill=32 if i == 2 else 0))
+        window.after_step(iterations)
+    window.finish(iterations)  # closed already: no effect
+    p = window.summary
+    assert p["first_iteration"] == 2 and p["num_iterations"] == 3 and p["num_decode_only"] == 2
+    assert p["busy_s"] == pytest.approx(0.3 + 0.4 + 0.5) and p["host_s"] == pytest.approx(0.03)
+    assert any(t["name"] == "aten::mm" for t in p["top"])
+
+    early = ProfileWindow(torch.device("cpu"), num_iterations=5, start_by=16)
+    its = []
+    for i in range(3):  # no request waits after the first iteration; the run ends inside the window
+        early.before_step(len(its), requests_wait=i == 0)
+        its.append(record(i, prefill=0))
+        early.after_step(its)
+    early.finish(its)
+    assert early.summary["first_iteration"] == 1 and early.summary["num_iterations"] == 2
 
 
 def test_profile_counts_each_kernel_once():

@@ -37,6 +37,19 @@ def test_demo_runs_on_cpu(capsys, keep_threads):
     assert "KVCache committed" in capsys.readouterr().out
 
 
+@pytest.mark.cuda
+def test_demo_on_cuda_is_compiled_and_states_its_agreement(capsys, keep_threads):
+    """What a new user sees first on a GPU: both compiled caches on the compiled path (CUDA graphs),
+    and the comparison judged against a float32 reference with its tolerance, never a bare "no"."""
+    from torch_vkv.demo import main
+
+    assert main(["--device", "cuda", "--batch", "2", "--prompt-len", "24", "--new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("compiled, CUDA graphs") >= 2, out  # VirtualKVCache and StaticCache
+    assert "agreement with a float32 reference" in out, out
+    assert "outside the tolerance" not in out and "from all three caches: no" not in out, out
+
+
 def test_demo_without_transformers_says_so(capsys, keep_threads, monkeypatch):
     import sys
 

@@ -200,8 +200,9 @@ def run_engine(
     ``n > 1``: parallel sampling, ``n`` completions a request (temperature 1,
     seeded by the request's index); else greedy. The stats' prefix-cache and
     token counters count the timed run only (not the warm-up). ``profile``:
-    ``torch.profiler`` over the timed loop (:mod:`torch_vkv.bench.serve_profile`;
-    ``RunResult.profile``); it slows the host side."""
+    ``torch.profiler`` over a window of the timed loop
+    (:class:`~torch_vkv.bench.serve_profile.ProfileWindow`; ``RunResult.profile``);
+    it slows the host side."""
     from torch_vkv.serving import Engine, SamplingParams
 
     engine = Engine(
@@ -234,9 +235,9 @@ def run_engine(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if profile:
-            from torch_vkv.bench.serve_profile import start_profiler
+            from torch_vkv.bench.serve_profile import ProfileWindow
 
-            prof = start_profiler(device)
+            prof = ProfileWindow(device)
         t0, mono0 = time.perf_counter(), time.monotonic()
         nxt = 0
         while nxt < len(order) or engine.has_unfinished_requests():
@@ -250,6 +251,8 @@ def run_engine(
             if not engine.has_unfinished_requests():
                 time.sleep(max(0.0, specs[order[nxt]].arrival_s - (time.perf_counter() - t0)))
                 continue
+            if prof is not None:
+                prof.before_step(len(iterations), bool(engine.scheduler.waiting))
             host0 = engine.host_seconds
             pending.clear()
             ts = time.perf_counter()
@@ -258,6 +261,8 @@ def run_engine(
             if pending:
                 iterations.append(IterationRecord(t_s=te - t0, wall_s=te - ts, host_s=engine.host_seconds - host0,
                                                   **pending))  # fmt: skip
+            if prof is not None:
+                prof.after_step(iterations)
             memory.append(_memory_sample(engine, te - t0, memory[-1] if memory else None))
             for out in outputs:
                 i = by_id.get(out.request_id)
@@ -266,11 +271,8 @@ def run_engine(
         duration = time.perf_counter() - t0
         summary = None
         if prof is not None:
-            from torch_vkv.bench.serve_profile import summarize_profile
-
-            summary = summarize_profile(prof, busy_s=sum(i.wall_s for i in iterations),
-                                        host_s=sum(i.host_s for i in iterations), num_iterations=len(iterations))
-            prof = None
+            prof.finish(iterations)
+            summary, prof = prof.summary, None
         stats = engine.stats()
         for k in ("prefix_hit_tokens", "prefix_query_tokens", "num_computed_tokens", "num_generated_tokens"):
             stats[k] -= before[k]
