@@ -376,3 +376,18 @@ def test_profile_counts_each_kernel_once():
     assert p["kernel_s"] == pytest.approx(1000e-6) and p["kernel_pct"] == pytest.approx(50.0)
     assert p["kernel_ms_per_iteration"] == pytest.approx(0.25) and p["host_pct"] is None
     assert [(t["name"], t["calls"]) for t in p["top"]] == [("gemm_kernel", 7), ("_decode_split_kernel", 1)]
+
+
+def test_report_is_written_after_every_configuration():
+    """A device call cut by its time limit keeps every configuration it finished: ``on_workload``
+    gets the report after each configuration (its workload marked partial), then the whole workload."""
+    from torch_vkv.bench.serve import run
+
+    calls = []
+    report = run(["offline"], "smoke", ["virtual-per_layer", "paged-16"], device="cpu", log=lambda *a: None,
+                 on_workload=calls.append)  # fmt: skip
+    assert [c["workloads"]["offline"].get("partial", False) for c in calls] == [True, True, False]
+    assert [[r["config"] for r in c["workloads"]["offline"]["rows"]] for c in calls] == [
+        ["virtual-per_layer"], ["virtual-per_layer", "paged-16"], ["virtual-per_layer", "paged-16"]]
+    assert list(calls[0]["workloads"]["offline"]["parts"][0]["runs"]) == ["virtual-per_layer"]
+    assert "partial" not in report["workloads"]["offline"] and len(report["rows"]) == 2

@@ -147,37 +147,6 @@ def workloads(scale: str, device_type: str = "cuda") -> dict[str, Workload]:
 
 
 # ----------------------------------------------------------------------------
-# configurations
-# ----------------------------------------------------------------------------
-
-
-def peer_configs(device: torch.device) -> tuple[list[str], list[dict[str, str]]]:
-    """Configurations beyond :data:`CONFIGS` this machine can run, and the
-    ones it cannot, each with the reason."""
-    from torch_vkv.attention import BACKENDS
-
-    runnable, skipped = [], []
-    try:
-        import flashinfer  # noqa: F401
-
-        if "flashinfer" in BACKENDS:
-            runnable.append("virtual-per_layer:flashinfer")
-            skipped.append({"config": "paged-16:flashinfer",
-                            "reason": "the flashinfer backend runs on the virtual cache only (no block_table path)"})
-        else:
-            skipped.append({"config": "flashinfer", "reason": "torch_vkv.attention has no flashinfer backend yet"})
-    except Exception as exc:
-        skipped.append({"config": "flashinfer", "reason": f"import flashinfer failed ({type(exc).__name__}: {exc})"})
-    from transformers import GenerationMixin
-
-    if hasattr(GenerationMixin, "generate_batch"):
-        runnable.append("hf-generate_batch")
-    else:
-        skipped.append({"config": "hf-generate_batch", "reason": "this transformers has no generate_batch"})
-    return runnable, skipped
-
-
-# ----------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------
 
@@ -240,11 +209,12 @@ def run(
     """Runs workloads ``names`` at ``scale`` over ``configs``; returns the
     report (see :func:`main`). ``num_requests`` / ``request_rates`` override
     every part's count / the online rates; ``on_workload(report)`` is called
-    after each workload (``main`` writes the report so far: a run cut short
-    by a time limit keeps what it finished)."""
+    after each configuration (the workload it is in marked ``"partial"``)
+    and after each workload (``main`` writes the report so far: a run cut
+    short by a time limit keeps every configuration it finished)."""
     from torch_vkv.bench.models import build_model
     from torch_vkv.bench.roofline import ModelCost, measure_device
-    from torch_vkv.bench.serve_engine import random_prompts, run_engine, run_generate_batch
+    from torch_vkv.bench.serve_engine import peer_configs, random_prompts, run_engine, run_generate_batch
     from torch_vkv.bench.workloads import make_requests, workload_lengths
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -325,6 +295,8 @@ def run(
                 prep["runs"][cfg.name] = _run_dict(specs, res)
                 log(f"{name} {part.trace}@{part.rate:g} {cfg.name}: {row['output_tokens_per_s']:.1f} out tok/s, "
                     f"makespan {row['makespan_s']:.2f} s ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+                if on_workload is not None:  # after every configuration: a time limit loses at most one
+                    on_workload(_so_far(report, name, wrep, prep))
             if name == "offline" and peer_gb:
                 # The peer is slow (224 new tokens/s for 64 requests on an H200, docs/benchmarks.md):
                 # a subset, with one output length (its generation config is per batch).
@@ -377,6 +349,15 @@ def _run_dict(specs: Sequence[Any], res: Any) -> dict[str, Any]:
         "memory": res.memory,
         "engine_stats": res.stats,
     }
+
+
+def _so_far(report: dict[str, Any], name: str, wrep: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with workload ``name`` as far as it got (``"partial": True``), for
+    :func:`run`'s ``on_workload``; nothing of ``report`` or ``wrep`` is changed."""
+    rows = [dict(r) for r in wrep["rows"]]
+    _add_ratios(name, rows)
+    part = dict(wrep, rows=rows, parts=wrep["parts"] + [dict(prep, runs=dict(prep["runs"]))], partial=True)
+    return dict(report, workloads={**report["workloads"], name: part}, rows=report["rows"] + rows)
 
 
 def _add_ratios(name: str, rows: list[dict[str, Any]]) -> None:
@@ -534,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from torch_vkv.bench.serve_engine import CONFIGS
+    from torch_vkv.bench.serve_engine import CONFIGS, peer_configs
 
     parser = build_parser()
     args = parser.parse_args(argv)

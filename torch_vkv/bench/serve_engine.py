@@ -26,11 +26,37 @@ from torch_vkv.bench.roofline import IterationRecord
 from torch_vkv.bench.serve_client import RequestResult
 from torch_vkv.bench.workloads import RequestSpec
 
-__all__ = ["CONFIGS", "EngineConfig", "RunResult", "parse_config", "random_prompts", "run_engine",
+__all__ = ["CONFIGS", "EngineConfig", "RunResult", "parse_config", "peer_configs", "random_prompts", "run_engine",
            "run_generate_batch"]  # fmt: skip
 
 #: Engine configurations every machine runs (``NAME[:BACKEND]`` picks an attention backend).
 CONFIGS = ("virtual-per_layer", "virtual-interleaved", "paged-16", "paged-256")
+
+
+def peer_configs(device: torch.device) -> tuple[list[str], list[dict[str, str]]]:
+    """Configurations beyond :data:`CONFIGS` this machine can run, and the
+    ones it cannot, each with the reason."""
+    from torch_vkv.attention import BACKENDS
+
+    runnable, skipped = [], []
+    try:
+        import flashinfer  # noqa: F401
+
+        if "flashinfer" in BACKENDS:
+            runnable.append("virtual-per_layer:flashinfer")
+            skipped.append({"config": "paged-16:flashinfer",
+                            "reason": "the flashinfer backend runs on the virtual cache only (no block_table path)"})
+        else:
+            skipped.append({"config": "flashinfer", "reason": "torch_vkv.attention has no flashinfer backend yet"})
+    except Exception as exc:
+        skipped.append({"config": "flashinfer", "reason": f"import flashinfer failed ({type(exc).__name__}: {exc})"})
+    from transformers import GenerationMixin
+
+    if hasattr(GenerationMixin, "generate_batch"):
+        runnable.append("hf-generate_batch")
+    else:
+        skipped.append({"config": "hf-generate_batch", "reason": "this transformers has no generate_batch"})
+    return runnable, skipped
 
 
 @dataclass(frozen=True)
