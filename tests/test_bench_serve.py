@@ -66,6 +66,7 @@ def test_smoke_every_workload_schema_and_numbers(smoke_report):
                 v = row[k]
                 assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (name, row["config"], k)
             assert 0 <= row["host_pct"] <= 100 and row["host_s_per_iter"] >= 0
+            assert 0 < row["kv_grow_pct"] <= row["host_pct"], "page commits are a part of the engine's host time"
             assert 0 <= row["goodput_fraction"] <= 1
         for part in w["parts"]:
             for cfg, run in part["runs"].items():

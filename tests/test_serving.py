@@ -814,3 +814,34 @@ def test_default_budget_is_a_static_caches_size_and_reported(kv):
         assert e.stats()["memory_budget"] == e.memory_budget == want > 0
         outs = e.generate([[1, 2, 3]] * 3, greedy(90), use_tqdm=False)  # every slot full at once fits
         assert all(len(o.token_ids) == 90 for o in outs) and e.stats()["num_preemptions"] == 0
+
+
+@pytest.mark.parametrize("kind", ["virtual", "paged"])
+def test_kv_grow_seconds_counts_the_commit_calls(kind, monkeypatch):
+    """``KVManager.grow_seconds`` is the host time of can_grow/grow (page commits and waits for the
+    background ones); the engine reports it as ``stats()["kv_grow_seconds"]``, a part of its host time."""
+    import time as _time
+
+    from torch_vkv.serving.kv import KVManager
+
+    m = KVManager(kind, num_layers=2, num_kv_heads=2, head_dim=8, num_slots=3, max_seq_len=64,
+                  dtype=torch.float32, device="cpu", memory_budget=None, layout="per_layer", block_size=16,
+                  page_size=4096 if kind == "virtual" else None)  # fmt: skip
+    slot = m.alloc()
+    seq = np.zeros(m.num_slots, dtype=np.int64)
+    seq[slot] = 40
+    slow = 0.02  # a commit that takes this long shows up in full
+    fits, grow = m._fits, m._grow
+    monkeypatch.setattr(m, "_fits", lambda s: (_time.sleep(slow), fits(s))[1])
+    monkeypatch.setattr(m, "_grow", lambda s: (_time.sleep(slow), grow(s))[1])
+    assert m.grow_seconds == 0.0
+    assert m.can_grow(seq)
+    m.grow(seq)
+    assert 2 * slow <= m.grow_seconds < 2 * slow + 0.5
+    m.close()
+
+    engine = Engine(make_model("llama"), max_batch_size=2, max_seq_len=48, kv=kind, chunk_size=16)
+    engine.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    stats = engine.stats()
+    assert 0 < stats["kv_grow_seconds"] <= stats["host_seconds"]
+    engine.close()

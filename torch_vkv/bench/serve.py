@@ -185,6 +185,10 @@ def _row(w: Workload, part: Part, cfg: str, run: Any, cost: Any, device_rates: d
         row.update(profile=run.profile, profile_kernel_pct=run.profile["kernel_pct"])
     if run.stats:
         row["num_preemptions"] = run.stats.get("num_preemptions")
+        grow = run.stats.get("kv_grow_seconds")  # the timed run's (run_engine subtracts the warm-up)
+        if grow is not None and its:
+            busy = sum(i.wall_s for i in its)
+            row.update(kv_grow_s_per_iter=grow / len(its), kv_grow_pct=100 * grow / busy if busy > 0 else math.nan)
         for k in ("prefix_hit_rate", "prefix_hit_tokens", "num_computed_tokens"):
             row[k] = run.stats.get(k)
     return row
@@ -411,9 +415,11 @@ def parse_config(spec: str):
 
 COLUMNS = {
     "offline": ["config", "completed", "output_tokens_per_s", "total_tokens_per_s", "makespan_s",
-                "x_best_paged_tput", "pct_roofline", "iter_mean_s", "host_pct", "peak_committed_bytes", "note"],
+                "x_best_paged_tput", "pct_roofline", "iter_mean_s", "host_pct", "kv_grow_pct", "peak_committed_bytes",
+                "note"],
     "long-offline": ["config", "completed", "makespan_s", "output_tokens_per_s", "total_tokens_per_s",
-                     "x_best_paged_tput", "pct_roofline", "ttft_mean_s", "host_pct", "peak_committed_bytes"],
+                     "x_best_paged_tput", "pct_roofline", "ttft_mean_s", "host_pct", "kv_grow_pct",
+                     "peak_committed_bytes"],
     "long-online": ["group", "config", "completed", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
                     "tpot_p99_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s", "norm_latency_p50_s", "norm_latency_p99_s",
                     "x_best_paged_norm_p50", "x_best_paged_norm_p99", "goodput_requests_per_s", "pct_roofline"],

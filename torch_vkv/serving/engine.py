@@ -518,7 +518,8 @@ class Engine(Unique):
         (tokens run through the model: prefill chunks and decodes),
         ``host_seconds`` (host time of scheduling, page commits, batch
         metadata and output bookkeeping, summed over iterations; the model
-        forward and the sampler are excluded), ``prefix_caching``,
+        forward and the sampler are excluded), ``kv_grow_seconds`` (the part
+        of it in the KV manager's page commits and their waits), ``prefix_caching``,
         ``prefix_hit_tokens`` (prompt tokens found in the prefix cache at
         admission, not computed), ``prefix_query_tokens`` (tokens of the
         admitted prefills, looked up), ``prefix_hit_rate`` (their ratio, 0.0
@@ -539,6 +540,7 @@ class Engine(Unique):
             "num_generated_tokens": self._num_generated,
             "num_computed_tokens": self._num_computed,
             "host_seconds": self.host_seconds,
+            "kv_grow_seconds": self.kv.grow_seconds,
             "kv": self.kv_kind,
             "prefix_caching": self.prefix_caching,
             "prefix_hit_tokens": p.hit_tokens if p is not None else 0,

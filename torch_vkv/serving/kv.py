@@ -28,6 +28,7 @@ them, so parking never takes a slot a running request needs.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -122,6 +123,9 @@ class KVManager:
         self.memory_budget = memory_budget
         #: Pool pages held for good by engine-internal slots (:meth:`alloc_pinned`).
         self.pinned_pages = 0
+        #: Host seconds in :meth:`can_grow` and :meth:`grow`: page commits made in the calling thread
+        #: and waits for the background ones (virtual), block-table updates (paged).
+        self.grow_seconds = 0.0
         if kind == "virtual":
             self.cache: Any = KVCache(
                 num_layers, num_kv_heads, head_dim, max_batch_size=num_slots, max_seq_len=max_seq_len,
@@ -343,10 +347,14 @@ class KVManager:
         ``seq_lens[s]`` tokens at once (exact). ``seq_lens``: int64 ``[num_slots]``.
         With prefix caching it evicts parked slots, least recently used first,
         until they can (or none is left)."""
-        while not self._fits(seq_lens):
-            if not self.evict():
-                return False
-        return True
+        t0 = time.perf_counter()
+        try:
+            while not self._fits(seq_lens):
+                if not self.evict():
+                    return False
+            return True
+        finally:
+            self.grow_seconds += time.perf_counter() - t0
 
     def _fits(self, seq_lens: np.ndarray) -> bool:
         if self.kind == "virtual":
@@ -363,6 +371,13 @@ class KVManager:
         one ``step_async`` (commits now, prefetches the next token's pages in
         the background). Raises :class:`torch_vkv.KVCacheCapacityError` when the memory
         is not there (only if the driver itself runs out after ``can_grow``)."""
+        t0 = time.perf_counter()
+        try:
+            self._grow(seq_lens)
+        finally:
+            self.grow_seconds += time.perf_counter() - t0
+
+    def _grow(self, seq_lens: np.ndarray) -> None:
         if self.kind == "virtual":
             self.cache.step_async(seq_lens)
             # _covered holds what whole pages back, so the next decodes skip need_pages (a Python call
