@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, Described, check_device, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.pool import check_host_page_size
 from torch_vkv.hf import batch_ops, commit_op
@@ -492,7 +492,7 @@ class VirtualKVCache(Cache):
         copied (:mod:`torch_vkv.hf.batch_ops`)."""
         self._check_open()
         if self._mode is not None:
-            self._gather(self._row_index("beam_idx", beam_idx, allow_mask=False))
+            self._gather(batch_ops.row_index("beam_idx", beam_idx, self._lengths.batch, allow_mask=False))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row repeated ``repeats`` times in place (row i -> rows i*r .. i*r+r-1);
@@ -507,24 +507,7 @@ class VirtualKVCache(Cache):
         self._check_open()
         if self._mode is None:
             return
-        self._gather(self._row_index("indices", indices, allow_mask=True))
-
-    def _row_index(self, what: str, indices: Any, *, allow_mask: bool) -> list[int]:
-        """``indices`` as a list of rows: a 1-D integer tensor or sequence (an empty one: no
-        rows), or (``allow_mask``) a bool mask of one entry per row. Checked because ``int()``
-        takes anything: a bool ``beam_idx`` became rows 1/0, a float 1.5 row 1, and a short
-        mask dropped rows, all silently, where ``DynamicCache``'s ``index_select`` / indexing raise."""
-        idx = torch.as_tensor(indices)
-        if idx.dim() != 1:
-            fail(what, "a 1-D tensor of row indices", Described(f"shape {tuple(idx.shape)}"))
-        if idx.dtype == torch.bool and allow_mask:
-            if idx.numel() != self._lengths.batch:
-                fail(what, f"a bool mask of {self._lengths.batch} entries (one per row)", idx.numel())
-            idx = idx.nonzero().flatten()
-        elif idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
-            kinds = "integer row indices or a bool mask" if allow_mask else "integer row indices"
-            fail(what, kinds, Described(f"dtype {idx.dtype}"), TypeError)
-        return [int(i) for i in idx.tolist()]
+        self._gather(batch_ops.row_index("indices", indices, self._lengths.batch, allow_mask=True))
 
     def _gather(self, index: list[int]) -> None:
         """New row ``i`` = old row ``index[i]``, every layer (:func:`torch_vkv.hf.batch_ops.gather`)."""
