@@ -236,3 +236,19 @@ def test_batch_op_indices_must_be_integer_rows(impl):
     assert cache.lengths.rows() == [rows[2], rows[0]]
     cache.reorder_cache(torch.tensor([1, 0], dtype=torch.int32))
     assert cache.lengths.rows() == [rows[0], rows[2]]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "vkv"])
+def test_cache_dtype_other_than_the_models_is_a_clear_error(impl):
+    """A cache built with dtype=torch.float16 for a float32 model stored the
+    step's keys cast to float16 and then failed inside the attention with
+    torch's or the kernel's message ("Expected query, key, and value to have the
+    same dtype", "k_cache.dtype: expected q.dtype"), which names neither the cache
+    nor the fix. Now update() says so first, and stores nothing."""
+    model = tiny_model("llama", impl)
+    ids, mask = prompts(2)
+    cache = vcache(model, 2, dtype=torch.float16)
+    match = r"key_states.dtype: expected torch.float16 \(the cache's dtype.*got torch.float32"
+    with pytest.raises(TypeError, match=match):
+        generate(model, ids, mask, cache, max_new_tokens=2)
+    assert cache.get_seq_length() == 0 and cache.memory_stats()["committed_bytes"] == 0

@@ -265,6 +265,16 @@ class VirtualKVCache(Cache):
             fail("key_states/value_states", "[batch, num_kv_heads, new_tokens, head_dim] tensors of one shape",
                  (tuple(key_states.shape), tuple(value_states.shape)))  # fmt: skip
         self._check_heads(key_states)
+        # The attention takes the cache's K/V with the model's queries: another dtype or device
+        # fails there, in torch's or a kernel's words, after the step was written.
+        dtype = self._kv.dtype if self._kv is not None else self._dtype
+        if dtype is not None and (key_states.dtype != dtype or value_states.dtype != dtype):
+            fail("key_states.dtype", f"{dtype} (the cache's dtype: build it with the model's dtype, or dtype=None)",
+                 key_states.dtype if key_states.dtype != dtype else value_states.dtype, TypeError)  # fmt: skip
+        device, kd = (self._kv.device if self._kv is not None else self._device), key_states.device
+        if device is not None and (kd.type != device.type or device.index not in (None, kd.index)):  # "cuda": any
+            fail("key_states.device", f"{device} (the cache's device: build it on the model's device, or "
+                 "device=None)", key_states.device)  # fmt: skip
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
