@@ -467,3 +467,55 @@ def test_aot_eager_is_refused_with_a_clear_error_not_a_fault(layout):
                 tok = step(tok, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
             assert cache.get_seq_length() == 7, cache.get_seq_length()
     """, timeout=600)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_step_that_does_not_fit_the_cache_is_refused(backend):
+    """A compiled step checked what an eager one checks. Before, silently wrong:
+    a step with fewer rows than the cache's batch advanced only those rows on the
+    device while the host added the tokens to every row (host [5], device [5, 4]),
+    and a step with more rows started row 2 from nothing; a 3-token step after
+    prepare_step(1) left the host 2 tokens behind the device (an under-commit);
+    and steps without prepare_step ran past max_cache_len with their writes
+    dropped. Now the batch is checked while tracing (ValueError), a step of
+    other than the announced tokens is read back and committed like an
+    unannounced one, and a step past max_cache_len raises, lengths unchanged."""
+    model = tiny_model("llama", "vkv")
+    ids, _ = prompts(2, length=4)
+    ids = ids.masked_fill(ids == 0, 7)
+    cache = vcache(model, 4, max_len=10)
+    ref_cache = DynamicCache(config=model.config)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        tok = model(ids, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        model.set_attn_implementation("sdpa")
+        model(ids, **forward_kwargs(model, ref_cache))
+        model.set_attn_implementation("vkv")
+
+        def lengths_are(n):
+            assert cache.lengths.rows() == [n, n] and cache.get_seq_length() == n
+            assert cache.lengths.cache_seqlens.tolist() == [n, n, 0, 0]
+
+        for bad in (tok[:1], torch.cat([tok, tok[:1]])):
+            for prepare in (False, True):
+                if prepare:
+                    cache.prepare_step(1)
+                with pytest.raises(ValueError, match="batch size of key_states: expected 2"):
+                    step(bad, **forward_kwargs(model, cache))
+                lengths_are(4)
+        cache.prepare_step(1)
+        three = torch.cat([tok, tok + 1, tok + 2], 1)  # 3 new tokens after announcing 1
+        logits = step(three, **forward_kwargs(model, cache)).logits
+        lengths_are(7)
+        model.set_attn_implementation("sdpa")
+        ref = model(three, **forward_kwargs(model, ref_cache)).logits
+        model.set_attn_implementation("vkv")
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+        assert cache.memory_stats()["used_bytes"] == 14 * cache.kv_cache.bytes_per_token
+        for _ in range(3):  # no prepare_step: the safety net commits up to max_cache_len ...
+            step(tok, **forward_kwargs(model, cache))
+        lengths_are(10)
+        with pytest.raises(ValueError, match="max_cache_len=10, got 11"):  # ... and refuses the step past it
+            step(tok, **forward_kwargs(model, cache))
+        lengths_are(10)

@@ -43,11 +43,14 @@ def test_announced_compiled_step_is_added_without_reading_the_device():
     assert ln.announced == 1
     ln.advance_on_device(2, 1)  # what the traced step does
     ln.cache_seqlens.fill_(99)  # proof that settle() does not read the device here
-    assert ln.report_compiled_step() is True
+    assert ln.report_compiled_step(1) is True
     assert ln.announced == 0
     assert ln.rows() == [4, 3] and ln.seq_length() == 4
     # A second compiled step that nobody announced: the op must read back.
-    assert ln.report_compiled_step() is False
+    assert ln.report_compiled_step(1) is False
+    # A step of other tokens than announced: the announcement's commit did not cover it.
+    ln.announce(1)
+    assert ln.report_compiled_step(2) is False
 
 
 def test_announcement_waits_for_its_step_and_eager_step_uses_it_up():
@@ -95,14 +98,14 @@ class _Observer:
     def __init__(self):
         self.calls = []
 
-    def _on_compiled_step(self, cache_seqlens, seq_length_t, capturing):
+    def _on_compiled_step(self, cache_seqlens, seq_length_t, capturing, num_tokens):
         self.calls.append((cache_seqlens.tolist(), int(seq_length_t), capturing))
 
 
 def test_ensure_committed_calls_its_cache_and_returns_zero():
     obs = _Observer()
     key = commit_op.register_cache(obs, torch.device("cpu"))
-    out = commit_op.ensure_committed(torch.tensor([3, 4], dtype=torch.int32), torch.tensor(4), key)
+    out = commit_op.ensure_committed(torch.tensor([3, 4], dtype=torch.int32), torch.tensor(4), key, 1)
     assert out.dtype == torch.int32 and out.shape == () and int(out) == 0
     assert obs.calls == [([3, 4], 4, False)]
 
@@ -113,7 +116,7 @@ def test_ensure_committed_runs_at_run_time_of_a_compiled_step():
 
     def step(lens, seq):
         lens = lens + 1
-        return lens + commit_op.ensure_committed(lens, seq + 1, key)
+        return lens + commit_op.ensure_committed(lens, seq + 1, key, 1)
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     lens = torch.tensor([1, 2], dtype=torch.int32)
@@ -127,7 +130,7 @@ def test_ensure_committed_holds_caches_weakly():
     key = commit_op.register_cache(obs, torch.device("cpu"))
     del obs
     gc.collect()
-    out = commit_op.ensure_committed(torch.tensor([1], dtype=torch.int32), torch.tensor(1), key)
+    out = commit_op.ensure_committed(torch.tensor([1], dtype=torch.int32), torch.tensor(1), key, 1)
     assert int(out) == 0  # no cache any more: nothing to do, no error
 
 
@@ -143,7 +146,7 @@ def test_ensure_committed_finds_each_cache_by_its_key_without_recompiling():
 
     @torch.compile(backend=counter, fullgraph=True)
     def step(lens, seq, key):
-        return lens + commit_op.ensure_committed(lens, seq, key)
+        return lens + commit_op.ensure_committed(lens, seq, key, 1)
 
     lens = torch.tensor([5, 6], dtype=torch.int32)
     step(lens, torch.tensor(6), keys[0])

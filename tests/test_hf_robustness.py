@@ -205,3 +205,50 @@ def test_no_future_warning_from_our_code_paths(impl):
             model(ids, attention_mask=mask, **forward_kwargs(model, cache))
     future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert future == []
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "vkv"])
+def test_batch_op_indices_must_be_integer_rows(impl):
+    """reorder_cache / batch_select_indices took any tensor through int(): a bool
+    beam_idx [True, False, True] reordered to rows [1, 0, 1], a float 1.5 became
+    row 1, and a bool mask shorter than the batch dropped the rows past it, all
+    silently (DynamicCache's index_select / indexing raise). Now: integer rows,
+    or for batch_select_indices a bool mask of one entry per row."""
+    model = tiny_model("llama", impl)
+    ids, mask = prompts(3)
+    cache = vcache(model, 4)
+    generate(model, ids, mask, cache, max_new_tokens=2)
+    rows = cache.lengths.rows()
+    bad = [
+        (lambda: cache.reorder_cache(torch.tensor([True, False, True])), TypeError, "beam_idx: expected"),
+        (lambda: cache.reorder_cache(torch.tensor([0.0, 1.5, 2.0])), TypeError, "beam_idx: expected"),
+        (lambda: cache.reorder_cache(torch.tensor([[0, 1, 2]])), ValueError, "beam_idx: expected a 1-D"),
+        (lambda: cache.batch_select_indices(torch.tensor([True, False])), ValueError,
+         r"indices: expected a bool mask of 3 entries"),
+        (lambda: cache.batch_select_indices([0.0, 2.0]), TypeError, "indices: expected"),
+    ]  # fmt: skip
+    for call, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            call()
+        assert cache.lengths.rows() == rows  # nothing changed
+    cache.reorder_cache([2, 1, 0])  # lists of ints and int tensors of any integer dtype stay accepted
+    cache.batch_select_indices(torch.tensor([True, False, True]))
+    assert cache.lengths.rows() == [rows[2], rows[0]]
+    cache.reorder_cache(torch.tensor([1, 0], dtype=torch.int32))
+    assert cache.lengths.rows() == [rows[0], rows[2]]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "vkv"])
+def test_cache_dtype_other_than_the_models_is_a_clear_error(impl):
+    """A cache built with dtype=torch.float16 for a float32 model stored the
+    step's keys cast to float16 and then failed inside the attention with
+    torch's or the kernel's message ("Expected query, key, and value to have the
+    same dtype", "k_cache.dtype: expected q.dtype"), which names neither the cache
+    nor the fix. Now update() says so first, and stores nothing."""
+    model = tiny_model("llama", impl)
+    ids, mask = prompts(2)
+    cache = vcache(model, 2, dtype=torch.float16)
+    match = r"key_states.dtype: expected torch.float16 \(the cache's dtype.*got torch.float32"
+    with pytest.raises(TypeError, match=match):
+        generate(model, ids, mask, cache, max_new_tokens=2)
+    assert cache.get_seq_length() == 0 and cache.memory_stats()["committed_bytes"] == 0

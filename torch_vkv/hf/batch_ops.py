@@ -30,12 +30,30 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from torch_vkv._checks import fail
+from torch_vkv._checks import Described, fail
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch_vkv.hf.cache import VirtualKVCache
 
-__all__ = ["gather", "shrink"]
+__all__ = ["gather", "row_index", "shrink"]
+
+
+def row_index(what: str, indices: Any, batch: int, *, allow_mask: bool) -> list[int]:
+    """``indices`` as a list of rows: a 1-D integer tensor or sequence (an empty one: no
+    rows), or (``allow_mask``) a bool mask of one entry per row. Checked because ``int()``
+    takes anything: a bool ``beam_idx`` became rows 1/0, a float 1.5 row 1, and a short
+    mask dropped rows, all silently, where ``DynamicCache``'s ``index_select`` / indexing raise."""
+    idx = torch.as_tensor(indices)
+    if idx.dim() != 1:
+        fail(what, "a 1-D tensor of row indices", Described(f"shape {tuple(idx.shape)}"))
+    if idx.dtype == torch.bool and allow_mask:
+        if idx.numel() != batch:
+            fail(what, f"a bool mask of {batch} entries (one per row)", idx.numel())
+        idx = idx.nonzero().flatten()
+    elif idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
+        kinds = "integer row indices or a bool mask" if allow_mask else "integer row indices"
+        fail(what, kinds, Described(f"dtype {idx.dtype}"), TypeError)
+    return [int(i) for i in idx.tolist()]
 
 
 def gather(cache: "VirtualKVCache", index: list[int]) -> None:

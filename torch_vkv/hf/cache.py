@@ -265,6 +265,16 @@ class VirtualKVCache(Cache):
             fail("key_states/value_states", "[batch, num_kv_heads, new_tokens, head_dim] tensors of one shape",
                  (tuple(key_states.shape), tuple(value_states.shape)))  # fmt: skip
         self._check_heads(key_states)
+        # The attention takes the cache's K/V with the model's queries: another dtype or device
+        # fails there, in torch's or a kernel's words, after the step was written.
+        dtype = self._kv.dtype if self._kv is not None else self._dtype
+        if dtype is not None and (key_states.dtype != dtype or value_states.dtype != dtype):
+            fail("key_states.dtype", f"{dtype} (the cache's dtype: build it with the model's dtype, or dtype=None)",
+                 key_states.dtype if key_states.dtype != dtype else value_states.dtype, TypeError)  # fmt: skip
+        device, kd = (self._kv.device if self._kv is not None else self._device), key_states.device
+        if device is not None and (kd.type != device.type or device.index not in (None, kd.index)):  # "cuda": any
+            fail("key_states.device", f"{device} (the cache's device: build it on the model's device, or "
+                 "device=None)", key_states.device)  # fmt: skip
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -332,24 +342,37 @@ class VirtualKVCache(Cache):
         lengths = self._lengths
         if layer_idx != 0:
             return lengths.cache_seqlens[:batch]
-        seqlens = lengths.advance_on_device(batch, num_tokens)
-        return seqlens + commit_op.ensure_committed(seqlens, lengths.seq_length_t, self._op_key)
+        # The safety net runs first, on the lengths before the step, and the step's add
+        # waits for its zero: when it refuses the step, nothing has changed.
+        ready = commit_op.ensure_committed(lengths.cache_seqlens[:batch], lengths.seq_length_t, self._op_key,
+                                           num_tokens)  # fmt: skip
+        return lengths.advance_on_device(batch, num_tokens, after=ready)
 
-    def _on_compiled_step(self, cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, capturing: bool) -> None:
-        """Run time of a compiled step (from :func:`commit_op.ensure_committed`)."""
+    def _on_compiled_step(self, cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, capturing: bool,
+                          num_tokens: int) -> None:  # fmt: skip
+        """Run time of a compiled step of ``num_tokens`` new tokens a row (from
+        :func:`commit_op.ensure_committed`, with the lengths before the step), before
+        its lengths change and before any K/V write. Raises ``ValueError`` for a step
+        the cache cannot take, as an eager step would: nothing has changed then."""
         lengths = self._lengths
         if self._closed or lengths is None:
             return
         if capturing:
             lengths.report_capture()
             return
-        if lengths.report_compiled_step():
+        if cache_seqlens.shape[0] != lengths.batch:
+            # The device would advance only these rows while the host counts every row, and
+            # rows past the batch would start from nothing.
+            fail("batch size of key_states", f"{lengths.batch} (the cache's current batch)", cache_seqlens.shape[0])
+        if lengths.report_compiled_step(num_tokens):
             return  # prepare_step backed this step
         both = torch.cat([cache_seqlens.long(), seq_length_t.view(1)]).tolist()  # a sync
-        rows, seq = [int(r) for r in both[:-1]], int(both[-1])
-        if rows and max(rows) <= self._max_cache_len:
-            self._commit(rows)
-        lengths.set_host(rows, seq)
+        rows, seq = [int(r) + num_tokens for r in both[:-1]], int(both[-1]) + num_tokens
+        if rows and max(rows) > self._max_cache_len:
+            # Its writes would be dropped (out of the rows) and its attention would read garbage.
+            fail("tokens in the cache after this step", f"at most max_cache_len={self._max_cache_len}", max(rows))
+        self._commit(rows)
+        lengths.set_host(rows, seq)  # what the step's add makes of the device lengths
 
     def prepare_step(self, num_new_tokens: int = 1) -> None:
         """The pre-step commit hook: backs the rows the next forward writes.
@@ -479,7 +502,7 @@ class VirtualKVCache(Cache):
         copied (:mod:`torch_vkv.hf.batch_ops`)."""
         self._check_open()
         if self._mode is not None:
-            self._gather([int(i) for i in torch.as_tensor(beam_idx).tolist()])
+            self._gather(batch_ops.row_index("beam_idx", beam_idx, self._lengths.batch, allow_mask=False))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row repeated ``repeats`` times in place (row i -> rows i*r .. i*r+r-1);
@@ -494,10 +517,7 @@ class VirtualKVCache(Cache):
         self._check_open()
         if self._mode is None:
             return
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        self._gather([int(i) for i in idx.tolist()])
+        self._gather(batch_ops.row_index("indices", indices, self._lengths.batch, allow_mask=True))
 
     def _gather(self, index: list[int]) -> None:
         """New row ``i`` = old row ``index[i]``, every layer (:func:`torch_vkv.hf.batch_ops.gather`)."""

@@ -125,19 +125,23 @@ class SequenceLengths:
         """Tokens announced for a step not run yet (0: none)."""
         return self._announced if self._reported == 0 else 0
 
-    def advance_on_device(self, batch: int, num_tokens: int) -> torch.Tensor:
+    def advance_on_device(self, batch: int, num_tokens: int, *, after: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Traced code of a compiled step: adds ``num_tokens`` on the device and
-        returns ``cache_seqlens[:batch]`` (new tokens included)."""
+        returns ``cache_seqlens[:batch]`` (new tokens included). ``after``: a 0-d
+        zero whose op must run first (it is added, which orders the adds after it)."""
+        n = num_tokens if after is None else after + num_tokens
         seqlens = self.cache_seqlens[:batch]
-        seqlens.add_(num_tokens)
-        self.seq_length_t.add_(num_tokens)
+        seqlens.add_(n)
+        self.seq_length_t.add_(n)
         return seqlens
 
-    def report_compiled_step(self) -> bool:
-        """Called at run time by a compiled step. True if prepare_step announced
-        it (the host adds its tokens later, without a sync); False otherwise
-        (the caller reads the lengths back and calls :meth:`set`)."""
-        if self._announced and self._reported == 0:
+    def report_compiled_step(self, num_tokens: int) -> bool:
+        """Called at run time by a compiled step of ``num_tokens`` tokens a row. True
+        if prepare_step announced it (the host adds its tokens later, without a
+        sync); False otherwise, also for a step of other than the announced tokens,
+        whose commit did not cover it (the caller reads the lengths back and calls
+        :meth:`set`)."""
+        if self._announced and self._announced == num_tokens and self._reported == 0:
             self._reported = 1
             return True
         return False
