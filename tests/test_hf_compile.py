@@ -477,7 +477,7 @@ def test_compiled_step_that_does_not_fit_the_cache_is_refused(backend):
     and a step with more rows started row 2 from nothing; a 3-token step after
     prepare_step(1) left the host 2 tokens behind the device (an under-commit);
     and steps without prepare_step ran past max_cache_len with their writes
-    dropped. Now the batch is checked while tracing (ValueError), a step of
+    dropped. Now the safety-net op checks the batch when the step runs (ValueError), a step of
     other than the announced tokens is read back and committed like an
     unannounced one, and a step past max_cache_len raises, lengths unchanged."""
     model = tiny_model("llama", "vkv")
