@@ -449,6 +449,10 @@ def test_sampler_noise_depends_only_on_seed_and_position():
         (dict(temperature="hot"), TypeError),
         (dict(stop_token_ids=[-1]), ValueError),
         (dict(seed="x"), TypeError),
+        # Seeds and top_k travel to the sampler as int64: beyond it every later step() raised.
+        (dict(seed=2**63), ValueError),
+        (dict(seed=-(2**63) - 1), ValueError),
+        (dict(top_k=2**63), ValueError),
     ],
 )
 def test_sampling_params_errors(kwargs, exc):
@@ -459,6 +463,24 @@ def test_sampling_params_errors(kwargs, exc):
 def test_sampling_params_accepts_edges():
     assert SamplingParams(temperature=0, top_p=1, top_k=0).greedy
     assert SamplingParams(top_k=-1, top_p=1e-6, stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+
+
+def test_int64_edge_seeds_and_top_k_sample_beside_others():
+    """The extreme seeds and top_k that ``SamplingParams`` accepts run through
+    the sampler's int64 tensors. ``seed=2**64`` used to be accepted, and every
+    ``step()`` then raised "Overflow when unpacking long long" for the whole
+    batch (the HTTP server's engine thread died on one request)."""
+    model = model_of("llama")
+    want = reference(model, [1, 2, 3], 4)
+    edges = [SamplingParams(max_tokens=4, seed=2**63 - 1), SamplingParams(max_tokens=4, seed=-(2**63)),
+             SamplingParams(max_tokens=4, seed=5, top_k=2**63 - 1)]  # fmt: skip
+    with engine_for(model) as e:
+        outs = e.generate([[1, 2, 3]] * 4, [*edges, greedy(4)], use_tqdm=False)
+        assert [len(o.token_ids) for o in outs] == [4] * 4
+        assert outs[3].token_ids == want
+        # top_k beyond the vocabulary is off: the same tokens as top_k=-1 with that seed
+        assert outs[2].token_ids == e.generate([[1, 2, 3]], SamplingParams(max_tokens=4, seed=5),
+                                               use_tqdm=False)[0].token_ids  # fmt: skip
 
 
 def test_add_request_errors_then_serves():
