@@ -422,6 +422,24 @@ def test_sampler_distribution_matches_softmax():
         assert torch.allclose(freq, want, atol=0.018), (temp, k, p, freq, want)
 
 
+def test_sampler_tiny_temperature_is_the_argmax_not_an_overflow():
+    """``logits / temperature`` overflowed float32 for a tiny temperature
+    (1e-40 is a valid ``SamplingParams``): every positive logit became inf and
+    the first of them won, silently not the most likely token. The limit of a
+    temperature going to 0 is the argmax, with top-k / top-p too."""
+    from torch_vkv.serving.sampler import Sampler
+
+    torch.manual_seed(1)
+    R, V = 64, VOCAB
+    logits = torch.randn(R, V) * 4
+    seeds, pos = torch.arange(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64)
+    for temp in (1e-30, 1e-38, 1e-40):
+        for k, p in ((-1, 1.0), (20, 1.0), (-1, 0.9)):
+            got = Sampler()(logits, torch.full((R,), temp), torch.full((R,), k, dtype=torch.int64),
+                            torch.full((R,), p), seeds, pos, use_top_k=k > 0, use_top_p=p < 1)  # fmt: skip
+            assert torch.equal(got, logits.argmax(-1)), (temp, k, p)
+
+
 def test_sampler_noise_depends_only_on_seed_and_position():
     from torch_vkv.serving.sampler import gumbel_noise
 
