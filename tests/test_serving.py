@@ -294,6 +294,10 @@ def test_abort_mid_generation():
         assert e.abort(a) is True
         assert e.abort(a) is False  # already finished
         assert e.abort("no such request") is False
+        with pytest.raises(TypeError, match="request_id: expected a str"):
+            e.abort(["a"])  # was "unhashable type: 'list'"
+        with pytest.raises(TypeError, match="request_id: expected a str"):
+            e.abort(0)  # ids are strings: an int never names a request
         outs = {o.request_id: o for o in e.step()}
         assert outs[a].finished and outs[a].finish_reason == "abort"
         assert 0 < len(outs[a].token_ids) < 30
@@ -330,6 +334,32 @@ def test_generate_order_params_list_and_progress_bar(capsys):
             e.generate(prompts, [greedy(1)] * 3)
         with pytest.raises(TypeError, match="params"):
             e.generate(prompts, "greedy")
+
+
+def test_interrupted_generate_leaves_none_of_its_requests_running(monkeypatch):
+    """Ctrl-C (or an error) inside ``generate`` used to leave its requests
+    running: they kept their slots and pages and were served, unseen, by every
+    later call. Now they are aborted, as ``LLM.generate`` does; requests added
+    with ``add_request`` are not the call's and keep running."""
+    model = model_of("llama")
+    want = reference(model, [7, 8], 2)
+    with engine_for(model) as e:
+        mine = e.add_request([9, 10, 11], greedy(40))
+        step, calls = e.step, []
+
+        def interrupted_step():
+            calls.append(None)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return step()
+
+        monkeypatch.setattr(e, "step", interrupted_step)
+        with pytest.raises(KeyboardInterrupt):
+            e.generate([[1, 2, 3], [4, 5, 6]], greedy(40), use_tqdm=False)
+        monkeypatch.undo()
+        assert e.stats()["num_running"] == 1 and e.scheduler.running[0].request_id == mine
+        assert e.generate([[7, 8]], greedy(2), use_tqdm=False)[0].token_ids == want
+        assert e.abort(mine)
 
 
 def test_close_restores_model_and_refuses_requests():
