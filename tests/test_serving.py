@@ -369,7 +369,9 @@ def test_close_restores_model_and_refuses_requests():
     assert model.config._attn_implementation == "vkv_serving"
     with engine:
         engine.generate([[1, 2, 3]], greedy(2), use_tqdm=False)
+        engine.abort(engine.add_request([1, 2, 3], greedy(2)))  # its final output not yet returned by step()
     assert engine.closed and model.config._attn_implementation == "sdpa"
+    assert not engine.has_unfinished_requests()  # close() drops every request (was True: step() then raised)
     with pytest.raises(RuntimeError, match="closed"):
         engine.add_request([1, 2, 3], greedy(2))
     engine.close()  # idempotent

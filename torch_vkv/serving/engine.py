@@ -552,6 +552,7 @@ class Engine(Unique):
         self._restore_model()
         self.kv.close()
         self._requests.clear()
+        self._undelivered.clear()  # else has_unfinished_requests() stayed True, and step() raises now
 
     @property
     def closed(self) -> bool:
