@@ -298,6 +298,8 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"prompt": PROMPT, "top_k": -2}, 400, "top_k"),
     ("/v1/completions", {"prompt": PROMPT, "seed": "x"}, 400, "seed"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": 2**64}, 400, "seed"),  # killed the engine thread once
+    ("/v1/completions", {"prompt": PROMPT, "top_k": 2**63}, 400, "top_k"),
     ("/v1/completions", {"prompt": PROMPT, "stop": [3]}, 400, "stop"),
     ("/v1/completions", {"prompt": PROMPT, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream"),

@@ -294,6 +294,10 @@ def test_abort_mid_generation():
         assert e.abort(a) is True
         assert e.abort(a) is False  # already finished
         assert e.abort("no such request") is False
+        with pytest.raises(TypeError, match="request_id: expected a str"):
+            e.abort(["a"])  # was "unhashable type: 'list'"
+        with pytest.raises(TypeError, match="request_id: expected a str"):
+            e.abort(0)  # ids are strings: an int never names a request
         outs = {o.request_id: o for o in e.step()}
         assert outs[a].finished and outs[a].finish_reason == "abort"
         assert 0 < len(outs[a].token_ids) < 30
@@ -332,6 +336,32 @@ def test_generate_order_params_list_and_progress_bar(capsys):
             e.generate(prompts, "greedy")
 
 
+def test_interrupted_generate_leaves_none_of_its_requests_running(monkeypatch):
+    """Ctrl-C (or an error) inside ``generate`` used to leave its requests
+    running: they kept their slots and pages and were served, unseen, by every
+    later call. Now they are aborted, as ``LLM.generate`` does; requests added
+    with ``add_request`` are not the call's and keep running."""
+    model = model_of("llama")
+    want = reference(model, [7, 8], 2)
+    with engine_for(model) as e:
+        mine = e.add_request([9, 10, 11], greedy(40))
+        step, calls = e.step, []
+
+        def interrupted_step():
+            calls.append(None)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return step()
+
+        monkeypatch.setattr(e, "step", interrupted_step)
+        with pytest.raises(KeyboardInterrupt):
+            e.generate([[1, 2, 3], [4, 5, 6]], greedy(40), use_tqdm=False)
+        monkeypatch.undo()
+        assert e.stats()["num_running"] == 1 and e.scheduler.running[0].request_id == mine
+        assert e.generate([[7, 8]], greedy(2), use_tqdm=False)[0].token_ids == want
+        assert e.abort(mine)
+
+
 def test_close_restores_model_and_refuses_requests():
     model = make_model("llama")
     assert model.config._attn_implementation == "sdpa"
@@ -339,7 +369,9 @@ def test_close_restores_model_and_refuses_requests():
     assert model.config._attn_implementation == "vkv_serving"
     with engine:
         engine.generate([[1, 2, 3]], greedy(2), use_tqdm=False)
+        engine.abort(engine.add_request([1, 2, 3], greedy(2)))  # its final output not yet returned by step()
     assert engine.closed and model.config._attn_implementation == "sdpa"
+    assert not engine.has_unfinished_requests()  # close() drops every request (was True: step() then raised)
     with pytest.raises(RuntimeError, match="closed"):
         engine.add_request([1, 2, 3], greedy(2))
     engine.close()  # idempotent
@@ -422,6 +454,24 @@ def test_sampler_distribution_matches_softmax():
         assert torch.allclose(freq, want, atol=0.018), (temp, k, p, freq, want)
 
 
+def test_sampler_tiny_temperature_is_the_argmax_not_an_overflow():
+    """``logits / temperature`` overflowed float32 for a tiny temperature
+    (1e-40 is a valid ``SamplingParams``): every positive logit became inf and
+    the first of them won, silently not the most likely token. The limit of a
+    temperature going to 0 is the argmax, with top-k / top-p too."""
+    from torch_vkv.serving.sampler import Sampler
+
+    torch.manual_seed(1)
+    R, V = 64, VOCAB
+    logits = torch.randn(R, V) * 4
+    seeds, pos = torch.arange(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64)
+    for temp in (1e-30, 1e-38, 1e-40):
+        for k, p in ((-1, 1.0), (20, 1.0), (-1, 0.9)):
+            got = Sampler()(logits, torch.full((R,), temp), torch.full((R,), k, dtype=torch.int64),
+                            torch.full((R,), p), seeds, pos, use_top_k=k > 0, use_top_p=p < 1)  # fmt: skip
+            assert torch.equal(got, logits.argmax(-1)), (temp, k, p)
+
+
 def test_sampler_noise_depends_only_on_seed_and_position():
     from torch_vkv.serving.sampler import gumbel_noise
 
@@ -449,6 +499,10 @@ def test_sampler_noise_depends_only_on_seed_and_position():
         (dict(temperature="hot"), TypeError),
         (dict(stop_token_ids=[-1]), ValueError),
         (dict(seed="x"), TypeError),
+        # Seeds and top_k travel to the sampler as int64: beyond it every later step() raised.
+        (dict(seed=2**63), ValueError),
+        (dict(seed=-(2**63) - 1), ValueError),
+        (dict(top_k=2**63), ValueError),
     ],
 )
 def test_sampling_params_errors(kwargs, exc):
@@ -459,6 +513,24 @@ def test_sampling_params_errors(kwargs, exc):
 def test_sampling_params_accepts_edges():
     assert SamplingParams(temperature=0, top_p=1, top_k=0).greedy
     assert SamplingParams(top_k=-1, top_p=1e-6, stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+
+
+def test_int64_edge_seeds_and_top_k_sample_beside_others():
+    """The extreme seeds and top_k that ``SamplingParams`` accepts run through
+    the sampler's int64 tensors. ``seed=2**64`` used to be accepted, and every
+    ``step()`` then raised "Overflow when unpacking long long" for the whole
+    batch (the HTTP server's engine thread died on one request)."""
+    model = model_of("llama")
+    want = reference(model, [1, 2, 3], 4)
+    edges = [SamplingParams(max_tokens=4, seed=2**63 - 1), SamplingParams(max_tokens=4, seed=-(2**63)),
+             SamplingParams(max_tokens=4, seed=5, top_k=2**63 - 1)]  # fmt: skip
+    with engine_for(model) as e:
+        outs = e.generate([[1, 2, 3]] * 4, [*edges, greedy(4)], use_tqdm=False)
+        assert [len(o.token_ids) for o in outs] == [4] * 4
+        assert outs[3].token_ids == want
+        # top_k beyond the vocabulary is off: the same tokens as top_k=-1 with that seed
+        assert outs[2].token_ids == e.generate([[1, 2, 3]], SamplingParams(max_tokens=4, seed=5),
+                                               use_tqdm=False)[0].token_ids  # fmt: skip
 
 
 def test_add_request_errors_then_serves():

@@ -301,6 +301,31 @@ def test_parallel_sampling_small_budget(kv):
     assert [c.token_ids for c in out.outputs] == [a.token_ids for a in alone]
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("kv", list(KV_CONFIGS))
+def test_parallel_sampling_in_a_budget_for_one_sequence(kv, prefix_caching):
+    """``add_request`` accepts an n > 1 request whose one sequence fits the
+    budget alone; every such request is served. Admission used to ask for the
+    prompt's pages plus one page group per fork at once, more than the budget
+    holds, so the request was never admitted and was aborted with a
+    RuntimeWarning. Alone it is admitted now: forks that find no page wait in
+    the queue and run when memory frees."""
+    import warnings
+
+    model = model_of("llama")
+    prompt = tokens(random.Random(8), 39)
+    with engine_for(model, kv) as probe:  # the budget: exactly the pages of prompt + max_tokens
+        budget = probe.kv.pages_for(len(prompt) + 8) * probe.kv.page_bytes
+        alone = [serve(probe, [prompt], SamplingParams(max_tokens=8, seed=completion_seed(1, i)))[0].token_ids
+                 for i in range(3)]  # fmt: skip
+    with engine_for(model, kv, memory_budget=budget, max_batch_size=4, prefix_caching=prefix_caching) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no request aborted as unschedulable
+            out = serve(e, [prompt], SamplingParams(n=3, max_tokens=8, seed=1))[0]
+    assert [c.finish_reason for c in out.outputs] == ["length"] * 3
+    assert [c.token_ids for c in out.outputs] == alone
+
+
 def test_parallel_sampling_errors():
     with engine_for(model_of("llama"), "paged", max_batch_size=2) as e:
         with pytest.raises(ValueError, match="params.n: expected at most max_batch_size=2"):

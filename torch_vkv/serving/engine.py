@@ -27,6 +27,7 @@ from torch_vkv._lifetime import Unique
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
+from torch_vkv.serving._model_info import eos_ids, model_shape, text_config
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
@@ -38,32 +39,6 @@ from torch_vkv.serving.scheduler import Scheduler
 __all__ = ["Engine"]
 
 KV_KINDS = ("virtual", "paged")
-
-
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _model_shape(config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a transformers config."""
-    c = _text_config(config)
-    heads = c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return c.num_hidden_layers, kv_heads, head_dim
-
-
-def _eos_ids(model: Any) -> tuple[int, ...]:
-    """EOS ids from ``generation_config.eos_token_id`` (int or list); the
-    config's only when the model has no generation config."""
-    gen = getattr(model, "generation_config", None)
-    eos = gen.eos_token_id if gen is not None else getattr(_text_config(model.config), "eos_token_id", None)
-    if eos is None:
-        return ()
-    if isinstance(eos, torch.Tensor):
-        eos = eos.tolist()
-    return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
 
 
 class Engine(Unique):
@@ -161,9 +136,9 @@ class Engine(Unique):
         model.eval()
         self.model = model
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self.vocab_size = int(getattr(emb, "num_embeddings", 0) or _text_config(model.config).vocab_size)
-        self.eos_token_ids = _eos_ids(model)
-        num_layers, num_kv_heads, head_dim = _model_shape(model.config)
+        self.vocab_size = int(getattr(emb, "num_embeddings", 0) or text_config(model.config).vocab_size)
+        self.eos_token_ids = eos_ids(model)
+        num_layers, num_kv_heads, head_dim = model_shape(model.config)
         from torch_vkv.hf.cache import layer_windows  # the HF adapter's reading of the config
 
         #: Each layer's sliding window in tokens (``None``: a global layer), from the model's config.
@@ -314,8 +289,11 @@ class Engine(Unique):
     def abort(self, request_id: str) -> bool:
         """Finishes a request with ``finish_reason="abort"`` and releases its
         slot and pages; the next :meth:`step` returns its final output.
-        Returns False (and does nothing) when no unfinished request has that id."""
+        Returns False (and does nothing) when no unfinished request has that id;
+        ``TypeError`` when ``request_id`` is not a str."""
         self._check_open()
+        if not isinstance(request_id, str):  # ids are str: an int or list never names one (a list crashed the lookup)
+            fail("request_id", "a str", type(request_id), ArgumentTypeError)
         req = self._requests.get(request_id)
         if req is None:
             return False
@@ -458,7 +436,8 @@ class Engine(Unique):
         final outputs in the order of ``prompts``. ``params``: one
         ``SamplingParams`` for all, or one per prompt. Every prompt is checked
         before any is queued. Requests added earlier with :meth:`add_request`
-        are served alongside (their outputs are not returned)."""
+        are served alongside (their outputs are not returned). An exception
+        (``KeyboardInterrupt`` too) aborts this call's unfinished requests."""
         self._check_open()
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             fail("prompts", "a sequence of prompts (sequences of token ids)", type(prompts), ArgumentTypeError)
@@ -477,19 +456,25 @@ class Engine(Unique):
         from tqdm.auto import tqdm
 
         start, generated = time.perf_counter(), 0
-        with tqdm(total=len(checked), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while any(r is None for r in results):
-                for out in self.step():
-                    i = index.get(out.request_id)
-                    if i is None or results[i] is not None:
-                        continue
-                    if out.request_id in index:
+        try:
+            with tqdm(total=len(checked), desc="Generating", unit="req", disable=not use_tqdm,
+                      dynamic_ncols=True) as bar:  # fmt: skip
+                while any(r is None for r in results):
+                    for out in self.step():
+                        i = index.get(out.request_id)
+                        if i is None or results[i] is not None:
+                            continue
                         generated += 1
-                    if out.finished:
-                        results[i] = out
-                        bar.update(1)
-                if use_tqdm:
-                    bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
+                        if out.finished:
+                            results[i] = out
+                            bar.update(1)
+                    if use_tqdm:
+                        bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}",
+                                        refresh=False)  # fmt: skip
+        finally:  # interrupted (Ctrl-C) or failed: none of this call's requests may keep running unseen
+            if not self._closed:
+                for rid in [rid for rid in index if rid in self._requests]:
+                    self.abort(rid)
         return results  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- stats
@@ -569,6 +554,7 @@ class Engine(Unique):
         self._restore_model()
         self.kv.close()
         self._requests.clear()
+        self._undelivered.clear()  # else has_unfinished_requests() stayed True, and step() raises now
 
     @property
     def closed(self) -> bool:

@@ -11,6 +11,9 @@ from torch_vkv._checks import ArgumentTypeError, check_int, fail
 __all__ = ["SamplingParams", "completion_seed"]
 
 _MASK64 = (1 << 64) - 1
+# Seeds and top_k reach the sampler as int64 tensors: beyond this range torch.tensor
+# raises inside Engine.step, failing the whole batch, so they are refused here.
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def completion_seed(seed: int, index: int) -> int:
@@ -48,12 +51,13 @@ class SamplingParams:
             prompt + output reaches the engine's ``max_seq_len``.
         temperature: >= 0; ``0`` is greedy (argmax).
         top_p: nucleus sampling, in ``(0, 1]``; ``1`` disables it.
-        top_k: keep the ``top_k`` most likely tokens; ``-1`` or ``0`` disables it.
+        top_k: keep the ``top_k`` most likely tokens; ``-1`` or ``0`` disables it
+            (at most ``2**63 - 1``; beyond the vocabulary it keeps every token).
         stop_token_ids: ids that end the request (the stop token is kept as the
             last output token, ``finish_reason="stop"``).
         ignore_eos: do not stop at the model's EOS ids (``stop_token_ids`` still stop).
         seed: makes sampling reproducible and independent of the batch; ``None``
-            draws a seed when the request arrives.
+            draws a seed when the request arrives. An int64: ``[-2**63, 2**63)``.
         stop: strings that end the request (text API and server only: the
             text stops before the first one, ``finish_reason="stop"``); one
             string or a sequence of non-empty strings, kept as a tuple.
@@ -87,7 +91,7 @@ class SamplingParams:
         if not 0.0 < top_p <= 1.0:
             fail("top_p", "a float in (0, 1]", self.top_p)
         set_(self, "top_p", top_p)
-        set_(self, "top_k", check_int("top_k", self.top_k, low=-1))
+        set_(self, "top_k", check_int("top_k", self.top_k, low=-1, high=_INT64_MAX))
         stop = self.stop_token_ids
         if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
             fail("stop_token_ids", "a sequence of token ids", stop, ArgumentTypeError)
@@ -95,7 +99,7 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "a bool", self.ignore_eos, ArgumentTypeError)
         if self.seed is not None:
-            set_(self, "seed", check_int("seed", self.seed))
+            set_(self, "seed", check_int("seed", self.seed, low=_INT64_MIN, high=_INT64_MAX))
         stop_strings = self.stop
         if stop_strings is None:
             stop_strings = ()

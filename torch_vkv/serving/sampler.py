@@ -90,7 +90,10 @@ class Sampler:
         if temperature is None:
             return greedy
         R, V = logits.shape
-        x = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        # Shifted by the row's max before scaling (sampling is shift-invariant): a tiny
+        # temperature then sends the other logits to -inf instead of overflowing every
+        # positive logit to +inf, where the first inf, not the best token, won.
+        x = (logits - logits.amax(-1, keepdim=True)) / torch.where(temperature > 0, temperature, 1.0)[:, None]
         if use_top_k or use_top_p:
             xs, order = x.sort(-1, descending=True)
             remove = torch.zeros_like(xs, dtype=torch.bool)

@@ -219,8 +219,11 @@ class Scheduler:
                 if pending and nxt < len(r.block_keys) and r.block_keys[nxt] in pending:
                     break
                 n = min(r.num_tokens - hit, budget)
-                # An n > 1 request's completions will each fork (and may copy) one page group.
-                need = kv.need_pages(None, hit + n) - kv.shared_pages(hit) + (r.fanout - 1) * kv.pages_for(1)
+                # An n > 1 request's completions will each fork (and may copy) one page group. Not
+                # asked of a request alone: that may exceed a budget its one sequence fits (which
+                # add_request promises to serve); forks that find no page wait in the queue instead.
+                forks = (r.fanout - 1) * kv.pages_for(1) if self.running else 0
+                need = kv.need_pages(None, hit + n) - kv.shared_pages(hit) + forks
                 reserve = self.watermark_pages if self.running else 0
                 if need + reserve > free:
                     break  # first come, first served: nobody overtakes the head of the queue
