@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
 
 import numpy as np
@@ -320,7 +321,7 @@ def test_abort_mid_generation():
         assert e.stats()["used_bytes"] == 0
 
 
-def test_generate_order_params_list_and_progress_bar(capsys):
+def test_generate_order_params_list_and_progress_bar(capsys, monkeypatch):
     model = model_of("llama")
     prompts = random_prompts(random.Random(17), 4, lo=3, hi=50)
     lens = [5, 1, 9, 3]
@@ -330,6 +331,12 @@ def test_generate_order_params_list_and_progress_bar(capsys):
         assert [o.prompt_token_ids for o in outs] == prompts
         err = capsys.readouterr().err
         assert "4/4" in err and "tok_s" in err
+        # The rate counts tokens of every completion, not outputs: n=3 triples it.
+        ticks = iter([0.0])  # the call's start; every later reading is 10 s on
+        with monkeypatch.context() as m:
+            m.setattr(time, "perf_counter", lambda: next(ticks, 10.0))
+            e.generate([prompts[0]], SamplingParams(max_tokens=4, n=3, temperature=1.0, seed=3))
+        assert "tok_s=1.2" in capsys.readouterr().err  # 12 tokens over 10 s
         with pytest.raises(ValueError, match="params"):
             e.generate(prompts, [greedy(1)] * 3)
         with pytest.raises(TypeError, match="params"):
@@ -544,6 +551,8 @@ def test_add_request_errors_then_serves():
             ([1, -1], ValueError, "prompt token id"),
             ([1, 2.0], TypeError, "prompt token id"),
             ("hello", TypeError, "prompt_token_ids"),
+            (b"\x01\x02", TypeError, "prompt_token_ids"),  # bytes are not token ids
+            (bytearray(b"\x01\x02"), TypeError, "prompt_token_ids"),  # nor are bytearrays (were accepted)
         ]
         for prompt, exc, match in bad:
             with pytest.raises(exc, match=match):

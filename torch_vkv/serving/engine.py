@@ -237,7 +237,7 @@ class Engine(Unique):
             prompt = prompt.tolist()
         elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
             prompt = prompt.tolist()
-        elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+        elif isinstance(prompt, (str, bytes, bytearray)) or not isinstance(prompt, Sequence):
             fail("prompt_token_ids", "a sequence of token ids", type(prompt), ArgumentTypeError)
         prompt = [check_int("prompt token id", t) for t in prompt]
         if not prompt:
@@ -439,7 +439,7 @@ class Engine(Unique):
         are served alongside (their outputs are not returned). An exception
         (``KeyboardInterrupt`` too) aborts this call's unfinished requests."""
         self._check_open()
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             fail("prompts", "a sequence of prompts (sequences of token ids)", type(prompts), ArgumentTypeError)
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -455,7 +455,7 @@ class Engine(Unique):
         results: list[Optional[RequestOutput]] = [None] * len(checked)
         from tqdm.auto import tqdm
 
-        start, generated = time.perf_counter(), 0
+        start, generated0 = time.perf_counter(), self._num_generated
         try:
             with tqdm(total=len(checked), desc="Generating", unit="req", disable=not use_tqdm,
                       dynamic_ncols=True) as bar:  # fmt: skip
@@ -464,11 +464,11 @@ class Engine(Unique):
                         i = index.get(out.request_id)
                         if i is None or results[i] is not None:
                             continue
-                        generated += 1
                         if out.finished:
                             results[i] = out
                             bar.update(1)
                     if use_tqdm:
+                        generated = self._num_generated - generated0  # every completion's tokens (n > 1 too)
                         bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}",
                                         refresh=False)  # fmt: skip
         finally:  # interrupted (Ctrl-C) or failed: none of this call's requests may keep running unseen
