@@ -106,6 +106,17 @@ def _loop(model, cache, ids, steps, *, crop_at=None, crop_by=0):
     return torch.cat(toks, 1), cache
 
 
+def prefill_with_sdpa_twin(model, cache, ref_cache, ids):
+    """Prefills ``cache`` with ``model`` as it is (its "vkv" attention) and ``ref_cache``
+    with the same model under sdpa; returns the first greedy tokens ``[B, 1]``."""
+    with torch.no_grad():
+        tok = model(ids, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        model.set_attn_implementation("sdpa")
+        model(ids, **forward_kwargs(model, ref_cache))
+        model.set_attn_implementation("vkv")
+    return tok
+
+
 def _expected_committed(cache: VirtualKVCache, rows: list[int], ahead: int = 0) -> int:
     """Bytes the cache commits for ``rows`` tokens per row: whole pages per buffer
     (2 per layer in per_layer, one in interleaved), from KVCache's own arithmetic.

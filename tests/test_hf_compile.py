@@ -14,7 +14,7 @@ from torch_vkv.hf import VirtualKVCache, forward_kwargs  # noqa: E402
 
 from _hf_models import (  # noqa: E402
     _assert_greedy_equivalent, _close, _expected_committed, _generate_logits, _page_crossing_model, _ref_model,
-    generate, prompts, tiny_model, vcache,
+    generate, prefill_with_sdpa_twin, prompts, tiny_model, vcache,
 )
 
 
@@ -263,11 +263,8 @@ def test_compiled_steps_without_prepare_step(backend, layout):
     ref_cache = DynamicCache(config=model.config)
     assert cache.memory_stats()["committed_bytes"] == 0  # nothing built yet
     step = torch.compile(model.forward, fullgraph=True, backend=backend)
+    tok = prefill_with_sdpa_twin(model, cache, ref_cache, ids)
     with torch.no_grad():
-        tok = model(ids, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-        model.set_attn_implementation("sdpa")
-        model(ids, **forward_kwargs(model, ref_cache))
-        model.set_attn_implementation("vkv")
         for _ in range(40):  # 44 tokens: crosses the 32-token page
             logits = step(tok, **forward_kwargs(model, cache)).logits
             model.set_attn_implementation("sdpa")
@@ -487,11 +484,8 @@ def test_compiled_step_that_does_not_fit_the_cache_is_refused(backend):
     ref_cache = DynamicCache(config=model.config)
     torch._dynamo.reset()
     step = torch.compile(model.forward, fullgraph=True, backend=backend)
+    tok = prefill_with_sdpa_twin(model, cache, ref_cache, ids)
     with torch.no_grad():
-        tok = model(ids, **forward_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-        model.set_attn_implementation("sdpa")
-        model(ids, **forward_kwargs(model, ref_cache))
-        model.set_attn_implementation("vkv")
 
         def lengths_are(n):
             assert cache.lengths.rows() == [n, n] and cache.get_seq_length() == n
