@@ -367,6 +367,20 @@ WRITES = {
     "bool index": "k[True] = 1.0",
     "list of slots": "k[[slot, 1], 0] = 1.0",
     "tensor of rows": "k[slot, torch.tensor([2, k.committed_rows()[slot]])] = 1.0",
+    # Index forms that were passed through unchecked (and faulted): NumPy arrays, masks, ranges,
+    # tuples of rows, 2-D index tensors, Ellipsis and None.
+    "numpy array of rows": "k[slot, np.array([2, k.committed_rows()[slot]])] = 1.0",
+    "0-d numpy row": "k[slot, np.array(k.committed_rows()[slot])] = 1.0",
+    "bool tensor mask of rows": "k[slot, torch.arange(256) >= 30] = 1.0",
+    "numpy bool mask of rows": "k[slot, np.arange(256) >= 30] = 1.0",
+    "list of bools": "k[slot, [r >= 30 for r in range(256)]] = 1.0",
+    "2-D bool mask of slots and rows": "k[torch.ones(3, 256, dtype=torch.bool)] = 1.0",
+    "range of rows": "k[slot, range(30, 256)] = 1.0",
+    "tuple of rows": "k[slot, (2, k.committed_rows()[slot])] = 1.0",
+    "2-D tensor of rows": "k[slot, torch.tensor([[2, k.committed_rows()[slot]]])] = 1.0",
+    "Ellipsis after the slot": "k[slot, ...] = 1.0",
+    "Ellipsis first": "k[..., 0] = 1.0",
+    "None before the slot": "k[None, slot, k.committed_rows()[slot]] = 1.0",
 }
 
 
@@ -401,6 +415,13 @@ k[slot, rows - 1] = 3.0
 k[slot, :rows] += 0  # a plain tensor view: unchecked, and within the rows
 k[slot, 2:4] = torch.zeros(2, 2, 8)
 assert float(k[slot, rows - 1].sum()) == 3.0 * 16 and float(k[slot, 2:4].abs().sum()) == 0
+import numpy as np
+k[slot, np.array([0, rows - 1])] = 5.0            # index forms checked like ints and slices
+k[slot, torch.arange(256) < rows] += 0
+k[slot, range(rows)] = k[slot, :rows].clone()
+k[slot, :rows, ..., 0] = 5.0
+k[None, slot, :rows] = k[slot, :rows].clone()
+assert float(k[slot, rows - 1, 0, 0]) == 5.0
 cache.commit(slot, 256)
 for other in (1, 2):
     cache.commit(cache.alloc(), 256)

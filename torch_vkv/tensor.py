@@ -358,7 +358,7 @@ class VirtualKVView(torch.nn.Parameter):
         if reservation.closed:
             raise RuntimeError("cannot write through a view of a closed cache (its memory is released); "
                                "take new views from an open KVCache")  # fmt: skip
-        slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1])
+        slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1], self.dim())
         if not slots or not rows:
             return
         lo, hi = min(rows), max(rows) + 1
@@ -407,40 +407,70 @@ class VirtualKVView(torch.nn.Parameter):
         return 0, 0
 
 
-def _slots_and_rows(index: Any, num_slots: int, num_rows: int) -> tuple[Optional[list[int]], range]:
-    """The slots and rows an index of a ``[slots, rows, ...]`` view touches,
-    from its first two places: ints (NumPy ints, 0-d integer tensors), slices,
-    and on the CPU 1-D integer tensors or lists (``None``-less indexes only).
-    A bool index touches everything (``True``) or nothing (``False``).
-    ``(None, ...)`` for an index it cannot read (Ellipsis, None, CUDA index
-    tensors: reading them would sync), which is then not checked."""
+def _slots_and_rows(index: Any, num_slots: int, num_rows: int, ndim: int = 4) -> tuple[Optional[list[int]], range]:
+    """The slots and rows an index of a ``[slots, rows, ...]`` view (``ndim``
+    dimensions) touches, from the places that address its first two
+    dimensions. Reads every index form ``Tensor.__setitem__`` takes: ints
+    (NumPy ints, 0-d integer tensors and arrays), slices, integer or boolean
+    tensors, arrays, lists, tuples and ranges (a mask spans as many
+    dimensions as it has), ``Ellipsis`` and ``None``; a Python bool touches
+    everything (``True``) or nothing (``False``). Several advanced indexes
+    are taken as their cross product, and rows as ``[min, max]``: a superset
+    of what is written. ``(None, ...)`` only for CUDA index tensors (reading
+    them would sync), which are then not checked."""
     parts = index if isinstance(index, tuple) else (index,)
-    if index is None:
-        parts = ()
-    if any(isinstance(p, (bool, np.bool_)) for p in parts):
-        return (list(range(num_slots)), range(num_rows)) if all(parts) else ([], range(0))
+    if any(isinstance(p, (bool, np.bool_)) and not p for p in parts):
+        return [], range(0)
+    dims: list[Any] = []  # per dimension of the view that the index consumes: a slice or the indices it takes
+    ellipsis_at = None
+    for part in parts:
+        if part is None or isinstance(part, (bool, np.bool_)):
+            continue  # a new dimension: addresses nothing
+        if part is Ellipsis:
+            ellipsis_at = len(dims) if ellipsis_at is None else ellipsis_at
+            continue
+        taken = _index_part(part)
+        if taken is None:
+            return None, range(0)
+        dims.extend(taken)
+    if ellipsis_at is not None:  # it spans the dimensions the other parts leave
+        dims[ellipsis_at:ellipsis_at] = [slice(None)] * max(0, ndim - len(dims))
     picked: list[Sequence[int]] = []
-    for part, size in zip(parts[:2], (num_slots, num_rows)):
+    for part, size in zip(dims[:2], (num_slots, num_rows)):
         if isinstance(part, slice):
             picked.append(range(*part.indices(size)))
-            continue
-        if isinstance(part, torch.Tensor) and not part.is_floating_point() and part.dtype != torch.bool:
-            if part.dim() == 0:
-                part = int(part)
-            elif part.dim() == 1 and part.device.type == "cpu":
-                part = part.tolist()
-            else:
-                return None, range(0)
-        if isinstance(part, numbers.Integral):
-            i = int(part) + size if int(part) < 0 else int(part)
-            picked.append([i] if 0 <= i < size else [])  # out of range: torch raises
-        elif isinstance(part, list) and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in part):
-            picked.append([int(x) + size if int(x) < 0 else int(x) for x in part if -size <= int(x) < size])
-        else:
-            return None, range(0)
+        else:  # out-of-range indices are left to torch, which raises
+            picked.append([i + size if i < 0 else i for i in part if -size <= i < size])
     picked += [range(num_slots), range(num_rows)][len(picked):]
     rows = list(picked[1])
     return list(picked[0]), (range(min(rows), max(rows) + 1) if rows else range(0))
+
+
+def _index_part(part: Any) -> Optional[list[Any]]:
+    """What one non-``None``, non-``Ellipsis`` index part takes in each view
+    dimension it consumes: a ``slice`` or a list of ints (``slice(None)``,
+    every index, when it is no form torch indexes with: torch then raises).
+    ``None`` for a CUDA tensor."""
+    if isinstance(part, slice):
+        return [part]
+    if isinstance(part, numbers.Integral):
+        return [[int(part)]]
+    if isinstance(part, torch.Tensor):
+        if part.device.type != "cpu":
+            return None
+        arr = part.numpy(force=True) if part.dtype != torch.bfloat16 else None
+    else:
+        try:
+            arr = np.asarray(part)
+        except Exception:
+            arr = None
+    if arr is None or arr.dtype.kind not in "biu":
+        return [slice(None)]  # not an index torch writes with: whatever torch does, assume every index
+    if arr.dtype.kind == "b":
+        if arr.ndim == 0:  # a 0-d mask: a new dimension, all or nothing (False was handled by the caller)
+            return [] if arr else [[]]
+        return [[int(i) for i in np.unique(coord)] for coord in np.nonzero(arr)]  # one list per masked dim
+    return [[int(i) for i in np.unique(arr)]]
 
 
 def _checked_inplace(name: str) -> Callable[..., torch.Tensor]:
