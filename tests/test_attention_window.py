@@ -156,6 +156,9 @@ def test_triton_decode_splits_only_the_window():
         (dict(window_left=-1), ValueError, "window_left: expected an int >= 0, got -1"),
         (dict(window_left=2.5), TypeError, "window_left: expected an int"),
         (dict(window_left=True), TypeError, "window_left: expected an int"),
+        # The ops take an int64: a larger int raised torch's "Expected a value of type 'int' ... found type 'int'".
+        (dict(window_left=2**63), ValueError, r"window_left: expected an int <= 9223372036854775807, got 9223372036854775808"),
+        (dict(window_left=2**63, backend="flex"), ValueError, "window_left: expected an int <="),
         (dict(softcap=0.0), ValueError, "softcap: expected None or a finite real number > 0"),
         (dict(softcap=-1), ValueError, "softcap: expected"),
         (dict(softcap=float("nan")), ValueError, "softcap: expected"),

@@ -146,7 +146,8 @@ def check_window(window_left, softcap) -> tuple:
     ``window_left``: None or an int >= 0 (a query at ``p`` sees keys ``[p - window_left, p]``);
     ``softcap``: None or a finite real > 0 (scores ``softcap * tanh(score / softcap)``).
     """
-    win = -1 if window_left is None else check_int("window_left", window_left, low=0)
+    # high: the ops take an int64 (a larger int failed deep in the dispatcher with an unreadable message).
+    win = -1 if window_left is None else check_int("window_left", window_left, low=0, high=2**63 - 1)
     if softcap is None:
         return win, 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
