@@ -49,6 +49,14 @@ def test_reservation_past_the_address_space_is_a_value_error():
         small_cache(max_batch_size=1024, max_seq_len=limit + 1, layout="interleaved")
 
 
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_huge_num_layers_is_a_value_error_not_a_memory_error(sliding_window):
+    # The per-layer window list was built before the size check: an empty MemoryError.
+    with pytest.raises(ValueError, match=r"max_seq_len: expected at most 1 tokens per slot .* address space"):
+        KVCache(2**40, 2, 8, max_batch_size=1, max_seq_len=16, dtype=torch.float32, device="cpu",
+                page_size=4096, sliding_window=sliding_window)
+
+
 @pytest.mark.parametrize(
     "seq_lens, message",
     [

@@ -173,8 +173,6 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
             fail("dtype", "a floating-point torch.dtype", dtype, ArgumentTypeError)
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
-        #: Tokens each layer attends to (``None``: all), from ``sliding_window``.
-        self.sliding_window = parse_windows(sliding_window, self.num_layers)
         if memory_budget is not None:
             memory_budget = check_int("memory_budget", memory_budget, low=0)
         if pool is not None and not isinstance(pool, PagePool):
@@ -198,6 +196,8 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
                 f"(the reservation must fit in the {ADDRESS_SPACE_BYTES >> 40} TiB address space)",
                 max_seq_len,
             )
+        #: Tokens each layer attends to (``None``: all), from ``sliding_window`` (one entry per layer: after the size check).
+        self.sliding_window = parse_windows(sliding_window, self.num_layers)
 
         if pool is None:
             probe = PagePool(self.device, page_size=page_size)
