@@ -191,7 +191,10 @@ PYBIND11_MODULE(_C, m) {
           "the reservation alive.")
       .def("is_committed", &Reservation::is_committed, py::arg("page"), release_gil())
       .def("num_committed", &Reservation::num_committed, release_gil())
-      .def("committed_ranges", &Reservation::committed_ranges, release_gil());
+      .def("committed_ranges", &Reservation::committed_ranges, release_gil())
+      .def("inherited_ranges", &Reservation::inherited_ranges, release_gil(),
+           "Runs (first page, count) mapped in this process, pending decommits included; works in a forked "
+           "child, where committed_ranges() raises.");
 
   py::class_<Committer, std::shared_ptr<Committer>>(m, "Committer")
       .def(py::init<>())

@@ -521,6 +521,19 @@ size_t Reservation::num_committed() {
   return num_committed_;
 }
 
+std::vector<std::pair<size_t, size_t>> Reservation::inherited_ranges() {
+  // No origin check: a forked child reads its own copy of the page table. Its fork handler
+  // made every mapped page private (pending decommits included: they stay mapped in the child)
+  // and released the pool mutex, and nothing else runs there.
+  std::lock_guard<std::mutex> lock(pool_->mutex());
+  std::vector<size_t> pages;
+  for (size_t p = 0; p < pages_.size(); ++p)
+    if (pages_[p] != kNoPage) pages.push_back(p);
+  std::vector<std::pair<size_t, size_t>> out;
+  for_each_run(pages, [&](size_t f, size_t c) { out.emplace_back(f, c); });
+  return out;
+}
+
 std::vector<std::pair<size_t, size_t>> Reservation::committed_ranges() {
   origin_.check();
   std::lock_guard<std::mutex> lock(pool_->mutex());

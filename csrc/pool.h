@@ -163,6 +163,9 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   bool is_committed(size_t page);
   size_t num_committed();
   std::vector<std::pair<size_t, size_t>> committed_ranges();  // [(first, count)]
+  // Pages mapped in this process, pending decommits included, read in any process (a forked
+  // child's writes are checked against it; committed_ranges() refuses there).
+  std::vector<std::pair<size_t, size_t>> inherited_ranges();
 
   // The allocator freed our address: forget every mapping without touching it.
   void on_address_freed();

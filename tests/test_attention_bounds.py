@@ -457,7 +457,8 @@ def test_a_transposed_k_cache_is_named_as_such():
 
 def test_append_into_a_closed_or_forked_caches_views():
     """A closed cache's views: RuntimeError naming the closed cache (not advice to
-    commit). A forked child's views: appends work as before (its private copy)."""
+    commit). A forked child's views: appends within the pages mapped at fork() work (its private
+    copy); past them, ValueError (before: unchecked, a fault)."""
     from _subprocess import check_scenario
 
     check_scenario("""
@@ -473,7 +474,13 @@ pid = os.fork()
 if pid == 0:
     try:
         append_kv(k, v, new, new, lens, slots=slots)
-        os._exit(0 if torch.equal(k[s, 4], new[0]) else 3)
+        if not torch.equal(k[s, 4], new[0]):
+            os._exit(3)
+        try:  # 20 rows committed: one 4 KiB page of 32 rows; row 40 lies past it
+            append_kv(k, v, new, new, torch.tensor([41], dtype=torch.int32), slots=slots)
+        except ValueError:
+            os._exit(0)
+        os._exit(5)
     except BaseException:
         os._exit(4)
 _, status = os.waitpid(pid, 0)

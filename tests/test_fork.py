@@ -237,3 +237,40 @@ assert torch.equal(k[slot, :64], x)
 """,
         timeout=180,
     )
+
+
+def test_child_writes_past_the_inherited_pages_raise_not_fault():
+    """A forked child's writes through a view are checked against its own copy of the page table
+    (``Reservation.inherited_ranges``): past what was mapped at fork() they raise ``ValueError``
+    (before: SIGSEGV, the child killed), within it they write the child's private copy."""
+    check_scenario(
+        PRELUDE
+        + """
+cache, slot, x = filled()          # 64 rows committed: 2 pages of 32 rows
+k = cache.key(0)
+
+def child():
+    assert k.source.forked
+    for write in (lambda: k.__setitem__((slot, 200), 1.0), lambda: k.__setitem__((slot, slice(60, 70)), 1.0),
+                  lambda: k.zero_()):
+        try:
+            write()
+        except ValueError as e:
+            assert f"rows written in slot {slot}" in str(e) and "leading 64" in str(e), str(e)
+        else:
+            raise AssertionError("a write past the inherited pages did not raise")
+    k[slot, 10:20] = 5.0                       # within them: the child's private copy
+    assert float(k[slot, 15, 0, 0]) == 5.0
+
+code, _ = fork_and_wait(child)
+assert code == 0, code
+assert torch.equal(k[slot, :64], x)            # the parent's rows are untouched
+try:
+    k[slot, 200] = 1.0
+except ValueError:
+    pass
+else:
+    raise AssertionError("the parent's check broke")
+""",
+        timeout=120,
+    )

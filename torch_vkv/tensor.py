@@ -30,7 +30,8 @@ raise ``TypeError``: they would write the whole virtual range. Clone the rows
 you want (``cache.key(0)[slot, :n].clone()``); ordinary tensors pickle as usual.
 
 **fork.** In a child process an inherited tensor's committed pages are
-private copy-on-write copies (the child's writes never reach the parent), and
+private copy-on-write copies (the child's writes never reach the parent;
+writes through a view past them raise ``ValueError``, as in the parent), and
 every page-table operation raises ``RuntimeError`` ("create a new cache in
 the child"). CUDA itself cannot be used in a forked child (PyTorch says the
 same); use the ``spawn`` start method.
@@ -313,10 +314,11 @@ class VirtualKVView(torch.nn.Parameter):
         extent = (1 + sum((n - 1) * st for n, st in zip(sizes[2:], strides[2:]))) * esz
         return self.data_ptr() - self.source.reservation.base, strides[0] * esz, strides[1] * esz, extent
 
-    def _committed_rows(self, slots: Iterable[int]) -> list[int]:
+    def _committed_rows(self, slots: Iterable[int], ranges: Optional[list] = None) -> list[int]:
         offset, slot_bytes, row_bytes, extent = self._row_layout()
         ps = self.source.page_size
-        runs = [(f * ps, (f + n) * ps) for f, n in self.source.reservation.committed_ranges()]
+        ranges = self.source.reservation.committed_ranges() if ranges is None else ranges
+        runs = [(f * ps, (f + n) * ps) for f, n in ranges]
         starts = [lo for lo, _ in runs]
         rows = []
         for slot in slots:
@@ -353,8 +355,6 @@ class VirtualKVView(torch.nn.Parameter):
         if torch.compiler.is_compiling():
             return  # traced code: the page table is not traceable (write through append_kv there)
         reservation = self.source.reservation
-        if reservation.forked:
-            return  # a forked child writes its private copy of what was mapped (docs/design.md, "fork")
         if reservation.closed:
             raise RuntimeError("cannot write through a view of a closed cache (its memory is released); "
                                "take new views from an open KVCache")  # fmt: skip
@@ -362,11 +362,13 @@ class VirtualKVView(torch.nn.Parameter):
         if not slots or not rows:
             return
         lo, hi = min(rows), max(rows) + 1
-        runs = reservation.committed_ranges()
+        # A forked child writes its private copies of the pages mapped at fork() (docs/design.md,
+        # "fork"), read from its own copy of the page table: committed_ranges() refuses there.
+        runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()
         for slot in slots:
             if not self._rows_committed(slot, lo, hi, runs):
                 fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
-                     f"{self._committed_rows([slot])[0]}; commit more first: KVCache.commit or step)",
+                     f"{self._committed_rows([slot], runs)[0]}; commit more first: KVCache.commit or step)",
                      Described(f"rows [{lo}, {hi})"))  # fmt: skip
 
     def __setitem__(self, index: Any, value: Any) -> None:

@@ -47,16 +47,17 @@ def _committed_rows_check(cache: torch.Tensor):
     """For a ``VirtualKVView`` (``KVCache.key``/``value``) of an open cache: a
     function ``(slot, start, end) -> bool``, whether those rows are committed
     (the page table read once); ``None`` when nothing can be known (another
-    tensor, or a forked child, whose writes go to its private copy). A closed
-    cache's view raises ``RuntimeError``."""
+    tensor). In a forked child: the pages mapped at fork() (its private
+    copies). A closed cache's view raises ``RuntimeError``."""
     from ..tensor import VirtualKVView  # the tensor module never imports attention
 
-    if not isinstance(cache, VirtualKVView) or cache.source.reservation.forked:
+    if not isinstance(cache, VirtualKVView):
         return None
-    if cache.source.reservation.closed:
+    reservation = cache.source.reservation
+    if reservation.closed:
         raise RuntimeError("append_kv: the cache of k_cache/v_cache is closed (its memory is released); "
                            "take new views from an open KVCache")  # fmt: skip
-    runs = cache.source.reservation.committed_ranges()
+    runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()
     return lambda slot, start, end: cache._rows_committed(slot, start, end, runs)
 
 
