@@ -28,6 +28,10 @@ without reading).
 **Copies.** Pickling, ``torch.save`` and ``copy.deepcopy`` of these tensors
 raise ``TypeError``: they would write the whole virtual range. Clone the rows
 you want (``cache.key(0)[slot, :n].clone()``); ordinary tensors pickle as usual.
+A slice (``view[slot, :n]``) is an ordinary tensor over the same storage, and
+``torch.save`` writes a tensor's whole storage: save ``.clone()`` of it, never
+the slice itself (that reads every uncommitted row: zeros on the host backend,
+a fault on CUDA).
 
 **fork.** In a child process an inherited tensor's committed pages are
 private copy-on-write copies (the child's writes never reach the parent;
