@@ -55,3 +55,18 @@ def test_a_device_this_machine_lacks_is_a_usage_error(command, device, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --device" in err and "expected" in err and device in err
+
+
+@pytest.mark.parametrize("command", [["bench", "alloc"], ["bench", "kernels", "--smoke"], ["bench", "serve", "--smoke"],
+                                     ["bench", "hf", "--tiny"]])
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_an_out_folder_that_cannot_be_written_is_a_usage_error(command, where, tmp_path, capsys):
+    """--out is checked by argparse before the benchmark runs: exit status 2 and "expected ..., got ...",
+    not a FileExistsError traceback after the whole run."""
+    (tmp_path / "f").write_text("")
+    out = str(tmp_path / "f") if where == "file" else str(tmp_path / "f" / "sub")
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--out", out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "expected a writable folder" in err and out in err

@@ -123,3 +123,21 @@ def device_arg(text: str) -> torch.device:
         return check_device(text)  # type: ignore[return-value]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def out_dir_arg(text: str) -> str:
+    """``argparse`` type of the benchmarks' ``--out``: a folder that exists or is made now, and can be written,
+    so that a bad path is a usage error before the run, not a traceback when the report is written."""
+    import argparse
+    import os
+
+    if text:
+        if os.path.exists(text) and not os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"expected a writable folder, got {text!r} (a file)")
+        try:
+            os.makedirs(text, exist_ok=True)
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"expected a writable folder, got {text!r} ({e.strerror})") from None
+        if not os.access(text, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"expected a writable folder, got {text!r} (permission denied)")
+    return text

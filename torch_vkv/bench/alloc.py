@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from torch_vkv._checks import device_arg
+from torch_vkv._checks import device_arg, out_dir_arg
 from torch_vkv.bench.report import write_report
 from torch_vkv.bench.step_call import bench_step_call
 from torch_vkv.bench.timing import StepClock, sync
@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, type=device_arg,
                    help="cuda[:N] or cpu (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true", help="a short run (< 1 min on an H100)")
-    p.add_argument("--out", default=None, help="output directory (default: $TORCH_VKV_BENCH_DIR or ./bench_out)")
+    p.add_argument("--out", default=None, type=out_dir_arg,
+                   help="output directory (default: $TORCH_VKV_BENCH_DIR or ./bench_out)")
     g = p.add_argument_group("latency")
     g.add_argument("--pages", type=int, default=None, help="pages per run of the latency part")
     g.add_argument("--latency-repeats", type=int, default=None)

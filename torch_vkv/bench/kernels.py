@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch_vkv._checks import device_arg
+from torch_vkv._checks import device_arg, out_dir_arg
 from torch_vkv.bench.kernels_decode import decode_rows, decode_summary
 from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
 from torch_vkv.bench.kernels_window import window_rows, window_summary
@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short run (< 2 min on an H100)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the plumbing only")
-    p.add_argument("--out", default=None, help="output folder (default $TORCH_VKV_BENCH_DIR or ./bench_out)")
+    p.add_argument("--out", default=None, type=out_dir_arg,
+                   help="output folder (default $TORCH_VKV_BENCH_DIR or ./bench_out)")
     p.add_argument("--device", default=None, type=device_arg, help="default cuda if available")
     p.add_argument("--models", default=None, help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--no-vm", action="store_true", help="do not use torch_vkv.KVCache (cudaMalloc only)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from torch_vkv._checks import positive_int_arg as _positive
+from torch_vkv._checks import out_dir_arg
 from torch_vkv.bench.workloads import TRACES, WORKLOADS, RequestSpec, make_requests, workload_lengths
 
 __all__ = ["RequestResult", "build_parser", "main", "run_workload", "summarize"]
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help=f"a tiny run: {SMOKE['num_requests']} requests, lengths clipped to "
                         f"{SMOKE['max_prompt_tokens']}/{SMOKE['max_output_tokens']}")  # fmt: skip
-    p.add_argument("--out", default=None, help="report folder (default $TORCH_VKV_BENCH_DIR or ./bench_out)")
+    p.add_argument("--out", default=None, type=out_dir_arg,
+                   help="report folder (default $TORCH_VKV_BENCH_DIR or ./bench_out)")
     return p
 
 
