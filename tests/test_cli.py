@@ -70,3 +70,24 @@ def test_an_out_folder_that_cannot_be_written_is_a_usage_error(command, where, t
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --out" in err and "expected a writable folder" in err and out in err
+
+
+@pytest.mark.parametrize("command, option, value", [
+    (["demo"], "--batch", "0"),
+    (["demo"], "--prompt-len", "0"),
+    (["demo"], "--new-tokens", "-1"),
+    (["demo"], "--max-cache-len", "0"),
+    (["demo"], "--threads", "0"),
+    (["demo"], "--page-size", "100"),
+    (["demo"], "--page-size", "0"),
+    (["bench", "alloc"], "--page-size", "1000"),
+    (["bench", "alloc"], "--page-size", "0"),
+])
+def test_a_bad_count_or_page_size_is_a_usage_error(command, option, value, capsys):
+    """Counts and host page sizes are checked by argparse: exit status 2 and "expected ..., got ...", not a
+    traceback (min() of an empty batch, transformers' max_new_tokens check, the pool's page size check)."""
+    with pytest.raises(SystemExit) as e:
+        main([*command, option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "expected" in err and value in err

@@ -141,3 +141,15 @@ def out_dir_arg(text: str) -> str:
         if not os.access(text, os.W_OK | os.X_OK):
             raise argparse.ArgumentTypeError(f"expected a writable folder, got {text!r} (permission denied)")
     return text
+
+
+def page_size_arg(text: str) -> int:
+    """``argparse`` type of a host ``--page-size``: a positive multiple of the OS page size."""
+    import argparse
+
+    from torch_vkv.pool import check_host_page_size
+
+    try:
+        return check_host_page_size(int_arg(1)(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

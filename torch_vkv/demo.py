@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torch_vkv._checks import device_arg
+from torch_vkv._checks import device_arg, page_size_arg, positive_int_arg
 
 __all__ = ["main"]
 
@@ -38,18 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="PATH", help="a local transformers checkpoint (default: random small Llama)")
     p.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch", type=int, default=4, help="prompts in the batch (default 4)")
-    p.add_argument("--prompt-len", type=int, default=48, help="longest prompt, tokens (default 48)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--max-cache-len", type=int, default=None,
+    p.add_argument("--batch", type=positive_int_arg, default=4, help="prompts in the batch (default 4)")
+    p.add_argument("--prompt-len", type=positive_int_arg, default=48, help="longest prompt, tokens (default 48)")
+    p.add_argument("--new-tokens", type=positive_int_arg, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--max-cache-len", type=positive_int_arg, default=None,
                    help="cache capacity per row (default 2048 on the CPU, 32768 on CUDA)")  # fmt: skip
     p.add_argument("--layout", choices=("per_layer", "interleaved"), default=None,
                    help="VirtualKVCache layout (default per_layer on the CPU; interleaved on CUDA, where a "
                    "2 MiB page would otherwise hold thousands of one small layer's tokens)")  # fmt: skip
     p.add_argument("--attn", default="vkv", help="attention implementation for VirtualKVCache (default vkv)")
-    p.add_argument("--page-size", type=int, default=16 << 10,
+    p.add_argument("--page-size", type=page_size_arg, default=16 << 10,
                    help="host page bytes on the CPU (default 16 KiB; CUDA uses the driver's 2 MiB)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int_arg, default=1,
                    help="CPU threads for torch (default 1: the model is small, and extra threads spin "
                    "against other processes)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from torch_vkv._checks import device_arg, out_dir_arg
+from torch_vkv._checks import device_arg, out_dir_arg, page_size_arg
 from torch_vkv.bench.report import write_report
 from torch_vkv.bench.step_call import bench_step_call
 from torch_vkv.bench.timing import StepClock, sync
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=None, help="timed runs per mode (modes interleaved)")
     g.add_argument("--layouts", default=None, help="comma-separated KVCache layouts (default: per_layer,interleaved)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--page-size", type=int, default=None, help="host backend page size in bytes (CPU only)")
+    g.add_argument("--page-size", type=page_size_arg, default=None, help="host backend page size in bytes (CPU only)")
     g.add_argument("--sync", choices=("step", "none", "both"), default="step",
                    help="step: wait for each step's result on the host, as a server does for the sampled tokens "
                         "(the default); none: let the host run ahead of the GPU; both: one run of each")
