@@ -91,3 +91,24 @@ def test_a_bad_count_or_page_size_is_a_usage_error(command, option, value, capsy
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}" in err and "expected" in err and value in err
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--model", "{missing}"],
+    ["serve", "--model", "{file}"],
+    ["serve", "--model", "{dir}", "--tokenizer", "{missing}"],
+    ["demo", "--model", "{missing}"],
+    ["serve", "--model", "{dir}", "--port", "-1"],
+    ["serve", "--model", "{dir}", "--port", "65536"],
+])
+def test_a_missing_checkpoint_or_a_bad_port_is_a_usage_error(args, tmp_path, capsys):
+    """--model / --tokenizer are local folders and --port a TCP port, checked by argparse: exit status 2 and
+    "expected ..., got ...", not a Hugging Face hub traceback (or a network lookup) when the model loads."""
+    (tmp_path / "file").write_text("")
+    paths = {"missing": str(tmp_path / "missing"), "file": str(tmp_path / "file"), "dir": str(tmp_path)}
+    args = [a.format(**paths) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {args[-2]}" in err and "expected" in err and args[-1] in err

@@ -75,8 +75,8 @@ def check_int_array(what: str, values: Any, *, low: int, high: int) -> np.ndarra
     return np.array(items, dtype=np.int64).reshape(arr.shape)
 
 
-def int_arg(low: int):
-    """An ``argparse`` type: an int >= ``low``, with "expected X, got Y" on failure."""
+def int_arg(low: int, high: int | None = None):
+    """An ``argparse`` type: an int >= ``low`` (and <= ``high``), with "expected X, got Y" on failure."""
     import argparse
 
     def parse(text: str) -> int:
@@ -86,6 +86,8 @@ def int_arg(low: int):
             raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected an int in [{low}, {high}], got {value}")
         return value
 
     return parse
@@ -94,6 +96,20 @@ def int_arg(low: int):
 #: ``argparse`` types for counts (>= 1) and sizes that may be 0.
 positive_int_arg = int_arg(1)
 non_negative_int_arg = int_arg(0)
+#: ``argparse`` type of a TCP ``--port``.
+port_arg = int_arg(0, 65535)
+
+
+def local_dir_arg(text: str) -> str:
+    """``argparse`` type of a local checkpoint or tokenizer folder (``--model``, ``--tokenizer``): it must exist,
+    so that a typo is a usage error, not a Hugging Face hub lookup and its traceback."""
+    import argparse
+    import os
+
+    if not os.path.isdir(text):
+        why = "a file" if os.path.exists(text) else "no such folder"
+        raise argparse.ArgumentTypeError(f"expected a local checkpoint folder, got {text!r} ({why})")
+    return text
 
 
 def check_device(device: Any) -> Optional[torch.device]:

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torch_vkv._checks import device_arg, page_size_arg, positive_int_arg
+from torch_vkv._checks import device_arg, local_dir_arg, page_size_arg, positive_int_arg
 
 __all__ = ["main"]
 
@@ -36,7 +36,8 @@ def _fmt(nbytes: float) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", metavar="PATH", help="a local transformers checkpoint (default: random small Llama)")
+    p.add_argument("--model", metavar="PATH", type=local_dir_arg,
+                   help="a local transformers checkpoint (default: random small Llama)")
     p.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch", type=positive_int_arg, default=4, help="prompts in the batch (default 4)")
     p.add_argument("--prompt-len", type=positive_int_arg, default=48, help="longest prompt, tokens (default 48)")

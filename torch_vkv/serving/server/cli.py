@@ -14,7 +14,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from torch_vkv._checks import device_arg
+from torch_vkv._checks import device_arg, local_dir_arg, port_arg
 from torch_vkv._checks import non_negative_int_arg as _non_negative
 from torch_vkv._checks import positive_int_arg as _positive
 from torch_vkv.serving.llm import LLM
@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m torch_vkv serve",
                                 description="An OpenAI-compatible HTTP server on the torch_vkv engine.")  # fmt: skip
-    p.add_argument("--model", required=True, help="local checkpoint path (transformers causal LM)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
+    p.add_argument("--model", required=True, type=local_dir_arg, help="local checkpoint path (transformers causal LM)")
+    p.add_argument("--tokenizer", default=None, type=local_dir_arg, help="tokenizer path (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_arg, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--max-waiting", type=_non_negative, default=DEFAULT_MAX_WAITING,
                    help="requests allowed to wait beyond the running ones; more answer 503 (default %(default)s)")
