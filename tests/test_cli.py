@@ -112,3 +112,14 @@ def test_a_missing_checkpoint_or_a_bad_port_is_a_usage_error(args, tmp_path, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {args[-2]}" in err and "expected" in err and args[-1] in err
+
+
+@pytest.mark.parametrize("option, value", [("--batch", "0"), ("--prompt", "0"), ("--new-tokens", "-1"),
+                                           ("--layers", "0"), ("--max-cache-len", "0")])
+def test_bench_hf_bad_counts_are_usage_errors(option, value, capsys):
+    """bench hf's sizes are checked by argparse, not a reshape or max_new_tokens traceback from transformers."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "hf", "--tiny", "--device", "cpu", option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "expected an int >= 1" in err and value in err

@@ -75,12 +75,12 @@ TINY = dict(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv bench hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one configuration: batch 8, prompt 1024, 128 new tokens")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (full default: 1 8 32)")
-    p.add_argument("--prompt", type=int, nargs="+", help="prompt lengths (full default: 1024 4096 8192)")
-    p.add_argument("--new-tokens", type=int, nargs="+", help="new tokens (full default: 256 1024)")
+    p.add_argument("--batch", type=positive_int_arg, nargs="+", help="batch sizes (full default: 1 8 32)")
+    p.add_argument("--prompt", type=positive_int_arg, nargs="+", help="prompt lengths (full default: 1024 4096 8192)")
+    p.add_argument("--new-tokens", type=positive_int_arg, nargs="+", help="new tokens (full default: 256 1024)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument(
-        "--max-cache-len", type=int, default=8192,
+        "--max-cache-len", type=positive_int_arg, default=8192,
         help="capacity of StaticCache and VirtualKVCache rows, as a server sizes them for the longest "
         "request it accepts (default 8192, Llama-3-8B's context; raised to prompt + new tokens when shorter)",
     )  # fmt: skip
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         help="max_cache_len of the compiled caches: 'server' (--max-cache-len) and/or 'exact' (prompt + new "
         "tokens); both by default, side by side",
     )  # fmt: skip
-    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (faster runs)")
+    p.add_argument("--layers", type=positive_int_arg, default=None, help="override num_hidden_layers (faster runs)")
     p.add_argument("--tiny", action="store_true", help="a tiny config instead of Llama-3-8B (CPU smoke test)")
     p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--out", "--out-dir", dest="out_dir", default=None, type=out_dir_arg,
