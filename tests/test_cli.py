@@ -123,3 +123,20 @@ def test_bench_hf_bad_counts_are_usage_errors(option, value, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}" in err and "expected an int >= 1" in err and value in err
+
+
+def test_bench_serve_url_without_a_scheme_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serve", "--url", "127.0.0.1:8000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --url: expected" in err and "'127.0.0.1:8000'" in err
+
+
+def test_bench_serve_against_no_server_says_so(tmp_path):
+    """Nothing listening at --url: one line naming the URL, not an httpx.ConnectError traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serve", "--url", "http://127.0.0.1:1", "--num-requests", "1", "--timeout", "5",
+              "--out", str(tmp_path)])
+    assert isinstance(e.value.code, str) and "http://127.0.0.1:1/v1/models" in e.value.code
+    assert "expected" in e.value.code and "ConnectError" in e.value.code

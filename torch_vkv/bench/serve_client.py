@@ -175,9 +175,13 @@ async def run_workload(url: str, specs: Sequence[RequestSpec], *, model: Optiona
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s, limits=limits) as client:
         if model is None:
-            r = await client.get("/v1/models")
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+            try:
+                r = await client.get("/v1/models")
+                r.raise_for_status()
+                model = r.json()["data"][0]["id"]
+            except (httpx.HTTPError, ValueError, LookupError, TypeError) as e:
+                raise ConnectionError(f"{url.rstrip('/')}/v1/models: expected an OpenAI-compatible server's model "
+                                      f"list (is it up? --model skips this), got {type(e).__name__}: {e}") from None
         rng = random.Random(seed)
         prompts = [[rng.randrange(vocab_size) for _ in range(s.prompt_tokens)] for s in specs]
         t0 = time.perf_counter()
@@ -186,6 +190,12 @@ async def run_workload(url: str, specs: Sequence[RequestSpec], *, model: Optiona
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     return list(results), duration, model
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"expected a URL such as http://127.0.0.1:8000, got {text!r}")
+    return text
 
 
 def _rate(text: str) -> float:
@@ -201,7 +211,7 @@ def _rate(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv bench serve",
                                 description="Serving benchmark over the OpenAI protocol (streaming).")  # fmt: skip
-    p.add_argument("--url", default=None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", default=None, type=_url, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     p.add_argument("--trace", choices=WORKLOADS, default="arxiv_summarization",
                    help=f"request lengths: a trace ({', '.join(TRACES)}) or 'uniform' (nano-vllm: [100, 1024])")
@@ -236,9 +246,12 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
     max_o = args.max_output_tokens or (SMOKE["max_output_tokens"] if args.smoke else None)
     specs = make_requests(workload_lengths(args.trace, n, args.seed), request_rate=args.request_rate,
                           seed=args.seed, max_prompt_tokens=max_p, max_output_tokens=max_o)  # fmt: skip
-    results, duration, model = asyncio.run(run_workload(
-        args.url, specs, model=args.model, vocab_size=args.vocab_size, ignore_eos=not args.no_ignore_eos,
-        seed=args.seed, timeout_s=args.timeout))  # fmt: skip
+    try:
+        results, duration, model = asyncio.run(run_workload(
+            args.url, specs, model=args.model, vocab_size=args.vocab_size, ignore_eos=not args.no_ignore_eos,
+            seed=args.seed, timeout_s=args.timeout))  # fmt: skip
+    except ConnectionError as e:
+        raise SystemExit(f"bench serve: {e}") from None
     row = summarize(results, duration, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo)
     row = {"url": args.url, "model": model, "trace": args.trace, "request_rate": args.request_rate, **row}
     command = "python -m torch_vkv bench serve " + " ".join(sys.argv[3:] if argv is None else argv)
