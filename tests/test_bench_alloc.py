@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from torch_vkv.bench.alloc import MODES, main
 
 LATENCY = (
@@ -62,3 +64,12 @@ def test_bench_alloc_quick_cpu(tmp_path: Path) -> None:
             assert r["pages_committed_per_run"] == 0, r  # nothing left to commit in the run
         else:
             assert r["pages_committed_per_run"] > 0, r  # the run crossed page boundaries
+
+
+@pytest.mark.parametrize("max_len", ["100000000", "99999999999"])
+def test_a_max_len_beyond_memory_is_refused_before_the_run(max_len):
+    """--max-len whose K/V cannot fit in this machine's memory is refused up front with "expected ..., got ...",
+    not a KVCache ValueError traceback (or an out-of-memory) after the latency part has run."""
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--quick", "--max-len", max_len])
+    assert isinstance(e.value.code, str) and "--max-len" in e.value.code and "expected" in e.value.code

@@ -60,6 +60,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -213,6 +214,12 @@ def _config(args: argparse.Namespace) -> Config:
                          f"{cfg.min_len}, {cfg.max_len}, {cfg.warmup}")
     if cfg.q_heads % cfg.kv_heads:
         raise SystemExit(f"bench alloc: --q-heads expected a multiple of --kv-heads ({cfg.kv_heads}), got {cfg.q_heads}")
+    per_token = 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=cfg.dtype).element_size()
+    mem = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
+           else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if cfg.batch * (cfg.max_len + cfg.warmup + cfg.steps + 1) * per_token > mem:  # what the decode loop commits
+        raise SystemExit(f"bench alloc: --max-len expected {per_token} bytes/token x --batch {cfg.batch} to fit in "
+                         f"{mem >> 20} MiB of {device.type} memory, got {cfg.max_len}")
     return cfg
 
 
