@@ -166,6 +166,6 @@ def page_size_arg(text: str) -> int:
     from torch_vkv.pool import check_host_page_size
 
     try:
-        return check_host_page_size(int_arg(1)(text))
+        return check_host_page_size(positive_int_arg(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch_vkv._checks import fail
 
-__all__ = ["cache_keyword", "forward_kwargs", "generate_kwargs", "model_shape", "text_config"]
+__all__ = ["cache_keyword", "eos_ids", "forward_kwargs", "generate_kwargs", "model_shape", "text_config"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,3 +85,15 @@ def model_shape(config: Any) -> tuple[int, int, int]:
         fail("config", "num_hidden_layers, num_key_value_heads and head_dim >= 1",
              (num_layers, num_kv_heads, head_dim))  # fmt: skip
     return num_layers, num_kv_heads, int(head_dim)
+
+
+def eos_ids(model: Any) -> tuple[int, ...]:
+    """EOS ids from ``generation_config.eos_token_id`` (int or list); the
+    config's only when the model has no generation config."""
+    gen = getattr(model, "generation_config", None)
+    eos = gen.eos_token_id if gen is not None else getattr(text_config(model.config), "eos_token_id", None)
+    if eos is None:
+        return ()
+    if hasattr(eos, "tolist"):  # a tensor
+        eos = eos.tolist()
+    return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)

@@ -27,7 +27,6 @@ from torch_vkv._lifetime import Unique
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
-from torch_vkv.serving._model_info import eos_ids, model_shape, text_config
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
@@ -135,11 +134,15 @@ class Engine(Unique):
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
         self.model = model
+        # The HF adapter's reading of a model and its config (imported here: importing the serving
+        # package loads no transformers).
+        from torch_vkv.hf.cache import layer_windows
+        from torch_vkv.hf.compat import eos_ids, model_shape, text_config
+
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or text_config(model.config).vocab_size)
         self.eos_token_ids = eos_ids(model)
         num_layers, num_kv_heads, head_dim = model_shape(model.config)
-        from torch_vkv.hf.cache import layer_windows  # the HF adapter's reading of the config
 
         #: Each layer's sliding window in tokens (``None``: a global layer), from the model's config.
         self.sliding_window = layer_windows(model.config, num_layers)
