@@ -150,6 +150,23 @@ def test_smoke_one_workload_and_configs(tmp_path):
     assert "| virtual-interleaved |" in md
 
 
+def test_smoke_compiled_decode(tmp_path):
+    """``--compile``: every engine compiles its decode steps, the report says so,
+    and every request gets as many tokens as in the eager run (token values are
+    checked by tests/test_serving_compile.py)."""
+    args = ("--workload", "offline", "--configs", "virtual-per_layer,paged-16", "--num-requests", "3")
+    compiled, md = _smoke(tmp_path / "compiled", *args, "--compile")
+    eager, md_eager = _smoke(tmp_path / "eager", *args)
+    assert compiled["compile"] is True and eager["compile"] is False
+    assert "- decode steps: compiled (Engine(compile=True))" in md and "- decode steps: eager" in md_eager
+    for report in (compiled, eager):
+        rows = report["workloads"]["offline"]["rows"]
+        assert [r["config"] for r in rows] == ["virtual-per_layer", "paged-16"] and all(r["completed"] == 3 for r in rows)
+    runs = [r["workloads"]["offline"]["parts"][0]["runs"] for r in (compiled, eager)]
+    for name in ("virtual-per_layer", "paged-16"):
+        assert [q["output_tokens"] for q in runs[0][name]["requests"]] == [q["output_tokens"] for q in runs[1][name]["requests"]]
+
+
 def test_parse_config():
     assert parse_config("virtual-per_layer") == EngineConfig("virtual-per_layer", "virtual", "per_layer")
     assert parse_config("paged-256:triton") == EngineConfig("paged-256:triton", "paged", block_size=256,

@@ -209,13 +209,15 @@ def run(
     log=print,
     on_workload=None,
     profile: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Runs workloads ``names`` at ``scale`` over ``configs``; returns the
     report (see :func:`main`). ``num_requests`` / ``request_rates`` override
     every part's count / the online rates; ``on_workload(report)`` is called
     after each configuration (the workload it is in marked ``"partial"``)
     and after each workload (``main`` writes the report so far: a run cut
-    short by a time limit keeps every configuration it finished)."""
+    short by a time limit keeps every configuration it finished). ``compile``:
+    every engine compiles its decode step (``Engine(compile=True)``)."""
     from torch_vkv.bench.models import build_model
     from torch_vkv.bench.roofline import ModelCost, measure_device
     from torch_vkv.bench.serve_engine import peer_configs, random_prompts, run_engine, run_generate_batch
@@ -236,7 +238,7 @@ def run(
     log(f"device {device}: copy {rates['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
         f"{rates['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({dtype})")  # fmt: skip
     slo = {"ttft": ttft_slo_s, "tpot": tpot_slo_s}
-    report: dict[str, Any] = {"device_rates": rates, "dtype": str(dtype), "scale": scale, "slo_s": slo,
+    report: dict[str, Any] = {"device_rates": rates, "dtype": str(dtype), "scale": scale, "slo_s": slo, "compile": compile,
                               "configs": list(configs), "skipped": skipped, "workloads": {}, "rows": []}  # fmt: skip
     models: dict[str, Any] = {}
     for name in names:
@@ -285,7 +287,7 @@ def run(
                 try:
                     res = run_engine(model, cfg, specs, prompts, max_batch_size=w.max_batch_size,
                                      max_seq_len=max_seq_len, chunk_size=w.chunk_size, memory_budget=w.memory_budget,
-                                     page_size=page_size, n=part.n, profile=profile)  # fmt: skip
+                                     page_size=page_size, n=part.n, profile=profile, compile=compile)  # fmt: skip
                 except Exception as exc:  # one configuration failing must not lose the others
                     wrep["skipped"].append({"config": cfg.name, "group": f"{part.trace}@{part.rate:g}",
                                             "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
@@ -466,6 +468,8 @@ def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path
     md += [f"- copy bandwidth {r['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul {r['matmul_flops_per_s'] / 1e12:.2f} "
            f"TFLOP/s ({report['dtype']}), measured in this run",
            f"- goodput targets: TTFT <= {report['slo_s']['ttft']} s and TPOT <= {report['slo_s']['tpot']} s",
+           f"- decode steps: {'compiled (Engine(compile=True))' if report.get('compile') else 'eager'}, "
+           "in CUDA graphs on a GPU",
            "- `x_best_paged_*`: over the best paged configuration of the same group (throughput: higher is better; "
            "normalised latency: lower is better); `pct_roofline`: the run's roofline floor over its busy "
            "time"]  # fmt: skip
@@ -513,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="in process: torch.profiler over each timed loop: kernel vs host time, top operators "
                         "(slows the host: take timings from a run without it)")
+    p.add_argument("--compile", action="store_true",
+                   help="in process: every engine compiles its decode step (Engine(compile=True); about a "
+                        "minute of compiling before the first configuration of a kind)")
     p.add_argument("--quick", action="store_true",
                    help="in process: the GPU preset of scripts/gpu_check.sh (about 2 minutes a workload on an H200)")
     p.add_argument("--request-rates", default=None, help="in process: long-online sweep rates, comma-separated")
@@ -570,7 +577,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write(dict(report, wall_s=time.perf_counter() - t), args.out, command, log=lambda *a: None)
 
     report = run(names, scale, configs, num_requests=args.num_requests, request_rates=rates, device=device,
-                 seed=args.seed, on_workload=write_so_far, profile=args.profile, **slo)  # fmt: skip
+                 seed=args.seed, on_workload=write_so_far, profile=args.profile, compile=args.compile,
+                 **slo)  # fmt: skip
     report["wall_s"] = time.perf_counter() - t
     write(report, args.out, command)
     failed = [s for w in report["workloads"].values() for s in w["skipped"] if s["reason"].startswith("failed")]

@@ -220,6 +220,7 @@ def run_engine(
     warmup: bool = True,
     n: int = 1,
     profile: bool = False,
+    compile: bool = False,
 ) -> RunResult:
     """Serves ``specs`` (with ``prompts``) on a fresh engine of ``cfg``; closes
     it (the model's attention implementation is restored) before returning.
@@ -228,14 +229,15 @@ def run_engine(
     token counters count the timed run only (not the warm-up). ``profile``:
     ``torch.profiler`` over a window of the timed loop
     (:class:`~torch_vkv.bench.serve_profile.ProfileWindow`; ``RunResult.profile``);
-    it slows the host side."""
+    it slows the host side. ``compile``: ``Engine(compile=True)`` (compiled
+    before the warm-up, outside the timed run)."""
     from torch_vkv.serving import Engine, SamplingParams
 
     engine = Engine(
         model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv=cfg.kv, layout=cfg.layout,
         memory_budget=memory_budget, page_size=page_size if cfg.kv == "virtual" else None,
         block_size=cfg.block_size, chunk_size=chunk_size, attention_backend=cfg.attention_backend,
-        cuda_graphs=cuda_graphs, prefix_caching=cfg.prefix_caching,
+        cuda_graphs=cuda_graphs, prefix_caching=cfg.prefix_caching, compile=compile,
     )  # fmt: skip
     device = engine.device
     prof = None

@@ -17,21 +17,18 @@ cannot be captured, and a replay runs no Python): it only tells the cache
 that steps may now run as replays, so the host reads lengths back when it
 cannot account for a step. Captured steps need ``prepare_step``.
 
-The op only takes tensors, so it finds its cache through a *key*: a
-one-byte tensor of the cache's own, never written, marked as a static input
-(``mark_static_address``), whose address the op looks up in a process-wide
-table of weak references (any number of caches per process). An int handle
-would be simpler, but dynamo specialises on ints: every new cache would
-recompile the model's compiled forward (and past dynamo's recompile limit,
-silently run it eagerly). A tensor's address is not guarded.
+The op only takes tensors, so it finds its cache through a *key* tensor
+(:mod:`torch_vkv._keyed`): an int handle would recompile the compiled forward
+for every new cache.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
+
+from torch_vkv import _keyed
 
 __all__ = ["ensure_committed", "register_cache"]
 
@@ -41,23 +38,10 @@ class _StepObserver(Protocol):
                           num_tokens: int) -> None: ...  # fmt: skip
 
 
-_CACHES: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
-
-
-def _address(key: torch.Tensor) -> tuple:
-    return key.device.type, key.device.index, key.data_ptr()
-
-
 def register_cache(cache: _StepObserver, device: torch.device) -> torch.Tensor:
     """Returns the key (a one-byte tensor on ``device``) under which
-    :func:`ensure_committed` finds ``cache``. The cache keeps the key alive
-    and passes it to every call; the table holds the cache weakly, so it
-    never keeps a cache alive, and an entry whose cache died is gone before
-    its address can be reused."""
-    key = torch.zeros(1, dtype=torch.uint8, device=device)
-    torch._dynamo.mark_static_address(key)  # compiled steps get the tensor itself, not a copy
-    _CACHES[_address(key)] = cache
-    return key
+    :func:`ensure_committed` finds ``cache`` (held weakly; the cache keeps the key)."""
+    return _keyed.register(cache, device)
 
 
 @torch.library.custom_op("torch_vkv_hf::ensure_committed", mutates_args=())
@@ -77,7 +61,7 @@ def ensure_committed(cache_seqlens: torch.Tensor, seq_length_t: torch.Tensor, ca
 
     Returns an int32 zero of shape ``[]`` on ``cache_seqlens``' device.
     """
-    cache = _CACHES.get(_address(cache_key))
+    cache = _keyed.lookup(cache_key)
     if cache is not None:
         capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
         cache._on_compiled_step(cache_seqlens, seq_length_t, capturing, num_tokens)

@@ -62,6 +62,9 @@ class Engine(Unique):
         chunk_size: token budget of one iteration (decodes + prefill chunks).
         attention_backend: ``torch_vkv.attention``'s ``backend``.
         cuda_graphs: replay CUDA graphs for decode-only iterations (CUDA only).
+        compile: ``torch.compile`` decode-only iterations (inductor fuses the
+            model's small kernels; compiles once at start, about a minute for
+            an 8B model). Each engine compiles for its own shapes.
         device: default CUDA when present, else the CPU (host backend).
         dtype: default the model's.
         prefix_caching: reuse the K/V of full prompt blocks across requests
@@ -95,6 +98,7 @@ class Engine(Unique):
         chunk_size: int = 512,
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
+        compile: bool = False,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         prefix_caching: bool = True,
@@ -116,10 +120,9 @@ class Engine(Unique):
         self.chunk_size = check_int("chunk_size", chunk_size, low=1)
         if attention_backend != "auto" and attention_backend not in BACKENDS:
             fail("attention_backend", f"'auto' or one of {tuple(BACKENDS)}", attention_backend)
-        if not isinstance(cuda_graphs, bool):
-            fail("cuda_graphs", "a bool", cuda_graphs, ArgumentTypeError)
-        if not isinstance(prefix_caching, bool):
-            fail("prefix_caching", "a bool", prefix_caching, ArgumentTypeError)
+        for name, flag in (("cuda_graphs", cuda_graphs), ("compile", compile), ("prefix_caching", prefix_caching)):
+            if not isinstance(flag, bool):
+                fail(name, "a bool", flag, ArgumentTypeError)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             fail("dtype", "a floating-point torch.dtype or None", dtype, ArgumentTypeError)
         self.device = resolve_device(device)  # the pool's rule: None -> CUDA if present, "cuda" -> its index
@@ -187,7 +190,7 @@ class Engine(Unique):
             model.set_attn_implementation(ATTN_NAME)
             self.runner = ModelRunner(
                 model, self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size,
-                backend=attention_backend, cuda_graphs=graphs, scratch_slot=scratch,
+                backend=attention_backend, cuda_graphs=graphs, compile=compile, scratch_slot=scratch,
             )  # fmt: skip
         except BaseException:
             self._restore_model()

@@ -17,6 +17,14 @@ sample (``logits_to_keep`` = their indices).
 On CUDA, decode-only iterations replay CUDA graphs captured for a few padded
 batch sizes over static buffers (tokens, positions, ``cache_seqlens``, slots);
 padding rows point at a scratch slot, so they never touch a request's cache.
+
+``compile=True`` runs decode-only forwards through ``torch.compile`` (inductor,
+one graph, the batch dimension dynamic) before the graphs are captured: in
+eager mode a decode step of a Llama-family model is about 40 small kernels a
+layer (RMSNorm's reduction and casts, RoPE's slices and concatenations, the
+SiLU gate, residual adds), which inductor fuses into a few. Prefill chunks stay
+eager: their time is in the matmuls and attention, and their shapes change
+every iteration.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
 
-__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "serving_attention_forward"]
+__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "decode_layer", "serving_attention_forward"]
 
 #: Name of the attention implementation the engine switches models to.
 ATTN_NAME = "vkv_serving"
@@ -47,7 +55,7 @@ class BatchContext:
     ``cache_seqlens``: int32 ``[R]`` (new tokens included); ``cu_seqlens_q``:
     int32 ``[R + 1]`` or ``None`` for a decode-only batch; ``slots``: int32
     ``[R]``; ``block_table``: the paged cache's or ``None``; ``max_seqlen_q``:
-    host int.
+    host int; ``runner_key``: a compiled runner's key (see :func:`decode_layer`).
     """
 
     keys: list
@@ -58,6 +66,7 @@ class BatchContext:
     block_table: Optional[torch.Tensor]
     max_seqlen_q: int
     backend: str
+    runner_key: Optional[torch.Tensor] = None
 
 
 def serving_attention_forward(
@@ -98,13 +107,56 @@ def serving_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, D]
     k_new = key[0].transpose(0, 1)
     v_new = value[0].transpose(0, 1)
+    window = window_from_module_kwargs(kwargs)
+    if ctx.runner_key is not None and torch.compiler.is_compiling():
+        out = decode_layer(q, k_new, v_new, ctx.cache_seqlens, ctx.slots, ctx.block_table, ctx.runner_key, layer,
+                           ctx.backend, scaling, window.get("window_left", -1), window.get("softcap", 0.0))  # fmt: skip
+        return out.unsqueeze(0), None
     k_cache, v_cache = ctx.keys[layer], ctx.values[layer]
     append_kv(k_cache, v_cache, k_new, v_new, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
               block_table=ctx.block_table)  # fmt: skip
     out = attention(q, k_cache, v_cache, ctx.cache_seqlens, cu_seqlens_q=ctx.cu_seqlens_q, slots=ctx.slots,
                     scale=scaling, backend=ctx.backend, block_table=ctx.block_table, max_seqlen_q=ctx.max_seqlen_q,
-                    **window_from_module_kwargs(kwargs))  # fmt: skip
+                    **window)  # fmt: skip
     return out.unsqueeze(0), None
+
+
+@torch.library.custom_op("torch_vkv_serving::decode_layer", mutates_args=())
+def decode_layer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_seqlens: torch.Tensor,
+                 slots: torch.Tensor, block_table: Optional[torch.Tensor], runner_key: torch.Tensor, layer: int,
+                 backend: str, scale: Optional[float], window_left: int, softcap: float) -> torch.Tensor:  # fmt: skip
+    """One layer of a compiled decode step: append the new K/V, attend over the cache.
+
+    A compiled step does not take the cache's K/V tensors as inputs: in the
+    interleaved layout and the paged pool every layer's keys and values are
+    views of one buffer, and AOTAutograd turns in-place writes to aliasing
+    inputs into writes to a "synthetic base", which copied the buffer, or
+    assumed its size, and wrote the wrong memory under CUDA graphs. This op
+    finds the runner's K/V by ``runner_key`` (:mod:`torch_vkv._keyed`) and does
+    what the eager path does; to the compiler it is a pure function of its
+    inputs (it is the only reader and writer of the cache in the graph, and
+    its result is used, so it is never dropped or reordered past a use).
+
+    Shapes as :func:`serving_attention_forward`'s after its transposes: ``q``
+    ``[R, num_heads, head_dim]``, ``k_new`` / ``v_new`` ``[R, num_kv_heads, head_dim]``.
+    ``window_left`` ``-1`` and ``softcap`` ``0`` mean none. Returns ``[R, num_heads, head_dim]``.
+    """
+    from torch_vkv import _keyed
+
+    runner = _keyed.lookup(runner_key)
+    if runner is None or not runner._keys:
+        raise RuntimeError("a compiled decode step of a torch_vkv.serving engine ran after its engine was closed")
+    k_cache, v_cache = runner._keys[layer], runner._values[layer]
+    append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, slots=slots, block_table=block_table)
+    window = ({"window_left": window_left} if window_left >= 0 else {}) | ({"softcap": softcap} if softcap else {})
+    out = attention(q, k_cache, v_cache, cache_seqlens, slots=slots, scale=scale, backend=backend,
+                    block_table=block_table, max_seqlen_q=1, **window)  # fmt: skip
+    return out.contiguous()
+
+
+@decode_layer.register_fake
+def _(q, k_new, v_new, cache_seqlens, slots, block_table, runner_key, layer, backend, scale, window_left, softcap):
+    return q.new_empty(q.shape)
 
 
 _REGISTERED = False
@@ -136,6 +188,7 @@ class ModelRunner:
         max_batch_size: most requests in a batch; ``chunk_size``: most tokens.
         backend: ``torch_vkv.attention``'s ``backend``.
         cuda_graphs: capture decode-only steps (CUDA only).
+        compile: run decode-only steps through ``torch.compile`` (see the module docstring).
         scratch_slot: the slot padding rows of graphed steps write to
             (required with ``cuda_graphs``).
     """
@@ -149,6 +202,7 @@ class ModelRunner:
         chunk_size: int,
         backend: str = "auto",
         cuda_graphs: bool = False,
+        compile: bool = False,
         scratch_slot: Optional[int] = None,
     ) -> None:
         self.model = model
@@ -169,6 +223,14 @@ class ModelRunner:
         self._scratch = scratch_slot
         #: Host seconds spent building batches' metadata (inputs, lengths, slots, copies queued).
         self.prepare_seconds = 0.0
+        #: Decode-only forwards: ``_forward`` itself or its compiled twin (one per runner, see :meth:`_decode`).
+        self._decode_fn = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+        self.compiled = compile
+        self._key: Optional[torch.Tensor] = None
+        if compile:
+            from torch_vkv import _keyed
+
+            self._key = _keyed.register(self, self.device)
         if cuda_graphs and self.device.type == "cuda":
             if scratch_slot is None:
                 raise ValueError("scratch_slot: expected a slot for the padding rows of CUDA graphs, got None")
@@ -179,6 +241,21 @@ class ModelRunner:
         out = self.model(input_ids=ids[None], position_ids=pos[None], use_cache=False, logits_to_keep=rows,
                          **{CTX_KWARG: ctx})  # fmt: skip
         return out.logits[0]
+
+    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        if self.compiled:
+            # Dynamo guards on storage offsets, and the staging views' offsets move with the batch
+            # size: give the compiled step tensors of their own (the graphs' buffers already are).
+            ids, pos, rows = (t if t.storage_offset() == 0 else t.clone() for t in (ids, pos, rows))
+            if ctx.slots.storage_offset():
+                ctx.slots = ctx.slots.clone()
+            if ids.shape[0] > 1:
+                # One compiled graph for every batch size > 1, from the first call: unmarked, dynamo
+                # compiles the first size statically and recompiles at the second (size 1 is always
+                # its own graph: dynamo specialises dimensions of size 1).
+                for t in (ids, pos, rows, ctx.cache_seqlens, ctx.slots):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self._decode_fn(ids, pos, rows, ctx)
 
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Runs ``batch``; returns (logits ``[S, vocab]``, indices into
@@ -222,10 +299,11 @@ class ModelRunner:
         d32 = self._h32[: h32.shape[0]].to(self.device, non_blocking=True)
         ctx = BatchContext(
             self._keys, self._values, d32[:R], d32[2 * r4 :] if cu is not None else None, d32[r4 : r4 + R],
-            self.kv.block_table, max_q, self.backend,
+            self.kv.block_table, max_q, self.backend, self._key if cu is None else None,
         )  # fmt: skip
         self.prepare_seconds += time.perf_counter() - t0
-        return self._forward(d64[:T], d64[t2 : t2 + T], d64[2 * t2 :], ctx), sample
+        forward = self._decode if cu is None else self._forward
+        return forward(d64[:T], d64[t2 : t2 + T], d64[2 * t2 :], ctx), sample
 
     # --------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
@@ -240,19 +318,22 @@ class ModelRunner:
         self._g_host = torch.zeros(4 * B, dtype=torch.int64, pin_memory=True)
         self.kv.synchronize()  # no background commit may run into the capture
         pool = None
-        for bs in reversed(graph_batch_sizes(B)):
+        sizes = graph_batch_sizes(B)
+        if self.compiled and B > 1:  # a batch of 1 replays the graph of 2: no second compile for size 1
+            sizes = [b for b in sizes if b > 1]
+        for bs in reversed(sizes):
             ctx = BatchContext(self._keys, self._values, self._g_lens[:bs], None, self._g_slots[:bs],
-                               self.kv.block_table, 1, self.backend)  # fmt: skip
+                               self.kv.block_table, 1, self.backend, self._key)  # fmt: skip
             args = (self._g_ids[:bs], self._g_pos[:bs], self._g_rows[:bs], ctx)
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, outside the capture
-                self._forward(*args)
+                self._decode(*args)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the KV committer thread's driver calls are not part of the capture.
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = self._forward(*args)
+                out = self._decode(*args)
             pool = graph.pool()
             self._graphs[bs] = (graph, out)
         self._graphs = dict(sorted(self._graphs.items()))
