@@ -68,6 +68,7 @@ def test_smoke_every_workload_schema_and_numbers(smoke_report):
             assert 0 <= row["host_pct"] <= 100 and row["host_s_per_iter"] >= 0
             assert 0 < row["kv_grow_pct"] <= row["host_pct"], "page commits are a part of the engine's host time"
             assert 0 <= row["goodput_fraction"] <= 1
+            assert 0 <= row["queue_p50_s"] <= row["queue_p99_s"] and row["queue_mean_s"] <= row["ttft_mean_s"]
         for part in w["parts"]:
             for cfg, run in part["runs"].items():
                 assert len(run["requests"]) == part["num_requests"]
@@ -77,6 +78,7 @@ def test_smoke_every_workload_schema_and_numbers(smoke_report):
                     # n > 1: output_tokens counts every completion, ITL is completion 0's
                     assert len(q["itl_s"]) == q["output_tokens"] // part["n"] - 1 and all(x >= 0 for x in q["itl_s"])
                     assert 0 < q["ttft_s"] <= q["e2e_s"]
+                    assert 0 <= q["queue_s"] < q["ttft_s"], "waiting to be scheduled is a part of TTFT"
                 mem = run["memory"]
                 assert mem and all(m["committed_bytes"] >= 0 for m in mem)
                 assert [m["t_s"] for m in mem] == sorted(m["t_s"] for m in mem)

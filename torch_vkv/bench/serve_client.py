@@ -53,6 +53,8 @@ class RequestResult:
     e2e_s: Optional[float] = None
     itl_s: list[float] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    #: Arrival to first scheduled (in process only: a server does not say): the part of TTFT spent waiting.
+    queue_s: Optional[float] = None
 
     @property
     def tpot_s(self) -> Optional[float]:
@@ -79,7 +81,8 @@ def _pct(values: Sequence[float], q: float) -> float:
 def summarize(results: Sequence[RequestResult], duration_s: float, *, ttft_slo_s: Optional[float] = None,
               tpot_slo_s: Optional[float] = None) -> dict[str, Any]:  # fmt: skip
     """One row of numbers for a run: counts, throughput, and mean/p50/p90/p99
-    of TTFT, TPOT, ITL, e2e latency and e2e latency per output token."""
+    of TTFT, TPOT, ITL, e2e latency and e2e latency per output token (and of
+    the queueing part of TTFT, ``queue_*``, when the results have it)."""
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
@@ -98,6 +101,9 @@ def summarize(results: Sequence[RequestResult], duration_s: float, *, ttft_slo_s
         "e2e": [r.e2e_s for r in ok if r.e2e_s is not None],
         "norm_latency": [r.e2e_s / r.output_tokens for r in ok if r.e2e_s is not None and r.output_tokens > 0],
     }
+    queue = [r.queue_s for r in ok if r.queue_s is not None]
+    if queue:
+        series["queue"] = queue
     for name, values in series.items():
         row[f"{name}_mean_s"] = sum(values) / len(values) if values else math.nan
         for q in (50, 90, 99):

@@ -139,6 +139,8 @@ def _result(spec: RequestSpec, out: Any, arrival: float, t0: float) -> RequestRe
         res.error = f"finish_reason {out.finish_reason!r} after {res.output_tokens} tokens"
         return res
     res.ttft_s = times[0] - arrival
+    if m.first_scheduled_time is not None:
+        res.queue_s = max(0.0, m.first_scheduled_time - arrival)
     res.e2e_s = m.finished_time - arrival
     res.itl_s = [b - a for a, b in zip(times, times[1:])]
     return res
