@@ -144,6 +144,27 @@ def test_compiled_engine_preempts_and_samples_n_like_the_eager_one(kv, fresh_dyn
     assert same >= 5, runs  # 6 completions; at most one diverging at a near-tie
 
 
+def test_a_failing_compile_warns_and_serves_eagerly(monkeypatch, fresh_dynamo):
+    """A compile that fails (here: a backend that raises, as inductor does
+    without a C++ compiler) does not fail the requests: one RuntimeWarning
+    naming the failure, then eager decode steps with the eager tokens."""
+    import torch_vkv.serving.runner as runner_mod
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    real = torch.compile
+    monkeypatch.setattr(runner_mod.torch, "compile", lambda fn, **kw: real(fn, backend=broken_backend, **kw))
+    model = model_of("llama")
+    prompts = random_prompts(random.Random(3), 3, lo=5, hi=30)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the decode step failed.*no C\\+\\+ compiler found"):
+        with engine_for(model, max_batch_size=3, compile=True) as engine:
+            outs = engine.generate(prompts, greedy(5), use_tqdm=False)
+            assert engine.runner.compiled is False
+    for p, o in zip(prompts, outs):
+        assert_greedy_equal(model, p, o.token_ids, reference(model, p, 5))
+
+
 def test_compile_flag_is_checked():
     with pytest.raises(TypeError, match="compile: expected a bool, got 'yes'"):
         engine_for(model_of("llama"), compile="yes")

@@ -30,6 +30,7 @@ every iteration.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -255,6 +256,16 @@ class ModelRunner:
                 # its own graph: dynamo specialises dimensions of size 1).
                 for t in (ids, pos, rows, ctx.cache_seqlens, ctx.slots):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
+            try:
+                return self._decode_fn(ids, pos, rows, ctx)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                # Tracing or compiling failed (an unsupported model, no C++ compiler for a CPU
+                # build, ...), before the step ran: serve on, eagerly, rather than fail the batch.
+                cause = getattr(exc, "inner_exception", None) or exc  # a backend's own error, when it raised one
+                first = (str(cause).strip().splitlines() or [""])[0][:300]
+                warnings.warn(f"Engine(compile=True): torch.compile of the decode step failed ({type(cause).__name__}: "
+                              f"{first}); decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)  # fmt: skip
+                self.compiled, self._decode_fn = False, self._forward
         return self._decode_fn(ids, pos, rows, ctx)
 
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
