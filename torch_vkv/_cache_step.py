@@ -102,6 +102,62 @@ class _StepMixin:
                 self._step(seq_lens, lookahead_tokens)
 
     @locked
+    def prewarm(self: "KVCache", num_tokens: int, *, num_slots: int = 1, max_pages: int | None = None,
+                keep_free_pages: int = 0) -> int:  # fmt: skip
+        """Eager allocation: commits pages under the free slots that :meth:`alloc`
+        hands out next, so that a new request starts on mapped memory instead of
+        waiting for the driver. A serving engine calls it while the GPU runs a
+        step (``torch_vkv.serving.Engine`` does, after launching each forward).
+
+        Parameters
+        ----------
+        num_tokens : int
+            Tokens each such slot should be backed for (a new request's first chunk).
+        num_slots : int
+            How many of the next free slots (the warmest first, as :meth:`alloc` picks them).
+        max_pages : int or None
+            At most this many pages in all, counting every buffer (``None``: no limit);
+            a slot grows by whole pages in every buffer, so less than one page per
+            buffer commits nothing.
+        keep_free_pages : int
+            Pages to leave free in the pool.
+
+        Takes only pages the pool has free now: it never reclaims another
+        freed slot's pages, and the pages it commits stay reclaimable by any
+        slot that needs memory (deferred reclamation). Best effort: returns
+        the pages committed, 0 when there is nothing to do or no memory for it.
+        """
+        self._check_open()
+        num_tokens = check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)
+        num_slots = check_int("num_slots", num_slots, low=0)
+        keep_free_pages = check_int("keep_free_pages", keep_free_pages, low=0)
+        budget = None if max_pages is None else check_int("max_pages", max_pages, low=0)
+        if not num_tokens or not num_slots or not self._free_slots:
+            return 0
+        self._join_async()  # the committer's queued prefetch takes its pages first
+        per_buffer = len(self._buffers)
+        free_now = self._available_pages(reclaim=False) - keep_free_pages
+        budget = free_now if budget is None else min(budget, free_now)
+        target = self._pages_for(num_tokens)
+        # alloc() takes the free slot holding the most pages, the first freed among equals.
+        order = sorted(self._free_slots, key=lambda s: -int(self._committed_pages[s]))[:num_slots]
+        plan = {}
+        for slot in order:
+            have = int(self._committed_pages[slot])
+            add = min(target - have, budget // per_buffer)
+            if add > 0:
+                plan[slot] = have + add
+                budget -= add * per_buffer
+        if not plan:
+            return 0
+        committed = sum(p - int(self._committed_pages[s]) for s, p in plan.items()) * per_buffer
+        try:
+            self._slots.commit_slots(list(plan.items()))
+        except OutOfPagesError:  # another user of a shared pool took them: nothing changed
+            return 0
+        return committed
+
+    @locked
     def can_step(self: "KVCache", seq_lens: SeqLens) -> bool:
         """Whether :meth:`step` would succeed now (``seq_lens`` as for :meth:`step`)."""
         self._check_open()

@@ -362,6 +362,7 @@ class Engine(Unique):
             return outputs
         t1 = time.perf_counter()
         logits, rows = self.runner.execute(batch)
+        self.kv.prewarm(min(self.chunk_size, self.max_seq_len - 1))  # while the GPU runs the forward
         reqs = [batch.requests[i] for i in rows]
         parents = [r for r in reqs if r.fanout > 1]
         if parents:  # n > 1: the other completions' first tokens come from their first sequence's logits
@@ -510,7 +511,8 @@ class Engine(Unique):
         ``host_seconds`` (host time of scheduling, page commits, batch
         metadata and output bookkeeping, summed over iterations; the model
         forward and the sampler are excluded), ``kv_grow_seconds`` (the part
-        of it in the KV manager's page commits and their waits), ``prefix_caching``,
+        of it in the KV manager's page commits and their waits), ``kv_prewarm_seconds``
+        (eager allocation for the next request, while the GPU runs: not host time), ``prefix_caching``,
         ``prefix_hit_tokens`` (prompt tokens found in the prefix cache at
         admission, not computed), ``prefix_query_tokens`` (tokens of the
         admitted prefills, looked up), ``prefix_hit_rate`` (their ratio, 0.0
@@ -532,6 +534,7 @@ class Engine(Unique):
             "num_computed_tokens": self._num_computed,
             "host_seconds": self.host_seconds,
             "kv_grow_seconds": self.kv.grow_seconds,
+            "kv_prewarm_seconds": self.kv.prewarm_seconds,
             "kv": self.kv_kind,
             "prefix_caching": self.prefix_caching,
             "prefix_hit_tokens": p.hit_tokens if p is not None else 0,

@@ -1,0 +1,135 @@
+"""``KVCache.prewarm`` (eager allocation) and the serving engine's use of it.
+
+Host backend, 4 KiB pages. The cache: 2 layers, 2 KV heads, head_dim 16,
+float32, so a token of one buffer is 128 bytes and a page holds 32 tokens of
+each of the 4 ``per_layer`` buffers (8 tokens of the one ``interleaved`` buffer).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from torch_vkv import KVCache
+from torch_vkv._checks import ArgumentTypeError
+
+PAGE = 4096
+
+
+def make_cache(layout: str = "per_layer", **kw) -> KVCache:
+    args = dict(max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cpu", layout=layout, page_size=PAGE)
+    args.update(kw)
+    return KVCache(2, 2, 16, **args)
+
+
+def committed_pages(cache: KVCache) -> int:
+    return cache.memory_stats()["committed_bytes"] // cache.page_size
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_prewarm_backs_the_slot_alloc_hands_out_next(layout):
+    with make_cache(layout) as cache:
+        buffers = 4 if layout == "per_layer" else 1
+        pages = cache.pages_for_tokens(100)
+        assert cache.prewarm(100) == pages * buffers
+        assert committed_pages(cache) == pages * buffers and cache.memory_stats()["used_bytes"] == 0
+        assert cache.prewarm(100) == 0  # already backed: nothing to do
+        slot = cache.alloc()
+        assert cache.committed_tokens(slot) >= 100
+        before = committed_pages(cache)
+        cache.step({slot: 100})  # the request's first chunk: no new page
+        assert committed_pages(cache) == before
+        # The K/V written there read back (the pages are the slot's own).
+        k = torch.randn(100, 2, 16)
+        cache.key(0)[slot, :100] = k
+        torch.testing.assert_close(cache.key(0)[slot, :100], k)
+
+
+def test_prewarm_limits_slots_pages_and_whole_page_groups():
+    with make_cache() as cache:  # per_layer: a page group is 4 pages (one in each buffer)
+        assert cache.prewarm(256, max_pages=3) == 0  # less than one page per buffer
+        assert cache.prewarm(256, max_pages=9) == 8  # two whole groups
+        assert cache.prewarm(256, num_slots=2, max_pages=8) == 8  # the same (warmest) slot grows first
+        warm = sorted(int(cache._committed_pages[s]) for s in range(4))
+        assert warm == [0, 0, 0, 4]
+        assert cache.prewarm(64, num_slots=2) == 2 * 4  # the second slot of alloc's order gets 64 tokens too
+        assert sorted(int(cache._committed_pages[s]) for s in range(4)) == [0, 0, 2, 4]
+        assert [cache.committed_tokens(cache.alloc()) for _ in range(2)] == [128, 64]  # alloc's order
+
+
+def test_prewarm_takes_only_free_pages_and_its_pages_stay_reclaimable():
+    # A 12-page budget: 3 page groups of the per_layer layout.
+    with make_cache(memory_budget=12 * PAGE) as cache:
+        a = cache.alloc()
+        cache.step({a: 64})  # 2 groups = 8 pages in use
+        assert cache.prewarm(256, keep_free_pages=1) == 0  # 4 free, 1 kept: not a whole group
+        assert cache.prewarm(256) == 4  # the last group
+        assert cache.available_pages() == 4  # the prewarmed pages still count (reclaimable)
+        cache.free(a)  # a's 8 pages stay with it (deferred reclamation)
+        assert cache.prewarm(256) == 0  # nothing free: it never reclaims a's pages
+        b = cache.alloc()  # a: the warmest free slot
+        assert b == a and cache.committed_tokens(b) == 64
+        cache.step({b: 96})  # needs a third group: reclaimed from the prewarmed slot
+        assert cache.committed_tokens(b) == 96 and committed_pages(cache) == 12
+
+
+def test_prewarm_checks_its_arguments():
+    with make_cache() as cache:
+        with pytest.raises(ArgumentTypeError, match="num_tokens"):
+            cache.prewarm("100")
+        with pytest.raises(ValueError, match="num_tokens: expected"):
+            cache.prewarm(257)
+        with pytest.raises(ValueError, match="max_pages: expected"):
+            cache.prewarm(10, max_pages=-1)
+        with pytest.raises(ValueError, match="keep_free_pages: expected"):
+            cache.prewarm(10, keep_free_pages=-2)
+        assert cache.prewarm(0) == 0 and cache.prewarm(10, num_slots=0) == 0
+        for _ in range(4):
+            cache.alloc()
+        assert cache.prewarm(10) == 0  # no free slot
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.prewarm(10)
+
+
+# ------------------------------------------------------------------ engine
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def _plain_append(no_interpreted_triton):
+    """Whole models on the CPU append with plain torch (conftest)."""
+
+
+@pytest.mark.usefixtures("_plain_append")
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_engine_prewarms_the_next_requests_slot_while_a_step_runs(layout):
+    """After a step, the free slot the next request gets already backs a first
+    chunk, so that request's admission commits no page in the host's critical
+    path; outputs are unchanged (greedy, against generate())."""
+    from test_serving import assert_greedy_equal, greedy, model_of, random_prompts, reference
+
+    from torch_vkv.serving import Engine
+
+    model = model_of("llama")
+    prompts = random_prompts(random.Random(11), 2, lo=20, hi=40)
+    with Engine(model, max_batch_size=4, max_seq_len=256, chunk_size=64, cuda_graphs=False, device="cpu",
+                layout=layout, page_size=PAGE) as engine:  # fmt: skip
+        cache = engine.kv.cache
+        first = engine.add_request(prompts[0], greedy(8))
+        engine.step()
+        nxt = max(cache._free_slots, key=lambda s: int(cache._committed_pages[s]))
+        assert cache.committed_tokens(nxt) >= 64 and engine.stats()["kv_prewarm_seconds"] > 0
+        engine.add_request(prompts[1], greedy(8))
+        engine.step()  # admits the second request into the prewarmed slot: its prompt is already backed
+        second = [r for r in engine.scheduler.running if r.request_id != first][0]
+        assert second.slot == nxt and len(prompts[1]) <= 64
+        outs = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[o.request_id] = o
+    for p, o in zip(prompts, (outs[first], outs[second.request_id])):
+        assert_greedy_equal(model, p, o.token_ids, reference(model, p, 8))
