@@ -67,6 +67,7 @@ def test_smoke_every_workload_schema_and_numbers(smoke_report):
                 assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (name, row["config"], k)
             assert 0 <= row["host_pct"] <= 100 and row["host_s_per_iter"] >= 0
             assert 0 < row["kv_grow_pct"] <= row["host_pct"], "page commits are a part of the engine's host time"
+            assert row["kv_prewarm_pct"] >= 0 and (row["kv_prewarm_pct"] == 0 or row["config"].startswith("virtual"))
             assert 0 <= row["goodput_fraction"] <= 1
             assert 0 <= row["queue_p50_s"] <= row["queue_p99_s"] and row["queue_mean_s"] <= row["ttft_mean_s"]
         for part in w["parts"]:

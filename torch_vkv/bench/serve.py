@@ -189,6 +189,10 @@ def _row(w: Workload, part: Part, cfg: str, run: Any, cost: Any, device_rates: d
         if grow is not None and its:
             busy = sum(i.wall_s for i in its)
             row.update(kv_grow_s_per_iter=grow / len(its), kv_grow_pct=100 * grow / busy if busy > 0 else math.nan)
+        prewarm = run.stats.get("kv_prewarm_seconds")  # eager allocation, while the GPU runs (virtual)
+        if prewarm is not None and its:
+            busy = sum(i.wall_s for i in its)
+            row["kv_prewarm_pct"] = 100 * prewarm / busy if busy > 0 else math.nan
         for k in ("prefix_hit_rate", "prefix_hit_tokens", "num_computed_tokens"):
             row[k] = run.stats.get(k)
     return row
@@ -423,7 +427,7 @@ COLUMNS = {
                      "x_best_paged_tput", "pct_roofline", "ttft_mean_s", "host_pct", "kv_grow_pct",
                      "peak_committed_bytes"],
     "long-online": ["group", "config", "completed", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "queue_p50_s",
-                    "queue_p99_s", "tpot_p50_s",
+                    "queue_p99_s", "kv_grow_pct", "kv_prewarm_pct", "tpot_p50_s",
                     "tpot_p99_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s", "norm_latency_p50_s", "norm_latency_p99_s",
                     "x_best_paged_norm_p50", "x_best_paged_norm_p99", "goodput_requests_per_s", "pct_roofline"],
     "sync-vs-async": ["config", "completed", "output_tokens_per_s", "iter_mean_s", "host_s_per_iter", "host_pct",

@@ -305,7 +305,7 @@ def run_engine(
             summary, prof = prof.summary, None
         stats = engine.stats()
         for k in ("prefix_hit_tokens", "prefix_query_tokens", "num_computed_tokens", "num_generated_tokens",
-                  "kv_grow_seconds"):
+                  "kv_grow_seconds", "kv_prewarm_seconds"):
             stats[k] -= before[k]
         stats["prefix_hit_rate"] = stats["prefix_hit_tokens"] / max(1, stats["prefix_query_tokens"])
     finally:
