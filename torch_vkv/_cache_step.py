@@ -134,13 +134,21 @@ class _StepMixin:
         budget = None if max_pages is None else check_int("max_pages", max_pages, low=0)
         if not num_tokens or not num_slots or not self._free_slots:
             return 0
-        self._join_async()  # the committer's queued prefetch takes its pages first
-        per_buffer = len(self._buffers)
-        free_now = self._available_pages(reclaim=False) - keep_free_pages
-        budget = free_now if budget is None else min(budget, free_now)
         target = self._pages_for(num_tokens)
         # alloc() takes the free slot holding the most pages, the first freed among equals.
-        order = sorted(self._free_slots, key=lambda s: -int(self._committed_pages[s]))[:num_slots]
+        held = self._committed_pages
+        if num_slots == 1:
+            order = [max(self._free_slots, key=lambda s: int(held[s]))]
+        else:
+            order = sorted(self._free_slots, key=lambda s: -int(held[s]))[:num_slots]
+        if all(int(held[s]) >= target for s in order):
+            return 0  # the usual case in a running server: freed slots keep their pages
+        per_buffer = len(self._buffers)
+        if self._available_pages(reclaim=False) - keep_free_pages < per_buffer:
+            return 0  # not a page group free even before the queued prefetch takes its pages
+        self._join_async()  # the committer's queued prefetch takes its pages first
+        free_now = self._available_pages(reclaim=False) - keep_free_pages
+        budget = free_now if budget is None else min(budget, free_now)
         plan = {}
         for slot in order:
             have = int(self._committed_pages[slot])
