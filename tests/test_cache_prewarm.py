@@ -133,3 +133,20 @@ def test_engine_prewarms_the_next_requests_slot_while_a_step_runs(layout):
                 outs[o.request_id] = o
     for p, o in zip(prompts, (outs[first], outs[second.request_id])):
         assert_greedy_equal(model, p, o.token_ids, reference(model, p, 8))
+
+
+@pytest.mark.usefixtures("_plain_append")
+def test_engine_prewarm_off_leaves_free_slots_cold():
+    from test_serving import greedy, model_of
+
+    from torch_vkv.serving import Engine
+
+    with pytest.raises(TypeError, match="prewarm: expected a bool, got 1"):
+        Engine(model_of("llama"), max_batch_size=2, max_seq_len=64, cuda_graphs=False, device="cpu", prewarm=1)
+    with Engine(model_of("llama"), max_batch_size=4, max_seq_len=256, chunk_size=64, cuda_graphs=False, device="cpu",
+                page_size=PAGE, prewarm=False) as engine:  # fmt: skip
+        engine.add_request([5, 6, 7], greedy(4))
+        engine.step()
+        cache = engine.kv.cache
+        assert all(int(cache._committed_pages[s]) == 0 for s in cache._free_slots)
+        assert engine.stats()["kv_prewarm_seconds"] == 0

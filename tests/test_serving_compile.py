@@ -208,7 +208,8 @@ def test_cuda_compiled_graphs_equal_generate(kv, fresh_dynamo):
 
 
 def test_serve_command_compile_flag_reaches_the_engine(monkeypatch, tmp_path):
-    """``python -m torch_vkv serve --compile`` builds its engine with ``compile=True`` (off without it)."""
+    """``python -m torch_vkv serve --compile`` builds its engine with ``compile=True`` (off without it);
+    ``--no-prewarm`` turns eager allocation off (on by default)."""
     cli = pytest.importorskip("torch_vkv.serving.server.cli", reason="the server extra (fastapi, uvicorn) is not installed")
     seen = []
 
@@ -224,4 +225,7 @@ def test_serve_command_compile_flag_reaches_the_engine(monkeypatch, tmp_path):
     for argv, want in ((["--model", model, "--compile"], True), (["--model", model], False)):
         with pytest.raises(Stop):
             cli.main(argv)
-        assert seen[-1]["compile"] is want
+        assert seen[-1]["compile"] is want and seen[-1]["prewarm"] is True
+    with pytest.raises(Stop):
+        cli.main(["--model", model, "--no-prewarm"])
+    assert seen[-1]["prewarm"] is False

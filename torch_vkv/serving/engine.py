@@ -13,6 +13,7 @@ finished requests release their slots. See ``docs/serving.md``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -64,7 +65,7 @@ class Engine(Unique):
         cuda_graphs: replay CUDA graphs for decode-only iterations (CUDA only).
         compile: ``torch.compile`` decode-only iterations (inductor fuses the
             model's small kernels; compiles once at start, about a minute for
-            an 8B model). Each engine compiles for its own shapes.
+            an 8B model; engines of the same kind share the compiled code).
         device: default CUDA when present, else the CPU (host backend).
         dtype: default the model's.
         prefix_caching: reuse the K/V of full prompt blocks across requests
@@ -72,6 +73,9 @@ class Engine(Unique):
             ``block_size`` for paged; see ``docs/serving.md``). Finished
             requests' blocks stay cached until memory is needed, least
             recently used first.
+        prewarm: eager allocation (virtual): while the GPU runs a step, back
+            the free slot the next request gets for a first chunk
+            (``KVCache.prewarm``; ``docs/serving.md``, "Memory and preemption").
 
     Sliding-window and soft-capped families (Mistral, Gemma 2 / 3, Qwen2 / 3
     with ``use_sliding_window``): each layer attends with its own window and
@@ -102,6 +106,7 @@ class Engine(Unique):
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         prefix_caching: bool = True,
+        prewarm: bool = True,
     ) -> None:
         self._closed = True  # until construction succeeds
         self.max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
@@ -120,7 +125,8 @@ class Engine(Unique):
         self.chunk_size = check_int("chunk_size", chunk_size, low=1)
         if attention_backend != "auto" and attention_backend not in BACKENDS:
             fail("attention_backend", f"'auto' or one of {tuple(BACKENDS)}", attention_backend)
-        for name, flag in (("cuda_graphs", cuda_graphs), ("compile", compile), ("prefix_caching", prefix_caching)):
+        for name, flag in dict(cuda_graphs=cuda_graphs, compile=compile, prefix_caching=prefix_caching,
+                               prewarm=prewarm).items():  # fmt: skip
             if not isinstance(flag, bool):
                 fail(name, "a bool", flag, ArgumentTypeError)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -173,7 +179,7 @@ class Engine(Unique):
         #: Tokens of one prefix-cache block: one page of the layout for virtual
         #: (``KVCache.tokens_per_page`` rounded down), ``block_size`` for paged.
         self.prefix_block_tokens = self.kv.block_tokens
-        self.kv_kind, self.layout = kv, layout
+        self.kv_kind, self.layout, self.prewarm = kv, layout, prewarm
         self.memory_budget = memory_budget
         try:
             scratch = None
@@ -362,7 +368,8 @@ class Engine(Unique):
             return outputs
         t1 = time.perf_counter()
         logits, rows = self.runner.execute(batch)
-        self.kv.prewarm(min(self.chunk_size, self.max_seq_len - 1))  # while the GPU runs the forward
+        if self.prewarm:
+            self.kv.prewarm(min(self.chunk_size, self.max_seq_len - 1))  # while the GPU runs the forward
         reqs = [batch.requests[i] for i in rows]
         parents = [r for r in reqs if r.fanout > 1]
         if parents:  # n > 1: the other completions' first tokens come from their first sequence's logits
@@ -588,7 +595,5 @@ class Engine(Unique):
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs for decodes")
     e.add_argument("--compile", action="store_true",
                    help="torch.compile decode steps (faster decodes; about a minute of compiling at start)")
+    e.add_argument("--no-prewarm", action="store_true",
+                   help="no eager allocation: free slots get pages only when a request arrives")
     e.add_argument("--device", default=None, type=device_arg, help="default: cuda when present, else cpu")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -115,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "kv": args.kv, "layout": args.layout, "max_batch_size": args.max_batch_size,
         "memory_budget": args.memory_budget, "page_size": args.page_size, "block_size": args.block_size,
         "chunk_size": args.chunk_size, "attention_backend": args.attention_backend,
-        "cuda_graphs": not args.no_cuda_graphs, "compile": args.compile, "device": args.device,
+        "cuda_graphs": not args.no_cuda_graphs, "compile": args.compile, "prewarm": not args.no_prewarm,
+        "device": args.device,
         "dtype": None if args.dtype == "auto" else getattr(torch, args.dtype),
     }  # fmt: skip
     if args.max_seq_len is not None:
