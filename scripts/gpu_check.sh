@@ -16,6 +16,9 @@
 #   TEST_SHARD=1/2 BENCHES="" bash scripts/gpu_check.sh   # every 2nd test file from the 1st: the CUDA suite
 #                                                        # in two device calls (then TEST_SHARD=2/2)
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
+#   COMPILE_CACHE_OUT=1 ...                     # also pack torch.compile's caches into $OUT/compile_cache.tgz:
+#                                                # extract it into .compile_cache/ here and carry .compile_cache
+#                                                # next time (Engine(compile=True) then skips most of its ~90 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs go straight to $FINAL (they survive a timeout); benchmark reports (JSON,
@@ -48,6 +51,9 @@ if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1; then
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
     FLASHINFER_DECODE_AUTO_CUDNN=0 FLASHINFER_WORKSPACE_BASE="$PWD/.fi_cache"
 fi
+# Inductor's and Triton's caches in a folder that can travel (carry .compile_cache): warm compiles.
+mkdir -p .compile_cache
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.compile_cache/inductor" TRITON_CACHE_DIR="$PWD/.compile_cache/triton"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$FINAL/gpu.txt"
 # An (editable) install, not build_ext --inplace: it also maps triton_kernels/ to
 # torch_vkv.triton_kernels (setup.py package_dir), which has no other loader.
@@ -74,5 +80,7 @@ for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
+[ "${COMPILE_CACHE_OUT:-0}" = 1 ] && tar czf "$FINAL/compile_cache.tgz" -C .compile_cache . \
+  && echo "compile cache: $(du -h "$FINAL/compile_cache.tgz" | cut -f1)"
 echo "results: logs in $FINAL, benchmark reports in $FINAL/results.tgz"
 exit $status
