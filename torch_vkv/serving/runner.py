@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -41,7 +42,7 @@ from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
 
-__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "decode_layer", "serving_attention_forward"]
+__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "attach", "decode_layer", "detach", "serving_attention_forward"]
 
 #: Name of the attention implementation the engine switches models to.
 ATTN_NAME = "vkv_serving"
@@ -161,6 +162,8 @@ def _(q, k_new, v_new, cache_seqlens, slots, block_table, runner_key, layer, bac
 
 
 _REGISTERED = False
+# Models switched to ATTN_NAME by open engines: model -> [its attention implementation before, engines].
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def register() -> None:
@@ -171,6 +174,32 @@ def register() -> None:
 
         AttentionInterface.register(ATTN_NAME, serving_attention_forward)
         _REGISTERED = True
+
+
+def attach(model: torch.nn.Module) -> None:
+    """Switches ``model`` to :data:`ATTN_NAME` for one more engine. Several engines
+    may serve one model at once: the implementation it had before the first
+    is kept, and only :func:`detach` of the last puts it back (one engine's
+    close must not switch the attention of a model another engine still runs)."""
+    register()
+    entry = _ATTACHED.get(model)
+    if entry is None:
+        entry = _ATTACHED[model] = [getattr(model.config, "_attn_implementation", None), 0]
+    model.set_attn_implementation(ATTN_NAME)
+    entry[1] += 1
+
+
+def detach(model: torch.nn.Module) -> None:
+    """Undoes one :func:`attach`: the last engine's puts back the model's implementation
+    from before the first (unless the caller has switched it to another since)."""
+    entry = _ATTACHED.get(model)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _ATTACHED[model]
+        if entry[0] is not None and getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
+            model.set_attn_implementation(entry[0])
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
