@@ -287,11 +287,13 @@ class ModelRunner:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             try:
                 return self._decode_fn(ids, pos, rows, ctx)
-            except torch._dynamo.exc.TorchDynamoException as exc:
+            except _compile_failures() as exc:
                 # Tracing or compiling failed (an unsupported model, no C++ compiler for a CPU
                 # build, ...), before the step ran: serve on, eagerly, rather than fail the batch.
                 cause = getattr(exc, "inner_exception", None) or exc  # a backend's own error, when it raised one
                 first = (str(cause).strip().splitlines() or [""])[0][:300]
+                if not isinstance(exc, torch._dynamo.exc.TorchDynamoException):  # "Hard failure due to fullgraph=True"
+                    first = f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} reached"
                 warnings.warn(f"Engine(compile=True): torch.compile of the decode step failed ({type(cause).__name__}: "
                               f"{first}); decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)  # fmt: skip
                 self.compiled, self._decode_fn = False, self._forward
@@ -411,6 +413,17 @@ class ModelRunner:
     def close(self) -> None:
         self._graphs.clear()
         self._keys = self._values = []
+
+
+def _compile_failures() -> tuple:
+    """What a compiled decode step raises when compiling fails, before the step runs: dynamo's
+    errors, and ``FailOnRecompileLimitHit`` (no ``TorchDynamoException``) that a ``fullgraph``
+    compile raises past dynamo's recompile limit. Every engine of a process runs
+    :meth:`ModelRunner._forward`'s one code object, so that limit counts the graphs of all their
+    models, cache kinds and batch shapes (two each: batches of 1 and the rest). Looked up when
+    raised: importing the engine does not load dynamo."""
+    exc = torch._dynamo.exc
+    return (exc.TorchDynamoException, getattr(exc, "FailOnRecompileLimitHit", ()))
 
 
 def _align(n: int, multiple: int) -> int:
