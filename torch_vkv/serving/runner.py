@@ -29,11 +29,12 @@ every iteration.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -286,7 +287,8 @@ class ModelRunner:
                 for t in (ids, pos, rows, ctx.cache_seqlens, ctx.slots):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             try:
-                return self._decode_fn(ids, pos, rows, ctx)
+                with _without_alias_check():
+                    return self._decode_fn(ids, pos, rows, ctx)
             except _compile_failures() as exc:
                 # Tracing or compiling failed (an unsupported model, no C++ compiler for a CPU
                 # build, ...), before the step ran: serve on, eagerly, rather than fail the batch.
@@ -413,6 +415,25 @@ class ModelRunner:
     def close(self) -> None:
         self._graphs.clear()
         self._keys = self._values = []
+
+
+@contextlib.contextmanager
+def _without_alias_check() -> Iterator[None]:
+    """AOTAutograd's check that custom ops return no alias of their inputs, off around a compiled
+    step. Torch runs it at a compiled graph's first call as a dispatch mode, under which the eager
+    ``flex_attention`` in :func:`decode_layer` (a vmap over the mask) fails on the CPU ("could not
+    find kernel for custom_function_call"): that failed the step. :func:`decode_layer` returns a
+    fresh tensor, so the check has nothing to find."""
+    from torch._functorch import config
+
+    if not getattr(config, "check_custom_op_aliasing", False):
+        yield
+        return
+    config.check_custom_op_aliasing = False
+    try:
+        yield
+    finally:
+        config.check_custom_op_aliasing = True
 
 
 def _compile_failures() -> tuple:
