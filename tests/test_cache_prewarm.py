@@ -8,6 +8,7 @@ each of the 4 ``per_layer`` buffers (8 tokens of the one ``interleaved`` buffer)
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
@@ -150,3 +151,36 @@ def test_engine_prewarm_off_leaves_free_slots_cold():
         cache = engine.kv.cache
         assert all(int(cache._committed_pages[s]) == 0 for s in cache._free_slots)
         assert engine.stats()["kv_prewarm_seconds"] == 0
+
+
+@pytest.mark.usefixtures("_plain_append")
+def test_engine_step_survives_a_failed_background_prefetch_that_prewarm_joins(monkeypatch):
+    """The engine's eager allocation runs right after the step's ``step_async``
+    and joins its background prefetch first; a prefetch that failed (the CUDA
+    driver out of memory: simulated here, the slot table raises it at the
+    join, its pages rolled back) raised out of ``Engine.step``, although the
+    engine promises that running out of memory never does. It is the prefetch
+    skipped: the step's tokens stay ``generate()``'s."""
+    from test_serving import assert_greedy_equal, greedy, model_of, random_prompts, reference
+
+    from torch_vkv import OutOfPagesError
+    from torch_vkv.serving import Engine
+
+    model = model_of("llama")
+    prompts = random_prompts(random.Random(4), 2, lo=5, hi=20)
+    with Engine(model, max_batch_size=4, max_seq_len=256, chunk_size=64, cuda_graphs=False, device="cpu",
+                page_size=PAGE) as engine:  # fmt: skip
+        cache = engine.kv.cache
+        failed = []
+
+        def failing_join():  # the first join that prewarm makes
+            if not failed and sys._getframe(1).f_code.co_name == "prewarm":
+                failed.append(True)
+                raise OutOfPagesError("out of physical pages: the prefetch's commit failed")
+            cache._slots.join()
+
+        monkeypatch.setattr(cache, "_join_async", failing_join)
+        outs = engine.generate(prompts, greedy(6), use_tqdm=False)
+        assert failed
+    for p, o in zip(prompts, outs):
+        assert_greedy_equal(model, p, o.token_ids, reference(model, p, 6))

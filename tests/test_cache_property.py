@@ -1,7 +1,7 @@
 """A stateful property test of KVCache against a plain Python model.
 
 Random alloc / free / commit (and its alias reserve) / decommit / reclaim /
-step / step_async / synchronize, with seq_lens as a mapping, a list, an
+step / step_async / synchronize / prewarm, with seq_lens as a mapping, a list, an
 int64 / int32 / strided array or a CPU tensor (the arrays and the tensor take
 the C++ slot table's fast path, csrc/slots.h), random lookaheads, and the
 page-sharing operations fork (a new slot) and remap (slots take other slots'
@@ -208,6 +208,24 @@ class KVCacheMachine(RuleBasedStateMachine):
             for d, s, n in zip(dsts, srcs, ns):
                 self.ref[d, :, :, :n] = old[s, :, :, :n]
                 self.used[d] = n
+
+    @rule(n=st.integers(min_value=0, max_value=MAX_SEQ), num_slots=st.integers(min_value=0, max_value=B),
+          max_pages=st.none() | st.integers(min_value=0, max_value=24), keep=st.integers(min_value=0, max_value=16))
+    def prewarm(self, n, num_slots, max_pages, keep):
+        """Eager allocation grows free slots only, from free pool pages only, within its limits."""
+        c = self.cache
+        used, _, rows = self._snapshot()  # joins the prefetch: the pool's count below is settled
+        pool = c.pool.stats()
+        free_pages = pool["free_pages"] + pool["max_pages"] - pool["created_pages"] + pool["pending_pages"]
+        pages = c._committed_pages.copy()
+        got = c.prewarm(n, num_slots=num_slots, max_pages=max_pages, keep_free_pages=keep)
+        after_used, _, after_rows = self._snapshot()
+        assert after_used == used and all(after_rows[s] == rows[s] for s in self.used)
+        assert got == int((c._committed_pages - pages).sum()) * len(c._buffers)
+        assert got <= max(0, free_pages - keep) and (max_pages is None or got <= max_pages)
+        grown = [s for s in range(B) if c._committed_pages[s] > pages[s]]
+        assert not set(grown) & set(self.used) and len(grown) <= num_slots
+        assert all(c._committed_pages[s] <= c.pages_for_tokens(n) for s in grown)  # up to n tokens, no more
 
     # -- invariants -------------------------------------------------------------
     @invariant()

@@ -165,6 +165,41 @@ def test_a_failing_compile_warns_and_serves_eagerly(monkeypatch, fresh_dynamo):
         assert_greedy_equal(model, p, o.token_ids, reference(model, p, 5))
 
 
+def test_the_recompile_limit_warns_and_serves_eagerly(monkeypatch, fresh_dynamo):
+    """Every engine of a process runs one compiled function, so dynamo's
+    recompile limit counts the graphs of all their models and batch shapes.
+    Past it a ``fullgraph`` compile raises ``FailOnRecompileLimitHit``, which
+    is no ``TorchDynamoException``: it failed the step (here: the batch of 1,
+    the second graph, with the limit at 1). It warns and serves eagerly too."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = model_of("llama")
+    prompts = random_prompts(random.Random(3), 2, lo=5, hi=30)
+    max_tokens = [3, 8]  # a batch of 2, then of 1
+    with pytest.warns(RuntimeWarning, match="torch.compile of the decode step failed.*recompile_limit"):
+        with engine_for(model, max_batch_size=2, compile=True) as engine:
+            outs = engine.generate(prompts, [greedy(m) for m in max_tokens], use_tqdm=False)
+            assert engine.runner.compiled is False
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert_greedy_equal(model, p, o.token_ids, reference(model, p, m))
+
+
+@pytest.mark.parametrize("kv", ["virtual-per_layer", "paged"])
+def test_compiled_flex_backend_on_the_cpu_equals_generate(kv, fresh_dynamo):
+    """``attention_backend="flex"`` in a compiled step on the CPU: its eager
+    ``flex_attention`` inside ``decode_layer`` failed (``NotImplementedError``
+    / "NYI: querying is_contiguous inside of vmap") under the custom-op
+    aliasing check that AOTAutograd runs around a compiled graph's first call,
+    which failed the step. The tokens are ``generate()``'s, compiled."""
+    model = model_of("llama")
+    prompts = random_prompts(random.Random(5), 2, lo=5, hi=30)
+    with engine_for(model, kv, max_batch_size=2, compile=True, attention_backend="flex") as engine:
+        outs = engine.generate(prompts, greedy(4), use_tqdm=False)
+        assert engine.runner.compiled
+    for p, o in zip(prompts, outs):
+        assert_greedy_equal(model, p, o.token_ids, reference(model, p, 4))
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 1
+
+
 def test_compile_flag_is_checked():
     with pytest.raises(TypeError, match="compile: expected a bool, got 'yes'"):
         engine_for(model_of("llama"), compile="yes")

@@ -32,7 +32,7 @@ from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
 from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
-from torch_vkv.serving.runner import ATTN_NAME, ModelRunner, register
+from torch_vkv.serving.runner import ModelRunner, attach, detach
 from torch_vkv.serving.sampler import Sampler
 from torch_vkv.serving.scheduler import Scheduler
 
@@ -49,7 +49,7 @@ class Engine(Unique):
             checkpoint path (loaded with ``AutoModelForCausalLM``). The engine
             takes the model over while open: it moves it to ``device`` /
             ``dtype``, puts it in eval mode and switches its attention to
-            ``"vkv_serving"``; :meth:`close` restores the attention implementation.
+            ``"vkv_serving"``; :meth:`close` of the last engine open on it restores the attention implementation.
         max_batch_size: most requests running at once (slots).
         max_seq_len: most tokens of one request, prompt + output.
         kv: ``"virtual"`` (a :class:`torch_vkv.KVCache`) or ``"paged"`` (the
@@ -191,9 +191,8 @@ class Engine(Unique):
                      f"{self.kv.pinned_pages + self.kv.pages_for(1)} pages of {self.kv.page_bytes} bytes)",
                      Described(f"{memory_budget} bytes ({self.kv.total_pages} pages)"))  # fmt: skip
             self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
-            register()
-            self._orig_attn = getattr(model.config, "_attn_implementation", None)
-            model.set_attn_implementation(ATTN_NAME)
+            attach(model)  # the attention switched to ATTN_NAME until the last engine on the model closes
+            self._attached = True
             self.runner = ModelRunner(
                 model, self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size,
                 backend=attention_backend, cuda_graphs=graphs, compile=compile, scratch_slot=scratch,
@@ -556,13 +555,13 @@ class Engine(Unique):
             raise RuntimeError("the Engine is closed")
 
     def _restore_model(self) -> None:
-        orig = getattr(self, "_orig_attn", None)
-        if orig is not None and getattr(self.model.config, "_attn_implementation", None) == ATTN_NAME:
-            self.model.set_attn_implementation(orig)
+        if self.__dict__.pop("_attached", False):  # once, and only if attach() ran
+            detach(self.model)
 
     def close(self) -> None:
         """Drops every request, frees the KV cache and CUDA graphs, and puts
-        the model's attention implementation back. Idempotent."""
+        the model's attention implementation back (once no other open engine
+        serves the model). Idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -29,10 +29,12 @@ every iteration.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -41,7 +43,7 @@ from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
 
-__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "decode_layer", "serving_attention_forward"]
+__all__ = ["ATTN_NAME", "CTX_KWARG", "ModelRunner", "attach", "decode_layer", "detach", "serving_attention_forward"]
 
 #: Name of the attention implementation the engine switches models to.
 ATTN_NAME = "vkv_serving"
@@ -161,6 +163,8 @@ def _(q, k_new, v_new, cache_seqlens, slots, block_table, runner_key, layer, bac
 
 
 _REGISTERED = False
+# Models switched to ATTN_NAME by open engines: model -> [its attention implementation before, engines].
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def register() -> None:
@@ -171,6 +175,32 @@ def register() -> None:
 
         AttentionInterface.register(ATTN_NAME, serving_attention_forward)
         _REGISTERED = True
+
+
+def attach(model: torch.nn.Module) -> None:
+    """Switches ``model`` to :data:`ATTN_NAME` for one more engine. Several engines
+    may serve one model at once: the implementation it had before the first
+    is kept, and only :func:`detach` of the last puts it back (one engine's
+    close must not switch the attention of a model another engine still runs)."""
+    register()
+    entry = _ATTACHED.get(model)
+    if entry is None:
+        entry = _ATTACHED[model] = [getattr(model.config, "_attn_implementation", None), 0]
+    model.set_attn_implementation(ATTN_NAME)
+    entry[1] += 1
+
+
+def detach(model: torch.nn.Module) -> None:
+    """Undoes one :func:`attach`: the last engine's puts back the model's implementation
+    from before the first (unless the caller has switched it to another since)."""
+    entry = _ATTACHED.get(model)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _ATTACHED[model]
+        if entry[0] is not None and getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
+            model.set_attn_implementation(entry[0])
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -257,12 +287,15 @@ class ModelRunner:
                 for t in (ids, pos, rows, ctx.cache_seqlens, ctx.slots):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             try:
-                return self._decode_fn(ids, pos, rows, ctx)
-            except torch._dynamo.exc.TorchDynamoException as exc:
+                with _without_alias_check():
+                    return self._decode_fn(ids, pos, rows, ctx)
+            except _compile_failures() as exc:
                 # Tracing or compiling failed (an unsupported model, no C++ compiler for a CPU
                 # build, ...), before the step ran: serve on, eagerly, rather than fail the batch.
                 cause = getattr(exc, "inner_exception", None) or exc  # a backend's own error, when it raised one
                 first = (str(cause).strip().splitlines() or [""])[0][:300]
+                if not isinstance(exc, torch._dynamo.exc.TorchDynamoException):  # "Hard failure due to fullgraph=True"
+                    first = f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} reached"
                 warnings.warn(f"Engine(compile=True): torch.compile of the decode step failed ({type(cause).__name__}: "
                               f"{first}); decode steps run eagerly from now on", RuntimeWarning, stacklevel=2)  # fmt: skip
                 self.compiled, self._decode_fn = False, self._forward
@@ -382,6 +415,36 @@ class ModelRunner:
     def close(self) -> None:
         self._graphs.clear()
         self._keys = self._values = []
+
+
+@contextlib.contextmanager
+def _without_alias_check() -> Iterator[None]:
+    """AOTAutograd's check that custom ops return no alias of their inputs, off around a compiled
+    step. Torch runs it at a compiled graph's first call as a dispatch mode, under which the eager
+    ``flex_attention`` in :func:`decode_layer` (a vmap over the mask) fails on the CPU ("could not
+    find kernel for custom_function_call"): that failed the step. :func:`decode_layer` returns a
+    fresh tensor, so the check has nothing to find."""
+    from torch._functorch import config
+
+    if not getattr(config, "check_custom_op_aliasing", False):
+        yield
+        return
+    config.check_custom_op_aliasing = False
+    try:
+        yield
+    finally:
+        config.check_custom_op_aliasing = True
+
+
+def _compile_failures() -> tuple:
+    """What a compiled decode step raises when compiling fails, before the step runs: dynamo's
+    errors, and ``FailOnRecompileLimitHit`` (no ``TorchDynamoException``) that a ``fullgraph``
+    compile raises past dynamo's recompile limit. Every engine of a process runs
+    :meth:`ModelRunner._forward`'s one code object, so that limit counts the graphs of all their
+    models, cache kinds and batch shapes (two each: batches of 1 and the rest). Looked up when
+    raised: importing the engine does not load dynamo."""
+    exc = torch._dynamo.exc
+    return (exc.TorchDynamoException, getattr(exc, "FailOnRecompileLimitHit", ()))
 
 
 def _align(n: int, multiple: int) -> int:
