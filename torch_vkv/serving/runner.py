@@ -34,7 +34,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -417,8 +417,7 @@ class ModelRunner:
         self._keys = self._values = []
 
 
-@contextlib.contextmanager
-def _without_alias_check() -> Iterator[None]:
+def _without_alias_check() -> Any:
     """AOTAutograd's check that custom ops return no alias of their inputs, off around a compiled
     step. Torch runs it at a compiled graph's first call as a dispatch mode, under which the eager
     ``flex_attention`` in :func:`decode_layer` (a vmap over the mask) fails on the CPU ("could not
@@ -426,14 +425,9 @@ def _without_alias_check() -> Iterator[None]:
     fresh tensor, so the check has nothing to find."""
     from torch._functorch import config
 
-    if not getattr(config, "check_custom_op_aliasing", False):
-        yield
-        return
-    config.check_custom_op_aliasing = False
-    try:
-        yield
-    finally:
-        config.check_custom_op_aliasing = True
+    if not hasattr(config, "check_custom_op_aliasing"):  # a torch without the check
+        return contextlib.nullcontext()
+    return config.patch(check_custom_op_aliasing=False)
 
 
 def _compile_failures() -> tuple:
