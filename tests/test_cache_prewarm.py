@@ -94,6 +94,65 @@ def test_prewarm_checks_its_arguments():
         cache.prewarm(10)
 
 
+# ------------------------------------------------------------------ the engine's policy
+
+
+def test_first_chunks_follow_the_queue_within_one_iterations_tokens_and_free_slots():
+    from types import SimpleNamespace
+
+    from torch_vkv.serving.prewarm import first_chunks
+
+    queue = [SimpleNamespace(num_tokens=n) for n in (30, 50, 100, 7)]
+    assert first_chunks(queue, max_tokens=64, free_slots=8) == [30, 34]  # the second request's first chunk
+    assert first_chunks(queue, max_tokens=1000, free_slots=8) == [30, 50, 100, 7]
+    assert first_chunks(queue, max_tokens=1000, free_slots=2) == [30, 50]
+    assert first_chunks(queue, max_tokens=20, free_slots=8) == [20]
+    assert first_chunks([], max_tokens=64, free_slots=8) == []
+    assert first_chunks(queue, max_tokens=64, free_slots=0) == []
+
+
+def _manager(**kw):
+    from torch_vkv.serving.kv import KVManager
+
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=16, num_slots=4, max_seq_len=256, dtype=torch.float32,
+                device=torch.device("cpu"), layout="per_layer", page_size=PAGE, memory_budget=64 * PAGE)
+    args.update(kw)
+    return KVManager("virtual", **args)
+
+
+def _warm_free_slots(kv) -> list[int]:
+    cache = kv.cache
+    return sorted((cache.committed_tokens(s) for s in cache._free_slots), reverse=True)
+
+
+def test_manager_prewarm_backs_several_slots_only_within_its_seconds():
+    """``seconds=None`` (and 0) back one slot, as far as ``PREWARM_PAGES`` goes;
+    with time to spare the next slots of alloc's order follow, and the pages
+    are whole page groups of free pool pages, each slot at most ``num_tokens``."""
+    kv = _manager()
+    try:
+        group = 4  # a page group: one page in each of the 4 per_layer buffers
+        assert kv.prewarm(64, num_slots=3) == 2 * group  # 64 tokens = 2 pages a buffer, one slot only
+        assert _warm_free_slots(kv) == [64, 0, 0, 0]
+        assert kv.prewarm(64, num_slots=3, seconds=0.0) == 0  # the first slot is warm; no time for the next
+        assert kv.prewarm(64, num_slots=3, seconds=60.0) == 2 * 2 * group
+        assert _warm_free_slots(kv) == [64, 64, 64, 0]
+        assert kv.prewarm(40, num_slots=4, seconds=60.0) == 2 * group  # 40 tokens: 2 pages of 32
+        assert _warm_free_slots(kv) == [64, 64, 64, 64] and kv.prewarm_seconds > 0
+        assert kv.prewarm(64, num_slots=4, seconds=60.0) == 0  # nothing left to do
+    finally:
+        kv.close()
+
+
+def test_manager_prewarm_keeps_a_share_of_the_pool_free():
+    kv = _manager(memory_budget=20 * PAGE)  # 20 pool pages, 5 page groups; 5% kept free: 1 page
+    try:
+        assert kv.prewarm(256, num_slots=4, seconds=60.0) == 16  # one slot, 4 groups: a fifth would leave none free
+        assert kv.cache.available_pages() == 20  # prewarmed pages stay reclaimable
+    finally:
+        kv.close()
+
+
 # ------------------------------------------------------------------ engine
 
 
@@ -184,3 +243,37 @@ def test_engine_step_survives_a_failed_background_prefetch_that_prewarm_joins(mo
         assert failed
     for p, o in zip(prompts, outs):
         assert_greedy_equal(model, p, o.token_ids, reference(model, p, 6))
+
+
+@pytest.mark.usefixtures("_plain_append")
+def test_engine_prewarms_every_slot_the_next_iteration_admits(monkeypatch):
+    """With requests waiting, the step before their admission backs one free
+    slot for each first chunk the next iteration admits (time permitting:
+    here plenty), and those requests get exactly those slots; greedy outputs
+    stay ``generate()``'s."""
+    from test_serving import assert_greedy_equal, greedy, model_of, random_prompts, reference
+
+    from torch_vkv.serving import Engine
+    from torch_vkv.serving.prewarm import Prewarmer
+
+    monkeypatch.setattr(Prewarmer, "expected_seconds", lambda self, batch: 60.0)
+    model = model_of("llama")
+    prompts = [p[:20] for p in random_prompts(random.Random(5), 4, lo=20, hi=30)]
+    with Engine(model, max_batch_size=4, max_seq_len=256, chunk_size=64, cuda_graphs=False, device="cpu",
+                page_size=PAGE, prefix_caching=False) as engine:  # fmt: skip
+        cache = engine.kv.cache
+        ids = [engine.add_request(prompts[0] * 3, greedy(5))]  # 60 tokens: the first step admits it and 4 more
+        ids += [engine.add_request(p, greedy(5)) for p in prompts[1:]]
+        engine.step()
+        assert len(engine.scheduler.waiting) == 2  # 20 + 20 tokens: both fit the next step's 64
+        warm = {s for s in cache._free_slots if cache.committed_tokens(s) >= 20}
+        assert len(warm) == 2
+        outs = {}
+        seen = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[o.request_id] = o
+            seen.update({r.request_id: r.slot for r in engine.scheduler.running})
+        assert {seen[i] for i in ids[2:]} == warm
+    for p, i in zip([prompts[0] * 3] + prompts[1:], ids):
+        assert_greedy_equal(model, p, outs[i].token_ids, reference(model, p, 5))

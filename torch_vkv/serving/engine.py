@@ -31,6 +31,7 @@ from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
+from torch_vkv.serving.prewarm import Prewarmer
 from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
 from torch_vkv.serving.runner import ModelRunner, attach, detach
 from torch_vkv.serving.sampler import Sampler
@@ -73,9 +74,8 @@ class Engine(Unique):
             ``block_size`` for paged; see ``docs/serving.md``). Finished
             requests' blocks stay cached until memory is needed, least
             recently used first.
-        prewarm: eager allocation (virtual): while the GPU runs a step, back
-            the free slot the next request gets for a first chunk
-            (``KVCache.prewarm``; ``docs/serving.md``, "Memory and preemption").
+        prewarm: eager allocation (virtual): while the GPU runs a step, back the
+            free slots of the next admissions' first chunks (``serving/prewarm.py``).
 
     Sliding-window and soft-capped families (Mistral, Gemma 2 / 3, Qwen2 / 3
     with ``use_sliding_window``): each layer attends with its own window and
@@ -191,6 +191,8 @@ class Engine(Unique):
                      f"{self.kv.pinned_pages + self.kv.pages_for(1)} pages of {self.kv.page_bytes} bytes)",
                      Described(f"{memory_budget} bytes ({self.kv.total_pages} pages)"))  # fmt: skip
             self.scheduler = Scheduler(self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size)
+            self._prewarmer = Prewarmer(self.kv, self.scheduler, chunk_size=self.chunk_size,
+                                        default_tokens=min(self.chunk_size, self.max_seq_len - 1))  # fmt: skip
             attach(model)  # the attention switched to ATTN_NAME until the last engine on the model closes
             self._attached = True
             self.runner = ModelRunner(
@@ -207,10 +209,7 @@ class Engine(Unique):
         self._stalled_steps = 0  # steps in a row that scheduled nothing while requests waited (see step)
         self._next_id = 0
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
-        self._num_iterations = 0
-        self._num_generated = 0
-        self._num_finished = 0
-        self._num_computed = 0
+        self._num_iterations = self._num_generated = self._num_finished = self._num_computed = 0
         self._host_seconds = 0.0
         self._closed = False
 
@@ -368,7 +367,7 @@ class Engine(Unique):
         t1 = time.perf_counter()
         logits, rows = self.runner.execute(batch)
         if self.prewarm:
-            self.kv.prewarm(min(self.chunk_size, self.max_seq_len - 1))  # while the GPU runs the forward
+            self._prewarmer.after_launch(batch)  # while the GPU runs the forward
         reqs = [batch.requests[i] for i in rows]
         parents = [r for r in reqs if r.fanout > 1]
         if parents:  # n > 1: the other completions' first tokens come from their first sequence's logits
@@ -399,6 +398,7 @@ class Engine(Unique):
         self._num_computed += batch.num_tokens
         self._num_iterations += 1
         self._host_seconds += (t1 - t0) + (time.perf_counter() - t3)
+        self._prewarmer.record(batch, time.perf_counter() - t0)
         return outputs
 
     def _fork_completions(self, first: Request) -> None:

@@ -40,8 +40,8 @@ from torch_vkv.serving.request import Request
 
 __all__ = ["KVManager", "PREWARM_KEEP_FREE", "PREWARM_PAGES", "static_budget"]
 
-#: Most pool pages one :meth:`KVManager.prewarm` call commits: about 2 ms of driver calls on an H200
-#: (~30 us a 2 MiB page), well inside a decode step of a model worth serving.
+#: Most pool pages :meth:`KVManager.prewarm` commits for its first slot: about 2 ms of driver calls on an
+#: H200 (~30 us a 2 MiB page), well inside a decode step of a model worth serving.
 PREWARM_PAGES = 64
 #: Fraction of the pool's pages that :meth:`KVManager.prewarm` leaves free.
 PREWARM_KEEP_FREE = 0.05
@@ -134,6 +134,7 @@ class KVManager:
         self.grow_seconds = 0.0
         #: Host seconds in :meth:`prewarm` (virtual), spent while the GPU runs a step.
         self.prewarm_seconds = 0.0
+        self._prewarm_page_seconds = 0.0  # measured host seconds per prewarmed pool page
         if kind == "virtual":
             self.cache: Any = KVCache(
                 num_layers, num_kv_heads, head_dim, max_batch_size=num_slots, max_seq_len=max_seq_len,
@@ -403,27 +404,50 @@ class KVManager:
         bs = self.block_tokens
         self._covered[grow] = np.minimum(-(-seq_lens[grow] // bs) * bs, self.max_seq_len)
 
-    def prewarm(self, num_tokens: int) -> int:
-        """Eager allocation (virtual): backs the free slot that :meth:`alloc` hands
-        out next for ``num_tokens`` tokens, at most :data:`PREWARM_PAGES` pool pages
-        a call (one page group at least), and only while the pool keeps
-        :data:`PREWARM_KEEP_FREE` of its pages free: where memory is short the
-        pages would only be reclaimed again. The engine calls it after launching
-        each forward, so a new request's first pages are mapped while the GPU
-        works instead of before its prefill. Not where sliding layers give back
-        their pages (a freed slot's windowed pages go back at once there).
-        Returns the pages committed."""
+    def prewarm(self, num_tokens: int, *, num_slots: int = 1, seconds: Optional[float] = None) -> int:
+        """Eager allocation (virtual): backs the ``num_slots`` free slots that
+        :meth:`alloc` hands out next for ``num_tokens`` tokens each, only while
+        the pool keeps :data:`PREWARM_KEEP_FREE` of its pages free (where memory
+        is short the pages would only be reclaimed again). The engine calls it
+        after launching each forward, so new requests' first pages are mapped
+        while the GPU works instead of before their prefill. Not where sliding
+        layers give back their pages (a freed slot's windowed pages go back at
+        once there).
+
+        ``seconds=None``: one call of at most :data:`PREWARM_PAGES` pool pages
+        (one page group at least). ``seconds``: the host time the caller can
+        spare (the GPU's remaining work): slot after slot, the first as without
+        it, the next ones only as many pages as the measured cost of a page
+        fits in the time left. Returns the pages committed."""
         if self.kind != "virtual" or self.gives_back_windows or not self.cache.num_free_slots:
             return 0
         t0 = time.perf_counter()
+        keep = int(PREWARM_KEEP_FREE * self.total_pages)
+        committed = 0
         try:
-            return self.cache.prewarm(num_tokens, max_pages=max(PREWARM_PAGES, self._pages_per_group),
-                                      keep_free_pages=int(PREWARM_KEEP_FREE * self.total_pages))  # fmt: skip
+            for k in range(1, min(num_slots, self.cache.num_free_slots) + 1):
+                cap = max(PREWARM_PAGES, self._pages_per_group)
+                if k > 1:
+                    if seconds is None:
+                        break
+                    left = t0 + seconds - time.perf_counter()
+                    cap = int(left / self._prewarm_page_seconds) if self._prewarm_page_seconds else 0
+                    if cap < self._pages_per_group:
+                        break
+                t = time.perf_counter()
+                n = self.cache.prewarm(num_tokens, num_slots=k, max_pages=cap, keep_free_pages=keep)
+                if n:
+                    # Host seconds per pool page, for the next calls' budgets (the driver's cost varies).
+                    per_page = (time.perf_counter() - t) / n
+                    ema = self._prewarm_page_seconds
+                    self._prewarm_page_seconds = per_page if not ema else 0.5 * (ema + per_page)
+                committed += n
+            return committed
         except KVCacheCapacityError:
             # Raised by the join of the last grow's background prefetch (the driver ran out), rolled
             # back there: that prefetch skipped. The next grow commits what its step needs, or the
             # scheduler preempts; out of memory is never the caller's exception.
-            return 0
+            return committed
         finally:
             self.prewarm_seconds += time.perf_counter() - t0
 
