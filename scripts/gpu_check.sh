@@ -16,6 +16,7 @@
 #   TEST_SHARD=1/2 BENCHES="" bash scripts/gpu_check.sh   # every 2nd test file from the 1st: the CUDA suite
 #                                                        # in two device calls (then TEST_SHARD=2/2)
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
+#   DIAGS="host" DIAG_ARGS="--configs virtual-per_layer,paged-256" BENCHES="" ...  # scripts/diag_host.py
 #   COMPILE_CACHE_OUT=1 ...                     # also pack torch.compile's caches into $OUT/compile_cache.tgz:
 #                                                # copy it to .compile_cache.tgz here and carry that next time
 #                                                # (Engine(compile=True) then skips most of its ~90 s)
@@ -80,6 +81,11 @@ xdist=""  # -v: the log names every finished test, so a step cut by its limit st
 pkill -f -- "-m cuda -p no:cacheprovider -o log_cli=false" 2>/dev/null && sleep 2
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
+done
+# DIAGS="host step": scripts/diag_host.py and scripts/diag_step.py after the benchmarks (DIAG_ARGS: extra
+# arguments for each; DIAG_TIMEOUT seconds each), their JSON and traces in results.tgz.
+for d in ${DIAGS:-}; do
+  OUT="$OUT" run "diag_$d" "${DIAG_TIMEOUT:-0}" python "scripts/diag_$d.py" ${DIAG_ARGS:-}
 done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
 [ "${COMPILE_CACHE_OUT:-0}" = 1 ] && tar czf "$FINAL/compile_cache.tgz" -C .compile_cache . \
