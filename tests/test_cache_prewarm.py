@@ -277,3 +277,27 @@ def test_engine_prewarms_every_slot_the_next_iteration_admits(monkeypatch):
         assert {seen[i] for i in ids[2:]} == warm
     for p, i in zip([prompts[0] * 3] + prompts[1:], ids):
         assert_greedy_equal(model, p, outs[i].token_ids, reference(model, p, 5))
+
+
+@pytest.mark.usefixtures("_plain_append")
+def test_engine_prewarms_no_more_slots_than_the_batch_has_room_for(monkeypatch):
+    """A full batch admits nobody next iteration: eager allocation backs one
+    slot ahead (for whoever starts first), not one per waiting request."""
+    from test_serving import greedy, model_of
+
+    from torch_vkv.serving import Engine
+    from torch_vkv.serving.prewarm import Prewarmer
+
+    monkeypatch.setattr(Prewarmer, "expected_seconds", lambda self, batch: 60.0)
+    # Prefix caching's parking slots: free slots beyond the batch's two.
+    with Engine(model_of("llama"), max_batch_size=2, max_seq_len=256, chunk_size=64, cuda_graphs=False,
+                device="cpu", page_size=PAGE) as engine:  # fmt: skip
+        assert engine.kv.cache.num_free_slots > 2
+        for i in range(5):
+            engine.add_request([5 + i] * 10, greedy(4))
+        engine.step()
+        assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 3
+        cache = engine.kv.cache
+        assert sum(cache.committed_tokens(s) > 0 for s in cache._free_slots) == 1
+        outs = engine.generate([[9] * 10], greedy(4), use_tqdm=False)  # the rest still runs to the end
+        assert len(outs[0].token_ids) == 4

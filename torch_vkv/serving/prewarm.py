@@ -48,7 +48,11 @@ class Prewarmer:
     def after_launch(self, batch: Any) -> int:
         """Backs the next admissions' slots while ``batch`` runs on the device;
         returns the pool pages committed."""
-        chunks = first_chunks(self.scheduler.waiting, max_tokens=self.chunk_size, free_slots=self.kv.num_free_slots)
+        sched = self.scheduler
+        # Slots the next iteration can hand out: not more than the batch has room for (a slot warmed
+        # for a request that cannot start would hold pages that running requests may need to reclaim).
+        room = min(self.kv.num_free_slots, sched.max_batch_size - len(sched.running))
+        chunks = first_chunks(sched.waiting, max_tokens=self.chunk_size, free_slots=room)
         before = self.kv.prewarm_seconds
         tokens = min(max(chunks, default=self.default_tokens), self.default_tokens)  # within the cache's rows
         pages = self.kv.prewarm(tokens, num_slots=max(1, len(chunks)),
