@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,6 +95,26 @@ def test_prewarm_checks_its_arguments():
         cache.prewarm(10)
 
 
+def test_alloc_with_num_tokens_takes_the_tightest_warm_slot():
+    """``alloc(num_tokens)``: the free slot backing ``num_tokens`` with the fewest
+    pages to spare (a warm slot far larger than the request would hold its
+    pages out of reach while the request runs); none backs it, or no
+    ``num_tokens``: the slot holding the most pages."""
+    with make_cache() as cache:  # 32 tokens a page
+        slots = [cache.alloc() for _ in range(4)]
+        cache.step({slots[0]: 64, slots[1]: 128, slots[2]: 32})  # 2, 4 and 1 pages
+        for s in slots:
+            cache.free(s)
+        assert cache.alloc(40) == slots[0]  # 2 pages back 40 tokens; 4 would spare more
+        assert cache.alloc(200) == slots[1]  # nobody backs 200: the warmest
+        assert cache.alloc(0) == slots[3]  # any slot backs 0 tokens: the coldest
+        assert cache.alloc() == slots[2]
+        with pytest.raises(ValueError, match="num_tokens: expected"):
+            cache.alloc(-1)
+        with pytest.raises(ArgumentTypeError, match="num_tokens"):
+            cache.alloc(1.5)
+
+
 # ------------------------------------------------------------------ the engine's policy
 
 
@@ -140,6 +161,37 @@ def test_manager_prewarm_backs_several_slots_only_within_its_seconds():
         assert kv.prewarm(40, num_slots=4, seconds=60.0) == 2 * group  # 40 tokens: 2 pages of 32
         assert _warm_free_slots(kv) == [64, 64, 64, 64] and kv.prewarm_seconds > 0
         assert kv.prewarm(64, num_slots=4, seconds=60.0) == 0  # nothing left to do
+    finally:
+        kv.close()
+
+
+def test_manager_prewarm_sizes_each_slot_and_fit_trims_only_when_memory_is_short():
+    from torch_vkv.serving.kv import FIT_FREE_SHARE
+
+    kv = _manager(memory_budget=32 * PAGE)  # 32 pool pages: 8 page groups of 32 tokens
+    try:
+        assert kv.prewarm([32, 96], seconds=60.0) == (3 + 1) * 4  # the largest first: 3 pages and 1 a buffer
+        assert _warm_free_slots(kv) == [96, 32, 0, 0]
+        small = kv.alloc(30)
+        assert kv.cache.committed_tokens(small) == 32  # the tightest fit, not the warmest
+        assert kv.fit(small, 10) == 0  # 28 of 32 pages available: not short, the pages stay
+        kv.free(small)
+
+        def lens(**by_slot):
+            seq = np.zeros(kv.num_slots, dtype=np.int64)
+            for s, n in by_slot.values():
+                seq[s] = n
+            return seq
+
+        a, b = kv.alloc(), kv.alloc()
+        kv.grow(lens(a=(a, 128), b=(b, 96)))  # 16 + 12 of the 32 pages
+        kv.free(a)  # its 16 pages stay with the freed slot, reclaimable
+        again = kv.alloc(20)  # the only free slot backing 20 tokens: a's
+        assert again == a and kv.cache.committed_tokens(again) == 128
+        assert kv.available_pages() < FIT_FREE_SHARE * kv.total_pages  # an active slot holds them now
+        assert kv.fit(again, 40) == 2 * 4  # memory is short: pages past 40 tokens (2 a buffer) go back
+        assert kv.cache.committed_tokens(again) == 64 and kv._covered[again] == 64
+        assert kv.fit(again, 40) == 0
     finally:
         kv.close()
 

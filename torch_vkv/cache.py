@@ -332,15 +332,19 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
 
     # ------------------------------------------------------------------ slots
     @locked
-    def alloc(self) -> int:
-        """Takes a free slot and returns it. A slot freed earlier whose pages are
-        still committed is preferred: the new request reuses them. Raises
+    def alloc(self, num_tokens: int | None = None) -> int:
+        """Takes a free slot and returns it, preferring one whose pages are still committed (the new
+        request reuses them): with ``num_tokens`` (what the request may reach), the one backing it with
+        the fewest pages to spare; else, or when none backs it, the one holding the most pages. Raises
         :class:`OutOfSlotsError` when every slot is in use."""
         self._check_open()
+        num_tokens is None or check_int("num_tokens", num_tokens, low=0)
         if not self._free_slots:
             raise OutOfSlotsError(f"all {self.max_batch_size} slots of the KV cache are in use")
-        warmest = max(range(len(self._free_slots)), key=lambda i: self._committed_pages[self._free_slots[i]])
-        slot = self._free_slots.pop(warmest)
+        held = [int(self._committed_pages[s]) for s in self._free_slots]
+        fits = [] if num_tokens is None else [i for i, h in enumerate(held) if h >= self._pages_for(num_tokens)]
+        pick = min(fits, key=held.__getitem__) if fits else max(range(len(held)), key=held.__getitem__)
+        slot = self._free_slots.pop(pick)
         self._active.add(slot)
         self._active_mask[slot] = True
         self._used_tokens[slot] = 0
@@ -386,8 +390,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
         self.step({slot: check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)})
 
     def reserve(self, slot: int, num_tokens: int) -> None:
-        """Alias of :meth:`commit`, its first name (the address space is
-        reserved at construction; this call commits pages). Kept working."""
+        """Alias of :meth:`commit`, its first name (kept working)."""
         self.commit(slot, num_tokens)
 
     def can_reserve(self, slot: int, num_tokens: int) -> bool:

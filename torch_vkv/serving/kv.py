@@ -29,7 +29,7 @@ them, so parking never takes a slot a running request needs.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ __all__ = ["KVManager", "PREWARM_KEEP_FREE", "PREWARM_PAGES", "static_budget"]
 PREWARM_PAGES = 64
 #: Fraction of the pool's pages that :meth:`KVManager.prewarm` leaves free.
 PREWARM_KEEP_FREE = 0.05
+#: Below this fraction of the pool available, :meth:`KVManager.fit` trims a new request's slot.
+FIT_FREE_SHARE = 0.25
 
 
 def static_budget(kind: str, *, layout: str, num_slots: int, max_seq_len: int, num_layers: int, num_kv_heads: int,
@@ -195,10 +197,12 @@ class KVManager:
         """Slots :meth:`alloc` can hand out, parked ones included (evicted on demand)."""
         return self.cache.num_free_slots + (len(self.prefix.parked) if self.prefix is not None else 0)
 
-    def alloc(self) -> int:
-        """A free slot (virtual: the one that still holds the most pages)."""
+    def alloc(self, num_tokens: Optional[int] = None) -> int:
+        """A free slot; virtual: the one whose pages back ``num_tokens`` (the
+        first step's tokens) with the fewest to spare, else the one holding the
+        most pages (``KVCache.alloc``)."""
         self._make_free_slot(None)
-        slot = self.cache.alloc()
+        slot = self.cache.alloc(num_tokens) if self.kind == "virtual" else self.cache.alloc()
         self._active[slot] = True
         self._covered[slot] = self.cache.committed_tokens(slot)
         return slot
@@ -226,6 +230,21 @@ class KVManager:
         self._active[slot] = False
         if self.kind == "paged":
             self._covered[slot] = 0
+
+    def fit(self, slot: int, max_tokens: int) -> int:
+        """Virtual, while memory is short (the pool's free pages below
+        :data:`PREWARM_KEEP_FREE` of it): gives back the pages of a just taken
+        ``slot`` past ``max_tokens``, all its request can ever use. A warm slot
+        (a freed request's pages, eager allocation) may hold more, and an
+        active slot keeps them out of every other request's reach until it
+        ends. Returns the pool pages given back."""
+        if self.kind != "virtual" or self.cache.committed_tokens(slot) <= max_tokens:
+            return 0
+        if self.available_pages() >= FIT_FREE_SHARE * self.total_pages:
+            return 0  # memory to spare: the next request in this slot may use them
+        dropped = self.cache.decommit(slot, min(max_tokens, self.max_seq_len))
+        self._covered[slot] = self.cache.committed_tokens(slot)
+        return dropped * self._pages_per_group
 
     def evict(self, exclude: Optional[int] = None) -> bool:
         """Frees the least recently used parked slot (not ``exclude``); False when none is."""
@@ -404,11 +423,14 @@ class KVManager:
         bs = self.block_tokens
         self._covered[grow] = np.minimum(-(-seq_lens[grow] // bs) * bs, self.max_seq_len)
 
-    def prewarm(self, num_tokens: int, *, num_slots: int = 1, seconds: Optional[float] = None) -> int:
+    def prewarm(self, num_tokens: Union[int, Sequence[int]], *, num_slots: int = 1,
+                seconds: Optional[float] = None) -> int:  # fmt: skip
         """Eager allocation (virtual): backs the ``num_slots`` free slots that
-        :meth:`alloc` hands out next for ``num_tokens`` tokens each, only while
-        the pool keeps :data:`PREWARM_KEEP_FREE` of its pages free (where memory
-        is short the pages would only be reclaimed again). The engine calls it
+        :meth:`alloc` hands out next for ``num_tokens`` tokens each (a sequence:
+        one slot for each of its counts, the largest first), only while the pool
+        keeps :data:`PREWARM_KEEP_FREE` of its pages free and memory does not
+        limit the batch (:data:`FIT_FREE_SHARE`): pages committed ahead would
+        only be reclaimed again. The engine calls it
         after launching each forward, so new requests' first pages are mapped
         while the GPU works instead of before their prefill. Not where sliding
         layers give back their pages (a freed slot's windowed pages go back at
@@ -421,11 +443,14 @@ class KVManager:
         fits in the time left. Returns the pages committed."""
         if self.kind != "virtual" or self.gives_back_windows or not self.cache.num_free_slots:
             return 0
+        if self.available_pages() < FIT_FREE_SHARE * self.total_pages:
+            return 0  # memory is what limits the batch: pages committed ahead would be reclaimed again
         t0 = time.perf_counter()
         keep = int(PREWARM_KEEP_FREE * self.total_pages)
+        counts = sorted(num_tokens, reverse=True) if isinstance(num_tokens, Sequence) else [num_tokens] * num_slots
         committed = 0
         try:
-            for k in range(1, min(num_slots, self.cache.num_free_slots) + 1):
+            for k in range(1, min(len(counts), self.cache.num_free_slots) + 1):
                 cap = max(PREWARM_PAGES, self._pages_per_group)
                 if k > 1:
                     if seconds is None:
@@ -435,7 +460,7 @@ class KVManager:
                     if cap < self._pages_per_group:
                         break
                 t = time.perf_counter()
-                n = self.cache.prewarm(num_tokens, num_slots=k, max_pages=cap, keep_free_pages=keep)
+                n = self.cache.prewarm(counts[k - 1], num_slots=k, max_pages=cap, keep_free_pages=keep)
                 if n:
                     # Host seconds per pool page, for the next calls' budgets (the driver's cost varies).
                     per_page = (time.perf_counter() - t) / n

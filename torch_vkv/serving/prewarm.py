@@ -54,9 +54,9 @@ class Prewarmer:
         room = min(self.kv.num_free_slots, sched.max_batch_size - len(sched.running))
         chunks = first_chunks(sched.waiting, max_tokens=self.chunk_size, free_slots=room)
         before = self.kv.prewarm_seconds
-        tokens = min(max(chunks, default=self.default_tokens), self.default_tokens)  # within the cache's rows
-        pages = self.kv.prewarm(tokens, num_slots=max(1, len(chunks)),
-                                seconds=PREWARM_SHARE * self.expected_seconds(batch))  # fmt: skip
+        # One slot for each first chunk (within the cache's rows), or one for whoever comes next.
+        counts = [min(n, self.default_tokens) for n in chunks] or [self.default_tokens]
+        pages = self.kv.prewarm(counts, seconds=PREWARM_SHARE * self.expected_seconds(batch))
         self._spent = self.kv.prewarm_seconds - before
         return pages
 

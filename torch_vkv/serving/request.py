@@ -81,6 +81,11 @@ class Request:
         return len(self.token_ids)
 
     @property
+    def max_num_tokens(self) -> int:
+        """Tokens the request can reach: its prompt and ``max_tokens`` outputs."""
+        return len(self.token_ids) - len(self.output_token_ids) + self.params.max_tokens
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
@@ -134,6 +139,11 @@ class SequenceGroup:
     def __init__(self, request_id: str, seqs: list[Request]) -> None:
         self.request_id = request_id
         self.seqs = seqs
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Tokens the request can reach: its prompt and ``max_tokens`` outputs."""
+        return len(self.token_ids) - len(self.output_token_ids) + self.params.max_tokens
 
     @property
     def finished(self) -> bool:

@@ -228,9 +228,10 @@ class Scheduler:
                 if need + reserve > free:
                     break  # first come, first served: nobody overtakes the head of the queue
                 try:
-                    slot = kv.fork(src, hit) if hit else kv.alloc()
+                    slot = kv.fork(src, hit) if hit else kv.alloc(n)
                 except KVCacheCapacityError:  # the partial page of the fork: not expected
                     break
+                kv.fit(slot, r.max_num_tokens)
                 seq[slot] = hit + n
                 if not kv.can_grow(seq):  # the estimates are upper bounds: not expected
                     seq[slot] = 0
