@@ -3,7 +3,7 @@
 // mapping: every page of it reads as zeros (the kernel's shared zero page, no
 // memory used) and a write faults. map puts a file page over part of it with
 // MAP_FIXED|MAP_SHARED (so two addresses can alias one page); unmap puts the
-// read-only zero mapping back. In strict mode (TORCH_VKV_DEBUG=1 when the
+// read-only zero mapping back; retire (close) puts a writable one over the whole range. In strict mode (TORCH_VKV_DEBUG=1 when the
 // range is reserved) the unbacked pages are PROT_NONE instead, so any read of
 // them faults: the test suite's way to catch out-of-bounds reads.
 #include <fcntl.h>
@@ -96,6 +96,17 @@ class HostBackend final : public Backend {
     void* p = mmap(reinterpret_cast<void*>(addr), bytes, unbacked_prot(strict_at(addr)), kUnbackedFlags | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED)
       throw DriverError(sys_error("mmap", "unbacked pages over " + hex(addr) + ", " + std::to_string(bytes) + " bytes"));
+  }
+
+  bool retire(uintptr_t addr, size_t bytes) override {
+    // Private anonymous zeros, writable: a tensor kept past close() (a slice of a cache view, a
+    // NumPy array over it, a thread still writing while another closes) reads zeros and its
+    // writes land in memory of its own, freed with the range, instead of faulting on the
+    // read-only zero mapping. One mmap swaps the whole range, so no write sees it unmapped.
+    // Strict mode keeps faulting, as CUDA does on freed memory.
+    if (strict_at(addr)) return false;
+    void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE, kUnbackedFlags | MAP_FIXED, -1, 0);
+    return p != MAP_FAILED;
   }
 
   void make_private(uintptr_t addr, PageHandle page) override {

@@ -447,6 +447,11 @@ void Reservation::close() {
   std::lock_guard<std::mutex> lock(pool_->mutex());
   pool_->backend().bind_thread();
   closed_ = true;  // even if the driver fails below: no commit after close
+  if (address_alive_ && !retired_) {
+    // Kernels may still read the pages (CUDA): wait for them before the range changes.
+    if (num_committed_ > 0) pool_->backend().synchronize();
+    retired_ = pool_->backend().retire(base_, bytes());
+  }
   release_all_locked();
 }
 
@@ -483,7 +488,7 @@ void Reservation::finish_pending_locked(Fence fence) {
 void Reservation::unmap_runs_locked(const std::vector<size_t>& pages) {
   Backend& backend = pool_->backend();
   for_each_run(pages, [&](size_t run_first, size_t run_count) {
-    backend.unmap(base_ + run_first * page_size_, run_count * page_size_);
+    if (!retired_) backend.unmap(base_ + run_first * page_size_, run_count * page_size_);
     ++pool_->counters_locked().unmap_calls;
     for (size_t p = run_first; p < run_first + run_count; ++p) {
       pool_->release_locked(pages_[p]);

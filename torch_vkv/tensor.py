@@ -71,6 +71,10 @@ from torch_vkv.pool import PagePool
 __all__ = ["VirtualKVTensor", "VirtualKVView"]
 
 
+_CLOSED_WRITE = ("cannot write through a view of a closed cache (its memory is released); "
+                 "take new views from an open KVCache")
+
+
 def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
     raise TypeError(
         f"a {type(self).__name__} lives in reserved virtual memory and cannot be pickled, saved with "
@@ -236,7 +240,9 @@ class VirtualKVTensor(torch.Tensor):
     def close(self) -> None:
         """Returns every page now (as :meth:`release`) and refuses commits
         from then on. Views stay valid Python objects: on the host backend they
-        read zeros, on CUDA they are invalid like freed memory. Idempotent."""
+        read zeros and writes through them land in memory of the closed range's
+        own (never in a pool page), on CUDA they are invalid like freed memory.
+        Idempotent."""
         if not self.reservation.closed:
             self.reservation.close()
 
@@ -360,8 +366,7 @@ class VirtualKVView(torch.nn.Parameter):
             return  # traced code: the page table is not traceable (write through append_kv there)
         reservation = self.source.reservation
         if reservation.closed:
-            raise RuntimeError("cannot write through a view of a closed cache (its memory is released); "
-                               "take new views from an open KVCache")  # fmt: skip
+            raise RuntimeError(_CLOSED_WRITE)
         slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1], self.dim())
         if not slots or not rows:
             return
@@ -371,6 +376,8 @@ class VirtualKVView(torch.nn.Parameter):
         runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()
         for slot in slots:
             if not self._rows_committed(slot, lo, hi, runs):
+                if reservation.closed:  # closed by another thread since the check above
+                    raise RuntimeError(_CLOSED_WRITE)
                 fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
                      f"{self._committed_rows([slot], runs)[0]}; commit more first: KVCache.commit or step)",
                      Described(f"rows [{lo}, {hi})"))  # fmt: skip
