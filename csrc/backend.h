@@ -35,6 +35,10 @@ class Backend {
   virtual uintptr_t reserve(size_t bytes) = 0;
   virtual void release(uintptr_t addr, size_t bytes) = 0;
   virtual PageHandle create_page() = 0;
+  // Pages that can exist at once; create_page throws OutOfPages past it. The host's pages are
+  // sparse memfd memory that no call fails to create, so it bounds them by the machine's memory
+  // and swap; CUDA's driver refuses by itself (cuMemCreate runs out of memory).
+  virtual size_t page_limit() const { return SIZE_MAX; }
   virtual void destroy_page(PageHandle page) = 0;
   virtual void map(uintptr_t addr, PageHandle page) = 0;
   virtual void set_access(uintptr_t addr, size_t bytes) = 0;

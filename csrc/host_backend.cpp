@@ -8,8 +8,11 @@
 // them faults: the test suite's way to catch out-of-bounds reads.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <set>
@@ -30,6 +33,11 @@ class HostBackend final : public Backend {
                             std::to_string(os_page) + " bytes), got " + std::to_string(page_size));
     fd_ = memfd_create("torch_vkv", MFD_CLOEXEC);
     if (fd_ < 0) throw DriverError(sys_error("memfd_create", "\"torch_vkv\""));
+    struct sysinfo info;
+    if (sysinfo(&info) == 0) {
+      unsigned long long memory = (static_cast<unsigned long long>(info.totalram) + info.totalswap) * info.mem_unit;
+      page_limit_ = std::max<size_t>(1, memory / page_size_);
+    }
   }
   ~HostBackend() override {
     if (fd_ >= 0) close(fd_);
@@ -62,8 +70,14 @@ class HostBackend final : public Backend {
     ranges_.erase(addr);
   }
 
+  size_t page_limit() const override { return page_limit_; }
+
   PageHandle create_page() override {
     size_t index;
+    if (holes_.empty() && file_pages_ >= page_limit_)
+      throw OutOfPages("out of host memory: " + std::to_string(file_pages_) + " pages of " + std::to_string(page_size_) +
+                           " bytes exist, as many as the machine's memory and swap hold",
+                       1, 0);
     if (!holes_.empty()) {
       index = *holes_.begin();
       holes_.erase(holes_.begin());
@@ -169,6 +183,7 @@ class HostBackend final : public Backend {
   };
 
   size_t page_size_;
+  size_t page_limit_ = SIZE_MAX;  // pages the machine's memory and swap hold
   int fd_ = -1;
   std::mutex ranges_mu_;
   std::map<uintptr_t, Range> ranges_;  // reserved ranges by base address

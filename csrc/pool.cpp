@@ -55,6 +55,12 @@ size_t PagePool::prefill(size_t num_pages) {
   std::lock_guard<std::mutex> lock(mu_);
   backend_->bind_thread();
   num_pages = std::min(num_pages, max_pages_);
+  size_t limit = backend_->page_limit();
+  if (num_pages > limit)  // refused up front: the loop below would run for ages (host pages never fail)
+    throw OutOfPages("prefill of " + std::to_string(num_pages) + " pages of " + std::to_string(page_size()) +
+                         " bytes: the " + backend_->name() + " backend holds at most " + std::to_string(limit) +
+                         " pages (the machine's memory and swap); nothing was created",
+                     num_pages - std::min(num_pages, created_), limit > created_ ? limit - created_ : 0);
   while (created_ < num_pages) {
     PageHandle p = backend_->create_page();
     ++created_;
