@@ -64,9 +64,9 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-from torch_vkv._checks import ArgumentTypeError, Described, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv._ext import core
-from torch_vkv.pool import PagePool
+from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
 
 __all__ = ["VirtualKVTensor", "VirtualKVView"]
 
@@ -117,13 +117,16 @@ class VirtualKVTensor(torch.Tensor):
             pool = PagePool(device, page_size=page_size)
         elif device is not None or page_size is not None:
             fail("device/page_size", "None when a pool is given (the pool decides)", (device, page_size))
-        shape = tuple(int(s) for s in shape)
-        if not shape or any(s <= 0 for s in shape):
-            fail("shape", "a non-empty shape of positive sizes", shape)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)) or not shape:
+            fail("shape", "a non-empty sequence of positive ints", shape, ArgumentTypeError)
+        shape = tuple(check_int(f"shape[{i}]", s, low=1) for i, s in enumerate(shape))
         if not isinstance(dtype, torch.dtype):
             fail("dtype", "a torch.dtype", dtype, ArgumentTypeError)
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
+        if nbytes > ADDRESS_SPACE_BYTES:  # before the C++, which takes 64-bit sizes
+            fail("shape", f"at most {ADDRESS_SPACE_BYTES} bytes (the {ADDRESS_SPACE_BYTES >> 40} TiB address space)",
+                 Described(f"{shape}, {nbytes} bytes of {dtype}"))  # fmt: skip
         reservation = core().Reservation.create(pool._pool, nbytes)
         # The reservation is the storage: the DLPack deleter keeps it alive
         # for as long as any tensor or view over it lives.
