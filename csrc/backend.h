@@ -35,10 +35,19 @@ class Backend {
   virtual uintptr_t reserve(size_t bytes) = 0;
   virtual void release(uintptr_t addr, size_t bytes) = 0;
   virtual PageHandle create_page() = 0;
+  // Pages that can exist at once; create_page throws OutOfPages past it. The host's pages are
+  // sparse memfd memory that no call fails to create, so it bounds them by the machine's memory
+  // and swap; CUDA's driver refuses by itself (cuMemCreate runs out of memory).
+  virtual size_t page_limit() const { return SIZE_MAX; }
   virtual void destroy_page(PageHandle page) = 0;
   virtual void map(uintptr_t addr, PageHandle page) = 0;
   virtual void set_access(uintptr_t addr, size_t bytes) = 0;
   virtual void unmap(uintptr_t addr, size_t bytes) = 0;
+  // The end of a range whose owner closed it for good (Reservation::close): replaces every
+  // mapping in [addr, addr + bytes) at once, pages included, with memory that stale views can
+  // still read and write until the address is released. Returns false when the backend cannot
+  // (CUDA, the host in strict mode): the caller then unmaps the pages as usual.
+  virtual bool retire(uintptr_t addr, size_t bytes) { return false; }
   // Fills a mapped range with zeros, finished when this returns.
   virtual void zero(uintptr_t addr, size_t bytes) = 0;
   // Whether a page fresh from create_page() already reads as zeros (memfd

@@ -1,11 +1,15 @@
 // Layer 3: registration only. Every call into the core releases the GIL, so
 // the background committer never waits on Python and Python never waits on a
 // driver call with the GIL held.
+#include <cxxabi.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <exception>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "allocator.h"
@@ -19,9 +23,47 @@
 
 namespace py = pybind11;
 using namespace vkv;
-using release_gil = py::call_guard<py::gil_scoped_release>;
 
 namespace {
+
+// Runs `fn` without the GIL, then takes the GIL back in this ordinary frame, never in a destructor.
+// A daemon thread still inside the core when the interpreter exits is ended by pthread_exit as it
+// takes the GIL back; that exit unwinds the thread's stack, and an unwind that leaves a destructor
+// (py::gil_scoped_release, py::call_guard) calls std::terminate: the process aborted at exit. Here
+// the unwind passes. An error of `fn` is rethrown once the GIL is held again.
+template <typename F>
+auto without_gil(F&& fn) -> decltype(fn()) {
+  using R = decltype(fn());
+  std::exception_ptr error;
+  std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> result;
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    if constexpr (std::is_void_v<R>) {
+      fn();
+    } else {
+      result.emplace(fn());
+    }
+  } catch (abi::__forced_unwind&) {
+    throw;  // thread cancellation must go on unwinding
+  } catch (...) {
+    error = std::current_exception();
+  }
+  PyEval_RestoreThread(state);
+  if (error) std::rethrow_exception(error);
+  if constexpr (!std::is_void_v<R>) return std::move(*result);
+}
+
+// A method or function bound so that it runs without the GIL (see without_gil).
+template <typename R, typename C, typename... A>
+auto nogil(R (C::*method)(A...)) {
+  return [method](C& self, A... args) -> R {
+    return without_gil([&]() -> R { return (self.*method)(std::forward<A>(args)...); });
+  };
+}
+template <typename R, typename... A>
+auto nogil(R (*fn)(A...)) {
+  return [fn](A... args) -> R { return without_gil([&]() -> R { return fn(std::forward<A>(args)...); }); };
+}
 
 py::dict stats_dict(const PoolStats& s) {
   py::dict d;
@@ -117,56 +159,50 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("host_backend", &make_host_backend, py::arg("page_size") = size_t{2} << 20,
         "A memfd + mmap backend on the CPU with pages of page_size bytes.");
-  m.def("cuda_backend", &cuda_backend, py::arg("device"), release_gil(),
+  m.def("cuda_backend", nogil(&cuda_backend), py::arg("device"),
         "The CUDA driver backend of a device (shared per device).");
-  m.def("cuda_driver_available", &cu::available, release_gil(),
+  m.def("cuda_driver_available", nogil(&cu::available),
         "Whether libcuda.so.1 loads and cuInit succeeds.");
   m.def("hold_fences", &host_hold_fences, py::arg("backend"), py::arg("hold"),
         "Host-backend test hook: keep new fences pending until released.");
   m.def(
       "device_memory_info",
       [](int device) {
-        auto backend = cuda_backend(device);
-        backend->bind_thread();
-        size_t free_bytes = 0, total_bytes = 0;
-        cu::check(cu::api().cuMemGetInfo(&free_bytes, &total_bytes), "cuMemGetInfo", "device=" + std::to_string(device));
-        return std::make_pair(free_bytes, total_bytes);
+        return without_gil([&] {
+          auto backend = cuda_backend(device);
+          backend->bind_thread();
+          size_t free_bytes = 0, total_bytes = 0;
+          cu::check(cu::api().cuMemGetInfo(&free_bytes, &total_bytes), "cuMemGetInfo",
+                    "device=" + std::to_string(device));
+          return std::make_pair(free_bytes, total_bytes);
+        });
       },
-      py::arg("device"), release_gil(), "(free_bytes, total_bytes) as the driver reports them.");
+      py::arg("device"), "(free_bytes, total_bytes) as the driver reports them.");
 
   py::class_<PagePool, std::shared_ptr<PagePool>>(m, "PagePool")
       .def(py::init<std::shared_ptr<Backend>, size_t>(), py::arg("backend"), py::arg("max_pages"))
       .def_property_readonly("page_size", &PagePool::page_size)
       .def_property_readonly("backend", [](PagePool& p) { return p.backend().name(); })
-      .def("prefill", &PagePool::prefill, py::arg("num_pages"), release_gil())
-      .def("set_max_pages", &PagePool::set_max_pages, py::arg("max_pages"), release_gil())
-      .def("trim", &PagePool::trim, py::arg("keep_free") = 0, release_gil())
-      .def("reap", &PagePool::reap, release_gil())
+      .def("prefill", nogil(&PagePool::prefill), py::arg("num_pages"))
+      .def("set_max_pages", nogil(&PagePool::set_max_pages), py::arg("max_pages"))
+      .def("trim", nogil(&PagePool::trim), py::arg("keep_free") = 0)
+      .def("reap", nogil(&PagePool::reap))
       .def_property_readonly("forked", &PagePool::forked, "Whether the pool was inherited through fork().")
-      .def("stats", [](PagePool& p) {
-        PoolStats s;
-        {
-          py::gil_scoped_release nogil;
-          s = p.stats();
-        }
-        return stats_dict(s);
-      });
+      .def("stats", [](PagePool& p) { return stats_dict(without_gil([&] { return p.stats(); })); });
 
   py::class_<Reservation, std::shared_ptr<Reservation>>(m, "Reservation")
-      .def_static("create", &Reservation::create, py::arg("pool"), py::arg("bytes"), release_gil())
-      .def_static("adopt", &allocator_adopt, py::arg("pool"), py::arg("addr"), release_gil(),
+      .def_static("create", nogil(&Reservation::create), py::arg("pool"), py::arg("bytes"))
+      .def_static("adopt", nogil(&allocator_adopt), py::arg("pool"), py::arg("addr"),
                   "Takes over a range returned by allocator_reserve / vkv_alloc.")
       .def_property_readonly("base", &Reservation::base)
       .def_property_readonly("num_pages", &Reservation::num_pages)
       .def_property_readonly("bytes", &Reservation::bytes)
       .def_property_readonly("page_size", &Reservation::page_size)
-      .def("commit", &Reservation::commit, py::arg("first"), py::arg("count"), release_gil())
-      .def("decommit", &Reservation::decommit, py::arg("first"), py::arg("count"), py::arg("stream") = py::none(),
-           release_gil())
-      .def("alias", &Reservation::alias, py::arg("first"), py::arg("src"), py::arg("src_first"), py::arg("count"),
-           release_gil())
-      .def("release_all", &Reservation::release_all, release_gil())
-      .def("close", &Reservation::close, release_gil(), "release_all, then refuse commits (the range stays reserved).")
+      .def("commit", nogil(&Reservation::commit), py::arg("first"), py::arg("count"))
+      .def("decommit", nogil(&Reservation::decommit), py::arg("first"), py::arg("count"), py::arg("stream") = py::none())
+      .def("alias", nogil(&Reservation::alias), py::arg("first"), py::arg("src"), py::arg("src_first"), py::arg("count"))
+      .def("release_all", nogil(&Reservation::release_all))
+      .def("close", nogil(&Reservation::close), "release_all, then refuse commits (the range stays reserved).")
       .def_property_readonly("closed", &Reservation::closed)
       .def_property_readonly("forked", &Reservation::forked, "Whether the reservation was inherited through fork().")
       .def(
@@ -189,10 +225,10 @@ PYBIND11_MODULE(_C, m) {
           },
           "The whole range as a DLPack capsule (uint8) for torch.from_dlpack; every tensor over it keeps "
           "the reservation alive.")
-      .def("is_committed", &Reservation::is_committed, py::arg("page"), release_gil())
-      .def("num_committed", &Reservation::num_committed, release_gil())
-      .def("committed_ranges", &Reservation::committed_ranges, release_gil())
-      .def("inherited_ranges", &Reservation::inherited_ranges, release_gil(),
+      .def("is_committed", nogil(&Reservation::is_committed), py::arg("page"))
+      .def("num_committed", nogil(&Reservation::num_committed))
+      .def("committed_ranges", nogil(&Reservation::committed_ranges))
+      .def("inherited_ranges", nogil(&Reservation::inherited_ranges),
            "Runs (first page, count) mapped in this process, pending decommits included; works in a forked "
            "child, where committed_ranges() raises.");
 
@@ -204,13 +240,12 @@ PYBIND11_MODULE(_C, m) {
             std::vector<CommitJob> list;
             list.reserve(jobs.size());
             for (const auto& [res, first, count] : jobs) list.push_back({res, first, count});
-            py::gil_scoped_release nogil;
-            return c.submit(std::move(list));
+            return without_gil([&] { return c.submit(std::move(list)); });
           },
           py::arg("jobs"), "Queue [(reservation, first_page, num_pages), ...]; returns a ticket.")
-      .def("wait", &Committer::wait, py::arg("ticket"), release_gil())
-      .def("done", &Committer::done, py::arg("ticket"), release_gil())
-      .def("pages_committed", &Committer::pages_committed, release_gil())
+      .def("wait", nogil(&Committer::wait), py::arg("ticket"))
+      .def("done", nogil(&Committer::done), py::arg("ticket"))
+      .def("pages_committed", nogil(&Committer::pages_committed))
       .def_property_readonly("forked", &Committer::forked, "Whether the committer was inherited through fork().");
 
   py::class_<SlotTable, std::shared_ptr<SlotTable>>(m, "SlotTable",
@@ -240,8 +275,7 @@ PYBIND11_MODULE(_C, m) {
             if (!int64_lengths(seq_lens, need)) return static_cast<int>(kStepInvalid);
             StepStatus quiet = t.step_quiet(need.data(), need.size(), lookahead);
             if (quiet != kStepBusy) return static_cast<int>(quiet);
-            py::gil_scoped_release nogil;
-            return static_cast<int>(t.step(need.data(), need.size(), lookahead));
+            return static_cast<int>(without_gil([&] { return t.step(need.data(), need.size(), lookahead); }));
           },
           py::arg("seq_lens"), py::arg("lookahead"),
           "One iteration (lookahead < 0: no prefetch); returns a STEP_* status.")
@@ -250,21 +284,20 @@ PYBIND11_MODULE(_C, m) {
           [](SlotTable& t, py::handle seq_lens) -> int64_t {
             thread_local std::vector<int64_t> need;
             if (!int64_lengths(seq_lens, need)) return -1;
-            py::gil_scoped_release nogil;
-            return t.plan_pages(need.data(), need.size());
+            return without_gil([&] { return t.plan_pages(need.data(), need.size()); });
           },
           py::arg("seq_lens"), "Pages (all buffers) step(seq_lens) would take from the pool; -1: invalid input.")
       .def("short_pages", &SlotTable::short_pages, "(wanted, available) pages of the last STEP_SHORT.")
-      .def("trim_windows", &SlotTable::trim_windows, py::arg("stream") = py::none(), release_gil())
-      .def("join", &SlotTable::join, release_gil())
+      .def("trim_windows", nogil(&SlotTable::trim_windows), py::arg("stream") = py::none())
+      .def("join", nogil(&SlotTable::join))
       .def_property_readonly("pending", &SlotTable::pending)
-      .def("commit_slots", &SlotTable::commit_slots, py::arg("plan"), release_gil(),
+      .def("commit_slots", nogil(&SlotTable::commit_slots), py::arg("plan"),
            "Commits [(slot, pages per buffer), ...] from each slot's committed end, all or nothing.")
       .def("set_committed", &SlotTable::set_committed, py::arg("slot"), py::arg("pages"))
       .def("pages_for", &SlotTable::pages_for, py::arg("num_tokens"))
       .def("tokens_for", &SlotTable::tokens_for, py::arg("num_pages"))
       .def_property_readonly("commit_calls", &SlotTable::commit_calls)
-      .def("close", &SlotTable::close, release_gil())
+      .def("close", nogil(&SlotTable::close))
       .def_property_readonly("window_sizes", [](SlotTable& t) { return t.window_sizes(); })
       .def_property_readonly("buffer_groups", [](SlotTable& t) { return t.buffer_groups(); })
       .def_property_readonly(
@@ -287,9 +320,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("STEP_SHORT") = static_cast<int>(kStepShort);
   m.attr("STEP_TRIM") = static_cast<int>(kStepTrim);
 
-  m.def("allocator_reserve", &allocator_reserve, py::arg("backend"), py::arg("size"), release_gil(),
+  m.def("allocator_reserve", nogil(&allocator_reserve), py::arg("backend"), py::arg("size"),
         "What vkv_alloc does, on any backend (vkv_alloc uses the CUDA one).");
-  m.def("allocator_release", &allocator_release, py::arg("addr"), release_gil(), "What vkv_free does.");
+  m.def("allocator_release", nogil(&allocator_release), py::arg("addr"), "What vkv_free does.");
   m.def("allocator_num_regions", &allocator_num_regions);
   m.def("allocator_last_error", &allocator_last_error);
 }

@@ -3,13 +3,16 @@
 // mapping: every page of it reads as zeros (the kernel's shared zero page, no
 // memory used) and a write faults. map puts a file page over part of it with
 // MAP_FIXED|MAP_SHARED (so two addresses can alias one page); unmap puts the
-// read-only zero mapping back. In strict mode (TORCH_VKV_DEBUG=1 when the
+// read-only zero mapping back; retire (close) puts a writable one over the whole range. In strict mode (TORCH_VKV_DEBUG=1 when the
 // range is reserved) the unbacked pages are PROT_NONE instead, so any read of
 // them faults: the test suite's way to catch out-of-bounds reads.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <set>
@@ -30,6 +33,11 @@ class HostBackend final : public Backend {
                             std::to_string(os_page) + " bytes), got " + std::to_string(page_size));
     fd_ = memfd_create("torch_vkv", MFD_CLOEXEC);
     if (fd_ < 0) throw DriverError(sys_error("memfd_create", "\"torch_vkv\""));
+    struct sysinfo info;
+    if (sysinfo(&info) == 0) {
+      unsigned long long memory = (static_cast<unsigned long long>(info.totalram) + info.totalswap) * info.mem_unit;
+      page_limit_ = std::max<size_t>(1, memory / page_size_);
+    }
   }
   ~HostBackend() override {
     if (fd_ >= 0) close(fd_);
@@ -62,8 +70,14 @@ class HostBackend final : public Backend {
     ranges_.erase(addr);
   }
 
+  size_t page_limit() const override { return page_limit_; }
+
   PageHandle create_page() override {
     size_t index;
+    if (holes_.empty() && file_pages_ >= page_limit_)
+      throw OutOfPages("out of host memory: " + std::to_string(file_pages_) + " pages of " + std::to_string(page_size_) +
+                           " bytes exist, as many as the machine's memory and swap hold",
+                       1, 0);
     if (!holes_.empty()) {
       index = *holes_.begin();
       holes_.erase(holes_.begin());
@@ -96,6 +110,17 @@ class HostBackend final : public Backend {
     void* p = mmap(reinterpret_cast<void*>(addr), bytes, unbacked_prot(strict_at(addr)), kUnbackedFlags | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED)
       throw DriverError(sys_error("mmap", "unbacked pages over " + hex(addr) + ", " + std::to_string(bytes) + " bytes"));
+  }
+
+  bool retire(uintptr_t addr, size_t bytes) override {
+    // Private anonymous zeros, writable: a tensor kept past close() (a slice of a cache view, a
+    // NumPy array over it, a thread still writing while another closes) reads zeros and its
+    // writes land in memory of its own, freed with the range, instead of faulting on the
+    // read-only zero mapping. One mmap swaps the whole range, so no write sees it unmapped.
+    // Strict mode keeps faulting, as CUDA does on freed memory.
+    if (strict_at(addr)) return false;
+    void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE, kUnbackedFlags | MAP_FIXED, -1, 0);
+    return p != MAP_FAILED;
   }
 
   void make_private(uintptr_t addr, PageHandle page) override {
@@ -158,6 +183,7 @@ class HostBackend final : public Backend {
   };
 
   size_t page_size_;
+  size_t page_limit_ = SIZE_MAX;  // pages the machine's memory and swap hold
   int fd_ = -1;
   std::mutex ranges_mu_;
   std::map<uintptr_t, Range> ranges_;  // reserved ranges by base address

@@ -55,6 +55,12 @@ size_t PagePool::prefill(size_t num_pages) {
   std::lock_guard<std::mutex> lock(mu_);
   backend_->bind_thread();
   num_pages = std::min(num_pages, max_pages_);
+  size_t limit = backend_->page_limit();
+  if (num_pages > limit)  // refused up front: the loop below would run for ages (host pages never fail)
+    throw OutOfPages("prefill of " + std::to_string(num_pages) + " pages of " + std::to_string(page_size()) +
+                         " bytes: the " + backend_->name() + " backend holds at most " + std::to_string(limit) +
+                         " pages (the machine's memory and swap); nothing was created",
+                     num_pages - std::min(num_pages, created_), limit > created_ ? limit - created_ : 0);
   while (created_ < num_pages) {
     PageHandle p = backend_->create_page();
     ++created_;
@@ -447,6 +453,11 @@ void Reservation::close() {
   std::lock_guard<std::mutex> lock(pool_->mutex());
   pool_->backend().bind_thread();
   closed_ = true;  // even if the driver fails below: no commit after close
+  if (address_alive_ && !retired_) {
+    // Kernels may still read the pages (CUDA): wait for them before the range changes.
+    if (num_committed_ > 0) pool_->backend().synchronize();
+    retired_ = pool_->backend().retire(base_, bytes());
+  }
   release_all_locked();
 }
 
@@ -483,7 +494,7 @@ void Reservation::finish_pending_locked(Fence fence) {
 void Reservation::unmap_runs_locked(const std::vector<size_t>& pages) {
   Backend& backend = pool_->backend();
   for_each_run(pages, [&](size_t run_first, size_t run_count) {
-    backend.unmap(base_ + run_first * page_size_, run_count * page_size_);
+    if (!retired_) backend.unmap(base_ + run_first * page_size_, run_count * page_size_);
     ++pool_->counters_locked().unmap_calls;
     for (size_t p = run_first; p < run_first + run_count; ++p) {
       pool_->release_locked(pages_[p]);

@@ -153,8 +153,8 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   // the device: a kernel may still read the pages).
   void release_all();
   // release_all, after which commits are refused: the end of a cache. The
-  // range stays reserved (host: it reads as zeros) until the last owner of
-  // the reservation drops it.
+  // range stays reserved (host: it reads as zeros and takes writes, see
+  // Backend::retire) until the last owner of the reservation drops it.
   void close();
   bool closed() const { return closed_.load(); }
   // Whether this reservation was inherited from the parent of a fork.
@@ -190,6 +190,7 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   size_t page_size_;
   bool owns_address_;
   bool address_alive_ = true;
+  bool retired_ = false;  // close() gave the whole range to Backend::retire: the pages need no unmap
   std::atomic<bool> closed_{false};
   static constexpr PageHandle kNoPage = ~PageHandle{0};
   std::vector<PageHandle> pages_;  // physical page mapped at each virtual page, or kNoPage

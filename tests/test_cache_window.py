@@ -183,6 +183,9 @@ def test_crop_keeps_what_the_window_needs():
         (2.5, "per_layer", TypeError, "sliding_window: expected an int"),
         ([True, None, None, None], "per_layer", TypeError, r"sliding_window\[0\]: expected an int"),
         ([4, None], "interleaved", ValueError, "sliding_window: expected an int or a list of 4 entries"),
+        # past int64 it reached the slot table as a pybind11 "incompatible constructor arguments"
+        (1 << 63, "per_layer", ValueError, "sliding_window: expected an int <= 9223372036854775807"),
+        ([None, 1 << 63, None, None], "per_layer", ValueError, r"sliding_window\[1\]: expected an int <= 9"),
     ],
 )
 def test_bad_sliding_window(windows, layout, exc, match):

@@ -121,6 +121,32 @@ def test_pool_prefill_shrink_and_trim(device):
     assert pool.stats()["created_pages"] == 0
 
 
+def test_host_prefill_past_the_machines_memory_raises_at_once():
+    """Host pages are sparse memfd memory that no call fails to create: a prefill without a
+    budget (``PagePool("cpu", prefill_bytes=2**70)``) looped for ages with the GIL released,
+    growing its bookkeeping until the OOM killer came. The host backend holds at most the
+    machine's memory and swap: past it, OutOfPagesError at once, nothing created."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+import time
+import torch_vkv
+from torch_vkv import PagePool
+pool = PagePool("cpu", page_size=4096)
+start = time.monotonic()
+for call in (lambda: pool.prefill(2**70), lambda: PagePool("cpu", prefill_bytes=2**62)):
+    try:
+        call()
+    except torch_vkv.OutOfPagesError as e:
+        assert "memory and swap" in str(e) and "nothing was created" in str(e), e
+    else:
+        raise AssertionError("no OutOfPagesError")
+assert time.monotonic() - start < 10
+assert pool.stats()["created_pages"] == 0
+assert pool.prefill(8 * 4096) == 8   # a prefill within the machine's memory still works
+""", timeout=60)
+
+
 def test_ordered_decommit_waits_for_its_fence():
     """CPU twin of the GPU ordering rule: pages decommitted behind an
     unfinished fence stay mapped (readable) until the fence completes."""

@@ -74,8 +74,17 @@ def test_subclass_hooks_see_every_commit():
 
 def test_bad_arguments():
     pool = PagePool("cpu", page_size=4096)
-    with pytest.raises(ValueError, match="positive sizes"):
+    with pytest.raises(ValueError, match=r"shape\[0\]: expected an int >= 1, got 0"):
         VirtualKVTensor.empty((0, 4), dtype=torch.float16, pool=pool)
+    # Sizes were passed through int(): 2.5 became 2 silently, and a shape past 2**64 bytes reached
+    # the C++ as a pybind11 "incompatible function arguments" TypeError.
+    with pytest.raises(TypeError, match=r"shape\[0\]: expected an int, got 2.5"):
+        VirtualKVTensor.empty((2.5, 4), dtype=torch.float16, pool=pool)
+    with pytest.raises(TypeError, match="shape: expected a non-empty sequence of positive ints, got 5"):
+        VirtualKVTensor.empty(5, dtype=torch.float16, pool=pool)
+    for huge in ((1 << 40, 1 << 40), (1 << 47,)):
+        with pytest.raises(ValueError, match="shape: expected at most 140737488355328 bytes"):
+            VirtualKVTensor.empty(huge, dtype=torch.float16, pool=pool)
     with pytest.raises(TypeError, match="dtype"):
         VirtualKVTensor.empty((4, 4), dtype="float16", pool=pool)
     with pytest.raises(ValueError, match="None when a pool is given"):

@@ -121,3 +121,32 @@ print("ok", s["map_calls"])
 def test_threads_share_a_cache_and_a_pool(device, layout):
     out = run_python(WORKLOAD, layout, "6", "40", device, timeout=300)
     assert out.startswith("ok")
+
+
+DAEMON_AT_EXIT = """
+import threading, time
+import torch
+from torch_vkv import KVCache
+cache = KVCache(2, 2, 16, max_batch_size=4, max_seq_len=4096, dtype=torch.float32, device="cpu", page_size=64 << 10)
+slot = cache.alloc()
+def hammer(call):
+    n = 0
+    while True:  # never returns: the interpreter exits with this thread inside the C++ core
+        n = n % 4000 + 64
+        call(n)
+calls = [lambda n: cache.pool.stats(), lambda n: (cache.commit(slot, n), cache.decommit(slot, 0)),
+         lambda n: cache.committed_tokens(slot), lambda n: cache.step_async([n, 0, 0, 0])]
+for call in calls:
+    threading.Thread(target=hammer, args=(call,), daemon=True).start()
+time.sleep(0.3)
+print("exit")
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_daemon_threads_inside_the_core_at_exit(attempt):
+    # A daemon thread that takes the GIL back after a call into the core while the interpreter
+    # finalizes is ended by pthread_exit; its unwinding left pybind11's gil_scoped_release
+    # destructor and std::terminate() aborted the process ("terminate called without an active
+    # exception"). The core now takes the GIL back outside any destructor: the process exits 0.
+    assert run_python(DAEMON_AT_EXIT, timeout=120).strip() == "exit"

@@ -446,6 +446,65 @@ for write in (lambda: k.__setitem__((slot, 0), 2.0), k.zero_, lambda: k.fill_(1.
 """, env=LAX)
 
 
+def test_tensors_derived_from_a_view_take_writes_after_close():
+    """A slice, a detached view or a NumPy array of a cache view, kept past close(), used to
+    segfault on its first write (the pages were put back read-only). close() now gives the
+    range writable memory of its own: the write lands there, never in a page of the pool."""
+    check_scenario(PRELUDE + """
+from torch_vkv import PagePool
+pool = PagePool("cpu", page_size=4096)
+a = KVCache(2, 2, 8, max_batch_size=3, max_seq_len=256, dtype=torch.float32, pool=pool)
+slot = a.alloc()
+a.commit(slot, 256)
+k = a.key(0)
+row, rows, plain, arr = k[slot], k[slot, :40], k.detach(), k[slot].numpy()
+a.close()
+assert pool.stats()["mapped_pages"] == 0
+b = KVCache(2, 2, 8, max_batch_size=3, max_seq_len=256, dtype=torch.float32, pool=pool)
+b_slot = b.alloc()
+b.commit(b_slot, 256)   # takes the pages a gave back
+b.key(0)[b_slot] = 0.0
+row[0] = 1.0
+rows.fill_(2.0)
+plain[slot, 100:] = 3.0
+arr[50] = 4.0
+plain.add_(1.0)         # every row, none ever committed
+assert float(rows.sum()) == 3.0 * rows.numel(), float(rows.sum())
+assert int(torch.count_nonzero(b.key(0)[b_slot])) == 0   # nothing reached b's pages
+del a, k, row, rows, plain, arr
+gc.collect()
+b.close()
+""", env=LAX)
+
+
+def test_close_while_another_thread_writes_through_the_view():
+    """One thread writes through a view (checked) and a row of it (unchecked) while another
+    closes the cache: each write lands or raises RuntimeError; none faults."""
+    check_scenario(PRELUDE + """
+import threading
+for _ in range(20):
+    cache = KVCache(2, 2, 8, max_batch_size=2, max_seq_len=4096, dtype=torch.float32, device="cpu",
+                    page_size=4096)
+    slot = cache.alloc()
+    cache.commit(slot, 4096)
+    k = cache.key(0)
+    row = k[slot]
+    errors = []
+    def write():
+        try:
+            for i in range(4000):
+                row[i] = 1.0
+                k[slot, i] = 2.0
+        except RuntimeError as e:
+            errors.append(e)
+    t = threading.Thread(target=write)
+    t.start()
+    cache.close()
+    t.join()
+    assert all("closed" in str(e) for e in errors), errors
+""", env=LAX, timeout=300)
+
+
 def test_checked_writes_trace_under_torch_compile():
     """In-place ops on a view compile (fullgraph): the check runs eagerly only."""
     cache = KVCache(2, 2, 8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu", page_size=4096)

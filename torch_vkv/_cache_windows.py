@@ -105,6 +105,10 @@ class _WindowMixin:
                      f"{w}-token window gave back the rows below {first_row})", keep)  # fmt: skip
 
 
+#: The slot table takes windows as int64.
+_INT64_MAX = (1 << 63) - 1
+
+
 def parse_windows(sliding_window: Any, num_layers: int) -> list[int | None]:
     """``sliding_window`` -> one entry per layer (``None``: a global layer)."""
     if sliding_window is None:
@@ -113,7 +117,8 @@ def parse_windows(sliding_window: Any, num_layers: int) -> list[int | None]:
         if len(sliding_window) != num_layers:
             fail("sliding_window", f"an int or a list of {num_layers} entries (one per layer)",
                  list(sliding_window))  # fmt: skip
-        windows = [None if w is None else check_int(f"sliding_window[{i}]", w, low=1) for i, w in enumerate(sliding_window)]
+        windows = [None if w is None else check_int(f"sliding_window[{i}]", w, low=1, high=_INT64_MAX)
+                   for i, w in enumerate(sliding_window)]  # fmt: skip
     else:
-        windows = [check_int("sliding_window", sliding_window, low=1)] * num_layers
+        windows = [check_int("sliding_window", sliding_window, low=1, high=_INT64_MAX)] * num_layers
     return windows

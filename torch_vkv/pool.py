@@ -150,7 +150,10 @@ class PagePool(Unique):
         return self._pool.stats()["max_pages"]
 
     def prefill(self, num_bytes: int) -> int:
-        """Creates free pages until ``num_bytes`` worth exist (within the budget); returns pages existing."""
+        """Creates free pages until ``num_bytes`` worth exist (within the budget); returns pages existing.
+
+        Raises :class:`~torch_vkv.OutOfPagesError` when the device cannot hold them: on the host backend,
+        at once, with nothing created, past the machine's memory and swap."""
         num_bytes = check_int("num_bytes", num_bytes, low=0)
         return self._pool.prefill(-(-num_bytes // self.page_size))
 

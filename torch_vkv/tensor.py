@@ -64,11 +64,15 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-from torch_vkv._checks import ArgumentTypeError, Described, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv._ext import core
-from torch_vkv.pool import PagePool
+from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
 
 __all__ = ["VirtualKVTensor", "VirtualKVView"]
+
+
+_CLOSED_WRITE = ("cannot write through a view of a closed cache (its memory is released); "
+                 "take new views from an open KVCache")
 
 
 def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
@@ -113,13 +117,16 @@ class VirtualKVTensor(torch.Tensor):
             pool = PagePool(device, page_size=page_size)
         elif device is not None or page_size is not None:
             fail("device/page_size", "None when a pool is given (the pool decides)", (device, page_size))
-        shape = tuple(int(s) for s in shape)
-        if not shape or any(s <= 0 for s in shape):
-            fail("shape", "a non-empty shape of positive sizes", shape)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)) or not shape:
+            fail("shape", "a non-empty sequence of positive ints", shape, ArgumentTypeError)
+        shape = tuple(check_int(f"shape[{i}]", s, low=1) for i, s in enumerate(shape))
         if not isinstance(dtype, torch.dtype):
             fail("dtype", "a torch.dtype", dtype, ArgumentTypeError)
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
+        if nbytes > ADDRESS_SPACE_BYTES:  # before the C++, which takes 64-bit sizes
+            fail("shape", f"at most {ADDRESS_SPACE_BYTES} bytes (the {ADDRESS_SPACE_BYTES >> 40} TiB address space)",
+                 Described(f"{shape}, {nbytes} bytes of {dtype}"))  # fmt: skip
         reservation = core().Reservation.create(pool._pool, nbytes)
         # The reservation is the storage: the DLPack deleter keeps it alive
         # for as long as any tensor or view over it lives.
@@ -236,7 +243,9 @@ class VirtualKVTensor(torch.Tensor):
     def close(self) -> None:
         """Returns every page now (as :meth:`release`) and refuses commits
         from then on. Views stay valid Python objects: on the host backend they
-        read zeros, on CUDA they are invalid like freed memory. Idempotent."""
+        read zeros and writes through them land in memory of the closed range's
+        own (never in a pool page), on CUDA they are invalid like freed memory.
+        Idempotent."""
         if not self.reservation.closed:
             self.reservation.close()
 
@@ -360,8 +369,7 @@ class VirtualKVView(torch.nn.Parameter):
             return  # traced code: the page table is not traceable (write through append_kv there)
         reservation = self.source.reservation
         if reservation.closed:
-            raise RuntimeError("cannot write through a view of a closed cache (its memory is released); "
-                               "take new views from an open KVCache")  # fmt: skip
+            raise RuntimeError(_CLOSED_WRITE)
         slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1], self.dim())
         if not slots or not rows:
             return
@@ -371,6 +379,8 @@ class VirtualKVView(torch.nn.Parameter):
         runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()
         for slot in slots:
             if not self._rows_committed(slot, lo, hi, runs):
+                if reservation.closed:  # closed by another thread since the check above
+                    raise RuntimeError(_CLOSED_WRITE)
                 fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
                      f"{self._committed_rows([slot], runs)[0]}; commit more first: KVCache.commit or step)",
                      Described(f"rows [{lo}, {hi})"))  # fmt: skip

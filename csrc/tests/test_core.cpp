@@ -226,7 +226,8 @@ int test_reserve_commit_decommit() {
 
 // Pages that are not committed are read-only zero pages, or PROT_NONE in
 // strict mode (TORCH_VKV_DEBUG=1 when the range is reserved); close() returns
-// the pages and refuses commits, leaving the range readable as zeros.
+// the pages and refuses commits, leaving the range readable as zeros and
+// writable (stale views must not fault), its writes reaching no pool page.
 int test_unbacked_pages_and_strict_mode() {
   auto pool = make_pool(8);
   unsetenv("TORCH_VKV_DEBUG");
@@ -259,11 +260,21 @@ int test_unbacked_pages_and_strict_mode() {
   res->close();
   CHECK(res->closed());
   CHECK_EQ(res->num_committed(), 0u);
-  for (size_t p = 0; p < 4; ++p) CHECK(reads_zero_only(*res, p));
+  for (size_t p = 0; p < 4; ++p) CHECK(holds(*res, p, 0) && writable(res->base() + p * kPage));
   CHECK_THROWS(InvalidArgument, res->commit(0, 1));
   CHECK_EQ(res->decommit(0, 4, std::nullopt), 0u);
   res->close();  // again: nothing to do
   CHECK_EQ(pool->stats().mapped_pages, 0u);
+  auto next = Reservation::create(pool, 4 * kPage);
+  CHECK_EQ(next->commit(0, 4), 4u);  // the pages res gave back
+  for (size_t p = 0; p < 4; ++p) fill(*next, p, 0x55);
+  fill(*res, 3, 0x44);  // a stale write after close
+  CHECK(holds(*res, 3, 0x44));
+  for (size_t p = 0; p < 4; ++p) CHECK(holds(*next, p, 0x55));
+  // Strict mode keeps faulting after close, as CUDA does on freed memory.
+  CHECK_EQ(strict->commit(0, 2), 2u);
+  strict->close();
+  CHECK(!readable(strict->base()) && !readable(strict->base() + kPage));
   return 0;
 }
 
