@@ -430,11 +430,10 @@ class KVManager:
         one slot for each of its counts, the largest first), only while the pool
         keeps :data:`PREWARM_KEEP_FREE` of its pages free and memory does not
         limit the batch (:data:`FIT_FREE_SHARE`): pages committed ahead would
-        only be reclaimed again. The engine calls it
-        after launching each forward, so new requests' first pages are mapped
-        while the GPU works instead of before their prefill. Not where sliding
-        layers give back their pages (a freed slot's windowed pages go back at
-        once there).
+        only be reclaimed again. The engine calls it after launching each
+        forward, so new requests' first pages are mapped while the GPU works
+        instead of before their prefill. Not where sliding layers give back
+        their pages (a freed slot's windowed pages go back at once there).
 
         ``seconds=None``: one call of at most :data:`PREWARM_PAGES` pool pages
         (one page group at least). ``seconds``: the host time the caller can
