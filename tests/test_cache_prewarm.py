@@ -166,15 +166,13 @@ def test_manager_prewarm_backs_several_slots_only_within_its_seconds():
 
 
 def test_manager_prewarm_sizes_each_slot_and_fit_trims_only_when_memory_is_short():
-    from torch_vkv.serving.kv import FIT_FREE_SHARE
-
     kv = _manager(memory_budget=32 * PAGE)  # 32 pool pages: 8 page groups of 32 tokens
     try:
         assert kv.prewarm([32, 96], seconds=60.0) == (3 + 1) * 4  # the largest first: 3 pages and 1 a buffer
         assert _warm_free_slots(kv) == [96, 32, 0, 0]
         small = kv.alloc(30)
         assert kv.cache.committed_tokens(small) == 32  # the tightest fit, not the warmest
-        assert kv.fit(small, 10) == 0  # 28 of 32 pages available: not short, the pages stay
+        assert kv.fit(small, 10) == 0  # memory does not limit the batch: the pages stay
         kv.free(small)
 
         def lens(**by_slot):
@@ -188,7 +186,9 @@ def test_manager_prewarm_sizes_each_slot_and_fit_trims_only_when_memory_is_short
         kv.free(a)  # its 16 pages stay with the freed slot, reclaimable
         again = kv.alloc(20)  # the only free slot backing 20 tokens: a's
         assert again == a and kv.cache.committed_tokens(again) == 128
-        assert kv.available_pages() < FIT_FREE_SHARE * kv.total_pages  # an active slot holds them now
+        assert kv.fit(again, 40) == 0  # memory does not limit the batch (the scheduler says): kept
+        kv.memory_bound = True  # as the scheduler sets it when a waiting request finds too little memory
+        assert kv.prewarm(32, seconds=60.0) == 0  # eager allocation pauses
         assert kv.fit(again, 40) == 2 * 4  # memory is short: pages past 40 tokens (2 a buffer) go back
         assert kv.cache.committed_tokens(again) == 64 and kv._covered[again] == 64
         assert kv.fit(again, 40) == 0
@@ -353,3 +353,32 @@ def test_engine_prewarms_no_more_slots_than_the_batch_has_room_for(monkeypatch):
         assert sum(cache.committed_tokens(s) > 0 for s in cache._free_slots) == 1
         outs = engine.generate([[9] * 10], greedy(4), use_tqdm=False)  # the rest still runs to the end
         assert len(outs[0].token_ids) == 4
+
+
+@pytest.mark.usefixtures("_plain_append")
+def test_scheduler_says_when_memory_limits_the_batch():
+    """``KVManager.memory_bound`` follows the last plan: True while a waiting
+    request found too little memory (eager allocation then pauses), False when
+    the queue drains; the outputs are ``generate()``'s either way."""
+    from test_serving import assert_greedy_equal, greedy, model_of, random_prompts, reference
+
+    from torch_vkv.serving import Engine
+
+    model = model_of("llama")
+    prompts = random_prompts(random.Random(8), 3, lo=60, hi=64)
+    # 16 pages of 4 KiB: a page group (4 pages) backs 32 tokens; a prompt of about 62 tokens takes 2 groups, so
+    # two start and the third waits for memory (and the two preempt each other once their outputs need a third).
+    with Engine(model, max_batch_size=4, max_seq_len=256, chunk_size=256, cuda_graphs=False, device="cpu",
+                page_size=PAGE, memory_budget=16 * PAGE, prefix_caching=False) as engine:  # fmt: skip
+        ids = [engine.add_request(p, greedy(8)) for p in prompts]
+        engine.step()
+        assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 1
+        assert engine.kv.memory_bound
+        outs, seen_free = {}, False
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[o.request_id] = o
+            seen_free |= not engine.scheduler.waiting and not engine.kv.memory_bound
+        assert seen_free
+    for p, i in zip(prompts, ids):
+        assert_greedy_equal(model, p, outs[i].token_ids, reference(model, p, 8))

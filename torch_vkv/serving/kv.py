@@ -45,8 +45,6 @@ __all__ = ["KVManager", "PREWARM_KEEP_FREE", "PREWARM_PAGES", "static_budget"]
 PREWARM_PAGES = 64
 #: Fraction of the pool's pages that :meth:`KVManager.prewarm` leaves free.
 PREWARM_KEEP_FREE = 0.05
-#: Below this fraction of the pool available, :meth:`KVManager.fit` trims a new request's slot.
-FIT_FREE_SHARE = 0.25
 
 
 def static_budget(kind: str, *, layout: str, num_slots: int, max_seq_len: int, num_layers: int, num_kv_heads: int,
@@ -137,6 +135,9 @@ class KVManager:
         #: Host seconds in :meth:`prewarm` (virtual), spent while the GPU runs a step.
         self.prewarm_seconds = 0.0
         self._prewarm_page_seconds = 0.0  # measured host seconds per prewarmed pool page
+        #: Set by the scheduler each iteration: a waiting request found too little memory, or a
+        #: running one was preempted. Eager allocation pauses and :meth:`fit` trims while it holds.
+        self.memory_bound = False
         if kind == "virtual":
             self.cache: Any = KVCache(
                 num_layers, num_kv_heads, head_dim, max_batch_size=num_slots, max_seq_len=max_seq_len,
@@ -232,15 +233,14 @@ class KVManager:
             self._covered[slot] = 0
 
     def fit(self, slot: int, max_tokens: int) -> int:
-        """Virtual, while memory is short (the pool's free pages below
-        :data:`PREWARM_KEEP_FREE` of it): gives back the pages of a just taken
-        ``slot`` past ``max_tokens``, all its request can ever use. A warm slot
-        (a freed request's pages, eager allocation) may hold more, and an
-        active slot keeps them out of every other request's reach until it
-        ends. Returns the pool pages given back."""
+        """Virtual, while memory limits the batch (:attr:`memory_bound`): gives
+        back the pages of a just taken ``slot`` past ``max_tokens``, all its
+        request can ever use. A warm slot (a freed request's pages, eager
+        allocation) may hold more, and an active slot keeps them out of every
+        other request's reach until it ends. Returns the pool pages given back."""
         if self.kind != "virtual" or self.cache.committed_tokens(slot) <= max_tokens:
             return 0
-        if self.available_pages() >= FIT_FREE_SHARE * self.total_pages:
+        if not self.memory_bound:
             return 0  # memory to spare: the next request in this slot may use them
         dropped = self.cache.decommit(slot, min(max_tokens, self.max_seq_len))
         self._covered[slot] = self.cache.committed_tokens(slot)
@@ -429,7 +429,7 @@ class KVManager:
         :meth:`alloc` hands out next for ``num_tokens`` tokens each (a sequence:
         one slot for each of its counts, the largest first), only while the pool
         keeps :data:`PREWARM_KEEP_FREE` of its pages free and memory does not
-        limit the batch (:data:`FIT_FREE_SHARE`): pages committed ahead would
+        limit the batch (:attr:`memory_bound`): pages committed ahead would
         only be reclaimed again. The engine calls it after launching each
         forward, so new requests' first pages are mapped while the GPU works
         instead of before their prefill. Not where sliding layers give back
@@ -442,7 +442,7 @@ class KVManager:
         fits in the time left. Returns the pages committed."""
         if self.kind != "virtual" or self.gives_back_windows or not self.cache.num_free_slots:
             return 0
-        if self.available_pages() < FIT_FREE_SHARE * self.total_pages:
+        if self.memory_bound:
             return 0  # memory is what limits the batch: pages committed ahead would be reclaimed again
         t0 = time.perf_counter()
         keep = int(PREWARM_KEEP_FREE * self.total_pages)

@@ -202,6 +202,7 @@ class Scheduler:
                 budget -= n
 
         # 3. admit waiting requests, in order (none after a preemption this iteration)
+        memory_bound = preempted
         if not preempted and self.waiting and budget > 0:
             planned = kv.need_pages_total(seq)
             free = kv.available_pages() - planned
@@ -226,6 +227,7 @@ class Scheduler:
                 need = kv.need_pages(None, hit + n) - kv.shared_pages(hit) + forks
                 reserve = self.watermark_pages if self.running else 0
                 if need + reserve > free:
+                    memory_bound = True
                     break  # first come, first served: nobody overtakes the head of the queue
                 try:
                     slot = kv.fork(src, hit) if hit else kv.alloc(n)
@@ -252,6 +254,7 @@ class Scheduler:
                 free -= need
                 promised += r.fanout - 1
 
+        kv.memory_bound = memory_bound  # eager allocation and KVManager.fit follow it
         batch = ScheduledBatch(seq_lens=seq)
         for r, n in sched.values():
             batch.requests.append(r)
