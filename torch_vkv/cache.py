@@ -338,11 +338,11 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Unique):
         the fewest pages to spare; else, or when none backs it, the one holding the most pages. Raises
         :class:`OutOfSlotsError` when every slot is in use."""
         self._check_open()
-        num_tokens is None or check_int("num_tokens", num_tokens, low=0)
+        need = None if num_tokens is None else self._pages_for(check_int("num_tokens", num_tokens, low=0))
         if not self._free_slots:
             raise OutOfSlotsError(f"all {self.max_batch_size} slots of the KV cache are in use")
         held = [int(self._committed_pages[s]) for s in self._free_slots]
-        fits = [] if num_tokens is None else [i for i, h in enumerate(held) if h >= self._pages_for(num_tokens)]
+        fits = [] if need is None else [i for i, h in enumerate(held) if h >= need]
         pick = min(fits, key=held.__getitem__) if fits else max(range(len(held)), key=held.__getitem__)
         slot = self._free_slots.pop(pick)
         self._active.add(slot)

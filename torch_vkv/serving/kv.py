@@ -238,10 +238,9 @@ class KVManager:
         request can ever use. A warm slot (a freed request's pages, eager
         allocation) may hold more, and an active slot keeps them out of every
         other request's reach until it ends. Returns the pool pages given back."""
-        if self.kind != "virtual" or self.cache.committed_tokens(slot) <= max_tokens:
+        # With memory to spare the pages stay: the next request in this slot may use them.
+        if self.kind != "virtual" or not self.memory_bound or self.cache.committed_tokens(slot) <= max_tokens:
             return 0
-        if not self.memory_bound:
-            return 0  # memory to spare: the next request in this slot may use them
         dropped = self.cache.decommit(slot, min(max_tokens, self.max_seq_len))
         self._covered[slot] = self.cache.committed_tokens(slot)
         return dropped * self._pages_per_group

@@ -141,11 +141,6 @@ class SequenceGroup:
         self.seqs = seqs
 
     @property
-    def max_num_tokens(self) -> int:
-        """Tokens the request can reach: its prompt and ``max_tokens`` outputs."""
-        return len(self.token_ids) - len(self.output_token_ids) + self.params.max_tokens
-
-    @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
 
