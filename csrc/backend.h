@@ -45,8 +45,9 @@ class Backend {
   virtual void unmap(uintptr_t addr, size_t bytes) = 0;
   // The end of a range whose owner closed it for good (Reservation::close): replaces every
   // mapping in [addr, addr + bytes) at once, pages included, with memory that stale views can
-  // still read and write until the address is released. Returns false when the backend cannot
-  // (CUDA, the host in strict mode): the caller then unmaps the pages as usual.
+  // still read and write until the address is released (a backend whose device may still have
+  // work queued on the range waits for it first). Returns false when the backend cannot (CUDA,
+  // the host in strict mode): the caller then unmaps the pages as usual.
   virtual bool retire(uintptr_t addr, size_t bytes) { return false; }
   // Fills a mapped range with zeros, finished when this returns.
   virtual void zero(uintptr_t addr, size_t bytes) = 0;

@@ -453,11 +453,9 @@ void Reservation::close() {
   std::lock_guard<std::mutex> lock(pool_->mutex());
   pool_->backend().bind_thread();
   closed_ = true;  // even if the driver fails below: no commit after close
-  if (address_alive_ && !retired_) {
-    // Kernels may still read the pages (CUDA): wait for them before the range changes.
-    if (num_committed_ > 0) pool_->backend().synchronize();
-    retired_ = pool_->backend().retire(base_, bytes());
-  }
+  // Before the unmaps below, so that no write ever meets the range unmapped (a backend whose range
+  // queued device work may still read waits for it in retire; release_all_locked synchronizes anyway).
+  if (address_alive_ && !retired_) retired_ = pool_->backend().retire(base_, bytes());
   release_all_locked();
 }
 
