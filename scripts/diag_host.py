@@ -28,7 +28,7 @@ import time
 import torch
 
 from torch_vkv.bench.models import build_model
-from torch_vkv.bench.serve_engine import parse_config
+from torch_vkv.bench.serve_engine import parse_config, warm_up
 from torch_vkv.serving import Engine, SamplingParams
 
 
@@ -38,8 +38,7 @@ def run(model, spec: str, args, prompts, outputs) -> dict:
                     layout=cfg.layout, block_size=cfg.block_size, chunk_size=args.chunk_size,
                     memory_budget=args.memory_budget, compile=args.compile)  # fmt: skip
     try:
-        warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-        engine.generate([[1] * min(args.chunk_size, args.max_seq_len - 8), [2] * 21, [3] * 5], warm, use_tqdm=False)
+        warm_up(engine, chunk_size=args.chunk_size, max_seq_len=args.max_seq_len)  # as bench serve does
         host0, stats0 = engine.host_seconds, engine.stats()
         for p, n in zip(prompts, outputs):
             engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))

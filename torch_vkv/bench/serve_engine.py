@@ -207,6 +207,16 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def warm_up(engine: Any, *, chunk_size: int, max_seq_len: int) -> None:
+    """A chunk-sized prompt and two short ones, 3 tokens each: prefill, chunked prefill mixed with
+    decodes, and decode batches all run once (kernels compile on first use, seconds each)."""
+    from torch_vkv.serving import SamplingParams
+
+    long = max(1, min(chunk_size, max_seq_len - 4) - 3)
+    warm = [[1] * long, [2] * min(21, max_seq_len - 4), [3] * min(5, max_seq_len - 4)]
+    engine.generate(warm, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
+
+
 def run_engine(
     model: Any,
     cfg: EngineConfig,
@@ -249,11 +259,7 @@ def run_engine(
                 fail("sync", "a virtual configuration (paged has no step_async)", cfg.name)
             _use_sync_step(engine)
         if warmup:  # compile kernels and capture graphs outside the timed run
-            # A chunk-sized prompt and two short ones: prefill, chunked prefill mixed with decodes,
-            # and decode batches all run once (kernels compile on first use, seconds each).
-            long = max(1, min(chunk_size, max_seq_len - 4) - 3)
-            warm = [[1] * long, [2] * min(21, max_seq_len - 4), [3] * min(5, max_seq_len - 4)]
-            engine.generate(warm, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            warm_up(engine, chunk_size=chunk_size, max_seq_len=max_seq_len)
         pending: dict = {}
         _hook_execute(engine, pending)
         order = sorted(range(len(specs)), key=lambda i: specs[i].arrival_s)
