@@ -35,3 +35,35 @@ def test_diag_host_reports_host_time_and_functions_per_configuration(tmp_path):
                    for f in r["top"])
         assert f"{name}: " in proc.stdout
     assert report["results"]["paged-16"]["kv_prewarm_ms_per_iter"] == 0  # eager allocation is virtual's
+
+
+def _run_diag_decode(tmp_path, *args):
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_decode.py"), *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
+
+
+def test_diag_decode_without_a_gpu_says_what_it_needs(tmp_path):
+    if _cuda_available():
+        pytest.skip("a GPU is present: the script runs (test_cuda_diag_decode_sweeps_and_writes_every_row)")
+    proc = _run_diag_decode(tmp_path)
+    assert proc.returncode != 0
+    assert "expected a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
+    proc = _run_diag_decode(tmp_path, "--points", "1x1024,2x512", "--splits", "1,4", "--block-n", "64",
+                            "--warps", "4", "--stages", "2,3", "--rep-ms", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "diag_decode.json").read_text())
+    decode = [r for r in rows if r["kind"] == "decode"]
+    assert len(decode) == 2 * 2 * 2  # points x splits x stages
+    assert all(r["us"] > 0 and r["pct_copy"] > 0 for r in decode)
+    assert {r["kind"] for r in rows} == {"copy_k", "reduce", "decode"}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
