@@ -13,19 +13,24 @@ Such an object has exactly one owner, in one process:
   registers an object for this; the ``after_in_child`` fork handler calls each
   live object's ``_mark_forked()``.
 
-:func:`locked` serialises such an object's methods on its ``_lock``.
+:func:`locked` serialises such an object's methods on its ``_lock``;
+:func:`one_thread` refuses, with a ``RuntimeError``, a call that would overlap
+another thread's call into the same object (an object documented as
+single-threaded, such as the serving ``Engine``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import weakref
 from typing import Any, Callable, NoReturn, TypeVar
 
-__all__ = ["Unique", "forked_error", "locked", "track"]
+__all__ = ["Closable", "Unique", "forked_error", "locked", "one_thread", "track"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T", bound="Closable")
 
 _live: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
@@ -54,6 +59,43 @@ def locked(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return run_locked  # type: ignore[return-value]
+
+
+class _Owner:
+    """Which thread is inside an object's :func:`one_thread` methods."""
+
+    __slots__ = ("lock", "thread")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread: "int | None" = None
+
+
+def one_thread(method: _F) -> _F:
+    """Runs ``method`` unless another thread is inside one of the object's
+    ``one_thread`` methods, in which case it raises ``RuntimeError`` at once
+    (an overlapping call would corrupt its queues, not wait its turn: the caller
+    must serialise). The same thread may re-enter (``generate`` calls ``step``)."""
+
+    @functools.wraps(method)
+    def run_alone(self: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = self.__dict__.get("_one_thread") or self.__dict__.setdefault("_one_thread", _Owner())
+        me = threading.get_ident()
+        if not owner.lock.acquire(blocking=False):
+            if owner.thread == me:  # re-entered from the thread inside
+                return method(self, *args, **kwargs)
+            raise RuntimeError(
+                f"{type(self).__name__}.{method.__name__}: another thread is inside this "
+                f"{type(self).__name__} (expected calls from one thread at a time; serialise them with a lock)"
+            )
+        owner.thread = me
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            owner.thread = None
+            owner.lock.release()
+
+    return run_alone  # type: ignore[return-value]
 
 
 def forked_error(kind: str, noun: str, pid: int) -> RuntimeError:
@@ -86,3 +128,16 @@ class Unique:
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
         self._refuse_copy("pickle")
+
+
+class Closable:
+    """``with obj: ...`` closes ``obj`` on the way out (its ``close()``), whatever happened inside."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

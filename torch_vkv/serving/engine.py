@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from torch_vkv._lifetime import Unique
+from torch_vkv._lifetime import Closable, Unique, one_thread
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
@@ -42,7 +42,7 @@ __all__ = ["Engine"]
 KV_KINDS = ("virtual", "paged")
 
 
-class Engine(Unique):
+class Engine(Closable, Unique):
     """A serving engine over a Hugging Face causal LM.
 
     Args:
@@ -214,6 +214,7 @@ class Engine(Unique):
         self._closed = False
 
     # -------------------------------------------------------------- requests
+    @one_thread
     def add_request(
         self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None, request_id: Optional[str] = None
     ) -> str:
@@ -296,6 +297,7 @@ class Engine(Unique):
         self._requests[request_id] = req
         self.scheduler.add(req)
 
+    @one_thread
     def abort(self, request_id: str) -> bool:
         """Finishes a request with ``finish_reason="abort"`` and releases its
         slot and pages; the next :meth:`step` returns its final output.
@@ -351,6 +353,7 @@ class Engine(Unique):
             self._num_finished += 1
 
     # ------------------------------------------------------------------ step
+    @one_thread
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Runs one iteration. Returns the requests that got a token or
@@ -439,6 +442,7 @@ class Engine(Unique):
         )  # fmt: skip
 
     # -------------------------------------------------------------- generate
+    @one_thread
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -504,6 +508,7 @@ class Engine(Unique):
         requests' computed tokens."""
         return sum(r.num_computed_tokens for r in self.scheduler.running) * self.kv.bytes_per_token
 
+    @one_thread
     def stats(self) -> dict[str, Any]:
         """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``,
         ``committed_bytes`` (physical KV memory held, freed and parked slots'
@@ -558,6 +563,7 @@ class Engine(Unique):
         if self.__dict__.pop("_attached", False):  # once, and only if attach() ran
             detach(self.model)
 
+    @one_thread
     def close(self) -> None:
         """Drops every request, frees the KV cache and CUDA graphs, and puts
         the model's attention implementation back (once no other open engine
@@ -586,12 +592,6 @@ class Engine(Unique):
             return f"{head}, closed)"
         s = self.scheduler
         return f"{head}, running={len(s.running)}, waiting={len(s.waiting)}, device={str(self.device)!r})"
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         with contextlib.suppress(Exception):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from torch_vkv._checks import ArgumentTypeError, fail
+from torch_vkv._lifetime import Closable
 from torch_vkv.serving.engine import Engine
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams
@@ -122,7 +123,7 @@ def _load_tokenizer(source: Any) -> Any:
     return AutoTokenizer.from_pretrained(source)
 
 
-class LLM:
+class LLM(Closable):
     """A text API over an :class:`Engine`.
 
     Args:
@@ -273,8 +274,3 @@ class LLM:
         """Closes the engine (frees its KV memory)."""
         self.engine.close()
 
-    def __enter__(self) -> "LLM":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
