@@ -31,13 +31,17 @@ class HostBackend final : public Backend {
     if (page_size == 0 || page_size % static_cast<size_t>(os_page) != 0)
       throw InvalidArgument("host page_size must be a positive multiple of the OS page size (" +
                             std::to_string(os_page) + " bytes), got " + std::to_string(page_size));
-    fd_ = memfd_create("torch_vkv", MFD_CLOEXEC);
-    if (fd_ < 0) throw DriverError(sys_error("memfd_create", "\"torch_vkv\""));
     struct sysinfo info;
     if (sysinfo(&info) == 0) {
       unsigned long long memory = (static_cast<unsigned long long>(info.totalram) + info.totalswap) * info.mem_unit;
+      // A page larger than the machine's memory could never be committed: refuse it here, not at first use.
+      if (memory > 0 && page_size > memory)
+        throw InvalidArgument("host page_size must be at most the machine's memory (RAM + swap, " +
+                              std::to_string(memory) + " bytes), got " + std::to_string(page_size));
       page_limit_ = std::max<size_t>(1, memory / page_size_);
     }
+    fd_ = memfd_create("torch_vkv", MFD_CLOEXEC);
+    if (fd_ < 0) throw DriverError(sys_error("memfd_create", "\"torch_vkv\""));
   }
   ~HostBackend() override {
     if (fd_ >= 0) close(fd_);

@@ -147,6 +147,20 @@ assert pool.prefill(8 * 4096) == 8   # a prefill within the machine's memory sti
 """, timeout=60)
 
 
+def test_host_page_larger_than_the_machines_memory_is_refused_at_construction():
+    """A host page that RAM + swap could never back was accepted (``PagePool("cpu",
+    page_size=2**62)``) and only the first cache on the pool refused it: now the
+    pool and a cache refuse it at construction, naming the limit and the value."""
+    from torch_vkv import KVCache
+
+    for make in (lambda ps: PagePool("cpu", page_size=ps),
+                 lambda ps: KVCache(2, 2, 8, max_batch_size=1, max_seq_len=64, dtype=torch.float32, device="cpu", page_size=ps)):  # fmt: skip
+        for ps in (2**62, 2**50):
+            with pytest.raises(ValueError, match=rf"at most the machine's memory \(RAM \+ swap, \d+ bytes\), got {ps}"):
+                make(ps)
+    assert PagePool("cpu", page_size=1 << 20).page_size == 1 << 20  # an ordinary page still works
+
+
 def test_ordered_decommit_waits_for_its_fence():
     """CPU twin of the GPU ordering rule: pages decommitted behind an
     unfinished fence stay mapped (readable) until the fence completes."""
