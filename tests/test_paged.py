@@ -64,6 +64,40 @@ def test_paged_cache_speaks_kvcache_vocabulary():
         PagedKVCache(1, 1, 16, num_blocks=1, max_seq_len=16, device="cpu")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_commit_many_equals_commits_one_by_one_and_is_all_or_nothing(device):
+    """commit_many (the serving step's one block-table update for every growing slot) gives each
+    slot the blocks and table entries that commit() slot by slot would, and on a failure changes nothing."""
+    def make():
+        return PagedKVCache(1, 1, 8, num_blocks=12, max_batch_size=4, max_seq_len=64, page_size=16,
+                            dtype=torch.float32, device=device)  # fmt: skip
+
+    one, many = make(), make()
+    for c in (one, many):
+        for _ in range(4):
+            c.alloc()
+    steps = [([0, 2], [17, 5]), ([1, 2, 3], [16, 20, 33]), ([0, 3], [18, 40])]  # some grow, some already fit
+    for slots, counts in steps:
+        for s, n in zip(slots, counts):
+            one.commit(s, n)
+        many.commit_many(slots, counts)
+        assert many.block_table.tolist() == one.block_table.tolist()
+        assert [many.committed_tokens(s) for s in range(4)] == [one.committed_tokens(s) for s in range(4)]
+    assert many.pool.num_free == one.pool.num_free == 4
+    before = (many.block_table.clone(), [many.committed_tokens(s) for s in range(4)])
+    with pytest.raises(OutOfPagesError):
+        many.commit_many([0, 1, 2], [64, 64, 64])  # 2 + 3 + 2 blocks wanted, 4 free: no slot grows
+    assert torch.equal(many.block_table, before[0]) and [many.committed_tokens(s) for s in range(4)] == before[1]
+    assert many.pool.num_free == 4
+    with pytest.raises(ValueError, match="one count per slot"):
+        many.commit_many([0, 1], [8])
+    with pytest.raises(ValueError, match="distinct slots"):
+        many.commit_many([1, 1], [60, 60])
+    with pytest.raises(ValueError, match="expected"):
+        many.commit_many([0, 9], [8, 8])
+    many.commit_many([], [])  # nothing to do
+
+
 def test_paged_cache_reserve_release():
     c = PagedKVCache(2, 2, 16, num_blocks=8, max_requests=3, max_seq_len=64, block_size=16, dtype=torch.float32,
                      device="cpu")  # fmt: skip

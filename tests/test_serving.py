@@ -757,15 +757,24 @@ def test_paged_grow_reaches_the_cache_only_at_block_boundaries():
     seq = np.zeros(m.num_slots, dtype=np.int64)
     for i, s in enumerate(slots):
         seq[s] = 5 + 7 * i
-    calls = []
-    commit = m.cache.commit
-    m.cache.commit = lambda slot, n: (calls.append((slot, n)), commit(slot, n))[1]
+    calls, steps_reaching = [], []
+    commit_many = m.cache.commit_many
+
+    def spy(slots_, counts):
+        calls.extend(zip(slots_, counts))
+        steps_reaching.append(len(slots_))
+        return commit_many(slots_, counts)
+
+    m.cache.commit_many = spy  # one call per step for all the slots that grow
     for _ in range(64):
         assert m.can_grow(seq)
         m.grow(seq)
         seq[slots] += 1
     # 64 steps of 4 slots: 4 first commits plus one per block boundary crossed (4 each).
     assert len(calls) == 4 + 4 * 4, calls
+    # Only steps where some slot grows call the cache, once, with every slot that grows (the first step: all 4).
+    assert steps_reaching[0] == 4 and len(steps_reaching) < 64 and min(steps_reaching) >= 1
+    assert sum(steps_reaching) == len(calls)
     for s in slots:
         assert m.cache.capacity(s) >= seq[s] - 1 and m.cache.capacity(s) % 16 == 0
         assert m.need_pages(s, int(seq[s]) + 40) == -(-(int(seq[s]) + 40) // 16) - m.cache.capacity(s) // 16

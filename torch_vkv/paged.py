@@ -39,7 +39,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 
-from ._checks import check_int, fail
+from ._checks import Described, check_int, fail
 from .errors import OutOfPagesError, OutOfSlotsError
 from .pool import resolve_device
 
@@ -307,20 +307,34 @@ class PagedKVCache(_Locked):
         """Grows ``slot`` to hold ``num_tokens`` tokens (allocates blocks,
         updates the block table). All or nothing: raises
         :class:`~torch_vkv.errors.OutOfPagesError` with nothing changed."""
-        slot = self._check_slot(slot)
-        num_tokens = check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)
+        self.commit_many([slot], [num_tokens])
+
+    def commit_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> None:
+        """:meth:`commit` of ``slots[i]`` to ``num_tokens[i]`` tokens for every
+        ``i``, with one host-to-device copy of the changed block-table entries
+        for all of them (a serving step's decodes cross into new blocks in
+        several slots at once). All or nothing: raises
+        :class:`~torch_vkv.errors.OutOfPagesError` with nothing changed."""
+        if len(slots) != len(num_tokens):
+            fail("num_tokens", f"one count per slot ({len(slots)})", Described(f"{len(num_tokens)} counts"))
+        wanted = [(self._check_slot(s), check_int("num_tokens", n, low=0, high=self.max_seq_len))
+                  for s, n in zip(slots, num_tokens)]  # fmt: skip
+        if len({s for s, _ in wanted}) != len(wanted):
+            fail("slots", "distinct slots", list(slots))
         with self._lock:
-            have = self._blocks[slot]
-            need = self.pages_for_tokens(num_tokens) - len(have)
-            if need <= 0:
+            needs = [(s, self.pages_for_tokens(n) - len(self._blocks[s])) for s, n in wanted]
+            needs = [(s, k) for s, k in needs if k > 0]
+            if not needs:
                 return
-            new = self.pool.allocate(need)
-            start = len(have)
-            have.extend(new)
-            # One small host-to-device copy of the changed entries only.
-            self.block_table[slot, start : start + need] = torch.tensor(new, dtype=torch.int32).to(
-                self.block_table.device, non_blocking=True
-            )
+            new = self.pool.allocate(sum(k for _, k in needs))  # raises before anything changes
+            entries, i = [], 0  # (row, column, block) of every new block-table entry
+            for s, k in needs:
+                start = len(self._blocks[s])
+                self._blocks[s].extend(new[i : i + k])
+                entries += [(s, start + j, b) for j, b in enumerate(new[i : i + k])]
+                i += k
+            idx = torch.tensor(entries, dtype=torch.int64).T.to(self.block_table.device, non_blocking=True)
+            self.block_table[idx[0], idx[1]] = idx[2].to(torch.int32)
 
     def fork(self, slot: int, num_tokens: int) -> int:
         """Takes a free slot whose first ``num_tokens`` tokens are those of ``slot``

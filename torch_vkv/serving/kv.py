@@ -417,8 +417,9 @@ class KVManager:
         # Paged: only slots that cross into a new block (about one in block_size per decode step)
         # reach the cache; _covered then holds whole blocks, so the others are skipped next step.
         grow = np.flatnonzero(seq_lens > self._covered)
-        for s in grow:
-            self.cache.commit(int(s), int(seq_lens[s]))  # all or nothing per slot; can_grow checked all
+        # One block-table update for every slot that grows (all or nothing; can_grow checked them).
+        if len(grow):
+            self.cache.commit_many(grow.tolist(), seq_lens[grow].tolist())
         bs = self.block_tokens
         self._covered[grow] = np.minimum(-(-seq_lens[grow] // bs) * bs, self.max_seq_len)
 
