@@ -1,0 +1,78 @@
+"""The public serving API used as a new user would: odd orders of calls, odd
+arguments, errors in the middle of a run. Every test here failed before the fix
+it names.
+
+Tiny random models (``test_serving``'s), on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_serving import _plain_torch_append, engine_for, greedy, make_model, model_of, reference  # noqa: E402
+
+from torch_vkv.serving import Engine  # noqa: E402
+
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
+__all__ = ["_plain_torch_append"]  # the autouse fixture, re-exported so pytest applies it here
+
+
+def drain(engine) -> dict:
+    """Steps ``engine`` to the end; the last output of each request."""
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step()})
+    return final
+
+
+# ---------------------------------------------------------------- lost outputs
+def test_a_step_that_raises_keeps_the_aborted_outputs_for_the_next_step():
+    """An aborted request's final output is returned by the next ``step()``.
+    When that step raised (Ctrl-C in the forward, a backend error), the output
+    was dropped with it: ``has_unfinished_requests()`` turned False and the
+    request never ended for its caller. Now the next successful step returns it."""
+    model = model_of("llama")
+    want = reference(model, [7, 8, 9], 6)
+    with engine_for(model) as e:
+        a = e.add_request([1, 2, 3], greedy(6))
+        b = e.add_request([7, 8, 9], greedy(6))
+        e.step()
+        assert e.abort(a)
+        execute, calls = e.runner.execute, []
+
+        def interrupted(batch):
+            calls.append(None)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return execute(batch)
+
+        e.runner.execute = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            e.step()
+        assert e.has_unfinished_requests()
+        final = drain(e)
+        assert final[a].finish_reason == "abort" and final[a].finished
+        assert final[b].token_ids == want and final[b].finish_reason == "length"
+
+
+def test_generate_hands_back_the_final_outputs_of_requests_it_does_not_own():
+    """``generate`` serves requests added earlier with ``add_request``
+    alongside its own and does not return them; but one that finished during
+    the call had its final output swallowed: the caller's own ``step()`` loop
+    never saw it end. Now the next ``step()`` returns it."""
+    model = model_of("llama")
+    want = reference(model, [9, 10, 11], 2)
+    with engine_for(model) as e:
+        mine = e.add_request([9, 10, 11], greedy(2))
+        aborted = e.add_request([4, 5], greedy(8))
+        assert e.abort(aborted)  # its final output is due at the next step, which generate takes
+        e.generate([[1, 2, 3]], greedy(8), use_tqdm=False)
+        assert e.has_unfinished_requests()
+        final = drain(e)
+        assert final[mine].token_ids == want and final[mine].finish_reason == "length"
+        assert final[aborted].finish_reason == "abort"
