@@ -76,3 +76,35 @@ def test_generate_hands_back_the_final_outputs_of_requests_it_does_not_own():
         final = drain(e)
         assert final[mine].token_ids == want and final[mine].finish_reason == "length"
         assert final[aborted].finish_reason == "abort"
+
+
+# ------------------------------------------------------------- construction
+def test_a_dtype_the_attention_cannot_run_is_refused_before_the_model_moves():
+    """``Engine(model, dtype=torch.float64)`` (or a float64 model) was accepted:
+    the model was converted to float64 for good and the first ``step()`` failed
+    in the attention kernel ("q.dtype: expected float16, bfloat16 or float32"),
+    so every later engine on that model failed too. Now the constructor refuses
+    it and leaves the model as it was."""
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float16, torch.bfloat16 or torch.float32.*float64"):
+        engine_for(model, dtype=torch.float64)
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"dtype: expected .*float32.*, got torch.float64 \(the model's"):
+        engine_for(model.to(torch.float64))
+    with engine_for(model, dtype=torch.float32) as e:
+        assert e.generate([[1, 2, 3]], greedy(2), use_tqdm=False)[0].finish_reason == "length"
+
+
+def test_numpy_sizes_are_stored_as_ints():
+    """``Engine(memory_budget=np.int64(...))`` kept the numpy integer:
+    ``engine.memory_budget`` and ``stats()["memory_budget"]`` were
+    ``np.int64``, and ``json.dumps(engine.stats())`` raised TypeError."""
+    import json
+
+    import numpy as np
+
+    with engine_for(model_of("llama"), memory_budget=np.int64(1 << 20), page_size=np.int64(4096)) as e:
+        assert type(e.memory_budget) is int and type(e.stats()["memory_budget"]) is int
+        json.dumps(e.stats())
+    with pytest.raises(ValueError, match=r"attention_backend: expected one of \('auto', "):
+        engine_for(model_of("llama"), attention_backend="fast")

@@ -40,6 +40,7 @@ from torch_vkv.serving.scheduler import Scheduler
 __all__ = ["Engine"]
 
 KV_KINDS = ("virtual", "paged")
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Engine(Closable, Unique):
@@ -68,7 +69,7 @@ class Engine(Closable, Unique):
             model's small kernels; compiles once at start, about a minute for
             an 8B model; engines of the same kind share the compiled code).
         device: default CUDA when present, else the CPU (host backend).
-        dtype: default the model's.
+        dtype: float16, bfloat16 or float32 (the attention's); default the model's.
         prefix_caching: reuse the K/V of full prompt blocks across requests
             (blocks of ``KVCache.tokens_per_page`` tokens for virtual, of
             ``block_size`` for paged; see ``docs/serving.md``). Finished
@@ -115,16 +116,14 @@ class Engine(Closable, Unique):
             fail("kv", f"one of {KV_KINDS}", kv)
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
-        if memory_budget is not None:
-            check_int("memory_budget", memory_budget, low=1)
-        if page_size is not None:
-            check_int("page_size", page_size, low=1)
-            if kv == "paged":
-                fail("page_size", "None with kv='paged' (blocks are block_size tokens)", page_size)
+        if page_size is not None and kv == "paged":
+            fail("page_size", "None with kv='paged' (blocks are block_size tokens)", page_size)
+        page_size = None if page_size is None else check_int("page_size", page_size, low=1)  # numpy ints: ints
+        memory_budget = None if memory_budget is None else check_int("memory_budget", memory_budget, low=1)
         self.block_size = check_int("block_size", block_size, low=1)
         self.chunk_size = check_int("chunk_size", chunk_size, low=1)
-        if attention_backend != "auto" and attention_backend not in BACKENDS:
-            fail("attention_backend", f"'auto' or one of {tuple(BACKENDS)}", attention_backend)
+        if attention_backend not in BACKENDS:  # "auto" among them
+            fail("attention_backend", f"one of {tuple(BACKENDS)}", attention_backend)
         for name, flag in dict(cuda_graphs=cuda_graphs, compile=compile, prefix_caching=prefix_caching,
                                prewarm=prewarm).items():  # fmt: skip
             if not isinstance(flag, bool):
@@ -140,6 +139,9 @@ class Engine(Closable, Unique):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
+        if self.dtype not in ATTENTION_DTYPES:  # before the model moves
+            fail("dtype", "torch.float16, torch.bfloat16 or torch.float32 (the attention kernels' dtypes)",
+                 self.dtype if dtype is not None else Described(f"{self.dtype} (the model's: pass dtype=)"))
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
         self.model = model
