@@ -108,3 +108,32 @@ def test_numpy_sizes_are_stored_as_ints():
         json.dumps(e.stats())
     with pytest.raises(ValueError, match=r"attention_backend: expected one of \('auto', "):
         engine_for(model_of("llama"), attention_backend="fast")
+
+
+# ------------------------------------------------------------------ records
+def test_an_int_too_large_for_a_float_is_a_value_error():
+    """``SamplingParams(temperature=10**400)`` raised a bare OverflowError ("int
+    too large to convert to float") instead of naming the field."""
+    from torch_vkv.serving import SamplingParams
+
+    with pytest.raises(ValueError, match=r"temperature: expected a finite float >= 0 \(0 is greedy\), got 1000"):
+        SamplingParams(temperature=10**400)
+    with pytest.raises(ValueError, match=r"top_p: expected a float in \(0, 1\], got -1000"):
+        SamplingParams(top_p=-(10**400))
+
+
+def test_copies_of_an_output_compare_equal():
+    """``RequestOutput`` is a dataclass compared field by field, but its
+    ``metrics`` (``RequestMetrics``) compared by identity: a deepcopy or a
+    pickled round trip of an output never equalled the original."""
+    import copy
+    import pickle
+
+    with engine_for(model_of("llama")) as e:
+        out = e.generate([[1, 2, 3]], greedy(3), use_tqdm=False)[0]
+    for other in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        assert other == out and other.metrics == out.metrics
+        assert other.metrics.token_times == out.metrics.token_times and len(other.metrics.token_times) == 3
+    changed = copy.deepcopy(out)
+    changed.metrics.finished_time += 1.0
+    assert changed != out
