@@ -172,6 +172,18 @@ def test_generate_leaves_the_engine_consistent_for_a_step_loop(llm):
     assert final[mine].finish_reason == "length" and len(final[mine].token_ids) == 2
 
 
+def test_a_prompt_of_numpy_token_ids_is_one_prompt(llm):
+    """``llm.generate([np.int64(5), np.int64(6)])`` (ids taken from a numpy
+    array) was read as two prompts and refused ("prompt: expected a string or
+    a sequence of token ids, got numpy.int64"), though the Engine takes numpy
+    ids. Now it is one prompt, as the same list of ints is."""
+    import numpy as np
+
+    ids = llm.tokenizer("hello world")["input_ids"]
+    out = llm.generate([np.int64(t) for t in ids], GREEDY)
+    assert len(out) == 1 and out[0].token_ids == llm.generate(ids, GREEDY)[0].token_ids
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "hello"}]
     out = llm.chat(messages, GREEDY)[0]

@@ -13,6 +13,7 @@ request is then aborted in the engine, so its pages return at once).
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -199,7 +200,7 @@ class LLM(Closable):
         is accepted too); ``sampling_params``: one for all or one per prompt.
         A bad prompt raises ``ValueError`` (``TypeError``) and nothing of the call keeps running."""
         if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+            isinstance(prompts, Sequence) and prompts and all(isinstance(t, numbers.Integral) for t in prompts)
         ):
             prompts = [prompts]  # one prompt
         if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
