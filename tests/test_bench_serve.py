@@ -200,6 +200,27 @@ def test_cli_errors(capsys):
         serve.workloads("huge")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--ttft-slo", "-1"], "--ttft-slo: expected seconds > 0"),
+    (["--tpot-slo", "nan"], "--tpot-slo: expected seconds > 0"),
+    (["--tpot-slo", "inf"], "--tpot-slo: expected seconds > 0"),
+    (["--ttft-slo", "0"], "--ttft-slo: expected seconds > 0"),  # off --smoke, 0 silently became the 2 s default
+    (["--timeout", "-5"], "--timeout: expected seconds > 0"),
+    (["--configs", ","], "--configs: expected at least one configuration"),
+    (["--vocab-size", "5"], "--vocab-size apply to the load client"),
+    (["--no-ignore-eos"], "--no-ignore-eos apply to the load client"),
+])  # fmt: skip
+def test_cli_refuses_arguments_that_meant_nothing(argv, message, capsys):
+    """Negative, zero, NaN or infinite SLOs made goodput meaningless without a
+    word, ``--configs ,`` ran no configuration and exited 0 with "(no rows)",
+    and the load client's ``--vocab-size`` / ``--no-ignore-eos`` / ``--timeout``
+    were silently ignored in process. Each is a usage error now."""
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--smoke", "--workload", "offline", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_roofline_floor_by_hand():
     cost = ModelCost(weight_bytes=1000, linear_flops_per_token=10, kv_bytes_per_token=4, num_layers=2, num_heads=3,
                      head_dim=5)  # fmt: skip

@@ -154,6 +154,36 @@ def test_stop_string_finishes_the_request_and_frees_its_pages(llm):
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["used_bytes"] == 0
 
 
+def test_generate_leaves_the_engine_consistent_for_a_step_loop(llm):
+    """A request added with ``llm.engine.add_request`` and finished during
+    ``llm.generate`` had its final output swallowed (the caller's ``step()``
+    loop never saw it end); and a request that ``generate`` ended with a stop
+    string came back from the next ``step()`` as ``"abort"``. Now the first is
+    returned by the next step and the second is not."""
+    full = llm.generate("hello world", GREEDY)[0]
+    stop = llm.tokenizer.decode(full.token_ids[4:6])
+    mine = llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    out = llm.generate("hello world", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=stop))[0]
+    assert out.finish_reason == "stop"
+    final = {}
+    while llm.engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in llm.engine.step()})
+    assert list(final) == [mine]
+    assert final[mine].finish_reason == "length" and len(final[mine].token_ids) == 2
+
+
+def test_a_prompt_of_numpy_token_ids_is_one_prompt(llm):
+    """``llm.generate([np.int64(5), np.int64(6)])`` (ids taken from a numpy
+    array) was read as two prompts and refused ("prompt: expected a string or
+    a sequence of token ids, got numpy.int64"), though the Engine takes numpy
+    ids. Now it is one prompt, as the same list of ints is."""
+    import numpy as np
+
+    ids = llm.tokenizer("hello world")["input_ids"]
+    out = llm.generate([np.int64(t) for t in ids], GREEDY)
+    assert len(out) == 1 and out[0].token_ids == llm.generate(ids, GREEDY)[0].token_ids
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "hello"}]
     out = llm.chat(messages, GREEDY)[0]

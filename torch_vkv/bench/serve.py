@@ -541,7 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return serve_client.main(argv, serve_client.build_parser())
     client_only = {"--trace": args.trace != "arxiv_summarization", "--request-rate": not math.isinf(args.request_rate),
                    "--max-prompt-tokens": args.max_prompt_tokens, "--max-output-tokens": args.max_output_tokens,
-                   "--model": args.model}  # fmt: skip
+                   "--model": args.model, "--vocab-size": args.vocab_size != 32000,
+                   "--no-ignore-eos": args.no_ignore_eos, "--timeout": args.timeout != 3600.0}  # fmt: skip
     given = [k for k, v in client_only.items() if v]
     if given:
         parser.error(f"{', '.join(given)} apply to the load client (--url); in process, pick --workload, "
@@ -555,6 +556,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scale = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.configs:
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        if not configs:
+            parser.error(f"--configs: expected at least one configuration, got {args.configs!r}")
         for c in configs:
             if c != "hf-generate_batch":
                 try:

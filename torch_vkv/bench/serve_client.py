@@ -214,6 +214,16 @@ def _rate(text: str) -> float:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 < v < math.inf:  # NaN too: an SLO or timeout that no request could meet or that means nothing
+        raise argparse.ArgumentTypeError(f"expected seconds > 0 (a finite number), got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_vkv bench serve",
                                 description="Serving benchmark over the OpenAI protocol (streaming).")  # fmt: skip
@@ -228,10 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-tokens", type=_positive, default=None, help="clip output lengths")
     p.add_argument("--vocab-size", type=_positive, default=32000, help="random prompt ids are below this")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (strict OpenAI servers)")
-    p.add_argument("--ttft-slo", type=float, default=None, help="goodput: TTFT target in seconds")
-    p.add_argument("--tpot-slo", type=float, default=None, help="goodput: TPOT target in seconds")
+    p.add_argument("--ttft-slo", type=_seconds, default=None, help="goodput: TTFT target in seconds")
+    p.add_argument("--tpot-slo", type=_seconds, default=None, help="goodput: TPOT target in seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
+    p.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds per request")
     p.add_argument("--smoke", action="store_true",
                    help=f"a tiny run: {SMOKE['num_requests']} requests, lengths clipped to "
                         f"{SMOKE['max_prompt_tokens']}/{SMOKE['max_output_tokens']}")  # fmt: skip

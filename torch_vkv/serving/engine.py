@@ -18,7 +18,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -40,6 +40,7 @@ from torch_vkv.serving.scheduler import Scheduler
 __all__ = ["Engine"]
 
 KV_KINDS = ("virtual", "paged")
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Engine(Closable, Unique):
@@ -68,7 +69,7 @@ class Engine(Closable, Unique):
             model's small kernels; compiles once at start, about a minute for
             an 8B model; engines of the same kind share the compiled code).
         device: default CUDA when present, else the CPU (host backend).
-        dtype: default the model's.
+        dtype: float16, bfloat16 or float32 (the attention's); default the model's.
         prefix_caching: reuse the K/V of full prompt blocks across requests
             (blocks of ``KVCache.tokens_per_page`` tokens for virtual, of
             ``block_size`` for paged; see ``docs/serving.md``). Finished
@@ -115,16 +116,14 @@ class Engine(Closable, Unique):
             fail("kv", f"one of {KV_KINDS}", kv)
         if layout not in LAYOUTS:
             fail("layout", f"one of {LAYOUTS}", layout)
-        if memory_budget is not None:
-            check_int("memory_budget", memory_budget, low=1)
-        if page_size is not None:
-            check_int("page_size", page_size, low=1)
-            if kv == "paged":
-                fail("page_size", "None with kv='paged' (blocks are block_size tokens)", page_size)
+        if page_size is not None and kv == "paged":
+            fail("page_size", "None with kv='paged' (blocks are block_size tokens)", page_size)
+        page_size = None if page_size is None else check_int("page_size", page_size, low=1)  # numpy ints: ints
+        memory_budget = None if memory_budget is None else check_int("memory_budget", memory_budget, low=1)
         self.block_size = check_int("block_size", block_size, low=1)
         self.chunk_size = check_int("chunk_size", chunk_size, low=1)
-        if attention_backend != "auto" and attention_backend not in BACKENDS:
-            fail("attention_backend", f"'auto' or one of {tuple(BACKENDS)}", attention_backend)
+        if attention_backend not in BACKENDS:  # "auto" among them
+            fail("attention_backend", f"one of {tuple(BACKENDS)}", attention_backend)
         for name, flag in dict(cuda_graphs=cuda_graphs, compile=compile, prefix_caching=prefix_caching,
                                prewarm=prewarm).items():  # fmt: skip
             if not isinstance(flag, bool):
@@ -140,6 +139,9 @@ class Engine(Closable, Unique):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
+        if self.dtype not in ATTENTION_DTYPES:  # before the model moves
+            fail("dtype", "torch.float16, torch.bfloat16 or torch.float32 (the attention kernels' dtypes)",
+                 self.dtype if dtype is not None else Described(f"{self.dtype} (the model's: pass dtype=)"))
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
         self.model = model
@@ -318,9 +320,9 @@ class Engine(Closable, Unique):
         self._undelivered.append(req.output())
         return True
 
-    def _abort_unschedulable(self, scheduled: bool) -> bool:
+    def _abort_unschedulable(self, scheduled: bool) -> None:
         """Aborts (RuntimeWarning) the requests that could never run, so no loop
-        spins on them; returns whether it aborted any. A guard behind
+        spins on them. A guard behind
         :meth:`_validate`'s budget check, for a wrong page estimate: a request
         preempted while it ran alone, or a head of the queue not admitted
         while nothing runs in two steps in a row (one may wait on a fence)."""
@@ -337,7 +339,6 @@ class Engine(Closable, Unique):
                           f"even with all {self.kv.usable_pages} usable KV pages; aborted", RuntimeWarning,
                           stacklevel=3)  # fmt: skip
             self.abort(req.request_id)
-        return bool(stuck)
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is waiting or running, or an aborted request's
@@ -359,13 +360,12 @@ class Engine(Closable, Unique):
         """Runs one iteration. Returns the requests that got a token or
         finished in it (cumulative outputs), aborted ones included."""
         self._check_open()
-        outputs, self._undelivered = self._undelivered, []
         t0 = time.perf_counter()
         now = time.monotonic()
         batch = self.scheduler.schedule(now)
-        if self._abort_unschedulable(bool(batch.requests)):
-            outputs, self._undelivered = outputs + self._undelivered, []
+        self._abort_unschedulable(bool(batch.requests))
         if not batch.requests:
+            outputs, self._undelivered = self._undelivered, []
             return outputs
         t1 = time.perf_counter()
         logits, rows = self.runner.execute(batch)
@@ -391,6 +391,7 @@ class Engine(Closable, Unique):
         for r in done:
             self.scheduler.remove(r)
             self._finish(r, now)
+        outputs, self._undelivered = self._undelivered, []  # taken only now: a step that raised left them due
         seen: set = set()
         for r in reqs:
             key = id(r.group) if r.group is not None else id(r)
@@ -453,7 +454,8 @@ class Engine(Closable, Unique):
         final outputs in the order of ``prompts``. ``params``: one
         ``SamplingParams`` for all, or one per prompt. Every prompt is checked
         before any is queued. Requests added earlier with :meth:`add_request`
-        are served alongside (their outputs are not returned). An exception
+        are served alongside (not returned: the next :meth:`step` returns
+        those that finished during the call). An exception
         (``KeyboardInterrupt`` too) aborts this call's unfinished requests."""
         self._check_open()
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
@@ -473,15 +475,16 @@ class Engine(Closable, Unique):
         from tqdm.auto import tqdm
 
         start, generated0 = time.perf_counter(), self._num_generated
+        others: list[RequestOutput] = []  # final outputs of requests not this call's
         try:
             with tqdm(total=len(checked), desc="Generating", unit="req", disable=not use_tqdm,
                       dynamic_ncols=True) as bar:  # fmt: skip
                 while any(r is None for r in results):
                     for out in self.step():
                         i = index.get(out.request_id)
-                        if i is None or results[i] is not None:
-                            continue
-                        if out.finished:
+                        if i is None:
+                            others += [out] if out.finished else []
+                        elif out.finished and results[i] is None:
                             results[i] = out
                             bar.update(1)
                     if use_tqdm:
@@ -490,9 +493,15 @@ class Engine(Closable, Unique):
                                         refresh=False)  # fmt: skip
         finally:  # interrupted (Ctrl-C) or failed: none of this call's requests may keep running unseen
             if not self._closed:
+                self._return_later(others)
                 for rid in [rid for rid in index if rid in self._requests]:
                     self.abort(rid)
         return results  # type: ignore[return-value]
+
+    def _return_later(self, outputs: list[RequestOutput], drop: Container[str] = ()) -> None:
+        """For a loop over :meth:`step` (``generate``, ``LLM``): the next step returns the final ``outputs`` it
+        took of requests it does not own, and none of the requests in ``drop``, which it finished itself."""
+        self._undelivered = outputs + [o for o in self._undelivered if o.request_id not in drop]
 
     # ----------------------------------------------------------------- stats
     @property
@@ -510,25 +519,18 @@ class Engine(Closable, Unique):
 
     @one_thread
     def stats(self) -> dict[str, Any]:
-        """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``,
-        ``committed_bytes`` (physical KV memory held, freed and parked slots'
-        cached pages included), ``window_committed_bytes`` (the part of it
-        held by sliding-window layers; 0 unless ``kv="virtual"``,
-        ``layout="per_layer"`` and the model has sliding layers), ``used_bytes`` (K/V of running requests'
-        computed tokens; a shared prefix counts once per request using it),
-        ``memory_budget``, ``num_finished``, ``num_iterations``,
-        ``num_generated_tokens`` (of every completion), ``num_computed_tokens``
-        (tokens run through the model: prefill chunks and decodes),
-        ``host_seconds`` (host time of scheduling, page commits, batch
-        metadata and output bookkeeping, summed over iterations; the model
-        forward and the sampler are excluded), ``kv_grow_seconds`` (the part
-        of it in the KV manager's page commits and their waits), ``kv_prewarm_seconds``
-        (eager allocation for the next request, while the GPU runs: not host time), ``prefix_caching``,
-        ``prefix_hit_tokens`` (prompt tokens found in the prefix cache at
-        admission, not computed), ``prefix_query_tokens`` (tokens of the
-        admitted prefills, looked up), ``prefix_hit_rate`` (their ratio, 0.0
-        before any) and ``prefix_cached_slots`` (finished requests' slots kept
-        for their blocks)."""
+        """``num_running`` (sequences), ``num_waiting``, ``num_preemptions``, ``committed_bytes`` (physical KV memory
+        held, freed and parked slots' cached pages included), ``window_committed_bytes`` (the part of it held by
+        sliding-window layers; 0 unless ``kv="virtual"``, ``layout="per_layer"`` and the model has sliding layers),
+        ``used_bytes`` (K/V of running requests' computed tokens; a shared prefix counts once per request using it),
+        ``memory_budget``, ``num_finished``, ``num_iterations``, ``num_generated_tokens`` (of every completion),
+        ``num_computed_tokens`` (tokens run through the model: prefill chunks and decodes), ``host_seconds`` (host
+        time of scheduling, page commits, batch metadata and output bookkeeping, summed over iterations; the model
+        forward and the sampler are excluded), ``kv_grow_seconds`` (the part of it in the KV manager's page commits
+        and their waits), ``kv_prewarm_seconds`` (eager allocation for the next request, while the GPU runs: not host
+        time), ``prefix_caching``, ``prefix_hit_tokens`` (prompt tokens found in the prefix cache at admission, not
+        computed), ``prefix_query_tokens`` (tokens of the admitted prefills, looked up), ``prefix_hit_rate`` (their
+        ratio, 0.0 before any) and ``prefix_cached_slots`` (finished requests' slots kept for their blocks)."""
         self._check_open()
         s, p = self.scheduler, self.kv.prefix
         return {

@@ -13,6 +13,7 @@ request is then aborted in the engine, so its pages return at once).
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -199,7 +200,7 @@ class LLM(Closable):
         is accepted too); ``sampling_params``: one for all or one per prompt.
         A bad prompt raises ``ValueError`` (``TypeError``) and nothing of the call keeps running."""
         if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+            isinstance(prompts, Sequence) and prompts and all(isinstance(t, numbers.Integral) for t in prompts)
         ):
             prompts = [prompts]  # one prompt
         if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
@@ -240,18 +241,22 @@ class LLM(Closable):
                 fail("sampling_params.n", "1 with the text API (use Engine for n > 1 completions)", p.n)
         streams: dict[str, tuple[int, TextStream]] = {}
         results: list[Optional[RequestOutput]] = [None] * len(prompts)
+        ours: set[str] = set()
+        others: list[RequestOutput] = []  # requests added to the engine directly: the next step() returns them
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = engine.add_request(prompt, p)  # a bad prompt raises; the finally drops the others
                 streams[rid] = (i, TextStream(self.tokenizer, prompt, p.stop))
+                ours.add(rid)
             from tqdm.auto import tqdm
 
             with tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm) as bar:
                 while streams:
                     for out in engine.step():
                         entry = streams.get(out.request_id)
-                        if entry is None:
-                            continue  # not ours, or ended by a stop string already
+                        if entry is None:  # not ours, or ended by a stop string already
+                            others += [out] if out.finished and out.request_id not in ours else []
+                            continue
                         i, stream = entry
                         stream.update(out.token_ids, out.finished)
                         if stream.stopped:
@@ -265,6 +270,8 @@ class LLM(Closable):
                             del streams[out.request_id]
                             bar.update(1)
         finally:
+            if not engine.closed:
+                engine._return_later(others, drop=ours)  # ours: a stop string's abort output is not for anyone
             for rid in streams:  # a bad prompt or an interrupt: leave nothing running
                 engine.abort(rid)
         return results  # type: ignore[return-value]

@@ -44,6 +44,14 @@ class RequestMetrics:
             self._source = None
         return self._times
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestMetrics):
+            return NotImplemented
+        fields = ("arrival_time", "first_scheduled_time", "first_token_time", "finished_time", "token_times")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value (as CompletionOutput)
+
     def __repr__(self) -> str:
         return (
             f"RequestMetrics(arrival_time={self.arrival_time}, first_scheduled_time={self.first_scheduled_time}, "

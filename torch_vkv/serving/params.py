@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -36,7 +37,10 @@ def completion_seed(seed: int, index: int) -> int:
 def _check_float(what: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(what, "a real number", value, ArgumentTypeError)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range: infinite, refused by the caller's range check
+        value = math.inf if value > 0 else -math.inf
     if value != value:  # NaN
         fail(what, "a number, not NaN", value)
     return value

@@ -1,0 +1,139 @@
+"""The public serving API used as a new user would: odd orders of calls, odd
+arguments, errors in the middle of a run. Every test here failed before the fix
+it names.
+
+Tiny random models (``test_serving``'s), on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_serving import _plain_torch_append, engine_for, greedy, make_model, model_of, reference  # noqa: E402
+
+from torch_vkv.serving import Engine  # noqa: E402
+
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
+__all__ = ["_plain_torch_append"]  # the autouse fixture, re-exported so pytest applies it here
+
+
+def drain(engine) -> dict:
+    """Steps ``engine`` to the end; the last output of each request."""
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step()})
+    return final
+
+
+# ---------------------------------------------------------------- lost outputs
+def test_a_step_that_raises_keeps_the_aborted_outputs_for_the_next_step():
+    """An aborted request's final output is returned by the next ``step()``.
+    When that step raised (Ctrl-C in the forward, a backend error), the output
+    was dropped with it: ``has_unfinished_requests()`` turned False and the
+    request never ended for its caller. Now the next successful step returns it."""
+    model = model_of("llama")
+    want = reference(model, [7, 8, 9], 6)
+    with engine_for(model) as e:
+        a = e.add_request([1, 2, 3], greedy(6))
+        b = e.add_request([7, 8, 9], greedy(6))
+        e.step()
+        assert e.abort(a)
+        execute, calls = e.runner.execute, []
+
+        def interrupted(batch):
+            calls.append(None)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return execute(batch)
+
+        e.runner.execute = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            e.step()
+        assert e.has_unfinished_requests()
+        final = drain(e)
+        assert final[a].finish_reason == "abort" and final[a].finished
+        assert final[b].token_ids == want and final[b].finish_reason == "length"
+
+
+def test_generate_hands_back_the_final_outputs_of_requests_it_does_not_own():
+    """``generate`` serves requests added earlier with ``add_request``
+    alongside its own and does not return them; but one that finished during
+    the call had its final output swallowed: the caller's own ``step()`` loop
+    never saw it end. Now the next ``step()`` returns it."""
+    model = model_of("llama")
+    want = reference(model, [9, 10, 11], 2)
+    with engine_for(model) as e:
+        mine = e.add_request([9, 10, 11], greedy(2))
+        aborted = e.add_request([4, 5], greedy(8))
+        assert e.abort(aborted)  # its final output is due at the next step, which generate takes
+        e.generate([[1, 2, 3]], greedy(8), use_tqdm=False)
+        assert e.has_unfinished_requests()
+        final = drain(e)
+        assert final[mine].token_ids == want and final[mine].finish_reason == "length"
+        assert final[aborted].finish_reason == "abort"
+
+
+# ------------------------------------------------------------- construction
+def test_a_dtype_the_attention_cannot_run_is_refused_before_the_model_moves():
+    """``Engine(model, dtype=torch.float64)`` (or a float64 model) was accepted:
+    the model was converted to float64 for good and the first ``step()`` failed
+    in the attention kernel ("q.dtype: expected float16, bfloat16 or float32"),
+    so every later engine on that model failed too. Now the constructor refuses
+    it and leaves the model as it was."""
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float16, torch.bfloat16 or torch.float32.*float64"):
+        engine_for(model, dtype=torch.float64)
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"dtype: expected .*float32.*, got torch.float64 \(the model's"):
+        engine_for(model.to(torch.float64))
+    with engine_for(model, dtype=torch.float32) as e:
+        assert e.generate([[1, 2, 3]], greedy(2), use_tqdm=False)[0].finish_reason == "length"
+
+
+def test_numpy_sizes_are_stored_as_ints():
+    """``Engine(memory_budget=np.int64(...))`` kept the numpy integer:
+    ``engine.memory_budget`` and ``stats()["memory_budget"]`` were
+    ``np.int64``, and ``json.dumps(engine.stats())`` raised TypeError."""
+    import json
+
+    import numpy as np
+
+    with engine_for(model_of("llama"), memory_budget=np.int64(1 << 20), page_size=np.int64(4096)) as e:
+        assert type(e.memory_budget) is int and type(e.stats()["memory_budget"]) is int
+        json.dumps(e.stats())
+    with pytest.raises(ValueError, match=r"attention_backend: expected one of \('auto', "):
+        engine_for(model_of("llama"), attention_backend="fast")
+
+
+# ------------------------------------------------------------------ records
+def test_an_int_too_large_for_a_float_is_a_value_error():
+    """``SamplingParams(temperature=10**400)`` raised a bare OverflowError ("int
+    too large to convert to float") instead of naming the field."""
+    from torch_vkv.serving import SamplingParams
+
+    with pytest.raises(ValueError, match=r"temperature: expected a finite float >= 0 \(0 is greedy\), got 1000"):
+        SamplingParams(temperature=10**400)
+    with pytest.raises(ValueError, match=r"top_p: expected a float in \(0, 1\], got -1000"):
+        SamplingParams(top_p=-(10**400))
+
+
+def test_copies_of_an_output_compare_equal():
+    """``RequestOutput`` is a dataclass compared field by field, but its
+    ``metrics`` (``RequestMetrics``) compared by identity: a deepcopy or a
+    pickled round trip of an output never equalled the original."""
+    import copy
+    import pickle
+
+    with engine_for(model_of("llama")) as e:
+        out = e.generate([[1, 2, 3]], greedy(3), use_tqdm=False)[0]
+    for other in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        assert other == out and other.metrics == out.metrics
+        assert other.metrics.token_times == out.metrics.token_times and len(other.metrics.token_times) == 3
+    changed = copy.deepcopy(out)
+    changed.metrics.finished_time += 1.0
+    assert changed != out
