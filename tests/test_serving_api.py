@@ -137,3 +137,22 @@ def test_copies_of_an_output_compare_equal():
     changed = copy.deepcopy(out)
     changed.metrics.finished_time += 1.0
     assert changed != out
+
+
+# ---------------------------------------------------------------- backends
+@pytest.mark.parametrize("kv, backend", [("virtual", "torch_fa2"), ("paged", "flash_attn"), ("paged", "flashinfer")])
+def test_a_backend_that_cannot_serve_is_refused_at_construction(kv, backend):
+    """``attention_backend`` naming a backend this process cannot run (PyTorch's FA2 or flash-attn on
+    the CPU, FlashInfer over paged KV) was accepted: every ``step()`` then raised and the queued requests
+    stayed stuck. Now the constructor refuses it, lists the usable ones, and leaves the model as it was."""
+    model = make_model("llama")
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError, match=rf"attention_backend: expected 'auto' or a backend that can serve "
+                                         rf"kv='{kv}' on cpu in this process, one of \(.*'sdpa'\), got '{backend}'"):
+        Engine(model, max_batch_size=2, max_seq_len=64, kv=kv, attention_backend=backend, device="cpu",
+               cuda_graphs=False)  # fmt: skip
+    assert model.config._attn_implementation == attn
+    with Engine(model, max_batch_size=2, max_seq_len=64, kv=kv, attention_backend="sdpa", device="cpu",
+                cuda_graphs=False) as engine:  # fmt: skip
+        rid = engine.add_request([3, 4, 5], greedy(3))
+        assert len(drain(engine)[rid].token_ids) == 3

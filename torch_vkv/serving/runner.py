@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from torch_vkv import append_kv, attention  # the public entry points (functions)
+from torch_vkv._checks import fail
 from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
@@ -209,6 +210,22 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+def _check_backend(backend: str, kv: KVManager) -> str:
+    """``backend`` if it can serve ``kv`` in this process; else ``ValueError`` now (an unusable one
+    failed every step, with the requests stuck in the queue)."""
+    if backend == "auto":
+        return backend
+    from torch_vkv.attention import available_backends
+
+    usable = available_backends(kv.device)
+    if kv.kind == "paged" and "flashinfer" in usable:
+        usable.remove("flashinfer")  # runs on the virtual cache only: no block-table path
+    if backend not in usable:
+        fail("attention_backend", f"'auto' or a backend that can serve kv={kv.kind!r} on {kv.device} in this "
+             f"process, one of {tuple(usable)}", backend)  # fmt: skip
+    return backend
+
+
 class ModelRunner:
     """Turns a :class:`ScheduledBatch` into logits of its sampling rows.
 
@@ -239,7 +256,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = kv.device
-        self.backend = backend
+        self.backend = _check_backend(backend, kv)
         self.max_batch_size = max_batch_size
         self._keys = [kv.key(l) for l in range(kv.num_layers)]
         self._values = [kv.value(l) for l in range(kv.num_layers)]
