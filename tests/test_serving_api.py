@@ -156,3 +156,17 @@ def test_a_backend_that_cannot_serve_is_refused_at_construction(kv, backend):
                 cuda_graphs=False) as engine:  # fmt: skip
         rid = engine.add_request([3, 4, 5], greedy(3))
         assert len(drain(engine)[rid].token_ids) == 3
+
+
+def test_a_mapping_is_not_a_list_of_stops():
+    """``SamplingParams(stop={"a": 1})`` took the dict's keys as stop strings (and ``stop_token_ids={5: 0}``
+    its keys as ids), silently: a mapping is refused, naming the field; lists, tuples and sets still work."""
+    from torch_vkv.serving import SamplingParams
+    from torch_vkv._checks import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match=r"stop: expected a string, a sequence of strings or None, got"):
+        SamplingParams(stop={"a": 1})
+    with pytest.raises(ArgumentTypeError, match=r"stop_token_ids: expected a sequence of token ids, got"):
+        SamplingParams(stop_token_ids={5: 0})
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b") and SamplingParams(stop=("x",)).stop == ("x",)
+    assert SamplingParams(stop_token_ids={7}).stop_token_ids == (7,)

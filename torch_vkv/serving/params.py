@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -97,7 +98,7 @@ class SamplingParams:
         set_(self, "top_p", top_p)
         set_(self, "top_k", check_int("top_k", self.top_k, low=-1, high=_INT64_MAX))
         stop = self.stop_token_ids
-        if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
+        if isinstance(stop, (str, bytes, Mapping)) or not hasattr(stop, "__iter__"):  # a dict: its keys, silently
             fail("stop_token_ids", "a sequence of token ids", stop, ArgumentTypeError)
         set_(self, "stop_token_ids", tuple(check_int("stop_token_ids entry", t, low=0) for t in stop))
         if not isinstance(self.ignore_eos, bool):
@@ -109,7 +110,7 @@ class SamplingParams:
             stop_strings = ()
         elif isinstance(stop_strings, str):
             stop_strings = (stop_strings,)
-        elif isinstance(stop_strings, bytes) or not hasattr(stop_strings, "__iter__"):
+        elif isinstance(stop_strings, (bytes, Mapping)) or not hasattr(stop_strings, "__iter__"):
             fail("stop", "a string, a sequence of strings or None", stop_strings, ArgumentTypeError)
         stop_strings = tuple(stop_strings)
         for s in stop_strings:
