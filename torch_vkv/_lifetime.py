@@ -133,8 +133,7 @@ class Unique:
 class Closable:
     """``with obj: ...`` closes ``obj`` on the way out (its ``close()``), whatever happened inside."""
 
-    def close(self) -> None:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    close: Callable[[], None]  # each subclass's own
 
     def __enter__(self: _T) -> _T:
         return self
