@@ -539,11 +539,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.url is not None:
         return serve_client.main(argv, serve_client.build_parser())
-    client_only = {"--trace": args.trace != "arxiv_summarization", "--request-rate": not math.isinf(args.request_rate),
-                   "--max-prompt-tokens": args.max_prompt_tokens, "--max-output-tokens": args.max_output_tokens,
-                   "--model": args.model, "--vocab-size": args.vocab_size != 32000,
-                   "--no-ignore-eos": args.no_ignore_eos, "--timeout": args.timeout != 3600.0}  # fmt: skip
-    given = [k for k, v in client_only.items() if v]
+    client_only = ("trace", "request_rate", "max_prompt_tokens", "max_output_tokens", "model", "vocab_size",
+                   "no_ignore_eos", "timeout")  # fmt: skip
+    given = ["--" + n.replace("_", "-") for n in client_only if getattr(args, n) != parser.get_default(n)]
     if given:
         parser.error(f"{', '.join(given)} apply to the load client (--url); in process, pick --workload, "
                      "--num-requests and --request-rates")  # fmt: skip
