@@ -222,3 +222,17 @@ def test_llm_takes_a_loaded_model(ckpt):
         assert len(out[0].token_ids) == 3
     with pytest.raises(TypeError, match="tokenizer"):
         LLM(model, tokenizer=42, max_batch_size=2, max_seq_len=64)
+
+
+def test_a_checkpoint_path_that_is_not_a_folder_is_named(tmp_path, ckpt):
+    from torch_vkv.serving import Engine
+
+    missing, a_file = tmp_path / "no_such_checkpoint", tmp_path / "weights.bin"
+    a_file.write_bytes(b"\0")
+    for source, why in [(missing, "no such folder"), (str(missing), "no such folder"), (a_file, "a file")]:
+        with pytest.raises(FileNotFoundError, match=f"model: expected a local checkpoint folder, got .*{why}"):
+            Engine(source, max_batch_size=2, max_seq_len=64)
+        with pytest.raises(FileNotFoundError, match=f"model: expected a local checkpoint folder, got .*{why}"):
+            LLM(source, max_batch_size=2, max_seq_len=64)
+    with pytest.raises(FileNotFoundError, match="tokenizer: expected a local checkpoint folder"):
+        LLM(ckpt, tokenizer=str(missing), max_batch_size=2, max_seq_len=64)

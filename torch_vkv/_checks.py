@@ -100,16 +100,41 @@ non_negative_int_arg = int_arg(0)
 port_arg = int_arg(0, 65535)
 
 
+def _not_a_folder(path: str) -> str:
+    """Why ``path`` is not a checkpoint folder ("" when it is one)."""
+    import os
+
+    if os.path.isdir(path):
+        return ""
+    return "a file" if os.path.exists(path) else "no such folder"
+
+
 def local_dir_arg(text: str) -> str:
     """``argparse`` type of a local checkpoint or tokenizer folder (``--model``, ``--tokenizer``): it must exist,
     so that a typo is a usage error, not a Hugging Face hub lookup and its traceback."""
     import argparse
-    import os
 
-    if not os.path.isdir(text):
-        why = "a file" if os.path.exists(text) else "no such folder"
+    why = _not_a_folder(text)
+    if why:
         raise argparse.ArgumentTypeError(f"expected a local checkpoint folder, got {text!r} ({why})")
     return text
+
+
+def check_checkpoint_path(what: str, source: Any) -> None:
+    """A ``str`` / ``os.PathLike`` model or tokenizer source that is written as a filesystem path (absolute,
+    or starting with ``.`` or ``~``, or naming an existing file) must be a folder: ``FileNotFoundError``
+    naming it otherwise, instead of the hub's "Repo id must be in the form ..." for a typo. A bare name
+    such as ``"org/model"`` goes to ``from_pretrained`` as it is (the Hugging Face cache resolves it)."""
+    import os
+
+    path = os.fspath(source)
+    if not isinstance(path, str):  # bytes paths
+        path = os.fsdecode(path)
+    expanded = os.path.expanduser(path)
+    looks_like_path = os.path.isabs(expanded) or path.startswith((".", "~")) or os.path.exists(expanded)
+    why = _not_a_folder(expanded) if looks_like_path else ""
+    if why:
+        raise FileNotFoundError(f"{what}: expected a local checkpoint folder, got {path!r} ({why})")
 
 
 def check_device(device: Any) -> Optional[torch.device]:

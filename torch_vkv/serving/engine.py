@@ -33,7 +33,7 @@ from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
 from torch_vkv.serving.prewarm import Prewarmer
 from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
-from torch_vkv.serving.runner import ModelRunner, attach, detach
+from torch_vkv.serving.runner import ModelRunner, attach, detach, load_causal_lm
 from torch_vkv.serving.sampler import Sampler
 from torch_vkv.serving.scheduler import Scheduler
 
@@ -48,7 +48,8 @@ class Engine(Closable, Unique):
 
     Args:
         model: a transformers causal LM (``...ForCausalLM``), or a local
-            checkpoint path (loaded with ``AutoModelForCausalLM``). The engine
+            checkpoint folder (``AutoModelForCausalLM``; a path that is not a
+            folder raises ``FileNotFoundError`` naming it). The engine
             takes the model over while open: it moves it to ``device`` /
             ``dtype``, puts it in eval mode and switches its attention to
             ``"vkv_serving"``; :meth:`close` of the last engine open on it restores the attention implementation.
@@ -133,9 +134,7 @@ class Engine(Closable, Unique):
         self.device = resolve_device(device)  # the pool's rule: None -> CUDA if present, "cuda" -> its index
 
         if isinstance(model, (str, os.PathLike)):
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype is not None else "auto")
+            model = load_causal_lm(model, dtype)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype

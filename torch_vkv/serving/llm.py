@@ -18,9 +18,10 @@ import os
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-from torch_vkv._checks import ArgumentTypeError, fail
+from torch_vkv._checks import ArgumentTypeError, check_checkpoint_path, fail
 from torch_vkv._lifetime import Closable
 from torch_vkv.serving.engine import Engine
+from torch_vkv.serving.runner import load_causal_lm
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams
 
@@ -121,6 +122,7 @@ class TextStream:
 def _load_tokenizer(source: Any) -> Any:
     from transformers import AutoTokenizer
 
+    check_checkpoint_path("tokenizer", source)
     return AutoTokenizer.from_pretrained(source)
 
 
@@ -143,6 +145,8 @@ class LLM(Closable):
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, **engine_kwargs: Any) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            check_checkpoint_path("model", model)  # before the tokenizer is looked for there
         if tokenizer is None:
             source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
             if not source:
@@ -155,9 +159,7 @@ class LLM(Closable):
             fail("tokenizer", "a transformers tokenizer or a path", type(tokenizer), ArgumentTypeError)
         self.tokenizer = tokenizer
         if isinstance(model, (str, os.PathLike)):
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=engine_kwargs.get("dtype") or "auto")
+            model = load_causal_lm(model, engine_kwargs.get("dtype"))
         engine_kwargs.setdefault("max_batch_size", 16)
         if "max_seq_len" not in engine_kwargs:
             cfg = getattr(model, "config", None)

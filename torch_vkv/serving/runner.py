@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 
 from torch_vkv import append_kv, attention  # the public entry points (functions)
-from torch_vkv._checks import fail
+from torch_vkv._checks import check_checkpoint_path, fail
 from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
@@ -202,6 +202,14 @@ def detach(model: torch.nn.Module) -> None:
         del _ATTACHED[model]
         if entry[0] is not None and getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
             model.set_attn_implementation(entry[0])
+
+
+def load_causal_lm(source: Any, dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    """A transformers causal LM from a local checkpoint folder (``dtype=None``: the checkpoint's own)."""
+    from transformers import AutoModelForCausalLM
+
+    check_checkpoint_path("model", source)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
