@@ -382,3 +382,76 @@ def test_scheduler_says_when_memory_limits_the_batch():
         assert seen_free
     for p, i in zip(prompts, ids):
         assert_greedy_equal(model, p, outs[i].token_ids, reference(model, p, 8))
+
+
+def _warm_scheduler(budget_pages: int):
+    """An ``interleaved`` manager (4 KiB pages: 8 tokens of all layers; ``budget_pages``
+    pool pages) whose one warm free slot holds 25 pages (200 tokens), as a finished
+    request or eager allocation leaves it, and a scheduler over it."""
+    from torch_vkv.serving.scheduler import Scheduler
+
+    kv = _manager(layout="interleaved", memory_budget=budget_pages * PAGE)
+    warm = kv.alloc()
+    seq = np.zeros(kv.num_slots, dtype=np.int64)
+    seq[warm] = 200
+    kv.cache.step(seq)  # no prefetch past 200 tokens
+    kv.free(warm)
+    assert _warm_free_slots(kv) == [200, 0, 0, 0]
+    return kv, Scheduler(kv, max_batch_size=4, chunk_size=512)
+
+
+def _request(request_id: str, prompt_tokens: int, max_tokens: int):
+    from torch_vkv.serving import SamplingParams
+    from torch_vkv.serving.request import Request
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return Request(request_id, [1] * prompt_tokens, params, seed=0, eos_token_ids=(), arrival_time=0.0)
+
+
+def test_admission_takes_back_a_warm_slots_pages_past_its_request_when_the_next_one_needs_them():
+    """Two requests of 120 tokens (15 pages each) and 35 pool pages, 25 of them in a
+    warm free slot. The admission estimate counts the warm pages as available (35 - 15
+    leaves 20 for the second request), as paged's freed blocks would be. The first
+    request takes the warm slot (it backs its 120 tokens); the second, a cold slot,
+    then needs 15 fresh pages of the 10 free: the first slot's 10 pages past its
+    tokens (which hold no K/V) go back, and both run, as they would with paged blocks."""
+    kv, sched = _warm_scheduler(35)
+    try:
+        a, b = _request("a", 120, 80), _request("b", 120, 80)  # each can reach 200 tokens
+        sched.add(a)
+        sched.add(b)
+        batch = sched.schedule(0.0)
+        assert [r.request_id for r in batch.requests] == ["a", "b"] and batch.num_new_tokens == [120, 120]
+        assert not sched.waiting and sched.num_preemptions == 0
+        kv.synchronize()
+        # Each slot holds its 120 tokens, and the next token's page where the background prefetch found one.
+        assert all(120 <= kv.cache.committed_tokens(r.slot) <= 128 for r in (a, b))
+        assert kv.cache.memory_stats()["committed_bytes"] <= 35 * PAGE
+    finally:
+        kv.close()
+
+
+def test_pages_past_a_running_requests_tokens_go_back_before_anybody_is_preempted():
+    """Request a runs in the warm slot (25 pages for its 121 tokens after the first
+    step: 9 spare, kept while memory allows); b, in a cold slot, has the pool's last
+    free page. b's next token needs a page: a's spare pages go back instead of b being
+    preempted (its K/V recomputed)."""
+    kv, sched = _warm_scheduler(30)
+    try:
+        a, b = _request("a", 120, 80), _request("b", 40, 8)
+        sched.add(a)
+        sched.add(b)
+        batch = sched.schedule(0.0)
+        assert [r.request_id for r in batch.requests] == ["a", "b"]
+        assert kv.cache.committed_tokens(a.slot) == 200  # the warm slot's pages stay: memory allowed it
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+            r.append_token(2, 0.0, kv.max_seq_len)
+        batch = sched.schedule(0.0)  # a: token 121 (page 16 of 25); b: token 41, a 6th page
+        assert [r.request_id for r in batch.requests] == ["a", "b"] and batch.num_new_tokens == [1, 1]
+        assert sched.num_preemptions == 0 and not sched.waiting
+        kv.synchronize()
+        assert kv.cache.committed_tokens(a.slot) == 128 and kv.cache.committed_tokens(b.slot) >= 41
+        assert kv.cache.memory_stats()["committed_bytes"] <= 30 * PAGE
+    finally:
+        kv.close()

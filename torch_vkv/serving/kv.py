@@ -239,9 +239,21 @@ class KVManager:
         allocation) may hold more, and an active slot keeps them out of every
         other request's reach until it ends. Returns the pool pages given back."""
         # With memory to spare the pages stay: the next request in this slot may use them.
-        if self.kind != "virtual" or not self.memory_bound or self.cache.committed_tokens(slot) <= max_tokens:
+        if not self.memory_bound:
             return 0
-        dropped = self.cache.decommit(slot, min(max_tokens, self.max_seq_len))
+        return self.give_back_spare(slot, max_tokens)
+
+    def give_back_spare(self, slot: int, num_tokens: int) -> int:
+        """Virtual: gives back the pages of ``slot`` past its first ``num_tokens``
+        tokens (paged: nothing; a block is taken only when a step needs it).
+        Only for pages that hold no K/V: past a running request's tokens so
+        far (a warm slot's pages up to its maximum length, a prefetched page).
+        The scheduler calls it when memory is short (``Scheduler._give_back_spare``):
+        the admission estimate counts such pages as available, and they go
+        before anybody's K/V does. Returns the pool pages given back."""
+        if self.kind != "virtual" or self.cache.committed_tokens(slot) <= num_tokens:
+            return 0
+        dropped = self.cache.decommit(slot, min(num_tokens, self.max_seq_len))
         self._covered[slot] = self.cache.committed_tokens(slot)
         return dropped * self._pages_per_group
 

@@ -128,6 +128,14 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
+    def _give_back_spare(self) -> int:
+        """Gives back the pages running requests hold past their tokens so far
+        (prompt and output; virtual: a warm slot's pages up to the request's
+        maximum length, a prefetched page). They hold no K/V, and no step
+        needs them before the request has generated those tokens. Returns the
+        pool pages given back."""
+        return sum(self.kv.give_back_spare(r.slot, r.num_tokens) for r in self.running)
+
     # -------------------------------------------------------------- schedule
     def schedule(self, now: float) -> ScheduledBatch:
         """The next iteration's batch, its pages committed (``kv.grow``). Never
@@ -160,7 +168,12 @@ class Scheduler:
         def make_room(req: Request) -> bool:
             """Preempt the youngest running requests until ``seq`` fits; False if ``req`` itself went."""
             nonlocal preempted
+            spare_given_back = False
             while not kv.can_grow(seq):
+                if not spare_given_back:
+                    spare_given_back = True
+                    if self._give_back_spare():
+                        continue  # pages that hold no K/V go before a request's K/V does
                 victim = self.running[-1]
                 unschedule(victim)
                 self.preempt(victim)
@@ -235,7 +248,12 @@ class Scheduler:
                     break
                 kv.fit(slot, r.max_num_tokens)
                 seq[slot] = hit + n
-                if not kv.can_grow(seq):  # the estimates are upper bounds: not expected
+                # The estimate counts the pages each request's step needs, and as available those that warm
+                # slots (virtual) hold past their requests' tokens: a slot taken keeps them, so they go back
+                # before the admission fails. Past that, not expected (the estimates are upper bounds).
+                if not kv.can_grow(seq) and not (
+                    self._give_back_spare() + kv.give_back_spare(slot, r.num_tokens) and kv.can_grow(seq)
+                ):
                     seq[slot] = 0
                     kv.free(slot)
                     break
