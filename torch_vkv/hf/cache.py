@@ -60,7 +60,8 @@ class VirtualKVCache(Cache):
             is then built lazily, like ``DynamicCache``).
         dtype: a floating-point dtype; default: that of the first ``key_states``.
         memory_budget: bytes of physical memory the KV may commit (``None``:
-            up to a static allocation's size).
+            up to a static allocation's size, plus the spare page per buffer a
+            beam-search reorder cycle holds for a moment).
         layout: ``"per_layer"`` or ``"interleaved"`` (see :data:`torch_vkv.LAYOUTS`).
         page_size: host backend only: bytes per page (default 2 MiB).
         margin_tokens: rows committed past each reservation (see :class:`KVCache`).
@@ -225,6 +226,8 @@ class VirtualKVCache(Cache):
                 max_batch_size=self._max_batch_size, max_seq_len=self._max_cache_len, dtype=dtype,
                 device=device, **kw,
             )  # fmt: skip
+            if kw["memory_budget"] is None:  # a static allocation's size must cover beam search
+                kv.pool.set_max_bytes(kv.reserved_bytes + batch_ops.staging_bytes(kv))
             # Row i of the batch is slot i, always: views stay plain slices.
             for i in range(self._max_batch_size):
                 slot = kv.alloc()
