@@ -11,6 +11,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,32 @@ def test_model_with_other_heads_after_reset(impl):
     with pytest.raises(ValueError, match=r"key_states: expected \[batch, 2, new_tokens, 16\].*got \(2, 4, 7, 16\)"):
         with torch.no_grad():
             other(ids, **forward_kwargs(other, cache))
+
+
+def test_update_takes_numpy_layer_indices_and_refuses_bools():
+    """``layer_idx`` is checked as every other int: a NumPy int is a layer (it was refused
+    with "expected an int in [0, 2), got np.int64(0)"), a bool is not (True was layer 1)."""
+    cache = vcache(tiny_model("llama", "sdpa"), 1)
+    k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    keys, values = cache.update(k, v, np.int64(0))
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    with pytest.raises(ValueError, match=r"layer_idx: expected an int in \[0, 2\).*got True"):
+        cache.update(k, v, True)
+    cache.close()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "vkv"])
+def test_update_takes_key_states_of_any_strides(impl):
+    """K/V whose head_dim is not the innermost stride are stored like any others (vkv
+    mode refused them with an internal "k_new/v_new stride(-1): expected 1")."""
+    cache = vcache(tiny_model("llama", impl), 1)
+    k = torch.randn(1, 16, 3, 2).transpose(1, 3)  # [1, 2, 3, 16], head_dim stride 6
+    v = torch.randn(1, 3, 16, 2).permute(0, 3, 1, 2)  # [1, 2, 3, 16], head_dim stride 2
+    cache.update(k, v, 0)
+    cache.update(k, v, 1)
+    for layer in cache.layers:
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    cache.close()
 
 
 def test_no_copies_no_pickling():

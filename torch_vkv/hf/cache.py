@@ -27,6 +27,7 @@ net for loops that forget it is :mod:`torch_vkv.hf.commit_op`.
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Any, Optional
 
@@ -284,10 +285,11 @@ class VirtualKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends ``key_states``/``value_states`` ``[B, num_kv_heads, S_new, head_dim]`` to layer ``layer_idx``."""
         self._check_open()
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self._num_layers:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral) or \
+                not 0 <= layer_idx < self._num_layers:  # NumPy ints are layers; True is not layer 1
             fail("layer_idx", f"an int in [0, {self._num_layers}) (the cache was built for a config with "
                  f"{self._num_layers} layers)", layer_idx)  # fmt: skip
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        return self.layers[int(layer_idx)].update(key_states, value_states, *args, **kwargs)
 
     # -- steps -------------------------------------------------------------------------------
     def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
