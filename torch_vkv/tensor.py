@@ -83,6 +83,11 @@ def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
     )
 
 
+def _is_int(value: Any) -> bool:
+    """An index: a Python or NumPy int, not a bool (``True`` would be row 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 class VirtualKVTensor(torch.Tensor):
     """A tensor over reserved virtual memory with pages committed on demand.
 
@@ -165,6 +170,8 @@ class VirtualKVTensor(torch.Tensor):
             if isinstance(idx, slice):
                 if not last:
                     fail("index", "ints for all but the last leading index (a contiguous range)", index)
+                if any(b is not None and not _is_int(b) for b in (idx.start, idx.stop, idx.step)):
+                    fail("index", "a slice of ints or None", idx, ArgumentTypeError)
                 if idx.step not in (None, 1):
                     fail("index", "a slice with step 1", idx)
                 start, stop, _ = idx.indices(shape[dim])
@@ -172,8 +179,9 @@ class VirtualKVTensor(torch.Tensor):
                 return (offset + start * strides[dim]) * self.element_size(), (
                     offset + stop * strides[dim]
                 ) * self.element_size()
-            if isinstance(idx, bool) or not isinstance(idx, int):
+            if not _is_int(idx):
                 fail("index", "ints and an optional final slice", index, ArgumentTypeError)
+            idx = int(idx)
             if not 0 <= idx < shape[dim]:
                 fail(f"index[{dim}]", f"an int in [0, {shape[dim]})", idx)
             offset += idx * strides[dim]
