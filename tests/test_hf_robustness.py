@@ -253,6 +253,9 @@ def test_batch_op_indices_must_be_integer_rows(impl):
         (lambda: cache.batch_select_indices(torch.tensor([True, False])), ValueError,
          r"indices: expected a bool mask of 3 entries"),
         (lambda: cache.batch_select_indices([0.0, 2.0]), TypeError, "indices: expected"),
+        # The range named is the one accepted: -1 is the last row (it said "[0, 3)" and took -1).
+        (lambda: cache.reorder_cache(torch.tensor([-4, 0, 1])), ValueError, r"expected an int in \[-3, 3\).*got -4"),
+        (lambda: cache.batch_select_indices([3]), ValueError, r"expected an int in \[-3, 3\).*got 3"),
     ]  # fmt: skip
     for call, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -263,6 +266,8 @@ def test_batch_op_indices_must_be_integer_rows(impl):
     assert cache.lengths.rows() == [rows[2], rows[0]]
     cache.reorder_cache(torch.tensor([1, 0], dtype=torch.int32))
     assert cache.lengths.rows() == [rows[0], rows[2]]
+    cache.reorder_cache(torch.tensor([-1, 0]))
+    assert cache.lengths.rows() == [rows[2], rows[0]]
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "vkv"])

@@ -73,7 +73,7 @@ def gather(cache: "VirtualKVCache", index: list[int]) -> None:
     old_b = len(old_rows)
     for i in index:
         if not -old_b <= i < old_b:
-            fail("row index", f"an int in [0, {old_b})", i)
+            fail("row index", f"an int in [-{old_b}, {old_b}) (a row of the batch; negative: from the end)", i)
     index = [i % old_b for i in index]
     new_b = len(index)
     if new_b > cache.max_batch_size:
