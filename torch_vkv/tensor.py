@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail
 from torch_vkv import _view_writes
 from torch_vkv._ext import core
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
@@ -216,7 +216,7 @@ class VirtualKVTensor(torch.Tensor):
         faults. Returns the number of pages decommitted.
         """
         first, count = self._pages_inside(*index)
-        return self._decommit_pages(first, count, self._fence_stream(stream))
+        return self._decommit_pages(first, count, self._fence_stream(check_stream(stream)))
 
     def is_committed(self, *index: int | slice) -> bool:
         """Whether every page under ``index`` is committed."""
