@@ -121,6 +121,19 @@ def test_update_takes_key_states_of_any_strides(impl):
     cache.close()
 
 
+def test_integer_key_states_are_refused_naming_them():
+    """With dtype=None the cache takes the first key_states' dtype: integer K/V failed in
+    KVCache's constructor as "dtype: expected a floating-point torch.dtype", an argument the
+    user never passed."""
+    cache = vcache(tiny_model("llama", "sdpa"), 1)
+    k = torch.zeros(1, 2, 3, 16, dtype=torch.long)
+    match = r"key_states/value_states dtype: expected floating-point, got \(torch.int64, torch.int64\)"
+    with pytest.raises(TypeError, match=match):
+        cache.update(k, k, 0)
+    assert cache.kv_cache is None  # nothing built
+    cache.close()
+
+
 def test_no_copies_no_pickling():
     cache = vcache(tiny_model("llama", "vkv"), 1)
     for attempt in (copy.copy, copy.deepcopy, pickle.dumps):

@@ -32,6 +32,11 @@ def fail(what: str, expected: str, got: Any, exc: type[Exception] = ValueError) 
     raise exc(f"{what}: expected {expected}, got {got!r}")
 
 
+def is_int(value: Any) -> bool:
+    """An integer as an index takes it: a Python or NumPy int, not a bool (``True`` is no row 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_stream(stream: Any) -> Any:
     """``None`` or a CUDA stream (``torch.cuda.Stream``/``ExternalStream``: it has an
     integer ``cuda_stream``). Checked on every device, so a bad one fails on the CPU too."""

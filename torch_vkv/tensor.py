@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail, is_int
 from torch_vkv import _view_writes
 from torch_vkv._ext import core
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
@@ -82,11 +82,6 @@ def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
         "torch.save or deep-copied (that would write the whole virtual range, committed or not); "
         "clone the rows you want instead, e.g. cache.key(0)[slot, :n].clone()"
     )
-
-
-def _is_int(value: Any) -> bool:
-    """An index: a Python or NumPy int, not a bool (``True`` would be row 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 class VirtualKVTensor(torch.Tensor):
@@ -171,7 +166,7 @@ class VirtualKVTensor(torch.Tensor):
             if isinstance(idx, slice):
                 if not last:
                     fail("index", "ints for all but the last leading index (a contiguous range)", index)
-                if any(b is not None and not _is_int(b) for b in (idx.start, idx.stop, idx.step)):
+                if any(b is not None and not is_int(b) for b in (idx.start, idx.stop, idx.step)):
                     fail("index", "a slice of ints or None", idx, ArgumentTypeError)
                 if idx.step not in (None, 1):
                     fail("index", "a slice with step 1", idx)
@@ -180,7 +175,7 @@ class VirtualKVTensor(torch.Tensor):
                 return (offset + start * strides[dim]) * self.element_size(), (
                     offset + stop * strides[dim]
                 ) * self.element_size()
-            if not _is_int(idx):
+            if not is_int(idx):
                 fail("index", "ints and an optional final slice", index, ArgumentTypeError)
             idx = int(idx)
             if not 0 <= idx < shape[dim]:
@@ -298,9 +293,9 @@ class VirtualKVView(torch.nn.Parameter):
     ``torch_vkv/_view_writes.py``) are checked against the page table first and
     raise ``ValueError`` for rows that are not committed (``RuntimeError`` after
     the cache was closed): such a write would fault. Writes through tensors an
-    op returned, and ``out=`` arguments of torch functions, are not checked. Reading rows past the committed ones reads zeros
-    on the host backend and faults on CUDA: there it is the caller's
-    responsibility.
+    op returned, and ``out=`` arguments of torch functions, are not checked.
+    Reading rows past the committed ones reads zeros on the host backend and
+    faults on CUDA: there it is the caller's responsibility.
     """
 
     source: VirtualKVTensor

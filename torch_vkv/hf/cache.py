@@ -27,14 +27,13 @@ net for loops that forget it is :mod:`torch_vkv.hf.commit_op`.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail, is_int
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.pool import check_host_page_size
 from torch_vkv.hf import batch_ops, commit_op
@@ -269,6 +268,8 @@ class VirtualKVCache(Cache):
             fail("key_states/value_states", "[batch, num_kv_heads, new_tokens, head_dim] tensors of one shape",
                  (tuple(key_states.shape), tuple(value_states.shape)))  # fmt: skip
         self._check_heads(key_states)
+        if not key_states.is_floating_point() or not value_states.is_floating_point():
+            fail("key_states/value_states dtype", "floating-point", (key_states.dtype, value_states.dtype), TypeError)
         # The attention takes the cache's K/V with the model's queries: another dtype or device
         # fails there, in torch's or a kernel's words, after the step was written.
         dtype = self._kv.dtype if self._kv is not None else self._dtype
@@ -285,8 +286,7 @@ class VirtualKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends ``key_states``/``value_states`` ``[B, num_kv_heads, S_new, head_dim]`` to layer ``layer_idx``."""
         self._check_open()
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral) or \
-                not 0 <= layer_idx < self._num_layers:  # NumPy ints are layers; True is not layer 1
+        if not is_int(layer_idx) or not 0 <= layer_idx < self._num_layers:  # NumPy ints too; True is no layer
             fail("layer_idx", f"an int in [0, {self._num_layers}) (the cache was built for a config with "
                  f"{self._num_layers} layers)", layer_idx)  # fmt: skip
         return self.layers[int(layer_idx)].update(key_states, value_states, *args, **kwargs)
