@@ -64,9 +64,11 @@ def _masked(view: torch.Tensor, mask: Any, *args: Any, **kwargs: Any) -> Any:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         return _NOTHING
     try:
-        torch.broadcast_shapes(mask.shape, view.shape)
+        fits = torch.broadcast_shapes(mask.shape, view.shape) == view.shape
     except RuntimeError:
-        return _NOTHING
+        fits = False
+    if not fits:
+        return _NOTHING  # torch refuses it
     if mask.device.type != "cpu":
         return (mask,)  # not read: see __setitem__
     m = mask.reshape((1,) * (view.dim() - mask.dim()) + tuple(mask.shape))
