@@ -191,3 +191,18 @@ def test_cuda_in_a_child_forked_after_cuda_init_is_a_runtime_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"CUDA cannot be used in a forked child.*got 'cuda:1'"):
         resolve_device("cuda:1")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_stream_that_is_not_a_cuda_stream_is_a_type_error():
+    """``stream=`` of the decommits was ignored on the CPU, whatever it was (a typo passed
+    every CPU test), and on CUDA failed with "'str' object has no attribute 'cuda_stream'"."""
+    cache = small_cache()
+    slot = cache.alloc()
+    cache.commit(slot, 10)
+    for call in (lambda: cache.decommit(slot, 0, stream="default"), lambda: cache.reclaim(stream=0),
+                 lambda: cache.key(0).source.decommit(slot, stream=1.5)):  # fmt: skip
+        with pytest.raises(TypeError, match=r"stream: expected None or a torch.cuda.Stream, got "):
+            call()
+    assert cache.committed_tokens(slot) >= 10  # nothing changed
+    assert cache.decommit(slot, 0, stream=None) >= 1
+    cache.close()

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,45 @@ def test_model_with_other_heads_after_reset(impl):
     with pytest.raises(ValueError, match=r"key_states: expected \[batch, 2, new_tokens, 16\].*got \(2, 4, 7, 16\)"):
         with torch.no_grad():
             other(ids, **forward_kwargs(other, cache))
+
+
+def test_update_takes_numpy_layer_indices_and_refuses_bools():
+    """``layer_idx`` is checked as every other int: a NumPy int is a layer (it was refused
+    with "expected an int in [0, 2), got np.int64(0)"), a bool is not (True was layer 1)."""
+    cache = vcache(tiny_model("llama", "sdpa"), 1)
+    k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    keys, values = cache.update(k, v, np.int64(0))
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    with pytest.raises(ValueError, match=r"layer_idx: expected an int in \[0, 2\).*got True"):
+        cache.update(k, v, True)
+    cache.close()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "vkv"])
+def test_update_takes_key_states_of_any_strides(impl):
+    """K/V whose head_dim is not the innermost stride are stored like any others (vkv
+    mode refused them with an internal "k_new/v_new stride(-1): expected 1")."""
+    cache = vcache(tiny_model("llama", impl), 1)
+    k = torch.randn(1, 16, 3, 2).transpose(1, 3)  # [1, 2, 3, 16], head_dim stride 6
+    v = torch.randn(1, 3, 16, 2).permute(0, 3, 1, 2)  # [1, 2, 3, 16], head_dim stride 2
+    cache.update(k, v, 0)
+    cache.update(k, v, 1)
+    for layer in cache.layers:
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    cache.close()
+
+
+def test_integer_key_states_are_refused_naming_them():
+    """With dtype=None the cache takes the first key_states' dtype: integer K/V failed in
+    KVCache's constructor as "dtype: expected a floating-point torch.dtype", an argument the
+    user never passed."""
+    cache = vcache(tiny_model("llama", "sdpa"), 1)
+    k = torch.zeros(1, 2, 3, 16, dtype=torch.long)
+    match = r"key_states/value_states dtype: expected floating-point, got \(torch.int64, torch.int64\)"
+    with pytest.raises(TypeError, match=match):
+        cache.update(k, k, 0)
+    assert cache.kv_cache is None  # nothing built
+    cache.close()
 
 
 def test_no_copies_no_pickling():
@@ -226,6 +266,9 @@ def test_batch_op_indices_must_be_integer_rows(impl):
         (lambda: cache.batch_select_indices(torch.tensor([True, False])), ValueError,
          r"indices: expected a bool mask of 3 entries"),
         (lambda: cache.batch_select_indices([0.0, 2.0]), TypeError, "indices: expected"),
+        # The range named is the one accepted: -1 is the last row (it said "[0, 3)" and took -1).
+        (lambda: cache.reorder_cache(torch.tensor([-4, 0, 1])), ValueError, r"expected an int in \[-3, 3\).*got -4"),
+        (lambda: cache.batch_select_indices([3]), ValueError, r"expected an int in \[-3, 3\).*got 3"),
     ]  # fmt: skip
     for call, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -236,6 +279,8 @@ def test_batch_op_indices_must_be_integer_rows(impl):
     assert cache.lengths.rows() == [rows[2], rows[0]]
     cache.reorder_cache(torch.tensor([1, 0], dtype=torch.int32))
     assert cache.lengths.rows() == [rows[0], rows[2]]
+    cache.reorder_cache(torch.tensor([-1, 0]))
+    assert cache.lengths.rows() == [rows[2], rows[0]]
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "vkv"])

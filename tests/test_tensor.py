@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,24 @@ def test_bad_arguments():
         t.commit(0, 0, 0)
     with pytest.raises(TypeError, match="ints and an optional final slice"):
         t.commit(0.5)
+
+
+def test_leading_indices_take_numpy_ints_and_name_bad_slice_bounds():
+    """A NumPy int is an index like a Python int (it was refused as "expected ints ...,
+    got (np.int64(1),)"), and a slice of floats is refused in the library's words (it was
+    Python's own "slice indices must be integers" from slice.indices)."""
+    pool = PagePool("cpu", page_size=4096)
+    t = VirtualKVTensor.empty((4, 64, 8), dtype=torch.float32, pool=pool)  # 2 rows per page
+    assert t.commit(np.int64(3)) == 1 and t.is_committed(np.int32(2))
+    assert t.byte_range(np.int64(1), slice(np.int64(2), np.int64(5))) == t.byte_range(1, slice(2, 5))
+    assert t.decommit(np.int64(2)) == 0 and t.decommit(np.int64(2), slice(0, 64)) == 0  # half a page
+    with pytest.raises(TypeError, match=r"index: expected a slice of ints or None, got slice\(0.0, 3, None\)"):
+        t.commit(2, slice(0.0, 3))
+    with pytest.raises(TypeError, match="ints and an optional final slice"):
+        t.commit(np.float64(1.0))
+    with pytest.raises(TypeError, match="ints and an optional final slice"):
+        t.commit(np.bool_(True))
+    t.close()
 
 
 def test_release_keeps_the_tensor_usable_close_is_final():

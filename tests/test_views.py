@@ -381,6 +381,20 @@ WRITES = {
     "Ellipsis after the slot": "k[slot, ...] = 1.0",
     "Ellipsis first": "k[..., 0] = 1.0",
     "None before the slot": "k[None, slot, k.committed_rows()[slot]] = 1.0",
+    # In-place methods past the hand-picked few faulted (SIGSEGV): every method that writes
+    # the view's data is checked, the ones writing chosen places against the places they address.
+    "exp_": "k.exp_()",
+    "neg_": "k.neg_()",
+    "ipow": "k **= 2",
+    "masked_fill_": "k.masked_fill_(torch.ones(3, 256, 1, 1, dtype=torch.bool), 1.0)",
+    "masked_scatter_": "k.masked_scatter_(torch.ones_like(k, dtype=torch.bool), torch.ones_like(k))",
+    "index_fill_ of a slot": "k.index_fill_(0, torch.tensor([1]), 1.0)",
+    "index_copy_ of a row": "k.index_copy_(1, torch.tensor([k.committed_rows()[slot]]), torch.ones(3, 1, 2, 8))",
+    "index_add_ of a row": "k.index_add_(1, torch.tensor([255]), torch.ones(3, 1, 2, 8))",
+    "index_put_": "k.index_put_((torch.tensor([slot]), torch.tensor([k.committed_rows()[slot]])), torch.tensor(1.0))",
+    "scatter_ along rows": "k.scatter_(1, torch.full((1, 1, 2, 8), 255), 1.0)",
+    "scatter_add_ along slots": "k.scatter_add_(0, torch.full((1, 1, 2, 8), 2), torch.ones(1, 1, 2, 8))",
+    "put_": "k.put_(torch.tensor([k.numel() - 1]), torch.tensor([1.0]))",
 }
 
 
@@ -422,9 +436,17 @@ k[slot, range(rows)] = k[slot, :rows].clone()
 k[slot, :rows, ..., 0] = 5.0
 k[None, slot, :rows] = k[slot, :rows].clone()
 assert float(k[slot, rows - 1, 0, 0]) == 5.0
+# Writes of chosen places are checked against those places only: slots 1 and 2 are empty.
+k.index_put_((torch.tensor([slot]), torch.tensor([rows - 1])), torch.tensor(7.0))
+k.masked_fill_((torch.arange(256) < torch.tensor([[rows], [0], [0]]))[:, :, None, None], 0.5)  # slot 0's rows
+k.scatter_(1, torch.full((1, 1, 2, 8), rows - 1), 2.0)
+k.put_(torch.tensor([0]), torch.tensor([4.0]))
+assert float(k[slot, rows - 1, 1, 7]) == 2.0 and float(k[slot, 0, 0, 0]) == 4.0 and float(k[slot, 1, 0, 0]) == 0.5
 cache.commit(slot, 256)
 for other in (1, 2):
     cache.commit(cache.alloc(), 256)
+k.exp_()
+k.index_copy_(1, torch.tensor([255]), torch.ones(3, 1, 2, 8))
 k.zero_()  # every row of every slot is committed now
 k.copy_(torch.ones_like(k))
 assert float(k.sum()) == k.numel()

@@ -32,6 +32,20 @@ def fail(what: str, expected: str, got: Any, exc: type[Exception] = ValueError) 
     raise exc(f"{what}: expected {expected}, got {got!r}")
 
 
+def is_int(value: Any) -> bool:
+    """An integer as an index takes it: a Python or NumPy int, not a bool (``True`` is no row 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_stream(stream: Any) -> Any:
+    """``None`` or a CUDA stream (``torch.cuda.Stream``/``ExternalStream``: it has an
+    integer ``cuda_stream``). Checked on every device, so a bad one fails on the CPU too."""
+    handle = getattr(stream, "cuda_stream", None)
+    if stream is not None and (isinstance(handle, bool) or not isinstance(handle, int)):
+        fail("stream", "None or a torch.cuda.Stream", stream, ArgumentTypeError)
+    return stream
+
+
 def check_int(what: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """Checks that ``value`` is an integer (not a bool) in ``[low, high]`` and returns it as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

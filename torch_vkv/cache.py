@@ -65,7 +65,7 @@ import torch
 from torch_vkv._cache_fork import _ForkMixin
 from torch_vkv._cache_step import _StepMixin
 from torch_vkv._cache_windows import _WindowMixin, parse_windows
-from torch_vkv._checks import ArgumentTypeError, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, check_int, check_stream, fail
 from torch_vkv._ext import core
 from torch_vkv._lifetime import Closable, Unique, forked_error, locked, track
 from torch_vkv.errors import OutOfSlotsError
@@ -420,6 +420,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         (default: current stream). Returns pages decommitted per buffer."""
         slot = self._check_slot(slot, active=False)
         keep = check_int("keep_tokens", keep_tokens, low=0, high=self.max_seq_len)
+        check_stream(stream)
         self._join_async()
         self._check_window_crop(slot, keep)
         if slot in self._active:
@@ -437,6 +438,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         buffer freed. Pages go back to the pool (``pool.trim()`` returns them
         to the driver)."""
         self._check_open()
+        check_stream(stream)
         self._join_async()
         freed = 0
         for slot in self._free_slots:

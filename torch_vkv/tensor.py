@@ -58,13 +58,14 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
+from typing import Any, Iterable, NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.utils.dlpack
 
-from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail, is_int
+from torch_vkv import _view_writes
 from torch_vkv._ext import core
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
 
@@ -165,6 +166,8 @@ class VirtualKVTensor(torch.Tensor):
             if isinstance(idx, slice):
                 if not last:
                     fail("index", "ints for all but the last leading index (a contiguous range)", index)
+                if any(b is not None and not is_int(b) for b in (idx.start, idx.stop, idx.step)):
+                    fail("index", "a slice of ints or None", idx, ArgumentTypeError)
                 if idx.step not in (None, 1):
                     fail("index", "a slice with step 1", idx)
                 start, stop, _ = idx.indices(shape[dim])
@@ -172,8 +175,9 @@ class VirtualKVTensor(torch.Tensor):
                 return (offset + start * strides[dim]) * self.element_size(), (
                     offset + stop * strides[dim]
                 ) * self.element_size()
-            if isinstance(idx, bool) or not isinstance(idx, int):
+            if not is_int(idx):
                 fail("index", "ints and an optional final slice", index, ArgumentTypeError)
+            idx = int(idx)
             if not 0 <= idx < shape[dim]:
                 fail(f"index[{dim}]", f"an int in [0, {shape[dim]})", idx)
             offset += idx * strides[dim]
@@ -207,7 +211,7 @@ class VirtualKVTensor(torch.Tensor):
         faults. Returns the number of pages decommitted.
         """
         first, count = self._pages_inside(*index)
-        return self._decommit_pages(first, count, self._fence_stream(stream))
+        return self._decommit_pages(first, count, self._fence_stream(check_stream(stream)))
 
     def is_committed(self, *index: int | slice) -> bool:
         """Whether every page under ``index`` is committed."""
@@ -283,14 +287,15 @@ class VirtualKVView(torch.nn.Parameter):
     as a parameter of the module; keep cache views in plain attributes of
     non-module objects, or store ``view.as_subclass(torch.Tensor)``.
 
-    Writes through the view itself (``view[slot, rows] = x`` with int/slice
-    indexes, and whole-view in-place ops such as ``zero_``, ``fill_``,
-    ``copy_``, ``+=``) are checked against the page table first and raise
-    ``ValueError`` for rows that are not committed (``RuntimeError`` after the
-    cache was closed): such a write would fault. Writes through tensors an op
-    returned are not checked. Reading rows past the committed ones reads zeros
-    on the host backend and faults on CUDA: there it is the caller's
-    responsibility.
+    Writes through the view itself (``view[slot, rows] = x``, and every
+    in-place method that writes data: ``zero_``, ``copy_``, ``exp_``, ``+=``,
+    ``index_put_``, ``masked_fill_``, ``scatter_``, ...; see
+    ``torch_vkv/_view_writes.py``) are checked against the page table first and
+    raise ``ValueError`` for rows that are not committed (``RuntimeError`` after
+    the cache was closed): such a write would fault. Writes through tensors an
+    op returned, and ``out=`` arguments of torch functions, are not checked.
+    Reading rows past the committed ones reads zeros on the host backend and
+    faults on CUDA: there it is the caller's responsibility.
     """
 
     source: VirtualKVTensor
@@ -489,22 +494,5 @@ def _index_part(part: Any) -> Optional[list[Any]]:
     return [[int(i) for i in np.unique(arr)]]
 
 
-def _checked_inplace(name: str) -> Callable[..., torch.Tensor]:
-    method = getattr(torch.Tensor, name)
-
-    def inplace(self: "VirtualKVView", *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_write()
-        return method(self, *args, **kwargs)
-
-    inplace.__name__ = inplace.__qualname__ = name
-    inplace.__doc__ = f"``torch.Tensor.{name}`` on the whole view, once every row it writes is committed."
-    return inplace
-
-
-# In-place ops on the whole view write every row of every slot. index_put_ / index_copy_ / scatter_
-# write chosen rows (append_kv's plain-torch path calls index_put_ on the view) and are not wrapped.
-_WHOLE_VIEW_WRITES = ("zero_", "fill_", "copy_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_",
-                      "add_", "sub_", "mul_", "div_", "clamp_", "__iadd__", "__isub__", "__imul__", "__itruediv__")
-for _name in _WHOLE_VIEW_WRITES:
-    setattr(VirtualKVView, _name, _checked_inplace(_name))
-del _name
+# Every data-writing in-place method of the view is checked (torch_vkv/_view_writes.py).
+_view_writes.install(VirtualKVView)

@@ -43,15 +43,19 @@ def masked_index_put(cache, row, pos, values, ok, *, sync_free: bool) -> None:
     ``sync_free=True`` (device tensors, capturable): a masked token repeats the write of the
     first token that is ok (same place, same value), or, when no token is ok, rewrites the
     value that its (in-range) place already holds.
+
+    The unbound ``torch.Tensor.index_put_``: a cache view's own method would check its
+    places against the page table again, which ``append_kv``'s input checks did already
+    (``inputs.py``, host metadata).
     """
     if not sync_free:
-        cache.index_put_((row[ok], pos[ok]), values[ok])
+        torch.Tensor.index_put_(cache, (row[ok], pos[ok]), values[ok])
         return
     first = torch.argmax(ok.to(torch.int32))  # 0 when no token is ok
     src = torch.where(ok, torch.arange(ok.shape[0], device=ok.device), first)
     row, pos = row[src], pos[src]
     keep = ok[src][:, None, None]  # all False only when no token is ok
-    cache.index_put_((row, pos), torch.where(keep, values[src], cache[row, pos]))
+    torch.Tensor.index_put_(cache, (row, pos), torch.where(keep, values[src], cache[row, pos]))
 
 
 @torch.library.custom_op(

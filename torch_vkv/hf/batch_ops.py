@@ -35,7 +35,16 @@ from torch_vkv._checks import Described, fail
 if TYPE_CHECKING:  # pragma: no cover
     from torch_vkv.hf.cache import VirtualKVCache
 
-__all__ = ["gather", "row_index", "shrink"]
+__all__ = ["gather", "row_index", "shrink", "staging_bytes"]
+
+
+def staging_bytes(kv: Any) -> int:
+    """Bytes a reorder may hold beyond the pages of the rows: each cycle of the
+    permutation stages one member, which holds one page per buffer more until its
+    reader has copied (:meth:`KVCache.remap`), and a batch has at most
+    ``max_batch_size // 2`` cycles. Without them a budget of exactly a static
+    allocation's size fails beam search once the beams fill every page of their rows."""
+    return (kv.max_batch_size // 2) * len(kv._buffers) * kv.page_size
 
 
 def row_index(what: str, indices: Any, batch: int, *, allow_mask: bool) -> list[int]:
@@ -64,7 +73,7 @@ def gather(cache: "VirtualKVCache", index: list[int]) -> None:
     old_b = len(old_rows)
     for i in index:
         if not -old_b <= i < old_b:
-            fail("row index", f"an int in [0, {old_b})", i)
+            fail("row index", f"an int in [-{old_b}, {old_b}) (a row of the batch; negative: from the end)", i)
     index = [i % old_b for i in index]
     new_b = len(index)
     if new_b > cache.max_batch_size:

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail
+from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail, is_int
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.pool import check_host_page_size
 from torch_vkv.hf import batch_ops, commit_op
@@ -60,7 +60,8 @@ class VirtualKVCache(Cache):
             is then built lazily, like ``DynamicCache``).
         dtype: a floating-point dtype; default: that of the first ``key_states``.
         memory_budget: bytes of physical memory the KV may commit (``None``:
-            up to a static allocation's size).
+            up to a static allocation's size, plus the spare page per buffer a
+            beam-search reorder cycle holds for a moment).
         layout: ``"per_layer"`` or ``"interleaved"`` (see :data:`torch_vkv.LAYOUTS`).
         page_size: host backend only: bytes per page (default 2 MiB).
         margin_tokens: rows committed past each reservation (see :class:`KVCache`).
@@ -225,6 +226,8 @@ class VirtualKVCache(Cache):
                 max_batch_size=self._max_batch_size, max_seq_len=self._max_cache_len, dtype=dtype,
                 device=device, **kw,
             )  # fmt: skip
+            if kw["memory_budget"] is None:  # a static allocation's size must cover beam search
+                kv.pool.set_max_bytes(kv.reserved_bytes + batch_ops.staging_bytes(kv))
             # Row i of the batch is slot i, always: views stay plain slices.
             for i in range(self._max_batch_size):
                 slot = kv.alloc()
@@ -265,6 +268,8 @@ class VirtualKVCache(Cache):
             fail("key_states/value_states", "[batch, num_kv_heads, new_tokens, head_dim] tensors of one shape",
                  (tuple(key_states.shape), tuple(value_states.shape)))  # fmt: skip
         self._check_heads(key_states)
+        if not key_states.is_floating_point() or not value_states.is_floating_point():
+            fail("key_states/value_states dtype", "floating-point", (key_states.dtype, value_states.dtype), TypeError)
         # The attention takes the cache's K/V with the model's queries: another dtype or device
         # fails there, in torch's or a kernel's words, after the step was written.
         dtype = self._kv.dtype if self._kv is not None else self._dtype
@@ -281,10 +286,10 @@ class VirtualKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends ``key_states``/``value_states`` ``[B, num_kv_heads, S_new, head_dim]`` to layer ``layer_idx``."""
         self._check_open()
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self._num_layers:
+        if not is_int(layer_idx) or not 0 <= layer_idx < self._num_layers:  # NumPy ints too; True is no layer
             fail("layer_idx", f"an int in [0, {self._num_layers}) (the cache was built for a config with "
                  f"{self._num_layers} layers)", layer_idx)  # fmt: skip
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        return self.layers[int(layer_idx)].update(key_states, value_states, *args, **kwargs)
 
     # -- steps -------------------------------------------------------------------------------
     def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:

@@ -214,6 +214,11 @@ class VirtualKVLayer(CacheLayerMixin):
         v_new = v.transpose(1, 2).reshape(B * S, H, D).to(v_buf.dtype)
         if real_index is not None:
             k_new, v_new = k_new[real_index], v_new[real_index]
+        # append_kv reads head_dim contiguously; a model may hand K/V of any strides.
+        if k_new.stride(-1) != 1:
+            k_new = k_new.contiguous()
+        if v_new.stride(-1) != 1:
+            v_new = v_new.contiguous()
         torch_vkv.append_kv(k_buf, v_buf, k_new, v_new, lens, cu_seqlens_q=cu)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

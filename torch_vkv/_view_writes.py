@@ -1,0 +1,129 @@
+"""The in-place methods of a :class:`~torch_vkv.tensor.VirtualKVView`, checked against the page table.
+
+A write to a row that is not committed faults (SIGSEGV on the host backend, an
+illegal address that ends the CUDA context). So every method that writes the
+view's data asks ``VirtualKVView._check_write`` first, with the places it
+writes as an index of the view:
+
+* element-wise and whole-view methods (``zero_``, ``exp_``, ``+=``, ``tril_``,
+  ...) write every row of every slot;
+* the methods that write chosen places (``index_put_``, ``index_copy_``,
+  ``masked_fill_``, ``scatter_``, ``put_``, ...) write the slots and rows their
+  index addresses, so a write into committed rows works while other slots are
+  empty.
+
+Methods that change only metadata (``requires_grad_``, ``transpose_``, ...)
+are left alone. Index tensors on CUDA are not read (that would sync), as in
+``__setitem__``; ``out=`` arguments of torch functions are not seen at all.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["install"]
+
+#: No data written: shape, strides, autograd or storage bookkeeping only.
+_METADATA = {"as_strided_", "detach_", "requires_grad_", "resize_", "resize_as_", "resize_as_sparse_", "set_",
+             "share_memory_", "sparse_resize_", "sparse_resize_and_clear_", "squeeze_", "unsqueeze_",
+             "swapaxes_", "swapdims_", "t_", "transpose_"}  # fmt: skip
+
+_INPLACE_OPERATORS = ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__", "__imod__",
+                      "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__")  # fmt: skip
+
+_NOTHING = (slice(0, 0),)  # an index that writes nothing: torch itself raises for the bad arguments
+_EVERYTHING = None  # the whole view
+
+
+def _dim(view: torch.Tensor, dim: Any) -> Optional[int]:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -view.dim() <= dim < view.dim():
+        return None
+    return int(dim) % view.dim()
+
+
+def _along(view: torch.Tensor, dim: Any, index: Any, *args: Any, **kwargs: Any) -> Any:
+    """``index_copy_``/``index_fill_``/``index_add_``/``index_reduce_``: ``index`` along ``dim``."""
+    d = _dim(view, dim)
+    if d is None or not isinstance(index, torch.Tensor):
+        return _NOTHING if d is None else _EVERYTHING
+    return _EVERYTHING if d > 1 else (slice(None),) * d + (index,)
+
+
+def _index_put(view: torch.Tensor, indices: Any, *args: Any, **kwargs: Any) -> Any:
+    if not isinstance(indices, (tuple, list)):
+        return _NOTHING
+    return tuple(slice(None) if i is None else i for i in indices)
+
+
+def _masked(view: torch.Tensor, mask: Any, *args: Any, **kwargs: Any) -> Any:
+    """``masked_fill_``/``masked_scatter_``: the slots and rows where the broadcast mask is set."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return _NOTHING
+    try:
+        fits = torch.broadcast_shapes(mask.shape, view.shape) == view.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        return _NOTHING  # torch refuses it
+    if mask.device.type != "cpu":
+        return (mask,)  # not read: see __setitem__
+    m = mask.reshape((1,) * (view.dim() - mask.dim()) + tuple(mask.shape))
+    if m.dim() > 2:
+        m = m.flatten(2).any(-1)
+    return (m.expand(view.shape[0], view.shape[1]),)
+
+
+def _scatter(view: torch.Tensor, dim: Any, index: Any, *args: Any, **kwargs: Any) -> Any:
+    """``scatter_``/``scatter_add_``/``scatter_reduce_``: along ``dim`` the values of
+    ``index``, along every other dimension the first ``index.shape[i]`` places."""
+    d = _dim(view, dim)
+    if d is None or not isinstance(index, torch.Tensor) or index.dim() != view.dim() or not index.numel():
+        return _NOTHING
+    places = [slice(0, index.shape[0]), slice(0, index.shape[1])]
+    if d < 2:
+        places[d] = index.flatten()
+    return tuple(places)
+
+
+def _put(view: torch.Tensor, index: Any, *args: Any, **kwargs: Any) -> Any:
+    """``put_``: flat places of the view taken in row-major order (negative from the end)."""
+    if not isinstance(index, torch.Tensor) or index.is_floating_point() or not index.numel():
+        return _NOTHING
+    if index.device.type != "cpu":
+        return (index,)  # not read: see __setitem__
+    flat = index.flatten().numpy(force=True).astype(np.int64)
+    flat = np.where(flat < 0, flat + view.numel(), flat)
+    flat = flat[(flat >= 0) & (flat < view.numel())]  # torch raises for the others
+    slots, rows = np.unravel_index(flat, tuple(view.shape))[:2]
+    return (torch.from_numpy(np.unique(slots)), torch.from_numpy(np.unique(rows)))
+
+
+_CHOSEN_PLACES: dict[str, Callable[..., Any]] = {
+    "index_add_": _along, "index_copy_": _along, "index_fill_": _along, "index_reduce_": _along,
+    "index_put_": _index_put, "masked_fill_": _masked, "masked_scatter_": _masked,
+    "scatter_": _scatter, "scatter_add_": _scatter, "scatter_reduce_": _scatter, "put_": _put,
+}  # fmt: skip
+
+
+def _checked(name: str, places: Optional[Callable[..., Any]]) -> Callable[..., torch.Tensor]:
+    method = getattr(torch.Tensor, name)
+
+    def inplace(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # traced code: the page table is not traceable
+            self._check_write(_EVERYTHING if places is None else places(self, *args, **kwargs))
+        return method(self, *args, **kwargs)
+
+    inplace.__name__ = inplace.__qualname__ = name
+    inplace.__doc__ = f"``torch.Tensor.{name}``, once every row it writes is committed."
+    return inplace
+
+
+def install(cls: type) -> None:
+    """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one."""
+    public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
+    for name in public + [n for n in _INPLACE_OPERATORS if hasattr(torch.Tensor, n)]:
+        setattr(cls, name, _checked(name, _CHOSEN_PLACES.get(name)))
