@@ -90,6 +90,17 @@ def error_body(message: str, type_: str, param: Optional[str] = None, code: Opti
 # Union members add their type to an error's location ("stop", "str"): not part of the field path.
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*[\[\]-].*)$")
 
+# What a union-typed field accepts, in words: pydantic reports each member's
+# failure, and the first alone ("should be a valid string") misleads a client
+# that sent a list.
+_UNION_FORMS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "content": 'a string or a list of text parts ({"type": "text", "text": ...})',
+    "logprobs": "a boolean or an integer",
+}
+_MAX_SHOWN = 100  # characters of a client's value quoted in a message
+
 
 def validation_error_body(errors: list) -> dict:
     """The 400 body for pydantic's ``errors()``: the first error, its field path as ``param``."""
@@ -100,18 +111,50 @@ def validation_error_body(errors: list) -> dict:
         at = f" at character {where}" if isinstance(where, int) else ""
         return error_body(f"body: expected a JSON object, got invalid JSON ({reason}{at})", "invalid_request_error",
                           None, "invalid_json")  # fmt: skip
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+    loc = _field_path(first)
+    union_at = next((i for i, part in enumerate(loc) if _TYPE_TAG.match(part)), None)
+    if union_at is not None:
+        return _union_error_body(errors, loc[:union_at])
     param = ".".join(loc) or None
     msg = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
     got = first.get("input")
     if param is not None and not isinstance(got, (dict, list)):
-        msg += f", got {json.dumps(got) if _jsonable(got) else repr(got)}"
+        msg += f", got {_shown(got)}"
     return error_body(msg, "invalid_request_error", param, "invalid_value")
 
 
-def _jsonable(v: Any) -> bool:
+def _union_error_body(errors: list, field: list[str]) -> dict:
+    """The 400 body for a union-typed ``field``: every form it accepts and the
+    value sent; when the value's container matched one form alone (a list for
+    ``stop``), that form's first inner error too."""
+    n, param = len(field), ".".join(field)
+    members = [(e, loc) for e in errors for loc in [_field_path(e)]
+               if loc[:n] == field and len(loc) > n and _TYPE_TAG.match(loc[n])]  # fmt: skip
+    # A member's error at the field itself carries the whole value (a str member always has one for a non-string).
+    whole = [e for e, loc in members if len(loc) == n + 1]
+    failed_whole = {loc[n] for e, loc in members if len(loc) == n + 1}
+    tags = list(dict.fromkeys(loc[n] for _, loc in members))
+    msg = f"{param}: expected {_UNION_FORMS.get(field[-1], 'one of ' + ', '.join(tags))}"
+    if whole:
+        msg += f", got {_shown(whole[0].get('input'))}"
+    inner = [(e, loc) for e, loc in members if loc[n] not in failed_whole]
+    if inner and len({loc[n] for _, loc in inner}) == 1:
+        e, loc = inner[0]
+        msg += f" ({'.'.join(field + loc[n + 1 :])}: {e.get('msg', 'invalid')}"
+        if not isinstance(e.get("input"), (dict, list)):
+            msg += f", got {_shown(e.get('input'))}"
+        msg += ")"
+    return error_body(msg, "invalid_request_error", param, "invalid_value")
+
+
+def _field_path(error: dict) -> list[str]:
+    return [str(part) for part in error.get("loc", ()) if part != "body"]
+
+
+def _shown(value: Any) -> str:
+    """``value`` as JSON (``repr`` when it is not JSON), cut to ``_MAX_SHOWN`` characters."""
     try:
-        json.dumps(v)
-        return True
+        text = json.dumps(value)
     except (TypeError, ValueError):
-        return False
+        text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."

@@ -1,0 +1,175 @@
+"""The server's app in process (fastapi's TestClient, or uvicorn in a thread):
+error messages of union-typed fields, requests that can never fit, clients
+that leave a non-streamed request, refusals while shutting down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the server tests need httpx (test extra)")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from _tiny_checkpoint import build_checkpoint  # noqa: E402
+from torch_vkv.serving import LLM, SamplingParams  # noqa: E402
+from torch_vkv.serving.server import EngineLoop, create_app  # noqa: E402
+from torch_vkv.serving.server.protocol import HTTPError  # noqa: E402
+from torch_vkv.serving.server.streaming import start  # noqa: E402
+
+# Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
+MAX_SEQ_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _llm(ckpt, max_batch_size: int = 4) -> LLM:
+    # The app's engine loop closes the engine when it stops: one LLM per app.
+    return LLM(str(ckpt), max_batch_size=max_batch_size, max_seq_len=MAX_SEQ_LEN, page_size=64 << 10)
+
+
+@pytest.fixture(scope="module")
+def client(ckpt):
+    app = create_app(_llm(ckpt, max_batch_size=2), served_model_name="tiny", max_waiting=1)
+    with TestClient(app) as c:
+        yield c
+
+
+# ------------------------------------------------------ union-typed fields
+PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
+CONTENT_FORMS = 'a string or a list of text parts ({"type": "text", "text": ...})'
+CHAT = "/v1/chat/completions"
+UNION_ERRORS = [
+    ("/v1/completions", {"prompt": 5}, "prompt", f"prompt: expected {PROMPT_FORMS}, got 5"),
+    ("/v1/completions", {"prompt": None}, "prompt", f"prompt: expected {PROMPT_FORMS}, got null"),
+    ("/v1/completions", {"prompt": {"a": 1}}, "prompt", f'prompt: expected {PROMPT_FORMS}, got {{"a": 1}}'),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt", f'prompt: expected {PROMPT_FORMS}, got [1, "a"]'),
+    ("/v1/completions", {"prompt": [[1], "a"]}, "prompt", f'prompt: expected {PROMPT_FORMS}, got [[1], "a"]'),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "stop: expected a string or a list of strings, got 5"),
+    ("/v1/completions", {"prompt": "x", "stop": [5]}, "stop",
+     "stop: expected a string or a list of strings, got [5] (stop.0: Input should be a valid string, got 5)"),
+    ("/v1/completions", {"prompt": "x", "logprobs": "a"}, "logprobs",
+     'logprobs: expected a boolean or an integer, got "a"'),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     f"messages.0.content: expected {CONTENT_FORMS}, got 5"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content",
+     f'messages.0.content: expected {CONTENT_FORMS}, got [{{"type": "image_url"}}] '
+     f"(messages.0.content.0.type: Input should be 'text', got \"image_url\")"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, param, message", UNION_ERRORS,
+                         ids=[json.dumps(b)[:40] for _, b, _, _ in UNION_ERRORS])  # fmt: skip
+def test_a_union_typed_field_error_names_the_field_its_forms_and_the_value(client, path, body, param, message):
+    """A field that takes several forms (``prompt``, ``stop``, a message's
+    ``content``) is named with every form it accepts and the value sent, not
+    as its first (string) form."""
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": "invalid_value"}  # fmt: skip
+
+
+def test_a_long_value_is_cut_in_the_message(client):
+    r = client.post("/v1/completions", json={"prompt": [[1]] * 300 + ["x"]})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and message.startswith(f"prompt: expected {PROMPT_FORMS}, got [[1], [1]")
+    assert len(message) < 300 and message.endswith("...")
+
+
+# ------------------------------------------------------ requests that never fit
+def test_more_prompts_than_the_server_ever_holds_is_a_400_not_a_retryable_503(client):
+    """max_batch_size=2 + max_waiting=1: 4 prompts could never be taken, so
+    "retry later" (503) would be a lie; 3 are served."""
+    r = client.post("/v1/completions", json={"prompt": ["a"] * 4, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "prompt" and err["code"] == "invalid_value", err
+    assert err["message"] == "prompt: expected at most 3 prompts (max_batch_size + max_waiting), got 4"
+    r = client.post("/v1/completions", json={"prompt": ["a"] * 3, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
+# ------------------------------------------------ a client that goes away
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return float(re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M).group(1))
+
+
+def test_a_non_streamed_client_that_disconnects_is_aborted_while_tokens_still_flow(ckpt):
+    """The engine yields a token every step, so the handler's queue is never
+    idle for a second: the disconnect must be noticed anyway (its slot and
+    pages return) rather than after the whole generation."""
+    llm = _llm(ckpt)
+    step = llm.engine.step
+
+    def slow_step():  # 500 tokens take at least 10 s: a finish within a few seconds is the abort
+        time.sleep(0.02)
+        return step()
+
+    llm.engine.step = slow_step
+    app = create_app(llm, served_model_name="tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json=body, timeout=0.5)  # the client gives up, closing the connection
+        left = time.monotonic()
+        while _metric(url, "vkv_num_requests_running") or _metric(url, "vkv_num_requests_waiting"):
+            assert time.monotonic() - left < 4, "the abandoned request still runs"
+            time.sleep(0.1)
+        text = httpx.get(url + "/metrics").text
+        assert re.search(r'vkv_request_success_total\{finished_reason="abort"[^}]*\} 1\.0', text), text
+        assert _metric(url, "vkv_kv_used_bytes") == 0
+        r = httpx.post(url + "/v1/completions", json=dict(body, max_tokens=3), timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # the others are served
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+# ------------------------------------------------------------- shutting down
+def test_a_request_queued_when_shutdown_begins_answers_503_not_400(ckpt):
+    """A request handed to the loop just before SIGTERM reaches the engine
+    thread after it stopped accepting: that is the server going away (503,
+    retryable), not a bad prompt (400)."""
+    loop = EngineLoop(_llm(ckpt))
+
+    async def race():
+        handler = asyncio.ensure_future(start(loop, [([5, 6, 7], SamplingParams(max_tokens=2))]))
+        await asyncio.sleep(0)  # submitted: its "add" command waits for the engine thread
+        loop.abort_all()
+        loop.start()
+        with pytest.raises(HTTPError) as e:
+            await asyncio.wait_for(handler, 30)
+        return e.value
+
+    try:
+        err = asyncio.run(race())
+    finally:
+        loop.stop()
+    assert err.status == 503 and err.code == "shutting_down" and err.param is None, vars(err)
