@@ -169,6 +169,9 @@ def create_app(
             prompts = [p]
         else:
             prompts = list(p)
+        if len(prompts) > loop.max_in_flight:  # 503 would say "retry later", and no retry could ever fit them
+            raise HTTPError(400, f"prompt: expected at most {loop.max_in_flight} prompts (max_batch_size + "
+                             f"max_waiting), got {len(prompts)}", param="prompt", code="invalid_value")  # fmt: skip
         ids = []
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
