@@ -21,7 +21,9 @@ from torch_vkv.serving.params import SamplingParams
 from torch_vkv.serving.server.loop import EngineLoop, QueueFullError, Accepted, Delta, Failed, Rejected
 from torch_vkv.serving.server.protocol import HTTPError, error_body
 
-__all__ = ["respond", "start", "usage"]
+__all__ = ["DISCONNECT_CHECK_S", "respond", "start", "usage"]
+
+DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request asks whether its client is still there
 
 
 async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[list[str], asyncio.Queue]:
@@ -81,13 +83,19 @@ async def respond(loop: EngineLoop, name: str, raw: Request, reqs: list[tuple[li
 
     if not stream:
         texts, tokens, reasons = [""] * k, [0] * k, [None] * k
+        next_check = time.monotonic() + DISCONNECT_CHECK_S
         try:
             while any(r is None for r in reasons):
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(events.get(), timeout=max(0.0, next_check - time.monotonic()))
                 except asyncio.TimeoutError:
+                    ev = None
+                # Checked on a clock, not only when the queue idles: tokens may arrive every step until the end.
+                if time.monotonic() >= next_check:
                     if await raw.is_disconnected():  # nobody waits for the answer: free the pages
                         return Response(status_code=499)
+                    next_check = time.monotonic() + DISCONNECT_CHECK_S
+                if ev is None:
                     continue
                 if isinstance(ev, Failed):
                     raise HTTPError(500, ev.message, "server_error", None, "engine_failure")
