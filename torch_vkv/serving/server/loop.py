@@ -41,10 +41,12 @@ class Accepted:
 
 @dataclass
 class Rejected:
-    """The engine refused choice ``index`` (``message``: why)."""
+    """The engine refused choice ``index`` (``message``: why): a bad request, or
+    with ``shutting_down`` the server stopped accepting before it arrived (503)."""
 
     index: int
     message: str
+    shutting_down: bool = False
 
 
 @dataclass
@@ -189,7 +191,7 @@ class EngineLoop:
                 return
             if cmd[0] == "add":
                 self._release(1)
-                cmd[4].sink(Rejected(cmd[4].index, "the server is shutting down"))
+                cmd[4].sink(Rejected(cmd[4].index, "the server is shutting down", shutting_down=True))
 
     def _drain(self, block: bool) -> bool:
         """Runs queued commands (waiting for one when ``block``); True on "stop"."""
@@ -218,7 +220,7 @@ class EngineLoop:
     def _add(self, rid: str, prompt: list[int], params: SamplingParams, stream: _Stream) -> None:
         if not self._accepting:
             self._release(1)
-            stream.sink(Rejected(stream.index, "the server is shutting down"))
+            stream.sink(Rejected(stream.index, "the server is shutting down", shutting_down=True))
             return
         try:
             self.engine.add_request(prompt, params, request_id=rid)

@@ -52,7 +52,7 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) 
                 waiting.discard(ev.index)
             elif isinstance(ev, Rejected):
                 waiting.discard(ev.index)
-                rejected = rejected or ev.message
+                rejected = rejected or ev
             elif isinstance(ev, Failed):
                 raise HTTPError(500, ev.message, "server_error", None, "engine_failure")
     except BaseException:
@@ -60,7 +60,9 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) 
         raise
     if rejected is not None:
         loop.abort(ids)
-        raise HTTPError(400, rejected, param="prompt", code="invalid_value")
+        if rejected.shutting_down:  # submitted just before shutdown began: retryable elsewhere, not a bad prompt
+            raise HTTPError(503, rejected.message, "service_unavailable", None, "shutting_down")
+        raise HTTPError(400, rejected.message, param="prompt", code="invalid_value")
     return ids, events
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
