@@ -173,3 +173,42 @@ def test_a_request_queued_when_shutdown_begins_answers_503_not_400(ckpt):
     finally:
         loop.stop()
     assert err.status == 503 and err.code == "shutting_down" and err.param is None, vars(err)
+
+
+def test_a_submit_racing_the_engine_threads_end_is_answered(ckpt, monkeypatch):
+    """The engine thread ends (stop) between ``submit``'s checks and its queueing:
+    the request is still answered (refused, shutting down), never left waiting.
+    The race is forced by stopping the loop from inside ``submit``, where the
+    request ids are made; the stop may wait for ``submit`` to finish queueing."""
+    import torch_vkv.serving.server.loop as loop_module
+
+    loop = EngineLoop(_llm(ckpt))
+    loop.start()
+    real_uuid4 = loop_module.uuid.uuid4
+
+    stoppers = []
+
+    def uuid4_that_races_a_stop():
+        stopper = threading.Thread(target=loop.stop)
+        stoppers.append(stopper)
+        stopper.start()
+        stopper.join(2.0)  # before the fix: the thread ended and answered the queue here
+        return real_uuid4()
+
+    monkeypatch.setattr(loop_module.uuid, "uuid4", uuid4_that_races_a_stop)
+    answered = threading.Event()
+    answers = []
+
+    def sink(event):
+        answers.append(event)
+        answered.set()
+
+    try:
+        loop.submit([([5, 6, 7], SamplingParams(max_tokens=2))], sink)
+    except RuntimeError:
+        answered.set()  # refused at submit: answered too
+    monkeypatch.setattr(loop_module.uuid, "uuid4", real_uuid4)
+    assert answered.wait(10), "the request was never answered"
+    for stopper in stoppers:
+        stopper.join(30)
+    assert not loop.alive

@@ -102,6 +102,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._in_flight = 0  # submitted, not finished (under _lock)
         self._accepting = True
+        self._ended = False  # the engine thread answers no more commands (under _lock)
         self.stats: dict[str, Any] = dict(self.engine.stats(), num_pending=0)  # a snapshot, replaced per iteration
         self.error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="torch_vkv-engine", daemon=True)
@@ -117,7 +118,7 @@ class EngineLoop:
         with self._lock:
             if self.error is not None:
                 raise RuntimeError(f"the engine failed: {self.error}")
-            if not self._accepting:
+            if not self._accepting or self._ended:
                 raise RuntimeError("the server is shutting down")
             if self._in_flight + len(requests) > self.max_in_flight:
                 raise QueueFullError(
@@ -125,9 +126,11 @@ class EngineLoop:
                     "(max_batch_size + max_waiting); retry later"
                 )
             self._in_flight += len(requests)
-        ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(requests))]
-        for i, (rid, (prompt, params)) in enumerate(zip(ids, requests)):
-            self._commands.put(("add", rid, prompt, params, _Stream(i, sink, len(prompt))))
+            # Queued under the lock: the engine thread marks itself ended under it before answering what
+            # is left, so no command can land after that last look and wait for an answer forever.
+            ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(requests))]
+            for i, (rid, (prompt, params)) in enumerate(zip(ids, requests)):
+                self._commands.put(("add", rid, prompt, params, _Stream(i, sink, len(prompt))))
         return ids
 
     def abort(self, request_ids: Sequence[str]) -> None:
@@ -184,6 +187,8 @@ class EngineLoop:
 
     def _answer_queued(self) -> None:
         """After the loop ends: requests still queued are refused (their handlers wait)."""
+        with self._lock:
+            self._ended = True  # submit() queues nothing more
         while True:
             try:
                 cmd = self._commands.get_nowait()
