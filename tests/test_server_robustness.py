@@ -212,3 +212,44 @@ def test_a_submit_racing_the_engine_threads_end_is_answered(ckpt, monkeypatch):
     for stopper in stoppers:
         stopper.join(30)
     assert not loop.alive
+
+
+# ------------------------------------------------------------------ models
+def test_a_model_is_retrieved_by_its_name(client):
+    card = client.get("/v1/models/tiny")
+    assert card.status_code == 200 and card.json()["id"] == "tiny" and card.json()["max_model_len"] == MAX_SEQ_LEN
+    other = client.get("/v1/models/other")
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert "expected 'tiny'" in other.json()["error"]["message"]
+
+
+def test_a_served_name_with_a_slash_is_retrieved(ckpt):
+    app = create_app(_llm(ckpt, max_batch_size=1), served_model_name="org/tiny")
+    with TestClient(app) as c:
+        assert c.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
+        assert c.get("/v1/models/org").status_code == 404
+
+
+# ---------------------------------------------------------- engine failure
+def test_requests_after_an_engine_failure_answer_503_engine_failure(ckpt, monkeypatch):
+    llm = _llm(ckpt)
+
+    def failing_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    loop = EngineLoop(llm)
+    loop.start()
+    params = SamplingParams(max_tokens=2)
+    try:
+        loop.submit([([5, 6, 7], params)], lambda event: None)  # its step fails: the loop ends
+        deadline = time.monotonic() + 30
+        while loop.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not loop.alive and loop.error is not None
+        with pytest.raises(HTTPError) as e:  # every later one
+            asyncio.run(asyncio.wait_for(start(loop, [([5, 6, 7], params)]), 30))
+    finally:
+        loop.stop()
+    assert e.value.status == 503 and e.value.code == "engine_failure", vars(e.value)
+    assert "boom" in str(e.value)

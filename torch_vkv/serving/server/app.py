@@ -100,12 +100,20 @@ def create_app(
                                 status_code=503)  # fmt: skip
         return Response(status_code=200)
 
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "torch_vkv",
+                "max_model_len": engine.max_seq_len}  # fmt: skip
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": created, "owned_by": "torch_vkv",
-            "max_model_len": engine.max_seq_len,
-        }]}  # fmt: skip
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")  # :path: a served name may hold "/" ("org/model")
+    async def model(model_id: str) -> dict:
+        if model_id != name:
+            raise HTTPError(404, f"model: expected {name!r} (see /v1/models), got {model_id!r}",
+                             "invalid_request_error", "model", "model_not_found")  # fmt: skip
+        return model_card()
 
     @app.get("/metrics")
     async def metrics() -> Response:

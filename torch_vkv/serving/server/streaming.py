@@ -42,8 +42,9 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) 
         ids = loop.submit(reqs, sink)
     except QueueFullError as exc:
         raise HTTPError(503, str(exc), "service_unavailable", None, "queue_full") from None
-    except RuntimeError as exc:
-        raise HTTPError(503, str(exc), "service_unavailable", None, "shutting_down") from None
+    except RuntimeError as exc:  # the engine failed, or the server is going away
+        code = "engine_failure" if loop.error is not None else "shutting_down"
+        raise HTTPError(503, str(exc), "service_unavailable", None, code) from None
     waiting, rejected = set(range(len(reqs))), None
     try:
         while waiting:
