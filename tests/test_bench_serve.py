@@ -153,6 +153,21 @@ def test_smoke_one_workload_and_configs(tmp_path):
     assert "| virtual-interleaved |" in md
 
 
+def test_traces_pick_the_parts_of_a_workload(tmp_path, capsys):
+    """``--traces``: only those traces' parts run (long-online's rate sweep
+    without its long-prompt part); a workload with no part of them is a usage
+    error naming its traces."""
+    report, md = _smoke(tmp_path, "--workload", "long-online", "--traces", "arxiv_summarization",
+                        "--configs", "virtual-interleaved", "--num-requests", "2")  # fmt: skip
+    parts = report["workloads"]["long-online"]["parts"]
+    assert parts and {p["trace"] for p in parts} == {"arxiv_summarization"}
+    assert "arxiv_long_online" not in md
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--smoke", "--workload", "offline", "--traces", "arxiv_summarization"])
+    assert e.value.code == 2
+    assert "--traces: expected a trace of workload 'offline' (uniform), got 'arxiv_summarization'" in capsys.readouterr().err
+
+
 def test_smoke_compiled_decode(tmp_path):
     """``--compile``: every engine compiles its decode steps, the report says so,
     and every request gets as many tokens as in the eager run (token values are
