@@ -18,6 +18,7 @@
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
 #   DIAGS="host" DIAG_ARGS="--configs virtual-per_layer,paged-256" BENCHES="" ...  # scripts/diag_host.py
 #   DIAGS="decode" TESTS=0 BENCHES="" ...      # scripts/diag_decode.py: small-batch decode launch sweep
+#   DIAGS="maps" TESTS=0 BENCHES="" ...        # scripts/diag_maps.py: do page maps slow the kernels in flight?
 #   COMPILE_CACHE_OUT=1 ...                     # also pack torch.compile's caches into $OUT/compile_cache.tgz:
 #                                                # copy it to .compile_cache.tgz here and carry that next time
 #                                                # (Engine(compile=True) then skips most of its ~90 s)
@@ -83,7 +84,7 @@ pkill -f -- "-m cuda -p no:cacheprovider -o log_cli=false" 2>/dev/null && sleep 
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done
-# DIAGS="host step decode": scripts/diag_host.py, diag_step.py, diag_decode.py after the benchmarks (DIAG_ARGS: extra
+# DIAGS="host step decode maps": scripts/diag_host.py, diag_step.py, diag_decode.py, diag_maps.py after the benchmarks (DIAG_ARGS: extra
 # arguments for each; DIAG_TIMEOUT seconds each), their JSON and traces in results.tgz.
 for d in ${DIAGS:-}; do
   OUT="$OUT" run "diag_$d" "${DIAG_TIMEOUT:-0}" python "scripts/diag_$d.py" ${DIAG_ARGS:-}

@@ -63,6 +63,32 @@ def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
     assert {r["kind"] for r in rows} == {"copy_k", "reduce", "decode"}
 
 
+def _run_diag_maps(tmp_path, *args):
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_maps.py"), *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
+
+
+def test_diag_maps_without_a_gpu_says_what_it_needs(tmp_path):
+    if _cuda_available():
+        pytest.skip("a GPU is present: the script runs (test_cuda_diag_maps_times_every_mode)")
+    proc = _run_diag_maps(tmp_path)
+    assert proc.returncode != 0
+    assert "expected a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_diag_maps_times_every_mode(tmp_path):
+    proc = _run_diag_maps(tmp_path, "--batch", "2", "--context", "2048", "--layers", "4", "--pages", "8",
+                          "--replays", "20")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "diag_maps.json").read_text())
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert set(rows) == {"idle", "maps_thread", "maps_between"}
+    assert all(r["ms_per_replay"] > 0 for r in report["rows"])
+    assert rows["idle"]["pages_mapped"] == 0 and rows["maps_between"]["pages_mapped"] == 20 * 8
+
+
 def _cuda_available() -> bool:
     import torch
 
