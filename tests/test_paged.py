@@ -98,6 +98,19 @@ def test_commit_many_equals_commits_one_by_one_and_is_all_or_nothing(device):
     many.commit_many([], [])  # nothing to do
 
 
+def test_a_pool_too_large_to_allocate_is_out_of_pages_and_names_the_sizes():
+    """The pool and block table are allocated up front; past what any allocator
+    gives (here past the 128 TiB address space) that is ``OutOfPagesError``
+    naming the sizes, not a bare ``MemoryError`` or the allocator's message."""
+    with pytest.raises(OutOfPagesError, match=r"could not allocate its memory up front on cpu: 1000000000000 blocks") as e:
+        PagedKVCache(2, 2, 16, num_blocks=10**12, max_batch_size=2, max_seq_len=64, device="cpu")
+    assert e.value.requested_pages == 10**12 and e.value.available_pages == 0
+    with pytest.raises(OutOfPagesError, match=r"block table of 2 x 62500000000000 entries"):  # 455 TiB of int32
+        PagedKVCache(2, 2, 16, num_blocks=4, max_batch_size=2, max_seq_len=10**15, device="cpu")
+    with pytest.raises(ValueError, match="num_blocks: expected an int >= 1"):
+        PagedKVCache(2, 2, 16, num_blocks=0, max_batch_size=2, max_seq_len=64, device="cpu")
+
+
 def test_paged_cache_reserve_release():
     c = PagedKVCache(2, 2, 16, num_blocks=8, max_requests=3, max_seq_len=64, block_size=16, dtype=torch.float32,
                      device="cpu")  # fmt: skip

@@ -95,6 +95,26 @@ def test_a_dtype_the_attention_cannot_run_is_refused_before_the_model_moves():
         assert e.generate([[1, 2, 3]], greedy(2), use_tqdm=False)[0].finish_reason == "length"
 
 
+def test_a_max_seq_len_past_the_address_space_names_the_engines_slots():
+    """``Engine(max_batch_size=2, max_seq_len=10**12)``'s error named
+    ``max_batch_size=4`` (the KVCache's slots: the engine adds its own), a value
+    the user never gave. It now says what the engine's slots are."""
+    with pytest.raises(ValueError, match=r"max_seq_len: expected at most \d+ tokens: every one of the engine's \d+ "
+                                         r"slots \(max_batch_size, .*got 1000000000000"):  # fmt: skip
+        engine_for(model_of("llama"), max_batch_size=2, max_seq_len=10**12)
+
+
+def test_a_paged_engine_too_large_to_allocate_is_a_capacity_error():
+    """The paged baseline allocates its pool and block table up front: a size the
+    machine cannot hold was a bare ``MemoryError`` (or the allocator's message);
+    now a typed capacity error naming the sizes."""
+    from torch_vkv import KVCacheCapacityError
+
+    # Past the 128 TiB address space: refused by every allocator, whatever the machine's overcommit policy.
+    with pytest.raises(KVCacheCapacityError, match=r"could not allocate its memory up front.*max_seq_len=10{12}\)"):
+        engine_for(model_of("llama"), kv="paged", max_batch_size=2, max_seq_len=10**12)
+
+
 def test_numpy_sizes_are_stored_as_ints():
     """``Engine(memory_budget=np.int64(...))`` kept the numpy integer:
     ``engine.memory_budget`` and ``stats()["memory_budget"]`` were

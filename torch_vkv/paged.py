@@ -220,13 +220,29 @@ class PagedKVCache(_Locked):
         self.dtype = dtype
         device = resolve_device(device)
         self._lock = threading.RLock()
-        self.pool = BlockPool(num_blocks, shuffle=shuffle)
         self.max_blocks = math.ceil(self.max_seq_len / self.page_size)
-        self.kv = torch.empty(
-            (self.num_layers, 2, num_blocks, self.page_size, self.num_kv_heads, self.head_dim), dtype=dtype, device=device
-        )
+        num_blocks = check_int("num_blocks", num_blocks, low=1)
+        # Everything is allocated up front (the baseline's design): a size the device cannot hold is a
+        # capacity error naming the sizes, before the block list (one Python int a block) is built.
+        shape = (self.num_layers, 2, num_blocks, self.page_size, self.num_kv_heads, self.head_dim)
+        try:
+            self.kv = torch.empty(shape, dtype=dtype, device=device)
+            self.block_table = torch.zeros((self.max_batch_size, self.max_blocks), dtype=torch.int32, device=device)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and (
+                    "allocate" not in str(exc)):  # fmt: skip
+                raise
+            pool_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            table_bytes = 4 * self.max_batch_size * self.max_blocks
+            raise OutOfPagesError(
+                f"PagedKVCache: could not allocate its memory up front on {device}: {num_blocks} blocks "
+                f"({pool_bytes / 2**30:.3g} GiB) and a block table of {self.max_batch_size} x {self.max_blocks} "
+                f"entries ({table_bytes / 2**30:.3g} GiB, max_seq_len={self.max_seq_len}); pass fewer num_blocks "
+                f"(the Engine: a smaller memory_budget) or a smaller max_seq_len ({str(exc).splitlines()[0][:200]})",
+                num_blocks, 0,
+            ) from None
         self.device = self.kv.device
-        self.block_table = torch.zeros((self.max_batch_size, self.max_blocks), dtype=torch.int32, device=device)
+        self.pool = BlockPool(num_blocks, shuffle=shuffle)
         self._blocks: list[list[int]] = [[] for _ in range(self.max_batch_size)]
         self._free_slots: list[int] = list(range(self.max_batch_size))
         self._active: set[int] = set()

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from torch_vkv import KVCache, KVCacheCapacityError
+from torch_vkv._checks import fail
+from torch_vkv.pool import ADDRESS_SPACE_BYTES
 from torch_vkv.serving.prefix import PrefixIndex, block_keys
 from torch_vkv.serving.request import Request
 
@@ -126,6 +128,12 @@ class KVManager:
         self.num_layers = num_layers
         #: Bytes of one token's K and V in all layers.
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * itemsize
+        if kind == "virtual" and num_slots * max_seq_len * self.bytes_per_token > ADDRESS_SPACE_BYTES:
+            # KVCache says the same in its own terms (its max_batch_size counts the engine's slots too).
+            fail("max_seq_len", f"at most {ADDRESS_SPACE_BYTES // (num_slots * self.bytes_per_token)} tokens: every "
+                 f"one of the engine's {num_slots} slots (max_batch_size, the CUDA graphs' scratch slot, prefix "
+                 f"caching's parked slots) reserves max_seq_len rows of {self.bytes_per_token} bytes in the "
+                 f"{ADDRESS_SPACE_BYTES >> 40} TiB address space", max_seq_len)  # fmt: skip
         self.memory_budget = memory_budget
         #: Pool pages held for good by engine-internal slots (:meth:`alloc_pinned`).
         self.pinned_pages = 0
