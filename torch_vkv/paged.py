@@ -189,6 +189,9 @@ class PagedKVCache(_Locked):
         shape ``[num_layers, 2, num_blocks, page_size, num_kv_heads, head_dim]``.
     block_table : torch.Tensor
         int32, shape ``[max_batch_size, ceil(max_seq_len / page_size)]``, on ``device``.
+
+    Both are allocated in the constructor; when the device cannot hold them it
+    raises :class:`~torch_vkv.OutOfPagesError` naming their sizes.
     """
 
     def __init__(
