@@ -95,7 +95,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         to pages, must fit in the address space
         (:data:`torch_vkv.pool.ADDRESS_SPACE_BYTES`, 128 TiB).
     dtype : torch.dtype
-        Element type of K and V.
+        Element type of K and V (default ``torch.float16``).
     device : str or torch.device, optional
         ``"cuda[:N]"`` (CUDA virtual memory) or ``"cpu"`` (host backend);
         default: the current CUDA device, else the CPU.
