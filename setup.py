@@ -35,7 +35,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=5.0"],
-        "serve": ["fastapi", "uvicorn", "prometheus_client"],
+        # The server loads the checkpoint and its tokenizer through transformers.
+        "serve": ["transformers>=5.0", "fastapi", "uvicorn", "prometheus_client"],
         "test": ["pytest", "hypothesis", "triton>=3.2", "transformers>=5.0", "fastapi", "uvicorn", "prometheus_client",
                  "openai", "httpx", "tokenizers"],
     },
