@@ -27,7 +27,8 @@ def test_public_api_is_exported():
 
 def test_the_serve_extra_installs_what_the_server_imports():
     """README and docs/serving.md install the HTTP server with ``pip install -e ".[serve]"``: that extra must
-    bring transformers too (the server loads the checkpoint and its tokenizer with it), not only the web stack."""
+    bring transformers too (the server loads the checkpoint and its tokenizer with it), not only the web stack,
+    and httpx, which ``bench serve --url`` (the load client the README runs against it) sends requests with."""
     import ast
     from pathlib import Path
 
@@ -36,4 +37,4 @@ def test_the_serve_extra_installs_what_the_server_imports():
                   for kw in node.keywords if kw.arg == "extras_require")  # fmt: skip
     serve = ast.literal_eval(extras)["serve"]
     names = {req.split(">")[0].split("=")[0].split("<")[0] for req in serve}
-    assert {"transformers", "fastapi", "uvicorn", "prometheus_client"} <= names, serve
+    assert {"transformers", "fastapi", "uvicorn", "prometheus_client", "httpx"} <= names, serve
