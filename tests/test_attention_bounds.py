@@ -149,6 +149,19 @@ def test_max_seqlen_q_below_the_longest_request():
         attention(rand(5, H, D), k, v, i32([5, 6]), cu_seqlens_q=i32([0, 3, 5]), max_seqlen_q=2, backend="sdpa")
 
 
+@pytest.mark.parametrize("value", [0, -1, True, 2.5])
+def test_max_seqlen_q_and_num_splits_are_checked_as_given(value):
+    """A count that sizes launch grids is refused as the caller wrote it: not clamped to 1 (``0``, ``-1`` and
+    ``True`` used to read "got 1" in the message) nor truncated (``2.5`` ran as 2)."""
+    _, _, k, v = cache()
+    exc = ValueError if value in (0, -1) and not isinstance(value, bool) else TypeError
+    with pytest.raises(exc, match=f"max_seqlen_q: expected .*got {value}"):
+        attention(rand(5, H, D), k, v, i32([5, 6]), cu_seqlens_q=i32([0, 3, 5]), max_seqlen_q=value, backend="sdpa")
+    if value != 0:  # num_splits 0 means "from the shapes", as None
+        with pytest.raises(exc, match=f"num_splits: expected .*got {value}"):
+            attention(rand(2, H, D), k, v, i32([5, 6]), num_splits=value, backend="sdpa")
+
+
 def test_bad_block_id_on_the_host():
     pool_k, pool_v = rand(6, 8, H_KV, D), rand(6, 8, H_KV, D, seed=1)
     table = i32([[0, 1, 2], [3, 99, 4]])

@@ -190,3 +190,20 @@ def test_a_mapping_is_not_a_list_of_stops():
         SamplingParams(stop_token_ids={5: 0})
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b") and SamplingParams(stop=("x",)).stop == ("x",)
     assert SamplingParams(stop_token_ids={7}).stop_token_ids == (7,)
+
+
+def test_completion_seed_takes_the_seeds_a_request_can_have():
+    """``completion_seed(2**64, 1)``, ``(True, 1)`` and ``(1, -1)`` returned a seed, and a float or ``None``
+    failed inside the arithmetic ("unsupported operand type(s) for &"): the seed is an int64, as
+    ``SamplingParams.seed``, and the index an int >= 0."""
+    from torch_vkv.serving import completion_seed
+
+    with pytest.raises(ValueError, match=r"seed: expected an int <= 9223372036854775807, got 18446744073709551616"):
+        completion_seed(2**64, 1)
+    with pytest.raises(ValueError, match=r"index: expected an int >= 0, got -1"):
+        completion_seed(1, -1)
+    for seed, index in ((True, 1), (1.5, 1), (None, 1), (1, 2.0)):
+        with pytest.raises(TypeError, match=r"(seed|index): expected an int, got"):
+            completion_seed(seed, index)
+    assert completion_seed(-(2**63), 0) == -(2**63) and completion_seed(7, 0) == 7
+    assert 0 <= completion_seed(2**63 - 1, 3) < 2**63

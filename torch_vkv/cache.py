@@ -95,7 +95,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         to pages, must fit in the address space
         (:data:`torch_vkv.pool.ADDRESS_SPACE_BYTES`, 128 TiB).
     dtype : torch.dtype
-        Element type of K and V.
+        Element type of K and V (default ``torch.float16``).
     device : str or torch.device, optional
         ``"cuda[:N]"`` (CUDA virtual memory) or ``"cpu"`` (host backend);
         default: the current CUDA device, else the CPU.
@@ -458,7 +458,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         each counted once in ``committed_bytes``),
         ``window_committed_bytes`` (what the layers with a ``sliding_window`` hold,
         part of ``committed_bytes``; 0 without windows),
-        ``free_pages`` / ``pool_pages`` (the pool's free and existing pages),
+        ``free_pages`` / ``pool_pages`` / ``max_pages`` (the pool's free, existing and budgeted pages),
         ``page_size``, ``tokens_per_page``, ``active_slots``, ``commit_calls``,
         ``map_calls``, ``set_access_calls``, ``unmap_calls``,
         ``commit_seconds``, ``decommit_seconds``.
@@ -498,7 +498,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         :meth:`value` stay safe to hold and print (``<released>``): on the host
         backend they read zeros, on CUDA reading them is invalid like freed
         memory. The address ranges are released when the last view dies.
-        Idempotent.
+        Idempotent; every other method then raises ``RuntimeError``.
 
         The pages go back to the pool; a cache that made its own pool also
         returns them to the driver, one on a shared pool leaves that to the

@@ -102,7 +102,8 @@ from .flash_attn import flash_attn_attention
 from .flashinfer_backend import flashinfer_attention, layout_problem
 from .flex import flex_attend, flex_attention_op, uncommitted_block_reads
 from .inputs import (
-    BACKENDS, check_append, check_attention, check_scale_causal, check_values, check_window, debug_enabled,
+    BACKENDS, check_append, check_attention, check_launch_ints, check_scale_causal, check_values, check_window,
+    debug_enabled,
 )
 from .sdpa import sdpa_attention
 from .selection import available_backends, select_backend, supports
@@ -156,11 +157,12 @@ def attention(
     scale : softmax scale, a finite real > 0; default ``1 / sqrt(head_dim)``.
     backend : one of :data:`BACKENDS`; ``"auto"`` follows :func:`select_backend`.
     block_table : int32, shape ``[num_slots, max_blocks]``: run the paged twin.
-    max_seqlen_q : host int, an upper bound on any request's query count
-        (sizes launch grids / padding; default ``total_q``). Passing a tight
+    max_seqlen_q : host int >= 0, an upper bound on any request's query count
+        (sizes launch grids / padding; default ``total_q``; a smaller value
+        than the longest request's raises ``ValueError``). Passing a tight
         bound makes padded backends (flex, sdpa, flash_attn) cheaper.
-    num_splits : Triton decode only: KV splits per (request, kv head);
-        default from the shapes (never from the lengths).
+    num_splits : host int, Triton decode only: KV splits per (request, kv head);
+        ``None`` or 0: from the shapes (never from the lengths).
     window_left : sliding window, int >= 0: a query at position ``p`` sees keys
         ``[p - window_left, p]`` (bottom-right aligned like the causal mask; a
         Hugging Face ``sliding_window = W`` is ``window_left = W - 1``). Keys
@@ -182,9 +184,10 @@ def attention(
     check_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, backend)
     decode = cu_seqlens_q is None
     scale = check_scale_causal(scale, causal, q.shape[2])
+    max_seqlen_q, num_splits = check_launch_ints(max_seqlen_q, num_splits)
     T = q.shape[0]
-    max_q = 1 if decode else max(1, min(T, int(max_seqlen_q) if max_seqlen_q is not None else T))
-    check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, T, max_seqlen_q=max_q)
+    max_q = 1 if decode else max(1, min(T, max_seqlen_q if max_seqlen_q is not None else T))
+    check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, T, max_seqlen_q=max_seqlen_q)
     win, cap = check_window(window_left, softcap)
     if backend == "auto":
         backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table, softcap=cap > 0)

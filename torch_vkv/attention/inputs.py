@@ -172,6 +172,18 @@ def check_scale_causal(scale, causal, head_dim: int) -> float:
     return float(scale)
 
 
+def check_launch_ints(max_seqlen_q, num_splits) -> tuple:
+    """``max_seqlen_q`` and ``num_splits``: None or an int >= 0 (``num_splits`` 0: from the shapes).
+    They size launch grids, so a bool, a float or a negative count is refused here instead of being
+    clamped or truncated into another value (a SymInt from a trace passes as it is)."""
+    checked = []
+    for what, value in (("max_seqlen_q", max_seqlen_q), ("num_splits", num_splits)):
+        if value is not None and not isinstance(value, torch.SymInt):
+            value = check_int(what, value, low=0, high=2**31 - 1)
+        checked.append(value)
+    return tuple(checked)
+
+
 def window_from_module_kwargs(kwargs: dict) -> dict:
     """``attention``'s ``window_left`` / ``softcap`` from what a transformers attention module passes its
     attention function: ``sliding_window = W`` lets a query see ``W`` keys, itself included, so

@@ -229,8 +229,8 @@ class Engine(Closable, Unique):
         Raises ``ValueError`` for an empty prompt, a prompt of ``max_seq_len``
         tokens or more, a token id out of range, a duplicate ``request_id``,
         ``params.n > max_batch_size`` (or ``n > 1`` where sliding layers give
-        back pages), or a request that could not fit in the
-        KV memory budget even alone; nothing is queued then.
+        back pages), or one whose prompt + ``max_tokens`` (at most ``max_seq_len``)
+        tokens could not fit in the KV memory budget even alone; nothing is queued then.
         """
         self._check_open()
         prompt, params, request_id = self._validate(prompt_token_ids, params, request_id)

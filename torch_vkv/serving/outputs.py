@@ -106,7 +106,7 @@ class RequestOutput:
     Attributes:
         request_id: the id given to (or returned by) ``Engine.add_request``.
         prompt_token_ids: the prompt.
-        outputs: completions (one per request for now), vLLM's shape.
+        outputs: the request's ``SamplingParams.n`` completions, in ``index`` order (vLLM's shape).
         finished: whether the request is done (``finish_reason`` is set).
         metrics: a :class:`RequestMetrics` snapshot.
     """

@@ -26,7 +26,13 @@ def completion_seed(seed: int, index: int) -> int:
     ``seed + i * 0x9E3779B97F4A7C15`` (mod 2**64), its low 63 bits. So
     ``SamplingParams(n=k, seed=s)``'s completion ``i`` equals a request with
     ``SamplingParams(n=1, seed=completion_seed(s, i))``.
+
+    ``seed`` is an int64 as ``SamplingParams.seed`` takes it and ``index`` an
+    int >= 0; anything else raises ``ValueError`` (``TypeError`` for a
+    non-int), instead of a seed no request could be given.
     """
+    seed = check_int("seed", seed, low=_INT64_MIN, high=_INT64_MAX)
+    index = check_int("index", index, low=0)
     if index == 0:
         return seed
     x = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
