@@ -37,24 +37,25 @@ def test_diag_host_reports_host_time_and_functions_per_configuration(tmp_path):
     assert report["results"]["paged-16"]["kv_prewarm_ms_per_iter"] == 0  # eager allocation is virtual's
 
 
-def _run_diag_decode(tmp_path, *args):
+def _run_gpu_diag(name, tmp_path, *args):
     env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="0")
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_decode.py"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
 
 
-def test_diag_decode_without_a_gpu_says_what_it_needs(tmp_path):
+@pytest.mark.parametrize("name", ["diag_decode", "diag_maps"])
+def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
     if _cuda_available():
-        pytest.skip("a GPU is present: the script runs (test_cuda_diag_decode_sweeps_and_writes_every_row)")
-    proc = _run_diag_decode(tmp_path)
+        pytest.skip(f"a GPU is present: {name}.py runs (its test_cuda_* test)")
+    proc = _run_gpu_diag(name, tmp_path)
     assert proc.returncode != 0
     assert "expected a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.cuda
 def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
-    proc = _run_diag_decode(tmp_path, "--points", "1x1024,2x512", "--splits", "1,4", "--block-n", "64",
-                            "--warps", "4", "--stages", "2,3", "--rep-ms", "2")  # fmt: skip
+    proc = _run_gpu_diag("diag_decode", tmp_path, "--points", "1x1024,2x512", "--splits", "1,4", "--block-n", "64",
+                         "--warps", "4", "--stages", "2,3", "--rep-ms", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "diag_decode.json").read_text())
     decode = [r for r in rows if r["kind"] == "decode"]
@@ -63,24 +64,10 @@ def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
     assert {r["kind"] for r in rows} == {"copy_k", "reduce", "decode"}
 
 
-def _run_diag_maps(tmp_path, *args):
-    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="0")
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_maps.py"), *args],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
-
-
-def test_diag_maps_without_a_gpu_says_what_it_needs(tmp_path):
-    if _cuda_available():
-        pytest.skip("a GPU is present: the script runs (test_cuda_diag_maps_times_every_mode)")
-    proc = _run_diag_maps(tmp_path)
-    assert proc.returncode != 0
-    assert "expected a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
-
-
 @pytest.mark.cuda
 def test_cuda_diag_maps_times_every_mode(tmp_path):
-    proc = _run_diag_maps(tmp_path, "--batch", "2", "--context", "2048", "--layers", "4", "--pages", "8",
-                          "--replays", "20")  # fmt: skip
+    proc = _run_gpu_diag("diag_maps", tmp_path, "--batch", "2", "--context", "2048", "--layers", "4", "--pages", "8",
+                         "--replays", "20")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "diag_maps.json").read_text())
     rows = {r["mode"]: r for r in report["rows"]}
