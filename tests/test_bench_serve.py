@@ -168,6 +168,32 @@ def test_traces_pick_the_parts_of_a_workload(tmp_path, capsys):
     assert "--traces: expected a trace of workload 'offline' (uniform), got 'arxiv_summarization'" in capsys.readouterr().err
 
 
+def test_repeats_pool_rounds_of_fresh_requests(tmp_path):
+    """``--repeats 2``: every configuration runs each part twice, in turn, round 2
+    with fresh requests (seed + 1); a row pools both rounds' requests (its
+    throughput over the summed durations) and lists each round's ratios."""
+    report, md = _smoke(tmp_path, "--workload", "long-online", "--traces", "arxiv_summarization",
+                        "--configs", "virtual-interleaved,paged-16", "--num-requests", "3", "--repeats", "2")  # fmt: skip
+    wrep = report["workloads"]["long-online"]
+    (part,) = wrep["parts"]
+    assert part["repeats"] == 2 and part["num_requests"] == 6
+    for row in wrep["rows"]:
+        assert row["repeats"] == 2 and row["requests"] == 6 and row["completed"] == 6
+        run = part["runs"][row["config"]]
+        assert len(run["requests"]) == 6
+        # Round 2's requests are not round 1's again (fresh arrivals and lengths).
+        first, second = run["requests"][:3], run["requests"][3:]
+        assert [(q["arrival_s"], q["prompt_tokens"]) for q in first] != [(q["arrival_s"], q["prompt_tokens"]) for q in second]
+        out = sum(q["output_tokens"] for q in run["requests"])
+        assert row["output_tokens_per_s"] == pytest.approx(out / run["duration_s"], rel=1e-9)
+        for key in ("x_best_paged_norm_p50_rounds", "x_best_paged_norm_p99_rounds", "x_best_paged_tput_rounds"):
+            assert len(row[key]) == 2 and all(math.isfinite(v) and v > 0 for v in row[key])
+    p16 = next(r for r in wrep["rows"] if r["config"] == "paged-16")
+    assert p16["x_best_paged_tput_rounds"] == [1.0, 1.0]
+    assert "6 requests in 2 rounds" in md and "virtual-interleaved, each round: x_best_paged_norm_p50 " in md
+    with pytest.raises(ValueError, match="repeats: expected an int >= 1, got 0"):
+        serve.run(["offline"], "smoke", ["paged-16"], device="cpu", repeats=0)
+
 def test_smoke_compiled_decode(tmp_path):
     """``--compile``: every engine compiles its decode steps, the report says so,
     and every request gets as many tokens as in the eager run (token values are
@@ -222,6 +248,7 @@ def test_cli_errors(capsys):
     (["--ttft-slo", "0"], "--ttft-slo: expected seconds > 0"),  # off --smoke, 0 silently became the 2 s default
     (["--timeout", "-5"], "--timeout: expected seconds > 0"),
     (["--configs", ","], "--configs: expected at least one configuration"),
+    (["--repeats", "0"], "--repeats: expected an int >= 1, got 0"),
     (["--vocab-size", "5"], "--vocab-size apply to the load client"),
     (["--no-ignore-eos"], "--no-ignore-eos apply to the load client"),
 ])  # fmt: skip

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torch_vkv._checks import device_arg
+from torch_vkv._checks import check_int, device_arg, int_arg
 from torch_vkv.bench import serve_client
 from torch_vkv.bench.serve_workloads import (  # noqa: F401 (re-exported)
     CACHE_CONFIGS, CACHING_WORKLOADS, GiB, SERVE_WORKLOADS, Part, Workload, check_traces, workloads,
@@ -66,7 +66,7 @@ def _row(w: Workload, part: Part, cfg: str, run: Any, cost: Any, device_rates: d
     row = {"workload": w.name, "group": f"{part.trace}@{part.rate:g}", "config": cfg, "model": part.model,
            "trace": part.trace, "request_rate": part.rate}  # fmt: skip
     row.update(serve_client.summarize(run.results, run.duration_s, ttft_slo_s=slo["ttft"], tpot_slo_s=slo["tpot"]))
-    row["makespan_s"] = max((r.start_s + r.e2e_s for r in run.results if r.e2e_s is not None), default=math.nan)
+    row["makespan_s"] = _makespan(run)
     its = run.iterations
     if its:
         busy = sum(i.wall_s for i in its)
@@ -116,6 +116,7 @@ def run(
     on_workload=None,
     profile: bool = False,
     compile: bool = False,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Runs workloads ``names`` at ``scale`` over ``configs``; returns the
     report (see :func:`main`). ``num_requests`` / ``request_rates`` override
@@ -124,12 +125,17 @@ def run(
     after each configuration (the workload it is in marked ``"partial"``)
     and after each workload (``main`` writes the report so far: a run cut
     short by a time limit keeps every configuration it finished). ``compile``:
-    every engine compiles its decode step (``Engine(compile=True)``)."""
+    every engine compiles its decode step (``Engine(compile=True)``).
+    ``repeats``: every part runs that many times, round by round over the
+    configurations (A B C, A B C, ...: drift of the machine falls on all of
+    them alike), round ``k`` with fresh requests (``seed + k``); a row pools the
+    requests of every round (percentiles over all of them, throughput over the
+    summed durations) and lists each round's ratios (``*_rounds``)."""
     from torch_vkv.bench.models import build_model
     from torch_vkv.bench.roofline import ModelCost, measure_device
-    from torch_vkv.bench.serve_engine import peer_configs, random_prompts, run_engine, run_generate_batch
-    from torch_vkv.bench.workloads import make_requests, workload_lengths
+    from torch_vkv.bench.serve_engine import RunResult, peer_configs, run_engine, run_generate_batch
 
+    check_int("repeats", repeats, low=1)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     table = workloads(scale, device.type)
@@ -164,22 +170,19 @@ def run(
                 _release(device)
                 models[part.model] = build_model(part.model, device=device, dtype=dtype, seed=seed)
             model = models[part.model]
-            if part.lengths is not None:
-                lengths = [part.lengths] * part.num_requests
-            else:
-                lengths = workload_lengths(part.trace, part.num_requests, seed)
-            specs = make_requests(lengths, request_rate=part.rate, seed=seed, max_prompt_tokens=w.max_prompt_tokens,
-                                  max_output_tokens=w.max_output_tokens)  # fmt: skip
-            longest = max(s.prompt_tokens + s.output_tokens for s in specs)
-            max_seq_len = min(w.max_seq_len, longest + 1)
-            prompts = random_prompts(specs, model.config.vocab_size, seed, part.shared_prefix_tokens)
+            rounds = [_part_requests(w, part, model.config.vocab_size, seed + k) for k in range(repeats)]
+            specs, prompts = rounds[0]
+            longest = max(s.prompt_tokens + s.output_tokens for specs_k, _ in rounds for s in specs_k)
+            max_seq_len = min(w.max_seq_len, longest + 1)  # one engine shape for every round
             cost = None
+            every = [s for specs_k, _ in rounds for s in specs_k]  # totals over the rounds
             prep = {"trace": part.trace, "request_rate": part.rate, "model": part.model,
-                    "num_requests": len(specs), "max_seq_len": max_seq_len, "max_batch_size": w.max_batch_size,
+                    "num_requests": len(every), "max_seq_len": max_seq_len, "max_batch_size": w.max_batch_size,
                     "chunk_size": w.chunk_size, "memory_budget": w.memory_budget,
-                    "prompt_tokens": sum(s.prompt_tokens for s in specs),
-                    "output_tokens": part.n * sum(s.output_tokens for s in specs),
-                    "shared_prefix_tokens": part.shared_prefix_tokens, "n": part.n, "runs": {}}  # fmt: skip
+                    "prompt_tokens": sum(s.prompt_tokens for s in every),
+                    "output_tokens": part.n * sum(s.output_tokens for s in every),
+                    "shared_prefix_tokens": part.shared_prefix_tokens, "n": part.n, "repeats": repeats,
+                    "runs": {}}  # fmt: skip
             cfgs = [parse_config(c) for c in engine_cfgs]
             if name == "sync-vs-async":
                 virt = [c for c in cfgs if c.kv == "virtual"]
@@ -191,27 +194,50 @@ def run(
                 wrep["skipped"] += [{"config": c.name, "reason": f"not one of {CACHE_CONFIGS}"} for c in cfgs
                                     if c not in keep]  # fmt: skip
                 cfgs = [c.with_caching(on) for c in keep for on in (True, False)]
-            for cfg in cfgs:
-                t = time.perf_counter()
-                try:
-                    res = run_engine(model, cfg, specs, prompts, max_batch_size=w.max_batch_size,
-                                     max_seq_len=max_seq_len, chunk_size=w.chunk_size, memory_budget=w.memory_budget,
-                                     page_size=page_size, n=part.n, profile=profile, compile=compile)  # fmt: skip
-                except Exception as exc:  # one configuration failing must not lose the others
-                    wrep["skipped"].append({"config": cfg.name, "group": f"{part.trace}@{part.rate:g}",
-                                            "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
-                    log(f"{name} {part.trace}@{part.rate:g} {cfg.name}: FAILED {type(exc).__name__}: {exc}")
-                    log(traceback.format_exc(limit=-8))
-                    continue
-                if cost is None:
-                    cost = ModelCost.of(model, _kv_bytes_per_token(model, dtype))
-                row = _row(w, part, cfg.name, res, cost, rates, slo)
-                wrep["rows"].append(row)
-                prep["runs"][cfg.name] = _run_dict(specs, res)
-                log(f"{name} {part.trace}@{part.rate:g} {cfg.name}: {row['output_tokens_per_s']:.1f} out tok/s, "
-                    f"makespan {row['makespan_s']:.2f} s ({time.perf_counter() - t:.1f} s)")  # fmt: skip
-                if on_workload is not None:  # after every configuration: a time limit loses at most one
-                    on_workload(_so_far(report, name, wrep, prep))
+            done: dict[str, list[Any]] = {}  # config -> its runs so far, one a round
+            part_rows: dict[str, dict[str, Any]] = {}
+            group = f"{part.trace}@{part.rate:g}"
+            for k, (specs_k, prompts_k) in enumerate(rounds):
+                for cfg in cfgs:
+                    if k > 0 and cfg.name not in done:  # failed in an earlier round
+                        continue
+                    t = time.perf_counter()
+                    try:
+                        res = run_engine(model, cfg, specs_k, prompts_k, max_batch_size=w.max_batch_size,
+                                         max_seq_len=max_seq_len, chunk_size=w.chunk_size,
+                                         memory_budget=w.memory_budget, page_size=page_size, n=part.n,
+                                         profile=profile, compile=compile)  # fmt: skip
+                    except Exception as exc:  # one configuration failing must not lose the others
+                        wrep["skipped"].append({"config": cfg.name, "group": group,
+                                                "reason": f"failed: {type(exc).__name__}: {exc}"})  # fmt: skip
+                        log(f"{name} {group} {cfg.name}: FAILED {type(exc).__name__}: {exc}")
+                        log(traceback.format_exc(limit=-8))
+                        done.pop(cfg.name, None)  # a configuration that failed once has no row
+                        if cfg.name in part_rows:
+                            wrep["rows"].remove(part_rows.pop(cfg.name))
+                            prep["runs"].pop(cfg.name, None)
+                        continue
+                    if cost is None:
+                        cost = ModelCost.of(model, _kv_bytes_per_token(model, dtype))
+                    runs = done.setdefault(cfg.name, [])
+                    runs.append(res)
+                    pooled = RunResult.pool(runs)
+                    row = _row(w, part, cfg.name, pooled, cost, rates, slo)
+                    if repeats > 1:
+                        row["repeats"] = len(runs)
+                        row["makespan_s"] = sum(_makespan(r) for r in runs) / len(runs)
+                    if cfg.name in part_rows:
+                        wrep["rows"].remove(part_rows[cfg.name])
+                    part_rows[cfg.name] = row
+                    wrep["rows"].append(row)
+                    prep["runs"][cfg.name] = _run_dict([s for sk, _ in rounds[: len(runs)] for s in sk], pooled)
+                    when = f" round {k + 1}/{repeats}" if repeats > 1 else ""
+                    log(f"{name} {group} {cfg.name}{when}: {_output_tokens(res) / res.duration_s:.1f} out tok/s, "
+                        f"makespan {_makespan(res):.2f} s ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+                    if on_workload is not None:  # after every configuration: a time limit loses at most one
+                        on_workload(_so_far(report, name, wrep, prep))
+            if repeats > 1:
+                _add_round_ratios(name, w, part, done, part_rows, cost, rates, slo)
             if name == "offline" and peer_gb:
                 # The peer is slow (224 new tokens/s for 64 requests on an H200, docs/benchmarks.md):
                 # a subset, with one output length (its generation config is per batch).
@@ -237,6 +263,46 @@ def run(
     models.clear()
     _release(device)
     return report
+
+
+def _part_requests(w: Workload, part: Part, vocab_size: int, seed: int) -> tuple[list[Any], list[list[int]]]:
+    """One round of ``part``: its request specs (lengths, arrival times) and prompts, drawn with ``seed``."""
+    from torch_vkv.bench.serve_engine import random_prompts
+    from torch_vkv.bench.workloads import make_requests, workload_lengths
+
+    if part.lengths is not None:
+        lengths = [part.lengths] * part.num_requests
+    else:
+        lengths = workload_lengths(part.trace, part.num_requests, seed)
+    specs = make_requests(lengths, request_rate=part.rate, seed=seed, max_prompt_tokens=w.max_prompt_tokens,
+                          max_output_tokens=w.max_output_tokens)  # fmt: skip
+    return specs, random_prompts(specs, vocab_size, seed, part.shared_prefix_tokens)
+
+
+def _makespan(run: Any) -> float:
+    return max((r.start_s + r.e2e_s for r in run.results if r.e2e_s is not None), default=math.nan)
+
+
+def _output_tokens(run: Any) -> int:
+    return sum(r.output_tokens for r in run.results if r.ok)
+
+
+def _add_round_ratios(name: str, w: Workload, part: Part, done: dict[str, list[Any]],
+                      part_rows: dict[str, dict[str, Any]], cost: Any, rates: dict, slo: dict) -> None:  # fmt: skip
+    """``x_*_rounds``: each round's ratios on its own (the spread the pooled ratio hides)."""
+    keys = ("x_best_paged_tput", "x_best_paged_norm_p50", "x_best_paged_norm_p99", "x_sync_tput",
+            "x_paged16_concurrency", "x_paged16_tput")  # fmt: skip
+    per_round: dict[str, list[Optional[float]]] = {}
+    for k in range(max((len(r) for r in done.values()), default=0)):
+        rows = [_row(w, part, cfg, runs[k], cost, rates, slo) for cfg, runs in done.items() if len(runs) > k]
+        _add_ratios(name, rows)
+        for row in rows:
+            for key in keys:
+                if key in row:
+                    per_round.setdefault(f"{row['config']}\0{key}", []).append(row[key])
+    for tag, values in per_round.items():
+        cfg, key = tag.split("\0")
+        part_rows[cfg][f"{key}_rounds"] = values
 
 
 def _release(device: torch.device) -> None:
@@ -387,13 +453,17 @@ def write(report: dict[str, Any], out_dir: Any, command: str, log=print) -> Path
     for name, w in report["workloads"].items():
         md += ["", f"## {name}", ""]
         for p in w["parts"]:
-            md.append(f"- {p['trace']} at {p['request_rate']:g} req/s: {p['num_requests']} requests "
+            rounds = f" in {p['repeats']} rounds" if p.get("repeats", 1) > 1 else ""
+            md.append(f"- {p['trace']} at {p['request_rate']:g} req/s: {p['num_requests']} requests{rounds} "
                       f"({p['prompt_tokens']} prompt + {p['output_tokens']} output tokens), {p['model']}, "
                       f"max_batch_size {p['max_batch_size']}, max_seq_len {p['max_seq_len']}, "
                       f"chunk {p['chunk_size']}, KV budget {_gib(p['memory_budget'])}")  # fmt: skip
         md += [f"- skipped: {s['config']}: {s['reason']}" for s in w["skipped"]]
         md += ["", markdown_table(w["rows"], COLUMNS[name])]
         md += profile_lines(w["rows"])
+        md += [f"- {r['group']} {r['config']}, each round: " + "; ".join(
+            f"{k[:-7]} " + ", ".join("-" if v is None else f"{v:.3f}" for v in r[k]) for k in sorted(r)
+            if k.endswith("_rounds")) for r in w["rows"] if any(k.endswith("_rounds") for k in r)]  # fmt: skip
         md += [f"![{k}]({Path(v).name})" for k, v in plots.items() if k.startswith(name + ":")]
     path = out / "serve.md"
     path.write_text("\n".join(md) + "\n")
@@ -436,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", default=None, help="in process: only the parts of these traces, comma-separated "
                    "(e.g. --workload long-online --traces arxiv_summarization: the rate sweep alone)")  # fmt: skip
     p.add_argument("--device", default=None, type=device_arg, help="in process: default cuda when present, else cpu")
+    p.add_argument("--repeats", type=int_arg(1), default=1,
+                   help="in process: run every part this many rounds (configurations in turn, fresh requests "
+                        "each round) and pool the rounds' requests; default 1")  # fmt: skip
     return p
 
 
@@ -497,6 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     report = run(names, scale, configs, num_requests=args.num_requests, request_rates=rates, traces=traces,
                  device=device, seed=args.seed, on_workload=write_so_far, profile=args.profile, compile=args.compile,
+                 repeats=args.repeats,
                  **slo)  # fmt: skip
     report["wall_s"] = time.perf_counter() - t
     write(report, args.out, command)

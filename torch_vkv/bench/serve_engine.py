@@ -112,6 +112,25 @@ class RunResult:
     stats: dict[str, Any] = field(default_factory=dict)  # the engine's last stats()
     profile: Optional[dict[str, Any]] = None  # serve_profile.summarize_profile, with --profile
 
+    # Engine stats that add up over rounds; the others (rates, gauges) are the last round's.
+    SUMMED_STATS = ("num_preemptions", "kv_grow_seconds", "kv_prewarm_seconds", "prefix_hit_tokens",
+                    "num_computed_tokens")  # fmt: skip
+
+    @classmethod
+    def pool(cls, runs: Sequence["RunResult"]) -> "RunResult":
+        """Runs of one configuration over several rounds (``bench serve --repeats``) as one: every
+        request and iteration, the summed duration (throughput: tokens over the time spent on them),
+        the first round's memory trace and profile."""
+        if len(runs) == 1:
+            return runs[0]
+        stats = dict(runs[-1].stats)
+        for key in cls.SUMMED_STATS:
+            values = [r.stats.get(key) for r in runs]
+            if all(isinstance(v, (int, float)) for v in values):
+                stats[key] = sum(values)
+        return cls(runs[0].config, [x for r in runs for x in r.results], sum(r.duration_s for r in runs),
+                   [i for r in runs for i in r.iterations], runs[0].memory, stats, runs[0].profile)  # fmt: skip
+
 
 def random_prompts(specs: Sequence[RequestSpec], vocab_size: int, seed: int = 0,
                    shared_prefix_tokens: int = 0) -> list[list[int]]:  # fmt: skip
