@@ -1,6 +1,7 @@
-// Layer 3: registration only. Every call into the core releases the GIL, so
-// the background committer never waits on Python and Python never waits on a
-// driver call with the GIL held.
+// Layer 3: registration only. Every call into the core that can wait releases
+// the GIL, so the background committer never waits on Python and Python never
+// waits on a driver call with the GIL held (PagePool.available, a lock-free
+// read, keeps it).
 #include <cxxabi.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
@@ -188,7 +189,11 @@ PYBIND11_MODULE(_C, m) {
       .def("trim", nogil(&PagePool::trim), py::arg("keep_free") = 0)
       .def("reap", nogil(&PagePool::reap))
       .def_property_readonly("forked", &PagePool::forked, "Whether the pool was inherited through fork().")
-      .def("stats", [](PagePool& p) { return stats_dict(without_gil([&] { return p.stats(); })); });
+      .def("stats", [](PagePool& p) { return stats_dict(without_gil([&] { return p.stats(); })); })
+      // Keeps the GIL: one atomic load, cheaper than releasing and retaking it, and it never waits.
+      .def("available", &PagePool::available,
+           "Pages a commit can have now (free + creatable within the budget + pending a fence), read "
+           "without the pool's mutex: a snapshot, possibly stale by a commit in flight.");
 
   py::class_<Reservation, std::shared_ptr<Reservation>>(m, "Reservation")
       .def_static("create", nogil(&Reservation::create), py::arg("pool"), py::arg("bytes"))

@@ -35,6 +35,7 @@ void for_each_run(const std::vector<size_t>& pages, Fn fn) {
 PagePool::PagePool(std::shared_ptr<Backend> backend, size_t max_pages)
     : backend_(std::move(backend)), max_pages_(max_pages) {
   counters_.page_size = backend_->page_size();
+  publish_available_locked();  // no other thread can see the pool yet
 }
 
 PagePool::~PagePool() {
@@ -52,7 +53,7 @@ PagePool::~PagePool() {
 
 size_t PagePool::prefill(size_t num_pages) {
   origin_.check();
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   backend_->bind_thread();
   num_pages = std::min(num_pages, max_pages_);
   size_t limit = backend_->page_limit();
@@ -73,7 +74,7 @@ size_t PagePool::prefill(size_t num_pages) {
 
 void PagePool::set_max_pages(size_t max_pages) {
   origin_.check();
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   backend_->bind_thread();
   max_pages_ = max_pages;
   while (created_ > max_pages_ && !free_.empty()) {
@@ -84,7 +85,7 @@ void PagePool::set_max_pages(size_t max_pages) {
 
 size_t PagePool::trim(size_t keep_free) {
   origin_.check();
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   backend_->bind_thread();
   reap_locked(0);
   size_t destroyed = 0;
@@ -98,14 +99,14 @@ size_t PagePool::trim(size_t keep_free) {
 
 void PagePool::reap() {
   origin_.check();
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   backend_->bind_thread();
   reap_locked(0);
 }
 
 PoolStats PagePool::stats() {
   origin_.check();
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   PoolStats s = counters_;
   s.max_pages = max_pages_;
   s.created_pages = created_;
@@ -115,10 +116,11 @@ PoolStats PagePool::stats() {
   return s;
 }
 
-size_t PagePool::available() {
+size_t PagePool::available() const {
   origin_.check();
-  std::lock_guard<std::mutex> lock(mu_);
-  return available_locked();
+  // Acquire pairs with the release in publish_available_locked(); the value
+  // is self-contained, so nothing else read here depends on it.
+  return available_.load(std::memory_order_acquire);
 }
 
 void PagePool::destroy_locked(PageHandle page) {
@@ -237,7 +239,7 @@ std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool,
   size_t num_pages = (bytes + ps - 1) / ps;
   uintptr_t base;
   {
-    std::lock_guard<std::mutex> lock(pool->mutex());
+    PagePool::Lock lock(*pool);
     pool->backend().bind_thread();
     base = pool->backend().reserve(num_pages * ps);
   }
@@ -265,7 +267,7 @@ Reservation::~Reservation() {
   // A destructor must not throw; the driver already reported any error
   // through the call that failed, or the process is shutting down.
   try {
-    std::lock_guard<std::mutex> lock(pool_->mutex());
+    PagePool::Lock lock(*pool_);
     pool_->backend().bind_thread();
     try {
       release_all_locked();
@@ -291,7 +293,7 @@ void Reservation::check_range(const char* what, size_t first, size_t count) cons
 size_t Reservation::commit(size_t first, size_t count) {
   origin_.check();
   check_range("commit", first, count);
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   check_usable("commit");
   Backend& backend = pool_->backend();
   backend.bind_thread();
@@ -375,7 +377,7 @@ size_t Reservation::commit(size_t first, size_t count) {
 size_t Reservation::decommit(size_t first, size_t count, std::optional<uintptr_t> stream) {
   origin_.check();
   check_range("decommit", first, count);
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   if (!address_alive_) return 0;
   Backend& backend = pool_->backend();
   backend.bind_thread();
@@ -403,7 +405,7 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
   if (src.pool_ != pool_) throw InvalidArgument("alias: source and target reservations draw on different page pools");
   if (&src == this && first < src_first + count && src_first < first + count)
     throw InvalidArgument("alias: source and target page ranges overlap");
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   check_usable("alias");
   src.check_usable("alias source");
   Backend& backend = pool_->backend();
@@ -443,14 +445,14 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
 
 void Reservation::release_all() {
   origin_.check();
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   pool_->backend().bind_thread();
   release_all_locked();
 }
 
 void Reservation::close() {
   origin_.check();
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   pool_->backend().bind_thread();
   closed_ = true;  // even if the driver fails below: no commit after close
   // Before the unmaps below, so that no write ever meets the range unmapped (a backend whose range
@@ -502,7 +504,7 @@ void Reservation::unmap_runs_locked(const std::vector<size_t>& pages) {
 }
 
 void Reservation::on_address_freed() {
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   try {
     pool_->backend().bind_thread();
     release_all_locked();
@@ -520,13 +522,13 @@ void Reservation::privatize_after_fork() {
 bool Reservation::is_committed(size_t page) {
   origin_.check();
   check_range("is_committed", page, 1);
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   return pages_[page] != kNoPage && pending_[page] == 0;
 }
 
 size_t Reservation::num_committed() {
   origin_.check();
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   return num_committed_;
 }
 
@@ -534,7 +536,7 @@ std::vector<std::pair<size_t, size_t>> Reservation::inherited_ranges() {
   // No origin check: a forked child reads its own copy of the page table. Its fork handler
   // made every mapped page private (pending decommits included: they stay mapped in the child)
   // and released the pool mutex, and nothing else runs there.
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   std::vector<size_t> pages;
   for (size_t p = 0; p < pages_.size(); ++p)
     if (pages_[p] != kNoPage) pages.push_back(p);
@@ -545,7 +547,7 @@ std::vector<std::pair<size_t, size_t>> Reservation::inherited_ranges() {
 
 std::vector<std::pair<size_t, size_t>> Reservation::committed_ranges() {
   origin_.check();
-  std::lock_guard<std::mutex> lock(pool_->mutex());
+  PagePool::Lock lock(*pool_);
   std::vector<size_t> pages;
   for (size_t p = 0; p < pages_.size(); ++p)
     if (pages_[p] != kNoPage && pending_[p] == 0) pages.push_back(p);

@@ -3,7 +3,8 @@
 // One mutex per pool guards the pool and every reservation drawing on it, and
 // serialises their driver calls, so the background committer and the Python
 // thread can use them concurrently. The binding layer releases the GIL around
-// every call into these classes.
+// every call into these classes, except PagePool::available(), which reads an
+// atomic and never waits.
 #pragma once
 
 #include <atomic>
@@ -69,7 +70,12 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   PoolStats stats();
   // Pages a commit can have now: free, creatable within the budget, or
   // pending a fence (stats().free_pages + creatable + pending_pages).
-  size_t available();
+  // Lock-free, so a reader never waits for a commit's driver calls: a
+  // snapshot published by the last locked section to end. It is exact while
+  // no other thread is inside the pool and may be stale by the sections in
+  // flight, which is harmless because every commit re-checks under the mutex
+  // and throws OutOfPages, changing nothing, when short.
+  size_t available() const;
 
   // fork() support (fork.h): the prepare handler holds every pool's mutex
   // while fork() runs, so the child never sees a half-done commit.
@@ -82,10 +88,28 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
  private:
   // The locking protocol, shared with Reservation only: one mutex guards the
   // pool and every reservation drawing on it, and serialises driver calls.
+  // Lock is the only way in (besides the fork handlers, which change nothing):
+  // it publishes available_locked() when the section ends, normally or by an
+  // exception, so no path that changes free_, created_, max_pages_ or
+  // pending_pages_ can leave available() stale.
   friend class Reservation;
-  std::mutex& mutex() { return mu_; }
+  class Lock {
+   public:
+    explicit Lock(PagePool& pool) : pool_(pool), lock_(pool.mu_) {}
+    // The body runs before lock_ is destroyed: the store happens under the mutex,
+    // so stores are ordered as the sections are and the last one wins.
+    ~Lock() { pool_.publish_available_locked(); }
+    Lock(const Lock&) = delete;
+    Lock& operator=(const Lock&) = delete;
+
+   private:
+    PagePool& pool_;
+    std::lock_guard<std::mutex> lock_;
+  };
   // Pages that can be had now or by waiting for pending decommits.
   size_t available_locked() const;
+  // Stores available_locked() for available() (with the mutex held).
+  void publish_available_locked() noexcept { available_.store(available_locked(), std::memory_order_release); }
   // Hands out `n` pages (reaping or waiting for pending decommits, creating
   // new pages within the budget). Throws OutOfPages, changing nothing, when
   // fewer than `n` can be had. `fresh` gets the pages that were never mapped.
@@ -114,6 +138,10 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   size_t pending_pages_ = 0;
   std::deque<PendingBatch> pending_;
   PoolStats counters_;
+  // available_locked() as of the last locked section (see Lock): available()
+  // reads it without the mutex. A plain store of the recomputed sum, never an
+  // increment, so it cannot drift from the counters or wrap below zero.
+  std::atomic<size_t> available_{0};
 };
 
 // A contiguous virtual range of `num_pages` pages whose pages are committed

@@ -265,8 +265,9 @@ class _StepMixin:
         self._slots.commit_slots(list(plan.items()))
 
     def _available_pages(self: "KVCache", *, reclaim: bool) -> int:
-        s = self.pool.stats()
-        available = s["free_pages"] + max(0, s["max_pages"] - s["created_pages"]) + s["pending_pages"]
+        # free + creatable within the budget + pending a fence, read without the pool's mutex (which the
+        # background committer holds through its driver calls): a snapshot that every commit re-checks.
+        available = self.pool._pool.available()
         if reclaim:
             available += self._held_pages_sum(self._free_slots)
         return available
