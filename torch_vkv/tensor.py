@@ -293,7 +293,8 @@ class VirtualKVView(torch.nn.Parameter):
     ``torch_vkv/_view_writes.py``) are checked against the page table first and
     raise ``ValueError`` for rows that are not committed (``RuntimeError`` after
     the cache was closed): such a write would fault. Writes through tensors an
-    op returned, and ``out=`` arguments of torch functions, are not checked.
+    op returned, ``out=`` arguments of torch functions and in-place torch
+    functions (``torch.relu_(view)``, ``torch.Tensor.add_(view, 1)``) are not checked.
     Reading rows past the committed ones reads zeros on the host backend and
     faults on CUDA: there it is the caller's responsibility.
     """
