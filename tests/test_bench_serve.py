@@ -166,6 +166,12 @@ def test_traces_pick_the_parts_of_a_workload(tmp_path, capsys):
         serve.main(["--smoke", "--workload", "offline", "--traces", "arxiv_summarization"])
     assert e.value.code == 2
     assert "--traces: expected a trace of workload 'offline' (uniform), got 'arxiv_summarization'" in capsys.readouterr().err
+    # A misspelt trace beside a right one was dropped without a word (its parts did not run).
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--smoke", "--workload", "long-online", "--traces", "arxiv_summarization,arxiv_long_onlin"])
+    assert e.value.code == 2
+    assert ("--traces: expected traces of the workloads selected (arxiv_long_online, arxiv_summarization), got "
+            "'arxiv_summarization,arxiv_long_onlin'") in capsys.readouterr().err
 
 
 def test_repeats_pool_rounds_of_fresh_requests(tmp_path):

@@ -236,3 +236,26 @@ def test_a_checkpoint_path_that_is_not_a_folder_is_named(tmp_path, ckpt):
             LLM(source, max_batch_size=2, max_seq_len=64)
     with pytest.raises(FileNotFoundError, match="tokenizer: expected a local checkpoint folder"):
         LLM(ckpt, tokenizer=str(missing), max_batch_size=2, max_seq_len=64)
+
+
+def test_a_relative_path_that_is_no_hub_name_is_a_path(tmp_path, monkeypatch):
+    """A relative ``pathlib.Path`` and a string of more than one folder can never be a hub repo id:
+    they went to the hub anyway (a Path: connection retries, then "couldn't connect to huggingface.co";
+    ``"runs/exp1/final"``: the hub's "Repo id must be in the form" error the path check was added to replace)."""
+    import pathlib
+
+    from torch_vkv._checks import check_checkpoint_path
+    from torch_vkv.serving import Engine
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for source in (pathlib.Path("no_such_checkpoint"), "runs/exp1/final", "runs/no such checkpoint"):
+        with pytest.raises(FileNotFoundError, match=f"model: expected a local checkpoint folder, got "
+                           f"'{source}' \\(no such folder\\)"):  # fmt: skip
+            check_checkpoint_path("model", source)
+    with pytest.raises(FileNotFoundError, match="model: expected a local checkpoint folder, got 'runs/exp1/final'"):
+        Engine("runs/exp1/final", max_batch_size=2, max_seq_len=64)
+    with pytest.raises(FileNotFoundError, match="model: expected a local checkpoint folder, got 'runs/exp1/final'"):
+        LLM("runs/exp1/final", max_batch_size=2, max_seq_len=64)
+    for name in ("org/model", "model", "org/model-v1.5_x"):  # hub names: left to from_pretrained
+        check_checkpoint_path("model", name)

@@ -253,3 +253,39 @@ def test_requests_after_an_engine_failure_answer_503_engine_failure(ckpt, monkey
         loop.stop()
     assert e.value.status == 503 and e.value.code == "engine_failure", vars(e.value)
     assert "boom" in str(e.value)
+
+
+def test_a_request_queued_when_the_engine_fails_answers_engine_failure(ckpt, monkeypatch):
+    """A request whose "add" waits in the queue while the step that fails runs is answered
+    by the loop's last look at the queue: that is the engine failing (503 engine_failure,
+    as for every later request), not the server shutting down (it said "shutting_down")."""
+    llm = _llm(ckpt)
+    in_step, fail_now = threading.Event(), threading.Event()
+
+    def failing_step():
+        in_step.set()
+        fail_now.wait(30)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    loop = EngineLoop(llm)
+    loop.start()
+    params = SamplingParams(max_tokens=2)
+
+    async def queued_while_failing():
+        loop.submit([([5, 6, 7], params)], lambda event: None)
+        assert await asyncio.to_thread(in_step.wait, 30)
+        handler = asyncio.ensure_future(start(loop, [([5, 6, 7], params)]))
+        await asyncio.sleep(0)  # submitted: its "add" waits behind the failing step
+        fail_now.set()
+        with pytest.raises(HTTPError) as e:
+            await asyncio.wait_for(handler, 30)
+        return e.value
+
+    try:
+        err = asyncio.run(queued_while_failing())
+    finally:
+        fail_now.set()
+        loop.stop()
+    assert err.status == 503 and err.code == "engine_failure", vars(err)
+    assert "boom" in err.message

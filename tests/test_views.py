@@ -395,6 +395,11 @@ WRITES = {
     "scatter_ along rows": "k.scatter_(1, torch.full((1, 1, 2, 8), 255), 1.0)",
     "scatter_add_ along slots": "k.scatter_add_(0, torch.full((1, 1, 2, 8), 2), torch.ones(1, 1, 2, 8))",
     "put_": "k.put_(torch.tensor([k.numel() - 1]), torch.tensor([1.0]))",
+    # torch takes a uint8 index as a mask (row 200 here), not as the row indices 0 and 1 (SIGSEGV).
+    "index_put_ with a uint8 row mask":
+        "k.index_put_((torch.tensor([slot]), (torch.arange(256) == 200).to(torch.uint8)), torch.tensor(1.0))",
+    "uint8 row mask": "k[slot, (torch.arange(256) == 200).to(torch.uint8)] = torch.ones(1, 2, 8)",
+    "NumPy uint8 row mask": "k[slot, (np.arange(256) == 200).astype(np.uint8)] = torch.ones(1, 2, 8)",
 }
 
 
@@ -432,6 +437,7 @@ assert float(k[slot, rows - 1].sum()) == 3.0 * 16 and float(k[slot, 2:4].abs().s
 import numpy as np
 k[slot, np.array([0, rows - 1])] = 5.0            # index forms checked like ints and slices
 k[slot, torch.arange(256) < rows] += 0
+k[slot, (torch.arange(256) < rows).to(torch.uint8)] += 0  # a uint8 mask: torch takes it as a bool one
 k[slot, range(rows)] = k[slot, :rows].clone()
 k[slot, :rows, ..., 0] = 5.0
 k[None, slot, :rows] = k[slot, :rows].clone()

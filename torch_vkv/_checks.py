@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Any, NoReturn, Optional
 
 import numpy as np
@@ -134,18 +135,24 @@ def local_dir_arg(text: str) -> str:
     return text
 
 
+#: What the Hugging Face hub takes as a repo id: ``name`` or ``namespace/name``.
+_REPO_ID = re.compile(r"[\w.\-]+(/[\w.\-]+)?")
+
+
 def check_checkpoint_path(what: str, source: Any) -> None:
-    """A ``str`` / ``os.PathLike`` model or tokenizer source that is written as a filesystem path (absolute,
-    or starting with ``.`` or ``~``, or naming an existing file) must be a folder: ``FileNotFoundError``
-    naming it otherwise, instead of the hub's "Repo id must be in the form ..." for a typo. A bare name
-    such as ``"org/model"`` goes to ``from_pretrained`` as it is (the Hugging Face cache resolves it)."""
+    """A model or tokenizer source that is a filesystem path (an ``os.PathLike``; a ``str`` that is absolute,
+    starts with ``.`` or ``~``, names an existing file, or is no hub repo id, such as ``"runs/exp1/final"``)
+    must be a folder: ``FileNotFoundError`` naming it otherwise, instead of the hub's "Repo id must be in the
+    form ..." for a typo. A bare name such as ``"org/model"`` goes to ``from_pretrained`` as it is (the
+    Hugging Face cache resolves it)."""
     import os
 
     path = os.fspath(source)
     if not isinstance(path, str):  # bytes paths
         path = os.fsdecode(path)
     expanded = os.path.expanduser(path)
-    looks_like_path = os.path.isabs(expanded) or path.startswith((".", "~")) or os.path.exists(expanded)
+    looks_like_path = (not isinstance(source, str) or os.path.isabs(expanded) or path.startswith((".", "~"))
+                       or os.path.exists(expanded) or not _REPO_ID.fullmatch(path))  # fmt: skip
     why = _not_a_folder(expanded) if looks_like_path else ""
     if why:
         raise FileNotFoundError(f"{what}: expected a local checkpoint folder, got {path!r} ({why})")

@@ -14,7 +14,10 @@ writes as an index of the view:
 
 Methods that change only metadata (``requires_grad_``, ``transpose_``, ...)
 are left alone. Index tensors on CUDA are not read (that would sync), as in
-``__setitem__``; ``out=`` arguments of torch functions are not seen at all.
+``__setitem__``; ``out=`` arguments of torch functions and in-place torch
+functions (``torch.relu_(view)``, ``F.relu(view, inplace=True)``,
+``torch.Tensor.add_(view, 1)``: they do not look the method up on the view)
+are not seen at all.
 """
 
 from __future__ import annotations

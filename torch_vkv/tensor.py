@@ -293,7 +293,8 @@ class VirtualKVView(torch.nn.Parameter):
     ``torch_vkv/_view_writes.py``) are checked against the page table first and
     raise ``ValueError`` for rows that are not committed (``RuntimeError`` after
     the cache was closed): such a write would fault. Writes through tensors an
-    op returned, and ``out=`` arguments of torch functions, are not checked.
+    op returned, ``out=`` arguments of torch functions and in-place torch
+    functions (``torch.relu_(view)``, ``torch.Tensor.add_(view, 1)``) are not checked.
     Reading rows past the committed ones reads zeros on the host backend and
     faults on CUDA: there it is the caller's responsibility.
     """
@@ -433,8 +434,8 @@ def _slots_and_rows(index: Any, num_slots: int, num_rows: int, ndim: int = 4) ->
     dimensions) touches, from the places that address its first two
     dimensions. Reads every index form ``Tensor.__setitem__`` takes: ints
     (NumPy ints, 0-d integer tensors and arrays), slices, integer or boolean
-    tensors, arrays, lists, tuples and ranges (a mask spans as many
-    dimensions as it has), ``Ellipsis`` and ``None``; a Python bool touches
+    tensors, arrays, lists, tuples and ranges (a mask, boolean or uint8 as
+    torch takes it, spans as many dimensions as it has), ``Ellipsis`` and ``None``; a Python bool touches
     everything (``True``) or nothing (``False``). Several advanced indexes
     are taken as their cross product, and rows as ``[min, max]``: a superset
     of what is written. ``(None, ...)`` only for CUDA index tensors (reading
@@ -487,7 +488,7 @@ def _index_part(part: Any) -> Optional[list[Any]]:
             arr = None
     if arr is None or arr.dtype.kind not in "biu":
         return [slice(None)]  # not an index torch writes with: whatever torch does, assume every index
-    if arr.dtype.kind == "b":
+    if arr.dtype.kind == "b" or arr.dtype == np.uint8:  # torch indexes with uint8 as with a mask (deprecated)
         if arr.ndim == 0:  # a 0-d mask: a new dimension, all or nothing (False was handled by the caller)
             return [] if arr else [[]]
         return [[int(i) for i in np.unique(coord)] for coord in np.nonzero(arr)]  # one list per masked dim

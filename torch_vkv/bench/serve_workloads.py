@@ -114,10 +114,18 @@ def workloads(scale: str, device_type: str = "cuda") -> dict[str, Workload]:
 
 def check_traces(names: Sequence[str], scale: str, traces: str) -> list[str]:
     """``--traces`` (comma-separated) as a list; ``ValueError`` naming the traces
-    a selected workload has when none of its parts is of a trace given."""
+    a selected workload has when none of its parts is of a trace given, or
+    naming every selected workload's traces when a trace given is in none (a typo
+    would otherwise drop its parts without a word)."""
     given = [t.strip() for t in traces.split(",") if t.strip()]
+    table = workloads(scale, "cpu")
+    every: set[str] = set()
     for name in names:
-        have = sorted({p.trace for p in workloads(scale, "cpu")[name].parts})
+        have = sorted({p.trace for p in table[name].parts})
+        every.update(have)
         if not set(given) & set(have):
             fail("--traces", f"a trace of workload {name!r} ({', '.join(have)})", traces)
+    unknown = [t for t in given if t not in every]
+    if unknown:
+        fail("--traces", f"traces of the workloads selected ({', '.join(sorted(every))})", traces)
     return given

@@ -42,7 +42,8 @@ class Accepted:
 @dataclass
 class Rejected:
     """The engine refused choice ``index`` (``message``: why): a bad request, or
-    with ``shutting_down`` the server stopped accepting before it arrived (503)."""
+    with ``shutting_down`` the server stopped accepting, or the engine failed,
+    before it arrived (503)."""
 
     index: int
     message: str
@@ -189,6 +190,8 @@ class EngineLoop:
         """After the loop ends: requests still queued are refused (their handlers wait)."""
         with self._lock:
             self._ended = True  # submit() queues nothing more
+        # After a failure the queued requests meet the engine's error (503 engine_failure), not a shutdown.
+        why = "the server is shutting down" if self.error is None else f"the engine failed: {self.error}"
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -196,7 +199,7 @@ class EngineLoop:
                 return
             if cmd[0] == "add":
                 self._release(1)
-                cmd[4].sink(Rejected(cmd[4].index, "the server is shutting down", shutting_down=True))
+                cmd[4].sink(Rejected(cmd[4].index, why, shutting_down=True))
 
     def _drain(self, block: bool) -> bool:
         """Runs queued commands (waiting for one when ``block``); True on "stop"."""

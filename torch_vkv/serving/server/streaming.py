@@ -62,7 +62,8 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) 
     if rejected is not None:
         loop.abort(ids)
         if rejected.shutting_down:  # submitted just before shutdown began: retryable elsewhere, not a bad prompt
-            raise HTTPError(503, rejected.message, "service_unavailable", None, "shutting_down")
+            code = "engine_failure" if loop.error is not None else "shutting_down"  # or before the engine failed
+            raise HTTPError(503, rejected.message, "service_unavailable", None, code)
         raise HTTPError(400, rejected.message, param="prompt", code="invalid_value")
     return ids, events
 
