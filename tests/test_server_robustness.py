@@ -82,6 +82,19 @@ def test_a_union_typed_field_error_names_the_field_its_forms_and_the_value(clien
                                  "code": "invalid_value"}  # fmt: skip
 
 
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "x"}),
+                                        (CHAT, {"messages": [{"role": "user", "content": "x"}]})])
+def test_stream_options_without_stream_is_a_400(client, path, body):
+    """``stream_options`` with ``stream`` false (or absent) was accepted and ignored; OpenAI answers 400."""
+    for extra in ({}, {"stream": False}):
+        r = client.post(path, json={**body, **extra, "stream_options": {"include_usage": True}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "stream_options"
+        assert r.json()["error"]["message"] == 'stream_options: expected stream_options only with "stream": true, got "stream": false'
+    r = client.post(path, json={**body, "max_tokens": 2, "stream": False, "stream_options": None})
+    assert r.status_code == 200, r.text
+
+
 def test_a_long_value_is_cut_in_the_message(client):
     r = client.post("/v1/completions", json={"prompt": [[1]] * 300 + ["x"]})
     message = r.json()["error"]["message"]

@@ -559,6 +559,9 @@ def test_add_request_errors_then_serves():
                 e.add_request(prompt, greedy(4))
         with pytest.raises(TypeError, match="params"):
             e.add_request([1, 2], {"max_tokens": 3})
+        # A stop id past the vocabulary could never match (was accepted: the request ran to max_tokens).
+        with pytest.raises(ValueError, match=rf"params.stop_token_ids entry: expected an int in \[0, {VOCAB}\), got {VOCAB}"):
+            e.add_request([1, 2], SamplingParams(max_tokens=4, stop_token_ids=[3, VOCAB]))
         import numpy as np
 
         assert e.abort(e.add_request(np.array([1, 2]), greedy(4)))  # numpy and torch prompts work too

@@ -257,9 +257,10 @@ class Engine(Closable, Unique):
         if len(prompt) >= self.max_seq_len:
             fail("prompt_token_ids", f"fewer than max_seq_len={self.max_seq_len} tokens",
                  Described(f"{len(prompt)} tokens"))  # fmt: skip
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            fail("prompt token id", f"an int in [0, {self.vocab_size})", bad)
+        for what, ids in (("prompt token id", prompt), ("params.stop_token_ids entry", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)  # a stop id past it never matches
+            if bad is not None:
+                fail(what, f"an int in [0, {self.vocab_size})", bad)
         if request_id is None:
             while str(self._next_id) in self._requests:
                 self._next_id += 1

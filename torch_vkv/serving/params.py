@@ -65,7 +65,8 @@ class SamplingParams:
         top_k: keep the ``top_k`` most likely tokens; ``-1`` or ``0`` disables it
             (at most ``2**63 - 1``; beyond the vocabulary it keeps every token).
         stop_token_ids: ids that end the request (the stop token is kept as the
-            last output token, ``finish_reason="stop"``).
+            last output token, ``finish_reason="stop"``); the engine refuses an id
+            outside ``[0, vocab_size)``, which could never match.
         ignore_eos: do not stop at the model's EOS ids (``stop_token_ids`` still stop).
         seed: makes sampling reproducible and independent of the batch; ``None``
             draws a seed when the request arrives. An int64: ``[-2**63, 2**63)``.

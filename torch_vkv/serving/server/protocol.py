@@ -10,7 +10,8 @@ import json
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "HTTPError", "StreamOptions", "TextPart",
@@ -42,6 +43,15 @@ class _SamplingFields(_Base):
     frequency_penalty: Optional[float] = None
     logprobs: Optional[Union[bool, int]] = None
     user: Optional[str] = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: Optional[StreamOptions], info: Any) -> Optional[StreamOptions]:
+        # OpenAI's answer too: options of a stream that will not be sent are a mistake, not a no-op.
+        if value is not None and not info.data.get("stream", False):
+            raise PydanticCustomError("stream_options", 'expected stream_options only with "stream": true, got '
+                                      '"stream": false')  # fmt: skip
+        return value
 
 
 class CompletionRequest(_SamplingFields):
