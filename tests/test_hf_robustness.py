@@ -269,12 +269,18 @@ def test_batch_op_indices_must_be_integer_rows(impl):
         # The range named is the one accepted: -1 is the last row (it said "[0, 3)" and took -1).
         (lambda: cache.reorder_cache(torch.tensor([-4, 0, 1])), ValueError, r"expected an int in \[-3, 3\).*got -4"),
         (lambda: cache.batch_select_indices([3]), ValueError, r"expected an int in \[-3, 3\).*got 3"),
+        # uint8 is a mask to torch (DynamicCache indexes with it); it was read as the rows 1, 0, 1.
+        (lambda: cache.reorder_cache(torch.tensor([1, 0, 1], dtype=torch.uint8)), TypeError, "beam_idx: expected"),
+        (lambda: cache.batch_select_indices(torch.tensor([1, 0], dtype=torch.uint8)), ValueError,
+         r"indices: expected a bool mask of 3 entries"),
     ]  # fmt: skip
     for call, exc, match in bad:
         with pytest.raises(exc, match=match):
             call()
         assert cache.lengths.rows() == rows  # nothing changed
     cache.reorder_cache([2, 1, 0])  # lists of ints and int tensors of any integer dtype stay accepted
+    cache.batch_select_indices(torch.tensor([1, 1, 1], dtype=torch.uint8))  # a uint8 mask keeps rows 0, 1, 2
+    assert cache.lengths.rows() == [rows[2], rows[1], rows[0]]
     cache.batch_select_indices(torch.tensor([True, False, True]))
     assert cache.lengths.rows() == [rows[2], rows[0]]
     cache.reorder_cache(torch.tensor([1, 0], dtype=torch.int32))

@@ -55,11 +55,13 @@ def row_index(what: str, indices: Any, batch: int, *, allow_mask: bool) -> list[
     idx = torch.as_tensor(indices)
     if idx.dim() != 1:
         fail(what, "a 1-D tensor of row indices", Described(f"shape {tuple(idx.shape)}"))
-    if idx.dtype == torch.bool and allow_mask:
+    # uint8 is a mask to torch's indexing (DynamicCache's batch_select_indices), never row numbers.
+    is_mask = idx.dtype in (torch.bool, torch.uint8)
+    if is_mask and allow_mask:
         if idx.numel() != batch:
             fail(what, f"a bool mask of {batch} entries (one per row)", idx.numel())
         idx = idx.nonzero().flatten()
-    elif idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
+    elif idx.numel() and (is_mask or idx.is_floating_point() or idx.is_complex()):
         kinds = "integer row indices or a bool mask" if allow_mask else "integer row indices"
         fail(what, kinds, Described(f"dtype {idx.dtype}"), TypeError)
     return [int(i) for i in idx.tolist()]
