@@ -1,13 +1,12 @@
 """Small-batch split-KV decode: where its time goes, on a GPU (a diagnostic, not a benchmark).
 
-    python scripts/diag_decode.py [--points 1x16384,4x16384] [--splits 16,32,64] [--stages 2,3,4] [--fused 0,1]
+    python scripts/diag_decode.py [--points 1x16384,4x16384] [--splits 16,32,64] [--stages 2,3,4]
 
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, our Triton decode on a
 contiguous cache, every time replayed from a CUDA graph with the L2 cleared
 before each replay (``torch_vkv.bench.timing.time_us_graph``). For each
 (batch, context) point it sweeps ``num_splits x block_n x num_warps x
-num_stages x fused_merge`` (``--fused 0,1``: the split kernel's last split merges, one
-launch instead of two) and also times the merge kernel alone (``_decode_reduce_kernel``
+num_stages`` and also times the merge kernel alone (``_decode_reduce_kernel``
 at that split count) and a ``copy_`` of K (read + write bytes, as ``bench
 kernels`` counts the copy bandwidth). Prints the best rows per point and writes
 every row to ``$OUT/diag_decode.json``.
@@ -40,7 +39,6 @@ def main() -> None:
     p.add_argument("--block-n", default="64,128")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4")
-    p.add_argument("--fused", default="0,1", help="fused_merge values (0: the merge kernel, 1: in the split kernel)")
     p.add_argument("--rep-ms", type=float, default=20.0)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -65,11 +63,6 @@ def main() -> None:
         rows.append(dict(batch=B, context=S, kind="copy_k", us=copy_us, tb_s=copy_tb))
         print(f"B={B} S={S}: copy of K {copy_us:.1f} us ({copy_tb:.2f} TB/s); ideal K+V read at that rate "
               f"{kv_bytes / copy_tb / 1e6:.1f} us; default splits {default}", flush=True)
-        # The fused merge must give the merge kernel's output (a check on the hardware's memory ordering).
-        diff = (tk.decode_attention(q, k, v, lens, num_splits=max(default, 2), fused_merge=True).float()
-                - tk.decode_attention(q, k, v, lens, num_splits=max(default, 2)).float()).abs().max().item()
-        rows.append(dict(batch=B, context=S, kind="fused_check", splits=max(default, 2), max_abs_diff=diff))
-        print(f"  fused merge vs merge kernel at {max(default, 2)} splits: max |diff| {diff:.3g}", flush=True)
         point = []
         for splits in _ints(args.splits):
             mid_o = torch.randn((B, H, splits, D), device=dev)
@@ -80,27 +73,26 @@ def main() -> None:
                 BLOCK_S=next_pow2(splits), num_warps=4), dev, rep_ms=args.rep_ms, warmup_ms=5)  # fmt: skip
             rows.append(dict(batch=B, context=S, kind="reduce", splits=splits, us=us))
             print(f"  reduce alone, {splits} splits: {us:.1f} us", flush=True)
-        for splits, block_n, warps, stages, fused in itertools.product(
-            _ints(args.splits), _ints(args.block_n), _ints(args.warps), _ints(args.stages), _ints(args.fused)
+        for splits, block_n, warps, stages in itertools.product(
+            _ints(args.splits), _ints(args.block_n), _ints(args.warps), _ints(args.stages)
         ):
-            row = dict(batch=B, context=S, kind="decode", splits=splits, block_n=block_n, warps=warps, stages=stages,
-                       fused=bool(fused))  # fmt: skip
+            row = dict(batch=B, context=S, kind="decode", splits=splits, block_n=block_n, warps=warps, stages=stages)
             try:
                 row["us"] = time_us_graph(lambda: tk.decode_attention(
-                    q, k, v, lens, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
-                    fused_merge=bool(fused)), dev, rep_ms=args.rep_ms, warmup_ms=5)  # fmt: skip
+                    q, k, v, lens, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages),
+                    dev, rep_ms=args.rep_ms, warmup_ms=5)  # fmt: skip
                 row["pct_copy"] = 100 * kv_bytes / row["us"] / 1e6 / copy_tb
             except Exception as e:  # a configuration that does not fit shared memory
                 row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
             point.append(row)
         rows += point
         for r in sorted((r for r in point if "us" in r), key=lambda r: r["us"])[:6]:
-            print(f"  splits={r['splits']} block_n={r['block_n']} warps={r['warps']} stages={r['stages']} "
-                  f"fused={r['fused']}: {r['us']:.1f} us ({r['pct_copy']:.0f}% of copy)", flush=True)
-        for r in point:
-            if (r["splits"], r["block_n"], r["warps"], r["stages"]) == (default, 64, 4, 3) and "us" in r:
-                print(f"  default (splits={default}, 64, 4, 3) fused={r['fused']}: {r['us']:.1f} us "
-                      f"({r['pct_copy']:.0f}%)", flush=True)  # fmt: skip
+            print(f"  splits={r['splits']} block_n={r['block_n']} warps={r['warps']} stages={r['stages']}: "
+                  f"{r['us']:.1f} us ({r['pct_copy']:.0f}% of copy)", flush=True)
+        ref = [r for r in point if (r["splits"], r["block_n"], r["warps"], r["stages"]) == (default, 64, 4, 3)]
+        if ref and "us" in ref[0]:
+            print(f"  default (splits={default}, 64, 4, 3): {ref[0]['us']:.1f} us ({ref[0]['pct_copy']:.0f}%)",
+                  flush=True)
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, "diag_decode.json"), "w") as f:
         json.dump(rows, f, indent=1)

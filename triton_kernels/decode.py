@@ -13,9 +13,7 @@ NUM_SPLITS`` programs so that a small batch still fills the GPU:
   (rounded up to ``BLOCK_N``), so no split is idle however large ``S_max`` is,
   and the launch shape never depends on the lengths (CUDA-graph safe).
   It writes a partial output and its log-sum-exp.
-* ``_decode_reduce_kernel``: merges the ``NUM_SPLITS`` partials per head
-  (or, with ``fused_merge``, the last split of each ``(request, kv head)`` to
-  finish does it inside the first kernel: one launch instead of two).
+* ``_decode_reduce_kernel``: merges the ``NUM_SPLITS`` partials per head.
 
 With ``NUM_SPLITS == 1`` the first kernel writes the final output directly.
 """
@@ -42,9 +40,6 @@ def _decode_split_kernel(
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
     o_ptr,  # DIRECT: out [num_requests, num_heads, D]; else fp32 [num_requests, num_heads, NUM_SPLITS, D]
     lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS] (unused if DIRECT)
-    count_ptr,  # FUSED_MERGE: int32 [num_requests, H_kv], zero: splits of (r, kv head) done so far
-    out_ptr,  # FUSED_MERGE: out [num_requests, num_heads, D]
-    stride_out_t, stride_out_h,
     num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
     qk_mul, cap_out,  # score scaling (_common.score_params)
     window,  # WINDOW: the query (position seqlen - 1) sees keys [seqlen - 1 - window, seqlen - 1]
@@ -66,8 +61,6 @@ def _decode_split_kernel(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -123,33 +116,7 @@ def _decode_split_kernel(
         o_offs = r * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
         tl.store(o_ptr + o_offs, out, mask=g_ok[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-        lse_base = lse_ptr + r * NUM_SPLITS * tl.num_programs(1) * GROUP
-        tl.store(lse_base + heads * NUM_SPLITS + split, lse, mask=g_ok)
-        if FUSED_MERGE:
-            # The last split of (r, kv_head) to finish merges them all: one launch instead of two.
-            # The barrier puts every thread's stores before the atomic, whose release (acq_rel,
-            # GPU scope) publishes them; the last program's acquire orders its loads after all of them.
-            tl.debug_barrier()
-            count = count_ptr + r * tl.num_programs(1) + kv_head
-            if tl.atomic_add(count, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                offs_s = tl.arange(0, BLOCK_S)
-                gs_ok = g_ok[:, None] & (offs_s < NUM_SPLITS)[None, :]
-                # .cg: from L2, never a line this SM's L1 kept from before the other splits wrote.
-                lse_all = tl.load(lse_base + heads[:, None] * NUM_SPLITS + offs_s[None, :], mask=gs_ok,
-                                  other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-                m = tl.max(lse_all, 1)
-                m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (length 0): output 0, not NaN
-                denom = tl.sum(tl.math.exp2(lse_all - m[:, None]), 1)
-                merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-                for s in range(NUM_SPLITS):
-                    w = tl.math.exp2(tl.load(lse_base + heads * NUM_SPLITS + s, mask=g_ok, other=float("-inf"),
-                                             cache_modifier=".cg") - m)  # fmt: skip
-                    part = tl.load(o_ptr + r * stride_ot + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
-                                   mask=g_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    merged += w[:, None] * part
-                merged = merged / tl.where(denom == 0.0, 1.0, denom)[:, None]
-                tl.store(out_ptr + r * stride_out_t + heads[:, None] * stride_out_h + offs_d[None, :],
-                         merged.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
+        tl.store(lse_ptr + (r * NUM_SPLITS * tl.num_programs(1) * GROUP) + heads * NUM_SPLITS + split, lse, mask=g_ok)
 
 
 @triton.jit
@@ -222,7 +189,6 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    fused_merge: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: one query per request over its cached keys.
@@ -244,9 +210,6 @@ def decode_attention(
     num_splits : splits per (request, kv head); default :func:`default_num_splits`
         (of the window's length with ``window_left``).
     block_n, num_warps, num_stages : tile and launch parameters (tuning; defaults 64 / 4 / 3).
-    fused_merge : with ``num_splits > 1``, the last split of each ``(request, kv head)`` merges
-        the partials (an atomic counter per pair, zeroed each call) instead of a second kernel:
-        one launch fewer, which is a measurable part of small-batch decode (``scripts/diag_decode.py``).
 
     Returns
     -------
@@ -281,12 +244,9 @@ def decode_attention(
         mid_lse = torch.empty((R, H, num_splits), device=q.device, dtype=torch.float32)
         stride_os = mid_o.stride(2)
     bt = block_table if paged else cache_seqlens
-    fused = fused_merge and not direct
-    count = torch.zeros((R, H_kv), device=q.device, dtype=torch.int32) if fused else cache_seqlens
     _decode_split_kernel[(R, H_kv, num_splits)](
         q, k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
-        mid_o, mid_lse, count, out, out.stride(0), out.stride(1),
-        *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
+        mid_o, mid_lse, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
         window_left if window_left is not None else 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -295,10 +255,9 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
-        FUSED_MERGE=fused, BLOCK_S=next_pow2(num_splits),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if not direct and not fused:
+    if not direct:
         _decode_reduce_kernel[(R, H)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=H, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits),
