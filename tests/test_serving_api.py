@@ -163,7 +163,7 @@ def test_copies_of_an_output_compare_equal():
 @pytest.mark.parametrize("kv, backend", [("virtual", "torch_fa2"), ("paged", "flash_attn"), ("paged", "flashinfer")])
 def test_a_backend_that_cannot_serve_is_refused_at_construction(kv, backend):
     """``attention_backend`` naming a backend this process cannot run (PyTorch's FA2 or flash-attn on
-    the CPU, FlashInfer over paged KV) was accepted: every ``step()`` then raised and the queued requests
+    the CPU, FlashInfer without CUDA) was accepted: every ``step()`` then raised and the queued requests
     stayed stuck. Now the constructor refuses it, lists the usable ones, and leaves the model as it was."""
     model = make_model("llama")
     attn = model.config._attn_implementation

@@ -249,8 +249,13 @@ def _check_flashinfer(q, k_cache, v_cache, decode: bool, block_table) -> None:
         fail("backend 'flashinfer'", "CUDA fp16/bf16 tensors", f"device={q.device}, dtype={q.dtype}")
     if q.shape[2] not in (64, 128, 256):
         fail("head_dim for backend 'flashinfer'", "64, 128 or 256", q.shape[2])
-    if block_table is not None:
-        fail("backend 'flashinfer'", "no block_table (it runs on the contiguous cache)", "a block_table")
+    if block_table is not None:  # FlashInfer's own paged kernels over the block pool
+        from .flashinfer_paged import paged_layout_problem
+
+        problem = paged_layout_problem(k_cache, v_cache, block_table)
+        if problem is not None:
+            fail("block pool for backend 'flashinfer'", problem, "another layout")
+        return
     problem = layout_problem(k_cache, v_cache, decode=decode)
     if problem is not None:
         fail("cache layout for backend 'flashinfer'", problem, "another layout (use 'auto' to skip flashinfer)")

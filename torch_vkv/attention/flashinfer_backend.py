@@ -410,22 +410,34 @@ def flashinfer_attention(
     fi = deps.flashinfer_module()
     if fi is None:
         raise RuntimeError("flashinfer backend: expected the flashinfer package to be importable, got ImportError")
-    problem = layout_problem(k_cache, v_cache, decode=cu_seqlens_q is None)
-    if block_table is not None or problem is not None:
-        raise ValueError(f"flashinfer backend: expected {problem or 'no block_table (FlashInfer paged pools are not wired)'}")
+    if block_table is not None:
+        from . import flashinfer_paged as paged
+
+        problem = paged.paged_layout_problem(k_cache, v_cache, block_table)
+    else:
+        problem = layout_problem(k_cache, v_cache, decode=cu_seqlens_q is None)
+    if problem is not None:
+        raise ValueError(f"flashinfer backend: expected {problem}")
     if cu_seqlens_q is None:
+        if block_table is not None:
+            return paged.paged_decode(fi, _workspace(q.device), q, k_cache, v_cache, cache_seqlens, slots,
+                                      block_table, scale, window_left, softcap)  # fmt: skip
         return _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, softcap)
     if q.shape[0] == 0:
         return torch.empty_like(q)
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        # The ragged plan needs the lengths on the host, which a capture cannot read.
+        # The prefill plans need the lengths on the host, which a capture cannot read.
         if not deps.triton_usable(q.device):
             raise RuntimeError("flashinfer prefill inside a CUDA-graph capture: expected host-readable lengths "
                                "or triton for the fallback, got neither")  # fmt: skip
         from .triton_backend import triton_attention
 
-        return triton_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, None, causal, scale,
-                                max_seqlen_q, 0, window_left, softcap)  # fmt: skip
+        return triton_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal,
+                                scale, max_seqlen_q, 0, window_left, softcap)  # fmt: skip
+    if block_table is not None:
+        return paged.paged_prefill(fi, _workspace(q.device), _prefill_backend(q.device), q, k_cache, v_cache,
+                                   cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, window_left,
+                                   softcap)  # fmt: skip
     out, clean = _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left,
                          softcap)  # fmt: skip
     return out if clean else _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots)
@@ -439,11 +451,11 @@ def _(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, caus
 
 def flashinfer_supported(q, k_cache, v_cache, *, decode: bool, block_table=None) -> bool:
     """Whether ``flashinfer`` takes these tensors as they are (shapes, dtypes, strides; no value read)."""
-    return (
-        q.is_cuda
-        and block_table is None
-        and deps.has_flashinfer()
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[2] in HEAD_DIMS
-        and layout_problem(k_cache, v_cache, decode=decode) is None
-    )
+    if not (q.is_cuda and deps.has_flashinfer() and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[2] in HEAD_DIMS):  # fmt: skip
+        return False
+    if block_table is not None:
+        from .flashinfer_paged import paged_layout_problem
+
+        return paged_layout_problem(k_cache, v_cache, block_table) is None
+    return layout_problem(k_cache, v_cache, decode=decode) is None

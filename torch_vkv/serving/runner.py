@@ -226,8 +226,6 @@ def _check_backend(backend: str, kv: KVManager) -> str:
     from torch_vkv.attention import available_backends
 
     usable = available_backends(kv.device)
-    if kv.kind == "paged" and "flashinfer" in usable:
-        usable.remove("flashinfer")  # runs on the virtual cache only: no block-table path
     if backend not in usable:
         fail("attention_backend", f"'auto' or a backend that can serve kv={kv.kind!r} on {kv.device} in this "
              f"process, one of {tuple(usable)}", backend)  # fmt: skip
