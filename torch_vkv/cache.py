@@ -534,9 +534,9 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         Reads bookkeeping only, never K/V memory, and takes no lock (a snapshot
         while another thread commits may be one step stale)."""
         head = (
-            f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
-            f"device={str(self.device)!r}, layout={self.layout!r}"
+            f"{type(self).__name__}(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
+            f"dtype={self.dtype}, device={str(self.device)!r}, layout={self.layout!r}"
         )
         if self._forked:
             return f"{head}, created in process {self._pid} before fork(): unusable here)"

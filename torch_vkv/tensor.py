@@ -140,13 +140,15 @@ class VirtualKVTensor(torch.Tensor):
         return self
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # never reads the tensor's memory
-        head = f"VirtualKVTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
+        head = f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
         state = self._unusable_state()
         if state:
             return f"{head}, {state})"
         return f"{head}, committed_bytes={self.committed_bytes()}, reserved_bytes={self.reservation.bytes})"
 
     def _unusable_state(self) -> str | None:
+        if getattr(self, "reservation", None) is None:  # a subclass's __torch_function__ kept the type only
+            return "<made by an operation: no reservation metadata, memory not read>"
         if self.reservation.forked:
             return "<inherited through fork(): unusable in this process>"
         if self.reservation.closed:
@@ -396,7 +398,7 @@ class VirtualKVView(torch.nn.Parameter):
         torch.Tensor.__setitem__(self, index, value)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # reads committed rows only
-        head = f"VirtualKVView(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
+        head = f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
         state = self.source._unusable_state()
         if state:
             return f"{head}, {state})"

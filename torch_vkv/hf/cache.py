@@ -292,6 +292,7 @@ class VirtualKVCache(Cache):
         return self.layers[int(layer_idx)].update(key_states, value_states, *args, **kwargs)
 
     # -- steps -------------------------------------------------------------------------------
+    @torch.compiler.disable  # host work (commits, lengths): a compiled prefill runs it eagerly, graph break
     def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
         """The step ``key_states`` belongs to. Layer 0 begins it: fixes mode and
         batch on the first step, settles the lengths, plans the padding squeeze,
@@ -566,13 +567,12 @@ class VirtualKVCache(Cache):
             self._kv.close()
 
     def __repr__(self) -> str:
+        name = type(self).__name__  # a subclass's repr names the subclass
         if self._closed:
-            return f"VirtualKVCache(closed, num_layers={self._num_layers})"
+            return f"{name}(closed, num_layers={self._num_layers})"
         seq = self._lengths.seq_length() if self._mode is not None else 0
-        return (
-            f"VirtualKVCache(num_layers={self._num_layers}, max_batch_size={self._max_batch_size}, "
-            f"max_cache_len={self._max_cache_len}, layout={self._layout!r}, mode={self._mode!r}, seq_length={seq})"
-        )
+        return (f"{name}(num_layers={self._num_layers}, max_batch_size={self._max_batch_size}, max_cache_len="
+                f"{self._max_cache_len}, layout={self._layout!r}, mode={self._mode!r}, seq_length={seq})")
 
 
 class _QueryOffset(int):

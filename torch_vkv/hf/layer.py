@@ -188,8 +188,10 @@ class VirtualKVLayer(CacheLayerMixin):
         p = self._parent
         p._check_states(key_states, value_states)
         B, H, S, D = key_states.shape
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             check_backend()  # aot_eager would copy the whole buffer: a clear error instead of a fault
+        if compiling and p._mode == "vkv":  # else (a compiled prefill, padded mode) _eager_step breaks the graph
             lens = p._compiled_step_lengths(self.layer_idx, B, S)
             cu = None if S == 1 else torch.arange(B + 1, dtype=torch.int32, device=key_states.device) * S
             self._append(key_states, value_states, lens, cu, None)
