@@ -67,9 +67,10 @@ def test_bench_alloc_quick_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("max_len", ["100000000", "99999999999"])
-def test_a_max_len_beyond_memory_is_refused_before_the_run(max_len):
+def test_a_max_len_beyond_memory_is_refused_before_the_run(max_len, capsys):
     """--max-len whose K/V cannot fit in this machine's memory is refused up front with "expected ..., got ...",
-    not a KVCache ValueError traceback (or an out-of-memory) after the latency part has run."""
+    not a KVCache ValueError traceback (or an out-of-memory) after the latency part has run: a usage error."""
     with pytest.raises(SystemExit) as e:
         main(["--device", "cpu", "--quick", "--max-len", max_len])
-    assert isinstance(e.value.code, str) and "--max-len" in e.value.code and "expected" in e.value.code
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--max-len" in err and "expected" in err

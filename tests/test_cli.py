@@ -140,3 +140,65 @@ def test_bench_serve_against_no_server_says_so(tmp_path):
               "--out", str(tmp_path)])
     assert isinstance(e.value.code, str) and "http://127.0.0.1:1/v1/models" in e.value.code
     assert "expected" in e.value.code and "ConnectError" in e.value.code
+
+
+@pytest.mark.parametrize("args, names", [
+    (["bench", "alloc", "--device", "cpu", "--pages", "0"], "--pages"),
+    (["bench", "alloc", "--device", "cpu", "--dtype", "int8"], "--dtype"),
+    (["bench", "alloc", "--device", "cpu", "--q-heads", "3"], "--q-heads"),
+    (["bench", "alloc", "--device", "cpu", "--min-len", "9", "--max-len", "4"], "min_len"),
+    (["bench", "kernels", "--smoke", "--sections", "nope"], "--sections"),
+    (["bench", "kernels", "--smoke", "--models", "nope"], "--models"),  # was ignored with --smoke: exit 0
+    (["demo", "--prompt-len", "8", "--new-tokens", "8", "--max-cache-len", "12"], "--max-cache-len"),
+    (["demo", "--no-transformers", "--prompt-len", "8", "--new-tokens", "8", "--max-cache-len", "12"],
+     "--max-cache-len"),  # was a KVCache ValueError traceback from the decode loop
+    (["demo", "--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--attn", "no_such_attention"], "--attn"),
+])
+def test_a_bad_value_found_after_parsing_is_still_a_usage_error(args, names, capsys):
+    """Values that argparse's types cannot check alone (combinations, names looked up later) are refused
+    like argparse's own errors: exit status 2 and "error: ... expected ..." on stderr, before anything runs.
+    bench alloc / kernels exited with status 1 (or 0: --models with --smoke), demo --attn with transformers'
+    ValueError traceback, demo's --max-cache-len check printed to stdout and returned 2 without "error:"."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and names in err and "expected" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from _tiny_checkpoint import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("cli_ckpt"))
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--page-size", "100"], "page_size"),
+    (["--kv", "paged", "--page-size", "4096"], "page_size"),
+    (["--memory-budget", "1"], "memory_budget"),
+    (["--max-seq-len", "1"], "max_seq_len"),
+    (["--attention-backend", "flash_attn"], "attention_backend"),
+])
+def test_serve_options_the_engine_refuses_are_usage_errors(extra, names, tiny_ckpt, capsys):
+    """An engine option that the Engine refuses (page size, budget, backend) is a usage error of serve:
+    exit status 2 with the engine's "expected ..., got ..." message, not a ValueError traceback, and
+    no server starts."""
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tiny_ckpt), "--port", "0", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and names in err and "expected" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["demo", "--batch", "1", "--prompt-len", "4", "--new-tokens", "2"]])
+def test_a_folder_that_is_no_checkpoint_is_a_usage_error(command, tmp_path, capsys):
+    """--model naming an existing folder without a checkpoint in it: exit status 2 naming --model, not a
+    tokenizer (serve) or AutoConfig (demo) traceback."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--model", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model" in err and "expected" in err and str(tmp_path) in err

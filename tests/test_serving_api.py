@@ -60,6 +60,30 @@ def test_a_step_that_raises_keeps_the_aborted_outputs_for_the_next_step():
         assert final[b].token_ids == want and final[b].finish_reason == "length"
 
 
+def test_an_aborted_requests_id_is_not_reused_before_its_final_output_is_returned():
+    """``abort`` leaves the final output for the next ``step()``, but the id was free at once: ``generate``
+    (or ``LLM.generate``) could number its own request with it (the counter reaches an id a user gave) and
+    return that aborted output, ``token_ids == []``, as the result of its prompt; ``add_request`` took the id
+    again, and the next ``step()`` returned two outputs under it, one finished and one not."""
+    model = model_of("llama")
+    want, want_x = reference(model, [1, 2, 3], 4), reference(model, [7, 8], 4)  # before the engine takes the model
+    with engine_for(model) as e:
+        e.add_request([5, 6], greedy(4), request_id="0")  # the id generate's counter gives first
+        assert e.abort("0")
+        out = e.generate([[1, 2, 3]], greedy(4), use_tqdm=False)[0]
+        assert out.prompt_token_ids == [1, 2, 3] and out.finish_reason == "length" and out.token_ids == want
+        assert out.request_id != "0"
+        final = drain(e)
+        assert final["0"].finish_reason == "abort" and final["0"].prompt_token_ids == [5, 6]
+        e.add_request([5, 6], greedy(4), request_id="x")
+        assert e.abort("x")
+        with pytest.raises(ValueError, match="request_id: expected an id not used"):
+            e.add_request([7, 8], greedy(4), request_id="x")
+        assert [(o.request_id, o.finish_reason) for o in e.step()] == [("x", "abort")]
+        assert e.add_request([7, 8], greedy(4), request_id="x") == "x"  # free once its output is returned
+        assert drain(e)["x"].token_ids == want_x
+
+
 def test_generate_hands_back_the_final_outputs_of_requests_it_does_not_own():
     """``generate`` serves requests added earlier with ``add_request``
     alongside its own and does not return them; but one that finished during

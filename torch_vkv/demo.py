@@ -58,8 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _UsageError(ValueError):
+    """An argument found bad only once used (``--attn``, a ``--model`` folder that is no checkpoint): exit 2."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(list(argv) if argv is not None else None)
+    parser = _parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -67,6 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.max_cache_len = 2048 if device.type == "cpu" else 32768
     if args.layout is None:
         args.layout = "per_layer" if device.type == "cpu" else "interleaved"
+    if args.prompt_len + args.new_tokens > args.max_cache_len:
+        parser.error(f"--prompt-len + --new-tokens must fit in --max-cache-len: expected <= {args.max_cache_len}, "
+                     f"got {args.prompt_len + args.new_tokens}")  # fmt: skip
     torch.manual_seed(args.seed)
     if not args.no_transformers:
         try:
@@ -75,7 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("transformers is not installed: running the KVCache-only decode loop instead "
                   "(pip install 'torch_vkv[hf]' for the Hugging Face demo)\n")  # fmt: skip
             return _kvcache_only(args, device)
-        return _hf_demo(args, device)
+        try:
+            return _hf_demo(args, device)
+        except _UsageError as e:
+            parser.error(str(e))
     print("--no-transformers: running the KVCache-only decode loop\n")
     return _kvcache_only(args, device)
 
@@ -137,7 +148,12 @@ def _hf_demo(args: argparse.Namespace, device: torch.device) -> int:
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as e:  # no config.json, an unknown model_type, no weights
+            raise _UsageError(f"argument --model: expected a transformers causal LM checkpoint, got {args.model!r} "
+                              f"({e})") from None  # fmt: skip
+        model = model.to(device).eval()
         source = args.model
     else:
         model = _small_llama(device, dtype)
@@ -147,9 +163,11 @@ def _hf_demo(args: argparse.Namespace, device: torch.device) -> int:
         model.generation_config.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     pad = model.generation_config.pad_token_id
     B, P, N = args.batch, args.prompt_len, args.new_tokens
-    if P + N > args.max_cache_len:
-        print(f"--prompt-len + --new-tokens must fit in --max-cache-len: expected <= {args.max_cache_len}, got {P + N}")
-        return 2
+    try:
+        model.set_attn_implementation(args.attn)  # before any cache is built
+    except (ImportError, ValueError) as e:
+        raise _UsageError(f"argument --attn: expected an attention implementation this process can run "
+                          f"(vkv, sdpa, eager, ...), got {args.attn!r} ({e})") from None  # fmt: skip
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, min(cfg.vocab_size, 32000), (B, P), generator=g)
     mask = torch.ones_like(ids)

@@ -37,14 +37,12 @@ Two parts, one report (``alloc.json`` / ``alloc.md``):
    server does for the sampled tokens; ``--sync none`` lets the host run ahead
    of the GPU, which hides host-side commit costs behind queued kernels.
 
-   Step time comes from CUDA events on the GPU (host ``perf_counter`` on the
-   CPU) at the step boundaries, through ``torch_vkv.bench.timing.StepClock``:
-   a decode trajectory is stateful (exactly ``steps`` steps from a prepared
-   cache), so a call-repeating timer such as ``do_bench`` cannot drive it.
-   Repeats interleave the modes and the overhead is the median over repeats of
-   ``mean step time(mode) / mean step time(precommitted) - 1``. The loop
-   passes its lengths as an int64 NumPy array updated in place, the form the
-   C++ slot table reads directly.
+   Step time comes from CUDA events on the GPU (host ``perf_counter`` on the CPU) at the step boundaries,
+   through ``torch_vkv.bench.timing.StepClock``: a decode trajectory is stateful (exactly ``steps`` steps
+   from a prepared cache), so a call-repeating timer such as ``do_bench`` cannot drive it. Repeats interleave
+   the modes and the overhead is the median over repeats of ``mean step time(mode) / mean step
+   time(precommitted) - 1``. The loop passes its lengths as an int64 NumPy array updated in place, the form
+   the C++ slot table reads directly.
 
 3. **Host cost of the per-step call** (``section = "step_call"``): microseconds
    per ``step_async(lens)`` when no slot crosses a page, at batch 64 and 256
@@ -536,9 +534,11 @@ def _decode_runs(
 
 # ------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    cfg = _config(args)
+    args = (parser := _parser()).parse_args(argv)
+    try:  # a bad value that _config finds is a usage error (exit status 2), as argparse's own are
+        cfg = _config(args)
+    except SystemExit as e:
+        parser.error(str(e.code).removeprefix("bench alloc: "))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if cfg.device.type == "cuda":
         torch.cuda.set_device(cfg.device)

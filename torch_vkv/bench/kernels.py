@@ -127,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args) -> Config:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = args.models.split(",") if args.models else (["llama3-8b"] if args.quick else list(MODELS))
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"--models: expected names from {sorted(MODELS)}, got {m!r}")
     if args.smoke:
         return Config(
             device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
@@ -135,10 +139,6 @@ def _config(args) -> Config:
             vm_prefill=[128], tune=[(4, 256)], tune_full=False, prefill_tune=[64], paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
             layout_cases=[(4, 256)], layout_layers=2,
         )  # fmt: skip
-    models = args.models.split(",") if args.models else (["llama3-8b"] if args.quick else list(MODELS))
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"--models: expected names from {sorted(MODELS)}, got {m!r}")
     if args.quick:
         cfg = Config(
             device=dev, dtype=torch.bfloat16, models=models, batches=[1, 32, 128], contexts=[4096, 16384],
@@ -456,11 +456,14 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    cfg = _config(args)
+    args = (parser := _parser()).parse_args(argv)
+    try:  # a bad value that _config finds is a usage error (exit status 2), as argparse's own are
+        cfg = _config(args)
+    except SystemExit as e:
+        parser.error(str(e.code))
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
-        raise SystemExit(f"--sections: expected names from {','.join(SECTIONS)}, got {args.sections!r}")
+        parser.error(f"--sections: expected names from {','.join(SECTIONS)}, got {args.sections!r}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if cfg.device.type != "cuda" and not args.smoke:
         log("bench kernels: expected a CUDA device, got none (use --smoke for a CPU plumbing check)")

@@ -261,15 +261,20 @@ class Engine(Closable, Unique):
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)  # a stop id past it never matches
             if bad is not None:
                 fail(what, f"an int in [0, {self.vocab_size})", bad)
+        # An aborted request's id stays in use until step() returns its final output: a new request
+        # under it (an explicit id, or a counter id equal to an earlier explicit one) would take that output.
+        undelivered = {o.request_id for o in self._undelivered}  # usually empty
+        in_use = lambda rid: rid in self._requests or rid in undelivered  # noqa: E731
         if request_id is None:
-            while str(self._next_id) in self._requests:
+            while in_use(str(self._next_id)):
                 self._next_id += 1
             request_id = str(self._next_id)
             self._next_id += 1
         elif not isinstance(request_id, str):
             fail("request_id", "a str or None", type(request_id), ArgumentTypeError)
-        elif request_id in self._requests:
-            fail("request_id", "an id not used by an unfinished request", request_id)
+        elif in_use(request_id):
+            fail("request_id", "an id not used by an unfinished request (nor by one whose final output the next "
+                 "step() returns)", request_id)  # fmt: skip
         if params.n > self.max_batch_size:
             fail("params.n", f"at most max_batch_size={self.max_batch_size} (each completion runs in a slot)", params.n)
         if params.n > 1 and not self.kv.can_fork:
@@ -379,7 +384,7 @@ class Engine(Closable, Unique):
                 row_of += [reqs.index(r)] * (r.fanout - 1)
                 reqs += r.group.seqs[1:]
             logits = logits[torch.tensor(row_of, device=logits.device)]
-        tokens = self._sample(logits, reqs).tolist()  # the iteration's one device -> host sync
+        tokens = self.sampler.for_requests(logits, reqs).tolist()  # the iteration's one device -> host sync
         t3 = time.perf_counter()
         now = time.monotonic()
         for r, n in zip(batch.requests, batch.num_new_tokens):
@@ -427,20 +432,6 @@ class Engine(Closable, Unique):
             self.scheduler.start(q, slot)
             self.kv.index(q)
         self.scheduler.waiting.extendleft(reversed(queued))
-
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        if all(r.params.temperature == 0.0 for r in reqs):
-            return self.sampler(logits)
-        p = [r.params for r in reqs]
-        dev = logits.device
-        floats = torch.tensor([[q.temperature for q in p], [q.top_p for q in p]], dtype=torch.float32)
-        ints = torch.tensor([[q.top_k for q in p], [r.seed for r in reqs], [len(r.output_token_ids) for r in reqs]],
-                            dtype=torch.int64)  # fmt: skip
-        floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
-        return self.sampler(
-            logits, floats[0], ints[0], floats[1], ints[1], ints[2],
-            use_top_k=any(q.top_k > 0 for q in p), use_top_p=any(q.top_p < 1.0 for q in p),
-        )  # fmt: skip
 
     # -------------------------------------------------------------- generate
     @one_thread

@@ -12,7 +12,7 @@ top-k and top-p are tensor ops over the whole batch; rows with
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -72,6 +72,21 @@ class Sampler:
 
     Returns int64 ``[R]`` token ids.
     """
+
+    def for_requests(self, logits: torch.Tensor, reqs: Sequence[Any]) -> torch.Tensor:
+        """Samples row ``i`` for the engine's ``reqs[i]`` (its ``params``, ``seed`` and output index)."""
+        if all(r.params.temperature == 0.0 for r in reqs):
+            return self(logits)
+        p = [r.params for r in reqs]
+        dev = logits.device
+        floats = torch.tensor([[q.temperature for q in p], [q.top_p for q in p]], dtype=torch.float32)
+        ints = torch.tensor([[q.top_k for q in p], [r.seed for r in reqs], [len(r.output_token_ids) for r in reqs]],
+                            dtype=torch.int64)  # fmt: skip
+        floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        return self(
+            logits, floats[0], ints[0], floats[1], ints[1], ints[2],
+            use_top_k=any(q.top_k > 0 for q in p), use_top_p=any(q.top_p < 1.0 for q in p),
+        )  # fmt: skip
 
     def __call__(
         self,

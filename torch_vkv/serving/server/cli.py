@@ -109,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m torch_vkv serve``: loads the model, serves until SIGINT/SIGTERM; returns 0."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import os
+
     import torch
+
+    from torch_vkv.errors import KVCacheCapacityError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     kwargs: dict[str, Any] = {
@@ -123,7 +128,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }  # fmt: skip
     if args.max_seq_len is not None:
         kwargs["max_seq_len"] = args.max_seq_len
-    llm = LLM(args.model, tokenizer=args.tokenizer, **kwargs)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"argument --model: expected a transformers checkpoint folder (with a config.json), "
+                     f"got {args.model!r}")  # fmt: skip
+    try:
+        llm = LLM(args.model, tokenizer=args.tokenizer, **kwargs)
+    except (ValueError, TypeError, OSError, KVCacheCapacityError) as e:  # an engine option or a folder refused
+        parser.error(f"cannot serve with these arguments: {e}")
     app = create_app(llm, served_model_name=args.served_model_name or args.model, max_waiting=args.max_waiting)
     log.info("serving %s on http://%s:%d (max_batch_size=%d, max_seq_len=%d, kv=%s)", app.state.served_model_name,
              args.host, args.port, llm.engine.max_batch_size, llm.engine.max_seq_len, args.kv)  # fmt: skip
