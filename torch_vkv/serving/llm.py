@@ -272,7 +272,8 @@ class LLM(Closable):
                             del streams[out.request_id]
                             bar.update(1)
         finally:
-            if not engine.closed:
+            # Nothing added (a refused call: another thread may be inside step()): leave the engine alone.
+            if not engine.closed and (ours or others):
                 engine._return_later(others, drop=ours)  # ours: a stop string's abort output is not for anyone
             for rid in streams:  # a bad prompt or an interrupt: leave nothing running
                 engine.abort(rid)
