@@ -87,3 +87,32 @@ def test_compiled_forward_with_compiled_prefill_and_lazily_built_cache(impl):
     if impl == "vkv":  # the decode steps after the first add no graph: no recompiles
         assert counters["stats"]["unique_graphs"] == graphs_after_first_decode, dict(counters["stats"])
     cache.close()
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_prefill_under_cuda_graphs_matches_dynamic_cache():
+    """The CPU test above on CUDA with ``mode="reduce-overhead"``: the compiled prefill breaks the
+    graph at the cache's eager host work (which marks the new buffers static before the compiled
+    continuation uses them), so cudagraph trees must not copy a virtual buffer whole (an illegal
+    address past the committed pages). Logits match DynamicCache over 40 decode steps."""
+    model = tiny_model("llama", "vkv", device="cuda")
+    ids, _ = prompts(2, length=6)
+    ids = ids.masked_fill(ids == 0, 7).cuda()
+    cache = CountingCache(model.config, 2, 96)  # built lazily, on the model's device
+    ref_cache = DynamicCache(config=model.config)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, mode="reduce-overhead")
+    with torch.no_grad():
+        logits = step(ids, **forward_kwargs(model, cache)).logits
+        ref = model(ids, **forward_kwargs(model, ref_cache)).logits
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+        tok = ref[:, -1:].argmax(-1)
+        for i in range(40):
+            pos = torch.full((2, 1), 6 + i, device="cuda")
+            cache.prepare_step(1)
+            logits = step(tok, **forward_kwargs(model, cache), position_ids=pos).logits.clone()
+            ref = model(tok, **forward_kwargs(model, ref_cache), position_ids=pos).logits
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+            tok = ref[:, -1:].argmax(-1)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 46
+    cache.close()
