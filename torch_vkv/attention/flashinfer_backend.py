@@ -328,18 +328,26 @@ class _DecodePlan:
         return self.wrapper.run(q, pages)
 
 
+def decode_plan(table: dict, key: tuple, q: torch.Tensor, shape: str, make) -> object:
+    """``table[key]``, made by ``make()`` outside any graph pool on its first call. A decode is planned
+    once per shape outside a CUDA graph, then runs inside (plan outside, run inside): a first call
+    inside a capture is a ``RuntimeError`` naming the shape."""
+    plan = table.get(key)
+    if plan is None:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("flashinfer decode: expected one call outside the CUDA graph first (it plans "
+                               f"the kernel for this shape: {shape}), got the first call inside a capture")
+        with _outside_graph_pools(q.device):
+            plan = table[key] = make()
+    return plan
+
+
 def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, softcap):
     R = cache_seqlens.shape[0]
     key = (q.device, R, tuple(k_cache.shape), k_cache.stride(), q.shape[1], q.dtype, scale, window_left, softcap,
            DECODE_PAGE_ROWS)
-    plan = _DECODE.get(key)
-    if plan is None:
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("flashinfer decode: expected one call outside the CUDA graph first (it plans "
-                               f"the kernel for this shape: {R} requests, cache {tuple(k_cache.shape)}), got "
-                               "the first call inside a capture")  # fmt: skip
-        with _outside_graph_pools(q.device):
-            plan = _DECODE[key] = _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap)
+    plan = decode_plan(_DECODE, key, q, f"{R} requests, cache {tuple(k_cache.shape)}",
+                       lambda: _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap))
     # Device metadata is never read: a bad request attends to no key (length 0, slot 0).
     ok, lens, rows = valid_requests(k_cache, cache_seqlens, None, slots, None)
     out = plan.run(q, k_cache, v_cache, lens, rows)

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from .flashinfer_backend import _outside_graph_pools, decode_plan
 from .inputs import safe_blocks, valid_requests
 
 __all__ = ["paged_decode", "paged_prefill", "paged_layout_problem"]
@@ -70,24 +71,21 @@ class _PagedDecodePlan:
     """A CUDA-graph-mode tensor-core decode wrapper planned once for ``R`` requests of ``max_blocks`` blocks."""
 
     def __init__(self, fi, workspace, q, k_cache, max_blocks, scale, window_left, softcap):
-        from .flashinfer_backend import _outside_graph_pools
-
         R, dev, bs = q.shape[0], q.device, k_cache.shape[1]
-        with _outside_graph_pools(dev):
-            self.indptr = torch.arange(R + 1, dtype=torch.int32, device=dev) * max_blocks
-            self.indices = torch.zeros(R * max_blocks, dtype=torch.int32, device=dev)
-            self.last_page_len = torch.full((R,), bs, dtype=torch.int32, device=dev)
-            self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
-                paged_kv_last_page_len_buffer=self.last_page_len, backend="fa2",
-            )  # fmt: skip
-            # Planned with every request at its full max_blocks blocks: any shorter length fits later.
-            self.wrapper.plan(
-                self.indptr.cpu(), self.indices.cpu(), self.last_page_len.cpu(), q.shape[1], k_cache.shape[2],
-                q.shape[2], bs, window_left=window_left, logits_soft_cap=softcap, q_data_type=q.dtype,
-                kv_data_type=k_cache.dtype, sm_scale=scale, non_blocking=False,
-            )  # fmt: skip
+        self.indptr = torch.arange(R + 1, dtype=torch.int32, device=dev) * max_blocks
+        self.indices = torch.zeros(R * max_blocks, dtype=torch.int32, device=dev)
+        self.last_page_len = torch.full((R,), bs, dtype=torch.int32, device=dev)
+        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len, backend="fa2",
+        )  # fmt: skip
+        # Planned with every request at its full max_blocks blocks: any shorter length fits later.
+        self.wrapper.plan(
+            self.indptr.cpu(), self.indices.cpu(), self.last_page_len.cpu(), q.shape[1], k_cache.shape[2],
+            q.shape[2], bs, window_left=window_left, logits_soft_cap=softcap, q_data_type=q.dtype,
+            kv_data_type=k_cache.dtype, sm_scale=scale, non_blocking=False,
+        )  # fmt: skip
         self.max_blocks, self.block_size = max_blocks, bs
 
     def run(self, q, k_cache, v_cache, lens, blocks):
@@ -101,13 +99,8 @@ def paged_decode(fi, workspace, q, k_cache, v_cache, cache_seqlens, slots, block
     R, max_blocks = cache_seqlens.shape[0], block_table.shape[1]
     key = (q.device, R, tuple(k_cache.shape), k_cache.stride(), max_blocks, q.shape[1], q.dtype, scale,
            window_left, softcap)  # fmt: skip
-    plan = _DECODE.get(key)
-    if plan is None:
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("flashinfer paged decode: expected one call outside the CUDA graph first (it plans "
-                               f"the kernel for this shape: {R} requests of {max_blocks} blocks), got the first "
-                               "call inside a capture")  # fmt: skip
-        plan = _DECODE[key] = _PagedDecodePlan(fi, workspace, q, k_cache, max_blocks, scale, window_left, softcap)
+    plan = decode_plan(_DECODE, key, q, f"{R} requests of {max_blocks} blocks",
+                       lambda: _PagedDecodePlan(fi, workspace, q, k_cache, max_blocks, scale, window_left, softcap))
     ok, lens, blocks = _requests(k_cache, cache_seqlens, None, slots, block_table)
     out = plan.run(q, k_cache, v_cache, lens, blocks)
     return torch.where(ok[:, None, None], out, 0)  # a 0-length request's row may hold NaN
@@ -116,8 +109,6 @@ def paged_decode(fi, workspace, q, k_cache, v_cache, cache_seqlens, slots, block
 def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table,
                   causal, scale, window_left, softcap):  # fmt: skip
     """Queries ``cu_seqlens_q`` of each request over its blocks, planned on the host: ``[T, H, D]``."""
-    from .flashinfer_backend import _outside_graph_pools
-
     dev, R, T, bs = q.device, cache_seqlens.shape[0], q.shape[0], k_cache.shape[1]
     max_blocks = block_table.shape[1]
     ok, lens, blocks = _requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
