@@ -256,7 +256,8 @@ def test_serve_command_compile_flag_reaches_the_engine(monkeypatch, tmp_path):
         raise Stop
 
     monkeypatch.setattr(cli, "LLM", fake_llm)
-    model = str(tmp_path)  # a folder: the parser checks it exists; the fake LLM never loads it
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint folder to the parser; the fake LLM never loads it
+    model = str(tmp_path)
     for argv, want in ((["--model", model, "--compile"], True), (["--model", model], False)):
         with pytest.raises(Stop):
             cli.main(argv)
