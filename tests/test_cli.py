@@ -125,6 +125,15 @@ def test_bench_hf_bad_counts_are_usage_errors(option, value, capsys):
     assert f"argument {option}" in err and "expected an int >= 1" in err and value in err
 
 
+@pytest.mark.parametrize("name", ["../../x", "a/b", "", ".."])
+def test_bench_hf_report_name_is_a_file_name(name, capsys):
+    """``--name ../../x`` wrote the report outside ``--out``; a name with a folder is a usage error."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "hf", "--tiny", "--device", "cpu", "--name", name])
+    assert e.value.code == 2
+    assert "argument --name: expected a file name without a folder" in capsys.readouterr().err
+
+
 def test_bench_serve_url_without_a_scheme_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "serve", "--url", "127.0.0.1:8000"])

@@ -187,6 +187,18 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def report_name_arg(text: str) -> str:
+    """``argparse`` type of a report's ``--name``: a file name (the report's files are ``--out/NAME.*``),
+    so a name with a path in it cannot write outside ``--out``."""
+    import argparse
+    import os
+
+    if not text or text in (".", "..") or os.sep in text or (os.altsep and os.altsep in text):
+        raise argparse.ArgumentTypeError(f"expected a file name without a folder (the report goes to --out), "
+                                         f"got {text!r}")  # fmt: skip
+    return text
+
+
 def out_dir_arg(text: str) -> str:
     """``argparse`` type of the benchmarks' ``--out``: a folder that exists or is made now, and can be written,
     so that a bad path is a usage error before the run, not a traceback when the report is written."""

@@ -47,7 +47,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torch_vkv._checks import device_arg, out_dir_arg
+from torch_vkv._checks import device_arg, out_dir_arg, report_name_arg
 from torch_vkv._checks import positive_int_arg
 from torch_vkv.bench.report import write_report
 from torch_vkv.bench.serve_profile import profile_lines, start_profiler, summarize_profile
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--out", "--out-dir", dest="out_dir", default=None, type=out_dir_arg,
                    help="default: $TORCH_VKV_BENCH_DIR or ./bench_out")
-    p.add_argument("--name", default="hf",
+    p.add_argument("--name", default="hf", type=report_name_arg,
                    help="report name (default hf; hf_gemma3 with --workload gemma3, hf_beam with --beam)")
     p.add_argument("--workload", choices=("llama", "gemma3"), default="llama",
                    help="llama: the cache variants above (default); gemma3: a Gemma-3-like model's KV memory over "
