@@ -232,8 +232,7 @@ class PagedKVCache(_Locked):
             # Zeros on CUDA: kernels that load whole tiles and mask only the scores (FlashInfer's FA3) must
             # not meet NaN bit patterns past a request's rows (0 * NaN). On the CPU, empty: never-touched pages
             # of a large pool stay unallocated.
-            self.kv = (torch.zeros if torch.device(device).type == "cuda" else torch.empty)(shape, dtype=dtype,
-                                                                                             device=device)
+            self.kv = (torch.zeros if device.type == "cuda" else torch.empty)(shape, dtype=dtype, device=device)
             self.block_table = torch.zeros((self.max_batch_size, self.max_blocks), dtype=torch.int32, device=device)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and (
