@@ -19,6 +19,8 @@
 #   DIAGS="host" DIAG_ARGS="--configs virtual-per_layer,paged-256" BENCHES="" ...  # scripts/diag_host.py
 #   DIAGS="decode" TESTS=0 BENCHES="" ...      # scripts/diag_decode.py: small-batch decode launch sweep
 #   DIAGS="maps" TESTS=0 BENCHES="" ...        # scripts/diag_maps.py: do page maps slow the kernels in flight?
+#   FI_CACHE_OUT=1 ...                          # pack FlashInfer's JIT cache into $OUT/fi_cache.tgz: copy it to
+#                                                # .fi_cache.tgz here and carry that (kernels not rebuilt)
 #   COMPILE_CACHE_OUT=1 ...                     # also pack torch.compile's caches into $OUT/compile_cache.tgz:
 #                                                # copy it to .compile_cache.tgz here and carry that next time
 #                                                # (Engine(compile=True) then skips most of its ~90 s)
@@ -51,6 +53,11 @@ if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   mkdir -p .fi_cache
+  # A packed cache from an earlier call (FI_CACHE_OUT=1 writes it; carry it as .fi_cache.tgz): the installed
+  # headers are newer than its objects, so every file gets one time stamp, or ninja would rebuild them all.
+  if [ -f .fi_cache.tgz ]; then
+    tar xzf .fi_cache.tgz -C .fi_cache && find .fi_cache -type f -exec touch -d "@$(date +%s)" {} +
+  fi
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
     FLASHINFER_DECODE_AUTO_CUDNN=0 FLASHINFER_WORKSPACE_BASE="$PWD/.fi_cache"
 fi
@@ -90,6 +97,8 @@ for d in ${DIAGS:-}; do
   OUT="$OUT" run "diag_$d" "${DIAG_TIMEOUT:-0}" python "scripts/diag_$d.py" ${DIAG_ARGS:-}
 done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
+[ "${FI_CACHE_OUT:-0}" = 1 ] && [ -d .fi_cache ] && tar czf "$FINAL/fi_cache.tgz" -C .fi_cache . \
+  && echo "FlashInfer JIT cache: $(du -h "$FINAL/fi_cache.tgz" | cut -f1)"
 [ "${COMPILE_CACHE_OUT:-0}" = 1 ] && tar czf "$FINAL/compile_cache.tgz" -C .compile_cache . \
   && echo "compile cache: $(du -h "$FINAL/compile_cache.tgz" | cut -f1)"
 echo "results: logs in $FINAL, benchmark reports in $FINAL/results.tgz"

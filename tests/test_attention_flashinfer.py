@@ -253,7 +253,11 @@ def test_dispatch_against_reference(fake_flashinfer, kind, layout, with_slots):
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer):
+@pytest.mark.parametrize("triton", [True, False])
+def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer, monkeypatch, triton):
+    if triton and not deps.triton_usable(torch.device("cpu")):
+        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    monkeypatch.setattr(deps, "triton_usable", lambda device: triton)  # the page table's kernel or its fallback
     H, H_kv, D, S = 4, 2, 64, 32
     k, v = make_cache("per_layer", 3, S, H_kv, D, dtype=torch.float32, device="cpu")
     q = torch.randn(3, H, D)

@@ -102,9 +102,14 @@ def test_paged_decode_against_reference(fake_flashinfer, win, cap):
     assert _FakeDecode.plans == 1
 
 
-def test_paged_decode_zeroes_requests_with_bad_metadata(fake_flashinfer):
+@pytest.mark.parametrize("triton", [True, False])
+def test_paged_decode_zeroes_requests_with_bad_metadata(fake_flashinfer, monkeypatch, triton):
     """A slot past the table, a length past its blocks, or a block id outside the pool in a used
-    entry: that request reads nothing and gets zeros; the others their attention."""
+    entry: that request reads nothing and gets zeros; the others their attention. The page table
+    written by the Triton kernel and by its torch fallback alike."""
+    if triton and not deps.triton_usable(torch.device("cpu")):
+        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    monkeypatch.setattr(deps, "triton_usable", lambda device: triton)
     lengths, slots = [7, 9, 5, 6], [2, 0, 3, 1]
     k, v, table, dk, dv = _paged(lengths, slots, seed=5)
     table[3, 1] = k.shape[0] + 40  # slot 3's second block, used by its 5 keys

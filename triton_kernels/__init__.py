@@ -10,6 +10,8 @@ through a block table. The twins are the same source compiled with
   aligned (prefill, chunked prefill, mixed batches).
 * :func:`decode_attention`: split-KV flash-decoding, one query per request.
 * :func:`append_kv`: write new tokens' K/V at their positions, in place.
+* :func:`decode_page_entries`: FlashInfer's decode page table of a step (the
+  ``flashinfer`` backend's decode), in one launch.
 
 Each has a plain-PyTorch reference beside it (``*_reference``).
 Importing this package imports ``triton``.
@@ -24,6 +26,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
 from .decode import decode_attention, decode_reference, default_num_splits  # noqa: E402
+from .page_table import decode_page_entries  # noqa: E402
 from .prefill import attention_reference, default_launch, default_tma, gather_paged, prefill_attention, tma_problem  # noqa: E402
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "append_kv_reference",
     "attention_reference",
     "decode_attention",
+    "decode_page_entries",
     "decode_reference",
     "default_launch",
     "default_tma",

@@ -186,6 +186,57 @@ def _page_entries(cache_seqlens, rows, page_rows: int, pages_per_slot: int, max_
     return indices, cache_seqlens.to(torch.int32) - (max_pages - 1) * page_rows
 
 
+def decode_page_entries_reference(cache_seqlens, slots, block_table, *, num_slots: int, max_len: int,
+                                  num_blocks: int, page_rows: int, pages_per_slot: int, max_pages: int) -> tuple:
+    """(indices, last_page_len, ok) of a decode step, checked: the torch twin of the Triton kernel
+    ``torch_vkv.triton_kernels.decode_page_entries`` (its module docstring has the rules).
+
+    A request is valid (``ok``) when its slot is in ``[0, num_slots)``, its length in ``[1,
+    max_len]`` and, over a block pool (``block_table`` given), every block it uses is inside
+    ``[0, num_blocks)``. A bad request's length is 0 (``last_page_len`` as for an empty
+    request) and its slot 0; block ids are clamped into the pool.
+    """
+    R, dev = cache_seqlens.shape[0], cache_seqlens.device
+    lens = cache_seqlens.long()
+    slot = slots.long() if slots is not None else torch.arange(R, device=dev)
+    ok = (slot >= 0) & (slot < num_slots) & (lens >= 1) & (lens <= max_len)
+    slot = torch.where(ok, slot, 0)
+    if block_table is None:
+        indices, _ = _page_entries(lens, slot, page_rows, pages_per_slot, max_pages)
+    else:
+        ids = block_table.long().index_select(0, slot)
+        used = torch.arange(max_pages, device=dev)[None, :] * page_rows < lens[:, None]
+        ok = ok & ~(used & ((ids < 0) | (ids >= num_blocks))).any(1)
+        indices = ids.clamp(0, num_blocks - 1).reshape(-1).to(torch.int32)
+    last = (torch.where(ok, lens, 0) - (max_pages - 1) * page_rows).to(torch.int32)
+    return indices, last, ok
+
+
+class GraphDecodePlan:
+    """What both decode plans share: FlashInfer's page-table buffers ``indices`` (int32 ``[R *
+    max_pages]``) and ``last_page_len`` (int32 ``[R]``), planned once with every request at
+    ``max_pages`` pages of ``page_rows`` rows, and rewritten on the device by each call."""
+
+    indices: torch.Tensor
+    last_page_len: torch.Tensor
+    page_rows: int
+    pages_per_slot: int
+    max_pages: int
+
+    def write_entries(self, cache_seqlens, slots, block_table, *, num_slots: int, max_len: int,
+                      num_blocks: int) -> torch.Tensor:  # fmt: skip
+        """Write this step's page table (one Triton launch where Triton runs); return ``ok`` ``[R]``."""
+        sizes = dict(num_slots=num_slots, max_len=max_len, num_blocks=num_blocks, page_rows=self.page_rows,
+                     pages_per_slot=self.pages_per_slot, max_pages=self.max_pages)  # fmt: skip
+        if deps.triton_usable(cache_seqlens.device):
+            return deps.triton_kernels().decode_page_entries(cache_seqlens, slots, block_table, self.indices,
+                                                             self.last_page_len, **sizes)  # fmt: skip
+        indices, last, ok = decode_page_entries_reference(cache_seqlens, slots, block_table, **sizes)
+        self.indices.copy_(indices)
+        self.last_page_len.copy_(last)
+        return ok
+
+
 def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, num_slots: int, max_len: int) -> tuple:
     """Host metadata of FlashInfer's ragged prefill over the flattened cache rows.
 
@@ -290,7 +341,7 @@ def _prefill_backend(device: torch.device) -> str:
     return "fa3" if deps.cuda_capability(device.index or 0)[0] == 9 else "fa2"
 
 
-class _DecodePlan:
+class _DecodePlan(GraphDecodePlan):
     """A CUDA-graph-mode tensor-core decode wrapper planned once for ``R`` requests at ``S_max`` keys.
 
     The page-table buffers belong to this object; every run rewrites ``indices``
@@ -319,13 +370,12 @@ class _DecodePlan:
             sm_scale=scale, non_blocking=False,
         )  # fmt: skip
 
-    def run(self, q, k_cache, v_cache, lens, rows):
-        # decode_page_table's indices and last_page_len, written into the planned buffers (indptr is fixed).
-        indices, last = _page_entries(lens, rows, self.page_rows, self.pages_per_slot, self.max_pages)
-        self.indices.copy_(indices)
-        self.last_page_len.copy_(last)
+    def run(self, q, k_cache, v_cache, cache_seqlens, slots):
+        """``[R, H, D]``: rows of bad requests (see :meth:`write_entries`) are zeros."""
+        ok = self.write_entries(cache_seqlens, slots, None, num_slots=k_cache.shape[0], max_len=k_cache.shape[1],
+                                num_blocks=1)  # fmt: skip
         pages = (decode_pages(k_cache, self.page_rows), decode_pages(v_cache, self.page_rows))
-        return self.wrapper.run(q, pages)
+        return torch.where(ok[:, None, None], self.wrapper.run(q, pages), 0)  # a 0-length row may hold NaN
 
 
 def decode_plan(table: dict, key: tuple, q: torch.Tensor, shape: str, make) -> object:
@@ -349,9 +399,7 @@ def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, s
     plan = decode_plan(_DECODE, key, q, f"{R} requests, cache {tuple(k_cache.shape)}",
                        lambda: _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap))
     # Device metadata is never read: a bad request attends to no key (length 0, slot 0).
-    ok, lens, rows = valid_requests(k_cache, cache_seqlens, None, slots, None)
-    out = plan.run(q, k_cache, v_cache, lens, rows)
-    return torch.where(ok[:, None, None], out, 0)  # a 0-length request's row may hold NaN
+    return plan.run(q, k_cache, v_cache, cache_seqlens, slots)
 
 
 def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap):

@@ -31,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from .flashinfer_backend import _outside_graph_pools, decode_plan
-from .inputs import safe_blocks, valid_requests
+from .flashinfer_backend import GraphDecodePlan, _outside_graph_pools, decode_plan
+from .inputs import cache_bounds, safe_blocks, valid_requests
 
 __all__ = ["paged_decode", "paged_prefill", "paged_layout_problem"]
 
@@ -67,11 +67,12 @@ def _requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table) -> tuple
     return ok, torch.where(ok, lens, 0), safe_blocks(raw, num_blocks)
 
 
-class _PagedDecodePlan:
+class _PagedDecodePlan(GraphDecodePlan):
     """A CUDA-graph-mode tensor-core decode wrapper planned once for ``R`` requests of ``max_blocks`` blocks."""
 
     def __init__(self, fi, workspace, q, k_cache, max_blocks, scale, window_left, softcap):
         R, dev, bs = q.shape[0], q.device, k_cache.shape[1]
+        self.page_rows, self.max_pages, self.pages_per_slot = bs, max_blocks, max_blocks
         self.indptr = torch.arange(R + 1, dtype=torch.int32, device=dev) * max_blocks
         self.indices = torch.zeros(R * max_blocks, dtype=torch.int32, device=dev)
         self.last_page_len = torch.full((R,), bs, dtype=torch.int32, device=dev)
@@ -86,12 +87,13 @@ class _PagedDecodePlan:
             q.shape[2], bs, window_left=window_left, logits_soft_cap=softcap, q_data_type=q.dtype,
             kv_data_type=k_cache.dtype, sm_scale=scale, non_blocking=False,
         )  # fmt: skip
-        self.max_blocks, self.block_size = max_blocks, bs
 
-    def run(self, q, k_cache, v_cache, lens, blocks):
-        self.indices.copy_(blocks.reshape(-1))
-        self.last_page_len.copy_(lens.to(torch.int32) - (self.max_blocks - 1) * self.block_size)
-        return self.wrapper.run(q, (k_cache, v_cache))
+    def run(self, q, k_cache, v_cache, cache_seqlens, slots, block_table):
+        """``[R, H, D]``: rows of bad requests (see :meth:`write_entries`) are zeros."""
+        num_slots, max_len, num_blocks = cache_bounds(k_cache, block_table)
+        ok = self.write_entries(cache_seqlens, slots, block_table, num_slots=num_slots, max_len=max_len,
+                                num_blocks=num_blocks)  # fmt: skip
+        return torch.where(ok[:, None, None], self.wrapper.run(q, (k_cache, v_cache)), 0)  # 0-length rows: NaN
 
 
 def paged_decode(fi, workspace, q, k_cache, v_cache, cache_seqlens, slots, block_table, scale, window_left, softcap):
@@ -101,9 +103,7 @@ def paged_decode(fi, workspace, q, k_cache, v_cache, cache_seqlens, slots, block
            window_left, softcap)  # fmt: skip
     plan = decode_plan(_DECODE, key, q, f"{R} requests of {max_blocks} blocks",
                        lambda: _PagedDecodePlan(fi, workspace, q, k_cache, max_blocks, scale, window_left, softcap))
-    ok, lens, blocks = _requests(k_cache, cache_seqlens, None, slots, block_table)
-    out = plan.run(q, k_cache, v_cache, lens, blocks)
-    return torch.where(ok[:, None, None], out, 0)  # a 0-length request's row may hold NaN
+    return plan.run(q, k_cache, v_cache, cache_seqlens, slots, block_table)
 
 
 def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table,
