@@ -200,6 +200,30 @@ def test_repeats_pool_rounds_of_fresh_requests(tmp_path):
     with pytest.raises(ValueError, match="repeats: expected an int >= 1, got 0"):
         serve.run(["offline"], "smoke", ["paged-16"], device="cpu", repeats=0)
 
+def test_repeats_partial_reports_compare_finished_rounds(no_interpreted_triton):
+    """A report written in the middle of a round (a time limit may end the process there) pools,
+    for every configuration of the part, only the rounds all of them finished: its ratios never
+    set one configuration's two rounds against another's one."""
+    import copy
+
+    snapshots = []
+    report = serve.run(["long-online"], "smoke", ["virtual-interleaved", "paged-16"], device="cpu", num_requests=2,
+                       traces=["arxiv_summarization"], request_rates=[4.0], repeats=2, log=lambda *a: None,
+                       on_workload=lambda r: snapshots.append(copy.deepcopy(r)))  # fmt: skip
+    seen = []
+    for snap in snapshots:
+        rows = snap["workloads"]["long-online"]["rows"] if "long-online" in snap["workloads"] else []
+        seen.append(sorted((r["config"], r["repeats"]) for r in rows))
+        assert len({r["repeats"] for r in rows}) <= 1, seen[-1]
+        for r in rows:
+            run = snap["workloads"]["long-online"]["parts"][0]["runs"][r["config"]]
+            assert r["requests"] == len(run["requests"]) == 2 * r["repeats"]
+    # After round 2's first configuration the rows still pool round 1 only.
+    assert [("paged-16", 1), ("virtual-interleaved", 1)] in seen[2:]
+    final = report["workloads"]["long-online"]["rows"]
+    assert sorted((r["config"], r["repeats"]) for r in final) == [("paged-16", 2), ("virtual-interleaved", 2)]
+
+
 def test_smoke_compiled_decode(tmp_path):
     """``--compile``: every engine compiles its decode steps, the report says so,
     and every request gets as many tokens as in the eager run (token values are

@@ -219,18 +219,22 @@ def run(
                         continue
                     if cost is None:
                         cost = ModelCost.of(model, _kv_bytes_per_token(model, dtype))
-                    runs = done.setdefault(cfg.name, [])
-                    runs.append(res)
-                    pooled = RunResult.pool(runs)
-                    row = _row(w, part, cfg.name, pooled, cost, rates, slo)
-                    if repeats > 1:
-                        row["repeats"] = len(runs)
-                        row["makespan_s"] = sum(_makespan(r) for r in runs) / len(runs)
-                    if cfg.name in part_rows:
-                        wrep["rows"].remove(part_rows[cfg.name])
-                    part_rows[cfg.name] = row
-                    wrep["rows"].append(row)
-                    prep["runs"][cfg.name] = _run_dict([s for sk, _ in rounds[: len(runs)] for s in sk], pooled)
+                    done.setdefault(cfg.name, []).append(res)
+                    # Rows pool the rounds every configuration has finished, so that a report cut
+                    # short in the middle of a round compares like with like.
+                    n_rounds = min(len(runs) for runs in done.values())
+                    for cfg_name in (list(done) if repeats > 1 else [cfg.name]):
+                        runs = done[cfg_name][:n_rounds]
+                        pooled = RunResult.pool(runs)
+                        row = _row(w, part, cfg_name, pooled, cost, rates, slo)
+                        if repeats > 1:
+                            row["repeats"] = len(runs)
+                            row["makespan_s"] = sum(_makespan(r) for r in runs) / len(runs)
+                        if cfg_name in part_rows:
+                            wrep["rows"].remove(part_rows[cfg_name])
+                        part_rows[cfg_name] = row
+                        wrep["rows"].append(row)
+                        prep["runs"][cfg_name] = _run_dict([s for sk, _ in rounds[: len(runs)] for s in sk], pooled)
                     when = f" round {k + 1}/{repeats}" if repeats > 1 else ""
                     log(f"{name} {group} {cfg.name}{when}: {_output_tokens(res) / res.duration_s:.1f} out tok/s, "
                         f"makespan {_makespan(res):.2f} s ({time.perf_counter() - t:.1f} s)")  # fmt: skip
