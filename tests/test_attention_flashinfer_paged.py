@@ -187,7 +187,9 @@ def test_flashinfer_paged_cuda(decode):
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     slot_t, table = torch.tensor(slots, device="cuda"), table.cuda()
     cu = None if decode else torch.tensor([0, 300, 301, 318], dtype=torch.int32, device="cuda")
-    for win, cap in ((None, None), (100, None), (None, 30.0)):
+    # Window and soft cap together: each variant is a FlashInfer module compiled on first use (~35 s for a
+    # decode, ~100 s for a prefill), and either one dropped on the way shows in the comparison.
+    for win, cap in ((None, None), (100, 30.0)):
         out = attention(q, k, v, lens, cu_seqlens_q=cu, slots=slot_t, block_table=table, backend="flashinfer",
                         window_left=win, softcap=cap)  # fmt: skip
         ref = reference(q, dk, dv, lens, cu, slot_t, window_left=win, softcap=cap)
