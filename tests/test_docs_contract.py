@@ -24,3 +24,18 @@ def test_completion_output_is_built_as_documented():
     out = RequestOutput("r", [1], [c], True, RequestMetrics(0.0))
     assert out.token_ids == [5, 6, 7] and out.finish_reason == "length"
 
+
+def test_kvcache_release_is_an_alias_of_free_like_the_paged_cache():
+    # docs/attention.md: PagedKVCache speaks KVCache's vocabulary, reserve/can_reserve/release as aliases.
+    for cache in (
+        KVCache(1, 1, 16, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu", page_size=4096),
+        PagedKVCache(1, 1, 16, num_blocks=8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu"),
+    ):
+        slot = cache.alloc()
+        assert cache.can_reserve(slot, 32)
+        cache.reserve(slot, 32)
+        assert cache.num_free_slots == 1
+        cache.release(slot)
+        assert cache.num_free_slots == 2
+        if isinstance(cache, KVCache):
+            cache.close()
