@@ -373,6 +373,10 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         else:
             self._unshare(slot, 0)
 
+    def release(self, slot: int) -> None:
+        """Alias of :meth:`free` (``PagedKVCache`` speaks the same vocabulary)."""
+        self.free(slot)
+
     # ---------------------------------------------------------------- commits
     @locked
     def can_commit(self, slot: int, num_tokens: int) -> bool:

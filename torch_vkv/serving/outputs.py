@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 __all__ = ["CompletionOutput", "RequestMetrics", "RequestOutput"]
 
@@ -74,11 +74,24 @@ class CompletionOutput:
 
     __slots__ = ("index", "finish_reason", "text", "_source", "_n", "_ids")
 
-    def __init__(self, index: int, source: list[int], n: int, finish_reason: Optional[str]) -> None:
+    def __init__(
+        self,
+        index: int,
+        token_ids: Sequence[int],
+        finish_reason: Optional[str] = None,
+        text: str = "",
+        *,
+        _n: Optional[int] = None,
+    ) -> None:
+        # CompletionOutput(index, token_ids, finish_reason), as documented; the engine passes
+        # the request's append-only list with ``_n`` (its length now), copied on first access.
         self.index = index
         self.finish_reason = finish_reason
-        self.text = ""
-        self._source, self._n, self._ids = source, n, None
+        self.text = text
+        if _n is None:
+            self._source, self._n, self._ids = None, len(token_ids), list(token_ids)
+        else:
+            self._source, self._n, self._ids = token_ids, _n, None
 
     @property
     def token_ids(self) -> list[int]:

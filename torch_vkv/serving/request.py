@@ -104,7 +104,7 @@ class Request:
 
     def completion(self) -> CompletionOutput:
         """This sequence's :class:`CompletionOutput` snapshot."""
-        return CompletionOutput(self.index, self.output_token_ids, len(self.output_token_ids), self.finish_reason)
+        return CompletionOutput(self.index, self.output_token_ids, self.finish_reason, _n=len(self.output_token_ids))
 
     def output(self) -> RequestOutput:
         """A cumulative snapshot of the request (O(1) per completion: lists are copied on first access)."""

@@ -1,0 +1,41 @@
+"""Small checks that the documented API (README.md, docs/*.md) is what the code does: names,
+signatures and behaviour a user reads there. Fast, CPU only."""
+
+from __future__ import annotations
+
+import torch
+
+from torch_vkv import KVCache, PagedKVCache
+
+
+def test_completion_output_is_built_as_documented():
+    # docs/serving.md: RequestOutput.outputs is a list of CompletionOutput(index, token_ids, finish_reason).
+    from torch_vkv.serving import CompletionOutput, RequestMetrics, RequestOutput
+
+    ids = [5, 6, 7]
+    c = CompletionOutput(0, ids, "length")
+    ids.append(8)  # a snapshot: later changes of the caller's list do not reach it
+    assert c.index == 0 and c.token_ids == [5, 6, 7] and c.finish_reason == "length" and c.text == ""
+    assert len(c) == 3
+    kw = CompletionOutput(index=1, token_ids=(1, 2), finish_reason=None)
+    assert kw.token_ids == [1, 2] and kw.finish_reason is None
+    assert CompletionOutput(0, [5, 6, 7], "length") == c
+    assert "token_ids=[5, 6, 7]" in repr(c)
+    out = RequestOutput("r", [1], [c], True, RequestMetrics(0.0))
+    assert out.token_ids == [5, 6, 7] and out.finish_reason == "length"
+
+
+def test_kvcache_release_is_an_alias_of_free_like_the_paged_cache():
+    # docs/attention.md: PagedKVCache speaks KVCache's vocabulary, reserve/can_reserve/release as aliases.
+    for cache in (
+        KVCache(1, 1, 16, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu", page_size=4096),
+        PagedKVCache(1, 1, 16, num_blocks=8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu"),
+    ):
+        slot = cache.alloc()
+        assert cache.can_reserve(slot, 32)
+        cache.reserve(slot, 32)
+        assert cache.num_free_slots == 1
+        cache.release(slot)
+        assert cache.num_free_slots == 2
+        if isinstance(cache, KVCache):
+            cache.close()
