@@ -53,11 +53,9 @@ if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   mkdir -p .fi_cache
-  # A packed cache from an earlier call (FI_CACHE_OUT=1 writes it; carry it as .fi_cache.tgz): the installed
-  # headers are newer than its objects, so every file gets one time stamp, or ninja would rebuild them all.
-  if [ -f .fi_cache.tgz ]; then
-    tar xzf .fi_cache.tgz -C .fi_cache && find .fi_cache -type f -exec touch -d "@$(date +%s)" {} +
-  fi
+  # A packed cache from an earlier call (FI_CACHE_OUT=1 writes it; carry it as .fi_cache.tgz): unpacked with
+  # its own time stamps, the installed wheels dated back, so ninja keeps its objects (scripts/unpack_fi_cache.sh).
+  [ -f .fi_cache.tgz ] && bash scripts/unpack_fi_cache.sh .fi_cache.tgz .fi_cache /tmp/site
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
     FLASHINFER_DECODE_AUTO_CUDNN=0 FLASHINFER_WORKSPACE_BASE="$PWD/.fi_cache"
 fi

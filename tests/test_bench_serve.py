@@ -224,6 +224,34 @@ def test_repeats_partial_reports_compare_finished_rounds(no_interpreted_triton):
     assert sorted((r["config"], r["repeats"]) for r in final) == [("paged-16", 2), ("virtual-interleaved", 2)]
 
 
+def test_repeats_a_configuration_failing_in_a_later_round_leaves_the_others_pooled(monkeypatch):
+    """A configuration that fails in round 2 loses its row; the others, which finished every
+    round, pool all of them (rows and ``*_rounds`` alike), even when the failing one runs last."""
+    from torch_vkv.bench import serve_engine
+
+    real, calls = serve_engine.run_engine, {}
+
+    def flaky(model, cfg, *args, **kwargs):
+        calls[cfg.name] = calls.get(cfg.name, 0) + 1
+        if cfg.name == "paged-256" and calls[cfg.name] == 2:
+            raise RuntimeError("boom in round 2")
+        return real(model, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(serve_engine, "run_engine", flaky)
+    report = serve.run(["long-online"], "smoke", ["virtual-interleaved", "paged-16", "paged-256"], device="cpu",
+                       num_requests=2, traces=["arxiv_summarization"], request_rates=[4.0], repeats=2,
+                       log=lambda *a: None)  # fmt: skip
+    wrep = report["workloads"]["long-online"]
+    assert [s["config"] for s in wrep["skipped"] if s["reason"].startswith("failed")] == ["paged-256"]
+    rows = sorted(wrep["rows"], key=lambda r: r["config"])
+    assert [(r["config"], r["repeats"], r["requests"]) for r in rows] == [("paged-16", 2, 4),
+                                                                         ("virtual-interleaved", 2, 4)]
+    for r in rows:
+        assert len(wrep["parts"][0]["runs"][r["config"]]["requests"]) == 4
+        assert len(r["x_best_paged_tput_rounds"]) == 2
+        assert r["best_paged"] == "paged-16"
+
+
 def test_smoke_compiled_decode(tmp_path):
     """``--compile``: every engine compiles its decode steps, the report says so,
     and every request gets as many tokens as in the eager run (token values are

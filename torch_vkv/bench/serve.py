@@ -197,6 +197,24 @@ def run(
             done: dict[str, list[Any]] = {}  # config -> its runs so far, one a round
             part_rows: dict[str, dict[str, Any]] = {}
             group = f"{part.trace}@{part.rate:g}"
+
+            def _pool_rows(cfg_names: list[str]) -> None:
+                # Rows pool the rounds every configuration has finished, so that a report cut
+                # short in the middle of a round compares like with like.
+                n_rounds = min(len(runs) for runs in done.values())
+                for cfg_name in cfg_names:
+                    runs = done[cfg_name][:n_rounds]
+                    pooled = RunResult.pool(runs)
+                    row = _row(w, part, cfg_name, pooled, cost, rates, slo)
+                    if repeats > 1:
+                        row["repeats"] = len(runs)
+                        row["makespan_s"] = sum(_makespan(r) for r in runs) / len(runs)
+                    if cfg_name in part_rows:
+                        wrep["rows"].remove(part_rows[cfg_name])
+                    part_rows[cfg_name] = row
+                    wrep["rows"].append(row)
+                    prep["runs"][cfg_name] = _run_dict([s for sk, _ in rounds[: len(runs)] for s in sk], pooled)
+
             for k, (specs_k, prompts_k) in enumerate(rounds):
                 for cfg in cfgs:
                     if k > 0 and cfg.name not in done:  # failed in an earlier round
@@ -216,25 +234,13 @@ def run(
                         if cfg.name in part_rows:
                             wrep["rows"].remove(part_rows.pop(cfg.name))
                             prep["runs"].pop(cfg.name, None)
+                        if repeats > 1 and done:  # the others may now have more rounds in common
+                            _pool_rows(list(done))
                         continue
                     if cost is None:
                         cost = ModelCost.of(model, _kv_bytes_per_token(model, dtype))
                     done.setdefault(cfg.name, []).append(res)
-                    # Rows pool the rounds every configuration has finished, so that a report cut
-                    # short in the middle of a round compares like with like.
-                    n_rounds = min(len(runs) for runs in done.values())
-                    for cfg_name in (list(done) if repeats > 1 else [cfg.name]):
-                        runs = done[cfg_name][:n_rounds]
-                        pooled = RunResult.pool(runs)
-                        row = _row(w, part, cfg_name, pooled, cost, rates, slo)
-                        if repeats > 1:
-                            row["repeats"] = len(runs)
-                            row["makespan_s"] = sum(_makespan(r) for r in runs) / len(runs)
-                        if cfg_name in part_rows:
-                            wrep["rows"].remove(part_rows[cfg_name])
-                        part_rows[cfg_name] = row
-                        wrep["rows"].append(row)
-                        prep["runs"][cfg_name] = _run_dict([s for sk, _ in rounds[: len(runs)] for s in sk], pooled)
+                    _pool_rows(list(done) if repeats > 1 else [cfg.name])
                     when = f" round {k + 1}/{repeats}" if repeats > 1 else ""
                     log(f"{name} {group} {cfg.name}{when}: {_output_tokens(res) / res.duration_s:.1f} out tok/s, "
                         f"makespan {_makespan(res):.2f} s ({time.perf_counter() - t:.1f} s)")  # fmt: skip
