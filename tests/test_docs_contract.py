@@ -39,3 +39,14 @@ def test_kvcache_release_is_an_alias_of_free_like_the_paged_cache():
         assert cache.num_free_slots == 2
         if isinstance(cache, KVCache):
             cache.close()
+
+
+def test_available_backends_lists_only_what_runs_on_the_device():
+    """``available_backends(device)``: backends that can run on ``device`` in this process, so none
+    for a CUDA device the process cannot use, and on the CPU at least ``sdpa``."""
+    from torch_vkv import available_backends
+
+    assert "sdpa" in available_backends("cpu")
+    if not torch.cuda.is_available():
+        assert available_backends("cuda") == [] and available_backends() == []
+    assert available_backends(f"cuda:{max(torch.cuda.device_count(), 1) + 7}") == []

@@ -10,8 +10,12 @@ from .triton_backend import pow2_dim
 
 
 def available_backends(device="cuda") -> list:
-    """Backends that can run on ``device`` in this process (``auto`` excluded)."""
+    """Backends that can run on ``device`` in this process (``auto`` excluded); none for a CUDA
+    device this process cannot use (no CUDA, or an index past the GPUs it sees)."""
     device = torch.device(device)
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):  # fmt: skip
+        return []
     out = []
     if device.type == "cuda" and deps.HAS_TORCH_FA2:
         out.append("torch_fa2")
