@@ -175,6 +175,15 @@ class PagePool(Unique):
         """Finishes decommits whose fences have completed (does not wait)."""
         self._pool.reap()
 
+    def available(self) -> int:
+        """Pages a commit can have now: free, creatable within the budget, or pending a fence.
+
+        Lock-free (no wait for a background commit's driver calls): a snapshot as of the last
+        operation on the pool to end, exact while no other thread is inside it. A commit
+        re-checks under the pool's mutex and raises :class:`~torch_vkv.OutOfPagesError`,
+        changing nothing, when short."""
+        return self._pool.available()
+
     def stats(self) -> dict[str, Any]:
         """Pool counters: ``created_pages``, ``free_pages``, ``mapped_pages``,
         ``pending_pages``, ``max_pages``, ``page_size``, call counts and times."""
