@@ -3,6 +3,7 @@ signatures and behaviour a user reads there. Fast, CPU only."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from torch_vkv import KVCache, PagedKVCache
@@ -50,3 +51,16 @@ def test_available_backends_lists_only_what_runs_on_the_device():
     if not torch.cuda.is_available():
         assert available_backends("cuda") == [] and available_backends() == []
     assert available_backends(f"cuda:{max(torch.cuda.device_count(), 1) + 7}") == []
+
+
+def test_alloc_refuses_more_tokens_than_a_slot_holds():
+    cache = KVCache(num_layers=1, max_batch_size=2, max_seq_len=64, num_kv_heads=1, head_dim=8, device="cpu",
+                    dtype=torch.float32)  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match=r"num_tokens.*64.*got 65"):
+            cache.alloc(65)
+        assert cache.num_free_slots == 2  # the refused call took no slot
+        slot = cache.alloc(64)
+        cache.free(slot)
+    finally:
+        cache.close()

@@ -336,9 +336,12 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         """Takes a free slot and returns it, preferring one whose pages are still committed (the new
         request reuses them): with ``num_tokens`` (what the request may reach), the one backing it with
         the fewest pages to spare; else, or when none backs it, the one holding the most pages. Raises
-        :class:`OutOfSlotsError` when every slot is in use."""
+        :class:`OutOfSlotsError` when every slot is in use, ``ValueError`` when ``num_tokens`` is past
+        ``max_seq_len`` (no slot can hold it)."""
         self._check_open()
-        need = None if num_tokens is None else self._pages_for(check_int("num_tokens", num_tokens, low=0))
+        if num_tokens is not None:
+            num_tokens = check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)
+        need = None if num_tokens is None else self._pages_for(num_tokens)
         if not self._free_slots:
             raise OutOfSlotsError(f"all {self.max_batch_size} slots of the KV cache are in use")
         held = [int(self._committed_pages[s]) for s in self._free_slots]
