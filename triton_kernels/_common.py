@@ -26,6 +26,8 @@ and reports it as not valid, so no address ever leaves the cache.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,24 @@ def bounds(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[int
     if block_table is None:
         return k_cache.shape[0], k_cache.shape[1], 1
     return block_table.shape[0], block_table.shape[1] * k_cache.shape[1], k_cache.shape[0]
+
+
+def on_tensor_device(launcher):
+    """Run ``launcher(t, ...)`` with ``t``'s CUDA device current.
+
+    Triton launches on the *current* device, whatever device the arguments live on: a cache on
+    ``cuda:1`` while ``cuda:0`` is current (a model placed on the second GPU without
+    ``torch.cuda.set_device``) would run the kernel on the wrong GPU, an illegal address that kills
+    the CUDA context. The check costs a device query per call, and nothing in a graph replay."""
+
+    @functools.wraps(launcher)
+    def launch(t, *args, **kwargs):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(t, *args, **kwargs)
+        return launcher(t, *args, **kwargs)
+
+    return launch
 
 
 def dot_f32(t) -> bool:

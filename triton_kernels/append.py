@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _request, _rows, bounds, next_pow2
+from ._common import _request, _rows, bounds, next_pow2, on_tensor_device
 
 
 # Runtime sizes are not specialised (Triton would compile a variant per value
@@ -93,6 +93,7 @@ def _append_kv_kernel(
     tl.store(v_ptr + v_row + offs_h[:, None] * stride_vh + offs_d[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
 
 
+@on_tensor_device
 def append_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -207,6 +208,7 @@ def _zero_tail_kernel(
     tl.store(v_ptr + v_row + offs_h[:, None] * stride_vh + offs_d[None, :], zero, mask=ok)
 
 
+@on_tensor_device
 def zero_tail(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attn_span, _request, bounds, dot_f32, next_pow2, score_params
+from ._common import _attn_span, _request, bounds, dot_f32, next_pow2, on_tensor_device, score_params
 from .prefill import attention_reference
 
 
@@ -174,6 +174,7 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     return int(max(1, min(want, cap, 64)))
 
 
+@on_tensor_device
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

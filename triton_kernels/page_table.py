@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import next_pow2, on_tensor_device
 
 
 @triton.jit(do_not_specialize=["num_slots", "max_len", "num_blocks", "pages_per_slot", "max_pages", "page_rows"])
@@ -71,6 +71,7 @@ def _decode_page_entries_kernel(
     tl.store(ok_ptr + r, ok)
 
 
+@on_tensor_device
 def decode_page_entries(
     cache_seqlens: torch.Tensor,
     slots: Optional[torch.Tensor],

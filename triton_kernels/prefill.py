@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attn_span, _request, bounds, dot_f32, score_params
+from ._common import _attn_span, _request, bounds, dot_f32, on_tensor_device, score_params
 
 
 # total_q varies with every batch: not specialised (see append._append_kv_kernel).
@@ -165,6 +165,7 @@ def default_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     )  # fmt: skip
 
 
+@on_tensor_device
 def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
