@@ -463,6 +463,17 @@ def flashinfer_attention(
     q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
     window_left=-1, softcap=0.0,
 ):  # fmt: skip
+    args = (q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q,
+            window_left, softcap)
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        # FlashInfer's wrappers run on the current device's stream: make q's device current.
+        with torch.cuda.device(q.device):
+            return _flashinfer_attention(*args)
+    return _flashinfer_attention(*args)
+
+
+def _flashinfer_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale,
+                          max_seqlen_q, window_left, softcap):  # fmt: skip
     fi = deps.flashinfer_module()
     if fi is None:
         raise RuntimeError("flashinfer backend: expected the flashinfer package to be importable, got ImportError")
