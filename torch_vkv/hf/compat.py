@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Optional
+
+import torch
 
 from torch_vkv._checks import fail
 
@@ -97,3 +99,21 @@ def eos_ids(model: Any) -> tuple[int, ...]:
     if hasattr(eos, "tolist"):  # a tensor
         eos = eos.tolist()
     return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
+
+
+def position_limit(model: Any) -> Optional[int]:
+    """Positions a model with a learned absolute position table can take, or None where it has none.
+
+    GPT-2's ``wpe``, OPT's ``embed_positions``: an ``nn.Embedding`` other than the input embeddings,
+    with at most ``max_position_embeddings`` (+ OPT's offset of 2) rows. A position past the table
+    is an ``IndexError`` on the CPU and a device-side assert on CUDA, which ends the process's CUDA
+    context. RoPE and ALiBi models have no such table: positions past ``max_position_embeddings``
+    are the model's own extrapolation, not an error.
+    """
+    max_pos = getattr(text_config(model.config), "max_position_embeddings", None)
+    if not isinstance(max_pos, int) or max_pos <= 0:
+        return None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = [m.num_embeddings for m in model.modules()
+              if isinstance(m, torch.nn.Embedding) and m is not inputs and m.num_embeddings <= max_pos + 2]  # fmt: skip
+    return min([max_pos, *tables]) if tables else None

@@ -137,6 +137,12 @@ class Engine(Closable, Unique):
             model = load_causal_lm(model, dtype)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
+        from torch_vkv.hf.compat import position_limit
+
+        limit = position_limit(model)  # before the model moves: a refused engine leaves it as it was
+        if limit is not None and self.max_seq_len > limit:
+            fail("max_seq_len", f"at most {limit} (the model's learned position table has no row past it)",
+                 self.max_seq_len)  # fmt: skip
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
         if self.dtype not in ATTENTION_DTYPES:  # before the model moves
             fail("dtype", "torch.float16, torch.bfloat16 or torch.float32 (the attention kernels' dtypes)",

@@ -1,0 +1,68 @@
+"""Models with a learned absolute position table (GPT-2's ``wpe``, OPT's ``embed_positions``) have no
+row past ``max_position_embeddings``: a position past it was an ``IndexError`` in the middle of
+serving (on CUDA a device-side assert, and the process's CUDA context is lost). ``Engine`` refuses a
+``max_seq_len`` past the table at construction; RoPE models keep any ``max_seq_len``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the engine serves transformers models")
+
+from torch_vkv.hf.compat import position_limit  # noqa: E402
+from torch_vkv.serving import Engine, SamplingParams  # noqa: E402
+
+
+def _gpt2(n_positions=64):
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=100,
+                                  bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _opt(max_pos=64):
+    cfg = transformers.OPTConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, ffn_dim=64,
+                                 word_embed_proj_dim=32, max_position_embeddings=max_pos, vocab_size=100,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def _llama(max_pos=64):
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                                   intermediate_size=64, max_position_embeddings=max_pos, vocab_size=100,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_position_limit_reads_learned_tables_only():
+    assert position_limit(_gpt2(64)) == 64
+    assert position_limit(_opt(64)) == 64  # its table has 66 rows (an offset of 2)
+    assert position_limit(_llama(64)) is None  # RoPE: no table
+
+
+@pytest.mark.parametrize("make", [_gpt2, _opt])
+def test_engine_refuses_max_seq_len_past_the_position_table(make, no_interpreted_triton):
+    model = make()
+    with pytest.raises(ValueError, match=r"max_seq_len: expected at most 64 \(the model's learned position table.*got 65"):
+        Engine(model, max_batch_size=2, max_seq_len=65, device="cpu")
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, device="cpu")
+    try:  # a request that runs to the end of the table: every position has its row
+        engine.add_request(list(range(3, 60)), SamplingParams(max_tokens=50, ignore_eos=True), request_id="a")
+        done = []
+        while engine.has_unfinished_requests():
+            done += [o for o in engine.step() if o.finished]
+        (out,) = done
+        assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
+        assert out.outputs[0].finish_reason == "length"
+    finally:
+        engine.close()
+
+
+def test_rope_models_take_any_max_seq_len(no_interpreted_triton):
+    engine = Engine(_llama(64), max_batch_size=1, max_seq_len=200, device="cpu")
+    try:
+        engine.add_request(list(range(3, 100)), SamplingParams(max_tokens=4, ignore_eos=True), request_id="a")
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.close()
