@@ -31,7 +31,8 @@ import triton.language as tl
 from ._common import next_pow2, on_tensor_device
 
 
-@triton.jit(do_not_specialize=["num_slots", "max_len", "num_blocks", "pages_per_slot", "max_pages", "page_rows"])
+@triton.jit(do_not_specialize=["stride_bt", "num_slots", "max_len", "num_blocks", "pages_per_slot", "max_pages",
+                             "page_rows"])
 def _decode_page_entries_kernel(
     seqlens_ptr,  # [R] any integer dtype
     slots_ptr,  # [R] (unused unless HAS_SLOTS)
