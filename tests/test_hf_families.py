@@ -1,0 +1,84 @@
+"""Hugging Face: model families beyond Llama/Qwen2/Mistral.
+
+Families ``VirtualKVCache`` serves give ``DynamicCache``'s tokens; those it
+cannot serve (layers without per-token K/V, layers of different K/V shapes,
+attention features the ``"vkv"`` attention does not compute) are refused
+with an error that names what was expected and what was given, never run to
+different tokens or an obscure traceback. Tiny random models, float32, CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from _hf_models import generate, prompts, vcache  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from torch_vkv.hf import VirtualKVCache  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
+
+T = transformers
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            initializer_range=0.2)  # fmt: skip
+
+
+def _model(cls, cfg, impl):
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _same_as_dynamic_cache(model, impl, batch=3, ref_impl=None, max_len=96, **kw):
+    ids, mask = prompts(batch)
+    model.set_attn_implementation(ref_impl or ("eager" if impl == "vkv" else impl))
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), **kw)
+    model.set_attn_implementation(impl)
+    out = generate(model, ids, mask, vcache(model, batch * kw.get("num_beams", 1), max_len), **kw)
+    assert torch.equal(out, ref)
+
+
+# -- layers VirtualKVCache cannot hold: refused when the cache is built ----------------------------------
+
+
+def _hybrid_configs():
+    yield "qwen3_next", lambda: T.Qwen3NextConfig(
+        **BASE, head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"])  # fmt: skip
+    yield "lfm2", lambda: T.Lfm2Config(**BASE, layer_types=["conv", "full_attention"])
+    yield "jamba", lambda: T.JambaConfig(**BASE, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                         num_experts=2, mamba_d_state=8, mamba_expand=2)  # fmt: skip
+    yield "recurrent_gemma", lambda: T.RecurrentGemmaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, lru_width=64, attention_window_size=16, block_types=["recurrent", "attention"])  # fmt: skip
+
+
+@pytest.mark.parametrize("name,make", list(_hybrid_configs()), ids=[n for n, _ in _hybrid_configs()])
+def test_layers_without_per_token_kv_are_refused_naming_them(name, make):
+    """Linear-attention, convolution and recurrent layers were accepted, and generate() then failed in
+    transformers ("Cannot get conv state for non linear attention layer 0 of type VirtualKVLayer") or in
+    the cache ("key_states of layer 1: expected the batch and new tokens of layer 0's update")."""
+    cfg = make()
+    with pytest.raises(ValueError, match=r"config\.layer_types: expected only attention layers.*not supported: \['"):
+        VirtualKVCache(cfg, 1, 16)
+
+
+def test_layers_of_different_kv_shapes_are_refused_naming_them():
+    """Gemma 4's global layers have their own head_dim: the config raised transformers'
+    AmbiguousGlobalPerLayerAttributeError from the cache's constructor."""
+    cfg = T.Gemma4TextConfig(**BASE, head_dim=16, global_head_dim=32, sliding_window=8)
+    with pytest.raises(ValueError, match=r"one num_key_value_heads and head_dim in every layer.*\(2, 16\), \(2, 32\)"):
+        VirtualKVCache(cfg, 1, 16)
+
+
+@pytest.mark.parametrize("impl", ["eager", "vkv"])
+def test_gemma4_with_one_kv_shape_matches_dynamic_cache(impl):
+    cfg = T.Gemma4TextConfig(**BASE, head_dim=16, global_head_dim=16, sliding_window=8)
+    _same_as_dynamic_cache(_model(T.Gemma4ForCausalLM, cfg, impl), impl, max_new_tokens=20)
