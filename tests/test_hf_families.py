@@ -82,3 +82,87 @@ def test_layers_of_different_kv_shapes_are_refused_naming_them():
 def test_gemma4_with_one_kv_shape_matches_dynamic_cache(impl):
     cfg = T.Gemma4TextConfig(**BASE, head_dim=16, global_head_dim=16, sliding_window=8)
     _same_as_dynamic_cache(_model(T.Gemma4ForCausalLM, cfg, impl), impl, max_new_tokens=20)
+
+
+# -- attention the "vkv" attention does not compute: refused under "vkv", exact under eager/sdpa -------------
+
+
+def _gpt_oss():
+    cfg = T.GptOssConfig(**BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
+    return T.GptOssForCausalLM, cfg
+
+
+def _granite_swa():
+    return T.GraniteSWAForCausalLM, T.GraniteSWAConfig(**BASE, sliding_window=8)
+
+
+@pytest.mark.parametrize("make", [_gpt_oss, _granite_swa], ids=["gpt_oss", "granite_swa"])
+def test_attention_sinks_are_refused_under_vkv(make):
+    """gpt-oss and GraniteSWA pass their learned sinks as ``s_aux``; the vkv attention dropped them
+    (and so did its plain-SDPA fallback): other tokens than DynamicCache's, silently."""
+    cls, cfg = make()
+    model = _model(cls, cfg, "eager")
+    _same_as_dynamic_cache(model, "eager", batch=2, max_new_tokens=6)
+    ids, mask = prompts(2)
+    model.set_attn_implementation("vkv")
+    for cache in (vcache(model, 2), DynamicCache(config=model.config)):
+        with pytest.raises(NotImplementedError, match=r"does not compute attention sinks: expected no 's_aux'"):
+            generate(model, ids, mask, cache, max_new_tokens=2)
+
+
+def _falcon_alibi():
+    cfg = T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)  # fmt: skip
+    return _model(T.FalconForCausalLM, cfg, "sdpa")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_alibi_is_refused_under_vkv_before_anything_is_stored(batch):
+    """Falcon with ``alibi=True`` adds its biases to the attention mask, which the vkv attention does
+    not read: batch 1 was an AttributeError in Falcon ('NoneType' object has no attribute 'dtype'),
+    a batch other tokens than DynamicCache's."""
+    model = _falcon_alibi()
+    _same_as_dynamic_cache(model, "sdpa", batch=batch, max_new_tokens=6)
+    ids, mask = prompts(batch)
+    model.set_attn_implementation("vkv")
+    cache = vcache(model, batch)
+    with pytest.raises(NotImplementedError, match=r"ALiBi.*expected a model without ALiBi \(config.alibi=False\)"):
+        generate(model, ids, mask, cache, max_new_tokens=2)
+    assert cache.mode is None and cache.get_seq_length() == 0
+
+
+def _llama4(chunk):
+    cfg = T.Llama4TextConfig(**BASE, head_dim=16, attention_chunk_size=chunk, num_local_experts=2,
+                             intermediate_size_mlp=128, no_rope_layers=[1, 0], interleave_moe_layer_step=2)  # fmt: skip
+    return _model(T.Llama4ForCausalLM, cfg, "vkv")
+
+
+def test_chunked_attention_past_one_chunk_is_refused_under_vkv():
+    """Llama 4's chunked layers attend within chunks of ``attention_chunk_size`` tokens; the vkv
+    attention attended to every token: other tokens than DynamicCache's once a row passed a chunk."""
+    model = _llama4(8)
+    _same_as_dynamic_cache(model, "sdpa", batch=2, max_new_tokens=12)  # padded mode: the mask chunks
+    ids, mask = prompts(2)
+    model.set_attn_implementation("vkv")
+    cache = vcache(model, 2, 96)
+    with pytest.raises(ValueError, match=r"max_cache_len: expected at most attention_chunk_size=8 .* got 96"):
+        generate(model, ids, mask, cache, max_new_tokens=2)
+    assert cache.mode is None
+    with pytest.raises(ValueError, match=r"positions of this step \(no VirtualKVCache\): expected at most .* got 9"):
+        generate(model, ids, mask, DynamicCache(config=model.config), max_new_tokens=4)  # 7 + 2 tokens
+
+
+def test_chunked_attention_within_one_chunk_matches_dynamic_cache():
+    _same_as_dynamic_cache(_llama4(32), "vkv", batch=2, max_len=32, max_new_tokens=12)
+
+
+def test_a_4d_mask_is_refused_under_vkv():
+    """A 4-D mask reaches the attention as it is (transformers does not rebuild it); vkv ignored it."""
+    from _hf_models import tiny_model
+    from torch_vkv.hf import forward_kwargs
+
+    model = tiny_model("llama", "vkv")
+    ids, _ = prompts(1)
+    mask4 = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match=r"attention_mask: expected None or the 2-D padding mask .* got a 4-D"):
+        model(ids, attention_mask=mask4, **forward_kwargs(model, vcache(model, 1)))

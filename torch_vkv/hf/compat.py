@@ -146,6 +146,27 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     return num_layers, num_kv_heads, int(head_dim)
 
 
+def check_vkv_support(config: Any, max_len: int, what: str = "max_cache_len") -> None:
+    """Refuses, before anything runs, a model whose attention the ``"vkv"`` attention does not
+    compute: ALiBi biases added to the mask (Falcon ``alibi=True``): ``NotImplementedError``;
+    chunked attention (Llama 4 ``attention_chunk_size``) over more than one chunk: ``ValueError``
+    (within one chunk it is plain causal attention). ``max_len``: the most tokens a row can reach."""
+    tc = text_config(config)
+    if getattr(tc, "alibi", False) is True:
+        raise NotImplementedError(
+            "attn_implementation='vkv' does not add ALiBi position biases (this model adds them to the attention "
+            "mask, which the vkv attention does not read): expected a model without ALiBi (config.alibi=False), "
+            "got config.alibi=True; use attn_implementation='eager' or 'sdpa'"
+        )
+    chunk = getattr(tc, "attention_chunk_size", None)
+    if chunk and max_len > int(chunk):
+        types = layer_types(tc)
+        if types is None or "chunked_attention" in types:
+            fail(what, f"at most attention_chunk_size={int(chunk)} with attn_implementation='vkv' (it has no chunked "
+                 "attention; within one chunk that is plain causal attention): use 'eager' or 'sdpa' for longer "
+                 "rows", max_len)  # fmt: skip
+
+
 def eos_ids(model: Any) -> tuple[int, ...]:
     """EOS ids from ``generation_config.eos_token_id`` (int or list); the
     config's only when the model has no generation config."""
@@ -174,3 +195,17 @@ def position_limit(model: Any) -> Optional[int]:
     tables = [m.num_embeddings for m in model.modules()
               if isinstance(m, torch.nn.Embedding) and m is not inputs and m.num_embeddings <= max_pos + 2]  # fmt: skip
     return min([max_pos, *tables]) if tables else None
+
+
+def layer_windows(config: Any, num_layers: int) -> list:
+    """Each layer's sliding window in tokens (``None``: global), from a transformers config:
+    ``layer_types`` ("sliding_attention" layers take ``sliding_window``; Gemma 2/3, Qwen2/3),
+    else ``sliding_window`` for every layer (Mistral; Qwen2 only with ``use_sliding_window``)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and len(types) == num_layers:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [int(window)] * num_layers
