@@ -78,6 +78,20 @@ def test_layers_of_different_kv_shapes_are_refused_naming_them():
         VirtualKVCache(cfg, 1, 16)
 
 
+def test_keys_and_values_of_other_shapes_are_refused_when_the_cache_is_built():
+    """DeepSeek V3 caches its MLA latent as keys and its rope key as values, MiMo-V2 values narrower
+    than keys: the cache was built and the first update failed ('tensors of one shape'), or with
+    equal dims it failed on head_dim read from the config (the latent's width is not head_dim)."""
+    mla = T.DeepseekV3Config(**{**BASE, "num_key_value_heads": 4}, q_lora_rank=None, kv_lora_rank=16,
+                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"K and V of one shape .* got multi-head latent attention \(kv_lora_rank=16\)"):
+        VirtualKVCache(mla, 1, 16)
+    mimo = T.MiMoV2FlashConfig(**BASE)
+    with pytest.raises(ValueError, match=r"got keys of head_dim 192, values of v_head_dim 128"):
+        VirtualKVCache(mimo, 1, 16)
+
+
 @pytest.mark.parametrize("impl", ["eager", "vkv"])
 def test_gemma4_with_one_kv_shape_matches_dynamic_cache(impl):
     cfg = T.Gemma4TextConfig(**BASE, head_dim=16, global_head_dim=16, sliding_window=8)

@@ -112,9 +112,10 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` from a transformers config.
 
     Raises ``ValueError`` naming them for layers that store no per-token K/V
-    (linear attention, convolutions, recurrent blocks: see :data:`KV_LAYER_TYPES`)
-    and for layers of different K/V shapes (Gemma 4's global layers): one
-    ``KVCache`` holds one shape for every layer."""
+    (linear attention, convolutions, recurrent blocks: see :data:`KV_LAYER_TYPES`),
+    for layers of different K/V shapes (Gemma 4's global layers) and for keys and
+    values of other shapes (multi-head latent attention, ``v_head_dim``): one
+    ``KVCache`` holds one shape for K and V of every layer."""
     tc = text_config(config)
     try:
         num_layers = int(tc.num_hidden_layers)
@@ -140,6 +141,13 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     else:
         num_kv_heads = int(getattr(tc, "num_key_value_heads", None) or num_heads)
         head_dim = getattr(tc, "head_dim", None) or (hidden // num_heads if hidden else None)
+    # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, Kimi, ...) caches a compressed latent
+    # and a rope key of other shapes; MiMo-V2 caches values narrower than its keys.
+    lora, v_dim = getattr(tc, "kv_lora_rank", None), getattr(tc, "v_head_dim", None)
+    if lora or (v_dim is not None and head_dim and int(v_dim) != int(head_dim)):
+        fail("config", "attention whose cache holds K and V of one shape [num_key_value_heads, head_dim] per token",
+             Described(f"multi-head latent attention (kv_lora_rank={lora})" if lora else
+                       f"keys of head_dim {int(head_dim)}, values of v_head_dim {int(v_dim)}"))  # fmt: skip
     if num_layers < 1 or num_kv_heads < 1 or not head_dim or int(head_dim) < 1:
         fail("config", "num_hidden_layers, num_key_value_heads and head_dim >= 1",
              (num_layers, num_kv_heads, head_dim))  # fmt: skip
