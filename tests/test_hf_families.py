@@ -180,3 +180,32 @@ def test_a_4d_mask_is_refused_under_vkv():
     mask4 = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
     with pytest.raises(ValueError, match=r"attention_mask: expected None or the 2-D padding mask .* got a 4-D"):
         model(ids, attention_mask=mask4, **forward_kwargs(model, vcache(model, 1)))
+
+
+# -- families VirtualKVCache serves: DynamicCache's tokens under "vkv" (left-padded batch, beams) ------------
+
+
+def _families():
+    common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    yield "qwen3", T.Qwen3ForCausalLM, T.Qwen3Config(**BASE, head_dim=16)
+    yield "phi3", T.Phi3ForCausalLM, T.Phi3Config(**BASE, sliding_window=8)
+    yield "gpt2", T.GPT2LMHeadModel, T.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    yield "opt", T.OPTForCausalLM, T.OPTConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        word_embed_proj_dim=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        init_std=0.2)  # fmt: skip
+    yield "gpt_neox", T.GPTNeoXForCausalLM, T.GPTNeoXConfig(**common, hidden_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=128)  # fmt: skip
+    yield "falcon_mqa", T.FalconForCausalLM, T.FalconConfig(**common, hidden_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, multi_query=True)  # fmt: skip
+    yield "gemma3n_shared_kv", T.Gemma3nForCausalLM, T.Gemma3nTextConfig(
+        **{**BASE, "num_hidden_layers": 4}, head_dim=16, num_kv_shared_layers=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4)  # fmt: skip
+
+
+@pytest.mark.parametrize("name,cls,cfg", list(_families()), ids=[f[0] for f in _families()])
+def test_family_under_vkv_matches_dynamic_cache(name, cls, cfg):
+    model = _model(cls, cfg, "vkv")
+    _same_as_dynamic_cache(model, "vkv", batch=3, max_new_tokens=20)
+    _same_as_dynamic_cache(model, "vkv", batch=2, max_new_tokens=8, num_beams=3)
