@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import torch_vkv
+from torch_vkv._checks import Described, fail
 from torch_vkv.attention.inputs import window_from_module_kwargs
+from torch_vkv.hf.compat import check_vkv_support
 
 __all__ = ["ATTN_NAME", "register", "vkv_attention_forward", "vkv_mask"]
 
@@ -62,11 +64,17 @@ def vkv_mask(
     With another cache it returns the 2-D mask over all ``kv_length`` keys
     (for the plain fallback), or ``None``.
     """
+    # Traced code never looks for the cache (the padding plan is for eager steps).
+    cache = None if torch.compiler.is_compiling() else _cache_of(q_offset)
+    config = kwargs.get("config")
+    if config is not None and not torch.compiler.is_compiling():
+        if cache is not None:
+            check_vkv_support(config, cache.max_cache_len)
+        elif isinstance(q_offset, int):  # another cache's or none: the positions this step reaches
+            check_vkv_support(config, q_offset + q_length, "positions of this step (no VirtualKVCache)")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return None
     m = attention_mask.to(torch.bool)
-    # Traced code never looks for the cache (the padding plan is for eager steps).
-    cache = None if torch.compiler.is_compiling() else _cache_of(q_offset)
     if cache is not None:
         new = m[:, -q_length:]
         if q_length > 1:
@@ -126,6 +134,17 @@ def vkv_attention_forward(
     """
     if dropout:
         raise NotImplementedError("attn_implementation='vkv' is for inference: dropout must be 0")
+    for name in ("s_aux", "sinks"):  # gpt-oss, GraniteSWA, MiMo: a learned sink logit per head
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"attn_implementation='vkv' does not compute attention sinks: expected no {name!r}, got a tensor of "
+                f"shape {tuple(kwargs[name].shape)} from {type(module).__name__}; use attn_implementation='eager'"
+            )
+    if attention_mask is not None and attention_mask.dim() != 2:
+        # A 4-D mask (a custom one, or a bias added to the mask) would be ignored: different tokens.
+        fail("attention_mask", "None or the 2-D padding mask of the 'vkv' mask function (attn_implementation='vkv' "
+             "takes no 4-D or custom masks)", Described(f"a {attention_mask.dim()}-D {attention_mask.dtype} tensor "
+             f"of shape {tuple(attention_mask.shape)}"))  # fmt: skip
     layer = getattr(key, "_vkv_layer", None)
     if layer is None:
         return _fallback_sdpa(query, key, value, attention_mask, scaling)

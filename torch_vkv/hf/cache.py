@@ -37,7 +37,7 @@ from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail, 
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.pool import check_host_page_size
 from torch_vkv.hf import batch_ops, commit_op
-from torch_vkv.hf.compat import model_shape, text_config
+from torch_vkv.hf.compat import check_vkv_support, layer_windows, model_shape, text_config  # noqa: F401
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
 
@@ -309,6 +309,8 @@ class VirtualKVCache(Cache):
         if self._mode is None:
             if B > self._max_batch_size:
                 fail("batch size", f"at most max_batch_size={self._max_batch_size}", B)
+            if self._planned_mode() == "vkv":  # ALiBi, chunks past max_cache_len: refused before anything is stored
+                check_vkv_support(self._config, self._max_cache_len)
             self._mode = self._planned_mode()
             self._lengths.start(B, on_device=self._mode == "vkv")
         lengths = self._lengths
@@ -584,17 +586,3 @@ class _QueryOffset(int):
         obj = super().__new__(cls, value)
         obj._vkv_cache = cache_ref
         return obj
-
-
-def layer_windows(config: Any, num_layers: int) -> list:
-    """Each layer's sliding window in tokens (``None``: global), from a transformers config:
-    ``layer_types`` ("sliding_attention" layers take ``sliding_window``; Gemma 2/3, Qwen2/3),
-    else ``sliding_window`` for every layer (Mistral; Qwen2 only with ``use_sliding_window``)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(cfg, "sliding_window", None)
-    if not window or getattr(cfg, "use_sliding_window", True) is False:
-        return [None] * num_layers
-    types = getattr(cfg, "layer_types", None)
-    if types is not None and len(types) == num_layers:
-        return [int(window) if t == "sliding_attention" else None for t in types]
-    return [int(window)] * num_layers

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from torch_vkv._checks import fail
+from torch_vkv._checks import Described, fail
 
 __all__ = ["cache_keyword", "eos_ids", "forward_kwargs", "generate_kwargs", "model_shape", "text_config"]
 
@@ -71,8 +71,51 @@ def text_config(config: Any) -> Any:
     return config
 
 
+#: Layer types (transformers' ``layer_types``) whose cache is per-token K/V, as ``VirtualKVCache``
+#: stores it; ``"dummy"``: a layer without a cache of its own (an MoE/MLP-only layer, or one that
+#: reads another layer's KV). Everything else (``"linear_attention"``, ``"conv"``, ``"hybrid"``,
+#: ``"indexed_attention"``, ...) keeps a recurrent or compressed state.
+KV_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "dummy")
+
+
+def layer_types(config: Any) -> Optional[list]:
+    """Each layer's cache type as transformers' ``DynamicCache`` reads it from ``config``
+    (``None`` when the config names none)."""
+    tc = text_config(config)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # older 5.x: the config's own list
+        get_layer_types_and_kwargs = None
+    if get_layer_types_and_kwargs is not None:
+        try:
+            return list(get_layer_types_and_kwargs(tc)[0])
+        except Exception:  # a config it cannot read: fall back to the plain attribute
+            pass
+    types = getattr(tc, "layer_types", None)
+    return list(types) if types is not None else None
+
+
+def _per_layer_shapes(tc: Any, num_heads: int, hidden: Any) -> Optional[list]:
+    """``[(num_kv_heads, head_dim)]`` of each layer of a heterogeneous config (Gemma 4), else ``None``."""
+    if not getattr(tc, "is_heterogeneous", False):
+        return None
+    shapes = []
+    for lc in tc.per_layer_config:
+        heads = int(getattr(lc, "num_attention_heads", None) or num_heads)
+        kv = int(getattr(lc, "num_key_value_heads", None) or heads)
+        size = getattr(lc, "hidden_size", None) or hidden
+        shapes.append((kv, int(getattr(lc, "head_dim", None) or (size // heads if size else 0))))
+    return shapes
+
+
 def model_shape(config: Any) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` from a transformers config."""
+    """``(num_layers, num_kv_heads, head_dim)`` from a transformers config.
+
+    Raises ``ValueError`` naming them for layers that store no per-token K/V
+    (linear attention, convolutions, recurrent blocks: see :data:`KV_LAYER_TYPES`),
+    for layers of different K/V shapes (Gemma 4's global layers) and for keys and
+    values of other shapes (multi-head latent attention, ``v_head_dim``): one
+    ``KVCache`` holds one shape for K and V of every layer."""
     tc = text_config(config)
     try:
         num_layers = int(tc.num_hidden_layers)
@@ -81,12 +124,55 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     except (AttributeError, TypeError, ValueError):
         fail("config", "a decoder config with num_hidden_layers and num_attention_heads (e.g. model.config)",
              type(config).__name__, TypeError)  # fmt: skip
-    num_kv_heads = int(getattr(tc, "num_key_value_heads", None) or num_heads)
-    head_dim = getattr(tc, "head_dim", None) or (hidden // num_heads if hidden else None)
+    types = layer_types(tc)
+    if types is not None:
+        other = sorted({t for t in types if t not in KV_LAYER_TYPES})
+        if other:
+            fail("config.layer_types", f"only attention layers ({', '.join(KV_LAYER_TYPES[:3])}): VirtualKVCache stores "
+                 "per-token K/V; linear-attention, convolution and recurrent layers are not supported",
+                 Described(f"{types} (not supported: {other})"))  # fmt: skip
+    shapes = _per_layer_shapes(tc, num_heads, hidden)
+    if shapes is not None:
+        kept = [s for s, t in zip(shapes, types or [None] * len(shapes)) if t != "dummy"] or shapes
+        if len(set(kept)) > 1:
+            fail("config", "one num_key_value_heads and head_dim in every layer (VirtualKVCache holds one K/V shape)",
+                 Described("(num_key_value_heads, head_dim) per layer " + str(shapes)))  # fmt: skip
+        num_kv_heads, head_dim = kept[0]
+    else:
+        num_kv_heads = int(getattr(tc, "num_key_value_heads", None) or num_heads)
+        head_dim = getattr(tc, "head_dim", None) or (hidden // num_heads if hidden else None)
+    # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, Kimi, ...) caches a compressed latent
+    # and a rope key of other shapes; MiMo-V2 caches values narrower than its keys.
+    lora, v_dim = getattr(tc, "kv_lora_rank", None), getattr(tc, "v_head_dim", None)
+    if lora or (v_dim is not None and head_dim and int(v_dim) != int(head_dim)):
+        fail("config", "attention whose cache holds K and V of one shape [num_key_value_heads, head_dim] per token",
+             Described(f"multi-head latent attention (kv_lora_rank={lora})" if lora else
+                       f"keys of head_dim {int(head_dim)}, values of v_head_dim {int(v_dim)}"))  # fmt: skip
     if num_layers < 1 or num_kv_heads < 1 or not head_dim or int(head_dim) < 1:
         fail("config", "num_hidden_layers, num_key_value_heads and head_dim >= 1",
              (num_layers, num_kv_heads, head_dim))  # fmt: skip
     return num_layers, num_kv_heads, int(head_dim)
+
+
+def check_vkv_support(config: Any, max_len: int, what: str = "max_cache_len") -> None:
+    """Refuses, before anything runs, a model whose attention the ``"vkv"`` attention does not
+    compute: ALiBi biases added to the mask (Falcon ``alibi=True``): ``NotImplementedError``;
+    chunked attention (Llama 4 ``attention_chunk_size``) over more than one chunk: ``ValueError``
+    (within one chunk it is plain causal attention). ``max_len``: the most tokens a row can reach."""
+    tc = text_config(config)
+    if getattr(tc, "alibi", False) is True:
+        raise NotImplementedError(
+            "attn_implementation='vkv' does not add ALiBi position biases (this model adds them to the attention "
+            "mask, which the vkv attention does not read): expected a model without ALiBi (config.alibi=False), "
+            "got config.alibi=True; use attn_implementation='eager' or 'sdpa'"
+        )
+    chunk = getattr(tc, "attention_chunk_size", None)
+    if chunk and max_len > int(chunk):
+        types = layer_types(tc)
+        if types is None or "chunked_attention" in types:
+            fail(what, f"at most attention_chunk_size={int(chunk)} with attn_implementation='vkv' (it has no chunked "
+                 "attention; within one chunk that is plain causal attention): use 'eager' or 'sdpa' for longer "
+                 "rows", max_len)  # fmt: skip
 
 
 def eos_ids(model: Any) -> tuple[int, ...]:
@@ -117,3 +203,17 @@ def position_limit(model: Any) -> Optional[int]:
     tables = [m.num_embeddings for m in model.modules()
               if isinstance(m, torch.nn.Embedding) and m is not inputs and m.num_embeddings <= max_pos + 2]  # fmt: skip
     return min([max_pos, *tables]) if tables else None
+
+
+def layer_windows(config: Any, num_layers: int) -> list:
+    """Each layer's sliding window in tokens (``None``: global), from a transformers config:
+    ``layer_types`` ("sliding_attention" layers take ``sliding_window``; Gemma 2/3, Qwen2/3),
+    else ``sliding_window`` for every layer (Mistral; Qwen2 only with ``use_sliding_window``)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and len(types) == num_layers:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [int(window)] * num_layers
