@@ -90,9 +90,8 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
     max_batch_size : int
         Number of slots (concurrent requests).
     max_seq_len : int
-        Tokens per slot, the virtual capacity of each request. The whole
-        reservation, ``max_batch_size * max_seq_len * bytes_per_token`` rounded
-        to pages, must fit in the address space
+        Tokens per slot, the virtual capacity of each request. The whole reservation, ``max_batch_size *
+        max_seq_len * bytes_per_token`` rounded to pages, must fit in the address space
         (:data:`torch_vkv.pool.ADDRESS_SPACE_BYTES`, 128 TiB).
     dtype : torch.dtype
         Element type of K and V (default ``torch.float16``).
@@ -339,9 +338,8 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         :class:`OutOfSlotsError` when every slot is in use, ``ValueError`` when ``num_tokens`` is past
         ``max_seq_len`` (no slot can hold it)."""
         self._check_open()
-        if num_tokens is not None:
-            num_tokens = check_int("num_tokens", num_tokens, low=0, high=self.max_seq_len)
-        need = None if num_tokens is None else self._pages_for(num_tokens)
+        need = None if num_tokens is None else self._pages_for(check_int("num_tokens", num_tokens, low=0,
+                                                                         high=self.max_seq_len))  # fmt: skip
         if not self._free_slots:
             raise OutOfSlotsError(f"all {self.max_batch_size} slots of the KV cache are in use")
         held = [int(self._committed_pages[s]) for s in self._free_slots]
@@ -355,12 +353,11 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
 
     @locked
     def free(self, slot: int) -> None:
-        """Ends the request in ``slot``. Its pages stay committed (deferred
-        reclamation) for the next request in the slot until memory is needed
-        elsewhere. Freeing a slot that is not in use raises ``ValueError``."""
+        """Ends the request in ``slot``. Its pages stay committed (deferred reclamation) for the next request
+        in the slot until memory is needed elsewhere. Freeing a slot that is not in use raises ``ValueError``."""
         slot = self._check_slot(slot)
-        # A prefetch for this slot may still be running: its pages must be
-        # credited before the decommits below count what the slot holds.
+        # A prefetch for this slot may still be running: its pages must be credited before the decommits
+        # below count what the slot holds.
         self._join_async()
         self._active.discard(slot)
         self._active_mask[slot] = False
