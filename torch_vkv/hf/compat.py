@@ -154,25 +154,26 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     return num_layers, num_kv_heads, int(head_dim)
 
 
-def check_vkv_support(config: Any, max_len: int, what: str = "max_cache_len") -> None:
-    """Refuses, before anything runs, a model whose attention the ``"vkv"`` attention does not
-    compute: ALiBi biases added to the mask (Falcon ``alibi=True``): ``NotImplementedError``;
-    chunked attention (Llama 4 ``attention_chunk_size``) over more than one chunk: ``ValueError``
-    (within one chunk it is plain causal attention). ``max_len``: the most tokens a row can reach."""
+def check_vkv_support(config: Any, max_len: int, what: str = "max_cache_len", who: str = "") -> None:
+    """Refuses, before anything runs, a model whose attention the ``"vkv"`` attention (or ``who``:
+    the serving engine's) does not compute: ALiBi biases added to the mask (Falcon ``alibi=True``):
+    ``NotImplementedError``; chunked attention (Llama 4 ``attention_chunk_size``) over more than one
+    chunk: ``ValueError`` (within one chunk it is plain causal attention). ``max_len``: the most
+    tokens a row can reach."""
     tc = text_config(config)
+    name, advice = (who, "") if who else ("attn_implementation='vkv'", "; use attn_implementation='eager' or 'sdpa'")
     if getattr(tc, "alibi", False) is True:
         raise NotImplementedError(
-            "attn_implementation='vkv' does not add ALiBi position biases (this model adds them to the attention "
-            "mask, which the vkv attention does not read): expected a model without ALiBi (config.alibi=False), "
-            "got config.alibi=True; use attn_implementation='eager' or 'sdpa'"
+            f"{name} does not add ALiBi position biases (this model adds them to the attention mask, which it does "
+            f"not read): expected a model without ALiBi (config.alibi=False), got config.alibi=True{advice}"
         )
     chunk = getattr(tc, "attention_chunk_size", None)
     if chunk and max_len > int(chunk):
         types = layer_types(tc)
         if types is None or "chunked_attention" in types:
-            fail(what, f"at most attention_chunk_size={int(chunk)} with attn_implementation='vkv' (it has no chunked "
-                 "attention; within one chunk that is plain causal attention): use 'eager' or 'sdpa' for longer "
-                 "rows", max_len)  # fmt: skip
+            fail(what, f"at most attention_chunk_size={int(chunk)} with {name} (it has no chunked attention; within "
+                 f"one chunk that is plain causal attention){advice.replace('; use', ': use')} for longer rows",
+                 max_len)  # fmt: skip
 
 
 def eos_ids(model: Any) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
 from torch_vkv.serving.prewarm import Prewarmer
 from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
-from torch_vkv.serving.runner import ModelRunner, attach, detach, load_causal_lm
+from torch_vkv.serving.runner import ModelRunner, attach, check_servable, detach, load_causal_lm
 from torch_vkv.serving.sampler import Sampler
 from torch_vkv.serving.scheduler import Scheduler
 
@@ -137,12 +137,7 @@ class Engine(Closable, Unique):
             model = load_causal_lm(model, dtype)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             fail("model", "a transformers causal LM or a checkpoint path", type(model), ArgumentTypeError)
-        from torch_vkv.hf.compat import position_limit
-
-        limit = position_limit(model)  # before the model moves: a refused engine leaves it as it was
-        if limit is not None and self.max_seq_len > limit:
-            fail("max_seq_len", f"at most {limit} (the model's learned position table has no row past it)",
-                 self.max_seq_len)  # fmt: skip
+        check_servable(model, self.max_seq_len)  # before the model moves: a refused engine leaves it as it was
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
         if self.dtype not in ATTENTION_DTYPES:  # before the model moves
             fail("dtype", "torch.float16, torch.bfloat16 or torch.float32 (the attention kernels' dtypes)",

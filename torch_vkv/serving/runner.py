@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 
 from torch_vkv import append_kv, attention  # the public entry points (functions)
-from torch_vkv._checks import check_checkpoint_path, fail
+from torch_vkv._checks import Described, check_checkpoint_path, fail
 from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
 from torch_vkv.serving.scheduler import ScheduledBatch
@@ -178,6 +178,28 @@ def register() -> None:
         _REGISTERED = True
 
 
+def check_servable(model: torch.nn.Module, max_seq_len: int) -> None:
+    """Refuses, before anything runs, a model whose attention :data:`ATTN_NAME` would not compute
+    as the model does, where serving it gave other tokens (or an obscure error) mid-request:
+
+    * a learned absolute position table shorter than ``max_seq_len`` (GPT-2, OPT): ``ValueError``
+      (a position past it is an index error; on CUDA a device-side assert that ends the context);
+    * ALiBi biases (Falcon ``alibi=True``) and chunked attention over more than one chunk (Llama 4):
+      :func:`~torch_vkv.hf.compat.check_vkv_support`;
+    * attention sinks (gpt-oss: a ``sinks`` parameter in its attention modules): ``NotImplementedError``.
+    """
+    from torch_vkv.hf.compat import check_vkv_support, position_limit
+
+    limit = position_limit(model)
+    if limit is not None and max_seq_len > limit:
+        fail("max_seq_len", f"at most {limit} (the model's learned position table has no row past it)", max_seq_len)
+    check_vkv_support(model.config, max_seq_len, "max_seq_len", who="Engine")
+    for name, module in model.named_modules():
+        if any(isinstance(getattr(module, a, None), torch.Tensor) for a in ("sinks", "s_aux")):
+            raise NotImplementedError(f"Engine does not compute attention sinks: expected attention modules without "
+                                      f"them, got {type(module).__name__} ({name}) with a sinks tensor")  # fmt: skip
+
+
 def attach(model: torch.nn.Module) -> None:
     """Switches ``model`` to :data:`ATTN_NAME` for one more engine. Several engines
     may serve one model at once: the implementation it had before the first
@@ -188,6 +210,14 @@ def attach(model: torch.nn.Module) -> None:
     if entry is None:
         entry = _ATTACHED[model] = [getattr(model.config, "_attn_implementation", None), 0]
     model.set_attn_implementation(ATTN_NAME)
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        # transformers leaves a model that does not call its attention through AttentionInterface on
+        # its own implementation (with a logged warning): served packed, it would attend across requests.
+        if entry[1] == 0:
+            del _ATTACHED[model]
+        fail("model", "a transformers model that calls its attention through AttentionInterface "
+             "(model.set_attn_implementation)", Described(f"{type(model).__name__}, which keeps "
+             f"attn_implementation={model.config._attn_implementation!r}"))  # fmt: skip
     entry[1] += 1
 
 

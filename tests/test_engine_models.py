@@ -1,7 +1,12 @@
-"""Models with a learned absolute position table (GPT-2's ``wpe``, OPT's ``embed_positions``) have no
-row past ``max_position_embeddings``: a position past it was an ``IndexError`` in the middle of
-serving (on CUDA a device-side assert, and the process's CUDA context is lost). ``Engine`` refuses a
-``max_seq_len`` past the table at construction; RoPE models keep any ``max_seq_len``."""
+"""Models the engine's attention would not compute as the model does are refused when the ``Engine``
+is built, where serving them gave other tokens or failed mid-request:
+
+* a learned absolute position table (GPT-2's ``wpe``, OPT's ``embed_positions``) shorter than
+  ``max_seq_len``: a position past it was an ``IndexError`` in the middle of serving (on CUDA a
+  device-side assert, and the process's CUDA context is lost); RoPE models keep any ``max_seq_len``;
+* a model that does not call its attention through transformers' ``AttentionInterface`` (GPT-Neo,
+  Bloom): it stayed on ``eager`` and attended across the packed requests (other tokens);
+* ALiBi (Falcon ``alibi=True``), chunked attention past one chunk, attention sinks."""
 
 from __future__ import annotations
 
@@ -66,3 +71,36 @@ def test_rope_models_take_any_max_seq_len(no_interpreted_triton):
             engine.step()
     finally:
         engine.close()
+
+
+def _neo():
+    cfg = transformers.GPTNeoConfig(num_layers=2, num_heads=2, hidden_size=32, max_position_embeddings=128,
+                                    vocab_size=100, attention_types=[[["global", "local"], 1]], window_size=16,
+                                    bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return transformers.GPTNeoForCausalLM(cfg).eval()
+
+
+def test_engine_refuses_a_model_without_the_attention_interface(no_interpreted_triton):
+    model = _neo()
+    with pytest.raises(ValueError, match=r"model: expected a transformers model that calls its attention through "
+                                         r"AttentionInterface.*GPTNeoForCausalLM, which keeps attn_implementation='eager'"):
+        Engine(model, max_batch_size=2, max_seq_len=64, device="cpu")
+    assert model.config._attn_implementation == "eager"
+    engine = Engine(_llama(), max_batch_size=1, max_seq_len=64, device="cpu")  # the registry is left clean
+    engine.close()
+
+
+def test_engine_refuses_alibi_chunked_attention_and_sinks(no_interpreted_triton):
+    cfg = transformers.FalconConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, vocab_size=100,
+                                    alibi=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    with pytest.raises(NotImplementedError, match=r"Engine does not add ALiBi"):
+        Engine(transformers.FalconForCausalLM(cfg).eval(), max_batch_size=1, max_seq_len=64, device="cpu")
+    chunked = _llama(256)
+    chunked.config.attention_chunk_size = 32
+    with pytest.raises(ValueError, match=r"max_seq_len: expected at most attention_chunk_size=32 with Engine.*got 64"):
+        Engine(chunked, max_batch_size=1, max_seq_len=64, device="cpu")
+    Engine(chunked, max_batch_size=1, max_seq_len=32, device="cpu").close()  # one chunk: plain causal attention
+    sinks = _llama()
+    sinks.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(NotImplementedError, match=r"attention sinks.*LlamaAttention \(model.layers.1.self_attn\)"):
+        Engine(sinks, max_batch_size=1, max_seq_len=64, device="cpu")
