@@ -104,3 +104,17 @@ def test_engine_refuses_alibi_chunked_attention_and_sinks(no_interpreted_triton)
     sinks.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(NotImplementedError, match=r"attention sinks.*LlamaAttention \(model.layers.1.self_attn\)"):
         Engine(sinks, max_batch_size=1, max_seq_len=64, device="cpu")
+
+
+def test_serving_attention_refuses_sinks_passed_at_call_time():
+    """A model that hands its sinks to the attention call without a ``sinks`` attribute on the module
+    (which :func:`check_servable` looks for) still gets an error, not other tokens."""
+    from torch_vkv.serving.runner import CTX_KWARG, serving_attention_forward
+
+    q = torch.randn(1, 2, 3, 8)
+    k = torch.randn(1, 1, 3, 8)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    with pytest.raises(NotImplementedError, match="does not compute attention sinks"):
+        serving_attention_forward(module, q, k, k, None, scaling=1.0, dropout=0.0, s_aux=torch.zeros(2),
+                                  **{CTX_KWARG: object()})  # fmt: skip

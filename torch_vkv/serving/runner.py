@@ -107,6 +107,9 @@ def serving_attention_forward(
         )
     if dropout:
         raise NotImplementedError(f"attn_implementation={ATTN_NAME!r} is for inference: dropout must be 0")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:  # not caught by check_servable
+        raise NotImplementedError(f"attn_implementation={ATTN_NAME!r} does not compute attention sinks: expected "
+                                  f"none, got them from {type(module).__name__}")  # fmt: skip
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [T, H, D]
     k_new = key[0].transpose(0, 1)
