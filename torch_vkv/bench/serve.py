@@ -203,6 +203,8 @@ def run(
                 # short in the middle of a round compares like with like.
                 n_rounds = min(len(runs) for runs in done.values())
                 for cfg_name in cfg_names:
+                    if repeats > 1 and part_rows.get(cfg_name, {}).get("repeats") == n_rounds:
+                        continue  # already pooled over these rounds: the same row again
                     runs = done[cfg_name][:n_rounds]
                     pooled = RunResult.pool(runs)
                     row = _row(w, part, cfg_name, pooled, cost, rates, slo)
