@@ -19,6 +19,7 @@
 #   DIAGS="host" DIAG_ARGS="--configs virtual-per_layer,paged-256" BENCHES="" ...  # scripts/diag_host.py
 #   DIAGS="decode" TESTS=0 BENCHES="" ...      # scripts/diag_decode.py: small-batch decode launch sweep
 #   DIAGS="maps" TESTS=0 BENCHES="" ...        # scripts/diag_maps.py: do page maps slow the kernels in flight?
+#   DIAGS="prefill" TESTS=0 BENCHES="" ...     # scripts/diag_prefill.py: FlashInfer prefill through our backend vs direct
 #   FI_CACHE_OUT=1 ...                          # pack FlashInfer's JIT cache into $OUT/fi_cache.tgz: copy it to
 #                                                # .fi_cache.tgz here and carry that (kernels not rebuilt)
 #   COMPILE_CACHE_OUT=1 ...                     # also pack torch.compile's caches into $OUT/compile_cache.tgz:
@@ -89,7 +90,7 @@ pkill -f -- "-m cuda -p no:cacheprovider -o log_cli=false" 2>/dev/null && sleep 
 for b in ${BENCHES-alloc kernels hf}; do  # an empty BENCHES runs none
   run "bench_$b" "${BENCH_TIMEOUT:-0}" python -m torch_vkv bench "$b" $QUICK ${BENCH_ARGS:-} --out "$OUT"
 done
-# DIAGS="host step decode maps": scripts/diag_host.py, diag_step.py, diag_decode.py, diag_maps.py after the benchmarks (DIAG_ARGS: extra
+# DIAGS="host step decode maps prefill": scripts/diag_host.py, diag_step.py, diag_decode.py, diag_maps.py, diag_prefill.py after the benchmarks (DIAG_ARGS: extra
 # arguments for each; DIAG_TIMEOUT seconds each), their JSON and traces in results.tgz.
 for d in ${DIAGS:-}; do
   OUT="$OUT" run "diag_$d" "${DIAG_TIMEOUT:-0}" python "scripts/diag_$d.py" ${DIAG_ARGS:-}

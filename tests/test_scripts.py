@@ -43,7 +43,7 @@ def _run_gpu_diag(name, tmp_path, *args):
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["diag_decode", "diag_maps"])
+@pytest.mark.parametrize("name", ["diag_decode", "diag_maps", "diag_prefill"])
 def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
     if _cuda_available():
         pytest.skip(f"a GPU is present: {name}.py runs (its test_cuda_* test)")

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 # Imported eagerly so that ``torch_vkv.attention`` always names the function,
 # whatever was imported before (importing a submodule rebinds the package
 # attribute of the same name), and torch.compile can trace a call to it.
-from torch_vkv.attention import BACKENDS, append_kv, attention, available_backends, select_backend
+from torch_vkv.attention import (
+    BACKENDS, append_kv, attach_host_values, attention, available_backends, metadata_tensor, select_backend,
+)
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.errors import KVCacheCapacityError, OutOfPagesError, OutOfSlotsError
 from torch_vkv.pool import PagePool
@@ -51,8 +53,10 @@ __all__ = [
     "VirtualKVTensor",
     "__version__",
     "append_kv",
+    "attach_host_values",
     "attention",
     "available_backends",
+    "metadata_tensor",
     "paged_from_dense",
     "select_backend",
 ]

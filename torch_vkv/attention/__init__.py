@@ -34,7 +34,9 @@ Backends (``backend=``):
                 decode over a page table of 16-64-row pages laid on each
                 slot's rows, FA3 (Hopper) / FA2 ragged prefill on each slot's
                 contiguous rows. CUDA, fp16/bf16, head_dim 64/128/256, no
-                ``block_table``; prefill reads the lengths on the host.
+                ``block_table``; prefill plans on the host: it reads the
+                lengths back (a sync per call) unless the metadata tensors
+                carry host copies (``metadata_tensor``, ``host_values.py``).
 ``triton``      our kernels (``torch_vkv.triton_kernels``): split-KV decode
                 (flash-decoding) and varlen causal prefill; with
                 ``block_table=`` their paged twins.
@@ -57,6 +59,7 @@ Layout of this package (one module per concern)::
     torch_fa2.py  flash_attn.py  flashinfer_backend.py  triton_backend.py  flex.py  sdpa.py
                        one backend each
     append.py          the ops that write the cache (append_kv, zero_tail)
+    host_values.py     host copies attached to metadata tensors (no sync where a backend plans on the host)
 
 The Triton kernels live in the top-level ``triton_kernels/`` folder, installed
 as ``torch_vkv.triton_kernels`` (setup.py ``package_dir``) and imported on
@@ -100,6 +103,7 @@ from .append import append_kv_impl, append_kv_op
 from .common import dispatch_free, flat_rows
 from .flash_attn import flash_attn_attention
 from .flashinfer_backend import flashinfer_attention, layout_problem
+from .host_values import attach_host_values, host_values, metadata_tensor
 from .flex import flex_attend, flex_attention_op, uncommitted_block_reads
 from .inputs import (
     BACKENDS, check_append, check_attention, check_launch_ints, check_scale_causal, check_values, check_window,
@@ -114,8 +118,11 @@ __all__ = [
     "BACKENDS",
     "append_kv",
     "attention",
+    "attach_host_values",
     "available_backends",
     "debug_enabled",
+    "host_values",
+    "metadata_tensor",
     "select_backend",
 ]
 

@@ -29,9 +29,12 @@ Two entry points of FlashInfer (>= 0.7) are used as they are:
   The ragged layout needs non-decreasing ``kv_indptr``, so requests are taken in
   slot order and the rows between two requests become an empty *gap request*
   (no query, so no work): :func:`ragged_layout`. Its plan needs the lengths on
-  the host: device metadata is read with one sync, one copy of all of it (eager
+  the host: the host copies attached to the metadata tensors
+  (:mod:`~torch_vkv.attention.host_values`; the serving engine attaches them),
+  else the device metadata read with one sync, one copy of all of it (eager
   only; plans are reused while the metadata values stay the same, e.g. across
-  layers). When every request is valid the output needs no masking afterwards
+  layers). A sync per layer also stalls the host's queueing of the layer's
+  other kernels, so the GPU idles through every layer's host work. When every request is valid the output needs no masking afterwards
   and FA3's tail zeroing uses the tensors as given. Under CUDA-graph capture
   such a step runs the Triton kernels instead.
 
@@ -70,6 +73,7 @@ from . import deps
 from .append import zero_tail_op
 from .common import ATTN_SCHEMA, flat_rows, flatten
 from .inputs import valid_requests
+from .host_values import host_values
 
 __all__ = ["DECODE_PAGE_ROWS", "FA3_TILE", "decode_page_rows", "decode_page_table", "decode_pages", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
 
@@ -286,6 +290,15 @@ def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, nu
     return qo, kv, None if identity else q_order, valid
 
 
+def metadata_on_host(parts: list) -> list:
+    """The int values of the 1-D metadata tensors ``parts``, concatenated: their attached host copies
+    (:mod:`.host_values`) when every one has them, else one device-to-host copy (one sync, not one per tensor)."""
+    known = [host_values(t) for t in parts]
+    if all(k is not None for k in known):
+        return [v for k in known for v in k]
+    return torch.cat([t.reshape(-1).to(torch.int64) for t in parts]).tolist()
+
+
 def fa3_tail_fits(k_cache: torch.Tensor, lengths: list, slots: list, valid: list) -> bool:
     """Whether FA3 may read each valid request's rows ``[len, round_up(len, FA3_TILE))``.
 
@@ -406,9 +419,8 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
     """(out, every request valid with consistent ``cu_seqlens_q``): FlashInfer's ragged prefill."""
     dev, R = q.device, cache_seqlens.shape[0]
     s_pad = flat_rows(k_cache)
-    # The metadata in one device-to-host copy (one sync, not one per tensor).
     parts = [cache_seqlens, cu_seqlens_q] + ([slots] if slots is not None else [])
-    host = torch.cat([t.reshape(-1).to(torch.int64) for t in parts]).tolist()
+    host = metadata_on_host(parts)
     lengths, cu = host[:R], host[R : 2 * R + 1]
     slot_list = host[2 * R + 1 :] if slots is not None else list(range(R))
     qo, kv, q_order, valid = ragged_layout(lengths, cu, slot_list, s_pad, k_cache.shape[0], k_cache.shape[1])

@@ -257,7 +257,7 @@ def _paged_backends(cfg: Config, block: int, flex_here: bool) -> list:
 
 
 def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
-    from torch_vkv.attention import attention
+    from torch_vkv.attention import attention, metadata_tensor
 
     rows = []
     dev = cfg.device
@@ -265,8 +265,9 @@ def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
         H, H_kv, D = MODELS.get(model, (8, 2, 64))
         for S in cfg.prefill_contexts:
             q = torch.randn((S, H, D), dtype=cfg.dtype, device=dev)
-            lens = torch.full((1,), S, dtype=torch.int32, device=dev)
-            cu = torch.tensor([0, S], dtype=torch.int32, device=dev)
+            # Host copies attached, as the serving engine does: a backend that plans on the host
+            # (flashinfer) reads them instead of syncing; the others never read metadata on the host.
+            lens, cu = metadata_tensor([S], dev), metadata_tensor([0, S], dev)
             flops = 4 * H * D * S * S / 2
             base = dict(section="prefill", model=model, batch=1, context=S)
 

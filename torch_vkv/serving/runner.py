@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import torch
 
-from torch_vkv import append_kv, attention  # the public entry points (functions)
+from torch_vkv import append_kv, attach_host_values, attention  # the public entry points (functions)
 from torch_vkv._checks import Described, check_checkpoint_path, fail
 from torch_vkv.attention.inputs import window_from_module_kwargs
 from torch_vkv.serving.kv import KVManager
@@ -397,9 +397,14 @@ class ModelRunner:
             h32[2 * r4 :] = cu
         d64 = self._h64[: h64.shape[0]].to(self.device, non_blocking=True)
         d32 = self._h32[: h32.shape[0]].to(self.device, non_blocking=True)
+        lens_d, slots_d, cu_d = d32[:R], d32[r4 : r4 + R], d32[2 * r4 :] if cu is not None else None
+        if cu is not None:  # a backend that plans prefill on the host reads these, not the device (no sync)
+            attach_host_values(lens_d, lens)
+            attach_host_values(slots_d, h32[r4 : r4 + R].tolist())
+            attach_host_values(cu_d, cu)
         ctx = BatchContext(
-            self._keys, self._values, d32[:R], d32[2 * r4 :] if cu is not None else None, d32[r4 : r4 + R],
-            self.kv.block_table, max_q, self.backend, self._key if cu is None else None,
+            self._keys, self._values, lens_d, cu_d, slots_d, self.kv.block_table, max_q, self.backend,
+            self._key if cu is None else None,
         )  # fmt: skip
         self.prepare_seconds += time.perf_counter() - t0
         forward = self._decode if cu is None else self._forward

@@ -1,0 +1,147 @@
+"""FlashInfer's prefill through our backend vs the same kernel called directly: where the time goes
+(a diagnostic, on a GPU with FlashInfer importable; not a benchmark).
+
+    python scripts/diag_prefill.py [--points 1x8192x8192,1x32768x32768,4x16384x4096] [--rep-ms 200]
+
+A point ``RxSxN``: ``R`` requests with ``S`` keys each, the last ``N`` of them new (queries), on a
+``KVCache`` (per_layer, Llama-3-8B heads, bf16). Rows, each timed eagerly with ``do_bench`` (L2
+cleared before each call, as ``bench kernels``):
+
+- ``direct``: FlashInfer's ragged wrapper (FA3 on Hopper) planned once on the flattened cache rows,
+  ``run()`` alone: the kernel's own time, the standalone scripts' number;
+- ``backend_sync``: ``attention(..., backend="flashinfer")`` with plain metadata tensors: the
+  lengths are read back, one sync per call;
+- ``backend_host``: the same with ``metadata_tensor`` tensors (host copies attached: no sync);
+- ``paged``: FlashInfer's paged prefill at block 16 (``bench kernels``' anchor, planned once);
+- ``triton``: our Triton prefill.
+
+It also takes each call's host time (``time.perf_counter`` around 50 calls without a sync, the
+queueing cost) and a ``torch.profiler`` table of ten ``backend_sync`` and ten ``backend_host``
+calls. Writes ``$OUT/diag_prefill.json`` and ``$OUT/diag_prefill_profile.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+
+
+def _points(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(x) for x in p.split("x")) for p in text.split(",")]  # type: ignore[misc]
+
+
+def _host_us(fn, n: int = 50) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text: list) -> None:
+    """One ``RxSxN`` point: its rows appended to ``rows``, its profiles to ``profile_text``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from torch_vkv import KVCache
+    from torch_vkv.attention import attention, deps, metadata_tensor
+    from torch_vkv.attention import flashinfer_backend as fib
+    from torch_vkv.bench import flashinfer_paged
+    from torch_vkv.bench.timing import time_us
+
+    fi = deps.flashinfer_module()
+    H, H_kv, D = 32, 8, 128
+    cache = KVCache(1, H_kv, D, max_batch_size=R, max_seq_len=S, dtype=torch.bfloat16, device=dev)
+    for _ in range(R):
+        cache.reserve(cache.alloc(), S)
+    k, v = cache.key(0), cache.value(0)
+    k.as_subclass(torch.Tensor).normal_()
+    v.as_subclass(torch.Tensor).normal_()
+    q = torch.randn(R * N, H, D, dtype=torch.bfloat16, device=dev)
+    lens, cu, slots = [S] * R, [i * N for i in range(R + 1)], list(range(R))
+    plain = (torch.tensor(lens, dtype=torch.int32, device=dev), torch.tensor(cu, dtype=torch.int32, device=dev),
+             torch.tensor(slots, dtype=torch.int32, device=dev))  # fmt: skip
+    known = tuple(metadata_tensor(x, dev) for x in (lens, cu, slots))
+    # causal FLOPs: each query i of a request sees S - N + i + 1 keys
+    flops = 4 * H * D * R * sum(S - N + i + 1 for i in range(N))
+    base = dict(requests=R, keys=S, new=N)
+
+    def backend(meta):
+        return lambda: attention(q, k, v, meta[0], cu_seqlens_q=meta[1], slots=meta[2], max_seqlen_q=N,
+                                 backend="flashinfer")  # fmt: skip
+
+    s_pad = fib.flat_rows(k)
+    qo_h, kv_h, _, _ = fib.ragged_layout(lens, cu, slots, s_pad, R, S)
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)  # its own (the backend has one)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=fib._prefill_backend(dev))
+    w.plan(torch.tensor(qo_h, dtype=torch.int32), torch.tensor(kv_h, dtype=torch.int32), H, H_kv, D, causal=True,
+           q_data_type=q.dtype, kv_data_type=k.dtype)  # fmt: skip
+    kf, vf = fib.flatten(k.as_subclass(torch.Tensor), s_pad), fib.flatten(v.as_subclass(torch.Tensor), s_pad)
+    fns = {
+        "direct": lambda: w.run(q, kf, vf),
+        "backend_sync": backend(plain),
+        "backend_host": backend(known),
+        "triton": lambda: attention(q, k, v, plain[0], cu_seqlens_q=plain[1], slots=plain[2], max_seqlen_q=N,
+                                    backend="triton"),
+    }  # fmt: skip
+    if R == 1 and N == S:
+        def record(name, memory, block, fn):
+            fns["paged"] = fn
+
+        flashinfer_paged.anchor(record, "prefill", q, 1, S, H_kv, D)
+    ref = fns["direct"]().float()
+    for name, fn in fns.items():
+        row = dict(base, row=name)
+        try:
+            out = fn()
+            if name.startswith("backend"):
+                row["max_abs_diff_vs_direct"] = (out.float() - ref).abs().max().item()
+            us = time_us(fn, dev, rep_ms=rep_ms, warmup_ms=50)
+            row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12, host_us=_host_us(fn))
+        except Exception as e:  # reported, the run goes on
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for name in ("backend_sync", "backend_host"):
+        fn = fns[name]
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+        profile_text.append(f"== {R}x{S}x{N} {name} (10 calls)\n{table}\n")
+        print(profile_text[-1], flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default="1x8192x8192,1x32768x32768,4x16384x4096")
+    p.add_argument("--rep-ms", type=float, default=200.0)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("diag_prefill.py: expected a CUDA GPU, found none")
+    dev = torch.device("cuda")
+    from torch_vkv.attention import available_backends
+
+    if "flashinfer" not in available_backends(dev):
+        raise SystemExit("diag_prefill.py: expected flashinfer importable (carry .whl), it is not")
+    rows, profile_text, out_dir = [], [], os.environ.get("OUT", ".")
+    for R, S, N in _points(args.points):
+        _point(dev, R, S, N, args.rep_ms, rows, profile_text)
+        gc.collect()  # the point's cache and wrapper
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "diag_prefill.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "diag_prefill_profile.txt"), "w") as f:
+        f.write("\n".join(profile_text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Host copies attached to metadata tensors (``torch_vkv.attention.host_values``): the contract,
+FlashInfer's prefill planned from them through a stand-in (CPU), and the engine attaching them."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import torch_vkv
+from torch_vkv.attention import attach_host_values, host_values, metadata_tensor
+
+fib = importlib.import_module("torch_vkv.attention.flashinfer_backend")
+
+
+def test_metadata_tensor_keeps_its_values_and_the_public_names():
+    t = metadata_tensor([5, 0, 17])
+    assert t.dtype == torch.int32 and t.tolist() == [5, 0, 17]
+    assert host_values(t) == (5, 0, 17)
+    assert metadata_tensor([1, 2], dtype=torch.int64).dtype == torch.int64
+    assert torch_vkv.metadata_tensor is metadata_tensor and torch_vkv.attach_host_values is attach_host_values
+
+
+def test_views_copies_and_plain_tensors_have_none():
+    t = metadata_tensor([3, 4, 5, 6])
+    assert host_values(t[1:]) is None and host_values(t.clone()) is None
+    assert host_values(torch.tensor([1, 2])) is None and host_values(None) is None
+
+
+def test_an_in_place_write_makes_the_copy_stale():
+    t = metadata_tensor([3, 4])
+    t.add_(1)  # outside inference mode the version counter moves
+    assert host_values(t) is None
+    u = metadata_tensor([3, 4])
+    u.set_(torch.tensor([9, 9], dtype=torch.int32))  # new storage
+    assert host_values(u) is None
+
+
+def test_inference_tensors_keep_their_copy():
+    with torch.inference_mode():
+        t = metadata_tensor([7, 8])
+        assert t.is_inference() and host_values(t) == (7, 8)
+
+
+@pytest.mark.parametrize("tensor, values, match", [
+    (torch.zeros(3, dtype=torch.int32), [1, 2], "expected 3 values.*got 2"),
+    (torch.zeros(2, 2, dtype=torch.int32), [1, 2, 3, 4], "1-D integer tensor, got a torch.int32 tensor of shape"),
+    (torch.zeros(2), [1, 2], "1-D integer tensor, got a torch.float32"),
+    (torch.zeros(2, dtype=torch.bool), [1, 0], "1-D integer tensor, got a torch.bool"),
+    ([1, 2], [1, 2], "1-D integer tensor, got a list"),
+])  # fmt: skip
+def test_bad_input_is_a_clear_error(tensor, values, match):
+    with pytest.raises(ValueError, match=match):
+        attach_host_values(tensor, values)
+
+
+def test_metadata_on_host_trusts_the_attached_copies_and_reads_the_rest():
+    """White box: with every part known, the backend plans from the host copies (the device is not
+    read, here shown by copies that differ from the contents); one unknown part reads them all back."""
+    a = attach_host_values(torch.tensor([1, 2], dtype=torch.int32), [10, 20])
+    b = metadata_tensor([0, 3, 5])
+    assert fib.metadata_on_host([a, b]) == [10, 20, 0, 3, 5]
+    assert fib.metadata_on_host([torch.tensor([1, 2], dtype=torch.int32), b]) == [1, 2, 0, 3, 5]
+
+
+def test_flashinfer_prefill_from_host_copies_matches_the_reference(monkeypatch):
+    """FlashInfer's ragged prefill through the stand-in of test_attention_flashinfer, metadata built
+    with metadata_tensor: the same output as from plain tensors, and no read of the metadata tensors."""
+    from test_attention_flashinfer import _FakeRagged, reference
+
+    from _layouts import make_cache, poison
+    from torch_vkv.attention import append_kv, deps
+
+    fake = type("fi", (), {"BatchPrefillWithRaggedKVCacheWrapper": _FakeRagged})
+    monkeypatch.setattr(deps, "flashinfer_module", lambda: fake)
+    monkeypatch.setattr(fib, "WORKSPACE_BYTES", 16)
+    monkeypatch.setattr(fib, "_prefill_backend", lambda device: "fa2")
+    monkeypatch.setattr(fib, "_RAGGED", {})
+    monkeypatch.setattr(fib, "_WORKSPACE", {})
+    H, H_kv, D, S = 4, 2, 64, 40
+    k, v = make_cache("per_layer", 3, S, H_kv, D, dtype=torch.float32, device="cpu", seed=3)
+    lengths, news, slots = [30, 12], [6, 12], [2, 0]
+    poison(k, v, lengths, slots)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(news), H, D, generator=g)
+    k_new, v_new = torch.randn(sum(news), H_kv, D, generator=g), torch.randn(sum(news), H_kv, D, generator=g)
+    cu = [0, news[0], sum(news)]
+    lens_t, cu_t, slots_t = metadata_tensor(lengths), metadata_tensor(cu), metadata_tensor(slots)
+    append_kv(k, v, k_new, v_new, lens_t, cu_seqlens_q=cu_t, slots=slots_t)
+    calls = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(tuple(self.shape)) or real_tolist(self))
+    out = fib.flashinfer_attention(q, k, v, lens_t, cu_t, slots_t, None, True, 0.125, 12, 0, -1, 0.0)
+    assert calls and (7,) not in calls  # the stand-in read its indptrs; the metadata (2 + 3 + 2) was not read back
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    plain = fib.flashinfer_attention(q, k, v, lens_t.clone(), cu_t.clone(), slots_t.clone(), None, True, 0.125, 12,
+                                     0, -1, 0.0)  # fmt: skip
+    ref = reference(q, k, v, lens_t, cu_t, slots_t, scale=0.125)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)
+
+
+def test_engine_prefill_metadata_carries_exact_host_copies(monkeypatch):
+    """Every prefill step's cache_seqlens / cu_seqlens_q / slots hold host copies equal to their contents."""
+    transformers = pytest.importorskip("transformers")
+    from torch_vkv.serving import Engine, SamplingParams
+    from torch_vkv.serving import runner
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    seen = []
+    real = runner.attention
+
+    def spy(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=None, slots=None, **kw):
+        if cu_seqlens_q is not None:
+            for t in (cache_seqlens, cu_seqlens_q, slots):
+                seen.append((host_values(t), tuple(t.tolist())))
+        return real(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, slots=slots, **kw)
+
+    monkeypatch.setattr(runner, "attention", spy)
+    engine = Engine(model, max_batch_size=4, max_seq_len=256, chunk_size=48, device="cpu", page_size=4096,
+                    attention_backend="sdpa")  # fmt: skip
+    prompts = [[int(x) for x in torch.randint(1, 128, (n,))] for n in (70, 9, 33)]
+    engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(seen) >= 9  # chunked prompts: several prefill steps, three tensors each
+    for host, device in seen:
+        assert host == device
