@@ -16,7 +16,7 @@ cleared before each call, as ``bench kernels``):
 - ``triton``: our Triton prefill.
 
 It also takes each call's host time (``time.perf_counter`` around 50 calls without a sync, the
-queueing cost) and a ``torch.profiler`` table of ten ``backend_sync`` and ten ``backend_host``
+queueing cost), the same for each piece of the backend's call (``host:*`` rows), and a ``torch.profiler`` table of ten ``backend_sync`` and ten ``backend_host``
 calls. Writes ``$OUT/diag_prefill.json`` and ``$OUT/diag_prefill_profile.txt``.
 """
 
@@ -108,6 +108,41 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # Host time of each piece of the backend's call (50 calls queued without a sync): which one blocks.
+    fns["backend_host"]()
+    lens_i32, rows_i32 = known[0], known[2]
+    wrapper = fib._RAGGED[(q.device, fib._prefill_backend(q.device))][0]
+    kf_v, vf_v = fib.flatten(k, s_pad), fib.flatten(v, s_pad)
+    pieces = {
+        "op_direct": lambda: fib.flashinfer_attention(q, k, v, known[0], known[1], known[2], None, True,
+                                                      D ** -0.5, N, 0, -1, 0.0),
+        "zero_tail": lambda: fib.zero_tail_op(k, v, lens_i32, rows_i32, None, fib.FA3_TILE, k.shape[1]),
+        "wrapper_run": lambda: wrapper.run(q, kf_v, vf_v),
+        "fa3_tail_fits": lambda: fib.fa3_tail_fits(k, lens, slots, [True] * R),
+        "metadata_on_host": lambda: fib.metadata_on_host(list(known)),
+    }  # fmt: skip
+    for name, fn in pieces.items():
+        try:
+            row = dict(base, row=f"host:{name}", host_us=_host_us(fn))
+        except Exception as e:
+            row = dict(base, row=f"host:{name}", error=f"{type(e).__name__}: {str(e)[:200]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    import cProfile
+    import io
+    import pstats
+
+    prof_py = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof_py.enable()
+    for _ in range(20):
+        fns["backend_host"]()
+    prof_py.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof_py, stream=text).sort_stats("tottime").print_stats(25)
+    profile_text.append(f"== {R}x{S}x{N} backend_host, cProfile of 20 calls by own time\n{text.getvalue()}\n")
+    print(profile_text[-1], flush=True)
     for name in ("backend_sync", "backend_host"):
         fn = fns[name]
         torch.cuda.synchronize()

@@ -20,7 +20,8 @@
 #   DIAGS="decode" TESTS=0 BENCHES="" ...      # scripts/diag_decode.py: small-batch decode launch sweep
 #   DIAGS="maps" TESTS=0 BENCHES="" ...        # scripts/diag_maps.py: do page maps slow the kernels in flight?
 #   DIAGS="prefill" TESTS=0 BENCHES="" ...     # scripts/diag_prefill.py: FlashInfer prefill through our backend vs direct
-#   FI_CACHE_OUT=1 ...                          # pack FlashInfer's JIT cache into $OUT/fi_cache.tgz: copy it to
+#   FI_CACHE_OUT=1 ...                          # pack FlashInfer's JIT cache into $OUT/fi_cache.tgz (parts
+#                                                # fi_cache.tgz.part-* past 15 MiB: cat them): copy it to
 #                                                # .fi_cache.tgz here and carry that (kernels not rebuilt)
 #   COMPILE_CACHE_OUT=1 ...                     # also pack torch.compile's caches into $OUT/compile_cache.tgz:
 #                                                # copy it to .compile_cache.tgz here and carry that next time
@@ -96,8 +97,13 @@ for d in ${DIAGS:-}; do
   OUT="$OUT" run "diag_$d" "${DIAG_TIMEOUT:-0}" python "scripts/diag_$d.py" ${DIAG_ARGS:-}
 done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
+# Files come back only up to 16 MiB each: a larger cache comes back in parts (fi_cache.tgz.part-aa, -ab, ...;
+# here: cat them, in order, into .fi_cache.tgz).
 [ "${FI_CACHE_OUT:-0}" = 1 ] && [ -d .fi_cache ] && tar czf "$FINAL/fi_cache.tgz" -C .fi_cache . \
-  && echo "FlashInfer JIT cache: $(du -h "$FINAL/fi_cache.tgz" | cut -f1)"
+  && echo "FlashInfer JIT cache: $(du -h "$FINAL/fi_cache.tgz" | cut -f1)" \
+  && if [ "$(stat -c %s "$FINAL/fi_cache.tgz")" -gt $((15 << 20)) ]; then
+    split -b 15M "$FINAL/fi_cache.tgz" "$FINAL/fi_cache.tgz.part-" && rm "$FINAL/fi_cache.tgz"
+  fi
 [ "${COMPILE_CACHE_OUT:-0}" = 1 ] && tar czf "$FINAL/compile_cache.tgz" -C .compile_cache . \
   && echo "compile cache: $(du -h "$FINAL/compile_cache.tgz" | cut -f1)"
 echo "results: logs in $FINAL, benchmark reports in $FINAL/results.tgz"

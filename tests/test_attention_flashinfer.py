@@ -23,7 +23,7 @@ from _layouts import KINDS, LAYOUTS, make_batch, make_cache, poison
 attn_mod = importlib.import_module("torch_vkv.attention")
 fib = importlib.import_module("torch_vkv.attention.flashinfer_backend")
 deps = importlib.import_module("torch_vkv.attention.deps")
-from torch_vkv.attention import append_kv, attention  # noqa: E402
+from torch_vkv.attention import append_kv, attention, metadata_tensor  # noqa: E402
 
 
 def reference(q, k, v, lens, cu, slots, **kw):
@@ -393,11 +393,43 @@ def test_flashinfer_prefill_on_a_kvcache_reads_only_committed_rows(layout, margi
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_auto_picks_flashinfer_for_large_eager_prefills_only(monkeypatch):
+    """The rule, with FlashInfer and Hopper stood in for (CPU): prefills of at least
+    FLASHINFER_PREFILL_MIN_TOKENS query rows, no window, not traced; never decode."""
+    sel = importlib.import_module("torch_vkv.attention.selection")
+    monkeypatch.setattr(deps, "has_flashinfer", lambda: True)
+    monkeypatch.setattr(deps, "cuda_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(fib, "flashinfer_supported", lambda q, k, v, decode: True)
+    k = torch.empty(2, 64, 2, 128)
+    big, small = torch.empty(sel.FLASHINFER_PREFILL_MIN_TOKENS, 8, 128), torch.empty(sel.FLASHINFER_PREFILL_MIN_TOKENS - 1, 8, 128)
+    assert sel._flashinfer_prefill_wins(big, k, k, window=False)
+    assert not sel._flashinfer_prefill_wins(small, k, k, window=False)
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=True)
+    monkeypatch.setattr(deps, "cuda_capability", lambda index: (10, 0))  # measured on Hopper only
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=False)
+    monkeypatch.setattr(deps, "cuda_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the same choice at run time
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=False)
+
+
 @pytest.mark.cuda
-def test_auto_does_not_pick_flashinfer_until_it_passes_the_gpu_suite():
-    """``auto`` keeps to Triton on CUDA even with FlashInfer importable: the backend failed
-    compiled generate() under CUDA graph trees on an H200 (docs/attention.md, ``auto``)."""
+def test_auto_picks_flashinfer_on_the_gpu_where_it_measured_faster():
+    """On CUDA: decode never ``flashinfer``; prefill only from FLASHINFER_PREFILL_MIN_TOKENS query rows
+    on Hopper with FlashInfer importable, without a window; the call's output against the reference."""
+    sel = importlib.import_module("torch_vkv.attention.selection")
     b = make_batch("decode", H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=256)
     k, v = make_cache("per_layer", 5, 256, 2, 128, dtype=torch.bfloat16, device="cuda")
     assert attn_mod.select_backend(b.q, k, v, decode=True) != "flashinfer"
-    assert attn_mod.select_backend(b.q, k, v, decode=False) != "flashinfer"
+    assert attn_mod.select_backend(b.q, k, v, decode=False) != "flashinfer"  # a few query rows
+    N = sel.FLASHINFER_PREFILL_MIN_TOKENS
+    k, v = make_cache("per_layer", 1, N + 256, 2, 128, dtype=torch.bfloat16, device="cuda", seed=4)
+    q = torch.randn(N, 8, 128, dtype=torch.bfloat16, device="cuda")
+    hopper_fi = deps.has_flashinfer() and deps.cuda_capability(q.device.index or 0)[0] == 9
+    want = "flashinfer" if hopper_fi else "triton"
+    assert attn_mod.select_backend(q, k, v, decode=False) == want
+    assert attn_mod.select_backend(q, k, v, decode=False, window=True) != "flashinfer"
+    lens, cu = metadata_tensor([N], "cuda"), metadata_tensor([0, N], "cuda")
+    out = attention(q, k, v, lens, cu_seqlens_q=cu, max_seqlen_q=N)
+    ref = reference(q.float(), k.float(), v.float(), lens, cu, None)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)  # bf16 inputs and output

@@ -48,15 +48,38 @@ def supports(backend: str, *, window_left: bool = False, softcap: bool = False) 
     return need <= FEATURES[backend]
 
 
-def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softcap: bool = False) -> str:
+#: Query rows from which ``auto`` runs an eager CUDA prefill through ``flashinfer`` (see :func:`select_backend`).
+FLASHINFER_PREFILL_MIN_TOKENS = 8192
+
+
+def _flashinfer_prefill_wins(q, k_cache, v_cache, window: bool) -> bool:
+    """The measured case where FlashInfer's FA3 prefill beats ``triton`` (see :func:`select_backend`)."""
+    if window or q.shape[0] < FLASHINFER_PREFILL_MIN_TOKENS or torch.compiler.is_compiling():
+        return False
+    if not deps.has_flashinfer() or deps.cuda_capability(q.device.index or 0)[0] != 9:
+        return False
+    if torch.cuda.is_current_stream_capturing():  # the op would run triton there anyway
+        return False
+    from .flashinfer_backend import flashinfer_supported
+
+    return flashinfer_supported(q, k_cache, v_cache, decode=False)
+
+
+def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softcap: bool = False,
+                   window: bool = False) -> str:  # fmt: skip
     """The ``auto`` rule: the fastest backend measured for the device and the step kind.
 
     * CPU: ``triton`` under ``TRITON_INTERPRET=1`` is *not* chosen (slow); ``sdpa``.
-    * ``flashinfer`` is never chosen by ``auto``: pass ``backend="flashinfer"``.
-      Measured through ``bench kernels`` (H200, 2026-12-02 23:13 UTC, CUDA-graph
-      replay) it trails ``triton`` except at batch 128, 16K: decode 180 vs 138 us
-      at batch 32, 4K, 76 vs 33 us at batch 1, 16K, 1990 vs 2029 us at batch 128,
-      16K; prefill 398 vs 524 TFLOP/s at 8K, 568 vs 548 at 32K (docs/benchmarks.md).
+    * CUDA prefill of at least :data:`FLASHINFER_PREFILL_MIN_TOKENS` query rows,
+      eager (not traced by ``torch.compile``, not captured), no sliding window, on
+      Hopper (sm90) with FlashInfer importable and the layout it takes:
+      ``flashinfer`` (FA3 on each slot's contiguous rows). Measured on the H200
+      (``bench kernels``, 2026-12-04, metadata with host copies): 624 vs 527 TFLOP/s
+      for ``triton`` at 8K, 651 vs 541 at 32K, 620 vs 540 for 4 requests of 4K new
+      tokens over 16K keys; but 57 vs 322 at 2K, where its call's host time
+      dominates: hence the threshold. Its decode trails ``triton`` (180 vs 138 us at
+      batch 32, 4K from CUDA graphs, 2026-12-02; 5x slower steps at 99K context in
+      the engine, 2026-12-04): never chosen for decode.
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
@@ -70,8 +93,9 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       :data:`FEATURES`) falls to the next; ``sdpa`` last. Every backend takes
       ``window_left``.
 
-    Decided from shapes and dtypes only, so the choice is the same at trace
-    time and at run time.
+    Decided from shapes and dtypes only (``window``: a sliding window is asked
+    for), so the choice is the same at trace time and at run time, except the
+    ``flashinfer`` prefill, chosen only outside ``torch.compile`` and capture.
     """
     if q.device.type != "cuda":
         return "sdpa"
@@ -83,8 +107,10 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
         if fa and k_cache.shape[1] % 256 == 0:
             return "flash_attn"
         return "flex" if deps.flex_module() is not None else "sdpa"
+    if not decode and _flashinfer_prefill_wins(q, k_cache, v_cache, window):
+        return "flashinfer"
     fa2 = fa2_supported(q, k_cache, v_cache, None) and supports("torch_fa2", softcap=softcap)
-    order = ("triton", "flash_attn", "torch_fa2")  # see the docstring (flashinfer: explicit only, for now)
+    order = ("triton", "flash_attn", "torch_fa2")  # see the docstring (flashinfer: large eager prefills only)
     ok = {"triton": tri, "flash_attn": fa, "torch_fa2": fa2}
     for name in order:
         if ok[name]:
