@@ -52,6 +52,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     from torch_vkv import KVCache
     from torch_vkv.attention import attention, deps, metadata_tensor
     from torch_vkv.attention import flashinfer_backend as fib
+    from torch_vkv.attention.append import zero_tail_op
     from torch_vkv.bench import flashinfer_paged
     from torch_vkv.bench.timing import time_us
 
@@ -116,7 +117,11 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     pieces = {
         "op_direct": lambda: fib.flashinfer_attention(q, k, v, known[0], known[1], known[2], None, True,
                                                       D ** -0.5, N, 0, -1, 0.0),
-        "zero_tail": lambda: fib.zero_tail_op(k, v, lens_i32, rows_i32, None, fib.FA3_TILE, k.shape[1]),
+        "op_impl": lambda: fib.flashinfer_attention_impl(q, k, v, known[0], known[1], known[2], None, True,
+                                                         D ** -0.5, N, 0, -1, 0.0),
+        "zero_tail_op": lambda: zero_tail_op(k, v, lens_i32, rows_i32, None, fib.FA3_TILE, k.shape[1]),
+        "zero_tail_launcher": lambda: deps.triton_kernels().zero_tail(k, v, lens_i32, multiple=fib.FA3_TILE,
+                                                                      limit=k.shape[1], slots=rows_i32),
         "wrapper_run": lambda: wrapper.run(q, kf_v, vf_v),
         "fa3_tail_fits": lambda: fib.fa3_tail_fits(k, lens, slots, [True] * R),
         "metadata_on_host": lambda: fib.metadata_on_host(list(known)),

@@ -102,7 +102,7 @@ from . import deps
 from .append import append_kv_impl, append_kv_op
 from .common import dispatch_free, flat_rows
 from .flash_attn import flash_attn_attention
-from .flashinfer_backend import flashinfer_attention, layout_problem
+from .flashinfer_backend import flashinfer_attention, flashinfer_attention_impl, layout_problem
 from .host_values import attach_host_values, host_values, metadata_tensor
 from .flex import flex_attend, flex_attention_op, uncommitted_block_reads
 from .inputs import (
@@ -233,7 +233,8 @@ def attention(
         return flash_attn_attention(*args, 0, *extra)
     if backend == "flashinfer":
         _check_flashinfer(q, k_cache, v_cache, decode, block_table)
-        return flashinfer_attention(*args, 0, *extra)
+        op = flashinfer_attention_impl if dispatch_free(q, k_cache, v_cache) else flashinfer_attention
+        return op(*args, 0, *extra)
     if backend == "flex":
         if deps.flex_module() is None:
             fail("backend 'flex'", "torch.nn.attention.flex_attention", "ImportError")
