@@ -12,7 +12,8 @@ cleared before each call, as ``bench kernels``):
 - ``backend_sync``: ``attention(..., backend="flashinfer")`` with plain metadata tensors: the
   lengths are read back, one sync per call;
 - ``backend_host``: the same with ``metadata_tensor`` tensors (host copies attached: no sync);
-- ``paged``: FlashInfer's paged prefill at block 16 (``bench kernels``' anchor, planned once);
+- ``paged``: FlashInfer's paged prefill at block 16, pages scattered (``bench kernels``' anchor,
+  for ``R`` requests; planned once);
 - ``triton``: our Triton prefill.
 
 It also takes each call's host time (``time.perf_counter`` around 50 calls without a sync, the
@@ -45,6 +46,24 @@ def _host_us(fn, n: int = 50) -> float:
     return (t1 - t0) / n * 1e6
 
 
+def _paged_prefill(fi, fib, q, R: int, S: int, N: int, H_kv: int, D: int):
+    """FlashInfer's paged prefill (FA3 on Hopper) over ``R`` requests of ``S`` keys in pages of
+    ``BLOCK`` rows scattered in ``cudaMalloc`` memory, the last ``N`` keys of each new: the anchor of
+    ``bench kernels`` generalised to batched chunked prefill. Planned once."""
+    from torch_vkv.bench.flashinfer_paged import BLOCK, _page_table
+
+    dev = q.device
+    indptr, indices, last, n_pages = _page_table(R, S, dev)
+    k = torch.randn((n_pages, BLOCK, H_kv, D), dtype=q.dtype, device=dev)
+    v = torch.randn_like(k)
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=fib._prefill_backend(dev))
+    qo = torch.arange(R + 1, dtype=torch.int32, device=dev) * N
+    w.plan(qo, indptr, indices, last, q.shape[1], H_kv, D, BLOCK, causal=True, q_data_type=q.dtype,
+           kv_data_type=q.dtype)  # fmt: skip
+    return lambda: w.run(q, (k, v))
+
+
 def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text: list) -> None:
     """One ``RxSxN`` point: its rows appended to ``rows``, its profiles to ``profile_text``."""
     from torch.profiler import ProfilerActivity, profile
@@ -53,7 +72,6 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     from torch_vkv.attention import attention, deps, metadata_tensor
     from torch_vkv.attention import flashinfer_backend as fib
     from torch_vkv.attention.append import zero_tail_op
-    from torch_vkv.bench import flashinfer_paged
     from torch_vkv.bench.timing import time_us
 
     fi = deps.flashinfer_module()
@@ -72,6 +90,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     # causal FLOPs: each query i of a request sees S - N + i + 1 keys
     flops = 4 * H * D * R * sum(S - N + i + 1 for i in range(N))
     base = dict(requests=R, keys=S, new=N)
+    n_host = 50 if flops < 5e12 else 5  # calls per host-time row (a 128K prefill takes ~0.2 s)
 
     def backend(meta):
         return lambda: attention(q, k, v, meta[0], cu_seqlens_q=meta[1], slots=meta[2], max_seqlen_q=N,
@@ -91,20 +110,16 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
         "triton": lambda: attention(q, k, v, plain[0], cu_seqlens_q=plain[1], slots=plain[2], max_seqlen_q=N,
                                     backend="triton"),
     }  # fmt: skip
-    if R == 1 and N == S:
-        def record(name, memory, block, fn):
-            fns["paged"] = fn
-
-        flashinfer_paged.anchor(record, "prefill", q, 1, S, H_kv, D)
+    fns["paged"] = _paged_prefill(fi, fib, q, R, S, N, H_kv, D)
     ref = fns["direct"]().float()
     for name, fn in fns.items():
         row = dict(base, row=name)
         try:
             out = fn()
-            if name.startswith("backend"):
+            if name.startswith("backend") or name == "triton":
                 row["max_abs_diff_vs_direct"] = (out.float() - ref).abs().max().item()
             us = time_us(fn, dev, rep_ms=rep_ms, warmup_ms=50)
-            row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12, host_us=_host_us(fn))
+            row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12, host_us=_host_us(fn, n_host))
         except Exception as e:  # reported, the run goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
@@ -128,7 +143,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     }  # fmt: skip
     for name, fn in pieces.items():
         try:
-            row = dict(base, row=f"host:{name}", host_us=_host_us(fn))
+            row = dict(base, row=f"host:{name}", host_us=_host_us(fn, n_host))
         except Exception as e:
             row = dict(base, row=f"host:{name}", error=f"{type(e).__name__}: {str(e)[:200]}")
         rows.append(row)
@@ -140,7 +155,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     prof_py = cProfile.Profile()
     torch.cuda.synchronize()
     prof_py.enable()
-    for _ in range(20):
+    for _ in range(min(20, n_host)):
         fns["backend_host"]()
     prof_py.disable()
     torch.cuda.synchronize()
@@ -152,7 +167,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
         fn = fns[name]
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
+            for _ in range(min(10, n_host)):
                 fn()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
