@@ -395,7 +395,7 @@ def test_flashinfer_prefill_on_a_kvcache_reads_only_committed_rows(layout, margi
 
 def test_auto_picks_flashinfer_for_large_eager_prefills_only(monkeypatch):
     """The rule, with FlashInfer and Hopper stood in for (CPU): prefills of at least
-    FLASHINFER_PREFILL_MIN_TOKENS query rows, no window, not traced; never decode."""
+    FLASHINFER_PREFILL_MIN_TOKENS query rows, metadata with host copies, no window, not traced."""
     sel = importlib.import_module("torch_vkv.attention.selection")
     monkeypatch.setattr(deps, "has_flashinfer", lambda: True)
     monkeypatch.setattr(deps, "cuda_capability", lambda index: (9, 0))
@@ -403,20 +403,22 @@ def test_auto_picks_flashinfer_for_large_eager_prefills_only(monkeypatch):
     monkeypatch.setattr(fib, "flashinfer_supported", lambda q, k, v, decode: True)
     k = torch.empty(2, 64, 2, 128)
     big, small = torch.empty(sel.FLASHINFER_PREFILL_MIN_TOKENS, 8, 128), torch.empty(sel.FLASHINFER_PREFILL_MIN_TOKENS - 1, 8, 128)
-    assert sel._flashinfer_prefill_wins(big, k, k, window=False)
-    assert not sel._flashinfer_prefill_wins(small, k, k, window=False)
-    assert not sel._flashinfer_prefill_wins(big, k, k, window=True)
+    assert sel._flashinfer_prefill_wins(big, k, k, window=False, host_metadata=True)
+    assert not sel._flashinfer_prefill_wins(small, k, k, window=False, host_metadata=True)
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=True, host_metadata=True)
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=False, host_metadata=False)  # it would sync per call
     monkeypatch.setattr(deps, "cuda_capability", lambda index: (10, 0))  # measured on Hopper only
-    assert not sel._flashinfer_prefill_wins(big, k, k, window=False)
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=False, host_metadata=True)
     monkeypatch.setattr(deps, "cuda_capability", lambda index: (9, 0))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the same choice at run time
-    assert not sel._flashinfer_prefill_wins(big, k, k, window=False)
+    assert not sel._flashinfer_prefill_wins(big, k, k, window=False, host_metadata=True)
 
 
 @pytest.mark.cuda
 def test_auto_picks_flashinfer_on_the_gpu_where_it_measured_faster():
     """On CUDA: decode never ``flashinfer``; prefill only from FLASHINFER_PREFILL_MIN_TOKENS query rows
-    on Hopper with FlashInfer importable, without a window; the call's output against the reference."""
+    with host copies of the metadata, on Hopper with FlashInfer importable, without a window; the
+    call's output against the reference."""
     sel = importlib.import_module("torch_vkv.attention.selection")
     b = make_batch("decode", H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=256)
     k, v = make_cache("per_layer", 5, 256, 2, 128, dtype=torch.bfloat16, device="cuda")
@@ -427,8 +429,9 @@ def test_auto_picks_flashinfer_on_the_gpu_where_it_measured_faster():
     q = torch.randn(N, 8, 128, dtype=torch.bfloat16, device="cuda")
     hopper_fi = deps.has_flashinfer() and deps.cuda_capability(q.device.index or 0)[0] == 9
     want = "flashinfer" if hopper_fi else "triton"
-    assert attn_mod.select_backend(q, k, v, decode=False) == want
-    assert attn_mod.select_backend(q, k, v, decode=False, window=True) != "flashinfer"
+    assert attn_mod.select_backend(q, k, v, decode=False, host_metadata=True) == want
+    assert attn_mod.select_backend(q, k, v, decode=False, host_metadata=True, window=True) != "flashinfer"
+    assert attn_mod.select_backend(q, k, v, decode=False) != "flashinfer"  # it would sync per call
     lens, cu = metadata_tensor([N], "cuda"), metadata_tensor([0, N], "cuda")
     out = attention(q, k, v, lens, cu_seqlens_q=cu, max_seqlen_q=N)
     ref = reference(q.float(), k.float(), v.float(), lens, cu, None)

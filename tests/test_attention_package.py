@@ -33,7 +33,7 @@ def test_public_names_and_signatures():
     assert list(inspect.signature(append_kv).parameters) == [
         "k_cache", "v_cache", "k_new", "v_new", "cache_seqlens", "cu_seqlens_q", "slots", "block_table"]  # fmt: skip
     assert list(inspect.signature(select_backend).parameters) == [
-        "q", "k_cache", "v_cache", "decode", "block_table", "softcap", "window"]  # fmt: skip
+        "q", "k_cache", "v_cache", "decode", "block_table", "softcap", "window", "host_metadata"]  # fmt: skip
 
 
 def test_private_names_kept_for_old_callers():

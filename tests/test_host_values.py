@@ -129,3 +129,42 @@ def test_engine_prefill_metadata_carries_exact_host_copies(monkeypatch):
     assert len(seen) >= 9  # chunked prompts: several prefill steps, three tensors each
     for host, device in seen:
         assert host == device
+
+
+@pytest.mark.cuda
+def test_cuda_engine_prefill_through_auto_matches_triton_call_by_call(monkeypatch):
+    """The engine's long prefill chunks on the GPU: with host copies attached, ``auto`` may take
+    FlashInfer's FA3 (Hopper, FlashInfer importable); every prefill call's output equals the same
+    call through ``triton`` within bf16 tolerance (wrong host copies would attend other rows)."""
+    transformers = pytest.importorskip("transformers")
+    from torch_vkv.attention import attention as attend
+    from torch_vkv.attention.selection import FLASHINFER_PREFILL_MIN_TOKENS
+    from torch_vkv.serving import Engine, SamplingParams
+    from torch_vkv.serving import runner
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                   max_position_embeddings=16384)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    checked = []
+
+    def spy(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=None, slots=None, **kw):
+        out = attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, slots=slots, **kw)
+        if cu_seqlens_q is not None:
+            ref = attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, slots=slots,
+                         **dict(kw, backend="triton"))  # fmt: skip
+            checked.append((q.shape[0], (out.float() - ref.float()).abs().max().item()))
+        return out
+
+    monkeypatch.setattr(runner, "attention", spy)
+    engine = Engine(model, max_batch_size=2, max_seq_len=12288, chunk_size=FLASHINFER_PREFILL_MIN_TOKENS,
+                    device="cuda")  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (9000, 300)]
+    engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert any(n >= FLASHINFER_PREFILL_MIN_TOKENS for n, _ in checked)  # the large chunk was seen
+    for n, err in checked:
+        assert err < 2e-2, f"prefill of {n} query rows differs from triton by {err}"

@@ -197,8 +197,10 @@ def attention(
     check_values(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, T, max_seqlen_q=max_seqlen_q)
     win, cap = check_window(window_left, softcap)
     if backend == "auto":
+        known = not decode and host_values(cache_seqlens) is not None and host_values(cu_seqlens_q) is not None \
+            and (slots is None or host_values(slots) is not None)  # fmt: skip
         backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table, softcap=cap > 0,
-                                 window=win >= 0)  # fmt: skip
+                                 window=win >= 0, host_metadata=known)  # fmt: skip
     if not supports(backend, window_left=win >= 0, softcap=cap > 0):
         fail(f"backend {backend!r} with softcap", "a backend with soft-capping (flash_attn, flashinfer, triton, flex, sdpa, "
              "or 'auto')", backend)  # fmt: skip

@@ -52,9 +52,9 @@ def supports(backend: str, *, window_left: bool = False, softcap: bool = False) 
 FLASHINFER_PREFILL_MIN_TOKENS = 8192
 
 
-def _flashinfer_prefill_wins(q, k_cache, v_cache, window: bool) -> bool:
+def _flashinfer_prefill_wins(q, k_cache, v_cache, window: bool, host_metadata: bool) -> bool:
     """The measured case where FlashInfer's FA3 prefill beats ``triton`` (see :func:`select_backend`)."""
-    if window or q.shape[0] < FLASHINFER_PREFILL_MIN_TOKENS or torch.compiler.is_compiling():
+    if not host_metadata or window or q.shape[0] < FLASHINFER_PREFILL_MIN_TOKENS or torch.compiler.is_compiling():
         return False
     if not deps.has_flashinfer() or deps.cuda_capability(q.device.index or 0)[0] != 9:
         return False
@@ -66,14 +66,16 @@ def _flashinfer_prefill_wins(q, k_cache, v_cache, window: bool) -> bool:
 
 
 def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softcap: bool = False,
-                   window: bool = False) -> str:  # fmt: skip
+                   window: bool = False, host_metadata: bool = False) -> str:  # fmt: skip
     """The ``auto`` rule: the fastest backend measured for the device and the step kind.
 
     * CPU: ``triton`` under ``TRITON_INTERPRET=1`` is *not* chosen (slow); ``sdpa``.
     * CUDA prefill of at least :data:`FLASHINFER_PREFILL_MIN_TOKENS` query rows,
-      eager (not traced by ``torch.compile``, not captured), no sliding window, on
-      Hopper (sm90) with FlashInfer importable and the layout it takes:
-      ``flashinfer`` (FA3 on each slot's contiguous rows). Measured on the H200
+      eager (not traced by ``torch.compile``, not captured), no sliding window,
+      metadata with host copies (``host_metadata``: :mod:`.host_values`; without
+      them its plan syncs once per call, 389 TFLOP/s at 8K), on Hopper (sm90)
+      with FlashInfer importable and the layout it takes: ``flashinfer`` (FA3 on
+      each slot's contiguous rows). Measured on the H200
       (``bench kernels``, 2026-12-04, metadata with host copies): 624 vs 527 TFLOP/s
       for ``triton`` at 8K, 651 vs 541 at 32K, 620 vs 540 for 4 requests of 4K new
       tokens over 16K keys; but 57 vs 322 at 2K, where its call's host time
@@ -94,7 +96,7 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       ``window_left``.
 
     Decided from shapes and dtypes only (``window``: a sliding window is asked
-    for), so the choice is the same at trace time and at run time, except the
+    for; ``host_metadata``: the metadata tensors carry host copies), so the choice is the same at trace time and at run time, except the
     ``flashinfer`` prefill, chosen only outside ``torch.compile`` and capture.
     """
     if q.device.type != "cuda":
@@ -107,7 +109,7 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
         if fa and k_cache.shape[1] % 256 == 0:
             return "flash_attn"
         return "flex" if deps.flex_module() is not None else "sdpa"
-    if not decode and _flashinfer_prefill_wins(q, k_cache, v_cache, window):
+    if not decode and _flashinfer_prefill_wins(q, k_cache, v_cache, window, host_metadata):
         return "flashinfer"
     fa2 = fa2_supported(q, k_cache, v_cache, None) and supports("torch_fa2", softcap=softcap)
     order = ("triton", "flash_attn", "torch_fa2")  # see the docstring (flashinfer: large eager prefills only)
