@@ -138,6 +138,7 @@ def test_cuda_engine_prefill_through_auto_matches_triton_call_by_call(monkeypatc
     call through ``triton`` within bf16 tolerance (wrong host copies would attend other rows)."""
     transformers = pytest.importorskip("transformers")
     from torch_vkv.attention import attention as attend
+    from torch_vkv.attention import deps, select_backend
     from torch_vkv.attention.selection import FLASHINFER_PREFILL_MIN_TOKENS
     from torch_vkv.serving import Engine, SamplingParams
     from torch_vkv.serving import runner
@@ -151,9 +152,13 @@ def test_cuda_engine_prefill_through_auto_matches_triton_call_by_call(monkeypatc
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     checked = []
 
+    chosen = []
+
     def spy(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=None, slots=None, **kw):
         out = attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, slots=slots, **kw)
         if cu_seqlens_q is not None:
+            known = all(host_values(t) is not None for t in (cache_seqlens, cu_seqlens_q, slots))
+            chosen.append(select_backend(q, k_cache, v_cache, decode=False, host_metadata=known))
             ref = attend(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, slots=slots,
                          **dict(kw, backend="triton"))  # fmt: skip
             checked.append((q.shape[0], (out.float() - ref.float()).abs().max().item()))
@@ -166,5 +171,7 @@ def test_cuda_engine_prefill_through_auto_matches_triton_call_by_call(monkeypatc
     prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (9000, 300)]
     engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
     assert any(n >= FLASHINFER_PREFILL_MIN_TOKENS for n, _ in checked)  # the large chunk was seen
+    if deps.has_flashinfer() and deps.cuda_capability(torch.cuda.current_device())[0] == 9:
+        assert "flashinfer" in chosen  # and FlashInfer's FA3 ran it
     for n, err in checked:
         assert err < 2e-2, f"prefill of {n} query rows differs from triton by {err}"
