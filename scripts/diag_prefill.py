@@ -148,6 +148,32 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
             row = dict(base, row=f"host:{name}", error=f"{type(e).__name__}: {str(e)[:200]}")
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # The op's host time, each piece taken out in turn (results are wrong there: host time only).
+    import types
+
+    real_tk, real_fits, real_layout = deps.triton_kernels, fib.fa3_tail_fits, fib.ragged_layout
+    no_zero = types.SimpleNamespace(zero_tail=lambda *a, **k: None)
+    layout = fib.ragged_layout(lens, cu, slots, fib.flat_rows(k), R, S)
+    ablations = {
+        "without_zero_tail": lambda: setattr(deps, "triton_kernels", lambda: no_zero),
+        "without_tail_check": lambda: setattr(fib, "fa3_tail_fits", lambda *a: True),
+        "without_layout": lambda: setattr(fib, "ragged_layout", lambda *a: layout),
+    }
+    op_impl = pieces["op_impl"]
+    for name, patch in ablations.items():
+        patch()
+        try:
+            row = dict(base, row=f"host:op_impl_{name}", host_us=_host_us(op_impl, n_host))
+        except Exception as e:
+            row = dict(base, row=f"host:op_impl_{name}", error=f"{type(e).__name__}: {str(e)[:200]}")
+        finally:
+            deps.triton_kernels, fib.fa3_tail_fits, fib.ragged_layout = real_tk, real_fits, real_layout
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # The wrapper after a zero-tail launch, as the op runs them, without the op around them.
+    two = lambda: (pieces["zero_tail_launcher"](), pieces["wrapper_run"]())  # noqa: E731
+    rows.append(dict(base, row="host:zero_tail_then_wrapper_run", host_us=_host_us(two, n_host)))
+    print(json.dumps(rows[-1]), flush=True)
     import cProfile
     import io
     import pstats
