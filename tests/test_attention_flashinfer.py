@@ -83,6 +83,9 @@ def test_ragged_layout_rejects_shared_slots_and_keeps_identity():
         fib.ragged_layout([4, 4], [0, 1, 2], [1, 1], 16, 4, 16)
     qo, kv, order, valid = fib.ragged_layout([5, 3], [0, 2, 3], [0, 1], 16, 2, 16)
     assert (qo, kv, order, valid) == ([0, 2, 2, 3], [0, 5, 16, 19], None, [True, True])
+    # Slots in the other order: request 1's row moves first (the order is listed only then).
+    assert fib.ragged_layout([5, 3], [0, 2, 3], [1, 0], 16, 2, 16)[2] == [2, 0, 1]
+    assert fib.ragged_layout([5, 0, 3], [0, 2, 2, 3], [0, 5, 1], 16, 2, 16)[2] is None  # an invalid empty one
 
 
 @pytest.mark.parametrize("page_rows, max_pages", [(16, 4), (32, 1)])
