@@ -49,7 +49,7 @@ def supports(backend: str, *, window_left: bool = False, softcap: bool = False) 
 
 
 #: Query rows from which ``auto`` runs an eager CUDA prefill through ``flashinfer`` (see :func:`select_backend`).
-FLASHINFER_PREFILL_MIN_TOKENS = 8192
+FLASHINFER_PREFILL_MIN_TOKENS = 4096
 
 
 def _flashinfer_prefill_wins(q, k_cache, v_cache, window: bool, host_metadata: bool) -> bool:
@@ -75,11 +75,11 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       metadata with host copies (``host_metadata``: :mod:`.host_values`; without
       them its plan syncs once per call, 389 TFLOP/s at 8K), on Hopper (sm90)
       with FlashInfer importable and the layout it takes: ``flashinfer`` (FA3 on
-      each slot's contiguous rows). Measured on the H200
-      (``bench kernels``, 2026-12-04, metadata with host copies): 624 vs 527 TFLOP/s
-      for ``triton`` at 8K, 651 vs 541 at 32K, 620 vs 540 for 4 requests of 4K new
-      tokens over 16K keys; but 57 vs 322 at 2K, where its call's host time
-      dominates: hence the threshold. Its decode trails ``triton`` (180 vs 138 us at
+      each slot's contiguous rows). Measured on the H200 (2026-12-04, metadata with
+      host copies; ``bench kernels`` and ``scripts/diag_prefill.py``): 659 vs 508
+      TFLOP/s for ``triton`` at 8K, 649 vs 539 at 32K, 525 vs 419 at 4K, 578 vs 505
+      for 4 requests of 1K new tokens over 4K keys; but 134 vs 315 at 2K, where its
+      call's host time (about 0.2 ms) dominates: hence the threshold. Its decode trails ``triton`` (180 vs 138 us at
       batch 32, 4K from CUDA graphs, 2026-12-02; 5x slower steps at 99K context in
       the engine, 2026-12-04): never chosen for decode.
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
