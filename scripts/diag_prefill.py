@@ -17,7 +17,8 @@ cleared before each call, as ``bench kernels``):
 - ``triton``: our Triton prefill.
 
 It also takes each call's host time (``time.perf_counter`` around 50 calls without a sync, the
-queueing cost), the same for each piece of the backend's call (``host:*`` rows), and a ``torch.profiler`` table of ten ``backend_sync`` and ten ``backend_host``
+queueing cost), the same for each piece of the backend's call (``host:*`` rows), and a
+``torch.profiler`` table of ten ``backend_sync`` and ten ``backend_host``
 calls. Writes ``$OUT/diag_prefill.json`` and ``$OUT/diag_prefill_profile.txt``.
 """
 

@@ -405,7 +405,8 @@ def test_auto_picks_flashinfer_for_large_eager_prefills_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(fib, "flashinfer_supported", lambda q, k, v, decode: True)
     k = torch.empty(2, 64, 2, 128)
-    big, small = torch.empty(sel.FLASHINFER_PREFILL_MIN_TOKENS, 8, 128), torch.empty(sel.FLASHINFER_PREFILL_MIN_TOKENS - 1, 8, 128)
+    n = sel.FLASHINFER_PREFILL_MIN_TOKENS
+    big, small = torch.empty(n, 8, 128), torch.empty(n - 1, 8, 128)
     assert sel._flashinfer_prefill_wins(big, k, k, window=False, host_metadata=True)
     assert not sel._flashinfer_prefill_wins(small, k, k, window=False, host_metadata=True)
     assert not sel._flashinfer_prefill_wins(big, k, k, window=True, host_metadata=True)

@@ -34,9 +34,10 @@ Two entry points of FlashInfer (>= 0.7) are used as they are:
   else the device metadata read with one sync, one copy of all of it (eager
   only; plans are reused while the metadata values stay the same, e.g. across
   layers). A sync per layer also stalls the host's queueing of the layer's
-  other kernels, so the GPU idles through every layer's host work. When every request is valid the output needs no masking afterwards
-  and FA3's tail zeroing uses the tensors as given. Under CUDA-graph capture
-  such a step runs the Triton kernels instead.
+  other kernels, so the GPU idles through every layer's host work. When every
+  request is valid the output needs no masking afterwards and FA3's tail
+  zeroing uses the tensors as given. Under CUDA-graph capture such a step runs
+  the Triton kernels instead.
 
 ``window_left`` and ``softcap`` are passed through (``window_left`` /
 ``logits_soft_cap``). fp16/bf16, ``head_dim`` in {64, 128, 256}, K and V views

@@ -79,9 +79,10 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       host copies; ``bench kernels`` and ``scripts/diag_prefill.py``): 659 vs 508
       TFLOP/s for ``triton`` at 8K, 649 vs 539 at 32K, 525 vs 419 at 4K, 578 vs 505
       for 4 requests of 1K new tokens over 4K keys; but 134 vs 315 at 2K, where its
-      call's host time (about 0.2 ms) dominates: hence the threshold. Its decode trails ``triton`` (180 vs 138 us at
-      batch 32, 4K from CUDA graphs, 2026-12-02; 5x slower steps at 99K context in
-      the engine, 2026-12-04): never chosen for decode.
+      call's host time (about 0.2 ms) dominates: hence the threshold. Its decode
+      trails ``triton`` (180 vs 138 us at batch 32, 4K from CUDA graphs,
+      2026-12-02; 5x slower steps at 99K context in the engine, 2026-12-04):
+      never chosen for decode.
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.
@@ -96,8 +97,9 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       ``window_left``.
 
     Decided from shapes and dtypes only (``window``: a sliding window is asked
-    for; ``host_metadata``: the metadata tensors carry host copies), so the choice is the same at trace time and at run time, except the
-    ``flashinfer`` prefill, chosen only outside ``torch.compile`` and capture.
+    for; ``host_metadata``: the metadata tensors carry host copies), so the
+    choice is the same at trace time and at run time, except the ``flashinfer``
+    prefill, chosen only outside ``torch.compile`` and capture.
     """
     if q.device.type != "cuda":
         return "sdpa"
