@@ -55,6 +55,22 @@ def test_bad_input_is_a_clear_error(tensor, values, match):
         attach_host_values(tensor, values)
 
 
+@pytest.mark.parametrize("values, got", [([1, 2.5], "2.5"), (["3"], "'3'"), (7, "7")])
+def test_non_integer_values_are_refused_not_truncated(values, got):
+    with pytest.raises(TypeError, match=f"expected a sequence of ints, got {got}"):
+        metadata_tensor(values)
+    with pytest.raises(TypeError, match="attach_host_values: expected a sequence of ints"):
+        attach_host_values(torch.zeros(2, dtype=torch.int32), [1, 2.0])
+
+
+def test_numpy_and_tensor_ints_are_ints():
+    import numpy as np
+
+    t = metadata_tensor(np.array([4, 5], dtype=np.int64))
+    assert host_values(t) == (4, 5) and all(type(v) is int for v in host_values(t))
+    assert host_values(metadata_tensor([torch.tensor(6), np.int32(7)])) == (6, 7)
+
+
 def test_metadata_on_host_trusts_the_attached_copies_and_reads_the_rest():
     """White box: with every part known, the backend plans from the host copies (the device is not
     read, here shown by copies that differ from the contents); one unknown part reads them all back."""

@@ -21,6 +21,7 @@ before, reading the tensors back where it must.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional, Sequence
 
 import torch
@@ -45,7 +46,7 @@ def attach_host_values(tensor: torch.Tensor, values: Sequence[int]) -> torch.Ten
         got = f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) \
             else type(tensor).__name__  # fmt: skip
         raise ValueError(f"attach_host_values: expected a 1-D integer tensor, got a {got}")
-    host = tuple(int(v) for v in values)
+    host = _ints("attach_host_values", values)
     if len(host) != tensor.numel():
         raise ValueError(f"attach_host_values: expected {tensor.numel()} values (the tensor's length), "
                          f"got {len(host)}")  # fmt: skip
@@ -66,5 +67,19 @@ def host_values(tensor: Any) -> Optional[tuple]:
 
 def metadata_tensor(values: Sequence[int], device: Any = None, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """A 1-D ``dtype`` tensor on ``device`` holding ``values``, with its host copy attached."""
-    host = [int(v) for v in values]
+    host = list(_ints("metadata_tensor", values))
     return attach_host_values(torch.tensor(host, dtype=dtype, device=device), host)
+
+
+def _ints(caller: str, values: Sequence[int]) -> tuple:
+    """``values`` as Python ints (anything with ``__index__``: numpy and 0-d torch ints too); a float or
+    another non-integer is a ``TypeError``, not silently truncated."""
+    try:
+        items = list(values)
+    except TypeError:
+        items, bad = None, values  # not a sequence at all
+    if items is not None:
+        bad = next((v for v in items if not hasattr(type(v), "__index__")), None)
+        if bad is None:
+            return tuple(operator.index(v) for v in items)
+    raise TypeError(f"{caller}: expected a sequence of ints, got {bad!r} ({type(bad).__name__})")
