@@ -159,8 +159,6 @@ def test_cuda_engine_prefill_through_auto_matches_triton_call_by_call(monkeypatc
     from torch_vkv.serving import Engine, SamplingParams
     from torch_vkv.serving import runner
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                    max_position_embeddings=16384)  # fmt: skip
