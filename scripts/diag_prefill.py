@@ -47,24 +47,6 @@ def _host_us(fn, n: int = 50) -> float:
     return (t1 - t0) / n * 1e6
 
 
-def _paged_prefill(fi, fib, q, R: int, S: int, N: int, H_kv: int, D: int):
-    """FlashInfer's paged prefill (FA3 on Hopper) over ``R`` requests of ``S`` keys in pages of
-    ``BLOCK`` rows scattered in ``cudaMalloc`` memory, the last ``N`` keys of each new: the anchor of
-    ``bench kernels`` generalised to batched chunked prefill. Planned once."""
-    from torch_vkv.bench.flashinfer_paged import BLOCK, _page_table
-
-    dev = q.device
-    indptr, indices, last, n_pages = _page_table(R, S, dev)
-    k = torch.randn((n_pages, BLOCK, H_kv, D), dtype=q.dtype, device=dev)
-    v = torch.randn_like(k)
-    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
-    w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=fib._prefill_backend(dev))
-    qo = torch.arange(R + 1, dtype=torch.int32, device=dev) * N
-    w.plan(qo, indptr, indices, last, q.shape[1], H_kv, D, BLOCK, causal=True, q_data_type=q.dtype,
-           kv_data_type=q.dtype)  # fmt: skip
-    return lambda: w.run(q, (k, v))
-
-
 def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text: list) -> None:
     """One ``RxSxN`` point: its rows appended to ``rows``, its profiles to ``profile_text``."""
     from torch.profiler import ProfilerActivity, profile
@@ -73,6 +55,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     from torch_vkv.attention import attention, deps, metadata_tensor
     from torch_vkv.attention import flashinfer_backend as fib
     from torch_vkv.attention.append import zero_tail_op
+    from torch_vkv.bench import flashinfer_paged
     from torch_vkv.bench.timing import time_us
 
     fi = deps.flashinfer_module()
@@ -111,7 +94,10 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
         "triton": lambda: attention(q, k, v, plain[0], cu_seqlens_q=plain[1], slots=plain[2], max_seqlen_q=N,
                                     backend="triton"),
     }  # fmt: skip
-    fns["paged"] = _paged_prefill(fi, fib, q, R, S, N, H_kv, D)
+    def record(name, memory, block, fn):
+        fns["paged"] = fn
+
+    flashinfer_paged.anchor(record, "prefill", q, R, S, H_kv, D)  # R requests, the last N keys of each new
     ref = fns["direct"]().float()
     for name, fn in fns.items():
         row = dict(base, row=name)

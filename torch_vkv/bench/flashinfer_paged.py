@@ -49,7 +49,8 @@ def _build(kind: str, q: torch.Tensor, B: int, S: int, H_kv: int, D: int) -> Cal
     else:
         backend = "fa3" if deps.cuda_capability(dev.index or 0)[0] == 9 else "fa2"
         w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
-        qo = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev)
+        # B requests of S keys, the last q.shape[0] // B of each new (B = 1: a whole prompt).
+        qo = torch.arange(B + 1, dtype=torch.int32, device=dev) * (q.shape[0] // B)
         w.plan(qo, indptr, indices, last, H, H_kv, D, BLOCK, causal=True, q_data_type=q.dtype, kv_data_type=q.dtype)
     return lambda: w.run(q, (k, v))
 
