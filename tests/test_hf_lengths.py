@@ -91,6 +91,21 @@ def test_step_plan_packs_real_tokens():
     assert plan.cu_seqlens_q.tolist() == [0, 2, 5] and plan.max_seqlen_q == 3
     dense = StepPlan.build(2, 3, 4, padded=False, mask=None, real=None, device=torch.device("cpu"))
     assert dense.real_index is None and dense.cu_seqlens_q.tolist() == [0, 3, 6]
+    assert plan.cache_seqlens is None and dense.cache_seqlens is None  # no rows given
+
+
+def test_step_plan_metadata_carries_host_copies():
+    """With the rows' lengths, a multi-token vkv step's cache_seqlens and cu_seqlens_q carry host
+    copies equal to their contents (a host-planned backend then needs no sync); decode needs none."""
+    from torch_vkv.attention import host_values
+
+    m = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    for plan in (StepPlan.build(2, 3, 0, padded=False, mask=m, real=[2, 3], rows=[9, 12], device=torch.device("cpu")),
+                 StepPlan.build(2, 3, 0, padded=False, mask=None, real=None, rows=[9, 12], device=torch.device("cpu"))):
+        assert plan.cache_seqlens.tolist() == [9, 12] and plan.cache_seqlens.dtype == torch.int32
+        for t in (plan.cache_seqlens, plan.cu_seqlens_q):
+            assert host_values(t) == tuple(t.tolist())
+    assert StepPlan.build(2, 1, 4, padded=False, mask=None, real=None, rows=[5, 5], device=torch.device("cpu")).cache_seqlens is None
     assert StepPlan.build(2, 1, 4, padded=False, mask=None, real=None, device=torch.device("cpu")).cu_seqlens_q is None
 
 

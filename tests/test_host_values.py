@@ -189,3 +189,81 @@ def test_cuda_engine_prefill_through_auto_matches_triton_call_by_call(monkeypatc
         assert "flashinfer" in chosen  # and FlashInfer's FA3 ran it
     for n, err in checked:
         assert err < 2e-2, f"prefill of {n} query rows differs from triton by {err}"
+
+
+def _spy_hf_prefill(monkeypatch, check):
+    """Wraps the HF adapter's attention call: ``check(q, k_cache, v_cache, lens, cu, **kw)`` on every
+    multi-token (prefill) call, before the call itself."""
+    from torch_vkv.hf import attention as hf_attention
+
+    real = hf_attention._attend
+
+    def spy(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale, max_seqlen_q, **kw):
+        if cu_seqlens_q is not None:
+            check(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale=scale, max_seqlen_q=max_seqlen_q, **kw)
+        return real(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, scale, max_seqlen_q, **kw)
+
+    monkeypatch.setattr(hf_attention, "_attend", spy)
+
+
+def test_hf_generate_prefill_metadata_carries_exact_host_copies(monkeypatch):
+    """``generate()`` with a VirtualKVCache (attn 'vkv'): every prefill call's cache_seqlens and
+    cu_seqlens_q carry host copies equal to their contents, left padding included."""
+    pytest.importorskip("transformers")
+    import torch_vkv.hf as vkv_hf
+
+    seen = []
+    _spy_hf_prefill(monkeypatch, lambda q, k, v, lens, cu, **kw: seen.extend(
+        (host_values(t), tuple(t.tolist())) for t in (lens, cu)))  # fmt: skip
+    from _hf_models import generate, prompts, tiny_model
+
+    model = tiny_model("llama", "vkv")
+    for batch in (1, 3):  # batch 3: rows 1 and 2 are left-padded
+        ids, mask = prompts(batch)
+        cache = vkv_hf.VirtualKVCache(model.config, batch, 96, page_size=4096)
+        generate(model, ids, mask, cache, max_new_tokens=3)
+    assert len(seen) == 2 * 2 * 2  # two generate() calls, two layers, two tensors per prefill call
+    for host, device in seen:
+        assert host == device
+
+
+@pytest.mark.cuda
+def test_cuda_hf_long_prompt_prefill_through_auto_matches_triton(monkeypatch):
+    """``generate()`` on a long prompt (at least FLASHINFER_PREFILL_MIN_TOKENS tokens) on the GPU: the
+    adapter's metadata carry host copies, so ``auto`` may take FlashInfer's FA3 (Hopper, FlashInfer
+    importable); every prefill call equals the same call through ``triton`` within bf16 tolerance."""
+    transformers = pytest.importorskip("transformers")
+    import torch_vkv.hf as vkv_hf
+    from torch_vkv.attention import attention as attend
+    from torch_vkv.attention import deps, select_backend
+    from torch_vkv.attention.selection import FLASHINFER_PREFILL_MIN_TOKENS
+
+    chosen, checked = [], []
+
+    def check(q, k, v, lens, cu, **kw):
+        known = host_values(lens) is not None and host_values(cu) is not None
+        chosen.append(select_backend(q, k, v, decode=False, host_metadata=known))
+        out = attend(q, k, v, lens, cu_seqlens_q=cu, causal=True, **kw)
+        ref = attend(q, k, v, lens, cu_seqlens_q=cu, causal=True, backend="triton", **kw)
+        checked.append((q.shape[0], (out.float() - ref.float()).abs().max().item()))
+
+    _spy_hf_prefill(monkeypatch, check)
+    cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                   max_position_embeddings=8192)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation("vkv")
+    model.generation_config.pad_token_id = 0
+    n = FLASHINFER_PREFILL_MIN_TOKENS + 300
+    ids = torch.randint(1, 256, (1, n), generator=torch.Generator().manual_seed(2)).cuda()
+    cache = vkv_hf.VirtualKVCache(model.config, 1, n + 8)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **vkv_hf.generate_kwargs(cache),
+                             max_new_tokens=3, do_sample=False)  # fmt: skip
+    assert out.shape == (1, n + 3)
+    assert [q for q, _ in checked] == [n, n]  # one prefill call per layer, the whole prompt
+    if deps.has_flashinfer() and deps.cuda_capability(torch.cuda.current_device())[0] == 9:
+        assert set(chosen) == {"flashinfer"}
+    for rows, err in checked:
+        assert err < 2e-2, f"prefill of {rows} query rows differs from triton by {err}"

@@ -160,12 +160,17 @@ def vkv_attention_forward(
     if Sq == 1:
         return _attend(q, k_cache, v_cache, seqlens, None, scale, 1, **win).view(B, 1, Hq, D), None
     step = None if compiling else cache._step
-    if step is not None and step.real_index is not None:  # left padding: real queries only
-        out_real = _attend(q[step.real_index], k_cache, v_cache, seqlens, step.cu_seqlens_q, scale,
-                           step.max_seqlen_q, **win)  # fmt: skip
-        out = q.new_zeros(B * Sq, Hq, D)
-        out[step.real_index] = out_real
-        return out.view(B, Sq, Hq, D), None
+    if step is not None and step.cache_seqlens is not None and step.batch == B:
+        # The same lengths with host copies (StepPlan): a host-planned backend needs no sync.
+        seqlens = step.cache_seqlens
+        if step.real_index is not None:  # left padding: real queries only
+            out_real = _attend(q[step.real_index], k_cache, v_cache, seqlens, step.cu_seqlens_q, scale,
+                               step.max_seqlen_q, **win)  # fmt: skip
+            out = q.new_zeros(B * Sq, Hq, D)
+            out[step.real_index] = out_real
+            return out.view(B, Sq, Hq, D), None
+        if step.num_tokens == Sq:
+            return _attend(q, k_cache, v_cache, seqlens, step.cu_seqlens_q, scale, Sq, **win).view(B, Sq, Hq, D), None
     cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * Sq
     return _attend(q, k_cache, v_cache, seqlens, cu, scale, Sq, **win).view(B, Sq, Hq, D), None
 

@@ -334,7 +334,7 @@ class VirtualKVCache(Cache):
             fail("tokens in the cache", f"at most max_cache_len={self._max_cache_len}", max(seq + S, *new_rows))
         self._commit(new_rows, prefetch=True)  # OutOfPagesError: nothing changed
         lengths.advance(counts, S)
-        step = StepPlan.build(B, S, seq, padded=self._mode == "padded", mask=mask, real=real,
+        step = StepPlan.build(B, S, seq, padded=self._mode == "padded", mask=mask, real=real, rows=new_rows,
                               device=key_states.device)  # fmt: skip
         self._step = step
         return step

@@ -20,10 +20,13 @@ function ask this object.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from torch_vkv.attention.host_values import metadata_tensor
 
 __all__ = ["SequenceLengths", "StepPlan"]
 
@@ -196,22 +199,28 @@ class StepPlan:
     real_index: Optional[torch.Tensor] = None  # vkv + left padding: int64 [total_real], flat [B * S] index
     cu_seqlens_q: Optional[torch.Tensor] = None  # vkv: int32 [B + 1] (None: decode, one token a row)
     max_seqlen_q: int = 1
+    # vkv, several tokens a row: int32 [B], the rows' lengths after this step (the values of
+    # SequenceLengths.cache_seqlens[:B]). It and cu_seqlens_q carry host copies (metadata_tensor), so
+    # a backend that plans on the host (FlashInfer's prefill, which `auto` takes for long prompts)
+    # needs no device sync per layer.
+    cache_seqlens: Optional[torch.Tensor] = None
 
     @staticmethod
     def build(batch: int, num_tokens: int, start: int, *, padded: bool, mask: Optional[torch.Tensor],
-              real: Optional[list[int]], device: torch.device) -> "StepPlan":  # fmt: skip
-        """``real``: real tokens per row from :func:`padding_counts` (``None``: all)."""
+              real: Optional[list[int]], device: torch.device, rows: Optional[list[int]] = None) -> "StepPlan":  # fmt: skip
+        """``real``: real tokens per row from :func:`padding_counts` (``None``: all); ``rows``: each
+        row's length after this step (``None``: no ``cache_seqlens`` in the plan)."""
         B, S = batch, num_tokens
         if padded or (S == 1 and real is None):
             return StepPlan(B, S, padded, start)
+        lens = None if rows is None else metadata_tensor(rows[:B], device)
         if real is None:
-            cu = torch.arange(B + 1, dtype=torch.int32, device=device) * S
-            return StepPlan(B, S, False, start, cu_seqlens_q=cu, max_seqlen_q=S)
-        cu = torch.zeros(B + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(real, dtype=torch.int32).cumsum(0)
+            cu = metadata_tensor(range(0, (B + 1) * S, S), device)
+            return StepPlan(B, S, False, start, cu_seqlens_q=cu, max_seqlen_q=S, cache_seqlens=lens)
+        cu = metadata_tensor(itertools.accumulate(real, initial=0), device)
         index = mask.reshape(-1).nonzero().flatten().to(device)
-        return StepPlan(B, S, False, start, real_index=index, cu_seqlens_q=cu.to(device),
-                        max_seqlen_q=max(max(real), 1))  # fmt: skip
+        return StepPlan(B, S, False, start, real_index=index, cu_seqlens_q=cu, max_seqlen_q=max(max(real), 1),
+                        cache_seqlens=lens)  # fmt: skip
 
 
 def padding_counts(mask: Optional[torch.Tensor], batch: int, num_tokens: int) -> Optional[list[int]]:
