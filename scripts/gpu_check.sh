@@ -20,6 +20,8 @@
 #   DIAGS="decode" TESTS=0 BENCHES="" ...      # scripts/diag_decode.py: small-batch decode launch sweep
 #   DIAGS="maps" TESTS=0 BENCHES="" ...        # scripts/diag_maps.py: do page maps slow the kernels in flight?
 #   DIAGS="prefill" TESTS=0 BENCHES="" ...     # scripts/diag_prefill.py: FlashInfer prefill through our backend vs direct
+#   DIAGS="ab" DIAG_ARGS="--baseline .ab/triton_kernels" ...  # scripts/diag_ab.py: our Triton kernels against an
+#                                                # earlier copy (git archive <commit> triton_kernels | tar x -C .ab; carry .ab)
 #   FI_CACHE_OUT=1 ...                          # pack FlashInfer's JIT cache into $OUT/fi_cache.tgz (parts
 #                                                # fi_cache.tgz.part-* past 15 MiB: cat them): copy it to
 #                                                # .fi_cache.tgz here and carry that (kernels not rebuilt)

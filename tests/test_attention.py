@@ -158,6 +158,34 @@ def test_prefill_tma_equals_pointer_loads(device, kind, layout, D):
     assert_close(out, reference(b, k, v), torch.bfloat16)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_tma_equals_pointer_loads(device, layout, num_splits):
+    """``decode_attention(tma=True)`` reads the full key tiles through tensor descriptors: bitwise
+    the pointer loads' output, against the float64 reference, NaN past the lengths never read;
+    a paged pool is refused with the reason."""
+    skip_unless_runs("triton", device)
+    b, k, v = setup_case("decode", "GQA", 128, layout, device, seed=47)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, slots=b.slots)
+    blocks = dict(block_n=16) if device == "cpu" else {}
+    args = (b.q, k, v, b.cache_seqlens)
+    out = tk().decode_attention(*args, tma=True, num_splits=num_splits, **blocks)
+    assert torch.equal(out, tk().decode_attention(*args, tma=False, num_splits=num_splits, **blocks))
+    assert_close(out, reference(b, k, v), torch.bfloat16)
+    with pytest.raises(ValueError, match="no block_table"):
+        tk().decode_attention(b.q, k, v, b.cache_seqlens, block_table=torch.zeros(5, 3, dtype=torch.int32, device=device),
+                              tma=True)  # fmt: skip
+
+
+def test_kernels_refuse_a_scale_that_is_not_positive():
+    """The full tiles take the max of the unscaled scores: a scale <= 0 is refused, not miscomputed."""
+    b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu", seed=3)
+    for scale in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="scale > 0"):
+            tk().decode_attention(b.q, k, v, b.cache_seqlens, scale=scale)
+
+
 def test_prefill_launch_defaults():
     """The launch that prefill_attention picks by itself: 128-key tiles for 16-bit head_dim 128
     on a GPU (measured faster), small tiles in the interpreter, never descriptors off a GPU."""

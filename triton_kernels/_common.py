@@ -118,6 +118,15 @@ def _dot(a, b):
 
 
 @triton.jit
+def _dot_acc(a, b, acc):
+    """``acc + a @ b``, accumulated inside the MMA (no separate add of a product tile); precision as :func:`_dot`."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _tanh(x):
     """tanh from exp2 (the CPU interpreter has no libdevice): sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
     e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # 2 * log2(e)
@@ -195,27 +204,33 @@ def _attn_tiles(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = _dot(q, tl.trans(k)) * qk_mul
-        if SOFTCAP:
-            qk = cap_out * _tanh(qk)
-        if MASKED:
-            ok = n_ok[None, :]
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= q_pos[:, None])
-            if WINDOW:
-                ok = ok & (offs_n[None, :] >= q_pos[:, None] - window)
-            qk = tl.where(ok, qk, float("-inf"))
+        qk = _dot(q, tl.trans(k))
+        if MASKED or SOFTCAP:
+            qk = qk * qk_mul
+            if SOFTCAP:
+                qk = cap_out * _tanh(qk)
+            if MASKED:
+                ok = n_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= q_pos[:, None])
+                if WINDOW:
+                    ok = ok & (offs_n[None, :] >= q_pos[:, None] - window)
+                qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that sees no key yet keeps m = -inf; subtract 0 instead so
             # exp2(-inf - -inf) never makes a NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # The full tiles (most of the work): scale and subtract the running max in one FMA per
+            # score. qk_mul > 0 (score_params), so the max of the raw scores, scaled, is the
+            # max of the scaled ones. Every key here is visible, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_mul)
             m_sub = m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
+            p = tl.math.exp2(qk * qk_mul - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -261,6 +276,8 @@ def _attn_span(
 
 def score_params(scale: float, softcap: float) -> tuple[float, float]:
     """(qk_mul, cap_out) of the kernels: scores in the log2 domain, soft-capped when ``softcap > 0``."""
+    if not scale > 0:  # the full tiles take the max of the unscaled scores (_attn_tiles)
+        raise ValueError(f"expected a softmax scale > 0, got {scale}")
     log2e = 1.4426950408889634
     if softcap > 0:
         return scale / softcap, softcap * log2e

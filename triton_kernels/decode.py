@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import _attn_span, _request, bounds, dot_f32, next_pow2, on_tensor_device, score_params
-from .prefill import attention_reference
+from .prefill import attention_reference, tile_descriptors
 
 
 @triton.jit
@@ -35,6 +35,8 @@ def _decode_split_kernel(
     q_ptr,  # [num_requests, num_heads, HEAD_DIM]
     k_ptr,  # cache [B, S_max, H_kv, D] or pool [num_blocks, PAGE_SIZE, H_kv, D]
     v_ptr,
+    k_desc,  # USE_TMA: tensor descriptors of k/v_cache (else k_ptr/v_ptr again, unused)
+    v_desc,
     seqlens_ptr,  # int32 [num_requests]
     slots_ptr,  # int32/int64 [num_requests] (unused unless HAS_SLOTS)
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
@@ -61,6 +63,7 @@ def _decode_split_kernel(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -99,11 +102,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attn_span(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_ptr, v_ptr, bt_ptr, stride_bt, slot, kv_head,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=False, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
-        USE_TMA=False,
+        USE_TMA=USE_TMA,
     )  # fmt: skip
 
     # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.
@@ -190,6 +193,7 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    tma: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: one query per request over its cached keys.
@@ -211,6 +215,8 @@ def decode_attention(
     num_splits : splits per (request, kv head); default :func:`default_num_splits`
         (of the window's length with ``window_left``).
     block_n, num_warps, num_stages : tile and launch parameters (tuning; defaults 64 / 4 / 3).
+    tma : read the full key tiles through tensor descriptors (bulk copies on Hopper), as
+        :func:`~.prefill.prefill_attention` can; a contiguous cache only (:func:`~.prefill.tma_problem`).
 
     Returns
     -------
@@ -245,8 +251,9 @@ def decode_attention(
         mid_lse = torch.empty((R, H, num_splits), device=q.device, dtype=torch.float32)
         stride_os = mid_o.stride(2)
     bt = block_table if paged else cache_seqlens
+    k_desc, v_desc = tile_descriptors("decode_attention", k_cache, v_cache, block_table, block_n, tma)
     _decode_split_kernel[(R, H_kv, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
+        q, k_cache, v_cache, k_desc, v_desc, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
         mid_o, mid_lse, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
         window_left if window_left is not None else 0,
         q.stride(0), q.stride(1),
@@ -256,7 +263,7 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
-        num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=bool(tma), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(R, H)](

@@ -75,7 +75,12 @@ def _prefill_kernel(
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Heaviest query blocks first (a causal block's work grows with its position): the last
+        # programs to start are the light ones, so the launch ends with a short tail.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     head = tl.program_id(1)
     r = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + r)
@@ -239,14 +244,7 @@ def prefill_attention(
     bt = block_table if paged else cache_seqlens
     if tma is None:
         tma = default_tma(q, k_cache, v_cache, block_table)
-    k_desc, v_desc = k_cache, v_cache  # placeholders: not read without USE_TMA
-    if tma:
-        problem = tma_problem(k_cache, v_cache, block_table)
-        if problem is not None:
-            raise ValueError(f"prefill_attention(tma=True): expected {problem}")
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, D]) for t in (k_cache, v_cache))
+    k_desc, v_desc = tile_descriptors("prefill_attention", k_cache, v_cache, block_table, block_n, bool(tma))
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_desc, v_desc, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
         T, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
@@ -275,6 +273,22 @@ def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * esz % 16 for st in t.stride()[:-1]):
             return f"16-byte aligned base and strides, unit last stride; got strides {t.stride()} x {esz} bytes"
     return None
+
+
+def tile_descriptors(caller: str, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                     block_n: int, tma: bool) -> tuple:  # fmt: skip
+    """The kernels' ``k_desc, v_desc``: with ``tma``, tensor descriptors of ``[1, block_n, 1, D]``
+    key tiles of each cache (``ValueError`` naming ``caller`` where :func:`tma_problem` objects);
+    without, the caches themselves as placeholders (not read without ``USE_TMA``)."""
+    if not tma:
+        return k_cache, v_cache
+    problem = tma_problem(k_cache, v_cache, block_table)
+    if problem is not None:
+        raise ValueError(f"{caller}(tma=True): expected {problem}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    D = k_cache.shape[-1]
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, D]) for t in (k_cache, v_cache))
 
 
 def gather_paged(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:

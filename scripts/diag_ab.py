@@ -1,0 +1,160 @@
+"""Our Triton kernels against an earlier copy of them, side by side in one run on a GPU (a diagnostic,
+not a benchmark: ``bench kernels`` gives the tables).
+
+    mkdir -p .ab && git archive <commit> triton_kernels | tar x -C .ab   # the baseline (carry .ab)
+    python scripts/diag_ab.py --baseline .ab/triton_kernels [--decode 1x16384,32x4096] [--prefill 8192,32768]
+
+Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch.empty``: the kernels
+run the same on virtual memory, ``bench kernels``' vm section). Rows:
+
+- decode, for the baseline, the current kernel and the current one with ``tma=True``:
+  ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
+  timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
+  (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
+  ``L`` = ``--layers`` or fewer when memory runs short. FlashInfer's paged decode (block 16, its
+  ``bench kernels`` anchor) in both modes when it is importable. Bandwidth against a 1 GiB copy (read
+  and write bytes, as ``bench kernels``) of the same run.
+- prefill, batch 1, causal: each kernel eagerly (``do_bench``, as ``bench kernels``), TFLOP/s of the
+  causal half; the current kernel's output against the baseline's (max |diff|).
+
+Writes ``$OUT/diag_ab.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from torch_vkv.bench.timing import time_us, time_us_graph
+
+H, H_KV, D = 32, 8, 128
+
+
+def _load_baseline(path: str):
+    """The package at ``path`` (an earlier ``triton_kernels/``) under the name ``tk_baseline``."""
+    root = Path(path)
+    spec = importlib.util.spec_from_file_location("tk_baseline", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])  # fmt: skip
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"diag_ab.py: expected a triton_kernels folder at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tk_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]  # type: ignore[misc]
+
+
+def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: list) -> None:
+    from torch_vkv.bench import flashinfer_paged
+
+    dev = torch.device("cuda")
+    layer_bytes = 2 * B * S * H_KV * D * 2
+    L = max(1, min(args.layers, int(args.mem_gib * 2**30 // layer_bytes)))
+    q = torch.randn((B, H, D), dtype=torch.bfloat16, device=dev)
+    lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+    caches = [(torch.randn((B, S, H_KV, D), dtype=torch.bfloat16, device=dev),
+               torch.randn((B, S, H_KV, D), dtype=torch.bfloat16, device=dev)) for _ in range(L)]  # fmt: skip
+    calls = {name: [lambda k=k, v=v, f=f: f(q, k, v, lens) for k, v in caches] for name, f in kernels.items()}
+    fi: list = []
+    for _ in range(L):
+        flashinfer_paged.anchor(lambda backend, memory, block, fn: fi.append(fn), "decode", q, B, S, H_KV, D)
+    if fi:
+        calls["flashinfer_paged/16"] = fi
+    ref = None
+    for name, fns in calls.items():
+        try:
+            out = fns[0]()
+            torch.cuda.synchronize()
+            one = time_us_graph(fns[0], dev, rep_ms=args.rep_ms, warmup_ms=10)
+            step = time_us_graph(lambda fns=fns: [f() for f in fns], dev, rep_ms=args.rep_ms, warmup_ms=10) / L
+        except Exception as e:  # one kernel failing must not stop the run
+            rows.append(dict(kind="decode", batch=B, context=S, kernel=name, error=f"{type(e).__name__}: {e}"[:200]))
+            print(f"decode B={B} S={S} {name}: {rows[-1]['error']}", flush=True)
+            continue
+        ref = out if ref is None else ref
+        diff = (out.float() - ref.float()).abs().max().item()
+        pct = [100 * layer_bytes / us / 1e6 / copy_tb for us in (one, step)]
+        rows.append(dict(kind="decode", batch=B, context=S, kernel=name, layers=L, graph_us=one, step_us=step,
+                         graph_pct_copy=pct[0], step_pct_copy=pct[1], max_diff_vs_first=diff))  # fmt: skip
+        print(f"decode B={B:4d} S={S:6d} {name:20s} graph {one:8.1f} us ({pct[0]:5.1f}%)  step/{L} {step:8.1f} us "
+              f"({pct[1]:5.1f}%)  |diff| {diff:.1e}", flush=True)  # fmt: skip
+    del caches, fi, calls
+    torch.cuda.empty_cache()
+
+
+def _prefill_point(S: int, kernels: dict, args, rows: list) -> None:
+    dev = torch.device("cuda")
+    q = torch.randn((S, H, D), dtype=torch.bfloat16, device=dev)
+    k = torch.randn((1, S, H_KV, D), dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    lens = torch.tensor([S], dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, S], dtype=torch.int32, device=dev)
+    flops = 4 * S * S * H * D / 2  # QK^T and PV over the causal half
+    ref = None
+    for name, f in kernels.items():
+        try:
+            out = f(q, k, v, lens, cu, S)
+            us = time_us(lambda: f(q, k, v, lens, cu, S), dev, rep_ms=args.rep_ms * 5, warmup_ms=50)
+        except Exception as e:  # one kernel failing must not stop the run
+            rows.append(dict(kind="prefill", context=S, kernel=name, error=f"{type(e).__name__}: {e}"[:200]))
+            print(f"prefill S={S} {name}: {rows[-1]['error']}", flush=True)
+            continue
+        ref = out if ref is None else ref
+        diff = (out.float() - ref.float()).abs().max().item()
+        tflops = flops / us / 1e6
+        rows.append(dict(kind="prefill", batch=1, context=S, kernel=name, us=us, tflop_s=tflops, max_diff_vs_first=diff))
+        print(f"prefill S={S:6d} {name:20s} {us:9.1f} us {tflops:6.1f} TFLOP/s  |diff| {diff:.1e}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", required=True, help="an earlier triton_kernels/ folder")
+    p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
+    p.add_argument("--prefill", default="8192,32768")
+    p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")
+    p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
+    p.add_argument("--rep-ms", type=float, default=40.0)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("diag_ab.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
+    from torch_vkv import triton_kernels as new
+
+    old = _load_baseline(args.baseline)
+    dev = torch.device("cuda")
+    big = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(big)
+    copy_tb = 2 * big.numel() * 2 / time_us(lambda: dst.copy_(big), dev, rep_ms=200, warmup_ms=20) / 1e6
+    del big, dst
+    print(f"copy bandwidth (1 GiB, read + write): {copy_tb:.2f} TB/s", flush=True)
+    rows: list = [dict(kind="copy", tb_s=copy_tb)]
+    decode = {
+        "baseline": lambda q, k, v, lens: old.decode_attention(q, k, v, lens),
+        "current": lambda q, k, v, lens: new.decode_attention(q, k, v, lens),
+        "current tma": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
+        "current tma, 4 stages": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, num_stages=4),
+        "current tma, 128 rows": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=128),
+    }
+    for B, S in _pairs(args.decode):
+        _decode_point(B, S, decode, args, copy_tb, rows)
+    prefill = {
+        "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
+        "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
+    }
+    for S in [int(x) for x in args.prefill.split(",") if x]:
+        _prefill_point(S, prefill, args, rows)
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, "diag_ab.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
