@@ -142,6 +142,10 @@ def main() -> None:
         "current tma": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
         "current tma, 4 stages": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, num_stages=4),
         "current tma, 128 rows": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=128),
+        "current, 2x splits": lambda q, k, v, lens: new.decode_attention(
+            q, k, v, lens, num_splits=2 * new.default_num_splits(q.shape[0], k.shape[2], k.shape[1], q.device)),
+        "current tma, 2x splits": lambda q, k, v, lens: new.decode_attention(
+            q, k, v, lens, tma=True, num_splits=2 * new.default_num_splits(q.shape[0], k.shape[2], k.shape[1], q.device)),
     }
     for B, S in _pairs(args.decode):
         _decode_point(B, S, decode, args, copy_tb, rows)
