@@ -7,15 +7,16 @@ not a benchmark: ``bench kernels`` gives the tables).
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch.empty``: the kernels
 run the same on virtual memory, ``bench kernels``' vm section). Rows:
 
-- decode, for the baseline, the current kernel and the current one with ``tma=True``:
+- decode, for the baseline, the current kernel (its defaults) and the current one with ``tma=False``:
   ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
   timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
   (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
   ``L`` = ``--layers`` or fewer when memory runs short. FlashInfer's paged decode (block 16, its
   ``bench kernels`` anchor) in both modes when it is importable. Bandwidth against a 1 GiB copy (read
-  and write bytes, as ``bench kernels``) of the same run.
-- prefill, batch 1, causal: each kernel eagerly (``do_bench``, as ``bench kernels``), TFLOP/s of the
-  causal half; the current kernel's output against the baseline's (max |diff|).
+  and write bytes, as ``bench kernels``) of the same run; ``host``: the host's time per eager call.
+- prefill, batch 1, causal: the baseline, the current kernel and variants of its launch, each
+  eagerly (``do_bench``, as ``bench kernels``), TFLOP/s of the causal half; outputs against the
+  baseline's (max |diff|).
 
 Writes ``$OUT/diag_ab.json``.
 """
@@ -27,6 +28,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +49,17 @@ def _load_baseline(path: str):
     sys.modules["tk_baseline"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _host_us(fn, calls: int = 50) -> float:
+    """The host's time per eager call (calls queued back to back, no sync inside the loop)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -83,10 +96,11 @@ def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: lis
         ref = out if ref is None else ref
         diff = (out.float() - ref.float()).abs().max().item()
         pct = [100 * layer_bytes / us / 1e6 / copy_tb for us in (one, step)]
+        host = _host_us(fns[0])
         rows.append(dict(kind="decode", batch=B, context=S, kernel=name, layers=L, graph_us=one, step_us=step,
-                         graph_pct_copy=pct[0], step_pct_copy=pct[1], max_diff_vs_first=diff))  # fmt: skip
+                         graph_pct_copy=pct[0], step_pct_copy=pct[1], host_us=host, max_diff_vs_first=diff))  # fmt: skip
         print(f"decode B={B:4d} S={S:6d} {name:20s} graph {one:8.1f} us ({pct[0]:5.1f}%)  step/{L} {step:8.1f} us "
-              f"({pct[1]:5.1f}%)  |diff| {diff:.1e}", flush=True)  # fmt: skip
+              f"({pct[1]:5.1f}%)  host {host:5.1f} us  |diff| {diff:.1e}", flush=True)  # fmt: skip
     del caches, fi, calls
     torch.cuda.empty_cache()
 
@@ -139,19 +153,18 @@ def main() -> None:
     decode = {
         "baseline": lambda q, k, v, lens: old.decode_attention(q, k, v, lens),
         "current": lambda q, k, v, lens: new.decode_attention(q, k, v, lens),
-        "current tma": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
-        "current tma, 4 stages": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, num_stages=4),
-        "current tma, 128 rows": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=128),
-        "current, 2x splits": lambda q, k, v, lens: new.decode_attention(
-            q, k, v, lens, num_splits=2 * new.default_num_splits(q.shape[0], k.shape[2], k.shape[1], q.device)),
-        "current tma, 2x splits": lambda q, k, v, lens: new.decode_attention(
-            q, k, v, lens, tma=True, num_splits=2 * new.default_num_splits(q.shape[0], k.shape[2], k.shape[1], q.device)),
+        "current, tma=False": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=False),
     }
     for B, S in _pairs(args.decode):
         _decode_point(B, S, decode, args, copy_tb, rows)
     prefill = {
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
         "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
+        "current, warp_specialize": lambda q, k, v, lens, cu, n: new.prefill_attention(
+            q, k, v, lens, cu, n, warp_specialize=True),
+        "current, warp_specialize, 2 stages": lambda q, k, v, lens, cu, n: new.prefill_attention(
+            q, k, v, lens, cu, n, warp_specialize=True, num_stages=2),
+        "current, 64-key tiles": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n, block_n=64),
     }
     for S in [int(x) for x in args.prefill.split(",") if x]:
         _prefill_point(S, prefill, args, rows)

@@ -178,6 +178,32 @@ def test_decode_tma_equals_pointer_loads(device, layout, num_splits):
                               tma=True)  # fmt: skip
 
 
+def test_decode_block_n_rule(monkeypatch):
+    """64-key decode tiles, 32 past head_dim 128; 128 only with descriptors, one split and at least
+    four waves of (request, kv head) programs (where the H200 measured it faster)."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    rule, cuda = tk().default_decode_block_n, torch.device("cuda")
+    assert rule(128, 8, 128, 1, cuda, True) == 128  # 1024 programs >= 4 x 132
+    assert rule(32, 8, 128, 1, cuda, True) == 64  # two waves
+    assert rule(128, 8, 128, 1, cuda, False) == 64  # pointer loads
+    assert rule(128, 8, 128, 2, cuda, True) == 64
+    assert rule(128, 8, 256, 1, cuda, True) == 32
+    assert rule(128, 8, 128, 1, torch.device("cpu"), True) == 64
+
+
+def test_prefill_warp_specialize_is_the_same_computation():
+    """``warp_specialize=True`` (a tuning switch) gives the default launch's output bitwise."""
+    skip_unless_runs("triton", "cpu")
+    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", "cpu", seed=29)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    args = (b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, max(b.q_lens))
+    out = tk().prefill_attention(*args, warp_specialize=True, block_m=16, block_n=16)
+    assert torch.equal(out, tk().prefill_attention(*args, block_m=16, block_n=16))
+    assert_close(out, reference(b, k, v), torch.bfloat16)
+
+
 def test_kernels_refuse_a_scale_that_is_not_positive():
     """The full tiles take the max of the unscaled scores: a scale <= 0 is refused, not miscomputed."""
     b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu", seed=3)

@@ -74,6 +74,7 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     if CAUSAL:
         # Heaviest query blocks first (a causal block's work grows with its position): the last
@@ -131,7 +132,7 @@ def _prefill_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
-        USE_TMA=USE_TMA,
+        USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC,
     )  # fmt: skip
     # A query that sees no key (only with bad lengths) gets 0, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -190,6 +191,7 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool | None = None,
+    warp_specialize: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -216,6 +218,8 @@ def prefill_attention(
         Hopper; :func:`tma_problem` says when a cache cannot); the masked tiles
         keep ordinary loads, so no row past a length is touched. ``None``:
         :func:`default_tma` decides (on where measured faster); ``False``: never.
+    warp_specialize : Triton's warp specialisation of the full-tile loop (Hopper and later;
+        tuning, off by default).
 
     Returns
     -------
@@ -256,7 +260,7 @@ def prefill_attention(
         bt.stride(0) if paged else 0,
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
-        USE_TMA=bool(tma),
+        USE_TMA=bool(tma), WARP_SPEC=bool(warp_specialize),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
