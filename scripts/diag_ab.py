@@ -7,14 +7,14 @@ not a benchmark: ``bench kernels`` gives the tables).
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch.empty``: the kernels
 run the same on virtual memory, ``bench kernels``' vm section). Rows:
 
-- decode, for the baseline, the current kernel (its defaults) and the current one with ``tma=False``:
+- decode, for the baseline, the current kernel (its defaults) and the current one with ``tma`` off and on:
   ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
   timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
   (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
   ``L`` = ``--layers`` or fewer when memory runs short. FlashInfer's paged decode (block 16, its
   ``bench kernels`` anchor) in both modes when it is importable. Bandwidth against a 1 GiB copy (read
   and write bytes, as ``bench kernels``) of the same run; ``host``: the host's time per eager call.
-- prefill, batch 1, causal: the baseline, the current kernel and variants of its launch, each
+- prefill, batch 1, causal: the baseline, the current kernel and it without warp specialisation, each
   eagerly (``do_bench``, as ``bench kernels``), TFLOP/s of the causal half; outputs against the
   baseline's (max |diff|).
 
@@ -154,17 +154,15 @@ def main() -> None:
         "baseline": lambda q, k, v, lens: old.decode_attention(q, k, v, lens),
         "current": lambda q, k, v, lens: new.decode_attention(q, k, v, lens),
         "current, tma=False": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=False),
+        "current, tma=True": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
     }
     for B, S in _pairs(args.decode):
         _decode_point(B, S, decode, args, copy_tb, rows)
     prefill = {
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
         "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
-        "current, warp_specialize": lambda q, k, v, lens, cu, n: new.prefill_attention(
-            q, k, v, lens, cu, n, warp_specialize=True),
-        "current, warp_specialize, 2 stages": lambda q, k, v, lens, cu, n: new.prefill_attention(
-            q, k, v, lens, cu, n, warp_specialize=True, num_stages=2),
-        "current, 64-key tiles": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n, block_n=64),
+        "current, warp_specialize=False": lambda q, k, v, lens, cu, n: new.prefill_attention(
+            q, k, v, lens, cu, n, warp_specialize=False),
     }
     for S in [int(x) for x in args.prefill.split(",") if x]:
         _prefill_point(S, prefill, args, rows)

@@ -180,17 +180,36 @@ def test_decode_tma_equals_pointer_loads(device, layout, num_splits):
 
 def test_decode_block_n_rule(monkeypatch):
     """64-key decode tiles, 32 past head_dim 128; 128 only with descriptors, one split and at least
-    four waves of (request, kv head) programs (where the H200 measured it faster)."""
+    four waves of (request, kv head) programs (where the H200 measured it faster); descriptors by
+    default only on the GPU (test_cuda_decode_default_tma_on_hopper)."""
     import types
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     rule, cuda = tk().default_decode_block_n, torch.device("cuda")
+    q, k = torch.zeros(128, 32, 128, dtype=torch.bfloat16), torch.zeros(128, 64, 8, 128, dtype=torch.bfloat16)
+    assert tk().default_decode_tma(q, k, k, None, 1) is False  # CPU tensors: never descriptors
     assert rule(128, 8, 128, 1, cuda, True) == 128  # 1024 programs >= 4 x 132
     assert rule(32, 8, 128, 1, cuda, True) == 64  # two waves
     assert rule(128, 8, 128, 1, cuda, False) == 64  # pointer loads
     assert rule(128, 8, 128, 2, cuda, True) == 64
     assert rule(128, 8, 256, 1, cuda, True) == 32
     assert rule(128, 8, 128, 1, torch.device("cpu"), True) == 64
+
+
+@pytest.mark.cuda
+def test_cuda_decode_default_tma_on_hopper():
+    """On Hopper, bf16 x 128 decode reads through descriptors by default from four waves of
+    (request, kv head) programs with one split, never below them, with splits or on a paged pool."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("descriptors are a default on Hopper (sm_90) only; this GPU is not one")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    many = -(-4 * sms // 8)  # requests of 8 KV heads for four waves
+    k = torch.zeros(many, 64, 8, 128, dtype=torch.bfloat16, device="cuda")
+    q = torch.zeros(many, 32, 128, dtype=torch.bfloat16, device="cuda")
+    assert tk().default_decode_tma(q, k, k, None, 1) is True
+    assert tk().default_decode_tma(q[: many - 1], k, k, None, 1) is False
+    assert tk().default_decode_tma(q, k, k, None, 2) is False
+    assert tk().default_decode_tma(q, k, k, torch.zeros(many, 2, dtype=torch.int32, device="cuda"), 1) is False
 
 
 def test_prefill_warp_specialize_is_the_same_computation():

@@ -25,7 +25,7 @@ import os
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
-from .decode import decode_attention, decode_reference, default_decode_block_n, default_num_splits  # noqa: E402
+from .decode import decode_attention, decode_reference, default_decode_block_n, default_decode_tma, default_num_splits  # noqa: E402
 from .page_table import decode_page_entries  # noqa: E402
 from .prefill import attention_reference, default_launch, default_tma, gather_paged, prefill_attention, tma_problem  # noqa: E402
 
@@ -40,6 +40,7 @@ __all__ = [
     "default_launch",
     "default_tma",
     "default_decode_block_n",
+    "default_decode_tma",
     "default_num_splits",
     "gather_paged",
     "prefill_attention",

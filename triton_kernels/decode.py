@@ -177,20 +177,41 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     return int(max(1, min(want, cap, 64)))
 
 
+def _many_waves(num_requests: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Whether one program per ``(request, kv head)`` already makes at least four waves on ``device``'s SMs."""
+    if device.type != "cuda":
+        return False
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return num_requests * num_kv_heads >= 4 * sms
+
+
+def default_decode_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_table: torch.Tensor | None, num_splits: int) -> bool:  # fmt: skip
+    """Whether :func:`decode_attention` reads full tiles through tensor descriptors by itself: where
+    :func:`~.prefill.default_tma` allows them, with one split and at least four waves of programs.
+
+    Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, 2026-12-04), with
+    128-key tiles (:func:`default_decode_block_n`): batch 128, 4K: 490 against 507 us; 16K: 1897
+    against 1998 us. At smaller batches the kernel gained 0-3%, but Triton's launcher encodes the
+    descriptors at every launch: 45-95 us more host time per eager call, more than a small batch's
+    whole kernel; behind a 490 us kernel the host's extra time is hidden.
+    """
+    return num_splits == 1 and default_tma(q, k_cache, v_cache, block_table) and \
+        _many_waves(q.shape[0], k_cache.shape[2], q.device)  # fmt: skip
+
+
 def default_decode_block_n(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,
                            device: torch.device, tma: bool) -> int:  # fmt: skip
     """Keys per tile of :func:`decode_attention`: 64 (32 past head_dim 128); 128 with tensor
     descriptors when one split per ``(request, kv head)`` already gives at least four waves of
-    programs. Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, 2026-12-04):
-    batch 128, 16K: 1886 against 1929 us; batch 128, 4K: 494 against 497; at batch 32 (two waves)
-    128-key tiles were 1% slower and at batch 1-8 3-7% slower.
+    programs. Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, 2026-12-04),
+    with descriptors: batch 128, 16K: 1886 against 1929 us; batch 128, 4K: 494 against 497; at
+    batch 32 (two waves) 128-key tiles were 1% slower and at batch 1-8 3-7% slower.
     """
     if head_dim > 128:
         return 32
-    if tma and num_splits == 1 and device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if num_requests * num_kv_heads >= 4 * sms:
-            return 128
+    if tma and num_splits == 1 and _many_waves(num_requests, num_kv_heads, device):
+        return 128
     return 64
 
 
@@ -235,8 +256,7 @@ def decode_attention(
     num_warps, num_stages : launch parameters (tuning; defaults 4 / 3).
     tma : read the full key tiles through tensor descriptors (bulk copies on Hopper), as
         :func:`~.prefill.prefill_attention` does; a contiguous cache only (:func:`~.prefill.tma_problem`).
-        ``None``: :func:`~.prefill.default_tma` decides (Hopper, 16-bit, head_dim 128: 1-3% faster
-        at every batch and context measured); ``False``: never.
+        ``None``: :func:`default_decode_tma` decides (large batches on Hopper); ``False``: never.
 
     Returns
     -------
@@ -256,7 +276,7 @@ def decode_attention(
         span = max_len if window_left is None else min(max_len, window_left + 1)
         num_splits = default_num_splits(R, H_kv, span, q.device, paged=paged)
     if tma is None:
-        tma = default_tma(q, k_cache, v_cache, block_table)
+        tma = default_decode_tma(q, k_cache, v_cache, block_table, num_splits)
     if block_n is None:
         block_n = default_decode_block_n(R, H_kv, D, num_splits, q.device, tma)
     if out is None:

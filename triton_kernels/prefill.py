@@ -191,7 +191,7 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool | None = None,
-    warp_specialize: bool = False,
+    warp_specialize: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -218,8 +218,9 @@ def prefill_attention(
         Hopper; :func:`tma_problem` says when a cache cannot); the masked tiles
         keep ordinary loads, so no row past a length is touched. ``None``:
         :func:`default_tma` decides (on where measured faster); ``False``: never.
-    warp_specialize : Triton's warp specialisation of the full-tile loop (Hopper and later;
-        tuning, off by default).
+    warp_specialize : Triton's warp specialisation of the full-tile loop (producer and consumer
+        warps). ``None``: on wherever tensor descriptors are (``tma``; measured faster there on
+        the H200: 577 against 533 TFLOP/s at 32K, 521 against 514 at 8K).
 
     Returns
     -------
@@ -249,6 +250,8 @@ def prefill_attention(
     if tma is None:
         tma = default_tma(q, k_cache, v_cache, block_table)
     k_desc, v_desc = tile_descriptors("prefill_attention", k_cache, v_cache, block_table, block_n, bool(tma))
+    if warp_specialize is None:
+        warp_specialize = bool(tma)
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_desc, v_desc, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
         T, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
