@@ -14,9 +14,9 @@ run the same on virtual memory, ``bench kernels``' vm section). Rows:
   ``L`` = ``--layers`` or fewer when memory runs short. FlashInfer's paged decode (block 16, its
   ``bench kernels`` anchor) in both modes when it is importable. Bandwidth against a 1 GiB copy (read
   and write bytes, as ``bench kernels``) of the same run; ``host``: the host's time per eager call.
-- prefill, batch 1, causal: the baseline, the current kernel and it without warp specialisation, each
-  eagerly (``do_bench``, as ``bench kernels``), TFLOP/s of the causal half; outputs against the
-  baseline's (max |diff|).
+- prefill, batch 1, causal: the baseline and the current kernel, each eagerly (``do_bench``, as
+  ``bench kernels``) in ``--rounds`` interleaved rounds, the median; TFLOP/s of the causal half;
+  outputs against the baseline's (max |diff|).
 
 Writes ``$OUT/diag_ab.json``.
 """
@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,8 @@ def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: lis
 
 
 def _prefill_point(S: int, kernels: dict, args, rows: list) -> None:
+    """Each kernel timed in ``args.rounds`` interleaved rounds (the order rotating each round), the
+    median kept: single timings of the same kernel moved by up to 10% with their place in a run."""
     dev = torch.device("cuda")
     q = torch.randn((S, H, D), dtype=torch.bfloat16, device=dev)
     k = torch.randn((1, S, H_KV, D), dtype=torch.bfloat16, device=dev)
@@ -113,20 +116,30 @@ def _prefill_point(S: int, kernels: dict, args, rows: list) -> None:
     lens = torch.tensor([S], dtype=torch.int32, device=dev)
     cu = torch.tensor([0, S], dtype=torch.int32, device=dev)
     flops = 4 * S * S * H * D / 2  # QK^T and PV over the causal half
-    ref = None
+    names, times, diffs, ref = [], {}, {}, None
     for name, f in kernels.items():
         try:
             out = f(q, k, v, lens, cu, S)
-            us = time_us(lambda: f(q, k, v, lens, cu, S), dev, rep_ms=args.rep_ms * 5, warmup_ms=50)
         except Exception as e:  # one kernel failing must not stop the run
             rows.append(dict(kind="prefill", context=S, kernel=name, error=f"{type(e).__name__}: {e}"[:200]))
             print(f"prefill S={S} {name}: {rows[-1]['error']}", flush=True)
             continue
         ref = out if ref is None else ref
-        diff = (out.float() - ref.float()).abs().max().item()
+        diffs[name] = (out.float() - ref.float()).abs().max().item()
+        names.append(name)
+        times[name] = []
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            f = kernels[name]
+            times[name].append(time_us(lambda: f(q, k, v, lens, cu, S), dev, rep_ms=args.rep_ms * 3, warmup_ms=20))
+    for name in names:
+        us = statistics.median(times[name])
         tflops = flops / us / 1e6
-        rows.append(dict(kind="prefill", batch=1, context=S, kernel=name, us=us, tflop_s=tflops, max_diff_vs_first=diff))
-        print(f"prefill S={S:6d} {name:20s} {us:9.1f} us {tflops:6.1f} TFLOP/s  |diff| {diff:.1e}", flush=True)
+        rows.append(dict(kind="prefill", batch=1, context=S, kernel=name, us=us, tflop_s=tflops, rounds_us=times[name],
+                         max_diff_vs_first=diffs[name]))  # fmt: skip
+        spread = (max(times[name]) - min(times[name])) / us * 100
+        print(f"prefill S={S:6d} {name:20s} {us:9.1f} us {tflops:6.1f} TFLOP/s (median of {len(times[name])}, "
+              f"spread {spread:4.1f}%)  |diff| {diffs[name]:.1e}", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -137,6 +150,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the prefill timings")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("diag_ab.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
@@ -161,8 +175,6 @@ def main() -> None:
     prefill = {
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
         "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
-        "current, warp_specialize=False": lambda q, k, v, lens, cu, n: new.prefill_attention(
-            q, k, v, lens, cu, n, warp_specialize=False),
     }
     for S in [int(x) for x in args.prefill.split(",") if x]:
         _prefill_point(S, prefill, args, rows)

@@ -212,17 +212,6 @@ def test_cuda_decode_default_tma_on_hopper():
     assert tk().default_decode_tma(q, k, k, torch.zeros(many, 2, dtype=torch.int32, device="cuda"), 1) is False
 
 
-def test_prefill_warp_specialize_is_the_same_computation():
-    """``warp_specialize=True`` (a tuning switch) gives the default launch's output bitwise."""
-    skip_unless_runs("triton", "cpu")
-    b, k, v = setup_case("mixed", "GQA", 64, "per_layer", "cpu", seed=29)
-    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
-    args = (b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, max(b.q_lens))
-    out = tk().prefill_attention(*args, warp_specialize=True, block_m=16, block_n=16)
-    assert torch.equal(out, tk().prefill_attention(*args, block_m=16, block_n=16))
-    assert_close(out, reference(b, k, v), torch.bfloat16)
-
-
 def test_kernels_refuse_a_scale_that_is_not_positive():
     """The full tiles take the max of the unscaled scores: a scale <= 0 is refused, not miscomputed."""
     b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu", seed=3)

@@ -172,10 +172,9 @@ def _attn_tiles(
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
     USE_TMA: tl.constexpr,  # full tiles through the tensor descriptors (bulk copies on Hopper); not with PAGED
-    WARP_SPEC: tl.constexpr,  # Triton's warp specialisation of the loop (producer / consumer warps)
 ):
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         if MASKED:
             blk, row, n_ok = _rows(
@@ -243,7 +242,7 @@ def _attn_span(
     lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Keys ``[lo, hi)``: the masked window edge ``[lo, lo_full)`` (empty without a window),
     full tiles ``[lo_full, hi_full)`` without masks, then the masked rest ``[hi_full, hi)``.
@@ -257,21 +256,21 @@ def _attn_span(
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             lo, lo_full, key_lo, window, num_blocks, qk_mul, cap_out,
             MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False, WARP_SPEC=False,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False,
         )  # fmt: skip
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo_full, hi_full, key_lo, window, num_blocks, qk_mul, cap_out,
         MASKED=False, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=USE_TMA,
     )  # fmt: skip
     return _attn_tiles(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         tl.maximum(hi_full, lo_full), hi, key_lo, window, num_blocks, qk_mul, cap_out,
         MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False, WARP_SPEC=False,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False,
     )  # fmt: skip
 
 

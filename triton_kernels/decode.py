@@ -106,7 +106,7 @@ def _decode_split_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=False, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
-        USE_TMA=USE_TMA, WARP_SPEC=False,
+        USE_TMA=USE_TMA,
     )  # fmt: skip
 
     # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.

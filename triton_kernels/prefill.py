@@ -74,7 +74,6 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
 ):
     if CAUSAL:
         # Heaviest query blocks first (a causal block's work grows with its position): the last
@@ -132,7 +131,7 @@ def _prefill_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
-        USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC,
+        USE_TMA=USE_TMA,
     )  # fmt: skip
     # A query that sees no key (only with bad lengths) gets 0, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -191,7 +190,6 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool | None = None,
-    warp_specialize: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -218,9 +216,6 @@ def prefill_attention(
         Hopper; :func:`tma_problem` says when a cache cannot); the masked tiles
         keep ordinary loads, so no row past a length is touched. ``None``:
         :func:`default_tma` decides (on where measured faster); ``False``: never.
-    warp_specialize : Triton's warp specialisation of the full-tile loop (producer and consumer
-        warps). ``None``: on wherever tensor descriptors are (``tma``; measured faster there on
-        the H200: 577 against 533 TFLOP/s at 32K, 521 against 514 at 8K).
 
     Returns
     -------
@@ -250,8 +245,6 @@ def prefill_attention(
     if tma is None:
         tma = default_tma(q, k_cache, v_cache, block_table)
     k_desc, v_desc = tile_descriptors("prefill_attention", k_cache, v_cache, block_table, block_n, bool(tma))
-    if warp_specialize is None:
-        warp_specialize = bool(tma)
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_desc, v_desc, out, cache_seqlens, cu_seqlens_q, slots if slots is not None else cache_seqlens, bt,
         T, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
@@ -263,7 +256,7 @@ def prefill_attention(
         bt.stride(0) if paged else 0,
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
-        USE_TMA=bool(tma), WARP_SPEC=bool(warp_specialize),
+        USE_TMA=bool(tma),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
