@@ -144,7 +144,7 @@ def _prefill_point(S: int, kernels: dict, args, rows: list) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="an earlier triton_kernels/ folder")
+    p.add_argument("--baseline", default=".ab/triton_kernels", help="an earlier triton_kernels/ folder")
     p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
     p.add_argument("--prefill", default="8192,32768")
     p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")

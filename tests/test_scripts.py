@@ -43,7 +43,7 @@ def _run_gpu_diag(name, tmp_path, *args):
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["diag_decode", "diag_maps", "diag_prefill"])
+@pytest.mark.parametrize("name", ["diag_decode", "diag_maps", "diag_prefill", "diag_ab"])
 def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
     if _cuda_available():
         pytest.skip(f"a GPU is present: {name}.py runs (its test_cuda_* test)")
@@ -62,6 +62,23 @@ def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
     assert len(decode) == 2 * 2 * 2  # points x splits x stages
     assert all(r["us"] > 0 and r["pct_copy"] > 0 for r in decode)
     assert {r["kind"] for r in rows} == {"copy_k", "reduce", "decode"}
+
+
+@pytest.mark.cuda
+def test_cuda_diag_ab_times_both_copies_of_the_kernels(tmp_path):
+    """The A/B diagnostic with the current kernels as their own baseline: every row timed, outputs equal."""
+    proc = _run_gpu_diag("diag_ab", tmp_path, "--baseline", str(ROOT / "triton_kernels"), "--decode", "2x1024",
+                         "--prefill", "512", "--layers", "2", "--rounds", "2", "--rep-ms", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "diag_ab.json").read_text())
+    decode = {r["kernel"]: r for r in rows if r["kind"] == "decode"}
+    prefill = {r["kernel"]: r for r in rows if r["kind"] == "prefill"}
+    assert {"baseline", "current", "current, tma=False"} <= set(decode) and set(prefill) == {"baseline", "current"}
+    for r in list(decode.values()) + list(prefill.values()):
+        assert "error" not in r, r
+    assert all(r["graph_us"] > 0 and r["step_us"] > 0 and r["layers"] == 2 for r in decode.values())
+    assert decode["current"]["max_diff_vs_first"] == 0 and prefill["current"]["max_diff_vs_first"] == 0
+    assert all(len(r["rounds_us"]) == 2 for r in prefill.values())
 
 
 @pytest.mark.cuda
