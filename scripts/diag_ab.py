@@ -29,12 +29,11 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from torch_vkv.bench.timing import time_us, time_us_graph
+from torch_vkv.bench.timing import host_us, time_us, time_us_graph
 
 H, H_KV, D = 32, 8, 128
 
@@ -50,17 +49,6 @@ def _load_baseline(path: str):
     sys.modules["tk_baseline"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def _host_us(fn, calls: int = 50) -> float:
-    """The host's time per eager call (calls queued back to back, no sync inside the loop)."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -97,7 +85,7 @@ def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: lis
         ref = out if ref is None else ref
         diff = (out.float() - ref.float()).abs().max().item()
         pct = [100 * layer_bytes / us / 1e6 / copy_tb for us in (one, step)]
-        host = _host_us(fns[0])
+        host = host_us(fns[0], dev)
         rows.append(dict(kind="decode", batch=B, context=S, kernel=name, layers=L, graph_us=one, step_us=step,
                          graph_pct_copy=pct[0], step_pct_copy=pct[1], host_us=host, max_diff_vs_first=diff))  # fmt: skip
         print(f"decode B={B:4d} S={S:6d} {name:20s} graph {one:8.1f} us ({pct[0]:5.1f}%)  step/{L} {step:8.1f} us "

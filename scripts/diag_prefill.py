@@ -28,23 +28,12 @@ import argparse
 import gc
 import json
 import os
-import time
 
 import torch
 
 
 def _points(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(x) for x in p.split("x")) for p in text.split(",")]  # type: ignore[misc]
-
-
-def _host_us(fn, n: int = 50) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text: list) -> None:
@@ -56,7 +45,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     from torch_vkv.attention import flashinfer_backend as fib
     from torch_vkv.attention.append import zero_tail_op
     from torch_vkv.bench import flashinfer_paged
-    from torch_vkv.bench.timing import time_us
+    from torch_vkv.bench.timing import host_us, time_us
 
     fi = deps.flashinfer_module()
     H, H_kv, D = 32, 8, 128
@@ -106,7 +95,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
             if name.startswith("backend") or name == "triton":
                 row["max_abs_diff_vs_direct"] = (out.float() - ref).abs().max().item()
             us = time_us(fn, dev, rep_ms=rep_ms, warmup_ms=50)
-            row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12, host_us=_host_us(fn, n_host))
+            row.update(us=us, tflop_s=flops / (us * 1e-6) / 1e12, host_us=host_us(fn, dev, n_host))
         except Exception as e:  # reported, the run goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
@@ -130,7 +119,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     }  # fmt: skip
     for name, fn in pieces.items():
         try:
-            row = dict(base, row=f"host:{name}", host_us=_host_us(fn, n_host))
+            row = dict(base, row=f"host:{name}", host_us=host_us(fn, dev, n_host))
         except Exception as e:
             row = dict(base, row=f"host:{name}", error=f"{type(e).__name__}: {str(e)[:200]}")
         rows.append(row)
@@ -150,7 +139,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     for name, patch in ablations.items():
         patch()
         try:
-            row = dict(base, row=f"host:op_impl_{name}", host_us=_host_us(op_impl, n_host))
+            row = dict(base, row=f"host:op_impl_{name}", host_us=host_us(op_impl, dev, n_host))
         except Exception as e:
             row = dict(base, row=f"host:op_impl_{name}", error=f"{type(e).__name__}: {str(e)[:200]}")
         finally:
@@ -159,7 +148,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
         print(json.dumps(row), flush=True)
     # The wrapper after a zero-tail launch, as the op runs them, without the op around them.
     two = lambda: (pieces["zero_tail_launcher"](), pieces["wrapper_run"]())  # noqa: E731
-    rows.append(dict(base, row="host:zero_tail_then_wrapper_run", host_us=_host_us(two, n_host)))
+    rows.append(dict(base, row="host:zero_tail_then_wrapper_run", host_us=host_us(two, dev, n_host)))
     print(json.dumps(rows[-1]), flush=True)
     import cProfile
     import io

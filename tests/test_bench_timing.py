@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from torch_vkv.bench.timing import StepClock, time_us
+from torch_vkv.bench.timing import StepClock, host_us, time_us
 
 
 def test_time_us_measures_a_known_sleep():
@@ -21,6 +21,13 @@ def test_time_us_measures_a_known_sleep():
     assert 1800 < us < 20000  # 2 ms sleeps; generous upper bound for a loaded 2-core machine
     # first call + estimate + ~2 warm-up + ~10 timed calls: the budgets, not a fixed count
     assert 5 <= len(calls) <= 20, len(calls)
+
+
+def test_host_us_is_the_time_per_call():
+    calls = []
+    us = host_us(lambda: (calls.append(1), time.sleep(0.002)), torch.device("cpu"), calls=5)
+    assert len(calls) == 5
+    assert 2000 <= us < 20000  # each call sleeps 2 ms
 
 
 def test_time_us_rejects_bad_budgets():

@@ -12,6 +12,8 @@
   decode trajectory of exactly ``steps`` steps from a prepared cache), which a
   call-repeating timer such as ``do_bench`` cannot drive: CUDA events at the
   step boundaries on the GPU, ``perf_counter`` on the host.
+* :func:`host_us`: the host's time per call of ``fn`` queued back to back (no
+  sync inside the loop): where the device keeps up, the host's cost of a call.
 * :func:`sync`: wait for ``device``'s queued work (a no-op off CUDA).
 """
 
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["StepClock", "sync", "time_us", "time_us_graph"]
+__all__ = ["StepClock", "host_us", "sync", "time_us", "time_us_graph"]
 
 
 def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
@@ -103,6 +105,18 @@ class StepClock:
         if self.cuda:
             return [self.events[i].elapsed_time(self.events[i + 1]) for i in range(len(self.events) - 1)]
         return [(self.times[i + 1] - self.times[i]) * 1e3 for i in range(len(self.times) - 1)]
+
+
+def host_us(fn: Callable[[], Any], device: torch.device, calls: int = 50) -> float:
+    """Microseconds of host time per ``fn()`` call, ``calls`` calls queued back to back with no sync
+    inside the loop (the device's queued work is waited for before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    sync(device)
+    return (t1 - t0) / calls * 1e6
 
 
 def sync(device: torch.device) -> None:
