@@ -8,13 +8,12 @@ time, as in :mod:`torch_vkv.bench.kernels_tune`: that module imports this one.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
 
 from torch_vkv.bench import flashinfer_paged
-from torch_vkv.bench.timing import sync, time_us_graph
+from torch_vkv.bench.timing import host_us, time_us_graph
 
 __all__ = ["decode_rows", "decode_summary"]
 
@@ -73,12 +72,7 @@ def _host_row(cfg: Any, base: dict, backend: str, memory: str, block, fn: Callab
     calls = 100 if cfg.device.type == "cuda" else 3
     try:
         fn()
-        sync(cfg.device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        us = (time.perf_counter() - t0) / calls * 1e6
-        sync(cfg.device)
+        us = host_us(fn, cfg.device, calls)
     except Exception as e:  # one backend failing must not stop the run
         row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
     else:
