@@ -7,7 +7,8 @@ not a benchmark: ``bench kernels`` gives the tables).
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch.empty``: the kernels
 run the same on virtual memory, ``bench kernels``' vm section). Rows:
 
-- decode, for the baseline, the current kernel (its defaults) and the current one with ``tma`` off and on:
+- decode, for the baseline, the current kernel (its defaults) and the current one with ``tma`` off and on (and
+  on with 64-key tiles):
   ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
   timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
   (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
@@ -17,6 +18,9 @@ run the same on virtual memory, ``bench kernels``' vm section). Rows:
 - prefill, batch 1, causal: the baseline and the current kernel, each eagerly (``do_bench``, as
   ``bench kernels``) in ``--rounds`` interleaved rounds, the median; TFLOP/s of the causal half;
   outputs against the baseline's (max |diff|).
+
+``--profile``: also, per layer of each step graph, every kernel's device time and the idle time between
+kernels (the profiler's kernel records over 5 replays).
 
 Writes ``$OUT/diag_ab.json``.
 """
@@ -55,6 +59,31 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]  # type: ignore[misc]
 
 
+def _profile_step(fns: list) -> dict:
+    """Per-layer device time of each kernel in a step graph of ``fns`` and the idle time between
+    kernels, from the profiler's kernel records over 5 replays (one graph launch per replay)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)  # fmt: skip
+    per = 5 * len(fns)
+    out: dict = {}
+    for e in kernels:
+        out[e.name[:40]] = out.get(e.name[:40], 0.0) + e.time_range.elapsed_us() / per
+    gaps = [max(0.0, b.time_range.start - a.time_range.end) for a, b in zip(kernels, kernels[1:])]
+    # Gaps inside a replay only: the largest 4 are the host's time between replays.
+    out["idle between kernels"] = sum(sorted(gaps)[: max(0, len(gaps) - 4)]) / per
+    return out
+
+
 def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: list) -> None:
     from torch_vkv.bench import flashinfer_paged
 
@@ -82,6 +111,13 @@ def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: lis
             rows.append(dict(kind="decode", batch=B, context=S, kernel=name, error=f"{type(e).__name__}: {e}"[:200]))
             print(f"decode B={B} S={S} {name}: {rows[-1]['error']}", flush=True)
             continue
+        if args.profile:
+            try:
+                prof = _profile_step(fns)
+                rows.append(dict(kind="decode_profile", batch=B, context=S, kernel=name, layers=L, us_per_layer=prof))
+                print(f"profile B={B} S={S} {name} per layer: " + ", ".join(f"{k} {v:.2f} us" for k, v in prof.items()), flush=True)
+            except Exception as e:  # the profiler is a diagnostic of the diagnostic
+                print(f"  profile failed: {type(e).__name__}: {e}"[:200], flush=True)
         ref = out if ref is None else ref
         diff = (out.float() - ref.float()).abs().max().item()
         pct = [100 * layer_bytes / us / 1e6 / copy_tb for us in (one, step)]
@@ -139,6 +175,7 @@ def main() -> None:
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the prefill timings")
+    p.add_argument("--profile", action="store_true", help="also each decode step graph's kernels and idle time per layer")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("diag_ab.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
@@ -157,6 +194,7 @@ def main() -> None:
         "current": lambda q, k, v, lens: new.decode_attention(q, k, v, lens),
         "current, tma=False": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=False),
         "current, tma=True": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
+        "current, tma=True, block_n=64": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=64),
     }
     for B, S in _pairs(args.decode):
         _decode_point(B, S, decode, args, copy_tb, rows)

@@ -66,9 +66,10 @@ def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_diag_ab_times_both_copies_of_the_kernels(tmp_path):
-    """The A/B diagnostic with the current kernels as their own baseline: every row timed, outputs equal."""
+    """The A/B diagnostic with the current kernels as their own baseline: every row timed, outputs equal;
+    ``--profile``: each step graph's kernels and idle time per layer."""
     proc = _run_gpu_diag("diag_ab", tmp_path, "--baseline", str(ROOT / "triton_kernels"), "--decode", "2x1024",
-                         "--prefill", "512", "--layers", "2", "--rounds", "2", "--rep-ms", "2")  # fmt: skip
+                         "--prefill", "512", "--layers", "2", "--rounds", "2", "--rep-ms", "2", "--profile")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "diag_ab.json").read_text())
     decode = {r["kernel"]: r for r in rows if r["kind"] == "decode"}
@@ -79,6 +80,10 @@ def test_cuda_diag_ab_times_both_copies_of_the_kernels(tmp_path):
     assert all(r["graph_us"] > 0 and r["step_us"] > 0 and r["layers"] == 2 for r in decode.values())
     assert decode["current"]["max_diff_vs_first"] == 0 and prefill["current"]["max_diff_vs_first"] == 0
     assert all(len(r["rounds_us"]) == 2 for r in prefill.values())
+    profile = {r["kernel"]: r["us_per_layer"] for r in rows if r["kind"] == "decode_profile"}
+    assert {"baseline", "current"} <= set(profile)
+    assert any(k.startswith("_decode_split_kernel") and us > 0 for k, us in profile["current"].items())
+    assert profile["current"]["idle between kernels"] >= 0
 
 
 @pytest.mark.cuda
