@@ -34,6 +34,11 @@ def tk():
     return attn_mod._triton_kernels()
 
 
+def decode_mod():
+    """The Triton decode module (whose ``sm_count`` the rules read)."""
+    return importlib.import_module(tk().__name__ + ".decode")
+
+
 def skip_unless_runs(backend: str, device: str) -> None:
     if backend in ("torch_fa2", "flash_attn", "flashinfer") and device != "cuda":
         pytest.skip(f"{backend} needs CUDA")
@@ -182,9 +187,7 @@ def test_decode_block_n_rule(monkeypatch):
     """64-key decode tiles, 32 past head_dim 128; 128 only with descriptors, one split and at least
     four waves of (request, kv head) programs (where the H200 measured it faster); descriptors by
     default only on the GPU (test_cuda_decode_default_tma_on_hopper)."""
-    import types
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
     rule, cuda = tk().default_decode_block_n, torch.device("cuda")
     q, k = torch.zeros(128, 32, 128, dtype=torch.bfloat16), torch.zeros(128, 64, 8, 128, dtype=torch.bfloat16)
     assert tk().default_decode_tma(q, k, k, None, 1) is False  # CPU tensors: never descriptors
@@ -194,22 +197,67 @@ def test_decode_block_n_rule(monkeypatch):
     assert rule(128, 8, 128, 2, cuda, True) == 64
     assert rule(128, 8, 256, 1, cuda, True) == 32
     assert rule(128, 8, 128, 1, torch.device("cpu"), True) == 64
+    # A short cache (S_max below LONG_TILE_MIN_ROWS) keeps 64-key tiles, where they measured faster.
+    long_rows = tk().LONG_TILE_MIN_ROWS
+    assert rule(128, 8, 128, 1, cuda, True, long_rows) == 128
+    assert rule(128, 8, 128, 1, cuda, True, long_rows - 1) == 64
+
+
+def _while_capturing(fn):
+    """``fn()`` called while a CUDA graph is being captured (with one kernel in it, so the graph is not empty)."""
+    graph, x = torch.cuda.CUDAGraph(), torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        result = fn()
+        x.add_(1)
+    return result
 
 
 @pytest.mark.cuda
 def test_cuda_decode_default_tma_on_hopper():
     """On Hopper, bf16 x 128 decode reads through descriptors by default from four waves of
-    (request, kv head) programs with one split, never below them, with splits or on a paged pool."""
+    (request, kv head) programs with one split, in CUDA-graph capture only (an eager call would pay
+    their host cost at every launch); never below four waves, with splits or on a paged pool."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("descriptors are a default on Hopper (sm_90) only; this GPU is not one")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     many = -(-4 * sms // 8)  # requests of 8 KV heads for four waves
     k = torch.zeros(many, 64, 8, 128, dtype=torch.bfloat16, device="cuda")
     q = torch.zeros(many, 32, 128, dtype=torch.bfloat16, device="cuda")
-    assert tk().default_decode_tma(q, k, k, None, 1) is True
-    assert tk().default_decode_tma(q[: many - 1], k, k, None, 1) is False
-    assert tk().default_decode_tma(q, k, k, None, 2) is False
-    assert tk().default_decode_tma(q, k, k, torch.zeros(many, 2, dtype=torch.int32, device="cuda"), 1) is False
+    table = torch.zeros(many, 2, dtype=torch.int32, device="cuda")
+    rule = tk().default_decode_tma
+    cases = [(q, None, 1), (q[: many - 1], None, 1), (q, None, 2), (q, table, 1)]
+    assert [rule(q_, k, k, bt, splits) for q_, bt, splits in cases] == [False] * 4  # eager
+    assert _while_capturing(lambda: [rule(q_, k, k, bt, splits) for q_, bt, splits in cases]) == [True, False, False, False]
+
+
+@pytest.mark.cuda
+def test_cuda_decode_graph_takes_descriptors_compiled_during_capture():
+    """At four waves of programs a captured decode takes the descriptor variant, which the eager
+    warm-up (pointer loads) did not compile: it compiles and loads during the capture, and each
+    replay matches the float64 reference on fresh queries and lengths, as the eager call does."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("descriptors are a default on Hopper (sm_90) only; this GPU is not one")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    R, H, H_kv, D, S = -(-4 * sms // 8), 32, 8, 128, 384
+    gen = torch.Generator(device="cuda").manual_seed(61)
+    q = torch.randn(R, H, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    k = torch.randn(R, S, H_kv, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    v = torch.randn(R, S, H_kv, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    lens = torch.randint(1, S + 1, (R,), dtype=torch.int32, device="cuda", generator=gen)
+    eager = tk().decode_attention(q, k, v, lens)
+    assert_close(eager, tk().decode_reference(q, k, v, lens), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        assert tk().default_decode_tma(q, k, v, None, 1)
+        captured = tk().decode_attention(q, k, v, lens)
+    for _ in range(2):
+        q.copy_(torch.randn(q.shape, dtype=q.dtype, device="cuda", generator=gen))
+        lens.copy_(torch.randint(1, S + 1, (R,), dtype=torch.int32, device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(captured, tk().decode_reference(q, k, v, lens), torch.bfloat16)
 
 
 def test_kernels_refuse_a_scale_that_is_not_positive():
@@ -234,14 +282,20 @@ def test_prefill_launch_defaults():
 
 @pytest.mark.cuda
 def test_cuda_prefill_default_tma_on_hopper():
-    """On Hopper, bf16 x 128 prefill reads through descriptors by default (and never a paged pool)."""
+    """On Hopper, bf16 x 128 prefill reads through descriptors by default from EAGER_TMA_MIN_ROWS
+    query rows eagerly, at any size under CUDA-graph capture; never a paged pool or fp32."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("descriptors are a default on Hopper (sm_90) only; this GPU is not one")
     q = torch.zeros(4, 8, 128, dtype=torch.bfloat16, device="cuda")
     k = torch.zeros(1, 32, 2, 128, dtype=torch.bfloat16, device="cuda")
-    assert tk().default_tma(q, k, k, None) is True
-    assert tk().default_tma(q, k, k, torch.zeros(1, 2, dtype=torch.int32, device="cuda")) is False
-    assert tk().default_tma(q.float(), k.float(), k.float(), None) is False
+    table = torch.zeros(1, 2, dtype=torch.int32, device="cuda")
+    rows = torch.zeros(tk().EAGER_TMA_MIN_ROWS, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert tk().default_tma(q, k, k, None) is False  # eager, 4 rows: the host's cost would dominate
+    assert tk().default_tma(rows, k, k, None) is True
+    assert tk().default_tma(rows[1:], k, k, None) is False
+    assert _while_capturing(lambda: tk().default_tma(q, k, k, None)) is True
+    assert tk().default_tma(rows, k, k, table) is False
+    assert tk().default_tma(rows.float(), k.float(), k.float(), None) is False
 
 
 def test_prefill_tma_refuses_what_a_descriptor_cannot_address():
@@ -257,9 +311,7 @@ def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
     waves; >= 256 keys a split
     (the H200's 132 SMs; shapes only, no GPU needed)."""
     skip_unless_runs("triton", "cpu")
-    import types
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert tk().default_num_splits(32, 8, 4096, cuda) == 1  # 256 programs >= 132 SMs
     assert tk().default_num_splits(1, 8, 16384, cuda) == 33  # ceil(2 * 132 / 8)

@@ -25,15 +25,34 @@ import os
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
-from .decode import decode_attention, decode_reference, default_decode_block_n, default_decode_tma, default_num_splits  # noqa: E402
+from .decode import (  # noqa: E402
+    LONG_TILE_MIN_ROWS,
+    decode_attention,
+    decode_reference,
+    default_decode_block_n,
+    default_decode_tma,
+    default_num_splits,
+)
 from .page_table import decode_page_entries  # noqa: E402
-from .prefill import attention_reference, default_launch, default_tma, gather_paged, prefill_attention, tma_problem  # noqa: E402
+from .prefill import (  # noqa: E402
+    EAGER_TMA_MIN_ROWS,
+    attention_reference,
+    capturing,
+    default_launch,
+    default_tma,
+    gather_paged,
+    prefill_attention,
+    tma_problem,
+)
 
 __all__ = [
+    "EAGER_TMA_MIN_ROWS",
     "INTERPRETED",
+    "LONG_TILE_MIN_ROWS",
     "append_kv",
     "append_kv_reference",
     "attention_reference",
+    "capturing",
     "decode_attention",
     "decode_page_entries",
     "decode_reference",

@@ -20,6 +20,7 @@ With ``NUM_SPLITS == 1`` the first kernel writes the final output directly.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import _attn_span, _request, bounds, dot_f32, next_pow2, on_tensor_device, score_params
-from .prefill import attention_reference, default_tma, tile_descriptors
+from .prefill import _tma_capable, attention_reference, capturing, tile_descriptors
 
 
 @triton.jit
@@ -149,6 +150,17 @@ def _decode_reduce_kernel(
     tl.store(o_ptr + r * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``, asked of the driver once per device (the query
+    cost several microseconds of host time in every decode call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, device: torch.device,
                        paged: bool = False) -> int:  # fmt: skip
     """Splits per (request, kv head), at least 256 keys a split.
@@ -165,10 +177,7 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     Depends only on shapes (never on the lengths on the device), so a CUDA graph captured
     once replays with any lengths.
     """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
+    sms = sm_count(device) if device.type == "cuda" else 4
     programs = max(1, num_requests * num_kv_heads)
     if not paged and programs >= sms:
         return 1
@@ -179,38 +188,49 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
 
 def _many_waves(num_requests: int, num_kv_heads: int, device: torch.device) -> bool:
     """Whether one program per ``(request, kv head)`` already makes at least four waves on ``device``'s SMs."""
-    if device.type != "cuda":
-        return False
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return num_requests * num_kv_heads >= 4 * sms
+    return device.type == "cuda" and num_requests * num_kv_heads >= 4 * sm_count(device)
 
 
 def default_decode_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        block_table: torch.Tensor | None, num_splits: int) -> bool:  # fmt: skip
     """Whether :func:`decode_attention` reads full tiles through tensor descriptors by itself: where
-    :func:`~.prefill.default_tma` allows them, with one split and at least four waves of programs.
+    :func:`~.prefill.default_tma`'s kernel conditions hold, with one split and at least four waves of
+    programs, and only in a call being captured into a CUDA graph.
 
     Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, 2026-12-04), with
     128-key tiles (:func:`default_decode_block_n`): batch 128, 4K: 490 against 507 us; 16K: 1897
-    against 1998 us. At smaller batches the kernel gained 0-3%, but Triton's launcher encodes the
-    descriptors at every launch: 45-95 us more host time per eager call, more than a small batch's
-    whole kernel; behind a 490 us kernel the host's extra time is hidden.
+    against 1998 us. At smaller batches the kernel gained 0-3%. But Triton encodes the descriptors
+    on the host at every launch, and a decode call's length is on the device: an eager loop of
+    calls at batch 128, 512 keys took 135.1 us per call with them against 75.0 without (the host's
+    time, not the kernel's), at 16K 1940 against 2044. A graph pays that host time once, at capture.
     """
-    return num_splits == 1 and default_tma(q, k_cache, v_cache, block_table) and \
-        _many_waves(q.shape[0], k_cache.shape[2], q.device)  # fmt: skip
+    # Cheapest first: an eager call (almost every call outside a graph) stops at capturing().
+    return num_splits == 1 and capturing(q) and _many_waves(q.shape[0], k_cache.shape[2], q.device) and \
+        _tma_capable(q, k_cache, v_cache, block_table)  # fmt: skip
+
+
+#: Fewest cache rows (``S_max``) for which descriptor-read decode takes 128-key tiles.
+LONG_TILE_MIN_ROWS = 4096
 
 
 def default_decode_block_n(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,
-                           device: torch.device, tma: bool) -> int:  # fmt: skip
+                           device: torch.device, tma: bool, max_len: int | None = None) -> int:  # fmt: skip
     """Keys per tile of :func:`decode_attention`: 64 (32 past head_dim 128); 128 with tensor
     descriptors when one split per ``(request, kv head)`` already gives at least four waves of
-    programs. Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, 2026-12-04),
-    with descriptors: batch 128, 16K: 1886 against 1929 us; batch 128, 4K: 494 against 497; at
-    batch 32 (two waves) 128-key tiles were 1% slower and at batch 1-8 3-7% slower.
+    programs and the cache holds at least :data:`LONG_TILE_MIN_ROWS` rows (``max_len``, its
+    ``S_max``; ``None``: not known, taken as long).
+
+    Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, batch 128, per layer of a
+    step graph, 2026-12-04), descriptors with 128- against 64-key tiles: 16K 1886 against 1929 us,
+    4K 493 against 497, 2K 256.5 against 253.1, 512 keys 75.9 against 68.5 (pointer loads 70.5). At
+    batch 32 (two waves) 128-key tiles were 1% slower and at batch 1-8 3-7% slower. The cache's
+    ``S_max`` bounds the lengths a call may see (which are on the device): a long cache may still
+    hold short requests, where the 128-key tiles cost up to 10% of a short kernel.
     """
     if head_dim > 128:
         return 32
-    if tma and num_splits == 1 and _many_waves(num_requests, num_kv_heads, device):
+    if tma and num_splits == 1 and _many_waves(num_requests, num_kv_heads, device) and \
+            (max_len is None or max_len >= LONG_TILE_MIN_ROWS):  # fmt: skip
         return 128
     return 64
 
@@ -256,7 +276,8 @@ def decode_attention(
     num_warps, num_stages : launch parameters (tuning; defaults 4 / 3).
     tma : read the full key tiles through tensor descriptors (bulk copies on Hopper), as
         :func:`~.prefill.prefill_attention` does; a contiguous cache only (:func:`~.prefill.tma_problem`).
-        ``None``: :func:`default_decode_tma` decides (large batches on Hopper); ``False``: never.
+        ``None``: :func:`default_decode_tma` decides (large batches on Hopper, in CUDA-graph capture);
+        ``False``: never.
 
     Returns
     -------
@@ -272,13 +293,13 @@ def decode_attention(
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else 1
     max_len = (block_table.shape[1] * page_size) if paged else k_cache.shape[1]
+    span = max_len if window_left is None else min(max_len, window_left + 1)  # keys a call may read
     if num_splits is None:
-        span = max_len if window_left is None else min(max_len, window_left + 1)
         num_splits = default_num_splits(R, H_kv, span, q.device, paged=paged)
     if tma is None:
         tma = default_decode_tma(q, k_cache, v_cache, block_table, num_splits)
     if block_n is None:
-        block_n = default_decode_block_n(R, H_kv, D, num_splits, q.device, tma)
+        block_n = default_decode_block_n(R, H_kv, D, num_splits, q.device, tma, span)
     if out is None:
         out = torch.empty_like(q)
     if R == 0:

@@ -160,14 +160,36 @@ def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-def default_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
-    """Whether :func:`prefill_attention` reads full key tiles through tensor descriptors by itself:
-    where it was measured faster (Hopper, 16-bit, head_dim 128: 530 against 465 TFLOP/s at 8K
-    on the H200) and :func:`tma_problem` has no objection."""
+#: Fewest query rows (``total_q``) for which an eager call of :func:`prefill_attention` reads through
+#: tensor descriptors by default; a call being captured into a CUDA graph takes them at any size.
+#: Triton 3.6 encodes the descriptors on the host at every launch: on the H200 (Llama-3-8B heads, bf16,
+#: 2026-12-04) an eager prefill of 256 rows took 126.6 us per call with them against 45.7 without (the
+#: host's time), of 2048 rows 117.6 against 117.0 (the kernel's): from there the kernel's gain shows.
+EAGER_TMA_MIN_ROWS = 2048
+
+
+def _tma_capable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
+    """Where descriptors were measured faster in the kernel (Hopper, 16-bit, head_dim 128) and
+    :func:`tma_problem` has no objection."""
     return (
         q.is_cuda and q.element_size() == 2 and q.shape[-1] == 128 and _is_hopper(q.device.index or 0)
         and tma_problem(k_cache, v_cache, block_table) is None
     )  # fmt: skip
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether work queued now for ``t``'s device goes into a CUDA graph being captured (the host's
+    cost of a launch is then paid once, not at every replay)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def default_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
+    """Whether :func:`prefill_attention` reads full key tiles through tensor descriptors by itself:
+    where the kernel was measured faster (Hopper, 16-bit, head_dim 128: 530 against 465 TFLOP/s at
+    8K on the H200) and :func:`tma_problem` has no objection; eagerly only from
+    :data:`EAGER_TMA_MIN_ROWS` query rows (below, the host's cost of the descriptors outweighs the
+    kernel's gain), under CUDA-graph capture at any size."""
+    return _tma_capable(q, k_cache, v_cache, block_table) and (q.shape[0] >= EAGER_TMA_MIN_ROWS or capturing(q))
 
 
 @on_tensor_device
@@ -215,7 +237,8 @@ def prefill_attention(
     tma : read the full key tiles through tensor descriptors (bulk copies on
         Hopper; :func:`tma_problem` says when a cache cannot); the masked tiles
         keep ordinary loads, so no row past a length is touched. ``None``:
-        :func:`default_tma` decides (on where measured faster); ``False``: never.
+        :func:`default_tma` decides (where measured faster, counting the host's cost of the
+        descriptors in an eager call); ``False``: never.
 
     Returns
     -------
