@@ -8,6 +8,8 @@ through ``BatchPrefillWithPagedKVCacheWrapper`` (``backend="fa3"`` on Hopper, el
 ``"fa2"``). Planned once, outside the timed calls. Rows are labelled
 ``flashinfer_paged`` / memory ``paged``; beside them the ``flashinfer`` backend of
 :func:`torch_vkv.attention` runs the same kernels family on the virtual cache.
+:func:`annotate` gives every decode and prefill row its speed against the anchor of
+its shape (the report's ``x_flashinfer_paged`` column).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BLOCK", "anchor"]
+__all__ = ["BLOCK", "anchor", "annotate"]
 
 #: Tokens per page of the anchor (vLLM's and FlashInfer's common default).
 BLOCK = 16
@@ -79,3 +81,16 @@ def anchor(record: Callable, kind: str, q: torch.Tensor, B: int, S: int, H_kv: i
             raise err
 
     record("flashinfer_paged", "paged", BLOCK, fn)
+
+
+def annotate(rows: list) -> None:
+    """Give every timed ``decode`` and ``prefill`` row ``x_flashinfer_paged``: the anchor's time over
+    the row's (above 1: faster than FlashInfer's paged kernel), against the anchor row of the same
+    section, model, batch and context, timed the same way (``timer``: a CUDA-graph replay is never
+    compared with an eager call). Rows without a timed anchor (FlashInfer not importable) get none."""
+    shape = lambda r: (r.get("section"), r.get("model"), r.get("batch"), r.get("context"))  # noqa: E731
+    anchors = {shape(r): r for r in rows if r.get("backend") == "flashinfer_paged" and r.get("us")}
+    for r in rows:
+        a = anchors.get(shape(r))
+        if r.get("section") in ("decode", "prefill") and r.get("us") and a is not None and a.get("timer") == r.get("timer"):
+            r["x_flashinfer_paged"] = round(a["us"] / r["us"], 3)

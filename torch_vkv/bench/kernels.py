@@ -14,7 +14,8 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
   column), then the paged twins: our Triton kernels through a block table
   (block 16 and 256), FlexAttention over the block pool, and flash-attn's
   paged kernel (block 256) when installed; FlashInfer's paged anchor when importable
-  (:mod:`torch_vkv.bench.flashinfer_paged`). Reported: us, TB/s of K+V read, % of copy BW.
+  (:mod:`torch_vkv.bench.flashinfer_paged`). Reported: us, TB/s of K+V read, % of copy BW, and
+  ``x_flashinfer_paged``: the anchor's time over the row's (prefill rows too), where both were timed alike.
   The first shape is timed again at the end (an out-of-line first timing is replaced, with a note).
 * ``decode_host``: at the first shape, the host's time per call of each backend (calls launched
   back to back, no sync inside): beside ``decode``, whether a small-batch time is the host's floor.
@@ -75,7 +76,7 @@ PREFILL_BACKENDS = ("flashinfer", "torch_fa2", "triton", "flash_attn", "flex", "
 SECTIONS = ("decode", "prefill", "vm", "tune", "layout", "window")
 COLUMNS = (
     "section", "model", "backend", "memory", "block", "batch", "context", "us", "us_eager", "tb_s", "pct_copy",
-    "tflop_s", "ratio_vm_malloc", "bytes_read", "note",
+    "x_flashinfer_paged", "tflop_s", "ratio_vm_malloc", "bytes_read", "note",
 )  # fmt: skip
 
 
@@ -496,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += _layout_rows(cfg, caches, bw, log) if run("layout") else []
         if args.window > 0 and run("window"):
             rows += window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)
+    flashinfer_paged.annotate(rows)
     summary = _summary(rows, bw, caches, time.perf_counter() - t0) + window_summary(rows)
     command = "python -m torch_vkv bench kernels " + shlex.join(argv)
     write_report("kernels", rows, args.out, command=command.strip(), columns=COLUMNS, summary=summary)
