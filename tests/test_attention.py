@@ -512,6 +512,9 @@ def test_bench_kernels_smoke(tmp_path):
     cut = {r["backend"]: r["bytes_read"] for r in win if r["note"] != "window_left=None"}
     assert full and all(full[b] == 4 * cut[b] for b in full)  # context 256, window_left 63: a quarter of the rows
     assert "Sliding-window decode vs full attention" in (tmp_path / "kernels.md").read_text()
+    step = [r for r in rows if r["section"] == "step"]
+    assert {(r["batch"], r["context"]) for r in step} == {(1, 256), (4, 256)}
+    assert all(r["us"] > 0 and r["layers"] == 2 and r["memory"] == "vm" for r in step), step
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 128), (3, 1, 32), (6, 2, 64)], ids=["MQA", "MQA-group3-d32", "GQA-group3"])

@@ -84,7 +84,7 @@ def anchor(record: Callable, kind: str, q: torch.Tensor, B: int, S: int, H_kv: i
 
 
 def annotate(rows: list) -> None:
-    """Give every timed ``decode`` and ``prefill`` row ``x_flashinfer_paged``: the anchor's time over
+    """Give every timed ``decode``, ``prefill`` and ``step`` row ``x_flashinfer_paged``: the anchor's time over
     the row's (above 1: faster than FlashInfer's paged kernel), against the anchor row of the same
     section, model, batch and context, timed the same way (``timer``: a CUDA-graph replay is never
     compared with an eager call). Rows without a timed anchor (FlashInfer not importable) get none."""
@@ -92,5 +92,5 @@ def annotate(rows: list) -> None:
     anchors = {shape(r): r for r in rows if r.get("backend") == "flashinfer_paged" and r.get("us")}
     for r in rows:
         a = anchors.get(shape(r))
-        if r.get("section") in ("decode", "prefill") and r.get("us") and a is not None and a.get("timer") == r.get("timer"):
+        if r.get("section") in ("decode", "prefill", "step") and r.get("us") and a is not None and a.get("timer") == r.get("timer"):
             r["x_flashinfer_paged"] = round(a["us"] / r["us"], 3)

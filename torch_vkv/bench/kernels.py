@@ -23,6 +23,9 @@ Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and Yi-34B (56/8/128):
   (4 * H * D * c^2 / 2 FLOPs).
 * ``vm_vs_malloc``: the same kernel on ``cudaMalloc`` memory and on the
   virtual cache, measurements interleaved; the ratio should be 1.00.
+* ``step``: decode per layer of a CUDA-graph step over an ``L``-layer KVCache (one graph of ``L``
+  calls, the launch shared, as the serving engine's decode steps run), at small batches and long
+  contexts, with FlashInfer's paged anchor (:mod:`torch_vkv.bench.kernels_step`).
 * ``decode_tune`` / ``prefill_tune``: our Triton kernels over their launch
   parameters (:mod:`torch_vkv.bench.kernels_tune`), to check the defaults.
 
@@ -61,6 +64,7 @@ import torch
 
 from torch_vkv._checks import device_arg, out_dir_arg
 from torch_vkv.bench.kernels_decode import decode_rows, decode_summary
+from torch_vkv.bench.kernels_step import step_rows, step_summary
 from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
 from torch_vkv.bench.kernels_window import window_rows, window_summary
 from torch_vkv.bench import flashinfer_paged
@@ -72,8 +76,9 @@ __all__ = ["main"]
 MODELS = {"llama3-8b": (32, 8, 128), "yi-34b": (56, 8, 128)}
 DECODE_BACKENDS = ("flashinfer", "triton", "torch_fa2", "flash_attn", "flex", "sdpa")
 PREFILL_BACKENDS = ("flashinfer", "torch_fa2", "triton", "flash_attn", "flex", "sdpa")
-#: ``--sections``: decode (with decode_host), prefill, vm_vs_malloc, the two tune sections, layout, window.
-SECTIONS = ("decode", "prefill", "vm", "tune", "layout", "window")
+#: ``--sections``: decode (with decode_host), prefill, vm_vs_malloc, the two tune sections, layout, window,
+#: step (decode per layer of a CUDA-graph step, :mod:`torch_vkv.bench.kernels_step`).
+SECTIONS = ("decode", "prefill", "vm", "tune", "layout", "window", "step")
 COLUMNS = (
     "section", "model", "backend", "memory", "block", "batch", "context", "us", "us_eager", "tb_s", "pct_copy",
     "x_flashinfer_paged", "tflop_s", "ratio_vm_malloc", "bytes_read", "note",
@@ -100,6 +105,9 @@ class Config:
     prefill_tune: list = field(default_factory=list)  # contexts where Triton prefill parameters are swept
     layout_cases: list = field(default_factory=list)  # (batch, context): per_layer vs interleaved decode
     layout_layers: int = 32
+    step_cases: list = field(default_factory=list)  # (batch, context): decode per layer of a step graph
+    step_layers: int = 32
+    step_mem_gib: float = 16.0  # K+V bytes of one step graph at most (fewer layers past it)
     mem_fraction: float = 0.6
     sdpa_max_bytes: int = 2 << 30
     paged_blocks: tuple = (16, 256)
@@ -138,7 +146,7 @@ def _config(args) -> Config:
             models=["tiny"], batches=[1, 4], contexts=[64, 256], prefill_contexts=[128], decode_rep_ms=2,
             prefill_rep_ms=2, warmup_ms=1, flex_decode={(4, 256)}, flex_prefill={128}, vm_decode=[(4, 256)],
             vm_prefill=[128], tune=[(4, 256)], tune_full=False, prefill_tune=[64], paged_blocks=(16,), plots=not args.no_plots, use_vm=not args.no_vm,
-            layout_cases=[(4, 256)], layout_layers=2,
+            layout_cases=[(4, 256)], layout_layers=2, step_cases=[(1, 256), (4, 256)], step_layers=2,
         )  # fmt: skip
     if args.quick:
         cfg = Config(
@@ -146,6 +154,7 @@ def _config(args) -> Config:
             prefill_contexts=[2048, 8192, 32768], decode_rep_ms=25, prefill_rep_ms=50, warmup_ms=10,
             flex_decode={(32, 4096)}, flex_prefill=set(), vm_decode=[(32, 4096)], vm_prefill=[32768],
             tune=[(32, 4096)], tune_full=False, prefill_tune=[8192], flex_paged_blocks=(16,), layout_cases=[(8, 4096), (32, 4096)],
+            step_cases=[(1, 16384), (2, 16384), (4, 16384), (1, 32768)],
         )  # fmt: skip
     else:
         cfg = Config(
@@ -155,6 +164,7 @@ def _config(args) -> Config:
             flex_decode={(b, c) for b in (1, 32, 128) for c in (4096, 16384)}, flex_prefill={8192, 32768},
             vm_decode=[(32, 4096), (64, 16384), (128, 4096)], vm_prefill=[8192, 32768],
             tune=[(8, 16384), (32, 4096), (128, 16384)], prefill_tune=[8192, 32768], layout_cases=[(8, 4096), (32, 4096), (8, 16384)],
+            step_cases=[(1, 16384), (2, 16384), (4, 16384), (1, 32768), (4, 32768), (8, 16384), (32, 4096)],
         )  # fmt: skip
     if args.flex_everywhere:
         cfg.flex_decode = None
@@ -447,7 +457,7 @@ def _summary(rows: list, copy_bw: float, caches: Caches, seconds: float) -> str:
                     if p["us"] < r["us"]:
                         losses.append(f"{p['backend']}/{p['block']} at {p['model']} B={p['batch']} S={p['context']}")
         lines.append("- Ahead of every paged variant at those shapes: " + ("yes." if not losses else "NO: " + "; ".join(losses)))
-    lines += decode_summary(rows)
+    lines += decode_summary(rows) + step_summary(rows)
     vm = [r for r in rows if r["section"] == "vm_vs_malloc" and r.get("ratio_vm_malloc")]
     if vm:
         lines.append("- Same kernel, virtual / cudaMalloc time: " + ", ".join(
@@ -495,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         if run("tune"):
             rows += decode_tune_rows(cfg, caches, bw, log) + prefill_tune_rows(cfg, caches, log)
         rows += _layout_rows(cfg, caches, bw, log) if run("layout") else []
+        rows += step_rows(cfg, caches, bw, log) if run("step") else []
         if args.window > 0 and run("window"):
             rows += window_rows(cfg, caches, bw, log, args.window, smoke=args.smoke)
     flashinfer_paged.annotate(rows)
