@@ -106,25 +106,44 @@ def test_decode_page_table_lengths_follow_flashinfer_formula(page_rows, max_page
     assert got == lens.tolist()
 
 
-@pytest.mark.parametrize("S, S_pad, want", [(4096, 4160, 64), (48, 64, 16), (40, 64, 40), (4096, 4100, 4096),
-                                            (128, 128, 64)])
-def test_decode_page_rows_divide_the_slot_and_the_pitch(S, S_pad, want):
+@pytest.mark.parametrize("S, S_pad, want", [(4096, 4160, 64), (48, 64, 32), (40, 64, 32), (4096, 4100, 4096),
+                                            (128, 128, 64), (99727, 106496, 64), (45, 64, 32), (12, 64, 12)])
+def test_decode_page_rows_divide_the_pitch(S, S_pad, want):
+    """Pages divide the pitch between slots and are at most S_max rows; S_max itself need not be a
+    multiple (a 99,727-row cache took one page per slot before: no split of its long requests)."""
     cache = torch.empty((3, S_pad, 2, 8), device="meta")[:, :S]
     assert fib.decode_page_rows(cache) == want
+    if want != S:
+        assert fib.decode_max_pages(S, want) * want <= S_pad
+
+
+def test_decode_pages_stay_inside_the_storage():
+    """The last slot's last page must lie whole in the tensor's storage: a view whose storage ends
+    at its last row takes pages that divide S_max, or one page per slot."""
+    B, S, S_pad, H, D = 3, 45, 64, 2, 8
+    padded = torch.randn(B, S_pad, H, D)[:, :S]
+    assert fib.decode_page_rows(padded) == 32
+    flat = torch.randn((B - 1) * S_pad + S, H, D)  # storage ends at the last slot's row S - 1
+    tight = flat.as_strided((B, S, H, D), (S_pad * H * D, H * D, D, 1))
+    assert fib.decode_page_rows(tight) == S
+    tight_even = torch.randn((B - 1) * S_pad + 48, H, D).as_strided((B, 48, H, D), (S_pad * H * D, H * D, D, 1))
+    assert fib.decode_page_rows(tight_even) == 16  # 16 divides 48: every page inside the view
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_decode_pages_are_the_cache_rows(layout):
-    k, _ = make_cache(layout, 3, 48, 2, 8, dtype=torch.float32, device="cpu")
+@pytest.mark.parametrize("S", [48, 45])
+def test_decode_pages_are_the_cache_rows(layout, S):
+    k, _ = make_cache(layout, 3, S, 2, 8, dtype=torch.float32, device="cpu")
     P = fib.decode_page_rows(k)
-    assert P == 16
+    assert P == 32  # the pitch is 64 rows
     pages = fib.decode_pages(k, P)
     pitch = fib.flat_rows(k) // P
     for slot in range(3):
-        for j in range(48 // P):
+        for j in range(fib.decode_max_pages(S, P)):
+            n = min(P, S - j * P)  # the last page reaches past S_max into the slot's padding rows
             assert pages[slot * pitch + j].data_ptr() == k[slot, j * P].data_ptr()
-            assert torch.equal(pages[slot * pitch + j], k[slot, j * P:(j + 1) * P])
-    assert fib.decode_pages(k, 48) is k
+            assert torch.equal(pages[slot * pitch + j, :n], k[slot, j * P:j * P + n])
+    assert fib.decode_pages(k, S) is k
 
 
 def _meta_cache(layout, B, S, H_kv, D, L=3):
@@ -148,10 +167,16 @@ def test_layout_problem(layout):
     assert fib.layout_problem(bk, bv, decode=True) is None
     if layout == "interleaved":
         assert "2**32" in fib.layout_problem(bk, bv, decode=False)
-    # One page per slot (S_max not a multiple of 16): the page stride is stride(0).
-    ok, _ = _meta_cache(layout, 4, 131071, 8, 128, L=32)
+    # S_max not a multiple of 16 in a padded pitch: still pages of 64 rows (the last one reaching
+    # into the padding), so the strides fit.
+    odd_rows, _ = _meta_cache(layout, 4, 131071, 8, 128, L=32)
+    assert fib.decode_page_rows(odd_rows) == 64 and fib.layout_problem(odd_rows, odd_rows, decode=True) is None
+    # One page per slot (a pitch that no page size divides): the page stride is stride(0).
+    buf = torch.empty((4, 131073, 32, 2, 8, 128), device="meta", dtype=torch.bfloat16)
+    one = buf[:, :131071, 1, 0] if layout == "interleaved" else torch.empty((4, 131073, 8, 128), device="meta")[:, :131071]
+    assert fib.decode_page_rows(one) == 131071
     if layout == "interleaved":
-        assert "2**32" in fib.layout_problem(ok, ok, decode=True)
+        assert "2**32" in fib.layout_problem(one, one, decode=True)
     assert "equal strides" in fib.layout_problem(k, k.contiguous(), decode=True)
     odd = torch.empty((3, 40, 2, 64), device="meta").as_strided((3, 40, 2, 64), (5000, 128, 64, 1))
     assert "multiple of stride(1)" in fib.layout_problem(odd, odd, decode=False)
@@ -254,6 +279,25 @@ def test_dispatch_against_reference(fake_flashinfer, kind, layout, with_slots):
                         window_left=None if win < 0 else win, softcap=cap or None)  # fmt: skip
         assert not out.isnan().any()
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_with_s_max_not_a_page_multiple(fake_flashinfer, layout):
+    """S_max = 45 rows in a 64-row pitch: pages of 32 rows, the last reaching into the padding rows;
+    every length up to S_max (the full view included) against the float64 reference, the padding
+    rows poisoned with NaN (a read past a length would show)."""
+    H, H_kv, D, S = 4, 2, 64, 45
+    k, v = make_cache(layout, 4, S, H_kv, D, dtype=torch.float32, device="cpu", seed=5)
+    lens = torch.tensor([45, 1, 33, 32], dtype=torch.int32)
+    pad_k, pad_v = k.as_strided((4, 64, H_kv, D), k.stride()), v.as_strided((4, 64, H_kv, D), v.stride())
+    for n, t in ((lens.tolist(), pad_k), (lens.tolist(), pad_v)):
+        for r, length in enumerate(n):
+            t[r, length:] = float("nan")  # past each length: the rest of the view and the padding rows
+    q = torch.randn(4, H, D)
+    assert fib.decode_page_rows(k) == 32
+    out = fib.flashinfer_attention(q, k, v, lens, None, None, None, True, 0.125, 1, 0)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), reference(q, k, v, lens, None, None, scale=0.125), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("triton", [True, False])

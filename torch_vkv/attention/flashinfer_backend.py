@@ -75,7 +75,7 @@ from .common import ATTN_SCHEMA, flat_rows, flatten
 from .inputs import valid_requests
 from .host_values import host_values
 
-__all__ = ["DECODE_PAGE_ROWS", "FA3_TILE", "decode_page_rows", "decode_page_table", "decode_pages", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
+__all__ = ["DECODE_PAGE_ROWS", "FA3_TILE", "decode_max_pages", "decode_page_rows", "decode_page_table", "decode_pages", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
 
 #: Largest page of the decode page table, in rows (see :func:`decode_page_rows`).
 DECODE_PAGE_ROWS = 64
@@ -124,17 +124,42 @@ def decode_page_rows(k_cache: torch.Tensor) -> int:
     """Rows per page of the decode page table over ``k_cache`` (shapes and strides only).
 
     The largest power of two from :data:`DECODE_PAGE_ROWS` down to
-    :data:`MIN_DECODE_PAGE_ROWS` that divides both ``S_max`` and the row pitch
-    ``S_pad`` between two slots, so every page lies inside one slot's view. Else
+    :data:`MIN_DECODE_PAGE_ROWS`, at most ``S_max``, that divides the row pitch ``S_pad``
+    between two slots, so every slot starts on a page and its :func:`decode_max_pages`
+    pages lie inside its pitch; the last page of a slot may reach past ``S_max`` into the
+    slot's own padding rows (never read: FlashInfer reads a request's keys up to its
+    length), and those of the last slot must lie inside the tensor's storage. Else
     ``S_max``: one page per slot (no split of a request's keys).
+
+    ``S_max`` itself need not be a multiple: a cache of 99,727 rows (a KVCache sized to a
+    prompt plus its output) took one page per slot before, and FlashInfer, which splits a
+    request's keys in whole pages, then ran each request's decode on ``num_kv_heads``
+    programs: 5x slower steps at 80-99K context (docs/benchmarks.md, sixteenth session).
     """
     S, s_pad = k_cache.shape[1], flat_rows(k_cache)
     rows = DECODE_PAGE_ROWS
     while s_pad is not None and rows >= MIN_DECODE_PAGE_ROWS:
-        if S % rows == 0 and s_pad % rows == 0:
+        if rows <= S and s_pad % rows == 0 and _pages_in_storage(k_cache, s_pad, rows):
             return rows
         rows //= 2
     return S
+
+
+def decode_max_pages(S: int, page_rows: int) -> int:
+    """Pages of one slot's view: ``ceil(S_max / page_rows)``."""
+    return -(-S // page_rows)
+
+
+def _pages_in_storage(cache: torch.Tensor, s_pad: int, page_rows: int) -> bool:
+    """Whether every page of :func:`decode_pages` (the last slot's last one, whole) lies in ``cache``'s storage."""
+    B, S, H, D = cache.shape
+    last_row = (B - 1) * s_pad + decode_max_pages(S, page_rows) * page_rows - 1
+    if S % page_rows == 0:
+        return True  # inside the view itself
+    if cache.device.type == "meta":
+        return True  # shapes only: no storage to hold to
+    end = cache.storage_offset() + last_row * cache.stride(1) + (H - 1) * cache.stride(2) + (D - 1) * cache.stride(3) + 1
+    return end * cache.element_size() <= cache.untyped_storage().nbytes()
 
 
 def decode_pages(cache: torch.Tensor, page_rows: int) -> torch.Tensor:
@@ -142,14 +167,15 @@ def decode_pages(cache: torch.Tensor, page_rows: int) -> torch.Tensor:
 
     Page ``p`` is the rows ``[p * page_rows, (p + 1) * page_rows)`` of the flattened
     cache (:func:`~torch_vkv.attention.common.flatten`), so slot ``s`` starts at page
-    ``s * S_pad / page_rows``. With ``page_rows == S_max`` a page is a slot (the view
+    ``s * S_pad / page_rows``; the last page of a slot may reach into its padding rows
+    (:func:`decode_page_rows`). With ``page_rows == S_max`` a page is a slot (the view
     as given).
     """
     B, S, H, D = cache.shape
     if page_rows == S:
         return cache
     s_pad = flat_rows(cache)
-    num_pages = ((B - 1) * s_pad + S) // page_rows
+    num_pages = (B - 1) * s_pad // page_rows + decode_max_pages(S, page_rows)
     return cache.as_strided((num_pages, page_rows, H, D), (page_rows * cache.stride(1),) + cache.stride()[1:])
 
 
@@ -164,7 +190,7 @@ def decode_page_table(cache_seqlens: torch.Tensor, rows: torch.Tensor, page_rows
     rows : shape ``[R]``: the slot of each request.
     page_rows : rows per page.
     pages_per_slot : pages between two slots (``S_pad / page_rows``).
-    max_pages : pages of one slot's view (``S_max / page_rows``).
+    max_pages : pages of one slot's view (``ceil(S_max / page_rows)``, :func:`decode_max_pages`).
 
     Returns
     -------
@@ -367,9 +393,10 @@ class _DecodePlan(GraphDecodePlan):
     def __init__(self, fi, q, k_cache, R, scale, window_left, softcap):
         dev = q.device
         self.page_rows = decode_page_rows(k_cache)
-        self.max_pages = k_cache.shape[1] // self.page_rows
+        self.max_pages = decode_max_pages(k_cache.shape[1], self.page_rows)
         s_pad = flat_rows(k_cache)
-        self.pages_per_slot = s_pad // self.page_rows if self.max_pages > 1 else 1
+        # One page per slot is the view as given (page index = slot), else pages of the flattened rows.
+        self.pages_per_slot = s_pad // self.page_rows if self.page_rows != k_cache.shape[1] else 1
         # The plan's table: every request at the full S_max (any lengths <= S_max written later fit).
         lens = torch.full((R,), k_cache.shape[1], dtype=torch.int32)
         indptr, indices, last = decode_page_table(lens, torch.zeros(R, dtype=torch.int32), self.page_rows,
