@@ -280,6 +280,31 @@ def test_prefill_launch_defaults():
     assert tk().default_tma(q, k, k, None) is False
 
 
+def test_prefill_eager_tma_rule_weighs_the_work(monkeypatch):
+    """Eagerly, descriptors only where query rows x the longest key count reach EAGER_TMA_MIN_ROWS**2
+    (their host cost hidden behind the kernel); the triton backend passes the longest length when the
+    host knows it (metadata_tensor), else the rule counts the query rows alone."""
+    prefill_mod = importlib.import_module(tk().__name__ + ".prefill")
+    monkeypatch.setattr(prefill_mod, "_tma_capable", lambda *a: True)  # as on Hopper, bf16 x 128
+    n = tk().EAGER_TMA_MIN_ROWS
+    k = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    rows = lambda t: torch.zeros(t, 8, 128, dtype=torch.bfloat16)  # noqa: E731
+    assert tk().default_tma(rows(n), k, k, None) and not tk().default_tma(rows(n - 1), k, k, None)
+    assert tk().default_tma(rows(512), k, k, None, max_keys=16384)  # a chunk over a long context
+    assert not tk().default_tma(rows(512), k, k, None, max_keys=4096)
+    assert not tk().default_tma(rows(256), k, k, None, max_keys=256)
+
+    seen = []
+    monkeypatch.setattr(tk(), "default_tma", lambda q, kc, vc, bt, max_keys=None: seen.append(max_keys) or False)
+    b, kc, vc = setup_case("prefill", "GQA", 64, "per_layer", "cpu", seed=7)
+    append_kv(kc, vc, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    lens = attn_mod.metadata_tensor(b.cache_seqlens.tolist())
+    for lengths in (lens, b.cache_seqlens):
+        out = attention(b.q, kc, vc, lengths, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots, backend="triton")
+        assert_close(out, reference(b, kc, vc), torch.bfloat16)
+    assert seen == [max(b.lengths), None]
+
+
 @pytest.mark.cuda
 def test_cuda_prefill_default_tma_on_hopper():
     """On Hopper, bf16 x 128 prefill reads through descriptors by default from EAGER_TMA_MIN_ROWS

@@ -160,11 +160,12 @@ def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-#: Fewest query rows (``total_q``) for which an eager call of :func:`prefill_attention` reads through
-#: tensor descriptors by default; a call being captured into a CUDA graph takes them at any size.
+#: An eager call of :func:`prefill_attention` reads through tensor descriptors by default when its query
+#: rows times its longest key count reach ``EAGER_TMA_MIN_ROWS ** 2`` (a prompt of this many rows; without
+#: known key counts, its query rows alone); a call being captured into a CUDA graph takes them at any size.
 #: Triton 3.6 encodes the descriptors on the host at every launch: on the H200 (Llama-3-8B heads, bf16,
-#: 2026-12-04) an eager prefill of 256 rows took 126.6 us per call with them against 45.7 without (the
-#: host's time), of 2048 rows 117.6 against 117.0 (the kernel's): from there the kernel's gain shows.
+#: 2026-12-04) an eager prefill of 256 rows took 112.8-126.6 us per call with them against 39.7-45.7
+#: without (the host's time), of 2048 rows 112.6-117.6 against 117.0-118.6 (the kernel's).
 EAGER_TMA_MIN_ROWS = 2048
 
 
@@ -183,13 +184,19 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def default_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
+def default_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                max_keys: int | None = None) -> bool:  # fmt: skip
     """Whether :func:`prefill_attention` reads full key tiles through tensor descriptors by itself:
     where the kernel was measured faster (Hopper, 16-bit, head_dim 128: 530 against 465 TFLOP/s at
-    8K on the H200) and :func:`tma_problem` has no objection; eagerly only from
-    :data:`EAGER_TMA_MIN_ROWS` query rows (below, the host's cost of the descriptors outweighs the
-    kernel's gain), under CUDA-graph capture at any size."""
-    return _tma_capable(q, k_cache, v_cache, block_table) and (q.shape[0] >= EAGER_TMA_MIN_ROWS or capturing(q))
+    8K on the H200) and :func:`tma_problem` has no objection; under CUDA-graph capture at any size,
+    eagerly only for a call large enough to hide the descriptors' host cost: ``total_q * max_keys >=
+    EAGER_TMA_MIN_ROWS ** 2``. ``max_keys``: the longest request's key count when the caller knows
+    it on the host (a chunk of 512 queries over 16K keys qualifies); ``None``: ``total_q``, as for a
+    whole prompt."""
+    if not _tma_capable(q, k_cache, v_cache, block_table):
+        return False
+    rows = q.shape[0]
+    return capturing(q) or rows * (rows if max_keys is None else max_keys) >= EAGER_TMA_MIN_ROWS**2
 
 
 @on_tensor_device

@@ -12,6 +12,7 @@ import torch
 
 from . import deps
 from .common import ATTN_SCHEMA
+from .host_values import host_values
 
 
 def pow2_dim(d: int) -> bool:
@@ -41,9 +42,13 @@ def triton_attention_impl(
             q, k_cache, v_cache, cache_seqlens, slots=slots, block_table=block_table, scale=scale,
             num_splits=num_splits if num_splits > 0 else None, window_left=win, softcap=cap,
         )  # fmt: skip
+    # Lengths known on the host (the engine's and the HF adapter's steps: metadata_tensor) let the work
+    # decide whether tensor descriptors pay for their host cost: a 512-row chunk over 16K keys does.
+    lengths = host_values(cache_seqlens)
+    tma = tk.default_tma(q, k_cache, v_cache, block_table, max_keys=max(lengths) if lengths else None)
     return tk.prefill_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
-        slots=slots, block_table=block_table, causal=causal, scale=scale, window_left=win, softcap=cap,
+        slots=slots, block_table=block_table, causal=causal, scale=scale, window_left=win, softcap=cap, tma=tma,
     )  # fmt: skip
 
 
