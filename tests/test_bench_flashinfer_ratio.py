@@ -32,25 +32,3 @@ def test_no_anchor_no_ratio():
     flashinfer_paged.annotate(rows)
     assert "x_flashinfer_paged" not in rows[0]
 
-
-def test_step_rows_summary_and_ratio():
-    """The ``step`` section's rows (decode per layer of a step graph) get the anchor ratio and the
-    small-batch target line: the fastest virtual-memory backend per shape at batch 1-4, >= 16K."""
-    from torch_vkv.bench.kernels_step import step_summary
-
-    base = dict(section="step", model="m", layers=32, timer="cuda graph")
-    rows = [
-        dict(base, batch=1, context=16384, backend="triton", memory="vm", us=24.3, pct_copy=65.1),
-        dict(base, batch=1, context=16384, backend="flashinfer", memory="vm", us=30.0, pct_copy=52.7),
-        dict(base, batch=1, context=16384, backend="flashinfer_paged", memory="paged", block=16, us=27.7, pct_copy=57.1),
-        dict(base, batch=2, context=16384, backend="triton", memory="vm", us=39.2, pct_copy=80.5),
-        dict(base, batch=8, context=16384, backend="triton", memory="vm", us=140.0, pct_copy=90.0),  # batch > 4
-    ]
-    flashinfer_paged.annotate(rows)
-    assert rows[0]["x_flashinfer_paged"] == round(27.7 / 24.3, 3) and "x_flashinfer_paged" not in rows[3]
-    (line,) = step_summary(rows)
-    assert "triton 65% at B=1 S=16384" in line and "triton 80% at B=2 S=16384" in line
-    assert "flashinfer 53%" not in line and "B=8" not in line and "NOT met" in line
-    rows[0]["pct_copy"] = 71.0
-    assert "(target >= 70%: met)" in step_summary(rows)[0]
-    assert step_summary([r for r in rows if r["batch"] == 8]) == []
