@@ -440,6 +440,38 @@ def test_flashinfer_prefill_on_a_kvcache_reads_only_committed_rows(layout, margi
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flashinfer_decode_on_a_kvcache_of_odd_length(layout):
+    """A KVCache whose max_seq_len (4001) is no multiple of 16 still gets 16-64-row decode pages (its
+    long requests split over the GPU); the last page of a slot reaches past S_max into the slot's own
+    padding. Each request reads only its committed rows: against the reference, the GPU still sound."""
+    _skip_unless_flashinfer()
+    from torch_vkv import KVCache
+
+    H, H_kv, D, S = 32, 8, 128, 4001
+    lengths = [4001, 3990, 17]
+    with KVCache(2, H_kv, D, max_batch_size=3, max_seq_len=S, dtype=torch.bfloat16, device="cuda",
+                 layout=layout) as cache:  # fmt: skip
+        slots = [cache.alloc() for _ in lengths]
+        for slot, n in zip(slots, lengths):
+            cache.commit(slot, n)
+        k, v = cache.key(1), cache.value(1)
+        assert fib.decode_page_rows(k) > 1 and S % fib.decode_page_rows(k) != 0
+        g = torch.Generator(device="cuda").manual_seed(9)
+        for slot, n in zip(slots, lengths):
+            k[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(k.dtype)
+            v[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(v.dtype)
+        q = torch.randn((len(lengths), H, D), generator=g, device="cuda").to(torch.bfloat16)
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        slots_t = torch.tensor(slots, dtype=torch.int32, device="cuda")
+        out = attention(q, k, v, lens, slots=slots_t, backend="flashinfer")
+        ref = reference(q, k, v, lens, None, slots_t)
+        torch.cuda.synchronize()
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_auto_picks_flashinfer_for_large_eager_prefills_only(monkeypatch):
     """The rule, with FlashInfer and Hopper stood in for (CPU): prefills of at least
     FLASHINFER_PREFILL_MIN_TOKENS query rows, metadata with host copies, no window, not traced."""
