@@ -378,6 +378,16 @@ def test_prefill_takes_fa2_where_fa3_tiles_are_unsafe(fake_flashinfer, monkeypat
 # --------------------------------------------------------------------------- the real kernels (GPU)
 
 
+def _fill_rows(k, v, slots, lengths, *, seed):
+    """Random K/V in each slot's first ``length`` rows (committed ones); the generator, for the queries."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    H_kv, D = k.shape[2], k.shape[3]
+    for slot, n in zip(slots, lengths):
+        k[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(k.dtype)
+        v[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(v.dtype)
+    return g
+
+
 def _skip_unless_flashinfer():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -423,10 +433,7 @@ def test_flashinfer_prefill_on_a_kvcache_reads_only_committed_rows(layout, margi
         for slot, n in zip(slots, lengths):
             cache.commit(slot, n)
         k, v = cache.key(0), cache.value(0)
-        g = torch.Generator(device="cuda").manual_seed(5)
-        for slot, n in zip(slots, lengths):
-            k[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(k.dtype)
-            v[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(v.dtype)
+        g = _fill_rows(k, v, slots, lengths, seed=5)
         q = torch.randn((sum(n_new), H, D), generator=g, device="cuda").to(torch.bfloat16)
         lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         cu = torch.tensor([0, n_new[0], sum(n_new)], dtype=torch.int32, device="cuda")
@@ -458,10 +465,7 @@ def test_flashinfer_decode_on_a_kvcache_of_odd_length(layout):
             cache.commit(slot, n)
         k, v = cache.key(1), cache.value(1)
         assert fib.decode_page_rows(k) > 1 and S % fib.decode_page_rows(k) != 0
-        g = torch.Generator(device="cuda").manual_seed(9)
-        for slot, n in zip(slots, lengths):
-            k[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(k.dtype)
-            v[slot, :n] = torch.randn((n, H_kv, D), generator=g, device="cuda").to(v.dtype)
+        g = _fill_rows(k, v, slots, lengths, seed=9)
         q = torch.randn((len(lengths), H, D), generator=g, device="cuda").to(torch.bfloat16)
         lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         slots_t = torch.tensor(slots, dtype=torch.int32, device="cuda")
