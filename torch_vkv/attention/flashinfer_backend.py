@@ -132,9 +132,10 @@ def decode_page_rows(k_cache: torch.Tensor) -> int:
     ``S_max``: one page per slot (no split of a request's keys).
 
     ``S_max`` itself need not be a multiple: a cache of 99,727 rows (a KVCache sized to a
-    prompt plus its output) took one page per slot before, and FlashInfer, which splits a
-    request's keys in whole pages, then ran each request's decode on ``num_kv_heads``
-    programs: 5x slower steps at 80-99K context (docs/benchmarks.md, sixteenth session).
+    prompt plus its output) took one page per slot before, so FlashInfer, which splits a
+    request's keys in whole pages, could not split its long requests: the likely cause of
+    the 5x slower decode steps measured at 80-99K context (docs/benchmarks.md, sixteenth
+    session; not re-measured since).
     """
     S, s_pad = k_cache.shape[1], flat_rows(k_cache)
     rows = DECODE_PAGE_ROWS
@@ -153,11 +154,11 @@ def decode_max_pages(S: int, page_rows: int) -> int:
 def _pages_in_storage(cache: torch.Tensor, s_pad: int, page_rows: int) -> bool:
     """Whether every page of :func:`decode_pages` (the last slot's last one, whole) lies in ``cache``'s storage."""
     B, S, H, D = cache.shape
-    last_row = (B - 1) * s_pad + decode_max_pages(S, page_rows) * page_rows - 1
     if S % page_rows == 0:
         return True  # inside the view itself
     if cache.device.type == "meta":
         return True  # shapes only: no storage to hold to
+    last_row = (B - 1) * s_pad + decode_max_pages(S, page_rows) * page_rows - 1
     end = cache.storage_offset() + last_row * cache.stride(1) + (H - 1) * cache.stride(2) + (D - 1) * cache.stride(3) + 1
     return end * cache.element_size() <= cache.untyped_storage().nbytes()
 
