@@ -95,9 +95,7 @@ def _decode_point(B: int, S: int, kernels: dict, args, copy_tb: float, rows: lis
     caches = [(torch.randn((B, S, H_KV, D), dtype=torch.bfloat16, device=dev),
                torch.randn((B, S, H_KV, D), dtype=torch.bfloat16, device=dev)) for _ in range(L)]  # fmt: skip
     calls = {name: [lambda k=k, v=v, f=f: f(q, k, v, lens) for k, v in caches] for name, f in kernels.items()}
-    fi: list = []
-    for _ in range(L):
-        flashinfer_paged.anchor(lambda backend, memory, block, fn: fi.append(fn), "decode", q, B, S, H_KV, D)
+    fi = flashinfer_paged.anchor_layers("decode", q, B, S, H_KV, D, L)
     if fi:
         calls["flashinfer_paged/16"] = fi
     ref = None

@@ -32,3 +32,10 @@ def test_no_anchor_no_ratio():
     flashinfer_paged.annotate(rows)
     assert "x_flashinfer_paged" not in rows[0]
 
+
+
+def test_anchor_layers_empty_without_flashinfer():
+    """The step section's anchor calls: none where FlashInfer cannot run (here: the CPU)."""
+    import torch
+
+    assert flashinfer_paged.anchor_layers("decode", torch.zeros(1, 8, 64), 1, 64, 2, 64, 3) == []

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BLOCK", "anchor", "annotate"]
+__all__ = ["BLOCK", "anchor", "anchor_layers", "annotate"]
 
 #: Tokens per page of the anchor (vLLM's and FlashInfer's common default).
 BLOCK = 16
@@ -82,6 +82,15 @@ def anchor(record: Callable, kind: str, q: torch.Tensor, B: int, S: int, H_kv: i
 
     record("flashinfer_paged", "paged", BLOCK, fn)
 
+
+
+def anchor_layers(kind: str, q: torch.Tensor, B: int, S: int, H_kv: int, D: int, layers: int) -> list:
+    """``layers`` calls of the anchor, each over a pool of its own (the layers of a step graph);
+    empty when FlashInfer is not importable, a build failure raised by its call (as :func:`anchor`)."""
+    calls: list = []
+    for _ in range(layers):
+        anchor(lambda backend, memory, block, fn: calls.append(fn), kind, q, B, S, H_kv, D)
+    return calls
 
 def annotate(rows: list) -> None:
     """Give every timed ``decode``, ``prefill`` and ``step`` row ``x_flashinfer_paged``: the anchor's time over

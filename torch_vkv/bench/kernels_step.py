@@ -65,9 +65,7 @@ def step_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None])
             for backend in [b for b in STEP_BACKENDS if _k()._available(b, dev)]:
                 calls = [lambda k=k, v=v, b=backend: attention(q, k, v, lens, backend=b) for k, v in layers]
                 rows.append(_timed(cfg, dict(base, backend=backend, memory="vm"), calls, kv_bytes, copy_bw, log))
-            anchors: list = []
-            for _ in range(L):
-                flashinfer_paged.anchor(lambda backend, memory, block, fn: anchors.append(fn), "decode", q, B, S, H_kv, D)
+            anchors = flashinfer_paged.anchor_layers("decode", q, B, S, H_kv, D, L)
             if anchors:
                 row = dict(base, backend="flashinfer_paged", memory="paged", block=flashinfer_paged.BLOCK)
                 rows.append(_timed(cfg, row, anchors, kv_bytes, copy_bw, log))
