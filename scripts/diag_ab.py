@@ -19,6 +19,10 @@ run the same on virtual memory, ``bench kernels``' vm section). Rows:
   ``bench kernels``) in ``--rounds`` interleaved rounds, the median; TFLOP/s of the causal half;
   outputs against the baseline's (max |diff|).
 
+``--flashinfer-rows 16,64``: also the ``flashinfer`` backend of :func:`torch_vkv.attention.attention` on the
+same caches with its decode page table in pages of each of these row counts (its default picks
+``DECODE_PAGE_ROWS``, see ``flashinfer_backend.decode_page_rows``).
+
 ``--profile``: also, per layer of each step graph, every kernel's device time and the idle time between
 kernels (the profiler's kernel records over 5 replays).
 
@@ -164,6 +168,22 @@ def _prefill_point(S: int, kernels: dict, args, rows: list) -> None:
               f"spread {spread:4.1f}%)  |diff| {diffs[name]:.1e}", flush=True)  # fmt: skip
 
 
+def _flashinfer_pages(rows_per_page: int):
+    """The ``flashinfer`` backend's decode with its page table in pages of ``rows_per_page`` rows (the
+    module's largest page size set for the call; the plan is keyed by it, so each size plans once)."""
+    from torch_vkv.attention import attention, flashinfer_backend
+
+    def call(q, k, v, lens):
+        default = flashinfer_backend.DECODE_PAGE_ROWS
+        flashinfer_backend.DECODE_PAGE_ROWS = rows_per_page
+        try:
+            return attention(q, k, v, lens, backend="flashinfer")
+        finally:
+            flashinfer_backend.DECODE_PAGE_ROWS = default
+
+    return call
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", default=".ab/triton_kernels", help="an earlier triton_kernels/ folder")
@@ -173,6 +193,7 @@ def main() -> None:
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the prefill timings")
+    p.add_argument("--flashinfer-rows", default="", help="comma list: the flashinfer backend's decode with pages of N rows")
     p.add_argument("--profile", action="store_true", help="also each decode step graph's kernels and idle time per layer")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -194,6 +215,8 @@ def main() -> None:
         "current, tma=True": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
         "current, tma=True, block_n=64": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=64),
     }
+    for rows_per_page in [int(x) for x in args.flashinfer_rows.split(",") if x]:
+        decode[f"flashinfer, pages of {rows_per_page}"] = _flashinfer_pages(rows_per_page)
     for B, S in _pairs(args.decode):
         _decode_point(B, S, decode, args, copy_tb, rows)
     prefill = {

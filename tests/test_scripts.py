@@ -86,6 +86,43 @@ def test_cuda_diag_ab_times_both_copies_of_the_kernels(tmp_path):
     assert profile["current"]["idle between kernels"] >= 0
 
 
+def test_diag_ab_flashinfer_pages_restores_the_page_size_when_the_call_fails():
+    """``--flashinfer-rows`` sets the backend's largest decode page for its call only: also when
+    the call raises (here on the CPU, where the ``flashinfer`` backend refuses the tensors)."""
+    import importlib.util
+
+    import torch
+
+    from torch_vkv.attention import flashinfer_backend
+
+    spec = importlib.util.spec_from_file_location("diag_ab_under_test", ROOT / "scripts" / "diag_ab.py")
+    diag_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag_ab)
+    default = flashinfer_backend.DECODE_PAGE_ROWS
+    q = torch.randn(2, 4, 64)
+    k = torch.randn(2, 32, 2, 64)
+    with pytest.raises(ValueError, match="flashinfer"):
+        diag_ab._flashinfer_pages(16)(q, k, torch.randn_like(k), torch.full((2,), 8, dtype=torch.int32))
+    assert flashinfer_backend.DECODE_PAGE_ROWS == default
+
+
+@pytest.mark.cuda
+def test_cuda_diag_ab_flashinfer_page_sizes(tmp_path):
+    """The flashinfer backend's decode with pages of 16 and 64 rows: both timed, both within bf16
+    rounding of the Triton kernels' output (FlashInfer's wheels are carried to the GPU machine only)."""
+    from torch_vkv.attention import deps
+
+    if not deps.has_flashinfer():
+        pytest.skip("flashinfer is not importable (scripts/gpu_check.sh installs it when .whl/ is carried)")
+    proc = _run_gpu_diag("diag_ab", tmp_path, "--baseline", str(ROOT / "triton_kernels"), "--decode", "1x2048",
+                         "--prefill", ",", "--layers", "2", "--rep-ms", "2", "--flashinfer-rows", "16,64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["kernel"]: r for r in json.loads((tmp_path / "diag_ab.json").read_text()) if r["kind"] == "decode"}
+    for name in ("flashinfer, pages of 16", "flashinfer, pages of 64"):
+        assert "error" not in rows[name], rows[name]
+        assert rows[name]["graph_us"] > 0 and rows[name]["max_diff_vs_first"] < 2e-2
+
+
 @pytest.mark.cuda
 def test_cuda_diag_maps_times_every_mode(tmp_path):
     proc = _run_gpu_diag("diag_maps", tmp_path, "--batch", "2", "--context", "2048", "--layers", "4", "--pages", "8",

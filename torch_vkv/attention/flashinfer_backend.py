@@ -133,9 +133,11 @@ def decode_page_rows(k_cache: torch.Tensor) -> int:
 
     ``S_max`` itself need not be a multiple: a cache of 99,727 rows (a KVCache sized to a
     prompt plus its output) took one page per slot before, so FlashInfer, which splits a
-    request's keys in whole pages, could not split its long requests: the likely cause of
-    the 5x slower decode steps measured at 80-99K context (docs/benchmarks.md, sixteenth
-    session; not re-measured since).
+    request's keys in whole pages, could not split its long requests: its decode steps at
+    80-99K context in the engine were 5x slower than FlashInfer's paged decode (49.4 ms
+    against 10.6-10.9, H200, sixteenth session). With pages of 64 rows they are level with
+    it (inter-token latency p50 11.3 ms against 11.9 for FlashInfer paged, nineteenth
+    session; docs/benchmarks.md).
     """
     S, s_pad = k_cache.shape[1], flat_rows(k_cache)
     rows = DECODE_PAGE_ROWS

@@ -80,9 +80,10 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       TFLOP/s for ``triton`` at 8K, 649 vs 539 at 32K, 525 vs 419 at 4K, 578 vs 505
       for 4 requests of 1K new tokens over 4K keys; but 134 vs 315 at 2K, where its
       call's host time (about 0.2 ms) dominates: hence the threshold. Its decode
-      trails ``triton`` (180 vs 138 us at batch 32, 4K from CUDA graphs,
-      2026-12-02; 5x slower steps at 99K context in the engine, 2026-12-04):
-      never chosen for decode.
+      trails ``triton`` (per layer of a 32-layer step graph, 2026-12-04: 32.5 vs
+      24.2 us at batch 1, 16K; 137.3 vs 125.2 at batch 32, 4K; FlashInfer's own
+      kernel is level with ours, the page-table write and the output masking
+      around it are not): never chosen for decode.
     * CUDA decode (``cu_seqlens_q=None``): ``triton`` split-KV (flash-decoding
       over every request/head/split; FA2's varlen kernel does not split KV and
       reaches ~41% of copy bandwidth), else ``flash_attn``, else ``torch_fa2``.

@@ -222,11 +222,14 @@ def _release(device: torch.device) -> None:
 
 
 def warm_up(engine: Any, *, chunk_size: int, max_seq_len: int) -> None:
-    """A chunk-sized prompt and two short ones, 3 tokens each: prefill, chunked prefill mixed with
-    decodes, and decode batches all run once (kernels compile on first use, seconds each)."""
+    """A prompt of a chunk and a sixteenth more, and two short ones, 3 tokens each: prefill,
+    chunked prefill mixed with decodes, and decode batches all run once (kernels compile on first
+    use, seconds each). The long prompt's second chunk, a few hundred rows over a chunk of history,
+    is what the last chunk of a long prompt runs (``auto`` takes ``triton`` there, reading through
+    tensor descriptors: a kernel variant of its own), compiled here rather than inside the timed run."""
     from torch_vkv.serving import SamplingParams
 
-    long = max(1, min(chunk_size, max_seq_len - 4) - 3)
+    long = max(1, min(chunk_size + max(1, chunk_size // 16), max_seq_len - 4) - 3)
     warm = [[1] * long, [2] * min(21, max_seq_len - 4), [3] * min(5, max_seq_len - 4)]
     engine.generate(warm, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
 
