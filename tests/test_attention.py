@@ -203,6 +203,51 @@ def test_decode_block_n_rule(monkeypatch):
     assert rule(128, 8, 128, 1, cuda, True, long_rows - 1) == 64
 
 
+def test_decode_stages_rule(monkeypatch):
+    """Two pipeline stages for 16-bit head_dim 128 with one split between two and four waves of
+    (request, kv head) programs (three programs an SM instead of two: measured faster on the H200),
+    three elsewhere; decode_attention takes the rule's value unless num_stages is given."""
+    monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
+    rule, cuda = tk().default_decode_stages, torch.device("cuda")
+    assert rule(64, 8, 128, 1, cuda, False) == 2  # 512 programs: 3.9 waves of 132
+    assert rule(48, 8, 128, 1, cuda, False) == 2  # 384
+    assert rule(34, 8, 128, 1, cuda, False) == 2 and rule(33, 8, 128, 1, cuda, False) == 3  # 264 = 2 x 132
+    assert rule(65, 8, 128, 1, cuda, False) == 2 and rule(66, 8, 128, 1, cuda, False) == 3  # 528 = 4 x 132
+    assert rule(64, 8, 128, 2, cuda, False) == 3  # split keys
+    assert rule(64, 8, 128, 1, cuda, True) == 3  # descriptors: measured with 3
+    assert rule(64, 8, 64, 1, cuda, False) == 3 and rule(64, 8, 128, 1, cuda, False, element_size=4) == 3
+    assert rule(64, 8, 128, 1, torch.device("cpu"), False) == 3
+
+    seen = []
+    real = decode_mod().default_decode_stages
+    monkeypatch.setattr(decode_mod(), "default_decode_stages", lambda *a, **kw: seen.append(a) or real(*a, **kw))
+    b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu", seed=11)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, slots=b.slots)
+    out = tk().decode_attention(b.q, k, v, b.cache_seqlens, slots=b.slots, block_n=16)
+    assert_close(out, reference(b, k, v), torch.bfloat16)
+    assert len(seen) == 1 and seen[0][:3] == (b.q.shape[0], k.shape[2], b.q.shape[2])
+    tk().decode_attention(b.q, k, v, b.cache_seqlens, slots=b.slots, block_n=16, num_stages=2)
+    assert len(seen) == 1  # given: not asked
+
+
+@pytest.mark.cuda
+def test_cuda_decode_two_stage_default_equals_three_stages():
+    """Where the default takes two stages (64 requests of 8 KV heads on an H100/H200-sized GPU), the
+    output is bitwise that of three stages and within bf16 rounding of the float64 reference."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    R = 2 * sms // 8 + 1 + 8  # between two and four waves of 8-head requests
+    if tk().default_decode_stages(R, 8, 128, 1, torch.device("cuda"), False) != 2:
+        pytest.skip(f"two stages are not the default for {R} requests on this GPU ({sms} SMs)")
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    q = torch.randn(R, 32, 128, dtype=torch.bfloat16, device="cuda", generator=gen)
+    k = torch.randn(R, 512, 8, 128, dtype=torch.bfloat16, device="cuda", generator=gen)
+    v = torch.randn(R, 512, 8, 128, dtype=torch.bfloat16, device="cuda", generator=gen)
+    lens = torch.randint(1, 513, (R,), dtype=torch.int32, device="cuda", generator=gen)
+    out = tk().decode_attention(q, k, v, lens, num_splits=1)
+    assert torch.equal(out, tk().decode_attention(q, k, v, lens, num_splits=1, num_stages=3))
+    assert_close(out, tk().decode_reference(q, k, v, lens), torch.bfloat16)
+
+
 def _while_capturing(fn):
     """``fn()`` called while a CUDA graph is being captured (with one kernel in it, so the graph is not empty)."""
     graph, x = torch.cuda.CUDAGraph(), torch.zeros(1, device="cuda")

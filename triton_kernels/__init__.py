@@ -30,6 +30,7 @@ from .decode import (  # noqa: E402
     decode_attention,
     decode_reference,
     default_decode_block_n,
+    default_decode_stages,
     default_decode_tma,
     default_num_splits,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "default_launch",
     "default_tma",
     "default_decode_block_n",
+    "default_decode_stages",
     "default_decode_tma",
     "default_num_splits",
     "gather_paged",
