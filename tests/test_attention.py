@@ -217,6 +217,7 @@ def test_decode_stages_rule(monkeypatch):
     assert rule(64, 8, 128, 1, cuda, True) == 3  # descriptors: measured with 3
     assert rule(64, 8, 64, 1, cuda, False) == 3 and rule(64, 8, 128, 1, cuda, False, element_size=4) == 3
     assert rule(64, 8, 128, 1, torch.device("cpu"), False) == 3
+    assert rule(64, 8, 128, 1, cuda, False, paged=True) == 3  # the paged twin: not measured
 
     seen = []
     real = decode_mod().default_decode_stages

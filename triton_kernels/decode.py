@@ -236,10 +236,10 @@ def default_decode_block_n(num_requests: int, num_kv_heads: int, head_dim: int, 
 
 
 def default_decode_stages(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,
-                          device: torch.device, tma: bool, element_size: int = 2) -> int:  # fmt: skip
+                          device: torch.device, tma: bool, element_size: int = 2, paged: bool = False) -> int:  # fmt: skip
     """Pipeline stages of :func:`decode_attention`'s key loop: 3, but 2 for 16-bit head_dim 128 with
     one split per ``(request, kv head)`` and between two and four waves of programs on the GPU's
-    SMs (pointer loads), where three stages' 96 KiB of shared memory fit two programs on an SM and
+    SMs (pointer loads over contiguous rows; the paged twin was not measured), where three stages' 96 KiB of shared memory fit two programs on an SM and
     two stages' 64 KiB three.
 
     Measured on the H200 (``scripts/diag_decode.py``, Llama-3-8B heads, bf16, one split, 64-key
@@ -249,7 +249,7 @@ def default_decode_stages(num_requests: int, num_kv_heads: int, head_dim: int, n
     waves (batch 128) are faster with 3: 135.3 against 152.5 us at batch 32, 4K; 1930.8 against
     1967.5 at batch 128, 16K.
     """
-    if head_dim != 128 or element_size != 2 or num_splits != 1 or tma or device.type != "cuda":
+    if head_dim != 128 or element_size != 2 or num_splits != 1 or tma or paged or device.type != "cuda":
         return 3
     programs = num_requests * num_kv_heads
     return 2 if 2 * sm_count(device) < programs < 4 * sm_count(device) else 3
@@ -321,7 +321,7 @@ def decode_attention(
     if block_n is None:
         block_n = default_decode_block_n(R, H_kv, D, num_splits, q.device, tma, span)
     if num_stages is None:
-        num_stages = default_decode_stages(R, H_kv, D, num_splits, q.device, tma, q.element_size())
+        num_stages = default_decode_stages(R, H_kv, D, num_splits, q.device, tma, q.element_size(), paged)
     if out is None:
         out = torch.empty_like(q)
     if R == 0:
