@@ -564,19 +564,16 @@ def test_on_kvcache_host_backend(backend, layout):
 
 @pytest.mark.slow
 def test_bench_kernels_smoke(tmp_path):
-    """`python -m torch_vkv bench kernels --smoke` runs end to end and writes its report."""
+    """`python -m torch_vkv bench kernels --smoke` runs end to end and writes its report (the sections
+    the interpreter runs in seconds; vm and tune: the next test)."""
     import json
 
     from torch_vkv.bench.kernels import main
 
-    assert main(["--smoke", "--no-plots", "--out", str(tmp_path)]) == 0
+    assert main(["--smoke", "--no-plots", "--sections", "decode,prefill,layout,window,step", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     sections = {r["section"] for r in rows}
-    assert {"copy", "decode", "prefill", "vm_vs_malloc", "window", "decode_tune", "prefill_tune"} <= sections
-    tune = [r for r in rows if r["section"] == "prefill_tune"]
-    assert len(tune) >= 2 and all(r["tflop_s"] > 0 for r in tune)
-    assert [r["note"] for r in tune].count("default") == 1
-    assert "Triton prefill, batch 1, S=64: best" in (tmp_path / "kernels.md").read_text()
+    assert {"copy", "decode", "prefill", "window", "step"} <= sections
     assert not [r for r in rows if str(r.get("note", "")).startswith("error")], rows
     win = [r for r in rows if r["section"] == "window"]
     full = {r["backend"]: r["bytes_read"] for r in win if r["note"] == "window_left=None"}
@@ -586,6 +583,26 @@ def test_bench_kernels_smoke(tmp_path):
     step = [r for r in rows if r["section"] == "step"]
     assert {(r["batch"], r["context"]) for r in step} == {(1, 256), (4, 256)}
     assert all(r["us"] > 0 and r["layers"] == 2 and r["memory"] == "vm" for r in step), step
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TORCH_VKV_SLOW_TESTS") != "1",
+                    reason="about 75 s in the Triton interpreter; runs with TORCH_VKV_SLOW_TESTS=1, and on the GPU "
+                           "in every `bench kernels --quick` of scripts/gpu_check.sh")  # fmt: skip
+def test_bench_kernels_smoke_vm_and_tune_sections(tmp_path):
+    """`bench kernels --smoke --sections vm,tune`: the same kernel on both memories, and the launch sweeps."""
+    import json
+
+    from torch_vkv.bench.kernels import main
+
+    assert main(["--smoke", "--no-plots", "--sections", "vm,tune", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert {"copy", "vm_vs_malloc", "decode_tune", "prefill_tune"} <= {r["section"] for r in rows}
+    tune = [r for r in rows if r["section"] == "prefill_tune"]
+    assert len(tune) >= 2 and all(r["tflop_s"] > 0 for r in tune)
+    assert [r["note"] for r in tune].count("default") == 1
+    assert "Triton prefill, batch 1, S=64: best" in (tmp_path / "kernels.md").read_text()
+    assert not [r for r in rows if str(r.get("note", "")).startswith("error")], rows
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 128), (3, 1, 32), (6, 2, 64)], ids=["MQA", "MQA-group3-d32", "GQA-group3"])
