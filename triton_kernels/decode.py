@@ -251,8 +251,8 @@ def default_decode_stages(num_requests: int, num_kv_heads: int, head_dim: int, n
     """
     if head_dim != 128 or element_size != 2 or num_splits != 1 or tma or paged or device.type != "cuda":
         return 3
-    programs = num_requests * num_kv_heads
-    return 2 if 2 * sm_count(device) < programs < 4 * sm_count(device) else 3
+    more_than_two_waves = num_requests * num_kv_heads > 2 * sm_count(device)
+    return 2 if more_than_two_waves and not _many_waves(num_requests, num_kv_heads, device) else 3
 
 
 @on_tensor_device
