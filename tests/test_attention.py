@@ -385,10 +385,11 @@ def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
     monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert tk().default_num_splits(32, 8, 4096, cuda) == 1  # 256 programs >= 132 SMs
-    assert tk().default_num_splits(1, 8, 16384, cuda) == 33  # ceil(2 * 132 / 8)
+    assert tk().default_num_splits(1, 8, 16384, cuda) == 33  # 2 * 132 // 8
+    assert tk().default_num_splits(16, 8, 16384, cuda) == 2  # 256 programs: one wave of two an SM, not 1.5
     assert tk().default_num_splits(1, 8, 1024, cuda) == 4  # 256 keys a split at least
     assert tk().default_num_splits(1, 1, 1 << 20, cuda) == 64  # capped
-    assert tk().default_num_splits(8, 8, 4096, cuda) == 5
+    assert tk().default_num_splits(8, 8, 4096, cuda) == 4  # 256 programs, not 320
     assert tk().default_num_splits(1, 2, 4096, torch.device("cpu")) == 4  # 4 "SMs" off CUDA
     # The paged twin keeps about four waves (its block-table loads gain from more programs).
     assert tk().default_num_splits(32, 8, 4096, cuda, paged=True) == 3

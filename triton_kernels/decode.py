@@ -166,14 +166,18 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     """Splits per (request, kv head), at least 256 keys a split.
 
     Contiguous rows: one split when the ``(request, kv head)`` programs already fill every
-    SM, else enough splits for about two waves of programs. Paged (``paged=True``): about
-    four waves, whatever the batch, as the block-table loads gain from more programs in flight.
+    SM, else as many splits as fit one wave of two programs an SM (``2 * SMs // programs``,
+    rounded down). Paged (``paged=True``): about four waves, whatever the batch (rounded up), as
+    the block-table loads gain from more programs in flight.
 
     Measured on the H200 (``bench kernels``, CUDA-graph replay, 2026-12-02), Llama-3-8B heads:
     contiguous, batch 32, 4K (256 programs on 132 SMs): 1 split 134.9 us against 142.3 for 3
     (the four-wave rule); batch 1, 16K: 32 splits 31.7 us against 34.3 for 64. The paged twin
     under the two-wave rule slowed down instead: batch 32, 4K, block 16: 161.4 us against 148.9
-    (16K: 588 against 513), so it keeps four waves.
+    (16K: 588 against 513), so it keeps four waves. Rounding down rather than up (2026-12-04,
+    ``scripts/diag_ab.py``, per layer of a 32-layer step graph): batch 8, 32K, 4 splits 246.4 us
+    against 5 splits' 265.7 (1.2 waves); batch 8, 16K 127.6 against 136.7; batch 4, 32K 127.5
+    against 143.1; batch 2, 32K 67.9 against 72.9; batch 16, 16K 246.5 against 249.9.
     Depends only on shapes (never on the lengths on the device), so a CUDA graph captured
     once replays with any lengths.
     """
@@ -181,7 +185,9 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     programs = max(1, num_requests * num_kv_heads)
     if not paged and programs >= sms:
         return 1
-    want = math.ceil((4 if paged else 2) * sms / programs)
+    # Contiguous: at most one wave of two programs an SM (rounded down: 1.2 waves left a short
+    # second wave, slower than 1.0). Paged: rounded up, as measured.
+    want = math.ceil(4 * sms / programs) if paged else (2 * sms) // programs
     cap = max(1, math.ceil(max_len / 256))
     return int(max(1, min(want, cap, 64)))
 
