@@ -108,6 +108,21 @@ def int_arg(low: int, high: int | None = None):
     return parse
 
 
+def int_list_arg(low: int):
+    """An ``argparse`` type: a comma list of ints >= ``low`` ("8,16,32"), with "expected X, got Y" on failure."""
+    import argparse
+
+    one = int_arg(low)
+
+    def parse(text: str) -> list[int]:
+        items = [t.strip() for t in text.split(",")]
+        if not text.strip() or "" in items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of ints >= {low} such as '8,16', got {text!r}")
+        return [one(t) for t in items]
+
+    return parse
+
+
 #: ``argparse`` types for counts (>= 1) and sizes that may be 0.
 positive_int_arg = int_arg(1)
 non_negative_int_arg = int_arg(0)

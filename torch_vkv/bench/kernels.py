@@ -46,6 +46,7 @@ Examples::
     python -m torch_vkv bench kernels --smoke            # tiny, CPU ok (plumbing check)
     python -m torch_vkv bench kernels --quick --window 0      # without the 4K-window decode section
     python -m torch_vkv bench kernels --quick --sections decode,prefill
+    python -m torch_vkv bench kernels --quick --sections decode --batches 8,16 --contexts 4096,32768
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch_vkv._checks import device_arg, out_dir_arg
+from torch_vkv._checks import device_arg, int_list_arg, out_dir_arg
 from torch_vkv.bench.kernels_decode import decode_rows, decode_summary
 from torch_vkv.bench.kernels_step import step_rows, step_summary
 from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
@@ -129,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flex-everywhere", action="store_true", help="run flex at every shape (compiles per shape: slow)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of sections to run, from "
                    f"{','.join(SECTIONS)} (default: all; the copy bandwidth is always measured)")  # fmt: skip
+    p.add_argument("--batches", type=int_list_arg(1), default=None,
+                   help="comma list: the decode section's batch sizes instead of the run size's (e.g. 8,16,32)")
+    p.add_argument("--contexts", type=int_list_arg(1), default=None,
+                   help="comma list: the decode section's context lengths instead of the run size's (e.g. 4096,16384)")
     p.add_argument("--window", type=int, default=4096, help="the sliding-window decode section: window_left=N "
                    "at 32K and 128K context vs full attention, time and bytes read (default 4096; 0: off)")  # fmt: skip
     return p
@@ -166,6 +171,8 @@ def _config(args) -> Config:
             tune=[(8, 16384), (32, 4096), (128, 16384)], prefill_tune=[8192, 32768], layout_cases=[(8, 4096), (32, 4096), (8, 16384)],
             step_cases=[(1, 16384), (2, 16384), (4, 16384), (1, 32768), (4, 32768), (8, 16384), (32, 4096)],
         )  # fmt: skip
+    cfg.batches = args.batches or cfg.batches
+    cfg.contexts = args.contexts or cfg.contexts
     if args.flex_everywhere:
         cfg.flex_decode = None
         cfg.flex_prefill = None
