@@ -23,6 +23,9 @@ run the same on virtual memory, ``bench kernels``' vm section). Rows:
 same caches with its decode page table in pages of each of these row counts (its default picks
 ``DECODE_PAGE_ROWS``, see ``flashinfer_backend.decode_page_rows``).
 
+``--prefill-launch '256,64,16,2,1;...'``: also the current prefill kernel with these launch parameters
+(``block_m, block_n, num_warps, num_stages, tma``), in the same interleaved rounds.
+
 ``--profile``: also, per layer of each step graph, every kernel's device time and the idle time between
 kernels (the profiler's kernel records over 5 replays).
 
@@ -61,6 +64,17 @@ def _load_baseline(path: str):
 
 def _pairs(text: str) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]  # type: ignore[misc]
+
+
+def _launches(text: str) -> list[tuple[int, int, int, int, bool]]:
+    """``--prefill-launch``'s (block_m, block_n, num_warps, num_stages, tma) tuples."""
+    out = []
+    for item in (t for t in text.split(";") if t.strip()):
+        parts = [int(x) for x in item.split(",")]
+        if len(parts) != 5:
+            raise SystemExit(f"--prefill-launch: expected BLOCK_M,BLOCK_N,WARPS,STAGES,TMA, got {item!r}")
+        out.append((*parts[:4], bool(parts[4])))
+    return out  # type: ignore[return-value]
 
 
 def _profile_step(fns: list) -> dict:
@@ -194,6 +208,8 @@ def main() -> None:
     p.add_argument("--rep-ms", type=float, default=40.0)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the prefill timings")
     p.add_argument("--flashinfer-rows", default="", help="comma list: the flashinfer backend's decode with pages of N rows")
+    p.add_argument("--prefill-launch", default="", help="also the current prefill with these launch parameters: "
+                   "';'-separated BLOCK_M,BLOCK_N,WARPS,STAGES,TMA (TMA 0/1), e.g. '256,64,16,2,1;128,128,8,3,1'")
     p.add_argument("--profile", action="store_true", help="also each decode step graph's kernels and idle time per layer")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -223,6 +239,11 @@ def main() -> None:
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
         "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
     }
+    for launch in _launches(args.prefill_launch):
+        bm, bn, warps, stages, tma = launch
+        prefill[f"current {bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "")] = (
+            lambda q, k, v, lens, cu, n, bm=bm, bn=bn, w=warps, st=stages, t=tma: new.prefill_attention(
+                q, k, v, lens, cu, n, block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=t))  # fmt: skip
     for S in [int(x) for x in args.prefill.split(",") if x]:
         _prefill_point(S, prefill, args, rows)
     out_dir = os.environ.get("OUT", ".")
