@@ -70,7 +70,10 @@ def _launches(text: str) -> list[tuple[int, int, int, int, bool]]:
     """``--prefill-launch``'s (block_m, block_n, num_warps, num_stages, tma) tuples."""
     out = []
     for item in (t for t in text.split(";") if t.strip()):
-        parts = [int(x) for x in item.split(",")]
+        try:
+            parts = [int(x) for x in item.split(",")]
+        except ValueError:
+            parts = []
         if len(parts) != 5:
             raise SystemExit(f"--prefill-launch: expected BLOCK_M,BLOCK_N,WARPS,STAGES,TMA, got {item!r}")
         out.append((*parts[:4], bool(parts[4])))

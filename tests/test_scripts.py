@@ -105,6 +105,8 @@ def test_diag_ab_prefill_launches_parse():
     assert diag_ab._launches("") == []
     with pytest.raises(SystemExit, match="expected BLOCK_M,BLOCK_N,WARPS,STAGES,TMA, got '128,64'"):
         diag_ab._launches("128,64")
+    with pytest.raises(SystemExit, match="got '128,64,8,x,1'"):
+        diag_ab._launches("128,64,8,x,1")
 
 
 def test_diag_ab_flashinfer_pages_restores_the_page_size_when_the_call_fails():
