@@ -371,6 +371,25 @@ for length in (rows + 3, rows + 5, 250):
         raise AssertionError(f"no error for length {length}")
 append_kv(k, v, new, 2 * new, torch.tensor([rows], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
 assert torch.equal(k[s, rows - 5:rows], new) and torch.equal(v[s, rows - 5:rows], 2 * new)
+# Plain tensors over the cache's memory are checked the same way: a slice of the views, and the
+# plain tensor the VirtualKVView docstring suggests storing.
+for kk, vv in ((k[:, :200], v[:, :200]), (k.as_subclass(torch.Tensor), v.as_subclass(torch.Tensor))):
+    assert type(kk) is torch.Tensor
+    try:
+        append_kv(kk, vv, new, new, torch.tensor([rows + 5], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+    except ValueError as e:
+        assert "committed" in str(e) and f"[{rows}, {rows + 5})" in str(e), e
+    else:
+        raise AssertionError("no error for a plain tensor over the cache")
+    append_kv(kk, vv, 3 * new, new, torch.tensor([rows], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+    assert torch.equal(k[s, rows - 5:rows], 3 * new)
+c.close()
+try:  # released memory: an error, not a fault
+    append_kv(kk, vv, new, new, torch.tensor([rows], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+except RuntimeError as e:
+    assert "closed" in str(e), e
+else:
+    raise AssertionError("no error after close()")
 """, env={"TORCH_VKV_DEBUG": ""})
 
 

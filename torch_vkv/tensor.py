@@ -58,6 +58,7 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
+import weakref
 from typing import Any, Iterable, NoReturn, Optional, Sequence
 
 import numpy as np
@@ -65,7 +66,7 @@ import torch
 import torch.utils.dlpack
 
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail, is_int
-from torch_vkv import _view_writes
+from torch_vkv import _sharing, _view_writes
 from torch_vkv._ext import core
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
 
@@ -74,6 +75,42 @@ __all__ = ["VirtualKVTensor", "VirtualKVView"]
 
 _CLOSED_WRITE = ("cannot write through a view of a closed cache (its memory is released); "
                  "take new views from an open KVCache")
+
+
+#: Live ``VirtualKVTensor`` s by their storage's address, so that a plain tensor over a cache's memory (a
+#: slice of a view, ``view.as_subclass(torch.Tensor)``) is known for one (:func:`view_over_cache`). A new
+#: reservation at the address of a released one takes its entry.
+_SOURCES: "weakref.WeakValueDictionary[int, VirtualKVTensor]" = weakref.WeakValueDictionary()
+
+
+def cache_source(t: torch.Tensor) -> Optional["VirtualKVTensor"]:
+    """The live :class:`VirtualKVTensor` whose memory ``t`` lies over (shares its storage), or ``None``."""
+    if isinstance(t, (VirtualKVTensor, VirtualKVView)):
+        return t if isinstance(t, VirtualKVTensor) else t.source
+    if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda"):
+        return None
+    try:
+        return _SOURCES.get(t.untyped_storage().data_ptr())
+    except Exception:  # no storage (a fake, functional or wrapper subclass tensor): not a cache's
+        return None
+
+
+def view_over_cache(t: torch.Tensor) -> Optional["VirtualKVView"]:
+    """``t`` as a :class:`VirtualKVView` when it lies over the memory of a live :class:`VirtualKVTensor`
+    (a view itself, or a plain tensor of at least 2 dimensions, slots and rows first, that shares its
+    storage); ``None`` for any other tensor. Reads no data."""
+    if isinstance(t, VirtualKVView):
+        return t
+    source = cache_source(t) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+    return None if source is None else VirtualKVView.of(source, t)
+
+
+def _refuse_share(self: torch.Tensor) -> NoReturn:
+    raise TypeError(
+        f"share_memory_(): a {type(self).__name__} lives in reserved virtual memory and cannot move to shared "
+        "memory (PyTorch would copy the whole range and swap the copy in under every view of the cache); "
+        "clone the rows you want instead, e.g. cache.key(0)[slot, :n].clone().share_memory_()"
+    )
 
 
 def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
@@ -100,6 +137,7 @@ class VirtualKVTensor(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
     __reduce_ex__ = __deepcopy__ = _refuse_copy
+    share_memory_ = _refuse_share
 
     @classmethod
     def empty(
@@ -137,6 +175,7 @@ class VirtualKVTensor(torch.Tensor):
         self.page_size = pool.page_size
         self.pool = pool
         self.reservation = reservation
+        _SOURCES[self.untyped_storage().data_ptr()] = self
         return self
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # never reads the tensor's memory
@@ -305,6 +344,7 @@ class VirtualKVView(torch.nn.Parameter):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
     __reduce_ex__ = __deepcopy__ = _refuse_copy
+    share_memory_ = _refuse_share
 
     #: Slots whose committed rows ``repr`` prints.
     REPR_SLOTS = 2
@@ -499,3 +539,5 @@ def _index_part(part: Any) -> Optional[list[Any]]:
 
 # Every data-writing in-place method of the view is checked (torch_vkv/_view_writes.py).
 _view_writes.install(VirtualKVView)
+# Plain tensors over a cache's memory: no whole-storage copy or move (torch_vkv/_sharing.py).
+_sharing.install()

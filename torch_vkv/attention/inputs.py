@@ -44,14 +44,16 @@ def debug_enabled() -> bool:
 
 
 def _committed_rows_check(cache: torch.Tensor):
-    """For a ``VirtualKVView`` (``KVCache.key``/``value``) of an open cache: a
+    """For a ``VirtualKVView`` (``KVCache.key``/``value``) of an open cache, or a
+    plain tensor over its memory (a slice, ``view.as_subclass(torch.Tensor)``): a
     function ``(slot, start, end) -> bool``, whether those rows are committed
     (the page table read once); ``None`` when nothing can be known (another
     tensor). In a forked child: the pages mapped at fork() (its private
     copies). A closed cache's view raises ``RuntimeError``."""
-    from ..tensor import VirtualKVView  # the tensor module never imports attention
+    from ..tensor import view_over_cache  # the tensor module never imports attention
 
-    if not isinstance(cache, VirtualKVView):
+    cache = view_over_cache(cache)
+    if cache is None:
         return None
     reservation = cache.source.reservation
     if reservation.closed:

@@ -1,0 +1,60 @@
+"""PyTorch's whole-storage paths (``share_memory_``, ``torch.multiprocessing``, pickle, ``torch.save``,
+``copy.deepcopy``) refuse tensors over a cache's memory (torch_vkv/_sharing.py), and only those."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+
+from torch_vkv import KVCache
+
+
+@pytest.fixture
+def cache():
+    c = KVCache(1, 2, 8, max_batch_size=2, max_seq_len=1024, dtype=torch.float32, device="cpu", page_size=4096)
+    yield c
+    c.close()
+
+
+def _whole_storage_paths():
+    return {
+        "share_memory_()": lambda t: t.share_memory_(),
+        "pickle": lambda t: pickle.dumps(t),
+        "torch.save": lambda t: torch.save(t, io.BytesIO()),
+        "copy.deepcopy": lambda t: copy.deepcopy(t),
+        "torch.multiprocessing": lambda t: ForkingPickler.dumps(t),
+    }
+
+
+@pytest.mark.parametrize("path", sorted(_whole_storage_paths()))
+@pytest.mark.parametrize("form", ["slice", "as_subclass", "view"])
+def test_tensors_over_a_cache_refuse_whole_storage_paths(cache, path, form):
+    s = cache.alloc()
+    cache.commit(s, 8)
+    k = cache.key(0)
+    k[s, :8] = torch.arange(8 * 16, dtype=torch.float32).view(8, 2, 8)
+    t = {"slice": lambda: k[s, :8], "as_subclass": lambda: k.as_subclass(torch.Tensor), "view": lambda: k}[form]()
+    with pytest.raises(TypeError, match="clone"):
+        _whole_storage_paths()[path](t)
+    # Nothing moved: the cache's views still see the cache (a fork of the slot reads the same rows).
+    s2 = cache.fork(s, 8)
+    assert torch.equal(k[s2, :8], k[s, :8]) and float(k[s, 7, 1, 7]) == 127.0
+    assert k.untyped_storage().data_ptr() == cache.key(0).source.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("path", sorted(_whole_storage_paths()))
+def test_clones_and_other_tensors_take_torchs_own_paths(cache, path):
+    s = cache.alloc()
+    cache.commit(s, 4)
+    cache.key(0)[s, :4] = 1.5
+    for t in (cache.key(0)[s, :4].clone(), torch.randn(3, 4), torch.nn.Parameter(torch.randn(2))):
+        out = _whole_storage_paths()[path](t)
+        if path == "pickle":
+            assert torch.equal(pickle.loads(out), t)
+        elif path == "copy.deepcopy":
+            assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()

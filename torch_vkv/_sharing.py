@@ -1,0 +1,76 @@
+"""PyTorch's whole-storage paths refuse tensors over a cache's memory.
+
+A plain tensor over a cache's memory (a slice of ``KVCache.key(layer)``,
+``view.as_subclass(torch.Tensor)``) shares the storage of the whole
+reservation, and some of PyTorch's generic paths act on that whole storage:
+
+* ``share_memory_()``, and sending the tensor through ``torch.multiprocessing``
+  (a queue, a pipe, a pool's arguments), copy the storage into shared memory
+  and swap the copy in under *every* tensor of that storage: the cache's own
+  views would then read a stale copy, silently (pages committed later
+  invisible, ``close()`` no longer clearing them).
+* ``pickle``, ``torch.save`` and ``copy.deepcopy`` copy the whole reservation,
+  uncommitted pages included: on CUDA reading an unmapped page is an illegal
+  address, which ends the process's CUDA context.
+
+So these raise ``TypeError`` for a tensor over a registered cache's memory
+(:func:`torch_vkv.tensor.cache_source`), saying what to do instead (clone the
+rows wanted). Every other tensor takes PyTorch's own path, after one dict
+lookup. ``VirtualKVTensor`` and ``VirtualKVView`` refuse the same on their own
+(their ``__reduce_ex__``, ``__deepcopy__`` and ``share_memory_``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["install", "refuse_if_over_cache"]
+
+_installed = False
+
+
+def refuse_if_over_cache(t: Any, what: str) -> None:
+    """Raises ``TypeError`` when ``t`` is a tensor over a registered cache's memory."""
+    from torch_vkv.tensor import cache_source  # the tensor module installs this one
+
+    if isinstance(t, torch.Tensor) and cache_source(t) is not None:
+        raise TypeError(
+            f"{what}: expected a tensor with memory of its own, got a {tuple(t.shape)} {t.dtype} tensor over a "
+            "torch_vkv cache's memory (this would copy or move the whole reservation, and leave the cache's views "
+            "on a stale copy or read uncommitted pages); copy the rows wanted first, e.g. t.clone()"
+        )
+
+
+def _guarded(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse_if_over_cache(self, what)
+        return method(self, *args, **kwargs)
+
+    guarded.__torch_vkv_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def install() -> None:
+    """Wraps ``torch.Tensor.share_memory_``, ``__reduce_ex__``, ``__deepcopy__`` and the reducers
+    ``torch.multiprocessing`` registered for tensors. Idempotent; no device work."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    for name, what in (("share_memory_", "share_memory_()"), ("__reduce_ex__", "pickle / torch.save"),
+                       ("__deepcopy__", "copy.deepcopy")):  # fmt: skip
+        method = getattr(torch.Tensor, name)
+        if not getattr(method, "__torch_vkv_guarded__", False):
+            setattr(torch.Tensor, name, _guarded(method, what))
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch import multiprocessing  # noqa: F401  (registers PyTorch's reducers first)
+
+    for cls in (torch.Tensor, torch.nn.Parameter):
+        reduce = ForkingPickler._extra_reducers.get(cls)  # type: ignore[attr-defined]
+        if reduce is not None and not getattr(reduce, "__torch_vkv_guarded__", False):
+            ForkingPickler.register(cls, _guarded(reduce, "torch.multiprocessing (sharing a tensor)"))
