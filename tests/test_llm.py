@@ -208,6 +208,11 @@ def test_bad_prompts_raise_and_the_llm_keeps_serving(llm):
         llm.chat([{"content": "x"}])
     with pytest.raises(ValueError, match=r"sampling_params.n: expected 1 with the text API .*got 2"):
         llm.generate("hello", SamplingParams(n=2))
+    # A lone surrogate (JSON and Python strings hold one; UTF-8 cannot): the tokenizer raised a bare TypeError.
+    with pytest.raises(ValueError, match=r"prompt: expected text that encodes as UTF-8, .*at character 2"):
+        llm.generate(["ok", "ab\ud800"], GREEDY)
+    with pytest.raises(ValueError, match=r"messages\[1\].content: expected text that encodes as UTF-8"):
+        llm.chat([{"role": "system", "content": "x"}, {"role": "user", "content": "\udfff"}])
     assert llm.engine.stats()["num_running"] == 0
     assert len(llm.generate("hello", GREEDY)[0].token_ids) == 12
 

@@ -102,6 +102,68 @@ def test_a_long_value_is_cut_in_the_message(client):
     assert len(message) < 300 and message.endswith("...")
 
 
+# ------------------------------------------------------ what the server cannot honour or read
+SURROGATE = "a\ud800b"  # valid JSON ("a\\ud800b"), no valid UTF-8: a tokenizer raised a bare TypeError (500)
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", {"prompt": SURROGATE}, "prompt", "prompt: expected text that encodes as UTF-8, got a string "
+     "with an unpaired surrogate '\\ud800' at character 1"),
+    ("/v1/completions", {"prompt": ["x", SURROGATE]}, "prompt.1", "prompt.1: expected text that encodes as UTF-8, "
+     "got a string with an unpaired surrogate '\\ud800' at character 1"),
+    (CHAT, {"messages": [{"role": "user", "content": SURROGATE}]}, "messages", "messages[0].content: expected text "
+     "that encodes as UTF-8, got a string with an unpaired surrogate '\\ud800' at character 1"),
+])  # fmt: skip
+def test_text_that_is_not_utf8_is_a_400_naming_the_field(client, path, body, param, message):
+    payload = json.dumps({**body, "max_tokens": 2}).encode()  # ASCII escapes: httpx's json= cannot encode it
+    r = client.post(path, content=payload, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": "invalid_value"}  # fmt: skip
+    assert client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"logit_bias": {"42": 100}}, "logit_bias"),
+    (CHAT, {"logit_bias": {"42": -100.0}}, "logit_bias"),
+    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (CHAT, {"functions": [{"name": "f"}]}, "functions"),
+])  # fmt: skip
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(client, path, extra, param):
+    """``logit_bias`` was accepted and ignored (200, the unbiased text); like penalties, what the server
+    cannot honour is a 400 ``unsupported``. Their empty or trivial forms are served."""
+    body = {"prompt": [5, 6, 7]} if path != CHAT else {"messages": [{"role": "user", "content": "hi"}]}
+    r = client.post(path, json={**body, **extra, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == "unsupported", r.json()
+    trivial = {"logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "functions": None}[param]
+    r = client.post(path, json={**body, param: trivial, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_an_out_of_vocabulary_stop_token_names_stop_token_ids(client):
+    r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "stop_token_ids": [3, 99999]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "stop_token_ids" and err["message"].startswith("stop_token_ids: expected token ids in [0, ")
+    assert err["message"].endswith("got 99999")
+
+
+def test_a_body_the_server_cannot_read_answers_the_openai_error_body(client):
+    """JSON sent as text/plain: the message names the header; a body that is not UTF-8: OpenAI's error body,
+    not FastAPI's ``{"detail": ...}``."""
+    r = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 400
+    assert r.json()["error"] == {"message": "body: expected a JSON object sent with Content-Type: application/json, "
+                                 "got Content-Type: text/plain", "type": "invalid_request_error", "param": None,
+                                 "code": "invalid_content_type"}  # fmt: skip
+    r = client.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and err["message"].startswith("body: expected a UTF-8 JSON object"), err
+
+
 # ------------------------------------------------------ requests that never fit
 def test_more_prompts_than_the_server_ever_holds_is_a_400_not_a_retryable_503(client):
     """max_batch_size=2 + max_waiting=1: 4 prompts could never be taken, so

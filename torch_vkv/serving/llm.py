@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-from torch_vkv._checks import ArgumentTypeError, check_checkpoint_path, fail
+from torch_vkv._checks import ArgumentTypeError, Described, check_checkpoint_path, fail
 from torch_vkv._lifetime import Closable
 from torch_vkv.serving.engine import Engine
 from torch_vkv.serving.runner import load_causal_lm
@@ -119,6 +119,17 @@ class TextStream:
         return delta
 
 
+def check_text(what: str, text: str) -> str:
+    """``text`` when it encodes as UTF-8, as a tokenizer needs; else ``ValueError`` (a lone surrogate such
+    as ``"\\ud800"``, which JSON and Python strings can hold, made the tokenizer raise a bare ``TypeError``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        fail(what, "text that encodes as UTF-8",
+             Described(f"a string with an unpaired surrogate {text[e.start]!r} at character {e.start}"))  # fmt: skip
+    return text
+
+
 def _load_tokenizer(source: Any) -> Any:
     from transformers import AutoTokenizer
 
@@ -172,7 +183,7 @@ class LLM(Closable):
     def encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
         """A prompt as token ids: a string is tokenized, a list of ids is kept."""
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            return list(self.tokenizer(check_text("prompt", prompt))["input_ids"])
         if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
             fail("prompt", "a string or a sequence of token ids", type(prompt), ArgumentTypeError)
         return list(prompt)
@@ -182,9 +193,11 @@ class LLM(Closable):
         token ids of a prompt that asks for the assistant's reply."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             fail("messages", "a list of {'role', 'content'} dicts", type(messages), ArgumentTypeError)
-        for m in messages:
+        for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 fail("message", "a dict with 'role' and 'content'", m, ArgumentTypeError)
+            if isinstance(m["content"], str):
+                check_text(f"messages[{i}].content", m["content"])
         if not getattr(self.tokenizer, "chat_template", None):
             fail("tokenizer", "a tokenizer with a chat template (chat_template is not set)", None)
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

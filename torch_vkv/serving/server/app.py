@@ -79,7 +79,23 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(validation_error_body(exc.errors()), status_code=400)
+        errors = exc.errors()
+        content_type = request.headers.get("content-type", "")
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and "json" not in content_type.lower():
+            # FastAPI reads a body as JSON only when the request says so: the fix is the header.
+            body = error_body(f"body: expected a JSON object sent with Content-Type: application/json, got "
+                              f"Content-Type: {content_type or '(none)'}", "invalid_request_error", None,
+                              "invalid_content_type")  # fmt: skip
+            return JSONResponse(body, status_code=400)
+        return JSONResponse(validation_error_body(errors), status_code=400)
+
+    @app.exception_handler(400)
+    async def _bad_body(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's own 400s, e.g. a body that is not UTF-8 ("There was an error parsing the body").
+        detail = getattr(exc, "detail", None) or "bad request"
+        body = error_body(f"body: expected a UTF-8 JSON object, got a body that could not be read ({detail})",
+                          "invalid_request_error", None, "invalid_json")  # fmt: skip
+        return JSONResponse(body, status_code=400)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
@@ -139,6 +155,13 @@ def create_app(
         if req.logprobs not in (None, False, 0):
             raise HTTPError(400, f"logprobs: expected null (not supported), got {req.logprobs}",
                              param="logprobs", code="unsupported")  # fmt: skip
+        if req.logit_bias:
+            raise HTTPError(400, f"logit_bias: expected null or {{}} (not supported), got {len(req.logit_bias)} "
+                             "biased token(s)", param="logit_bias", code="unsupported")  # fmt: skip
+        bad = next((t for t in req.stop_token_ids or () if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise HTTPError(400, f"stop_token_ids: expected token ids in [0, {engine.vocab_size}), got {bad}",
+                             param="stop_token_ids", code="invalid_value")  # fmt: skip
         kw: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
         for k in ("temperature", "top_p", "top_k", "seed", "stop"):
             v = getattr(req, k)
@@ -183,7 +206,11 @@ def create_app(
         ids = []
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
-            toks = list(llm.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+            try:
+                toks = llm.encode(prompt)
+            except ValueError as exc:  # text a tokenizer cannot take (a lone surrogate)
+                raise HTTPError(400, f"{param}: {str(exc).split(': ', 1)[-1]}", param=param,
+                                code="invalid_value") from None  # fmt: skip
             check_prompt(toks, param)
             ids.append(toks)
         params = sampling(body, body.max_tokens if body.max_tokens is not None else 16)
@@ -193,6 +220,15 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:  # type: ignore[valid-type]
         check_model(body)
+        form = (body.response_format or {}).get("type", "text")
+        if form != "text":
+            raise HTTPError(400, f'response_format: expected {{"type": "text"}} (no constrained decoding), got '
+                             f"type {form!r}", param="response_format", code="unsupported")  # fmt: skip
+        for field_name in ("tools", "functions"):
+            if getattr(body, field_name):
+                raise HTTPError(400, f"{field_name}: expected null or [] (tool calls are not supported), got "
+                                 f"{len(getattr(body, field_name))} item(s)", param=field_name,
+                                 code="unsupported")  # fmt: skip
         messages = []
         for m in body.messages:
             content = m.content

@@ -42,6 +42,7 @@ class _SamplingFields(_Base):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logprobs: Optional[Union[bool, int]] = None
+    logit_bias: Optional[dict[str, float]] = None  # refused unless empty: it would change what is sampled
     user: Optional[str] = None
 
     @field_validator("stream_options")
@@ -81,6 +82,10 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    # Refused unless absent or trivial (they would change the answer's form): no constrained decoding, no tools.
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    functions: Optional[list[Any]] = None
 
 
 class HTTPError(Exception):
