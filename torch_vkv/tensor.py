@@ -336,6 +336,16 @@ class VirtualKVView(torch.nn.Parameter):
     the cache was closed): such a write would fault. Writes through tensors an
     op returned, ``out=`` arguments of torch functions and in-place torch
     functions (``torch.relu_(view)``, ``torch.Tensor.add_(view, 1)``) are not checked.
+    Nor is the in-place step of an augmented assignment to an index:
+    ``view[slot, rows] += x`` is Python's ``t = view[slot, rows]; t += x;
+    view[slot, rows] = t``, whose ``t += x`` runs on the plain tensor indexing
+    returned before the checked write: over rows that are not committed it
+    faults. Write ``view[slot, rows] = view[slot, rows] + x`` over committed
+    rows (:meth:`committed_rows`), or ``view += x`` on the whole view (checked).
+    A plain tensor over the cache's memory (a slice, ``view.as_subclass``) is
+    checked by :func:`~torch_vkv.append_kv` as the view is, and refused by
+    ``share_memory_``, ``torch.multiprocessing``, pickle, ``torch.save`` and
+    ``copy.deepcopy`` (they would copy or move the whole reservation).
     Reading rows past the committed ones reads zeros on the host backend and
     faults on CUDA: there it is the caller's responsibility.
     """
