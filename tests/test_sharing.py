@@ -58,3 +58,31 @@ def test_clones_and_other_tensors_take_torchs_own_paths(cache, path):
             assert torch.equal(pickle.loads(out), t)
         elif path == "copy.deepcopy":
             assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_over_a_cache_refuse_whole_storage_paths():
+    """On the GPU the same paths would copy the whole reservation to the host, reading pages that are not
+    mapped (an illegal address, the end of the CUDA context): refused, and the context stays usable."""
+    from torch_vkv import append_kv
+
+    cache = KVCache(1, 2, 64, max_batch_size=2, max_seq_len=1 << 16, dtype=torch.bfloat16, device="cuda")
+    try:
+        s = cache.alloc()
+        cache.commit(s, 16)
+        k, v = cache.key(0), cache.value(0)
+        k[s, :16] = 2.0
+        for t in (k[s, :16], k.as_subclass(torch.Tensor)):
+            for path in _whole_storage_paths().values():
+                with pytest.raises(TypeError, match="clone"):
+                    path(t)
+        rows = k.committed_rows()[s]
+        new = torch.ones(1, 2, 64, dtype=torch.bfloat16, device="cuda")
+        with pytest.raises(ValueError, match="committed"):
+            append_kv(k[:, :4096], v[:, :4096], new, new, torch.tensor([rows + 1], dtype=torch.int32),
+                      slots=torch.tensor([s], dtype=torch.int32))  # fmt: skip
+        assert pickle.loads(pickle.dumps(k[s, :16].clone())).eq(2.0).all()
+        torch.cuda.synchronize()
+        assert float(k[s, :16].float().sum()) == 2.0 * 16 * 2 * 64
+    finally:
+        cache.close()
