@@ -61,10 +61,13 @@ def test_clones_and_other_tensors_take_torchs_own_paths(cache, path):
 
 
 @pytest.mark.cuda
-def test_cuda_tensors_over_a_cache_refuse_whole_storage_paths():
+def test_cuda_tensors_over_a_cache_refuse_whole_storage_paths(monkeypatch):
     """On the GPU the same paths would copy the whole reservation to the host, reading pages that are not
-    mapped (an illegal address, the end of the CUDA context): refused, and the context stays usable."""
+    mapped (an illegal address, the end of the CUDA context): refused, and the context stays usable. With
+    TORCH_VKV_DEBUG=1 (device metadata read back) append_kv checks a slice's rows as the view's."""
     from torch_vkv import append_kv
+
+    monkeypatch.setenv("TORCH_VKV_DEBUG", "1")
 
     cache = KVCache(1, 2, 64, max_batch_size=2, max_seq_len=1 << 16, dtype=torch.bfloat16, device="cuda")
     try:
@@ -79,8 +82,8 @@ def test_cuda_tensors_over_a_cache_refuse_whole_storage_paths():
         rows = k.committed_rows()[s]
         new = torch.ones(1, 2, 64, dtype=torch.bfloat16, device="cuda")
         with pytest.raises(ValueError, match="committed"):
-            append_kv(k[:, :4096], v[:, :4096], new, new, torch.tensor([rows + 1], dtype=torch.int32),
-                      slots=torch.tensor([s], dtype=torch.int32))  # fmt: skip
+            append_kv(k[:, : rows + 64], v[:, : rows + 64], new, new, torch.tensor([rows + 1], dtype=torch.int32, device="cuda"),
+                      slots=torch.tensor([s], dtype=torch.int32, device="cuda"))  # fmt: skip
         assert pickle.loads(pickle.dumps(k[s, :16].clone())).eq(2.0).all()
         torch.cuda.synchronize()
         assert float(k[s, :16].float().sum()) == 2.0 * 16 * 2 * 64
