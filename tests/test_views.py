@@ -546,3 +546,22 @@ def test_checked_writes_trace_under_torch_compile():
     k[False] = 5.0  # writes nothing
     assert float(k[0, 0, 0, 0]) == 1.0
     cache.close()
+
+
+@pytest.mark.parametrize("call", [
+    lambda k: k.transpose_(1, 2), lambda k: k.t_() if k.dim() == 2 else k.swapaxes_(0, 1), lambda k: k.unsqueeze_(0),
+    lambda k: k.squeeze_(), lambda k: k.as_strided_((2,), (1,)), lambda k: k.set_(torch.zeros(3)),
+    lambda k: k.resize_(3), lambda k: k.swapdims_(2, 3),
+])  # fmt: skip
+def test_in_place_reshapes_of_the_shared_view_raise_and_change_nothing(call):
+    """``KVCache.key(l)`` returns the same object to every caller (kernels, engine, HF adapter): an in-place
+    transpose or resize of it would change the cache for all of them. TypeError naming what to use instead."""
+    with KVCache(1, 2, 8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu",
+                 page_size=4096) as cache:  # fmt: skip
+        k = cache.key(0)
+        shape, stride, ptr = tuple(k.shape), k.stride(), k.data_ptr()
+        with pytest.raises(TypeError, match=r"shared .* expected (the out-of-place \w+\(\.\.\.\)|a new tensor)"):
+            call(k)
+        assert cache.key(0) is k and (tuple(k.shape), k.stride(), k.data_ptr()) == (shape, stride, ptr)
+        assert k.transpose(1, 2).shape == (2, 2, 64, 8)  # the out-of-place view is fine
+        assert k.detach_() is k and not k.requires_grad  # metadata that keeps the shape: allowed

@@ -12,9 +12,12 @@ writes as an index of the view:
   index addresses, so a write into committed rows works while other slots are
   empty.
 
-Methods that change only metadata (``requires_grad_``, ``transpose_``, ...)
-are left alone. Index tensors on CUDA are not read (that would sync), as in
-``__setitem__``; ``out=`` arguments of torch functions and in-place torch
+Methods that change only metadata are left alone (``requires_grad_``,
+``detach_``), but those that change the view's shape, strides or storage in
+place (``transpose_``, ``unsqueeze_``, ``set_``, ``resize_``, ...) raise
+``TypeError``: ``KVCache.key(l)`` returns one shared view object.
+
+Index tensors on CUDA are not read (that would sync), as in ``__setitem__``; ``out=`` arguments of torch functions and in-place torch
 functions (``torch.relu_(view)``, ``F.relu(view, inplace=True)``,
 ``torch.Tensor.add_(view, 1)``: they do not look the method up on the view)
 are not seen at all.
@@ -35,6 +38,11 @@ __all__ = ["install"]
 _METADATA = {"as_strided_", "detach_", "requires_grad_", "resize_", "resize_as_", "resize_as_sparse_", "set_",
              "share_memory_", "sparse_resize_", "sparse_resize_and_clear_", "squeeze_", "unsqueeze_",
              "swapaxes_", "swapdims_", "t_", "transpose_"}  # fmt: skip
+#: Of those, the ones that change the view's shape, strides or storage in place. ``KVCache.key(l)`` returns the
+#: same view object every time (the kernels, the engine and the HF adapter hold it): ``k.transpose_(1, 2)``
+#: would change it for all of them, so they raise and name the out-of-place method.
+_RESHAPING = {"as_strided_", "resize_", "resize_as_", "resize_as_sparse_", "set_", "sparse_resize_",
+              "sparse_resize_and_clear_", "squeeze_", "unsqueeze_", "swapaxes_", "swapdims_", "t_", "transpose_"}  # fmt: skip
 
 _INPLACE_OPERATORS = ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__", "__imod__",
                       "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__")  # fmt: skip
@@ -126,8 +134,30 @@ def _checked(name: str, places: Optional[Callable[..., Any]]) -> Callable[..., t
     return inplace
 
 
+def _refused(name: str) -> Callable[..., torch.Tensor]:
+    method = getattr(torch.Tensor, name)
+    view_method = name.rstrip("_")
+    instead = (f"the out-of-place {view_method}(...) (a new view of the same memory)" if hasattr(torch.Tensor, view_method)
+               else "a new tensor (this call would re-point or resize the cache's memory)")  # fmt: skip
+
+    def reshape_in_place(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
+        raise TypeError(
+            f"{name}: a cache's view is shared (KVCache.key/value return the same object to every caller) and "
+            f"keeps its shape and memory; expected {instead}, got an in-place call on a {tuple(self.shape)} "
+            f"{type(self).__name__}"
+        )
+
+    reshape_in_place.__name__ = reshape_in_place.__qualname__ = name
+    return reshape_in_place
+
+
 def install(cls: type) -> None:
     """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one."""
     public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
     for name in public + [n for n in _INPLACE_OPERATORS if hasattr(torch.Tensor, n)]:
         setattr(cls, name, _checked(name, _CHOSEN_PLACES.get(name)))
+    for name in _RESHAPING:
+        if hasattr(torch.Tensor, name):
+            setattr(cls, name, _refused(name))
