@@ -342,6 +342,10 @@ class VirtualKVView(torch.nn.Parameter):
     returned before the checked write: over rows that are not committed it
     faults. Write ``view[slot, rows] = view[slot, rows] + x`` over committed
     rows (:meth:`committed_rows`), or ``view += x`` on the whole view (checked).
+    In-place methods that would change the view's shape, strides or storage
+    (``transpose_``, ``unsqueeze_``, ``set_``, ``resize_``, ...) raise
+    ``TypeError``: the cache hands this one object to every caller; use the
+    out-of-place ``transpose(...)``.
     A plain tensor over the cache's memory (a slice, ``view.as_subclass``) is
     checked by :func:`~torch_vkv.append_kv` as the view is, and refused by
     ``share_memory_``, ``torch.multiprocessing``, pickle, ``torch.save`` and
