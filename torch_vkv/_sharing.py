@@ -16,8 +16,9 @@ reservation, and some of PyTorch's generic paths act on that whole storage:
 So these raise ``TypeError`` for a tensor over a registered cache's memory
 (:func:`torch_vkv.tensor.cache_source`), saying what to do instead (clone the
 rows wanted). Every other tensor takes PyTorch's own path, after one dict
-lookup. ``VirtualKVTensor`` and ``VirtualKVView`` refuse the same on their own
-(their ``__reduce_ex__``, ``__deepcopy__`` and ``share_memory_``).
+lookup. ``VirtualKVTensor`` and ``VirtualKVView`` take the same ``share_memory_``
+and refuse pickling and deep copies on their own (their ``__reduce_ex__`` and
+``__deepcopy__``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import torch
 __all__ = ["install"]
 
 #: No data written: shape, strides, autograd or storage bookkeeping only (``share_memory_`` is refused
-#: outright, in tensor.py).
+#: for every tensor over a cache's memory, in _sharing.py).
 _METADATA = {"as_strided_", "detach_", "requires_grad_", "resize_", "resize_as_", "resize_as_sparse_", "set_",
              "share_memory_", "sparse_resize_", "sparse_resize_and_clear_", "squeeze_", "unsqueeze_",
              "swapaxes_", "swapdims_", "t_", "transpose_"}  # fmt: skip

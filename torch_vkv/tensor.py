@@ -105,14 +105,6 @@ def view_over_cache(t: torch.Tensor) -> Optional["VirtualKVView"]:
     return None if source is None else VirtualKVView.of(source, t)
 
 
-def _refuse_share(self: torch.Tensor) -> NoReturn:
-    raise TypeError(
-        f"share_memory_(): a {type(self).__name__} lives in reserved virtual memory and cannot move to shared "
-        "memory (PyTorch would copy the whole range and swap the copy in under every view of the cache); "
-        "clone the rows you want instead, e.g. cache.key(0)[slot, :n].clone().share_memory_()"
-    )
-
-
 def _refuse_copy(self: torch.Tensor, *args: Any) -> NoReturn:
     raise TypeError(
         f"a {type(self).__name__} lives in reserved virtual memory and cannot be pickled, saved with "
@@ -137,7 +129,6 @@ class VirtualKVTensor(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
     __reduce_ex__ = __deepcopy__ = _refuse_copy
-    share_memory_ = _refuse_share
 
     @classmethod
     def empty(
@@ -358,7 +349,6 @@ class VirtualKVView(torch.nn.Parameter):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
     __reduce_ex__ = __deepcopy__ = _refuse_copy
-    share_memory_ = _refuse_share
 
     #: Slots whose committed rows ``repr`` prints.
     REPR_SLOTS = 2
