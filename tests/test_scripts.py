@@ -158,3 +158,30 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _has_nvidia_compiler() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(90).path).exists()
+    except Exception:  # no CUDA backend in this Triton, or no ptxas shipped with it
+        return False
+
+
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton ships no CUDA backend or ptxas to compile with")
+def test_diag_sass_prefill_compiles_for_hopper_with_asynchronous_mma(tmp_path):
+    """Compiled for sm90 on this machine (no GPU): the prefill's main loop issues tensor-core MMAs
+    (HGMMA) and ptxas does not serialize them (its C7511 warning makes every MMA wait for the one
+    before: a slower kernel that is still correct, so no GPU test would notice)."""
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_sass.py"), "--launch", "128,64,8,2"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "diag_sass.json").read_text())
+    assert row["launch"] == [128, 64, 8, 2] and 0 < row["registers"] <= 255
+    assert not row["wgmma_serialized"], row
+    assert any(loop["HGMMA"] > 0 and loop["MUFU.EX2"] > 0 for loop in row["loops"]), row["loops"]
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_sass.py"), "--launch", "128,64"], check=True,
+                       capture_output=True, timeout=120, env=env, cwd=ROOT)  # fmt: skip

@@ -399,6 +399,13 @@ WRITES = {
     "index_put_ with a uint8 row mask":
         "k.index_put_((torch.tensor([slot]), (torch.arange(256) == 200).to(torch.uint8)), torch.tensor(1.0))",
     "uint8 row mask": "k[slot, (torch.arange(256) == 200).to(torch.uint8)] = torch.ones(1, 2, 8)",
+    # An augmented assignment writes in its in-place step, before the checked __setitem__ (SIGSEGV):
+    # indexing the view checks the rows when the calling bytecode is one (_view_writes._getitem).
+    "augmented assignment to a row": "k[slot, k.committed_rows()[slot]] += 1.0",
+    "augmented assignment to rows": "k[slot, 30:k.committed_rows()[slot] + 5] *= 2",
+    "augmented assignment to a slot": "k[1] -= 1.0",
+    "augmented assignment to a slice of slots": "k[1:3] += 1.0",  # BINARY_SLICE from Python 3.12 on
+    "augmented assignment with a mask": "k[slot, torch.arange(256) >= 30] += torch.ones(2, 8)",
     "NumPy uint8 row mask": "k[slot, (np.arange(256) == 200).astype(np.uint8)] = torch.ones(1, 2, 8)",
 }
 
@@ -543,6 +550,13 @@ def test_checked_writes_trace_under_torch_compile():
     fn = torch.compile(lambda view, x: (view.add_(1.0), x + 1), fullgraph=True, backend="eager")
     fn(k, torch.ones(2))
     assert float(k[0, 0, 0, 0]) == 1.0
+
+    def bump(view):
+        view[1, :4] += 1.0  # the augmented-assignment check of indexing (eager only)
+        return view[1, :4].sum()
+
+    assert float(torch.compile(bump, fullgraph=True, backend="eager")(k)) == 2.0 * 4 * 2 * 8  # add_ made them 1
+    assert float(k[1, 0, 0, 0]) == 2.0 and float(k[1, 4, 0, 0]) == 1.0
     k[False] = 5.0  # writes nothing
     assert float(k[0, 0, 0, 0]) == 1.0
     cache.close()

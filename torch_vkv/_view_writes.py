@@ -17,6 +17,15 @@ Methods that change only metadata are left alone (``requires_grad_``,
 place (``transpose_``, ``unsqueeze_``, ``set_``, ``resize_``, ...) raise
 ``TypeError``: ``KVCache.key(l)`` returns one shared view object.
 
+An augmented assignment to an index (``view[slot, rows] += x``) is Python's
+``t = view[slot, rows]; t += x; view[slot, rows] = t``: the write happens in
+``t += x``, on the plain tensor indexing returned, before the checked
+``__setitem__``. So ``__getitem__`` asks whether the calling bytecode is such
+an assignment (the index duplicated just before the subscript: ``COPY 2;
+COPY 2`` / ``DUP_TOP_TWO``, or ``COPY 3`` three times before a 3.12+
+``BINARY_SLICE``) and then checks the rows as a write; any other read is
+unchecked, as before.
+
 Index tensors on CUDA are not read (that would sync), as in ``__setitem__``; ``out=`` arguments of torch functions and in-place torch
 functions (``torch.relu_(view)``, ``F.relu(view, inplace=True)``,
 ``torch.Tensor.add_(view, 1)``: they do not look the method up on the view)
@@ -25,7 +34,9 @@ are not seen at all.
 
 from __future__ import annotations
 
+import dis
 import numbers
+import sys
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -153,6 +164,35 @@ def _refused(name: str) -> Callable[..., torch.Tensor]:
     return reshape_in_place
 
 
+def _augmented_subscript_patterns() -> tuple[frozenset[int], tuple[bytes, ...]]:
+    """(the subscript opcodes, the byte strings of the instructions that precede one in
+    ``x[i] op= y``) of this Python's bytecode (see the module docstring)."""
+    op = dis.opmap
+    subscripts = frozenset(op[name] for name in ("BINARY_SUBSCR", "BINARY_SLICE") if name in op)
+    if "COPY" in op:  # 3.11+: two-byte instructions, COPY n duplicates the n-th item of the stack
+        return subscripts, (bytes([op["COPY"], 2, op["COPY"], 2]), bytes([op["COPY"], 3] * 3))
+    return subscripts, (bytes([op["DUP_TOP_TWO"], 0]),)
+
+
+_SUBSCRIPTS, _AUGMENTED_PREFIXES = _augmented_subscript_patterns()
+
+
+def _in_augmented_assignment(frame: Any) -> bool:
+    """Whether ``frame`` is executing the subscript of ``x[i] op= y`` (read-modify-write)."""
+    at = frame.f_lasti
+    code = frame.f_code.co_code  # the unspecialised bytecode
+    if at < 0 or at >= len(code) or code[at] not in _SUBSCRIPTS:
+        return False  # called from a CALL (operator.getitem, super().__getitem__) or C: a plain read
+    return any(code[max(0, at - len(prefix)):at] == prefix for prefix in _AUGMENTED_PREFIXES)
+
+
+def _getitem(self: Any, index: Any) -> torch.Tensor:
+    """``torch.Tensor.__getitem__``; inside ``view[index] op= x`` the rows are checked as a write first."""
+    if not torch.compiler.is_compiling() and _in_augmented_assignment(sys._getframe(1)):
+        self._check_write(index)
+    return torch.Tensor.__getitem__(self, index)
+
+
 def install(cls: type) -> None:
     """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one."""
     public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
@@ -161,3 +201,4 @@ def install(cls: type) -> None:
     for name in _RESHAPING:
         if hasattr(torch.Tensor, name):
             setattr(cls, name, _refused(name))
+    cls.__getitem__ = _getitem

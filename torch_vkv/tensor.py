@@ -327,12 +327,11 @@ class VirtualKVView(torch.nn.Parameter):
     the cache was closed): such a write would fault. Writes through tensors an
     op returned, ``out=`` arguments of torch functions and in-place torch
     functions (``torch.relu_(view)``, ``torch.Tensor.add_(view, 1)``) are not checked.
-    Nor is the in-place step of an augmented assignment to an index:
-    ``view[slot, rows] += x`` is Python's ``t = view[slot, rows]; t += x;
-    view[slot, rows] = t``, whose ``t += x`` runs on the plain tensor indexing
-    returned before the checked write: over rows that are not committed it
-    faults. Write ``view[slot, rows] = view[slot, rows] + x`` over committed
-    rows (:meth:`committed_rows`), or ``view += x`` on the whole view (checked).
+    An augmented assignment to an index (``view[slot, rows] += x``, Python's
+    ``t = view[slot, rows]; t += x; view[slot, rows] = t``) is checked when
+    the view is indexed, before ``t += x`` writes (the view's ``__getitem__``
+    recognises the calling bytecode); ``t = view[slot, rows]; t += x`` in two
+    statements writes through a plain tensor and is not.
     In-place methods that would change the view's shape, strides or storage
     (``transpose_``, ``unsqueeze_``, ``set_``, ``resize_``, ...) raise
     ``TypeError``: the cache hands this one object to every caller; use the

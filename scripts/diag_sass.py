@@ -1,0 +1,143 @@
+"""Our Triton prefill kernel compiled for Hopper without a GPU: registers, spills, and whether ptxas keeps
+the tensor-core MMAs (wgmma) asynchronous. A diagnostic that costs no device time.
+
+    python scripts/diag_sass.py [--kernels triton_kernels,.ab/variant/triton_kernels] [--launch 128,128,8,3]
+
+Triton compiles for a target named on the command line (``GPUTarget("cuda", 90, 32)``) with the ``ptxas``
+its wheel ships, so any machine with the ``triton`` package compiles the same SASS as the H200 for the same
+Triton version. For the device's version on a CPU machine: ``pip download --no-deps triton==3.6.0`` and
+``pip install --no-deps --target /tmp/t36 <wheel>``, then run this script with ``PYTHONPATH=/tmp/t36``.
+
+Rows, per kernel folder and launch (``block_m, block_n, num_warps, num_stages``; Llama heads: head_dim 128,
+bf16, causal, tensor descriptors): registers a thread, bytes spilled, shared memory, and ptxas's C7511
+warning ("wgmma.mma_async instructions are serialized", then every MMA of the kernel waits for the one
+before it); per loop of the SASS: its MMA instructions (``HGMMA``), the waits for them
+(``WARPGROUP.DEPBAR``), exponentials (``MUFU.EX2``) and local-memory spills (``STL``/``LDL``).
+Writes ``$OUT/diag_sass.json`` when ``OUT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(path: str, name: str):
+    """The package at ``path`` (a ``triton_kernels/`` folder) under the module name ``name``."""
+    root = Path(path)
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"diag_sass.py: expected a triton_kernels folder at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_prefill(package, block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int = 128):
+    """``_prefill_kernel`` of ``package`` compiled for sm90 (causal, bf16, contiguous cache, descriptors)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = sys.modules[package.__name__ + ".prefill"]._prefill_kernel
+    signature = {name: "i32" for name in fn.arg_names}  # lengths, strides, bounds
+    signature.update({name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")})
+    signature.update({name: "*i32" for name in ("seqlens_ptr", "cu_q_ptr", "slots_ptr", "bt_ptr")})
+    signature.update({name: "fp32" for name in ("qk_mul", "cap_out")})
+    descriptor = f"tensordesc<bf16[1,{block_n},1,{head_dim}]>"
+    signature.update(k_desc=descriptor, v_desc=descriptor)
+    constants = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, WINDOW=False,
+                     SOFTCAP=False, HAS_SLOTS=False, PAGED=False, PAGE_SIZE=1, DOT_F32=False, USE_TMA=True)  # fmt: skip
+    signature.update({name: "constexpr" for name in constants})
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def loops(sass: str, max_len: int = 1500) -> list[dict]:
+    """Per innermost loop (a backward branch spanning at most ``max_len`` instructions) its counts."""
+    ins = _instructions(sass)
+    rows = []
+    for addr, text in ins:
+        m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+        if len(body) > max_len or len(body) < 20:  # not the spin-waits on barriers
+            continue
+        count = {key: sum(key in t for t in body) for key in ("HGMMA", "WARPGROUP.DEPBAR", "MUFU.EX2", "STL", "LDL")}
+        rows.append({"start": hex(int(m.group(1), 16)), "instructions": len(body), **count})
+    return rows
+
+
+def analyse(kernel) -> dict:
+    """ptxas's report (registers, spills, C7511) and the SASS loops of a compiled kernel."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = Path(get_ptxas(90).path)  # the one Triton compiled with (newer Tritons ship two)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                                capture_output=True, text=True, check=True).stderr  # fmt: skip
+        sass = subprocess.run([str(ptxas.parent / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spills.group(1)) if spills else None,
+        "shared_bytes": kernel.metadata.shared,
+        "wgmma_serialized": "C7511" in report,
+        "loops": loops(sass),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", default=str(ROOT / "triton_kernels"), help="comma list of triton_kernels folders")
+    p.add_argument("--launch", default="128,128,8,3", help="';'-separated BLOCK_M,BLOCK_N,WARPS,STAGES")
+    args = p.parse_args()
+    launches = []
+    for item in (t for t in args.launch.split(";") if t.strip()):
+        parts = item.split(",")
+        if len(parts) != 4 or not all(x.strip().isdigit() for x in parts):
+            raise SystemExit(f"--launch: expected BLOCK_M,BLOCK_N,WARPS,STAGES, got {item!r}")
+        launches.append(tuple(int(x) for x in parts))
+    import triton
+
+    print(f"Triton {triton.__version__}, target sm90")
+    rows = []
+    for i, folder in enumerate(k for k in args.kernels.split(",") if k):
+        package = _load(folder, f"tk_sass_{i}")
+        for launch in launches:
+            row = {"kernels": folder, "launch": launch, **analyse(compile_prefill(package, *launch))}
+            rows.append(row)
+            print(f"{folder} {launch}: {row['registers']} registers, {row['spill_bytes']} bytes spilled, "
+                  f"{row['shared_bytes']} bytes shared, wgmma serialized: {row['wgmma_serialized']}")  # fmt: skip
+            for loop in row["loops"]:
+                print("   loop", " ".join(f"{k}={v}" for k, v in loop.items()))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "diag_sass.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
