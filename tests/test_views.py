@@ -7,7 +7,12 @@ Every scenario that could crash the interpreter runs in a child process
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -429,6 +434,53 @@ for layout in ("per_layer", "interleaved"):
     assert "committed" in msg and "slot" in msg and "rows [" in msg, (layout, msg)
     assert torch.equal(k[slot, :40], x), layout
 """, env=LAX)
+
+
+# _view_writes' bytecode test on its own (no torch: any interpreter on the machine can run it).
+AUGMENTED_PROBE = """
+import dis, sys
+src = open(sys.argv[1]).read()
+ns = {"dis": dis, "Any": object}
+exec("from __future__ import annotations\\n" + src[src.index("def _augmented_subscript_patterns"):src.index("def _getitem")], ns)
+class V:
+    log = []
+    def __getitem__(self, i):
+        self.log.append(ns["_in_augmented_assignment"](sys._getframe(1)))
+        return 0
+    def __setitem__(self, i, x):
+        pass
+v = V()
+v[1, 2:3] += 1          # augmented: True
+v[1:3] += 1             # BINARY_SLICE from 3.12 on: True
+v[0] -= 2 * v[5]        # True, then the read v[5]: False
+x, y = v[7], v[1:2]     # reads: False, False
+import operator; operator.getitem(v, 9)  # called, not a subscript: False
+print(v.log)
+"""
+
+
+def _interpreter(version: str) -> str | None:
+    """A working ``python<version>``: on PATH, or installed by pyenv (whose shims fail for versions
+    that are installed but not selected)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for candidate in [shutil.which(f"python{version}"), *sorted(map(str, pyenv.glob(f"{version}.*/bin/python{version}")))]:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True, timeout=30).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13", "3.14"])
+def test_augmented_assignment_is_told_from_a_read_in_each_python(version):
+    """The bytecode of ``x[i] op= y`` differs between Python versions (``DUP_TOP_TWO``; ``COPY 2``
+    twice; ``COPY 3`` three times before 3.12's ``BINARY_SLICE``): each interpreter on this machine runs
+    the detection on the same statements."""
+    python = sys.executable if sys.version.startswith(version + ".") else _interpreter(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
+    source = Path(__file__).resolve().parents[1] / "torch_vkv" / "_view_writes.py"
+    proc = subprocess.run([python, "-c", AUGMENTED_PROBE, str(source)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[True,", "True,", "True,", "False,", "False,", "False,", "False]"]
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
