@@ -226,6 +226,10 @@ def test_info_endpoints(server):
     models = httpx.get(server.url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     assert models["data"][0]["max_model_len"] == MAX_SEQ_LEN
+    vocab_size = models["data"][0]["vocab_size"]  # token-id prompts lie below it
+    for token, status in ((vocab_size - 1, 200), (vocab_size, 400)):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": [token], "max_tokens": 1}, timeout=60)
+        assert r.status_code == status, (token, r.text)
     r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     m = _metrics(server.url)
@@ -382,7 +386,7 @@ def test_bench_serve_client_against_the_server(server, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "torch_vkv", "bench", "serve", "--url", server.url, "--trace", "arxiv_summarization",
          "--num-requests", "6", "--request-rate", "20", "--max-prompt-tokens", "24", "--max-output-tokens", "6",
-         "--vocab-size", "300", "--out", str(out)],
+         "--out", str(out)],  # prompt ids below the model card's vocab_size (no --vocab-size)
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
@@ -391,6 +395,8 @@ def test_bench_serve_client_against_the_server(server, tmp_path):
     assert summary["completed"] == 6 and summary["failed"] == 0
     for key in ("ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "itl_p50_s", "e2e_p90_s", "output_tokens_per_s"):
         assert math.isfinite(summary[key]) and summary[key] > 0, key
+    # goodput against the default targets (2 s to the first token, 0.1 s a token after it)
+    assert (summary["ttft_slo_s"], summary["tpot_slo_s"]) == (2.0, 0.1) and 0 <= summary["goodput_fraction"] <= 1
     requests = report["requests"]
     assert len(requests) == 6
     assert all(q["output_tokens"] == q["expected_output_tokens"] for q in requests)

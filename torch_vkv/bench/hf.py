@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="llama: the cache variants above (default); gemma3: a Gemma-3-like model's KV memory over "
                    "time, VirtualKVCache vs DynamicCache vs StaticCache (torch_vkv/bench/gemma3.py)")  # fmt: skip
     p.add_argument("--beam", action="store_true", help="beam search instead: pages remapped vs rows copied vs "
-                   "DynamicCache (default batch 1, prompt 2048, 256 new tokens; see torch_vkv.bench.hf_beam)")
+                   "DynamicCache (default batch 1, prompt 2048, 256 new tokens; with --tiny prompt 64, 8 new "
+                   "tokens; see torch_vkv.bench.hf_beam)")
     p.add_argument("--num-beams", type=positive_int_arg, default=4, help="beams with --beam (default 4)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over each variant's timed generate(): kernel time per new token vs the "

@@ -573,7 +573,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if scale == "smoke":  # a CPU second is not a GPU second: targets the tiny model meets
         slo = {k: v if v is not None else 60.0 for k, v in slo.items()}
     else:
-        slo = {"ttft_slo_s": slo["ttft_slo_s"] or 2.0, "tpot_slo_s": slo["tpot_slo_s"] or 0.1}
+        slo = {"ttft_slo_s": slo["ttft_slo_s"] or serve_client.DEFAULT_TTFT_SLO_S,
+               "tpot_slo_s": slo["tpot_slo_s"] or serve_client.DEFAULT_TPOT_SLO_S}
     t = time.perf_counter()
     command = "python -m torch_vkv bench serve " + " ".join(sys.argv[3:] if argv is None else argv)
 

@@ -171,23 +171,42 @@ async def _send(client: Any, model: str, spec: RequestSpec, prompt: list[int], t
     return res
 
 
-async def run_workload(url: str, specs: Sequence[RequestSpec], *, model: Optional[str] = None, vocab_size: int = 32000,
+#: Goodput's targets when ``--ttft-slo`` / ``--tpot-slo`` are not given (those of the in-process runs).
+DEFAULT_TTFT_SLO_S, DEFAULT_TPOT_SLO_S = 2.0, 0.1
+
+#: Prompt ids are drawn below this when neither ``--vocab-size`` nor the server's model card (``vocab_size``,
+#: which torch_vkv's server lists) says the model's vocabulary.
+DEFAULT_VOCAB_SIZE = 32000
+
+
+async def run_workload(url: str, specs: Sequence[RequestSpec], *, model: Optional[str] = None,
+                       vocab_size: Optional[int] = None,
                        ignore_eos: bool = True, seed: int = 0, timeout_s: float = 3600.0,
                        extra_body: Optional[dict] = None) -> tuple[list[RequestResult], float, str]:  # fmt: skip
     """Sends ``specs`` to the server at ``url``; returns the results (in
-    ``specs`` order), the run's duration and the model name used."""
+    ``specs`` order), the run's duration and the model name used.
+
+    ``model`` ``None``: the first of the server's ``/v1/models``. ``vocab_size``
+    ``None``: the model card's ``vocab_size`` when the server lists one (torch_vkv's
+    does), else :data:`DEFAULT_VOCAB_SIZE`; prompts are random ids below it."""
     import httpx
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s, limits=limits) as client:
-        if model is None:
+        cards: list = []
+        if model is None or vocab_size is None:
             try:
                 r = await client.get("/v1/models")
                 r.raise_for_status()
-                model = r.json()["data"][0]["id"]
+                cards = [c for c in r.json()["data"] if isinstance(c, dict)]
+                model = model if model is not None else cards[0]["id"]
             except (httpx.HTTPError, ValueError, LookupError, TypeError) as e:
-                raise ConnectionError(f"{url.rstrip('/')}/v1/models: expected an OpenAI-compatible server's model "
-                                      f"list (is it up? --model skips this), got {type(e).__name__}: {e}") from None
+                if model is None:
+                    raise ConnectionError(f"{url.rstrip('/')}/v1/models: expected an OpenAI-compatible server's model "
+                                          f"list (is it up? --model skips this), got {type(e).__name__}: {e}") from None
+        if vocab_size is None:
+            listed = next((c.get("vocab_size") for c in cards if c.get("id") == model), None)
+            vocab_size = listed if isinstance(listed, int) and listed > 0 else DEFAULT_VOCAB_SIZE
         rng = random.Random(seed)
         prompts = [[rng.randrange(vocab_size) for _ in range(s.prompt_tokens)] for s in specs]
         t0 = time.perf_counter()
@@ -236,10 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "all at t=0)")  # fmt: skip
     p.add_argument("--max-prompt-tokens", type=_positive, default=None, help="clip prompt lengths (small servers)")
     p.add_argument("--max-output-tokens", type=_positive, default=None, help="clip output lengths")
-    p.add_argument("--vocab-size", type=_positive, default=32000, help="random prompt ids are below this")
+    p.add_argument("--vocab-size", type=_positive, default=None,
+                   help=f"random prompt ids are below this (default: the server's model card's vocab_size, "
+                        f"else {DEFAULT_VOCAB_SIZE})")  # fmt: skip
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (strict OpenAI servers)")
-    p.add_argument("--ttft-slo", type=_seconds, default=None, help="goodput: TTFT target in seconds")
-    p.add_argument("--tpot-slo", type=_seconds, default=None, help="goodput: TPOT target in seconds")
+    # None: 2 s / 0.1 s (in process, --smoke on a CPU: 60 s each), set where the mode is known
+    p.add_argument("--ttft-slo", type=_seconds, default=None, help="goodput: TTFT target in seconds (default 2)")
+    p.add_argument("--tpot-slo", type=_seconds, default=None, help="goodput: TPOT target in seconds (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds per request")
     p.add_argument("--smoke", action="store_true",
@@ -268,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
             seed=args.seed, timeout_s=args.timeout))  # fmt: skip
     except ConnectionError as e:
         raise SystemExit(f"bench serve: {e}") from None
-    row = summarize(results, duration, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo)
+    row = summarize(results, duration, ttft_slo_s=args.ttft_slo or DEFAULT_TTFT_SLO_S,
+                    tpot_slo_s=args.tpot_slo or DEFAULT_TPOT_SLO_S)  # fmt: skip
     row = {"url": args.url, "model": model, "trace": args.trace, "request_rate": args.request_rate, **row}
     command = "python -m torch_vkv bench serve " + " ".join(sys.argv[3:] if argv is None else argv)
     columns = ["trace", "request_rate", "completed", "failed", "duration_s", "output_tokens_per_s",

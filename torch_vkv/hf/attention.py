@@ -122,12 +122,20 @@ def vkv_attention_forward(
     """The ``"vkv"`` attention implementation: reads the cache, writes nothing to it.
 
     Args:
+        module: the attention layer calling (named in errors; the cache layer is the one
+            ``key`` came from).
         query: ``[B, num_heads, S_q, head_dim]``.
         key, value: what :meth:`VirtualKVLayer.update` returned in vkv mode, the
             full-capacity views ``[max_batch_size, num_kv_heads, max_cache_len, head_dim]``.
         attention_mask: ``[B, S_q]`` bool from :func:`vkv_mask` (False = left
             padding among the new tokens) or ``None``. The cache's step plan,
             built from the same mask, says where the real queries are.
+        dropout: must be 0 (inference only: ``NotImplementedError`` otherwise).
+        scaling: the softmax scale (default ``head_dim ** -0.5``).
+        is_causal: ignored: new tokens always see the cache and the earlier new tokens.
+        kwargs: the model's extras: a sliding window and a soft cap reach the kernel
+            (``window_from_module_kwargs``); attention sinks (``s_aux``, ``sinks``) raise
+            ``NotImplementedError``.
 
     Returns ``(out [B, S_q, num_heads, head_dim], None)``; padding queries get
     zeros. No mask is built and nothing past the cache's lengths is read.

@@ -117,8 +117,10 @@ def create_app(
         return Response(status_code=200)
 
     def model_card() -> dict:
+        # max_model_len as vLLM's card has it; vocab_size: token-id prompts must lie below it (bench serve's load
+        # client reads it for its random prompts).
         return {"id": name, "object": "model", "created": created, "owned_by": "torch_vkv",
-                "max_model_len": engine.max_seq_len}  # fmt: skip
+                "max_model_len": engine.max_seq_len, "vocab_size": engine.vocab_size}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:
