@@ -36,7 +36,10 @@ Registry& registry() {
 }  // namespace
 
 uintptr_t allocator_reserve(std::shared_ptr<Backend> backend, size_t size) {
-  size_t ps = backend->page_size();
+  size_t ps = require(backend, "allocator_reserve: backend")->page_size();
+  if (size > SIZE_MAX - (ps - 1))
+    throw InvalidArgument("allocator_reserve: expected a size of at most " + std::to_string(SIZE_MAX - (ps - 1)) +
+                          " bytes, got " + std::to_string(size));
   size_t bytes = (size + ps - 1) / ps * ps;
   backend->bind_thread();
   uintptr_t addr = backend->reserve(bytes);
@@ -73,6 +76,7 @@ size_t allocator_region_bytes(uintptr_t addr) {
 }
 
 std::shared_ptr<Reservation> allocator_adopt(std::shared_ptr<PagePool> pool, uintptr_t addr) {
+  require(pool, "Reservation.adopt: pool");
   std::shared_ptr<Reservation> res = Reservation::adopt(std::move(pool), addr, allocator_region_bytes(addr));
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);

@@ -146,6 +146,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetObject(cls.ptr(), err.ptr());
     } catch (const InvalidArgument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const WrongType& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const Forked& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     } catch (const DriverError& e) {

@@ -46,6 +46,7 @@ Committer::~Committer() {
 
 uint64_t Committer::submit(std::vector<CommitJob> jobs) {
   origin_.check();
+  for (const CommitJob& job : jobs) require(job.reservation, "Committer.submit: a job's reservation");
   State& s = *state_;
   uint64_t ticket;
   {

@@ -1,6 +1,6 @@
 // Exceptions of the C++ core. The binding layer translates them into Python:
 // OutOfPages -> torch_vkv.OutOfPagesError, DriverError -> RuntimeError,
-// InvalidArgument -> ValueError, Forked -> RuntimeError. Nothing in the core
+// InvalidArgument -> ValueError, WrongType -> TypeError, Forked -> RuntimeError. Nothing in the core
 // ever exits or aborts.
 #pragma once
 
@@ -16,6 +16,18 @@ struct DriverError : std::runtime_error {
 struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
+
+// An argument of the wrong kind, such as None where an object is needed (-> TypeError).
+struct WrongType : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// Throws WrongType when `p` is null: None passed from Python for a core object.
+template <typename T>
+const T& require(const T& p, const char* what) {
+  if (!p) throw WrongType(std::string(what) + ": expected an object, got None");
+  return p;
+}
 
 // An object inherited through fork() was used in the child (fork.h).
 struct Forked : std::runtime_error {

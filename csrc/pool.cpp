@@ -33,7 +33,7 @@ void for_each_run(const std::vector<size_t>& pages, Fn fn) {
 // ------------------------------------------------------------------ PagePool
 
 PagePool::PagePool(std::shared_ptr<Backend> backend, size_t max_pages)
-    : backend_(std::move(backend)), max_pages_(max_pages) {
+    : backend_(std::move(require(backend, "PagePool: backend"))), max_pages_(max_pages) {
   counters_.page_size = backend_->page_size();
   publish_available_locked();  // no other thread can see the pool yet
 }
@@ -233,9 +233,12 @@ Reservation::Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t 
 }
 
 std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool, size_t bytes) {
-  pool->origin().check();
+  require(pool, "Reservation.create: pool")->origin().check();
   if (bytes == 0) throw InvalidArgument("reservation size must be > 0 bytes, got 0");
   size_t ps = pool->page_size();
+  if (bytes > SIZE_MAX - (ps - 1))  // rounded up to whole pages it would wrap around to 0
+    throw InvalidArgument("reservation size: expected at most " + std::to_string(SIZE_MAX - (ps - 1)) +
+                          " bytes, got " + std::to_string(bytes));
   size_t num_pages = (bytes + ps - 1) / ps;
   uintptr_t base;
   {
@@ -247,7 +250,7 @@ std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool,
 }
 
 std::shared_ptr<Reservation> Reservation::adopt(std::shared_ptr<PagePool> pool, uintptr_t addr, size_t bytes) {
-  pool->origin().check();
+  require(pool, "Reservation.adopt: pool")->origin().check();
   size_t ps = pool->page_size();
   if (bytes == 0 || bytes % ps != 0 || addr % ps != 0)
     throw InvalidArgument("a range of " + std::to_string(bytes) + " bytes at " + hex(addr) +

@@ -22,7 +22,9 @@ SlotTable::SlotTable(SlotGeometry geometry, std::vector<std::shared_ptr<Reservat
       g_.bytes_per_token == 0 || g_.margin_tokens < 0 ||
       g_.pages_per_slot * g_.page_size != static_cast<size_t>(g_.padded_seq_len) * g_.bytes_per_token)
     throw InvalidArgument("slot table: inconsistent geometry (rows must be whole pages of whole tokens)");
-  if (buffers_.empty() || !committer_) throw InvalidArgument("slot table: expected buffers and a committer");
+  if (buffers_.empty()) throw InvalidArgument("slot table: expected buffers");
+  require(committer_, "slot table: committer");
+  for (const auto& b : buffers_) require(b, "slot table: a buffer");
   if (buffer_windows.size() != buffers_.size())
     throw InvalidArgument("slot table: expected one window per buffer, got " + std::to_string(buffer_windows.size()) +
                           " for " + std::to_string(buffers_.size()) + " buffers");

@@ -206,3 +206,35 @@ def test_a_stream_that_is_not_a_cuda_stream_is_a_type_error():
     assert cache.committed_tokens(slot) >= 10  # nothing changed
     assert cache.decommit(slot, 0, stream=None) >= 1
     cache.close()
+
+
+def test_core_objects_refuse_none_and_sizes_that_wrap():
+    """The extension's classes, reachable from public objects (``type(tensor.reservation)``,
+    ``type(pool._pool)``), dereferenced a None argument (SIGSEGV), and a reservation of 2**64 - 1 bytes
+    rounded up to 0 pages. In a child: a regression is a failed test."""
+    out = run_python("""
+        import torch
+        from torch_vkv import PagePool, VirtualKVTensor
+        from torch_vkv._ext import core
+        C = core()
+        pool = PagePool("cpu", page_size=64 << 10)
+        t = VirtualKVTensor.empty((4, 1024, 2, 8), dtype=torch.float32, pool=pool)
+        Reservation = type(t.reservation)
+        cases = [
+            (TypeError, "pool: expected an object, got None", lambda: Reservation.create(None, 100)),
+            (TypeError, "backend: expected an object, got None", lambda: type(pool._pool)(None, 10)),
+            (TypeError, "reservation: expected an object, got None", lambda: C.Committer().submit([(None, 0, 1)])),
+            (TypeError, "backend: expected an object, got None", lambda: C.allocator_reserve(None, 100)),
+            (ValueError, "expected at most", lambda: Reservation.create(pool._pool, 2**64 - 1)),
+            (ValueError, "expected a size of at most", lambda: C.allocator_reserve(C.host_backend(65536), 2**64 - 1)),
+        ]
+        for exc, text, call in cases:
+            try:
+                call()
+            except exc as e:
+                assert text in str(e), (text, str(e))
+            else:
+                raise AssertionError(f"no {exc.__name__}: {text}")
+        print("ok")
+    """)
+    assert out.strip() == "ok", out

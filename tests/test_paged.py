@@ -290,3 +290,25 @@ def test_paged_decommit_keeps_blocks_another_slot_holds():
     assert cache.memory_stats()["free_pages"] == 8
     with pytest.raises(ValueError, match="keep_tokens"):
         cache.decommit(a, 65)
+
+
+def test_block_pool_refuses_a_double_free_and_unallocated_blocks():
+    """A second free of a block (or a free of one never allocated) put it on the free list twice, and two
+    requests then got the same block: now a ValueError that frees none of the list."""
+    from torch_vkv import BlockPool
+
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.free([a])
+    with pytest.raises(ValueError, match=f"block {a} has 0 holder"):
+        pool.free([a])
+    with pytest.raises(ValueError, match=f"block {b} freed 2 time"):
+        pool.free([b, b])  # one holder, two frees: all or nothing
+    with pytest.raises(ValueError, match="block 3 has 0 holder"):
+        BlockPool(4).free([3])
+    with pytest.raises(ValueError, match="block 2, which is free"):
+        pool.share([2])
+    assert pool.num_free == 3
+    pool.share([b])
+    pool.free([b, b])  # allocated plus one share: two holders
+    assert pool.num_free == 4 and sorted(pool.allocate(4)) == [0, 1, 2, 3]

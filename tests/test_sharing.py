@@ -60,6 +60,40 @@ def test_clones_and_other_tensors_take_torchs_own_paths(cache, path):
             assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()
 
 
+def _storage_paths():
+    return {
+        "fill_": lambda st: st.fill_(0),  # faulted (SIGSEGV): it writes every byte of the reservation
+        "copy_": lambda st: st.copy_(torch.zeros(st.nbytes(), dtype=torch.uint8).untyped_storage()),
+        "resize_": lambda st: st.resize_(16),  # would swap the memory under every view
+        "share_memory_": lambda st: st.share_memory_(),
+        "pickle": lambda st: pickle.dumps(st),
+        "copy.deepcopy": lambda st: copy.deepcopy(st),
+    }
+
+
+@pytest.mark.parametrize("path", sorted(_storage_paths()))
+@pytest.mark.parametrize("form", ["untyped", "typed", "of a slice"])
+def test_the_storage_of_a_cache_refuses_whole_storage_writes_and_copies(cache, path, form):
+    """``view.untyped_storage()`` is the whole reservation: writing, resizing, sharing or copying it
+    raises TypeError and changes nothing; other storages work as before."""
+    import warnings
+
+    s = cache.alloc()
+    cache.commit(s, 8)
+    k = cache.key(0)
+    k[s, :8] = 2.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage is deprecated
+        storage = {"untyped": lambda: k.untyped_storage(), "typed": lambda: k.storage(),
+                   "of a slice": lambda: k[s, :4].untyped_storage()}[form]()  # fmt: skip
+        with pytest.raises(TypeError, match="storage of a torch_vkv cache"):
+            _storage_paths()[path](storage)
+        assert float(k[s, :8].sum()) == 2.5 * 8 * 16 and k.untyped_storage().data_ptr() == k.data_ptr() - (
+            k.storage_offset() * k.element_size())
+        other = torch.full((8,), 3.0)
+        _storage_paths()[path](other.untyped_storage())  # a storage of its own: PyTorch's path
+
+
 @pytest.mark.cuda
 def test_cuda_tensors_over_a_cache_refuse_whole_storage_paths(monkeypatch):
     """On the GPU the same paths would copy the whole reservation to the host, reading pages that are not

@@ -631,3 +631,22 @@ def test_in_place_reshapes_of_the_shared_view_raise_and_change_nothing(call):
         assert cache.key(0) is k and (tuple(k.shape), k.stride(), k.data_ptr()) == (shape, stride, ptr)
         assert k.transpose(1, 2).shape == (2, 2, 64, 8)  # the out-of-place view is fine
         assert k.detach_() is k and not k.requires_grad  # metadata that keeps the shape: allowed
+
+
+def test_assigning_data_or_requires_grad_of_the_shared_view_raises():
+    """``view.data = t`` re-pointed the one view every caller holds (as ``set_``); ``requires_grad_(True)``
+    made the cache's in-place writes autograd errors and attention's outputs require grad."""
+    with KVCache(1, 2, 8, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cpu",
+                 page_size=4096) as cache:  # fmt: skip
+        k = cache.key(0)
+        ptr = k.data_ptr()
+        with pytest.raises(TypeError, match="data: a cache's view is shared"):
+            k.data = torch.zeros(2, 64, 2, 8)
+        with pytest.raises(TypeError, match="expected requires_grad=False, got True"):
+            k.requires_grad_(True)
+        with pytest.raises(TypeError, match="expected requires_grad=False, got True"):
+            k.requires_grad = True
+        assert k.data_ptr() == ptr and not k.requires_grad and cache.key(0) is k
+        assert type(k.data) is torch.Tensor and k.data.data_ptr() == ptr  # reading .data is as before
+        k.requires_grad_(False)
+        k.requires_grad = False

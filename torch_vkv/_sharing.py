@@ -13,7 +13,12 @@ reservation, and some of PyTorch's generic paths act on that whole storage:
   uncommitted pages included: on CUDA reading an unmapped page is an illegal
   address, which ends the process's CUDA context.
 
-So these raise ``TypeError`` for a tensor over a registered cache's memory
+* The storage itself (``view.untyped_storage()``, ``.storage()``) is the whole
+  reservation: its ``fill_``/``copy_`` write every byte (a fault past the
+  committed pages), ``resize_`` swaps the memory of every view, and its
+  ``share_memory_``, pickling and deep copy do as above.
+
+So these raise ``TypeError`` for a tensor or storage over a registered cache's memory
 (:func:`torch_vkv.tensor.cache_source`), saying what to do instead (clone the
 rows wanted). Every other tensor takes PyTorch's own path, after one dict
 lookup. ``VirtualKVTensor`` and ``VirtualKVView`` take the same ``share_memory_``
@@ -28,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["install", "refuse_if_over_cache"]
+__all__ = ["install", "refuse_if_over_cache", "refuse_if_storage_of_cache"]
 
 _installed = False
 
@@ -45,19 +50,55 @@ def refuse_if_over_cache(t: Any, what: str) -> None:
         )
 
 
-def _guarded(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+def refuse_if_storage_of_cache(storage: Any, what: str) -> None:
+    """Raises ``TypeError`` when ``storage`` (an ``UntypedStorage`` or ``TypedStorage``) is a registered
+    cache's reservation."""
+    from torch_vkv.tensor import _SOURCES
+
+    untyped = getattr(storage, "_untyped_storage", storage)  # a TypedStorage wraps one
+    try:
+        address = untyped.data_ptr()
+    except Exception:  # a storage without memory (meta): not a cache's
+        return
+    if address in _SOURCES:
+        raise TypeError(
+            f"{what}: expected a storage of its own, got the storage of a torch_vkv cache ({untyped.nbytes()} bytes "
+            "of reserved virtual memory, committed or not: this would write, move or copy all of it under every "
+            "view of the cache); work on tensors of the rows wanted, e.g. cache.key(0)[slot, :n]"
+        )
+
+
+def _guarded(method: Callable[..., Any], what: str, check: Callable[[Any, str], None] = refuse_if_over_cache
+             ) -> Callable[..., Any]:  # fmt: skip
     @functools.wraps(method)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        refuse_if_over_cache(self, what)
+        check(self, what)
         return method(self, *args, **kwargs)
 
     guarded.__torch_vkv_guarded__ = True  # type: ignore[attr-defined]
     return guarded
 
 
+def _guarded_storage_copy(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """A storage's ``copy_``, refused into a cache's storage unless from that storage itself: such a copy
+    writes nothing (Triton's CPU interpreter copies every argument's storage back onto itself)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+        untyped = getattr(self, "_untyped_storage", self)
+        if getattr(source, "_untyped_storage", source) is not untyped and not (
+                hasattr(source, "data_ptr") and source.data_ptr() == untyped.data_ptr()):  # fmt: skip
+            refuse_if_storage_of_cache(self, what)
+        return method(self, source, *args, **kwargs)
+
+    guarded.__torch_vkv_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
 def install() -> None:
-    """Wraps ``torch.Tensor.share_memory_``, ``__reduce_ex__``, ``__deepcopy__`` and the reducers
-    ``torch.multiprocessing`` registered for tensors. Idempotent; no device work."""
+    """Wraps ``torch.Tensor.share_memory_``, ``__reduce_ex__``, ``__deepcopy__``, the writing, resizing
+    and copying methods of the storage classes and the reducers ``torch.multiprocessing`` registered
+    for tensors. Idempotent; no device work."""
     global _installed
     if _installed:
         return
@@ -67,6 +108,13 @@ def install() -> None:
         method = getattr(torch.Tensor, name)
         if not getattr(method, "__torch_vkv_guarded__", False):
             setattr(torch.Tensor, name, _guarded(method, what))
+    for cls in (torch.UntypedStorage, torch.TypedStorage):
+        for name in ("fill_", "copy_", "resize_", "share_memory_", "__reduce__", "__deepcopy__", "__setitem__"):
+            method = getattr(cls, name, None)
+            if method is not None and not getattr(method, "__torch_vkv_guarded__", False):
+                what = f"{cls.__name__}.{name}"
+                setattr(cls, name, _guarded_storage_copy(method, what) if name == "copy_"
+                        else _guarded(method, what, refuse_if_storage_of_cache))  # fmt: skip
     from multiprocessing.reduction import ForkingPickler
 
     from torch import multiprocessing  # noqa: F401  (registers PyTorch's reducers first)

@@ -12,8 +12,9 @@ writes as an index of the view:
   index addresses, so a write into committed rows works while other slots are
   empty.
 
-Methods that change only metadata are left alone (``requires_grad_``,
-``detach_``), but those that change the view's shape, strides or storage in
+Methods that change only metadata are left alone (``detach_``,
+``requires_grad_(False)``; ``requires_grad_(True)``, ``view.requires_grad = True``
+and assigning ``view.data`` raise ``TypeError``), but those that change the view's shape, strides or storage in
 place (``transpose_``, ``unsqueeze_``, ``set_``, ``resize_``, ...) raise
 ``TypeError``: ``KVCache.key(l)`` returns one shared view object.
 
@@ -193,6 +194,42 @@ def _getitem(self: Any, index: Any) -> torch.Tensor:
     return torch.Tensor.__getitem__(self, index)
 
 
+def _data_property() -> property:
+    """``view.data``: read as any tensor's; assigning it would re-point the shared view (as ``set_``)."""
+    getter = torch.Tensor.data.__get__
+
+    def refuse(self: Any, value: Any) -> None:
+        raise TypeError(
+            f"data: a cache's view is shared (KVCache.key/value return the same object to every caller) and keeps "
+            f"its memory; expected no assignment, got one of a {type(value).__name__} to a {tuple(self.shape)} "
+            f"{type(self).__name__}; write into it instead (view[slot, rows] = x, append_kv)"
+        )
+
+    return property(lambda self: getter(self, type(self)), refuse, doc="The view as a plain tensor (read-only).")
+
+
+def _requires_grad_(self: Any, requires_grad: bool = True) -> Any:
+    """``torch.Tensor.requires_grad_``, refused with ``True``: the cache is written in place by every step
+    (an in-place write to a leaf that requires grad is an autograd error) and attention over it would
+    return outputs that require grad."""
+    if requires_grad and not torch.compiler.is_compiling():
+        raise TypeError(f"requires_grad_: a cache's view is inference state; expected requires_grad=False, got "
+                        f"{requires_grad!r} (clone the rows to differentiate through them)")  # fmt: skip
+    return torch.Tensor.requires_grad_(self, requires_grad)
+
+
+def _requires_grad_property() -> property:
+    """``view.requires_grad``: read as any tensor's; set to True refused as :func:`_requires_grad_`."""
+    descriptor = torch.Tensor.requires_grad
+
+    def assign(self: Any, value: Any) -> None:
+        if value and not torch.compiler.is_compiling():
+            _requires_grad_(self, value)  # raises
+        descriptor.__set__(self, value)
+
+    return property(lambda self: descriptor.__get__(self, type(self)), assign, doc=descriptor.__doc__)
+
+
 def install(cls: type) -> None:
     """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one."""
     public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
@@ -202,3 +239,6 @@ def install(cls: type) -> None:
         if hasattr(torch.Tensor, name):
             setattr(cls, name, _refused(name))
     cls.__getitem__ = _getitem
+    cls.data = _data_property()
+    cls.requires_grad_ = _requires_grad_
+    cls.requires_grad = _requires_grad_property()

@@ -218,12 +218,12 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         num_buffers = 2 * self.num_layers if layout == "per_layer" else 1
         self.reserved_bytes = num_buffers * self.max_batch_size * self.pages_per_slot * page
         if self.reserved_bytes > ADDRESS_SPACE_BYTES:  # page padding can push a near fit over
-            fail(
-                "max_seq_len",
-                f"a size whose reservation, {self.reserved_bytes} bytes once rows are padded to "
-                f"{page}-byte pages, fits in the {ADDRESS_SPACE_BYTES >> 40} TiB address space",
-                max_seq_len,
-            )
+            if num_buffers * self.max_batch_size * page > ADDRESS_SPACE_BYTES:  # not even one page a slot fits
+                fail("max_batch_size", f"at most {ADDRESS_SPACE_BYTES // (num_buffers * page)} slots with "
+                     f"{num_buffers} buffers of {page}-byte pages (a slot takes at least a page of each buffer, "
+                     f"in the {ADDRESS_SPACE_BYTES >> 40} TiB address space)", max_batch_size)  # fmt: skip
+            fail("max_seq_len", f"a size whose reservation, {self.reserved_bytes} bytes once rows are padded to "
+                 f"{page}-byte pages, fits in the {ADDRESS_SPACE_BYTES >> 40} TiB address space", max_seq_len)
 
         # A cache that made its own pool trims it on close; one on a shared pool does not.
         self._owns_pool = pool is None

@@ -32,6 +32,7 @@ is the child's own copy-on-write copy, as any tensor.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import threading
@@ -92,6 +93,7 @@ class BlockPool(_Locked):
         if shuffle:
             random.Random(seed).shuffle(ids)
         self._free = ids[::-1]  # pop() from the end: lowest id (or first shuffled) first
+        self._allocated = bytearray(self.num_blocks)  # 1: held (a double free would hand a block out twice)
         self._extra_refs: dict[int, int] = {}  # block -> holders past the first (shared blocks only)
         self._lock = threading.RLock()
 
@@ -116,13 +118,22 @@ class BlockPool(_Locked):
                 )
             out = self._free[len(self._free) - n :][::-1]
             del self._free[len(self._free) - n :]
+            for b in out:
+                self._allocated[b] = 1
             return out
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drops one holder of each of ``blocks`` (ids from :meth:`allocate`); a block
-        goes back to the pool when its last holder frees it."""
+        goes back to the pool when its last holder frees it. All or nothing: freeing a block
+        more often than it has holders (a double free, or a block never allocated) is a
+        ``ValueError`` that frees none of ``blocks``."""
         blocks = [check_int("block", b, low=0, high=self.num_blocks - 1) for b in blocks]
         with self._lock:
+            for b, times in collections.Counter(blocks).items():
+                holders = self._allocated[b] and 1 + self._extra_refs.get(b, 0)
+                if times > holders:
+                    fail("blocks", f"blocks held now (block {b} has {holders} holder(s): allocated, plus one per "
+                         f"share)", Described(f"block {b} freed {times} time(s)"))  # fmt: skip
             for b in reversed(blocks):
                 extra = self._extra_refs.get(b, 0)
                 if extra > 1:
@@ -130,12 +141,16 @@ class BlockPool(_Locked):
                 elif extra == 1:
                     del self._extra_refs[b]
                 else:
+                    self._allocated[b] = 0
                     self._free.append(b)
 
     def share(self, blocks: Sequence[int]) -> None:
         """Adds a holder to each of ``blocks`` (allocated blocks): each then needs one more :meth:`free`."""
         blocks = [check_int("block", b, low=0, high=self.num_blocks - 1) for b in blocks]
         with self._lock:
+            free = next((b for b in blocks if not self._allocated[b]), None)
+            if free is not None:
+                fail("blocks", "allocated blocks", Described(f"block {free}, which is free"))
             for b in blocks:
                 self._extra_refs[b] = self._extra_refs.get(b, 0) + 1
 
