@@ -238,3 +238,50 @@ def test_core_objects_refuse_none_and_sizes_that_wrap():
         print("ok")
     """)
     assert out.strip() == "ok", out
+
+
+def _huge_and_odd_arguments():
+    from torch_vkv import VirtualKVTensor, paged_from_dense
+    from torch_vkv.attention import available_backends, metadata_tensor
+    from torch_vkv.hf import batch_ops
+
+    k = torch.zeros(2, 4, 1, 8)
+    return {  # each reached pybind11's "incompatible function arguments" or a bare error from deep inside
+        "margin_tokens past 2**62": (lambda: small_cache(margin_tokens=2**63), ValueError, r"margin_tokens: expected an int <="),
+        "host page_size 2**64": (lambda: PagePool("cpu", page_size=2**64), ValueError, r"page_size: expected an int <="),
+        "pool given as a string": (lambda: VirtualKVTensor.empty((2,), dtype=torch.float32, pool="x"), TypeError,
+                                   r"pool: expected a torch_vkv.PagePool or None"),
+        "block_size 0": (lambda: paged_from_dense(k, k, [1, 1], block_size=0), ValueError, r"block_size: expected an int >= 1"),
+        "load_dense lengths not a sequence": (lambda: PagedKVCache(1, 1, 8, num_blocks=4, max_batch_size=2, max_seq_len=8,
+                                                                   dtype=torch.float32, device="cpu").load_dense(0, k, k, 5),
+                                              ValueError, r"lengths/slots: expected sequences of ints"),
+        "seq_lens on the meta device": (lambda: small_cache().step(torch.zeros(2, dtype=torch.int64, device="meta")),
+                                        ValueError, r"seq_lens: expected a tensor with values"),
+        "beam_idx None": (lambda: batch_ops.row_index("beam_idx", None, 4, allow_mask=False), TypeError,
+                          r"beam_idx: expected a 1-D tensor or sequence of integer row indices, got a NoneType"),
+        "indices a slice": (lambda: batch_ops.row_index("indices", slice(0, 2), 4, allow_mask=True), TypeError,
+                            r"indices: expected .* or a bool mask, got a slice"),
+        "available_backends of a bad device": (lambda: available_backends("tpu"), ValueError,
+                                               r"available_backends: expected a device such as"),
+        "metadata past int32": (lambda: metadata_tensor([2**40]), ValueError, r"metadata_tensor: expected values that fit torch.int32"),
+        "no slot fits": (lambda: KVCache(1, 1, 1, max_batch_size=10**8, max_seq_len=1, device="cpu"), ValueError,
+                         r"max_batch_size: expected at most \d+ slots"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_huge_and_odd_arguments()))
+def test_huge_and_odd_arguments_get_errors_naming_them(case):
+    call, exc, match = _huge_and_odd_arguments()[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_budgets_past_the_address_space_mean_no_budget():
+    """``memory_budget`` / ``set_max_bytes`` / ``trim`` of 2**200 bytes reached pybind11 as ints it could not
+    take; a budget larger than any machine is no budget."""
+    cache = small_cache(memory_budget=2**200)
+    pool = PagePool("cpu", page_size=1 << 16)
+    pool.set_max_bytes(2**200)
+    assert pool.max_pages == cache.pool.max_pages == 1 << 62
+    assert pool.trim(2**200) == 0
+    cache.close()

@@ -286,6 +286,8 @@ class _StepMixin:
                 fail("seq_lens", "a 1-D integer tensor", got, ArgumentTypeError)
             if seq_lens.dim() != 1:
                 fail("seq_lens", "a 1-D integer tensor", got)
+            if seq_lens.device.type == "meta":
+                fail("seq_lens", "a tensor with values (on the CPU or a GPU)", f"{got} on the meta device")
             seq_lens = seq_lens.detach().cpu().numpy()
         elif not isinstance(seq_lens, (Sequence, np.ndarray)) or isinstance(seq_lens, (str, bytes)):
             fail("seq_lens", "a sequence, a {slot: num_tokens} mapping or a 1-D tensor", type(seq_lens), ArgumentTypeError)

@@ -167,7 +167,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         self.head_dim = check_int("head_dim", head_dim, low=1)
         self.max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
         self.max_seq_len = check_int("max_seq_len", max_seq_len, low=1)
-        self.margin_tokens = check_int("margin_tokens", margin_tokens, low=0)
+        self.margin_tokens = check_int("margin_tokens", margin_tokens, low=0, high=1 << 62)
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
             fail("dtype", "a floating-point torch.dtype", dtype, ArgumentTypeError)
         if layout not in LAYOUTS:

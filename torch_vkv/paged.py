@@ -512,6 +512,8 @@ class PagedKVCache(_Locked):
         ``k``, ``v``: shape ``[B, S, num_kv_heads, head_dim]``; ``lengths``, ``slots``: ``B`` ints.
         For tests and benchmarks: the same data in a contiguous cache and in this paged one.
         """
+        if not isinstance(lengths, Sequence) or (slots is not None and not isinstance(slots, Sequence)):
+            fail("lengths/slots", "sequences of ints, one per row of k", (type(lengths).__name__, type(slots).__name__))
         kp, vp = self.layer(layer)
         slots = list(range(len(lengths))) if slots is None else list(slots)
         for i, (n, s) in enumerate(zip(lengths, slots)):
@@ -544,7 +546,8 @@ def paged_from_dense(
     ``k``, ``v``: shape ``[B, S_max, num_kv_heads, head_dim]``. Slot ``i`` holds request ``i``.
     """
     B, S, H, D = k.shape
-    nb = sum(math.ceil(n / block_size) for n in lengths) + extra_blocks
+    block_size = check_int("block_size", block_size, low=1)
+    nb = sum(math.ceil(n / block_size) for n in lengths) + check_int("extra_blocks", extra_blocks, low=0)
     cache = PagedKVCache(
         1, H, D, num_blocks=max(1, nb), max_batch_size=B, max_seq_len=S, page_size=block_size,
         dtype=k.dtype, device=k.device, shuffle=shuffle,

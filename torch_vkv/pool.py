@@ -69,9 +69,15 @@ def resolve_device(device: Any) -> torch.device:
     return device
 
 
+#: The largest host page size taken (1 TiB): the core's sizes are 64-bit.
+MAX_HOST_PAGE_SIZE = 1 << 40
+#: Page counts past this mean "no limit" to the core (its budget without one): larger byte counts are clamped.
+_UNLIMITED_PAGES = 1 << 62
+
+
 def check_host_page_size(page_size: Any) -> int:
     """A host backend page size: a positive multiple of the OS page size (``mmap`` maps whole pages)."""
-    page_size = check_int("page_size", page_size, low=1)
+    page_size = check_int("page_size", page_size, low=1, high=MAX_HOST_PAGE_SIZE)
     if page_size % mmap.PAGESIZE:
         fail("host page_size", f"a positive multiple of the OS page size ({mmap.PAGESIZE} bytes)", page_size)
     return page_size
@@ -155,13 +161,13 @@ class PagePool(Unique):
         Raises :class:`~torch_vkv.OutOfPagesError` when the device cannot hold them: on the host backend,
         at once, with nothing created, past the machine's memory and swap."""
         num_bytes = check_int("num_bytes", num_bytes, low=0)
-        return self._pool.prefill(-(-num_bytes // self.page_size))
+        return self._pool.prefill(min(-(-num_bytes // self.page_size), _UNLIMITED_PAGES))
 
     def set_max_bytes(self, max_bytes: int | None) -> None:
         """Grows or shrinks the budget. Shrinking destroys free pages now; pages
         in use stay until they are released, and none is created while over budget."""
-        pages = (1 << 62) if max_bytes is None else check_int("max_bytes", max_bytes, low=0) // self.page_size
-        self._pool.set_max_pages(pages)
+        pages = _UNLIMITED_PAGES if max_bytes is None else check_int("max_bytes", max_bytes, low=0) // self.page_size
+        self._pool.set_max_pages(min(pages, _UNLIMITED_PAGES))  # a budget past the address space is none
 
     def trim(self, keep_free_bytes: int = 0) -> int:
         """Returns free pages beyond ``keep_free_bytes`` to the driver; returns pages destroyed.
@@ -169,7 +175,7 @@ class PagePool(Unique):
         Every free page counts, whichever cache used it last: on a shared pool
         only the pool's owner should trim."""
         keep = check_int("keep_free_bytes", keep_free_bytes, low=0)
-        return self._pool.trim(keep // self.page_size)
+        return self._pool.trim(min(keep // self.page_size, _UNLIMITED_PAGES))
 
     def reap(self) -> None:
         """Finishes decommits whose fences have completed (does not wait)."""

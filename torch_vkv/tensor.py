@@ -145,6 +145,8 @@ class VirtualKVTensor(torch.Tensor):
         of ``page_size`` bytes on the CPU). Nothing is committed."""
         if pool is None:
             pool = PagePool(device, page_size=page_size)
+        elif not isinstance(pool, PagePool):
+            fail("pool", "a torch_vkv.PagePool or None", type(pool), ArgumentTypeError)
         elif device is not None or page_size is not None:
             fail("device/page_size", "None when a pool is given (the pool decides)", (device, page_size))
         if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)) or not shape:
@@ -335,7 +337,9 @@ class VirtualKVView(torch.nn.Parameter):
     In-place methods that would change the view's shape, strides or storage
     (``transpose_``, ``unsqueeze_``, ``set_``, ``resize_``, ...) raise
     ``TypeError``: the cache hands this one object to every caller; use the
-    out-of-place ``transpose(...)``.
+    out-of-place ``transpose(...)``. So do ``view.data = t`` and
+    ``requires_grad_(True)``, and writes, resizes and copies of the storage
+    under the view (the whole reservation).
     A plain tensor over the cache's memory (a slice, ``view.as_subclass``) is
     checked by :func:`~torch_vkv.append_kv` as the view is, and refused by
     ``share_memory_``, ``torch.multiprocessing``, pickle, ``torch.save`` and

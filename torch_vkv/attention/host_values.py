@@ -68,6 +68,11 @@ def host_values(tensor: Any) -> Optional[tuple]:
 def metadata_tensor(values: Sequence[int], device: Any = None, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """A 1-D ``dtype`` tensor on ``device`` holding ``values``, with its host copy attached."""
     host = list(_ints("metadata_tensor", values))
+    if dtype in (torch.int32, torch.int64):
+        info = torch.iinfo(dtype)
+        bad = next((v for v in host if not info.min <= v <= info.max), None)
+        if bad is not None:
+            raise ValueError(f"metadata_tensor: expected values that fit {dtype} ([{info.min}, {info.max}]), got {bad}")
     return attach_host_values(torch.tensor(host, dtype=dtype, device=device), host)
 
 

@@ -12,7 +12,10 @@ from .triton_backend import pow2_dim
 def available_backends(device="cuda") -> list:
     """Backends that can run on ``device`` in this process (``auto`` excluded); none for a CUDA
     device this process cannot use (no CUDA, or an index past the GPUs it sees)."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"available_backends: expected a device such as 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
     if device.type == "cuda" and (not torch.cuda.is_available()
                                   or (device.index or 0) >= torch.cuda.device_count()):  # fmt: skip
         return []

@@ -52,7 +52,12 @@ def row_index(what: str, indices: Any, batch: int, *, allow_mask: bool) -> list[
     rows), or (``allow_mask``) a bool mask of one entry per row. Checked because ``int()``
     takes anything: a bool ``beam_idx`` became rows 1/0, a float 1.5 row 1, and a short
     mask dropped rows, all silently, where ``DynamicCache``'s ``index_select`` / indexing raise."""
-    idx = torch.as_tensor(indices)
+    kinds = "integer row indices or a bool mask" if allow_mask else "integer row indices"
+    try:
+        idx = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError):  # None, a slice, a ragged list: not indices at all
+        fail(what, f"a 1-D tensor or sequence of {kinds}", Described(f"a {type(indices).__name__}: {indices!r}"),
+             TypeError)  # fmt: skip
     if idx.dim() != 1:
         fail(what, "a 1-D tensor of row indices", Described(f"shape {tuple(idx.shape)}"))
     # uint8 is a mask to torch's indexing (DynamicCache's batch_select_indices), never row numbers.
@@ -62,7 +67,6 @@ def row_index(what: str, indices: Any, batch: int, *, allow_mask: bool) -> list[
             fail(what, f"a bool mask of {batch} entries (one per row)", idx.numel())
         idx = idx.nonzero().flatten()
     elif idx.numel() and (is_mask or idx.is_floating_point() or idx.is_complex()):
-        kinds = "integer row indices or a bool mask" if allow_mask else "integer row indices"
         fail(what, kinds, Described(f"dtype {idx.dtype}"), TypeError)
     return [int(i) for i in idx.tolist()]
 
