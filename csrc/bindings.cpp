@@ -217,6 +217,7 @@ PYBIND11_MODULE(_C, m) {
           [](std::shared_ptr<Reservation> r) {
             // The capsule protocol: a consumer renames it "used_dltensor" and
             // calls the deleter later; an unconsumed capsule deletes its tensor.
+            require(r, "Reservation.dlpack: self");
             DLManagedTensor* m = export_dlpack(std::move(r));
             PyObject* cap = PyCapsule_New(m, "dltensor", [](PyObject* c) {
               if (PyCapsule_IsValid(c, "dltensor")) {
@@ -311,7 +312,7 @@ PYBIND11_MODULE(_C, m) {
           "arrays",
           [](std::shared_ptr<SlotTable> t) {
             // Views of the table's own memory (no copy), kept alive by the table.
-            auto B = static_cast<py::ssize_t>(t->geometry().num_slots);
+            auto B = static_cast<py::ssize_t>(require(t, "SlotTable.arrays: self")->geometry().num_slots);
             auto G = static_cast<py::ssize_t>(t->num_groups());
             py::dict d;
             d["active"] = table_view(t, t->active_data(), {B});

@@ -33,7 +33,7 @@ void for_each_run(const std::vector<size_t>& pages, Fn fn) {
 // ------------------------------------------------------------------ PagePool
 
 PagePool::PagePool(std::shared_ptr<Backend> backend, size_t max_pages)
-    : backend_(std::move(require(backend, "PagePool: backend"))), max_pages_(max_pages) {
+    : backend_(require(backend, "PagePool: backend")), max_pages_(max_pages) {
   counters_.page_size = backend_->page_size();
   publish_available_locked();  // no other thread can see the pool yet
 }

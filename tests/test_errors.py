@@ -225,6 +225,8 @@ def test_core_objects_refuse_none_and_sizes_that_wrap():
             (TypeError, "backend: expected an object, got None", lambda: type(pool._pool)(None, 10)),
             (TypeError, "reservation: expected an object, got None", lambda: C.Committer().submit([(None, 0, 1)])),
             (TypeError, "backend: expected an object, got None", lambda: C.allocator_reserve(None, 100)),
+            (TypeError, "Reservation.dlpack: self: expected an object", lambda: Reservation.dlpack(None)),
+            (TypeError, "SlotTable.arrays: self: expected an object", lambda: C.SlotTable.arrays.fget(None)),
             (ValueError, "expected at most", lambda: Reservation.create(pool._pool, 2**64 - 1)),
             (ValueError, "expected a size of at most", lambda: C.allocator_reserve(C.host_backend(65536), 2**64 - 1)),
         ]

@@ -68,6 +68,10 @@ def _storage_paths():
         "share_memory_": lambda st: st.share_memory_(),
         "pickle": lambda st: pickle.dumps(st),
         "copy.deepcopy": lambda st: copy.deepcopy(st),
+        "copy.copy": lambda st: copy.copy(st),
+        "clone": lambda st: st.clone(),
+        "torch.multiprocessing": lambda st: ForkingPickler.dumps(st),  # moved the reservation to shared memory
+        "copy_ by keyword": lambda st: st.copy_(src=torch.zeros(st.nbytes(), dtype=torch.uint8).untyped_storage()),
     }
 
 
@@ -92,6 +96,8 @@ def test_the_storage_of_a_cache_refuses_whole_storage_writes_and_copies(cache, p
             k.storage_offset() * k.element_size())
         other = torch.full((8,), 3.0)
         _storage_paths()[path](other.untyped_storage())  # a storage of its own: PyTorch's path
+        if path == "copy_ by keyword":
+            assert float(other.sum()) == 0.0  # copied (the keyword reached PyTorch's copy_)
 
 
 @pytest.mark.cuda

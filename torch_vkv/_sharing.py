@@ -14,9 +14,10 @@ reservation, and some of PyTorch's generic paths act on that whole storage:
   address, which ends the process's CUDA context.
 
 * The storage itself (``view.untyped_storage()``, ``.storage()``) is the whole
-  reservation: its ``fill_``/``copy_`` write every byte (a fault past the
-  committed pages), ``resize_`` swaps the memory of every view, and its
-  ``share_memory_``, pickling and deep copy do as above.
+  reservation: its ``fill_``/``copy_``/item writes are not checked against the
+  page table (a fault past the committed pages), ``resize_`` swaps the memory
+  of every view, and its ``share_memory_``, ``torch.multiprocessing``,
+  pickling, ``clone``, copies and ``tolist`` do as above.
 
 So these raise ``TypeError`` for a tensor or storage over a registered cache's memory
 (:func:`torch_vkv.tensor.cache_source`), saying what to do instead (clone the
@@ -53,19 +54,26 @@ def refuse_if_over_cache(t: Any, what: str) -> None:
 def refuse_if_storage_of_cache(storage: Any, what: str) -> None:
     """Raises ``TypeError`` when ``storage`` (an ``UntypedStorage`` or ``TypedStorage``) is a registered
     cache's reservation."""
-    from torch_vkv.tensor import _SOURCES
-
     untyped = getattr(storage, "_untyped_storage", storage)  # a TypedStorage wraps one
     try:
         address = untyped.data_ptr()
     except Exception:  # a storage without memory (meta): not a cache's
         return
-    if address in _SOURCES:
+    if address in _sources():
         raise TypeError(
             f"{what}: expected a storage of its own, got the storage of a torch_vkv cache ({untyped.nbytes()} bytes "
-            "of reserved virtual memory, committed or not: this would write, move or copy all of it under every "
-            "view of the cache); work on tensors of the rows wanted, e.g. cache.key(0)[slot, :n]"
+            "of reserved virtual memory, committed or not, under every view of the cache: writes through it are not "
+            "checked against the page table, and copies, moves and resizes take all of it); work on tensors of the "
+            "rows wanted, e.g. cache.key(0)[slot, :n]"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _sources() -> Any:
+    """``torch_vkv.tensor._SOURCES`` (imported once: the tensor module installs this one)."""
+    from torch_vkv.tensor import _SOURCES
+
+    return _SOURCES
 
 
 def _guarded(method: Callable[..., Any], what: str, check: Callable[[Any, str], None] = refuse_if_over_cache
@@ -84,12 +92,13 @@ def _guarded_storage_copy(method: Callable[..., Any], what: str) -> Callable[...
     writes nothing (Triton's CPU interpreter copies every argument's storage back onto itself)."""
 
     @functools.wraps(method)
-    def guarded(self: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        source = args[0] if args else kwargs.get("src", kwargs.get("source"))
         untyped = getattr(self, "_untyped_storage", self)
         if getattr(source, "_untyped_storage", source) is not untyped and not (
                 hasattr(source, "data_ptr") and source.data_ptr() == untyped.data_ptr()):  # fmt: skip
             refuse_if_storage_of_cache(self, what)
-        return method(self, source, *args, **kwargs)
+        return method(self, *args, **kwargs)
 
     guarded.__torch_vkv_guarded__ = True  # type: ignore[attr-defined]
     return guarded
@@ -109,7 +118,8 @@ def install() -> None:
         if not getattr(method, "__torch_vkv_guarded__", False):
             setattr(torch.Tensor, name, _guarded(method, what))
     for cls in (torch.UntypedStorage, torch.TypedStorage):
-        for name in ("fill_", "copy_", "resize_", "share_memory_", "__reduce__", "__deepcopy__", "__setitem__"):
+        for name in ("fill_", "copy_", "resize_", "share_memory_", "__reduce__", "__deepcopy__", "__copy__",
+                     "clone", "tolist", "__setitem__"):
             method = getattr(cls, name, None)
             if method is not None and not getattr(method, "__torch_vkv_guarded__", False):
                 what = f"{cls.__name__}.{name}"
@@ -119,7 +129,11 @@ def install() -> None:
 
     from torch import multiprocessing  # noqa: F401  (registers PyTorch's reducers first)
 
-    for cls in (torch.Tensor, torch.nn.Parameter):
-        reduce = ForkingPickler._extra_reducers.get(cls)  # type: ignore[attr-defined]
-        if reduce is not None and not getattr(reduce, "__torch_vkv_guarded__", False):
+    for cls, reduce in list(ForkingPickler._extra_reducers.items()):  # type: ignore[attr-defined]
+        if getattr(reduce, "__torch_vkv_guarded__", False):
+            continue
+        if cls in (torch.Tensor, torch.nn.Parameter):
             ForkingPickler.register(cls, _guarded(reduce, "torch.multiprocessing (sharing a tensor)"))
+        elif isinstance(cls, type) and issubclass(cls, (torch.UntypedStorage, torch.TypedStorage)):
+            ForkingPickler.register(cls, _guarded(reduce, "torch.multiprocessing (sharing a storage)",
+                                                  refuse_if_storage_of_cache))  # fmt: skip

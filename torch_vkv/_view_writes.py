@@ -178,10 +178,17 @@ def _augmented_subscript_patterns() -> tuple[frozenset[int], tuple[bytes, ...]]:
 _SUBSCRIPTS, _AUGMENTED_PREFIXES = _augmented_subscript_patterns()
 
 
+_CACHE = dis.opmap.get("CACHE")  # 3.11+: inline cache entries after an instruction
+
+
 def _in_augmented_assignment(frame: Any) -> bool:
     """Whether ``frame`` is executing the subscript of ``x[i] op= y`` (read-modify-write)."""
     at = frame.f_lasti
     code = frame.f_code.co_code  # the unspecialised bytecode
+    # Once CPython specialises the subscript (3.11, 3.12: BINARY_SUBSCR_GETITEM calls __getitem__ inline),
+    # f_lasti points at its last inline cache entry: step back to the instruction.
+    while _CACHE is not None and 0 < at < len(code) and code[at] == _CACHE:
+        at -= 2
     if at < 0 or at >= len(code) or code[at] not in _SUBSCRIPTS:
         return False  # called from a CALL (operator.getitem, super().__getitem__) or C: a plain read
     return any(code[max(0, at - len(prefix)):at] == prefix for prefix in _AUGMENTED_PREFIXES)
