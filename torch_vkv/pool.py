@@ -69,8 +69,8 @@ def resolve_device(device: Any) -> torch.device:
     return device
 
 
-#: The largest host page size taken (1 TiB): the core's sizes are 64-bit.
-MAX_HOST_PAGE_SIZE = 1 << 40
+#: The largest host page size passed to the core (its sizes are 64-bit; it refuses pages past RAM + swap).
+MAX_HOST_PAGE_SIZE = (1 << 64) - 1
 #: Page counts past this mean "no limit" to the core (its budget without one): larger byte counts are clamped.
 _UNLIMITED_PAGES = 1 << 62
 
