@@ -150,6 +150,38 @@ def test_an_out_of_vocabulary_stop_token_names_stop_token_ids(client):
     assert err["message"].endswith("got 99999")
 
 
+def test_stop_lists_are_bounded(client):
+    """Every generated token is matched against every stop string in the engine thread: 4 requests of 2000
+    stop strings of 2000 characters slowed another client's stream 31x. At most 16 of 1024 characters."""
+    from torch_vkv.serving.server.app import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    for stop in (["x"] * (MAX_STOP_STRINGS + 1), "y" * (MAX_STOP_CHARS + 1)):
+        r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "stop": stop})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "stop" and err["message"].startswith(f"stop: expected at most {MAX_STOP_STRINGS} strings")
+    ok = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "stop": ["z" * MAX_STOP_CHARS] * 16})
+    assert ok.status_code == 200, ok.text
+
+
+def test_requests_ended_by_a_stop_string_reach_the_latency_histograms(ckpt):
+    """The server ends a request on a stop string before the engine records its finish time: such requests
+    were counted as successes but left out of the e2e and per-token histograms."""
+    app = create_app(_llm(ckpt), served_model_name="tiny")
+    with TestClient(app) as c:
+        first = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0,
+                                                "ignore_eos": True}).json()["choices"][0]["text"]  # fmt: skip
+        stop = first[1:3] if len(first) >= 3 else None
+        if not stop or not stop.strip():
+            pytest.skip(f"the tiny model's greedy text {first!r} has no printable stop string to cut at")
+        r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "stop": stop,
+                                            "ignore_eos": True})  # fmt: skip
+        assert r.json()["choices"][0]["finish_reason"] == "stop", r.text
+        text = c.get("/metrics").text
+        e2e = float(re.search(r"^vkv_e2e_request_latency_seconds_count\{[^}]*\} (\S+)$", text, re.M).group(1))
+        assert e2e == 2, text  # both requests, the one ended by its stop string too
+
+
 def test_a_body_the_server_cannot_read_answers_the_openai_error_body(client):
     """JSON sent as text/plain: the message names the header; a body that is not UTF-8: OpenAI's error body,
     not FastAPI's ``{"detail": ...}``."""

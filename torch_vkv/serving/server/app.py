@@ -9,6 +9,7 @@ thread, so a bad request costs the engine nothing.
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run time.
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,9 @@ from torch_vkv.serving.server.protocol import (
     validation_error_body,
 )
 from torch_vkv.serving.server.streaming import respond
+
+#: Stop strings a request may give, and their length: every generated token is matched against each.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 
 __all__ = ["create_app"]
 
@@ -59,6 +63,12 @@ def create_app(
     registry, on_finish = make_registry(loop, name)
     loop._on_finish = on_finish
     created = int(time.time())
+    # Prompts are tokenized off the event loop (a megabyte of text takes seconds: /health and every stream
+    # would wait), in one thread: a fast tokenizer's settings are not safe to change from several at once.
+    tokenize = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vkv-tokenize")
+
+    async def off_loop(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(tokenize, fn, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,6 +78,7 @@ def create_app(
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, loop.stop)
+            tokenize.shutdown(wait=False)
 
     app = FastAPI(title="torch_vkv", lifespan=lifespan)
     app.state.engine_loop = loop
@@ -160,6 +171,13 @@ def create_app(
         if req.logit_bias:
             raise HTTPError(400, f"logit_bias: expected null or {{}} (not supported), got {len(req.logit_bias)} "
                              "biased token(s)", param="logit_bias", code="unsupported")  # fmt: skip
+        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            # Each generated token is matched against every stop string in the engine thread: an unbounded
+            # list slowed every other request 31x (4 requests of 2000 strings of 2000 characters).
+            raise HTTPError(400, f"stop: expected at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                             f"characters, got {len(stops)} string(s), the longest of {max(map(len, stops))}",
+                             param="stop", code="invalid_value")  # fmt: skip
         bad = next((t for t in req.stop_token_ids or () if not 0 <= t < engine.vocab_size), None)
         if bad is not None:
             raise HTTPError(400, f"stop_token_ids: expected token ids in [0, {engine.vocab_size}), got {bad}",
@@ -209,7 +227,7 @@ def create_app(
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
             try:
-                toks = llm.encode(prompt)
+                toks = await off_loop(llm.encode, prompt) if isinstance(prompt, str) else llm.encode(prompt)
             except ValueError as exc:  # text a tokenizer cannot take (a lone surrogate)
                 raise HTTPError(400, f"{param}: {str(exc).split(': ', 1)[-1]}", param=param,
                                 code="invalid_value") from None  # fmt: skip
@@ -238,7 +256,7 @@ def create_app(
                 content = "".join(part.text for part in content)
             messages.append({"role": m.role, "content": content or ""})
         try:
-            ids = llm.apply_chat_template(messages)
+            ids = await off_loop(llm.apply_chat_template, messages)
         except (ValueError, TypeError) as exc:
             raise HTTPError(400, str(exc), param="messages", code="invalid_value") from None
         except Exception as exc:  # a template error (jinja2)

@@ -3,6 +3,7 @@ loop's stats snapshot, per-request histograms and counters fed at finish."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from torch_vkv.serving.outputs import RequestOutput
@@ -54,12 +55,13 @@ def make_registry(loop: EngineLoop, model_name: str) -> tuple[Any, Callable[[Req
     def on_finish(out: RequestOutput, reason: str, num_prompt: int) -> None:
         m = out.metrics
         n = len(out.outputs[0])
+        # A request ended by a stop string ends in the server before the engine sets finished_time: now.
+        end = m.finished_time if m.finished_time is not None else time.monotonic()
         if m.first_token_time is not None:
             ttft.observe(m.first_token_time - m.arrival_time)
-            if n > 1 and m.finished_time is not None:
-                tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
-        if m.finished_time is not None:
-            e2e.observe(m.finished_time - m.arrival_time)
+            if n > 1:
+                tpot.observe((end - m.first_token_time) / (n - 1))
+        e2e.observe(end - m.arrival_time)
         prompt_tokens.inc(num_prompt)
         gen_tokens.inc(n)
         success.labels(finished_reason=reason, **labels).inc()
