@@ -24,8 +24,9 @@ An augmented assignment to an index (``view[slot, rows] += x``) is Python's
 ``__setitem__``. So ``__getitem__`` asks whether the calling bytecode is such
 an assignment (the index duplicated just before the subscript: ``COPY 2;
 COPY 2`` / ``DUP_TOP_TWO``, or ``COPY 3`` three times before a 3.12+
-``BINARY_SLICE``) and then checks the rows as a write; any other read is
-unchecked, as before.
+``BINARY_SLICE``; once CPython 3.11-3.12 specialise the subscript the frame
+points at its inline cache entries, which are stepped over) and then checks the
+rows as a write; any other read is unchecked, as before.
 
 Index tensors on CUDA are not read (that would sync), as in ``__setitem__``; ``out=`` arguments of torch functions and in-place torch
 functions (``torch.relu_(view)``, ``F.relu(view, inplace=True)``,
@@ -238,7 +239,8 @@ def _requires_grad_property() -> property:
 
 
 def install(cls: type) -> None:
-    """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one."""
+    """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one, its
+    in-place reshapes by refusals, and ``__getitem__``, ``data`` and ``requires_grad(_)`` as above."""
     public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
     for name in public + [n for n in _INPLACE_OPERATORS if hasattr(torch.Tensor, n)]:
         setattr(cls, name, _checked(name, _CHOSEN_PLACES.get(name)))
