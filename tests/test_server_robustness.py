@@ -398,3 +398,20 @@ def test_a_request_queued_when_the_engine_fails_answers_engine_failure(ckpt, mon
         loop.stop()
     assert err.status == 503 and err.code == "engine_failure", vars(err)
     assert "boom" in err.message
+
+
+# ------------------------------------------------------------ small budgets
+def test_chat_without_max_tokens_is_clipped_to_what_the_budget_holds(ckpt):
+    # 16 pages of 4 KiB hold 128 tokens of one request, less than max_seq_len=512: the default max_tokens is the
+    # rest of those 128, not of max_seq_len (which the engine would refuse as never fitting).
+    llm = LLM(str(ckpt), max_batch_size=2, max_seq_len=MAX_SEQ_LEN, page_size=4096, memory_budget=16 * 4096)
+    assert llm.engine.kv.longest_alone(MAX_SEQ_LEN) == 128
+    app = create_app(llm, served_model_name="tiny")
+    with TestClient(app) as c:
+        body = {"messages": [{"role": "user", "content": "hello there"}], "temperature": 0, "ignore_eos": True}
+        r = c.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["total_tokens"] == 128 and r.json()["choices"][0]["finish_reason"] == "length"
+        too_many = c.post(CHAT, json=dict(body, max_tokens=500))  # an explicit max_tokens is still checked
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "messages"

@@ -345,6 +345,15 @@ class KVManager:
         with no other request running (pinned pages excluded)."""
         return self.pages_for(num_tokens) <= self.usable_pages
 
+    def longest_alone(self, max_seq_len: int) -> int:
+        """The most tokens (at most ``max_seq_len``) one request can reach
+        with no other request running; 0 when not even one token fits."""
+        low, high = 0, max_seq_len  # fits_alone(low) holds (0 tokens take no page); find the last that does
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.fits_alone(mid) else (low, mid - 1)
+        return low
+
     def alloc_pinned(self, num_tokens: int) -> int:
         """A slot for the engine's own use (the CUDA graphs' scratch slot)
         holding ``num_tokens`` tokens for its whole life: its pages are taken

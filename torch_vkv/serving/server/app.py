@@ -263,7 +263,9 @@ def create_app(
             raise HTTPError(400, f"messages: the chat template failed: {exc}", param="messages",
                              code="invalid_value") from None  # fmt: skip
         check_prompt(ids, "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
+        # By default the rest of what one request can reach: max_seq_len, or less when the KV budget holds less.
+        longest = engine.kv.longest_alone(engine.max_seq_len)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, longest - len(ids))
         params = sampling(body, max_tokens)
         include_usage = body.stream_options.include_usage if body.stream_options is not None else True
         return await respond(loop, name, raw, [(ids, params)], body.stream, True, include_usage)

@@ -26,9 +26,11 @@ __all__ = ["DISCONNECT_CHECK_S", "respond", "start", "usage"]
 DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request asks whether its client is still there
 
 
-async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[list[str], asyncio.Queue]:
+async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]],
+                prompt_param: str = "prompt") -> tuple[list[str], asyncio.Queue]:
     """Hands the requests to the engine thread; returns their ids and the
-    event queue once the engine accepted all of them."""
+    event queue once the engine accepted all of them. A request the engine
+    refuses answers a 400 naming ``prompt_param`` (``messages`` for chat)."""
     aloop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -64,7 +66,7 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]]) 
         if rejected.shutting_down:  # submitted just before shutdown began: retryable elsewhere, not a bad prompt
             code = "engine_failure" if loop.error is not None else "shutting_down"  # or before the engine failed
             raise HTTPError(503, rejected.message, "service_unavailable", None, code)
-        raise HTTPError(400, rejected.message, param="prompt", code="invalid_value")
+        raise HTTPError(400, rejected.message, param=prompt_param, code="invalid_value")
     return ids, events
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -79,7 +81,7 @@ async def respond(loop: EngineLoop, name: str, raw: Request, reqs: list[tuple[li
     then usage when ``include_usage``, then ``[DONE]``). A client that goes
     away has its requests aborted (their pages return). ``name``: the model
     name in the answers."""
-    ids, events = await start(loop, reqs)
+    ids, events = await start(loop, reqs, "messages" if chat else "prompt")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     obj = "chat.completion" if chat else "text_completion"
     num_prompt = sum(len(p) for p, _ in reqs)
