@@ -131,8 +131,11 @@ void PagePool::destroy_locked(PageHandle page) {
 }
 
 size_t PagePool::available_locked() const {
-  size_t creatable = created_ < max_pages_ ? max_pages_ - created_ : 0;
-  return free_.size() + creatable + pending_pages_;
+  if (created_ <= max_pages_) return free_.size() + (max_pages_ - created_) + pending_pages_;
+  // Shrunk below the pages that exist: release_locked() destroys pages until
+  // the budget holds again, so that many pending pages never become free.
+  size_t excess = created_ - max_pages_;
+  return free_.size() + (pending_pages_ > excess ? pending_pages_ - excess : 0);
 }
 
 std::vector<PageHandle> PagePool::acquire_locked(size_t n, std::vector<bool>& fresh) {
@@ -177,18 +180,34 @@ std::vector<PageHandle> PagePool::acquire_locked(size_t n, std::vector<bool>& fr
     PageHandle p = free_.back();
     free_.pop_back();
     fresh.push_back(never_mapped_.erase(p) > 0);
-    mappings_[p] = 1;
+    mappings_[p] = PageUse{1, 0};
     out.push_back(p);
   }
   return out;
 }
 
-void PagePool::retain_locked(PageHandle page) { ++mappings_.at(page); }
+// pending_pages_ counts the pages whose every mapping is pending: each change
+// of a page's counts goes through change_use_locked, which keeps it exact.
+template <typename Change>
+void PagePool::change_use_locked(PageHandle page, Change change) {
+  PageUse& use = mappings_.at(page);
+  auto frees = [](const PageUse& u) { return u.pending > 0 && u.pending == u.maps; };
+  bool before = frees(use);
+  change(use);
+  bool after = frees(use);
+  if (before && !after) --pending_pages_;
+  if (!before && after) ++pending_pages_;
+}
+
+void PagePool::retain_locked(PageHandle page) {
+  change_use_locked(page, [](PageUse& u) { ++u.maps; });
+}
 
 void PagePool::release_locked(PageHandle page) {
   auto it = mappings_.find(page);
   if (it == mappings_.end()) return;
-  if (--it->second > 0) return;
+  change_use_locked(page, [](PageUse& u) { --u.maps; });  // the other mappings may all be pending now
+  if (it->second.maps > 0) return;
   mappings_.erase(it);
   if (created_ > max_pages_) {
     destroy_locked(page);  // over budget after a shrink
@@ -197,9 +216,24 @@ void PagePool::release_locked(PageHandle page) {
   }
 }
 
-void PagePool::add_pending_locked(std::weak_ptr<Reservation> owner, Fence fence, size_t num_pages) {
+void PagePool::add_pending_locked(std::weak_ptr<Reservation> owner, Fence fence,
+                                  const std::vector<PageHandle>& pages) {
   pending_.push_back({fence, std::move(owner)});
-  pending_pages_ += num_pages;
+  for (PageHandle page : pages) change_use_locked(page, [](PageUse& u) { ++u.pending; });
+}
+
+void PagePool::cancel_pending_locked(PageHandle page) {
+  change_use_locked(page, [](PageUse& u) { --u.pending; });
+}
+
+bool PagePool::mapped_elsewhere_locked(PageHandle page) const {
+  auto it = mappings_.find(page);
+  return it != mappings_.end() && it->second.maps > 1;
+}
+
+bool PagePool::frees_when_reaped_locked(PageHandle page) const {
+  auto it = mappings_.find(page);
+  return it != mappings_.end() && it->second.pending > 0 && it->second.pending == it->second.maps;
 }
 
 void PagePool::reap_locked(size_t wait_until_free) {
@@ -215,7 +249,10 @@ void PagePool::reap_locked(size_t wait_until_free) {
     Fence fence = batch.fence;
     std::shared_ptr<Reservation> owner = batch.owner.lock();
     pending_.pop_front();
-    if (owner) owner->finish_pending_locked(fence);
+    if (owner) {
+      owner->finish_pending_locked(fence);
+      reaped_owners_.push_back(std::move(owner));  // dropped after the unlock (Lock)
+    }
     backend_->fence_destroy(fence);
   }
 }
@@ -303,17 +340,38 @@ size_t Reservation::commit(size_t first, size_t count) {
   auto t0 = Clock::now();
   pool_->reap_locked(0);
 
+  // A pending page that another range still maps (an alias the decommit
+  // ended: a fork's shared prefix) is not revived, which would share it again
+  // behind the caller's back: once its fence is done it is unmapped, and the
+  // page gets a page of its own below. Unmapping it frees no page.
+  std::vector<size_t> shared_pending;
+  for (size_t p = first; p < first + count; ++p)
+    if (pages_[p] != kNoPage && pending_[p] != 0 && pool_->mapped_elsewhere_locked(pages_[p]))
+      shared_pending.push_back(p);
+  for (size_t p : shared_pending) {
+    backend.fence_wait(pending_[p]);  // the pool destroys the fence later
+    pending_[p] = 0;
+    pool_->cancel_pending_locked(pages_[p]);
+  }
+  unmap_runs_locked(shared_pending);
+
   std::vector<size_t> to_map;
   size_t revivable = 0;
+  std::unordered_set<PageHandle> counted;  // revivable pages available_locked() counts as freed by the reap
   for (size_t p = first; p < first + count; ++p) {
-    if (pages_[p] == kNoPage) to_map.push_back(p);
-    else if (pending_[p] != 0) ++revivable;
+    if (pages_[p] == kNoPage) {
+      to_map.push_back(p);
+    } else if (pending_[p] != 0) {
+      ++revivable;
+      if (pool_->frees_when_reaped_locked(pages_[p])) counted.insert(pages_[p]);
+    }
   }
   if (to_map.empty() && revivable == 0) return 0;
 
   // Pages of this range that are still pending would count as available
   // twice: they come back to this range, not to the new pages.
-  size_t available = pool_->available_locked() - revivable;
+  size_t available = pool_->available_locked();
+  available = available > counted.size() ? available - counted.size() : 0;
   if (to_map.size() > available)
     throw OutOfPages("out of physical pages: commit of pages [" + std::to_string(first) + ", " +
                          std::to_string(first + count) + ") needs " + std::to_string(to_map.size()) +
@@ -326,7 +384,7 @@ size_t Reservation::commit(size_t first, size_t count) {
   for (size_t p = first; p < first + count; ++p) {
     if (pages_[p] != kNoPage && pending_[p] != 0) {
       pending_[p] = 0;
-      pool_->cancel_pending_locked(1);
+      pool_->cancel_pending_locked(pages_[p]);
       ++num_committed_;
       revived.push_back(p);
     }
@@ -391,8 +449,13 @@ size_t Reservation::decommit(size_t first, size_t count, std::optional<uintptr_t
   if (pages.empty()) return 0;
   Fence fence = stream ? backend.record_fence(*stream) : 0;
   if (fence != 0) {
-    for (size_t p : pages) pending_[p] = fence;
-    pool_->add_pending_locked(weak_from_this(), fence, pages.size());
+    std::vector<PageHandle> handles;
+    handles.reserve(pages.size());
+    for (size_t p : pages) {
+      pending_[p] = fence;
+      handles.push_back(pages_[p]);
+    }
+    pool_->add_pending_locked(weak_from_this(), fence, handles);
   } else {
     unmap_runs_locked(pages);
   }
@@ -414,12 +477,22 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
   Backend& backend = pool_->backend();
   backend.bind_thread();
   auto t0 = Clock::now();
+  std::vector<size_t> still_pending;  // target pages decommitted, their unmap waiting for a fence
   for (size_t i = 0; i < count; ++i) {
     if (src.pages_[src_first + i] == kNoPage || src.pending_[src_first + i] != 0)
       throw InvalidArgument("alias: source page " + std::to_string(src_first + i) + " is not committed");
-    if (pages_[first + i] != kNoPage)
+    if (pages_[first + i] != kNoPage && pending_[first + i] == 0)
       throw InvalidArgument("alias: target page " + std::to_string(first + i) + " is already committed");
+    if (pages_[first + i] != kNoPage) still_pending.push_back(first + i);
   }
+  // A kernel queued before the decommit may still read those pages: wait for
+  // it, then unmap them now, so the source's pages can be mapped there.
+  for (size_t p : still_pending) {
+    backend.fence_wait(pending_[p]);  // the pool destroys the fence later
+    pending_[p] = 0;
+    pool_->cancel_pending_locked(pages_[p]);
+  }
+  unmap_runs_locked(still_pending);
   std::vector<size_t> mapped;
   try {
     for (size_t i = 0; i < count; ++i) {
@@ -476,7 +549,7 @@ void Reservation::release_all_locked() {
     if (pending_[p] != 0) {
       backend.fence_wait(pending_[p]);  // the pool destroys the fence later
       pending_[p] = 0;
-      pool_->cancel_pending_locked(1);
+      pool_->cancel_pending_locked(pages_[p]);
     } else {
       --num_committed_;
     }
@@ -489,8 +562,10 @@ void Reservation::finish_pending_locked(Fence fence) {
   std::vector<size_t> pages;
   for (size_t p = 0; p < pages_.size(); ++p)
     if (pages_[p] != kNoPage && pending_[p] == fence) pages.push_back(p);
-  for (size_t p : pages) pending_[p] = 0;
-  pool_->cancel_pending_locked(pages.size());
+  for (size_t p : pages) {
+    pending_[p] = 0;
+    pool_->cancel_pending_locked(pages_[p]);
+  }
   if (address_alive_) unmap_runs_locked(pages);
 }
 

@@ -32,7 +32,7 @@ struct PoolStats {
   size_t created_pages = 0;  // pages that exist now (mapped, free or pending)
   size_t free_pages = 0;     // created, mapped nowhere, ready to hand out
   size_t mapped_pages = 0;   // handed out to reservations
-  size_t pending_pages = 0;  // decommitted, waiting for a fence before unmap
+  size_t pending_pages = 0;  // decommitted, waiting for a fence before unmap, and free then (no other range maps them)
   uint64_t pages_created_total = 0;
   uint64_t pages_destroyed_total = 0;
   uint64_t map_calls = 0;
@@ -96,15 +96,22 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   class Lock {
    public:
     explicit Lock(PagePool& pool) : pool_(pool), lock_(pool.mu_) {}
-    // The body runs before lock_ is destroyed: the store happens under the mutex,
-    // so stores are ordered as the sections are and the last one wins.
-    ~Lock() { pool_.publish_available_locked(); }
+    // The store happens under the mutex, so stores are ordered as the sections
+    // are and the last one wins. The owners reap_locked() held die only after
+    // the unlock: a Reservation's destructor takes this mutex itself (another
+    // thread may have dropped every other reference meanwhile).
+    ~Lock() {
+      pool_.publish_available_locked();
+      std::vector<std::shared_ptr<Reservation>> owners;
+      owners.swap(pool_.reaped_owners_);
+      lock_.unlock();
+    }
     Lock(const Lock&) = delete;
     Lock& operator=(const Lock&) = delete;
 
    private:
     PagePool& pool_;
-    std::lock_guard<std::mutex> lock_;
+    std::unique_lock<std::mutex> lock_;
   };
   // Pages that can be had now or by waiting for pending decommits.
   size_t available_locked() const;
@@ -116,8 +123,18 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   std::vector<PageHandle> acquire_locked(size_t n, std::vector<bool>& fresh);
   void retain_locked(PageHandle page);   // one more mapping of a page in use
   void release_locked(PageHandle page);  // one mapping fewer; at zero the page is free
-  void add_pending_locked(std::weak_ptr<Reservation> owner, Fence fence, size_t num_pages);
-  void cancel_pending_locked(size_t num_pages) { pending_pages_ -= num_pages; }
+  // A decommit of these mappings waits for `fence` (one entry per mapping).
+  void add_pending_locked(std::weak_ptr<Reservation> owner, Fence fence, const std::vector<PageHandle>& pages);
+  // One pending mapping of `page` revived or about to be unmapped.
+  void cancel_pending_locked(PageHandle page);
+  // Whether `page` is free once its pending unmaps are done: every mapping of
+  // it is pending (an aliased page another range still maps frees nothing).
+  bool frees_when_reaped_locked(PageHandle page) const;
+  // Whether `page` has a mapping besides the one asking (pending or not).
+  bool mapped_elsewhere_locked(PageHandle page) const;
+  struct PageUse;
+  template <typename Change>
+  void change_use_locked(PageHandle page, Change change);
   void reap_locked(size_t wait_until_free);
   PoolStats& counters_locked() { return counters_; }
   void destroy_locked(PageHandle page);
@@ -133,10 +150,15 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
   size_t max_pages_;
   std::vector<PageHandle> free_;
   std::unordered_set<PageHandle> never_mapped_;
-  std::unordered_map<PageHandle, size_t> mappings_;  // page in use -> times mapped
+  struct PageUse {  // a page in use: how it is mapped
+    size_t maps = 0;     // times mapped (ranges sharing it after fork/alias)
+    size_t pending = 0;  // of those, decommits waiting for a fence
+  };
+  std::unordered_map<PageHandle, PageUse> mappings_;  // pages in use
   size_t created_ = 0;
-  size_t pending_pages_ = 0;
+  size_t pending_pages_ = 0;  // pages whose every mapping is pending: free once reaped
   std::deque<PendingBatch> pending_;
+  std::vector<std::shared_ptr<Reservation>> reaped_owners_;  // released by ~Lock, unlocked
   PoolStats counters_;
   // available_locked() as of the last locked section (see Lock): available()
   // reads it without the mutex. A plain store of the recomputed sum, never an

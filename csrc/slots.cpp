@@ -59,6 +59,9 @@ int64_t SlotTable::pages_for(int64_t num_tokens) const {
 
 int64_t SlotTable::tokens_for(int64_t pages) const {
   if (pages <= 0) return 0;
+  // The whole row backs every length: pages_for() never asks for more, the
+  // margin past max_seq_len included (else a full row "needs" pages forever).
+  if (pages >= pages_for(g_.max_seq_len)) return g_.max_seq_len;
   __int128 rows = static_cast<__int128>(pages) * g_.page_size / g_.bytes_per_token;
   __int128 tokens = std::min<__int128>(g_.max_seq_len, rows - g_.margin_tokens);
   return static_cast<int64_t>(std::max<__int128>(0, tokens));
@@ -253,11 +256,9 @@ void SlotTable::join_locked() {
   std::vector<std::pair<size_t, int64_t>> plan;
   plan.swap(pending_);
   ticket_ = 0;
-  try {
-    committer_->wait(ticket);
-  } catch (...) {
-    // Jobs run buffer by buffer: roll the partial prefetch back so that every
-    // buffer agrees with the table again.
+  // Jobs run buffer by buffer: a failed prefetch is rolled back so that every
+  // buffer agrees with the table again.
+  auto roll_back = [&] {
     for (const auto& [slot, pages] : plan) {
       size_t first = slot * g_.pages_per_slot + static_cast<size_t>(committed_[slot]);
       size_t count = static_cast<size_t>(pages - committed_[slot]);
@@ -268,6 +269,19 @@ void SlotTable::join_locked() {
         }
       }
     }
+  };
+  try {
+    committer_->wait(ticket);
+  } catch (const OutOfPages&) {
+    // The prefetch took pages that were free when it was queued, and another
+    // user of the pool (a cache sharing it) took them first: skipped, as
+    // step_async documents. The next step's synchronous part commits, or
+    // raises OutOfPages, when the need is real; the call that joins here (a
+    // free() giving memory back) must not fail for it.
+    roll_back();
+    return;
+  } catch (...) {
+    roll_back();
     throw;
   }
   for (const auto& [slot, pages] : plan) set_committed_locked(slot, std::max(committed_[slot], pages));

@@ -213,6 +213,18 @@ class _ForkMixin:
         self._shared_ids[dst] = ids[:count]
         self._set_committed(dst, max(held, count))
 
+    def _pages_kept(self: "KVCache", slot: int, keep_tokens: int) -> int:
+        """Pages per buffer a crop of ``slot`` to ``keep_tokens`` keeps: those of
+        ``pages_for_tokens``, less any past row ``keep_tokens`` that another slot
+        still maps (a fork's prefix kept for ``margin_tokens``): the slot's next
+        appends go there and would land in the other slot's rows; the next commit
+        backs them with pages of the slot's own."""
+        keep_pages = self._pages_for(keep_tokens)
+        row_pages = -(-keep_tokens * self.bytes_per_token_buffer // self.page_size)  # pages holding rows < keep
+        if any(self._page_refs[i] > 1 for i in self._shared_ids[slot][row_pages:keep_pages]):
+            return row_pages
+        return keep_pages
+
     def _unshare(self: "KVCache", slot: int, keep_pages: int) -> None:
         """Drops ``slot``'s references to its shared pages from ``keep_pages`` on
         (bookkeeping only: the caller unmaps them)."""

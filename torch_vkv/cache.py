@@ -429,7 +429,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
         self._check_window_crop(slot, keep)
         if slot in self._active:
             self._used_tokens[slot] = min(self._used_tokens[slot], keep)
-        keep_pages = self._pages_for(keep)
+        keep_pages = self._pages_kept(slot, keep)
         drop = int(self._committed_pages[slot]) - keep_pages
         if drop <= 0:
             return 0
