@@ -22,7 +22,8 @@ from _tiny_checkpoint import build_checkpoint  # noqa: E402
 from torch_vkv.serving import LLM, SamplingParams  # noqa: E402
 from torch_vkv.serving.server import EngineLoop, create_app  # noqa: E402
 from torch_vkv.serving.server.protocol import HTTPError  # noqa: E402
-from torch_vkv.serving.server.streaming import start  # noqa: E402
+from torch_vkv.serving.server.loop import Accepted, Delta  # noqa: E402
+from torch_vkv.serving.server.streaming import respond, start  # noqa: E402
 
 # Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
 pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
@@ -321,6 +322,164 @@ def test_a_submit_racing_the_engine_threads_end_is_answered(ckpt, monkeypatch):
     for stopper in stoppers:
         stopper.join(30)
     assert not loop.alive
+
+
+def _loop_whose_stop_lands_in_one_drain(ckpt, monkeypatch) -> tuple[EngineLoop, threading.Event]:
+    """A loop whose step, once the returned event is set, waits until two
+    commands are queued: stop()'s "abort_all" and "stop" are then drained in
+    one pass (as when they land during a step)."""
+    llm = _llm(ckpt)
+    step = llm.engine.step
+    hold = threading.Event()
+
+    def step_that_waits_for_stop():
+        deadline = time.monotonic() + 10
+        while hold.is_set() and loop._commands.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", step_that_waits_for_stop)
+    loop = EngineLoop(llm)
+    loop.start()
+    return loop, hold
+
+
+LONG = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+
+
+def test_stop_ends_every_request_in_flight_with_abort(ckpt, monkeypatch):
+    """``stop()`` queues "abort_all" then "stop"; the engine thread took both in
+    one pass and ended before a step returned the aborted outputs, so a request
+    in flight never got its last Delta (its stream never ended)."""
+    loop, hold = _loop_whose_stop_lands_in_one_drain(ckpt, monkeypatch)
+    events, streaming = [], threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if isinstance(event, Delta):
+            streaming.set()
+
+    loop.submit([([5, 6, 7], LONG)], sink)
+    assert streaming.wait(30), events
+    hold.set()
+    loop.stop(timeout=30)
+    assert not loop.alive and loop.engine.closed
+    last = events[-1]
+    assert isinstance(last, Delta) and last.finish_reason == "abort", events
+    assert last.num_tokens == max(e.num_tokens for e in events if isinstance(e, Delta))
+    assert loop._in_flight == 0
+
+
+def test_a_stream_open_when_the_loop_stops_ends_with_abort_and_done(ckpt, monkeypatch):
+    """The app's lifespan calls ``loop.stop()``: a stream still open then ends
+    with ``finish_reason: "abort"`` and ``[DONE]`` (docs/serving.md), not never."""
+    loop, hold = _loop_whose_stop_lands_in_one_drain(ckpt, monkeypatch)
+
+    async def stream_then_stop():
+        response = await respond(loop, "tiny", None, [([5, 6, 7], LONG)], stream=True, chat=False,
+                                 include_usage=True)  # fmt: skip
+        chunks, stopper = [], None
+        async for chunk in response.body_iterator:
+            chunks.append(chunk)
+            if stopper is None:
+                hold.set()
+                stopper = asyncio.get_running_loop().run_in_executor(None, loop.stop, 30)
+        await stopper
+        return chunks
+
+    try:
+        chunks = asyncio.run(asyncio.wait_for(stream_then_stop(), 60))
+    finally:
+        loop.stop()
+    assert chunks[-1] == "data: [DONE]\n\n", chunks
+    bodies = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert bodies[-2]["choices"][0]["finish_reason"] == "abort", bodies
+    assert bodies[-1]["choices"] == [] and bodies[-1]["usage"]["completion_tokens"] > 0
+
+
+class _LoopThatAnswersOutOfOrder:
+    """An ``EngineLoop`` stand-in whose engine thread ran choice 0 to its end
+    before it took choice 1: its final ``Delta`` reaches the sink between the
+    two ``Accepted``\\ s."""
+
+    error = None
+
+    def __init__(self):
+        self.aborted = []
+
+    def submit(self, requests, sink):
+        sink(Accepted(0))
+        sink(Delta(0, "a", 1, "length"))
+        sink(Accepted(1))
+        sink(Delta(1, "b", 1, None))
+        sink(Delta(1, "c", 2, "length"))
+        return ["r0", "r1"]
+
+    def abort(self, ids):
+        self.aborted.extend(ids)
+
+
+def test_start_keeps_a_delta_that_comes_before_another_choices_acceptance():
+    """``start()`` waited for every choice's Accepted and dropped what came
+    between: choice 0's final Delta was lost and its handler waited forever."""
+    loop = _LoopThatAnswersOutOfOrder()
+    params = SamplingParams(max_tokens=2)
+
+    async def run():
+        ids, events = await start(loop, [([5], params), ([6], params)])
+        return ids, [events.get_nowait() for _ in range(events.qsize())]
+
+    ids, left = asyncio.run(run())
+    assert ids == ["r0", "r1"] and not loop.aborted
+    assert left == [Delta(0, "a", 1, "length"), Delta(1, "b", 1, None), Delta(1, "c", 2, "length")]
+
+    async def stream():  # the whole handler: both choices end, then [DONE]
+        response = await respond(loop, "tiny", None, [([5], params), ([6], params)], stream=True, chat=False,
+                                 include_usage=True)  # fmt: skip
+        return [chunk async for chunk in response.body_iterator]
+
+    chunks = asyncio.run(asyncio.wait_for(stream(), 10))
+    assert chunks[-1] == "data: [DONE]\n\n"
+    bodies = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert [(b["choices"][0]["index"], b["choices"][0]["text"], b["choices"][0]["finish_reason"])
+            for b in bodies[:-1]] == [(0, "a", "length"), (1, "b", None), (1, "c", "length")]  # fmt: skip
+    assert bodies[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_choice_that_ends_before_the_next_is_taken_still_ends(ckpt, monkeypatch):
+    """With a real loop: ``submit`` queued one "add" per choice, so the engine
+    thread could take, step and finish choice 0 before choice 1's "add" was
+    queued (forced here by a slow record for choice 1, as a thread switch
+    between two puts does), and ``start()`` dropped choice 0's last Delta.
+    The choices are now one command; every choice's last Delta reaches the
+    handler."""
+    import torch_vkv.serving.server.loop as loop_module
+
+    real_stream = loop_module._Stream
+
+    def slow_second_stream(index, *args, **kwargs):
+        if index == 1:
+            time.sleep(0.5)
+        return real_stream(index, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "_Stream", slow_second_stream)
+    loop = EngineLoop(_llm(ckpt))
+    loop.start()
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+    async def both():
+        ids, events = await start(loop, [([5, 6, 7], params), ([8, 9, 10], params)])
+        reasons = [None, None]
+        while None in reasons:
+            ev = await asyncio.wait_for(events.get(), 10)
+            if isinstance(ev, Delta):
+                reasons[ev.index] = ev.finish_reason
+        return reasons
+
+    try:
+        assert asyncio.run(both()) == ["length", "length"]
+    finally:
+        loop.stop()
 
 
 # ------------------------------------------------------------------ models

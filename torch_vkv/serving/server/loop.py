@@ -75,6 +75,7 @@ class _Stream:
     sink: Callable[[Any], None]
     num_prompt_tokens: int
     text: Optional[TextStream] = None  # set when the engine accepts the request
+    num_tokens: int = 0  # generated so far (the last Delta's)
 
 
 class EngineLoop:
@@ -130,8 +131,11 @@ class EngineLoop:
             # Queued under the lock: the engine thread marks itself ended under it before answering what
             # is left, so no command can land after that last look and wait for an answer forever.
             ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(requests))]
-            for i, (rid, (prompt, params)) in enumerate(zip(ids, requests)):
-                self._commands.put(("add", rid, prompt, params, _Stream(i, sink, len(prompt))))
+            # One command for all the choices: the engine thread takes them together, so every Accepted or
+            # Rejected of this request reaches the sink before any Delta (no step runs between two choices).
+            adds = [(rid, prompt, params, _Stream(i, sink, len(prompt)))
+                    for i, (rid, (prompt, params)) in enumerate(zip(ids, requests))]  # fmt: skip
+            self._commands.put(("add", adds))
         return ids
 
     def abort(self, request_ids: Sequence[str]) -> None:
@@ -146,7 +150,9 @@ class EngineLoop:
         self._commands.put(("abort_all",))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Aborts everything, ends the thread and closes the engine."""
+        """Aborts everything, ends the thread and closes the engine. Every
+        request in flight still gets its final ``Delta`` (``finish_reason``
+        ``"abort"``) before the thread ends, so open streams end."""
         self.abort_all()
         self._commands.put(("stop",))
         if self._thread.is_alive():
@@ -169,6 +175,7 @@ class EngineLoop:
             while True:
                 busy = engine.has_unfinished_requests()
                 if self._drain(block=not busy):
+                    self._end_streams()
                     break
                 if engine.has_unfinished_requests():
                     self._deliver(engine.step())
@@ -198,8 +205,23 @@ class EngineLoop:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                self._release(1)
-                cmd[4].sink(Rejected(cmd[4].index, why, shutting_down=True))
+                for _, _, _, stream in cmd[1]:
+                    self._release(1)
+                    stream.sink(Rejected(stream.index, why, shutting_down=True))
+
+    def _end_streams(self) -> None:
+        """On "stop": every request still in flight is aborted and its final
+        output delivered (``"abort"``), so its handler sees the end: the
+        "abort_all" that stop() queues ahead is drained in the same pass as
+        the "stop", with no step() after it to return the aborted outputs."""
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+        if self.engine.has_unfinished_requests():
+            self._deliver(self.engine.step())  # nothing runs: it returns the aborted requests' final outputs
+        for rid, stream in list(self._streams.items()):  # not returned by that step: ended here all the same
+            del self._streams[rid]
+            self._release(1)
+            stream.sink(Delta(stream.index, "", stream.num_tokens, "abort"))
 
     def _drain(self, block: bool) -> bool:
         """Runs queued commands (waiting for one when ``block``); True on "stop"."""
@@ -210,8 +232,8 @@ class EngineLoop:
         while True:
             kind = cmd[0]
             if kind == "add":
-                _, rid, prompt, params, stream = cmd
-                self._add(rid, prompt, params, stream)
+                for rid, prompt, params, stream in cmd[1]:
+                    self._add(rid, prompt, params, stream)
             elif kind == "abort":
                 if cmd[1] in self._streams:
                     self.engine.abort(cmd[1])
@@ -256,7 +278,7 @@ class EngineLoop:
                 if not out.finished:
                     self.engine.abort(out.request_id)  # pages return now; its "abort" output is ignored
                 reason = "stop"
-            n = len(completion)
+            n = stream.num_tokens = len(completion)
             if delta or reason is not None:
                 stream.sink(Delta(stream.index, delta, n, reason))
             if reason is not None:

@@ -30,7 +30,9 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]],
                 prompt_param: str = "prompt") -> tuple[list[str], asyncio.Queue]:
     """Hands the requests to the engine thread; returns their ids and the
     event queue once the engine accepted all of them. A request the engine
-    refuses answers a 400 naming ``prompt_param`` (``messages`` for chat)."""
+    refuses answers a 400 naming ``prompt_param`` (``messages`` for chat).
+    Events that arrive while it waits (a choice's ``Delta``, even its last)
+    stay in the queue, in their order, for the caller."""
     aloop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -48,6 +50,7 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]],
         code = "engine_failure" if loop.error is not None else "shutting_down"
         raise HTTPError(503, str(exc), "service_unavailable", None, code) from None
     waiting, rejected = set(range(len(reqs))), None
+    early: list[Any] = []  # a choice's Deltas that came before another choice's answer: the caller's
     try:
         while waiting:
             ev = await events.get()
@@ -58,6 +61,8 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]],
                 rejected = rejected or ev
             elif isinstance(ev, Failed):
                 raise HTTPError(500, ev.message, "server_error", None, "engine_failure")
+            else:
+                early.append(ev)
     except BaseException:
         loop.abort(ids)
         raise
@@ -67,6 +72,11 @@ async def start(loop: EngineLoop, reqs: list[tuple[list[int], SamplingParams]],
             code = "engine_failure" if loop.error is not None else "shutting_down"  # or before the engine failed
             raise HTTPError(503, rejected.message, "service_unavailable", None, code)
         raise HTTPError(400, rejected.message, param=prompt_param, code="invalid_value")
+    if early:  # put them back ahead of what came since, in order (no await here: the engine thread's
+        # events reach the queue only through this event loop, so none lands in between)
+        later = [events.get_nowait() for _ in range(events.qsize())]
+        for ev in early + later:
+            events.put_nowait(ev)
     return ids, events
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
