@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from test_serving import _plain_torch_append, engine_for, greedy, make_model, model_of, reference  # noqa: E402
 
-from torch_vkv.serving import Engine  # noqa: E402
+from torch_vkv.serving import Engine, SamplingParams  # noqa: E402
 
 # Whole models on the CPU: plain torch appends, not Triton's interpreter (conftest).
 pytestmark = pytest.mark.usefixtures("no_interpreted_triton")
@@ -231,3 +231,26 @@ def test_completion_seed_takes_the_seeds_a_request_can_have():
             completion_seed(seed, index)
     assert completion_seed(-(2**63), 0) == -(2**63) and completion_seed(7, 0) == 7
     assert 0 <= completion_seed(2**63 - 1, 3) < 2**63
+
+
+# ------------------------------------------------------------- padded lm_head
+def test_an_lm_head_wider_than_the_embeddings_never_samples_an_id_without_an_embedding():
+    """A model whose ``lm_head`` has more outputs than its embedding rows (a
+    padded head) could sample an id past ``vocab_size``; the next step's
+    embedding lookup then failed and ended every request in flight. The
+    sampler sees only the logits of ids the model can read back."""
+    model = make_model("llama", seed=3)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    head = torch.nn.Linear(hidden, vocab + 16, bias=True)
+    with torch.no_grad():
+        head.weight[:vocab] = model.lm_head.weight
+        head.weight[vocab:] = 0.0
+        head.bias.zero_()
+        head.bias[vocab:] = 1e4  # the padded ids would win every argmax and every draw
+    model.lm_head = head
+    with engine_for(model) as e:
+        outs = e.generate([[1, 2, 3], [4, 5]], [greedy(5), SamplingParams(max_tokens=5, temperature=1.0, seed=0)],
+                          use_tqdm=False)  # fmt: skip
+    for o in outs:
+        ids = o.outputs[0].token_ids
+        assert len(ids) == 5 and all(0 <= t < vocab for t in ids), ids

@@ -375,6 +375,7 @@ class Engine(Closable, Unique):
             return outputs
         t1 = time.perf_counter()
         logits, rows = self.runner.execute(batch)
+        logits = logits[:, : self.vocab_size]  # an lm_head padded past the embeddings: ids it has no row for
         if self.prewarm:
             self._prewarmer.after_launch(batch)  # while the GPU runs the forward
         reqs = [batch.requests[i] for i in rows]
