@@ -215,6 +215,30 @@ def test_bad_prompts_raise_and_the_llm_keeps_serving(llm):
         llm.chat([{"role": "system", "content": "x"}, {"role": "user", "content": "\udfff"}])
     assert llm.engine.stats()["num_running"] == 0
     assert len(llm.generate("hello", GREEDY)[0].token_ids) == 12
+    # The refused calls' aborted requests left no final output behind for a later call to pass on forever.
+    assert not llm.engine.has_unfinished_requests() and llm.engine.step() == []
+
+
+def test_an_interrupted_generate_leaves_no_output_to_hand_on(llm):
+    engine = llm.engine
+    execute, calls = engine.runner.execute, []
+
+    def interrupted(batch):
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return execute(batch)
+
+    engine.runner.execute = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["hello", "world"], GREEDY)
+    finally:
+        del engine.runner.execute
+    # Their abort outputs were kept, taken by the next call as another caller's and kept again, call after
+    # call: has_unfinished_requests() stayed True.
+    assert len(llm.generate("hello", GREEDY)[0].token_ids) == 12
+    assert not engine.has_unfinished_requests() and engine.step() == []
 
 
 def test_llm_takes_a_loaded_model(ckpt):

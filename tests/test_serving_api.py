@@ -254,3 +254,30 @@ def test_an_lm_head_wider_than_the_embeddings_never_samples_an_id_without_an_emb
     for o in outs:
         ids = o.outputs[0].token_ids
         assert len(ids) == 5 and all(0 <= t < vocab for t in ids), ids
+
+
+def test_an_interrupted_generate_leaves_no_output_to_hand_on():
+    """``generate`` aborts its requests when interrupted; their final outputs
+    were kept for the next ``step()``, which a later ``generate`` took for
+    another caller's and kept again, call after call."""
+    model = model_of("llama")
+    want = reference(model, [1, 2, 3], 6)
+    with engine_for(model) as e:
+        execute, calls = e.runner.execute, []
+
+        def interrupted(batch):
+            calls.append(None)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return execute(batch)
+
+        e.runner.execute = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            e.generate([[1, 2, 3], [4, 5]], greedy(6), use_tqdm=False)
+        e.runner.execute = execute
+        other = e.add_request([7, 8, 9], greedy(2))  # a step() loop's request: its output still comes back
+        outs = e.generate([[1, 2, 3]], greedy(6), use_tqdm=False)
+        assert outs[0].outputs[0].token_ids == want
+        rest = drain(e)
+        assert list(rest) == [other] and rest[other].finished
+        assert not e.has_unfinished_requests() and e.step() == []

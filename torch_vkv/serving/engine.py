@@ -486,9 +486,11 @@ class Engine(Closable, Unique):
                                         refresh=False)  # fmt: skip
         finally:  # interrupted (Ctrl-C) or failed: none of this call's requests may keep running unseen
             if not self._closed:
-                self._return_later(others)
                 for rid in [rid for rid in index if rid in self._requests]:
                     self.abort(rid)
+                # Their abort outputs are for no one (this call raised): a later generate() would take them
+                # for others' and hand them on, call after call.
+                self._return_later(others, drop=index)
         return results  # type: ignore[return-value]
 
     def _return_later(self, outputs: list[RequestOutput], drop: Container[str] = ()) -> None:

@@ -287,9 +287,11 @@ class LLM(Closable):
         finally:
             # Nothing added (a refused call: another thread may be inside step()): leave the engine alone.
             if not engine.closed and (ours or others):
-                engine._return_later(others, drop=ours)  # ours: a stop string's abort output is not for anyone
-            for rid in streams:  # a bad prompt or an interrupt: leave nothing running
-                engine.abort(rid)
+                for rid in streams:  # a bad prompt or an interrupt: leave nothing running
+                    engine.abort(rid)
+                # ours: their abort outputs (a stop string's, or those just above) are for no one: a later
+                # call would take them for others' and hand them on, call after call.
+                engine._return_later(others, drop=ours)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------- lifecycle
