@@ -296,3 +296,26 @@ def test_random_operations_with_fenced_decommits_keep_every_row(seed, layout):
     # Before the fixes above, fork and remap over pending pages failed at once, and with them allowed
     # (interleaved, seeds 1, 2, 5, 6 of the first review's fuzzer) rows of forked slots were overwritten.
     _random_operations(seed, layout, steps=250)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_on_cuda_a_pending_shared_page_is_not_revived(layout):
+    # The same case with real fences: a kernel still running on the current stream (torch.cuda._sleep) keeps
+    # the decommitted pages pending, as every decommit on CUDA is fenced.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    c = KVCache(1, 1, 128, max_batch_size=2, max_seq_len=4096, dtype=torch.bfloat16, device="cuda", layout=layout)
+    tpp = int(c.tokens_per_page)
+    a = c.alloc()
+    c.step({a: 3 * tpp})
+    rows = torch.randn(3 * tpp, 1, 128, device="cuda", dtype=torch.bfloat16)
+    c.key(0)[a, : 3 * tpp] = rows
+    b = c.fork(a, 3 * tpp)
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time: the fence below stays pending meanwhile
+    c.decommit(b, 0)
+    c.step({a: 3 * tpp, b: 2 * tpp})
+    c.key(0)[b, : 2 * tpp] = 7.0
+    torch.cuda.synchronize()
+    assert torch.equal(c.key(0)[a, : 3 * tpp], rows)
+    c.close()
