@@ -41,7 +41,7 @@ uintptr_t allocator_reserve(std::shared_ptr<Backend> backend, size_t size) {
     throw InvalidArgument("allocator_reserve: expected a size of at most " + std::to_string(SIZE_MAX - (ps - 1)) +
                           " bytes, got " + std::to_string(size));
   size_t bytes = (size + ps - 1) / ps * ps;
-  backend->bind_thread();
+  ThreadBinding bound(*backend);
   uintptr_t addr = backend->reserve(bytes);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
@@ -61,7 +61,7 @@ bool allocator_release(uintptr_t addr) {
   }
   if (region.origin.forked()) return true;  // the parent's range: nothing to free here
   if (auto res = region.adopted_by.lock()) res->on_address_freed();
-  region.backend->bind_thread();
+  ThreadBinding bound(*region.backend);
   region.backend->release(addr, region.bytes);
   return true;
 }

@@ -67,8 +67,11 @@ class Backend {
   virtual void synchronize() {}
 
   // Makes this backend's context current on the calling thread (CUDA: the
-  // device's primary context). Cheap; called at every entry point.
-  virtual void bind_thread() {}
+  // device's primary context); returns what unbind_thread() takes to give the
+  // thread back the context it had (0: nothing to give back). Cheap; every
+  // entry point binds through a ThreadBinding.
+  virtual uintptr_t bind_thread() { return 0; }
+  virtual void unbind_thread(uintptr_t previous) {}
 
   // In the child of a fork only (fork.h); neither touches the physical pages
   // the parent still uses. make_private: the child's mapping of `page` at
@@ -77,6 +80,27 @@ class Backend {
   // nothing on CUDA, which a forked child cannot use.
   virtual void make_private(uintptr_t addr, PageHandle page) {}
   virtual void forget(uintptr_t addr, size_t bytes) {}
+};
+
+// Binds a backend to the calling thread for its scope, then gives the thread
+// back the context it had: a thread PyTorch runs on another device keeps its
+// current device (torch.cuda.current_device(), streams, new tensors) after a
+// call into a cache of this one.
+class ThreadBinding {
+ public:
+  explicit ThreadBinding(Backend& backend) : backend_(backend), previous_(backend.bind_thread()) {}
+  ~ThreadBinding() {
+    try {
+      backend_.unbind_thread(previous_);
+    } catch (...) {
+    }
+  }
+  ThreadBinding(const ThreadBinding&) = delete;
+  ThreadBinding& operator=(const ThreadBinding&) = delete;
+
+ private:
+  Backend& backend_;
+  uintptr_t previous_;
 };
 
 // memfd + mmap on the CPU. page_size must be a multiple of the OS page size.

@@ -173,7 +173,7 @@ PYBIND11_MODULE(_C, m) {
       [](int device) {
         return without_gil([&] {
           auto backend = cuda_backend(device);
-          backend->bind_thread();
+          ThreadBinding bound(*backend);
           size_t free_bytes = 0, total_bytes = 0;
           cu::check(cu::api().cuMemGetInfo(&free_bytes, &total_bytes), "cuMemGetInfo",
                     "device=" + std::to_string(device));

@@ -18,7 +18,7 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int device) : device_(device), api_(cu::api()) {
     cu::check(api_.cuDeviceGet(&dev_, device), "cuDeviceGet", "ordinal=" + std::to_string(device));
     cu::check(api_.cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain", "device=" + std::to_string(device));
-    bind_thread();
+    ThreadBinding bound(*this);
     prop_ = {};
     prop_.type = cu::CU_MEM_ALLOCATION_TYPE_PINNED;
     prop_.requestedHandleTypes = cu::CU_MEM_HANDLE_TYPE_NONE;
@@ -47,7 +47,17 @@ class CudaBackend final : public Backend {
   size_t page_size() const override { return page_size_; }
   const Origin& origin() const { return origin_; }
   void synchronize() override { cu::check(api_.cuCtxSynchronize(), "cuCtxSynchronize", "device=" + std::to_string(device_)); }
-  void bind_thread() override { cu::check(api_.cuCtxSetCurrent(ctx_), "cuCtxSetCurrent", "device=" + std::to_string(device_)); }
+  uintptr_t bind_thread() override {
+    cu::CUcontext current = nullptr;
+    cu::check(api_.cuCtxGetCurrent(&current), "cuCtxGetCurrent", "device=" + std::to_string(device_));
+    if (current == ctx_) return 0;
+    cu::check(api_.cuCtxSetCurrent(ctx_), "cuCtxSetCurrent", "device=" + std::to_string(device_));
+    // A thread with no context keeps ours (the runtime would make a primary context current there too).
+    return reinterpret_cast<uintptr_t>(current);
+  }
+  void unbind_thread(uintptr_t previous) override {
+    if (previous != 0) api_.cuCtxSetCurrent(reinterpret_cast<cu::CUcontext>(previous));
+  }
 
   uintptr_t reserve(size_t bytes) override {
     cu::CUdeviceptr p = 0;

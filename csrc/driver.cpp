@@ -43,6 +43,7 @@ const Loaded& loaded() {
     VKV_RESOLVE(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     VKV_RESOLVE(cuDevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2");
     VKV_RESOLVE(cuCtxSetCurrent, "cuCtxSetCurrent");
+    VKV_RESOLVE(cuCtxGetCurrent, "cuCtxGetCurrent");
     VKV_RESOLVE(cuCtxSynchronize, "cuCtxSynchronize");
     VKV_RESOLVE(cuMemGetInfo, "cuMemGetInfo_v2");
     VKV_RESOLVE(cuMemGetAllocationGranularity, "cuMemGetAllocationGranularity");

@@ -43,8 +43,9 @@ PagePool::~PagePool() {
   // a hole in the memfd the parent still maps.
   if (origin_.forked()) return;
   // Every reservation holds the pool alive, so no page is mapped any more.
+  std::optional<ThreadBinding> bound;
   try {
-    backend_->bind_thread();
+    bound.emplace(*backend_);
   } catch (...) {
   }
   for (const auto& batch : pending_) backend_->fence_destroy(batch.fence);
@@ -54,7 +55,7 @@ PagePool::~PagePool() {
 size_t PagePool::prefill(size_t num_pages) {
   origin_.check();
   Lock lock(*this);
-  backend_->bind_thread();
+  ThreadBinding bound(*backend_);
   num_pages = std::min(num_pages, max_pages_);
   size_t limit = backend_->page_limit();
   if (num_pages > limit)  // refused up front: the loop below would run for ages (host pages never fail)
@@ -75,7 +76,7 @@ size_t PagePool::prefill(size_t num_pages) {
 void PagePool::set_max_pages(size_t max_pages) {
   origin_.check();
   Lock lock(*this);
-  backend_->bind_thread();
+  ThreadBinding bound(*backend_);
   max_pages_ = max_pages;
   while (created_ > max_pages_ && !free_.empty()) {
     destroy_locked(free_.back());
@@ -86,7 +87,7 @@ void PagePool::set_max_pages(size_t max_pages) {
 size_t PagePool::trim(size_t keep_free) {
   origin_.check();
   Lock lock(*this);
-  backend_->bind_thread();
+  ThreadBinding bound(*backend_);
   reap_locked(0);
   size_t destroyed = 0;
   while (free_.size() > keep_free) {
@@ -100,7 +101,7 @@ size_t PagePool::trim(size_t keep_free) {
 void PagePool::reap() {
   origin_.check();
   Lock lock(*this);
-  backend_->bind_thread();
+  ThreadBinding bound(*backend_);
   reap_locked(0);
 }
 
@@ -238,8 +239,9 @@ bool PagePool::frees_when_reaped_locked(PageHandle page) const {
 
 void PagePool::reap_locked(size_t wait_until_free) {
   // Fences complete in the order they were recorded on one stream, so the
-  // front of the queue finishes first; a batch whose owner is gone was
-  // already unmapped by the owner's destructor.
+  // front of the queue finishes first. A batch whose owner is gone is unmapped
+  // by the owner's destructor, which may still be waiting for this mutex: it
+  // then skips the fence destroyed here (release_all_locked).
   while (!pending_.empty()) {
     PendingBatch& batch = pending_.front();
     if (!backend_->fence_done(batch.fence)) {
@@ -280,7 +282,7 @@ std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool,
   uintptr_t base;
   {
     PagePool::Lock lock(*pool);
-    pool->backend().bind_thread();
+    ThreadBinding bound(pool->backend());
     base = pool->backend().reserve(num_pages * ps);
   }
   return std::shared_ptr<Reservation>(new Reservation(std::move(pool), base, num_pages, true));
@@ -308,7 +310,7 @@ Reservation::~Reservation() {
   // through the call that failed, or the process is shutting down.
   try {
     PagePool::Lock lock(*pool_);
-    pool_->backend().bind_thread();
+    ThreadBinding bound(pool_->backend());
     try {
       release_all_locked();
     } catch (...) {
@@ -336,7 +338,7 @@ size_t Reservation::commit(size_t first, size_t count) {
   PagePool::Lock lock(*pool_);
   check_usable("commit");
   Backend& backend = pool_->backend();
-  backend.bind_thread();
+  ThreadBinding bound(backend);
   auto t0 = Clock::now();
   pool_->reap_locked(0);
 
@@ -422,6 +424,10 @@ size_t Reservation::commit(size_t first, size_t count) {
       for (size_t i = 0; i < to_map.size(); ++i)
         if (fresh[i]) backend.zero(base_ + to_map[i] * page_size_, page_size_);
   } catch (...) {
+    // Fresh pages go back as fresh: handed out later, they are zeroed first
+    // (cuMemCreate memory may hold NaN); destroy_locked() drops the mark.
+    for (size_t i = 0; i < handles.size(); ++i)
+      if (fresh[i]) pool_->never_mapped_.insert(handles[i]);
     std::vector<size_t> undo(to_map.begin(), to_map.begin() + mapped);
     try {
       unmap_runs_locked(undo);
@@ -441,7 +447,7 @@ size_t Reservation::decommit(size_t first, size_t count, std::optional<uintptr_t
   PagePool::Lock lock(*pool_);
   if (!address_alive_) return 0;
   Backend& backend = pool_->backend();
-  backend.bind_thread();
+  ThreadBinding bound(backend);
   auto t0 = Clock::now();
   std::vector<size_t> pages;
   for (size_t p = first; p < first + count; ++p)
@@ -475,7 +481,7 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
   check_usable("alias");
   src.check_usable("alias source");
   Backend& backend = pool_->backend();
-  backend.bind_thread();
+  ThreadBinding bound(backend);
   auto t0 = Clock::now();
   std::vector<size_t> still_pending;  // target pages decommitted, their unmap waiting for a fence
   for (size_t i = 0; i < count; ++i) {
@@ -522,14 +528,14 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
 void Reservation::release_all() {
   origin_.check();
   PagePool::Lock lock(*pool_);
-  pool_->backend().bind_thread();
+  ThreadBinding bound(pool_->backend());
   release_all_locked();
 }
 
 void Reservation::close() {
   origin_.check();
   PagePool::Lock lock(*pool_);
-  pool_->backend().bind_thread();
+  ThreadBinding bound(pool_->backend());
   closed_ = true;  // even if the driver fails below: no commit after close
   // Before the unmaps below, so that no write ever meets the range unmapped (a backend whose range
   // queued device work may still read waits for it in retire; release_all_locked synchronizes anyway).
@@ -543,11 +549,16 @@ void Reservation::release_all_locked() {
   // Committed pages may still be read by queued kernels (pending ones wait
   // for their own fences below).
   if (num_committed_ > 0) backend.synchronize();
+  // From the destructor, a reap may already have destroyed a fence of ours: the
+  // reservation's last reference went while the reap held the mutex, so it
+  // found no owner to finish. Such a fence had completed; only queued ones are waited for.
+  std::unordered_set<Fence> queued;
+  for (const auto& batch : pool_->pending_) queued.insert(batch.fence);
   std::vector<size_t> pages;
   for (size_t p = 0; p < pages_.size(); ++p) {
     if (pages_[p] == kNoPage) continue;
     if (pending_[p] != 0) {
-      backend.fence_wait(pending_[p]);  // the pool destroys the fence later
+      if (queued.count(pending_[p])) backend.fence_wait(pending_[p]);  // the pool destroys it later
       pending_[p] = 0;
       pool_->cancel_pending_locked(pages_[p]);
     } else {
@@ -584,7 +595,7 @@ void Reservation::unmap_runs_locked(const std::vector<size_t>& pages) {
 void Reservation::on_address_freed() {
   PagePool::Lock lock(*pool_);
   try {
-    pool_->backend().bind_thread();
+    ThreadBinding bound(pool_->backend());
     release_all_locked();
   } catch (...) {
   }

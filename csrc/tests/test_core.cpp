@@ -15,6 +15,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <set>
+#include <mutex>
+#include <condition_variable>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -937,6 +941,93 @@ int test_slot_table_threads(int iterations) {
   return 0;
 }
 
+// A backend whose fences are objects, as CUDA events are: using one after
+// fence_destroy is an error (cuEventSynchronize of a destroyed CUevent). Its
+// fence_done also lets a waiting thread run while the reap holds the mutex.
+class EventFenceBackend final : public Backend {
+ public:
+  std::string name() const override { return "event-fences"; }
+  int device() const override { return 0; }
+  size_t page_size() const override { return kPage; }
+  uintptr_t reserve(size_t bytes) override {
+    uintptr_t a = next_;
+    next_ += bytes + (1u << 20);
+    return a;
+  }
+  void release(uintptr_t, size_t) override {}
+  PageHandle create_page() override { return ++pages_; }
+  void destroy_page(PageHandle) override {}
+  void map(uintptr_t, PageHandle) override {}
+  void set_access(uintptr_t, size_t) override {}
+  void unmap(uintptr_t, size_t) override {}
+  void zero(uintptr_t, size_t) override {}
+  bool fresh_pages_are_zero() const override { return true; }
+  Fence record_fence(uintptr_t) override {
+    std::lock_guard<std::mutex> l(mu_);
+    live_.insert(++last_);
+    return last_;
+  }
+  bool fence_done(Fence f) override {
+    use(f);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      in_reap_ = true;
+    }
+    cv_.notify_all();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the other thread drops its reference now
+    return true;
+  }
+  void fence_wait(Fence f) override { use(f); }
+  void fence_destroy(Fence f) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!live_.erase(f)) ++misuses_;
+  }
+  void wait_for_reap() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return in_reap_; });
+  }
+  int misuses() {
+    std::lock_guard<std::mutex> l(mu_);
+    return misuses_;
+  }
+
+ private:
+  void use(Fence f) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!live_.count(f)) ++misuses_;
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool in_reap_ = false;
+  std::set<Fence> live_;
+  Fence last_ = 0;
+  int misuses_ = 0;
+  PageHandle pages_ = 0;
+  uintptr_t next_ = uintptr_t{1} << 30;
+};
+
+// The last reference to a reservation with pending pages goes while another
+// thread reaps: the reap finds no owner and destroys the fence; the
+// reservation's destructor, waiting for the mutex meanwhile, waited on it then.
+int test_a_reap_racing_the_last_reference_never_uses_a_destroyed_fence() {
+  auto backend = std::make_shared<EventFenceBackend>();
+  auto pool = std::make_shared<PagePool>(backend, 16);
+  auto res = Reservation::create(pool, 4 * kPage);
+  CHECK_EQ(res->commit(0, 4), 4u);
+  CHECK_EQ(res->decommit(0, 4, kStream), 4u);
+  CHECK_EQ(pool->stats().pending_pages, 4u);
+  std::thread reaper([&] { pool->reap(); });
+  backend->wait_for_reap();
+  res.reset();
+  reaper.join();
+  CHECK_EQ(backend->misuses(), 0);
+  PoolStats s = pool->stats();
+  CHECK_EQ(s.mapped_pages, 0u);
+  CHECK_EQ(s.pending_pages, 0u);
+  CHECK_EQ(s.free_pages, 4u);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -957,6 +1048,7 @@ int main(int argc, char** argv) {
     RUN(test_out_of_pages_changes_nothing);
     RUN(test_fences_keep_pages_mapped);
     RUN(test_pending_alias_is_not_a_free_page);
+    RUN(test_a_reap_racing_the_last_reference_never_uses_a_destroyed_fence);
     RUN(test_allocator_adopt);
     RUN(test_committer_lifecycle);
     RUN(test_slot_table_step);

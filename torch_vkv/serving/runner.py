@@ -306,6 +306,10 @@ class ModelRunner:
         # moved with the batch size would compile a variant (about a second) mid-step for new sizes.
         self._h64 = torch.zeros(3 * _align(max_tokens, 2), dtype=torch.int64, pin_memory=self._pin)
         self._h32 = torch.zeros(3 * _align(max_batch_size + 1, 4), dtype=torch.int32, pin_memory=self._pin)
+        # The copies out of _h64/_h32 are queued (non_blocking): the next step waits for this event before
+        # it writes them again. Most steps sync anyway (the sampled tokens), but one whose batch samples
+        # nothing (non-final prefill chunks only) does not, and the host could run a step ahead.
+        self._staged: Optional[torch.cuda.Event] = None
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._scratch = scratch_slot
         #: Host seconds spent building batches' metadata (inputs, lengths, slots, copies queued).
@@ -321,7 +325,8 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             if scratch_slot is None:
                 raise ValueError("scratch_slot: expected a slot for the padding rows of CUDA graphs, got None")
-            self._capture()
+            with torch.cuda.device(self.device):  # the capture's side streams on the cache's GPU, whatever is current
+                self._capture()
 
     # ------------------------------------------------------------- forward
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
@@ -386,6 +391,8 @@ class ModelRunner:
             max_q = max(news)
         T, S = len(tokens), len(sample)
         t2, r4 = _align(T, 2), _align(R + 1, 4)  # 16-byte aligned parts (see __init__)
+        if self._staged is not None:
+            self._staged.synchronize()  # the last step's copies out of the staging buffers are done
         h64 = self._h64[: 2 * t2 + S].numpy()
         h64[:T] = tokens
         h64[t2 : t2 + T] = positions
@@ -397,6 +404,9 @@ class ModelRunner:
             h32[2 * r4 :] = cu
         d64 = self._h64[: h64.shape[0]].to(self.device, non_blocking=True)
         d32 = self._h32[: h32.shape[0]].to(self.device, non_blocking=True)
+        if self._pin:
+            self._staged = torch.cuda.Event()
+            self._staged.record(torch.cuda.current_stream(self.device))
         lens_d, slots_d, cu_d = d32[:R], d32[r4 : r4 + R], d32[2 * r4 :] if cu is not None else None
         if cu is not None:  # a backend that plans prefill on the host reads these, not the device (no sync)
             attach_host_values(lens_d, lens)
