@@ -13,6 +13,7 @@ Modules, one concept each:
 * :mod:`~torch_vkv.hf.lengths`: ``SequenceLengths``, the one owner of every row's length;
 * :mod:`~torch_vkv.hf.attention`: the read-only ``"vkv"`` attention and mask functions;
 * :mod:`~torch_vkv.hf.commit_op`: the in-graph commit safety net;
+* :mod:`~torch_vkv.hf.windows`: which lengths a step tells a KVCache with sliding windows;
 * :mod:`~torch_vkv.hf.compat`: ``generate_kwargs`` / ``forward_kwargs``, the
   cache keyword of the installed transformers (``cache=`` or ``past_key_values=``).
 

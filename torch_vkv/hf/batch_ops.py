@@ -88,7 +88,9 @@ def gather(cache: "VirtualKVCache", index: list[int]) -> None:
         return
     new_rows = [old_rows[i] for i in index]
     kv = cache._kv
-    if cache._copy_batch_ops or _windowed(kv):
+    if _windowed(kv):
+        cache._batch_copied_bytes += _gather_windowed(cache, index, old_rows, new_rows)
+    elif cache._copy_batch_ops:
         cache._batch_copied_bytes += _gather_by_copy(cache, index, old_rows, new_rows)
     else:
         cache._batch_copied_bytes += kv.remap(range(new_b), index, new_rows)
@@ -118,16 +120,12 @@ def _windowed(kv: Any) -> bool:
 
 
 def _gather_by_copy(cache: "VirtualKVCache", index: list[int], old_rows: list[int], new_rows: list[int]) -> int:
-    """The copying path: rows are copied, every layer. Returns bytes written."""
+    """The copying path (no sliding windows): rows are copied, every layer. Returns bytes written."""
     kv = cache._kv
     cache._commit(new_rows)
     new_b, dev = len(index), kv.device
     copied = 0
     for layer in cache.layers:
-        start = kv.window_start(layer.layer_idx)
-        if start.any():  # a sliding layer gave rows back: copy from each row's window start
-            copied += _gather_window(layer, index, old_rows, start)
-            continue
         for buf in layer.buffers():
             row_bytes = buf[0, 0].numel() * buf.element_size()
             if len(set(old_rows)) == 1:  # one gather for the whole batch
@@ -143,22 +141,64 @@ def _gather_by_copy(cache: "VirtualKVCache", index: list[int], old_rows: list[in
     return copied
 
 
-def _gather_window(layer: Any, index: list[int], old_rows: list[int], start: np.ndarray) -> int:
-    """``_gather_by_copy`` for a sliding layer: row ``b`` takes old row ``i``'s rows from
-    ``max(start[b], start[i])`` on (rows below ``start`` are not committed). Returns bytes written."""
-    for b, i in enumerate(index):
-        if start[b] > start[i] and old_rows[i] > start[i]:
-            raise NotImplementedError(
-                f"VirtualKVCache: row {b} gave back rows below {start[b]} in layer {layer.layer_idx} (sliding "
-                f"window), but old row {i} needs them from {start[i]}: expected rows of equal lengths"
-            )
+def _gather_windowed(cache: "VirtualKVCache", index: list[int], old_rows: list[int], new_rows: list[int]) -> int:
+    """The gather of a cache with sliding-window layers: rows are copied (a windowed layer gave
+    back the first pages a remap would share). Returns bytes written.
+
+    Each layer copies the rows its source still holds (from the source's window start). A row
+    that gave back rows its new history needs (it was longer than its source, so its window
+    starts later) starts over: all its pages go back, and it is committed again from 0, in
+    steps of at most a window or a page, each ``KVCache.step`` giving back the pages behind the
+    window, so its sliding layers never hold much more than their window."""
+    kv = cache._kv
+    old_b, new_b = len(old_rows), len(index)
+    changed = [b for b in range(new_b) if b >= old_b or index[b] != b]
+    windows = {l: w for l, w in enumerate(kv.sliding_window) if w is not None}
+    src_start = {l: kv.window_start(l) for l in windows}
+    srcs = sorted({index[b] for b in changed})
+    saved = {}  # the sources' rows, before any row changes
+    for layer in cache.layers:
+        st = src_start.get(layer.layer_idx)
+        for part, buf in enumerate(layer.buffers()):
+            saved[layer.layer_idx, part] = {i: buf[i, (int(st[i]) if st is not None else 0) : old_rows[i]].clone()
+                                            for i in srcs}  # fmt: skip
+    keep, reset = {}, set()
+    for b in changed:
+        keep[b] = min(old_rows[b] if b < old_b else 0, new_rows[b])
+        if any(int(src_start[l][b]) > max(0, (keep[b] if keep[b] else new_rows[b]) - w) for l, w in windows.items()):
+            reset.add(b)  # its windows start past rows its new history reads
+    for b in changed:
+        # Lowers what the KVCache was told to at most the new length: the commits below then
+        # trim the windows from the new history's end, not from this row's old one.
+        kv.decommit(b, 0 if b in reset else keep[b])
+    chunk = max(max(windows.values()), kv.tokens_per_page)
+    level = {b: 0 for b in reset}
+    first = True
+    while first or any(level[b] < new_rows[b] for b in reset):
+        need = np.zeros(kv.max_batch_size, dtype=np.int64)
+        for b in reset:
+            level[b] = min(level[b] + chunk, new_rows[b])
+            need[b] = level[b]
+        if first:
+            need[[b for b in changed if b not in reset]] = [new_rows[b] for b in changed if b not in reset]
+            first = False
+        if need.any():
+            kv.step(need)
+    need = np.zeros(kv.max_batch_size, dtype=np.int64)
+    need[changed] = [new_rows[b] for b in changed]
+    if need.any():
+        kv.step(need)  # every changed row told its new length: pages behind its window go back
     copied = 0
-    for buf in layer.buffers():
-        row_bytes = buf[0, 0].numel() * buf.element_size()
-        saved = {i: buf[i, start[i] : old_rows[i]].clone() for i in set(index)}
-        for b, i in enumerate(index):
-            lo = max(int(start[b]), int(start[i]))
-            if old_rows[i] > lo:
-                buf[b, lo : old_rows[i]] = saved[i][lo - int(start[i]) :]
-                copied += (old_rows[i] - lo) * row_bytes
+    for layer in cache.layers:
+        l = layer.layer_idx
+        dst_start = kv.window_start(l) if l in windows else None
+        for part, buf in enumerate(layer.buffers()):
+            row_bytes = buf[0, 0].numel() * buf.element_size()
+            for b in changed:
+                i = index[b]
+                s0 = int(src_start[l][i]) if l in windows else 0
+                lo = max(int(dst_start[b]), s0) if l in windows else 0
+                if old_rows[i] > lo:
+                    buf[b, lo : old_rows[i]] = saved[l, part][i][lo - s0 :]
+                    copied += (old_rows[i] - lo) * row_bytes
     return copied

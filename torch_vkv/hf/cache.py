@@ -36,7 +36,7 @@ import torch
 from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail, is_int
 from torch_vkv.cache import LAYOUTS, KVCache
 from torch_vkv.pool import check_host_page_size
-from torch_vkv.hf import batch_ops, commit_op
+from torch_vkv.hf import batch_ops, commit_op, windows
 from torch_vkv.hf.compat import check_vkv_support, layer_windows, model_shape, text_config  # noqa: F401
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
@@ -104,6 +104,9 @@ class VirtualKVCache(Cache):
         self._closed = False
         self._config = config
         self._num_layers, self._num_kv_heads, self._head_dim = model_shape(config)
+        # Each layer's sliding window: the attention applies it (also where the model puts it only in
+        # the mask, PhiMoE), and per_layer vkv caches give back the pages behind it.
+        self._layer_windows = layer_windows(config, self._num_layers)
         self._max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
         self._max_cache_len = check_int("max_cache_len", max_cache_len, low=1)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -218,7 +221,7 @@ class VirtualKVCache(Cache):
             kw.pop("page_size")
         if self._planned_mode() == "vkv" and kw["layout"] == "per_layer":
             # Only the vkv attention never reads behind a window; eager/sdpa read every row.
-            kw["sliding_window"] = layer_windows(self._config, self._num_layers)
+            kw["sliding_window"] = list(self._layer_windows)
         # Normal tensors even under inference_mode: the cache outlives the call that builds it.
         with torch.inference_mode(False):
             kv = KVCache(
@@ -332,7 +335,7 @@ class VirtualKVCache(Cache):
         new_rows = [r + c for r, c in zip(rows, counts)]
         if max(new_rows, default=0) > self._max_cache_len or seq + S > self._max_cache_len:
             fail("tokens in the cache", f"at most max_cache_len={self._max_cache_len}", max(seq + S, *new_rows))
-        self._commit(new_rows, prefetch=True)  # OutOfPagesError: nothing changed
+        self._commit(new_rows, prefetch=True, start=rows)  # OutOfPagesError: nothing changed
         lengths.advance(counts, S)
         step = StepPlan.build(B, S, seq, padded=self._mode == "padded", mask=mask, real=real, rows=new_rows,
                               device=key_states.device)  # fmt: skip
@@ -379,7 +382,7 @@ class VirtualKVCache(Cache):
         if rows and max(rows) > self._max_cache_len:
             # Its writes would be dropped (out of the rows) and its attention would read garbage.
             fail("tokens in the cache after this step", f"at most max_cache_len={self._max_cache_len}", max(rows))
-        self._commit(rows)
+        self._commit(rows, start=[r - num_tokens for r in rows])
         lengths.set_host(rows, seq)  # what the step's add makes of the device lengths
 
     def prepare_step(self, num_new_tokens: int = 1) -> None:
@@ -408,7 +411,7 @@ class VirtualKVCache(Cache):
             if not strict:  # a mask-size query, maybe not a real step: the step itself will raise
                 return
             fail("tokens in the cache after this step", f"at most max_cache_len={self._max_cache_len}", max(lens))
-        self._commit(lens, prefetch=True)
+        self._commit(lens, prefetch=True, start=rows)
         self._lengths.announce(n)
 
     def _set_padding(self, mask: torch.Tensor) -> None:
@@ -417,7 +420,7 @@ class VirtualKVCache(Cache):
         self._pending_padding = mask
 
     # -- commits -------------------------------------------------------------------------------
-    def _commit(self, rows: list[int], *, prefetch: bool = False) -> None:
+    def _commit(self, rows: list[int], *, prefetch: bool = False, start: Optional[list[int]] = None) -> None:
         """Backs rows ``[0, rows[b])`` of every row b in every layer (never
         shrinks), synchronously. Every call reaches :meth:`KVCache.step` (its
         array path costs microseconds when nothing is to commit), so the
@@ -426,9 +429,16 @@ class VirtualKVCache(Cache):
         ``prefetch=True`` (the pre-step hook and eager steps; not from inside a
         running compiled step) uses :meth:`KVCache.step_async`: the same
         synchronous commit plus a background commit of what one more token
-        needs, so the step that crosses a page finds it mapped."""
+        needs, so the step that crosses a page finds it mapped.
+
+        ``start``: each row's length before the step this commit backs; with
+        sliding-window layers, what :func:`windows.step_need` tells the KVCache."""
         need = np.zeros(self._max_batch_size, dtype=np.int64)
         need[: len(rows)] = rows
+        if start is not None and self._kv._windowed:
+            need = windows.step_need(self._kv, need, start)
+            if not need.any():
+                return
         if prefetch and self._prefetch:
             self._kv.step_async(need, lookahead_tokens=1)
         else:
@@ -501,6 +511,7 @@ class VirtualKVCache(Cache):
         if remove == 0:
             return
         rows = [max(0, r - remove) for r in self._lengths.rows()]
+        windows.check_keep(self._kv, rows, "crop")  # before anything changes
         self._lengths.set(rows, cur - remove)
         batch_ops.shrink(self, rows)
 
