@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from _hf_models import PAGE, generate  # noqa: E402
+from _subprocess import check_scenario  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from torch_vkv.hf import VirtualKVCache, forward_kwargs  # noqa: E402
@@ -297,3 +298,33 @@ def test_window_compiled_multitoken_step_matches_eager(prepare):
         out = step(ids[:, 33:], **forward_kwargs(model, cache)).logits
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     assert cache.get_seq_length() == 40
+
+
+def test_window_layer_keys_never_read_the_rows_given_back():
+    # layer.keys of a sliding layer copied rows [0, len) of the buffer, pages behind the window included: on
+    # CUDA a read of an unmapped page is a fault. TORCH_VKV_DEBUG=1 makes such host pages unreadable, so the
+    # child died there; now those rows are zeros and the last W - 1 match DynamicCache's.
+    check_scenario(
+        f"""
+        import torch, transformers
+        from transformers import DynamicCache
+        from torch_vkv.hf import VirtualKVCache, generate_kwargs
+        torch.manual_seed(0)
+        cfg = transformers.MistralConfig(**{COMMON!r}, sliding_window={W})
+        model = transformers.MistralForCausalLM(cfg).eval()
+        model.generation_config.pad_token_id = 0
+        ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+        keys = {{}}
+        for impl, cache in (("eager", DynamicCache(config=cfg)), ("vkv", VirtualKVCache(cfg, 1, 256, page_size={PAGE}))):
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs(cache), do_sample=False,
+                               max_new_tokens=70, min_new_tokens=70)
+            keys[impl] = cache.layers[0].keys
+        e, v = keys["eager"], keys["vkv"]
+        n = e.shape[2]
+        assert v.shape[2] == 75 and torch.allclose(e, v[:, :, -n:], atol=1e-5)
+        assert (v[:, :, : 75 - 32] == 0).all()  # behind the window: the pages went back
+        """,
+        env={"TORCH_VKV_DEBUG": "1", "TRITON_INTERPRET": ""},  # plain torch appends in the child
+    )

@@ -168,9 +168,14 @@ class VirtualKVLayer(CacheLayerMixin):
         if self._parent.mode == "padded":
             return buf[:B, :n].transpose(1, 2)
         out = buf.new_zeros((B, n) + tuple(buf.shape[2:]))
+        # A sliding layer gave back the pages behind its window: those rows are not read (on CUDA a read of
+        # an unmapped page is a fault) and stay zeros, as DynamicCache's sliding layers hold none of them.
+        kv = self._parent._kv
+        first = kv.window_start(self.layer_idx) if kv is not None and kv._windowed else None
         for b, r in enumerate(rows):
-            if r:
-                out[b, n - r :] = buf[b, :r]
+            lo = min(r, int(first[b])) if first is not None else 0
+            if r > lo:
+                out[b, n - r + lo :] = buf[b, lo:r]
         return out.transpose(1, 2)
 
     # -- CacheLayerMixin -------------------------------------------------------------------
