@@ -344,25 +344,18 @@ size_t Reservation::commit(size_t first, size_t count) {
 
   // A pending page that another range still maps (an alias the decommit
   // ended: a fork's shared prefix) is not revived, which would share it again
-  // behind the caller's back: once its fence is done it is unmapped, and the
-  // page gets a page of its own below. Unmapping it frees no page.
-  std::vector<size_t> shared_pending;
-  for (size_t p = first; p < first + count; ++p)
-    if (pages_[p] != kNoPage && pending_[p] != 0 && pool_->mapped_elsewhere_locked(pages_[p]))
-      shared_pending.push_back(p);
-  for (size_t p : shared_pending) {
-    backend.fence_wait(pending_[p]);  // the pool destroys the fence later
-    pending_[p] = 0;
-    pool_->cancel_pending_locked(pages_[p]);
-  }
-  unmap_runs_locked(shared_pending);
-
-  std::vector<size_t> to_map;
+  // behind the caller's back: once its fence is done it is unmapped (which
+  // frees no page and leaves available_locked() as it is), and the range gets
+  // a page of its own there.
+  std::vector<size_t> to_map, shared_pending;
   size_t revivable = 0;
   std::unordered_set<PageHandle> counted;  // revivable pages available_locked() counts as freed by the reap
   for (size_t p = first; p < first + count; ++p) {
     if (pages_[p] == kNoPage) {
       to_map.push_back(p);
+    } else if (pending_[p] != 0 && pool_->mapped_elsewhere_locked(pages_[p])) {
+      to_map.push_back(p);
+      shared_pending.push_back(p);
     } else if (pending_[p] != 0) {
       ++revivable;
       if (pool_->frees_when_reaped_locked(pages_[p])) counted.insert(pages_[p]);
@@ -380,6 +373,13 @@ size_t Reservation::commit(size_t first, size_t count) {
                          " new page(s) of " + std::to_string(page_size_) + " bytes, " +
                          std::to_string(available) + " available",
                      to_map.size(), available);
+
+  for (size_t p : shared_pending) {
+    backend.fence_wait(pending_[p]);  // the pool destroys the fence later
+    pending_[p] = 0;
+    pool_->cancel_pending_locked(pages_[p]);
+  }
+  unmap_runs_locked(shared_pending);
 
   // Revive decommits still waiting for their fence: the page never left.
   std::vector<size_t> revived;

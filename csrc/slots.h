@@ -99,7 +99,8 @@ class SlotTable {
   void trim_windows(std::optional<uintptr_t> stream);
 
   // Waits for the queued prefetch and credits its pages; on failure rolls the
-  // partial prefetch back (every buffer agrees again) and rethrows.
+  // partial prefetch back (every buffer agrees again) and rethrows, except
+  // OutOfPages: a prefetch that found no page is skipped (step_async's rule).
   void join();
   bool pending();
   // Commits pages [committed, pages) of each (slot, pages) in every buffer,

@@ -72,7 +72,9 @@ class _StepMixin:
         already done by the previous call's prefetch) and commits, on the
         background thread, what ``seq_lens + lookahead_tokens`` will need, so
         the next step finds its pages mapped. Call :meth:`synchronize` (or any
-        other method) before relying on the prefetched rows.
+        other method) before relying on the prefetched rows, and
+        :meth:`committed_tokens` to know they are there (a prefetch that found
+        no page is skipped).
 
         Parameters
         ----------
@@ -187,9 +189,13 @@ class _StepMixin:
 
     @locked
     def synchronize(self: "KVCache") -> None:
-        """Waits for the background commits of :meth:`step_async`. A failure
-        there (another user of a shared pool took the pages) is raised here and
-        leaves the prefetched slots as they were before the prefetch."""
+        """Waits for the background commits of :meth:`step_async`. A prefetch
+        that found no page (another user of a shared pool took them, or the
+        driver is full) is rolled back and skipped, as one queued when memory
+        was short: only a synchronous step or :meth:`commit` backs rows for
+        sure (it raises :class:`OutOfPagesError` when it cannot), and
+        :meth:`committed_tokens` says what is backed. Other driver errors are
+        raised here, the prefetched slots left as they were before it."""
         self._check_open()
         self._join_async()
 

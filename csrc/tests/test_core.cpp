@@ -1030,6 +1030,63 @@ int test_a_reap_racing_the_last_reference_never_uses_a_destroyed_fence() {
 
 }  // namespace
 
+// The host backend with a driver that makes only `pages` pages: create_page
+// throws OutOfPages past them, as cuMemCreate does when the GPU is full.
+class FewPagesBackend final : public Backend {
+ public:
+  FewPagesBackend(std::shared_ptr<Backend> inner, size_t pages) : inner_(std::move(inner)), left_(pages) {}
+  std::string name() const override { return inner_->name(); }
+  int device() const override { return inner_->device(); }
+  size_t page_size() const override { return inner_->page_size(); }
+  uintptr_t reserve(size_t bytes) override { return inner_->reserve(bytes); }
+  void release(uintptr_t addr, size_t bytes) override { inner_->release(addr, bytes); }
+  PageHandle create_page() override {
+    if (left_ == 0) throw OutOfPages("out of device memory (test backend)", 1, 0);
+    --left_;
+    return inner_->create_page();
+  }
+  void destroy_page(PageHandle page) override { inner_->destroy_page(page); }
+  void map(uintptr_t addr, PageHandle page) override { inner_->map(addr, page); }
+  void set_access(uintptr_t addr, size_t bytes) override { inner_->set_access(addr, bytes); }
+  void unmap(uintptr_t addr, size_t bytes) override { inner_->unmap(addr, bytes); }
+  void zero(uintptr_t addr, size_t bytes) override { inner_->zero(addr, bytes); }
+  bool fresh_pages_are_zero() const override { return inner_->fresh_pages_are_zero(); }
+  Fence record_fence(uintptr_t stream) override { return inner_->record_fence(stream); }
+  bool fence_done(Fence f) override { return inner_->fence_done(f); }
+  void fence_wait(Fence f) override { inner_->fence_wait(f); }
+  void fence_destroy(Fence f) override { inner_->fence_destroy(f); }
+
+ private:
+  std::shared_ptr<Backend> inner_;
+  size_t left_;  // only the committer thread creates pages after the first step
+};
+
+// A background prefetch that finds no page (the driver is full, or another
+// user of the pool took them) is rolled back and skipped, as step_async
+// documents: joining it (any call, a free() giving memory back included) does
+// not raise; the next synchronous step commits, or raises, when the need is real.
+int test_a_prefetch_that_finds_no_page_is_skipped() {
+  auto pool = std::make_shared<PagePool>(std::make_shared<FewPagesBackend>(make_host_backend(kPage), 4), 16);
+  std::vector<std::shared_ptr<Reservation>> res{Reservation::create(pool, 4 * 8 * kPage)};
+  SlotGeometry g{4, 120, 128, 8, 0, kPage / 16, kPage};  // 16 tokens a page
+  SlotTable t(g, res, {0}, std::make_shared<Committer>());
+  t.active_data()[0] = true;
+  std::vector<int64_t> need = {16, 0, 0, 0};
+  CHECK_EQ(t.step(need.data(), 4, 100), kStepDone);  // 1 page now; 7 more queued (the budget has 15)
+  CHECK(t.pending());
+  t.join();  // the driver made 3 of them: the prefetch is undone
+  CHECK(!t.pending());
+  CHECK_EQ(t.committed_data()[0], 1);
+  CHECK_EQ(res[0]->num_committed(), 1u);
+  need[0] = 80;  // a real need past what the driver can make (5 pages): raised by the synchronous step
+  CHECK_THROWS(OutOfPages, t.step(need.data(), 4, -1));
+  CHECK_EQ(t.committed_data()[0], 1);
+  need[0] = 64;  // 4 pages: the 3 the prefetch made wait in the pool
+  CHECK_EQ(t.step(need.data(), 4, -1), kStepDone);
+  CHECK_EQ(t.committed_data()[0], 4);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   int iterations = 10000;
   for (int i = 1; i < argc; ++i) {
@@ -1052,6 +1109,7 @@ int main(int argc, char** argv) {
     RUN(test_allocator_adopt);
     RUN(test_committer_lifecycle);
     RUN(test_slot_table_step);
+    RUN(test_a_prefetch_that_finds_no_page_is_skipped);
     std::printf("%-40s", "test_slot_table_threads");
     std::fflush(stdout);
     if (int rc = test_slot_table_threads(iterations); rc != 0) return rc;
