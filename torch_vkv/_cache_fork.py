@@ -60,8 +60,14 @@ class _ForkMixin:
             Tokens to share, at most those committed for ``slot``'s request.
 
         Raises :class:`OutOfSlotsError` / :class:`OutOfPagesError` with nothing
-        changed; ``ValueError`` for a cache with a ``sliding_window`` (a windowed
-        layer gives back the first pages a fork would share).
+        changed (nothing but the pages the freed slot it picked had cached,
+        when the driver itself runs out after the check); ``ValueError`` for a
+        cache with a ``sliding_window`` (a windowed layer gives back the first
+        pages a fork would share).
+
+        On CUDA the pages the new slot held before are unmapped after the work
+        queued on the current stream: work on other streams that still reads
+        the freed request's rows is the caller's to finish first.
         """
         slot = self._check_slot(slot)
         num_tokens = check_int("num_tokens", num_tokens, low=0)
@@ -149,7 +155,9 @@ class _ForkMixin:
         Raises :class:`OutOfPagesError` with nothing changed when the
         destinations' new last pages do not fit; ``ValueError`` for bad
         arguments or a cache with a ``sliding_window`` (whose windowed layers
-        gave back the pages a remap would share: copy rows instead).
+        gave back the pages a remap would share: copy rows instead). As with
+        :meth:`fork`, pages a destination gives up are unmapped after the work
+        queued on the current stream (on CUDA).
         """
         self._check_open()
         lists = []
