@@ -48,6 +48,17 @@ def forward(model, ids, cache, **kw):
         return model(ids, **forward_kwargs(model, cache), **kw).logits
 
 
+def eager_second_part(model, ids, at):
+    """Logits of ``ids[:, at:]`` after ``ids[:, :at]``, eager attention over a ``DynamicCache``;
+    the model is left on ``"vkv"``."""
+    model.set_attn_implementation("eager")
+    ref_cache = DynamicCache(config=model.config)
+    forward(model, ids[:, :at], ref_cache)
+    ref = forward(model, ids[:, at:], ref_cache)
+    model.set_attn_implementation("vkv")
+    return ref
+
+
 def ids_of(batch, length, seed=1):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -87,11 +98,7 @@ def test_prepare_step_twice_before_a_multitoken_step():
     must not trim the windows from the step's end."""
     model = mistral()
     ids = ids_of(1, 40)
-    model.set_attn_implementation("eager")
-    ref_cache = DynamicCache(config=model.config)
-    forward(model, ids[:, :33], ref_cache)
-    ref = forward(model, ids[:, 33:], ref_cache)
-    model.set_attn_implementation("vkv")
+    ref = eager_second_part(model, ids, 33)
     cache = vkv_cache(model, 1)
     forward(model, ids[:, :33], cache)
     cache.prepare_step(7)
@@ -284,11 +291,7 @@ def test_window_compiled_multitoken_step_matches_eager(prepare):
     it, or, without it, the in-graph safety net; both trim from the step's start."""
     model = mistral()
     ids = ids_of(1, 40)
-    model.set_attn_implementation("eager")
-    ref_cache = DynamicCache(config=model.config)
-    forward(model, ids[:, :33], ref_cache)
-    ref = forward(model, ids[:, 33:], ref_cache)
-    model.set_attn_implementation("vkv")
+    ref = eager_second_part(model, ids, 33)
     cache = vkv_cache(model, 1)
     forward(model, ids[:, :33], cache)
     step = torch.compile(model.forward, fullgraph=True, backend="eager")
