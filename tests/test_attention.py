@@ -618,3 +618,17 @@ def test_mqa_and_odd_groups(device, backend, kind, shape):
     k, v = make_cache("interleaved", len(b.lengths) + 1, S, H_kv, D, dtype=torch.float16, device=device, seed=37)
     poison(k, v, b.lengths, b.slot_list)
     assert_close(run(b, k, v, backend), reference(b, k, v), torch.float16)
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "varlen"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "flex"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_request_gives_an_empty_output(device, backend, decode):
+    # flex raised IndexError (argmax of no length) where the others answer [0, H, D].
+    skip_unless_runs(backend, device)
+    k = torch.randn(2, 64, 2, 32, device=device)
+    q = torch.randn(0, 4, 32, device=device)
+    lens = torch.zeros(0, dtype=torch.int32, device=device)
+    cu = None if decode else torch.zeros(1, dtype=torch.int32, device=device)
+    out = attention(q, k, k, lens, cu_seqlens_q=cu, max_seqlen_q=None if decode else 1, backend=backend)
+    assert out.shape == (0, 4, 32)

@@ -142,6 +142,8 @@ def flex_attend(
     fa = deps.flex_module()
     R = cache_seqlens.shape[0]
     T, H, D = q.shape
+    if R == 0 or T == 0:  # nothing to attend (sdpa and triton answer the same; argmax below needs a request)
+        return q.new_zeros(T, H, v_cache.shape[-1])
     H_kv = k_cache.shape[2]
     dev = q.device
     # Device metadata is not checked: a bad request reads no key and gets zeros (length 0, slot 0).
@@ -238,7 +240,8 @@ def flex_attend(
                     0, idx * (s_pad // KVB), torch.where(good, first_key, s_pad), reduce="amin", include_self=False
                 )
                 ok = ok & ((row - row_start) >= owner_first[row_start // KVB])
-            fallback = start.index_select(0, longest)
+            # The longest request's last row: committed, and inside its window (its first row may not be).
+            fallback = (start + (lens - 1).clamp(min=0)).index_select(0, longest)
         else:
             nblk = (lens + KVB - 1) // KVB
             jj = torch.arange(bt.shape[1], device=dev)[None, :]
@@ -251,7 +254,8 @@ def flex_attend(
                 skip = (first_key[:, None] - jj * KVB).clamp(0, KVB)
                 owner_skip = torch.zeros_like(owner_len).scatter(0, dst2.reshape(-1), skip.reshape(-1))
                 ok = ok & ((row % KVB) >= owner_skip[row // KVB])
-            fallback = bt[:, 0].index_select(0, longest).clamp(min=0) * KVB
+            last = (lens - 1).clamp(min=0)
+            fallback = (bt.gather(1, (last // KVB)[:, None]).squeeze(1).clamp(min=0) * KVB + last % KVB).index_select(0, longest)
         safe = torch.where(ok, row, fallback)
         kf = torch.where(ok[:, None, None], kf.index_select(0, safe), kf.new_zeros(()))
         vf = torch.where(ok[:, None, None], vf.index_select(0, safe), vf.new_zeros(()))
