@@ -220,21 +220,11 @@ def test_bad_prompts_raise_and_the_llm_keeps_serving(llm):
 
 
 def test_an_interrupted_generate_leaves_no_output_to_hand_on(llm):
+    from test_serving import interrupted_execute
+
     engine = llm.engine
-    execute, calls = engine.runner.execute, []
-
-    def interrupted(batch):
-        calls.append(None)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return execute(batch)
-
-    engine.runner.execute = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            llm.generate(["hello", "world"], GREEDY)
-    finally:
-        del engine.runner.execute
+    with interrupted_execute(engine, 2), pytest.raises(KeyboardInterrupt):
+        llm.generate(["hello", "world"], GREEDY)
     # Their abort outputs were kept, taken by the next call as another caller's and kept again, call after
     # call: has_unfinished_requests() stayed True.
     assert len(llm.generate("hello", GREEDY)[0].token_ids) == 12

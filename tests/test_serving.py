@@ -10,6 +10,7 @@ The same tests run on the GPU with ``-m cuda`` (``test_cuda_*``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -107,6 +108,25 @@ def assert_greedy_equal(model, prompt: list[int], got: list[int], want: list[int
 
 def random_prompts(rng: random.Random, n: int, lo: int = 1, hi: int = 70) -> list[list[int]]:
     return [[rng.randrange(VOCAB - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@contextlib.contextmanager
+def interrupted_execute(engine: Engine, nth: int):
+    """``engine.runner.execute`` raises ``KeyboardInterrupt`` (Ctrl-C in the
+    forward) on its ``nth`` call (1-based) within the block, then runs again."""
+    execute, calls = engine.runner.execute, []
+
+    def interrupted(batch):
+        calls.append(None)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return execute(batch)
+
+    engine.runner.execute = interrupted
+    try:
+        yield
+    finally:
+        engine.runner.execute = execute
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:

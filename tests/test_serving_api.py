@@ -12,7 +12,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_serving import _plain_torch_append, engine_for, greedy, make_model, model_of, reference  # noqa: E402
+from test_serving import (  # noqa: E402
+    _plain_torch_append,
+    engine_for,
+    greedy,
+    interrupted_execute,
+    make_model,
+    model_of,
+    reference,
+)
 
 from torch_vkv.serving import Engine, SamplingParams  # noqa: E402
 
@@ -43,19 +51,11 @@ def test_a_step_that_raises_keeps_the_aborted_outputs_for_the_next_step():
         b = e.add_request([7, 8, 9], greedy(6))
         e.step()
         assert e.abort(a)
-        execute, calls = e.runner.execute, []
-
-        def interrupted(batch):
-            calls.append(None)
-            if len(calls) == 1:
-                raise KeyboardInterrupt
-            return execute(batch)
-
-        e.runner.execute = interrupted
-        with pytest.raises(KeyboardInterrupt):
-            e.step()
-        assert e.has_unfinished_requests()
-        final = drain(e)
+        with interrupted_execute(e, 1):
+            with pytest.raises(KeyboardInterrupt):
+                e.step()
+            assert e.has_unfinished_requests()
+            final = drain(e)
         assert final[a].finish_reason == "abort" and final[a].finished
         assert final[b].token_ids == want and final[b].finish_reason == "length"
 
@@ -263,18 +263,8 @@ def test_an_interrupted_generate_leaves_no_output_to_hand_on():
     model = model_of("llama")
     want = reference(model, [1, 2, 3], 6)
     with engine_for(model) as e:
-        execute, calls = e.runner.execute, []
-
-        def interrupted(batch):
-            calls.append(None)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return execute(batch)
-
-        e.runner.execute = interrupted
-        with pytest.raises(KeyboardInterrupt):
+        with interrupted_execute(e, 2), pytest.raises(KeyboardInterrupt):
             e.generate([[1, 2, 3], [4, 5]], greedy(6), use_tqdm=False)
-        e.runner.execute = execute
         other = e.add_request([7, 8, 9], greedy(2))  # a step() loop's request: its output still comes back
         outs = e.generate([[1, 2, 3]], greedy(6), use_tqdm=False)
         assert outs[0].outputs[0].token_ids == want
