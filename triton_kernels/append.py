@@ -190,11 +190,15 @@ def _zero_tail_kernel(
     HAS_SLOTS: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    ANY_TILE: tl.constexpr,
 ):
     r = tl.program_id(0)
     slot, seqlen, ok = _request(seqlens_ptr, slots_ptr, r, 0, num_slots, max_len, HAS_SLOTS)
     pos = seqlen + tl.program_id(1)
-    end = tl.minimum(tl.cdiv(seqlen, MULTIPLE) * MULTIPLE, limit)
+    if ANY_TILE:  # the tail of any tile of at most MULTIPLE rows
+        end = tl.minimum(seqlen + MULTIPLE - 1, limit)
+    else:
+        end = tl.minimum(tl.cdiv(seqlen, MULTIPLE) * MULTIPLE, limit)
     end = tl.where(ok, end, -1)  # bad metadata zeroes nothing
     pos_v = tl.zeros([1], dtype=tl.int32) + pos
     blk, row, row_ok = _rows(bt_ptr, stride_bt, slot, pos_v, (pos_v >= 0) & (pos_v < end), num_blocks, PAGED, PAGE_SIZE)
@@ -218,8 +222,12 @@ def zero_tail(
     limit: int,
     slots: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    any_tile: bool = False,
 ) -> None:
-    """Zero positions ``[len, min(round_up(len, multiple), limit))`` of each request's row, in place.
+    """Zero positions ``[len, min(round_up(len, multiple), limit))`` of each request's row, in place;
+    with ``any_tile``, ``[len, min(len + multiple - 1, limit))``: the rows past ``len`` that a tile of
+    any size up to ``multiple`` rows, aligned to its own size, can cover (FA3's key tiles are 80-192
+    rows depending on head_dim and causality, and not all divide a power of two).
 
     For kernels that read whole tiles and mask only the scores (FlexAttention,
     FlashAttention-3/4): there ``0 * NaN`` in the P @ V product would leak
@@ -239,6 +247,6 @@ def zero_tail(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0,
         MULTIPLE=multiple, NUM_KV_HEADS=H_kv, BLOCK_H=next_pow2(H_kv), HEAD_DIM=D,
-        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, ANY_TILE=any_tile,
         num_warps=4 if H_kv * D >= 1024 else 1,
     )  # fmt: skip

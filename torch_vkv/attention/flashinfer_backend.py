@@ -46,7 +46,9 @@ element offsets raise :class:`ValueError` (:func:`layout_problem`), and ``auto``
 skips ``flashinfer`` for them.
 
 FA3 loads whole key tiles and masks only the scores, so before an FA3 prefill
-the rows ``[len, round_up(len, FA3_TILE))`` of each used slot are zeroed
+the rows ``[len, len + FA3_TILE - 1)`` of each used slot are zeroed (the tail of
+a tile of any size up to ``FA3_TILE`` rows: FlashInfer's are 80-192, not all
+dividing 256)
 (``zero_tail``, as for ``flex``): ``0 * NaN`` cannot reach ``P @ V``. FA3 runs
 only where that is possible (:func:`fa3_tail_fits`): every request's tail rows
 inside its slot's view and, on a ``KVCache`` view, committed
@@ -332,19 +334,21 @@ def metadata_on_host(parts: list) -> list:
 
 
 def fa3_tail_fits(k_cache: torch.Tensor, lengths: list, slots: list, valid: list) -> bool:
-    """Whether FA3 may read each valid request's rows ``[len, round_up(len, FA3_TILE))``.
+    """Whether FA3 may read each valid request's rows ``[len, len + FA3_TILE - 1)``.
 
     They must lie in the slot's view (``zero_tail`` zeroes them; past the view are
     another slot's rows, which may hold anything or be decommitted) and, when the
-    view knows its pages (a ``KVCache`` view), be committed. Reads the page table
-    only (no device work).
+    tensor lies over a ``KVCache`` (its view, or a plain slice of it, as the HF
+    adapter's layers are), be committed. Reads the page table only (no device work).
     """
-    committed = k_cache.committed_rows() if hasattr(k_cache, "committed_rows") else None
+    from .inputs import _committed_rows_check
+
+    committed = _committed_rows_check(k_cache)  # None: a tensor no cache knows
     for length, slot, ok in zip(lengths, slots, valid):
         if not ok:
             continue
-        need = -(-length // FA3_TILE) * FA3_TILE
-        if need > k_cache.shape[1] or (committed is not None and need > committed[slot]):
+        need = length + FA3_TILE - 1
+        if need > k_cache.shape[1] or (committed is not None and not committed(slot, length, need)):
             return False
     return True
 
@@ -486,7 +490,8 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
             lens = torch.where(ok, cache_seqlens, 0).to(torch.int32)
             rows = torch.tensor([s if v else 0 for s, v in zip(slot_list, valid)], dtype=torch.int32, device=dev)
         # The launcher itself: inside this op, the zero_tail op's dispatch would only add host time.
-        deps.triton_kernels().zero_tail(k_cache, v_cache, lens, multiple=FA3_TILE, limit=k_cache.shape[1], slots=rows)
+        deps.triton_kernels().zero_tail(k_cache, v_cache, lens, multiple=FA3_TILE, limit=k_cache.shape[1], slots=rows,
+                                            any_tile=True)
     kf, vf = flatten(k_cache, s_pad), flatten(v_cache, s_pad)
     if q_order is None:
         return wrapper.run(q.contiguous(), kf, vf), clean
