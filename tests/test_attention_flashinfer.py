@@ -203,6 +203,9 @@ class _FakeRagged:
         _FakeRagged.made.append(backend)
 
     def plan(self, qo_indptr, kv_indptr, H, H_kv, D, **kw):
+        self._plan(qo_indptr, kv_indptr, H, H_kv, D, **kw)
+
+    def _plan(self, qo_indptr, kv_indptr, H, H_kv, D, **kw):
         self.qo, self.kv, self.kw = qo_indptr.tolist(), kv_indptr.tolist(), kw
 
     def run(self, q, k, v):
@@ -377,6 +380,29 @@ def test_prefill_takes_fa2_where_fa3_tiles_are_unsafe(fake_flashinfer, monkeypat
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     if want == "fa3":  # the tail FA3 may read was zeroed, nothing past it
         assert k[1, 300:555].eq(0).all() and k[1, 555:].isnan().all()
+
+
+def test_layers_alternating_windows_plan_once_per_step_each(fake_flashinfer, monkeypatch):
+    """A model alternating sliding and global layers (Gemma 2/3) re-planned one wrapper at every
+    layer: plan() rewrites a pinned host buffer whose copy to the GPU is only queued, so a layer
+    could run with the next one's plan. Each kind of layer keeps its own wrapper, planned once a step."""
+    monkeypatch.setattr(fib, "_prefill_backend", lambda device: "fa2")
+    plans = []
+    monkeypatch.setattr(_FakeRagged, "plan", lambda self, qo, kv, *a, **kw: (plans.append(kw["window_left"]),
+                                                                           _FakeRagged.__dict__["_plan"](self, qo, kv, *a, **kw)))  # fmt: skip
+    H, H_kv, D, S = 4, 2, 64, 600
+    k, v = make_cache("per_layer", 2, S, H_kv, D, dtype=torch.float32, device="cpu", seed=3)
+    lens = torch.tensor([40, 30], dtype=torch.int32)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    q = torch.randn(16, H, D)
+    _FakeRagged.made = []
+    for step in range(2):
+        for layer in range(6):
+            window = 7 if layer % 2 == 0 else -1
+            out = fib.flashinfer_attention(q, k, v, lens + step, cu, None, None, True, 0.125, 8, 0, window, 0.0)
+            ref = reference(q, k, v, lens + step, cu, None, scale=0.125, window_left=None if window < 0 else window)
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert len(_FakeRagged.made) == 2 and plans == [7, -1, 7, -1]
 
 
 # --------------------------------------------------------------------------- the real kernels (GPU)

@@ -357,7 +357,10 @@ def fa3_tail_fits(k_cache: torch.Tensor, lengths: list, slots: list, valid: list
 
 _WORKSPACE: dict = {}  # device -> FlashInfer float workspace (shared: used only during a run, one stream)
 _DECODE: dict = {}  # (device, R, shapes, options) -> _DecodePlan
-_RAGGED: dict = {}  # (device, fa backend) -> [wrapper, last plan key]
+# (device, fa backend, shapes, dtype, causal, window, softcap) -> [wrapper, last plan key, event after its plan].
+# One wrapper per kind of layer: a model alternating sliding and global layers would re-plan one wrapper at
+# every layer, and plan() writes a pinned host buffer whose copy to the GPU is only queued.
+_RAGGED: dict = {}
 
 
 @contextlib.contextmanager
@@ -465,21 +468,28 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
     backend = _prefill_backend(dev)
     if backend == "fa3" and (window_left >= 0 or not fa3_tail_fits(k_cache, lengths, slot_list, valid)):
         backend = "fa2"  # see the module docstring: FA3's tile reads past the keys are not safe here
-    holder = _RAGGED.get((dev, backend))
+    H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
+    kind = (dev, backend, H, H_kv, D, q.dtype, causal, window_left, softcap)
+    holder = _RAGGED.get(kind)
     if holder is None:
         with _outside_graph_pools(dev):
-            holder = _RAGGED[(dev, backend)] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
-                _workspace(dev), "NHD", backend=backend), None]  # fmt: skip
+            holder = _RAGGED[kind] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
+                _workspace(dev), "NHD", backend=backend), None, None]  # fmt: skip
     wrapper = holder[0]
-    H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
-    plan_key = (tuple(qo), tuple(kv), H, H_kv, D, q.dtype, causal, scale, window_left, softcap)
+    plan_key = (tuple(qo), tuple(kv), scale)
     if holder[1] != plan_key:  # layers of one step share the plan
+        if holder[2] is not None:
+            # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
+            holder[2].synchronize()
         with _outside_graph_pools(dev):
             wrapper.plan(
                 torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), H, H_kv, D,
                 causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
                 q_data_type=q.dtype, kv_data_type=k_cache.dtype,
             )  # fmt: skip
+            if dev.type == "cuda":
+                holder[2] = torch.cuda.Event()
+                holder[2].record()  # on the side stream, after the plan's copies
         holder[1] = plan_key
     if backend == "fa3":
         if all(valid):  # the tensors as given (no host-to-device copy)
