@@ -279,10 +279,14 @@ class EngineLoop:
                     self.engine.abort(out.request_id)  # pages return now; its "abort" output is ignored
                 reason = "stop"
             n = stream.num_tokens = len(completion)
-            if delta or reason is not None:
-                stream.sink(Delta(stream.index, delta, n, reason))
             if reason is not None:
+                # Counted before the final Delta goes out: a client that reads /metrics once answered sees it.
                 del self._streams[out.request_id]
                 self._release(1)
                 if self._on_finish is not None:
-                    self._on_finish(out, reason, stream.num_prompt_tokens)
+                    try:
+                        self._on_finish(out, reason, stream.num_prompt_tokens)
+                    except Exception:  # the metrics must never keep a request from its answer
+                        log.exception("recording request %s failed", out.request_id)
+            if delta or reason is not None:
+                stream.sink(Delta(stream.index, delta, n, reason))
