@@ -35,14 +35,15 @@ def reference(q, k, v, lens, cu, slots, **kw):
 # --------------------------------------------------------------------------- pure host metadata
 
 
-def _ragged_reference(lengths, cu, slots, s_pad, num_slots, max_len):
+def _ragged_reference(lengths, cu, slots, s_pad, num_slots, max_len, total_q):
     """Per request: (valid, its kv rows, its q rows), straight from the definitions."""
     out = []
     for r in range(len(lengths)):
         n = cu[r + 1] - cu[r]
-        ok = 0 <= slots[r] < num_slots and 0 <= n <= lengths[r] <= max_len
+        ok = (0 <= slots[r] < num_slots and 0 <= n <= lengths[r] <= max_len and cu[r] >= 0
+              and cu[r + 1] <= total_q)  # fmt: skip
         kv = list(range(slots[r] * s_pad, slots[r] * s_pad + lengths[r])) if ok else []
-        out.append((ok, kv, list(range(cu[r], cu[r + 1]))))
+        out.append((ok, kv, list(range(cu[r], cu[r + 1])) if ok else []))
     return out
 
 
@@ -60,11 +61,16 @@ def test_ragged_layout_matches_definition(seed):
     cu = [0]
     for x in n:
         cu.append(cu[-1] + x)
-    qo, kv, q_order, valid = fib.ragged_layout(lengths, cu, slots, s_pad, num_slots, max_len)
+    total_q = cu[-1]
+    if seed % 4 == 1:
+        total_q = rng.randint(0, cu[-1])  # offsets past the query rows given: those requests are invalid
+    qo, kv, q_order, valid = fib.ragged_layout(lengths, cu, slots, s_pad, num_slots, max_len, total_q)
     assert all(a <= b for a, b in zip(qo, qo[1:])) and all(a <= b for a, b in zip(kv, kv[1:]))
-    assert qo[0] == kv[0] == 0 and qo[-1] == cu[-1] and len(qo) == len(kv)
-    order = list(range(cu[-1])) if q_order is None else q_order
-    assert sorted(order) == list(range(cu[-1]))
+    expected = _ragged_reference(lengths, cu, slots, s_pad, num_slots, max_len, total_q)
+    planned = sorted(i for _, _, rows in expected for i in rows)
+    assert qo[0] == kv[0] == 0 and qo[-1] == len(planned) and len(qo) == len(kv)
+    order = list(range(total_q)) if q_order is None else q_order
+    assert sorted(order) == planned and all(0 <= i < total_q for i in order)
     # Recover each pseudo request's rows; a pseudo request with queries is exactly one real one.
     seen = {}
     for i in range(len(qo) - 1):
@@ -72,7 +78,7 @@ def test_ragged_layout_matches_definition(seed):
         if rows_q:
             r = next(r for r in range(R) if cu[r] <= rows_q[0] < cu[r + 1])
             seen[r] = (list(range(kv[i], kv[i + 1])), rows_q)
-    for r, (ok, kv_rows, q_rows) in enumerate(_ragged_reference(lengths, cu, slots, s_pad, num_slots, max_len)):
+    for r, (ok, kv_rows, q_rows) in enumerate(expected):
         assert valid[r] == ok
         if q_rows:
             assert seen[r] == (kv_rows, q_rows), r
@@ -86,6 +92,9 @@ def test_ragged_layout_rejects_shared_slots_and_keeps_identity():
     # Slots in the other order: request 1's row moves first (the order is listed only then).
     assert fib.ragged_layout([5, 3], [0, 2, 3], [1, 0], 16, 2, 16)[2] == [2, 0, 1]
     assert fib.ragged_layout([5, 0, 3], [0, 2, 2, 3], [0, 5, 1], 16, 2, 16)[2] is None  # an invalid empty one
+    # Offsets past the 3 query rows given: request 1 is invalid and gets no row (the others move).
+    assert fib.ragged_layout([5, 4], [0, 2, 6], [0, 1], 16, 2, 16, 3)[2:] == ([0, 1], [True, False])
+    assert fib.ragged_layout([5, 1], [0, 2, 3], [0, 9], 16, 2, 16, 3)[2] == [0, 1]  # row 2 is nobody's
 
 
 @pytest.mark.parametrize("page_rows, max_pages", [(16, 4), (32, 1)])
@@ -301,6 +310,22 @@ def test_decode_with_s_max_not_a_page_multiple(fake_flashinfer, layout):
     out = fib.flashinfer_attention(q, k, v, lens, None, None, None, True, 0.125, 1, 0)
     assert not out.isnan().any()
     torch.testing.assert_close(out.double(), reference(q, k, v, lens, None, None, scale=0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_plans_per_page_size_of_caches_with_one_shape(fake_flashinfer):
+    """Two caches of one shape and strides whose storages differ in size take different pages (32
+    rows where the padding rows exist, one page per slot where the storage ends at the last row):
+    each decode gets a plan of its own page size (the key once left it out: a shape error)."""
+    B, S, S_pad, H, H_kv, D = 3, 45, 64, 4, 2, 64
+    padded = [torch.randn(B, S_pad, H_kv, D)[:, :S] for _ in range(2)]
+    tight = [torch.randn((B - 1) * S_pad + S, H_kv, D).as_strided((B, S, H_kv, D), padded[0].stride())
+             for _ in range(2)]  # fmt: skip
+    assert fib.decode_page_rows(padded[0]) == 32 and fib.decode_page_rows(tight[0]) == S
+    q, lens = torch.randn(B, H, D), torch.tensor([45, 7, 33], dtype=torch.int32)
+    for k, v in (padded, tight, padded):
+        out = fib.flashinfer_attention(q, k, v, lens, None, None, None, True, 0.125, 1, 0)
+        torch.testing.assert_close(out.double(), reference(q, k, v, lens, None, None, scale=0.125), atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize("triton", [True, False])

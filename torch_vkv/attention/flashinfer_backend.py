@@ -34,10 +34,14 @@ Two entry points of FlashInfer (>= 0.7) are used as they are:
   else the device metadata read with one sync, one copy of all of it (eager
   only; plans are reused while the metadata values stay the same, e.g. across
   layers). A sync per layer also stalls the host's queueing of the layer's
-  other kernels, so the GPU idles through every layer's host work. When every
-  request is valid the output needs no masking afterwards and FA3's tail
-  zeroing uses the tensors as given. Under CUDA-graph capture such a step runs
-  the Triton kernels instead.
+  other kernels, so the GPU idles through every layer's host work. The layout
+  and the device tensors made from it (the moved query rows' order) are kept
+  for the layers of a step too (:class:`_StepLayout`). Invalid requests (a slot
+  outside the cache, a length out of range, query offsets outside the rows
+  given) get no query row in the plan and zero output rows, so bad metadata
+  never makes FlashInfer read or write past ``q``; when every request is valid
+  FA3's tail zeroing uses the tensors as given. Under CUDA-graph capture such a
+  step runs the Triton kernels instead.
 
 ``window_left`` and ``softcap`` are passed through (``window_left`` /
 ``logits_soft_cap``). fp16/bf16, ``head_dim`` in {64, 128, 256}, K and V views
@@ -74,15 +78,14 @@ import torch
 
 from . import deps
 from .common import ATTN_SCHEMA, flat_rows, flatten
-from .inputs import valid_requests
 from .host_values import host_values
+from .flashinfer_pages import (  # noqa: F401  (re-exported: the decode page table is part of this backend)
+    DECODE_PAGE_ROWS, MIN_DECODE_PAGE_ROWS, GraphDecodePlan, decode_max_pages, decode_page_entries_reference,
+    decode_page_rows, decode_page_table, decode_pages,
+)
 
 __all__ = ["DECODE_PAGE_ROWS", "FA3_TILE", "decode_max_pages", "decode_page_rows", "decode_page_table", "decode_pages", "fa3_tail_fits", "layout_problem", "ragged_layout", "flashinfer_attention"]
 
-#: Largest page of the decode page table, in rows (see :func:`decode_page_rows`).
-DECODE_PAGE_ROWS = 64
-#: Smallest page worth splitting into; below it a slot is one page.
-MIN_DECODE_PAGE_ROWS = 16
 #: Rows past a request's last key that an FA3 tile may load (zeroed before an FA3 prefill).
 FA3_TILE = 256
 #: Bytes of FlashInfer's float workspace per device (its recommended 128 MiB, doubled for long prefills).
@@ -122,164 +125,16 @@ def layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, *, decode: bool
     return None
 
 
-def decode_page_rows(k_cache: torch.Tensor) -> int:
-    """Rows per page of the decode page table over ``k_cache`` (shapes and strides only).
-
-    The largest power of two from :data:`DECODE_PAGE_ROWS` down to
-    :data:`MIN_DECODE_PAGE_ROWS`, at most ``S_max``, that divides the row pitch ``S_pad``
-    between two slots, so every slot starts on a page and its :func:`decode_max_pages`
-    pages lie inside its pitch; the last page of a slot may reach past ``S_max`` into the
-    slot's own padding rows (never read: FlashInfer reads a request's keys up to its
-    length), and those of the last slot must lie inside the tensor's storage. Else
-    ``S_max``: one page per slot (no split of a request's keys).
-
-    ``S_max`` itself need not be a multiple: a cache of 99,727 rows (a KVCache sized to a
-    prompt plus its output) took one page per slot before, so FlashInfer, which splits a
-    request's keys in whole pages, could not split its long requests: its decode steps at
-    80-99K context in the engine were 5x slower than FlashInfer's paged decode (49.4 ms
-    against 10.6-10.9, H200, sixteenth session). With pages of 64 rows they are level with
-    it (inter-token latency p50 11.3 ms against 11.9 for FlashInfer paged, nineteenth
-    session; docs/benchmarks.md).
-    """
-    S, s_pad = k_cache.shape[1], flat_rows(k_cache)
-    rows = DECODE_PAGE_ROWS
-    while s_pad is not None and rows >= MIN_DECODE_PAGE_ROWS:
-        if rows <= S and s_pad % rows == 0 and _pages_in_storage(k_cache, s_pad, rows):
-            return rows
-        rows //= 2
-    return S
-
-
-def decode_max_pages(S: int, page_rows: int) -> int:
-    """Pages of one slot's view: ``ceil(S_max / page_rows)``."""
-    return -(-S // page_rows)
-
-
-def _pages_in_storage(cache: torch.Tensor, s_pad: int, page_rows: int) -> bool:
-    """Whether every page of :func:`decode_pages` (the last slot's last one, whole) lies in ``cache``'s storage."""
-    B, S, H, D = cache.shape
-    if S % page_rows == 0:
-        return True  # inside the view itself
-    if cache.device.type == "meta":
-        return True  # shapes only: no storage to hold to
-    last_row = (B - 1) * s_pad + decode_max_pages(S, page_rows) * page_rows - 1
-    end = cache.storage_offset() + last_row * cache.stride(1) + (H - 1) * cache.stride(2) + (D - 1) * cache.stride(3) + 1
-    return end * cache.element_size() <= cache.untyped_storage().nbytes()
-
-
-def decode_pages(cache: torch.Tensor, page_rows: int) -> torch.Tensor:
-    """``[B, S_max, H, D]`` -> ``[num_pages, page_rows, H, D]``: the same memory as pages (no copy).
-
-    Page ``p`` is the rows ``[p * page_rows, (p + 1) * page_rows)`` of the flattened
-    cache (:func:`~torch_vkv.attention.common.flatten`), so slot ``s`` starts at page
-    ``s * S_pad / page_rows``; the last page of a slot may reach into its padding rows
-    (:func:`decode_page_rows`). With ``page_rows == S_max`` a page is a slot (the view
-    as given).
-    """
-    B, S, H, D = cache.shape
-    if page_rows == S:
-        return cache
-    s_pad = flat_rows(cache)
-    num_pages = (B - 1) * s_pad // page_rows + decode_max_pages(S, page_rows)
-    return cache.as_strided((num_pages, page_rows, H, D), (page_rows * cache.stride(1),) + cache.stride()[1:])
-
-
-def decode_page_table(cache_seqlens: torch.Tensor, rows: torch.Tensor, page_rows: int, pages_per_slot: int,
-                      max_pages: int) -> tuple:  # fmt: skip
-    """The page table of a decode step: every request keeps all ``max_pages`` pages of its slot.
-
-    Parameters
-    ----------
-    cache_seqlens : shape ``[R]``: keys per request (0 for a request to be skipped), at most
-        ``max_pages * page_rows``.
-    rows : shape ``[R]``: the slot of each request.
-    page_rows : rows per page.
-    pages_per_slot : pages between two slots (``S_pad / page_rows``).
-    max_pages : pages of one slot's view (``ceil(S_max / page_rows)``, :func:`decode_max_pages`).
-
-    Returns
-    -------
-    indptr : int32, shape ``[R + 1]``, ``arange(R + 1) * max_pages``: fixed, so a plan
-        made once holds for any lengths.
-    indices : int32, shape ``[R * max_pages]``: request ``r``'s pages ``rows[r] *
-        pages_per_slot + j``, ``j < max_pages``.
-    last_page_len : int32, shape ``[R]``: ``cache_seqlens - (max_pages - 1) * page_rows``,
-        negative for a request shorter than its pages. FlashInfer's length of a request
-        (``paged_kv_t::get_length``) is ``(pages - 1) * page_size + last_page_len`` in
-        32-bit integers, which is then exactly ``cache_seqlens[r]``; it reads no page past
-        that length, and no other kernel we call reads ``last_page_len``.
-    """
-    R = cache_seqlens.shape[0]
-    indptr = torch.arange(R + 1, dtype=torch.int32, device=cache_seqlens.device) * max_pages
-    return (indptr,) + _page_entries(cache_seqlens, rows, page_rows, pages_per_slot, max_pages)
-
-
-def _page_entries(cache_seqlens, rows, page_rows: int, pages_per_slot: int, max_pages: int) -> tuple:
-    """(indices, last_page_len) of :func:`decode_page_table`: the part that changes between calls."""
-    first = rows.to(torch.int32)[:, None] * pages_per_slot
-    indices = (first + torch.arange(max_pages, dtype=torch.int32, device=rows.device)).reshape(-1)
-    return indices, cache_seqlens.to(torch.int32) - (max_pages - 1) * page_rows
-
-
-def decode_page_entries_reference(cache_seqlens, slots, block_table, *, num_slots: int, max_len: int,
-                                  num_blocks: int, page_rows: int, pages_per_slot: int, max_pages: int) -> tuple:
-    """(indices, last_page_len, ok) of a decode step, checked: the torch twin of the Triton kernel
-    ``torch_vkv.triton_kernels.decode_page_entries`` (its module docstring has the rules).
-
-    A request is valid (``ok``) when its slot is in ``[0, num_slots)``, its length in ``[1,
-    max_len]`` and, over a block pool (``block_table`` given), every block it uses is inside
-    ``[0, num_blocks)``. A bad request's length is 0 (``last_page_len`` as for an empty
-    request) and its slot 0; block ids are clamped into the pool.
-    """
-    R, dev = cache_seqlens.shape[0], cache_seqlens.device
-    lens = cache_seqlens.long()
-    slot = slots.long() if slots is not None else torch.arange(R, device=dev)
-    ok = (slot >= 0) & (slot < num_slots) & (lens >= 1) & (lens <= max_len)
-    slot = torch.where(ok, slot, 0)
-    if block_table is None:
-        indices, _ = _page_entries(lens, slot, page_rows, pages_per_slot, max_pages)
-    else:
-        ids = block_table.long().index_select(0, slot)
-        used = torch.arange(max_pages, device=dev)[None, :] * page_rows < lens[:, None]
-        ok = ok & ~(used & ((ids < 0) | (ids >= num_blocks))).any(1)
-        indices = ids.clamp(0, num_blocks - 1).reshape(-1).to(torch.int32)
-    last = (torch.where(ok, lens, 0) - (max_pages - 1) * page_rows).to(torch.int32)
-    return indices, last, ok
-
-
-class GraphDecodePlan:
-    """What both decode plans share: FlashInfer's page-table buffers ``indices`` (int32 ``[R *
-    max_pages]``) and ``last_page_len`` (int32 ``[R]``), planned once with every request at
-    ``max_pages`` pages of ``page_rows`` rows, and rewritten on the device by each call."""
-
-    indices: torch.Tensor
-    last_page_len: torch.Tensor
-    page_rows: int
-    pages_per_slot: int
-    max_pages: int
-
-    def write_entries(self, cache_seqlens, slots, block_table, *, num_slots: int, max_len: int,
-                      num_blocks: int) -> torch.Tensor:  # fmt: skip
-        """Write this step's page table (one Triton launch where Triton runs); return ``ok`` ``[R]``."""
-        sizes = dict(num_slots=num_slots, max_len=max_len, num_blocks=num_blocks, page_rows=self.page_rows,
-                     pages_per_slot=self.pages_per_slot, max_pages=self.max_pages)  # fmt: skip
-        if deps.triton_usable(cache_seqlens.device):
-            return deps.triton_kernels().decode_page_entries(cache_seqlens, slots, block_table, self.indices,
-                                                             self.last_page_len, **sizes)  # fmt: skip
-        indices, last, ok = decode_page_entries_reference(cache_seqlens, slots, block_table, **sizes)
-        self.indices.copy_(indices)
-        self.last_page_len.copy_(last)
-        return ok
-
-
-def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, num_slots: int, max_len: int) -> tuple:
+def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, num_slots: int, max_len: int,
+                  total_q: Optional[int] = None) -> tuple:
     """Host metadata of FlashInfer's ragged prefill over the flattened cache rows.
 
     Valid requests are visited in slot order; request ``r`` becomes a *pseudo
     request* with its query rows and keys ``[slots[r] * s_pad, slots[r] * s_pad +
     lengths[r])``; the rows before it not owned by the previous one become a gap
     pseudo request with no query rows (no work). Invalid requests (slot out of
-    range, length below its new tokens or above ``max_len``) follow with no keys.
+    range, length below its new tokens or above ``max_len``, query rows outside
+    ``[0, total_q)``) are left out: no query row, no key.
 
     Parameters
     ----------
@@ -287,11 +142,13 @@ def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, nu
     cu_seqlens_q : ``[R + 1]`` ints, query row offsets.
     slots : ``[R]`` ints, the cache row of each request.
     s_pad, num_slots, max_len : rows between two slots, slots, and rows usable per slot.
+    total_q : query rows given (``cu_seqlens_q[-1]`` when None).
 
     Returns
     -------
     qo_indptr, kv_indptr : lists of ints, ``[P + 1]`` each, non-decreasing.
-    q_order : list of query rows in pseudo-request order, or None when that is the identity.
+    q_order : the query rows in pseudo-request order, or None when that is every row in order
+        (``range(total_q)``); rows of no valid request are in neither (their output is zero).
     valid : list of bools ``[R]``.
 
     Raises
@@ -299,28 +156,31 @@ def ragged_layout(lengths: list, cu_seqlens_q: list, slots: list, s_pad: int, nu
     ValueError : two valid requests share a slot (their rows would overlap).
     """
     R = len(lengths)
-    n = [cu_seqlens_q[r + 1] - cu_seqlens_q[r] for r in range(R)]
-    valid = [0 <= slots[r] < num_slots and 0 <= n[r] <= lengths[r] <= max_len for r in range(R)]
+    cu = cu_seqlens_q
+    total = cu[R] if total_q is None else total_q
+    n = [cu[r + 1] - cu[r] for r in range(R)]
+    valid = [0 <= slots[r] < num_slots and 0 <= cu[r] <= cu[r + 1] <= total and n[r] <= lengths[r] <= max_len
+             for r in range(R)]  # fmt: skip
     order = sorted((r for r in range(R) if valid[r]), key=lambda r: slots[r])
     for a, b in zip(order, order[1:]):
         if slots[a] == slots[b]:
             raise ValueError(f"flashinfer prefill: expected distinct slots (contiguous rows per request), "
                              f"got requests {a} and {b} both in slot {slots[a]}")  # fmt: skip
-    order += [r for r in range(R) if not valid[r]]
     qo, kv, pos, next_row, identity = [0], [0], 0, 0, True
     for r in order:
-        start = slots[r] * s_pad if valid[r] else pos
+        start = slots[r] * s_pad
         if start > pos:  # gap request: rows nobody attends to
             qo.append(qo[-1])
             kv.append(start)
-        pos = start + (lengths[r] if valid[r] else 0)
+        pos = start + lengths[r]
         qo.append(qo[-1] + n[r])
         kv.append(pos)
         if n[r] > 0:  # the query rows are in order while each request's start where the last one's end
-            identity = identity and cu_seqlens_q[r] == next_row
-            next_row = cu_seqlens_q[r + 1]
+            identity = identity and cu[r] == next_row
+            next_row = cu[r + 1]
+    identity = identity and next_row == total  # and no row is left to an invalid request
     # O(R) unless rows must move: listing every row costed ~0.5 ms of host time a call at 8K rows (measured).
-    q_order = None if identity else [i for r in order for i in range(cu_seqlens_q[r], cu_seqlens_q[r + 1])]
+    q_order = None if identity else [i for r in order for i in range(cu[r], cu[r + 1])]
     return qo, kv, q_order, valid
 
 
@@ -361,6 +221,7 @@ _DECODE: dict = {}  # (device, R, shapes, options) -> _DecodePlan
 # One wrapper per kind of layer: a model alternating sliding and global layers would re-plan one wrapper at
 # every layer, and plan() writes a pinned host buffer whose copy to the GPU is only queued.
 _RAGGED: dict = {}
+_LAYOUT: dict = {}  # device -> (metadata key, _StepLayout) of the last prefill step
 
 
 @contextlib.contextmanager
@@ -447,26 +308,65 @@ def decode_plan(table: dict, key: tuple, q: torch.Tensor, shape: str, make) -> o
 
 def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, softcap):
     R = cache_seqlens.shape[0]
+    # The page size is part of the key: it depends on the storage's size too (two caches of one shape may differ).
     key = (q.device, R, tuple(k_cache.shape), k_cache.stride(), q.shape[1], q.dtype, scale, window_left, softcap,
-           DECODE_PAGE_ROWS)
+           decode_page_rows(k_cache))
     plan = decode_plan(_DECODE, key, q, f"{R} requests, cache {tuple(k_cache.shape)}",
                        lambda: _DecodePlan(fi, q, k_cache, R, scale, window_left, softcap))
     # Device metadata is never read: a bad request attends to no key (length 0, slot 0).
     return plan.run(q, k_cache, v_cache, cache_seqlens, slots)
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` on ``device`` without a sync: a pageable host-to-device copy waits for the stream."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the host allocator keeps it until the copy ran
+
+
+class _StepLayout:
+    """One step's ragged layout and the device tensors made from it, shared by the layers of the
+    step (same metadata values): listing the moved query rows and copying them cost host time and
+    a sync per layer otherwise."""
+
+    def __init__(self, lengths, cu, slot_list, s_pad, k_cache, T, dev):
+        self.qo, self.kv, q_order, self.valid = ragged_layout(lengths, cu, slot_list, s_pad, k_cache.shape[0],
+                                                              k_cache.shape[1], T)  # fmt: skip
+        self.lengths, self.slot_list = lengths, slot_list
+        self.order = None if q_order is None else _to_device(q_order, torch.long, dev)
+        self.all_valid = all(self.valid)
+        self._fa3 = None
+        self._dev = dev
+
+    def fa3_rows(self) -> tuple:
+        """``(lengths, slots)`` on the device with invalid requests at length 0 in slot 0 (no tail)."""
+        if self._fa3 is None:
+            lens = [n if ok else 0 for n, ok in zip(self.lengths, self.valid)]
+            rows = [s if ok else 0 for s, ok in zip(self.slot_list, self.valid)]
+            self._fa3 = (_to_device(lens, torch.int32, self._dev), _to_device(rows, torch.int32, self._dev))
+        return self._fa3
+
+
+def _step_layout(dev, host, lengths, cu, slot_list, s_pad, k_cache, T) -> _StepLayout:
+    key = (tuple(host), s_pad, k_cache.shape[0], k_cache.shape[1], T)
+    last = _LAYOUT.get(dev)
+    if last is None or last[0] != key:
+        last = _LAYOUT[dev] = (key, _StepLayout(lengths, cu, slot_list, s_pad, k_cache, T, dev))
+    return last[1]
+
+
 def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap):
-    """(out, every request valid with consistent ``cu_seqlens_q``): FlashInfer's ragged prefill."""
-    dev, R = q.device, cache_seqlens.shape[0]
+    """FlashInfer's ragged prefill ``[T, H, D]``; rows of invalid requests (see :func:`ragged_layout`) are zero."""
+    dev, R, T = q.device, cache_seqlens.shape[0], q.shape[0]
     s_pad = flat_rows(k_cache)
     parts = [cache_seqlens, cu_seqlens_q] + ([slots] if slots is not None else [])
     host = metadata_on_host(parts)
     lengths, cu = host[:R], host[R : 2 * R + 1]
     slot_list = host[2 * R + 1 :] if slots is not None else list(range(R))
-    qo, kv, q_order, valid = ragged_layout(lengths, cu, slot_list, s_pad, k_cache.shape[0], k_cache.shape[1])
-    clean = all(valid) and cu[0] == 0 and cu[-1] == q.shape[0] and all(a <= b for a, b in zip(cu, cu[1:]))
+    layout = _step_layout(dev, host, lengths, cu, slot_list, s_pad, k_cache, T)
     backend = _prefill_backend(dev)
-    if backend == "fa3" and (window_left >= 0 or not fa3_tail_fits(k_cache, lengths, slot_list, valid)):
+    if backend == "fa3" and (window_left >= 0 or not fa3_tail_fits(k_cache, lengths, slot_list, layout.valid)):
         backend = "fa2"  # see the module docstring: FA3's tile reads past the keys are not safe here
     H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
     kind = (dev, backend, H, H_kv, D, q.dtype, causal, window_left, softcap)
@@ -476,14 +376,14 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
             holder = _RAGGED[kind] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
                 _workspace(dev), "NHD", backend=backend), None, None]  # fmt: skip
     wrapper = holder[0]
-    plan_key = (tuple(qo), tuple(kv), scale)
+    plan_key = (tuple(layout.qo), tuple(layout.kv), scale)
     if holder[1] != plan_key:  # layers of one step share the plan
         if holder[2] is not None:
             # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
             holder[2].synchronize()
         with _outside_graph_pools(dev):
             wrapper.plan(
-                torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), H, H_kv, D,
+                torch.tensor(layout.qo, dtype=torch.int32), torch.tensor(layout.kv, dtype=torch.int32), H, H_kv, D,
                 causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
                 q_data_type=q.dtype, kv_data_type=k_cache.dtype,
             )  # fmt: skip
@@ -492,33 +392,26 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
                 holder[2].record()  # on the side stream, after the plan's copies
         holder[1] = plan_key
     if backend == "fa3":
-        if all(valid):  # the tensors as given (no host-to-device copy)
+        if layout.all_valid:  # the tensors as given (no host-to-device copy)
             lens = cache_seqlens.to(torch.int32)
             rows = slots.to(torch.int32) if slots is not None else torch.arange(R, dtype=torch.int32, device=dev)
         else:
-            ok = torch.tensor(valid, dtype=torch.bool, device=dev)
-            lens = torch.where(ok, cache_seqlens, 0).to(torch.int32)
-            rows = torch.tensor([s if v else 0 for s, v in zip(slot_list, valid)], dtype=torch.int32, device=dev)
+            lens, rows = layout.fa3_rows()
         # The launcher itself: inside this op, the zero_tail op's dispatch would only add host time.
         deps.triton_kernels().zero_tail(k_cache, v_cache, lens, multiple=FA3_TILE, limit=k_cache.shape[1], slots=rows,
                                             any_tile=True)
     kf, vf = flatten(k_cache, s_pad), flatten(v_cache, s_pad)
-    if q_order is None:
-        return wrapper.run(q.contiguous(), kf, vf), clean
-    order = torch.tensor(q_order, dtype=torch.long, device=dev)
-    out = torch.empty_like(q)
-    out[order] = wrapper.run(q.index_select(0, order), kf, vf)
-    return out, clean
+    if layout.order is None:  # every query row planned in place
+        return wrapper.run(q.contiguous(), kf, vf)
+    out = torch.zeros_like(q)  # rows of invalid requests stay zero
+    if layout.order.numel():
+        out[layout.order] = wrapper.run(q.index_select(0, layout.order), kf, vf)
+    return out
 
 
-def _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots):
-    """Rows of requests whose metadata is out of range are zero (their kv range was empty)."""
-    ok, _, _ = valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, None)
-    n = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).clamp(min=0).long()
-    req_ok = torch.repeat_interleave(ok, n, output_size=out.shape[0]) if out.shape[0] else ok[:0]
-    return torch.where(req_ok[:, None, None], out, 0)
-
-
+# No mutated argument in the schema although FA3 zeroes rows past each length: those rows hold no key of
+# any request (appends overwrite them), so no reader sees a change; declaring the caches mutated would make
+# functionalization copy them whole around every call under torch.compile.
 @torch.library.custom_op("torch_vkv::flashinfer_attention", mutates_args=(), schema=ATTN_SCHEMA)
 def flashinfer_attention(
     q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, max_seqlen_q, num_splits,
@@ -576,9 +469,7 @@ def _flashinfer_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slot
         return paged.paged_prefill(fi, _workspace(q.device), _prefill_backend(q.device), q, k_cache, v_cache,
                                    cache_seqlens, cu_seqlens_q, slots, block_table, causal, scale, window_left,
                                    softcap)  # fmt: skip
-    out, clean = _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left,
-                         softcap)  # fmt: skip
-    return out if clean else _zero_invalid_rows(out, cache_seqlens, cu_seqlens_q, k_cache, slots)
+    return _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal, scale, window_left, softcap)
 
 
 @flashinfer_attention.register_fake

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from .flashinfer_backend import GraphDecodePlan, _outside_graph_pools, decode_plan
+from .flashinfer_backend import _outside_graph_pools, decode_plan
+from .flashinfer_pages import GraphDecodePlan
 from .inputs import cache_bounds, safe_blocks, valid_requests
 
 __all__ = ["paged_decode", "paged_prefill", "paged_layout_problem"]
@@ -39,7 +40,7 @@ __all__ = ["paged_decode", "paged_prefill", "paged_layout_problem"]
 _U32 = 1 << 32
 
 _DECODE: dict = {}  # (device, shape key) -> _PagedDecodePlan
-_PREFILL: dict = {}  # (device, backend) -> [wrapper, plan key]
+_PREFILL: dict = {}  # (device, backend) -> [wrapper, plan key, event after its plan's copies]
 
 
 def paged_layout_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor) -> Optional[str]:
@@ -128,7 +129,7 @@ def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu
     if holder is None:
         with _outside_graph_pools(dev):
             wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
-        holder = _PREFILL[(dev, backend)] = [wrapper, None]
+        holder = _PREFILL[(dev, backend)] = [wrapper, None, None]
     wrapper = holder[0]
     H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
     plan_key = (tuple(qo), tuple(kv), tuple(indices), tuple(last), H, H_kv, D, bs, q.dtype, causal, scale,
@@ -137,10 +138,16 @@ def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu
         def i32(x):
             return torch.tensor(x, dtype=torch.int32)
 
+        if holder[2] is not None:
+            # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
+            holder[2].synchronize()
         with _outside_graph_pools(dev):
             wrapper.plan(i32(qo), i32(kv), i32(indices), i32(last), H, H_kv, D, bs, causal=causal,
                          window_left=window_left, logits_soft_cap=softcap, sm_scale=scale, q_data_type=q.dtype,
                          kv_data_type=k_cache.dtype)  # fmt: skip
+            if dev.type == "cuda":
+                holder[2] = torch.cuda.Event()
+                holder[2].record()  # on the side stream, after the plan's copies
         holder[1] = plan_key
     order = [i for rr in rows for i in rr]
     if order == list(range(T)):  # every row planned in place: no gather, no scatter

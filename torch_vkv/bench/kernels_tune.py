@@ -113,9 +113,9 @@ FLASHINFER_PAGE_ROWS = (16, 32, 64, 128, 256)
 
 def _flashinfer_page_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str], None]) -> list:
     """The ``flashinfer`` backend's decode over the page size of its page table on the contiguous
-    rows (``flashinfer_backend.DECODE_PAGE_ROWS``), at ``cfg.tune`` and at batch 1 with the longest
+    rows (``flashinfer_pages.DECODE_PAGE_ROWS``), at ``cfg.tune`` and at batch 1 with the longest
     context, replayed from a CUDA graph (batch 1 is host-bound eagerly)."""
-    from torch_vkv.attention import attention, available_backends, flashinfer_backend as fib
+    from torch_vkv.attention import attention, available_backends, flashinfer_pages as fip
     from torch_vkv.bench.kernels import MODELS, _close
 
     if "flashinfer" not in available_backends(cfg.device):
@@ -123,13 +123,13 @@ def _flashinfer_page_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[
     rows = []
     model = cfg.models[0]
     H, H_kv, D = MODELS.get(model, (8, 2, 64))
-    default = fib.DECODE_PAGE_ROWS
+    default = fip.DECODE_PAGE_ROWS
     for B, S in _decode_tune_points(cfg):
         q, lens, kv_bytes, k, v, keep = _decode_inputs(cfg, caches, B, S, H, H_kv, D)
         point = []
         try:
             for page_rows in FLASHINFER_PAGE_ROWS:
-                fib.DECODE_PAGE_ROWS = page_rows
+                fip.DECODE_PAGE_ROWS = page_rows
                 row = dict(section="decode_tune", model=model, backend=f"flashinfer page_rows={page_rows}", batch=B,
                            context=S, note="default" if page_rows == default else None)  # fmt: skip
                 us = _timed(cfg, row, lambda: attention(q, k, v, lens, backend="flashinfer"), cfg.decode_rep_ms,
@@ -139,7 +139,7 @@ def _flashinfer_page_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[
                     row.update(tb_s=tb, pct_copy=100 * tb / copy_bw)
                 point.append(row)
         finally:
-            fib.DECODE_PAGE_ROWS = default
+            fip.DECODE_PAGE_ROWS = default
         rows += point
         _log_best_decode(point, B, S, log)
         del k, v
