@@ -240,17 +240,23 @@ def test_cuda_close_returns_driver_memory():
     from torch_vkv._ext import core
 
     torch.cuda.init()
-    free0, _ = core().device_memory_info(0)
-    cache = KVCache(4, 8, 128, max_batch_size=8, max_seq_len=8192, dtype=torch.bfloat16, device="cuda")
-    for _ in range(8):
-        cache.reserve(cache.alloc(), 8192)
-    free1, _ = core().device_memory_info(0)
-    assert free0 - free1 >= cache.memory_stats()["committed_bytes"]
-    cache.close()
-    del cache
-    gc.collect()
-    free2, _ = core().device_memory_info(0)
-    assert abs(free2 - free0) <= 64 << 20
+    # The driver's free memory is the device's: other processes (the suite's parallel workers) allocate and
+    # free meanwhile, so a measurement they disturbed is taken again (up to 5 times).
+    for attempt in range(5):
+        free0, _ = core().device_memory_info(0)
+        cache = KVCache(4, 8, 128, max_batch_size=8, max_seq_len=8192, dtype=torch.bfloat16, device="cuda")
+        for _ in range(8):
+            cache.reserve(cache.alloc(), 8192)
+        free1, _ = core().device_memory_info(0)
+        committed = cache.memory_stats()["committed_bytes"]
+        cache.close()
+        del cache
+        gc.collect()
+        free2, _ = core().device_memory_info(0)
+        if free0 - free1 >= committed and abs(free2 - free0) <= 64 << 20:
+            break
+    assert free0 - free1 >= committed, (attempt, free0, free1, committed)
+    assert abs(free2 - free0) <= 64 << 20, (attempt, free0, free2)
 
 
 @pytest.mark.cuda

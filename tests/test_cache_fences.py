@@ -305,7 +305,8 @@ def test_on_cuda_a_pending_shared_page_is_not_revived(layout):
     # the decommitted pages pending, as every decommit on CUDA is fenced.
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    c = KVCache(1, 1, 128, max_batch_size=2, max_seq_len=4096, dtype=torch.bfloat16, device="cuda", layout=layout)
+    # Pages of 2 MiB hold 2048-4096 rows of one bf16 head of 128: room for three pages per row.
+    c = KVCache(1, 1, 128, max_batch_size=2, max_seq_len=1 << 15, dtype=torch.bfloat16, device="cuda", layout=layout)
     tpp = int(c.tokens_per_page)
     a = c.alloc()
     c.step({a: 3 * tpp})

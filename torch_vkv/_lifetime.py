@@ -27,7 +27,8 @@ import threading
 import weakref
 from typing import Any, Callable, NoReturn, TypeVar
 
-__all__ = ["Closable", "Unique", "forked_error", "locked", "one_thread", "track"]
+__all__ = ["Closable", "DropAfterCapture", "Unique", "forked_error", "locked", "one_thread", "release_deferred",
+           "track"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound="Closable")
@@ -37,7 +38,46 @@ _live: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 def track(obj: Any) -> None:
     """Marks ``obj`` unusable in any child forked while it is alive (calls ``obj._mark_forked()`` there)."""
+    release_deferred()
     _live.add(obj)
+
+
+# What objects dropped while this thread captured a CUDA graph held (their attributes), released after it.
+_deferred: list = []
+
+
+def _capturing() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # interpreter shutdown, no CUDA build
+        return False
+
+
+def release_deferred() -> None:
+    """Releases the memory of objects dropped during a CUDA-graph capture (see
+    :class:`DropAfterCapture`); nothing while this thread still captures. Runs
+    by itself when a cache or pool is made and at every call into a cache."""
+    if _deferred and not _capturing():
+        held = _deferred[:]
+        del _deferred[:]
+        del held  # the destructors run here, outside the capture
+
+
+class DropAfterCapture:
+    """Objects whose release calls the driver (unmaps, a device synchronize) and so must not run
+    inside a CUDA-graph capture: that invalidates the capture (``operation failed due to a previous
+    error during capture``). A garbage collection can drop such an object at any allocation,
+    including one during ``torch.compile``'s graph recording; then its attributes are kept alive
+    and released later by :func:`release_deferred`."""
+
+    def __del__(self) -> None:
+        try:
+            if _capturing():
+                _deferred.append(list(vars(self).values()))
+        except Exception:  # interpreter shutdown: nothing to keep
+            pass
 
 
 def _after_fork_in_child() -> None:
@@ -55,6 +95,8 @@ def locked(method: _F) -> _F:
 
     @functools.wraps(method)
     def run_locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _deferred:
+            release_deferred()
         with self._lock:
             return method(self, *args, **kwargs)
 

@@ -67,7 +67,7 @@ from torch_vkv._cache_step import _StepMixin
 from torch_vkv._cache_windows import _WindowMixin, parse_windows
 from torch_vkv._checks import ArgumentTypeError, check_int, check_stream, fail
 from torch_vkv._ext import core
-from torch_vkv._lifetime import Closable, Unique, forked_error, locked, track
+from torch_vkv._lifetime import Closable, DropAfterCapture, Unique, forked_error, locked, track
 from torch_vkv.errors import OutOfSlotsError
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool, resolve_device
 from torch_vkv.tensor import VirtualKVTensor, VirtualKVView
@@ -80,7 +80,7 @@ __all__ = ["KVCache", "LAYOUTS"]
 #: fewer tokens and commits are that much finer.
 LAYOUTS = ("per_layer", "interleaved")
 
-class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, Unique):
+class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, DropAfterCapture, Unique):
     """A KV cache in virtual memory with pages committed on demand.
 
     Parameters

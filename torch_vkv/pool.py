@@ -22,7 +22,7 @@ import torch
 
 from torch_vkv._checks import check_int, fail
 from torch_vkv._ext import core
-from torch_vkv._lifetime import Unique, forked_error, track
+from torch_vkv._lifetime import DropAfterCapture, Unique, forked_error, track
 
 __all__ = ["ADDRESS_SPACE_BYTES", "PagePool", "resolve_device"]
 
@@ -83,7 +83,7 @@ def check_host_page_size(page_size: Any) -> int:
     return page_size
 
 
-class PagePool(Unique):
+class PagePool(DropAfterCapture, Unique):
     """A budget of physical pages on one device.
 
     Parameters
