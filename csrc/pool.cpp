@@ -374,12 +374,7 @@ size_t Reservation::commit(size_t first, size_t count) {
                          std::to_string(available) + " available",
                      to_map.size(), available);
 
-  for (size_t p : shared_pending) {
-    backend.fence_wait(pending_[p]);  // the pool destroys the fence later
-    pending_[p] = 0;
-    pool_->cancel_pending_locked(pages_[p]);
-  }
-  unmap_runs_locked(shared_pending);
+  unmap_now_locked(shared_pending);
 
   // Revive decommits still waiting for their fence: the page never left.
   std::vector<size_t> revived;
@@ -493,12 +488,7 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
   }
   // A kernel queued before the decommit may still read those pages: wait for
   // it, then unmap them now, so the source's pages can be mapped there.
-  for (size_t p : still_pending) {
-    backend.fence_wait(pending_[p]);  // the pool destroys the fence later
-    pending_[p] = 0;
-    pool_->cancel_pending_locked(pages_[p]);
-  }
-  unmap_runs_locked(still_pending);
+  unmap_now_locked(still_pending);
   std::vector<size_t> mapped;
   try {
     for (size_t i = 0; i < count; ++i) {
@@ -545,18 +535,26 @@ void Reservation::close() {
 
 void Reservation::release_all_locked() {
   if (!address_alive_) return;
-  Backend& backend = pool_->backend();
   // Committed pages may still be read by queued kernels (pending ones wait
-  // for their own fences below).
-  if (num_committed_ > 0) backend.synchronize();
+  // for their own fences in unmap_now_locked).
+  if (num_committed_ > 0) pool_->backend().synchronize();
+  std::vector<size_t> pages;
+  for (size_t p = 0; p < pages_.size(); ++p)
+    if (pages_[p] != kNoPage) pages.push_back(p);
+  unmap_now_locked(pages);
+}
+
+void Reservation::unmap_now_locked(const std::vector<size_t>& pages) {
+  if (pages.empty()) return;
+  Backend& backend = pool_->backend();
   // From the destructor, a reap may already have destroyed a fence of ours: the
   // reservation's last reference went while the reap held the mutex, so it
-  // found no owner to finish. Such a fence had completed; only queued ones are waited for.
+  // found no owner to finish. Such a fence had completed; only queued ones are
+  // waited for. (A live reservation's pending fences are all still queued: a
+  // reap that pops one finishes its pages.)
   std::unordered_set<Fence> queued;
   for (const auto& batch : pool_->pending_) queued.insert(batch.fence);
-  std::vector<size_t> pages;
-  for (size_t p = 0; p < pages_.size(); ++p) {
-    if (pages_[p] == kNoPage) continue;
+  for (size_t p : pages) {
     if (pending_[p] != 0) {
       if (queued.count(pending_[p])) backend.fence_wait(pending_[p]);  // the pool destroys it later
       pending_[p] = 0;
@@ -564,7 +562,6 @@ void Reservation::release_all_locked() {
     } else {
       --num_committed_;
     }
-    pages.push_back(p);
   }
   unmap_runs_locked(pages);
 }

@@ -231,6 +231,11 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t num_pages, bool owns_address);
   void check_range(const char* what, size_t first, size_t count) const;
   void unmap_runs_locked(const std::vector<size_t>& pages);
+  // With the pool mutex held: unmaps `pages` (sorted, each mapped) now. A
+  // pending page's decommit ends early: its fence is waited for first (a
+  // kernel queued before the decommit may still read the page); a committed
+  // page is decommitted.
+  void unmap_now_locked(const std::vector<size_t>& pages);
   void release_all_locked();
   void check_usable(const char* what) const;  // with the pool mutex held
 
