@@ -554,9 +554,14 @@ void Reservation::unmap_now_locked(const std::vector<size_t>& pages) {
   // reap that pops one finishes its pages.)
   std::unordered_set<Fence> queued;
   for (const auto& batch : pool_->pending_) queued.insert(batch.fence);
+  // Every wait before any change: a wait that throws (a driver error) leaves the pages as they were.
+  std::unordered_set<Fence> waited;
+  for (size_t p : pages) {
+    Fence f = pending_[p];
+    if (f != 0 && queued.count(f) && waited.insert(f).second) backend.fence_wait(f);  // the pool destroys it later
+  }
   for (size_t p : pages) {
     if (pending_[p] != 0) {
-      if (queued.count(pending_[p])) backend.fence_wait(pending_[p]);  // the pool destroys it later
       pending_[p] = 0;
       pool_->cancel_pending_locked(pages_[p]);
     } else {
