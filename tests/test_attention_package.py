@@ -204,3 +204,18 @@ def test_eager_calls_skip_the_dispatcher_only_where_nothing_can_tell():
     for a, b in zip(*caches):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(caches[0][0][1, 7], k_new[1]) and not torch.equal(caches[0][0][1, 7], k[1, 7])
+
+
+@pytest.mark.parametrize("capability, want", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_torch_fa2_only_on_ampere_or_newer(monkeypatch, capability, want):
+    """PyTorch's FA2 raises on GPUs older than Ampere: ``auto`` must not pick it there (a T4 or V100 with
+    head_dim 80/96 would have failed every call). A stand-in for a CUDA query on this CPU machine."""
+    import types
+
+    fa2 = importlib.import_module("torch_vkv.attention.torch_fa2")
+    deps = importlib.import_module("torch_vkv.attention.deps")
+    monkeypatch.setattr(deps, "HAS_TORCH_FA2", True)
+    monkeypatch.setattr(deps, "cuda_capability", lambda index: capability)
+    q = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(4, 8, 96))
+    k = torch.zeros(2, 16, 2, 96)
+    assert fa2.fa2_supported(q, k, k, None) is want

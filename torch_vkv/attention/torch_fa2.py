@@ -59,10 +59,11 @@ def _window_kwargs(window_left: int, causal: bool) -> dict:
 
 
 def fa2_supported(q, k_cache, v_cache, block_table) -> bool:
-    """Whether ``torch_fa2`` takes these tensors as they are."""
+    """Whether ``torch_fa2`` takes these tensors as they are (PyTorch's FA2 needs an Ampere or newer GPU)."""
     return (
         q.is_cuda
         and deps.HAS_TORCH_FA2
+        and deps.cuda_capability(q.device.index or 0) >= (8, 0)
         and block_table is None
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[2] % 8 == 0
