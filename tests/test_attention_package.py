@@ -215,7 +215,12 @@ def test_torch_fa2_only_on_ampere_or_newer(monkeypatch, capability, want):
     fa2 = importlib.import_module("torch_vkv.attention.torch_fa2")
     deps = importlib.import_module("torch_vkv.attention.deps")
     monkeypatch.setattr(deps, "HAS_TORCH_FA2", True)
-    monkeypatch.setattr(deps, "cuda_capability", lambda index: capability)
+    monkeypatch.setattr(deps, "_CAPABILITY", {0: capability})  # what the driver would answer
     q = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(4, 8, 96))
     k = torch.zeros(2, 16, 2, 96)
     assert fa2.fa2_supported(q, k, k, None) is want
+    # Under torch.compile the rule is a constant (a tuple compared in traced code failed in dynamo on 2.11);
+    # constants are not guarded, so each capability gets a fresh dynamo cache.
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: x + 1 if deps.ampere_or_newer(0) else x - 1, fullgraph=True, backend="eager")
+    assert traced(torch.zeros(1)).item() == (1 if want else -1)

@@ -121,6 +121,13 @@ _CAPABILITY: dict = {}
 
 
 @assume_constant_result
+def ampere_or_newer(index: int) -> bool:
+    """Whether CUDA device ``index`` is sm80 or newer (a plain bool for torch.compile: comparing the
+    capability tuple in traced code failed in dynamo on torch 2.11, "NotImplementedError" in make_guard)."""
+    return cuda_capability(index)[0] >= 8
+
+
+@assume_constant_result
 def cuda_capability(index: int) -> tuple:
     """``(major, minor)`` of CUDA device ``index``; asked on first use (never at import), then kept."""
     if index not in _CAPABILITY:

@@ -63,7 +63,7 @@ def fa2_supported(q, k_cache, v_cache, block_table) -> bool:
     return (
         q.is_cuda
         and deps.HAS_TORCH_FA2
-        and deps.cuda_capability(q.device.index or 0) >= (8, 0)
+        and deps.ampere_or_newer(q.device.index or 0)
         and block_table is None
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[2] % 8 == 0
