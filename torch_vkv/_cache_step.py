@@ -176,6 +176,21 @@ class _StepMixin:
             wanted = self._slots.plan_pages(self._parse_seq_lens(seq_lens))
         return wanted <= self._available_pages(reclaim=True)
 
+    @property
+    @locked
+    def seq_lens(self: "KVCache") -> np.ndarray:
+        """The tokens each slot uses now: the lengths the cache was last told, as
+        a new int64 NumPy array of shape ``[max_batch_size]`` (a snapshot: writing
+        into it changes nothing). A slot's entry is what the last :meth:`step`,
+        :meth:`step_async`, :meth:`commit`, :meth:`fork` or :meth:`remap` gave
+        it, lowered by a :meth:`decommit` below it (a crop); 0 for a free slot.
+        ``memory_stats()["used_bytes"]`` is their sum times ``bytes_per_token``;
+        a step to ``seq_lens`` gives a sliding layer back the pages behind
+        ``seq_lens[slot] - W``. Not the prefetched rows: :meth:`committed_tokens`
+        says what is backed."""
+        self._check_open()
+        return self._used_tokens.astype(np.int64, copy=True)
+
     @locked
     def available_pages(self: "KVCache") -> int:
         """Pool pages a commit could take now: free ones, ones not created yet,
