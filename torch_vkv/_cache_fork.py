@@ -183,6 +183,30 @@ class _ForkMixin:
             moves[d] = (s, check_int(f"num_tokens for slot {d} (source slot {s} has {have} tokens)", n, low=0, high=have))
         return _remap.remap(self, moves)
 
+    @locked
+    def freeable_pages(self: "KVCache", slots: Sequence[int]) -> int:
+        """Pool pages (all buffers together) that freeing every slot of ``slots``
+        (active slots) would make available, as :meth:`available_pages` counts
+        them: the pages they hold that no other slot maps. A page several of them
+        share counts once; a page a slot outside ``slots`` maps (a fork, a cached
+        prefix) counts not at all, since freeing gives back only the references.
+        A scheduler asks it before freeing cached slots for memory (prefix
+        caching's parked slots): freeing one whose pages running slots share
+        gains nothing."""
+        self._check_open()
+        chosen = {self._check_slot(s) for s in slots}
+        self._join_async()
+        maps: dict[int, int] = {}
+        held = 0
+        for s in chosen:
+            held += self._held_pages(s)
+            for i in self._shared_ids[s]:
+                maps[i] = maps.get(i, 0) + 1
+        # A page with a share id (the same page index in every buffer) counts in `held` once per
+        # chosen slot mapping it: it frees once when they are all its mappers, else never.
+        extra = sum(n if self._page_refs[i] > n else n - 1 for i, n in maps.items())
+        return held - extra * len(self._buffers)
+
     def _map_prefix(self: "KVCache", dst: int, src: int, count: int) -> None:
         """Maps pages ``[0, count)`` of slot ``src`` at pages ``[0, count)`` of slot ``dst`` in every
         buffer, replacing what ``dst`` holds there (its own pages, given back to the pool)."""

@@ -169,12 +169,21 @@ class _StepMixin:
 
     @locked
     def can_step(self: "KVCache", seq_lens: SeqLens) -> bool:
-        """Whether :meth:`step` would succeed now (``seq_lens`` as for :meth:`step`)."""
+        """Whether :meth:`step` would succeed now (``seq_lens`` as for :meth:`step`):
+        ``step_pages(seq_lens) <= available_pages()``."""
+        return self.step_pages(seq_lens) <= self._available_pages(reclaim=True)
+
+    @locked
+    def step_pages(self: "KVCache", seq_lens: SeqLens) -> int:
+        """Pool pages (all buffers together) that :meth:`step` to ``seq_lens`` (as
+        for :meth:`step`) must commit now, past what its slots hold once the queued
+        prefetch has landed (it waits for it): a scheduler short of memory compares
+        it with :meth:`available_pages` to know how many pages it lacks."""
         self._check_open()
         wanted = self._slots.plan_pages(seq_lens)
         if wanted < 0:
             wanted = self._slots.plan_pages(self._parse_seq_lens(seq_lens))
-        return wanted <= self._available_pages(reclaim=True)
+        return int(wanted)
 
     @property
     @locked
