@@ -154,7 +154,12 @@ class _ForkMixin:
             ends on a page boundary or already shares its source's pages.
 
         Raises :class:`OutOfPagesError` with nothing changed when the
-        destinations' new last pages do not fit; ``ValueError`` for bad
+        destinations' new last pages do not fit, also when another user of a
+        shared pool takes pages meanwhile (they are taken before anything
+        moves). A driver error during the moves (a failed map or unmap: not
+        expected) is raised as it comes, not rolled back: destinations moved
+        before it hold their new rows, the others may not (free them).
+        ``ValueError`` for bad
         arguments or a cache with a ``sliding_window`` (whose windowed layers
         gave back the pages a remap would share: copy rows instead). As with
         :meth:`fork`, pages a destination gives up are unmapped after the work
