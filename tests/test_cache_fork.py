@@ -274,6 +274,120 @@ def test_fork_with_a_margin_commits_the_margin_rows():
         assert torch.isfinite(c.key(0)[f, 250:314].float()).all()
 
 
+def racing(cache, other):
+    """After ``cache``'s next availability check, ``other`` (same pool) takes every page the pool has:
+    another user of a shared pool between a fork's check and its commits."""
+    real = cache._available_pages
+
+    def check(*, reclaim):
+        n = real(reclaim=reclaim)
+        cache._available_pages = real
+        t = other.alloc()
+        other.commit(t, other.tokens_for_pages(other.pool.available() // len(other._reservations)))
+        assert other.pool.available() == 0
+        return n
+
+    cache._available_pages = check
+
+
+def warm_fork_setup(layout, race):
+    """A fork into a warm freed slot (2 pages a buffer, its margin) of a prefix of 1 full page whose
+    partial page and margin need 4 pages: 1 of the slot's pages is replaced by the prefix, 2 more
+    are needed past its 2: one is moved from the replaced one, one is committed fresh, the only
+    page a buffer the pool has free."""
+    pool = PagePool("cpu", page_size=4096)
+    probe = make(layout, batch=2, pool=pool)
+    T = probe.tokens_per_page
+    probe.close()
+    c = make(layout, batch=2, pool=pool, margin=T + T // 4)
+    other = make(layout, batch=2, pool=pool)
+    nb = len(c._reservations)
+    s = source(c, 3 * T)
+    w = c.alloc()
+    c.commit(w, 1)
+    fill(c, w, 0, 1, seed=9)
+    c.free(w)
+    assert c._committed_pages[w] == 2
+    pool.set_max_bytes((pool.stats()["mapped_pages"] + nb) * 4096)
+    if race:
+        racing(c, other)
+    return c, other, s, w, 2 * T - 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_fork_that_runs_out_after_its_check_keeps_the_freed_slots_pages(layout):
+    """Another user of a shared pool takes the pages between the fork's check and its commit:
+    OutOfPagesError, and the freed slot the fork picked keeps its cached pages (the prefix cache
+    of a serving engine, warm slots of alloc()): nothing changed."""
+    c, other, s, w, n = warm_fork_setup(layout, race=True)
+    state = cache_state(c)
+    with pytest.raises(OutOfPagesError):
+        c.fork(s, n)
+    assert cache_state(c)[:3] == state[:3] and c._committed_pages[w] == 2  # the pool's counts: other's commit
+    T = c.tokens_per_page
+    f = c.fork(s, T)  # a whole page: its margin's page is w's replaced one, moved; no page from the pool
+    assert f == w and same(rows(c, f, 0, T), rows(c, s, 0, T))
+    other.close()
+    c.close()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_warm_fork_moves_the_replaced_pages_past_the_prefix(layout):
+    """The same fork without the race fits: the pages the prefix replaces feed the new pages first,
+    so only one page a buffer is taken from the pool, and the rows are the source's."""
+    c, other, s, w, n = warm_fork_setup(layout, race=False)
+    nb = len(c._reservations)
+    mapped = c.pool.stats()["mapped_pages"]
+    f = c.fork(s, n)
+    assert f == w and c.committed_tokens(f) >= n + c.margin_tokens
+    assert c.pool.stats()["mapped_pages"] == mapped + nb  # 1 fresh a buffer: the replaced page moved
+    assert same(rows(c, f, 0, n), rows(c, s, 0, n))
+    assert torch.isfinite(c.key(0)[f, n : n + c.margin_tokens].float()).all()
+    assert c.memory_stats()["committed_bytes"] == c.pool.stats()["mapped_pages"] * 4096
+    other.close()
+    c.close()
+
+
+class _FlakyAlias:
+    """A reservation whose alias of ``[first, ...)`` fails once (a driver error)."""
+
+    def __init__(self, res, fail_at):
+        self.res, self.fail_at = res, fail_at
+
+    def __getattr__(self, name):
+        return getattr(self.res, name)
+
+    def alias(self, first, src, src_first, count):
+        if first == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("cuMemMap failed: CUDA_ERROR_UNKNOWN (simulated)")
+        return self.res.alias(first, getattr(src, "res", src), src_first, count)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_fork_whose_prefix_alias_fails_gives_the_freed_slot_its_pages_back(layout):
+    """A driver error mapping the prefix, after the slot's replaced pages were unmapped: the slot
+    gets pages of its own back where it had them (same count, fresh rows), the source is intact,
+    the pool maps exactly what the cache counts, and the next fork works."""
+    with make(layout, batch=2) as c:
+        T = c.tokens_per_page
+        s = source(c, 3 * T + 5)
+        w = c.alloc()
+        c.commit(w, 2 * T)
+        c.free(w)
+        before = rows(c, s, 0, 3 * T + 5)
+        state = cache_state(c)
+        # The last buffer's prefix alias fails, after the others' succeeded.
+        c._reservations[-1:] = [_FlakyAlias(c._reservations[-1], w * c.pages_per_slot)]
+        with pytest.raises(RuntimeError, match="simulated"):
+            c.fork(s, 3 * T + 1)
+        assert cache_state(c) == state
+        assert same(rows(c, s, 0, 3 * T + 5), before)
+        f = c.fork(s, 3 * T + 1)
+        assert f == w and same(rows(c, f, 0, 3 * T + 1), rows(c, s, 0, 3 * T + 1))
+        assert c.memory_stats()["committed_bytes"] == c.pool.stats()["mapped_pages"] * c.page_size
+
+
 # ------------------------------------------------------------------ paged
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from torch_vkv import KVCache, OutOfPagesError
+from torch_vkv import KVCache, OutOfPagesError, PagePool
 from torch_vkv._remap import plan_moves
 
 from test_cache_fork import LAYOUTS, fill, make, pool_state, rows, same
@@ -134,10 +134,16 @@ def test_ragged_sources_and_destinations():
     c.close()
 
 
-def test_random_remaps_keep_every_row_and_the_page_counts():
+@pytest.mark.parametrize("shared_pool", [False, True])
+def test_random_remaps_keep_every_row_and_the_page_counts(shared_pool):
+    """Random remaps (cycles, repeats, crops): rows, used and committed bytes. On a shared pool the
+    new pages are taken up front into a scratch reservation: its count is never short (no commit
+    during the moves)."""
     rng = random.Random(0)
     for layout in LAYOUTS:
-        c = make(layout, batch=5, margin=7)
+        c = make(layout, batch=5, margin=7, pool=PagePool("cpu", page_size=4096) if shared_pool else None)
+        if shared_pool:
+            c._commit_plan = lambda plan: pytest.fail(f"a commit during the moves: {plan}")
         used = []
         for s in range(5):
             c.alloc()
@@ -164,6 +170,41 @@ def test_random_remaps_keep_every_row_and_the_page_counts():
             assert c.memory_stats()["used_bytes"] == sum(used) * c.bytes_per_token
         c.close()
         assert c.pool.stats()["mapped_pages"] == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_remap_that_runs_out_after_its_check_changes_nothing(layout):
+    """Another user of a shared pool takes the pages between the remap's check and its moves: the
+    new pages are taken before anything moves, so OutOfPagesError leaves every destination as it
+    was (a destination that needs no new page included); the same remap works once pages are back."""
+    from test_cache_fork import racing
+
+    pool = PagePool("cpu", page_size=4096)
+    c, other = make(layout, pool=pool), make(layout, pool=pool)
+    T = c.tokens_per_page
+    s = c.alloc()
+    c.commit(s, 3 * T + 5)
+    fill(c, s, 0, 3 * T + 5, seed=1)
+    d1, d2 = c.alloc(), c.alloc()  # no pages: d1 needs a new partial page, d2 (whole pages) none
+    nb = len(c._reservations)
+    pool.set_max_bytes((pool.stats()["mapped_pages"] + nb) * 4096)
+    racing(c, other)
+    state = (c.memory_stats(), c.seq_lens.tolist(), [c.committed_tokens(x) for x in (s, d1, d2)])
+    snap = rows(c, s, 0, 3 * T + 5)
+    with pytest.raises(OutOfPagesError):
+        c.remap([d1, d2], [s, s], [2 * T + 3, 2 * T])  # d2 moves first (plan order), then d1 commits
+    stats = c.memory_stats()
+    for key in ("committed_bytes", "used_bytes", "shared_pages", "cached_bytes"):
+        assert stats[key] == state[0][key], key
+    assert c.seq_lens.tolist() == state[1] and [c.committed_tokens(x) for x in (s, d1, d2)] == state[2]
+    assert c._shared_ids[d1] == c._shared_ids[d2] == [] and same(rows(c, s, 0, 3 * T + 5), snap)
+    other.close()
+    c.remap([d1, d2], [s, s], [2 * T + 3, 2 * T])
+    assert same(rows(c, d1, 0, 2 * T + 3), [t[: 2 * T + 3] for t in snap])
+    assert same(rows(c, d2, 0, 2 * T), [t[: 2 * T] for t in snap])
+    assert c.memory_stats()["committed_bytes"] == pool.stats()["mapped_pages"] * 4096  # the scratch is gone
+    c.close()
+    assert pool.stats()["mapped_pages"] == 0
 
 
 def test_out_of_pages_changes_nothing():

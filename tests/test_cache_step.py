@@ -210,3 +210,47 @@ def test_available_pages_and_the_pool_count_agree_with_memory_stats(layout: str)
     kv.close()
     with pytest.raises(RuntimeError, match="closed"):
         c.available_pages()
+
+
+def test_seq_lens_reports_the_lengths_the_cache_was_told() -> None:
+    """``KVCache.seq_lens``: the public, read-only view of what each slot uses (the lengths the last
+    step, commit, fork or crop left it), a snapshot the caller cannot write back through."""
+    c = make()
+    try:
+        assert c.seq_lens.tolist() == [0] * B and c.seq_lens.dtype == np.int64
+        s, t = c.alloc(), c.alloc()
+        c.commit(s, 100)
+        c.step_async({s: 130, t: 7})
+        assert c.seq_lens[[s, t]].tolist() == [130, 7]
+        c.decommit(s, 70)  # a crop lowers it
+        f = c.fork(s, 64)
+        lens = c.seq_lens
+        assert lens[[s, t, f]].tolist() == [70, 7, 64]
+        assert int(lens.sum()) * c.bytes_per_token == c.memory_stats()["used_bytes"]
+        lens[:] = 999  # a copy: the cache is unchanged
+        assert c.seq_lens[[s, t, f]].tolist() == [70, 7, 64]
+        with pytest.raises(AttributeError):
+            c.seq_lens = np.zeros(B, dtype=np.int64)
+        c.free(t)
+        assert c.seq_lens[t] == 0
+    finally:
+        c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.seq_lens
+
+
+def test_hf_windows_reads_only_the_public_seq_lens() -> None:
+    """``torch_vkv.hf.windows.step_need`` needs nothing of the KVCache but ``seq_lens`` and ``decommit``."""
+    from torch_vkv.hf.windows import step_need
+
+    class Told:
+        seq_lens = np.array([10, 12, 20, 0], dtype=np.int64)
+        crops: list = []
+
+        def decommit(self, slot: int, keep: int) -> None:
+            self.crops.append((slot, keep))
+
+    kv = Told()
+    need = step_need(kv, np.array([11, 15, 15, 0], dtype=np.int64), [10, 10, 10, 0])
+    # row 0 told start: as is; row 1 told past start + 1, short of need: back to start; row 2 past need: to need.
+    assert need.tolist() == [11, 15, 0, 0] and kv.crops == [(2, 15), (1, 10)]

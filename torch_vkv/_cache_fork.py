@@ -60,10 +60,13 @@ class _ForkMixin:
             Tokens to share, at most those committed for ``slot``'s request.
 
         Raises :class:`OutOfSlotsError` / :class:`OutOfPagesError` with nothing
-        changed (nothing but the pages the freed slot it picked had cached,
-        when the driver itself runs out after the check); ``ValueError`` for a
-        cache with a ``sliding_window`` (a windowed layer gives back the first
-        pages a fork would share).
+        changed, also when the pages run out after the check (another user of
+        a shared pool, the driver): the freed slot it picked keeps the pages it
+        had cached, since its pages are unmapped only once every new page is
+        there (pages of other freed slots reclaimed for the fork stay
+        reclaimed, as in a failed :meth:`step`). ``ValueError`` for a cache
+        with a ``sliding_window`` (a windowed layer gives back the first pages
+        a fork would share).
 
         On CUDA the pages the new slot held before are unmapped after the work
         queued on the current stream: work on other streams that still reads
@@ -98,14 +101,12 @@ class _ForkMixin:
                 requested_pages=fresh,
                 available_pages=available,
             )
-        self._free_slots.remove(new)
+        at = self._free_slots.index(new)
+        del self._free_slots[at]
         try:
-            self._map_prefix(new, slot, full)
-            if need > self._committed_pages[new]:
-                self._commit_plan({new: need})
+            self._fork_pages(new, slot, full, need)
         except BaseException:
-            self._decommit_slot(new, 0, None)
-            self._free_slots.append(new)
+            self._free_slots.insert(at, new)  # in its place: the freed order is the reclaim order
             raise
         self._copy_rows(new, slot, full * self.page_size, num_tokens * self.bytes_per_token_buffer)
         self._active.add(new)
@@ -153,7 +154,12 @@ class _ForkMixin:
             ends on a page boundary or already shares its source's pages.
 
         Raises :class:`OutOfPagesError` with nothing changed when the
-        destinations' new last pages do not fit; ``ValueError`` for bad
+        destinations' new last pages do not fit, also when another user of a
+        shared pool takes pages meanwhile (they are taken before anything
+        moves). A driver error during the moves (a failed map or unmap: not
+        expected) is raised as it comes, not rolled back: destinations moved
+        before it hold their new rows, the others may not (free them).
+        ``ValueError`` for bad
         arguments or a cache with a ``sliding_window`` (whose windowed layers
         gave back the pages a remap would share: copy rows instead). As with
         :meth:`fork`, pages a destination gives up are unmapped after the work
@@ -183,43 +189,107 @@ class _ForkMixin:
             moves[d] = (s, check_int(f"num_tokens for slot {d} (source slot {s} has {have} tokens)", n, low=0, high=have))
         return _remap.remap(self, moves)
 
-    def _map_prefix(self: "KVCache", dst: int, src: int, count: int) -> None:
-        """Maps pages ``[0, count)`` of slot ``src`` at pages ``[0, count)`` of slot ``dst`` in every
-        buffer, replacing what ``dst`` holds there (its own pages, given back to the pool)."""
-        if count == 0:
-            return
-        held = int(self._committed_pages[dst])
-        if held:
+    @locked
+    def freeable_pages(self: "KVCache", slots: Sequence[int]) -> int:
+        """Pool pages (all buffers together) that freeing every slot of ``slots``
+        (active slots) would make available, as :meth:`available_pages` counts
+        them: the pages they hold that no other slot maps. A page several of them
+        share counts once; a page a slot outside ``slots`` maps (a fork, a cached
+        prefix) counts not at all, since freeing gives back only the references.
+        A scheduler asks it before freeing cached slots for memory (prefix
+        caching's parked slots): freeing one whose pages running slots share
+        gains nothing."""
+        self._check_open()
+        chosen = {self._check_slot(s) for s in slots}
+        self._join_async()
+        maps: dict[int, int] = {}
+        held = 0
+        for s in chosen:
+            held += self._held_pages(s)
+            for i in self._shared_ids[s]:
+                maps[i] = maps.get(i, 0) + 1
+        # A page with a share id (the same page index in every buffer) counts in `held` once per
+        # chosen slot mapping it: it frees once when they are all its mappers, else never.
+        extra = sum(n if self._page_refs[i] > n else n - 1 for i, n in maps.items())
+        return held - extra * len(self._buffers)
+
+    def _fork_pages(self: "KVCache", new: int, src: int, full: int, need: int) -> None:
+        """Maps pages ``[0, full)`` of slot ``src`` at those of the freed slot ``new``
+        in every buffer and gives ``new`` pages of its own up to ``need``, all or
+        nothing: ``new`` keeps the pages it had on any failure.
+
+        ``new``'s own pages ``[0, k)`` that the prefix replaces return to the pool,
+        its pages past ``full`` stay in place, and the pages it lacks up to
+        ``need`` are first taken from those ``[0, k)`` (aliased past the prefix
+        within its range: no new memory), then committed fresh. Both happen before
+        anything of ``new`` is unmapped, so running out (a shared pool, the
+        driver) changes nothing; only after that are ``[0, k)`` unmapped and the
+        prefix mapped. A driver error in that last alias gives ``new`` pages
+        of its own back in ``[0, k)`` (fresh ones: a freed slot's rows are not
+        kept), or, if even that fails, leaves it without pages."""
+        stale = int(self._committed_pages[new])  # pages the freed slot holds (all its own)
+        k = min(stale, full)  # of them, replaced by the prefix
+        top = max(stale, full)  # where new's pages end once the prefix is mapped
+        moved = min(max(0, need - top), k)  # pages past `top` taken from [0, k)
+        fresh = max(0, need - top) - moved  # pages past those, committed fresh
+        base, pps = new * self.pages_per_slot, self.pages_per_slot
+        reservations = self._reservations
+        past: list = []  # mapped past `top`: undone on failure
+        try:
+            if moved:
+                for res in reservations:
+                    res.alias(base + top, res, base, moved)
+                    past.append((res, base + top, moved))
+            if fresh:
+                self._reclaim_for(fresh * len(reservations), self._available_pages(reclaim=False), [new])
+                for res in reservations:
+                    res.commit(base + top + moved, fresh)
+                    past.append((res, base + top + moved, fresh))
+        except BaseException:
+            for res, first, count in past:
+                res.decommit(first, count, None)
+            raise
+        if k:
             # Unmapped at once (alias needs the target pages gone, not pending on a
             # fence): first let the work queued on the current stream finish, it may
             # still read the rows of the request that freed this slot.
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
-            for res in self._reservations:
-                res.decommit(dst * self.pages_per_slot, min(held, count), None)
-        self._unshare(dst, 0)
-        done = []
+            for res in reservations:
+                res.decommit(base, k, None)
         try:
-            for res in self._reservations:
-                res.alias(dst * self.pages_per_slot, res, src * self.pages_per_slot, count)
-                done.append(res)
+            if full:
+                for res in reservations:
+                    res.alias(base, res, src * pps, full)
         except BaseException:
-            for res in done:
-                res.decommit(dst * self.pages_per_slot, count, None)
-            if held > count:  # pages past the prefix stay; [0, held) is now a hole: drop the rest too
-                for res in self._reservations:
-                    res.decommit(dst * self.pages_per_slot + count, held - count, None)
-            self._set_committed(dst, 0)
+            self._restore_fork_target(new, stale, k, full, past)
             raise
+        self._unshare(new, 0)
         ids = self._shared_ids[src]
-        while len(ids) < count:  # first share of these pages of src
+        while len(ids) < full:  # first share of these pages of src
             ids.append(self._next_share_id)
             self._page_refs[self._next_share_id] = 1
             self._next_share_id += 1
-        for i in ids[:count]:
+        for i in ids[:full]:
             self._page_refs[i] += 1
-        self._shared_ids[dst] = ids[:count]
-        self._set_committed(dst, max(held, count))
+        self._shared_ids[new] = ids[:full]
+        self._set_committed(new, max(top, need))
+
+    def _restore_fork_target(self: "KVCache", new: int, stale: int, k: int, full: int, past: list) -> None:
+        """After a driver error mapping a fork's prefix: ``new`` back to ``stale`` pages of its own."""
+        base = new * self.pages_per_slot
+        try:
+            for res in self._reservations:
+                res.decommit(base, full, None)  # what the alias mapped (unmapped pages are skipped)
+            for res, first, count in past:
+                res.decommit(first, count, None)
+            if k:
+                for res in self._reservations:
+                    res.commit(base, k)  # the k pages just went back to the pool
+        except BaseException:
+            for res in self._reservations:
+                res.decommit(base, self.pages_per_slot, None)  # pages not mapped are skipped
+            self._set_committed(new, 0)
 
     def _pages_kept(self: "KVCache", slot: int, keep_tokens: int) -> int:
         """Pages per buffer a crop of ``slot`` to ``keep_tokens`` keeps: those of

@@ -169,12 +169,36 @@ class _StepMixin:
 
     @locked
     def can_step(self: "KVCache", seq_lens: SeqLens) -> bool:
-        """Whether :meth:`step` would succeed now (``seq_lens`` as for :meth:`step`)."""
+        """Whether :meth:`step` would succeed now (``seq_lens`` as for :meth:`step`):
+        ``step_pages(seq_lens) <= available_pages()``."""
+        return self.step_pages(seq_lens) <= self._available_pages(reclaim=True)
+
+    @locked
+    def step_pages(self: "KVCache", seq_lens: SeqLens) -> int:
+        """Pool pages (all buffers together) that :meth:`step` to ``seq_lens`` (as
+        for :meth:`step`) must commit now, past what its slots hold once the queued
+        prefetch has landed (it waits for it): a scheduler short of memory compares
+        it with :meth:`available_pages` to know how many pages it lacks."""
         self._check_open()
         wanted = self._slots.plan_pages(seq_lens)
         if wanted < 0:
             wanted = self._slots.plan_pages(self._parse_seq_lens(seq_lens))
-        return wanted <= self._available_pages(reclaim=True)
+        return int(wanted)
+
+    @property
+    @locked
+    def seq_lens(self: "KVCache") -> np.ndarray:
+        """The tokens each slot uses now: the lengths the cache was last told, as
+        a new int64 NumPy array of shape ``[max_batch_size]`` (a snapshot: writing
+        into it changes nothing). A slot's entry is what the last :meth:`step`,
+        :meth:`step_async`, :meth:`commit`, :meth:`fork` or :meth:`remap` gave
+        it, lowered by a :meth:`decommit` below it (a crop); 0 for a free slot.
+        ``memory_stats()["used_bytes"]`` is their sum times ``bytes_per_token``;
+        a step to ``seq_lens`` gives a sliding layer back the pages behind
+        ``seq_lens[slot] - W``. Not the prefetched rows: :meth:`committed_tokens`
+        says what is backed."""
+        self._check_open()
+        return self._used_tokens.astype(np.int64, copy=True)
 
     @locked
     def available_pages(self: "KVCache") -> int:

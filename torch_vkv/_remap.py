@@ -27,7 +27,13 @@ cycle holds one page per buffer more until its reader has copied.
 All or nothing for capacity: the new pages every destination needs (its
 partial page when it has none of its own there, or when the page it has is
 staged or shared) are counted first, and :class:`OutOfPagesError` is raised
-before anything changes.
+before anything changes. They are also made sure of before anything moves:
+on the cache's own pool the ones missing are created (nobody else draws on
+it under the cache's lock); on a shared pool, where another user may take
+free pages at any time, they are committed into a scratch reservation and
+mapped from there into place (one map more a new page). So running out never
+stops a remap half way. A driver error during the moves (a failed map or
+unmap: not expected) is not rolled back.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ class _Remap:
         # on the device: before the first one, and again after each copy this call queues.
         self.dirty = cache.device.type == "cuda"
         self.staged: dict[int, _Staged] = {}  # destination -> the staged history it reads
+        self.spare: Any = None  # the new pages, taken before anything moves (reserve_pages)
+        self.spare_next = 0
         self.order = plan_moves({d: s for d, (s, _) in moves.items() if s != d})
 
     # -- page arithmetic ------------------------------------------------------------
@@ -148,6 +156,13 @@ class _Remap:
         return total * len(c._buffers)
 
     def reserve_pages(self) -> None:
+        """Makes sure every new page the destinations will need is there before anything
+        changes, so that running out raises here with nothing changed, never half way through
+        the moves. The cache's own pool: the pages the free ones, pending ones and freed slots
+        cannot give are created now (a driver out of memory raises here); nobody else draws on
+        the pool while the cache's lock is held. A shared pool (another user may take pages
+        meanwhile): the new pages are committed into a scratch reservation now and
+        :meth:`take` maps them into place (one map more a page)."""
         c = self.c
         wanted = self.new_pages()
         if not wanted:
@@ -161,12 +176,37 @@ class _Remap:
                 requested_pages=wanted,
                 available_pages=available,
             )
-        # Create now what the free pages, pending ones and freed slots cannot give, so that a
-        # driver out of memory raises here, with nothing changed, not half way through.
-        s = c.pool.stats()
-        short = wanted - (s["free_pages"] + s["pending_pages"] + sum(c._held_pages(f) for f in c._free_slots))
-        if short > 0:
-            c.pool._pool.prefill(s["created_pages"] + short)
+        if c._owns_pool:
+            s = c.pool.stats()
+            short = wanted - (s["free_pages"] + s["pending_pages"] + sum(c._held_pages(f) for f in c._free_slots))
+            if short > 0:
+                c.pool._pool.prefill(s["created_pages"] + short)
+            return
+        spare = core().Reservation.create(c.pool._pool, wanted * c.page_size)
+        c._reclaim_for(wanted, c._available_pages(reclaim=False), sorted(self.moves))
+        spare.commit(0, wanted)  # all or nothing (OutOfPagesError: nothing mapped)
+        self.spare, self.spare_next = spare, 0
+
+    def take(self, d: int, have: int, need: int) -> None:
+        """Backs pages ``[have, need)`` of ``d`` (its committed end) in every buffer: with pages
+        :meth:`reserve_pages` took on a shared pool, else (or if they ran short: never expected,
+        they are counted) a commit."""
+        c = self.c
+        count = (need - have) * len(c._reservations)
+        if self.spare is None or self.spare_next + count > self.spare.num_pages:
+            c._commit_plan({d: need})
+            return
+        for i, res in enumerate(c._reservations):
+            res.alias(self.first(d, have), self.spare, self.spare_next + i * (need - have), need - have)
+        self.spare_next += count
+        c._set_committed(d, need)
+
+    def release_spare(self) -> None:
+        """Unmaps the scratch reservation: its pages that :meth:`take` mapped stay with their
+        destinations, the others (none when the count was exact; all after a failure) go back."""
+        if self.spare is not None:
+            self.spare.decommit(0, self.spare.num_pages, None)  # never read through this address
+            self.spare = None
 
     # -- steps ----------------------------------------------------------------------------
     def settle(self) -> None:
@@ -261,7 +301,7 @@ class _Remap:
             c._shared_ids[d] = ids[:lo] + src_ids[lo:full]
         c._set_committed(d, kept)
         if need > kept:
-            c._commit_plan({d: need})
+            self.take(d, kept, need)
         self.copy_tail(d, s, n, staged)
         c._used_tokens[d] = n
 
@@ -279,7 +319,7 @@ class _Remap:
             c._set_committed(d, full)
             need = c._pages_for(n)
             if need > full:
-                c._commit_plan({d: need})
+                self.take(d, full, need)
             self.copy_tail(d, d, n, staged)
         c._used_tokens[d] = n
 
@@ -296,8 +336,8 @@ class _Remap:
         self.staged.clear()
 
     def run(self) -> int:
-        self.reserve_pages()
         try:
+            self.reserve_pages()
             for kind, d, other in self.order:
                 if kind == "stage":
                     self.stage(d, other)
@@ -309,6 +349,7 @@ class _Remap:
                     self.own_tail(d)
         finally:
             self.release_staged()
+            self.release_spare()
         return self.copied
 
 

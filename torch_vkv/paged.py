@@ -412,6 +412,16 @@ class PagedKVCache(_Locked):
                 )
             return new
 
+    def freeable_pages(self, slots: Sequence[int]) -> int:
+        """Blocks that freeing every slot of ``slots`` would return to the pool:
+        those they hold that no other slot holds (a block several of them share
+        counts once). :meth:`KVCache.freeable_pages <torch_vkv.KVCache.freeable_pages>` over blocks."""
+        chosen = {self._check_slot(s) for s in slots}
+        with self._lock:
+            holds = collections.Counter(b for s in chosen for b in self._blocks[s])
+            extra = self.pool._extra_refs
+            return sum(1 for b, n in holds.items() if 1 + extra.get(b, 0) == n)
+
     def decommit(self, slot: int, keep_tokens: int = 0) -> int:
         """Drops ``slot``'s blocks past those holding tokens ``[0, keep_tokens)``
         (``KVCache.decommit``'s name): each goes back to the pool unless another

@@ -1,11 +1,11 @@
 """Sliding windows of a :class:`~torch_vkv.hf.VirtualKVCache`: which lengths its steps tell the KVCache.
 
 A :class:`~torch_vkv.KVCache` with a ``sliding_window`` gives back, at each ``step``, a windowed
-layer's pages behind ``L - W``, ``L`` the length it was last told (``used``): right for a step
-from ``L``, whose first query (at ``L``) reads keys from ``L - W + 1``. The adapter often commits
-one step twice (``get_mask_sizes`` -> ``prepare_step``, then the eager update; or ``prepare_step``
-called twice); a second call would trim from the step's *end* and drop keys the first queries of
-a multi-token step read (wrong logits, or writes into pages already given back).
+layer's pages behind ``L - W``, ``L`` the length it was last told (``KVCache.seq_lens``): right
+for a step from ``L``, whose first query (at ``L``) reads keys from ``L - W + 1``. The adapter
+often commits one step twice (``get_mask_sizes`` -> ``prepare_step``, then the eager update; or
+``prepare_step`` called twice); a second call would trim from the step's *end* and drop keys the
+first queries of a multi-token step read (wrong logits, or writes into pages already given back).
 :func:`step_need` makes every step trim from its start; :func:`check_keep` refuses a crop
 behind what the windows still hold.
 """
@@ -33,7 +33,7 @@ def step_need(kv: Any, need: np.ndarray, start: list[int]) -> np.ndarray:
     start; one told between ``start + 2`` and ``need - 1`` starts from ``start`` again (its pages
     past ``start`` go back and are committed by the step)."""
     n = len(start)
-    told = kv._used_tokens[:n].astype(np.int64)
+    told = kv.seq_lens[:n]
     old = np.asarray(start, dtype=np.int64)
     new = need[:n]
     # Told at most one token past the start: a call trims from at most start + 1 - W, which the

@@ -22,8 +22,9 @@ longest cached prefix (:meth:`KVManager.fork`: full pages shared, a partial
 one copied). A finished request's slot is *parked* (kept active, its pages
 past the indexed blocks given back) until memory or a slot is needed: then
 the least recently used parked slot is freed, which drops only its own
-references to pages other slots share. ``parking_slots`` extra slots hold
-them, so parking never takes a slot a running request needs.
+references to pages other slots share (for memory, only parked slots whose
+eviction gives pages back: :meth:`KVManager.can_grow`). ``parking_slots``
+extra slots hold them, so parking never takes a slot a running request needs.
 """
 
 from __future__ import annotations
@@ -401,26 +402,57 @@ class KVManager:
     def can_grow(self, seq_lens: np.ndarray) -> bool:
         """Whether every slot ``s`` with ``seq_lens[s] > 0`` can hold
         ``seq_lens[s]`` tokens at once (exact). ``seq_lens``: int64 ``[num_slots]``.
-        With prefix caching it evicts parked slots, least recently used first,
-        until they can (or none is left)."""
+        With prefix caching, when pages are short, it evicts parked slots that
+        give pages back (:meth:`_evict_for`): none when evicting them all would
+        not do (the caller preempts instead, which may make fewer evictions
+        enough), never one whose pages running slots share (that frees nothing)."""
         t0 = time.perf_counter()
         try:
-            while not self._fits(seq_lens):
-                if not self.evict():
-                    return False
-            return True
+            if self._fits(seq_lens):  # every step: one check
+                return True
+            return self.prefix is not None and self._evict_for(self._short_pages(seq_lens), seq_lens) <= 0
         finally:
             self.grow_seconds += time.perf_counter() - t0
 
     def _fits(self, seq_lens: np.ndarray) -> bool:
         if self.kind == "virtual":
             return self.cache.can_step(seq_lens)
+        return self._short_pages(seq_lens) <= 0
+
+    def _short_pages(self, seq_lens: np.ndarray) -> int:
+        """Pool pages that growing to ``seq_lens`` lacks now (<= 0: it fits)."""
+        if self.kind == "virtual":
+            return self.cache.step_pages(seq_lens) - self.cache.available_pages()
         grow = np.flatnonzero(seq_lens > self._covered)
         if grow.size == 0:
-            return True
+            return 0
         bs = self.block_tokens  # _covered is whole blocks (grow below), so this is exact
         need = (-(-seq_lens[grow] // bs) - (-(-self._covered[grow] // bs))).sum()
-        return int(need) <= self.cache.pool.num_free
+        return int(need) - self.cache.pool.num_free
+
+    def _evict_for(self, short: int, seq_lens: np.ndarray) -> int:
+        """Evicts parked slots to find ``short`` missing pages; returns what is
+        still missing (<= 0: found). Only what gives pages back goes, least
+        recently used first: nothing when evicting every parked slot would not
+        free ``short`` pages (``freeable_pages``: pages no other slot maps; a
+        parked slot whose pages running slots share frees none); else the
+        shortest run of parked slots from the least recently used on that frees
+        them, less the slots of that run whose eviction adds nothing (their
+        pages stay mapped by slots outside it). Slots sharing pages only with
+        each other are freed together."""
+        cache, parked = self.cache, self.prefix.parked
+        if not parked or cache.freeable_pages(parked) < short:
+            return short
+        lo, hi = 1, len(parked)  # freeable_pages grows with the run: find the shortest that frees enough
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if cache.freeable_pages(parked[:mid]) >= short else (mid + 1, hi)
+        run = parked[:lo]
+        total = cache.freeable_pages(run)
+        needed = [s for s in run if cache.freeable_pages([s]) or cache.freeable_pages([r for r in run if r != s]) < total]
+        for s in needed:
+            self.free(s)
+        return self._short_pages(seq_lens)
 
     def grow(self, seq_lens: np.ndarray) -> None:
         """Backs ``seq_lens`` (see :meth:`can_grow`); all or nothing. Virtual:
