@@ -120,3 +120,47 @@ def test_alternating_window_plans_without_sync_match_synced_run():
     got = step(sync=False)
     for i, (a, b) in enumerate(zip(got, ref)):
         assert torch.equal(a, b), f"layer {i} (window {wins[i]}): output differs when plans are not synced"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. (fixed: such requests get no row in the plan) query offsets past the rows given.
+def test_offsets_past_the_queries_give_zero_rows_and_read_nothing_past_q():
+    _needs()
+    torch.manual_seed(0)
+    H, Hkv, D = 8, 2, 128
+    k = torch.randn(3, 1024, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(300, H, D, device="cuda", dtype=torch.bfloat16)
+    lens, slots = metadata_tensor([400, 300, 200], "cuda"), metadata_tensor([2, 0, 1], "cuda")
+    cu = metadata_tensor([0, 100, 200, 100_000], "cuda")  # request 2 reaches far past the 300 rows
+    out = attention(q, k, v, lens, cu_seqlens_q=cu, slots=slots, backend="flashinfer")
+    torch.cuda.synchronize()
+    good = attention(q[:200], k, v, metadata_tensor([400, 300], "cuda"), cu_seqlens_q=metadata_tensor([0, 100, 200], "cuda"),
+                     slots=metadata_tensor([2, 0], "cuda"), backend="sdpa")  # fmt: skip
+    torch.testing.assert_close(out[:200].float(), good.float(), atol=2e-2, rtol=2e-2)
+    assert out[200:].eq(0).all()
+
+
+# 6. (fixed: the moved rows' order is copied once a step, without a sync) slots out of request order.
+def test_unordered_slots_run_a_step_of_layers_without_a_sync():
+    _needs()
+    torch.manual_seed(0)
+    H, Hkv, D, L = 8, 2, 128, 16
+    k = torch.randn(4, 2048, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1536, H, D, device="cuda", dtype=torch.bfloat16)
+    lens, cu = metadata_tensor([1024, 600, 900], "cuda"), metadata_tensor([0, 512, 1024, 1536], "cuda")
+    warm = metadata_tensor([3, 0, 2], "cuda")  # the ragged plan visits slot order: rows move
+    slots = metadata_tensor([3, 1, 2], "cuda")  # another step's order: a new layout, copied once
+    ref = attention(q, k, v, lens, cu_seqlens_q=cu, slots=slots, backend="sdpa")
+    attention(q, k, v, lens, cu_seqlens_q=cu, slots=warm, backend="flashinfer")  # plans, compiles
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # the GPU busy: a host sync in a layer would wait for it
+    start = torch.cuda.Event(enable_timing=False)
+    start.record()
+    outs = [attention(q, k, v, lens, cu_seqlens_q=cu, slots=slots, backend="flashinfer") for _ in range(L)]
+    queued = not start.query()  # the host queued every layer while the sleep still ran
+    torch.cuda.synchronize()
+    assert queued, "a layer synchronized with the GPU (the rows' order copied from pageable memory?)"
+    for out in outs:
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
