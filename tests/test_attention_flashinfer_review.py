@@ -149,9 +149,11 @@ def test_unordered_slots_run_a_step_of_layers_without_a_sync():
     k = torch.randn(4, 2048, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(1536, H, D, device="cuda", dtype=torch.bfloat16)
-    lens, cu = metadata_tensor([1024, 600, 900], "cuda"), metadata_tensor([0, 512, 1024, 1536], "cuda")
-    warm = metadata_tensor([3, 0, 2], "cuda")  # the ragged plan visits slot order: rows move
-    slots = metadata_tensor([3, 1, 2], "cuda")  # another step's order: a new layout, copied once
+    lens, cu = metadata_tensor([1024, 1024, 1024], "cuda"), metadata_tensor([0, 512, 1024, 1536], "cuda")
+    # The ragged plan visits slot order, so rows move; both orders plan alike (FlashInfer's own plan is not
+    # what is checked), the second is a new layout whose row order is copied once, without a sync.
+    warm = metadata_tensor([3, 0, 2], "cuda")
+    slots = metadata_tensor([2, 3, 0], "cuda")
     ref = attention(q, k, v, lens, cu_seqlens_q=cu, slots=slots, backend="sdpa")
     attention(q, k, v, lens, cu_seqlens_q=cu, slots=warm, backend="flashinfer")  # plans, compiles
     torch.cuda.synchronize()
