@@ -60,9 +60,8 @@ def release_deferred() -> None:
     :class:`DropAfterCapture`); nothing while this thread still captures. Runs
     by itself when a cache or pool is made and at every call into a cache."""
     if _deferred and not _capturing():
-        held = _deferred[:]
-        del _deferred[:]
-        del held  # the destructors run here, outside the capture
+        while _deferred:  # one at a time: another thread's collection may append meanwhile
+            _deferred.pop()  # the destructors run here, outside the capture
 
 
 class DropAfterCapture:
