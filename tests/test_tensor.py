@@ -130,3 +130,47 @@ def test_release_keeps_the_tensor_usable_close_is_final():
         t.commit(0)
     t.close()  # idempotent
     assert repr(t).endswith("<released>)")
+
+
+def test_writes_into_uncommitted_pages_raise_instead_of_faulting():
+    """A write through a VirtualKVTensor into a page that is not committed was a
+    SIGSEGV on the host backend (``t[1] = 1``, ``t.fill_``, ``t.copy_``,
+    ``t[1] += 1``): it is checked against the page table, as a cache view's."""
+    from _subprocess import run_python
+
+    proc = run_python("""
+        import numpy as np, pytest, torch
+        from torch_vkv import VirtualKVTensor
+
+        t = VirtualKVTensor.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+        t.commit(0)
+        t[0] = 1.0  # committed rows: written as before
+        t[0, 5:9] += 1
+        t[0].fill_(3)  # through a derived tensor: unchecked, and fine here
+        t.index_put_((torch.tensor([0]),), torch.tensor(2.0))
+        t.masked_fill_(torch.tensor([True, False, False, False])[:, None], 4.0)
+        for write in (lambda: t.__setitem__(1, 1.0), lambda: t.__setitem__((slice(None), 0), 1.0),
+                      lambda: t.fill_(1), lambda: t.zero_(), lambda: t.copy_(torch.ones(4, 1024)),
+                      lambda: t.add_(1), lambda: t.index_put_((torch.tensor([2]),), torch.tensor(1.0)),
+                      lambda: t.masked_fill_(torch.tensor([False, True, False, False])[:, None], 1.0),
+                      lambda: t.scatter_(0, torch.tensor([[3]]), torch.ones(1, 1))):
+            with pytest.raises(ValueError, match="committed pages"):
+                write()
+        with pytest.raises(ValueError, match="committed pages"):
+            t[2, 0:4] += 1
+        assert t[0].sum().item() == 4.0 * 1024 and t[1:].abs().sum().item() == 0
+
+        flat = VirtualKVTensor.empty((4096,), dtype=torch.float32, device="cpu", page_size=4096)
+        flat.commit(slice(0, 1024))
+        flat[:1024] = 1.0
+        flat[np.int64(3)] = 2.0
+        with pytest.raises(ValueError, match="committed pages"):
+            flat[2000] = 1.0
+        with pytest.raises(ValueError, match="committed pages"):
+            flat.fill_(0)
+        t.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            t[0] = 5.0  # as through a view of a closed cache (strict mode and CUDA would fault)
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

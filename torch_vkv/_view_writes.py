@@ -139,7 +139,9 @@ def _checked(name: str, places: Optional[Callable[..., Any]]) -> Callable[..., t
 
     def inplace(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not torch.compiler.is_compiling():  # traced code: the page table is not traceable
-            self._check_write(_EVERYTHING if places is None else places(self, *args, **kwargs))
+            # The chosen-places helpers read [slots, rows, ...]: a 1-D VirtualKVTensor is checked whole.
+            chosen = places is not None and self.dim() >= 2
+            self._check_write(places(self, *args, **kwargs) if chosen else _EVERYTHING)
         return method(self, *args, **kwargs)
 
     inplace.__name__ = inplace.__qualname__ = name
@@ -238,16 +240,20 @@ def _requires_grad_property() -> property:
     return property(lambda self: descriptor.__get__(self, type(self)), assign, doc=descriptor.__doc__)
 
 
-def install(cls: type) -> None:
-    """Replaces every data-writing in-place method of ``cls`` (a ``VirtualKVView``) by a checked one, its
-    in-place reshapes by refusals, and ``__getitem__``, ``data`` and ``requires_grad(_)`` as above."""
+def install(cls: type, *, shared_view: bool = True) -> None:
+    """Replaces every data-writing in-place method of ``cls`` by a checked one (``cls._check_write``) and
+    ``__getitem__`` as above; for a ``VirtualKVView`` (``shared_view``, one object every caller holds) also
+    its in-place reshapes by refusals, and ``data`` and ``requires_grad(_)``. A ``VirtualKVTensor``
+    (``shared_view=False``) keeps those: it is the caller's own tensor."""
     public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
     for name in public + [n for n in _INPLACE_OPERATORS if hasattr(torch.Tensor, n)]:
         setattr(cls, name, _checked(name, _CHOSEN_PLACES.get(name)))
+    cls.__getitem__ = _getitem
+    if not shared_view:
+        return
     for name in _RESHAPING:
         if hasattr(torch.Tensor, name):
             setattr(cls, name, _refused(name))
-    cls.__getitem__ = _getitem
     cls.data = _data_property()
     cls.requires_grad_ = _requires_grad_
     cls.requires_grad = _requires_grad_property()

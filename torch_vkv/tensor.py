@@ -5,7 +5,9 @@ pages are committed and decommitted underneath it by ranges of its leading
 dimensions.
 
 **Reads of rows that are not committed.** On the host backend (CPU) every page
-that is not committed reads as zeros and faults only on a write; in strict
+that is not committed reads as zeros and faults only on a write (writes
+through a ``VirtualKVTensor`` or ``VirtualKVView`` itself are checked first
+and raise ``ValueError``); in strict
 mode (``TORCH_VKV_DEBUG=1`` in the environment when the tensor is created)
 it faults on any access, so tests catch out-of-bounds reads. On CUDA a shared
 zero page does not scale (it costs driver memory per mapping), so such a read
@@ -121,6 +123,11 @@ class VirtualKVTensor(torch.Tensor):
     a ``slice`` (step 1) over the next one, e.g. ``t.commit(slot, slice(0, n))``
     backs rows ``t[slot, 0:n]``. Commit rounds out to whole pages; decommit
     only drops pages that lie entirely inside the range.
+
+    Writes through the tensor itself (``t[i] = x``, ``t[i] += x`` and its
+    in-place methods: ``fill_``, ``copy_``, ``index_put_``, ...) raise
+    ``ValueError`` for places outside committed pages instead of faulting;
+    writes through tensors an op returned (``t[i].fill_(x)``) are not checked.
     """
 
     page_size: int
@@ -272,6 +279,46 @@ class VirtualKVTensor(torch.Tensor):
     def _decommit_pages(self, first: int, count: int, stream: int | None) -> int:
         return self.reservation.decommit(first, count, stream) if count else 0
 
+    # -- writes ---------------------------------------------------------------
+    # A write into a page that is not committed faults (SIGSEGV on the host backend). Writes through the
+    # tensor itself (``t[i] = x``, ``t[i] += x`` and its in-place methods, installed below) are checked
+    # against the page table first, as a cache view's; what an op returns is a plain tensor, unchecked.
+
+    def _check_write(self, index: Any = None) -> None:
+        """Raises ``ValueError`` unless every place that ``index`` (``None``: all) writes is committed."""
+        reservation = getattr(self, "reservation", None)
+        if torch.compiler.is_compiling() or reservation is None:
+            return  # traced (the page table is not traceable); made by an op: no metadata
+        if reservation.closed:  # strict mode and CUDA fault (the host's own memory otherwise): as a view
+            raise RuntimeError(f"cannot write through a closed {type(self).__name__} (its memory is released)")
+        shape = tuple(self.shape)
+        slots, rows = _slots_and_rows(index, shape[0], shape[1] if len(shape) > 1 else 1, len(shape))
+        if not slots or not rows:
+            return
+        sub = (slice(rows.start, rows.stop),) if len(shape) > 1 else ()
+        whole = not sub or (rows.start == 0 and rows.stop == shape[1])  # adjacent indices: one byte range
+        spans: list[list[int]] = []  # runs [first, last] of leading indices checked as one range
+        for i in sorted(set(slots)):
+            if whole and spans and spans[-1][1] == i - 1:
+                spans[-1][1] = i
+            else:
+                spans.append([i, i])
+        runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()  # merged
+        ps = self.page_size
+        starts = [f * ps for f, _ in runs]
+        for first, last in spans:
+            lo, hi = self.byte_range(first, *sub)[0], self.byte_range(last, *sub)[1]
+            at = bisect.bisect_right(starts, lo) - 1
+            if at < 0 or hi > (runs[at][0] + runs[at][1]) * ps:
+                where = f"[{first}]" if first == last else f"[{first}:{last + 1}]"
+                where += f", rows [{rows.start}, {rows.stop})" if sub else ""
+                fail(f"{type(self).__name__} write", "places in committed pages (commit them first: t.commit(...))",
+                     Described(f"index {where}: bytes [{lo}, {hi}) of the reservation"))  # fmt: skip
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._check_write(index)
+        torch.Tensor.__setitem__(self, index, value)
+
     def release(self) -> None:
         """Decommits every page now (waiting for pending fences, and on CUDA for
         the device). The virtual range stays reserved until the last tensor
@@ -282,8 +329,8 @@ class VirtualKVTensor(torch.Tensor):
         """Returns every page now (as :meth:`release`) and refuses commits
         from then on. Views stay valid Python objects: on the host backend they
         read zeros and writes through them land in memory of the closed range's
-        own (never in a pool page), on CUDA they are invalid like freed memory.
-        Idempotent."""
+        own (never in a pool page), on CUDA they are invalid like freed memory;
+        writes through the tensor itself raise ``RuntimeError``. Idempotent."""
         if not self.reservation.closed:
             self.reservation.close()
 
@@ -544,7 +591,8 @@ def _index_part(part: Any) -> Optional[list[Any]]:
     return [[int(i) for i in np.unique(arr)]]
 
 
-# Every data-writing in-place method of the view is checked (torch_vkv/_view_writes.py).
+# Every data-writing in-place method of the view and of the tensor is checked (torch_vkv/_view_writes.py).
 _view_writes.install(VirtualKVView)
+_view_writes.install(VirtualKVTensor, shared_view=False)
 # Plain tensors over a cache's memory: no whole-storage copy or move (torch_vkv/_sharing.py).
 _sharing.install()
