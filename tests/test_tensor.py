@@ -174,3 +174,33 @@ def test_writes_into_uncommitted_pages_raise_instead_of_faulting():
         print("ok")
     """)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_compiled_code_writes_the_cache_through_append_kv():
+    """docs/design.md: under torch.compile two writes through a view in one graph
+    (or ``k[s, rows] += x``) make inductor copy the whole buffer back (SIGSEGV on
+    uncommitted pages); append_kv, the documented way, writes only its rows."""
+    from _subprocess import run_python
+
+    proc = run_python("""
+        import torch
+        from torch_vkv import KVCache, append_kv
+
+        cache = KVCache(1, 2, 8, max_batch_size=4, max_seq_len=1024, dtype=torch.float32, device="cpu",
+                        page_size=4096)
+        slot = cache.alloc()
+        cache.commit(slot, 10)
+        k, v = cache.key(0), cache.value(0)
+        slots = torch.tensor([slot], dtype=torch.int32)
+        cu = torch.tensor([0, 4], dtype=torch.int32)
+
+        @torch.compile
+        def write(k, v, x):
+            append_kv(k, v, x, x, torch.tensor([4], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+            append_kv(k, v, x + 1, x + 1, torch.tensor([8], dtype=torch.int32), cu_seqlens_q=cu, slots=slots)
+
+        write(k, v, torch.ones(4, 2, 8))
+        assert k[slot, :4].eq(1).all() and v[slot, 4:8].eq(2).all() and k[slot, 8:].eq(0).all()
+        print("ok")
+    """, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
