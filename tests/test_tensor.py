@@ -39,6 +39,22 @@ def test_commit_by_leading_ranges_and_query(device):
     assert torch.equal(t[2, :100], x)  # other rows untouched
 
 
+def test_negative_leading_indices_count_from_the_end():
+    """``t.commit(-1)`` is the last row, as ``t[-1]`` and ``t.commit(slice(-1, None))`` are; past ``-len``
+    a ValueError names the range."""
+    t = VirtualKVTensor.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+    assert t.byte_range(-1) == t.byte_range(3) == t.byte_range(slice(-1, None))
+    assert t.byte_range(-4, slice(0, 8)) == t.byte_range(0, slice(0, 8))
+    t.commit(-1)
+    assert t.is_committed(3) and not t.is_committed(2) and t.is_committed(-1)
+    t[-1] = 2.0
+    assert t[3].eq(2).all()
+    assert t.decommit(-1) == 1 and not t.is_committed(3)
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=r"index\[0\]: expected an int in \[-4, 4\), got " + str(bad)):
+            t.commit(bad)
+
+
 def test_operations_return_plain_tensors_and_compile(device):
     t = VirtualKVTensor.empty((2, 64, 4), dtype=torch.float32, device=device, page_size=small_page(device))
     t.commit(0)

@@ -219,8 +219,9 @@ class VirtualKVTensor(torch.Tensor):
             if not is_int(idx):
                 fail("index", "ints and an optional final slice", index, ArgumentTypeError)
             idx = int(idx)
-            if not 0 <= idx < shape[dim]:
-                fail(f"index[{dim}]", f"an int in [0, {shape[dim]})", idx)
+            if not -shape[dim] <= idx < shape[dim]:  # negative counts from the end, as in t[idx]
+                fail(f"index[{dim}]", f"an int in [{-shape[dim]}, {shape[dim]})", idx)
+            idx %= shape[dim]
             offset += idx * strides[dim]
         extent = strides[len(index) - 1] if index else math.prod(shape)
         return offset * self.element_size(), (offset + extent) * self.element_size()
