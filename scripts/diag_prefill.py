@@ -103,7 +103,8 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
     # Host time of each piece of the backend's call (50 calls queued without a sync): which one blocks.
     fns["backend_host"]()
     lens_i32, rows_i32 = known[0], known[2]
-    wrapper = fib._RAGGED[(q.device, fib._prefill_backend(q.device))][0]
+    # One wrapper per kind of layer (device, FlashInfer backend, shapes, options): the one this call used.
+    wrapper = [h[0] for kind, h in fib._RAGGED.items() if kind[0] == q.device][-1]
     kf_v, vf_v = fib.flatten(k, s_pad), fib.flatten(v, s_pad)
     pieces = {
         "op_direct": lambda: fib.flashinfer_attention(q, k, v, known[0], known[1], known[2], None, True,
