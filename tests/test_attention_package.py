@@ -224,3 +224,12 @@ def test_torch_fa2_only_on_ampere_or_newer(monkeypatch, capability, want):
     torch._dynamo.reset()
     traced = torch.compile(lambda x: x + 1 if deps.ampere_or_newer(0) else x - 1, fullgraph=True, backend="eager")
     assert traced(torch.zeros(1)).item() == (1 if want else -1)
+    # available_backends("cuda") lists it only there too (a CUDA machine stood in for after the compile above,
+    # which must not see one).
+    selection = importlib.import_module("torch_vkv.attention.selection")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(deps, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(deps, "has_flashinfer", lambda: False)
+    monkeypatch.setattr(deps, "triton_usable", lambda device: False)
+    assert ("torch_fa2" in selection.available_backends("cuda")) is want

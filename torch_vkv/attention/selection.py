@@ -20,8 +20,8 @@ def available_backends(device="cuda") -> list:
                                   or (device.index or 0) >= torch.cuda.device_count()):  # fmt: skip
         return []
     out = []
-    if device.type == "cuda" and deps.HAS_TORCH_FA2:
-        out.append("torch_fa2")
+    if device.type == "cuda" and deps.HAS_TORCH_FA2 and deps.ampere_or_newer(device.index or 0):
+        out.append("torch_fa2")  # PyTorch's FA2 raises on GPUs older than Ampere
     if device.type == "cuda" and deps.has_flash_attn():
         out.append("flash_attn")
     if device.type == "cuda" and deps.has_flashinfer():
