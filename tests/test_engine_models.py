@@ -90,6 +90,34 @@ def test_engine_refuses_a_model_without_the_attention_interface(no_interpreted_t
     engine.close()
 
 
+def test_engine_refuses_a_model_whose_layers_drop_the_batch_kwarg(no_interpreted_triton):
+    """A model whose layers do not pass the forward's keyword arguments on to the attention
+    (StableLM in transformers 5) built an Engine, then failed at the first step with "runs only
+    inside torch_vkv.serving.Engine: expected the 'vkv_serving_batch' keyword argument". It is
+    refused at construction now, with the model left as it was."""
+    from torch_vkv.serving.runner import CTX_KWARG
+
+    model = _llama()
+    model.set_attn_implementation("sdpa")
+    layer = model.model.layers[1]
+    forward = layer.forward
+
+    def dropping(*args, **kwargs):
+        kwargs.pop(CTX_KWARG, None)
+        return forward(*args, **kwargs)
+
+    layer.forward = dropping
+    with pytest.raises(ValueError, match=r"model: expected a transformers causal LM whose layers pass the forward's "
+                                         r"keyword arguments on to the attention.*LlamaForCausalLM, whose attention "
+                                         r"got no 'vkv_serving_batch'"):
+        Engine(model, max_batch_size=2, max_seq_len=64, device="cpu")
+    assert model.config._attn_implementation == "sdpa"
+    del layer.forward  # the model's own forward again: served
+    with Engine(model, max_batch_size=1, max_seq_len=64, device="cpu") as engine:
+        out = engine.generate([[3, 4, 5]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    assert len(out[0].token_ids) >= 1
+
+
 def test_engine_refuses_alibi_chunked_attention_and_sinks(no_interpreted_triton):
     cfg = transformers.FalconConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, vocab_size=100,
                                     alibi=True, bos_token_id=1, eos_token_id=2)  # fmt: skip

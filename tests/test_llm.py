@@ -184,6 +184,23 @@ def test_a_prompt_of_numpy_token_ids_is_one_prompt(llm):
     assert len(out) == 1 and out[0].token_ids == llm.generate(ids, GREEDY)[0].token_ids
 
 
+def test_a_prompt_of_a_tensor_or_numpy_array_is_one_prompt(llm):
+    """``llm.generate(torch.tensor(ids))`` and ``llm.generate([np.array(ids)])`` raised TypeError
+    ("prompts: expected a string, a list of token ids, ...") though ``Engine.add_request`` takes
+    1-D tensors and numpy arrays. Now they are prompts of token ids, alone or in a list."""
+    import numpy as np
+
+    ids = llm.tokenizer("hello world")["input_ids"]
+    want = llm.generate(ids, GREEDY)[0].token_ids
+    for prompt in (torch.tensor(ids), np.array(ids)):
+        out = llm.generate(prompt, GREEDY)
+        assert len(out) == 1 and out[0].token_ids == want
+        out = llm.generate([prompt, ids], GREEDY)
+        assert [o.token_ids for o in out] == [want, want]
+    with pytest.raises(TypeError, match="prompt token id: expected an int"):
+        llm.generate(torch.tensor(ids, dtype=torch.float32), GREEDY)  # the engine checks the ids
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "hello"}]
     out = llm.chat(messages, GREEDY)[0]

@@ -33,7 +33,8 @@ from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
 from torch_vkv.serving.prewarm import Prewarmer
 from torch_vkv.serving.request import Request, RequestStatus, SequenceGroup
-from torch_vkv.serving.runner import ModelRunner, attach, check_servable, detach, load_causal_lm
+from torch_vkv.serving.runner import (ModelRunner, attach, check_kwargs_reach_attention, check_servable, detach,
+                                      load_causal_lm)
 from torch_vkv.serving.sampler import Sampler
 from torch_vkv.serving.scheduler import Scheduler
 
@@ -47,7 +48,8 @@ class Engine(Closable, Unique):
     """A serving engine over a Hugging Face causal LM.
 
     Args:
-        model: a transformers causal LM (``...ForCausalLM``), or a local
+        model: a transformers causal LM (``...ForCausalLM``; one whose layers do not pass
+            the forward's keyword arguments on to the attention raises ``ValueError``), or a local
             checkpoint folder (``AutoModelForCausalLM``; a path that is not a
             folder raises ``FileNotFoundError`` naming it). The engine
             takes the model over while open: it moves it to ``device`` /
@@ -197,6 +199,7 @@ class Engine(Closable, Unique):
                                         default_tokens=min(self.chunk_size, self.max_seq_len - 1))  # fmt: skip
             attach(model)  # the attention switched to ATTN_NAME until the last engine on the model closes
             self._attached = True
+            check_kwargs_reach_attention(model, self.device)
             self.runner = ModelRunner(
                 model, self.kv, max_batch_size=self.max_batch_size, chunk_size=self.chunk_size,
                 backend=attention_backend, cuda_graphs=graphs, compile=compile, scratch_slot=scratch,

@@ -18,6 +18,9 @@ import os
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
+import torch
+
 from torch_vkv._checks import ArgumentTypeError, Described, check_checkpoint_path, fail
 from torch_vkv._lifetime import Closable
 from torch_vkv.serving.engine import Engine
@@ -130,6 +133,11 @@ def check_text(what: str, text: str) -> str:
     return text
 
 
+def _is_id_array(prompt: Any) -> bool:
+    """A 1-D tensor or numpy array: one prompt of token ids (``tokenizer(..., return_tensors="pt").input_ids[0]``)."""
+    return isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim == 1
+
+
 def _load_tokenizer(source: Any) -> Any:
     from transformers import AutoTokenizer
 
@@ -181,9 +189,12 @@ class LLM(Closable):
 
     # ----------------------------------------------------------------- input
     def encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
-        """A prompt as token ids: a string is tokenized, a list of ids is kept."""
+        """A prompt as token ids: a string is tokenized, a list of ids is kept (a 1-D tensor or numpy
+        array of ids too, as ``Engine.add_request`` takes them)."""
         if isinstance(prompt, str):
             return list(self.tokenizer(check_text("prompt", prompt))["input_ids"])
+        if _is_id_array(prompt):
+            return prompt.tolist()  # the engine checks the ids (an int dtype, the range)
         if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
             fail("prompt", "a string or a sequence of token ids", type(prompt), ArgumentTypeError)
         return list(prompt)
@@ -211,12 +222,12 @@ class LLM(Closable):
         *,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Generates for ``prompts`` (strings or token-id lists; a single one
-        is accepted too); ``sampling_params``: one for all or one per prompt.
+        """Generates for ``prompts`` (strings or token-id lists, or 1-D tensors / numpy arrays of ids; a
+        single one is accepted too); ``sampling_params``: one for all or one per prompt.
         A bad prompt raises ``ValueError`` (``TypeError``) and nothing of the call keeps running."""
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, numbers.Integral) for t in prompts)
-        ):
+        ) or _is_id_array(prompts):
             prompts = [prompts]  # one prompt
         if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
             fail("prompts", "a string, a list of token ids, or a list of those", type(prompts), ArgumentTypeError)

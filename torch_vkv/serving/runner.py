@@ -30,6 +30,7 @@ every iteration.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 import weakref
@@ -100,7 +101,11 @@ def serving_attention_forward(
     layouts keep them but are not read there either.
     """
     ctx: Optional[BatchContext] = kwargs.get(CTX_KWARG)
+    if isinstance(ctx, _Probe):  # check_kwargs_reach_attention: the context arrived; nothing to compute
+        return torch.zeros_like(query).transpose(1, 2), None
     if ctx is None:
+        if getattr(_probing, "on", False):
+            raise _KwargsDropped
         raise RuntimeError(
             f"attn_implementation={ATTN_NAME!r} runs only inside torch_vkv.serving.Engine: expected the "
             f"{CTX_KWARG!r} keyword argument, got none (set the model's attn_implementation back to use it alone)"
@@ -201,6 +206,35 @@ def check_servable(model: torch.nn.Module, max_seq_len: int) -> None:
         if any(isinstance(getattr(module, a, None), torch.Tensor) for a in ("sinks", "s_aux")):
             raise NotImplementedError(f"Engine does not compute attention sinks: expected attention modules without "
                                       f"them, got {type(module).__name__} ({name}) with a sinks tensor")  # fmt: skip
+
+
+class _Probe:
+    """The batch context of :func:`check_kwargs_reach_attention`'s forward."""
+
+
+class _KwargsDropped(Exception):
+    """A layer's attention got no :data:`CTX_KWARG` during the probe."""
+
+
+_probing = threading.local()
+
+
+def check_kwargs_reach_attention(model: torch.nn.Module, device: torch.device) -> None:
+    """Refuses (``ValueError``) a model, attached to :data:`ATTN_NAME`, whose layers do not pass the
+    forward's keyword arguments on to the attention (StableLM in transformers 5): every step hands the
+    batch context over that way, so serving it failed at the first step with an error that said the
+    attention ran outside an Engine. One forward of one token, whose attention computes nothing."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    _probing.on = True
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=ids, use_cache=False, **{CTX_KWARG: _Probe()})
+    except _KwargsDropped:
+        fail("model", "a transformers causal LM whose layers pass the forward's keyword arguments on to the "
+             f"attention (the engine hands each step's batch to it as {CTX_KWARG!r})",
+             Described(f"{type(model).__name__}, whose attention got no {CTX_KWARG!r}"))  # fmt: skip
+    finally:
+        _probing.on = False
 
 
 def attach(model: torch.nn.Module) -> None:
