@@ -204,6 +204,12 @@ def _getitem(self: Any, index: Any) -> torch.Tensor:
     return torch.Tensor.__getitem__(self, index)
 
 
+def _setitem(self: Any, index: Any, value: Any) -> None:
+    """``torch.Tensor.__setitem__`` after the places ``index`` writes are checked."""
+    self._check_write(index)
+    torch.Tensor.__setitem__(self, index, value)
+
+
 def _data_property() -> property:
     """``view.data``: read as any tensor's; assigning it would re-point the shared view (as ``set_``)."""
     getter = torch.Tensor.data.__get__
@@ -241,14 +247,15 @@ def _requires_grad_property() -> property:
 
 
 def install(cls: type, *, shared_view: bool = True) -> None:
-    """Replaces every data-writing in-place method of ``cls`` by a checked one (``cls._check_write``) and
-    ``__getitem__`` as above; for a ``VirtualKVView`` (``shared_view``, one object every caller holds) also
+    """Replaces every data-writing in-place method of ``cls`` by a checked one (``cls._check_write``),
+    ``__setitem__`` by a checked one and ``__getitem__`` as above; for a ``VirtualKVView`` (``shared_view``, one object every caller holds) also
     its in-place reshapes by refusals, and ``data`` and ``requires_grad(_)``. A ``VirtualKVTensor``
     (``shared_view=False``) keeps those: it is the caller's own tensor."""
     public = [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_") and n not in _METADATA]
     for name in public + [n for n in _INPLACE_OPERATORS if hasattr(torch.Tensor, n)]:
         setattr(cls, name, _checked(name, _CHOSEN_PLACES.get(name)))
     cls.__getitem__ = _getitem
+    cls.__setitem__ = _setitem
     if not shared_view:
         return
     for name in _RESHAPING:

@@ -305,20 +305,13 @@ class VirtualKVTensor(torch.Tensor):
             else:
                 spans.append([i, i])
         runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()  # merged
-        ps = self.page_size
-        starts = [f * ps for f, _ in runs]
         for first, last in spans:
             lo, hi = self.byte_range(first, *sub)[0], self.byte_range(last, *sub)[1]
-            at = bisect.bisect_right(starts, lo) - 1
-            if at < 0 or hi > (runs[at][0] + runs[at][1]) * ps:
+            if not _inside_runs(lo, hi, runs, self.page_size):
                 where = f"[{first}]" if first == last else f"[{first}:{last + 1}]"
                 where += f", rows [{rows.start}, {rows.stop})" if sub else ""
                 fail(f"{type(self).__name__} write", "places in committed pages (commit them first: t.commit(...))",
                      Described(f"index {where}: bytes [{lo}, {hi}) of the reservation"))  # fmt: skip
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        self._check_write(index)
-        torch.Tensor.__setitem__(self, index, value)
 
     def release(self) -> None:
         """Decommits every page now (waiting for pending fences, and on CUDA for
@@ -454,11 +447,8 @@ class VirtualKVView(torch.nn.Parameter):
         offset, slot_bytes, row_bytes, extent = self._row_layout()
         base = offset + slot * slot_bytes
         lo, hi = base + start * row_bytes, base + (end - 1) * row_bytes + extent
-        ps = self.source.page_size
-        for first, count in runs if runs is not None else self.source.reservation.committed_ranges():  # merged
-            if first * ps <= lo and hi <= (first + count) * ps:
-                return True
-        return False
+        runs = runs if runs is not None else self.source.reservation.committed_ranges()
+        return _inside_runs(lo, hi, runs, self.source.page_size)
 
     # -- writes ---------------------------------------------------------------
     # A write to a row that is not committed faults (SIGSEGV on the host backend, an illegal
@@ -487,10 +477,6 @@ class VirtualKVView(torch.nn.Parameter):
                 fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
                      f"{self._committed_rows([slot], runs)[0]}; commit more first: KVCache.commit or step)",
                      Described(f"rows [{lo}, {hi})"))  # fmt: skip
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        self._check_write(index)
-        torch.Tensor.__setitem__(self, index, value)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # reads committed rows only
         head = f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
@@ -563,6 +549,11 @@ def _slots_and_rows(index: Any, num_slots: int, num_rows: int, ndim: int = 4) ->
     picked += [range(num_slots), range(num_rows)][len(picked):]
     rows = list(picked[1])
     return list(picked[0]), (range(min(rows), max(rows) + 1) if rows else range(0))
+
+
+def _inside_runs(lo: int, hi: int, runs: list, page_size: int) -> bool:
+    """Whether bytes ``[lo, hi)`` lie in one of ``runs`` (merged ``(first page, count)`` ranges)."""
+    return any(first * page_size <= lo and hi <= (first + count) * page_size for first, count in runs)
 
 
 def _index_part(part: Any) -> Optional[list[Any]]:

@@ -331,8 +331,9 @@ class _StepLayout:
     a sync per layer otherwise."""
 
     def __init__(self, lengths, cu, slot_list, s_pad, k_cache, T, dev):
-        self.qo, self.kv, q_order, self.valid = ragged_layout(lengths, cu, slot_list, s_pad, k_cache.shape[0],
-                                                              k_cache.shape[1], T)  # fmt: skip
+        qo, kv, q_order, self.valid = ragged_layout(lengths, cu, slot_list, s_pad, k_cache.shape[0], k_cache.shape[1],
+                                                    T)  # fmt: skip
+        self.qo, self.kv = tuple(qo), tuple(kv)  # the plan's key too: made once, not per layer
         self.lengths, self.slot_list = lengths, slot_list
         self.order = None if q_order is None else _to_device(q_order, torch.long, dev)
         self.all_valid = all(self.valid)
@@ -376,7 +377,7 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
             holder = _RAGGED[kind] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
                 _workspace(dev), "NHD", backend=backend), None, None]  # fmt: skip
     wrapper = holder[0]
-    plan_key = (tuple(layout.qo), tuple(layout.kv), scale)
+    plan_key = (layout.qo, layout.kv, scale)
     if holder[1] != plan_key:  # layers of one step share the plan
         if holder[2] is not None:
             # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
