@@ -21,13 +21,13 @@ import warnings
 from collections.abc import Container, Sequence
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 
 from torch_vkv._lifetime import Closable, Unique, one_thread
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
+from torch_vkv.serving.inputs import check_token_level, prompt_batch, token_id_list
 from torch_vkv.serving.kv import KVManager, static_budget
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams, completion_seed
@@ -246,16 +246,8 @@ class Engine(Closable, Unique):
             params = SamplingParams()
         elif not isinstance(params, SamplingParams):
             fail("params", "a SamplingParams", type(params), ArgumentTypeError)
-        if isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
-                fail("prompt_token_ids", "a 1-D integer tensor or a sequence of ints",
-                     f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}")  # fmt: skip
-            prompt = prompt.tolist()
-        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1:
-            prompt = prompt.tolist()
-        elif isinstance(prompt, (str, bytes, bytearray)) or not isinstance(prompt, Sequence):
-            fail("prompt_token_ids", "a sequence of token ids", type(prompt), ArgumentTypeError)
-        prompt = [check_int("prompt token id", t) for t in prompt]
+        check_token_level(params)  # stop strings: refused, not ignored
+        prompt = token_id_list(prompt)
         if not prompt:
             fail("prompt_token_ids", "at least one token", prompt)
         if len(prompt) >= self.max_seq_len:
@@ -454,6 +446,8 @@ class Engine(Closable, Unique):
         those that finished during the call). An exception
         (``KeyboardInterrupt`` too) aborts this call's unfinished requests."""
         self._check_open()
+        rows = prompt_batch(prompts)  # a tensor or array of ids: its rows (1-D: one prompt)
+        prompts = prompts if rows is None else rows
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             fail("prompts", "a sequence of prompts (sequences of token ids)", type(prompts), ArgumentTypeError)
         if params is None or isinstance(params, SamplingParams):

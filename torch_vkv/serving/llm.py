@@ -24,6 +24,7 @@ import torch
 from torch_vkv._checks import ArgumentTypeError, Described, check_checkpoint_path, fail
 from torch_vkv._lifetime import Closable
 from torch_vkv.serving.engine import Engine
+from torch_vkv.serving.inputs import prompt_batch, token_id_list, token_level
 from torch_vkv.serving.runner import load_causal_lm
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams
@@ -133,9 +134,28 @@ def check_text(what: str, text: str) -> str:
     return text
 
 
-def _is_id_array(prompt: Any) -> bool:
-    """A 1-D tensor or numpy array: one prompt of token ids (``tokenizer(..., return_tensors="pt").input_ids[0]``)."""
-    return isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim == 1
+def message_text(what: str, content: Any) -> str:
+    """A chat message's ``content`` as the text a chat template takes: a string; ``None`` (OpenAI's
+    assistant turn of tool calls) as ``""``; OpenAI's list of parts (``[{"type": "text", "text": ...}]``)
+    as its texts joined, as the HTTP server joins them (a template would render the list's repr). Other
+    parts (images, audio) are ``ValueError``: the model reads text only."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return check_text(what, content)
+    if isinstance(content, (bytes, dict)) or not isinstance(content, Sequence):
+        fail(what, "a string, a list of text parts or None", content, ArgumentTypeError)
+    texts = []
+    for j, part in enumerate(content):
+        expected = "a text part {'type': 'text', 'text': str} (the model reads text only)"
+        if not isinstance(part, dict):
+            fail(f"{what}[{j}]", expected, part, ArgumentTypeError)
+        if part.get("type") != "text" or "text" not in part:
+            fail(f"{what}[{j}]", expected, Described(f"a part of type {part.get('type')!r} with keys {sorted(part)}"))
+        if not isinstance(part["text"], str):
+            fail(f"{what}[{j}].text", "a str", part["text"], ArgumentTypeError)
+        texts.append(check_text(f"{what}[{j}].text", part["text"]))
+    return "".join(texts)
 
 
 def _load_tokenizer(source: Any) -> Any:
@@ -193,8 +213,10 @@ class LLM(Closable):
         array of ids too, as ``Engine.add_request`` takes them)."""
         if isinstance(prompt, str):
             return list(self.tokenizer(check_text("prompt", prompt))["input_ids"])
-        if _is_id_array(prompt):
-            return prompt.tolist()  # the engine checks the ids (an int dtype, the range)
+        if isinstance(prompt, (torch.Tensor, np.ndarray)):
+            if prompt.ndim == 1:
+                return prompt.tolist()  # the engine checks the ids (ints, their range)
+            token_id_list(prompt, "prompt")  # raises, naming the rank: a [1, length] tensor is a batch of one
         if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
             fail("prompt", "a string or a sequence of token ids", type(prompt), ArgumentTypeError)
         return list(prompt)
@@ -204,14 +226,14 @@ class LLM(Closable):
         token ids of a prompt that asks for the assistant's reply."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             fail("messages", "a list of {'role', 'content'} dicts", type(messages), ArgumentTypeError)
+        texts = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 fail("message", "a dict with 'role' and 'content'", m, ArgumentTypeError)
-            if isinstance(m["content"], str):
-                check_text(f"messages[{i}].content", m["content"])
+            texts.append({**m, "content": message_text(f"messages[{i}].content", m["content"])})
         if not getattr(self.tokenizer, "chat_template", None):
             fail("tokenizer", "a tokenizer with a chat template (chat_template is not set)", None)
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(texts, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -------------------------------------------------------------- generate
@@ -223,11 +245,15 @@ class LLM(Closable):
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generates for ``prompts`` (strings or token-id lists, or 1-D tensors / numpy arrays of ids; a
-        single one is accepted too); ``sampling_params``: one for all or one per prompt.
+        single one is accepted too; a 2-D tensor or array is a batch of prompts, one a row, taken whole:
+        padding included); ``sampling_params``: one for all or one per prompt.
         A bad prompt raises ``ValueError`` (``TypeError``) and nothing of the call keeps running."""
-        if isinstance(prompts, str) or (
+        rows = prompt_batch(prompts)  # a tensor or array of ids: its rows (1-D: one prompt; other ranks refused)
+        if rows is not None:
+            prompts = rows
+        elif isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, numbers.Integral) for t in prompts)
-        ) or _is_id_array(prompts):
+        ):
             prompts = [prompts]  # one prompt
         if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
             fail("prompts", "a string, a list of token ids, or a list of those", type(prompts), ArgumentTypeError)
@@ -271,7 +297,8 @@ class LLM(Closable):
         others: list[RequestOutput] = []  # requests added to the engine directly: the next step() returns them
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
-                rid = engine.add_request(prompt, p)  # a bad prompt raises; the finally drops the others
+                # Stop strings stay here (TextStream finds them); the engine, which has no tokenizer, refuses them.
+                rid = engine.add_request(prompt, token_level(p))  # a bad prompt raises; the finally drops the others
                 streams[rid] = (i, TextStream(self.tokenizer, prompt, p.stop))
                 ours.add(rid)
             from tqdm.auto import tqdm

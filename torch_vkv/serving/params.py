@@ -71,8 +71,10 @@ class SamplingParams:
         seed: makes sampling reproducible and independent of the batch; ``None``
             draws a seed when the request arrives. An int64: ``[-2**63, 2**63)``.
         stop: strings that end the request (text API and server only: the
-            text stops before the first one, ``finish_reason="stop"``); one
-            string or a sequence of non-empty strings, kept as a tuple.
+            text stops before the first one, ``finish_reason="stop"``; the
+            token-level ``Engine`` has no tokenizer and refuses them with
+            ``ValueError`` instead of ignoring them); one string or a sequence
+            of non-empty strings, kept as a tuple.
         n: completions per prompt (parallel sampling): the prompt is prefilled
             once and the ``n`` sequences fork its pages; completion ``i``
             samples with :func:`completion_seed` ``(seed, i)``. At most the

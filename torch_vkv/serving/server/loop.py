@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from torch_vkv.serving.inputs import token_level
 from torch_vkv.serving.llm import LLM, TextStream
 from torch_vkv.serving.outputs import RequestOutput
 from torch_vkv.serving.params import SamplingParams
@@ -253,7 +254,8 @@ class EngineLoop:
             stream.sink(Rejected(stream.index, "the server is shutting down", shutting_down=True))
             return
         try:
-            self.engine.add_request(prompt, params, request_id=rid)
+            # Stop strings stay with the stream's TextStream below; the engine, which has no tokenizer, refuses them.
+            self.engine.add_request(prompt, token_level(params), request_id=rid)
         except (ValueError, TypeError) as exc:
             self._release(1)
             stream.sink(Rejected(stream.index, str(exc)))
