@@ -133,3 +133,44 @@ def test_engine_generate_takes_a_2d_tensor_too():
         assert [o.token_ids for o in out] == want and [o.prompt_token_ids for o in out] == rows
         with pytest.raises(ValueError, match="prompts: expected a 1-D tensor .* got a 3-D torch.int64 tensor"):
             engine.generate(torch.ones(1, 2, 3, dtype=torch.long), GREEDY, use_tqdm=False)
+
+
+# ----------------------------------------------------------------- threads
+def test_llm_generate_from_a_second_thread_raises_instead_of_hanging(llm):
+    """Two threads calling ``llm.generate`` at once: the second one's ``add_request`` could land between
+    the first one's steps (the text API detokenizes between them, outside the engine), and then each
+    thread's ``step()`` took the other's outputs: both waited forever for outputs the other had consumed.
+    Now an ``LLM`` call holds the engine for its whole length, as ``Engine.generate`` does: the second
+    thread gets the Engine's ``RuntimeError`` at once and the first finishes."""
+    import threading
+
+    engine = llm.engine
+    step, in_first_call, go_on = engine.step, threading.Event(), threading.Event()
+
+    def step_then_wait():  # the first call, between two of its steps (where detokenizing happens)
+        out = step()
+        in_first_call.set()
+        go_on.wait(10)
+        return out
+
+    results: dict = {}
+
+    def first():
+        results["first"] = llm.generate("hello world", GREEDY)
+
+    engine.step = step_then_wait
+    try:
+        thread = threading.Thread(target=first, daemon=True)
+        thread.start()
+        assert in_first_call.wait(60)
+        del engine.step  # the second call's steps (if it got that far) are the engine's own
+        with pytest.raises(RuntimeError, match="another thread is inside this Engine"):
+            llm.generate("the quick brown", GREEDY)
+        go_on.set()
+        thread.join(60)
+    finally:
+        engine.__dict__.pop("step", None)
+        go_on.set()
+    assert not thread.is_alive(), "the first generate hung"
+    assert len(results["first"][0].token_ids) == GREEDY.max_tokens
+    assert not engine.has_unfinished_requests()

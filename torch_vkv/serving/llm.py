@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from torch_vkv._checks import ArgumentTypeError, Described, check_checkpoint_path, fail
-from torch_vkv._lifetime import Closable
+from torch_vkv._lifetime import Closable, one_thread
 from torch_vkv.serving.engine import Engine
 from torch_vkv.serving.inputs import prompt_batch, token_id_list, token_level
 from torch_vkv.serving.runner import load_causal_lm
@@ -158,6 +158,13 @@ def message_text(what: str, content: Any) -> str:
     return "".join(texts)
 
 
+@one_thread
+def text_api_call(engine: Engine, call: Any) -> Any:
+    """Runs ``call()`` inside ``engine``'s thread guard (:func:`torch_vkv._lifetime.one_thread`): another
+    thread's call into the engine meanwhile raises ``RuntimeError`` naming this function."""
+    return call()
+
+
 def _load_tokenizer(source: Any) -> Any:
     from transformers import AutoTokenizer
 
@@ -276,6 +283,12 @@ class LLM(Closable):
         return self._run([self.apply_chat_template(c) for c in messages], sampling_params, use_tqdm)
 
     def _run(self, prompts: list[list[int]], params: Any, use_tqdm: bool) -> list[RequestOutput]:
+        # The whole call holds the engine's thread guard, as Engine.generate does: between two steps (while
+        # this thread detokenizes) another thread's call could add requests and step, and each call's steps
+        # would return the other's outputs, which it drops: both waited forever. Now the other call raises.
+        return text_api_call(self.engine, lambda: self._serve(prompts, params, use_tqdm))
+
+    def _serve(self, prompts: list[list[int]], params: Any, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
