@@ -174,3 +174,11 @@ def test_llm_generate_from_a_second_thread_raises_instead_of_hanging(llm):
     assert not thread.is_alive(), "the first generate hung"
     assert len(results["first"][0].token_ids) == GREEDY.max_tokens
     assert not engine.has_unfinished_requests()
+
+
+def test_a_sampling_params_list_of_the_wrong_length_is_described(llm):
+    """The count came out quoted, as a string value would (``got 'a list of 3'``); the Engine's reads
+    ``got a list of 3``, and so does the LLM's now."""
+    with pytest.raises(ValueError, match=r"^sampling_params: expected one SamplingParams or a list of 2, got a list "
+                       r"of 3$"):  # fmt: skip
+        llm.generate(["hello", "world"], [GREEDY] * 3)

@@ -294,7 +294,8 @@ class LLM(Closable):
             params = [params or SamplingParams()] * len(prompts)
         elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)):
             if len(params) != len(prompts):
-                fail("sampling_params", f"one SamplingParams or a list of {len(prompts)}", f"a list of {len(params)}")
+                fail("sampling_params", f"one SamplingParams or a list of {len(prompts)}",
+                     Described(f"a list of {len(params)}"))  # fmt: skip
             params = list(params)
         else:
             fail("sampling_params", "a SamplingParams or a list of them", type(params), ArgumentTypeError)
