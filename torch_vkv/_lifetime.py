@@ -21,11 +21,12 @@ single-threaded, such as the serving ``Engine``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import weakref
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 __all__ = ["Closable", "DropAfterCapture", "Unique", "forked_error", "locked", "one_thread", "release_deferred",
            "track"]
@@ -102,39 +103,56 @@ def locked(method: _F) -> _F:
     return run_locked  # type: ignore[return-value]
 
 
+class ThreadBusyError(RuntimeError):
+    """Another thread holds the object's :func:`thread_guard`."""
+
+
 class _Owner:
     """Which thread is inside an object's :func:`one_thread` methods."""
 
-    __slots__ = ("lock", "thread")
+    __slots__ = ("lock", "thread", "thread_name")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.thread: "int | None" = None
+        self.thread_name = ""
+
+
+@contextlib.contextmanager
+def thread_guard(obj: Any, what: str, wait: "float | None" = None) -> Iterator[None]:
+    """Holds ``obj``'s :func:`one_thread` guard for the ``with`` block: meanwhile another thread's call
+    into one of ``obj``'s ``one_thread`` methods raises ``RuntimeError`` at once. Re-entered freely by
+    the thread holding it. ``wait``: seconds to wait for another thread's hold to end before raising
+    (``None``: do not wait). ``what`` names the caller in the error."""
+    owner = obj.__dict__.get("_one_thread") or obj.__dict__.setdefault("_one_thread", _Owner())
+    me = threading.get_ident()
+    if owner.thread == me:  # re-entered from the thread inside (generate calls step)
+        yield
+        return
+    if not (owner.lock.acquire(timeout=wait) if wait else owner.lock.acquire(blocking=False)):
+        name = type(obj).__name__
+        raise ThreadBusyError(
+            f"{what}: another thread is inside this {name} (expected calls from one thread at a time; "
+            f"serialise them with a lock; the thread inside: {owner.thread_name!r})"
+        )
+    owner.thread, owner.thread_name = me, threading.current_thread().name
+    try:
+        yield
+    finally:
+        owner.thread, owner.thread_name = None, ""
+        owner.lock.release()
 
 
 def one_thread(method: _F) -> _F:
     """Runs ``method`` unless another thread is inside one of the object's
-    ``one_thread`` methods, in which case it raises ``RuntimeError`` at once
-    (an overlapping call would corrupt its queues, not wait its turn: the caller
-    must serialise). The same thread may re-enter (``generate`` calls ``step``)."""
+    ``one_thread`` methods (or a :func:`thread_guard` block), in which case it raises
+    ``RuntimeError`` at once (an overlapping call would corrupt its queues, not wait its
+    turn: the caller must serialise). The same thread may re-enter (``generate`` calls ``step``)."""
 
     @functools.wraps(method)
     def run_alone(self: Any, *args: Any, **kwargs: Any) -> Any:
-        owner = self.__dict__.get("_one_thread") or self.__dict__.setdefault("_one_thread", _Owner())
-        me = threading.get_ident()
-        if not owner.lock.acquire(blocking=False):
-            if owner.thread == me:  # re-entered from the thread inside
-                return method(self, *args, **kwargs)
-            raise RuntimeError(
-                f"{type(self).__name__}.{method.__name__}: another thread is inside this "
-                f"{type(self).__name__} (expected calls from one thread at a time; serialise them with a lock)"
-            )
-        owner.thread = me
-        try:
+        with thread_guard(self, f"{type(self).__name__}.{method.__name__}"):
             return method(self, *args, **kwargs)
-        finally:
-            owner.thread = None
-            owner.lock.release()
 
     return run_alone  # type: ignore[return-value]
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from torch_vkv._lifetime import ThreadBusyError, thread_guard
 from torch_vkv.serving.inputs import token_level
 from torch_vkv.serving.llm import LLM, TextStream
 from torch_vkv.serving.outputs import RequestOutput
@@ -106,7 +107,9 @@ class EngineLoop:
         self._in_flight = 0  # submitted, not finished (under _lock)
         self._accepting = True
         self._ended = False  # the engine thread answers no more commands (under _lock)
-        self.stats: dict[str, Any] = dict(self.engine.stats(), num_pending=0)  # a snapshot, replaced per iteration
+        # A snapshot of engine.stats(), replaced per iteration by the engine thread (the only thread that may
+        # call into the engine while the loop runs); empty until the loop has the engine.
+        self.stats: dict[str, Any] = {"num_pending": 0}
         self.error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="torch_vkv-engine", daemon=True)
 
@@ -153,13 +156,17 @@ class EngineLoop:
     def stop(self, timeout: float = 10.0) -> None:
         """Aborts everything, ends the thread and closes the engine. Every
         request in flight still gets its final ``Delta`` (``finish_reason``
-        ``"abort"``) before the thread ends, so open streams end."""
+        ``"abort"``) before the thread ends, so open streams end. The engine is
+        left open (a warning is logged) while another thread's call is inside it."""
         self.abort_all()
         self._commands.put(("stop",))
         if self._thread.is_alive():
             self._thread.join(timeout)
         if not self._thread.is_alive():
-            self.engine.close()
+            try:
+                self.engine.close()
+            except ThreadBusyError as exc:  # an in-process call is inside it: its call goes on, unharmed
+                log.warning("the engine was left open: %s", exc)
 
     @property
     def alive(self) -> bool:
@@ -167,12 +174,29 @@ class EngineLoop:
 
     # ---------------------------------------------------------- engine thread
     def _run(self) -> None:
+        # The loop holds the engine's thread guard while it runs: an in-process llm.generate on the served LLM
+        # meanwhile raises RuntimeError in its caller at once, instead of taking the engine between two of the
+        # loop's steps (which made the loop fail, and every request with it). A call already inside when the
+        # server starts is waited for.
+        while True:
+            try:
+                with thread_guard(self.engine, "the HTTP server's engine loop", wait=0.25):
+                    self._serve()
+                return
+            except ThreadBusyError:
+                with self._lock:
+                    if not self._accepting:  # stopped before it could start
+                        break
+        self._answer_queued()
+
+    def _serve(self) -> None:
         engine = self.engine
         try:
             if engine.device.type == "cuda":  # the current device is per thread
                 import torch
 
                 torch.cuda.set_device(engine.device)
+            self.stats = dict(engine.stats(), num_pending=0)
             while True:
                 busy = engine.has_unfinished_requests()
                 if self._drain(block=not busy):
