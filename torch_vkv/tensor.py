@@ -82,6 +82,9 @@ _CLOSED_WRITE = ("cannot write through a view of a closed cache (its memory is r
 #: slice of a view, ``view.as_subclass(torch.Tensor)``) is known for one (:func:`view_over_cache`). A new
 #: reservation at the address of a released one takes its entry.
 _SOURCES: "weakref.WeakValueDictionary[int, VirtualKVTensor]" = weakref.WeakValueDictionary()
+#: The attribute of a reservation's storage that remakes its ``VirtualKVTensor`` once that was dropped:
+#: ``(class, dtype, shape, pool, reservation)``.
+_RECORD = "_torch_vkv_source"
 
 
 def cache_source(t: torch.Tensor) -> Optional["VirtualKVTensor"]:
@@ -91,9 +94,15 @@ def cache_source(t: torch.Tensor) -> Optional["VirtualKVTensor"]:
     if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda"):
         return None
     try:
-        return _SOURCES.get(t.untyped_storage().data_ptr())
+        storage = t.untyped_storage()
+        source = _SOURCES.get(storage.data_ptr())
     except Exception:  # no storage (a fake, functional or wrapper subclass tensor): not a cache's
         return None
+    if source is None:  # the tensor was dropped, a detached tensor (no view base) keeps the storage alive
+        record = getattr(storage, _RECORD, None)
+        source = None if record is None else record[0]._wrap(torch.empty(0, dtype=record[1], device=t.device)
+                                                                .set_(storage, 0, record[2]), *record[3:])  # fmt: skip
+    return source
 
 
 def view_over_cache(t: torch.Tensor) -> Optional["VirtualKVView"]:
@@ -169,7 +178,15 @@ class VirtualKVTensor(torch.Tensor):
         # The reservation is the storage: the DLPack deleter keeps it alive
         # for as long as any tensor or view over it lives.
         raw = torch.utils.dlpack.from_dlpack(reservation.dlpack())[:nbytes]
-        data = raw.view(dtype).view(shape)
+        self = cls._wrap(raw.view(dtype).view(shape), pool, reservation)
+        # The storage outlives this object under tensors that are no view of it (``view.detach()``,
+        # ``view.data``): it keeps what makes a new one (cache_source), and no tensor (that would be a cycle
+        # through C++ the collector cannot see).
+        setattr(self.untyped_storage(), _RECORD, (cls, dtype, shape, pool, reservation))
+        return self
+
+    @classmethod
+    def _wrap(cls, data: torch.Tensor, pool: PagePool, reservation: Any) -> "VirtualKVTensor":
         self = torch.Tensor._make_subclass(cls, data, False)
         self.page_size = pool.page_size
         self.pool = pool
