@@ -298,3 +298,45 @@ def test_write_checks_of_a_large_tensor_cost_no_memory_per_element():
         assert elapsed < 2.0 and grown_mb < 50, (elapsed, grown_mb)
         assert int(t[: n - 8192].sum()) > 0 and t[n - 8192 :].abs().sum() == 0
     """)
+
+
+def test_writes_after_set_are_checked_against_the_memory_now_viewed():
+    """``t.set_(storage)`` re-points a VirtualKVTensor (its own, so allowed): the write check still read its
+    old reservation, so a write into another cache's uncommitted page passed and faulted (SIGSEGV), and a
+    write into plain memory was refused. Page operations now refuse such a tensor."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+        import pytest, torch
+        from torch_vkv import VirtualKVTensor
+        from torch_vkv.tensor import cache_source
+
+        def make():
+            return VirtualKVTensor.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+
+        t, other = make(), make()
+        t.commit(slice(0, 4))
+        other.commit(0)
+        rows = t[1:]  # over t's reservation, kept past the set_
+        t.set_(other.untyped_storage(), 0, (4, 1024))  # now over other's memory: only its row 0 committed
+        source = cache_source(rows)  # t's reservation without t: remade from the storage's record
+        assert source is not t and source.reservation is t.reservation and source.is_committed(3)
+        t[0] = 1.0
+        assert other[0].eq(1).all()
+        with pytest.raises(ValueError, match="committed pages"):
+            t[2] = 1.0
+        with pytest.raises(ValueError, match="committed pages"):
+            t.fill_(2.0)
+        for page_op in (lambda: t.commit(2), lambda: t.is_committed(0), lambda: t.decommit(0)):
+            with pytest.raises(ValueError, match="storage"):
+                page_op()
+        other.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            t[0] = 1.0
+
+        plain = make()
+        plain.set_(torch.zeros(8))  # plain memory of its own: no page table to check
+        plain[3] = 1.0
+        plain.fill_(2.0)
+        assert plain.eq(2).all()
+    """)

@@ -121,11 +121,12 @@ def _runs_of_slots(slots: Sequence[int], merge_gap: int, whole: bool) -> list[tu
     return [(first, last) for first, last in spans]
 
 
-def check_tensor_write(t: Any, index: Any) -> None:
-    """``VirtualKVTensor._check_write`` once the tensor is known open and eager: raises ``ValueError``
-    unless every place that ``index`` (``None``: all) writes lies in committed pages. Bytes come from the
-    tensor's own strides and storage offset: exact for the layout ``empty`` made, a superset for any other."""
-    reservation = t.reservation
+def check_tensor_write(t: Any, index: Any, source: Any) -> None:
+    """``VirtualKVTensor._check_write`` once the tensor is known eager and the open ``source`` whose memory
+    it views is known (itself, or another after ``set_``): raises ``ValueError`` unless every place that
+    ``index`` (``None``: all) writes lies in committed pages of ``source``. Bytes come from the tensor's own
+    strides and storage offset: exact for the layout ``empty`` made, a superset for any other."""
+    reservation, page_size = source.reservation, source.page_size
     shape, strides = tuple(t.shape), tuple(t.stride())
     if not shape:  # 0-d (an in-place reshape of a one-element tensor): one element
         shape, strides = (1,), (1,)
@@ -139,12 +140,12 @@ def check_tensor_write(t: Any, index: Any) -> None:
     else:
         row_stride, extent, whole = 0, 1, True
     step_bytes = strides[0] * esz
-    merge_gap = t.page_size // step_bytes if step_bytes else shape[0]  # stride 0: every slot at one place
+    merge_gap = page_size // step_bytes if step_bytes else shape[0]  # stride 0: every slot at one place
     runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()  # merged
     for first, last in _runs_of_slots(slots, merge_gap, whole):
         lo = (offset + first * strides[0] + rows.start * row_stride) * esz
         hi = (offset + last * strides[0] + (rows.stop - 1) * row_stride + extent) * esz
-        if not inside_runs(lo, hi, runs, t.page_size):
+        if not inside_runs(lo, hi, runs, page_size):
             where = f"[{first}]" if first == last else f"[{first}:{last + 1}]"
             where += f", rows [{rows.start}, {rows.stop})" if len(shape) > 1 else ""
             fail(f"{type(t).__name__} write", "places in committed pages (commit them first: t.commit(...))",

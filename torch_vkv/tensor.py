@@ -89,8 +89,10 @@ _RECORD = "_torch_vkv_source"
 
 def cache_source(t: torch.Tensor) -> Optional["VirtualKVTensor"]:
     """The live :class:`VirtualKVTensor` whose memory ``t`` lies over (shares its storage), or ``None``."""
-    if isinstance(t, (VirtualKVTensor, VirtualKVView)):
-        return t if isinstance(t, VirtualKVTensor) else t.source
+    if isinstance(t, VirtualKVView):
+        return t.source
+    if isinstance(t, VirtualKVTensor) and t._over_own_reservation():
+        return t  # else re-pointed by set_: the tensor whose memory it views now, if any
     if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda"):
         return None
     try:
@@ -98,6 +100,8 @@ def cache_source(t: torch.Tensor) -> Optional["VirtualKVTensor"]:
         source = _SOURCES.get(storage.data_ptr())
     except Exception:  # no storage (a fake, functional or wrapper subclass tensor): not a cache's
         return None
+    if source is not None and not source._over_own_reservation():
+        source = None  # re-pointed by set_: remade below
     if source is None:  # the tensor was dropped, a detached tensor (no view base) keeps the storage alive
         record = getattr(storage, _RECORD, None)
         source = None if record is None else record[0]._wrap(torch.empty(0, dtype=record[1], device=t.device)
@@ -219,6 +223,9 @@ class VirtualKVTensor(torch.Tensor):
         shape, strides = tuple(self.shape), tuple(self.stride())
         if len(index) > len(shape):
             fail("index", f"at most {len(shape)} leading indices", index)
+        if not self._over_own_reservation():
+            fail("tensor", "a tensor over the storage of its own reservation (its page table)", Described(
+                 f"one re-pointed by set_ to other memory, at {self.untyped_storage().data_ptr():#x}"))
         if not self.is_contiguous():
             fail("tensor", "a contiguous layout, as VirtualKVTensor.empty made it (an index's rows must be one byte "
                  "range; take a transposed view with t.transpose(...) instead of t.transpose_(...))",
@@ -310,12 +317,18 @@ class VirtualKVTensor(torch.Tensor):
 
     def _check_write(self, index: Any = None) -> None:
         """Raises ``ValueError`` unless every place that ``index`` (``None``: all) writes is committed."""
-        reservation = getattr(self, "reservation", None)
-        if torch.compiler.is_compiling() or reservation is None:
+        if torch.compiler.is_compiling() or getattr(self, "reservation", None) is None:
             return  # traced (the page table is not traceable); made by an op: no metadata
-        if reservation.closed:  # strict mode and CUDA fault (the host's own memory otherwise): as a view
+        source = cache_source(self)  # itself, or after set_ the tensor whose memory it views (None: plain memory)
+        if source is None:
+            return
+        if source.reservation.closed:  # strict mode and CUDA fault (the host's own memory otherwise): as a view
             raise RuntimeError(f"cannot write through a closed {type(self).__name__} (its memory is released)")
-        check_tensor_write(self, index)  # torch_vkv/_write_places.py
+        check_tensor_write(self, index, source)  # torch_vkv/_write_places.py
+
+    def _over_own_reservation(self) -> bool:
+        """False once ``set_`` gave the tensor other memory (its page table no longer describes it)."""
+        return self.untyped_storage().data_ptr() == self.reservation.base
 
     def release(self) -> None:
         """Decommits every page now (waiting for pending fences, and on CUDA for
