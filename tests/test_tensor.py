@@ -220,3 +220,123 @@ def test_compiled_code_writes_the_cache_through_append_kv():
         print("ok")
     """, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_writes_are_checked_after_an_in_place_change_of_strides_or_offset():
+    """``transpose_``/``as_strided_`` on a VirtualKVTensor (its own, so allowed) changed the strides or the
+    storage offset under the write check and the page ranges, which assumed the layout ``empty`` made: a
+    write into committed-looking places faulted (SIGSEGV) and ``is_committed`` answered for other bytes."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+        import pytest, torch
+        from torch_vkv import VirtualKVTensor
+
+        # [2, 4, 1024] float32 on 4 KiB pages: t[i, j] is page 4 * i + j
+        t = VirtualKVTensor.empty((2, 4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+        t.commit(0, slice(0, 1))
+        t[0, 0] = 2.0
+        t.transpose_(1, 2)  # [2, 1024, 4]: t[0, 0] spans pages 0..3, only page 0 committed
+        with pytest.raises(ValueError, match="committed pages"):
+            t[0, 0] = 1.0
+        with pytest.raises(ValueError, match="committed pages"):
+            t[0, 0:2] += 1
+        assert t[0, :, 0].eq(2).all() and t[0, :, 1:].abs().sum() == 0
+        with pytest.raises(ValueError, match="contiguous"):
+            t.commit(0, slice(0, 1))  # rows of the transposed tensor are no byte range
+        with pytest.raises(ValueError, match="contiguous"):
+            t.is_committed(0)
+        t.transpose_(1, 2)
+        assert t[0, 0].eq(2).all() and t.is_committed(0, slice(0, 1)) and not t.is_committed(0, slice(0, 2))
+
+        u = VirtualKVTensor.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+        u.commit(0)
+        u.as_strided_((3, 1024), (1024, 1), 1024)  # u[i] is page i + 1
+        assert not u.is_committed(0) and u.byte_range(0) == (4096, 8192)
+        with pytest.raises(ValueError, match="committed pages"):
+            u[0] = 1.0
+        with pytest.raises(ValueError, match="committed pages"):
+            u.fill_(1.0)
+        u.commit(0)
+        u[0] = 3.0
+        assert u.is_committed(0) and u.reservation.committed_ranges() == [(0, 2)]
+        assert u[0].eq(3).all()
+        # a size-1 dimension with any stride is still contiguous: its extent is its size, not its stride
+        w = VirtualKVTensor.empty((2048,), dtype=torch.float32, device="cpu", page_size=4096)
+        w.as_strided_((1, 2048), (1, 1))
+        assert w.byte_range(0) == (0, 8192)
+        w.commit(0)
+        assert w.is_committed(0) and w.reservation.committed_ranges() == [(0, 2)]
+        w[0] = 1.0
+    """)
+
+
+def test_write_checks_of_a_large_tensor_cost_no_memory_per_element():
+    """The write check listed every leading index in Python: ``t.zero_()`` of a 1-D tensor of 10**7 bytes
+    took seconds and about 1 GB (one of 10**10 bytes would be killed for memory). Ranges stay ranges."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+        import resource, time, pytest, torch
+        from torch_vkv import VirtualKVTensor
+
+        n = 10**7
+        t = VirtualKVTensor.empty((n,), dtype=torch.uint8, device="cpu", page_size=4096)
+        t.commit(slice(0, n - 8192))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        t[: n - 8192] = 1
+        t[: n - 8192] += 1
+        t[0 : n - 8192 : 3] = 2
+        t[::4096][:-3].fill_(0)  # through a derived tensor: unchecked
+        for write in (lambda: t.zero_(), lambda: t.__setitem__(slice(None), 1),
+                      lambda: t.__setitem__(slice(None, None, 4096), 1), lambda: t.add_(1)):
+            with pytest.raises(ValueError, match="committed pages"):
+                write()
+        elapsed = time.perf_counter() - start
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert elapsed < 2.0 and grown_mb < 50, (elapsed, grown_mb)
+        assert int(t[: n - 8192].sum()) > 0 and t[n - 8192 :].abs().sum() == 0
+    """)
+
+
+def test_writes_after_set_are_checked_against_the_memory_now_viewed():
+    """``t.set_(storage)`` re-points a VirtualKVTensor (its own, so allowed): the write check still read its
+    old reservation, so a write into another cache's uncommitted page passed and faulted (SIGSEGV), and a
+    write into plain memory was refused. Page operations now refuse such a tensor."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+        import pytest, torch
+        from torch_vkv import VirtualKVTensor
+        from torch_vkv.tensor import cache_source
+
+        def make():
+            return VirtualKVTensor.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+
+        t, other = make(), make()
+        t.commit(slice(0, 4))
+        other.commit(0)
+        rows = t[1:]  # over t's reservation, kept past the set_
+        t.set_(other.untyped_storage(), 0, (4, 1024))  # now over other's memory: only its row 0 committed
+        source = cache_source(rows)  # t's reservation without t: remade from the storage's record
+        assert source is not t and source.reservation is t.reservation and source.is_committed(3)
+        t[0] = 1.0
+        assert other[0].eq(1).all()
+        with pytest.raises(ValueError, match="committed pages"):
+            t[2] = 1.0
+        with pytest.raises(ValueError, match="committed pages"):
+            t.fill_(2.0)
+        for page_op in (lambda: t.commit(2), lambda: t.is_committed(0), lambda: t.decommit(0)):
+            with pytest.raises(ValueError, match="storage"):
+                page_op()
+        other.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            t[0] = 1.0
+
+        plain = make()
+        plain.set_(torch.zeros(8))  # plain memory of its own: no page table to check
+        plain[3] = 1.0
+        plain.fill_(2.0)
+        assert plain.eq(2).all()
+    """)

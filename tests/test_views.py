@@ -174,6 +174,44 @@ assert s["mapped_pages"] == 0 and s["free_pages"] == s["created_pages"], s
     )
 
 
+def test_tensors_detached_from_a_view_stay_known_after_the_cache_is_dropped():
+    """``view.detach()`` / ``view.data`` share the storage but not the view's base: once the cache and its
+    views were dropped, nothing knew them for a cache's memory, so ``append_kv`` into rows past the committed
+    ones faulted (SIGSEGV) and pickling copied the whole reservation. The storage itself remembers its
+    reservation now."""
+    check_scenario(
+        PRELUDE
+        + """
+import pytest
+from torch_vkv import append_kv
+from torch_vkv.tensor import cache_source
+cache, slot, x = filled()
+pool = cache.pool
+k, v = cache.key(0).detach(), cache.value(0).data
+del cache
+gc.collect()
+assert pool.stats()["mapped_pages"] == 2                 # the pages under k and v stay
+assert cache_source(k) is not None and cache_source(v) is not None
+assert cache_source(k) is cache_source(k[slot])          # one source while it lives
+new = torch.ones(1, 2, 8)
+slots = torch.tensor([slot], dtype=torch.int32)
+with pytest.raises(ValueError):
+    append_kv(k, v, new, new, torch.tensor([200], dtype=torch.int32), slots=slots)  # row 199: not committed
+append_kv(k, v, new, new, torch.tensor([41], dtype=torch.int32), slots=slots)       # row 40: committed
+assert torch.equal(k[slot, :40], x) and k[slot, 40].eq(1).all() and v[slot, 40].eq(1).all()
+for what in (lambda: pickle.dumps(k), lambda: copy.deepcopy(v[slot]), lambda: k.share_memory_(),
+             lambda: k.untyped_storage().fill_(1), lambda: v.storage().tolist()):
+    with pytest.raises(TypeError):
+        what()
+del k, v
+gc.collect()
+s = pool.stats()
+assert s["mapped_pages"] == 0 and s["free_pages"] == s["created_pages"], s  # nothing kept alive by the record
+""",
+        env=LAX,
+    )
+
+
 def test_view_after_close_reads_zeros_and_says_released():
     check_scenario(
         PRELUDE

@@ -59,7 +59,7 @@ def refuse_if_storage_of_cache(storage: Any, what: str) -> None:
         address = untyped.data_ptr()
     except Exception:  # a storage without memory (meta): not a cache's
         return
-    if address in _sources():
+    if address in _sources() or getattr(untyped, "_torch_vkv_source", None) is not None:  # tensor.py's _RECORD
         raise TypeError(
             f"{what}: expected a storage of its own, got the storage of a torch_vkv cache ({untyped.nbytes()} bytes "
             "of reserved virtual memory, committed or not, under every view of the cache: writes through it are not "

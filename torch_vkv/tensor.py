@@ -59,17 +59,16 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 import weakref
 from typing import Any, Iterable, NoReturn, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.utils.dlpack
 
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail, is_int
 from torch_vkv import _sharing, _view_writes
 from torch_vkv._ext import core
+from torch_vkv._write_places import check_tensor_write, inside_runs, slots_and_rows
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
 
 __all__ = ["VirtualKVTensor", "VirtualKVView"]
@@ -83,18 +82,31 @@ _CLOSED_WRITE = ("cannot write through a view of a closed cache (its memory is r
 #: slice of a view, ``view.as_subclass(torch.Tensor)``) is known for one (:func:`view_over_cache`). A new
 #: reservation at the address of a released one takes its entry.
 _SOURCES: "weakref.WeakValueDictionary[int, VirtualKVTensor]" = weakref.WeakValueDictionary()
+#: The attribute of a reservation's storage that remakes its ``VirtualKVTensor`` once that was dropped:
+#: ``(class, dtype, shape, pool, reservation)``.
+_RECORD = "_torch_vkv_source"
 
 
 def cache_source(t: torch.Tensor) -> Optional["VirtualKVTensor"]:
     """The live :class:`VirtualKVTensor` whose memory ``t`` lies over (shares its storage), or ``None``."""
-    if isinstance(t, (VirtualKVTensor, VirtualKVView)):
-        return t if isinstance(t, VirtualKVTensor) else t.source
+    if isinstance(t, VirtualKVView):
+        return t.source
+    if isinstance(t, VirtualKVTensor) and t._over_own_reservation():
+        return t  # else re-pointed by set_: the tensor whose memory it views now, if any
     if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda"):
         return None
     try:
-        return _SOURCES.get(t.untyped_storage().data_ptr())
+        storage = t.untyped_storage()
+        source = _SOURCES.get(storage.data_ptr())
     except Exception:  # no storage (a fake, functional or wrapper subclass tensor): not a cache's
         return None
+    if source is not None and not source._over_own_reservation():
+        source = None  # re-pointed by set_: remade below
+    if source is None:  # the tensor was dropped, a detached tensor (no view base) keeps the storage alive
+        record = getattr(storage, _RECORD, None)
+        source = None if record is None else record[0]._wrap(torch.empty(0, dtype=record[1], device=t.device)
+                                                                .set_(storage, 0, record[2]), *record[3:])  # fmt: skip
+    return source
 
 
 def view_over_cache(t: torch.Tensor) -> Optional["VirtualKVView"]:
@@ -170,7 +182,15 @@ class VirtualKVTensor(torch.Tensor):
         # The reservation is the storage: the DLPack deleter keeps it alive
         # for as long as any tensor or view over it lives.
         raw = torch.utils.dlpack.from_dlpack(reservation.dlpack())[:nbytes]
-        data = raw.view(dtype).view(shape)
+        self = cls._wrap(raw.view(dtype).view(shape), pool, reservation)
+        # The storage outlives this object under tensors that are no view of it (``view.detach()``,
+        # ``view.data``): it keeps what makes a new one (cache_source), and no tensor (that would be a cycle
+        # through C++ the collector cannot see).
+        setattr(self.untyped_storage(), _RECORD, (cls, dtype, shape, pool, reservation))
+        return self
+
+    @classmethod
+    def _wrap(cls, data: torch.Tensor, pool: PagePool, reservation: Any) -> "VirtualKVTensor":
         self = torch.Tensor._make_subclass(cls, data, False)
         self.page_size = pool.page_size
         self.pool = pool
@@ -197,12 +217,24 @@ class VirtualKVTensor(torch.Tensor):
     # -- ranges ---------------------------------------------------------------
     def byte_range(self, *index: int | slice) -> tuple[int, int]:
         """Byte offsets ``[start, stop)`` from the start of the storage that the
-        leading ``index`` selects."""
+        leading ``index`` selects. Needs a contiguous tensor (the layout
+        :meth:`empty` made; after an in-place ``transpose_`` the rows of an
+        index are no byte range: ``ValueError``); its storage offset counts."""
         shape, strides = tuple(self.shape), tuple(self.stride())
         if len(index) > len(shape):
             fail("index", f"at most {len(shape)} leading indices", index)
-        offset = 0
+        if not self._over_own_reservation():
+            fail("tensor", "a tensor over the storage of its own reservation (its page table)", Described(
+                 f"one re-pointed by set_ to other memory, at {self.untyped_storage().data_ptr():#x}"))
+        if not self.is_contiguous():
+            fail("tensor", "a contiguous layout, as VirtualKVTensor.empty made it (an index's rows must be one byte "
+                 "range; take a transposed view with t.transpose(...) instead of t.transpose_(...))",
+                 Described(f"shape {shape}, strides {strides} (changed in place)"))  # fmt: skip
+        # Contiguous: the elements under dimension ``dim`` span prod(shape[dim + 1:]) (a size-1 dimension's
+        # stride may be anything).
+        offset = self.storage_offset()
         for dim, idx in enumerate(index):
+            inner = math.prod(shape[dim + 1:])
             last = dim == len(index) - 1
             if isinstance(idx, slice):
                 if not last:
@@ -213,17 +245,15 @@ class VirtualKVTensor(torch.Tensor):
                     fail("index", "a slice with step 1", idx)
                 start, stop, _ = idx.indices(shape[dim])
                 stop = max(start, stop)
-                return (offset + start * strides[dim]) * self.element_size(), (
-                    offset + stop * strides[dim]
-                ) * self.element_size()
+                return (offset + start * inner) * self.element_size(), (offset + stop * inner) * self.element_size()
             if not is_int(idx):
                 fail("index", "ints and an optional final slice", index, ArgumentTypeError)
             idx = int(idx)
             if not -shape[dim] <= idx < shape[dim]:  # negative counts from the end, as in t[idx]
                 fail(f"index[{dim}]", f"an int in [{-shape[dim]}, {shape[dim]})", idx)
             idx %= shape[dim]
-            offset += idx * strides[dim]
-        extent = strides[len(index) - 1] if index else math.prod(shape)
+            offset += idx * inner
+        extent = math.prod(shape[len(index):])
         return offset * self.element_size(), (offset + extent) * self.element_size()
 
     def _pages_covering(self, *index: int | slice) -> tuple[int, int]:
@@ -287,31 +317,18 @@ class VirtualKVTensor(torch.Tensor):
 
     def _check_write(self, index: Any = None) -> None:
         """Raises ``ValueError`` unless every place that ``index`` (``None``: all) writes is committed."""
-        reservation = getattr(self, "reservation", None)
-        if torch.compiler.is_compiling() or reservation is None:
+        if torch.compiler.is_compiling() or getattr(self, "reservation", None) is None:
             return  # traced (the page table is not traceable); made by an op: no metadata
-        if reservation.closed:  # strict mode and CUDA fault (the host's own memory otherwise): as a view
-            raise RuntimeError(f"cannot write through a closed {type(self).__name__} (its memory is released)")
-        shape = tuple(self.shape)
-        slots, rows = _slots_and_rows(index, shape[0], shape[1] if len(shape) > 1 else 1, len(shape))
-        if not slots or not rows:
+        source = cache_source(self)  # itself, or after set_ the tensor whose memory it views (None: plain memory)
+        if source is None:
             return
-        sub = (slice(rows.start, rows.stop),) if len(shape) > 1 else ()
-        whole = not sub or (rows.start == 0 and rows.stop == shape[1])  # adjacent indices: one byte range
-        spans: list[list[int]] = []  # runs [first, last] of leading indices checked as one range
-        for i in sorted(set(slots)):
-            if whole and spans and spans[-1][1] == i - 1:
-                spans[-1][1] = i
-            else:
-                spans.append([i, i])
-        runs = reservation.inherited_ranges() if reservation.forked else reservation.committed_ranges()  # merged
-        for first, last in spans:
-            lo, hi = self.byte_range(first, *sub)[0], self.byte_range(last, *sub)[1]
-            if not _inside_runs(lo, hi, runs, self.page_size):
-                where = f"[{first}]" if first == last else f"[{first}:{last + 1}]"
-                where += f", rows [{rows.start}, {rows.stop})" if sub else ""
-                fail(f"{type(self).__name__} write", "places in committed pages (commit them first: t.commit(...))",
-                     Described(f"index {where}: bytes [{lo}, {hi}) of the reservation"))  # fmt: skip
+        if source.reservation.closed:  # strict mode and CUDA fault (the host's own memory otherwise): as a view
+            raise RuntimeError(f"cannot write through a closed {type(self).__name__} (its memory is released)")
+        check_tensor_write(self, index, source)  # torch_vkv/_write_places.py
+
+    def _over_own_reservation(self) -> bool:
+        """False once ``set_`` gave the tensor other memory (its page table no longer describes it)."""
+        return self.untyped_storage().data_ptr() == self.reservation.base
 
     def release(self) -> None:
         """Decommits every page now (waiting for pending fences, and on CUDA for
@@ -448,7 +465,7 @@ class VirtualKVView(torch.nn.Parameter):
         base = offset + slot * slot_bytes
         lo, hi = base + start * row_bytes, base + (end - 1) * row_bytes + extent
         runs = runs if runs is not None else self.source.reservation.committed_ranges()
-        return _inside_runs(lo, hi, runs, self.source.page_size)
+        return inside_runs(lo, hi, runs, self.source.page_size)
 
     # -- writes ---------------------------------------------------------------
     # A write to a row that is not committed faults (SIGSEGV on the host backend, an illegal
@@ -463,7 +480,7 @@ class VirtualKVView(torch.nn.Parameter):
         reservation = self.source.reservation
         if reservation.closed:
             raise RuntimeError(_CLOSED_WRITE)
-        slots, rows = _slots_and_rows(index, self.shape[0], self.shape[1], self.dim())
+        slots, rows = slots_and_rows(index, self.shape[0], self.shape[1], self.dim())
         if not slots or not rows:
             return
         lo, hi = min(rows), max(rows) + 1
@@ -510,77 +527,6 @@ class VirtualKVView(torch.nn.Parameter):
             if hi > lo:
                 return lo, hi
         return 0, 0
-
-
-def _slots_and_rows(index: Any, num_slots: int, num_rows: int, ndim: int = 4) -> tuple[Optional[list[int]], range]:
-    """The slots and rows an index of a ``[slots, rows, ...]`` view (``ndim``
-    dimensions) touches, from the places that address its first two
-    dimensions. Reads every index form ``Tensor.__setitem__`` takes: ints
-    (NumPy ints, 0-d integer tensors and arrays), slices, integer or boolean
-    tensors, arrays, lists, tuples and ranges (a mask, boolean or uint8 as
-    torch takes it, spans as many dimensions as it has), ``Ellipsis`` and ``None``; a Python bool touches
-    everything (``True``) or nothing (``False``). Several advanced indexes
-    are taken as their cross product, and rows as ``[min, max]``: a superset
-    of what is written. ``(None, ...)`` only for CUDA index tensors (reading
-    them would sync), which are then not checked."""
-    parts = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(p, (bool, np.bool_)) and not p for p in parts):
-        return [], range(0)
-    dims: list[Any] = []  # per dimension of the view that the index consumes: a slice or the indices it takes
-    ellipsis_at = None
-    for part in parts:
-        if part is None or isinstance(part, (bool, np.bool_)):
-            continue  # a new dimension: addresses nothing
-        if part is Ellipsis:
-            ellipsis_at = len(dims) if ellipsis_at is None else ellipsis_at
-            continue
-        taken = _index_part(part)
-        if taken is None:
-            return None, range(0)
-        dims.extend(taken)
-    if ellipsis_at is not None:  # it spans the dimensions the other parts leave
-        dims[ellipsis_at:ellipsis_at] = [slice(None)] * max(0, ndim - len(dims))
-    picked: list[Sequence[int]] = []
-    for part, size in zip(dims[:2], (num_slots, num_rows)):
-        if isinstance(part, slice):
-            picked.append(range(*part.indices(size)))
-        else:  # out-of-range indices are left to torch, which raises
-            picked.append([i + size if i < 0 else i for i in part if -size <= i < size])
-    picked += [range(num_slots), range(num_rows)][len(picked):]
-    rows = list(picked[1])
-    return list(picked[0]), (range(min(rows), max(rows) + 1) if rows else range(0))
-
-
-def _inside_runs(lo: int, hi: int, runs: list, page_size: int) -> bool:
-    """Whether bytes ``[lo, hi)`` lie in one of ``runs`` (merged ``(first page, count)`` ranges)."""
-    return any(first * page_size <= lo and hi <= (first + count) * page_size for first, count in runs)
-
-
-def _index_part(part: Any) -> Optional[list[Any]]:
-    """What one non-``None``, non-``Ellipsis`` index part takes in each view
-    dimension it consumes: a ``slice`` or a list of ints (``slice(None)``,
-    every index, when it is no form torch indexes with: torch then raises).
-    ``None`` for a CUDA tensor."""
-    if isinstance(part, slice):
-        return [part]
-    if isinstance(part, numbers.Integral):
-        return [[int(part)]]
-    if isinstance(part, torch.Tensor):
-        if part.device.type != "cpu":
-            return None
-        arr = part.numpy(force=True) if part.dtype != torch.bfloat16 else None
-    else:
-        try:
-            arr = np.asarray(part)
-        except Exception:
-            arr = None
-    if arr is None or arr.dtype.kind not in "biu":
-        return [slice(None)]  # not an index torch writes with: whatever torch does, assume every index
-    if arr.dtype.kind == "b" or arr.dtype == np.uint8:  # torch indexes with uint8 as with a mask (deprecated)
-        if arr.ndim == 0:  # a 0-d mask: a new dimension, all or nothing (False was handled by the caller)
-            return [] if arr else [[]]
-        return [[int(i) for i in np.unique(coord)] for coord in np.nonzero(arr)]  # one list per masked dim
-    return [[int(i) for i in np.unique(arr)]]
 
 
 # Every data-writing in-place method of the view and of the tensor is checked (torch_vkv/_view_writes.py).
