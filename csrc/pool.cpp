@@ -396,7 +396,7 @@ size_t Reservation::commit(size_t first, size_t count) {
     // revived pages' fences included: unmap them as the reap would have, so
     // the reservation is as it was.
     num_committed_ -= revived.size();
-    unmap_runs_locked(revived);
+    unmap_uncounted_locked(revived);
     throw;
   }
   size_t mapped = 0;
@@ -423,11 +423,7 @@ size_t Reservation::commit(size_t first, size_t count) {
     // (cuMemCreate memory may hold NaN); destroy_locked() drops the mark.
     for (size_t i = 0; i < handles.size(); ++i)
       if (fresh[i]) pool_->never_mapped_.insert(handles[i]);
-    std::vector<size_t> undo(to_map.begin(), to_map.begin() + mapped);
-    try {
-      unmap_runs_locked(undo);
-    } catch (...) {
-    }
+    unmap_uncounted_locked(std::vector<size_t>(to_map.begin(), to_map.begin() + mapped));
     for (size_t i = mapped; i < handles.size(); ++i) pool_->release_locked(handles[i]);
     throw;
   }
@@ -458,7 +454,13 @@ size_t Reservation::decommit(size_t first, size_t count, std::optional<uintptr_t
     }
     pool_->add_pending_locked(weak_from_this(), fence, handles);
   } else {
-    unmap_runs_locked(pages);
+    try {
+      unmap_runs_locked(pages);
+    } catch (...) {
+      // A driver error part-way: the runs unmapped before it are decommitted, the rest stay committed.
+      for (size_t p : pages) num_committed_ -= pages_[p] == kNoPage ? 1 : 0;
+      throw;
+    }
   }
   num_committed_ -= pages.size();
   pool_->counters_locked().decommit_seconds += seconds_since(t0);
@@ -504,10 +506,7 @@ size_t Reservation::alias(size_t first, Reservation& src, size_t src_first, size
       ++pool_->counters_locked().set_access_calls;
     });
   } catch (...) {
-    try {
-      unmap_runs_locked(mapped);
-    } catch (...) {
-    }
+    unmap_uncounted_locked(mapped);
     throw;
   }
   num_committed_ += count;
@@ -560,15 +559,30 @@ void Reservation::unmap_now_locked(const std::vector<size_t>& pages) {
     Fence f = pending_[p];
     if (f != 0 && queued.count(f) && waited.insert(f).second) backend.fence_wait(f);  // the pool destroys it later
   }
-  for (size_t p : pages) {
-    if (pending_[p] != 0) {
-      pending_[p] = 0;
-      pool_->cancel_pending_locked(pages_[p]);
+  std::vector<char> counted(pages.size(), 0);  // counted in num_committed_ (not pending)
+  for (size_t i = 0; i < pages.size(); ++i) {
+    if (pending_[pages[i]] != 0) {
+      pending_[pages[i]] = 0;
+      pool_->cancel_pending_locked(pages_[pages[i]]);
     } else {
-      --num_committed_;
+      counted[i] = 1;
     }
   }
-  unmap_runs_locked(pages);
+  // A driver error part-way leaves the later runs mapped: those pages stay committed, counted as such.
+  auto recount = [&] {
+    for (size_t i = 0; i < pages.size(); ++i) {
+      bool unmapped = pages_[pages[i]] == kNoPage;
+      if (unmapped && counted[i]) --num_committed_;
+      if (!unmapped && !counted[i]) ++num_committed_;
+    }
+  };
+  try {
+    unmap_runs_locked(pages);
+  } catch (...) {
+    recount();
+    throw;
+  }
+  recount();
 }
 
 void Reservation::finish_pending_locked(Fence fence) {
@@ -580,6 +594,15 @@ void Reservation::finish_pending_locked(Fence fence) {
     pool_->cancel_pending_locked(pages_[p]);
   }
   if (address_alive_) unmap_runs_locked(pages);
+}
+
+void Reservation::unmap_uncounted_locked(const std::vector<size_t>& pages) noexcept {
+  try {
+    unmap_runs_locked(pages);
+  } catch (...) {
+    // The caller is failing with an error of its own; a page this left mapped is committed, so counted.
+    for (size_t p : pages) num_committed_ += pages_[p] != kNoPage ? 1 : 0;
+  }
 }
 
 void Reservation::unmap_runs_locked(const std::vector<size_t>& pages) {

@@ -230,7 +230,12 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   void finish_pending_locked(Fence fence);
   Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t num_pages, bool owns_address);
   void check_range(const char* what, size_t first, size_t count) const;
+  // Unmaps and releases `pages`, one backend call per contiguous run. A backend error part-way leaves
+  // the failed run and those after it mapped (pages_ unchanged); the caller recounts num_committed_.
   void unmap_runs_locked(const std::vector<size_t>& pages);
+  // The same on an error path, for pages not counted in num_committed_: never throws; a page it
+  // leaves mapped is counted as committed.
+  void unmap_uncounted_locked(const std::vector<size_t>& pages) noexcept;
   // With the pool mutex held: unmaps `pages` (sorted, each mapped) now. A
   // pending page's decommit ends early: its fence is waited for first (a
   // kernel queued before the decommit may still read the page); a committed

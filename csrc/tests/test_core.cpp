@@ -83,7 +83,7 @@ int g_checks = 0;
 
 #define RUN(test)                                                  \
   do {                                                             \
-    std::printf("%-40s", #test);                                   \
+    std::printf("%-52s", #test);                                   \
     std::fflush(stdout);                                           \
     int rc_ = test();                                              \
     std::printf("%s\n", rc_ == 0 ? "ok" : "FAILED");               \
@@ -1030,21 +1030,16 @@ int test_a_reap_racing_the_last_reference_never_uses_a_destroyed_fence() {
 
 }  // namespace
 
-// The host backend with a driver that makes only `pages` pages: create_page
-// throws OutOfPages past them, as cuMemCreate does when the GPU is full.
-class FewPagesBackend final : public Backend {
+// Forwards every call to an inner backend; the test backends below change one behaviour each.
+class ForwardingBackend : public Backend {
  public:
-  FewPagesBackend(std::shared_ptr<Backend> inner, size_t pages) : inner_(std::move(inner)), left_(pages) {}
+  explicit ForwardingBackend(std::shared_ptr<Backend> inner) : inner_(std::move(inner)) {}
   std::string name() const override { return inner_->name(); }
   int device() const override { return inner_->device(); }
   size_t page_size() const override { return inner_->page_size(); }
   uintptr_t reserve(size_t bytes) override { return inner_->reserve(bytes); }
   void release(uintptr_t addr, size_t bytes) override { inner_->release(addr, bytes); }
-  PageHandle create_page() override {
-    if (left_ == 0) throw OutOfPages("out of device memory (test backend)", 1, 0);
-    --left_;
-    return inner_->create_page();
-  }
+  PageHandle create_page() override { return inner_->create_page(); }
   void destroy_page(PageHandle page) override { inner_->destroy_page(page); }
   void map(uintptr_t addr, PageHandle page) override { inner_->map(addr, page); }
   void set_access(uintptr_t addr, size_t bytes) override { inner_->set_access(addr, bytes); }
@@ -1056,10 +1051,75 @@ class FewPagesBackend final : public Backend {
   void fence_wait(Fence f) override { inner_->fence_wait(f); }
   void fence_destroy(Fence f) override { inner_->fence_destroy(f); }
 
- private:
+ protected:
   std::shared_ptr<Backend> inner_;
+};
+
+// The host backend with a driver that makes only `pages` pages: create_page
+// throws OutOfPages past them, as cuMemCreate does when the GPU is full.
+class FewPagesBackend final : public ForwardingBackend {
+ public:
+  FewPagesBackend(std::shared_ptr<Backend> inner, size_t pages) : ForwardingBackend(std::move(inner)), left_(pages) {}
+  PageHandle create_page() override {
+    if (left_ == 0) throw OutOfPages("out of device memory (test backend)", 1, 0);
+    --left_;
+    return inner_->create_page();
+  }
+
+ private:
   size_t left_;  // only the committer thread creates pages after the first step
 };
+
+// The host backend whose unmap fails once, at its `fail_at`-th call (0: the
+// first), as cuMemUnmap or the host's mmap (the kernel's map count) can.
+class FailingUnmapBackend final : public ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  void fail_unmap_call(int index) { fail_at_ = index; }
+  void unmap(uintptr_t addr, size_t bytes) override {
+    if (fail_at_ >= 0 && fail_at_-- == 0) throw DriverError("unmap failed (test backend)");
+    inner_->unmap(addr, bytes);
+  }
+
+ private:
+  int fail_at_ = -1;
+};
+
+// An unmap that fails part-way through a decommit or a release of several
+// runs: the runs unmapped before it are decommitted, the rest stay committed
+// with their data, and the counts say so (before: the whole call's pages were
+// counted decommitted, or none, whatever had been unmapped).
+int test_an_unmap_failing_part_way_keeps_the_counts() {
+  auto backend = std::make_shared<FailingUnmapBackend>(make_host_backend(kPage));
+  auto pool = std::make_shared<PagePool>(backend, 16);
+  auto res = Reservation::create(pool, 8 * kPage);
+  for (size_t p : {0, 1, 3, 4, 6, 7}) {  // three runs: [0, 2), [3, 5), [6, 8)
+    res->commit(p, 1);
+    fill(*res, p, static_cast<uint8_t>(0x60 + p));
+  }
+  backend->fail_unmap_call(1);  // the second run
+  CHECK_THROWS(DriverError, res->decommit(0, 8, std::nullopt));
+  CHECK_EQ(res->num_committed(), 4u);
+  CHECK(!res->is_committed(0) && !res->is_committed(1));
+  for (size_t p : {3, 4, 6, 7}) CHECK(res->is_committed(p) && holds(*res, p, static_cast<uint8_t>(0x60 + p)));
+  CHECK_EQ(pool->stats().free_pages, 2u);
+  CHECK(available_matches(*pool));
+  CHECK_EQ(res->decommit(0, 8, std::nullopt), 4u);  // the driver works again: the rest go
+  CHECK_EQ(res->num_committed(), 0u);
+  CHECK_EQ(pool->stats().free_pages, 6u);
+
+  for (size_t p : {0, 1, 3, 4, 6, 7}) res->commit(p, 1);
+  backend->fail_unmap_call(2);  // release_all: the third run
+  CHECK_THROWS(DriverError, res->release_all());
+  CHECK_EQ(res->num_committed(), 2u);
+  CHECK(res->is_committed(6) && res->is_committed(7) && !res->is_committed(3));
+  CHECK(available_matches(*pool));
+  res->release_all();
+  CHECK_EQ(res->num_committed(), 0u);
+  CHECK_EQ(pool->stats().free_pages, 6u);
+  CHECK(available_matches(*pool));
+  return 0;
+}
 
 // A background prefetch that finds no page (the driver is full, or another
 // user of the pool took them) is rolled back and skipped, as step_async
@@ -1110,11 +1170,12 @@ int main(int argc, char** argv) {
     RUN(test_committer_lifecycle);
     RUN(test_slot_table_step);
     RUN(test_a_prefetch_that_finds_no_page_is_skipped);
-    std::printf("%-40s", "test_slot_table_threads");
+    RUN(test_an_unmap_failing_part_way_keeps_the_counts);
+    std::printf("%-52s", "test_slot_table_threads");
     std::fflush(stdout);
     if (int rc = test_slot_table_threads(iterations); rc != 0) return rc;
     std::printf("ok\n");
-    std::printf("%-40s", "test_concurrent_committer");
+    std::printf("%-52s", "test_concurrent_committer");
     std::fflush(stdout);
     int rc = test_concurrent_committer(iterations);
     std::printf("%s (%d iterations)\n", rc == 0 ? "ok" : "FAILED", iterations);
