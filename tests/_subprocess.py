@@ -7,6 +7,7 @@ not a dead pytest session.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,3 +110,54 @@ def run_script(code: str, *args: str, timeout: float = 120, env: dict[str, str] 
     if r.returncode != 0:
         pytest.fail(f"the child process failed: {describe(r.returncode)}\n{_output(r.stdout, r.stderr)}")
     return r.stdout
+
+
+# The driver of run_cases: runs the prelude once, then each case's code at module level in a namespace of its
+# own, printing a record before and after each (a crash leaves the case it was running without an end record).
+_CASES_DRIVER = """
+import json, sys, traceback
+{prelude}
+_ns = dict(globals())
+for _name, _code in json.loads(sys.argv[1]):
+    print("\\x1estart " + json.dumps(_name), flush=True)
+    try:
+        exec(compile(_code, _name, "exec"), dict(_ns))
+    except BaseException:
+        print("\\x1efail " + json.dumps([_name, traceback.format_exc()]), flush=True)
+    else:
+        print("\\x1epass " + json.dumps(_name), flush=True)
+"""
+
+
+def run_cases(cases: dict[str, str], prelude: str = "", *, env: dict[str, str] | None = None,
+              timeout: float = 300) -> dict[str, str | None]:  # fmt: skip
+    """Runs each of ``cases`` (name -> code, run at module level after ``prelude``) in as few child
+    interpreters as possible: one child runs them in order, each in a namespace of its own, and a child
+    that dies (a segfault) fails the case it was running; the cases after it run in a new child. Returns
+    name -> ``None`` (ran to its end) or the failure (traceback, or how the child died and its output).
+
+    For many small crash-prone scenarios: a child's start (importing torch) is most of its time."""
+    results: dict[str, str | None] = {}
+    todo = [(name, textwrap.dedent(code)) for name, code in cases.items()]
+    driver = _CASES_DRIVER.format(prelude=textwrap.dedent(prelude))
+    while todo:
+        r = run_argv(["-c", driver, json.dumps(todo)], env=env, timeout=timeout)
+        died = f"{describe(r.returncode)}\n{_output(r.stdout, r.stderr)}"
+        running, ran = None, []
+        for line in r.stdout.split("\n"):  # not splitlines(): it splits at the \x1e marking a record too
+            kind, _, payload = line.partition(" ")
+            if kind == "\x1estart":
+                running = json.loads(payload)
+            elif kind in ("\x1epass", "\x1efail"):
+                name, trace = json.loads(payload) if kind == "\x1efail" else (json.loads(payload), None)
+                results[name], running = trace, None
+                ran.append(name)
+        if running is not None:  # a crash inside a case
+            results[running] = f"the child died running it: {died}"
+        elif r.returncode != 0 or not ran:  # died in the prelude, between two cases or at exit: all its cases fail
+            for name in ran or [n for n, _ in todo]:
+                results[name] = f"the child failed: {died}"
+            if not ran:
+                return results
+        todo = [(n, c) for n, c in todo if n not in results]
+    return results

@@ -20,7 +20,7 @@ import torch
 from torch_vkv import KVCache, VirtualKVTensor
 from torch_vkv.tensor import VirtualKVView
 
-from _subprocess import check_scenario, describe, run_python
+from _subprocess import check_scenario, describe, run_cases, run_python
 
 # A small cache: 64 tokens per 4 KiB host page (2 heads x 8 dims x 4 bytes),
 # 4 pages per slot.
@@ -456,25 +456,35 @@ WRITES = {
 }
 
 
-@pytest.mark.parametrize("write", list(WRITES), ids=list(WRITES))
-def test_writes_to_uncommitted_rows_raise_and_change_nothing(write):
-    """The checked writes raise ValueError naming the slot, the committed rows
-    and the end of the write; the committed rows keep their values. Both layouts
-    in one child process (a child's start, importing torch, is most of its time)."""
-    check_scenario(PRELUDE + f"""
-import numpy as np
+WRITE_SCENARIO = """
 for layout in ("per_layer", "interleaved"):
     cache, slot, x = filled(layout)
     k = cache.key(0)
     try:
-        {WRITES[write]}
+        {write}
     except ValueError as e:
         msg = str(e)
     else:
         raise AssertionError(f"{{layout}}: no error")
     assert "committed" in msg and "slot" in msg and "rows [" in msg, (layout, msg)
     assert torch.equal(k[slot, :40], x), layout
-""", env=LAX)
+"""
+
+
+@pytest.fixture(scope="module")
+def write_outcomes() -> dict[str, str | None]:
+    """Every write of WRITES in as few child processes as possible (a child's start, importing torch, is
+    most of its time; a write that crashes its child fails alone and the rest run in a new one)."""
+    return run_cases({name: WRITE_SCENARIO.format(write=code) for name, code in WRITES.items()},
+                     PRELUDE + "import numpy as np\n", env=LAX)  # fmt: skip
+
+
+@pytest.mark.parametrize("write", list(WRITES), ids=list(WRITES))
+def test_writes_to_uncommitted_rows_raise_and_change_nothing(write, write_outcomes):
+    """The checked writes raise ValueError naming the slot, the committed rows
+    and the end of the write; the committed rows keep their values. Both layouts."""
+    failure = write_outcomes[write]
+    assert failure is None, failure
 
 
 # _view_writes' bytecode test on its own (no torch: any interpreter on the machine can run it).
