@@ -38,7 +38,7 @@ setup(
         # The server loads the checkpoint and its tokenizer through transformers;
         # its load client (bench serve --url) speaks HTTP through httpx.
         "serve": ["transformers>=5.0", "fastapi", "uvicorn", "prometheus_client", "httpx"],
-        "test": ["pytest", "hypothesis", "triton>=3.2", "transformers>=5.0", "fastapi", "uvicorn", "prometheus_client",
+        "test": ["pytest", "pytest-xdist", "hypothesis", "triton>=3.2", "transformers>=5.0", "fastapi", "uvicorn", "prometheus_client",
                  "openai", "httpx", "tokenizers"],
     },
     zip_safe=False,

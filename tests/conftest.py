@@ -18,6 +18,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n auto`), each worker process gets its share of the cores for torch's
+# intra-op threads, so that the workers together use each core once rather than competing for it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker a core, at most 8 (each worker holds its own torch, transformers and caches;
+    the suite is short enough that more workers mostly add start-up time)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
 
 @pytest.fixture
 def no_interpreted_triton(monkeypatch):
