@@ -33,10 +33,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail, is_int
-from torch_vkv.cache import LAYOUTS, KVCache
-from torch_vkv.pool import check_host_page_size
+from torch_vkv._checks import check_int, fail, is_int
+from torch_vkv.cache import KVCache
 from torch_vkv.hf import batch_ops, commit_op, windows
+from torch_vkv.hf.arguments import check_cache_arguments, check_reservation_fits
 from torch_vkv.hf.compat import check_vkv_support, layer_windows, model_shape, text_config  # noqa: F401
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
@@ -107,26 +107,15 @@ class VirtualKVCache(Cache):
         # Each layer's sliding window: the attention applies it (also where the model puts it only in
         # the mask, PhiMoE), and per_layer vkv caches give back the pages behind it.
         self._layer_windows = layer_windows(config, self._num_layers)
-        self._max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
-        self._max_cache_len = check_int("max_cache_len", max_cache_len, low=1)
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            fail("dtype", "None or a floating-point torch.dtype", dtype, ArgumentTypeError)
-        self._dtype = dtype
-        self._device = check_device(device)
-        if memory_budget is not None:
-            memory_budget = check_int("memory_budget", memory_budget, low=0)
-        if not isinstance(layout, str) or layout not in LAYOUTS:
-            fail("layout", f"one of {LAYOUTS}", layout)
-        if page_size is not None:
-            page_size = check_host_page_size(page_size)
-            if self._device is not None and self._device.type == "cuda":
-                fail("page_size", "None on CUDA (the driver's 2 MiB granularity is used)", page_size)
-        margin_tokens = check_int("margin_tokens", margin_tokens, low=0)
-        if not isinstance(prefetch, bool):
-            fail("prefetch", "a bool", prefetch, ArgumentTypeError)
-        self._prefetch = prefetch
-        self._kv_kwargs = dict(memory_budget=memory_budget, layout=layout, page_size=page_size,
-                               margin_tokens=margin_tokens)  # fmt: skip
+        args = check_cache_arguments(
+            (self._num_layers, self._num_kv_heads, self._head_dim), max_batch_size, max_cache_len, device=device,
+            dtype=dtype, memory_budget=memory_budget, layout=layout, page_size=page_size,
+            margin_tokens=margin_tokens, prefetch=prefetch,
+        )  # fmt: skip
+        self._max_batch_size, self._max_cache_len = args.max_batch_size, args.max_cache_len
+        self._dtype, self._device, self._prefetch = args.dtype, args.device, args.prefetch
+        self._kv_kwargs = dict(memory_budget=args.memory_budget, layout=layout, page_size=args.page_size,
+                               margin_tokens=args.margin_tokens)  # fmt: skip
         self._layout = layout
         self._lengths: Optional[SequenceLengths] = None
         self._mode: Optional[str] = None  # None until the first update: "padded" or "vkv"
@@ -212,6 +201,9 @@ class VirtualKVCache(Cache):
     # -- set-up ----------------------------------------------------------------------------
     def _build_kv(self, device: torch.device, dtype: torch.dtype) -> None:
         self._check_open()
+        # In this cache's words (max_cache_len) rather than KVCache's (max_seq_len), and before anything is built.
+        check_reservation_fits((self._num_layers, self._num_kv_heads, self._head_dim), self._max_batch_size,
+                               self._max_cache_len, torch.empty((), dtype=dtype).element_size())  # fmt: skip
         kw = dict(self._kv_kwargs)
         if device.type != "cpu":
             if kw["page_size"] is not None:
