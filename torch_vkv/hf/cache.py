@@ -427,7 +427,7 @@ class VirtualKVCache(Cache):
         sliding-window layers, what :func:`windows.step_need` tells the KVCache."""
         need = np.zeros(self._max_batch_size, dtype=np.int64)
         need[: len(rows)] = rows
-        if start is not None and self._kv._windowed:
+        if start is not None and self._kv.trims_windows:
             need = windows.step_need(self._kv, need, start)
             if not need.any():
                 return
