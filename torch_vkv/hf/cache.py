@@ -40,6 +40,7 @@ from torch_vkv.hf.arguments import check_cache_arguments, check_reservation_fits
 from torch_vkv.hf.compat import check_vkv_support, layer_windows, model_shape, text_config  # noqa: F401
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
+from torch_vkv.hf.step_owner import StepOwner
 
 from transformers.cache_utils import Cache
 
@@ -123,6 +124,7 @@ class VirtualKVCache(Cache):
         self._pending_padding: Optional[torch.Tensor] = None  # [B, S] bool from the "vkv" mask function
         self._batch_copied_bytes = 0  # bytes batch operations wrote into the cache (memory_stats)
         self._op_key: Optional[torch.Tensor] = None  # commit_op's key, with the KV cache
+        self._owner = StepOwner()  # the thread of the eager step in progress
         self._ref = weakref.ref(self)
         super().__init__(layers=[VirtualKVLayer(self, i) for i in range(self._num_layers)])
         if self._device is not None and self._dtype is not None:
@@ -289,6 +291,10 @@ class VirtualKVCache(Cache):
     # -- steps -------------------------------------------------------------------------------
     @torch.compiler.disable  # host work (commits, lengths): a compiled prefill runs it eagerly, graph break
     def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
+        # One thread at a time, overlapping steps of two threads refused (torch_vkv/hf/step_owner.py).
+        return self._owner.run(layer_idx, self._begin_or_join_step, layer_idx, key_states)
+
+    def _begin_or_join_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
         """The step ``key_states`` belongs to. Layer 0 begins it: fixes mode and
         batch on the first step, settles the lengths, plans the padding squeeze,
         commits, counts the tokens. Other layers join it."""
@@ -488,6 +494,7 @@ class VirtualKVCache(Cache):
         self._mode = None
         self._step = None
         self._pending_padding = None
+        self._owner.clear()
 
     def crop(self, max_length: int) -> None:
         """Drops tokens from the end: ``crop(-n)`` removes ``n`` tokens, ``crop(n)``
