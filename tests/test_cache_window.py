@@ -204,6 +204,20 @@ def test_no_window_is_the_plain_cache():
     cache.close()
 
 
+@pytest.mark.parametrize(
+    "windows,layout,trims",
+    [(None, "per_layer", False), ([None, 8, None, 8], "per_layer", True), (8, "interleaved", True),
+     ([None, 8, None, 8], "interleaved", False)],  # interleaved with a global layer: a page goes once no layer needs it
+)
+def test_trims_windows_says_whether_pages_behind_a_window_go_back(windows, layout, trims):
+    """The public read-only answer the Hugging Face adapter asks (it read the private _windowed)."""
+    cache = make("cpu", windows, layout=layout)
+    assert cache.trims_windows is trims
+    with pytest.raises(AttributeError):
+        cache.trims_windows = not trims
+    cache.close()
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_attention_over_a_windowed_cache_equals_full_history_reference(backend):
     """Decode over the cache after its windowed layer gave pages back, against the reference on

@@ -38,6 +38,13 @@ class _WindowMixin:
             for gi in range(len(self._window_sizes))
         ]
 
+    @property
+    def trims_windows(self: "KVCache") -> bool:
+        """Whether steps give back pages behind a sliding window (some buffer has a window: in
+        ``per_layer`` any sliding layer, in ``interleaved`` only when every layer slides). Then
+        :meth:`window_start` can be past 0, and :meth:`remap` and :meth:`fork` refuse the cache."""
+        return self._windowed
+
     @locked
     def window_start(self: "KVCache", layer: int) -> np.ndarray:
         """First row of each slot that ``layer`` still holds (int64 ``[max_batch_size]``): the

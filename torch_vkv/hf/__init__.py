@@ -9,6 +9,8 @@ used, like ``DynamicCache``. Importing this package registers
 Modules, one concept each:
 
 * :mod:`~torch_vkv.hf.cache`: ``VirtualKVCache`` (steps, commits, batch operations);
+* :mod:`~torch_vkv.hf.arguments`: the checks of its constructor arguments;
+* :mod:`~torch_vkv.hf.step_owner`: the thread of the eager step in progress (overlaps refused);
 * :mod:`~torch_vkv.hf.layer`: ``VirtualKVLayer`` (a layer's K/V views and writes);
 * :mod:`~torch_vkv.hf.lengths`: ``SequenceLengths``, the one owner of every row's length;
 * :mod:`~torch_vkv.hf.attention`: the read-only ``"vkv"`` attention and mask functions;

@@ -88,7 +88,7 @@ def gather(cache: "VirtualKVCache", index: list[int]) -> None:
         return
     new_rows = [old_rows[i] for i in index]
     kv = cache._kv
-    if _windowed(kv):
+    if kv.trims_windows:
         cache._batch_copied_bytes += _gather_windowed(cache, index, old_rows, new_rows)
     elif cache._copy_batch_ops:
         cache._batch_copied_bytes += _gather_by_copy(cache, index, old_rows, new_rows)
@@ -103,7 +103,7 @@ def shrink(cache: "VirtualKVCache", rows: list[int]) -> None:
     """Rows ``b`` keep ``rows[b]`` tokens (rows past them none): pages beyond are
     decommitted and the KVCache's per-slot counts are set to the new lengths."""
     kv = cache._kv
-    windowed = _windowed(kv)
+    windowed = kv.trims_windows
     if not windowed and rows:
         # A row whose new end falls in a page it shares gets its own copy of that page
         # (it appends there next); the others only set their token counts.
@@ -113,10 +113,6 @@ def shrink(cache: "VirtualKVCache", rows: list[int]) -> None:
         kv.decommit(b, keep)  # sets the used tokens to at most `keep`; windowed: keeps what the window needs
         if keep and not windowed:
             kv.commit(b, keep)  # and at least `keep`
-
-
-def _windowed(kv: Any) -> bool:
-    return any(w is not None for w in kv.sliding_window)
 
 
 def _gather_by_copy(cache: "VirtualKVCache", index: list[int], old_rows: list[int], new_rows: list[int]) -> int:

@@ -33,13 +33,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from torch_vkv._checks import ArgumentTypeError, check_device, check_int, fail, is_int
-from torch_vkv.cache import LAYOUTS, KVCache
-from torch_vkv.pool import check_host_page_size
+from torch_vkv._checks import check_int, fail, is_int
+from torch_vkv.cache import KVCache
 from torch_vkv.hf import batch_ops, commit_op, windows
+from torch_vkv.hf.arguments import check_cache_arguments, check_reservation_fits
 from torch_vkv.hf.compat import check_vkv_support, layer_windows, model_shape, text_config  # noqa: F401
 from torch_vkv.hf.layer import VirtualKVLayer, interleaved_base
 from torch_vkv.hf.lengths import SequenceLengths, StepPlan, padding_counts
+from torch_vkv.hf.step_owner import StepOwner
 
 from transformers.cache_utils import Cache
 
@@ -107,26 +108,15 @@ class VirtualKVCache(Cache):
         # Each layer's sliding window: the attention applies it (also where the model puts it only in
         # the mask, PhiMoE), and per_layer vkv caches give back the pages behind it.
         self._layer_windows = layer_windows(config, self._num_layers)
-        self._max_batch_size = check_int("max_batch_size", max_batch_size, low=1)
-        self._max_cache_len = check_int("max_cache_len", max_cache_len, low=1)
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            fail("dtype", "None or a floating-point torch.dtype", dtype, ArgumentTypeError)
-        self._dtype = dtype
-        self._device = check_device(device)
-        if memory_budget is not None:
-            memory_budget = check_int("memory_budget", memory_budget, low=0)
-        if not isinstance(layout, str) or layout not in LAYOUTS:
-            fail("layout", f"one of {LAYOUTS}", layout)
-        if page_size is not None:
-            page_size = check_host_page_size(page_size)
-            if self._device is not None and self._device.type == "cuda":
-                fail("page_size", "None on CUDA (the driver's 2 MiB granularity is used)", page_size)
-        margin_tokens = check_int("margin_tokens", margin_tokens, low=0)
-        if not isinstance(prefetch, bool):
-            fail("prefetch", "a bool", prefetch, ArgumentTypeError)
-        self._prefetch = prefetch
-        self._kv_kwargs = dict(memory_budget=memory_budget, layout=layout, page_size=page_size,
-                               margin_tokens=margin_tokens)  # fmt: skip
+        args = check_cache_arguments(
+            (self._num_layers, self._num_kv_heads, self._head_dim), max_batch_size, max_cache_len, device=device,
+            dtype=dtype, memory_budget=memory_budget, layout=layout, page_size=page_size,
+            margin_tokens=margin_tokens, prefetch=prefetch,
+        )  # fmt: skip
+        self._max_batch_size, self._max_cache_len = args.max_batch_size, args.max_cache_len
+        self._dtype, self._device, self._prefetch = args.dtype, args.device, args.prefetch
+        self._kv_kwargs = dict(memory_budget=args.memory_budget, layout=layout, page_size=args.page_size,
+                               margin_tokens=args.margin_tokens)  # fmt: skip
         self._layout = layout
         self._lengths: Optional[SequenceLengths] = None
         self._mode: Optional[str] = None  # None until the first update: "padded" or "vkv"
@@ -134,6 +124,7 @@ class VirtualKVCache(Cache):
         self._pending_padding: Optional[torch.Tensor] = None  # [B, S] bool from the "vkv" mask function
         self._batch_copied_bytes = 0  # bytes batch operations wrote into the cache (memory_stats)
         self._op_key: Optional[torch.Tensor] = None  # commit_op's key, with the KV cache
+        self._owner = StepOwner()  # the thread of the eager step in progress
         self._ref = weakref.ref(self)
         super().__init__(layers=[VirtualKVLayer(self, i) for i in range(self._num_layers)])
         if self._device is not None and self._dtype is not None:
@@ -212,6 +203,9 @@ class VirtualKVCache(Cache):
     # -- set-up ----------------------------------------------------------------------------
     def _build_kv(self, device: torch.device, dtype: torch.dtype) -> None:
         self._check_open()
+        # In this cache's words (max_cache_len) rather than KVCache's (max_seq_len), and before anything is built.
+        check_reservation_fits((self._num_layers, self._num_kv_heads, self._head_dim), self._max_batch_size,
+                               self._max_cache_len, torch.empty((), dtype=dtype).element_size())  # fmt: skip
         kw = dict(self._kv_kwargs)
         if device.type != "cpu":
             if kw["page_size"] is not None:
@@ -297,6 +291,10 @@ class VirtualKVCache(Cache):
     # -- steps -------------------------------------------------------------------------------
     @torch.compiler.disable  # host work (commits, lengths): a compiled prefill runs it eagerly, graph break
     def _eager_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
+        # One thread at a time, overlapping steps of two threads refused (torch_vkv/hf/step_owner.py).
+        return self._owner.run(layer_idx, self._begin_or_join_step, layer_idx, key_states)
+
+    def _begin_or_join_step(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
         """The step ``key_states`` belongs to. Layer 0 begins it: fixes mode and
         batch on the first step, settles the lengths, plans the padding squeeze,
         commits, counts the tokens. Other layers join it."""
@@ -435,7 +433,7 @@ class VirtualKVCache(Cache):
         sliding-window layers, what :func:`windows.step_need` tells the KVCache."""
         need = np.zeros(self._max_batch_size, dtype=np.int64)
         need[: len(rows)] = rows
-        if start is not None and self._kv._windowed:
+        if start is not None and self._kv.trims_windows:
             need = windows.step_need(self._kv, need, start)
             if not need.any():
                 return
@@ -496,6 +494,7 @@ class VirtualKVCache(Cache):
         self._mode = None
         self._step = None
         self._pending_padding = None
+        self._owner.clear()
 
     def crop(self, max_length: int) -> None:
         """Drops tokens from the end: ``crop(-n)`` removes ``n`` tokens, ``crop(n)``
