@@ -43,3 +43,85 @@ def test_subclass_that_defines_eq_can_be_built_and_is_still_fork_tracked():
     gc.collect()
     assert sum(1 for obj in _lifetime.tracked() if isinstance(obj, ComparedCache)) == 1
     b.close()
+
+
+def test_subclass_with_eq_is_unusable_in_a_forked_child_and_the_error_names_it():
+    """The fork registry reaches such a subclass too: in a forked child its methods raise,
+    naming the subclass, and the parent's cache keeps working (a child process: fork)."""
+    from _subprocess import check_scenario
+
+    check_scenario(
+        """
+        import os, torch
+        from torch_vkv import KVCache
+
+        class ComparedCache(KVCache):
+            def __eq__(self, other):
+                return self is other
+
+        cache = ComparedCache(2, 2, 8, max_batch_size=2, max_seq_len=256, dtype=torch.float32, device="cpu",
+                              page_size=4096)
+        slot = cache.alloc()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                cache.commit(slot, 10)
+            except RuntimeError as e:
+                code = 0 if "this ComparedCache was created in process" in str(e) else 2
+            os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        cache.commit(slot, 10)
+        assert cache.committed_tokens(slot) >= 10
+        cache.close()
+        """
+    )
+
+
+class Named(KVCache):
+    pass
+
+
+def test_errors_of_a_closed_subclass_name_the_subclass():
+    cache = small(Named)
+    cache.close()
+    with pytest.raises(RuntimeError, match="the Named is closed"):
+        cache.alloc()
+    base = small()
+    base.close()
+    with pytest.raises(RuntimeError, match="the KVCache is closed"):
+        base.alloc()
+
+
+def test_hf_subclass_closed_error_names_the_subclass():
+    transformers = pytest.importorskip("transformers")
+    from torch_vkv.hf import VirtualKVCache
+
+    class MyCache(VirtualKVCache):
+        pass
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    cache = MyCache(config, 2, 64, device="cpu", dtype=torch.float32, page_size=PAGE)
+    assert cache.kv_cache.num_buffers == 4 and cache.kv_cache.windowed is False
+    cache.close()
+    states = torch.zeros(1, 2, 1, 8)
+    with pytest.raises(RuntimeError, match="MyCache is closed"):
+        cache.update(states, states, 0)
+
+
+def test_windowed_and_num_buffers_are_public_read_only():
+    """The Hugging Face adapter read ``KVCache._windowed`` and ``len(KVCache._buffers)``;
+    an adapter of one's own needs the same, read-only."""
+    plain = small()
+    windowed = small(sliding_window=[64, None])
+    inter = small(layout="interleaved")
+    assert plain.windowed is False and windowed.windowed is True and inter.windowed is False
+    assert plain.num_buffers == 4 and inter.num_buffers == 1
+    for cache in (plain, windowed):
+        with pytest.raises(AttributeError):
+            cache.windowed = True
+        with pytest.raises(AttributeError):
+            cache.num_buffers = 1
+    for cache in (plain, windowed, inter):
+        cache.close()

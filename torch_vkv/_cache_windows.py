@@ -50,6 +50,13 @@ class _WindowMixin:
             return np.zeros(self.max_batch_size, dtype=np.int64)
         return -(-self._first_pages[g] * self.page_size // self.bytes_per_token_buffer)
 
+    @property
+    def windowed(self: "KVCache") -> bool:
+        """Whether some buffer gives back the pages behind a sliding window: then :meth:`window_start`
+        can be above 0 and ``fork``/``remap`` are refused. False for an ``interleaved`` cache with a
+        global layer (its pages hold every layer of a token, so none goes) and without ``sliding_window``."""
+        return self._windowed
+
     def _buffer_windows(self: "KVCache") -> list[int]:
         """The window of each buffer for the slot table (0: keeps every page). ``per_layer``: its
         layer's. ``interleaved``: its one buffer holds every layer of a token, so a page goes only

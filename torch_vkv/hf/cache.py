@@ -207,7 +207,7 @@ class VirtualKVCache(Cache):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("VirtualKVCache is closed: build a new cache")
+            raise RuntimeError(f"{type(self).__name__} is closed: build a new cache")  # a subclass's own name
 
     # -- set-up ----------------------------------------------------------------------------
     def _build_kv(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -435,7 +435,7 @@ class VirtualKVCache(Cache):
         sliding-window layers, what :func:`windows.step_need` tells the KVCache."""
         need = np.zeros(self._max_batch_size, dtype=np.int64)
         need[: len(rows)] = rows
-        if start is not None and self._kv._windowed:
+        if start is not None and self._kv.windowed:
             need = windows.step_need(self._kv, need, start)
             if not need.any():
                 return

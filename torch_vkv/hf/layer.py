@@ -171,7 +171,7 @@ class VirtualKVLayer(CacheLayerMixin):
         # A sliding layer gave back the pages behind its window: those rows are not read (on CUDA a read of
         # an unmapped page is a fault) and stay zeros, as DynamicCache's sliding layers hold none of them.
         kv = self._parent._kv
-        first = kv.window_start(self.layer_idx) if kv is not None and kv._windowed else None
+        first = kv.window_start(self.layer_idx) if kv is not None and kv.windowed else None
         for b, r in enumerate(rows):
             lo = min(r, int(first[b])) if first is not None else 0
             if r > lo:

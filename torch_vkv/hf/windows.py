@@ -54,7 +54,7 @@ def check_keep(kv: Any, rows: list[int], what: str) -> None:
     sliding layer already gave back rows its next query reads: after a step from ``L`` a windowed
     layer keeps the rows from the page of ``L - W`` on, so a row can go back to the start of its
     last step, not further (``DynamicCache``'s sliding layers refuse such crops too)."""
-    if kv is None or not kv._windowed:
+    if kv is None or not kv.windowed:
         return
     seen = set()
     for l, w in enumerate(kv.sliding_window):
