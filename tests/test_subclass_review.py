@@ -125,3 +125,30 @@ def test_windowed_and_num_buffers_are_public_read_only():
             cache.num_buffers = 1
     for cache in (plain, windowed, inter):
         cache.close()
+
+
+class CountingPages(VirtualKVTensor):
+    """Counts its committed pages through the page hooks (docs/design.md, "Subclassing")."""
+
+    def _commit_pages(self, first, count):
+        done = super()._commit_pages(first, count)
+        self.pages = getattr(self, "pages", 0) + done
+        return done
+
+    def _decommit_pages(self, first, count, stream):
+        done = super()._decommit_pages(first, count, stream)
+        self.pages = getattr(self, "pages", 0) - done
+        return done
+
+
+def test_virtual_tensor_empty_is_typed_as_the_class_it_is_called_on():
+    """``Sub.empty(...)`` returns a ``Sub`` at run time; its annotation said ``VirtualKVTensor``,
+    so a type checker lost the subclass (and its attributes) at every ``empty`` call."""
+    import typing
+
+    returned = typing.get_type_hints(VirtualKVTensor.empty)["return"]
+    assert isinstance(returned, typing.TypeVar) and returned.__bound__ is not None
+    assert typing.get_type_hints(VirtualKVTensor.empty)["cls"] == type[returned]
+    t = CountingPages.empty((2, 1024), dtype=torch.float32, device="cpu", page_size=PAGE)
+    assert type(t) is CountingPages
+    t.close()
