@@ -93,6 +93,78 @@ def test_errors_of_a_closed_subclass_name_the_subclass():
         base.alloc()
 
 
+class Recorder(KVCache):
+    """Records every public method the cache calls on itself."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def _record(name):  # noqa: N805 (a decorator factory in the class body)
+        def wrap(self, *args, **kwargs):
+            self.calls.append(name)
+            return getattr(KVCache, name)(self, *args, **kwargs)
+
+        return wrap
+
+    alloc = _record("alloc")
+    free = _record("free")
+    commit = _record("commit")
+    can_commit = _record("can_commit")
+    step = _record("step")
+    step_async = _record("step_async")
+    can_step = _record("can_step")
+    decommit = _record("decommit")
+    reclaim = _record("reclaim")
+    memory_stats = _record("memory_stats")
+    close = _record("close")
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        # the aliases and the one-slot forms go through the public method they name
+        (lambda c, s: c.release(s), ["free"]),
+        (lambda c, s: c.reserve(s, 40), ["commit", "step"]),
+        (lambda c, s: c.can_reserve(s, 40), ["can_commit", "can_step"]),
+        (lambda c, s: c.commit(s, 40), ["commit", "step"]),
+        (lambda c, s: c.__exit__(None, None, None), ["close"]),
+        # the rest call none: fork and remap take slots without alloc, step_async does not call step,
+        # close frees no slot, repr and stats read the bookkeeping
+        (lambda c, s: c.fork(s, 20), []),
+        (lambda c, s: c.remap([s], [s], [10]), []),
+        (lambda c, s: c.step_async({s: 50}), ["step_async"]),
+        (lambda c, s: c.prewarm(10), []),
+        (lambda c, s: c.decommit(s, 10), ["decommit"]),
+        (lambda c, s: c.reclaim(), ["reclaim"]),
+        (lambda c, s: c.free(c.fork(s, 20)), ["free"]),  # a freed slot with shared pages: decommitted
+        (lambda c, s: c.close(), ["close"]),
+        (lambda c, s: repr(c), []),
+    ],
+)
+def test_which_public_methods_the_cache_calls_on_itself(call, expected):
+    """The call graph docs/design.md ("Subclassing") promises: an override of each
+    method listed runs for the call, and of no other public method."""
+    cache = small(Recorder)
+    slot = cache.alloc()
+    cache.commit(slot, 30)
+    cache.calls.clear()
+    call(cache, slot)
+    assert cache.calls == expected
+    KVCache.close(cache)
+
+
+def test_a_step_that_reclaims_freed_slots_calls_no_decommit_override():
+    cache = small(Recorder, memory_budget=4 * 2 * PAGE)  # 2 pages for each of the 4 buffers
+    first, second = cache.alloc(), cache.alloc()
+    cache.commit(first, 64)  # 64 tokens: one page per buffer
+    cache.free(first)  # its pages stay (deferred reclamation)
+    cache.calls.clear()
+    cache.step({second: 128})  # needs both pages per buffer: reclaims the freed slot's
+    assert cache.calls == ["step"] and cache.committed_tokens(first) == 0
+    KVCache.close(cache)
+
+
 def test_hf_subclass_closed_error_names_the_subclass():
     transformers = pytest.importorskip("transformers")
     from torch_vkv.hf import VirtualKVCache
@@ -139,6 +211,32 @@ class CountingPages(VirtualKVTensor):
         done = super()._decommit_pages(first, count, stream)
         self.pages = getattr(self, "pages", 0) - done
         return done
+
+
+def test_virtual_tensor_page_hooks_see_commit_and_decommit_and_what_release_bypasses():
+    """commit/decommit go through the hooks; release()/close() drop every page at once
+    without them (the docs used to call the hooks "the only places that touch the page
+    table"), so a subclass that counts pages overrides release too."""
+    t = CountingPages.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=PAGE)
+    t.commit(0)
+    t.commit(slice(1, 3))
+    assert t.pages == 3 == t.reservation.num_committed()
+    t.decommit(1)
+    assert t.pages == 2 == t.reservation.num_committed()
+    t.release()
+    assert t.reservation.num_committed() == 0 and t.pages == 2  # the hooks did not run
+    t.close()
+
+
+def test_step_with_a_numpy_array_reaches_an_overridden_step():
+    cache = small(Recorder)
+    slot = cache.alloc()
+    cache.calls.clear()
+    lens = np.zeros(4, dtype=np.int64)
+    lens[slot] = 40
+    cache.step(lens)
+    assert cache.calls == ["step"] and cache.committed_tokens(slot) >= 40
+    KVCache.close(cache)
 
 
 def test_virtual_tensor_empty_is_typed_as_the_class_it_is_called_on():
