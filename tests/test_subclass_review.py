@@ -250,3 +250,36 @@ def test_virtual_tensor_empty_is_typed_as_the_class_it_is_called_on():
     t = CountingPages.empty((2, 1024), dtype=torch.float32, device="cpu", page_size=PAGE)
     assert type(t) is CountingPages
     t.close()
+
+
+class AttributesAfterInit(KVCache):
+    """Sets its own state after ``super().__init__``: fine only if the constructor calls no public method."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ready = True
+
+    def _guard(name):  # noqa: N805 (a decorator factory in the class body)
+        def wrap(self, *args, **kwargs):
+            assert getattr(self, "ready", False), f"KVCache.__init__ called {name} before the subclass's own"
+            return getattr(KVCache, name)(self, *args, **kwargs)
+
+        return wrap
+
+    alloc = _guard("alloc")
+    free = _guard("free")
+    commit = _guard("commit")
+    step = _guard("step")
+    step_async = _guard("step_async")
+    decommit = _guard("decommit")
+    reclaim = _guard("reclaim")
+    memory_stats = _guard("memory_stats")
+
+
+@pytest.mark.parametrize("kw", [{}, {"layout": "interleaved"}, {"sliding_window": [64, None]}])
+def test_the_constructor_calls_no_public_method_so_attributes_may_come_after_it(kw):
+    cache = small(AttributesAfterInit, **kw)
+    slot = cache.alloc()
+    cache.commit(slot, 10)
+    assert cache.memory_stats()["active_slots"] == 1
+    cache.close()
