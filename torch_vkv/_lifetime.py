@@ -29,18 +29,31 @@ import weakref
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 __all__ = ["Closable", "DropAfterCapture", "Unique", "forked_error", "locked", "one_thread", "release_deferred",
-           "track"]
+           "track", "tracked"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound="Closable")
 
-_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Live tracked objects by id. Not a WeakSet: that hashes its members, and a subclass that defines
+# ``__eq__`` without ``__hash__`` (Python then sets ``__hash__`` to None) could not be built.
+_live: "dict[int, weakref.ref[Any]]" = {}
 
 
 def track(obj: Any) -> None:
     """Marks ``obj`` unusable in any child forked while it is alive (calls ``obj._mark_forked()`` there)."""
     release_deferred()
-    _live.add(obj)
+    key = id(obj)
+
+    def forget(ref: "weakref.ref[Any]", key: int = key) -> None:
+        if _live.get(key) is ref:  # not a newer object that took the same id
+            del _live[key]
+
+    _live[key] = weakref.ref(obj, forget)
+
+
+def tracked() -> list[Any]:
+    """The live objects :func:`track` registered."""
+    return [obj for obj in (ref() for ref in list(_live.values())) if obj is not None]
 
 
 # What objects dropped while this thread captured a CUDA graph held (their attributes), released after it.
@@ -82,7 +95,7 @@ class DropAfterCapture:
 
 def _after_fork_in_child() -> None:
     # Only the forking thread exists in the child: nothing runs concurrently.
-    for obj in list(_live):
+    for obj in tracked():
         obj._mark_forked()
 
 

@@ -27,9 +27,10 @@ Modules
 -------
 The per-slot bookkeeping and the per-step commit decision live in the C++
 slot table (``csrc/slots.h``); ``KVCache`` is assembled from this module
-(construction, views, slots, commits, stats, lifecycle) and three mixins:
+(construction, views, slots, commits, stats, lifecycle) and four mixins:
 the per-step API (``_cache_step.py``), forks and shared pages
-(``_cache_fork.py``) and sliding windows (``_cache_windows.py``).
+(``_cache_fork.py``), sliding windows (``_cache_windows.py``) and the
+buffer and page geometry (``_cache_layout.py``).
 
 Threads
 -------
@@ -63,6 +64,7 @@ import numpy as np
 import torch
 
 from torch_vkv._cache_fork import _ForkMixin
+from torch_vkv._cache_layout import _LayoutMixin
 from torch_vkv._cache_step import _StepMixin
 from torch_vkv._cache_windows import _WindowMixin, parse_windows
 from torch_vkv._checks import ArgumentTypeError, check_int, check_stream, fail
@@ -80,7 +82,7 @@ __all__ = ["KVCache", "LAYOUTS"]
 #: fewer tokens and commits are that much finer.
 LAYOUTS = ("per_layer", "interleaved")
 
-class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, DropAfterCapture, Unique):
+class KVCache(_StepMixin, _ForkMixin, _WindowMixin, _LayoutMixin, Closable, DropAfterCapture, Unique):
     """A KV cache in virtual memory with pages committed on demand.
 
     Parameters
@@ -300,14 +302,6 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, DropAfterCapture, 
         return self._values[check_int("layer", layer, low=0, high=self.num_layers - 1)]
 
     @property
-    def tokens_per_page(self) -> int | float:
-        """Tokens one page holds in one buffer: the commit granularity
-        (about a thousand for per_layer on 2 MiB pages, tens for interleaved).
-        A float when a token does not divide the page."""
-        q, r = divmod(self.page_size, self.bytes_per_token_buffer)
-        return q if r == 0 else self.page_size / self.bytes_per_token_buffer
-
-    @property
     @locked
     def active_slots(self) -> list[int]:
         """Slots in use (returned by :meth:`alloc`, not freed since), ascending."""
@@ -508,7 +502,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, DropAfterCapture, 
         returns them to the driver, one on a shared pool leaves that to the
         pool's owner (:meth:`PagePool.trim`)."""
         if self._forked:
-            raise forked_error("KVCache", "cache", self._pid)
+            raise forked_error(type(self).__name__, "cache", self._pid)
         if self._closed:
             return
         try:
@@ -565,8 +559,8 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, Closable, DropAfterCapture, 
     def _check_open(self) -> None:
         if self._closed:
             if self._forked:
-                raise forked_error("KVCache", "cache", self._pid)
-            raise RuntimeError("the KVCache is closed")
+                raise forked_error(type(self).__name__, "cache", self._pid)
+            raise RuntimeError(f"the {type(self).__name__} is closed")  # a subclass's own name
 
     def _check_slot(self, slot: Any, *, active: bool = True) -> int:
         self._check_open()

@@ -60,7 +60,7 @@ from __future__ import annotations
 import bisect
 import math
 import weakref
-from typing import Any, Iterable, NoReturn, Optional, Sequence
+from typing import Any, Iterable, NoReturn, Optional, Sequence, TypeVar
 
 import torch
 import torch.utils.dlpack
@@ -72,6 +72,9 @@ from torch_vkv._write_places import check_tensor_write, inside_runs, slots_and_r
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
 
 __all__ = ["VirtualKVTensor", "VirtualKVView"]
+
+# The class a classmethod was called on (typing.Self needs Python 3.11): ``Sub.empty(...)`` is a ``Sub``.
+_Tensor = TypeVar("_Tensor", bound="VirtualKVTensor")
 
 
 _CLOSED_WRITE = ("cannot write through a view of a closed cache (its memory is released); "
@@ -151,14 +154,14 @@ class VirtualKVTensor(torch.Tensor):
 
     @classmethod
     def empty(
-        cls,
+        cls: type[_Tensor],
         shape: Sequence[int],
         *,
         dtype: torch.dtype,
         pool: PagePool | None = None,
         device: Any = None,
         page_size: int | None = None,
-    ) -> "VirtualKVTensor":
+    ) -> _Tensor:
         """Reserves virtual memory for ``shape`` (rounded up to whole pages) on
         ``pool``'s device, or on a new pool of its own on ``device`` (host pages
         of ``page_size`` bytes on the CPU). Nothing is committed."""
@@ -190,7 +193,7 @@ class VirtualKVTensor(torch.Tensor):
         return self
 
     @classmethod
-    def _wrap(cls, data: torch.Tensor, pool: PagePool, reservation: Any) -> "VirtualKVTensor":
+    def _wrap(cls: type[_Tensor], data: torch.Tensor, pool: PagePool, reservation: Any) -> _Tensor:
         self = torch.Tensor._make_subclass(cls, data, False)
         self.page_size = pool.page_size
         self.pool = pool

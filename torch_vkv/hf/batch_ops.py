@@ -44,7 +44,7 @@ def staging_bytes(kv: Any) -> int:
     reader has copied (:meth:`KVCache.remap`), and a batch has at most
     ``max_batch_size // 2`` cycles. Without them a budget of exactly a static
     allocation's size fails beam search once the beams fill every page of their rows."""
-    return (kv.max_batch_size // 2) * len(kv._buffers) * kv.page_size
+    return (kv.max_batch_size // 2) * kv.num_buffers * kv.page_size
 
 
 def row_index(what: str, indices: Any, batch: int, *, allow_mask: bool) -> list[int]:

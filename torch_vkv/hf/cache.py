@@ -198,7 +198,7 @@ class VirtualKVCache(Cache):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("VirtualKVCache is closed: build a new cache")
+            raise RuntimeError(f"{type(self).__name__} is closed: build a new cache")  # a subclass's own name
 
     # -- set-up ----------------------------------------------------------------------------
     def _build_kv(self, device: torch.device, dtype: torch.dtype) -> None:
