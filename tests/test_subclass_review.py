@@ -176,6 +176,12 @@ def test_hf_subclass_closed_error_names_the_subclass():
                                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     cache = MyCache(config, 2, 64, device="cpu", dtype=torch.float32, page_size=PAGE)
     assert cache.kv_cache.num_buffers == 4 and cache.kv_cache.trims_windows is False
+    import copy
+    import pickle
+
+    for how, refused in [("copied", copy.copy), ("deep-copied", copy.deepcopy), ("pickled", pickle.dumps)]:
+        with pytest.raises(TypeError, match=f"^MyCache cannot be {how}"):
+            refused(cache)
     cache.close()
     states = torch.zeros(1, 2, 1, 8)
     with pytest.raises(RuntimeError, match="MyCache is closed"):

@@ -132,14 +132,14 @@ class VirtualKVCache(Cache):
 
     # -- no copies ---------------------------------------------------------------------
     def __copy__(self) -> "VirtualKVCache":
-        raise TypeError("VirtualKVCache cannot be copied: it owns virtual address space and pages; build another")
+        raise TypeError(f"{type(self).__name__} cannot be copied: it owns virtual address space and pages; build another")
 
     def __deepcopy__(self, memo: Any) -> "VirtualKVCache":
-        raise TypeError("VirtualKVCache cannot be deep-copied: it owns virtual address space and pages; build "
+        raise TypeError(f"{type(self).__name__} cannot be deep-copied: it owns virtual address space and pages; build "
                         "another (and copy rows you need with layer.keys / layer.values)")  # fmt: skip
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("VirtualKVCache cannot be pickled: it owns virtual address space and pages; save "
+        raise TypeError(f"{type(self).__name__} cannot be pickled: it owns virtual address space and pages; save "
                         "the rows you need (layer.keys / layer.values are copies in vkv mode)")  # fmt: skip
 
     # -- properties transformers reads -----------------------------------------------------
