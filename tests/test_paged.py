@@ -51,6 +51,9 @@ def test_paged_cache_speaks_kvcache_vocabulary():
     assert c.can_commit(a, 33) and not c.can_commit(a, 129)
     c.commit(a, 33)
     assert c.committed_tokens(a) == 48 and c.pages_for_tokens(33) == 3
+    assert repr(c) == ("PagedKVCache(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=8, page_size=16, "
+                       "max_batch_size=2, max_seq_len=64, dtype=torch.float32, device='cpu'; 5 blocks free; "
+                       f"slots {{{a}: 3 blocks, {b}: 0 blocks}})")  # fmt: skip
     stats = c.memory_stats()
     assert stats["committed_bytes"] == 3 * c.bytes_per_page == 3 * 2 * 2 * 16 * 2 * 16 * 4
     assert stats["free_pages"] == 5 and stats["active_slots"] == 2

@@ -271,6 +271,16 @@ class PagedKVCache(_Locked):
         #: Bytes of one block in all layers, K and V.
         self.bytes_per_page = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
 
+    def __repr__(self) -> str:
+        """Shape, pool use and, per active slot, its blocks (bookkeeping only: no K/V is read)."""
+        slots = ", ".join(f"{s}: {len(self._blocks[s])} blocks" for s in sorted(self._active))
+        return (
+            f"{type(self).__name__}(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, num_blocks={self.pool.num_blocks}, page_size={self.page_size}, "
+            f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, dtype={self.dtype}, "
+            f"device={str(self.device)!r}; {self.pool.num_free} blocks free; slots {{{slots}}})"
+        )
+
     @property
     def block_size(self) -> int:
         """Old name of :attr:`page_size` (tokens per block)."""
