@@ -561,7 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             rates = [serve_client._rate(x) for x in args.request_rates.split(",")]
         except argparse.ArgumentTypeError as exc:
-            parser.error(str(exc))
+            parser.error(f"argument --request-rates: {exc}")
     names = args.workload or list(SERVE_WORKLOADS)
     traces = None
     if args.traces is not None:
