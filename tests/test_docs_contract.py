@@ -199,3 +199,45 @@ def test_the_layout_listings_name_every_module(folder, doc, start, end):
     names = {p.stem for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".h", ".cpp") and p.stem != "__init__"}
     assert names, folder
     assert not {n for n in names if not re.search(rf"\b{re.escape(n)}\b", listing)}
+
+
+def _command_line_options() -> dict:
+    from torch_vkv.bench.alloc import _parser as alloc
+    from torch_vkv.bench.hf import _parser as hf
+    from torch_vkv.bench.kernels import _parser as kernels
+    from torch_vkv.bench.serve import build_parser as bench_serve
+    from torch_vkv.demo import _parser as demo
+    from torch_vkv.serving.server.cli import build_parser as serve
+
+    parsers = {"demo": demo, "bench alloc": alloc, "bench hf": hf, "bench kernels": kernels, "bench serve": bench_serve,
+               "serve": serve}  # fmt: skip
+    options = {name: {s for a in make()._actions for s in a.option_strings} for name, make in parsers.items()}
+    return {**options, "info": {"-h", "--help"}}
+
+
+def test_every_option_the_docs_pass_to_the_command_line_exists():
+    """``python -m torch_vkv CMD --option`` in code blocks, and ```bench serve --quick```-style commands in
+    backticks: every option is one that command takes (a renamed option left in a doc is an error at once)."""
+    options = _command_line_options()
+    commands = []
+    for doc in DOC_FILES:
+        text = doc.read_text()
+        for m in re.finditer(r"python -m torch_vkv ((?:bench )?\w+)((?:[^`\n]|\\\n)*)", text):
+            commands.append((doc.name, m.group(1), re.split(r"\s#|\)|;|`", m.group(2))[0]))
+        for span in re.findall(r"`([^`]+)`", text):
+            m = re.match(r"(?:python -m torch_vkv )?(bench (?:alloc|kernels|hf|serve)|demo|serve|info)\b(.*)", span, re.S)
+            if m:
+                commands.append((doc.name, m.group(1), m.group(2)))
+    assert len(commands) > 60
+    unknown = [(doc, cmd, opt) for doc, cmd, rest in commands
+               for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest) if opt not in options.get(cmd, ())]
+    assert not unknown and {cmd for _, cmd, _ in commands} <= set(options)
+
+
+def test_every_test_the_docs_name_exists():
+    """``test_xyz`` in a doc is a test module, a test function of tests/ or the C++ core's csrc/tests/."""
+    defined = {p.stem for p in (ROOT / "tests").glob("test_*.py")} | {p.stem for p in (ROOT / "csrc/tests").iterdir()}
+    for path in (ROOT / "tests").glob("*.py"):
+        defined |= set(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+    named = {n for doc in DOC_FILES for n in re.findall(r"\b(test_[a-z0-9_]+)\b", doc.read_text())}
+    assert named and not named - defined
