@@ -177,6 +177,8 @@ def test_bench_serve_against_no_server_says_so(tmp_path):
     (["demo", "--no-transformers", "--prompt-len", "8", "--new-tokens", "8", "--max-cache-len", "12"],
      "--max-cache-len"),  # was a KVCache ValueError traceback from the decode loop
     (["demo", "--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--attn", "no_such_attention"], "--attn"),
+    (["demo", "--max-cache-len", str(10**11)], "--max-cache-len"),  # a ValueError traceback from generate()
+    (["demo", "--no-transformers", "--max-cache-len", str(10**11)], "--max-cache-len"),  # from KVCache(...)
 ])
 def test_a_bad_value_found_after_parsing_is_still_a_usage_error(args, names, capsys):
     """Values that argparse's types cannot check alone (combinations, names looked up later) are refused
