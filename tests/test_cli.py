@@ -57,6 +57,18 @@ def test_a_device_this_machine_lacks_is_a_usage_error(command, device, capsys):
     assert "argument --device" in err and "expected" in err and device in err
 
 
+@pytest.mark.parametrize("command", [["demo"], ["bench", "alloc"], ["bench", "kernels", "--smoke"], ["bench", "hf", "--tiny"],
+                                     ["serve"]])
+def test_a_device_that_is_no_device_name_says_what_the_command_line_takes(command, capsys):
+    """``--device tpu``: the command line takes 'cpu' or 'cuda[:N]'; the message spoke of the Python API
+    ("expected None, a torch.device or a string such as ...")."""
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--device", "tpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: expected 'cpu' or 'cuda[:N]', got 'tpu'" in err and "None" not in err
+
+
 @pytest.mark.parametrize("command", [["bench", "alloc"], ["bench", "kernels", "--smoke"], ["bench", "serve", "--smoke"],
                                      ["bench", "hf", "--tiny"]])
 @pytest.mark.parametrize("where", ["file", "under_a_file"])
@@ -82,6 +94,8 @@ def test_an_out_folder_that_cannot_be_written_is_a_usage_error(command, where, t
     (["demo"], "--page-size", "0"),
     (["bench", "alloc"], "--page-size", "1000"),
     (["bench", "alloc"], "--page-size", "0"),
+    (["bench", "alloc"], "--warmup", "-1"),  # was "expected 1 <= min_len <= max_len and warmup >= 0, got ..."
+    (["bench", "kernels", "--smoke"], "--window", "-1"),  # was taken as 0 (off): the whole run, exit 0
 ])
 def test_a_bad_count_or_page_size_is_a_usage_error(command, option, value, capsys):
     """Counts and host page sizes are checked by argparse: exit status 2 and "expected ..., got ...", not a
@@ -155,13 +169,16 @@ def test_bench_serve_against_no_server_says_so(tmp_path):
     (["bench", "alloc", "--device", "cpu", "--pages", "0"], "--pages"),
     (["bench", "alloc", "--device", "cpu", "--dtype", "int8"], "--dtype"),
     (["bench", "alloc", "--device", "cpu", "--q-heads", "3"], "--q-heads"),
-    (["bench", "alloc", "--device", "cpu", "--min-len", "9", "--max-len", "4"], "min_len"),
+    (["bench", "alloc", "--device", "cpu", "--min-len", "9", "--max-len", "4"], "--max-len expected >= --min-len (9), got 4"),
     (["bench", "kernels", "--smoke", "--sections", "nope"], "--sections"),
     (["bench", "kernels", "--smoke", "--models", "nope"], "--models"),  # was ignored with --smoke: exit 0
+    (["bench", "serve", "--smoke", "--request-rates", "1,x"], "argument --request-rates"),  # named no option
     (["demo", "--prompt-len", "8", "--new-tokens", "8", "--max-cache-len", "12"], "--max-cache-len"),
     (["demo", "--no-transformers", "--prompt-len", "8", "--new-tokens", "8", "--max-cache-len", "12"],
      "--max-cache-len"),  # was a KVCache ValueError traceback from the decode loop
     (["demo", "--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--attn", "no_such_attention"], "--attn"),
+    (["demo", "--max-cache-len", str(10**11)], "--max-cache-len"),  # a ValueError traceback from generate()
+    (["demo", "--no-transformers", "--max-cache-len", str(10**11)], "--max-cache-len"),  # from KVCache(...)
 ])
 def test_a_bad_value_found_after_parsing_is_still_a_usage_error(args, names, capsys):
     """Values that argparse's types cannot check alone (combinations, names looked up later) are refused

@@ -197,9 +197,15 @@ def device_arg(text: str) -> torch.device:
     import argparse
 
     try:
-        return check_device(text)  # type: ignore[return-value]
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):  # not check_device's message: it speaks of the Python API
+        raise argparse.ArgumentTypeError(f"expected 'cpu' or 'cuda[:N]', got {text!r}")
+    try:
+        return check_device(dev)  # type: ignore[return-value]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None
 
 
 def report_name_arg(text: str) -> str:

@@ -76,19 +76,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--prompt-len + --new-tokens must fit in --max-cache-len: expected <= {args.max_cache_len}, "
                      f"got {args.prompt_len + args.new_tokens}")  # fmt: skip
     torch.manual_seed(args.seed)
-    if not args.no_transformers:
+    try:
+        if args.no_transformers:
+            print("--no-transformers: running the KVCache-only decode loop\n")
+            return _kvcache_only(args, device)
         try:
             import transformers  # noqa: F401
         except ImportError:
             print("transformers is not installed: running the KVCache-only decode loop instead "
                   "(pip install 'torch_vkv[hf]' for the Hugging Face demo)\n")  # fmt: skip
             return _kvcache_only(args, device)
-        try:
-            return _hf_demo(args, device)
-        except _UsageError as e:
-            parser.error(str(e))
-    print("--no-transformers: running the KVCache-only decode loop\n")
-    return _kvcache_only(args, device)
+        return _hf_demo(args, device)
+    except _UsageError as e:
+        parser.error(str(e))
 
 
 # ------------------------------------------------------------------------------
@@ -198,7 +198,10 @@ def _hf_demo(args: argparse.Namespace, device: torch.device) -> int:
         return out, time.perf_counter() - t, warm
 
     kw = {"page_size": args.page_size} if device.type == "cpu" else {}
-    vcache = VirtualKVCache(cfg, B, args.max_cache_len, layout=args.layout, **kw)
+    try:  # device and dtype given: its KVCache is built now, so a capacity too large for the address space
+        vcache = VirtualKVCache(cfg, B, args.max_cache_len, layout=args.layout, device=device, dtype=model.dtype, **kw)
+    except ValueError as e:  # is a usage error here, not a traceback from inside generate()
+        raise _UsageError(f"argument --max-cache-len: {e}") from None
     out_v, t_v, w_v = run(vcache, args.attn, f"VirtualKVCache ({args.attn})", compiled and args.attn == "vkv")
     dcache = DynamicCache(config=cfg)
     out_d, t_d, _ = run(dcache, "sdpa", "DynamicCache (sdpa)", False)
@@ -310,7 +313,10 @@ def _kvcache_only(args: argparse.Namespace, device: torch.device) -> int:
     wk = [torch.randn(H * D, H_kv * D, device=device) / (H * D) ** 0.5 for _ in range(L)]
     wv = [torch.randn(H * D, H_kv * D, device=device) / (H * D) ** 0.5 for _ in range(L)]
     kw = {"page_size": args.page_size} if device.type == "cpu" else {}
-    cache = KVCache(L, H_kv, D, max_batch_size=B, max_seq_len=S, dtype=dtype, device=device, **kw)
+    try:
+        cache = KVCache(L, H_kv, D, max_batch_size=B, max_seq_len=S, dtype=dtype, device=device, **kw)
+    except ValueError as e:  # a capacity too large for the address space
+        raise _UsageError(f"argument --max-cache-len: {e}") from None
     slots = [cache.alloc() for _ in range(B)]
     lens = [max(1, P - (P * i) // (2 * B)) for i in range(B)]
     tokens = [torch.randint(3, V, (n,)).tolist() for n in lens]

@@ -564,6 +564,11 @@ def paged_from_dense(
     """A one-layer :class:`PagedKVCache` holding the first ``lengths[i]`` rows of ``k[i]``/``v[i]``.
 
     ``k``, ``v``: shape ``[B, S_max, num_kv_heads, head_dim]``. Slot ``i`` holds request ``i``.
+    ``lengths``: ``B`` token counts, each at most ``S_max``. ``block_size``: tokens per block.
+    ``extra_blocks``: free blocks beyond the ``sum(ceil(lengths[i] / block_size))`` that hold the rows
+    (room to grow). ``shuffle``: hand the blocks out in a shuffled order (fragmentation). The pools are
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` of ``k``'s dtype on ``k``'s device (the paged
+    twin of a contiguous test case: pass ``cache.block_table`` to ``attention``).
     """
     B, S, H, D = k.shape
     block_size = check_int("block_size", block_size, low=1)

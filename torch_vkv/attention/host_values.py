@@ -66,7 +66,9 @@ def host_values(tensor: Any) -> Optional[tuple]:
 
 
 def metadata_tensor(values: Sequence[int], device: Any = None, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """A 1-D ``dtype`` tensor on ``device`` holding ``values``, with its host copy attached."""
+    """A 1-D ``dtype`` tensor on ``device`` (default: the CPU) holding ``values``, with its host copy
+    attached: a backend that plans on the host (FlashInfer's prefill) reads the copy instead of syncing.
+    ``values``: ints (e.g. ``cache_seqlens`` or ``cu_seqlens_q``), each within ``dtype``'s range."""
     host = list(_ints("metadata_tensor", values))
     if dtype in (torch.int32, torch.int64):
         info = torch.iinfo(dtype)

@@ -32,6 +32,8 @@ import torch
 
 from .._checks import ArgumentTypeError, check_int, fail
 
+#: Every ``attention(backend=...)`` name (``torch_vkv.BACKENDS``); :func:`available_backends` says which
+#: of them can run on a device in this process.
 BACKENDS = ("auto", "torch_fa2", "flash_attn", "flashinfer", "triton", "flex", "sdpa")
 
 

@@ -69,7 +69,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from torch_vkv._checks import device_arg, out_dir_arg, page_size_arg
+from torch_vkv._checks import device_arg, int_arg, out_dir_arg, page_size_arg
 from torch_vkv.bench.report import write_report
 from torch_vkv.bench.step_call import bench_step_call
 from torch_vkv.bench.timing import StepClock, sync
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--min-len", type=int, default=None, help="shortest prompt (tokens)")
     g.add_argument("--max-len", type=int, default=None, help="longest prompt (tokens)")
     g.add_argument("--steps", type=int, default=None, help="decode steps per timed run")
-    g.add_argument("--warmup", type=int, default=None, help="untimed steps per mode before timing")
+    g.add_argument("--warmup", type=int_arg(0), default=None, help="untimed steps per mode before timing")
     g.add_argument("--repeats", type=int, default=None, help="timed runs per mode (modes interleaved)")
     g.add_argument("--layouts", default=None, help="comma-separated KVCache layouts (default: per_layer,interleaved)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -207,9 +207,8 @@ def _config(args: argparse.Namespace) -> Config:
                  "steps", "repeats"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"bench alloc: --{name.replace('_', '-')} expected >= 1, got {getattr(cfg, name)}")
-    if cfg.max_len < cfg.min_len or cfg.warmup < 0:
-        raise SystemExit(f"bench alloc: expected 1 <= min_len <= max_len and warmup >= 0, got "
-                         f"{cfg.min_len}, {cfg.max_len}, {cfg.warmup}")
+    if cfg.max_len < cfg.min_len:  # --warmup >= 0: its argparse type
+        raise SystemExit(f"bench alloc: --max-len expected >= --min-len ({cfg.min_len}), got {cfg.max_len}")
     if cfg.q_heads % cfg.kv_heads:
         raise SystemExit(f"bench alloc: --q-heads expected a multiple of --kv-heads ({cfg.kv_heads}), got {cfg.q_heads}")
     per_token = 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=cfg.dtype).element_size()

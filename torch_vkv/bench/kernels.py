@@ -63,7 +63,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch_vkv._checks import device_arg, int_list_arg, out_dir_arg
+from torch_vkv._checks import device_arg, int_arg, int_list_arg, out_dir_arg
 from torch_vkv.bench.kernels_decode import decode_rows, decode_summary
 from torch_vkv.bench.kernels_step import step_rows, step_summary
 from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, prefill_tune_summary
@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list: the decode section's batch sizes instead of the run size's (e.g. 8,16,32)")
     p.add_argument("--contexts", type=int_list_arg(1), default=None,
                    help="comma list: the decode section's context lengths instead of the run size's (e.g. 4096,16384)")
-    p.add_argument("--window", type=int, default=4096, help="the sliding-window decode section: window_left=N "
+    p.add_argument("--window", type=int_arg(0), default=4096, help="the sliding-window decode section: window_left=N "
                    "at 32K and 128K context vs full attention, time and bytes read (default 4096; 0: off)")  # fmt: skip
     return p
 

@@ -19,7 +19,7 @@ Random bf16 weights (:mod:`.models`), every request to its trace length
 (``ignore_eos``). One report: ``serve.json`` (every request's timings, committed
 KV memory and host time of every iteration, the roofline), ``serve.md`` (a
 table per workload, ratios vs the best paged configuration) and plots.
-``--smoke``: a tiny model and tiny sizes (seconds on a CPU); ``--quick``: the
+``--smoke``: a tiny model and tiny sizes (a few minutes on a CPU); ``--quick``: the
 GPU preset of ``scripts/gpu_check.sh`` (on an H200 about 6 minutes per three workloads:
 more than one 10-minute device call for all seven; pick them with ``--workload``).
 """
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "virtual vs paged configurations side by side.")  # fmt: skip
     for action in p._actions:  # the load client's --smoke help says what it does over HTTP
         if action.dest == "smoke":
-            action.help += "; in process: every workload with a 2-layer model, seconds on a CPU"
+            action.help += "; in process: every workload with a 2-layer model, minutes on a CPU"
     p.add_argument("--workload", action="append", choices=SERVE_WORKLOADS, default=None,
                    help="in process: a workload (repeat for several; default all)")  # fmt: skip
     p.add_argument("--configs", default=None,
@@ -561,7 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             rates = [serve_client._rate(x) for x in args.request_rates.split(",")]
         except argparse.ArgumentTypeError as exc:
-            parser.error(str(exc))
+            parser.error(f"argument --request-rates: {exc}")
     names = args.workload or list(SERVE_WORKLOADS)
     traces = None
     if args.traces is not None:
