@@ -4,6 +4,8 @@
 #include <chrono>
 #include <exception>
 
+#include <unistd.h>
+
 #include "errors.h"
 #include "util.h"
 
@@ -261,8 +263,51 @@ void PagePool::reap_locked(size_t wait_until_free) {
 
 // --------------------------------------------------------------- Reservation
 
+namespace {
+std::atomic<size_t> g_table_bytes{0};  // page tables of the live reservations (Reservation::TableBytes)
+
+size_t table_budget() {
+  static const size_t budget = [] {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(size) / 4 : SIZE_MAX;
+  }();
+  return budget;
+}
+}  // namespace
+
+namespace {
+size_t table_bytes_of(size_t num_pages) {
+  constexpr size_t per_page = sizeof(PageHandle) + sizeof(Fence);
+  return num_pages <= SIZE_MAX / per_page ? num_pages * per_page : SIZE_MAX;
+}
+
+[[noreturn]] void refuse_table(size_t num_pages, size_t page_size, size_t live) {
+  throw InvalidArgument("reservation of " + std::to_string(num_pages) + " pages of " + std::to_string(page_size) +
+                        " bytes: expected a page table (16 bytes a page: " + std::to_string(table_bytes_of(num_pages)) +
+                        " bytes of host memory) that fits, with the live reservations' " + std::to_string(live) +
+                        " bytes, in a quarter of the machine's memory (" + std::to_string(table_budget()) +
+                        " bytes); reserve less, or use larger pages (page_size)");
+}
+}  // namespace
+
+void Reservation::TableBytes::check(size_t num_pages, size_t page_size) {
+  size_t bytes = table_bytes_of(num_pages), live = g_table_bytes.load();
+  if (bytes > table_budget() || live > table_budget() - bytes) refuse_table(num_pages, page_size, live);
+}
+
+Reservation::TableBytes::TableBytes(size_t num_pages, size_t page_size) : bytes_(table_bytes_of(num_pages)) {
+  size_t live = g_table_bytes.fetch_add(bytes_);
+  if (bytes_ > table_budget() || live > table_budget() - bytes_) {
+    g_table_bytes.fetch_sub(bytes_);
+    refuse_table(num_pages, page_size, live);
+  }
+}
+
+Reservation::TableBytes::~TableBytes() { g_table_bytes.fetch_sub(bytes_); }
+
 Reservation::Reservation(std::shared_ptr<PagePool> pool, uintptr_t base, size_t num_pages, bool owns_address)
     : pool_(std::move(pool)),
+      table_bytes_(num_pages, pool_->page_size()),
       base_(base),
       page_size_(pool_->page_size()),
       owns_address_(owns_address),
@@ -279,13 +324,21 @@ std::shared_ptr<Reservation> Reservation::create(std::shared_ptr<PagePool> pool,
     throw InvalidArgument("reservation size: expected at most " + std::to_string(SIZE_MAX - (ps - 1)) +
                           " bytes, got " + std::to_string(bytes));
   size_t num_pages = (bytes + ps - 1) / ps;
+  TableBytes::check(num_pages, ps);  // before the address is reserved: the clearer error of the two
   uintptr_t base;
   {
     PagePool::Lock lock(*pool);
     ThreadBinding bound(pool->backend());
     base = pool->backend().reserve(num_pages * ps);
   }
-  return std::shared_ptr<Reservation>(new Reservation(std::move(pool), base, num_pages, true));
+  try {
+    return std::shared_ptr<Reservation>(new Reservation(pool, base, num_pages, true));
+  } catch (...) {  // its page table does not fit (TableBytes) or could not be allocated: the address goes back
+    PagePool::Lock lock(*pool);
+    ThreadBinding bound(pool->backend());
+    pool->backend().release(base, num_pages * ps);
+    throw;
+  }
 }
 
 std::shared_ptr<Reservation> Reservation::adopt(std::shared_ptr<PagePool> pool, uintptr_t addr, size_t bytes) {

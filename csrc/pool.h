@@ -244,8 +244,27 @@ class Reservation : public std::enable_shared_from_this<Reservation> {
   void release_all_locked();
   void check_usable(const char* what) const;  // with the pool mutex held
 
+  // The host memory of a reservation's page table (pages_ and pending_: 16 bytes a page), counted
+  // over every live reservation of the process against a quarter of the machine's memory. On CUDA's
+  // 2 MiB pages a table is small (the 128 TiB address-space limit takes 1 GiB), but 4 KiB host pages
+  // under a large capacity asked for hundreds of GiB: the kernel's OOM killer ended the process while
+  // the vectors were filled. Now such a reservation is refused with InvalidArgument before.
+  class TableBytes {
+   public:
+    // Throws InvalidArgument unless a table of `num_pages` fits now.
+    static void check(size_t num_pages, size_t page_size);
+    explicit TableBytes(size_t num_pages, size_t page_size);
+    ~TableBytes();
+    TableBytes(const TableBytes&) = delete;
+    TableBytes& operator=(const TableBytes&) = delete;
+
+   private:
+    size_t bytes_;
+  };
+
   Origin origin_;
   std::shared_ptr<PagePool> pool_;
+  TableBytes table_bytes_;  // before pages_ and pending_: checked before they are allocated
   uintptr_t base_;
   size_t page_size_;
   bool owns_address_;

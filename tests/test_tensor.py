@@ -340,3 +340,25 @@ def test_writes_after_set_are_checked_against_the_memory_now_viewed():
         plain.fill_(2.0)
         assert plain.eq(2).all()
     """)
+
+
+def test_a_page_table_larger_than_a_quarter_of_the_memory_is_refused_before_it_is_built():
+    """16 bytes of host page table a page: 100 TiB of 4 KiB host pages (inside the 128 TiB address space)
+    would need 430 GB; filling it got the process killed by the kernel's OOM killer. It is a ValueError
+    naming the page table, in a KVCache as for a tensor, and the next reservation works."""
+    import os
+
+    from torch_vkv import KVCache
+
+    table = (100 << 40) // 4096 * 16
+    if table <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4:
+        pytest.skip("this machine's memory is large enough that a quarter of it holds a 430 GB page table")
+    with pytest.raises(ValueError, match=r"expected a page table \(16 bytes a page: 429496729600 bytes"):
+        VirtualKVTensor.empty((100 << 40,), dtype=torch.uint8, device="cpu", page_size=4096)
+    with pytest.raises(ValueError, match="page table"):  # 8 buffers of 12.5 TiB each
+        KVCache(4, 8, 128, max_batch_size=64, max_seq_len=50_000_000, dtype=torch.float32, device="cpu",
+                page_size=4096)  # fmt: skip
+    t = VirtualKVTensor.empty((4, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+    t.commit(0)
+    t[0] = 1.0
+    assert t[0].sum().item() == 1024.0
