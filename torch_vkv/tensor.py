@@ -294,6 +294,7 @@ class VirtualKVTensor(torch.Tensor):
         return all(self.reservation.is_committed(p) for p in range(first, first + count))
 
     def committed_bytes(self) -> int:
+        """Bytes of the pages committed now (pending decommits excluded)."""
         return self.reservation.num_committed() * self.page_size
 
     def committed_ranges(self) -> list[tuple[int, int]]:
@@ -350,6 +351,7 @@ class VirtualKVTensor(torch.Tensor):
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` (or the owning cache's close) ended the tensor: its memory is released."""
         return self.reservation.closed
 
     @property

@@ -308,7 +308,7 @@ class Engine(Closable, Unique):
         ``TypeError`` when ``request_id`` is not a str."""
         self._check_open()
         if not isinstance(request_id, str):  # ids are str: an int or list never names one (a list crashed the lookup)
-            fail("request_id", "a str", type(request_id), ArgumentTypeError)
+            fail("request_id", "a str", request_id, ArgumentTypeError)
         req = self._requests.get(request_id)
         if req is None:
             return False

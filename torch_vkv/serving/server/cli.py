@@ -80,30 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="An OpenAI-compatible HTTP server on the torch_vkv engine.")  # fmt: skip
     p.add_argument("--model", required=True, type=local_dir_arg, help="local checkpoint path (transformers causal LM)")
     p.add_argument("--tokenizer", default=None, type=local_dir_arg, help="tokenizer path (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_arg, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=port_arg, default=8000, help="TCP port (default %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--max-waiting", type=_non_negative, default=DEFAULT_MAX_WAITING,
                    help="requests allowed to wait beyond the running ones; more answer 503 (default %(default)s)")
     e = p.add_argument_group("engine")
-    e.add_argument("--kv", choices=KV_KINDS, default="virtual")
-    e.add_argument("--layout", choices=LAYOUTS, default="per_layer")
-    e.add_argument("--max-batch-size", type=_positive, default=16)
+    e.add_argument("--kv", choices=KV_KINDS, default="virtual",
+                   help="KV memory: virtual (torch_vkv) or paged (block table) (default %(default)s)")
+    e.add_argument("--layout", choices=LAYOUTS, default="per_layer",
+                   help="virtual KV layout (default %(default)s)")
+    e.add_argument("--max-batch-size", type=_positive, default=16,
+                   help="requests running at once (default %(default)s)")
     e.add_argument("--max-seq-len", type=_positive, default=None,
                    help="default: the model's max_position_embeddings, at most 8192")
     e.add_argument("--memory-budget", type=parse_bytes, default=None, help="KV memory in bytes (4096, 512MiB, 8GiB)")
     e.add_argument("--page-size", type=parse_bytes, default=None, help="host backend page size in bytes")
     e.add_argument("--block-size", type=_positive, default=16, help="tokens per block (--kv paged)")
     e.add_argument("--chunk-size", type=_positive, default=512, help="token budget of one iteration")
-    e.add_argument("--attention-backend", choices=tuple(dict.fromkeys(("auto", *BACKENDS))), default="auto")
+    e.add_argument("--attention-backend", choices=tuple(dict.fromkeys(("auto", *BACKENDS))), default="auto",
+                   help="attention kernels (default %(default)s: the fastest one installed for each call)")
     e.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs for decodes")
     e.add_argument("--compile", action="store_true",
                    help="torch.compile decode steps (faster decodes; about a minute of compiling at start)")
     e.add_argument("--no-prewarm", action="store_true",
                    help="no eager allocation: free slots get pages only when a request arrives")
     e.add_argument("--device", default=None, type=device_arg, help="default: cuda when present, else cpu")
-    e.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    e.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model and KV dtype (default %(default)s: the checkpoint's)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="(default %(default)s)")
     return p
 
 
