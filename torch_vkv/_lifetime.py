@@ -28,8 +28,8 @@ import threading
 import weakref
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
-__all__ = ["Closable", "DropAfterCapture", "Unique", "forked_error", "locked", "one_thread", "release_deferred",
-           "track", "tracked"]
+__all__ = ["Closable", "DropAfterCapture", "ThreadBusyError", "Unique", "forked_error", "locked", "one_thread",
+           "release_deferred", "thread_guard", "track", "tracked"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound="Closable")
