@@ -6,6 +6,8 @@ an adapter needs without reaching into private attributes."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -289,3 +291,25 @@ def test_the_constructor_calls_no_public_method_so_attributes_may_come_after_it(
     cache.commit(slot, 10)
     assert cache.memory_stats()["active_slots"] == 1
     cache.close()
+
+
+def test_repr_of_a_subclass_whose_init_did_not_finish_names_it():
+    """A subclass that raises before ``super().__init__()`` leaves an object a traceback or a debugger
+    prints: repr answers with the class name instead of raising AttributeError from inside repr."""
+    from torch_vkv import PagePool
+    from torch_vkv.paged import PagedKVCache
+    from torch_vkv.serving import Engine
+
+    classes = [KVCache, PagePool, PagedKVCache, Engine]
+    if importlib.util.find_spec("transformers") is not None:
+        from torch_vkv.hf import VirtualKVCache
+
+        classes.append(VirtualKVCache)
+    for base in classes:
+        class Early(base):
+            def __init__(self):
+                raise ValueError("refused before super().__init__()")
+
+        with pytest.raises(ValueError, match="refused before"):
+            Early()
+        assert repr(base.__new__(Early)) == "<Early: construction did not finish>", base

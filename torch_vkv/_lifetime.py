@@ -29,7 +29,7 @@ import weakref
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 __all__ = ["Closable", "DropAfterCapture", "ThreadBusyError", "Unique", "forked_error", "locked", "one_thread",
-           "release_deferred", "thread_guard", "track", "tracked"]
+           "release_deferred", "repr_before_init", "thread_guard", "track", "tracked"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound="Closable")
@@ -168,6 +168,21 @@ def one_thread(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return run_alone  # type: ignore[return-value]
+
+
+def repr_before_init(method: _F) -> _F:
+    """A ``__repr__`` that still answers for an object whose ``__init__`` did not finish (a subclass that
+    raised before ``super().__init__()``, seen in a traceback or a debugger): the class name, not an
+    ``AttributeError`` from inside ``repr``."""
+
+    @functools.wraps(method)
+    def answer(self: Any, *args: Any, **kwargs: Any) -> str:
+        try:
+            return method(self, *args, **kwargs)
+        except AttributeError:
+            return f"<{type(self).__name__}: construction did not finish>"
+
+    return answer  # type: ignore[return-value]
 
 
 def forked_error(kind: str, noun: str, pid: int) -> RuntimeError:

@@ -69,7 +69,7 @@ from torch_vkv._cache_step import _StepMixin
 from torch_vkv._cache_windows import _WindowMixin, parse_windows
 from torch_vkv._checks import ArgumentTypeError, check_int, check_stream, fail
 from torch_vkv._ext import core
-from torch_vkv._lifetime import Closable, DropAfterCapture, Unique, forked_error, locked, track
+from torch_vkv._lifetime import Closable, DropAfterCapture, Unique, forked_error, locked, repr_before_init, track
 from torch_vkv.errors import OutOfSlotsError
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool, resolve_device
 from torch_vkv.tensor import VirtualKVTensor, VirtualKVView
@@ -526,6 +526,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, _LayoutMixin, Closable, Drop
         """Whether the cache is closed (or was inherited through ``fork()``)."""
         return self._closed
 
+    @repr_before_init
     def __repr__(self) -> str:
         """Shape, layout and, per active slot, ``used/committed`` rows.
 

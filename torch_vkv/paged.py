@@ -41,6 +41,7 @@ from typing import Any, NoReturn, Optional, Sequence
 import torch
 
 from ._checks import Described, check_int, fail
+from ._lifetime import repr_before_init
 from .errors import OutOfPagesError, OutOfSlotsError
 from .pool import resolve_device
 
@@ -271,6 +272,7 @@ class PagedKVCache(_Locked):
         #: Bytes of one block in all layers, K and V.
         self.bytes_per_page = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
 
+    @repr_before_init
     def __repr__(self) -> str:
         """Shape, pool use and, per active slot, its blocks (bookkeeping only: no K/V is read)."""
         slots = ", ".join(f"{s}: {len(self._blocks[s])} blocks" for s in sorted(self._active))

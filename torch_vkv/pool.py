@@ -22,7 +22,7 @@ import torch
 
 from torch_vkv._checks import check_int, fail
 from torch_vkv._ext import core
-from torch_vkv._lifetime import DropAfterCapture, Unique, forked_error, track
+from torch_vkv._lifetime import DropAfterCapture, Unique, forked_error, repr_before_init, track
 
 __all__ = ["ADDRESS_SPACE_BYTES", "PagePool", "resolve_device"]
 
@@ -199,6 +199,7 @@ class PagePool(DropAfterCapture, Unique):
         # In a child after fork(): the parent owns the pages; touch nothing.
         self._forked = True
 
+    @repr_before_init
     def __repr__(self) -> str:  # reads counters only, never page memory
         head = f"PagePool(backend={self.backend!r}, device={str(self.device)!r}, page_size={self.page_size}"
         if self._forked:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from torch_vkv._checks import check_int, fail, is_int
+from torch_vkv._lifetime import repr_before_init
 from torch_vkv.cache import KVCache
 from torch_vkv.hf import batch_ops, commit_op, windows
 from torch_vkv.hf.arguments import check_cache_arguments, check_reservation_fits
@@ -578,6 +579,7 @@ class VirtualKVCache(Cache):
         if self._kv is not None:
             self._kv.close()
 
+    @repr_before_init
     def __repr__(self) -> str:
         name = type(self).__name__  # a subclass's repr names the subclass
         if self._closed:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from torch_vkv._lifetime import Closable, Unique, one_thread
+from torch_vkv._lifetime import Closable, Unique, one_thread, repr_before_init
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, fail
 from torch_vkv import BACKENDS, LAYOUTS, KVCacheCapacityError
 from torch_vkv.pool import DEFAULT_HOST_PAGE_SIZE, resolve_device
@@ -578,6 +578,7 @@ class Engine(Closable, Unique):
     _copy_hint = "build another Engine"
     _owns = "holds a model, its KV cache and the requests in flight"
 
+    @repr_before_init
     def __repr__(self) -> str:  # reads counters only
         get = self.__dict__.get  # a constructor that failed part-way leaves some unset
         head = f"Engine(kv={get('kv_kind')!r}" + (f", layout={self.layout!r}" if get("kv_kind") == "virtual" else "")
