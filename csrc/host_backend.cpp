@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -105,7 +106,16 @@ class HostBackend final : public Backend {
   void map(uintptr_t addr, PageHandle page) override {
     void* p = mmap(reinterpret_cast<void*>(addr), page_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
                    static_cast<off_t>(page * page_size_));
-    if (p == MAP_FAILED) throw DriverError(sys_error("mmap", "MAP_FIXED at " + hex(addr) + ", page " + std::to_string(page)));
+    if (p == MAP_FAILED) {
+      // ENOMEM: the process is at the kernel's limit of memory mappings (vm.max_map_count) or out of memory.
+      // A capacity error, as CUDA_ERROR_OUT_OF_MEMORY from cuMemMap is: a scheduler can free pages and retry.
+      int err = errno;  // before the message's allocations
+      std::string where = "MAP_FIXED at " + hex(addr) + ", page " + std::to_string(page);
+      errno = err;
+      std::string what = sys_error("mmap", where);
+      if (err == ENOMEM) throw OutOfPages(what + " (out of host memory mappings: vm.max_map_count)", 1, 0);
+      throw DriverError(what);
+    }
   }
 
   void set_access(uintptr_t, size_t) override {}  // map already gave read/write

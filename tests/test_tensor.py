@@ -362,3 +362,46 @@ def test_a_page_table_larger_than_a_quarter_of_the_memory_is_refused_before_it_i
     t.commit(0)
     t[0] = 1.0
     assert t[0].sum().item() == 1024.0
+
+
+def test_a_commit_past_the_kernels_limit_of_memory_mappings_is_out_of_pages():
+    """On the host backend each committed run is a memory mapping, and the kernel allows a process about
+    65,530 (vm.max_map_count). A commit past that raised a plain RuntimeError (a driver error), which a
+    scheduler cannot act on; it is OutOfPagesError, as CUDA's out-of-memory from cuMemMap is, and nothing
+    changed: once mappings are freed the same commit succeeds and the committed data is intact."""
+    from _subprocess import check_scenario
+
+    check_scenario("""
+import ctypes
+import torch
+from torch_vkv import OutOfPagesError, VirtualKVTensor
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+t = VirtualKVTensor.empty((64, 1024), dtype=torch.float32, device="cpu", page_size=4096)
+t.commit(slice(0, 8))
+x = torch.randn(8, 1024)
+t[0:8] = x
+fillers = []  # one-page mappings of alternating protection (never merged) until the kernel refuses one
+while True:
+    a = libc.mmap(None, 4096, 1 if len(fillers) % 2 else 0, 0x22, -1, 0)  # MAP_PRIVATE | MAP_ANONYMOUS
+    if a in (None, ctypes.c_void_p(-1).value):
+        break
+    fillers.append(a)
+assert len(fillers) > 1000, len(fillers)
+try:
+    t.commit(40)  # inside the unbacked range: splits its mapping in three
+except OutOfPagesError as e:
+    assert "max_map_count" in str(e), e
+else:
+    raise AssertionError("the commit past the limit succeeded")
+for a in fillers:
+    libc.munmap(a, 4096)
+assert not t.is_committed(40) and t.is_committed(slice(0, 8))
+assert torch.equal(t[0:8], x)
+t.commit(40)
+t[40] = 1.0
+assert t[40].sum().item() == 1024.0
+""")
