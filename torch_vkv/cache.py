@@ -69,6 +69,7 @@ from torch_vkv._cache_step import _StepMixin
 from torch_vkv._cache_windows import _WindowMixin, parse_windows
 from torch_vkv._checks import ArgumentTypeError, check_int, check_stream, fail
 from torch_vkv._ext import core
+from torch_vkv._shared_writes import register as _register_owner
 from torch_vkv._lifetime import Closable, DropAfterCapture, Unique, forked_error, locked, repr_before_init, track
 from torch_vkv.errors import OutOfSlotsError
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool, resolve_device
@@ -281,6 +282,7 @@ class KVCache(_StepMixin, _ForkMixin, _WindowMixin, _LayoutMixin, Closable, Drop
         # No finalizer: like any storage, the buffers' reservations are
         # released when the last tensor over them dies (the cache's, or a
         # view kept by the caller), never under a live view.
+        _register_owner(self, self._reservations)  # view writes into shared pages: refused
         track(self)
 
     # ------------------------------------------------------------------ views

@@ -66,7 +66,7 @@ import torch
 import torch.utils.dlpack
 
 from torch_vkv._checks import ArgumentTypeError, Described, check_int, check_stream, fail, is_int
-from torch_vkv import _sharing, _view_writes
+from torch_vkv import _shared_writes, _sharing, _view_writes
 from torch_vkv._ext import core
 from torch_vkv._write_places import check_tensor_write, inside_runs, slots_and_rows
 from torch_vkv.pool import ADDRESS_SPACE_BYTES, PagePool
@@ -389,7 +389,9 @@ class VirtualKVView(torch.nn.Parameter):
     ``index_put_``, ``masked_fill_``, ``scatter_``, ...; see
     ``torch_vkv/_view_writes.py``) are checked against the page table first and
     raise ``ValueError`` for rows that are not committed (``RuntimeError`` after
-    the cache was closed): such a write would fault. Writes through tensors an
+    the cache was closed): such a write would fault; and for rows in pages
+    another slot maps (``KVCache.fork`` / ``remap``: read-only, a write would
+    change every slot mapping them). Writes through tensors an
     op returned, ``out=`` arguments of torch functions and in-place torch
     functions (``torch.relu_(view)``, ``torch.Tensor.add_(view, 1)``) are not checked.
     An augmented assignment to an index (``view[slot, rows] += x``, Python's
@@ -499,6 +501,7 @@ class VirtualKVView(torch.nn.Parameter):
                 fail(f"rows written in slot {slot}", f"rows in committed pages (this slot's leading "
                      f"{self._committed_rows([slot], runs)[0]}; commit more first: KVCache.commit or step)",
                      Described(f"rows [{lo}, {hi})"))  # fmt: skip
+        _shared_writes.check_shared_write(self, slots, lo, hi)  # pages another slot maps: read-only
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # reads committed rows only
         head = f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
