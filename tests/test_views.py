@@ -453,6 +453,13 @@ WRITES = {
     # the first iterations raised, a later one faulted.
     "augmented assignments in a loop": "for s in [slot] * 40 + [1]: k[s, 0] += 0.0",  # slot 1: nothing committed
     "NumPy uint8 row mask": "k[slot, (np.arange(256) == 200).astype(np.uint8)] = torch.ones(1, 2, 8)",
+    # An in-place method on what indexing returned (a plain tensor) wrote unchecked (SIGSEGV): when it is called
+    # on the result at once, the subscript checks the rows as a write (_view_writes._method_called_on_result).
+    "zero_ of an indexed slot": "k[slot].zero_()",
+    "fill_ of indexed slots": "k[0:2].fill_(1.0)",
+    "mul_ of indexed rows": "k[slot, 30:].mul_(2.0)",
+    "copy_ into an indexed slot": "k[slot].copy_(torch.ones(256, 2, 8))",
+    "mul_ in a loop": "for s in [slot] * 40 + [1]: k[s, 0].mul_(1.0)",  # slot 1: nothing committed
 }
 
 
@@ -515,6 +522,28 @@ def loop(v):  # warm: CPython 3.11-3.12 specialise the subscript, and f_lasti th
 V.log = []
 loop(V())
 print(V.log.count(True), V.log.count(False))
+class Any_:
+    def __getattr__(self, name):
+        return lambda *a: None
+class W:  # the method looked up on the result at once (view[i].zero_()): its name, else None
+    log = []
+    def __getitem__(self, i):
+        f = sys._getframe(1)
+        self.log.append(ns["_method_called_on_result"](f, ns["_subscript_at"](f)))
+        return Any_()
+w = W()
+w[1].zero_()
+w[2:3].fill_(1.0)
+x = w[4]
+w[5].shape
+print(W.log)
+def warm(w):
+    for _ in range(40):
+        w[1, 2].add_(1)
+        w[1:2].mul_(2)
+W.log = []
+warm(W())
+print(W.log.count("add_"), W.log.count("mul_"), len(W.log))
 """
 
 
@@ -539,9 +568,11 @@ def test_augmented_assignment_is_told_from_a_read_in_each_python(version):
     source = Path(__file__).resolve().parents[1] / "torch_vkv" / "_view_writes.py"
     proc = subprocess.run([python, "-c", AUGMENTED_PROBE, str(source)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    first, warm = proc.stdout.splitlines()
+    first, warm, methods, warm_methods = proc.stdout.splitlines()
     assert first.split() == ["[True,", "True,", "True,", "False,", "False,", "False,", "False]"]
     assert warm.split() == ["80", "40"]  # every augmented assignment of a warm loop seen, no read taken for one
+    assert methods == "['zero_', 'fill_', None, 'shape']"  # _getitem checks only in-place writers
+    assert warm_methods.split() == ["40", "40", "80"]
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
@@ -711,3 +742,21 @@ def test_assigning_data_or_requires_grad_of_the_shared_view_raises():
         assert type(k.data) is torch.Tensor and k.data.data_ptr() == ptr  # reading .data is as before
         k.requires_grad_(False)
         k.requires_grad = False
+
+
+def test_in_place_methods_on_indexed_committed_rows_still_write():
+    """The check of ``view[index].method_()`` refuses only rows that are not committed: whole-result writes
+    into committed rows, and the chosen-places methods (which may write fewer places than indexed), work."""
+    check_scenario(PRELUDE + """
+cache, slot, x = filled("per_layer")
+k = cache.key(0)
+k[slot, :40].zero_()
+assert k[slot, :40].abs().sum().item() == 0.0
+for i in range(40):  # specialised subscripts in a loop
+    k[slot, i].add_(1.0)
+assert torch.equal(k[slot, :40], torch.ones(40, 2, 8))
+k[slot].index_fill_(0, torch.tensor([3]), 5.0)  # row 3 only: committed
+assert k[slot, 3].eq(5.0).all() and k[slot, 4].eq(1.0).all()
+t = k[slot]  # a read kept and written later is not seen: only a method called on the result at once
+assert t.shape == (256, 2, 8)
+""", env=LAX)

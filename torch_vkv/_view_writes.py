@@ -26,7 +26,9 @@ an assignment (the index duplicated just before the subscript: ``COPY 2;
 COPY 2`` / ``DUP_TOP_TWO``, or ``COPY 3`` three times before a 3.12+
 ``BINARY_SLICE``; once CPython 3.11-3.12 specialise the subscript the frame
 points at its inline cache entries, which are stepped over) and then checks the
-rows as a write; any other read is unchecked, as before.
+rows as a write; so does ``view[index].zero_()``, a method that writes its whole
+tensor looked up on the result at once (``_method_called_on_result``, from
+``dis`` once per code object); any other read is unchecked, as before.
 
 Index tensors on CUDA are not read (that would sync), as in ``__setitem__``; ``out=`` arguments of torch functions and in-place torch
 functions (``torch.relu_(view)``, ``F.relu(view, inplace=True)``,
@@ -184,8 +186,13 @@ _SUBSCRIPTS, _AUGMENTED_PREFIXES = _augmented_subscript_patterns()
 _CACHE = dis.opmap.get("CACHE")  # 3.11+: inline cache entries after an instruction
 
 
-def _in_augmented_assignment(frame: Any) -> bool:
-    """Whether ``frame`` is executing the subscript of ``x[i] op= y`` (read-modify-write)."""
+_METHOD_LOADS = frozenset(op for name, op in dis.opmap.items() if name in ("LOAD_ATTR", "LOAD_METHOD"))
+#: Per code object: offset of a subscript instruction -> the method name loaded right after it.
+_METHOD_AFTER: "dict[Any, dict[int, str]]" = {}
+
+
+def _subscript_at(frame: Any) -> int:
+    """Offset of the subscript instruction ``frame`` executes, or -1 (see :func:`_in_augmented_assignment`)."""
     at = frame.f_lasti
     code = frame.f_code.co_code  # the unspecialised bytecode
     # Once CPython specialises the subscript (3.11, 3.12: BINARY_SUBSCR_GETITEM calls __getitem__ inline),
@@ -193,15 +200,52 @@ def _in_augmented_assignment(frame: Any) -> bool:
     while _CACHE is not None and 0 < at < len(code) and code[at] == _CACHE:
         at -= 2
     if at < 0 or at >= len(code) or code[at] not in _SUBSCRIPTS:
-        return False  # called from a CALL (operator.getitem, super().__getitem__) or C: a plain read
-    return any(code[max(0, at - len(prefix)):at] == prefix for prefix in _AUGMENTED_PREFIXES)
+        return -1  # called from a CALL (operator.getitem, super().__getitem__) or C: a plain read
+    return at
+
+
+def _method_called_on_result(frame: Any, at: int) -> Optional[str]:
+    """The method looked up on the subscript's result at offset ``at`` (``view[i].zero_()``), if any."""
+    code = frame.f_code
+    table = _METHOD_AFTER.get(code)
+    if table is None:
+        table = {}
+        previous = None
+        for ins in dis.get_instructions(code):
+            if previous is not None and previous.opcode in _SUBSCRIPTS and ins.opcode in _METHOD_LOADS:
+                table[previous.offset] = ins.argval
+            previous = ins
+        if len(_METHOD_AFTER) > 4096:  # code objects of a long-running process: keep the memory bounded
+            _METHOD_AFTER.clear()
+        _METHOD_AFTER[code] = table
+    return table.get(at)
+
+
+def _in_augmented_assignment(frame: Any) -> bool:
+    """Whether ``frame`` is executing the subscript of ``x[i] op= y`` (read-modify-write)."""
+    at = _subscript_at(frame)
+    code = frame.f_code.co_code
+    return at >= 0 and any(code[max(0, at - len(prefix)):at] == prefix for prefix in _AUGMENTED_PREFIXES)
 
 
 def _getitem(self: Any, index: Any) -> torch.Tensor:
-    """``torch.Tensor.__getitem__``; inside ``view[index] op= x`` the rows are checked as a write first."""
-    if not torch.compiler.is_compiling() and _in_augmented_assignment(sys._getframe(1)):
-        self._check_write(index)
+    """``torch.Tensor.__getitem__``; inside ``view[index] op= x``, or ``view[index].zero_()`` (an in-place
+    method writing the whole result, called on it at once), the rows are checked as a write first."""
+    if not torch.compiler.is_compiling():
+        frame = sys._getframe(1)
+        at = _subscript_at(frame)
+        if at >= 0 and (_in_augmented_assignment(frame) or _method_called_on_result(frame, at) in _WHOLE_WRITES):
+            self._check_write(index)
     return torch.Tensor.__getitem__(self, index)
+
+
+#: In-place methods that write every element of the tensor they are called on: ``view[index].zero_()`` writes
+#: exactly the places ``index`` addresses (the chosen-places methods, ``index_fill_``, ``scatter_``, ..., write
+#: fewer: not checked there, a legal write into committed rows must keep working).
+_WHOLE_WRITES = frozenset(
+    n for n in dir(torch.Tensor)
+    if n.endswith("_") and not n.startswith("_") and n not in _METADATA and n not in _CHOSEN_PLACES
+)  # fmt: skip
 
 
 def _setitem(self: Any, index: Any, value: Any) -> None:
