@@ -1,0 +1,134 @@
+"""A new user's review of the functional API on the CPU (second attention review).
+
+Outputs against a float64 reference written here (plain softmax attention, bottom-right aligned
+causal mask, GQA by repeating KV heads), and the bad inputs found to crash or write silently:
+
+* ``head_dim == 0`` raised ``ZeroDivisionError`` from the default scale (every backend);
+* ``backend="flex"`` on the CPU raised torch's ``NotImplementedError`` for a ``q`` that requires grad,
+  where docs/attention.md promises that eager calls work (only ``backward()`` raises);
+* ``append_kv`` with two requests writing the same rows of one slot wrote one of them silently (which one
+  is up to the kernel's schedule on a GPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from torch_vkv import KVCache, paged_from_dense  # noqa: E402
+from torch_vkv.attention import append_kv, attention, deps  # noqa: E402
+
+CPU_BACKENDS = ["sdpa", "flex", "auto"] + (["triton"] if deps.HAS_TRITON else [])
+TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # docs/attention.md's CPU tolerances
+H_KV, D = 2, 16
+
+
+def i32(*xs):
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+def reference(q, k, v, lens, cu, slots, *, causal=True, scale=None, window_left=None, softcap=None):
+    """float64 attention of packed queries over dense ``k``/``v`` ``[B, S, H_kv, D]``."""
+    T, H, Dq = q.shape
+    g = H // k.shape[2]
+    scale = 1 / math.sqrt(Dq) if scale is None else scale
+    R = len(lens)
+    cu = list(range(R + 1)) if cu is None else cu
+    slots = list(range(R)) if slots is None else slots
+    out = torch.zeros(T, H, Dq, dtype=torch.float64)
+    for r in range(R):
+        a, b, L = cu[r], cu[r + 1], lens[r]
+        n = b - a
+        if n == 0:
+            continue
+        kk = k[slots[r], :L].double().repeat_interleave(g, dim=1)
+        vv = v[slots[r], :L].double().repeat_interleave(g, dim=1)
+        s = torch.einsum("nhd,lhd->hnl", q[a:b].double(), kk) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        qpos, kpos = torch.arange(L - n, L)[:, None], torch.arange(L)[None, :]
+        mask = torch.ones(n, L, dtype=torch.bool)
+        if causal:
+            mask &= kpos <= qpos
+        if window_left is not None:
+            mask &= kpos >= qpos - window_left
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+        out[a:b] = torch.einsum("hnl,lhd->nhd", p, vv)
+    return out
+
+
+CASES = {  # (num_heads, lengths, queries per request or None for decode, slots, options)
+    "decode_gqa": (4, [5, 1, 17], None, [2, 0, 3], {}),
+    "prefill_mha": (2, [9, 12], [9, 12], [1, 3], {}),
+    "mixed_mqa": (4, [9, 12, 3, 20], [9, 1, 0, 4], [3, 0, 1, 2], {}),
+    "window": (2, [30, 7], [5, 7], [0, 2], {"window_left": 3}),
+    "softcap_scale": (4, [30, 7], [5, 7], [0, 2], {"softcap": 2.0, "scale": 0.5}),
+    "not_causal": (4, [30, 7], [5, 7], [0, 2], {"causal": False}),
+    "decode_window_0": (4, [30, 1], None, [0, 2], {"window_left": 0}),
+    "duplicate_slots": (4, [3, 5, 7], None, [1, 1, 1], {}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_float64_reference_with_nan_tails(backend, case, dtype):
+    if backend == "triton" and dtype != torch.float32 and case not in ("mixed_mqa", "decode_gqa"):
+        pytest.skip("the Triton interpreter is slow: 16-bit dtypes on two cases only")
+    H, lens, nq, slots, opts = CASES[case]
+    torch.manual_seed(0)
+    k = torch.randn(4, 48, H_KV, D, dtype=dtype)
+    v = torch.randn_like(k)
+    for s, L in zip(slots, lens):
+        if s != 1 or case != "duplicate_slots":
+            k[s, L:] = float("nan")
+            v[s, L:] = float("nan")
+    cu = None if nq is None else [0, *itertools.accumulate(nq)]
+    q = torch.randn(len(lens) if nq is None else sum(nq), H, D, dtype=dtype)
+    want = reference(q, k, v, lens, cu, slots, **opts)
+    out = attention(q, k, v, i32(*lens), cu_seqlens_q=None if cu is None else i32(*cu),
+                    slots=torch.tensor(slots), backend=backend, **opts)  # fmt: skip
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_kvcache_views_and_paged_twin_match_reference(layout):
+    torch.manual_seed(1)
+    cache = KVCache(2, H_KV, D, max_batch_size=4, max_seq_len=64, dtype=torch.float32, device="cpu",
+                    layout=layout, page_size=4096, margin_tokens=127 if layout == "interleaved" else 0)  # fmt: skip
+    try:
+        slots = [cache.alloc() for _ in range(3)][::-1]
+        prev, nq = [0, 5, 9], [7, 1, 3]
+        lens = [p + n for p, n in zip(prev, nq)]
+        for s, L in zip(slots, lens):
+            cache.commit(s, L)
+        k, v = cache.key(1), cache.value(1)
+        dense_k, dense_v = torch.zeros(k.shape), torch.zeros(k.shape)
+        for s, p in zip(slots, prev):
+            dense_k[s, :p], dense_v[s, :p] = torch.randn(p, H_KV, D), torch.randn(p, H_KV, D)
+            k[s, :p], v[s, :p] = dense_k[s, :p], dense_v[s, :p]
+        cu = [0, *itertools.accumulate(nq)]
+        k_new, v_new = torch.randn(cu[-1], H_KV, D), torch.randn(cu[-1], H_KV, D)
+        append_kv(k, v, k_new, v_new, i32(*lens), cu_seqlens_q=i32(*cu), slots=torch.tensor(slots))
+        for r, (s, p) in enumerate(zip(slots, prev)):
+            dense_k[s, p : lens[r]], dense_v[s, p : lens[r]] = k_new[cu[r] : cu[r + 1]], v_new[cu[r] : cu[r + 1]]
+        q = torch.randn(cu[-1], 4, D)
+        want = reference(q, dense_k, dense_v, lens, cu, slots)
+        paged = paged_from_dense(dense_k, dense_v, [lens[slots.index(i)] if i in slots else 0 for i in range(4)],
+                                 shuffle=True)  # fmt: skip
+        for backend in CPU_BACKENDS:
+            kw = dict(cu_seqlens_q=i32(*cu), slots=i32(*slots), backend=backend)
+            torch.testing.assert_close(attention(q, k, v, i32(*lens), **kw).double(), want, atol=2e-3, rtol=2e-3)
+            out = attention(q, paged.key(0), paged.value(0), i32(*lens), block_table=paged.block_table, **kw)
+            torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
+    finally:
+        cache.close()
