@@ -132,3 +132,10 @@ def test_kvcache_views_and_paged_twin_match_reference(layout):
             torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_head_dim_zero_is_a_value_error(backend):
+    q, k = torch.randn(2, 4, 0), torch.randn(2, 8, H_KV, 0)
+    with pytest.raises(ValueError, match=r"head_dim: expected an int >= 1, got 0"):
+        attention(q, k, k.clone(), i32(3, 4), backend=backend)

@@ -125,6 +125,8 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
     _check_tensor("q", q)
     if q.dim() != 3:
         fail("q", "3-D [total_q, num_heads, head_dim]", tuple(q.shape))
+    if q.shape[2] < 1:  # the default scale 1 / sqrt(head_dim) divided by zero
+        fail("head_dim", "an int >= 1", q.shape[2])
     _check_tensor("k_cache", k_cache)
     if k_cache.dim() == 4 and k_cache.shape[3] != q.shape[2]:  # before k/v agreement: names the culprit
         fail("k_cache head_dim", f"q's head_dim {q.shape[2]}", k_cache.shape[3])
