@@ -139,3 +139,13 @@ def test_head_dim_zero_is_a_value_error(backend):
     q, k = torch.randn(2, 4, 0), torch.randn(2, 8, H_KV, 0)
     with pytest.raises(ValueError, match=r"head_dim: expected an int >= 1, got 0"):
         attention(q, k, k.clone(), i32(3, 4), backend=backend)
+
+
+def test_flex_on_cpu_takes_inputs_that_require_grad():
+    """docs/attention.md, "Inference only": with grad inputs eager calls work, backward() raises."""
+    torch.manual_seed(2)
+    k, v = torch.randn(2, 32, H_KV, D), torch.randn(2, 32, H_KV, D)
+    q = torch.randn(2, 4, D)
+    want = attention(q, k, v, i32(3, 9), backend="flex")
+    got = attention(q.clone().requires_grad_(), k.requires_grad_(), v, i32(3, 9), backend="flex")
+    torch.testing.assert_close(got.detach(), want)
