@@ -149,3 +149,18 @@ def test_flex_on_cpu_takes_inputs_that_require_grad():
     want = attention(q, k, v, i32(3, 9), backend="flex")
     got = attention(q.clone().requires_grad_(), k.requires_grad_(), v, i32(3, 9), backend="flex")
     torch.testing.assert_close(got.detach(), want)
+
+
+def test_append_kv_two_requests_writing_one_slots_rows_raise_before_writing():
+    k, v = torch.zeros(2, 8, 1, D), torch.zeros(2, 8, 1, D)
+    new = torch.stack([torch.full((1, D), 1.0), torch.full((1, D), 2.0)])
+    with pytest.raises(ValueError, match=r"append_kv: request 1 \(slot 0\) .*rows \[2, 3\).*request 0"):
+        append_kv(k, v, new, new, i32(3, 3), slots=i32(0, 0))
+    assert not k.any() and not v.any()
+    with pytest.raises(ValueError, match=r"request 1 \(slot 1\)"):  # a prefill chunk and a decode overlapping
+        three = torch.randn(3, 1, D)
+        append_kv(k, v, three, three, i32(4, 4), cu_seqlens_q=i32(0, 2, 3), slots=i32(1, 1))
+    assert not k.any() and not v.any()
+    # Different rows of one slot are no conflict: each token lands where its request says.
+    append_kv(k, v, new, new, i32(3, 5), slots=i32(0, 0))
+    assert k[0, 2, 0, 0] == 1.0 and k[0, 4, 0, 0] == 2.0

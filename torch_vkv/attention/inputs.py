@@ -262,6 +262,9 @@ def check_values(
     if v_cache is not None and block_table is None:
         checks = [(name, f) for name, c in (("k_cache", k_cache), ("v_cache", v_cache))
                   if (f := _committed_rows_check(c)) is not None]  # fmt: skip
+    # append_kv, host metadata: slot -> [(start, end, request)] of new rows. Not in the debug check of device
+    # metadata: CUDA-graph padding rows all write row 0 of the serving engine's scratch slot, on purpose.
+    written = {} if v_cache is not None and not on_device else None
     for r in range(R):
         s, L, n = slot_list[r], lens[r], cu[r + 1] - cu[r]
         if not 0 <= s < num_slots:
@@ -271,6 +274,12 @@ def check_values(
                  f"at least its {n} new token(s) (the length counts them: append first, then attend)", L)  # fmt: skip
         if L > max_len:
             fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}", f"at most the {max_len} rows of a slot", L)
+        if n and written is not None:  # two writers of one row: which lands is up to the kernel's schedule
+            for a, b, other in written.setdefault(s, []):
+                if a < L and L - n < b:
+                    fail(f"{what}: request {r} (slot {s}) new rows [{L - n}, {L}){origin}",
+                         "rows that no other request of the call writes", f"request {other} writes [{a}, {b}) too")  # fmt: skip
+            written[s].append((L - n, L, r))
         if n and checks:
             for name, committed in checks:
                 if not committed(s, L - n, L):
