@@ -164,3 +164,11 @@ def test_append_kv_two_requests_writing_one_slots_rows_raise_before_writing():
     # Different rows of one slot are no conflict: each token lands where its request says.
     append_kv(k, v, new, new, i32(3, 5), slots=i32(0, 0))
     assert k[0, 2, 0, 0] == 1.0 and k[0, 4, 0, 0] == 2.0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cache_of_zero_rows_with_a_request_of_no_query(backend):
+    """``S_max == 0``: the only valid request has length 0 and no query; sdpa raised IndexError."""
+    k = torch.randn(3, 0, H_KV, D)
+    out = attention(torch.randn(0, 4, D), k, k.clone(), i32(0), cu_seqlens_q=i32(0, 0), backend=backend)
+    assert out.shape == (0, 4, D)
