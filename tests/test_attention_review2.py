@@ -172,3 +172,25 @@ def test_cache_of_zero_rows_with_a_request_of_no_query(backend):
     k = torch.randn(3, 0, H_KV, D)
     out = attention(torch.randn(0, 4, D), k, k.clone(), i32(0), cu_seqlens_q=i32(0, 0), backend=backend)
     assert out.shape == (0, 4, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16])
+def test_metadata_tensor_values_out_of_a_small_dtype_are_a_value_error(dtype):
+    from torch_vkv import metadata_tensor
+
+    with pytest.raises(ValueError, match=rf"metadata_tensor: expected values that fit {dtype}.*got 70000"):
+        metadata_tensor([1, 70000], dtype=dtype)
+    assert metadata_tensor([1, 2], dtype=dtype).tolist() == [1, 2]
+
+
+def test_select_backend_names_a_bad_argument():
+    from torch_vkv import select_backend
+
+    q, k = torch.randn(1, 4, D), torch.randn(1, 8, H_KV, D)
+    assert select_backend(q, k, k, decode=True) == "sdpa"
+    with pytest.raises(TypeError, match=r"select_backend: q: expected a torch.Tensor, got 'list'"):
+        select_backend([1.0], k, k, decode=True)
+    with pytest.raises(TypeError, match=r"select_backend: v_cache: expected a torch.Tensor, got 'NoneType'"):
+        select_backend(q, k, None, decode=False)
+    with pytest.raises(TypeError, match=r"select_backend: decode: expected a bool, got 'yes'"):
+        select_backend(q, k, k, decode="yes")
