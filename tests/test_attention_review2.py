@@ -194,3 +194,41 @@ def test_select_backend_names_a_bad_argument():
         select_backend(q, k, None, decode=False)
     with pytest.raises(TypeError, match=r"select_backend: decode: expected a bool, got 'yes'"):
         select_backend(q, k, k, decode="yes")
+
+
+def test_compiled_append_past_the_committed_rows_is_a_value_error_not_a_segfault():
+    """A compiled step skips the host checks while tracing; at run time its append op wrote an uncommitted
+    row of a KVCache view (SIGSEGV on the host backend) for host metadata past the committed rows."""
+    from _subprocess import run_python
+
+    proc = run_python(
+        """
+        import torch
+        from torch_vkv import KVCache, append_kv, attention
+        from torch_vkv.attention import deps
+        deps.triton_usable = lambda device: False  # the torch fallback (the interpreter faults alike)
+        c = KVCache(1, 2, 16, max_batch_size=2, max_seq_len=512, dtype=torch.float32, device="cpu",
+                    page_size=4096)
+        s = c.alloc(); c.commit(s, 32)
+        k, v = c.key(0), c.value(0)
+        def step(q, kn, lens, slots):
+            append_kv(k, v, kn, kn, lens, slots=slots)
+            return attention(q, k, v, lens, slots=slots, backend="sdpa")
+        f = torch.compile(step, fullgraph=True, backend="eager")
+        i32 = lambda *x: torch.tensor(x, dtype=torch.int32)
+        with torch.no_grad():
+            q, kn = torch.randn(1, 4, 16), torch.randn(1, 2, 16)
+            assert f(q, kn, i32(5), i32(s)).shape == (1, 4, 16)
+            try:
+                f(q, kn, i32(300), i32(s))
+            except ValueError as e:
+                print("ValueError:", e)
+            assert torch.isfinite(f(q, kn, i32(6), i32(s))).all()  # the cache is still usable
+        print("done")
+        """,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "ValueError: append_kv: request 0 (slot 0) cache_seqlens: expected a length whose new rows [299, 300)" \
+        in out and "done" in out, out  # fmt: skip

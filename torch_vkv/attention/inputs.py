@@ -296,6 +296,31 @@ def check_values(
                      f"block ids in [0, {num_blocks}) for its {lens[r]} tokens", bad)  # fmt: skip
 
 
+def check_committed_writes(k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:
+    """``append_kv``'s committed-rows check alone, run by the op itself for host metadata: a compiled step
+    skips :func:`check_values` while tracing and its masking keeps writes inside a slot's rows, not inside
+    committed pages (a write to an uncommitted row of a ``KVCache`` view is a segfault on the host backend).
+    Requests that the masking drops (slot or length out of range) are skipped: they write nothing."""
+    if cache_seqlens.device.type != "cpu" or block_table is not None or torch.compiler.is_compiling():
+        return
+    checks = [(name, f) for name, c in (("k_cache", k_cache), ("v_cache", v_cache))
+              if (f := _committed_rows_check(c)) is not None]  # fmt: skip
+    if not checks:
+        return
+    lens = cache_seqlens.tolist()
+    cu = cu_seqlens_q.tolist() if cu_seqlens_q is not None else list(range(len(lens) + 1))
+    slot_list = slots.tolist() if slots is not None else list(range(len(lens)))
+    for r, (s, L) in enumerate(zip(slot_list, lens)):
+        n = cu[r + 1] - cu[r]
+        if n <= 0 or not (0 <= s < k_cache.shape[0] and n <= L <= k_cache.shape[1]):
+            continue
+        for name, committed in checks:
+            if not committed(s, L - n, L):
+                fail(f"append_kv: request {r} (slot {s}) cache_seqlens",
+                     f"a length whose new rows [{L - n}, {L}) of {name} are committed (commit them first: "
+                     "KVCache.commit or step)", L)  # fmt: skip
+
+
 def valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table):
     """Device-side twin of :func:`check_values` for the torch paths (no sync, traceable).
 
