@@ -248,7 +248,12 @@ def attention(
         if problem is not None:
             raise ValueError(f"backend 'flex' on CUDA: expected {problem}")
         # CPU: plain traceable code; CUDA: one opaque op (see flex.flex_attention_op).
-        return flex_attention_op(*args, *extra) if q.is_cuda else flex_attend(*args, *extra)
+        if q.is_cuda:
+            return flex_attention_op(*args, *extra)
+        if any(t.requires_grad for t in (q, k_cache, v_cache)):
+            # Inference only, as the ops (no backward): torch's CPU flex refuses grad inputs outright.
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
+        return flex_attend(*args, *extra)
     return sdpa_attention(*args, 0, *extra)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import deps
-from .inputs import valid_requests
+from .inputs import check_committed_writes, valid_requests
 
 
 def _token_targets(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table, T):
@@ -65,6 +65,8 @@ def masked_index_put(cache, row, pos, values, ok, *, sync_free: bool) -> None:
     "Tensor? cu_seqlens_q, Tensor? slots, Tensor? block_table) -> ()",
 )
 def append_kv_op(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table):
+    # Compiled steps reach the op unchecked (checks are skipped while tracing): rows must be committed.
+    check_committed_writes(k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
     append_kv_impl(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, slots, block_table)
 
 

@@ -70,8 +70,8 @@ def metadata_tensor(values: Sequence[int], device: Any = None, dtype: torch.dtyp
     attached: a backend that plans on the host (FlashInfer's prefill) reads the copy instead of syncing.
     ``values``: ints (e.g. ``cache_seqlens`` or ``cu_seqlens_q``), each within ``dtype``'s range."""
     host = list(_ints("metadata_tensor", values))
-    if dtype in (torch.int32, torch.int64):
-        info = torch.iinfo(dtype)
+    if isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        info = torch.iinfo(dtype)  # any integer dtype: an int8 tensor of 300 raised torch's RuntimeError
         bad = next((v for v in host if not info.min <= v <= info.max), None)
         if bad is not None:
             raise ValueError(f"metadata_tensor: expected values that fit {dtype} ([{info.min}, {info.max}]), got {bad}")

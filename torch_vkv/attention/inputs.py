@@ -125,6 +125,8 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, blo
     _check_tensor("q", q)
     if q.dim() != 3:
         fail("q", "3-D [total_q, num_heads, head_dim]", tuple(q.shape))
+    if q.shape[2] < 1:  # the default scale 1 / sqrt(head_dim) divided by zero
+        fail("head_dim", "an int >= 1", q.shape[2])
     _check_tensor("k_cache", k_cache)
     if k_cache.dim() == 4 and k_cache.shape[3] != q.shape[2]:  # before k/v agreement: names the culprit
         fail("k_cache head_dim", f"q's head_dim {q.shape[2]}", k_cache.shape[3])
@@ -260,6 +262,9 @@ def check_values(
     if v_cache is not None and block_table is None:
         checks = [(name, f) for name, c in (("k_cache", k_cache), ("v_cache", v_cache))
                   if (f := _committed_rows_check(c)) is not None]  # fmt: skip
+    # append_kv, host metadata: slot -> [(start, end, request)] of new rows. Not in the debug check of device
+    # metadata: CUDA-graph padding rows all write row 0 of the serving engine's scratch slot, on purpose.
+    written = {} if v_cache is not None and not on_device else None
     for r in range(R):
         s, L, n = slot_list[r], lens[r], cu[r + 1] - cu[r]
         if not 0 <= s < num_slots:
@@ -269,6 +274,12 @@ def check_values(
                  f"at least its {n} new token(s) (the length counts them: append first, then attend)", L)  # fmt: skip
         if L > max_len:
             fail(f"{what}: request {r} (slot {s}) cache_seqlens{origin}", f"at most the {max_len} rows of a slot", L)
+        if n and written is not None:  # two writers of one row: which lands is up to the kernel's schedule
+            for a, b, other in written.setdefault(s, []):
+                if a < L and L - n < b:
+                    fail(f"{what}: request {r} (slot {s}) new rows [{L - n}, {L}){origin}",
+                         "rows that no other request of the call writes", f"request {other} writes [{a}, {b}) too")  # fmt: skip
+            written[s].append((L - n, L, r))
         if n and checks:
             for name, committed in checks:
                 if not committed(s, L - n, L):
@@ -283,6 +294,31 @@ def check_values(
             if bad:
                 fail(f"{what}: request {r} (slot {slot_list[r]}) block_table entries{origin}",
                      f"block ids in [0, {num_blocks}) for its {lens[r]} tokens", bad)  # fmt: skip
+
+
+def check_committed_writes(k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, block_table) -> None:
+    """``append_kv``'s committed-rows check alone, run by the op itself for host metadata: a compiled step
+    skips :func:`check_values` while tracing and its masking keeps writes inside a slot's rows, not inside
+    committed pages (a write to an uncommitted row of a ``KVCache`` view is a segfault on the host backend).
+    Requests that the masking drops (slot or length out of range) are skipped: they write nothing."""
+    if cache_seqlens.device.type != "cpu" or block_table is not None or torch.compiler.is_compiling():
+        return
+    checks = [(name, f) for name, c in (("k_cache", k_cache), ("v_cache", v_cache))
+              if (f := _committed_rows_check(c)) is not None]  # fmt: skip
+    if not checks:
+        return
+    lens = cache_seqlens.tolist()
+    cu = cu_seqlens_q.tolist() if cu_seqlens_q is not None else list(range(len(lens) + 1))
+    slot_list = slots.tolist() if slots is not None else list(range(len(lens)))
+    for r, (s, L) in enumerate(zip(slot_list, lens)):
+        n = cu[r + 1] - cu[r]
+        if n <= 0 or not (0 <= s < k_cache.shape[0] and n <= L <= k_cache.shape[1]):
+            continue
+        for name, committed in checks:
+            if not committed(s, L - n, L):
+                fail(f"append_kv: request {r} (slot {s}) cache_seqlens",
+                     f"a length whose new rows [{L - n}, {L}) of {name} are committed (commit them first: "
+                     "KVCache.commit or step)", L)  # fmt: skip
 
 
 def valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table):

@@ -61,6 +61,8 @@ def sdpa_attention(
     # Device metadata is not checked: a bad request reads no row and gets zeros.
     ok, lens, rows = valid_requests(k_cache, cache_seqlens, cu_seqlens_q, slots, block_table)
     W = cache_bounds(k_cache, block_table)[1]
+    if T == 0 or W == 0:  # no query, or rows of no key (S_max == 0): nothing to gather; zeros as flex/triton
+        return q.new_zeros(T, H, D)
     if not q.is_cuda and R > 0:
         W = max(1, min(W, int(lens.max())))
     n = torch.ones_like(lens) if cu_seqlens_q is None else (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()

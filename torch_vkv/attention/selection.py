@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import deps
@@ -105,6 +106,11 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
     choice is the same at trace time and at run time, except the ``flashinfer``
     prefill, chosen only outside ``torch.compile`` and capture.
     """
+    for name, value in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"select_backend: {name}: expected a torch.Tensor, got {type(value).__name__!r}")
+    if not isinstance(decode, (bool, np.bool_)):
+        raise TypeError(f"select_backend: decode: expected a bool, got {decode!r}")
     if q.device.type != "cuda":
         return "sdpa"
     tri = deps.HAS_TRITON and pow2_dim(q.shape[2])
