@@ -221,9 +221,10 @@ def _method_called_on_result(frame: Any, at: int) -> Optional[str]:
     return table.get(at)
 
 
-def _in_augmented_assignment(frame: Any) -> bool:
-    """Whether ``frame`` is executing the subscript of ``x[i] op= y`` (read-modify-write)."""
-    at = _subscript_at(frame)
+def _in_augmented_assignment(frame: Any, at: Optional[int] = None) -> bool:
+    """Whether ``frame`` is executing the subscript of ``x[i] op= y`` (read-modify-write); ``at``: the
+    subscript's offset when the caller has it (:func:`_subscript_at`)."""
+    at = _subscript_at(frame) if at is None else at
     code = frame.f_code.co_code
     return at >= 0 and any(code[max(0, at - len(prefix)):at] == prefix for prefix in _AUGMENTED_PREFIXES)
 
@@ -234,7 +235,7 @@ def _getitem(self: Any, index: Any) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         frame = sys._getframe(1)
         at = _subscript_at(frame)
-        if at >= 0 and (_in_augmented_assignment(frame) or _method_called_on_result(frame, at) in _WHOLE_WRITES):
+        if at >= 0 and (_in_augmented_assignment(frame, at) or _method_called_on_result(frame, at) in _WHOLE_WRITES):
             self._check_write(index)
     return torch.Tensor.__getitem__(self, index)
 
