@@ -7,8 +7,8 @@ not a benchmark: ``bench kernels`` gives the tables).
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch.empty``: the kernels
 run the same on virtual memory, ``bench kernels``' vm section). Rows:
 
-- decode, for the baseline, the current kernel (its defaults) and the current one with ``tma`` off and on (and
-  on with 64-key tiles):
+- decode, for the baseline, the current kernel (its defaults), the current one with ``tma`` off and on (and
+  on with 64-key tiles), and with ``fuse_merge`` (counters made in the capture, or given):
   ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
   timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
   (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
@@ -227,12 +227,18 @@ def main() -> None:
     del big, dst
     print(f"copy bandwidth (1 GiB, read + write): {copy_tb:.2f} TB/s", flush=True)
     rows: list = [dict(kind="copy", tb_s=copy_tb)]
+    counters = torch.zeros(1 << 16, dtype=torch.int32, device=dev)  # the fused merge's, for every batch here
     decode = {
         "baseline": lambda q, k, v, lens: old.decode_attention(q, k, v, lens),
         "current": lambda q, k, v, lens: new.decode_attention(q, k, v, lens),
         "current, tma=False": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=False),
         "current, tma=True": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
         "current, tma=True, block_n=64": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=64),
+        # The merge inside the split kernel: counters made in each capture (a memset node a call), or
+        # one buffer made here and given (what an owner of graphs would do).
+        "current, fuse_merge": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, fuse_merge=True),
+        "current, fuse_merge, counters given": lambda q, k, v, lens: new.decode_attention(
+            q, k, v, lens, fuse_merge=True, merge_counters=counters),
     }
     for rows_per_page in [int(x) for x in args.flashinfer_rows.split(",") if x]:
         decode[f"flashinfer, pages of {rows_per_page}"] = _flashinfer_pages(rows_per_page)

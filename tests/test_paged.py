@@ -315,3 +315,29 @@ def test_block_pool_refuses_a_double_free_and_unallocated_blocks():
     pool.share([b])
     pool.free([b, b])  # allocated plus one share: two holders
     assert pool.num_free == 4 and sorted(pool.allocate(4)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda k, v: (k, v, [3]), r"lengths/slots: expected one per row of k \(2\), got 1 and 1"),
+        (lambda k, v: (k, v, [3, 3, 3]), r"one per row of k \(2\), got 3 and 3"),
+        (lambda k, v: (k, v[:1], [3, 3]), r"two tensors of one shape .*got \(2, 8, 2, 4\) and \(1, 8, 2, 4\)"),
+        (lambda k, v: (k[0], v[0], [3]), r"k/v: expected two tensors of one shape .*got \(8, 2, 4\)"),
+        (lambda k, v: (k, v, [3, 9]), r"lengths\[1\]: expected an int <= 8, got 9"),
+        (lambda k, v: (k, v, [3, -1]), r"lengths\[1\]: expected an int >= 0, got -1"),
+    ],
+    ids=["fewer lengths", "more lengths", "v of another shape", "3-D k", "longer than k", "negative"],
+)
+def test_paged_from_dense_refuses_mismatched_input_with_the_reason(make, message):
+    """Fewer lengths than rows were taken silently, and a 3-D ``k`` or a ``v`` of another shape gave an
+    unpacking or index error."""
+    k, v = torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4)
+    with pytest.raises(ValueError, match=message):
+        paged_from_dense(*make(k, v))
+
+
+def test_paged_repr_lists_slots_loaded_without_alloc():
+    """``load_dense`` fills slots without ``alloc``: the repr counted only allocated slots ("slots {}")."""
+    k, v = torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4)
+    assert repr(paged_from_dense(k, v, [3, 8], block_size=4)).endswith("0 blocks free; slots {0: 1 blocks, 1: 2 blocks})")

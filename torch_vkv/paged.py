@@ -274,8 +274,10 @@ class PagedKVCache(_Locked):
 
     @repr_before_init
     def __repr__(self) -> str:
-        """Shape, pool use and, per active slot, its blocks (bookkeeping only: no K/V is read)."""
-        slots = ", ".join(f"{s}: {len(self._blocks[s])} blocks" for s in sorted(self._active))
+        """Shape, pool use and, per allocated slot or slot holding blocks, their number (bookkeeping
+        only: no K/V is read)."""
+        shown = sorted(set(self._active) | {s for s, blocks in enumerate(self._blocks) if blocks})
+        slots = ", ".join(f"{s}: {len(self._blocks[s])} blocks" for s in shown)
         return (
             f"{type(self).__name__}(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, num_blocks={self.pool.num_blocks}, page_size={self.page_size}, "
@@ -537,7 +539,11 @@ class PagedKVCache(_Locked):
         if not isinstance(lengths, Sequence) or (slots is not None and not isinstance(slots, Sequence)):
             fail("lengths/slots", "sequences of ints, one per row of k", (type(lengths).__name__, type(slots).__name__))
         kp, vp = self.layer(layer)
+        _check_dense(k, v, kp.shape[2:])
         slots = list(range(len(lengths))) if slots is None else list(slots)
+        if len(lengths) != k.shape[0] or len(slots) != k.shape[0]:
+            fail("lengths/slots", f"one per row of k ({k.shape[0]})", Described(f"{len(lengths)} and {len(slots)}"))
+        lengths = [check_int(f"lengths[{i}]", n, low=0, high=k.shape[1]) for i, n in enumerate(lengths)]
         for i, (n, s) in enumerate(zip(lengths, slots)):
             self.commit(s, n)
             blocks = self._blocks[s]
@@ -552,6 +558,15 @@ class PagedKVCache(_Locked):
             idx = torch.tensor(blocks[:nb], device=kp.device, dtype=torch.long)
             kp[idx] = src_k.view(nb, self.page_size, *k.shape[2:]).to(kp.dtype)
             vp[idx] = src_v.view(nb, self.page_size, *v.shape[2:]).to(vp.dtype)
+
+
+def _check_dense(k: Any, v: Any, heads_dims: Sequence[int] | None = None) -> None:
+    """``k``, ``v``: tensors of one shape ``[B, S, num_kv_heads, head_dim]`` (``heads_dims``, when given)."""
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4 or v.shape != k.shape:
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (k, v)]
+        fail("k/v", "two tensors of one shape [B, S, num_kv_heads, head_dim]", Described(f"{got[0]} and {got[1]}"))
+    if heads_dims is not None and tuple(k.shape[2:]) != tuple(heads_dims):
+        fail("k/v", f"[B, S, num_kv_heads, head_dim] with heads and head_dim {tuple(heads_dims)}", tuple(k.shape))
 
 
 def paged_from_dense(
@@ -572,6 +587,7 @@ def paged_from_dense(
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` of ``k``'s dtype on ``k``'s device (the paged
     twin of a contiguous test case: pass ``cache.block_table`` to ``attention``).
     """
+    _check_dense(k, v)
     B, S, H, D = k.shape
     block_size = check_int("block_size", block_size, low=1)
     nb = sum(math.ceil(n / block_size) for n in lengths) + check_int("extra_blocks", extra_blocks, low=0)

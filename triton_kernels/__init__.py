@@ -32,6 +32,8 @@ from .decode import (  # noqa: E402
     default_decode_block_n,
     default_decode_stages,
     default_decode_tma,
+    default_fuse_merge,
+    default_merge_counters,
     default_num_splits,
 )
 from .page_table import decode_page_entries  # noqa: E402
@@ -62,6 +64,8 @@ __all__ = [
     "default_decode_block_n",
     "default_decode_stages",
     "default_decode_tma",
+    "default_fuse_merge",
+    "default_merge_counters",
     "default_num_splits",
     "gather_paged",
     "prefill_attention",

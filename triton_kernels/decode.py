@@ -14,6 +14,10 @@ NUM_SPLITS`` programs so that a small batch still fills the GPU:
   and the launch shape never depends on the lengths (CUDA-graph safe).
   It writes a partial output and its log-sum-exp.
 * ``_decode_reduce_kernel``: merges the ``NUM_SPLITS`` partials per head.
+  With ``fuse_merge`` the merge runs inside the first kernel instead: the last
+  split of each ``(request, kv head)`` to finish (an atomic counter per pair,
+  which that split sets back to zero) merges its query heads, one launch
+  instead of two (`merge_counters`, :func:`default_merge_counters`, say where the counters live).
 
 With ``NUM_SPLITS == 1`` the first kernel writes the final output directly.
 """
@@ -43,6 +47,9 @@ def _decode_split_kernel(
     bt_ptr,  # int32 [num_slots, max_blocks] (unused unless PAGED)
     o_ptr,  # DIRECT: out [num_requests, num_heads, D]; else fp32 [num_requests, num_heads, NUM_SPLITS, D]
     lse_ptr,  # fp32 [num_requests, num_heads, NUM_SPLITS] (unused if DIRECT)
+    count_ptr,  # FUSE_MERGE: int32 [>= num_requests * H_kv], zero: splits of (r, kv head) done so far
+    out_ptr,  # FUSE_MERGE: out [num_requests, num_heads, D]
+    stride_out_t, stride_out_h,
     num_slots, max_len, num_blocks,  # bounds of the metadata (_common.bounds)
     qk_mul, cap_out,  # score scaling (_common.score_params)
     window,  # WINDOW: the query (position seqlen - 1) sees keys [seqlen - 1 - window, seqlen - 1]
@@ -65,6 +72,9 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FUSE_MERGE: tl.constexpr = False,
+    GROUP_P2: tl.constexpr = 1,  # FUSE_MERGE: next_pow2(GROUP)
+    CHUNK_S: tl.constexpr = 1,  # FUSE_MERGE: splits merged per load
 ):
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -120,7 +130,55 @@ def _decode_split_kernel(
         o_offs = r * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
         tl.store(o_ptr + o_offs, out, mask=g_ok[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-        tl.store(lse_ptr + (r * NUM_SPLITS * tl.num_programs(1) * GROUP) + heads * NUM_SPLITS + split, lse, mask=g_ok)
+        lse_base = lse_ptr + r * NUM_SPLITS * tl.num_programs(1) * GROUP
+        tl.store(lse_base + heads * NUM_SPLITS + split, lse, mask=g_ok)
+        if FUSE_MERGE:
+            # The barrier puts every thread's stores before the atomic, whose release (GPU scope)
+            # publishes them; the last split's acquire orders its loads after all the others' stores.
+            tl.debug_barrier()
+            count = count_ptr + r * tl.num_programs(1) + kv_head
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                tl.store(count, 0)  # ready for the next call (graph replays included): no memset
+                _merge_splits(o_ptr, lse_base, out_ptr, r, kv_head, stride_ot, stride_oh, stride_os,
+                              stride_out_t, stride_out_h, GROUP, GROUP_P2, HEAD_DIM, NUM_SPLITS, CHUNK_S)  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(mid_o_ptr, lse_base, out_ptr, r, kv_head, stride_ot, stride_oh, stride_os, stride_out_t,
+                  stride_out_h, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, CHUNK_S: tl.constexpr):  # fmt: skip
+    """The fused merge: the ``GROUP`` query heads of ``(r, kv_head)`` over all ``NUM_SPLITS``
+    partials, ``CHUNK_S`` splits a load (one wide load a chunk rather than one round trip a
+    split, which made an earlier fused merge slower than the merge kernel)."""
+    offs_g = tl.arange(0, GROUP_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, CHUNK_S)
+    g_ok = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    lse_rows = lse_base + heads * NUM_SPLITS  # [GROUP_P2]
+    # Pass 1, the largest log-sum-exp per head. .cg: read from L2, never from a line this SM's L1
+    # may hold from before the other splits wrote.
+    m = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
+    for s0 in tl.range(0, NUM_SPLITS, CHUNK_S):
+        ss = s0 + offs_c
+        lse = tl.load(lse_rows[:, None] + ss[None, :], mask=g_ok[:, None] & (ss < NUM_SPLITS)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        m = tl.maximum(m, tl.max(lse, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (length 0): output 0, not NaN
+    denom = tl.zeros([GROUP_P2], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
+    for s0 in tl.range(0, NUM_SPLITS, CHUNK_S):
+        ss = s0 + offs_c
+        ok = g_ok[:, None] & (ss < NUM_SPLITS)[None, :]  # [GROUP_P2, CHUNK_S]
+        w = tl.math.exp2(tl.load(lse_rows[:, None] + ss[None, :], mask=ok, other=float("-inf"),
+                                 cache_modifier=".cg") - m[:, None])  # fmt: skip
+        offs = r * stride_ot + heads[:, None, None] * stride_oh + ss[None, :, None] * stride_os + offs_d[None, None, :]
+        part = tl.load(mid_o_ptr + offs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+        denom += tl.sum(w, 1)
+        acc += tl.sum(w[:, :, None] * part, 1)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    tl.store(out_ptr + r * stride_out_t + heads[:, None] * stride_out_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -261,6 +319,55 @@ def default_decode_stages(num_requests: int, num_kv_heads: int, head_dim: int, n
     return 2 if more_than_two_waves and not _many_waves(num_requests, num_kv_heads, device) else 3
 
 
+#: Fused-merge counters of eager calls, per (device, stream): the kernel leaves them zeroed, so they
+#: are made (and zeroed) once, not at every call.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, at least ``n``, for :func:`decode_attention`'s fused merge on ``device``'s current stream.
+
+    Outside a CUDA-graph capture one buffer per ``(device, stream)`` is kept and reused: every call
+    leaves its counters at zero, and calls on one stream run one after another. It is allocated on a
+    side stream, out of any graph pool (CUDA-graph trees route their stream's allocations to the
+    graph's pool, warm-up runs included). Inside a capture a new buffer is made, zeroed by a memset
+    that the graph replays: a graph may be replayed on any stream, so it cannot share one. A caller
+    that owns a buffer for its graphs passes it as ``merge_counters=`` instead.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < n:
+        n = max(n, 1024, 2 * counters.numel() if counters is not None else 0)
+        if device.type != "cuda":
+            counters = torch.zeros(n, dtype=torch.int32, device=device)
+        else:
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                counters = torch.zeros(n, dtype=torch.int32, device=device)
+            current.wait_stream(side)
+            counters.record_stream(current)  # a replaced buffer is freed while this stream may still use it
+        _COUNTERS[key] = counters
+    return counters
+
+
+def default_fuse_merge(num_splits: int) -> bool:
+    """Whether :func:`decode_attention` merges the splits inside its first kernel by itself: not yet
+    (``False``), until the fused merge is measured faster than the merge kernel (docs/benchmarks.md).
+    An earlier fused merge, one load per split, was 4-7 us slower at batch 1-4, 16K on the H200."""
+    return False
+
+
+def _merge_chunk(group_p2: int, head_dim: int, num_splits: int) -> int:
+    """Splits merged per load of the fused merge: at most 8192 fp32 values (64 registers a thread
+    at 4 warps), at least one split."""
+    return max(1, min(next_pow2(num_splits), 8192 // (group_p2 * head_dim)))
+
+
 @on_tensor_device
 def decode_attention(
     q: torch.Tensor,
@@ -278,6 +385,8 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     tma: bool | None = None,
+    fuse_merge: bool | None = None,
+    merge_counters: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: one query per request over its cached keys.
@@ -304,6 +413,13 @@ def decode_attention(
         :func:`~.prefill.prefill_attention` does; a contiguous cache only (:func:`~.prefill.tma_problem`).
         ``None``: :func:`default_decode_tma` decides (large batches on Hopper, in CUDA-graph capture);
         ``False``: never.
+    fuse_merge : with more than one split, the last split of each ``(request, kv head)`` to finish
+        merges the partials (an atomic counter per pair) instead of a second kernel: one launch
+        fewer. ``None``: :func:`default_fuse_merge`.
+    merge_counters : int32, at least ``num_requests * num_kv_heads`` zeros, contiguous, on q's
+        device: the fused merge's counters, left at zero by every call. Default
+        :func:`default_merge_counters` (one buffer per stream, or a new one in a CUDA-graph capture). Two
+        calls must not use one buffer at the same time (calls on one stream never do).
 
     Returns
     -------
@@ -341,11 +457,24 @@ def decode_attention(
         mid_o = torch.empty((R, H, num_splits, D), device=q.device, dtype=torch.float32)
         mid_lse = torch.empty((R, H, num_splits), device=q.device, dtype=torch.float32)
         stride_os = mid_o.stride(2)
+    fused = not direct and (default_fuse_merge(num_splits) if fuse_merge is None else bool(fuse_merge))
+    if fused:
+        if merge_counters is None:
+            merge_counters = default_merge_counters(q.device, R * H_kv)
+        elif merge_counters.dtype != torch.int32 or merge_counters.numel() < R * H_kv or \
+                not merge_counters.is_contiguous() or merge_counters.device != q.device:  # fmt: skip
+            raise ValueError(
+                f"decode_attention: expected merge_counters to be contiguous int32 zeros on {q.device} with at "
+                f"least num_requests * num_kv_heads = {R * H_kv} elements, got {merge_counters.dtype} of "
+                f"{merge_counters.numel()} on {merge_counters.device}"
+            )
+    group_p2 = next_pow2(group)
     bt = block_table if paged else cache_seqlens
     k_desc, v_desc = tile_descriptors("decode_attention", k_cache, v_cache, block_table, block_n, tma)
     _decode_split_kernel[(R, H_kv, num_splits)](
         q, k_cache, v_cache, k_desc, v_desc, cache_seqlens, slots if slots is not None else cache_seqlens, bt,
-        mid_o, mid_lse, *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
+        mid_o, mid_lse, merge_counters if fused else cache_seqlens, out, out.stride(0), out.stride(1),
+        *bounds(k_cache, block_table), *score_params(scale, softcap or 0.0),
         window_left if window_left is not None else 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -354,9 +483,10 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
-        USE_TMA=bool(tma), num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=bool(tma), FUSE_MERGE=fused, GROUP_P2=group_p2, CHUNK_S=_merge_chunk(group_p2, D, num_splits),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if not direct:
+    if not direct and not fused:
         _decode_reduce_kernel[(R, H)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=H, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits),
