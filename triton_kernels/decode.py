@@ -74,6 +74,7 @@ def _decode_split_kernel(
     USE_TMA: tl.constexpr,
     FUSE_MERGE: tl.constexpr = False,
     GROUP_P2: tl.constexpr = 1,  # FUSE_MERGE: next_pow2(GROUP)
+    BLOCK_S: tl.constexpr = 1,  # FUSE_MERGE: next_pow2(NUM_SPLITS)
     CHUNK_S: tl.constexpr = 1,  # FUSE_MERGE: splits merged per load
 ):
     r = tl.program_id(0)
@@ -140,34 +141,33 @@ def _decode_split_kernel(
             if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
                 tl.store(count, 0)  # ready for the next call (graph replays included): no memset
                 _merge_splits(o_ptr, lse_base, out_ptr, r, kv_head, stride_ot, stride_oh, stride_os,
-                              stride_out_t, stride_out_h, GROUP, GROUP_P2, HEAD_DIM, NUM_SPLITS, CHUNK_S)  # fmt: skip
+                              stride_out_t, stride_out_h, GROUP, GROUP_P2, HEAD_DIM, NUM_SPLITS, BLOCK_S, CHUNK_S)  # fmt: skip
 
 
 @triton.jit
 def _merge_splits(mid_o_ptr, lse_base, out_ptr, r, kv_head, stride_ot, stride_oh, stride_os, stride_out_t,
                   stride_out_h, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, CHUNK_S: tl.constexpr):  # fmt: skip
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):  # fmt: skip
     """The fused merge: the ``GROUP`` query heads of ``(r, kv_head)`` over all ``NUM_SPLITS``
-    partials, ``CHUNK_S`` splits a load (one wide load a chunk rather than one round trip a
-    split, which made an earlier fused merge slower than the merge kernel)."""
+    partials, ``CHUNK_S`` splits a load, the chunks unrolled (wide loads in flight together rather
+    than one round trip a split, which made an earlier fused merge slower than the merge kernel)."""
     offs_g = tl.arange(0, GROUP_P2)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_c = tl.arange(0, CHUNK_S)
     g_ok = offs_g < GROUP
     heads = kv_head * GROUP + offs_g
     lse_rows = lse_base + heads * NUM_SPLITS  # [GROUP_P2]
-    # Pass 1, the largest log-sum-exp per head. .cg: read from L2, never from a line this SM's L1
-    # may hold from before the other splits wrote.
-    m = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-    for s0 in tl.range(0, NUM_SPLITS, CHUNK_S):
-        ss = s0 + offs_c
-        lse = tl.load(lse_rows[:, None] + ss[None, :], mask=g_ok[:, None] & (ss < NUM_SPLITS)[None, :],
-                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-        m = tl.maximum(m, tl.max(lse, 1))
+    # The largest log-sum-exp per head, all splits in one load. .cg: read from L2, never from a line
+    # this SM's L1 may hold from before the other splits wrote.
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(lse_rows[:, None] + offs_s[None, :], mask=g_ok[:, None] & (offs_s < NUM_SPLITS)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+    m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (length 0): output 0, not NaN
     denom = tl.zeros([GROUP_P2], dtype=tl.float32)
     acc = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
-    for s0 in tl.range(0, NUM_SPLITS, CHUNK_S):
+    # Unrolled: the chunks' loads do not wait for each other.
+    for s0 in tl.static_range(0, NUM_SPLITS, CHUNK_S):
         ss = s0 + offs_c
         ok = g_ok[:, None] & (ss < NUM_SPLITS)[None, :]  # [GROUP_P2, CHUNK_S]
         w = tl.math.exp2(tl.load(lse_rows[:, None] + ss[None, :], mask=ok, other=float("-inf"),
@@ -483,7 +483,7 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
-        USE_TMA=bool(tma), FUSE_MERGE=fused, GROUP_P2=group_p2, CHUNK_S=_merge_chunk(group_p2, D, num_splits),
+        USE_TMA=bool(tma), FUSE_MERGE=fused, GROUP_P2=group_p2, BLOCK_S=next_pow2(num_splits), CHUNK_S=_merge_chunk(group_p2, D, num_splits),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct and not fused:
