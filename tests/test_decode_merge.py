@@ -113,9 +113,23 @@ def test_fuse_merge_is_ignored_with_one_split():
     torch.testing.assert_close(out.double(), tk().decode_reference(q, k, v, lens), atol=2e-2, rtol=2e-2)
 
 
-def test_fused_merge_is_off_by_default():
-    """Opt-in until measured faster on a GPU (docs/benchmarks.md)."""
-    assert tk().default_fuse_merge(33) is False
+def test_fused_merge_is_the_default_over_contiguous_rows(monkeypatch):
+    """Measured faster than the merge kernel on the H100 (docs/benchmarks.md); the paged twin and one
+    split keep their kernels."""
+    assert tk().default_fuse_merge(33) is True and tk().default_fuse_merge(2, paged=False) is True
+    assert tk().default_fuse_merge(1) is False and tk().default_fuse_merge(33, paged=True) is False
+    decode = importlib.import_module(tk().__name__ + ".decode")
+
+    class NoMergeKernel:
+        def __getitem__(self, grid):
+            raise AssertionError("the merge kernel was launched")
+
+    monkeypatch.setattr(decode, "_decode_reduce_kernel", NoMergeKernel())
+    q, k, v, lens = case("cpu", "per_layer", 8, 2, 16, 40, [40, 9], seed=3)
+    out = tk().decode_attention(q, k, v, lens, num_splits=3, block_n=16)
+    torch.testing.assert_close(out.double(), tk().decode_reference(q, k, v, lens), atol=2e-2, rtol=2e-2)
+    with pytest.raises(AssertionError, match="merge kernel was launched"):  # the stand-in is used
+        tk().decode_attention(q, k, v, lens, num_splits=3, block_n=16, fuse_merge=False)
 
 
 @pytest.mark.cuda
@@ -146,3 +160,66 @@ def test_cuda_fused_merge_in_a_graph_replays_with_new_lengths(own_counters):
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
     if own_counters:
         assert not counters.any()
+
+
+@pytest.mark.parametrize("fuse_merge", [True, False])
+def test_decode_from_threads_at_once_on_the_cpu(fuse_merge):
+    """Triton's interpreter is not thread safe: two threads' kernels at once failed or crashed the
+    process. Our launchers take turns on CPU tensors (the fused merge's counters are then one
+    buffer)."""
+    import threading
+
+    cases = [case("cpu", "per_layer", 8, 2, 16, 40, [40, 13 + i], seed=20 + i) for i in range(4)]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            q, k, v, lens = cases[i]
+            for _ in range(3):
+                results[i] = tk().decode_attention(q, k, v, lens, num_splits=5, block_n=8, fuse_merge=fuse_merge)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, (q, k, v, lens) in enumerate(cases):
+        torch.testing.assert_close(results[i].double(), tk().decode_reference(q, k, v, lens), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_calls_in_one_capture_share_counters_and_each_graph_has_its_own():
+    """The capture's first call makes the counters (one memset in the graph), its later calls on that
+    stream reuse them; a second graph gets its own. Both graphs replayed in turn equal the reference."""
+    from torch_vkv._ext import core
+
+    decode = importlib.import_module(tk().__name__ + ".decode")
+    layers = [case("cuda", "per_layer", 32, 8, 128, 2048, [2048, 700], seed=30 + i) for i in range(3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for q, k, v, lens in layers:
+            tk().decode_attention(q, k, v, lens, num_splits=8, fuse_merge=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs, outs, seen = [], [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            stream = torch.cuda.current_stream()
+            assert core().capture_id(stream.cuda_stream) != 0
+            outs.append([tk().decode_attention(q, k, v, lens, num_splits=8, fuse_merge=True) for q, k, v, lens in layers])
+            seen.append(decode._CAPTURE_COUNTERS[(torch.device("cuda", torch.cuda.current_device()), stream.cuda_stream)])
+        graphs.append(graph)
+    assert core().capture_id(torch.cuda.current_stream().cuda_stream) == 0
+    assert seen[0][0] != seen[1][0] and seen[0][1].data_ptr() != seen[1][1].data_ptr()
+    for _ in range(2):
+        for graph, out in zip(graphs, outs):
+            for o in out:
+                o.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            for o, (q, k, v, lens) in zip(out, layers):
+                torch.testing.assert_close(o.double(), tk().decode_reference(q, k, v, lens), atol=2e-2, rtol=2e-2)

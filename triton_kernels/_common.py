@@ -27,6 +27,7 @@ and reports it as not valid, so no address ever leaves the cache.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -44,6 +45,11 @@ def bounds(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[int
     return block_table.shape[0], block_table.shape[1] * k_cache.shape[1], k_cache.shape[0]
 
 
+#: Triton's CPU interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` for the kernel it runs:
+#: two threads' kernels at once failed (``Did you forget to add @triton.jit``) or crashed the process.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def on_tensor_device(launcher):
     """Run ``launcher(t, ...)`` with ``t``'s CUDA device current.
 
@@ -54,7 +60,10 @@ def on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def launch(t, *args, **kwargs):
-        if t.is_cuda and t.device.index != torch.cuda.current_device():
+        if not t.is_cuda:
+            with _INTERPRETER_LOCK:
+                return launcher(t, *args, **kwargs)
+        if t.device.index != torch.cuda.current_device():
             with torch.cuda.device(t.device):
                 return launcher(t, *args, **kwargs)
         return launcher(t, *args, **kwargs)
