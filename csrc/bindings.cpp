@@ -7,7 +7,6 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
-#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <optional>
@@ -167,11 +166,6 @@ PYBIND11_MODULE(_C, m) {
         "The CUDA driver backend of a device (shared per device).");
   m.def("cuda_driver_available", nogil(&cu::available),
         "Whether libcuda.so.1 loads and cuInit succeeds.");
-  m.def(
-      "capture_id",
-      [](std::uintptr_t stream) { return cu::capture_id(reinterpret_cast<cu::CUstream>(stream)); },
-      py::arg("stream"),
-      "The id of the CUDA-graph capture a stream (torch's Stream.cuda_stream) is in; 0 when not capturing.");
   m.def("hold_fences", &host_hold_fences, py::arg("backend"), py::arg("hold"),
         "Host-backend test hook: keep new fences pending until released.");
   m.def(

@@ -64,9 +64,6 @@ const Loaded& loaded() {
     VKV_RESOLVE(cuEventSynchronize, "cuEventSynchronize");
     VKV_RESOLVE(cuEventDestroy, "cuEventDestroy_v2");
 #undef VKV_RESOLVE
-    // Optional: only capture_id() needs it, and a missing symbol must not fail the rest.
-    std::string optional_error;
-    resolve(lib, "cuStreamGetCaptureInfo_v2", "cuStreamGetCaptureInfo", a.cuStreamGetCaptureInfo, optional_error);
     if (e.empty()) {
       CUresult r = a.cuInit(0);
       if (r != CUDA_SUCCESS) e = "cuInit(0) failed: " + error_string(r);
@@ -84,16 +81,6 @@ const Api& api() {
 }
 
 bool available() { return loaded().error.empty(); }
-
-unsigned long long capture_id(CUstream stream) {
-  const Api& a = api();
-  if (!a.cuStreamGetCaptureInfo) throw DriverError("libcuda.so.1 has no symbol cuStreamGetCaptureInfo_v2");
-  int status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
-  unsigned long long id = 0;
-  check(a.cuStreamGetCaptureInfo(stream, &status, &id, nullptr, nullptr, nullptr), "cuStreamGetCaptureInfo",
-        "stream");
-  return status == 0 ? 0 : id;  // ACTIVE (1) or INVALIDATED (2): the capture's id
-}
 
 std::string error_string(CUresult r) {
   const Loaded& l = loaded();

@@ -83,8 +83,6 @@ struct Api {
   CUresult (*cuEventQuery)(CUevent);
   CUresult (*cuEventSynchronize)(CUevent);
   CUresult (*cuEventDestroy)(CUevent);
-  // Optional (nullptr when the driver lacks it): (stream, status, id, graph, dependencies, count).
-  CUresult (*cuStreamGetCaptureInfo)(CUstream, int*, unsigned long long*, void**, const void**, size_t*);
 };
 
 // The process's driver API. Throws DriverError when libcuda.so.1 cannot be
@@ -93,10 +91,6 @@ const Api& api();
 
 // True when libcuda.so.1 can be opened and cuInit succeeds (no exception).
 bool available();
-
-// The id of the CUDA-graph capture that `stream` (a CUstream handle; 0: the legacy default stream)
-// is in, 0 when it is not capturing. Throws DriverError without a driver or the entry point.
-unsigned long long capture_id(CUstream stream);
 
 // "CUDA_ERROR_OUT_OF_MEMORY (out of memory)" for a result code.
 std::string error_string(CUresult r);

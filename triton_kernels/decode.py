@@ -327,16 +327,18 @@ _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 zeros, at least ``n``, for :func:`decode_attention`'s fused merge on ``device``'s current stream.
 
-    Outside a CUDA-graph capture one buffer per ``(device, stream)`` is kept and reused: every call
-    leaves its counters at zero, and calls on one stream run one after another. It is allocated on a
-    side stream, out of any graph pool (CUDA-graph trees route their stream's allocations to the
-    graph's pool, warm-up runs included). Inside a capture the graph gets its own buffer, zeroed by a
-    memset the graph replays, shared by the capture's calls on that stream: a graph may be replayed
-    on any stream, beside eager calls or other graphs. A caller that owns a buffer for its graphs
-    passes it as ``merge_counters=`` instead.
+    One buffer per ``(device, stream)`` is kept and reused: every call leaves its counters at zero,
+    and calls on one stream run one after another. It is allocated on a side stream, out of any graph
+    pool (CUDA-graph trees route their stream's allocations to the graph's pool, warm-up runs
+    included). Not for a call being captured (``RuntimeError``): a graph may be replayed on any stream,
+    beside eager calls or other graphs, so it cannot share these; and a buffer the capture made and
+    kept past the call is a live tensor in the graph's pool, which CUDA-graph trees refuse.
     """
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _capture_counters(device, n)
+        raise RuntimeError(
+            "default_merge_counters: expected a call outside CUDA-graph capture, got one inside: a capture "
+            "makes no counters of its own (decode_attention takes the merge kernel there, or merge_counters=)"
+        )
     # On the CPU (Triton's interpreter) calls run one at a time (_common.on_tensor_device).
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
@@ -357,43 +359,20 @@ def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-#: Fused-merge counters of the capture each (device, stream) is in: (capture id, counters).
-_CAPTURE_COUNTERS: dict[tuple[torch.device, int], tuple[int, torch.Tensor]] = {}
-
-
-def _capture_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Counters for a call being captured: made (and zeroed, a memset the graph replays) by the first
-    call of a capture on this stream and shared by its later calls, which the graph replays one
-    after another. Kept until the stream's next capture: a graph may be replayed on any stream, and
-    then uses its own. Without the driver's capture id (``torch_vkv._C``), one buffer per call."""
-    stream = torch.cuda.current_stream(device).cuda_stream
-    try:
-        from torch_vkv._ext import core
-
-        capture = int(core().capture_id(stream))
-    except Exception:  # no extension or no driver entry point: no sharing
-        capture = 0
-    held = _CAPTURE_COUNTERS.get((device, stream))
-    if capture and held is not None and held[0] == capture and held[1].numel() >= n:
-        return held[1]
-    counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    if capture:
-        _CAPTURE_COUNTERS[(device, stream)] = (capture, counters)
-    return counters
-
-
-def default_fuse_merge(num_splits: int, paged: bool = False) -> bool:
+def default_fuse_merge(num_splits: int, paged: bool = False, capturing: bool = False) -> bool:
     """Whether :func:`decode_attention` merges the splits inside its first kernel by itself: with more
-    than one split over contiguous rows (the paged twin was not measured).
+    than one split over contiguous rows (the paged twin was not measured), outside CUDA-graph capture.
+    A call being captured takes the merge kernel unless it is given ``merge_counters``: counters
+    zeroed by the graph before every call measured slower than the merge kernel, and a graph cannot
+    keep counters of its own past the call (see :func:`default_merge_counters`).
 
     Measured on the H100 (``scripts/diag_ab.py --profile``, Llama-3-8B heads, bf16, per layer of a
     32-layer step graph, counters made once, 2026-12-05): batch 1, 16K: 30.0 us against 30.8 with the
     merge kernel; batch 2, 16K 50.9 against 51.8; batch 4, 16K 94.3 against 95.4; batch 1, 32K 52.1
     against 53.1; batch 8, 16K 180.3 against 181.6. The same kernel zeroing its counters by a memset
-    before every call was slower than the merge kernel (31.3 us at batch 1, 16K), so a capture makes
-    them once (:func:`default_merge_counters`). An earlier fused merge, one load per split, was 4-7 us
-    slower at batch 1-4, 16K on the H200."""
-    return num_splits > 1 and not paged
+    before every call was slower than the merge kernel (31.3 us at batch 1, 16K). An earlier fused
+    merge, one load per split, was 4-7 us slower at batch 1-4, 16K on the H200."""
+    return num_splits > 1 and not paged and not capturing
 
 
 def _merge_chunk(group_p2: int, head_dim: int, num_splits: int) -> int:
@@ -449,11 +428,14 @@ def decode_attention(
         ``False``: never.
     fuse_merge : with more than one split, the last split of each ``(request, kv head)`` to finish
         merges the partials (an atomic counter per pair) instead of a second kernel: one launch
-        fewer. ``None``: :func:`default_fuse_merge` (contiguous rows, more than one split).
+        fewer. ``None``: with ``merge_counters`` given, else :func:`default_fuse_merge` (contiguous
+        rows, more than one split, not in a CUDA-graph capture).
     merge_counters : int32, at least ``num_requests * num_kv_heads`` zeros, contiguous, on q's
         device: the fused merge's counters, left at zero by every call. Default
-        :func:`default_merge_counters` (one buffer per stream, or a new one in a CUDA-graph capture). Two
-        calls must not use one buffer at the same time (calls on one stream never do).
+        :func:`default_merge_counters` (one buffer per stream) outside a capture; inside one, a
+        caller that fuses passes a buffer made outside it and kept as long as the graph. Two calls
+        must not use one buffer at the same time (calls on one stream never do; two replays of
+        graphs given one buffer, on two streams at once, would).
 
     Returns
     -------
@@ -491,9 +473,16 @@ def decode_attention(
         mid_o = torch.empty((R, H, num_splits, D), device=q.device, dtype=torch.float32)
         mid_lse = torch.empty((R, H, num_splits), device=q.device, dtype=torch.float32)
         stride_os = mid_o.stride(2)
-    fused = not direct and (default_fuse_merge(num_splits, paged) if fuse_merge is None else bool(fuse_merge))
+    if fuse_merge is None:
+        fuse_merge = merge_counters is not None or default_fuse_merge(num_splits, paged, capturing(q))
+    fused = not direct and bool(fuse_merge)
     if fused:
         if merge_counters is None:
+            if capturing(q):
+                raise ValueError(
+                    "decode_attention: expected merge_counters with fuse_merge=True in a CUDA-graph capture "
+                    "(int32 zeros made outside it, at least num_requests * num_kv_heads), got none"
+                )
             merge_counters = default_merge_counters(q.device, R * H_kv)
         elif merge_counters.dtype != torch.int32 or merge_counters.numel() < R * H_kv or \
                 not merge_counters.is_contiguous() or merge_counters.device != q.device:  # fmt: skip
