@@ -8,7 +8,7 @@ Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch
 run the same on virtual memory, ``bench kernels``' vm section). Rows:
 
 - decode, for the baseline, the current kernel (its defaults), the current one with ``tma`` off and on (and
-  on with 64-key tiles), and with ``fuse_merge`` (counters made in the capture, or given):
+  on with 64-key tiles), and fused with its merge (counters given: a captured call's default is the merge kernel):
   ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
   timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
   (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
@@ -234,9 +234,8 @@ def main() -> None:
         "current, tma=False": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=False),
         "current, tma=True": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
         "current, tma=True, block_n=64": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=64),
-        # The merge inside the split kernel: counters made in each capture (a memset node a call), or
-        # one buffer made here and given (what an owner of graphs would do).
-        "current, fuse_merge": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, fuse_merge=True),
+        # The merge inside the split kernel, with one buffer of counters made here and given (a captured
+        # call fuses only so; eager calls fuse by default).
         "current, fuse_merge, counters given": lambda q, k, v, lens: new.decode_attention(
             q, k, v, lens, fuse_merge=True, merge_counters=counters),
     }

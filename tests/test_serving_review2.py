@@ -182,3 +182,13 @@ def test_a_sampling_params_list_of_the_wrong_length_is_described(llm):
     with pytest.raises(ValueError, match=r"^sampling_params: expected one SamplingParams or a list of 2, got a list "
                        r"of 3$"):  # fmt: skip
         llm.generate(["hello", "world"], [GREEDY] * 3)
+
+
+def test_an_empty_text_prompt_is_named_as_the_prompt(llm):
+    """``llm.generate("")`` (a tokenizer that adds no BOS makes no token of it) said
+    ``prompt_token_ids: expected at least one token, got []``, a name the caller never used."""
+    if llm.encode("x") and llm.tokenizer("")["input_ids"]:
+        pytest.skip("this tokenizer makes a token of empty text (a BOS)")
+    with pytest.raises(ValueError, match=r"prompt: expected text the tokenizer makes at least one token of, got ''"):
+        llm.generate("", GREEDY)
+    assert llm.generate("hello", GREEDY)[0].finish_reason == "length"  # the engine is unharmed

@@ -219,7 +219,10 @@ class LLM(Closable):
         """A prompt as token ids: a string is tokenized, a list of ids is kept (a 1-D tensor or numpy
         array of ids too, as ``Engine.add_request`` takes them)."""
         if isinstance(prompt, str):
-            return list(self.tokenizer(check_text("prompt", prompt))["input_ids"])
+            ids = list(self.tokenizer(check_text("prompt", prompt))["input_ids"])
+            if not ids:  # the engine's own message would name prompt_token_ids, which the caller never gave
+                fail("prompt", "text the tokenizer makes at least one token of", prompt)
+            return ids
         if isinstance(prompt, (torch.Tensor, np.ndarray)):
             if prompt.ndim == 1:
                 return prompt.tolist()  # the engine checks the ids (ints, their range)
