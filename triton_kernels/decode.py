@@ -14,7 +14,7 @@ NUM_SPLITS`` programs so that a small batch still fills the GPU:
   and the launch shape never depends on the lengths (CUDA-graph safe).
   It writes a partial output and its log-sum-exp.
 * ``_decode_reduce_kernel``: merges the ``NUM_SPLITS`` partials per head.
-  With ``fuse_merge`` the merge runs inside the first kernel instead: the last
+  With ``fuse_merge`` (opt-in) the merge runs inside the first kernel instead: the last
   split of each ``(request, kv head)`` to finish (an atomic counter per pair,
   which that split sets back to zero) merges its query heads, one launch
   instead of two (`merge_counters`, :func:`default_merge_counters`, say where the counters live).
@@ -328,11 +328,12 @@ def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 zeros, at least ``n``, for :func:`decode_attention`'s fused merge on ``device``'s current stream.
 
     One buffer per ``(device, stream)`` is kept and reused: every call leaves its counters at zero,
-    and calls on one stream run one after another. It is allocated on a side stream, out of any graph
-    pool (CUDA-graph trees route their stream's allocations to the graph's pool, warm-up runs
-    included). Not for a call being captured (``RuntimeError``): a graph may be replayed on any stream,
-    beside eager calls or other graphs, so it cannot share these; and a buffer the capture made and
-    kept past the call is a live tensor in the graph's pool, which CUDA-graph trees refuse.
+    and calls on one stream run one after another. It is allocated on a side stream, out of a plain
+    capture's pool, but not out of the pool of ``torch.compile``'s CUDA-graph trees during their
+    warm-up (torch 2.11 routes the thread's allocations there), which then refuse it: code under
+    ``mode="reduce-overhead"`` passes its own ``merge_counters`` or does not fuse. Not for a call being
+    captured (``RuntimeError``): a graph may be replayed on any stream, beside eager calls or other
+    graphs, so it cannot share these.
     """
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
@@ -360,19 +361,21 @@ def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def default_fuse_merge(num_splits: int, paged: bool = False, capturing: bool = False) -> bool:
-    """Whether :func:`decode_attention` merges the splits inside its first kernel by itself: with more
-    than one split over contiguous rows (the paged twin was not measured), outside CUDA-graph capture.
-    A call being captured takes the merge kernel unless it is given ``merge_counters``: counters
-    zeroed by the graph before every call measured slower than the merge kernel, and a graph cannot
-    keep counters of its own past the call (see :func:`default_merge_counters`).
+    """Whether :func:`decode_attention` merges the splits inside its first kernel by itself, without
+    ``merge_counters`` given: never (``False``); with ``merge_counters`` it does.
 
     Measured on the H100 (``scripts/diag_ab.py --profile``, Llama-3-8B heads, bf16, per layer of a
-    32-layer step graph, counters made once, 2026-12-05): batch 1, 16K: 30.0 us against 30.8 with the
-    merge kernel; batch 2, 16K 50.9 against 51.8; batch 4, 16K 94.3 against 95.4; batch 1, 32K 52.1
-    against 53.1; batch 8, 16K 180.3 against 181.6. The same kernel zeroing its counters by a memset
-    before every call was slower than the merge kernel (31.3 us at batch 1, 16K). An earlier fused
+    32-layer step graph, counters made once and given, 2026-12-05): batch 1, 16K: 30.0 us against
+    30.8 with the merge kernel; batch 2, 16K 50.9 against 51.8; batch 4, 16K 94.3 against 95.4;
+    batch 1, 32K 52.1 against 53.1; batch 8, 16K 180.3 against 181.6. Counters zeroed before every
+    call were slower than the merge kernel (31.3 us at batch 1, 16K). But counters the library makes
+    and keeps by itself broke ``torch.compile``'s CUDA-graph trees on the GPU: made in a capture, or
+    even on a side stream during the trees' warm-up (torch 2.11 routes the thread's allocations to
+    the graph's pool), they are a live tensor in that pool, and the trees refuse it ("tensor(s) in the
+    cudagraph pool not tracked as outputs"). So the fused merge is the caller's choice: counters made
+    outside any capture or warm-up and kept as long as the graphs that use them. An earlier fused
     merge, one load per split, was 4-7 us slower at batch 1-4, 16K on the H200."""
-    return num_splits > 1 and not paged and not capturing
+    return False
 
 
 def _merge_chunk(group_p2: int, head_dim: int, num_splits: int) -> int:
@@ -428,14 +431,14 @@ def decode_attention(
         ``False``: never.
     fuse_merge : with more than one split, the last split of each ``(request, kv head)`` to finish
         merges the partials (an atomic counter per pair) instead of a second kernel: one launch
-        fewer. ``None``: with ``merge_counters`` given, else :func:`default_fuse_merge` (contiguous
-        rows, more than one split, not in a CUDA-graph capture).
+        fewer. ``None``: when ``merge_counters`` is given (else :func:`default_fuse_merge`: no).
     merge_counters : int32, at least ``num_requests * num_kv_heads`` zeros, contiguous, on q's
-        device: the fused merge's counters, left at zero by every call. Default
-        :func:`default_merge_counters` (one buffer per stream) outside a capture; inside one, a
-        caller that fuses passes a buffer made outside it and kept as long as the graph. Two calls
-        must not use one buffer at the same time (calls on one stream never do; two replays of
-        graphs given one buffer, on two streams at once, would).
+        device: the fused merge's counters, left at zero by every call; for a CUDA graph, made
+        outside its capture (and outside ``torch.compile``'s CUDA-graph warm-up) and kept as long as
+        the graph. With ``fuse_merge=True`` and none given, :func:`default_merge_counters` (one
+        buffer per stream; refused in a capture). Two calls must not use one buffer at the same
+        time (calls on one stream never do; two graphs given one buffer and replayed on two streams
+        at once would).
 
     Returns
     -------
