@@ -66,7 +66,11 @@ wrappers are stateful); calls are expected on one stream at a time. They are
 allocated on a side stream (:func:`_outside_graph_pools`): a first call inside
 ``torch.compile``'s CUDA-graph warm-up would otherwise put them in the graph's
 private pool, which cudagraph trees refuse ("tensors in the cudagraph pool not
-tracked as outputs").
+tracked as outputs"). That holds where the trees route their stream's
+allocations (``_cuda_beginAllocateCurrentStreamToPool``); torch versions that
+route the whole thread's (``_cuda_beginAllocateCurrentThreadToPool``: 2.13, and
+2.11, where the fused decode merge's side-stream buffer was refused, twenty-fifth
+session in docs/benchmarks.md) route the side stream's too: not yet fixed here.
 """
 
 from __future__ import annotations
