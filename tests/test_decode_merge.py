@@ -116,7 +116,7 @@ def test_fuse_merge_is_ignored_with_one_split():
 def test_fused_merge_is_opt_in_and_given_counters_opt_in(monkeypatch):
     """Off by default (counters the library keeps by itself broke CUDA-graph trees on the GPU,
     docs/benchmarks.md); ``merge_counters`` given turns it on."""
-    assert tk().default_fuse_merge(33) is False and tk().default_fuse_merge(2, capturing=False) is False
+    assert tk().default_fuse_merge(33) is False and tk().default_fuse_merge(2, paged=True) is False
     decode = importlib.import_module(tk().__name__ + ".decode")
     launched = []
     real = decode._decode_reduce_kernel

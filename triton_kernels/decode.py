@@ -360,7 +360,7 @@ def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def default_fuse_merge(num_splits: int, paged: bool = False, capturing: bool = False) -> bool:
+def default_fuse_merge(num_splits: int, paged: bool = False) -> bool:
     """Whether :func:`decode_attention` merges the splits inside its first kernel by itself, without
     ``merge_counters`` given: never (``False``); with ``merge_counters`` it does.
 
@@ -477,7 +477,7 @@ def decode_attention(
         mid_lse = torch.empty((R, H, num_splits), device=q.device, dtype=torch.float32)
         stride_os = mid_o.stride(2)
     if fuse_merge is None:
-        fuse_merge = merge_counters is not None or default_fuse_merge(num_splits, paged, capturing(q))
+        fuse_merge = merge_counters is not None or default_fuse_merge(num_splits, paged)
     fused = not direct and bool(fuse_merge)
     if fused:
         if merge_counters is None:
