@@ -236,3 +236,47 @@ def test_a_captured_call_takes_the_merge_kernel_unless_given_counters(device, mo
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_child_forked_while_a_thread_runs_a_cpu_kernel_can_run_kernels():
+    """The launchers' turn-taking lock is made anew in a forked child: one inherited from a parent whose
+    other thread held it (inside a kernel) would never be released there, and the child's first CPU
+    Triton call would hang."""
+    import threading
+
+    from torch_vkv.triton_kernels import _common
+
+    q, k, v, lens = case("cpu", "per_layer", 8, 2, 16, 40, [40, 9], seed=3)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _common._INTERPRETER_LOCK:  # as a thread inside a kernel does
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:  # the child: a kernel call must finish (exit 0), not hang (killed below)
+        try:
+            tk().decode_attention(q, k, v, lens, num_splits=2, block_n=16)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    release.set()
+    t.join()
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the launchers' lock")
+    assert os.waitstatus_to_exitcode(status) == 0

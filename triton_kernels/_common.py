@@ -27,6 +27,7 @@ and reports it as not valid, so no address ever leaves the cache.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import torch
@@ -48,6 +49,16 @@ def bounds(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[int
 #: Triton's CPU interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` for the kernel it runs:
 #: two threads' kernels at once failed (``Did you forget to add @triton.jit``) or crashed the process.
 _INTERPRETER_LOCK = threading.RLock()
+
+
+def _new_interpreter_lock() -> None:
+    # A child forked while another thread ran a kernel would inherit the lock held, by a thread it lacks.
+    global _INTERPRETER_LOCK
+    _INTERPRETER_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_interpreter_lock)
 
 
 def on_tensor_device(launcher):
