@@ -8,7 +8,7 @@ Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, contiguous caches (``torch
 run the same on virtual memory, ``bench kernels``' vm section). Rows:
 
 - decode, for the baseline, the current kernel (its defaults), the current one with ``tma`` off and on (and
-  on with 64-key tiles), and fused with its merge (counters given: a captured call's default is the merge kernel):
+  on with 64-key tiles), and fused with its merge (``fuse_merge``, opt-in, with counters given):
   ``graph``: one call replayed from a CUDA graph (as ``bench kernels``; the replay's own launch and
   timing floor included); ``step``: per call in one graph of ``L`` calls over ``L`` distinct caches
   (the attention of the ``L`` layers of a CUDA-graph decode step, the graph's launch shared), where
@@ -234,8 +234,8 @@ def main() -> None:
         "current, tma=False": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=False),
         "current, tma=True": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True),
         "current, tma=True, block_n=64": lambda q, k, v, lens: new.decode_attention(q, k, v, lens, tma=True, block_n=64),
-        # The merge inside the split kernel, with one buffer of counters made here and given (a captured
-        # call fuses only so; eager calls fuse by default).
+        # The merge inside the split kernel (opt-in), with one buffer of counters made here and given: a
+        # captured call fuses only so.
         "current, fuse_merge, counters given": lambda q, k, v, lens: new.decode_attention(
             q, k, v, lens, fuse_merge=True, merge_counters=counters),
     }

@@ -67,7 +67,8 @@ def on_tensor_device(launcher):
     Triton launches on the *current* device, whatever device the arguments live on: a cache on
     ``cuda:1`` while ``cuda:0`` is current (a model placed on the second GPU without
     ``torch.cuda.set_device``) would run the kernel on the wrong GPU, an illegal address that kills
-    the CUDA context. The check costs a device query per call, and nothing in a graph replay."""
+    the CUDA context. The check costs a device query per call, and nothing in a graph replay. Calls on
+    CPU tensors (Triton's interpreter, which is not thread safe) take turns."""
 
     @functools.wraps(launcher)
     def launch(t, *args, **kwargs):
