@@ -113,13 +113,10 @@ def test_fuse_merge_is_ignored_with_one_split():
     torch.testing.assert_close(out.double(), tk().decode_reference(q, k, v, lens), atol=2e-2, rtol=2e-2)
 
 
-def test_fused_merge_is_opt_in_and_given_counters_opt_in(monkeypatch):
-    """Off by default (counters the library keeps by itself broke CUDA-graph trees on the GPU,
-    docs/benchmarks.md); ``merge_counters`` given turns it on."""
-    assert tk().default_fuse_merge(33) is False and tk().default_fuse_merge(2, paged=True) is False
+def record_merge_launches(monkeypatch) -> list:
+    """The grids of the merge kernel's launches from now on (the kernel still runs)."""
     decode = importlib.import_module(tk().__name__ + ".decode")
-    launched = []
-    real = decode._decode_reduce_kernel
+    launched, real = [], decode._decode_reduce_kernel
 
     class Recording:
         def __getitem__(self, grid):
@@ -127,6 +124,14 @@ def test_fused_merge_is_opt_in_and_given_counters_opt_in(monkeypatch):
             return real[grid]
 
     monkeypatch.setattr(decode, "_decode_reduce_kernel", Recording())
+    return launched
+
+
+def test_fused_merge_is_opt_in_and_given_counters_opt_in(monkeypatch):
+    """Off by default (counters the library keeps by itself broke CUDA-graph trees on the GPU,
+    docs/benchmarks.md); ``merge_counters`` given turns it on."""
+    assert tk().default_fuse_merge(33) is False and tk().default_fuse_merge(2, paged=True) is False
+    launched = record_merge_launches(monkeypatch)
     q, k, v, lens = case("cpu", "per_layer", 8, 2, 16, 40, [40, 9], seed=3)
     ref = tk().decode_reference(q, k, v, lens)
     out = tk().decode_attention(q, k, v, lens, num_splits=3, block_n=16)
@@ -206,15 +211,7 @@ def test_a_captured_call_takes_the_merge_kernel_unless_given_counters(device, mo
     ref = tk().decode_reference(q, k, v, lens)
     if device == "cpu":
         monkeypatch.setattr(decode, "capturing", lambda t: True)
-        launched = []
-        real = decode._decode_reduce_kernel
-
-        class Recording:
-            def __getitem__(self, grid):
-                launched.append(grid)
-                return real[grid]
-
-        monkeypatch.setattr(decode, "_decode_reduce_kernel", Recording())
+        launched = record_merge_launches(monkeypatch)
         out = tk().decode_attention(q, k, v, lens, num_splits=3, block_n=16)
         assert launched == [(2, 8)]
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
