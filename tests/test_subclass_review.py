@@ -95,6 +95,24 @@ def test_errors_of_a_closed_subclass_name_the_subclass():
         base.alloc()
 
 
+def _before_base(name, before):
+    """A method ``name`` that runs ``before(self, name)``, then ``KVCache``'s own ``name``."""
+
+    def wrap(self, *args, **kwargs):
+        before(self, name)
+        return getattr(KVCache, name)(self, *args, **kwargs)
+
+    return wrap
+
+
+def _record_call(self, name):
+    self.calls.append(name)
+
+
+def _check_ready(self, name):
+    assert getattr(self, "ready", False), f"KVCache.__init__ called {name} before the subclass's own"
+
+
 class Recorder(KVCache):
     """Records every public method the cache calls on itself."""
 
@@ -102,24 +120,17 @@ class Recorder(KVCache):
         self.calls: list[str] = []
         super().__init__(*args, **kwargs)
 
-    def _record(name):  # noqa: N805 (a decorator factory in the class body)
-        def wrap(self, *args, **kwargs):
-            self.calls.append(name)
-            return getattr(KVCache, name)(self, *args, **kwargs)
-
-        return wrap
-
-    alloc = _record("alloc")
-    free = _record("free")
-    commit = _record("commit")
-    can_commit = _record("can_commit")
-    step = _record("step")
-    step_async = _record("step_async")
-    can_step = _record("can_step")
-    decommit = _record("decommit")
-    reclaim = _record("reclaim")
-    memory_stats = _record("memory_stats")
-    close = _record("close")
+    alloc = _before_base("alloc", _record_call)
+    free = _before_base("free", _record_call)
+    commit = _before_base("commit", _record_call)
+    can_commit = _before_base("can_commit", _record_call)
+    step = _before_base("step", _record_call)
+    step_async = _before_base("step_async", _record_call)
+    can_step = _before_base("can_step", _record_call)
+    decommit = _before_base("decommit", _record_call)
+    reclaim = _before_base("reclaim", _record_call)
+    memory_stats = _before_base("memory_stats", _record_call)
+    close = _before_base("close", _record_call)
 
 
 @pytest.mark.parametrize(
@@ -267,21 +278,14 @@ class AttributesAfterInit(KVCache):
         super().__init__(*args, **kwargs)
         self.ready = True
 
-    def _guard(name):  # noqa: N805 (a decorator factory in the class body)
-        def wrap(self, *args, **kwargs):
-            assert getattr(self, "ready", False), f"KVCache.__init__ called {name} before the subclass's own"
-            return getattr(KVCache, name)(self, *args, **kwargs)
-
-        return wrap
-
-    alloc = _guard("alloc")
-    free = _guard("free")
-    commit = _guard("commit")
-    step = _guard("step")
-    step_async = _guard("step_async")
-    decommit = _guard("decommit")
-    reclaim = _guard("reclaim")
-    memory_stats = _guard("memory_stats")
+    alloc = _before_base("alloc", _check_ready)
+    free = _before_base("free", _check_ready)
+    commit = _before_base("commit", _check_ready)
+    step = _before_base("step", _check_ready)
+    step_async = _before_base("step_async", _check_ready)
+    decommit = _before_base("decommit", _check_ready)
+    reclaim = _before_base("reclaim", _check_ready)
+    memory_stats = _before_base("memory_stats", _check_ready)
 
 
 @pytest.mark.parametrize("kw", [{}, {"layout": "interleaved"}, {"sliding_window": [64, None]}])
