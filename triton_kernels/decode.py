@@ -328,9 +328,10 @@ def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 zeros, at least ``n``, for :func:`decode_attention`'s fused merge on ``device``'s current stream.
 
     One buffer per ``(device, stream)`` is kept and reused: every call leaves its counters at zero,
-    and calls on one stream run one after another. It is allocated on a side stream, out of a plain
-    capture's pool, but not out of the pool of ``torch.compile``'s CUDA-graph trees during their
-    warm-up (torch 2.11 routes the thread's allocations there), which then refuse it: code under
+    and calls on one stream run one after another. It is allocated on that stream (a buffer replaced
+    by a larger one is freed in the stream's order). During the warm-up of ``torch.compile``'s
+    CUDA-graph trees it lands in the graph's pool (torch 2.11 routes the thread's allocations there,
+    whatever the stream: a side stream did not help on the GPU), which then refuses it: code under
     ``mode="reduce-overhead"`` passes its own ``merge_counters`` or does not fuse. Not for a call being
     captured (``RuntimeError``): a graph may be replayed on any stream, beside eager calls or other
     graphs, so it cannot share these.
@@ -346,17 +347,7 @@ def default_merge_counters(device: torch.device, n: int) -> torch.Tensor:
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < n:
         n = max(n, 1024, 2 * counters.numel() if counters is not None else 0)
-        if device.type != "cuda":
-            counters = torch.zeros(n, dtype=torch.int32, device=device)
-        else:
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                counters = torch.zeros(n, dtype=torch.int32, device=device)
-            current.wait_stream(side)
-            counters.record_stream(current)  # a replaced buffer is freed while this stream may still use it
-        _COUNTERS[key] = counters
+        counters = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
     return counters
 
 
