@@ -246,7 +246,15 @@ def main() -> None:
     prefill = {
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
         "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
+        "current, kernel=triton": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n, kernel="triton"),
     }
+    from torch_vkv.triton_kernels import prefill_hopper
+
+    if prefill_hopper.hopper_problem(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"),
+                                     torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device="cuda"), None, None, None) is None:  # fmt: skip
+        for stages in (2, 3):  # the Gluon kernel (prefill_hopper.py), with two and three ring buffers
+            prefill[f"gluon, stages {stages}"] = lambda q, k, v, lens, cu, n, st=stages: prefill_hopper.prefill_hopper(
+                q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st)
     for launch in _launches(args.prefill_launch):
         bm, bn, warps, stages, tma = launch
         prefill[f"current {bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "")] = (

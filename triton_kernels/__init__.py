@@ -7,7 +7,8 @@ through a block table. The twins are the same source compiled with
 ``PAGED=True``; only the row addressing differs (see ``_common.py``).
 
 * :func:`prefill_attention`: varlen queries over the cache, causal bottom-right
-  aligned (prefill, chunked prefill, mixed batches).
+  aligned (prefill, chunked prefill, mixed batches); on Hopper it can run the
+  Gluon kernel of ``prefill_hopper.py`` (``kernel="gluon"``).
 * :func:`decode_attention`: split-KV flash-decoding, one query per request.
 * :func:`append_kv`: write new tokens' K/V at their positions, in place.
 * :func:`decode_page_entries`: FlashInfer's decode page table of a step (the
@@ -39,8 +40,10 @@ from .decode import (  # noqa: E402
 from .page_table import decode_page_entries  # noqa: E402
 from .prefill import (  # noqa: E402
     EAGER_TMA_MIN_ROWS,
+    GLUON_PREFILL_DEFAULT,
     attention_reference,
     capturing,
+    default_kernel,
     default_launch,
     default_tma,
     gather_paged,
@@ -50,6 +53,7 @@ from .prefill import (  # noqa: E402
 
 __all__ = [
     "EAGER_TMA_MIN_ROWS",
+    "GLUON_PREFILL_DEFAULT",
     "INTERPRETED",
     "LONG_TILE_MIN_ROWS",
     "append_kv",
@@ -59,6 +63,7 @@ __all__ = [
     "decode_attention",
     "decode_page_entries",
     "decode_reference",
+    "default_kernel",
     "default_launch",
     "default_tma",
     "default_decode_block_n",

@@ -168,6 +168,9 @@ def _is_hopper(device_index: int) -> bool:
 #: without (the host's time), of 2048 rows 112.6-117.6 against 117.0-118.6 (the kernel's).
 EAGER_TMA_MIN_ROWS = 2048
 
+#: Whether :func:`default_kernel` picks the Gluon kernel (``prefill_hopper.py``) where it can run.
+GLUON_PREFILL_DEFAULT = False
+
 
 def _tma_capable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
     """Where descriptors were measured faster in the kernel (Hopper, 16-bit, head_dim 128) and
@@ -219,6 +222,7 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool | None = None,
+    kernel: str | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen attention of packed queries over their cached keys (causal, bottom-right aligned).
@@ -246,6 +250,10 @@ def prefill_attention(
         keep ordinary loads, so no row past a length is touched. ``None``:
         :func:`default_tma` decides (where measured faster, counting the host's cost of the
         descriptors in an eager call); ``False``: never.
+    kernel : ``"triton"`` (this module's kernel, any GPU and the CPU interpreter) or ``"gluon"``
+        (``prefill_hopper.py``: sm90, 16-bit, head_dim 64/128, no window, softcap or block table;
+        ``ValueError`` naming what it needs otherwise). ``None``: :func:`default_kernel`. The
+        launch parameters above apply to ``"triton"`` only.
 
     Returns
     -------
@@ -259,6 +267,14 @@ def prefill_attention(
     R = cache_seqlens.shape[0]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     paged = block_table is not None
+    if kernel is None:
+        kernel = default_kernel(q, k_cache, v_cache, block_table, window_left, softcap)
+    if kernel == "gluon":
+        return _prefill_gluon(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, slots=slots,
+                              block_table=block_table, causal=causal, scale=scale, window_left=window_left,
+                              softcap=softcap, out=out)  # fmt: skip
+    if kernel != "triton":
+        raise ValueError(f"prefill_attention: kernel: expected 'triton', 'gluon' or None, got {kernel!r}")
     default = default_launch(D, q.element_size(), q.is_cuda)
     block_m = default[0] if block_m is None else block_m
     block_n = default[1] if block_n is None else block_n
@@ -290,6 +306,34 @@ def prefill_attention(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def default_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                   window_left: int | None, softcap: float | None, max_keys: int | None = None) -> str:  # fmt: skip
+    """Which kernel :func:`prefill_attention` runs by itself: ``"gluon"`` (``prefill_hopper.py``) where
+    it can take the call and :func:`default_tma` would read through descriptors (its copies are all
+    tensor-descriptor copies, encoded on the host at every eager launch); ``"triton"`` otherwise."""
+    if not (q.is_cuda and GLUON_PREFILL_DEFAULT) or not default_tma(q, k_cache, v_cache, block_table, max_keys):
+        return "triton"
+    from . import prefill_hopper
+
+    return "gluon" if prefill_hopper.hopper_problem(q, k_cache, block_table, window_left, softcap) is None else "triton"
+
+
+def _prefill_gluon(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, *, slots, block_table, causal,
+                   scale, window_left, softcap, out):  # fmt: skip
+    from . import prefill_hopper
+
+    problem = prefill_hopper.hopper_problem(q, k_cache, block_table, window_left, softcap) or tma_problem(
+        k_cache, v_cache, block_table
+    )
+    if problem is not None:
+        raise ValueError(f"prefill_attention(kernel='gluon'): expected {problem}")
+    out = torch.empty_like(q) if out is None else out
+    if q.shape[0] == 0 or cache_seqlens.shape[0] == 0:
+        return out
+    return prefill_hopper.prefill_hopper(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, slots=slots,
+                                         causal=causal, scale=scale, out=out)  # fmt: skip
 
 
 def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> str | None:

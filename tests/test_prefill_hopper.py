@@ -1,0 +1,139 @@
+"""The Gluon prefill kernel for Hopper (``triton_kernels/prefill_hopper.py``).
+
+On an sm90 GPU: against the float64 reference over NaN-poisoned tails (so a key read past a length,
+or a probability of 0 times a NaN value, shows), causal and not, whole prompts and chunks over
+earlier keys, GQA groups of 1, 4 and 7, head_dim 64 and 128, requests whose band tiles are ragged,
+bad metadata (zero rows). On any machine: the kernel compiles for sm90 with the Triton installed
+where that Triton ships the Gluon dialect (the compile check costs no GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs and output against a float64 reference
+
+
+def _hopper():
+    from torch_vkv.triton_kernels import prefill_hopper
+
+    if prefill_hopper.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(f"this Triton lacks Gluon: {prefill_hopper.GLUON_IMPORT_ERROR}")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"the kernel is built for sm90, this GPU is sm{''.join(map(str, torch.cuda.get_device_capability()))}")
+    return prefill_hopper
+
+
+def _case(H, H_kv, D, lengths, num_new, S_max, seed, slots=None):
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device("cuda")
+    B = len(lengths) if slots is None else max(slots) + 1
+    k = torch.randn((B, S_max, H_kv, D), generator=g).to(torch.bfloat16).to(dev)
+    v = torch.randn((B, S_max, H_kv, D), generator=g).to(torch.bfloat16).to(dev)
+    for r, L in enumerate(lengths):
+        s = r if slots is None else slots[r]
+        k[s, L:] = float("nan")
+        v[s, L:] = float("nan")
+    cu = [0]
+    for n in num_new:
+        cu.append(cu[-1] + n)
+    q = torch.randn((cu[-1], H, D), generator=g).to(torch.bfloat16).to(dev)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+    cu_q = torch.tensor(cu, dtype=torch.int32, device=dev)
+    slot_t = None if slots is None else torch.tensor(slots, dtype=torch.int32, device=dev)
+    return q, k, v, lens, cu_q, slot_t, max(num_new)
+
+
+CASES = {
+    # lengths, queries per request: whole prompts (ragged last tiles), chunks over earlier keys, decode rows
+    "prompts": ([1000, 300, 129], [1000, 300, 129]),
+    "chunks": ([1500, 700], [256, 700]),
+    "one_tile": ([128, 64], [128, 1]),
+    "long": ([4100], [4100]),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("H,H_kv,D", [(8, 8, 128), (32, 8, 128), (28, 4, 128), (16, 4, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_float64_reference(case, H, H_kv, D, causal):
+    ph = _hopper()
+    from torch_vkv.triton_kernels import attention_reference
+
+    lengths, num_new = CASES[case]
+    q, k, v, lens, cu, slots, max_q = _case(H, H_kv, D, lengths, num_new, S_max=max(lengths) + 300, seed=len(case) + H + D)
+    out = torch.full_like(q, float("nan"))
+    ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=causal, scale=D**-0.5, out=out)
+    ref = attention_reference(q, k, v, lens, cu, causal=causal)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stages", [2, 3])
+def test_slots_and_stages(stages):
+    ph = _hopper()
+    from torch_vkv.triton_kernels import attention_reference
+
+    q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0])
+    out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.empty_like(q),
+                            stages=stages)  # fmt: skip
+    ref = attention_reference(q, k, v, lens, cu, slots=slots, causal=True, scale=0.1)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+@pytest.mark.cuda
+def test_bad_metadata_gives_zero_rows_and_reads_nothing():
+    ph = _hopper()
+    # request 1: length below its query count; request 2: slot out of range
+    q, k, v, lens, cu, _, max_q = _case(8, 8, 128, [300, 10, 200], [300, 20, 200], S_max=400, seed=5)
+    slots = torch.tensor([0, 1, 9], dtype=torch.int32, device="cuda")
+    out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.full_like(q, 7.0))
+    assert out[300:].eq(0).all()
+    assert out[:300].isfinite().all()
+
+
+@pytest.mark.cuda
+def test_prefill_attention_routes_to_it_and_agrees_with_the_triton_kernel():
+    ph = _hopper()
+    from torch_vkv import triton_kernels as tk
+
+    q, k, v, lens, cu, _, max_q = _case(32, 8, 128, [3000, 1200], [3000, 1200], S_max=3100, seed=7)
+    assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "gluon"
+    out = tk.prefill_attention(q, k, v, lens, cu, max_q, kernel="gluon")
+    base = tk.prefill_attention(q, k, v, lens, cu, max_q, kernel="triton")
+    torch.testing.assert_close(out.float(), base.float(), **TOL)
+    assert ph.hopper_problem(q, k, None, 128, None) is not None  # a window: the Triton kernel
+
+
+def test_compiles_for_sm90_without_a_gpu():
+    """The kernel's source compiles for sm90 with the installed Triton (no GPU needed); its MMAs stay
+    asynchronous (wgmma) and nothing spills."""
+    from torch_vkv.triton_kernels import prefill_hopper as ph
+
+    if ph.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(f"this Triton lacks Gluon: {ph.GLUON_IMPORT_ERROR}")
+    info = ph.compile_for_sm90(head_dim=128)
+    assert info["wgmma"] >= 32, info
+    assert info["spilled_bytes"] == 0, info
+
+
+def test_kernel_argument_is_checked():
+    """A kernel name outside the two, or the Gluon kernel where it cannot run (here: CPU tensors),
+    raises ValueError saying what was expected; the default on the CPU is the Triton kernel."""
+    from torch_vkv.triton_kernels import default_kernel, prefill_attention
+
+    q = torch.randn(4, 2, 16)
+    k = torch.randn(1, 8, 2, 16)
+    lens = torch.tensor([4], dtype=torch.int32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kernel: expected 'triton', 'gluon' or None, got 'cuda'"):
+        prefill_attention(q, k, k, lens, cu, 4, kernel="cuda")
+    with pytest.raises(ValueError, match=r"kernel='gluon'\): expected"):
+        prefill_attention(q, k, k, lens, cu, 4, kernel="gluon")
+    assert default_kernel(q, k, k, None, None, None) == "triton"
