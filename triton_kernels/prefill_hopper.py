@@ -299,9 +299,16 @@ def prefill_hopper(
     scale: float,
     out: torch.Tensor,
     stages: int = STAGES,
+    warp_specialized: bool = True,
+    pingpong: bool = False,
 ) -> torch.Tensor:
     """The Gluon kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
-    ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`."""
+    ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
+
+    ``warp_specialized``: ``prefill_hopper_ws.py``'s kernel (a loader warpgroup and two consumer
+    warpgroups of 64 rows); ``False``: this module's (two warpgroups in step, each overlapping its
+    softmax with its own ``P V`` as far as ptxas lets it). ``pingpong`` (warp-specialised only): the
+    two consumers take turns at the tensor cores, FlashAttention-3's schedule."""
     T, H, D = q.shape
     R = cache_seqlens.shape[0]
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -309,7 +316,14 @@ def prefill_hopper(
     desc_layout = gl.NVMMASharedLayout.get_default_for(block, element)
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), block, desc_layout) for t in (k_cache, v_cache))
     grid = (-(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M), H, R)
-    _prefill_hopper_kernel[grid](
+    extra = {}
+    if warp_specialized:
+        from .prefill_hopper_ws import _prefill_hopper_ws_kernel as kernel
+
+        extra["PINGPONG"] = bool(pingpong)
+    else:
+        kernel = _prefill_hopper_kernel
+    kernel[grid](
         q, k_desc, v_desc, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q,
         slots if slots is not None else cache_seqlens,
         T, k_cache.shape[0], k_cache.shape[1], scale * 1.4426950408889634,
@@ -320,12 +334,13 @@ def prefill_hopper(
         TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], element),
         GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), HAS_SLOTS=slots is not None,
-        num_warps=NUM_WARPS,
+        num_warps=4 if warp_specialized else NUM_WARPS, **extra,
     )  # fmt: skip
     return out
 
 
-def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True) -> dict:
+def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True,
+                     warp_specialized: bool = True) -> dict:  # fmt: skip
     """Compile the kernel for sm90 with the installed Triton, no GPU needed (bf16, GQA group 4):
     ``{"wgmma": MMA instructions in the PTX, "spilled_bytes": local memory a thread (from the cubin,
     ``None`` without Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that
@@ -339,7 +354,11 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _prefill_hopper_kernel
+    if warp_specialized:
+        from .prefill_hopper_ws import _prefill_hopper_ws_kernel as fn
+    else:
+        fn = _prefill_hopper_kernel
+    num_warps = 4 if warp_specialized else NUM_WARPS
     block = [1, BLOCK_N, 1, head_dim]
     signature = {name: "i32" for name in fn.arg_names}  # lengths, bounds, strides
     signature.update({name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")})
@@ -350,12 +369,12 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
     signature["v_desc"] = signature["k_desc"]
     constants = dict(
         TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16), GROUP=4, HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, CAUSAL=causal, HAS_SLOTS=False, num_warps=NUM_WARPS,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, CAUSAL=causal, HAS_SLOTS=False, num_warps=num_warps,
     )  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     spilled = None
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):

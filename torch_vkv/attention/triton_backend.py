@@ -45,10 +45,13 @@ def triton_attention_impl(
     # Lengths known on the host (the engine's and the HF adapter's steps: metadata_tensor) let the work
     # decide whether tensor descriptors pay for their host cost: a 512-row chunk over 16K keys does.
     lengths = host_values(cache_seqlens)
-    tma = tk.default_tma(q, k_cache, v_cache, block_table, max_keys=max(lengths) if lengths else None)
+    max_keys = max(lengths) if lengths else None
+    tma = tk.default_tma(q, k_cache, v_cache, block_table, max_keys=max_keys)
+    kernel = tk.default_kernel(q, k_cache, v_cache, block_table, win, cap, max_keys=max_keys)
     return tk.prefill_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
         slots=slots, block_table=block_table, causal=causal, scale=scale, window_left=win, softcap=cap, tma=tma,
+        kernel=kernel,
     )  # fmt: skip
 
 
