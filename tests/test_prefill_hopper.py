@@ -30,12 +30,12 @@ def _hopper():
     return prefill_hopper
 
 
-def _case(H, H_kv, D, lengths, num_new, S_max, seed, slots=None):
+def _case(H, H_kv, D, lengths, num_new, S_max, seed, slots=None, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
     B = len(lengths) if slots is None else max(slots) + 1
-    k = torch.randn((B, S_max, H_kv, D), generator=g).to(torch.bfloat16).to(dev)
-    v = torch.randn((B, S_max, H_kv, D), generator=g).to(torch.bfloat16).to(dev)
+    k = torch.randn((B, S_max, H_kv, D), generator=g).to(dtype).to(dev)
+    v = torch.randn((B, S_max, H_kv, D), generator=g).to(dtype).to(dev)
     for r, L in enumerate(lengths):
         s = r if slots is None else slots[r]
         k[s, L:] = float("nan")
@@ -43,7 +43,7 @@ def _case(H, H_kv, D, lengths, num_new, S_max, seed, slots=None):
     cu = [0]
     for n in num_new:
         cu.append(cu[-1] + n)
-    q = torch.randn((cu[-1], H, D), generator=g).to(torch.bfloat16).to(dev)
+    q = torch.randn((cu[-1], H, D), generator=g).to(dtype).to(dev)
     lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
     cu_q = torch.tensor(cu, dtype=torch.int32, device=dev)
     slot_t = None if slots is None else torch.tensor(slots, dtype=torch.int32, device=dev)
@@ -80,11 +80,13 @@ def test_matches_float64_reference(case, H, H_kv, D, causal, variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("variant", ["ws", "pingpong", "lockstep"])
-def test_slots_and_stages(stages, variant):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slots_and_stages(stages, variant, dtype):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
-    q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0])
+    q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0],
+                                            dtype=dtype)  # fmt: skip
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.empty_like(q),
                             stages=stages, warp_specialized=variant != "lockstep",
                             pingpong=variant == "pingpong")  # fmt: skip
@@ -112,9 +114,6 @@ def test_prefill_attention_routes_to_it_and_agrees_with_the_triton_kernel(monkey
     from torch_vkv.triton_kernels import prefill
 
     q, k, v, lens, cu, _, max_q = _case(32, 8, 128, [3000, 1200], [3000, 1200], S_max=3100, seed=7)
-    # Not the default (measured slower than the Triton kernel: docs/benchmarks.md); the rule, with it on:
-    assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "triton"
-    monkeypatch.setattr(prefill, "GLUON_PREFILL_DEFAULT", True)
     assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "gluon"
     assert tk.default_kernel(q, k, v, None, 64, None, max_keys=3000) == "triton"  # a window
     assert tk.default_kernel(q, k, v, None, None, None, max_keys=8) == "triton"  # too small for descriptors
@@ -122,6 +121,8 @@ def test_prefill_attention_routes_to_it_and_agrees_with_the_triton_kernel(monkey
     base = tk.prefill_attention(q, k, v, lens, cu, max_q, kernel="triton")
     torch.testing.assert_close(out.float(), base.float(), **TOL)
     assert ph.hopper_problem(q, k, None, 128, None) is not None  # a window: the Triton kernel
+    monkeypatch.setattr(prefill, "GLUON_PREFILL_DEFAULT", False)  # the switch
+    assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "triton"
 
 
 @pytest.mark.parametrize("warp_specialized", [True, False])
@@ -165,3 +166,37 @@ def test_kernel_argument_is_checked():
     with pytest.raises(ValueError, match=r"kernel='gluon'\): expected"):
         prefill_attention(q, k, k, lens, cu, 4, kernel="gluon")
     assert default_kernel(q, k, k, None, None, None) == "triton"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+def test_attention_on_a_kv_cache_takes_it_by_default(layout, monkeypatch):
+    """``attention(backend="triton")`` over a ``KVCache`` (virtual memory, pages committed for the
+    lengths only) runs the Gluon kernel for a prompt large enough, and matches the float64 reference."""
+    ph = _hopper()
+    import torch_vkv
+    from torch_vkv import KVCache
+    from torch_vkv.triton_kernels import attention_reference
+
+    calls = []
+    real = ph.prefill_hopper
+    monkeypatch.setattr(ph, "prefill_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    H, H_kv, D, lengths = 32, 8, 128, [2500, 1700]
+    g = torch.Generator().manual_seed(11)
+    with KVCache(2, H_kv, D, max_batch_size=2, max_seq_len=4096, dtype=torch.bfloat16, device="cuda",
+                 layout=layout) as cache:  # fmt: skip
+        slots = [cache.alloc() for _ in lengths]
+        for s, L in zip(slots, lengths):
+            cache.reserve(s, L)
+            cache.key(1)[s, :L] = torch.randn((L, H_kv, D), generator=g).to(torch.bfloat16).cuda()
+            cache.value(1)[s, :L] = torch.randn((L, H_kv, D), generator=g).to(torch.bfloat16).cuda()
+        q = torch.randn((sum(lengths), H, D), generator=g).to(torch.bfloat16).cuda()
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device="cuda")
+        slot_t = torch.tensor(slots, dtype=torch.int32, device="cuda")
+        k, v = cache.key(1), cache.value(1)
+        out = torch_vkv.attention(q, k, v, lens, cu_seqlens_q=cu, slots=slot_t, max_seqlen_q=max(lengths),
+                                  backend="triton")  # fmt: skip
+        ref = attention_reference(q, k, v, lens, cu, slots=slot_t)
+        torch.testing.assert_close(out.double(), ref, **TOL)
+    assert calls, "the Gluon kernel was not called"

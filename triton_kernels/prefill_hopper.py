@@ -267,8 +267,9 @@ if GLUON_IMPORT_ERROR is None:
 
 
 #: Launch of :func:`prefill_hopper`: 128 queries a program (two warpgroups of 64 rows), 128-key tiles,
-#: two ring buffers per K and V (Q 32 KiB + 4 x 32 KiB of shared memory at head_dim 128).
-BLOCK_M, BLOCK_N, NUM_WARPS, STAGES = 128, 128, 8, 2
+#: ring buffers per K and V: three for the warp-specialised kernel (Q 32 KiB + 6 x 32 KiB of shared
+#: memory at head_dim 128; 1.03-1.05x two on the H100, docs/benchmarks.md), two for the one in step.
+BLOCK_M, BLOCK_N, NUM_WARPS, STAGES, WS_STAGES = 128, 128, 8, 2, 3
 
 
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
@@ -298,7 +299,7 @@ def prefill_hopper(
     causal: bool,
     scale: float,
     out: torch.Tensor,
-    stages: int = STAGES,
+    stages: int | None = None,
     warp_specialized: bool = True,
     pingpong: bool = False,
 ) -> torch.Tensor:
@@ -311,6 +312,8 @@ def prefill_hopper(
     two consumers take turns at the tensor cores, FlashAttention-3's schedule."""
     T, H, D = q.shape
     R = cache_seqlens.shape[0]
+    if stages is None:
+        stages = WS_STAGES if warp_specialized else STAGES
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     block = [1, BLOCK_N, 1, D]
     desc_layout = gl.NVMMASharedLayout.get_default_for(block, element)
@@ -339,7 +342,7 @@ def prefill_hopper(
     return out
 
 
-def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True,
+def compile_for_sm90(head_dim: int = 128, stages: int | None = None, causal: bool = True,
                      warp_specialized: bool = True) -> dict:  # fmt: skip
     """Compile the kernel for sm90 with the installed Triton, no GPU needed (bf16, GQA group 4):
     ``{"wgmma": MMA instructions in the PTX, "spilled_bytes": local memory a thread (from the cubin,
@@ -359,6 +362,7 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
     else:
         fn = _prefill_hopper_kernel
     num_warps = 4 if warp_specialized else NUM_WARPS
+    stages = (WS_STAGES if warp_specialized else STAGES) if stages is None else stages
     block = [1, BLOCK_N, 1, head_dim]
     signature = {name: "i32" for name in fn.arg_names}  # lengths, bounds, strides
     signature.update({name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")})
