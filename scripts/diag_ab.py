@@ -252,12 +252,12 @@ def main() -> None:
 
     if prefill_hopper.hopper_problem(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"),
                                      torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device="cuda"), None, None, None) is None:  # fmt: skip
-        # The Gluon kernels (prefill_hopper.py, prefill_hopper_ws.py), with two and three ring buffers
-        for variant, stages in (("ws", 2), ("ws", 3), ("pingpong", 2), ("pingpong", 3), ("lockstep", 2)):
-            prefill[f"gluon {variant}, stages {stages}"] = (
-                lambda q, k, v, lens, cu, n, st=stages, var=variant: prefill_hopper.prefill_hopper(
+        # The Gluon kernel (prefill_hopper.py), with two and three ring buffers, with and without ping-pong
+        for pingpong, stages in ((False, 2), (False, 3), (True, 3)):
+            prefill[f"gluon{' pingpong' if pingpong else ''}, stages {stages}"] = (
+                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong: prefill_hopper.prefill_hopper(
                     q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,
-                    warp_specialized=var != "lockstep", pingpong=var == "pingpong"))  # fmt: skip
+                    pingpong=pp))  # fmt: skip
     for launch in _launches(args.prefill_launch):
         bm, bn, warps, stages, tma = launch
         prefill[f"current {bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "")] = (

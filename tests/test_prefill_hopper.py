@@ -1,4 +1,5 @@
-"""The Gluon prefill kernel for Hopper (``triton_kernels/prefill_hopper.py``).
+"""The Gluon prefill kernel for Hopper (``triton_kernels/prefill_hopper.py``), with and without the
+consumers' ping-pong turns.
 
 On an sm90 GPU: against the float64 reference over NaN-poisoned tails (so a key read past a length,
 or a probability of 0 times a NaN value, shows), causal and not, whole prompts and chunks over
@@ -63,8 +64,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("H,H_kv,D", [(8, 8, 128), (32, 8, 128), (28, 4, 128), (16, 4, 64)])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("variant", ["ws", "pingpong", "lockstep"])
-def test_matches_float64_reference(case, H, H_kv, D, causal, variant):
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_matches_float64_reference(case, H, H_kv, D, causal, pingpong):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
@@ -72,37 +73,36 @@ def test_matches_float64_reference(case, H, H_kv, D, causal, variant):
     q, k, v, lens, cu, slots, max_q = _case(H, H_kv, D, lengths, num_new, S_max=max(lengths) + 300, seed=len(case) + H + D)
     out = torch.full_like(q, float("nan"))
     ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=causal, scale=D**-0.5, out=out,
-                      warp_specialized=variant != "lockstep", pingpong=variant == "pingpong")  # fmt: skip
+                      pingpong=pingpong)  # fmt: skip
     ref = attention_reference(q, k, v, lens, cu, causal=causal)
     torch.testing.assert_close(out.double(), ref, **TOL)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("variant", ["ws", "pingpong", "lockstep"])
+@pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_slots_and_stages(stages, variant, dtype):
+def test_slots_and_stages(stages, pingpong, dtype):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
     q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0],
                                             dtype=dtype)  # fmt: skip
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.empty_like(q),
-                            stages=stages, warp_specialized=variant != "lockstep",
-                            pingpong=variant == "pingpong")  # fmt: skip
+                            stages=stages, pingpong=pingpong)  # fmt: skip
     ref = attention_reference(q, k, v, lens, cu, slots=slots, causal=True, scale=0.1)
     torch.testing.assert_close(out.double(), ref, **TOL)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["ws", "pingpong", "lockstep"])
-def test_bad_metadata_gives_zero_rows_and_reads_nothing(variant):
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_bad_metadata_gives_zero_rows_and_reads_nothing(pingpong):
     ph = _hopper()
     # request 1: length below its query count; request 2: slot out of range
     q, k, v, lens, cu, _, max_q = _case(8, 8, 128, [300, 10, 200], [300, 20, 200], S_max=400, seed=5)
     slots = torch.tensor([0, 1, 9], dtype=torch.int32, device="cuda")
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.full_like(q, 7.0),
-                            warp_specialized=variant != "lockstep", pingpong=variant == "pingpong")  # fmt: skip
+                            pingpong=pingpong)  # fmt: skip
     assert out[300:].eq(0).all()
     assert out[:300].isfinite().all()
 
@@ -125,8 +125,8 @@ def test_prefill_attention_routes_to_it_and_agrees_with_the_triton_kernel(monkey
     assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "triton"
 
 
-@pytest.mark.parametrize("warp_specialized", [True, False])
-def test_compiles_for_sm90_without_a_gpu(warp_specialized):
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_compiles_for_sm90_without_a_gpu(pingpong):
     """The kernels' source compiles for sm90 with the installed Triton (no GPU needed) into
     asynchronous warpgroup MMAs (wgmma), within the shared memory of an H100/H200 (227 KiB)."""
     from _subprocess import run_python
@@ -140,7 +140,7 @@ def test_compiles_for_sm90_without_a_gpu(warp_specialized):
         f"""
         import json
         from torch_vkv.triton_kernels import prefill_hopper as ph
-        print("INFO", json.dumps(ph.compile_for_sm90(head_dim=128, warp_specialized={warp_specialized})))
+        print("INFO", json.dumps(ph.compile_for_sm90(head_dim=128, pingpong={pingpong})))
         """,
         env={"TRITON_INTERPRET": ""},
         timeout=300,

@@ -168,7 +168,7 @@ def _is_hopper(device_index: int) -> bool:
 #: without (the host's time), of 2048 rows 112.6-117.6 against 117.0-118.6 (the kernel's).
 EAGER_TMA_MIN_ROWS = 2048
 
-#: Whether :func:`default_kernel` picks the Gluon kernel (``prefill_hopper_ws.py``) where it can run:
+#: Whether :func:`default_kernel` picks the Gluon kernel (``prefill_hopper.py``) where it can run:
 #: on the H100 (bf16, Llama-3-8B heads, causal, 2026-12-05) 550.8 / 612.7 / 617.5 TFLOP/s at 8K / 32K /
 #: 128K against 530.2 / 572.1 / 581.4 for the Triton kernel (docs/benchmarks.md, twenty-sixth session).
 GLUON_PREFILL_DEFAULT = True
@@ -312,7 +312,7 @@ def prefill_attention(
 
 def default_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
                    window_left: int | None, softcap: float | None, max_keys: int | None = None) -> str:  # fmt: skip
-    """Which kernel :func:`prefill_attention` runs by itself: ``"gluon"`` (``prefill_hopper_ws.py``)
+    """Which kernel :func:`prefill_attention` runs by itself: ``"gluon"`` (``prefill_hopper.py``)
     where it was measured faster (bf16, head_dim 128) and can take the call, and where
     :func:`default_tma` would read through descriptors (its copies are all tensor-descriptor copies,
     encoded on the host at every eager launch); ``"triton"`` otherwise (fp16 and head_dim 64 run it
