@@ -55,6 +55,8 @@ try:  # Gluon is Triton's lower-level dialect (triton >= 3.4); without it this k
 except ImportError as exc:  # pragma: no cover - depends on the installed Triton
     GLUON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
+import functools
+
 import torch
 
 if GLUON_IMPORT_ERROR is None:
@@ -295,10 +297,19 @@ if GLUON_IMPORT_ERROR is None:
 BLOCK_M, BLOCK_N, NUM_WARPS, STAGES = 128, 128, 4, 3
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+
+
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
     """Why :func:`prefill_hopper` cannot take this call, or None."""
     if GLUON_IMPORT_ERROR is not None:
         return f"Triton's Gluon dialect ({GLUON_IMPORT_ERROR})"
+    if _triton_version() < (3, 6):  # Gluon's API moves between releases: run on 3.6, compiled with 3.9
+        return f"Triton >= 3.6 for its Gluon API, got {__import__('triton').__version__}"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "an sm90 (Hopper) GPU"
     if q.dtype not in (torch.bfloat16, torch.float16) or k_cache.dtype != q.dtype:
