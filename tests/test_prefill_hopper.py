@@ -200,3 +200,15 @@ def test_attention_on_a_kv_cache_takes_it_by_default(layout, monkeypatch):
         ref = attention_reference(q, k, v, lens, cu, slots=slot_t)
         torch.testing.assert_close(out.double(), ref, **TOL)
     assert calls, "the Gluon kernel was not called"
+
+
+def test_stages_outside_two_or_three_are_refused():
+    from torch_vkv.triton_kernels import prefill_hopper as ph
+
+    if ph.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(f"this Triton lacks Gluon: {ph.GLUON_IMPORT_ERROR}")
+    q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
+    lens = torch.tensor([4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="stages: expected 2 or 3, got 1"):
+        ph.prefill_hopper(q, q[None], q[None], lens, torch.tensor([0, 4], dtype=torch.int32), 4, slots=None,
+                          causal=True, scale=0.1, out=torch.empty_like(q), stages=1)  # fmt: skip

@@ -340,6 +340,8 @@ def prefill_hopper(
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
     ``stages``: ring buffers per K and V (2 or 3 fit the shared memory at head_dim 128);
     ``pingpong``: the consumers take turns at the tensor cores (see the module docstring)."""
+    if stages not in (2, 3):  # each consumer's band needs a buffer of its own; four do not fit
+        raise ValueError(f"prefill_hopper: stages: expected 2 or 3, got {stages!r}")
     T, H, D = q.shape
     R = cache_seqlens.shape[0]
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
