@@ -121,6 +121,15 @@ def test_prefill_attention_routes_to_it_and_agrees_with_the_triton_kernel(monkey
     base = tk.prefill_attention(q, k, v, lens, cu, max_q, kernel="triton")
     torch.testing.assert_close(out.float(), base.float(), **TOL)
     assert ph.hopper_problem(q, k, None, 128, None) is not None  # a window: the Triton kernel
+    # Launch parameters or tma=False mean the Triton kernel.
+    calls = []
+    real = ph.prefill_hopper
+    monkeypatch.setattr(ph, "prefill_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    tk.prefill_attention(q, k, v, lens, cu, max_q, tma=False)
+    tk.prefill_attention(q, k, v, lens, cu, max_q, block_n=64)
+    assert not calls
+    tk.prefill_attention(q, k, v, lens, cu, max_q)
+    assert calls
     monkeypatch.setattr(prefill, "GLUON_PREFILL_DEFAULT", False)  # the switch
     assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "triton"
 

@@ -254,8 +254,8 @@ def prefill_attention(
         descriptors in an eager call); ``False``: never.
     kernel : ``"triton"`` (this module's kernel, any GPU and the CPU interpreter) or ``"gluon"``
         (``prefill_hopper.py``: sm90, 16-bit, head_dim 64/128, no window, softcap or block table;
-        ``ValueError`` naming what it needs otherwise). ``None``: :func:`default_kernel`. The
-        launch parameters above apply to ``"triton"`` only.
+        ``ValueError`` naming what it needs otherwise). ``None``: :func:`default_kernel`, or
+        ``"triton"`` when a launch parameter or ``tma=False`` is given (they apply to it only).
 
     Returns
     -------
@@ -270,7 +270,10 @@ def prefill_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     paged = block_table is not None
     if kernel is None:
-        kernel = default_kernel(q, k_cache, v_cache, block_table, window_left, softcap)
+        # Launch parameters or tma=False given: the caller means this module's kernel (the Gluon one
+        # reads every full tile through descriptors and has its own launch).
+        explicit = tma is False or any(x is not None for x in (block_m, block_n, num_warps, num_stages))
+        kernel = "triton" if explicit else default_kernel(q, k_cache, v_cache, block_table, window_left, softcap)
     if kernel == "gluon":
         return _prefill_gluon(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, slots=slots,
                               block_table=block_table, causal=causal, scale=scale, window_left=window_left,
