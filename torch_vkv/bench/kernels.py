@@ -312,6 +312,10 @@ def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
                     continue  # dense S x S mask
                 record(backend, memory, None, lambda b=backend: attention(
                     q, k, v, lens, cu_seqlens_q=cu, max_seqlen_q=S, backend=b))  # fmt: skip
+            tk = _triton_kernels_if_gluon(q, k, v, S)
+            if tk is not None:  # the triton backend ran the Gluon kernel: the Triton one beside it
+                record("triton:kernel=triton", memory, None, lambda: tk.prefill_attention(
+                    q, k, v, lens, cu, S, kernel="triton"))  # fmt: skip
             del k, v
             _close(keep)
             del keep
@@ -325,6 +329,17 @@ def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def _triton_kernels_if_gluon(q, k, v, S: int):
+    """``torch_vkv.triton_kernels`` when the ``triton`` backend's prefill of this shape runs the Gluon
+    kernel (Hopper, bf16, head_dim 128), else None."""
+    if not _available("triton", q.device):
+        return None
+    from torch_vkv.attention import deps
+
+    tk = deps.triton_kernels()
+    return tk if tk.default_kernel(q, k, v, None, None, None, max_keys=S) == "gluon" else None
 
 
 def _vm_rows(cfg: Config, caches: Caches, log) -> list:
