@@ -233,6 +233,8 @@ if GLUON_IMPORT_ERROR is None:
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_SLOTS: gl.constexpr,
         num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
     ):  # fmt: skip
+        """Program ``(m_block, head, request)``: its metadata, the ring and its barriers, then the
+        loader (this program's own warps) and the two consumers (the workers' warps)."""
         if CAUSAL:  # heaviest query blocks first
             pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
         else:
@@ -286,8 +288,8 @@ if GLUON_IMPORT_ERROR is None:
                   stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS,
                   BLOCK_N, STAGES, CAUSAL, PINGPONG)),
             ],
-            [4, 4],
-            [240, 240],
+            [4, 4],  # warps of each consumer
+            [240, 240],  # registers a consumer thread may use (setmaxnreg; the loader keeps what is left)
         )
 
 
