@@ -1,7 +1,7 @@
 """Our Triton prefill kernel compiled for Hopper without a GPU: registers, spills, and whether ptxas keeps
 the tensor-core MMAs (wgmma) asynchronous. A diagnostic that costs no device time.
 
-    python scripts/diag_sass.py [--kernels triton_kernels,.ab/variant/triton_kernels] [--launch 128,128,8,3]
+    python scripts/diag_sass.py [--kernels triton_kernels,.ab/variant/triton_kernels] [--launch 128,128,8,3] [--gluon]
 
 Triton compiles for a target named on the command line (``GPUTarget("cuda", 90, 32)``) with the ``ptxas``
 its wheel ships, so any machine with the ``triton`` package compiles the same SASS as the H200 for the same
@@ -115,6 +115,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", default=str(ROOT / "triton_kernels"), help="comma list of triton_kernels folders")
     p.add_argument("--launch", default="128,128,8,3", help="';'-separated BLOCK_M,BLOCK_N,WARPS,STAGES")
+    p.add_argument("--gluon", action="store_true", help="also the Gluon kernel (prefill_hopper.py), with and "
+                   "without ping-pong: each consumer's loop should hold its MMAs, their waits and the exponentials")
     args = p.parse_args()
     launches = []
     for item in (t for t in args.launch.split(";") if t.strip()):
@@ -133,6 +135,17 @@ def main() -> None:
             rows.append(row)
             print(f"{folder} {launch}: {row['registers']} registers, {row['spill_bytes']} bytes spilled, "
                   f"{row['shared_bytes']} bytes shared, wgmma serialized: {row['wgmma_serialized']}")  # fmt: skip
+            for loop in row["loops"]:
+                print("   loop", " ".join(f"{k}={v}" for k, v in loop.items()))
+    if args.gluon:
+        from torch_vkv.triton_kernels import prefill_hopper
+
+        for pingpong in (False, True):
+            row = {"kernels": "prefill_hopper.py", "pingpong": pingpong,
+                   **analyse(prefill_hopper.compile_kernel_for_sm90(pingpong=pingpong))}  # fmt: skip
+            rows.append(row)
+            print(f"prefill_hopper.py pingpong={pingpong}: {row['registers']} registers at launch (setmaxnreg "
+                  f"raises the consumers'), {row['spill_bytes']} bytes spilled, {row['shared_bytes']} bytes shared")
             for loop in row["loops"]:
                 print("   loop", " ".join(f"{k}={v}" for k, v in loop.items()))
     if os.environ.get("OUT"):

@@ -367,16 +367,9 @@ def prefill_hopper(
     return out
 
 
-def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False) -> dict:
-    """Compile the kernel for sm90 with the installed Triton, no GPU needed (bf16, GQA group 4):
-    ``{"wgmma": MMA instructions in the PTX, "spilled_bytes": local memory a thread (from the cubin,
-    ``None`` without Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that
-    the kernel builds for the device's architecture, and what ``ptxas`` made of it."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
+def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False):
+    """The kernel compiled for sm90 with the installed Triton, no GPU needed (bf16, GQA group 4):
+    Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -398,8 +391,23 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
-    spilled = None
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+
+
+def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False) -> dict:
+    """:func:`compile_kernel_for_sm90` summarised: ``{"wgmma": MMA instructions in the PTX,
+    "stack_bytes": a thread's stack frame, where ptxas spills (from the cubin, ``None`` without
+    Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that the kernel builds for the device's
+    architecture, and what ``ptxas`` made of it (``scripts/diag_sass.py --gluon`` shows its loops)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong)
+    stack = None
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
         with tempfile.TemporaryDirectory() as tmp:
@@ -407,7 +415,7 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
             with open(path, "wb") as f:
                 f.write(kernel.asm["cubin"])
             usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=False).stdout
-        found = re.search(r"LOCAL:(\d+)", usage)
-        spilled = int(found.group(1)) if found else None
-    return dict(wgmma=kernel.asm["ptx"].count("wgmma.mma_async"), spilled_bytes=spilled,
+        found = re.search(r"STACK:(\d+)", usage)
+        stack = int(found.group(1)) if found else None
+    return dict(wgmma=kernel.asm["ptx"].count("wgmma.mma_async"), stack_bytes=stack,
                 shared_bytes=kernel.metadata.shared)  # fmt: skip
