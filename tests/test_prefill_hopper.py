@@ -21,11 +21,19 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs and output against a float64 reference
 
 
-def _hopper():
+def _gluon():
+    """The kernel's module; the test is skipped where the installed Triton has no Gluon dialect
+    (the kernel is then never offered: ``hopper_problem`` names it)."""
     from torch_vkv.triton_kernels import prefill_hopper
 
     if prefill_hopper.GLUON_IMPORT_ERROR is not None:
         pytest.skip(f"this Triton lacks Gluon: {prefill_hopper.GLUON_IMPORT_ERROR}")
+    return prefill_hopper
+
+
+def _hopper():
+    """:func:`_gluon`, on an sm90 GPU (the only architecture the kernel is built for)."""
+    prefill_hopper = _gluon()
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip(f"the kernel is built for sm90, this GPU is sm{''.join(map(str, torch.cuda.get_device_capability()))}")
     return prefill_hopper
@@ -140,10 +148,7 @@ def test_compiles_for_sm90_without_a_gpu(pingpong):
     asynchronous warpgroup MMAs (wgmma), within the shared memory of an H100/H200 (227 KiB)."""
     from _subprocess import run_python
 
-    from torch_vkv.triton_kernels import prefill_hopper as ph
-
-    if ph.GLUON_IMPORT_ERROR is not None:
-        pytest.skip(f"this Triton lacks Gluon: {ph.GLUON_IMPORT_ERROR}")
+    _gluon()
     # In a child without TRITON_INTERPRET (set for the CPU tests): interpreted functions do not compile.
     child = run_python(
         f"""
@@ -212,10 +217,7 @@ def test_attention_on_a_kv_cache_takes_it_by_default(layout, monkeypatch):
 
 
 def test_stages_outside_two_or_three_are_refused():
-    from torch_vkv.triton_kernels import prefill_hopper as ph
-
-    if ph.GLUON_IMPORT_ERROR is not None:
-        pytest.skip(f"this Triton lacks Gluon: {ph.GLUON_IMPORT_ERROR}")
+    ph = _gluon()
     q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
     lens = torch.tensor([4], dtype=torch.int32)
     with pytest.raises(ValueError, match="stages: expected 2 or 3, got 1"):

@@ -59,6 +59,8 @@ import functools
 
 import torch
 
+from .prefill import _is_hopper
+
 if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
@@ -312,7 +314,7 @@ def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_l
         return f"Triton's Gluon dialect ({GLUON_IMPORT_ERROR})"
     if _triton_version() < (3, 6):  # Gluon's API moves between releases: run on 3.6, compiled with 3.9
         return f"Triton >= 3.6 for its Gluon API, got {__import__('triton').__version__}"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if not q.is_cuda or not _is_hopper(q.device.index or 0):
         return "an sm90 (Hopper) GPU"
     if q.dtype not in (torch.bfloat16, torch.float16) or k_cache.dtype != q.dtype:
         return f"bf16 or fp16 queries and cache of one dtype, got {q.dtype} and {k_cache.dtype}"

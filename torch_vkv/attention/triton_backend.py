@@ -46,8 +46,9 @@ def triton_attention_impl(
     # decide whether tensor descriptors pay for their host cost: a 512-row chunk over 16K keys does.
     lengths = host_values(cache_seqlens)
     max_keys = max(lengths) if lengths else None
-    tma = tk.default_tma(q, k_cache, v_cache, block_table, max_keys=max_keys)
     kernel = tk.default_kernel(q, k_cache, v_cache, block_table, win, cap, max_keys=max_keys)
+    # (the Gluon kernel reads through descriptors by construction: tma is the Triton kernel's choice)
+    tma = kernel == "triton" and tk.default_tma(q, k_cache, v_cache, block_table, max_keys=max_keys)
     return tk.prefill_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
         slots=slots, block_table=block_table, causal=causal, scale=scale, window_left=win, softcap=cap, tma=tma,
