@@ -65,6 +65,8 @@ CASES = {
     "chunks": ([1500, 700], [256, 700]),
     "one_tile": ([128, 64], [128, 1]),
     "long": ([4100], [4100]),
+    # lengths of whole tiles: every diagonal band through the ring (TMA), no ragged end; an aligned chunk
+    "aligned": ([1024, 384, 2048], [1024, 384, 640]),
 }
 
 
@@ -223,3 +225,40 @@ def test_stages_outside_two_or_three_are_refused():
     with pytest.raises(ValueError, match="stages: expected 2 or 3, got 1"):
         ph.prefill_hopper(q, q[None], q[None], lens, torch.tensor([0, 4], dtype=torch.int32), 4, slots=None,
                           causal=True, scale=0.1, out=torch.empty_like(q), stages=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tile_plan_reads_each_visible_key_once_and_nothing_past_the_length(causal):
+    """The kernel's tile arithmetic (``tile_plan`` mirrors its prologue), over lengths around tile
+    boundaries, whole prompts and chunks: the TMA tiles stay below the length, the unmasked tiles
+    are visible to every query of the block, and ring tiles plus each consumer's masked rows cover
+    exactly the keys each of its queries may see."""
+    from torch_vkv.triton_kernels import prefill_hopper as ph
+
+    BN, rows = ph.BLOCK_N, ph.BLOCK_M // 2
+    seen = 0
+    for seqlen in (1, 63, 64, 127, 128, 129, 255, 256, 300, 640, 1000, 1024):
+        for q_len in sorted({1, 64, 128, 129, seqlen // 2 or 1, seqlen}):
+            if q_len > seqlen:
+                continue
+            for m_block in range(-(-q_len // ph.BLOCK_M)):
+                plan = ph.tile_plan(seqlen, q_len, m_block, causal)
+                n_full, n_ring = plan["n_full"], plan["n_ring"]
+                assert 0 <= n_full <= n_ring and n_ring * BN <= seqlen, (seqlen, q_len, m_block, plan)
+                if not causal:
+                    assert n_ring == n_full
+                for half in (0, 1):
+                    hi = plan["hi"][half]
+                    for i in range(rows):
+                        row = m_block * ph.BLOCK_M + half * rows + i  # query row of the request
+                        if row >= q_len:
+                            continue
+                        pos = plan["first_pos"] + half * rows + i
+                        visible = set(range(pos + 1 if causal else seqlen))
+                        assert set(range(n_full * BN)) <= visible  # unmasked tiles: visible to all
+                        ring = set(range(n_ring * BN)) & visible  # the band's tiles: causal mask
+                        masked = {key for key in range(n_ring * BN, hi) if not causal or key <= pos}
+                        assert ring | masked == visible and not ring & masked, (seqlen, q_len, m_block, half, i)
+                        seen += 1
+    assert seen > 5000  # rows checked
+

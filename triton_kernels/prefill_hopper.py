@@ -20,17 +20,19 @@ H100, twenty-sixth session).
 
 Per program ``(m_block, head, request)`` (heaviest causal blocks first, as the Triton kernel):
 
-* the loader (the default partition, its registers given to the consumers) copies the full key
-  tiles, those visible to every query of the block, into a ring of ``STAGES`` K and V buffers: one
-  ``ready`` mbarrier a buffer (the copies' bytes), one ``empty`` mbarrier (an arrive from each
-  consumer once it is done with the tile);
-* each consumer loads its 64 query rows, then per tile: ``S = Q K^T``, the online softmax,
-  ``O += P V`` (P from registers), release. ``PINGPONG`` instead has the consumers take turns at the
-  tensor cores (a consumer issues ``P V`` of the tile before and ``Q K^T`` of this one together when
-  the other hands it the turn): FlashAttention-3's schedule, no faster here;
-* the diagonal band and a ragged end (rows up to each consumer's last query position) are read by
-  each consumer with masked loads into the ring buffer of its own index, once both released it, so
-  no row past a request's length is touched (it may be an uncommitted page).
+* the loader (the default partition, its registers given to the consumers) copies the key tiles
+  that lie wholly below the request's length (committed rows: the diagonal band included where the
+  length is a multiple of the tile) into a ring of ``STAGES`` K and V buffers: one ``ready`` mbarrier
+  a buffer (the copies' bytes), one ``empty`` mbarrier (an arrive from each consumer once it is done
+  with the tile);
+* each consumer loads its 64 query rows, then per tile: ``S = Q K^T``, the online softmax (the
+  causal mask only on the band's tiles), ``O += P V`` (P from registers), release. ``PINGPONG``
+  instead has the consumers take turns at the tensor cores over the full tiles (a consumer issues
+  ``P V`` of the tile before and ``Q K^T`` of this one together when the other hands it the turn):
+  FlashAttention-3's schedule, no faster here;
+* a ragged end (a tile crossing the length: rows up to each consumer's last query position) is read
+  by each consumer with masked loads into the ring buffer of its own index, once both released it,
+  so no row past a request's length is touched (it may be an uncommitted page).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _consumer(
         half, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head, slot, kv_head,
-        seqlen, first_pos, hi_full, n_full, qk_mul,
+        seqlen, first_pos, n_full, n_ring, qk_mul,
         stride_qt, stride_qh, stride_ks, stride_kb, stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh,
         TILE_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
@@ -98,6 +100,7 @@ if GLUON_IMPORT_ERROR is None:
         l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
         o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        q_pos = first_pos + half * ROWS + gl.arange(0, ROWS, layout=row_s)
         if PINGPONG:
             o, l_i, m_i = _full_tiles_pingpong(
                 half, q_smem, k_ring, v_ring, ready, empty, turn, n_full, qk_mul, o, l_i, m_i, s_zero,
@@ -105,36 +108,26 @@ if GLUON_IMPORT_ERROR is None:
             )  # fmt: skip
         else:
             for t in range(n_full):
-                stage = t % STAGES
-                mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-                k_t = k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
-                v_t = v_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
-                s_tok = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                scores = warpgroup_mma_wait(0, deps=(s_tok,))
-                m_new = gl.maximum(m_i, gl.max(scores, axis=1))
-                alpha = gl.exp2((m_i - m_new) * qk_mul)
-                p = gl.exp2(scores * qk_mul - (m_new * qk_mul)[:, None])
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                m_i = m_new
-                o = o * gl.convert_layout(alpha, row_o)[:, None]
-                o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_t, o, is_async=True)
-                o = warpgroup_mma_wait(0, deps=(o_tok,))
-                mbarrier.arrive(empty.index(stage), count=1)
+                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, qk_mul, q_pos, o, l_i, m_i, s_zero,
+                                         p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, False)  # fmt: skip
+        if CAUSAL:  # the diagonal band's tiles below the length, loaded by the loader: causal mask
+            for t in range(n_full, n_ring):
+                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, qk_mul, q_pos, o, l_i, m_i, s_zero,
+                                         p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, True)  # fmt: skip
 
-        # The band and the ragged end: masked loads into ring buffer `half`, once both consumers have
-        # released its last full tile (the loader loads nothing after the full tiles).
+        # The ragged end (a tile that crosses the length): masked loads into ring buffer `half`, once
+        # both consumers have released its last tile (the loader loads nothing after the ring's tiles).
         if CAUSAL:
             hi = gl.maximum(gl.minimum(first_pos + (half + 1) * ROWS, seqlen), 0)
         else:
             hi = seqlen
-        uses = (n_full - half + STAGES - 1) // STAGES  # full tiles that went through buffer `half`
+        uses = (n_ring - half + STAGES - 1) // STAGES  # tiles that went through buffer `half`
         mbarrier.wait(empty.index(half), (uses - 1) & 1, pred=uses > 0)
         kb_smem = k_ring.index(half).reshape([BLOCK_N, HEAD_DIM])
         vb_smem = v_ring.index(half).reshape([BLOCK_N, HEAD_DIM])
         k_base = k_ptr + slot.to(gl.int64) * stride_kb + kv_head * stride_kh
         v_base = v_ptr + slot.to(gl.int64) * stride_vb + kv_head * stride_vh
-        q_pos = first_pos + half * ROWS + gl.arange(0, ROWS, layout=row_s)
-        for start in range(hi_full, hi, BLOCK_N):
+        for start in range(n_ring * BLOCK_N, hi, BLOCK_N):
             offs_n = start + gl.arange(0, BLOCK_N, layout=row_io)
             n_ok = offs_n < hi
             rows = offs_n.to(gl.int64)[:, None]
@@ -150,14 +143,7 @@ if GLUON_IMPORT_ERROR is None:
             visible = key_pos[None, :] < hi
             if CAUSAL:
                 visible = visible & (key_pos[None, :] <= q_pos[:, None])
-            scores = gl.where(visible, scores, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(scores, axis=1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet
-            alpha = gl.exp2((m_i - m_use) * qk_mul)
-            p = gl.exp2(scores * qk_mul - (m_use * qk_mul)[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
-            o = o * gl.convert_layout(alpha, row_o)[:, None]
+            p, m_i, l_i, o = _online_softmax(gl.where(visible, scores, float("-inf")), m_i, l_i, o, qk_mul, row_o, True)
             o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), vb_smem, o, is_async=True)
             o = warpgroup_mma_wait(0, deps=(o_tok,))
 
@@ -165,6 +151,42 @@ if GLUON_IMPORT_ERROR is None:
         out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]  # a row that sees no key (bad lengths): 0
         out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), io_layout)
         gl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out, mask=m_ok[:, None])
+
+    @gluon.jit
+    def _online_softmax(scores, m_i, l_i, o, qk_mul, row_o: gl.constexpr, MASKED: gl.constexpr):
+        """One tile's step of the online softmax: ``(p, m_i, l_i, o)`` with ``o`` rescaled to the
+        new row maxima. ``MASKED``: a row may have seen no key yet (-inf scores only)."""
+        m_new = gl.maximum(m_i, gl.max(scores, axis=1))
+        if MASKED:
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = gl.exp2((m_i - m_use) * qk_mul)
+        p = gl.exp2(scores * qk_mul - (m_use * qk_mul)[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        o = o * gl.convert_layout(alpha, row_o)[:, None]
+        return p, m_new, l_i, o
+
+    @gluon.jit
+    def _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, qk_mul, q_pos, o, l_i, m_i, s_zero,
+                   p_layout: gl.constexpr, row_o: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr):  # fmt: skip
+        """Key tile ``t`` from the ring: wait for its copies, ``S = Q K^T``, the softmax (the causal
+        mask on the diagonal band), ``O += P V``, release the buffer."""
+        stage = t % STAGES
+        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        k_t = k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
+        v_t = v_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
+        s_tok = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        scores = warpgroup_mma_wait(0, deps=(s_tok,))
+        if CAUSAL_MASK:
+            key_pos = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_zero.type.layout))
+            scores = gl.where(key_pos[None, :] <= q_pos[:, None], scores, float("-inf"))
+        p, m_i, l_i, o = _online_softmax(scores, m_i, l_i, o, qk_mul, row_o, CAUSAL_MASK)
+        o_tok = warpgroup_mma(gl.convert_layout(p.to(k_ring.dtype), p_layout), v_t, o, is_async=True)
+        o = warpgroup_mma_wait(0, deps=(o_tok,))
+        mbarrier.arrive(empty.index(stage), count=1)
+        return o, l_i, m_i
 
     @gluon.jit
     def _full_tiles_pingpong(half, q_smem, k_ring, v_ring, ready, empty, turn, n_full, qk_mul, o, l_i, m_i, s_zero,
@@ -214,12 +236,13 @@ if GLUON_IMPORT_ERROR is None:
         return o, l_i, m_i
 
     @gluon.jit
-    def _loader(k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_full, BLOCK_N: gl.constexpr,
+    def _loader(k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_ring, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr):  # fmt: skip
         """The default partition (one warpgroup, registers given to the consumers; one thread issues
-        the copies): full key tiles into the ring, a buffer reused once both consumers released it."""
+        the copies): key tiles below the length into the ring, a buffer reused once both consumers
+        released it."""
         tile_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
-        for t in range(n_full):
+        for t in range(n_ring):
             stage = t % STAGES
             mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1, pred=t >= STAGES)
             mbarrier.expect(ready.index(stage), tile_bytes)
@@ -258,11 +281,16 @@ if GLUON_IMPORT_ERROR is None:
             slot = 0
         kv_head = head // GROUP
         first_pos = seqlen - q_len + pid_m * BLOCK_M
+        # Tiles through the ring (TMA): keys [0, n_ring * BLOCK_N), all below the length, so committed
+        # rows; of those, the first n_full are visible to every query of the block (no mask). Mirrored
+        # in plain Python by tile_plan (tested on any machine).
         if CAUSAL:
-            hi_full = gl.maximum(gl.minimum(first_pos + 1, seqlen), 0) // BLOCK_N * BLOCK_N
+            n_full = gl.maximum(gl.minimum(first_pos + 1, seqlen), 0) // BLOCK_N
+            hi_block = gl.maximum(gl.minimum(first_pos + BLOCK_M, seqlen), 0)
+            n_ring = gl.minimum((hi_block + BLOCK_N - 1) // BLOCK_N, seqlen // BLOCK_N)
         else:
-            hi_full = seqlen // BLOCK_N * BLOCK_N
-        n_full = hi_full // BLOCK_N
+            n_full = seqlen // BLOCK_N
+            n_ring = n_full
 
         dtype: gl.constexpr = k_desc.dtype
         k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -280,13 +308,13 @@ if GLUON_IMPORT_ERROR is None:
         ROWS: gl.constexpr = BLOCK_M // 2
         gl.warp_specialize(
             [
-                (_loader, (k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_full, BLOCK_N, STAGES)),
+                (_loader, (k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_ring, BLOCK_N, STAGES)),
                 (_consumer, (0, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head, slot,
-                  kv_head, seqlen, first_pos, hi_full, n_full, qk_mul, stride_qt, stride_qh, stride_ks, stride_kb,
+                  kv_head, seqlen, first_pos, n_full, n_ring, qk_mul, stride_qt, stride_qh, stride_ks, stride_kb,
                   stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS,
                   BLOCK_N, STAGES, CAUSAL, PINGPONG)),
                 (_consumer, (1, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head, slot,
-                  kv_head, seqlen, first_pos, hi_full, n_full, qk_mul, stride_qt, stride_qh, stride_ks, stride_kb,
+                  kv_head, seqlen, first_pos, n_full, n_ring, qk_mul, stride_qt, stride_qh, stride_ks, stride_kb,
                   stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS,
                   BLOCK_N, STAGES, CAUSAL, PINGPONG)),
             ],
@@ -306,6 +334,24 @@ def _triton_version() -> tuple[int, ...]:
     import triton
 
     return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def tile_plan(seqlen: int, q_len: int, m_block: int, causal: bool) -> dict:
+    """The key tiles of program ``m_block`` of a request, as the kernel's prologue computes them
+    (plain Python, for tests on any machine): ``n_full`` tiles visible to every query of the block
+    (no mask), ``n_ring`` tiles through the TMA ring (all below ``seqlen``: committed rows), and per
+    consumer ``hi``: the end of the keys it reads, the rows ``[n_ring * BLOCK_N, hi)`` by masked loads."""
+    first_pos = seqlen - q_len + m_block * BLOCK_M
+    rows = BLOCK_M // 2
+    if causal:
+        n_full = max(min(first_pos + 1, seqlen), 0) // BLOCK_N
+        hi_block = max(min(first_pos + BLOCK_M, seqlen), 0)
+        n_ring = min(-(-hi_block // BLOCK_N), seqlen // BLOCK_N)
+        hi = [max(min(first_pos + (half + 1) * rows, seqlen), 0) for half in (0, 1)]
+    else:
+        n_full = n_ring = seqlen // BLOCK_N
+        hi = [seqlen, seqlen]
+    return dict(first_pos=first_pos, n_full=n_full, n_ring=n_ring, hi=hi)
 
 
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
