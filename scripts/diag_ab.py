@@ -252,12 +252,15 @@ def main() -> None:
 
     if prefill_hopper.hopper_problem(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"),
                                      torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device="cuda"), None, None, None) is None:  # fmt: skip
-        # The Gluon kernel (prefill_hopper.py), with two and three ring buffers, with and without ping-pong
-        for pingpong, stages in ((False, 2), (False, 3), (True, 3)):
-            prefill[f"gluon{' pingpong' if pingpong else ''}, stages {stages}"] = (
-                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong: prefill_hopper.prefill_hopper(
+        # The Gluon kernel (prefill_hopper.py), with two and three ring buffers, with and without ping-pong,
+        # in each head's block order or heaviest first over all heads (lpt)
+        for pingpong, stages, lpt in ((False, 2, False), (False, 3, False), (True, 3, False), (False, 3, True),
+                                      (True, 3, True)):  # fmt: skip
+            name = f"gluon{' pingpong' if pingpong else ''}{' lpt' if lpt else ''}, stages {stages}"
+            prefill[name] = (
+                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong, lpt=lpt: prefill_hopper.prefill_hopper(
                     q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,
-                    pingpong=pp))  # fmt: skip
+                    pingpong=pp, lpt=lpt))  # fmt: skip
     for launch in _launches(args.prefill_launch):
         bm, bn, warps, stages, tma = launch
         prefill[f"current {bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "")] = (

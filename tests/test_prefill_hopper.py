@@ -89,30 +89,48 @@ def test_matches_float64_reference(case, H, H_kv, D, causal, pingpong):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("causal", [True, False])
+def test_heaviest_first_order_matches_float64_reference(case, causal):
+    """``lpt=True``: the grid ordered (head, request, m_block), the same results."""
+    ph = _hopper()
+    from torch_vkv.triton_kernels import attention_reference
+
+    lengths, num_new = CASES[case]
+    q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, lengths, num_new, S_max=max(lengths) + 300, seed=len(case))
+    out = torch.full_like(q, float("nan"))
+    ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=causal, scale=128**-0.5, out=out, lpt=True)
+    ref = attention_reference(q, k, v, lens, cu, causal=causal)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_slots_and_stages(stages, pingpong, dtype):
+@pytest.mark.parametrize("lpt", [False, True])
+def test_slots_and_stages(stages, pingpong, dtype, lpt):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
     q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0],
                                             dtype=dtype)  # fmt: skip
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.empty_like(q),
-                            stages=stages, pingpong=pingpong)  # fmt: skip
+                            stages=stages, pingpong=pingpong, lpt=lpt)  # fmt: skip
     ref = attention_reference(q, k, v, lens, cu, slots=slots, causal=True, scale=0.1)
     torch.testing.assert_close(out.double(), ref, **TOL)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("pingpong", [False, True])
-def test_bad_metadata_gives_zero_rows_and_reads_nothing(pingpong):
+@pytest.mark.parametrize("lpt", [False, True])
+def test_bad_metadata_gives_zero_rows_and_reads_nothing(pingpong, lpt):
     ph = _hopper()
     # request 1: length below its query count; request 2: slot out of range
     q, k, v, lens, cu, _, max_q = _case(8, 8, 128, [300, 10, 200], [300, 20, 200], S_max=400, seed=5)
     slots = torch.tensor([0, 1, 9], dtype=torch.int32, device="cuda")
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.full_like(q, 7.0),
-                            pingpong=pingpong)  # fmt: skip
+                            pingpong=pingpong, lpt=lpt)  # fmt: skip
     assert out[300:].eq(0).all()
     assert out[:300].isfinite().all()
 
