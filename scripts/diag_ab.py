@@ -245,6 +245,7 @@ def main() -> None:
         _decode_point(B, S, decode, args, copy_tb, rows)
     prefill = {
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),
+        "baseline, kernel=triton": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n, kernel="triton"),
         "current": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n),
         "current, kernel=triton": lambda q, k, v, lens, cu, n: new.prefill_attention(q, k, v, lens, cu, n, kernel="triton"),
     }

@@ -75,14 +75,14 @@ def _prefill_kernel(
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
+    # Grid (head, request, m_block), the query block slowest: programs start in that order, so with
+    # CAUSAL (a block's work grows with its position) every head's heaviest block starts before any
+    # lighter one and the launch ends with the lightest: a short tail (longest processing time first).
+    head = tl.program_id(0)
+    r = tl.program_id(1)
+    pid_m = tl.program_id(2)
     if CAUSAL:
-        # Heaviest query blocks first (a causal block's work grows with its position): the last
-        # programs to start are the light ones, so the launch ends with a short tail.
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    r = tl.program_id(2)
+        pid_m = tl.num_programs(2) - 1 - pid_m
     q_start = tl.load(cu_q_ptr + r)
     q_len = tl.load(cu_q_ptr + r + 1) - q_start
     if pid_m * BLOCK_M >= q_len:
@@ -291,7 +291,7 @@ def prefill_attention(
     if num_warps is None:  # the default's rule, for the block_m actually used
         num_warps = 8 if (D >= 128 and block_m >= 128) else 4
     num_stages = default[3] if num_stages is None else num_stages
-    grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
+    grid = (H, R, triton.cdiv(max_seqlen_q, block_m))
     bt = block_table if paged else cache_seqlens
     if tma is None:
         tma = default_tma(q, k_cache, v_cache, block_table)
