@@ -202,6 +202,22 @@ def test_kernel_argument_is_checked():
     assert default_kernel(q, k, k, None, None, None) == "triton"
 
 
+
+def test_more_requests_than_a_launch_takes_is_a_clear_error():
+    """Requests are the launch grid's second dimension (at most 65535 programs): beyond that a
+    ValueError names the limit instead of a failed launch (checked before anything is launched)."""
+    from torch_vkv.triton_kernels import prefill_attention
+
+    R = 65536
+    q = torch.randn(1, 2, 16)
+    k = torch.randn(1, 8, 2, 16)
+    lens = torch.ones(R, dtype=torch.int32)
+    cu = torch.ones(R + 1, dtype=torch.int32)
+    cu[0] = 0
+    slots = torch.zeros(R, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most 65535 requests .* got 65536 requests"):
+        prefill_attention(q, k, k, lens, cu, 1, slots=slots, kernel="triton")
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
 def test_attention_on_a_kv_cache_takes_it_by_default(layout, monkeypatch):

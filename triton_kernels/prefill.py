@@ -292,6 +292,7 @@ def prefill_attention(
         num_warps = 8 if (D >= 128 and block_m >= 128) else 4
     num_stages = default[3] if num_stages is None else num_stages
     grid = (H, R, triton.cdiv(max_seqlen_q, block_m))
+    _check_grid("prefill_attention", grid, block_m)
     bt = block_table if paged else cache_seqlens
     if tma is None:
         tma = default_tma(q, k_cache, v_cache, block_table)
@@ -311,6 +312,14 @@ def prefill_attention(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def _check_grid(name: str, grid: tuple[int, int, int], block_m: int) -> None:
+    """A launch grid ``(heads, requests, query blocks)`` within CUDA's limits (the second and third
+    dimensions take at most 65535 programs): a clear error instead of a failed launch."""
+    if grid[1] > 65535 or grid[2] > 65535:
+        raise ValueError(f"{name}: at most 65535 requests and {65535 * block_m} queries per request in one call "
+                         f"(query blocks of {block_m}), got {grid[1]} requests and {grid[2]} query blocks")
 
 
 def default_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,

@@ -61,7 +61,7 @@ import functools
 
 import torch
 
-from .prefill import _is_hopper
+from .prefill import _check_grid, _is_hopper
 
 if GLUON_IMPORT_ERROR is None:
 
@@ -409,6 +409,7 @@ def prefill_hopper(
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), block, desc_layout) for t in (k_cache, v_cache))
     m_blocks = -(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M)
     grid = (H, R, m_blocks) if lpt else (m_blocks, H, R)
+    _check_grid("prefill_hopper", (H, R, m_blocks), BLOCK_M)
     _prefill_hopper_kernel[grid](
         q, k_desc, v_desc, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q,
         slots if slots is not None else cache_seqlens,
