@@ -206,6 +206,8 @@ def main() -> None:
     p.add_argument("--baseline", default=".ab/triton_kernels", help="an earlier triton_kernels/ folder")
     p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
     p.add_argument("--prefill", default="8192,32768")
+    p.add_argument("--gluon", default="2,3,pp3,lpt3,pplpt3", help="the Gluon prefill's variants timed beside: ring "
+                   "buffers (the last digit), pp: ping-pong, lpt: heaviest blocks of all heads first")
     p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
@@ -253,10 +255,10 @@ def main() -> None:
 
     if prefill_hopper.hopper_problem(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"),
                                      torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device="cuda"), None, None, None) is None:  # fmt: skip
-        # The Gluon kernel (prefill_hopper.py), with two and three ring buffers, with and without ping-pong,
-        # in each head's block order or heaviest first over all heads (lpt)
-        for pingpong, stages, lpt in ((False, 2, False), (False, 3, False), (True, 3, False), (False, 3, True),
-                                      (True, 3, True)):  # fmt: skip
+        # The Gluon kernel (prefill_hopper.py), with two or three ring buffers, with or without ping-pong,
+        # in each head's block order or heaviest first over all heads (lpt): --gluon's variants
+        for variant in [x for x in args.gluon.split(",") if x]:
+            pingpong, lpt, stages = "pp" in variant, "lpt" in variant, int(variant[-1])
             name = f"gluon{' pingpong' if pingpong else ''}{' lpt' if lpt else ''}, stages {stages}"
             prefill[name] = (
                 lambda q, k, v, lens, cu, n, st=stages, pp=pingpong, lpt=lpt: prefill_hopper.prefill_hopper(
