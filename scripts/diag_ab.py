@@ -206,8 +206,8 @@ def main() -> None:
     p.add_argument("--baseline", default=".ab/triton_kernels", help="an earlier triton_kernels/ folder")
     p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
     p.add_argument("--prefill", default="8192,32768")
-    p.add_argument("--gluon", default="2,3,pp3,lpt3,pplpt3", help="the Gluon prefill's variants timed beside: ring "
-                   "buffers (the last digit), pp: ping-pong, lpt: heaviest blocks of all heads first")
+    p.add_argument("--gluon", default="2,3,pp3", help="the Gluon prefill's variants timed beside: ring buffers (the "
+                   "digit), pp: ping-pong")
     p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
@@ -255,15 +255,14 @@ def main() -> None:
 
     if prefill_hopper.hopper_problem(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"),
                                      torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device="cuda"), None, None, None) is None:  # fmt: skip
-        # The Gluon kernel (prefill_hopper.py), with two or three ring buffers, with or without ping-pong,
-        # in each head's block order or heaviest first over all heads (lpt): --gluon's variants
+        # The Gluon kernel (prefill_hopper.py), with two or three ring buffers, with or without ping-pong:
+        # --gluon's variants
         for variant in [x for x in args.gluon.split(",") if x]:
-            pingpong, lpt, stages = "pp" in variant, "lpt" in variant, int(variant[-1])
-            name = f"gluon{' pingpong' if pingpong else ''}{' lpt' if lpt else ''}, stages {stages}"
-            prefill[name] = (
-                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong, lpt=lpt: prefill_hopper.prefill_hopper(
+            pingpong, stages = variant.startswith("pp"), int(variant[-1])
+            prefill[f"gluon{' pingpong' if pingpong else ''}, stages {stages}"] = (
+                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong: prefill_hopper.prefill_hopper(
                     q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,
-                    pingpong=pp, lpt=lpt))  # fmt: skip
+                    pingpong=pp))  # fmt: skip
     for launch in _launches(args.prefill_launch):
         bm, bn, warps, stages, tma = launch
         prefill[f"current {bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "")] = (

@@ -84,53 +84,36 @@ def test_matches_float64_reference(case, H, H_kv, D, causal, pingpong):
     out = torch.full_like(q, float("nan"))
     ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=causal, scale=D**-0.5, out=out,
                       pingpong=pingpong)  # fmt: skip
-    ref = attention_reference(q, k, v, lens, cu, causal=causal)
-    torch.testing.assert_close(out.double(), ref, **TOL)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("causal", [True, False])
-def test_heaviest_first_order_matches_float64_reference(case, causal):
-    """``lpt=True``: the grid ordered (head, request, m_block), the same results."""
-    ph = _hopper()
-    from torch_vkv.triton_kernels import attention_reference
-
-    lengths, num_new = CASES[case]
-    q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, lengths, num_new, S_max=max(lengths) + 300, seed=len(case))
-    out = torch.full_like(q, float("nan"))
-    ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=causal, scale=128**-0.5, out=out, lpt=True)
-    ref = attention_reference(q, k, v, lens, cu, causal=causal)
-    torch.testing.assert_close(out.double(), ref, **TOL)
+    # The long case's float64 scores take 4 GiB: float32 there (several test processes share the GPU)
+    ref = attention_reference(q, k, v, lens, cu, causal=causal, dtype=torch.float32 if case == "long" else torch.float64)
+    torch.testing.assert_close(out.double(), ref.double(), **TOL)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lpt", [False, True])
-def test_slots_and_stages(stages, pingpong, dtype, lpt):
+def test_slots_and_stages(stages, pingpong, dtype):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
     q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0],
                                             dtype=dtype)  # fmt: skip
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.empty_like(q),
-                            stages=stages, pingpong=pingpong, lpt=lpt)  # fmt: skip
+                            stages=stages, pingpong=pingpong)  # fmt: skip
     ref = attention_reference(q, k, v, lens, cu, slots=slots, causal=True, scale=0.1)
-    torch.testing.assert_close(out.double(), ref, **TOL)
+    torch.testing.assert_close(out.double(), ref.double(), **TOL)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize("lpt", [False, True])
-def test_bad_metadata_gives_zero_rows_and_reads_nothing(pingpong, lpt):
+def test_bad_metadata_gives_zero_rows_and_reads_nothing(pingpong):
     ph = _hopper()
     # request 1: length below its query count; request 2: slot out of range
     q, k, v, lens, cu, _, max_q = _case(8, 8, 128, [300, 10, 200], [300, 20, 200], S_max=400, seed=5)
     slots = torch.tensor([0, 1, 9], dtype=torch.int32, device="cuda")
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.full_like(q, 7.0),
-                            pingpong=pingpong, lpt=lpt)  # fmt: skip
+                            pingpong=pingpong)  # fmt: skip
     assert out[300:].eq(0).all()
     assert out[:300].isfinite().all()
 
@@ -204,7 +187,7 @@ def test_kernel_argument_is_checked():
 
 
 def test_more_requests_than_a_launch_takes_is_a_clear_error():
-    """Requests are the launch grid's second dimension (at most 65535 programs): beyond that a
+    """Requests are the launch grid's third dimension (at most 65535 programs): beyond that a
     ValueError names the limit instead of a failed launch (checked before anything is launched)."""
     from torch_vkv.triton_kernels import prefill_attention
 
@@ -215,7 +198,7 @@ def test_more_requests_than_a_launch_takes_is_a_clear_error():
     cu = torch.ones(R + 1, dtype=torch.int32)
     cu[0] = 0
     slots = torch.zeros(R, dtype=torch.int32)
-    with pytest.raises(ValueError, match="at most 65535 requests .* got 65536 requests"):
+    with pytest.raises(ValueError, match="at most 65535 requests in one call, got 65536"):
         prefill_attention(q, k, k, lens, cu, 1, slots=slots, kernel="triton")
 
 @pytest.mark.cuda
@@ -248,7 +231,7 @@ def test_attention_on_a_kv_cache_takes_it_by_default(layout, monkeypatch):
         out = torch_vkv.attention(q, k, v, lens, cu_seqlens_q=cu, slots=slot_t, max_seqlen_q=max(lengths),
                                   backend="triton")  # fmt: skip
         ref = attention_reference(q, k, v, lens, cu, slots=slot_t)
-        torch.testing.assert_close(out.double(), ref, **TOL)
+        torch.testing.assert_close(out.double(), ref.double(), **TOL)
     assert calls, "the Gluon kernel was not called"
 
 

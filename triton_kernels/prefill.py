@@ -75,14 +75,16 @@ def _prefill_kernel(
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    # Grid (head, request, m_block), the query block slowest: programs start in that order, so with
-    # CAUSAL (a block's work grows with its position) every head's heaviest block starts before any
-    # lighter one and the launch ends with the lightest: a short tail (longest processing time first).
-    head = tl.program_id(0)
-    r = tl.program_id(1)
-    pid_m = tl.program_id(2)
     if CAUSAL:
-        pid_m = tl.num_programs(2) - 1 - pid_m
+        # Heaviest query blocks first (a causal block's work grows with its position): the last
+        # programs to start are the light ones, so the launch ends with a short tail. (Heaviest first
+        # over all heads, the query block as the grid's slowest dimension, ran at 0.95x at 32K and
+        # 0.91x at 128K on the H100: docs/benchmarks.md, twenty-seventh session.)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    r = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + r)
     q_len = tl.load(cu_q_ptr + r + 1) - q_start
     if pid_m * BLOCK_M >= q_len:
@@ -169,8 +171,8 @@ def _is_hopper(device_index: int) -> bool:
 EAGER_TMA_MIN_ROWS = 2048
 
 #: Whether :func:`default_kernel` picks the Gluon kernel (``prefill_hopper.py``) where it can run:
-#: on the H100 (bf16, Llama-3-8B heads, causal, 2026-12-05) 550.8 / 612.7 / 617.5 TFLOP/s at 8K / 32K /
-#: 128K against 530.2 / 572.1 / 581.4 for the Triton kernel (docs/benchmarks.md, twenty-sixth session).
+#: on the H100 (bf16, Llama-3-8B heads, causal, 2026-12-06) 574.8 / 634.1 / 638.3 TFLOP/s at 8K / 32K /
+#: 128K against 521.4 / 578.7 / 571.0 for the Triton kernel (docs/benchmarks.md, twenty-seventh session).
 GLUON_PREFILL_DEFAULT = True
 
 
@@ -291,8 +293,8 @@ def prefill_attention(
     if num_warps is None:  # the default's rule, for the block_m actually used
         num_warps = 8 if (D >= 128 and block_m >= 128) else 4
     num_stages = default[3] if num_stages is None else num_stages
-    grid = (H, R, triton.cdiv(max_seqlen_q, block_m))
-    _check_grid("prefill_attention", grid, block_m)
+    _check_requests("prefill_attention", R)
+    grid = (triton.cdiv(max_seqlen_q, block_m), H, R)
     bt = block_table if paged else cache_seqlens
     if tma is None:
         tma = default_tma(q, k_cache, v_cache, block_table)
@@ -314,12 +316,11 @@ def prefill_attention(
     return out
 
 
-def _check_grid(name: str, grid: tuple[int, int, int], block_m: int) -> None:
-    """A launch grid ``(heads, requests, query blocks)`` within CUDA's limits (the second and third
-    dimensions take at most 65535 programs): a clear error instead of a failed launch."""
-    if grid[1] > 65535 or grid[2] > 65535:
-        raise ValueError(f"{name}: at most 65535 requests and {65535 * block_m} queries per request in one call "
-                         f"(query blocks of {block_m}), got {grid[1]} requests and {grid[2]} query blocks")
+def _check_requests(name: str, num_requests: int) -> None:
+    """Requests are the launch grid's third dimension, which takes at most 65535 programs: a clear
+    error instead of a failed launch."""
+    if num_requests > 65535:
+        raise ValueError(f"{name}: at most 65535 requests in one call, got {num_requests}")
 
 
 def default_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,

@@ -16,7 +16,7 @@ products, wait for the first, softmax, wait for the second) compiles to the righ
 moves the second wait up next to the first, so that kernel (commit f13a9f5) ran at 0.91x the Triton
 one. Two consumers that never wait for each other overlap instead: while one computes
 exponentials, the other's products keep the tensor cores busy (1.04-1.07x the Triton kernel on the
-H100, twenty-sixth session).
+H100, twenty-sixth session; 1.10-1.12x once the diagonal band came through the ring, twenty-seventh).
 
 Per program ``(m_block, head, request)`` (heaviest causal blocks first, as the Triton kernel):
 
@@ -61,7 +61,7 @@ import functools
 
 import torch
 
-from .prefill import _check_grid, _is_hopper
+from .prefill import _check_requests, _is_hopper
 
 if GLUON_IMPORT_ERROR is None:
 
@@ -256,22 +256,16 @@ if GLUON_IMPORT_ERROR is None:
         stride_oh,
         TILE_LAYOUT: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_SLOTS: gl.constexpr,
-        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False, LPT: gl.constexpr = False,
+        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
     ):  # fmt: skip
         """Program ``(m_block, head, request)``: its metadata, the ring and its barriers, then the
         loader (this program's own warps) and the two consumers (the workers' warps)."""
-        if LPT:  # grid (head, request, m_block): every head's heaviest block before any lighter one
-            head = gl.program_id(0)
-            r = gl.program_id(1)
-            pid_m = gl.program_id(2)
-            if CAUSAL:
-                pid_m = gl.num_programs(2) - 1 - pid_m
-        else:  # grid (m_block, head, request): each head's blocks, heaviest first
+        if CAUSAL:  # heaviest query blocks first
+            pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        else:
             pid_m = gl.program_id(0)
-            if CAUSAL:
-                pid_m = gl.num_programs(0) - 1 - pid_m
-            head = gl.program_id(1)
-            r = gl.program_id(2)
+        head = gl.program_id(1)
+        r = gl.program_id(2)
         q_start = gl.load(cu_q_ptr + r)
         q_len = gl.load(cu_q_ptr + r + 1) - q_start
         if pid_m * BLOCK_M >= q_len:
@@ -391,14 +385,11 @@ def prefill_hopper(
     out: torch.Tensor,
     stages: int = STAGES,
     pingpong: bool = False,
-    lpt: bool = False,
 ) -> torch.Tensor:
     """The kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
     ``stages``: ring buffers per K and V (2 or 3 fit the shared memory at head_dim 128);
-    ``pingpong``: the consumers take turns at the tensor cores (see the module docstring);
-    ``lpt``: programs launched heaviest first over all heads and requests (longest processing time
-    first: the lightest causal blocks end the grid), not each head's blocks in turn."""
+    ``pingpong``: the consumers take turns at the tensor cores (see the module docstring)."""
     if stages not in (2, 3):  # each consumer's band needs a buffer of its own; four do not fit
         raise ValueError(f"prefill_hopper: stages: expected 2 or 3, got {stages!r}")
     T, H, D = q.shape
@@ -407,9 +398,8 @@ def prefill_hopper(
     block = [1, BLOCK_N, 1, D]
     desc_layout = gl.NVMMASharedLayout.get_default_for(block, element)
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), block, desc_layout) for t in (k_cache, v_cache))
-    m_blocks = -(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M)
-    grid = (H, R, m_blocks) if lpt else (m_blocks, H, R)
-    _check_grid("prefill_hopper", (H, R, m_blocks), BLOCK_M)
+    _check_requests("prefill_hopper", R)
+    grid = (-(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M), H, R)
     _prefill_hopper_kernel[grid](
         q, k_desc, v_desc, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q,
         slots if slots is not None else cache_seqlens,
@@ -421,7 +411,7 @@ def prefill_hopper(
         TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], element),
         GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), HAS_SLOTS=slots is not None,
-        PINGPONG=bool(pingpong), LPT=bool(lpt), num_warps=NUM_WARPS,
+        PINGPONG=bool(pingpong), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
