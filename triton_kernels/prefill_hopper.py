@@ -21,10 +21,10 @@ H100, twenty-sixth session; 1.10-1.12x once the diagonal band came through the r
 Per program ``(m_block, head, request)`` (heaviest causal blocks first, as the Triton kernel):
 
 * the loader (the default partition, its registers given to the consumers) copies the key tiles
-  that lie wholly below the request's length (committed rows: the diagonal band included where the
-  length is a multiple of the tile) into a ring of ``STAGES`` K and V buffers: one ``ready`` mbarrier
-  a buffer (the copies' bytes), one ``empty`` mbarrier (an arrive from each consumer once it is done
-  with the tile);
+  that lie wholly below the request's length (committed rows: the diagonal band's tiles included,
+  all but a tile crossing the length) into a ring of ``STAGES`` K and V buffers: one ``ready``
+  mbarrier a buffer (the copies' bytes), one ``empty`` mbarrier (an arrive from each consumer once it
+  is done with the tile);
 * each consumer loads its 64 query rows, then per tile: ``S = Q K^T``, the online softmax (the
   causal mask only on the band's tiles), ``O += P V`` (P from registers), release. ``PINGPONG``
   instead has the consumers take turns at the tensor cores over the full tiles (a consumer issues
