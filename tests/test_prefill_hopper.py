@@ -3,9 +3,12 @@ consumers' ping-pong turns.
 
 On an sm90 GPU: against the float64 reference over NaN-poisoned tails (so a key read past a length,
 or a probability of 0 times a NaN value, shows), causal and not, whole prompts and chunks over
-earlier keys, GQA groups of 1, 4 and 7, head_dim 64 and 128, requests whose band tiles are ragged,
+earlier keys, GQA groups of 1, 4 and 7, head_dim 64 and 128, lengths of whole tiles (every band
+through the ring) and ragged ones,
 bad metadata (zero rows). On any machine: the kernel compiles for sm90 with the Triton installed
-where that Triton ships the Gluon dialect (the compile check costs no GPU).
+where that Triton ships the Gluon dialect (the compile check costs no GPU), its tile arithmetic
+(``tile_plan``) covers every visible key once and reads nothing past a length, and too many requests
+for one launch are a clear error.
 """
 
 from __future__ import annotations
@@ -185,7 +188,6 @@ def test_kernel_argument_is_checked():
     assert default_kernel(q, k, k, None, None, None) == "triton"
 
 
-
 def test_more_requests_than_a_launch_takes_is_a_clear_error():
     """Requests are the launch grid's third dimension (at most 65535 programs): beyond that a
     ValueError names the limit instead of a failed launch (checked before anything is launched)."""
@@ -200,6 +202,7 @@ def test_more_requests_than_a_launch_takes_is_a_clear_error():
     slots = torch.zeros(R, dtype=torch.int32)
     with pytest.raises(ValueError, match="at most 65535 requests in one call, got 65536"):
         prefill_attention(q, k, k, lens, cu, 1, slots=slots, kernel="triton")
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
@@ -278,4 +281,3 @@ def test_tile_plan_reads_each_visible_key_once_and_nothing_past_the_length(causa
                         assert ring | masked == visible and not ring & masked, (seqlen, q_len, m_block, half, i)
                         seen += 1
     assert seen > 5000  # rows checked
-
