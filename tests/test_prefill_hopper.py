@@ -4,11 +4,10 @@ consumers' ping-pong turns.
 On an sm90 GPU: against the float64 reference over NaN-poisoned tails (so a key read past a length,
 or a probability of 0 times a NaN value, shows), causal and not, whole prompts and chunks over
 earlier keys, GQA groups of 1, 4 and 7, head_dim 64 and 128, lengths of whole tiles (every band
-through the ring) and ragged ones,
-bad metadata (zero rows). On any machine: the kernel compiles for sm90 with the Triton installed
-where that Triton ships the Gluon dialect (the compile check costs no GPU), its tile arithmetic
-(``tile_plan``) covers every visible key once and reads nothing past a length, and too many requests
-for one launch are a clear error.
+through the ring) and ragged ones, bad metadata (zero rows). On any machine: the kernel compiles
+for sm90 with the Triton installed where that Triton ships the Gluon dialect (the compile check
+costs no GPU), its tile arithmetic (``tile_plan``) covers every visible key once and reads nothing
+past a length, and too many requests for one launch are a clear error.
 """
 
 from __future__ import annotations
