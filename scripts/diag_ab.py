@@ -206,8 +206,8 @@ def main() -> None:
     p.add_argument("--baseline", default=".ab/triton_kernels", help="an earlier triton_kernels/ folder")
     p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
     p.add_argument("--prefill", default="8192,32768")
-    p.add_argument("--gluon", default="2,3,pp3", help="the Gluon prefill's variants timed beside: ring buffers (the "
-                   "digit), pp: ping-pong")
+    p.add_argument("--gluon", default="2,3,pp3,P3", help="the Gluon prefill's variants timed beside: ring buffers "
+                   "(the digit), pp: ping-pong, P: persistent")
     p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
@@ -255,14 +255,26 @@ def main() -> None:
 
     if prefill_hopper.hopper_problem(torch.empty(1, 1, D, dtype=torch.bfloat16, device="cuda"),
                                      torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device="cuda"), None, None, None) is None:  # fmt: skip
-        # The Gluon kernel (prefill_hopper.py), with two or three ring buffers, with or without ping-pong:
-        # --gluon's variants
+        # The Gluon kernel (prefill_hopper.py), with two or three ring buffers, with or without ping-pong,
+        # persistent or not: --gluon's variants
+        from torch_vkv.triton_kernels import prefill_hopper_persistent
+
         for variant in [x for x in args.gluon.split(",") if x]:
-            pingpong, stages = variant.startswith("pp"), int(variant[-1])
-            prefill[f"gluon{' pingpong' if pingpong else ''}, stages {stages}"] = (
-                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong: prefill_hopper.prefill_hopper(
+            variant, _, programs = variant.partition("@")  # P3@N: the persistent kernel on N programs (0: one an item)
+            pingpong, persistent, stages = variant.startswith("pp"), variant.startswith("P"), int(variant[-1])
+            form = " pingpong" if pingpong else " persistent" if persistent else ""
+            if programs:  # P3@N: on N programs (0: one an item); h: head-major order; d: dynamic (head-major)
+                order, dyn = int("h" in programs or "d" in programs), "d" in programs
+                g = int(programs.rstrip("hd") or 132)
+                prefill[f"gluon persistent, stages {stages}, {programs} programs"] = (
+                    lambda q, k, v, lens, cu, n, st=stages, g=g, o=order, d=dyn: prefill_hopper_persistent.prefill_hopper_persistent(
+                        q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,
+                        num_programs=g or 1 << 30, _order=o, _dynamic=d))  # fmt: skip
+                continue
+            prefill[f"gluon{form}, stages {stages}"] = (
+                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong, ps=persistent: prefill_hopper.prefill_hopper(
                     q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,
-                    pingpong=pp))  # fmt: skip
+                    pingpong=pp, persistent=ps))  # fmt: skip
     for launch in _launches(args.prefill_launch):
         bm, bn, warps, stages, tma = launch
         prefill[f"current {bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "")] = (

@@ -1,5 +1,6 @@
-"""The Gluon prefill kernel for Hopper (``triton_kernels/prefill_hopper.py``), with and without the
-consumers' ping-pong turns.
+"""The Gluon prefill kernel for Hopper (``triton_kernels/prefill_hopper.py``) in its three forms:
+one program a query block, the same with the consumers' ping-pong turns, and persistent (one
+program an SM over all blocks: ``prefill_hopper_persistent.py``).
 
 On an sm90 GPU: against the float64 reference over NaN-poisoned tails (so a key read past a length,
 or a probability of 0 times a NaN value, shows), causal and not, whole prompts and chunks over
@@ -21,6 +22,9 @@ import torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs and output against a float64 reference
+
+#: The kernel's forms: keyword arguments of ``prefill_hopper``.
+VARIANTS = {"plain": {}, "pingpong": dict(pingpong=True), "persistent": dict(persistent=True)}
 
 
 def _gluon():
@@ -76,8 +80,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("H,H_kv,D", [(8, 8, 128), (32, 8, 128), (28, 4, 128), (16, 4, 64)])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_matches_float64_reference(case, H, H_kv, D, causal, pingpong):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_float64_reference(case, H, H_kv, D, causal, variant):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
@@ -85,7 +89,7 @@ def test_matches_float64_reference(case, H, H_kv, D, causal, pingpong):
     q, k, v, lens, cu, slots, max_q = _case(H, H_kv, D, lengths, num_new, S_max=max(lengths) + 300, seed=len(case) + H + D)
     out = torch.full_like(q, float("nan"))
     ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=causal, scale=D**-0.5, out=out,
-                      pingpong=pingpong)  # fmt: skip
+                      **VARIANTS[variant])  # fmt: skip
     # The long case's float64 scores take 4 GiB: float32 there (several test processes share the GPU)
     ref = attention_reference(q, k, v, lens, cu, causal=causal, dtype=torch.float32 if case == "long" else torch.float64)
     torch.testing.assert_close(out.double(), ref.double(), **TOL)
@@ -93,29 +97,29 @@ def test_matches_float64_reference(case, H, H_kv, D, causal, pingpong):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_slots_and_stages(stages, pingpong, dtype):
+def test_slots_and_stages(stages, variant, dtype):
     ph = _hopper()
     from torch_vkv.triton_kernels import attention_reference
 
     q, k, v, lens, cu, slots, max_q = _case(32, 8, 128, [2000, 513], [2000, 1], S_max=2600, seed=3, slots=[2, 0],
                                             dtype=dtype)  # fmt: skip
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.empty_like(q),
-                            stages=stages, pingpong=pingpong)  # fmt: skip
+                            stages=stages, **VARIANTS[variant])  # fmt: skip
     ref = attention_reference(q, k, v, lens, cu, slots=slots, causal=True, scale=0.1)
     torch.testing.assert_close(out.double(), ref.double(), **TOL)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_bad_metadata_gives_zero_rows_and_reads_nothing(pingpong):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bad_metadata_gives_zero_rows_and_reads_nothing(variant):
     ph = _hopper()
     # request 1: length below its query count; request 2: slot out of range
     q, k, v, lens, cu, _, max_q = _case(8, 8, 128, [300, 10, 200], [300, 20, 200], S_max=400, seed=5)
     slots = torch.tensor([0, 1, 9], dtype=torch.int32, device="cuda")
     out = ph.prefill_hopper(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1, out=torch.full_like(q, 7.0),
-                            pingpong=pingpong)  # fmt: skip
+                            **VARIANTS[variant])  # fmt: skip
     assert out[300:].eq(0).all()
     assert out[:300].isfinite().all()
 
@@ -147,8 +151,8 @@ def test_prefill_attention_routes_to_it_and_agrees_with_the_triton_kernel(monkey
     assert tk.default_kernel(q, k, v, None, None, None, max_keys=3000) == "triton"
 
 
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_compiles_for_sm90_without_a_gpu(pingpong):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compiles_for_sm90_without_a_gpu(variant):
     """The kernels' source compiles for sm90 with the installed Triton (no GPU needed) into
     asynchronous warpgroup MMAs (wgmma), within the shared memory of an H100/H200 (227 KiB)."""
     from _subprocess import run_python
@@ -159,7 +163,7 @@ def test_compiles_for_sm90_without_a_gpu(pingpong):
         f"""
         import json
         from torch_vkv.triton_kernels import prefill_hopper as ph
-        print("INFO", json.dumps(ph.compile_for_sm90(head_dim=128, pingpong={pingpong})))
+        print("INFO", json.dumps(ph.compile_for_sm90(head_dim=128, **{VARIANTS[variant]!r})))
         """,
         env={"TRITON_INTERPRET": ""},
         timeout=300,
@@ -262,10 +266,13 @@ def test_tile_plan_reads_each_visible_key_once_and_nothing_past_the_length(causa
                 continue
             for m_block in range(-(-q_len // ph.BLOCK_M)):
                 plan = ph.tile_plan(seqlen, q_len, m_block, causal)
-                n_full, n_ring = plan["n_full"], plan["n_ring"]
+                n_full, n_ring, n_tiles = plan["n_full"], plan["n_ring"], plan["n_tiles"]
                 assert 0 <= n_full <= n_ring and n_ring * BN <= seqlen, (seqlen, q_len, m_block, plan)
                 if not causal:
                     assert n_ring == n_full
+                # The persistent kernel: its tiles reach every consumer's end and hold no tile of keys
+                # nobody sees; at most one (crossing the length) is not a TMA tile.
+                assert n_ring <= n_tiles <= n_ring + 1 and (n_tiles - 1) * BN < max(plan["hi"]) <= n_tiles * BN
                 for half in (0, 1):
                     hi = plan["hi"][half]
                     for i in range(rows):
@@ -280,3 +287,91 @@ def test_tile_plan_reads_each_visible_key_once_and_nothing_past_the_length(causa
                         assert ring | masked == visible and not ring & masked, (seqlen, q_len, m_block, half, i)
                         seen += 1
     assert seen > 5000  # rows checked
+
+
+def test_persistent_kernel_deals_every_item_once_and_evens_out_causal_work():
+    """The persistent kernel's order (``snake_items`` mirrors its formula): every item of the grid
+    goes to exactly one program, and over a causal prompt (an item's key tiles fall linearly with
+    its index) the programs' tile counts differ by less than one heaviest item plus one round."""
+    from torch_vkv.triton_kernels import prefill_hopper_persistent as pp
+
+    for programs, num_items in ((132, 2048), (132, 100), (7, 50), (1, 5), (132, 132 * 9 + 1)):
+        dealt = [pp.snake_items(p, programs, num_items) for p in range(programs)]
+        assert sorted(i for items in dealt for i in items) == list(range(num_items))
+    heads, m_blocks, programs = 32, 64, 132  # an 8K causal prompt of Llama-3-8B heads
+    tiles = [[m_blocks - i // heads for i in pp.snake_items(p, programs, m_blocks * heads)] for p in range(programs)]
+    loads = [sum(t) for t in tiles]
+    assert max(loads) - min(loads) <= m_blocks + 2 * programs // heads, (min(loads), max(loads))
+
+
+def test_persistent_kernel_takes_only_calls_it_can_copy_and_dense_grids():
+    """``tma_queries_problem``: queries whose rows TMA cannot copy (strides not 16-byte multiples)
+    are refused with what was expected and given; ``persistent_problem`` also keeps grids mostly of
+    empty items (many short requests beside a long one) on the other kernel; ``prefill_hopper``
+    refuses ``persistent=True`` with ``pingpong=True``."""
+    ph = _gluon()
+    from torch_vkv.triton_kernels import prefill_hopper_persistent as pp
+
+    q = torch.zeros(4096, 32, 128, dtype=torch.bfloat16)
+    assert pp.tma_queries_problem(q, 1, 4096) is None and pp.persistent_problem(q, 1, 4096) is None
+    odd = torch.zeros(4096, 32, 132, dtype=torch.bfloat16)[..., :128]  # rows of 264 bytes
+    assert "16-byte aligned base and strides" in pp.tma_queries_problem(odd, 1, 4096)
+    assert "(4224, 132, 1)" in pp.tma_queries_problem(odd, 1, 4096)
+    # 64 requests, one of 4000 rows, the others of 1: 32 blocks x 64 requests, almost all empty
+    assert "mostly of query blocks" in pp.persistent_problem(q[: 4000 + 63], 64, 4000)
+    assert pp.persistent_problem(q, 2, 2048) is None  # two prompts of 2048 rows: every item holds queries
+    lens = torch.tensor([4096], dtype=torch.int32)
+    cu = torch.tensor([0, 4096], dtype=torch.int32)
+    with pytest.raises(ValueError, match="persistent=True has no ping-pong schedule"):
+        ph.prefill_hopper(q, q[None, :, :8], q[None, :, :8], lens, cu, 4096, slots=None, causal=True, scale=0.1,
+                          out=torch.empty_like(q), pingpong=True, persistent=True)  # fmt: skip
+    with pytest.raises(ValueError, match="num_programs: expected >= 1, got 0"):
+        pp.prefill_hopper_persistent(q, q[None, :, :8], q[None, :, :8], lens, cu, 4096, slots=None, causal=True,
+                                     scale=0.1, out=torch.empty_like(q), num_programs=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"persistent=True\): expected queries TMA can copy"):
+        ph.prefill_hopper(odd, q[None, :, :8], q[None, :, :8], lens, cu, 4096, slots=None, causal=True, scale=0.1,
+                          out=torch.empty_like(odd), persistent=True)  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_programs", [1, 3, 7])
+@pytest.mark.parametrize("case", ["prompts", "chunks"])
+def test_persistent_kernel_on_few_programs(num_programs, case):
+    """Few programs, each taking many items in turn: the ring's and the query buffers' phases run
+    on across items of different lengths (ragged ends, masked tiles) and requests."""
+    _hopper()
+    from torch_vkv.triton_kernels import attention_reference
+    from torch_vkv.triton_kernels import prefill_hopper_persistent as pp
+
+    lengths, num_new = CASES[case]
+    q, k, v, lens, cu, slots, max_q = _case(8, 2, 128, lengths, num_new, S_max=max(lengths) + 100, seed=num_programs)
+    out = pp.prefill_hopper_persistent(q, k, v, lens, cu, max_q, slots=slots, causal=True, scale=0.1,
+                                       out=torch.full_like(q, float("nan")), num_programs=num_programs)  # fmt: skip
+    ref = attention_reference(q, k, v, lens, cu, causal=True, scale=0.1)
+    torch.testing.assert_close(out.double(), ref.double(), **TOL)
+
+
+@pytest.mark.cuda
+def test_prefill_attention_takes_the_persistent_kernel_where_it_is_the_default(monkeypatch):
+    """With ``GLUON_PERSISTENT_DEFAULT`` on, ``prefill_attention`` runs the persistent kernel for a
+    dense grid and the one-program-a-block kernel for queries TMA cannot copy; both match the
+    float64 reference."""
+    ph = _hopper()
+    from torch_vkv import triton_kernels as tk
+    from torch_vkv.triton_kernels import attention_reference, prefill
+    from torch_vkv.triton_kernels import prefill_hopper_persistent as pp
+
+    monkeypatch.setattr(prefill, "GLUON_PERSISTENT_DEFAULT", True)
+    calls = []
+    real = pp.prefill_hopper_persistent
+    monkeypatch.setattr(pp, "prefill_hopper_persistent", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, lens, cu, _, max_q = _case(32, 8, 128, [3000, 1200], [3000, 1200], S_max=3100, seed=13)
+    out = tk.prefill_attention(q, k, v, lens, cu, max_q, kernel="gluon")
+    assert calls == [1]
+    ref = attention_reference(q, k, v, lens, cu)
+    torch.testing.assert_close(out.double(), ref.double(), **TOL)
+    wide = torch.full((q.shape[0], q.shape[1], 132), float("nan"), dtype=q.dtype, device=q.device)
+    wide[..., :128] = q
+    out = tk.prefill_attention(wide[..., :128], k, v, lens, cu, max_q, kernel="gluon")  # rows of 264 bytes
+    assert calls == [1]
+    torch.testing.assert_close(out.double(), ref.double(), **TOL)

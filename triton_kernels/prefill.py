@@ -175,6 +175,11 @@ EAGER_TMA_MIN_ROWS = 2048
 #: 128K against 521.4 / 578.7 / 571.0 for the Triton kernel (docs/benchmarks.md, twenty-seventh session).
 GLUON_PREFILL_DEFAULT = True
 
+#: Whether the Gluon kernel runs as a persistent kernel (``prefill_hopper_persistent.py``) where
+#: ``persistent_problem`` allows it. Off: on the H100 (2026-12-06) it read 100-113 TFLOP/s at 8K and 32K
+#: against 573-649 for the one-program-a-block kernel (docs/benchmarks.md, twenty-eighth session).
+GLUON_PERSISTENT_DEFAULT = False
+
 
 def _tma_capable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
     """Where descriptors were measured faster in the kernel (Hopper, 16-bit, head_dim 128) and
@@ -351,8 +356,11 @@ def _prefill_gluon(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_
     out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0 or cache_seqlens.shape[0] == 0:
         return out
+    from .prefill_hopper_persistent import persistent_problem
+
+    persistent = GLUON_PERSISTENT_DEFAULT and persistent_problem(q, cache_seqlens.shape[0], max_seqlen_q) is None
     return prefill_hopper.prefill_hopper(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, slots=slots,
-                                         causal=causal, scale=scale, out=out)  # fmt: skip
+                                         causal=causal, scale=scale, out=out, persistent=persistent)  # fmt: skip
 
 
 def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> str | None:

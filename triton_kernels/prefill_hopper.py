@@ -108,12 +108,12 @@ if GLUON_IMPORT_ERROR is None:
             )  # fmt: skip
         else:
             for t in range(n_full):
-                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, qk_mul, q_pos, o, l_i, m_i, s_zero,
-                                         p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, False)  # fmt: skip
+                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, t * BLOCK_N, seqlen, qk_mul, q_pos, o,
+                                         l_i, m_i, s_zero, p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, False, False)  # fmt: skip
         if CAUSAL:  # the diagonal band's tiles below the length, loaded by the loader: causal mask
             for t in range(n_full, n_ring):
-                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, qk_mul, q_pos, o, l_i, m_i, s_zero,
-                                         p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, True)  # fmt: skip
+                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, t * BLOCK_N, seqlen, qk_mul, q_pos, o,
+                                         l_i, m_i, s_zero, p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, True, False)  # fmt: skip
 
         # The ragged end (a tile that crosses the length): masked loads into ring buffer `half`, once
         # both consumers have released its last tile (the loader loads nothing after the ring's tiles).
@@ -168,21 +168,24 @@ if GLUON_IMPORT_ERROR is None:
         return p, m_new, l_i, o
 
     @gluon.jit
-    def _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, qk_mul, q_pos, o, l_i, m_i, s_zero,
-                   p_layout: gl.constexpr, row_o: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr):  # fmt: skip
-        """Key tile ``t`` from the ring: wait for its copies, ``S = Q K^T``, the softmax (the causal
-        mask on the diagonal band), ``O += P V``, release the buffer."""
-        stage = t % STAGES
-        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+    def _ring_tile(q_smem, k_ring, v_ring, ready, empty, ring_idx, key_start, key_end, qk_mul, q_pos, o, l_i, m_i,
+                   s_zero, p_layout: gl.constexpr, row_o: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, END_MASK: gl.constexpr):  # fmt: skip
+        """The ring's tile ``ring_idx`` (keys from ``key_start``): wait for its copies, ``S = Q K^T``,
+        the softmax (keys past a query's position hidden with ``CAUSAL_MASK``, keys from ``key_end``
+        on with ``END_MASK``), ``O += P V``, release the buffer."""
+        stage = ring_idx % STAGES
+        mbarrier.wait(ready.index(stage), (ring_idx // STAGES) & 1)
         k_t = k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_t = v_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
         s_tok = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         scores = warpgroup_mma_wait(0, deps=(s_tok,))
+        key_pos = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_zero.type.layout))
         if CAUSAL_MASK:
-            key_pos = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_zero.type.layout))
             scores = gl.where(key_pos[None, :] <= q_pos[:, None], scores, float("-inf"))
-        p, m_i, l_i, o = _online_softmax(scores, m_i, l_i, o, qk_mul, row_o, CAUSAL_MASK)
+        if END_MASK:
+            scores = gl.where(key_pos[None, :] < key_end, scores, float("-inf"))
+        p, m_i, l_i, o = _online_softmax(scores, m_i, l_i, o, qk_mul, row_o, CAUSAL_MASK or END_MASK)
         o_tok = warpgroup_mma(gl.convert_layout(p.to(k_ring.dtype), p_layout), v_t, o, is_async=True)
         o = warpgroup_mma_wait(0, deps=(o_tok,))
         mbarrier.arrive(empty.index(stage), count=1)
@@ -339,8 +342,10 @@ def _triton_version() -> tuple[int, ...]:
 def tile_plan(seqlen: int, q_len: int, m_block: int, causal: bool) -> dict:
     """The key tiles of program ``m_block`` of a request, as the kernel's prologue computes them
     (plain Python, for tests on any machine): ``n_full`` tiles visible to every query of the block
-    (no mask), ``n_ring`` tiles through the TMA ring (all below ``seqlen``: committed rows), and per
-    consumer ``hi``: the end of the keys it reads, the rows ``[n_ring * BLOCK_N, hi)`` by masked loads."""
+    (no mask), ``n_ring`` tiles through the TMA ring (all below ``seqlen``: committed rows), per
+    consumer ``hi``: the end of the keys it reads, the rows ``[n_ring * BLOCK_N, hi)`` by masked loads;
+    ``n_tiles``: the persistent kernel's tiles (``prefill_hopper_persistent.py``: tiles ``[n_ring,
+    n_tiles)``, at most one, read by its loader with masked loads below ``seqlen``, zeros past it)."""
     first_pos = seqlen - q_len + m_block * BLOCK_M
     rows = BLOCK_M // 2
     if causal:
@@ -348,10 +353,12 @@ def tile_plan(seqlen: int, q_len: int, m_block: int, causal: bool) -> dict:
         hi_block = max(min(first_pos + BLOCK_M, seqlen), 0)
         n_ring = min(-(-hi_block // BLOCK_N), seqlen // BLOCK_N)
         hi = [max(min(first_pos + (half + 1) * rows, seqlen), 0) for half in (0, 1)]
+        n_tiles = -(-hi_block // BLOCK_N)
     else:
         n_full = n_ring = seqlen // BLOCK_N
         hi = [seqlen, seqlen]
-    return dict(first_pos=first_pos, n_full=n_full, n_ring=n_ring, hi=hi)
+        n_tiles = -(-seqlen // BLOCK_N)
+    return dict(first_pos=first_pos, n_full=n_full, n_ring=n_ring, hi=hi, n_tiles=n_tiles)
 
 
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
@@ -385,13 +392,26 @@ def prefill_hopper(
     out: torch.Tensor,
     stages: int = STAGES,
     pingpong: bool = False,
+    persistent: bool = False,
 ) -> torch.Tensor:
     """The kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
     ``stages``: ring buffers per K and V (2 or 3 fit the shared memory at head_dim 128);
-    ``pingpong``: the consumers take turns at the tensor cores (see the module docstring)."""
+    ``pingpong``: the consumers take turns at the tensor cores (see the module docstring);
+    ``persistent``: one program per SM over all blocks (``prefill_hopper_persistent.py``; its
+    queries are copied by TMA: ``ValueError`` where they cannot be)."""
     if stages not in (2, 3):  # each consumer's band needs a buffer of its own; four do not fit
         raise ValueError(f"prefill_hopper: stages: expected 2 or 3, got {stages!r}")
+    if persistent:
+        from . import prefill_hopper_persistent as pp
+
+        if pingpong:
+            raise ValueError("prefill_hopper: persistent=True has no ping-pong schedule; expected pingpong=False")
+        problem = pp.tma_queries_problem(q, cache_seqlens.shape[0], max_seqlen_q)
+        if problem is not None:
+            raise ValueError(f"prefill_hopper(persistent=True): expected {problem}")
+        return pp.prefill_hopper_persistent(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q,
+                                            slots=slots, causal=causal, scale=scale, out=out, stages=stages)  # fmt: skip
     T, H, D = q.shape
     R = cache_seqlens.shape[0]
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -416,34 +436,43 @@ def prefill_hopper(
     return out
 
 
-def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False):
-    """The kernel compiled for sm90 with the installed Triton, no GPU needed (bf16, GQA group 4):
-    Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
+def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
+                            persistent: bool = False):  # fmt: skip
+    """The kernel (``persistent``: ``prefill_hopper_persistent.py``'s) compiled for sm90 with the
+    installed Triton, no GPU needed (bf16, GQA group 4): Triton's compiled kernel (``.asm["ptx"]``,
+    ``.asm["cubin"]``, ``.metadata``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _prefill_hopper_kernel
-    block = [1, BLOCK_N, 1, head_dim]
+    if persistent:
+        from .prefill_hopper_persistent import _prefill_persistent_kernel as fn
+    else:
+        fn = _prefill_hopper_kernel
     signature = {name: "i32" for name in fn.arg_names}  # lengths, bounds, strides
-    signature.update({name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")})
-    signature.update({name: "*i32" for name in ("seqlens_ptr", "cu_q_ptr", "slots_ptr")})
+    signature.update({name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr") if name in fn.arg_names})
+    signature.update({name: "*i32" for name in ("seqlens_ptr", "cu_q_ptr", "slots_ptr", "counter_ptr") if name in fn.arg_names})
     signature["qk_mul"] = "fp32"
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-    signature.update(k_desc=f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>")
-    signature["v_desc"] = signature["k_desc"]
-    constants = dict(
-        TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16), GROUP=4, HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, CAUSAL=causal, HAS_SLOTS=False, num_warps=NUM_WARPS,
-        PINGPONG=pingpong,
-    )  # fmt: skip
+    blocks = dict(k_desc=[1, BLOCK_N, 1, head_dim], v_desc=[1, BLOCK_N, 1, head_dim], q_desc=[BLOCK_M // 2, 1, head_dim])
+    for name, block in blocks.items():
+        if name in fn.arg_names:
+            layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+            signature[name] = f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
+    constants = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, CAUSAL=causal,
+                     HAS_SLOTS=False, num_warps=NUM_WARPS)  # fmt: skip
+    if persistent:
+        constants.update(ORDER=0, DYNAMIC=False)
+    else:
+        constants.update(TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16),
+                         PINGPONG=pingpong)  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
 
 
-def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False) -> dict:
+def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
+                     persistent: bool = False) -> dict:  # fmt: skip
     """:func:`compile_kernel_for_sm90` summarised: ``{"wgmma": MMA instructions in the PTX,
     "stack_bytes": a thread's stack frame, where ptxas spills (from the cubin, ``None`` without
     Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that the kernel builds for the device's
@@ -455,7 +484,7 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
 
     import triton
 
-    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong)
+    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent)
     stack = None
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
