@@ -356,9 +356,11 @@ def _prefill_gluon(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_
     out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0 or cache_seqlens.shape[0] == 0:
         return out
-    from .prefill_hopper_persistent import persistent_problem
+    persistent = False
+    if GLUON_PERSISTENT_DEFAULT:
+        from .prefill_hopper_persistent import persistent_problem
 
-    persistent = GLUON_PERSISTENT_DEFAULT and persistent_problem(q, cache_seqlens.shape[0], max_seqlen_q) is None
+        persistent = persistent_problem(q, cache_seqlens.shape[0], max_seqlen_q) is None
     return prefill_hopper.prefill_hopper(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, slots=slots,
                                          causal=causal, scale=scale, out=out, persistent=persistent)  # fmt: skip
 

@@ -239,18 +239,53 @@ if GLUON_IMPORT_ERROR is None:
         return o, l_i, m_i
 
     @gluon.jit
+    def _block_keys(r, q_len, q_block, seqlens_ptr, slots_ptr, num_slots, max_len, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_SLOTS: gl.constexpr):  # fmt: skip
+        """Request ``r``'s cache row and the key tiles of its query block from ``q_block``:
+        ``(seqlen, slot, first_pos, n_full, n_tma, n_tiles)``. Bad metadata (a slot out of range, a
+        length below the query count or past the cache) reads no key: rows get 0. Tiles
+        ``[0, n_tma)`` lie wholly below the length (committed rows: TMA copies), the first ``n_full``
+        of them visible to every query of the block (no mask); ``n_tiles`` reach the block's last
+        visible key (at most one more than ``n_tma``). Mirrored in plain Python by ``tile_plan``."""
+        seqlen = gl.load(seqlens_ptr + r)
+        if HAS_SLOTS:
+            slot = gl.load(slots_ptr + r)
+        else:
+            slot = r
+        ok = (slot >= 0) & (slot < num_slots) & (seqlen >= q_len) & (seqlen <= max_len)
+        if not ok:  # bad metadata: no key is read, rows get 0
+            seqlen = 0
+            slot = 0
+        first_pos = seqlen - q_len + q_block
+        if CAUSAL:
+            n_full = gl.maximum(gl.minimum(first_pos + 1, seqlen), 0) // BLOCK_N
+            n_tiles = (gl.maximum(gl.minimum(first_pos + BLOCK_M, seqlen), 0) + BLOCK_N - 1) // BLOCK_N
+            n_tma = gl.minimum(n_tiles, seqlen // BLOCK_N)
+        else:
+            n_full = seqlen // BLOCK_N
+            n_tiles = (seqlen + BLOCK_N - 1) // BLOCK_N
+            n_tma = n_full
+        return seqlen, slot, first_pos, n_full, n_tma, n_tiles
+
+    @gluon.jit
+    def _tma_tile(k_desc, v_desc, k_ring, v_ring, ready, empty, ring_idx, t, slot, kv_head, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):  # fmt: skip
+        """Key tile ``t`` (wholly below the length) into ring buffer ``ring_idx % STAGES`` once both
+        consumers released it: two TMA copies."""
+        stage = ring_idx % STAGES
+        mbarrier.wait(empty.index(stage), ((ring_idx // STAGES) & 1) ^ 1, pred=ring_idx >= STAGES)
+        mbarrier.expect(ready.index(stage), 2 * k_desc.block_type.nbytes)
+        _tma_load(k_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), k_ring.index(stage))
+        _tma_load(v_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), v_ring.index(stage))
+
+    @gluon.jit
     def _loader(k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_ring, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr):  # fmt: skip
         """The default partition (one warpgroup, registers given to the consumers; one thread issues
         the copies): key tiles below the length into the ring, a buffer reused once both consumers
         released it."""
-        tile_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
         for t in range(n_ring):
-            stage = t % STAGES
-            mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1, pred=t >= STAGES)
-            mbarrier.expect(ready.index(stage), tile_bytes)
-            _tma_load(k_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), k_ring.index(stage))
-            _tma_load(v_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), v_ring.index(stage))
+            _tma_tile(k_desc, v_desc, k_ring, v_ring, ready, empty, t, t, slot, kv_head, BLOCK_N, STAGES)
 
     @gluon.jit(do_not_specialize=["total_q"])
     def _prefill_hopper_kernel(
@@ -273,27 +308,9 @@ if GLUON_IMPORT_ERROR is None:
         q_len = gl.load(cu_q_ptr + r + 1) - q_start
         if pid_m * BLOCK_M >= q_len:
             return
-        seqlen = gl.load(seqlens_ptr + r)
-        if HAS_SLOTS:
-            slot = gl.load(slots_ptr + r)
-        else:
-            slot = r
-        ok = (slot >= 0) & (slot < num_slots) & (seqlen >= q_len) & (seqlen <= max_len)
-        if not ok:  # bad metadata: no key is read, rows get 0
-            seqlen = 0
-            slot = 0
         kv_head = head // GROUP
-        first_pos = seqlen - q_len + pid_m * BLOCK_M
-        # Tiles through the ring (TMA): keys [0, n_ring * BLOCK_N), all below the length, so committed
-        # rows; of those, the first n_full are visible to every query of the block (no mask). Mirrored
-        # in plain Python by tile_plan (tested on any machine).
-        if CAUSAL:
-            n_full = gl.maximum(gl.minimum(first_pos + 1, seqlen), 0) // BLOCK_N
-            hi_block = gl.maximum(gl.minimum(first_pos + BLOCK_M, seqlen), 0)
-            n_ring = gl.minimum((hi_block + BLOCK_N - 1) // BLOCK_N, seqlen // BLOCK_N)
-        else:
-            n_full = seqlen // BLOCK_N
-            n_ring = n_full
+        seqlen, slot, first_pos, n_full, n_ring, _ = _block_keys(r, q_len, pid_m * BLOCK_M, seqlens_ptr, slots_ptr,
+                                                                 num_slots, max_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_SLOTS)  # fmt: skip
 
         dtype: gl.constexpr = k_desc.dtype
         k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)

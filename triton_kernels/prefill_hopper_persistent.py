@@ -45,7 +45,7 @@ if GLUON_IMPORT_ERROR is None:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .prefill_hopper import _cta_barrier, _ring_tile, _tma_load
+    from .prefill_hopper import _block_keys, _cta_barrier, _ring_tile, _tma_load, _tma_tile
 
     #: One int32 in shared memory, as a tensor of one warpgroup (the item index handed to the consumers).
     _SCALAR_LAYOUT = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
@@ -78,35 +78,10 @@ if GLUON_IMPORT_ERROR is None:
         q_len = gl.load(cu_q_ptr + r + 1) - q_start
         q_block = m_block * BLOCK_M
         valid = (i < num_items) & (q_block < q_len)
-        seqlen = gl.load(seqlens_ptr + r)
-        if HAS_SLOTS:
-            slot = gl.load(slots_ptr + r)
-        else:
-            slot = r
-        ok = (slot >= 0) & (slot < num_slots) & (seqlen >= q_len) & (seqlen <= max_len)
-        if not ok:  # bad metadata: no key is read, rows get 0
-            seqlen = 0
-            slot = 0
-        first_pos = seqlen - q_len + q_block
-        if CAUSAL:
-            n_full = gl.maximum(gl.minimum(first_pos + 1, seqlen), 0) // BLOCK_N
-            n_tiles = (gl.maximum(gl.minimum(first_pos + BLOCK_M, seqlen), 0) + BLOCK_N - 1) // BLOCK_N
-        else:
-            n_full = seqlen // BLOCK_N
-            n_tiles = (seqlen + BLOCK_N - 1) // BLOCK_N
-        n_tma = gl.minimum(n_tiles, seqlen // BLOCK_N)
+        seqlen, slot, first_pos, n_full, n_tma, n_tiles = _block_keys(r, q_len, q_block, seqlens_ptr, slots_ptr,
+                                                                      num_slots, max_len, BLOCK_M, BLOCK_N, CAUSAL,
+                                                                      HAS_SLOTS)  # fmt: skip
         return valid, head, q_start, q_len, q_block, seqlen, slot, first_pos, n_full, n_tma, n_tiles
-
-    @gluon.jit
-    def _tma_tile(k_desc, v_desc, k_ring, v_ring, ready, empty, ring_idx, t, slot, kv_head, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr):  # fmt: skip
-        """Key tile ``t`` (wholly below the length) into ring buffer ``ring_idx % STAGES`` once both
-        consumers released it: two TMA copies."""
-        stage = ring_idx % STAGES
-        mbarrier.wait(empty.index(stage), ((ring_idx // STAGES) & 1) ^ 1, pred=ring_idx >= STAGES)
-        mbarrier.expect(ready.index(stage), 2 * k_desc.block_type.nbytes)
-        _tma_load(k_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), k_ring.index(stage))
-        _tma_load(v_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), v_ring.index(stage))
 
     @gluon.jit
     def _masked_tile(k_ptr, v_ptr, k_ring, v_ring, ready, empty, ring_idx, t, seqlen, slot, kv_head,
