@@ -26,9 +26,11 @@ have; a block past a request's queries is skipped, which costs a few loads: :fun
 keeps calls where most are empty (many short requests beside one long) on the other kernel.
 
 Status: correct (the CUDA tests of ``tests/test_prefill_hopper.py`` run it through the whole matrix)
-and, as measured on the H100, about 5.5x slower than the other kernel in every order tried, also
-with one program an item: the cost is in each key tile, not the schedule (docs/benchmarks.md,
-twenty-eighth session). Off by default (``prefill.GLUON_PERSISTENT_DEFAULT``) until it measures faster.
+and, as measured on the H100, 0.92-0.97x the other kernel (docs/benchmarks.md, twenty-ninth
+session): with one program an item, in the other kernel's own order, it is 0.93-0.94x, so about 6%
+is lost outside the schedule (not found: the tile loops are the same instructions) and the overlap
+across items wins back 2%. Items level by level lose at 32K (0.80x: every KV head's keys at once
+through L2). Off by default (``prefill.GLUON_PERSISTENT_DEFAULT``) until it measures faster.
 """
 
 from __future__ import annotations
