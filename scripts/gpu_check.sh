@@ -22,6 +22,8 @@
 #   DIAGS="prefill" TESTS=0 BENCHES="" ...     # scripts/diag_prefill.py: FlashInfer prefill through our backend vs direct
 #   DIAGS="ab" DIAG_ARGS="--baseline .ab/triton_kernels" ...  # scripts/diag_ab.py: our Triton kernels against an
 #                                                # earlier copy (git archive <commit> triton_kernels | tar x -C .ab; carry .ab)
+#   CLOCKS=1 ...                                # log SM clock, power, temperature and throttle reasons every
+#                                                # 200 ms to $OUT/clocks.csv (do timings move with the clocks?)
 #   FI_CACHE_OUT=1 ...                          # pack FlashInfer's JIT cache into $OUT/fi_cache.tgz (parts
 #                                                # fi_cache.tgz.part-* past 15 MiB: cat them): copy it to
 #                                                # .fi_cache.tgz here and carry that (kernels not rebuilt)
@@ -69,6 +71,12 @@ mkdir -p .compile_cache
 [ -f .compile_cache.tgz ] && tar xzf .compile_cache.tgz -C .compile_cache
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.compile_cache/inductor" TRITON_CACHE_DIR="$PWD/.compile_cache/triton"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$FINAL/gpu.txt"
+clock_pid=""
+if [ "${CLOCKS:-0}" = 1 ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 >"$FINAL/clocks.csv" 2>&1 &
+  clock_pid=$!
+fi
 # An (editable) install, not build_ext --inplace: it also maps triton_kernels/ to
 # torch_vkv.triton_kernels (setup.py package_dir), which has no other loader.
 run build 0 python -m pip install --no-deps --no-build-isolation -e .
@@ -98,6 +106,7 @@ done
 for d in ${DIAGS:-}; do
   OUT="$OUT" run "diag_$d" "${DIAG_TIMEOUT:-0}" python "scripts/diag_$d.py" ${DIAG_ARGS:-}
 done
+[ -n "$clock_pid" ] && kill "$clock_pid" 2>/dev/null
 tar czf "$FINAL/results.tgz" -C "$OUT" .
 # Files come back only up to 16 MiB each: a larger cache comes back in parts (fi_cache.tgz.part-aa, -ab, ...;
 # here: cat them, in order, into .fi_cache.tgz).

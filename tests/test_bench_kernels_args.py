@@ -1,6 +1,7 @@
 """``bench kernels --batches/--contexts``: the decode section's grid from the command line (no GPU needed)."""
 
 import pytest
+import torch
 
 from torch_vkv.bench import kernels
 
@@ -24,3 +25,26 @@ def test_bad_batches_are_a_usage_error(text, capsys):
         _config("--quick", "--batches", text)
     assert e.value.code == 2
     assert "expected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory", ["vm", "malloc"])
+def test_prefill_caches_have_committed_rows_past_the_keys(memory):
+    """The prefill section's caches hold ``margin`` rows past the ``S`` keys, committed, so the
+    ``flashinfer`` backend's FA3 check passes as in a server's cache (without them it falls back to FA2)."""
+    from torch_vkv.attention.flashinfer_backend import FA3_TILE, fa3_tail_fits
+
+    cfg = _config("--smoke")
+    caches = kernels.Caches(cfg, lambda msg: None)
+    S = 300
+    k, v, keep = caches.contiguous(memory, 1, S, 2, 64, margin=FA3_TILE)
+    try:
+        assert k.shape == v.shape == (1, S + FA3_TILE, 2, 64)
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()  # the margin rows are readable and finite
+        if memory == "vm":
+            assert fa3_tail_fits(keep.key(0), [S], [0], [True])
+            assert not fa3_tail_fits(keep.key(0), [S + 2], [0], [True])  # a tile past the margin: refused
+    finally:
+        kernels._close(keep)
+    k0, _, keep0 = caches.contiguous(memory, 1, S, 2, 64)
+    assert k0.shape[1] == S
+    kernels._close(keep0)

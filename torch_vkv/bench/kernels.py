@@ -220,14 +220,16 @@ class Caches:
         else:
             self.vm_error = "--no-vm: using cudaMalloc"
 
-    def contiguous(self, memory: str, B: int, S: int, H_kv: int, D: int):
-        """(k, v, keepalive) ``[B, S, H_kv, D]`` filled with random data; memory 'vm' or 'malloc'."""
+    def contiguous(self, memory: str, B: int, S: int, H_kv: int, D: int, margin: int = 0):
+        """(k, v, keepalive) ``[B, S + margin, H_kv, D]`` filled with random data; memory 'vm' or 'malloc'.
+        ``margin``: rows past the ``S`` keys, committed (``KVCache(margin_tokens=...)``), as a server's
+        cache has them: FlashInfer's FA3 reads whole tiles past a length and is only used where they are."""
         cfg = self.cfg
         if memory == "vm":
             if self.KVCache is None:
                 raise RuntimeError(self.vm_error)
-            cache = self.KVCache(1, H_kv, D, max_batch_size=B, max_seq_len=S, dtype=cfg.dtype, device=cfg.device,
-                                 layout="per_layer")  # fmt: skip
+            cache = self.KVCache(1, H_kv, D, max_batch_size=B, max_seq_len=S + margin, dtype=cfg.dtype,
+                                 device=cfg.device, layout="per_layer", margin_tokens=margin)  # fmt: skip
             for _ in range(B):
                 cache.reserve(cache.alloc(), S)
             # Plain-tensor views of the same memory: kernels see ordinary strided tensors.
@@ -236,7 +238,7 @@ class Caches:
             k.normal_()
             v.normal_()
             return k, v, cache
-        buf = torch.empty((2, B, S, H_kv, D), dtype=cfg.dtype, device=cfg.device)
+        buf = torch.empty((2, B, S + margin, H_kv, D), dtype=cfg.dtype, device=cfg.device)
         buf.normal_()
         return buf[0], buf[1], buf
 
@@ -276,6 +278,7 @@ def _paged_backends(cfg: Config, block: int, flex_here: bool) -> list:
 
 def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
     from torch_vkv.attention import attention, metadata_tensor
+    from torch_vkv.attention.flashinfer_backend import FA3_TILE
 
     rows = []
     dev = cfg.device
@@ -304,7 +307,9 @@ def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
 
             flex_here = cfg.flex_prefill is None or S in cfg.flex_prefill
             memory = "vm" if caches.KVCache is not None else "malloc"
-            k, v, keep = caches.contiguous(memory, 1, S, H_kv, D)
+            # Keys in rows [0, S) of a cache with FA3_TILE rows more, committed: the flashinfer backend may
+            # then take FA3 (its tiles read past the length), as it does in the engine's caches.
+            k, v, keep = caches.contiguous(memory, 1, S, H_kv, D, margin=FA3_TILE)
             for backend in PREFILL_BACKENDS:
                 if not _available(backend, dev) or (backend == "flex" and not flex_here):
                     continue
