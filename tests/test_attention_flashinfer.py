@@ -553,6 +553,33 @@ def test_auto_picks_flashinfer_for_large_eager_prefills_only(monkeypatch):
     assert not sel._flashinfer_prefill_wins(big, k, k, window=False, host_metadata=True)
 
 
+@pytest.mark.parametrize("margin", [0, 256])
+def test_auto_keeps_flashinfer_prefill_only_where_fa3_runs(margin):
+    """``flashinfer_prefill_runs_fa3`` (CPU, host-backend KVCache): FA3 reads each request's tile tail
+    (FA3_TILE - 1 rows past its length), so ``auto`` keeps ``flashinfer`` only where those rows lie in
+    the slot's view and are committed; else FlashInfer would run its slower FA2 and ``auto`` takes
+    ``triton``. Metadata without host copies: no (the check would read the device)."""
+    from torch_vkv import KVCache
+
+    sel = importlib.import_module("torch_vkv.attention.selection")
+    tile = fib.FA3_TILE
+    cache = KVCache(1, 2, 64, max_batch_size=2, max_seq_len=1024 + margin, dtype=torch.float32,
+                    margin_tokens=margin, page_size=64 * 1024)  # fmt: skip
+    try:
+        s0, s1 = cache.alloc(), cache.alloc()
+        cache.reserve(s0, 1024)
+        cache.reserve(s1, 100)
+        k = cache.key(0)
+        fits = sel.flashinfer_prefill_runs_fa3(k, metadata_tensor([1024, 100]), metadata_tensor([s0, s1]))
+        assert fits == (margin >= tile - 1)
+        # The short request alone: its tail lies in the view; committed with the margin (or by its page).
+        short = sel.flashinfer_prefill_runs_fa3(k, metadata_tensor([100]), metadata_tensor([s1]))
+        assert short == (margin >= tile - 1 or cache.committed_tokens(s1) >= 100 + tile - 1)
+        assert not sel.flashinfer_prefill_runs_fa3(k, torch.tensor([100], dtype=torch.int32))  # no host copy
+    finally:
+        cache.close()
+
+
 @pytest.mark.cuda
 def test_auto_picks_flashinfer_on_the_gpu_where_it_measured_faster():
     """On CUDA: decode never ``flashinfer``; prefill only from FLASHINFER_PREFILL_MIN_TOKENS query rows
@@ -575,3 +602,9 @@ def test_auto_picks_flashinfer_on_the_gpu_where_it_measured_faster():
     out = attention(q, k, v, lens, cu_seqlens_q=cu, max_seqlen_q=N)
     ref = reference(q.float(), k.float(), v.float(), lens, cu, None)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)  # bf16 inputs and output
+    assert sel.flashinfer_prefill_runs_fa3(k, lens)
+    # A cache of exactly N rows: no room for FA3's tile tail, so auto runs triton (not FlashInfer's FA2).
+    k0, v0 = k[:, :N], v[:, :N]
+    assert not sel.flashinfer_prefill_runs_fa3(k0, lens)
+    out0 = attention(q, k0, v0, lens, cu_seqlens_q=cu, max_seqlen_q=N)
+    torch.testing.assert_close(out0.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -110,7 +110,7 @@ from .inputs import (
     debug_enabled,
 )
 from .sdpa import sdpa_attention
-from .selection import available_backends, select_backend, supports
+from .selection import available_backends, flashinfer_prefill_runs_fa3, select_backend, supports
 from .torch_fa2 import fa2_attention, fa2_supported
 from .triton_backend import pow2_dim, triton_attention, triton_attention_impl
 
@@ -201,6 +201,10 @@ def attention(
             and (slots is None or host_values(slots) is not None)  # fmt: skip
         backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table, softcap=cap > 0,
                                  window=win >= 0, host_metadata=known)  # fmt: skip
+        if backend == "flashinfer" and not flashinfer_prefill_runs_fa3(k_cache, cache_seqlens, slots):
+            # No committed rows for FA3's tile tails: FlashInfer would run FA2, slower than triton.
+            backend = select_backend(q, k_cache, v_cache, decode=decode, block_table=block_table, softcap=cap > 0,
+                                     window=win >= 0, host_metadata=False)  # fmt: skip
     if not supports(backend, window_left=win >= 0, softcap=cap > 0):
         fail(f"backend {backend!r} with softcap", "a backend with soft-capping (flash_attn, flashinfer, triton, flex, sdpa, "
              "or 'auto')", backend)  # fmt: skip

@@ -69,6 +69,23 @@ def _flashinfer_prefill_wins(q, k_cache, v_cache, window: bool, host_metadata: b
     return flashinfer_supported(q, k_cache, v_cache, decode=False)
 
 
+def flashinfer_prefill_runs_fa3(k_cache, cache_seqlens, slots=None) -> bool:
+    """Whether a ``flashinfer`` prefill over these keys would run FA3 rather than FlashInfer's FA2:
+    the metadata's host copies (:mod:`.host_values`) known, and each request's tile tail committed
+    (:func:`.flashinfer_backend.fa3_tail_fits`: a ``KVCache`` with ``margin_tokens=FA3_TILE`` and
+    lengths at least ``FA3_TILE - 1`` below ``max_seq_len``). FA2 is the slower prefill on Hopper
+    (362-398 against 536-648 TFLOP/s for ``triton`` at 8K-32K, H100, twenty-ninth session), so ``auto``
+    takes ``flashinfer`` only where this holds."""
+    from .flashinfer_backend import fa3_tail_fits
+    from .host_values import host_values
+
+    lengths = host_values(cache_seqlens)
+    slot_list = host_values(slots) if slots is not None else tuple(range(len(lengths or ())))
+    if lengths is None or slot_list is None or len(slot_list) != len(lengths):
+        return False
+    return fa3_tail_fits(k_cache, list(lengths), list(slot_list), [True] * len(lengths))
+
+
 def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softcap: bool = False,
                    window: bool = False, host_metadata: bool = False) -> str:  # fmt: skip
     """The ``auto`` rule: the fastest backend measured for the device and the step kind.
@@ -79,7 +96,8 @@ def select_backend(q, k_cache, v_cache, *, decode: bool, block_table=None, softc
       metadata with host copies (``host_metadata``: :mod:`.host_values`; without
       them its plan syncs once per call, 389 TFLOP/s at 8K), on Hopper (sm90)
       with FlashInfer importable and the layout it takes: ``flashinfer`` (FA3 on
-      each slot's contiguous rows). Measured on the H200 (2026-12-04, metadata with
+      each slot's contiguous rows; :func:`attention` keeps it only where FA3
+      runs, :func:`flashinfer_prefill_runs_fa3`). Measured on the H200 (2026-12-04, metadata with
       host copies; ``bench kernels`` and ``scripts/diag_prefill.py``): 659 vs 508
       TFLOP/s for ``triton`` at 8K, 649 vs 539 at 32K, 525 vs 419 at 4K, 578 vs 505
       for 4 requests of 1K new tokens over 4K keys; but 134 vs 315 at 2K, where its
