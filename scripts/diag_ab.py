@@ -38,6 +38,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -263,9 +264,14 @@ def main() -> None:
             variant, _, programs = variant.partition("@")  # P3@N: the persistent kernel on N programs (0: one an item)
             pingpong, persistent, stages = variant.startswith("pp"), variant.startswith("P"), int(variant[-1])
             form = " pingpong" if pingpong else " persistent" if persistent else ""
-            if programs:  # P3@N: on N programs (0: one an item); h: head-major order; d: dynamic (head-major)
-                order, dyn = int("h" in programs or "d" in programs), "d" in programs
-                g = int(programs.rstrip("hd") or 132)
+            if programs:  # P3@N: on N programs (0: one an item); h: head-major; d: dynamic (head-major unless
+                # gK: K heads at a time, heaviest first over them, e.g. P3@132dg8)
+                parsed = re.fullmatch(r"(\d*)([hd]*)(?:g(\d+))?", programs)
+                if parsed is None:
+                    raise SystemExit(f"--gluon: expected P<stages>@<programs>[h][d][g<heads>], got {variant}@{programs}")
+                dyn = "d" in parsed.group(2)
+                order = int(parsed.group(3)) if parsed.group(3) else int("h" in parsed.group(2) or dyn)
+                g = int(parsed.group(1) or 132)
                 prefill[f"gluon persistent, stages {stages}, {programs} programs"] = (
                     lambda q, k, v, lens, cu, n, st=stages, g=g, o=order, d=dyn: prefill_hopper_persistent.prefill_hopper_persistent(
                         q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,

@@ -304,6 +304,22 @@ def test_persistent_kernel_deals_every_item_once_and_evens_out_causal_work():
     assert max(loads) - min(loads) <= m_blocks + 2 * programs // heads, (min(loads), max(loads))
 
 
+@pytest.mark.parametrize("order", [0, 1, 2, 4, 8, 32])
+def test_persistent_kernel_orders_cover_every_item_heaviest_first(order):
+    """``item_coords`` (the kernel's ``_item`` orders in plain Python): each order maps the items one to
+    one onto the ``(m_block, head, request)`` grid; within each request and group of ``order`` heads
+    (order 0: every head, 1: one head) the query blocks come heaviest first."""
+    from torch_vkv.triton_kernels import prefill_hopper_persistent as pp
+
+    m_blocks, heads, requests = 5, 32, 3
+    coords = [pp.item_coords(i, m_blocks, heads, requests, order) for i in range(m_blocks * heads * requests)]
+    assert sorted(coords) == sorted((m, h, r) for m in range(m_blocks) for h in range(heads) for r in range(requests))
+    group = heads * requests if order == 0 else max(order, 1)
+    for start in range(0, len(coords), m_blocks * group):
+        levels = [m for m, _, _ in coords[start : start + m_blocks * group]]
+        assert levels == sorted(levels, reverse=True), (order, start, levels)
+
+
 def test_persistent_kernel_takes_only_calls_it_can_copy_and_dense_grids():
     """``tma_queries_problem``: queries whose rows TMA cannot copy (strides not 16-byte multiples)
     are refused with what was expected and given; ``persistent_problem`` also keeps grids mostly of

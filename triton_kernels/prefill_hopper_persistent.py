@@ -17,9 +17,10 @@ consumers of 64 query rows); what differs:
   to the programs in a snake (``p``, then ``2G - 1 - p``, ...), which gives each program about the
   same number of key tiles when the weights fall linearly, as they do in a causal prefill. Two
   variants for diagnostics (private keywords of :func:`prefill_hopper_persistent`): ``_order=1``
-  takes items head by head as the other kernel's grid, ``_dynamic=True`` (head by head) hands each
-  program its next item from an atomic counter (the loader takes it and passes it to the
-  consumers through shared memory).
+  takes items head by head as the other kernel's grid, ``_order=N`` (N >= 2, dividing the heads)
+  takes N heads at a time, heaviest blocks first over them (heads whose keys fit L2 together),
+  ``_dynamic=True`` hands each program its next item from an atomic counter (the loader takes it
+  and passes it to the consumers through shared memory). :func:`item_coords` mirrors the orders.
 
 Items are every ``(m_block, head, request)`` of the launch grid the non-persistent kernel would
 have; a block past a request's queries is skipped, which costs a few loads: :func:`persistent_problem`
@@ -71,9 +72,14 @@ if GLUON_IMPORT_ERROR is None:
             per_level = num_heads * num_requests
             m_block = num_m_blocks - 1 - i // per_level  # heaviest first
             rem = i % per_level
-        else:  # head-major, as the other kernel's grid: a request's head at a time, its heaviest blocks first
+        elif ORDER == 1:  # head-major, as the other kernel's grid: a request's head at a time, its heaviest blocks first
             m_block = num_m_blocks - 1 - i % num_m_blocks
             rem = i // num_m_blocks
+        else:  # ORDER heads at a time (their keys fit L2 together), heaviest blocks first over them
+            per_group = num_m_blocks * ORDER
+            within = i % per_group
+            m_block = num_m_blocks - 1 - within // ORDER
+            rem = (i // per_group) * ORDER + within % ORDER
         r = rem // num_heads
         head = rem % num_heads
         q_start = gl.load(cu_q_ptr + r)
@@ -301,6 +307,22 @@ def _num_items(q: torch.Tensor, num_requests: int, max_seqlen_q: int) -> int:
     return -(-max(1, min(int(max_seqlen_q), q.shape[0])) // BLOCK_M) * q.shape[1] * num_requests
 
 
+def item_coords(i: int, num_m_blocks: int, num_heads: int, num_requests: int, order: int = 0) -> tuple[int, int, int]:
+    """Item ``i``'s ``(m_block, head, request)`` in the kernel's ``ORDER`` (``_item``, in plain Python
+    for tests): 0 level by level over every head and request, 1 head by head, N >= 2 N heads at a
+    time; the heaviest query blocks (highest ``m_block``) first in each."""
+    if order == 0:
+        per_level = num_heads * num_requests
+        m_block, rem = num_m_blocks - 1 - i // per_level, i % per_level
+    elif order == 1:
+        m_block, rem = num_m_blocks - 1 - i % num_m_blocks, i // num_m_blocks
+    else:
+        per_group = num_m_blocks * order
+        within = i % per_group
+        m_block, rem = num_m_blocks - 1 - within // order, (i // per_group) * order + within % order
+    return m_block, rem % num_heads, rem // num_heads
+
+
 def snake_items(program: int, programs: int, num_items: int) -> list[int]:
     """The items program ``program`` of ``programs`` takes, in order, as the kernel deals them
     (plain Python, for tests on any machine): ``p``, ``2G - 1 - p``, ``2G + p``, ..."""
@@ -333,6 +355,9 @@ def prefill_hopper_persistent(
 
     if stages not in (2, 3):
         raise ValueError(f"prefill_hopper_persistent: stages: expected 2 or 3, got {stages!r}")
+    if not (_order in (0, 1) or (_order >= 2 and q.shape[1] % _order == 0)):
+        raise ValueError(f"prefill_hopper_persistent: _order: expected 0, 1 or a divisor >= 2 of the {q.shape[1]} "
+                         f"heads, got {_order!r}")  # fmt: skip
     if num_programs is not None and num_programs < 1:
         raise ValueError(f"prefill_hopper_persistent: num_programs: expected >= 1, got {num_programs!r}")
     T, H, D = q.shape
