@@ -28,10 +28,11 @@ keeps calls where most are empty (many short requests beside one long) on the ot
 
 Status: correct (the CUDA tests of ``tests/test_prefill_hopper.py`` run it through the whole matrix)
 and, as measured on the H100, 0.92-0.97x the other kernel (docs/benchmarks.md, twenty-ninth
-session): with one program an item, in the other kernel's own order, it is 0.93-0.94x, so about 6%
-is lost outside the schedule (not found: the tile loops are the same instructions) and the overlap
-across items wins back 2%. Items level by level lose at 32K (0.80x: every KV head's keys at once
-through L2). Off by default (``prefill.GLUON_PERSISTENT_DEFAULT``) until it measures faster.
+session). Timer stamps per item: at 8K its consumers span the same time as the other kernel's
+(items overlap), the loss lies outside them (launch work, set-up or exit: not located); at 32K a key
+tile costs 4-22% more (level order: every KV head's keys through L2 at once). ``_order=N`` (N heads
+at a time) was written for that and has not run on a GPU. Off by default
+(``prefill.GLUON_PERSISTENT_DEFAULT``) until it measures faster.
 """
 
 from __future__ import annotations
