@@ -308,7 +308,7 @@ def _prefill_rows(cfg: Config, caches: Caches, log) -> list:
             flex_here = cfg.flex_prefill is None or S in cfg.flex_prefill
             memory = "vm" if caches.KVCache is not None else "malloc"
             # Keys in rows [0, S) of a cache with FA3_TILE rows more, committed: the flashinfer backend may
-            # then take FA3 (its tiles read past the length), as it does in the engine's caches.
+            # then take FA3 (its tiles read past the length), as on a KVCache(margin_tokens=FA3_TILE).
             k, v, keep = caches.contiguous(memory, 1, S, H_kv, D, margin=FA3_TILE)
             for backend in PREFILL_BACKENDS:
                 if not _available(backend, dev) or (backend == "flex" and not flex_here):
