@@ -76,8 +76,11 @@ def test_cuda_diag_ab_times_both_copies_of_the_kernels(tmp_path):
     decode = {r["kernel"]: r for r in rows if r["kind"] == "decode"}
     prefill = {r["kernel"]: r for r in rows if r["kind"] == "prefill"}
     assert {"baseline", "current", "current, tma=False"} <= set(decode)
-    assert set(prefill) == {"baseline", "current", "current 64x64 w4 s2"}
-    assert prefill["current 64x64 w4 s2"]["max_diff_vs_first"] < 2e-2  # bf16, other tiles: another summation order
+    # On Hopper also the Triton kernel beside the Gluon one (", kernel=triton") and the Gluon variants.
+    assert {"baseline", "current", "current 64x64 w4 s2"} <= set(prefill)
+    for name, r in prefill.items():  # bf16; other tiles or kernels: another summation order
+        assert r["max_diff_vs_first"] < 2e-2, (name, r["max_diff_vs_first"])
+        assert r["host_us"] > 0, name
     for r in list(decode.values()) + list(prefill.values()):
         assert "error" not in r, r
     assert all(r["graph_us"] > 0 and r["step_us"] > 0 and r["layers"] == 2 for r in decode.values())
