@@ -15,7 +15,7 @@ consumers of 64 query rows); what differs:
   scores only on the diagonal band and that tile;
 * **a static order**: items heaviest first (the causal blocks nearest the diagonal's far end), dealt
   to the programs in a snake (``p``, then ``2G - 1 - p``, ...), which gives each program about the
-  same number of key tiles when the weights fall linearly, as they do in a causal prefill. Two
+  same number of key tiles when the weights fall linearly, as they do in a causal prefill. Three
   variants for diagnostics (private keywords of :func:`prefill_hopper_persistent`): ``_order=1``
   takes items head by head as the other kernel's grid, ``_order=N`` (N >= 2, dividing the heads)
   takes N heads at a time, heaviest blocks first over them (heads whose keys fit L2 together),
