@@ -49,7 +49,7 @@ def _point(dev, R: int, S: int, N: int, rep_ms: float, rows: list, profile_text:
 
     fi = deps.flashinfer_module()
     H, H_kv, D = 32, 8, 128
-    # FA3_TILE committed rows past the keys, as the engine's caches have: without them the backend
+    # FA3_TILE committed rows past the keys (KVCache(margin_tokens=FA3_TILE)): without them the backend
     # takes FlashInfer's FA2 (FA3's tiles read past a length; twenty-ninth session).
     cache = KVCache(1, H_kv, D, max_batch_size=R, max_seq_len=S + fib.FA3_TILE, dtype=torch.bfloat16, device=dev,
                     margin_tokens=fib.FA3_TILE)  # fmt: skip

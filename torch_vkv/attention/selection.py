@@ -80,8 +80,10 @@ def flashinfer_prefill_runs_fa3(k_cache, cache_seqlens, slots=None) -> bool:
     from .host_values import host_values
 
     lengths = host_values(cache_seqlens)
-    slot_list = host_values(slots) if slots is not None else tuple(range(len(lengths or ())))
-    if lengths is None or slot_list is None or len(slot_list) != len(lengths):
+    if lengths is None:
+        return False
+    slot_list = host_values(slots) if slots is not None else tuple(range(len(lengths)))
+    if slot_list is None or len(slot_list) != len(lengths):
         return False
     return fa3_tail_fits(k_cache, list(lengths), list(slot_list), [True] * len(lengths))
 
