@@ -29,10 +29,12 @@ keeps calls where most are empty (many short requests beside one long) on the ot
 Status: correct (the CUDA tests of ``tests/test_prefill_hopper.py`` run it through the whole matrix)
 and, as measured on the H100, 0.92-0.97x the other kernel (docs/benchmarks.md, twenty-ninth
 session). Timer stamps per item: at 8K its consumers span the same time as the other kernel's
-(items overlap), the loss lies outside them (launch work, set-up or exit: not located); at 32K a key
-tile costs 4-22% more (level order: every KV head's keys through L2 at once). ``_order=N`` (N heads
-at a time) was written for that and has not run on a GPU. Off by default
-(``prefill.GLUON_PERSISTENT_DEFAULT``) until it measures faster.
+(items overlap), the loss lies outside them (set-up or exit; not the launch: its wrapper's host time
+is within 6-40 us of the other's, thirtieth session); at 32K a key tile costs 4-22% more (level
+order: every KV head's keys through L2 at once). ``_order=8`` with the dynamic counter (levels over
+two KV heads, whose keys fit L2) recovers most of that at 32K and stays at 0.93-0.94x the other
+kernel (thirtieth session). Off by default (``prefill.GLUON_PERSISTENT_DEFAULT``) until it measures
+faster.
 """
 
 from __future__ import annotations
