@@ -175,6 +175,19 @@ def test_compiles_for_sm90_without_a_gpu(variant):
     assert info["shared_bytes"] <= 227 * 1024, info
 
 
+def test_shared_layouts_are_built_once():
+    """``shared_layout`` (the launch's NVMMA shared layouts: ~12 us of host time each to build with
+    ``get_default_for``) gives Gluon's default layout of the tile, the same object on every call."""
+    ph = _gluon()
+    from triton.experimental.gluon import language as gl
+
+    for dtype, element in ((torch.bfloat16, gl.bfloat16), (torch.float16, gl.float16)):
+        for block in ((1, 128, 1, 64), (128, 128)):
+            layout = ph.shared_layout(block, dtype)
+            assert layout == gl.NVMMASharedLayout.get_default_for(list(block), element)
+            assert ph.shared_layout(block, dtype) is layout
+
+
 def test_kernel_argument_is_checked():
     """A kernel name outside the two, or the Gluon kernel where it cannot run (here: CPU tensors),
     raises ValueError saying what was expected; the default on the CPU is the Triton kernel."""

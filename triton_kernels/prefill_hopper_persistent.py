@@ -43,7 +43,7 @@ import functools
 
 import torch
 
-from .prefill_hopper import BLOCK_M, BLOCK_N, GLUON_IMPORT_ERROR, NUM_WARPS, STAGES
+from .prefill_hopper import BLOCK_M, BLOCK_N, GLUON_IMPORT_ERROR, NUM_WARPS, STAGES, shared_layout
 
 if GLUON_IMPORT_ERROR is None:
     from triton.experimental import gluon
@@ -366,12 +366,10 @@ def prefill_hopper_persistent(
     T, H, D = q.shape
     R = cache_seqlens.shape[0]
     _check_requests("prefill_hopper_persistent", R)
-    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     kv_block, q_block = [1, BLOCK_N, 1, D], [BLOCK_M // 2, 1, D]
-    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, element)
+    kv_layout = shared_layout(tuple(kv_block), q.dtype)
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), kv_block, kv_layout) for t in (k_cache, v_cache))
-    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block,
-                              gl.NVMMASharedLayout.get_default_for(q_block, element))  # fmt: skip
+    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block, shared_layout(tuple(q_block), q.dtype))
     num_m_blocks = -(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M)
     programs = _num_sms(q.device.index or 0) if num_programs is None else int(num_programs)
     grid = (min(programs, num_m_blocks * H * R),)
