@@ -435,9 +435,54 @@ def test_generate_batch_peer_on_cuda():
     model = build_model("tiny", device="cuda", dtype=torch.bfloat16)
     before = model.config._attn_implementation
     specs = _tiny_specs(4)
-    res = run_generate_batch(model, specs, random_prompts(specs, model.config.vocab_size), 4)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    # Sizes given: by default its cache and batch take 60-90% of the free GPU memory (75 GB here with
+    # transformers 5.17), which made other test processes on the GPU run out (thirtieth session).
+    res = run_generate_batch(model, specs, random_prompts(specs, model.config.vocab_size), 4, num_blocks=64,
+                             max_batch_tokens=256)  # fmt: skip
     assert res.duration_s > 0 and all(r.ok and r.output_tokens == 4 for r in res.results)
     assert model.config._attn_implementation == before
+    assert torch.cuda.max_memory_reserved() - start < 2 << 30, torch.cuda.max_memory_reserved() - start
+
+
+def test_generate_batch_peer_cache_size_reaches_transformers():
+    """``run_generate_batch(num_blocks=, max_batch_tokens=)`` size transformers' paged cache and
+    batch: on the generation config (where earlier versions read them) and, where ``generate_batch``
+    takes one, in its continuous batching config; a size below one is refused before anything runs."""
+    from torch_vkv.bench.serve_engine import run_generate_batch
+
+    seen = {}
+
+    class Output:
+        generated_tokens = [1, 2]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None):
+            seen.update(gen=generation_config, cb=continuous_batching_config)
+            return {i: Output() for i in range(len(inputs))}
+
+    specs = _tiny_specs(2)
+    res = run_generate_batch(Model(), specs, [[1, 2, 3]] * 2, 2, num_blocks=64, max_batch_tokens=256)
+    assert all(r.ok and r.output_tokens == 2 for r in res.results)
+    assert (seen["gen"].num_blocks, seen["gen"].max_batch_tokens) == (64, 256)
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
+    except ImportError:
+        assert seen["cb"] is None
+    else:
+        assert (seen["cb"].num_blocks, seen["cb"].max_batch_tokens) == (64, 256)
+    run_generate_batch(Model(), specs, [[1, 2, 3]] * 2, 2)
+    assert seen["cb"] is None and getattr(seen["gen"], "num_blocks", None) is None
+    with pytest.raises(ValueError, match="num_blocks"):
+        run_generate_batch(Model(), specs, [[1, 2, 3]] * 2, 2, num_blocks=0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        run_generate_batch(Model(), specs, [[1, 2, 3]] * 2, 2, max_batch_tokens=-1)
 
 
 def test_profile_adds_the_split_and_top_operators(tmp_path):

@@ -14,6 +14,7 @@ own continuous batching (``generate_batch``, paged) as the outside peer.
 from __future__ import annotations
 
 import gc
+import inspect
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torch_vkv._checks import fail
+from torch_vkv._checks import check_int, fail
 from torch_vkv.bench.roofline import IterationRecord
 from torch_vkv.bench.serve_client import RequestResult
 from torch_vkv.bench.workloads import RequestSpec
@@ -342,24 +343,43 @@ def run_engine(
 
 
 def run_generate_batch(model: Any, specs: Sequence[RequestSpec], prompts: Sequence[Sequence[int]],
-                       max_new_tokens: int) -> RunResult:  # fmt: skip
+                       max_new_tokens: int, *, num_blocks: Optional[int] = None,
+                       max_batch_tokens: Optional[int] = None) -> RunResult:  # fmt: skip
     """transformers' ``generate_batch`` (continuous batching, paged cache),
     greedy, ``max_new_tokens`` for every request (it takes one generation
     config for the batch). Called outside ``torch.inference_mode()``: its
     background thread fails on inference tensors otherwise. Only throughput is
-    comparable (per-request latencies are not reported by every version)."""
+    comparable (per-request latencies are not reported by every version).
+    ``num_blocks``, ``max_batch_tokens``: the size of its paged cache in blocks
+    and the tokens of one forward pass; ``None``: what it infers from a share
+    (60-90%) of the GPU memory free at the start (with one of them given, the
+    other), which starves other processes on the GPU: 75 GB reserved for a tiny
+    model on the H100 (transformers 5.17), tests running beside it out of memory."""
     from transformers import GenerationConfig
 
     if not hasattr(model, "generate_batch"):
         raise RuntimeError("this transformers has no generate_batch")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    sizes = {name: check_int(name, value, low=1) for name, value in
+             (("num_blocks", num_blocks), ("max_batch_tokens", max_batch_tokens)) if value is not None}  # fmt: skip
+    options: dict = {}
+    if sizes:
+        for name, value in sizes.items():  # where earlier versions read them
+            setattr(cfg, name, value)
+        try:  # 5.1x and later: a config of its own, an argument of generate_batch
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        except ImportError:
+            pass
+        else:
+            if "continuous_batching_config" in inspect.signature(model.generate_batch).parameters:
+                options["continuous_batching_config"] = ContinuousBatchingConfig(**sizes)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     inputs = [list(p) for p in prompts]
     try:
-        outs = model.generate_batch(inputs, generation_config=cfg)
+        outs = model.generate_batch(inputs, generation_config=cfg, **options)
     except Exception:
         # Versions that do not pick a paged attention themselves: the one the
         # measurements in docs/benchmarks.md used, then the model's own back.
@@ -367,7 +387,7 @@ def run_generate_batch(model: Any, specs: Sequence[RequestSpec], prompts: Sequen
         model.set_attn_implementation("paged|sdpa")
         try:
             t0 = time.perf_counter()
-            outs = model.generate_batch(inputs, generation_config=cfg)
+            outs = model.generate_batch(inputs, generation_config=cfg, **options)
         finally:
             model.set_attn_implementation(orig)
     if device.type == "cuda":
