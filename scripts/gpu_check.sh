@@ -18,6 +18,7 @@
 # With .whl/ holding FlashInfer's wheels (carry .whl and .fi_cache) its backend and anchor rows run too.
 #   DIAGS="host" DIAG_ARGS="--configs virtual-per_layer,paged-256" BENCHES="" ...  # scripts/diag_host.py
 #   DIAGS="decode" TESTS=0 BENCHES="" ...      # scripts/diag_decode.py: small-batch decode launch sweep
+#   DIAGS="read" TESTS=0 BENCHES="" ...        # scripts/diag_read.py: the read bandwidth ceiling beside the copy's
 #   DIAGS="maps" TESTS=0 BENCHES="" ...        # scripts/diag_maps.py: do page maps slow the kernels in flight?
 #   DIAGS="prefill" TESTS=0 BENCHES="" ...     # scripts/diag_prefill.py: FlashInfer prefill through our backend vs direct
 #   DIAGS="ab" DIAG_ARGS="--baseline .ab/triton_kernels" ...  # scripts/diag_ab.py: our Triton kernels against an

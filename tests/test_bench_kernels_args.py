@@ -1,4 +1,5 @@
-"""``bench kernels --batches/--contexts``: the decode section's grid from the command line (no GPU needed)."""
+"""``bench kernels --batches/--contexts/--prefill-contexts``: the decode and prefill sections' grids from the
+command line (no GPU needed)."""
 
 import pytest
 import torch
@@ -19,10 +20,18 @@ def test_batches_and_contexts_replace_the_run_sizes_grid():
     assert (only_batches.batches, only_batches.contexts) == ([64], default.contexts)
 
 
+def test_prefill_contexts_replace_only_the_prefill_lengths():
+    default = _config("--quick")
+    cfg = _config("--quick", "--prefill-contexts", "8192,131072")
+    assert cfg.prefill_contexts == [8192, 131072]
+    assert (cfg.batches, cfg.contexts, cfg.vm_prefill) == (default.batches, default.contexts, default.vm_prefill)
+
+
+@pytest.mark.parametrize("option", ["--batches", "--prefill-contexts"])
 @pytest.mark.parametrize("text", ["", "8,,16", "8,x", "0,8", "-4"])
-def test_bad_batches_are_a_usage_error(text, capsys):
+def test_bad_batches_are_a_usage_error(option, text, capsys):
     with pytest.raises(SystemExit) as e:
-        _config("--quick", "--batches", text)
+        _config("--quick", option, text)
     assert e.value.code == 2
     assert "expected" in capsys.readouterr().err
 

@@ -43,7 +43,7 @@ def _run_gpu_diag(name, tmp_path, *args):
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["diag_decode", "diag_maps", "diag_prefill", "diag_ab"])
+@pytest.mark.parametrize("name", ["diag_decode", "diag_maps", "diag_prefill", "diag_ab", "diag_read"])
 def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
     if _cuda_available():
         pytest.skip(f"a GPU is present: {name}.py runs (its test_cuda_* test)")
@@ -62,6 +62,44 @@ def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
     assert len(decode) == 2 * 2 * 2  # points x splits x stages
     assert all(r["us"] > 0 and r["pct_copy"] > 0 for r in decode)
     assert {r["kind"] for r in rows} == {"copy_k", "reduce", "decode"}
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_diag_read_kernels_read_every_byte_once(tma, monkeypatch):
+    """The read-ceiling kernels (``scripts/diag_read.py``) under the Triton interpreter: both the flat
+    stride and the per-head reads sum the whole cache (uniform values, float64 sum as the reference)."""
+    if not os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1 (the conftest's CPU setting)")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import diag_read
+
+    torch = pytest.importorskip("torch")
+    B, S, H_kv, D = 2, 192, diag_read.NUM_KV_HEADS, diag_read.HEAD_DIM
+    x = torch.rand((B, S, H_kv, D), generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    want = float(x.double().sum())
+    flat, rows = x.view(-1, D), 64
+    out = torch.zeros(3)
+    desc = diag_read._descriptor(flat, rows, D) if tma else flat
+    diag_read._read_flat_kernel[(3,)](flat, desc, out, flat.shape[0] // rows, ROWS=rows, COLS=D, STAGES=2,
+                                      USE_TMA=tma)  # fmt: skip
+    assert float(out.double().sum()) == pytest.approx(want, rel=1e-5)
+    x2d = x.view(B * S, H_kv * D)
+    per_head = torch.zeros(B * H_kv)
+    desc = diag_read._descriptor(x2d, rows, D) if tma else x2d
+    diag_read._read_heads_kernel[(B, H_kv)](x2d, desc, per_head, S, H_kv, ROWS=rows, HEAD=D, STAGES=2, USE_TMA=tma)
+    assert per_head.double().tolist() == pytest.approx(x.double().sum(dim=(1, 3)).flatten().tolist(), rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_diag_read_times_every_kind_against_the_copy(tmp_path):
+    proc = _run_gpu_diag("diag_read", tmp_path, "--points", "4x1024", "--rows", "64", "--warps", "4",
+                         "--stages", "2", "--programs-per-sm", "1", "--rep-ms", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "diag_read.json").read_text())
+    assert [r["kind"] for r in rows[:2]] == ["copy", "torch_sum"]
+    triton_rows = rows[2:]
+    assert {(r["kind"], r["tma"]) for r in triton_rows} == {(k, t) for k in ("flat", "heads") for t in (False, True)}
+    assert all("error" not in r and r["us"] > 0 and r["pct_copy"] > 0 for r in triton_rows), triton_rows
 
 
 @pytest.mark.cuda

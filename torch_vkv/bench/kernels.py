@@ -134,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list: the decode section's batch sizes instead of the run size's (e.g. 8,16,32)")
     p.add_argument("--contexts", type=int_list_arg(1), default=None,
                    help="comma list: the decode section's context lengths instead of the run size's (e.g. 4096,16384)")
+    p.add_argument("--prefill-contexts", type=int_list_arg(1), default=None,
+                   help="comma list: the prefill section's prompt lengths instead of the run size's (e.g. 8192,131072)")
     p.add_argument("--window", type=int_arg(0), default=4096, help="the sliding-window decode section: window_left=N "
                    "at 32K and 128K context vs full attention, time and bytes read (default 4096; 0: off)")  # fmt: skip
     return p
@@ -173,6 +175,7 @@ def _config(args) -> Config:
         )  # fmt: skip
     cfg.batches = args.batches or cfg.batches
     cfg.contexts = args.contexts or cfg.contexts
+    cfg.prefill_contexts = args.prefill_contexts or cfg.prefill_contexts
     if args.flex_everywhere:
         cfg.flex_decode = None
         cfg.flex_prefill = None
