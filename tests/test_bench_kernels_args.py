@@ -57,3 +57,11 @@ def test_prefill_caches_have_committed_rows_past_the_keys(memory):
     k0, _, keep0 = caches.contiguous(memory, 1, S, 2, 64)
     assert k0.shape[1] == S
     kernels._close(keep0)
+
+
+def test_l2_flush_is_chosen_on_the_command_line(capsys):
+    assert _config("--quick").l2_flush == "write"  # do_bench's, as every published row
+    assert _config("--quick", "--l2-flush", "read").l2_flush == "read"
+    with pytest.raises(SystemExit) as e:
+        _config("--quick", "--l2-flush", "none")
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

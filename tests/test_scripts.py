@@ -96,8 +96,8 @@ def test_cuda_diag_read_times_every_kind_against_the_copy(tmp_path):
                          "--stages", "2", "--programs-per-sm", "1", "--rep-ms", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "diag_read.json").read_text())
-    assert [r["kind"] for r in rows[:2]] == ["copy", "torch_sum"]
-    triton_rows = rows[2:]
+    assert [r["kind"] for r in rows[:3]] == ["copy", "copy_caches", "torch_sum"]
+    triton_rows = rows[3:]
     assert {(r["kind"], r["tma"]) for r in triton_rows} == {(k, t) for k in ("flat", "heads") for t in (False, True)}
     assert all("error" not in r and r["us"] > 0 and r["pct_copy"] > 0 for r in triton_rows), triton_rows
 

@@ -38,6 +38,9 @@ rows are timed twice: ``us`` replays the call from a CUDA graph
 a backend that cannot be captured keeps its eager time, said in ``timer`` and
 the note) and ``us_eager`` times the eager call, where a small batch shows
 the host's cost per call. On the CPU (``--smoke``) a ``perf_counter`` loop.
+``--l2-flush read`` empties the L2 before each call by reading 256 MB instead of
+``do_bench``'s writing them, whose dirty lines each timed call otherwise writes back
+(see :mod:`torch_vkv.bench.timing`; it weighs on a small batch's decode).
 
 Examples::
 
@@ -47,6 +50,7 @@ Examples::
     python -m torch_vkv bench kernels --quick --window 0      # without the 4K-window decode section
     python -m torch_vkv bench kernels --quick --sections decode,prefill
     python -m torch_vkv bench kernels --quick --sections decode --batches 8,16 --contexts 4096,32768
+    python -m torch_vkv bench kernels --quick --sections decode --batches 1,2,4 --l2-flush read
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ from torch_vkv.bench.kernels_tune import decode_tune_rows, prefill_tune_rows, pr
 from torch_vkv.bench.kernels_window import window_rows, window_summary
 from torch_vkv.bench import flashinfer_paged
 from torch_vkv.bench.report import plot_kernels, write_report
-from torch_vkv.bench.timing import time_us
+from torch_vkv.bench.timing import L2_FLUSHES, time_us
 
 __all__ = ["main"]
 
@@ -115,6 +119,7 @@ class Config:
     flex_paged_blocks: tuple = (16, 256)  # flex compiles once per shape and block size: fewer in --quick
     plots: bool = True
     use_vm: bool = True
+    l2_flush: str = "write"  # torch_vkv.bench.timing's: how the L2 is emptied before each timed call
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list: the decode section's context lengths instead of the run size's (e.g. 4096,16384)")
     p.add_argument("--prefill-contexts", type=int_list_arg(1), default=None,
                    help="comma list: the prefill section's prompt lengths instead of the run size's (e.g. 8192,131072)")
+    p.add_argument("--l2-flush", choices=L2_FLUSHES, default="write",
+                   help="empty the L2 before each timed call by writing 256 MB (do_bench's way, the default: "
+                   "the call then writes back dirty lines) or by reading them")  # fmt: skip
     p.add_argument("--window", type=int_arg(0), default=4096, help="the sliding-window decode section: window_left=N "
                    "at 32K and 128K context vs full attention, time and bytes read (default 4096; 0: off)")  # fmt: skip
     return p
@@ -181,6 +189,7 @@ def _config(args) -> Config:
         cfg.flex_prefill = None
     cfg.plots = not args.no_plots
     cfg.use_vm = not args.no_vm
+    cfg.l2_flush = args.l2_flush
     return cfg
 
 
@@ -189,7 +198,7 @@ def _config(args) -> Config:
 
 def _time(cfg: Config, fn: Callable[[], Any], rep_ms: float) -> float:
     """Median microseconds of ``fn()`` (do_bench on CUDA), after ``cfg.warmup_ms`` of warm-up."""
-    return time_us(fn, cfg.device, rep_ms=rep_ms, warmup_ms=cfg.warmup_ms)
+    return time_us(fn, cfg.device, rep_ms=rep_ms, warmup_ms=cfg.warmup_ms, l2_flush=cfg.l2_flush)
 
 
 def copy_bandwidth(cfg: Config, nbytes: int = 1 << 30) -> float:
@@ -524,9 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench kernels: {caches.vm_error}")
     with torch.inference_mode():
         bw = copy_bandwidth(cfg)
-        log(f"bench kernels on {cfg.device}: copy bandwidth {bw:.2f} TB/s (read + write)")
+        log(f"bench kernels on {cfg.device}: copy bandwidth {bw:.2f} TB/s (read + write); the L2 emptied by "
+            f"{cfg.l2_flush}s before each timed call")  # fmt: skip
         rows = [dict(section="copy", backend="copy_", memory="malloc", tb_s=bw, pct_copy=100.0,
-                     note="dst.copy_(src), 1 GiB, read + write bytes")]  # fmt: skip
+                     note=f"dst.copy_(src), 1 GiB, read + write bytes; l2_flush={cfg.l2_flush}")]  # fmt: skip
         rows += flashinfer_paged.skipped_rows(_available("flashinfer", cfg.device))
         run = lambda name: name in sections  # noqa: E731
         rows += decode_rows(cfg, caches, bw, log) if run("decode") else []

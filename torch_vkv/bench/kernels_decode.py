@@ -102,7 +102,8 @@ def _decode_recorder(cfg: Any, rows: list, base: dict, kv_bytes: int, copy_bw: f
         us, timer = us_eager, "host loop"
         if cfg.device.type == "cuda":
             try:
-                us, timer = time_us_graph(fn, cfg.device, rep_ms=cfg.decode_rep_ms, warmup_ms=cfg.warmup_ms), "cuda graph"
+                us, timer = time_us_graph(fn, cfg.device, rep_ms=cfg.decode_rep_ms, warmup_ms=cfg.warmup_ms,
+                                           l2_flush=cfg.l2_flush), "cuda graph"
             except Exception as e:  # not capturable: the eager time stands, said in the row
                 timer = f"eager (capture failed: {type(e).__name__}: {str(e)[:80]})"
         tb = kv_bytes / (us * 1e-6) / 1e12

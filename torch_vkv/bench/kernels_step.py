@@ -87,7 +87,8 @@ def _timed(cfg: Any, row: dict, calls: list, kv_bytes: int, copy_bw: float, log)
     try:
         step()
         if cfg.device.type == "cuda":
-            us, timer = time_us_graph(step, cfg.device, rep_ms=cfg.decode_rep_ms, warmup_ms=cfg.warmup_ms) / L, "cuda graph"
+            us, timer = time_us_graph(step, cfg.device, rep_ms=cfg.decode_rep_ms, warmup_ms=cfg.warmup_ms,
+                                       l2_flush=cfg.l2_flush) / L, "cuda graph"
         else:
             us, timer = _k()._time(cfg, step, cfg.decode_rep_ms) / L, "host loop"
     except Exception as e:  # a backend failing (or not capturable) is said in its row

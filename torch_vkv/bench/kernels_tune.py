@@ -57,7 +57,7 @@ def _timed(cfg: Any, row: dict, fn: Callable[[], Any], rep_ms: float, graph: boo
 
     try:
         if graph and cfg.device.type == "cuda":
-            row["us"] = time_us_graph(fn, cfg.device, rep_ms=rep_ms, warmup_ms=cfg.warmup_ms)
+            row["us"] = time_us_graph(fn, cfg.device, rep_ms=rep_ms, warmup_ms=cfg.warmup_ms, l2_flush=cfg.l2_flush)
         else:
             row["us"] = _time(cfg, fn, rep_ms)
     except Exception as e:

@@ -8,6 +8,12 @@
 * :func:`time_us_graph`: the same median for ``fn`` captured once in a CUDA graph and
   replayed: the device's time of the call with no host work in it (checks, dispatch,
   launches), as in a CUDA-graph decode step. CUDA only.
+* ``l2_flush`` (both): how the L2 is emptied before each timed call. ``"write"`` is
+  ``do_bench``'s (zero a 256 MB buffer): the L2 is then full of *dirty* lines, which the
+  timed call writes back to memory as its reads evict them (up to the L2's size, 50 MB on
+  an H100, of writes inside the timed window). ``"read"`` reads the 256 MB buffer instead:
+  the L2 holds clean lines of another buffer, cold for the call and nothing to write back.
+  The difference is a small kernel's (a decode step of one request reads 64 MiB at 16K).
 * :class:`StepClock`: per-step times of a loop whose steps change state (a
   decode trajectory of exactly ``steps`` steps from a prepared cache), which a
   call-repeating timer such as ``do_bench`` cannot drive: CUDA events at the
@@ -26,17 +32,28 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["StepClock", "host_us", "sync", "time_us", "time_us_graph"]
+__all__ = ["L2_FLUSHES", "StepClock", "host_us", "sync", "time_us", "time_us_graph"]
+
+#: ``l2_flush`` values of :func:`time_us` and :func:`time_us_graph` (see the module docstring).
+L2_FLUSHES = ("write", "read")
+_FLUSH_BYTES = 256 << 20  # do_bench's buffer
 
 
-def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
+def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float,
+            l2_flush: str = "write") -> float:  # fmt: skip
     """Median microseconds of one ``fn()`` call, from about ``rep_ms`` of calls after ``warmup_ms`` of warm-up.
 
     Both budgets are in milliseconds, as in ``triton.testing.do_bench``: the number of
-    calls follows from a first estimate of one call (at least one call each).
+    calls follows from a first estimate of one call (at least one call each). ``l2_flush``:
+    ``"write"`` (``do_bench`` itself) or ``"read"``, see the module docstring (CUDA only;
+    elsewhere nothing is flushed).
     """
     if rep_ms <= 0 or warmup_ms < 0:
         raise ValueError(f"time_us: expected rep_ms > 0 and warmup_ms >= 0, got {rep_ms}, {warmup_ms}")
+    if l2_flush not in L2_FLUSHES:
+        raise ValueError(f"time_us: l2_flush: expected one of {L2_FLUSHES}, got {l2_flush!r}")
+    if device.type == "cuda" and l2_flush == "read":
+        return _time_us_read_flush(fn, device, rep_ms, warmup_ms)
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         from triton.testing import do_bench
 
@@ -55,7 +72,41 @@ def time_us(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmu
     return statistics.median(times)
 
 
-def time_us_graph(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float) -> float:
+def _time_us_read_flush(fn: Callable[[], Any], device: torch.device, rep_ms: float, warmup_ms: float) -> float:
+    """``do_bench``'s procedure (estimate from five calls, warm-up, CUDA events around each call,
+    the median) with the L2 emptied by reading 256 MB rather than writing them."""
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    flush.zero_()  # written once, before anything is timed
+
+    def empty_l2() -> None:
+        flush.max()  # a reduction: reads every byte, writes one value
+
+    fn()
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        empty_l2()
+        fn()
+    end.record()
+    sync(device)
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(max(1, int(rep_ms / estimate_ms)))]  # fmt: skip
+    for begin, finish in events:
+        empty_l2()
+        begin.record()
+        fn()
+        finish.record()
+    sync(device)
+    times = [begin.elapsed_time(finish) * 1e3 for begin, finish in events]
+    return statistics.median(times)
+
+
+def time_us_graph(fn: Callable[[], Any], device: torch.device, *, rep_ms: float, warmup_ms: float,
+                  l2_flush: str = "write") -> float:  # fmt: skip
     """Median microseconds of one ``fn()`` call captured in a CUDA graph, timed by :func:`time_us`
     on the graph's replay (the L2 cleared before each replay).
 
@@ -77,7 +128,7 @@ def time_us_graph(fn: Callable[[], Any], device: torch.device, *, rep_ms: float,
     with torch.cuda.graph(graph):
         fn()
     try:
-        return time_us(graph.replay, device, rep_ms=rep_ms, warmup_ms=warmup_ms)
+        return time_us(graph.replay, device, rep_ms=rep_ms, warmup_ms=warmup_ms, l2_flush=l2_flush)
     finally:
         sync(device)
         graph.reset()
