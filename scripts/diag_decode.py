@@ -21,7 +21,7 @@ import os
 import torch
 
 from torch_vkv.attention import deps
-from torch_vkv.bench.timing import time_us_graph
+from torch_vkv.bench.timing import L2_FLUSHES, time_us_graph
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4")
     p.add_argument("--rep-ms", type=float, default=20.0)
+    p.add_argument("--l2-flush", choices=L2_FLUSHES, default="write",
+                   help="how the L2 is emptied before each replay (torch_vkv.bench.timing)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("diag_decode.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
@@ -57,7 +59,7 @@ def main() -> None:
         lens = torch.full((B,), S, dtype=torch.int32, device=dev)
         kv_bytes = 2 * k.numel() * k.element_size()
         dst = torch.empty_like(k)
-        copy_us = time_us_graph(lambda: dst.copy_(k), dev, rep_ms=args.rep_ms, warmup_ms=5)
+        copy_us = time_us_graph(lambda: dst.copy_(k), dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)
         copy_tb = 2 * k.numel() * k.element_size() / copy_us / 1e6
         default = tk.default_num_splits(B, H_kv, S, dev)
         default_stages = tk.default_decode_stages(B, H_kv, D, default, dev, False)  # pointer-load tiles of 64 keys
@@ -81,7 +83,7 @@ def main() -> None:
             try:
                 row["us"] = time_us_graph(lambda: tk.decode_attention(
                     q, k, v, lens, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages),
-                    dev, rep_ms=args.rep_ms, warmup_ms=5)  # fmt: skip
+                    dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)  # fmt: skip
                 row["pct_copy"] = 100 * kv_bytes / row["us"] / 1e6 / copy_tb
             except Exception as e:  # a configuration that does not fit shared memory
                 row["error"] = f"{type(e).__name__}: {str(e)[:120]}"

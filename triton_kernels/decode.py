@@ -221,7 +221,7 @@ def sm_count(device: torch.device) -> int:
 
 #: Share of the SMs that one program per ``(request, kv head)`` must cover for :func:`default_num_splits`
 #: to keep one split on contiguous rows.
-ONE_SPLIT_SM_SHARE = 0.8
+ONE_SPLIT_SM_SHARE = 0.7
 
 
 def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, device: torch.device,
@@ -229,7 +229,7 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     """Splits per (request, kv head), at least 256 keys a split.
 
     Contiguous rows: one split when the ``(request, kv head)`` programs already cover
-    :data:`ONE_SPLIT_SM_SHARE` of the SMs, else as many splits as fit one wave of two programs
+    :data:`ONE_SPLIT_SM_SHARE` (70%) of the SMs, else as many splits as fit one wave of two programs
     an SM (``2 * SMs // programs``, rounded down). Paged (``paged=True``): about four waves, whatever the batch (rounded up), as
     the block-table loads gain from more programs in flight.
 
@@ -241,12 +241,15 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     ``scripts/diag_ab.py``, per layer of a 32-layer step graph): batch 8, 32K, 4 splits 246.4 us
     against 5 splits' 265.7 (1.2 waves); batch 8, 16K 127.6 against 136.7; batch 4, 32K 127.5
     against 143.1; batch 2, 32K 67.9 against 72.9; batch 16, 16K 246.5 against 249.9.
-    One split from 80% of the SMs (thirty-first session, H100, ``scripts/diag_decode.py``, one
-    graph replay, same run): batch 16, 16K (128 programs on 132 SMs): 351.5 us with one split
-    against 362.7 with two; 32K 681.6 against 704.4; 8K 184.1 against 191.0; batch 15, 16K (120
-    programs) 331.0 against 339.6; batch 14 (112) 312.9 against 327.2. Two splits of 128-120
-    programs leave some SMs one program and others two, half as long: the memory is then read by
-    fewer programs at the end, while one split's 112-128 programs already read at the copy rate.
+    One split from 70% of the SMs (thirty-first session, H100, ``scripts/diag_decode.py``, one
+    graph replay, splits compared in the same run): batch 16, 16K (128 programs on 132 SMs):
+    351.5 us with one split against 362.7 with two; 32K 681.6 against 704.4; 8K 184.1 against
+    191.0; 4K 103.4 against 107.8; batch 15, 16K (120 programs) 331.0 against 339.6; batch 14
+    (112) 312.9 against 327.2, 4K 93.6 against 100.0; batch 13 (104) 302.0 against 316.6; batch
+    12 (96, 73% of the SMs) 286.3 against 302.4; but batch 10 (80, 61%) 264.9 against 244.6.
+    Two splits of 96-128 programs leave some SMs one program and others two, half as long: the
+    memory is read by fewer programs at the end, while one split's programs already read at
+    95-100% of the copy rate.
     Depends only on shapes (never on the lengths on the device), so a CUDA graph captured
     once replays with any lengths.
     """
