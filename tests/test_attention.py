@@ -206,14 +206,16 @@ def test_decode_block_n_rule(monkeypatch):
 def test_decode_stages_rule(monkeypatch):
     """Two pipeline stages for 16-bit head_dim 128 with one split between two and four waves of
     (request, kv head) programs (three programs an SM instead of two: measured faster on the H200),
-    three elsewhere; decode_attention takes the rule's value unless num_stages is given."""
+    or split keys within one wave of two programs an SM (measured faster on the H100), three elsewhere; decode_attention takes the rule's value unless num_stages is given."""
     monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
     rule, cuda = tk().default_decode_stages, torch.device("cuda")
     assert rule(64, 8, 128, 1, cuda, False) == 2  # 512 programs: 3.9 waves of 132
     assert rule(48, 8, 128, 1, cuda, False) == 2  # 384
     assert rule(34, 8, 128, 1, cuda, False) == 2 and rule(33, 8, 128, 1, cuda, False) == 3  # 264 = 2 x 132
     assert rule(65, 8, 128, 1, cuda, False) == 2 and rule(66, 8, 128, 1, cuda, False) == 3  # 528 = 4 x 132
-    assert rule(64, 8, 128, 2, cuda, False) == 3  # split keys
+    assert rule(64, 8, 128, 2, cuda, False) == 3  # split keys past one wave of two an SM
+    assert rule(1, 8, 128, 32, cuda, False) == 2 and rule(2, 8, 128, 16, cuda, False) == 2  # 256 programs
+    assert rule(1, 8, 128, 34, cuda, False) == 3  # 272 > 2 x 132
     assert rule(64, 8, 128, 1, cuda, True) == 3  # descriptors: measured with 3
     assert rule(64, 8, 64, 1, cuda, False) == 3 and rule(64, 8, 128, 1, cuda, False, element_size=4) == 3
     assert rule(64, 8, 128, 1, torch.device("cpu"), False) == 3
@@ -385,7 +387,8 @@ def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
     monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert tk().default_num_splits(32, 8, 4096, cuda) == 1  # 256 programs >= 132 SMs
-    assert tk().default_num_splits(1, 8, 16384, cuda) == 33  # 2 * 132 // 8
+    assert tk().default_num_splits(1, 8, 16384, cuda) == 32  # 2 * 132 // 8 = 33: its power of two below
+    assert tk().default_num_splits(3, 8, 16384, cuda) == 11  # 264 // 24: 8 would lose a quarter
     assert tk().default_num_splits(16, 8, 16384, cuda) == 1  # 128 programs: >= 70% of the SMs
     assert tk().default_num_splits(12, 8, 16384, cuda) == 1  # 96 programs: 73%
     assert tk().default_num_splits(11, 8, 16384, cuda) == 3  # 88 programs, 67%: 2 * 132 // 88

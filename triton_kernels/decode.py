@@ -260,6 +260,12 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
     # Contiguous: at most one wave of two programs an SM (rounded down: 1.2 waves left a short
     # second wave, slower than 1.0). Paged: rounded up, as measured.
     want = math.ceil(4 * sms / programs) if paged else (2 * sms) // programs
+    # The merge reads next_pow2(splits) partials: 33 cost as many as 64. The power of two below,
+    # where it keeps 15/16 of the programs (H100, batch 1, 16K, 8 KV heads: 32 splits 39.3-39.6 us
+    # against 33's 39.9-40.2, both with two stages, two rounds).
+    below = 1 << (want.bit_length() - 1)
+    if not paged and 16 * below >= 15 * want:
+        want = below
     cap = max(1, math.ceil(max_len / 256))
     return int(max(1, min(want, cap, 64)))
 
@@ -315,20 +321,27 @@ def default_decode_block_n(num_requests: int, num_kv_heads: int, head_dim: int, 
 
 def default_decode_stages(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,
                           device: torch.device, tma: bool, element_size: int = 2, paged: bool = False) -> int:  # fmt: skip
-    """Pipeline stages of :func:`decode_attention`'s key loop: 3, but 2 for 16-bit head_dim 128 with
-    one split per ``(request, kv head)`` and between two and four waves of programs on the GPU's
-    SMs (pointer loads over contiguous rows; the paged twin was not measured), where three stages' 96 KiB of shared memory fit two programs on an SM and
-    two stages' 64 KiB three.
+    """Pipeline stages of :func:`decode_attention`'s key loop: 3, but 2 for 16-bit head_dim 128
+    (pointer loads over contiguous rows; the paged twin was not measured) with one split per
+    ``(request, kv head)`` and between two and four waves of programs on the GPU's SMs, where three
+    stages' 96 KiB of shared memory fit two programs on an SM and two stages' 64 KiB three; and
+    with split keys whose programs fit one wave of two an SM (the small batches of
+    :func:`default_num_splits`).
 
     Measured on the H200 (``scripts/diag_decode.py``, Llama-3-8B heads, bf16, one split, 64-key
     tiles, CUDA-graph replays, two device calls alike, 2026-12-04): batch 64 (512 programs on 132
     SMs), 4K: 251.0 us with 2 stages against 287.7 with 3; 16K: 952.6 against 1110.0 (FlashInfer's
     paged decode: 960.7); batch 48, 16K: 715.8 against 722.9. One wave or less (batch 32) and four
     waves (batch 128) are faster with 3: 135.3 against 152.5 us at batch 32, 4K; 1930.8 against
-    1967.5 at batch 128, 16K.
+    1967.5 at batch 128, 16K. Split keys (thirty-first session, H100, the same script, two rounds
+    of each L2 flush): batch 1, 16K, 32 splits: 39.3-39.6 us with 2 stages against 40.6-40.9 with
+    3; batch 1, 32K: 63.8-64.0 against 64.8-65.0; batch 2, 16K, 16 splits: alike (54.7 both, L2
+    emptied by reads).
     """
-    if head_dim != 128 or element_size != 2 or num_splits != 1 or tma or paged or device.type != "cuda":
+    if head_dim != 128 or element_size != 2 or tma or paged or device.type != "cuda":
         return 3
+    if num_splits > 1:  # split keys: two where all the programs fit one wave of two an SM
+        return 2 if num_requests * num_kv_heads * num_splits <= 2 * sm_count(device) else 3
     more_than_two_waves = num_requests * num_kv_heads > 2 * sm_count(device)
     return 2 if more_than_two_waves and not _many_waves(num_requests, num_kv_heads, device) else 3
 
