@@ -43,6 +43,13 @@ def _run_gpu_diag(name, tmp_path, *args):
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
 
 
+def _gpu_diag_rows(name, tmp_path, *args):
+    """Run a GPU diagnostic; the rows of its ``$OUT/<name>.json`` once it exited cleanly."""
+    proc = _run_gpu_diag(name, tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
 @pytest.mark.parametrize("name", ["diag_decode", "diag_maps", "diag_prefill", "diag_ab", "diag_read"])
 def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
     if _cuda_available():
@@ -54,10 +61,8 @@ def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
-    proc = _run_gpu_diag("diag_decode", tmp_path, "--points", "1x1024,2x512", "--splits", "1,4", "--block-n", "64",
-                         "--warps", "4", "--stages", "2,3", "--rep-ms", "2")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "diag_decode.json").read_text())
+    rows = _gpu_diag_rows("diag_decode", tmp_path, "--points", "1x1024,2x512", "--splits", "1,4", "--block-n", "64",
+                          "--warps", "4", "--stages", "2,3", "--rep-ms", "2")  # fmt: skip
     decode = [r for r in rows if r["kind"] == "decode"]
     assert len(decode) == 2 * 2 * 2  # points x splits x stages
     assert all(r["us"] > 0 and r["pct_copy"] > 0 for r in decode)
@@ -92,10 +97,8 @@ def test_diag_read_kernels_read_every_byte_once(tma, monkeypatch):
 
 @pytest.mark.cuda
 def test_cuda_diag_read_times_every_kind_against_the_copy(tmp_path):
-    proc = _run_gpu_diag("diag_read", tmp_path, "--points", "4x1024", "--rows", "64", "--warps", "4",
-                         "--stages", "2", "--programs-per-sm", "1", "--rep-ms", "2")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "diag_read.json").read_text())
+    rows = _gpu_diag_rows("diag_read", tmp_path, "--points", "4x1024", "--rows", "64", "--warps", "4",
+                          "--stages", "2", "--programs-per-sm", "1", "--rep-ms", "2")  # fmt: skip
     assert [r["kind"] for r in rows[:3]] == ["copy", "copy_caches", "torch_sum"]
     triton_rows = rows[3:]
     assert {(r["kind"], r["tma"]) for r in triton_rows} == {(k, t) for k in ("flat", "heads") for t in (False, True)}
