@@ -63,7 +63,8 @@ def test_decode_rows_take_the_graph_time_and_keep_the_eager_one(monkeypatch):
     fails keeps its eager time and says why (no GPU needed: both timers are stand-ins)."""
     monkeypatch.setattr(kernels, "_time", lambda cfg, fn, rep_ms: (fn(), 80.0)[1])
 
-    def graph_time(fn, device, *, rep_ms, warmup_ms):
+    def graph_time(fn, device, *, rep_ms, warmup_ms, l2_flush):
+        assert l2_flush == "write"  # the run's choice (bench kernels --l2-flush), passed through
         if fn() == "sync":
             raise RuntimeError("operation not permitted when stream is capturing")
         return 20.0
