@@ -230,7 +230,8 @@ def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, devic
 
     Contiguous rows: one split when the ``(request, kv head)`` programs already cover
     :data:`ONE_SPLIT_SM_SHARE` (70%) of the SMs, else as many splits as fit one wave of two programs
-    an SM (``2 * SMs // programs``, rounded down). Paged (``paged=True``): about four waves, whatever the batch (rounded up), as
+    an SM (``2 * SMs // programs``, rounded down, then to the power of two below where that keeps
+    15/16 of them). Paged (``paged=True``): about four waves, whatever the batch (rounded up), as
     the block-table loads gain from more programs in flight.
 
     Measured on the H200 (``bench kernels``, CUDA-graph replay, 2026-12-02), Llama-3-8B heads:
