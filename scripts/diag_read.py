@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_vkv._checks import int_list_arg
 from torch_vkv.bench.timing import time_us, time_us_graph
 
 NUM_KV_HEADS, HEAD_DIM = 8, 128
@@ -83,21 +84,17 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in p.split("x")) for p in text.split(",")]  # type: ignore[misc]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
 def _exact_sum(x: torch.Tensor) -> float:
     return sum(float(c.double().sum()) for c in x.reshape(-1).split(1 << 26))
 
 
-def _triton_row(kind: str, tma: bool, caches, sums, args) -> list[dict]:
-    """Time one read kernel over every cache in ``caches`` (K, then V) in one graph; the sum checked first."""
-    rows_per_tile, warps, stages, per_sm = args
+def _triton_row(kind: str, tma: bool, caches, sums, launch: tuple, rep_ms: float) -> dict:
+    """Time one read kernel over every cache in ``caches`` (K, then V) in one graph; the sum checked first.
+    ``launch``: ``(tile rows, warps, stages, programs an SM)`` (the last for ``flat`` only)."""
+    rows_per_tile, warps, stages, per_sm = launch
     bufs, launches = [], []
     for x in caches:
         B, S = x.shape[:2]
-        x2d = x.view(B * S, NUM_KV_HEADS * HEAD_DIM)
         if kind == "flat":
             flat = x.view(-1, HEAD_DIM)
             n_tiles = flat.shape[0] // rows_per_tile
@@ -107,6 +104,7 @@ def _triton_row(kind: str, tma: bool, caches, sums, args) -> list[dict]:
             launches.append(lambda flat=flat, desc=desc, out=out, n=n_tiles, g=grid: _read_flat_kernel[g](
                 flat, desc, out, n, ROWS=rows_per_tile, COLS=HEAD_DIM, STAGES=stages, USE_TMA=tma, num_warps=warps))
         else:
+            x2d = x.view(B * S, NUM_KV_HEADS * HEAD_DIM)
             grid = (B, NUM_KV_HEADS)
             out = torch.zeros(B * NUM_KV_HEADS, dtype=torch.float32, device=x.device)
             desc = _descriptor(x2d, rows_per_tile, HEAD_DIM) if tma else x2d
@@ -121,28 +119,25 @@ def _triton_row(kind: str, tma: bool, caches, sums, args) -> list[dict]:
             got = float(out.double().sum())
             if abs(got - want) > 1e-3 * abs(want):
                 raise AssertionError(f"sum {got} against the float64 sum {want}")
-        row["us"] = time_us_graph(lambda: [f() for f in launches], caches[0].device, rep_ms=ROW_REP_MS, warmup_ms=5)
+        row["us"] = time_us_graph(lambda: [f() for f in launches], caches[0].device, rep_ms=rep_ms, warmup_ms=5)
     except Exception as e:  # a configuration that does not fit (shared memory, registers), or a wrong sum
         row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-    return [row]
-
-
-ROW_REP_MS = 20.0
+    return row
 
 
 def main() -> None:
-    global ROW_REP_MS
+    ints = int_list_arg(1)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", default="256x4096,64x16384", help="BATCHxCONTEXT list (K and V of each are read)")
-    p.add_argument("--rows", default="64,128", help="tile rows (keys) a load")
-    p.add_argument("--warps", default="4,8")
-    p.add_argument("--stages", default="2,3,4")
-    p.add_argument("--programs-per-sm", default="1,2,4", help="the flat kernels' grid: this many programs an SM")
+    p.add_argument("--rows", type=ints, default=[64, 128], help="tile rows (keys) a load")
+    p.add_argument("--warps", type=ints, default=[4, 8])
+    p.add_argument("--stages", type=ints, default=[2, 3, 4])
+    p.add_argument("--programs-per-sm", type=ints, default=[1, 2, 4],
+                   help="the flat kernels' grid: this many programs an SM")
     p.add_argument("--rep-ms", type=float, default=20.0)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("diag_read.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
-    ROW_REP_MS = args.rep_ms
     dev = torch.device("cuda")
     rows = []
     for B, S in _pairs(args.points):
@@ -164,12 +159,12 @@ def main() -> None:
         point = [dict(kind="copy", us=copy_us, bytes_copied=1 << 30), dict(kind="copy_caches", us=cache_copy_us)]
         point.append(dict(kind="torch_sum", us=time_us_graph(
             lambda: [x.sum(dtype=torch.float32) for x in caches], dev, rep_ms=args.rep_ms, warmup_ms=5)))  # fmt: skip
-        sweep = itertools.product(_ints(args.rows), _ints(args.warps), _ints(args.stages))
-        for rows_per_tile, warps, stages in sweep:
+        for rows_per_tile, warps, stages in itertools.product(args.rows, args.warps, args.stages):
             for tma in (False, True):
-                for per_sm in _ints(args.programs_per_sm):
-                    point += _triton_row("flat", tma, caches, sums, (rows_per_tile, warps, stages, per_sm))
-                point += _triton_row("heads", tma, caches, sums, (rows_per_tile, warps, stages, None))
+                for per_sm in args.programs_per_sm:
+                    point.append(_triton_row("flat", tma, caches, sums, (rows_per_tile, warps, stages, per_sm),
+                                             args.rep_ms))  # fmt: skip
+                point.append(_triton_row("heads", tma, caches, sums, (rows_per_tile, warps, stages, None), args.rep_ms))
         for r in point:
             r.update(batch=B, context=S, bytes_read=r.pop("bytes_copied", nbytes))
             if "us" in r:

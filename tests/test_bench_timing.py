@@ -67,9 +67,8 @@ def test_time_us_on_cuda_uses_do_bench():
 @pytest.mark.cuda
 @pytest.mark.parametrize("flush", L2_FLUSHES)
 def test_time_us_and_graph_replays_with_each_l2_flush(flush):
-    """Both flushes time a large read alike (its bytes dwarf the L2), eager and replayed from a graph."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+    """Both flushes time a large read alike (its bytes dwarf the L2), eager and replayed from a graph
+    (skipped without a GPU by the ``cuda`` marker, see conftest)."""
     pytest.importorskip("triton")
     x = torch.rand(1 << 28, device="cuda")  # 1 GiB
     dev = torch.device("cuda")
