@@ -1,7 +1,7 @@
 """How fast can a kernel read a KV cache on this GPU? The read ceiling beside the copy bandwidth
 (a diagnostic, not a benchmark).
 
-    python scripts/diag_read.py [--points 256x4096,64x16384] [--rep-ms 20]
+    python scripts/diag_read.py [--points 256x4096,64x16384] [--rep-ms 20] [--l2-flush write|read]
 
 ``bench kernels`` reports decode against a ``copy_``'s bandwidth (read + write bytes); a kernel that
 only reads may go past it, and a decode kernel cannot go past what a kernel that does nothing but read
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from torch_vkv._checks import int_list_arg
-from torch_vkv.bench.timing import time_us, time_us_graph
+from torch_vkv.bench.timing import L2_FLUSHES, time_us, time_us_graph
 
 NUM_KV_HEADS, HEAD_DIM = 8, 128
 
@@ -88,7 +88,7 @@ def _exact_sum(x: torch.Tensor) -> float:
     return sum(float(c.double().sum()) for c in x.reshape(-1).split(1 << 26))
 
 
-def _triton_row(kind: str, tma: bool, caches, sums, launch: tuple, rep_ms: float) -> dict:
+def _triton_row(kind: str, tma: bool, caches, sums, launch: tuple, rep_ms: float, l2_flush: str = "write") -> dict:
     """Time one read kernel over every cache in ``caches`` (K, then V) in one graph; the sum checked first.
     ``launch``: ``(tile rows, warps, stages, programs an SM)`` (the last for ``flat`` only)."""
     rows_per_tile, warps, stages, per_sm = launch
@@ -119,7 +119,8 @@ def _triton_row(kind: str, tma: bool, caches, sums, launch: tuple, rep_ms: float
             got = float(out.double().sum())
             if abs(got - want) > 1e-3 * abs(want):
                 raise AssertionError(f"sum {got} against the float64 sum {want}")
-        row["us"] = time_us_graph(lambda: [f() for f in launches], caches[0].device, rep_ms=rep_ms, warmup_ms=5)
+        row["us"] = time_us_graph(lambda: [f() for f in launches], caches[0].device, rep_ms=rep_ms, warmup_ms=5,
+                                  l2_flush=l2_flush)  # fmt: skip
     except Exception as e:  # a configuration that does not fit (shared memory, registers), or a wrong sum
         row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
     return row
@@ -135,6 +136,9 @@ def main() -> None:
     p.add_argument("--programs-per-sm", type=ints, default=[1, 2, 4],
                    help="the flat kernels' grid: this many programs an SM")
     p.add_argument("--rep-ms", type=float, default=20.0)
+    p.add_argument("--l2-flush", choices=L2_FLUSHES, default="write",
+                   help="how the L2 is emptied before each timed read (bench.timing); the copy reference stays "
+                   "bench kernels' (eager, write flush)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("diag_read.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
@@ -147,7 +151,7 @@ def main() -> None:
         sums = [_exact_sum(x) for x in caches]
         dsts = [torch.empty_like(x) for x in caches]
         cache_copy_us = time_us_graph(lambda: [d.copy_(x) for d, x in zip(dsts, caches)], dev, rep_ms=args.rep_ms,
-                                      warmup_ms=5)  # fmt: skip
+                                      warmup_ms=5, l2_flush=args.l2_flush)  # fmt: skip
         del dsts
         # The reference: bench kernels' copy bandwidth (1 GiB, eager; on the H100 a copy replayed from a graph
         # ran at 2.44-2.46 TB/s from 512 MiB up, against 3.03 eager: the reads are compared with the latter).
@@ -158,15 +162,17 @@ def main() -> None:
         del src, dst
         point = [dict(kind="copy", us=copy_us, bytes_copied=1 << 30), dict(kind="copy_caches", us=cache_copy_us)]
         point.append(dict(kind="torch_sum", us=time_us_graph(
-            lambda: [x.sum(dtype=torch.float32) for x in caches], dev, rep_ms=args.rep_ms, warmup_ms=5)))  # fmt: skip
+            lambda: [x.sum(dtype=torch.float32) for x in caches], dev, rep_ms=args.rep_ms, warmup_ms=5,
+            l2_flush=args.l2_flush)))  # fmt: skip
         for rows_per_tile, warps, stages in itertools.product(args.rows, args.warps, args.stages):
             for tma in (False, True):
                 for per_sm in args.programs_per_sm:
                     point.append(_triton_row("flat", tma, caches, sums, (rows_per_tile, warps, stages, per_sm),
-                                             args.rep_ms))  # fmt: skip
-                point.append(_triton_row("heads", tma, caches, sums, (rows_per_tile, warps, stages, None), args.rep_ms))
+                                             args.rep_ms, args.l2_flush))  # fmt: skip
+                point.append(_triton_row("heads", tma, caches, sums, (rows_per_tile, warps, stages, None), args.rep_ms,
+                                         args.l2_flush))  # fmt: skip
         for r in point:
-            r.update(batch=B, context=S, bytes_read=r.pop("bytes_copied", nbytes))
+            r.update(batch=B, context=S, bytes_read=r.pop("bytes_copied", nbytes), l2_flush=args.l2_flush)
             if "us" in r:
                 r["tb_s"] = (2 if r["kind"].startswith("copy") else 1) * r["bytes_read"] / r["us"] / 1e6
                 r["pct_copy"] = 100 * r["tb_s"] / copy_tb

@@ -98,7 +98,8 @@ def test_diag_read_kernels_read_every_byte_once(tma, monkeypatch):
 @pytest.mark.cuda
 def test_cuda_diag_read_times_every_kind_against_the_copy(tmp_path):
     rows = _gpu_diag_rows("diag_read", tmp_path, "--points", "4x1024", "--rows", "64", "--warps", "4",
-                          "--stages", "2", "--programs-per-sm", "1", "--rep-ms", "2")  # fmt: skip
+                          "--stages", "2", "--programs-per-sm", "1", "--rep-ms", "2", "--l2-flush", "read")  # fmt: skip
+    assert {r["l2_flush"] for r in rows} == {"read"}
     assert [r["kind"] for r in rows[:3]] == ["copy", "copy_caches", "torch_sum"]
     triton_rows = rows[3:]
     assert {(r["kind"], r["tma"]) for r in triton_rows} == {(k, t) for k in ("flat", "heads") for t in (False, True)}
