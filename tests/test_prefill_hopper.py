@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs and output against a float64 reference
 
 #: The kernel's forms: keyword arguments of ``prefill_hopper``.
-VARIANTS = {"plain": {}, "pingpong": dict(pingpong=True), "persistent": dict(persistent=True), "paired": dict(paired=True)}
+VARIANTS = {"plain": {}, "pingpong": dict(pingpong=True), "persistent": dict(persistent=True)}
 
 
 def _gluon():
@@ -73,9 +73,6 @@ CASES = {
     "long": ([4100], [4100]),
     # lengths of whole tiles: every diagonal band through the ring (TMA), no ragged end; an aligned chunk
     "aligned": ([1024, 384, 2048], [1024, 384, 640]),
-    # chunks whose light block of a pair (``paired=True``) crosses the length: its ragged end is read
-    # through ring buffers before the heavy block's tiles come
-    "ragged_pair": ([300, 1000], [130, 200]),
 }
 
 
@@ -264,38 +261,6 @@ def test_stages_outside_two_or_three_are_refused():
     with pytest.raises(ValueError, match="stages: expected 2 or 3, got 1"):
         ph.prefill_hopper(q, q[None], q[None], lens, torch.tensor([0, 4], dtype=torch.int32), 4, slots=None,
                           causal=True, scale=0.1, out=torch.empty_like(q), stages=1)  # fmt: skip
-
-
-@pytest.mark.parametrize("num_m_blocks", [1, 2, 3, 8, 9, 64])
-def test_paired_blocks_cover_every_block_once_in_pairs_of_equal_causal_work(num_m_blocks):
-    """``paired=True``'s programs (``paired_blocks`` mirrors the kernel's prologue): every query block
-    of a request once, over ``ceil(n / 2)`` programs, the light block first; a whole prompt's pairs
-    hold ``n + 1`` key tiles each (block ``m`` reads ``m + 1``)."""
-    prefill_hopper = _gluon()
-    programs = -(-num_m_blocks // 2)
-    dealt = [prefill_hopper.paired_blocks(i, num_m_blocks) for i in range(programs + 2)]
-    assert dealt[programs:] == [[], []]  # a launch of the longest request's programs: the rest do nothing
-    assert sorted(m for blocks in dealt for m in blocks) == list(range(num_m_blocks))
-    for blocks in dealt[:programs]:
-        assert blocks == sorted(blocks)
-        if len(blocks) == 2:
-            assert sum(m + 1 for m in blocks) == num_m_blocks + 1
-    # the same blocks' tiles by tile_plan: a pair's ring tiles and masked rows reach every key it sees
-    S = num_m_blocks * 128
-    for blocks in dealt[:programs]:
-        tiles = sum(prefill_hopper.tile_plan(S, S, m, True)["n_ring"] for m in blocks)
-        assert tiles == (num_m_blocks + 1 if len(blocks) == 2 else blocks[0] + 1)
-
-
-def test_paired_takes_neither_pingpong_nor_persistent():
-    prefill_hopper = _gluon()
-    q = torch.zeros(256, 4, 128, dtype=torch.bfloat16)
-    k = torch.zeros(1, 256, 4, 128, dtype=torch.bfloat16)
-    lens, cu = torch.tensor([256], dtype=torch.int32), torch.tensor([0, 256], dtype=torch.int32)
-    for other in ("pingpong", "persistent"):
-        with pytest.raises(ValueError, match="paired=True takes neither pingpong nor persistent"):
-            prefill_hopper.prefill_hopper(q, k, k, lens, cu, 256, slots=None, causal=True, scale=0.1,
-                                          out=torch.empty_like(q), paired=True, **{other: True})  # fmt: skip
 
 
 @pytest.mark.parametrize("causal", [True, False])

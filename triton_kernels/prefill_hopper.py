@@ -67,44 +67,13 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _consumer(
-        half, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, done, q_start, q_len, total_q, head, slot,
-        kv_head, seqlen, first_pos, n_full, n_ring, two, first_pos_a, n_full_a, n_ring_a, qk_mul,
+        half, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head, slot, kv_head,
+        seqlen, first_pos, n_full, n_ring, qk_mul,
         stride_qt, stride_qh, stride_ks, stride_kb, stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh,
         TILE_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, PAIRED: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
     ):  # fmt: skip
-        """Rows ``half * ROWS ..`` of the program's query block (``PAIRED``: first block ``a``, the
-        light one, where ``two``; then the heavy one, its ring tiles after ``a``'s), on one warpgroup."""
-        q_smem = gl.allocate_shared_memory(k_ring.dtype, [ROWS, HEAD_DIM], TILE_LAYOUT)
-        if PAIRED:  # one copy of the block's code in a loop: two inlined copies take 16 KiB more shared memory
-            for i in range(1 + two):
-                a = (i == 0) & (two != 0)  # block a (the light one) first
-                _consumer_block(
-                    half, q_smem, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len,
-                    total_q, head, slot, kv_head, seqlen, gl.where(a, first_pos_a, first_pos),
-                    gl.where(a, n_full_a, n_full), gl.where(a, n_ring_a, n_ring), gl.where(a, 0, n_ring_a), qk_mul,
-                    stride_qt, stride_qh, stride_ks, stride_kb, stride_kh, stride_vs, stride_vb, stride_vh, stride_ot,
-                    stride_oh, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL, False, True,
-                )  # fmt: skip
-                mbarrier.arrive(done, count=1, pred=a)  # block a's buffers are free (its ragged end was read)
-        else:
-            _consumer_block(
-                half, q_smem, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q,
-                head, slot, kv_head, seqlen, first_pos, n_full, n_ring, 0, qk_mul, stride_qt, stride_qh, stride_ks,
-                stride_kb, stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh, HEAD_DIM, ROWS, BLOCK_N,
-                STAGES, CAUSAL, PINGPONG, False,
-            )  # fmt: skip
-
-    @gluon.jit
-    def _consumer_block(
-        half, q_smem, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head,
-        slot, kv_head, seqlen, first_pos, n_full, n_ring, ring_base, qk_mul,
-        stride_qt, stride_qh, stride_ks, stride_kb, stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh,
-        HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STAGE_OUT: gl.constexpr,
-    ):  # fmt: skip
-        """One query block's rows ``half * ROWS ..``: its ring tiles are ``ring_base + t``; ``STAGE_OUT``:
-        the output goes to global memory through ``q_smem``."""
+        """Rows ``half * ROWS ..`` of the query block, on one warpgroup."""
         dtype: gl.constexpr = k_ring.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
@@ -122,7 +91,8 @@ if GLUON_IMPORT_ERROR is None:
         q_rows = (q_start + offs_m).to(gl.int64)
         m_ok = (offs_m < q_len) & (q_rows >= 0) & (q_rows < total_q)
         q = gl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        q_smem.store(q.to(dtype))  # this warpgroup's products of a block before were waited for
+        q_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], TILE_LAYOUT)
+        q_smem.store(q.to(dtype))
         fence_async_shared()
         _cta_barrier()
 
@@ -138,24 +108,21 @@ if GLUON_IMPORT_ERROR is None:
             )  # fmt: skip
         else:
             for t in range(n_full):
-                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, ring_base + t, t * BLOCK_N, seqlen,
-                                         qk_mul, q_pos, o, l_i, m_i, s_zero, p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES,
-                                         False, False)  # fmt: skip
+                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, t * BLOCK_N, seqlen, qk_mul, q_pos, o,
+                                         l_i, m_i, s_zero, p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, False, False)  # fmt: skip
         if CAUSAL:  # the diagonal band's tiles below the length, loaded by the loader: causal mask
             for t in range(n_full, n_ring):
-                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, ring_base + t, t * BLOCK_N, seqlen,
-                                         qk_mul, q_pos, o, l_i, m_i, s_zero, p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES,
-                                         True, False)  # fmt: skip
+                o, l_i, m_i = _ring_tile(q_smem, k_ring, v_ring, ready, empty, t, t * BLOCK_N, seqlen, qk_mul, q_pos, o,
+                                         l_i, m_i, s_zero, p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, True, False)  # fmt: skip
 
         # The ragged end (a tile that crosses the length): masked loads into ring buffer `half`, once
-        # both consumers have released its last tile (the loader loads nothing after the ring's tiles
-        # until both consumers are done with the block: `done`).
+        # both consumers have released its last tile (the loader loads nothing after the ring's tiles).
         if CAUSAL:
             hi = gl.maximum(gl.minimum(first_pos + (half + 1) * ROWS, seqlen), 0)
         else:
             hi = seqlen
-        uses = (ring_base + n_ring - half + STAGES - 1) // STAGES  # tiles that went through buffer `half`
-        mbarrier.wait(empty.index(half), (uses - 1) & 1, pred=(uses > 0) & (hi > n_ring * BLOCK_N))
+        uses = (n_ring - half + STAGES - 1) // STAGES  # tiles that went through buffer `half`
+        mbarrier.wait(empty.index(half), (uses - 1) & 1, pred=uses > 0)
         kb_smem = k_ring.index(half).reshape([BLOCK_N, HEAD_DIM])
         vb_smem = v_ring.index(half).reshape([BLOCK_N, HEAD_DIM])
         k_base = k_ptr + slot.to(gl.int64) * stride_kb + kv_head * stride_kh
@@ -182,14 +149,7 @@ if GLUON_IMPORT_ERROR is None:
 
         l_o = gl.convert_layout(l_i, row_o)
         out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]  # a row that sees no key (bad lengths): 0
-        if STAGE_OUT:  # through the queries' buffer (done with), not a conversion's scratch of its own
-            _cta_barrier()  # every warp of this warpgroup is past its last product (it reads q_smem)
-            q_smem.store(out.to(dtype))
-            _cta_barrier()
-            out = q_smem.load(io_layout)
-            _cta_barrier()  # read before a next block's queries overwrite it
-        else:
-            out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), io_layout)
+        out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), io_layout)
         gl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out, mask=m_ok[:, None])
 
     @gluon.jit
@@ -319,20 +279,13 @@ if GLUON_IMPORT_ERROR is None:
         _tma_load(v_desc, [slot, t * BLOCK_N, kv_head, 0], ready.index(stage), v_ring.index(stage))
 
     @gluon.jit
-    def _loader(k_desc, v_desc, k_ring, v_ring, ready, empty, done, slot, kv_head, n_ring, n_ring_a, wait_a,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PAIRED: gl.constexpr):  # fmt: skip
+    def _loader(k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_ring, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr):  # fmt: skip
         """The default partition (one warpgroup, registers given to the consumers; one thread issues
         the copies): key tiles below the length into the ring, a buffer reused once both consumers
-        released it. ``PAIRED``: block a's tiles, then (once the consumers are ``done`` with a, where
-        ``wait_a``: a has a ragged end, read through the ring's buffers) the heavy block's."""
-        ring_base = 0
-        if PAIRED:
-            for t in range(n_ring_a):
-                _tma_tile(k_desc, v_desc, k_ring, v_ring, ready, empty, t, t, slot, kv_head, BLOCK_N, STAGES)
-            mbarrier.wait(done, 0, pred=wait_a != 0)
-            ring_base = n_ring_a
+        released it."""
         for t in range(n_ring):
-            _tma_tile(k_desc, v_desc, k_ring, v_ring, ready, empty, ring_base + t, t, slot, kv_head, BLOCK_N, STAGES)
+            _tma_tile(k_desc, v_desc, k_ring, v_ring, ready, empty, t, t, slot, kv_head, BLOCK_N, STAGES)
 
     @gluon.jit(do_not_specialize=["total_q"])
     def _prefill_hopper_kernel(
@@ -341,37 +294,20 @@ if GLUON_IMPORT_ERROR is None:
         stride_oh,
         TILE_LAYOUT: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_SLOTS: gl.constexpr,
-        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False, PAIRED: gl.constexpr = False,
+        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
     ):  # fmt: skip
         """Program ``(m_block, head, request)``: its metadata, the ring and its barriers, then the
-        loader (this program's own warps) and the two consumers (the workers' warps). ``PAIRED``:
-        program ``i`` takes query blocks ``i`` and ``n - 1 - i`` of its request (``paired_blocks``)."""
+        loader (this program's own warps) and the two consumers (the workers' warps)."""
+        if CAUSAL:  # heaviest query blocks first
+            pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        else:
+            pid_m = gl.program_id(0)
         head = gl.program_id(1)
         r = gl.program_id(2)
         q_start = gl.load(cu_q_ptr + r)
         q_len = gl.load(cu_q_ptr + r + 1) - q_start
-        two = 0
-        first_pos_a = 0
-        n_full_a = 0
-        n_ring_a = 0
-        wait_a = 0
-        if PAIRED:
-            light = gl.program_id(0)
-            pid_m = (q_len + BLOCK_M - 1) // BLOCK_M - 1 - light  # the heavy block
-            if light > pid_m:
-                return
-            _, _, first_pos_a, n_full_a, n_ring_a, n_tiles_a = _block_keys(
-                r, q_len, light * BLOCK_M, seqlens_ptr, slots_ptr, num_slots, max_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_SLOTS)  # fmt: skip
-            two = (light < pid_m).to(gl.int32)
-            n_ring_a = n_ring_a * two
-            wait_a = (n_tiles_a > n_ring_a).to(gl.int32) * two
-        else:
-            if CAUSAL:  # heaviest query blocks first
-                pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-            else:
-                pid_m = gl.program_id(0)
-            if pid_m * BLOCK_M >= q_len:
-                return
+        if pid_m * BLOCK_M >= q_len:
+            return
         kv_head = head // GROUP
         seqlen, slot, first_pos, n_full, n_ring, _ = _block_keys(r, q_len, pid_m * BLOCK_M, seqlens_ptr, slots_ptr,
                                                                  num_slots, max_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_SLOTS)  # fmt: skip
@@ -388,22 +324,19 @@ if GLUON_IMPORT_ERROR is None:
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         mbarrier.arrive(turn.index(0), count=1)  # consumer 0 starts
-        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # PAIRED: both consumers past block a
-        mbarrier.init(done, count=2)
         fence_async_shared()
         ROWS: gl.constexpr = BLOCK_M // 2
         gl.warp_specialize(
             [
-                (_loader, (k_desc, v_desc, k_ring, v_ring, ready, empty, done, slot, kv_head, n_ring, n_ring_a, wait_a,
-                           BLOCK_N, STAGES, PAIRED)),
-                (_consumer, (0, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, done, q_start, q_len,
-                  total_q, head, slot, kv_head, seqlen, first_pos, n_full, n_ring, two, first_pos_a, n_full_a, n_ring_a,
-                  qk_mul, stride_qt, stride_qh, stride_ks, stride_kb, stride_kh, stride_vs, stride_vb, stride_vh,
-                  stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL, PINGPONG, PAIRED)),
-                (_consumer, (1, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, done, q_start, q_len,
-                  total_q, head, slot, kv_head, seqlen, first_pos, n_full, n_ring, two, first_pos_a, n_full_a, n_ring_a,
-                  qk_mul, stride_qt, stride_qh, stride_ks, stride_kb, stride_kh, stride_vs, stride_vb, stride_vh,
-                  stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL, PINGPONG, PAIRED)),
+                (_loader, (k_desc, v_desc, k_ring, v_ring, ready, empty, slot, kv_head, n_ring, BLOCK_N, STAGES)),
+                (_consumer, (0, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head, slot,
+                  kv_head, seqlen, first_pos, n_full, n_ring, qk_mul, stride_qt, stride_qh, stride_ks, stride_kb,
+                  stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS,
+                  BLOCK_N, STAGES, CAUSAL, PINGPONG)),
+                (_consumer, (1, q_ptr, k_ptr, v_ptr, o_ptr, k_ring, v_ring, ready, empty, turn, q_start, q_len, total_q, head, slot,
+                  kv_head, seqlen, first_pos, n_full, n_ring, qk_mul, stride_qt, stride_qh, stride_ks, stride_kb,
+                  stride_kh, stride_vs, stride_vb, stride_vh, stride_ot, stride_oh, TILE_LAYOUT, HEAD_DIM, ROWS,
+                  BLOCK_N, STAGES, CAUSAL, PINGPONG)),
             ],
             [4, 4],  # warps of each consumer
             [240, 240],  # registers a consumer thread may use (setmaxnreg; the loader keeps what is left)
@@ -454,17 +387,6 @@ def tile_plan(seqlen: int, q_len: int, m_block: int, causal: bool) -> dict:
     return dict(first_pos=first_pos, n_full=n_full, n_ring=n_ring, hi=hi, n_tiles=n_tiles)
 
 
-def paired_blocks(program: int, num_m_blocks: int) -> list[int]:
-    """The query blocks program ``program`` runs with ``paired=True`` for a request of
-    ``num_m_blocks`` blocks, in order (plain Python, as the kernel's prologue): the light block
-    ``program`` first, then the heavy ``num_m_blocks - 1 - program``; the middle block of an odd count
-    alone; none past the middle. Causal work of a pair: ``num_m_blocks + 1`` key tiles (a whole prompt)."""
-    heavy = num_m_blocks - 1 - program
-    if program > heavy:
-        return []
-    return [heavy] if program == heavy else [program, heavy]
-
-
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
     """Why :func:`prefill_hopper` cannot take this call, or None."""
     if GLUON_IMPORT_ERROR is not None:
@@ -497,20 +419,15 @@ def prefill_hopper(
     stages: int = STAGES,
     pingpong: bool = False,
     persistent: bool = False,
-    paired: bool = False,
 ) -> torch.Tensor:
     """The kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
     ``stages``: ring buffers per K and V (2 or 3 fit the shared memory at head_dim 128);
     ``pingpong``: the consumers take turns at the tensor cores (see the module docstring);
     ``persistent``: one program per SM over all blocks (``prefill_hopper_persistent.py``; its
-    queries are copied by TMA: ``ValueError`` where they cannot be); ``paired``: a program takes two
-    query blocks of a request, ``i`` and ``n - 1 - i`` (:func:`paired_blocks`: causal blocks of equal
-    work together, the ring running on from one block into the next)."""
+    queries are copied by TMA: ``ValueError`` where they cannot be)."""
     if stages not in (2, 3):  # each consumer's band needs a buffer of its own; four do not fit
         raise ValueError(f"prefill_hopper: stages: expected 2 or 3, got {stages!r}")
-    if paired and (pingpong or persistent):
-        raise ValueError("prefill_hopper: paired=True takes neither pingpong nor persistent; expected both False")
     if persistent:
         from . import prefill_hopper_persistent as pp
 
@@ -527,8 +444,7 @@ def prefill_hopper(
     desc_layout = shared_layout(tuple(block), q.dtype)
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), block, desc_layout) for t in (k_cache, v_cache))
     _check_requests("prefill_hopper", R)
-    m_blocks = -(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M)
-    grid = (-(-m_blocks // 2) if paired else m_blocks, H, R)
+    grid = (-(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M), H, R)
     _prefill_hopper_kernel[grid](
         q, k_desc, v_desc, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q,
         slots if slots is not None else cache_seqlens,
@@ -540,13 +456,13 @@ def prefill_hopper(
         TILE_LAYOUT=shared_layout((BLOCK_N, D), q.dtype),
         GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), HAS_SLOTS=slots is not None,
-        PINGPONG=bool(pingpong), PAIRED=bool(paired), num_warps=NUM_WARPS,
+        PINGPONG=bool(pingpong), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
 
 def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                            persistent: bool = False, paired: bool = False):  # fmt: skip
+                            persistent: bool = False):  # fmt: skip
     """The kernel (``persistent``: ``prefill_hopper_persistent.py``'s) compiled for sm90 with the
     installed Triton, no GPU needed (bf16, GQA group 4): Triton's compiled kernel (``.asm["ptx"]``,
     ``.asm["cubin"]``, ``.metadata``)."""
@@ -573,7 +489,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
         constants.update(ORDER=0, DYNAMIC=False)
     else:
         constants.update(TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16),
-                         PINGPONG=pingpong, PAIRED=paired)  # fmt: skip
+                         PINGPONG=pingpong)  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
@@ -581,7 +497,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
 
 
 def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                     persistent: bool = False, paired: bool = False) -> dict:  # fmt: skip
+                     persistent: bool = False) -> dict:  # fmt: skip
     """:func:`compile_kernel_for_sm90` summarised: ``{"wgmma": MMA instructions in the PTX,
     "stack_bytes": a thread's stack frame, where ptxas spills (from the cubin, ``None`` without
     Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that the kernel builds for the device's
@@ -593,7 +509,7 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
 
     import triton
 
-    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent, paired)
+    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent)
     stack = None
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
