@@ -104,7 +104,7 @@ if GLUON_IMPORT_ERROR is None:
         if PINGPONG:
             o, l_i, m_i = _full_tiles_pingpong(
                 half, q_smem, k_ring, v_ring, ready, empty, turn, n_full, qk_mul, o, l_i, m_i, s_zero,
-                p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES, PINGPONG == 1,
+                p_layout, row_o, HEAD_DIM, BLOCK_N, STAGES,
             )  # fmt: skip
         else:
             for t in range(n_full):
@@ -194,21 +194,18 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _full_tiles_pingpong(half, q_smem, k_ring, v_ring, ready, empty, turn, n_full, qk_mul, o, l_i, m_i, s_zero,
                              p_layout: gl.constexpr, row_o: gl.constexpr, HEAD_DIM: gl.constexpr,
-                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TURNS: gl.constexpr):  # fmt: skip
+                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
         """The full tiles, the two consumers taking turns at the tensor cores (FlashAttention-3's
         ping-pong): each issues ``P_{t-1} V_{t-1}`` and ``Q K_t^T`` together when its turn comes, hands
-        the turn over, and runs its softmax of tile t while the other's products run. Without
-        ``TURNS``: the two products issued together and waited for once, no turns."""
+        the turn over, and runs its softmax of tile t while the other's products run."""
         other = 1 - half
         alpha = gl.full(m_i.shape, 1.0, gl.float32, layout=row_o)
         if n_full > 0:
             mbarrier.wait(ready.index(0), 0)
-            if TURNS:
-                mbarrier.wait(turn.index(half), 0)
+            mbarrier.wait(turn.index(half), 0)
             s_tok = warpgroup_mma(q_smem, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)  # fmt: skip
-            if TURNS:
-                mbarrier.arrive(turn.index(other), count=1)
+            mbarrier.arrive(turn.index(other), count=1)
             scores = warpgroup_mma_wait(0, deps=(s_tok,))
             m_i = gl.max(scores, axis=1)
             p = gl.exp2(scores * qk_mul - (m_i * qk_mul)[:, None])
@@ -218,14 +215,12 @@ if GLUON_IMPORT_ERROR is None:
                 stage = t % STAGES
                 prev = (t - 1) % STAGES
                 mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-                if TURNS:
-                    mbarrier.wait(turn.index(half), t & 1)
+                mbarrier.wait(turn.index(half), t & 1)
                 o = o * alpha[:, None]
                 o_tok = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
                 s_tok = warpgroup_mma(q_smem, k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                       s_zero, use_acc=False, is_async=True)  # fmt: skip
-                if TURNS:
-                    mbarrier.arrive(turn.index(other), count=1)
+                mbarrier.arrive(turn.index(other), count=1)
                 o, scores = warpgroup_mma_wait(0, deps=(o_tok, s_tok))
                 mbarrier.arrive(empty.index(prev), count=1)  # tile t-1 is done with
                 m_new = gl.maximum(m_i, gl.max(scores, axis=1))
@@ -235,12 +230,10 @@ if GLUON_IMPORT_ERROR is None:
                 m_i = m_new
                 p_prev = gl.convert_layout(p.to(k_ring.dtype), p_layout)
             last = (n_full - 1) % STAGES
-            if TURNS:
-                mbarrier.wait(turn.index(half), n_full & 1)
+            mbarrier.wait(turn.index(half), n_full & 1)
             o = o * alpha[:, None]
             o_tok = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
-            if TURNS:
-                mbarrier.arrive(turn.index(other), count=1)
+            mbarrier.arrive(turn.index(other), count=1)
             o = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(empty.index(last), count=1)
         return o, l_i, m_i
@@ -301,7 +294,7 @@ if GLUON_IMPORT_ERROR is None:
         stride_oh,
         TILE_LAYOUT: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_SLOTS: gl.constexpr,
-        num_warps: gl.constexpr, PINGPONG: gl.constexpr = 0,
+        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
     ):  # fmt: skip
         """Program ``(m_block, head, request)``: its metadata, the ring and its barriers, then the
         loader (this program's own warps) and the two consumers (the workers' warps)."""
@@ -426,7 +419,6 @@ def prefill_hopper(
     stages: int = STAGES,
     pingpong: bool = False,
     persistent: bool = False,
-    _turns: bool = True,
 ) -> torch.Tensor:
     """The kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
@@ -464,13 +456,13 @@ def prefill_hopper(
         TILE_LAYOUT=shared_layout((BLOCK_N, D), q.dtype),
         GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), HAS_SLOTS=slots is not None,
-        PINGPONG=(1 if _turns else 2) if pingpong else 0, num_warps=NUM_WARPS,
+        PINGPONG=bool(pingpong), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
 
 def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                            persistent: bool = False, _turns: bool = True):  # fmt: skip
+                            persistent: bool = False):  # fmt: skip
     """The kernel (``persistent``: ``prefill_hopper_persistent.py``'s) compiled for sm90 with the
     installed Triton, no GPU needed (bf16, GQA group 4): Triton's compiled kernel (``.asm["ptx"]``,
     ``.asm["cubin"]``, ``.metadata``)."""
@@ -497,7 +489,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
         constants.update(ORDER=0, DYNAMIC=False)
     else:
         constants.update(TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16),
-                         PINGPONG=(1 if _turns else 2) if pingpong else 0)  # fmt: skip
+                         PINGPONG=pingpong)  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
@@ -505,7 +497,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
 
 
 def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                     persistent: bool = False, _turns: bool = True) -> dict:  # fmt: skip
+                     persistent: bool = False) -> dict:  # fmt: skip
     """:func:`compile_kernel_for_sm90` summarised: ``{"wgmma": MMA instructions in the PTX,
     "stack_bytes": a thread's stack frame, where ptxas spills (from the cubin, ``None`` without
     Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that the kernel builds for the device's
@@ -517,7 +509,7 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
 
     import triton
 
-    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent, _turns)
+    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent)
     stack = None
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
