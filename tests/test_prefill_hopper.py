@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs and output against a float64 reference
 
 #: The kernel's forms: keyword arguments of ``prefill_hopper``.
-VARIANTS = {"plain": {}, "pingpong": dict(pingpong=True), "persistent": dict(persistent=True)}
+VARIANTS = {"plain": {}, "pingpong": dict(pingpong=True), "persistent": dict(persistent=True),
+            "group_order": dict(group_order=True)}
 
 
 def _gluon():

@@ -294,15 +294,25 @@ if GLUON_IMPORT_ERROR is None:
         stride_oh,
         TILE_LAYOUT: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_SLOTS: gl.constexpr,
-        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
+        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False, GROUP_ORDER: gl.constexpr = False,
     ):  # fmt: skip
         """Program ``(m_block, head, request)``: its metadata, the ring and its barriers, then the
-        loader (this program's own warps) and the two consumers (the workers' warps)."""
-        if CAUSAL:  # heaviest query blocks first
-            pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        loader (this program's own warps) and the two consumers (the workers' warps). ``GROUP_ORDER``:
+        grid ``(m_blocks * GROUP, num_kv_heads, requests)``, the query blocks of a KV head's ``GROUP``
+        heads interleaved, heaviest first over them (``block_order``)."""
+        if GROUP_ORDER:
+            index = gl.program_id(0)
+            head = gl.program_id(1) * GROUP + index % GROUP
+            if CAUSAL:
+                pid_m = gl.num_programs(0) // GROUP - 1 - index // GROUP
+            else:
+                pid_m = index // GROUP
         else:
-            pid_m = gl.program_id(0)
-        head = gl.program_id(1)
+            if CAUSAL:  # heaviest query blocks first
+                pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+            else:
+                pid_m = gl.program_id(0)
+            head = gl.program_id(1)
         r = gl.program_id(2)
         q_start = gl.load(cu_q_ptr + r)
         q_len = gl.load(cu_q_ptr + r + 1) - q_start
@@ -419,6 +429,7 @@ def prefill_hopper(
     stages: int = STAGES,
     pingpong: bool = False,
     persistent: bool = False,
+    group_order: bool = False,
 ) -> torch.Tensor:
     """The kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
@@ -444,7 +455,9 @@ def prefill_hopper(
     desc_layout = shared_layout(tuple(block), q.dtype)
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), block, desc_layout) for t in (k_cache, v_cache))
     _check_requests("prefill_hopper", R)
-    grid = (-(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M), H, R)
+    m_blocks = -(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M)
+    group = H // k_cache.shape[2]
+    grid = (m_blocks * group, H // group, R) if group_order else (m_blocks, H, R)
     _prefill_hopper_kernel[grid](
         q, k_desc, v_desc, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q,
         slots if slots is not None else cache_seqlens,
@@ -456,13 +469,13 @@ def prefill_hopper(
         TILE_LAYOUT=shared_layout((BLOCK_N, D), q.dtype),
         GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), HAS_SLOTS=slots is not None,
-        PINGPONG=bool(pingpong), num_warps=NUM_WARPS,
+        PINGPONG=bool(pingpong), GROUP_ORDER=bool(group_order), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
 
 def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                            persistent: bool = False):  # fmt: skip
+                            persistent: bool = False, group_order: bool = False):  # fmt: skip
     """The kernel (``persistent``: ``prefill_hopper_persistent.py``'s) compiled for sm90 with the
     installed Triton, no GPU needed (bf16, GQA group 4): Triton's compiled kernel (``.asm["ptx"]``,
     ``.asm["cubin"]``, ``.metadata``)."""
@@ -489,7 +502,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
         constants.update(ORDER=0, DYNAMIC=False)
     else:
         constants.update(TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16),
-                         PINGPONG=pingpong)  # fmt: skip
+                         PINGPONG=pingpong, GROUP_ORDER=group_order)  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
@@ -497,7 +510,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
 
 
 def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                     persistent: bool = False) -> dict:  # fmt: skip
+                     persistent: bool = False, group_order: bool = False) -> dict:  # fmt: skip
     """:func:`compile_kernel_for_sm90` summarised: ``{"wgmma": MMA instructions in the PTX,
     "stack_bytes": a thread's stack frame, where ptxas spills (from the cubin, ``None`` without
     Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that the kernel builds for the device's
@@ -509,7 +522,7 @@ def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = T
 
     import triton
 
-    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent)
+    kernel = compile_kernel_for_sm90(head_dim, stages, causal, pingpong, persistent, group_order)
     stack = None
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
