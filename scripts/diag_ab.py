@@ -213,7 +213,7 @@ def main() -> None:
     p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
     p.add_argument("--prefill", default="8192,32768")
     p.add_argument("--gluon", default="2,3,pp3,P3", help="the Gluon prefill's variants timed beside: ring buffers "
-                   "(the digit), pp: ping-pong, P: persistent, g: a KV head's query heads interleaved")
+                   "(the digit), pp: ping-pong, P: persistent, h: heads one after another (group_order=False)")
     p.add_argument("--layers", type=int, default=32, help="calls (distinct caches) in a step graph")
     p.add_argument("--mem-gib", type=float, default=40.0, help="K+V bytes of a step graph at most")
     p.add_argument("--rep-ms", type=float, default=40.0)
@@ -268,8 +268,8 @@ def main() -> None:
         for variant in [x for x in args.gluon.split(",") if x]:
             variant, _, programs = variant.partition("@")  # P3@N: the persistent kernel on N programs (0: one an item)
             pingpong, persistent, stages = variant.startswith("pp"), variant.startswith("P"), int(variant[-1])
-            grouped = variant.startswith("g")  # a KV head's query heads interleaved, heaviest blocks first
-            form = " pingpong" if pingpong else " persistent" if persistent else " group order" if grouped else ""
+            headed = variant.startswith("h")  # one head after another (group_order=False), the former order
+            form = " pingpong" if pingpong else " persistent" if persistent else " head order" if headed else ""
             if programs:  # P3@N: on N programs (0: one an item); h: head-major; d: dynamic (head-major unless
                 # gK: K heads at a time, heaviest first over them, e.g. P3@132dg8)
                 parsed = re.fullmatch(r"(\d*)([hd]*)(?:g(\d+))?", programs)
@@ -284,7 +284,7 @@ def main() -> None:
                         num_programs=g or 1 << 30, _order=o, _dynamic=d))  # fmt: skip
                 continue
             prefill[f"gluon{form}, stages {stages}"] = (
-                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong, ps=persistent, go=grouped: prefill_hopper.prefill_hopper(
+                lambda q, k, v, lens, cu, n, st=stages, pp=pingpong, ps=persistent, go=False if headed else None: prefill_hopper.prefill_hopper(
                     q, k, v, lens, cu, n, slots=None, causal=True, scale=D**-0.5, out=torch.empty_like(q), stages=st,
                     pingpong=pp, persistent=ps, group_order=go))  # fmt: skip
     for launch in _launches(args.prefill_launch):

@@ -25,7 +25,7 @@ TOL = dict(atol=2e-2, rtol=2e-2)  # bf16 inputs and output against a float64 ref
 
 #: The kernel's forms: keyword arguments of ``prefill_hopper``.
 VARIANTS = {"plain": {}, "pingpong": dict(pingpong=True), "persistent": dict(persistent=True),
-            "group_order": dict(group_order=True)}
+            "head_order": dict(group_order=False)}
 
 
 def _gluon():
@@ -264,6 +264,27 @@ def test_stages_outside_two_or_three_are_refused():
                           causal=True, scale=0.1, out=torch.empty_like(q), stages=1)  # fmt: skip
 
 
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_order_deals_each_block_once_heaviest_first_over_a_kv_heads_group(group, causal):
+    """``group_order``'s grid (``block_order`` mirrors the kernel's prologue): one program for every
+    ``(m_block, head)``; a KV head's programs hold its ``group`` query heads, each level of blocks
+    for all of them before the next, heaviest first where causal. On by default for causal GQA."""
+    prefill_hopper = _gluon()
+    num_m_blocks, num_kv_heads = 5, 3
+    dealt = [[prefill_hopper.block_order(i, g, num_m_blocks, group, causal) for i in range(num_m_blocks * group)]
+             for g in range(num_kv_heads)]  # fmt: skip
+    assert sorted(c for programs in dealt for c in programs) == [
+        (m, h) for m in range(num_m_blocks) for h in range(num_kv_heads * group)]  # fmt: skip
+    for g, programs in enumerate(dealt):
+        assert {h // group for _, h in programs} == {g}  # the KV head's own query heads
+        levels = [m for m, _ in programs]
+        assert levels == sorted(levels, reverse=causal)
+        assert levels[:group] == [num_m_blocks - 1 if causal else 0] * group
+    assert prefill_hopper.default_group_order(True, 4) and not prefill_hopper.default_group_order(True, 1)
+    assert not prefill_hopper.default_group_order(False, 4)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_tile_plan_reads_each_visible_key_once_and_nothing_past_the_length(causal):
     """The kernel's tile arithmetic (``tile_plan`` mirrors its prologue), over lengths around tile
@@ -338,7 +359,7 @@ def test_persistent_kernel_takes_only_calls_it_can_copy_and_dense_grids():
     """``tma_queries_problem``: queries whose rows TMA cannot copy (strides not 16-byte multiples)
     are refused with what was expected and given; ``persistent_problem`` also keeps grids mostly of
     empty items (many short requests beside a long one) on the other kernel; ``prefill_hopper``
-    refuses ``persistent=True`` with ``pingpong=True``."""
+    refuses ``persistent=True`` with ``pingpong=True`` or ``group_order=True``."""
     ph = _gluon()
     from torch_vkv.triton_kernels import prefill_hopper_persistent as pp
 
@@ -352,9 +373,10 @@ def test_persistent_kernel_takes_only_calls_it_can_copy_and_dense_grids():
     assert pp.persistent_problem(q, 2, 2048) is None  # two prompts of 2048 rows: every item holds queries
     lens = torch.tensor([4096], dtype=torch.int32)
     cu = torch.tensor([0, 4096], dtype=torch.int32)
-    with pytest.raises(ValueError, match="persistent=True has no ping-pong schedule"):
-        ph.prefill_hopper(q, q[None, :, :8], q[None, :, :8], lens, cu, 4096, slots=None, causal=True, scale=0.1,
-                          out=torch.empty_like(q), pingpong=True, persistent=True)  # fmt: skip
+    for other in (dict(pingpong=True), dict(group_order=True)):
+        with pytest.raises(ValueError, match="persistent=True has its own order and no ping-pong schedule"):
+            ph.prefill_hopper(q, q[None, :, :8], q[None, :, :8], lens, cu, 4096, slots=None, causal=True, scale=0.1,
+                              out=torch.empty_like(q), persistent=True, **other)  # fmt: skip
     with pytest.raises(ValueError, match="num_programs: expected >= 1, got 0"):
         pp.prefill_hopper_persistent(q, q[None, :, :8], q[None, :, :8], lens, cu, 4096, slots=None, causal=True,
                                      scale=0.1, out=torch.empty_like(q), num_programs=0)  # fmt: skip

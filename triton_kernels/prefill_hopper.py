@@ -18,7 +18,8 @@ one. Two consumers that never wait for each other overlap instead: while one com
 exponentials, the other's products keep the tensor cores busy (1.04-1.07x the Triton kernel on the
 H100, twenty-sixth session; 1.10-1.12x once the diagonal band came through the ring, twenty-seventh).
 
-Per program ``(m_block, head, request)`` (heaviest causal blocks first, as the Triton kernel):
+Per program ``(m_block, head, request)`` (heaviest causal blocks first; with GQA the query heads of
+a KV head interleaved, :func:`block_order`):
 
 * the loader (the default partition, its registers given to the consumers) copies the key tiles
   that lie wholly below the request's length (committed rows: the diagonal band's tiles included,
@@ -397,6 +398,31 @@ def tile_plan(seqlen: int, q_len: int, m_block: int, causal: bool) -> dict:
     return dict(first_pos=first_pos, n_full=n_full, n_ring=n_ring, hi=hi, n_tiles=n_tiles)
 
 
+def default_group_order(causal: bool, group: int) -> bool:
+    """Whether :func:`prefill_hopper` launches in :func:`block_order`'s grouped order by itself:
+    causal calls with GQA groups of two or more query heads.
+
+    The query blocks of a causal prompt carry unequal work (block ``m`` reads ``m + 1`` key tiles);
+    launched heaviest first one head after another, the last head's heavy blocks start when
+    little else is left, and at 8K about 5% of the SMs' time went to that tail (the H100's stamps
+    and a list-scheduling model agree: SMs finishing between 854 and 935 us). Interleaving a KV
+    head's query heads (which read the same keys, so L2 reuse is kept) heaviest first over them ends
+    the launch with light blocks. On the H100 (bf16, Llama-3-8B heads, batch 1, seven interleaved
+    rounds, 2026-12-06): 545.4 against 512.3-514.5 TFLOP/s at 4K, 585.1 against 566.7-572.5 at 8K,
+    617.1 against 606.5-610.2 at 16K, 625.2 against 621.5-624.8 at 32K (docs/benchmarks.md,
+    thirty-second session). Non-causal blocks are equal: not measured, not changed."""
+    return bool(causal) and group > 1
+
+
+def block_order(index: int, kv_head: int, num_m_blocks: int, group: int, causal: bool) -> tuple[int, int]:
+    """The ``(m_block, head)`` of program ``(index, kv_head)`` with ``group_order`` (plain Python,
+    as the kernel's prologue): grid ``(num_m_blocks * group, num_kv_heads, requests)``, the
+    ``group`` query heads of a KV head taking turns at each level, heaviest (causal) blocks first."""
+    head = kv_head * group + index % group
+    level = index // group
+    return (num_m_blocks - 1 - level if causal else level), head
+
+
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
     """Why :func:`prefill_hopper` cannot take this call, or None."""
     if GLUON_IMPORT_ERROR is not None:
@@ -429,21 +455,24 @@ def prefill_hopper(
     stages: int = STAGES,
     pingpong: bool = False,
     persistent: bool = False,
-    group_order: bool = False,
+    group_order: bool | None = None,
 ) -> torch.Tensor:
     """The kernel over ``q`` and a cache; the caller checked :func:`hopper_problem` and
     ``prefill.tma_problem``. Shapes as :func:`triton_kernels.prefill.prefill_attention`.
     ``stages``: ring buffers per K and V (2 or 3 fit the shared memory at head_dim 128);
     ``pingpong``: the consumers take turns at the tensor cores (see the module docstring);
     ``persistent``: one program per SM over all blocks (``prefill_hopper_persistent.py``; its
-    queries are copied by TMA: ``ValueError`` where they cannot be)."""
+    queries are copied by TMA: ``ValueError`` where they cannot be); ``group_order``: the launch
+    order of :func:`block_order` (``None``: where causal, with a GQA group of two or more heads)."""
     if stages not in (2, 3):  # each consumer's band needs a buffer of its own; four do not fit
         raise ValueError(f"prefill_hopper: stages: expected 2 or 3, got {stages!r}")
     if persistent:
         from . import prefill_hopper_persistent as pp
 
-        if pingpong:
-            raise ValueError("prefill_hopper: persistent=True has no ping-pong schedule; expected pingpong=False")
+        if pingpong or group_order:
+            raise ValueError("prefill_hopper: persistent=True has its own order and no ping-pong schedule; "
+                             f"expected pingpong=False and group_order=None or False, got {pingpong!r} and "
+                             f"{group_order!r}")  # fmt: skip
         problem = pp.tma_queries_problem(q, cache_seqlens.shape[0], max_seqlen_q)
         if problem is not None:
             raise ValueError(f"prefill_hopper(persistent=True): expected {problem}")
@@ -457,6 +486,8 @@ def prefill_hopper(
     _check_requests("prefill_hopper", R)
     m_blocks = -(-max(1, min(int(max_seqlen_q), T)) // BLOCK_M)
     group = H // k_cache.shape[2]
+    if group_order is None:
+        group_order = default_group_order(causal, group)
     grid = (m_blocks * group, H // group, R) if group_order else (m_blocks, H, R)
     _prefill_hopper_kernel[grid](
         q, k_desc, v_desc, k_cache, v_cache, out, cache_seqlens, cu_seqlens_q,
