@@ -317,11 +317,13 @@ if GLUON_IMPORT_ERROR is None:
         r = gl.program_id(2)
         q_start = gl.load(cu_q_ptr + r)
         q_len = gl.load(cu_q_ptr + r + 1) - q_start
+        # Before the early exit: the request's length and slot are loaded with its query range, one
+        # round trip to memory at each block's start instead of two.
+        seqlen, slot, first_pos, n_full, n_ring, _ = _block_keys(r, q_len, pid_m * BLOCK_M, seqlens_ptr, slots_ptr,
+                                                                 num_slots, max_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_SLOTS)  # fmt: skip
         if pid_m * BLOCK_M >= q_len:
             return
         kv_head = head // GROUP
-        seqlen, slot, first_pos, n_full, n_ring, _ = _block_keys(r, q_len, pid_m * BLOCK_M, seqlens_ptr, slots_ptr,
-                                                                 num_slots, max_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_SLOTS)  # fmt: skip
 
         dtype: gl.constexpr = k_desc.dtype
         k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
