@@ -163,6 +163,47 @@ def test_prefill_tma_equals_pointer_loads(device, kind, layout, D):
     assert_close(out, reference(b, k, v), torch.bfloat16)
 
 
+@pytest.mark.parametrize("kind", ["prefill", "mixed"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_group_order_changes_the_launch_not_the_output(device, kind):
+    """``prefill_attention(group_order=...)``: a KV head's query heads launched together (the default
+    for causal GQA) or one head after another give bitwise the same output, within bf16 tolerance
+    of the float64 reference, causal or not; on an H100/H200 for the Gluon kernel too."""
+    skip_unless_runs("triton", device)
+    b, k, v = setup_case(kind, "GQA", 128, "per_layer", device, seed=53)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+    args = (b.q, k, v, b.cache_seqlens, b.cu_seqlens_q, max(b.q_lens))
+    kernels = [dict(block_m=16, block_n=16) if device == "cpu" else dict(kernel="triton")]
+    if device == "cuda" and tk().default_kernel(b.q, k, v, None, None, None) == "gluon":
+        kernels.append(dict(kernel="gluon"))
+    for kernel in kernels:
+        for causal in (True, False):
+            out = tk().prefill_attention(*args, causal=causal, group_order=True, **kernel)
+            assert torch.equal(out, tk().prefill_attention(*args, causal=causal, group_order=False, **kernel))
+            assert torch.equal(out, tk().prefill_attention(*args, causal=causal, **kernel)), (kernel, causal)
+            assert_close(out, reference(b, k, v, causal=causal), torch.bfloat16)
+
+
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_order_deals_each_block_once_heaviest_first_over_a_kv_heads_group(group, causal):
+    """``group_order``'s grid (``block_order`` mirrors both kernels' prologues): one program for every
+    ``(m_block, head)``; a KV head's programs hold its ``group`` query heads, each level of blocks
+    for all of them before the next, heaviest first where causal. On by default for causal GQA."""
+    num_m_blocks, num_kv_heads = 5, 3
+    dealt = [[tk().block_order(i, g, num_m_blocks, group, causal) for i in range(num_m_blocks * group)]
+             for g in range(num_kv_heads)]  # fmt: skip
+    assert sorted(c for programs in dealt for c in programs) == [
+        (m, h) for m in range(num_m_blocks) for h in range(num_kv_heads * group)]  # fmt: skip
+    for g, programs in enumerate(dealt):
+        assert {h // group for _, h in programs} == {g}  # the KV head's own query heads
+        levels = [m for m, _ in programs]
+        assert levels == sorted(levels, reverse=causal)
+        assert levels[:group] == [num_m_blocks - 1 if causal else 0] * group
+    assert tk().default_group_order(True, 4) and not tk().default_group_order(True, 1)
+    assert not tk().default_group_order(False, 4)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("device", DEVICES)

@@ -264,27 +264,6 @@ def test_stages_outside_two_or_three_are_refused():
                           causal=True, scale=0.1, out=torch.empty_like(q), stages=1)  # fmt: skip
 
 
-@pytest.mark.parametrize("group", [1, 4, 7])
-@pytest.mark.parametrize("causal", [True, False])
-def test_block_order_deals_each_block_once_heaviest_first_over_a_kv_heads_group(group, causal):
-    """``group_order``'s grid (``block_order`` mirrors the kernel's prologue): one program for every
-    ``(m_block, head)``; a KV head's programs hold its ``group`` query heads, each level of blocks
-    for all of them before the next, heaviest first where causal. On by default for causal GQA."""
-    prefill_hopper = _gluon()
-    num_m_blocks, num_kv_heads = 5, 3
-    dealt = [[prefill_hopper.block_order(i, g, num_m_blocks, group, causal) for i in range(num_m_blocks * group)]
-             for g in range(num_kv_heads)]  # fmt: skip
-    assert sorted(c for programs in dealt for c in programs) == [
-        (m, h) for m in range(num_m_blocks) for h in range(num_kv_heads * group)]  # fmt: skip
-    for g, programs in enumerate(dealt):
-        assert {h // group for _, h in programs} == {g}  # the KV head's own query heads
-        levels = [m for m, _ in programs]
-        assert levels == sorted(levels, reverse=causal)
-        assert levels[:group] == [num_m_blocks - 1 if causal else 0] * group
-    assert prefill_hopper.default_group_order(True, 4) and not prefill_hopper.default_group_order(True, 1)
-    assert not prefill_hopper.default_group_order(False, 4)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_tile_plan_reads_each_visible_key_once_and_nothing_past_the_length(causal):
     """The kernel's tile arithmetic (``tile_plan`` mirrors its prologue), over lengths around tile

@@ -62,7 +62,7 @@ import functools
 
 import torch
 
-from .prefill import _check_requests, _is_hopper
+from .prefill import _check_requests, _is_hopper, block_order, default_group_order  # noqa: F401 (block_order: its mirror)
 
 if GLUON_IMPORT_ERROR is None:
 
@@ -398,31 +398,6 @@ def tile_plan(seqlen: int, q_len: int, m_block: int, causal: bool) -> dict:
         hi = [seqlen, seqlen]
         n_tiles = -(-seqlen // BLOCK_N)
     return dict(first_pos=first_pos, n_full=n_full, n_ring=n_ring, hi=hi, n_tiles=n_tiles)
-
-
-def default_group_order(causal: bool, group: int) -> bool:
-    """Whether :func:`prefill_hopper` launches in :func:`block_order`'s grouped order by itself:
-    causal calls with GQA groups of two or more query heads.
-
-    The query blocks of a causal prompt carry unequal work (block ``m`` reads ``m + 1`` key tiles);
-    launched heaviest first one head after another, the last head's heavy blocks start when
-    little else is left, and at 8K about 5% of the SMs' time went to that tail (the H100's stamps
-    and a list-scheduling model agree: SMs finishing between 854 and 935 us). Interleaving a KV
-    head's query heads (which read the same keys, so L2 reuse is kept) heaviest first over them ends
-    the launch with light blocks. On the H100 (bf16, Llama-3-8B heads, batch 1, seven interleaved
-    rounds, 2026-12-06): 545.4 against 512.3-514.5 TFLOP/s at 4K, 585.1 against 566.7-572.5 at 8K,
-    617.1 against 606.5-610.2 at 16K, 625.2 against 621.5-624.8 at 32K (docs/benchmarks.md,
-    thirty-second session). Non-causal blocks are equal: not measured, not changed."""
-    return bool(causal) and group > 1
-
-
-def block_order(index: int, kv_head: int, num_m_blocks: int, group: int, causal: bool) -> tuple[int, int]:
-    """The ``(m_block, head)`` of program ``(index, kv_head)`` with ``group_order`` (plain Python,
-    as the kernel's prologue): grid ``(num_m_blocks * group, num_kv_heads, requests)``, the
-    ``group`` query heads of a KV head taking turns at each level, heaviest (causal) blocks first."""
-    head = kv_head * group + index % group
-    level = index // group
-    return (num_m_blocks - 1 - level if causal else level), head
 
 
 def hopper_problem(q: torch.Tensor, k_cache: torch.Tensor, block_table, window_left, softcap) -> str | None:
