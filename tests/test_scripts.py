@@ -95,6 +95,28 @@ def test_diag_read_kernels_read_every_byte_once(tma, monkeypatch):
     assert per_head.double().tolist() == pytest.approx(x.double().sum(dim=(1, 3)).flatten().tolist(), rel=1e-5)
 
 
+def test_diag_tail_models_the_8k_launch_the_stamps_measured(tmp_path, monkeypatch):
+    """``scripts/diag_tail.py`` (CPU): with the twenty-ninth session's per-tile and per-block costs, the
+    head-after-head launch of an 8K prompt ends with SMs finishing between 854 and 935 us, as the
+    H100's stamps measured, and the grouped launch (``block_order``) has almost no tail; bad head
+    counts are refused with what was expected."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import diag_tail
+
+    head, grouped = diag_tail.model(8192, 32, 8, 132, 1.64, 3.9)
+    assert head["order"] == "head after head" and grouped["order"] == "grouped"
+    assert head["first_idle_us"] == pytest.approx(854.3, abs=0.1) and head["span_us"] == pytest.approx(935.3, abs=0.1)
+    assert grouped["ideal_us"] == pytest.approx(head["ideal_us"])  # the same blocks, dealt in another order
+    assert grouped["tail_pct"] < 0.5 < 5 < head["tail_pct"]
+    with pytest.raises(ValueError, match="expected num_heads a multiple of num_kv_heads, got 32 and 5"):
+        diag_tail.model(8192, 32, 5, 132, 1.64, 3.9)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_tail.py"), "--contexts", "1024"],
+                          capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "diag_tail.json").read_text())
+    assert [r["order"] for r in rows] == ["head after head", "grouped"]
+
+
 @pytest.mark.cuda
 def test_cuda_diag_read_times_every_kind_against_the_copy(tmp_path):
     rows = _gpu_diag_rows("diag_read", tmp_path, "--points", "4x1024", "--rows", "64", "--warps", "4",
