@@ -358,7 +358,7 @@ def prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         bt.stride(0) if paged else 0,
-        GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, DOT_F32=dot_f32(q),
         USE_TMA=bool(tma), GROUP_ORDER=bool(group_order),
         num_warps=num_warps, num_stages=num_stages,

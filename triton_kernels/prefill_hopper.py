@@ -19,7 +19,7 @@ exponentials, the other's products keep the tensor cores busy (1.04-1.07x the Tr
 H100, twenty-sixth session; 1.10-1.12x once the diagonal band came through the ring, twenty-seventh).
 
 Per program ``(m_block, head, request)`` (heaviest causal blocks first; with GQA the query heads of
-a KV head interleaved, :func:`block_order`):
+a KV head interleaved, :func:`triton_kernels.prefill.block_order`):
 
 * the loader (the default partition, its registers given to the consumers) copies the key tiles
   that lie wholly below the request's length (committed rows: the diagonal band's tiles included,
@@ -62,7 +62,7 @@ import functools
 
 import torch
 
-from .prefill import _check_requests, _is_hopper, block_order, default_group_order  # noqa: F401 (block_order: its mirror)
+from .prefill import _check_requests, _is_hopper, default_group_order
 
 if GLUON_IMPORT_ERROR is None:
 
@@ -440,7 +440,7 @@ def prefill_hopper(
     ``pingpong``: the consumers take turns at the tensor cores (see the module docstring);
     ``persistent``: one program per SM over all blocks (``prefill_hopper_persistent.py``; its
     queries are copied by TMA: ``ValueError`` where they cannot be); ``group_order``: the launch
-    order of :func:`block_order` (``None``: where causal, with a GQA group of two or more heads)."""
+    order of :func:`~.prefill.block_order` (``None``: where causal, with a GQA group of two or more heads)."""
     if stages not in (2, 3):  # each consumer's band needs a buffer of its own; four do not fit
         raise ValueError(f"prefill_hopper: stages: expected 2 or 3, got {stages!r}")
     if persistent:
@@ -475,7 +475,7 @@ def prefill_hopper(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         TILE_LAYOUT=shared_layout((BLOCK_N, D), q.dtype),
-        GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), HAS_SLOTS=slots is not None,
         PINGPONG=bool(pingpong), GROUP_ORDER=bool(group_order), num_warps=NUM_WARPS,
     )  # fmt: skip
