@@ -2,6 +2,7 @@
 the tensor-core MMAs (wgmma) asynchronous. A diagnostic that costs no device time.
 
     python scripts/diag_sass.py [--kernels triton_kernels,.ab/variant/triton_kernels] [--launch 128,128,8,3] [--gluon]
+    python scripts/diag_sass.py --launch= --gluon-against .ab/triton_kernels  # did a change move the default's code?
 
 Triton compiles for a target named on the command line (``GPUTarget("cuda", 90, 32)``) with the ``ptxas``
 its wheel ships, so any machine with the ``triton`` package compiles the same SASS as the H200 for the same
@@ -19,6 +20,8 @@ Writes ``$OUT/diag_sass.json`` when ``OUT`` is set.
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import importlib.util
 import json
 import os
@@ -88,8 +91,8 @@ def loops(sass: str, max_len: int = 1500) -> list[dict]:
     return rows
 
 
-def analyse(kernel) -> dict:
-    """ptxas's report (registers, spills, C7511) and the SASS loops of a compiled kernel."""
+def assemble(kernel) -> tuple[str, str]:
+    """``(ptxas's report, the SASS)`` of a compiled kernel's PTX, with the ptxas Triton compiled with."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = Path(get_ptxas(90).path)  # the one Triton compiled with (newer Tritons ship two)
@@ -100,6 +103,29 @@ def analyse(kernel) -> dict:
                                 capture_output=True, text=True, check=True).stderr  # fmt: skip
         sass = subprocess.run([str(ptxas.parent / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
+    return report, sass
+
+
+def normalized(sass: str) -> list[str]:
+    """The SASS's instructions with registers, predicates and addresses blanked: two compilations that
+    differ only in register names or code placement give the same lines."""
+    out = []
+    for _, text in _instructions(sass):
+        text = re.sub(r"0x[0-9a-f]+", "X", text)
+        text = re.sub(r"\bU?R[0-9]+\b", "R", re.sub(r"\bU?P[0-9]\b", "P", text.replace(".reuse", "")))
+        out.append(re.sub(r" +", " ", text).strip())
+    return out
+
+
+def changed_lines(before: list[str], after: list[str]) -> int:
+    """Lines removed plus lines added from ``before`` to ``after`` (a line diff)."""
+    return sum(1 for line in difflib.unified_diff(before, after, n=0, lineterm="")
+               if line[:1] in "+-" and not line.startswith(("+++", "---")))  # fmt: skip
+
+
+def analyse(kernel) -> dict:
+    """ptxas's report (registers, spills, C7511) and the SASS loops of a compiled kernel."""
+    report, sass = assemble(kernel)
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     return {
@@ -117,6 +143,10 @@ def main() -> None:
     p.add_argument("--launch", default="128,128,8,3", help="';'-separated BLOCK_M,BLOCK_N,WARPS,STAGES")
     p.add_argument("--gluon", action="store_true", help="also the Gluon kernel (prefill_hopper.py), with and "
                    "without ping-pong: each consumer's loop should hold its MMAs, their waits and the exponentials")
+    p.add_argument("--gluon-against", default="", help="a triton_kernels folder: how many SASS lines of the Gluon "
+                   "kernel's default launch (of the first --kernels folder) differ from that folder's (registers and "
+                   "addresses aside); 0 means a variant left the default's code alone (one unused barrier once "
+                   "cost it 5%%)")
     args = p.parse_args()
     launches = []
     for item in (t for t in args.launch.split(";") if t.strip()):
@@ -148,6 +178,16 @@ def main() -> None:
                   f"raises the consumers'), {row['spill_bytes']} bytes spilled, {row['shared_bytes']} bytes shared")
             for loop in row["loops"]:
                 print("   loop", " ".join(f"{k}={v}" for k, v in loop.items()))
+    if args.gluon_against:  # the first --kernels folder's Gluon kernel against this one's, both loaded from their paths
+        ours, theirs = (importlib.import_module(_load(folder, name).__name__ + ".prefill_hopper") for folder, name in
+                        ((args.kernels.split(",")[0], "tk_sass_ours"), (args.gluon_against, "tk_sass_against")))  # fmt: skip
+        before, after = (normalized(assemble(m.compile_kernel_for_sm90())[1]) for m in (theirs, ours))
+        row = {"kernels": args.kernels.split(",")[0], "against": args.gluon_against, "instructions": len(after),
+               "instructions_against": len(before), "changed_lines": changed_lines(before, after)}  # fmt: skip
+        rows.append(row)
+        print(f"{row['kernels']}/prefill_hopper.py against {args.gluon_against}: {row['changed_lines']} SASS lines changed "
+              f"({row['instructions']} instructions, {row['instructions_against']} there; registers and "
+              f"addresses aside)")  # fmt: skip
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "diag_sass.json").write_text(json.dumps(rows, indent=1))
 

@@ -252,3 +252,33 @@ def test_diag_sass_prefill_compiles_for_hopper_with_asynchronous_mma(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_sass.py"), "--launch", "128,64"], check=True,
                        capture_output=True, timeout=120, env=env, cwd=ROOT)  # fmt: skip
+
+
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton ships no CUDA backend or ptxas to compile with")
+def test_diag_sass_gluon_against_a_copy_of_itself_finds_no_change(tmp_path):
+    """``diag_sass.py --gluon-against``: the Gluon kernel's default launch compiled for sm90 from two
+    folders and its SASS compared with registers and addresses blanked (a variant that leaves the
+    default's code alone shows 0; one unused barrier once moved 686 lines and cost 5%). A copy of
+    the kernels folder against itself: 0 lines; the same copy with the grouped launch order turned
+    off by default: some lines change."""
+    from torch_vkv.triton_kernels import prefill_hopper
+
+    if prefill_hopper.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(f"this Triton lacks Gluon: {prefill_hopper.GLUON_IMPORT_ERROR}")
+    import shutil
+
+    copy = tmp_path / "copy" / "triton_kernels"
+    shutil.copytree(ROOT / "triton_kernels", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="0")
+    script = [sys.executable, str(ROOT / "scripts" / "diag_sass.py"), "--launch=", "--kernels", str(ROOT / "triton_kernels")]
+    proc = subprocess.run([*script, "--gluon-against", str(copy)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "diag_sass.json").read_text())
+    assert row["changed_lines"] == 0 and row["instructions"] == row["instructions_against"] > 1000, row
+    source = (copy / "prefill.py").read_text()
+    assert "return bool(causal) and group > 1" in source
+    (copy / "prefill.py").write_text(source.replace("return bool(causal) and group > 1", "return False"))
+    proc = subprocess.run([*script, "--gluon-against", str(copy)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "diag_sass.json").read_text())
+    assert row["changed_lines"] > 0, row

@@ -483,7 +483,7 @@ def prefill_hopper(
 
 
 def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                            persistent: bool = False, group_order: bool = False):  # fmt: skip
+                            persistent: bool = False, group_order: bool | None = None):  # fmt: skip
     """The kernel (``persistent``: ``prefill_hopper_persistent.py``'s) compiled for sm90 with the
     installed Triton, no GPU needed (bf16, GQA group 4): Triton's compiled kernel (``.asm["ptx"]``,
     ``.asm["cubin"]``, ``.metadata``)."""
@@ -510,7 +510,8 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
         constants.update(ORDER=0, DYNAMIC=False)
     else:
         constants.update(TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.bfloat16),
-                         PINGPONG=pingpong, GROUP_ORDER=group_order)  # fmt: skip
+                         PINGPONG=pingpong,
+                         GROUP_ORDER=default_group_order(causal, 4) if group_order is None else group_order)  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})  # fmt: skip
@@ -518,7 +519,7 @@ def compile_kernel_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: b
 
 
 def compile_for_sm90(head_dim: int = 128, stages: int = STAGES, causal: bool = True, pingpong: bool = False,
-                     persistent: bool = False, group_order: bool = False) -> dict:  # fmt: skip
+                     persistent: bool = False, group_order: bool | None = None) -> dict:  # fmt: skip
     """:func:`compile_kernel_for_sm90` summarised: ``{"wgmma": MMA instructions in the PTX,
     "stack_bytes": a thread's stack frame, where ptxas spills (from the cubin, ``None`` without
     Triton's ``cuobjdump``), "shared_bytes": shared memory a program}``. A check that the kernel builds for the device's
