@@ -179,10 +179,11 @@ def main() -> None:
             for loop in row["loops"]:
                 print("   loop", " ".join(f"{k}={v}" for k, v in loop.items()))
     if args.gluon_against:  # the first --kernels folder's Gluon kernel against this one's, both loaded from their paths
+        first = args.kernels.split(",")[0]
         ours, theirs = (importlib.import_module(_load(folder, name).__name__ + ".prefill_hopper") for folder, name in
-                        ((args.kernels.split(",")[0], "tk_sass_ours"), (args.gluon_against, "tk_sass_against")))  # fmt: skip
+                        ((first, "tk_sass_ours"), (args.gluon_against, "tk_sass_against")))  # fmt: skip
         before, after = (normalized(assemble(m.compile_kernel_for_sm90())[1]) for m in (theirs, ours))
-        row = {"kernels": args.kernels.split(",")[0], "against": args.gluon_against, "instructions": len(after),
+        row = {"kernels": first, "against": args.gluon_against, "instructions": len(after),
                "instructions_against": len(before), "changed_lines": changed_lines(before, after)}  # fmt: skip
         rows.append(row)
         print(f"{row['kernels']}/prefill_hopper.py against {args.gluon_against}: {row['changed_lines']} SASS lines changed "

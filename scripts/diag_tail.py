@@ -30,14 +30,13 @@ from torch_vkv._checks import int_list_arg
 
 def launch_order(num_m_blocks: int, num_heads: int, num_kv_heads: int, grouped: bool) -> list[tuple[int, int]]:
     """The ``(m_block, head)`` of each program of one request, in launch order (causal): the grid's
-    first dimension fastest, as the GPU starts them."""
+    first dimension fastest, as the GPU starts them. One head after another is ``block_order``'s
+    group of one (grid ``(m_blocks, num_heads, requests)``)."""
     from torch_vkv.triton_kernels import block_order
 
-    group = num_heads // num_kv_heads
-    if grouped:
-        return [block_order(i, g, num_m_blocks, group, True) for g in range(num_kv_heads)
-                for i in range(num_m_blocks * group)]  # fmt: skip
-    return [(num_m_blocks - 1 - i, h) for h in range(num_heads) for i in range(num_m_blocks)]
+    group = num_heads // num_kv_heads if grouped else 1
+    return [block_order(i, g, num_m_blocks, group, True) for g in range(num_heads // group)
+            for i in range(num_m_blocks * group)]  # fmt: skip
 
 
 def block_tiles(seqlen: int, q_len: int, m_block: int) -> int:
