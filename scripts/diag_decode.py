@@ -1,12 +1,14 @@
 """Small-batch split-KV decode: where its time goes, on a GPU (a diagnostic, not a benchmark).
 
     python scripts/diag_decode.py [--points 1x16384,4x16384] [--splits 16,32,64] [--stages 2,3,4]
+                                  [--evict 0,1] [--tma default,0]
 
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, our Triton decode on a
 contiguous cache, every time replayed from a CUDA graph with the L2 cleared
 before each replay (``torch_vkv.bench.timing.time_us_graph``). For each
 (batch, context) point it sweeps ``num_splits x block_n x num_warps x
-num_stages`` and also times the merge kernel alone (``_decode_reduce_kernel``
+num_stages x evict_first x tma`` (``evict_first``: K/V read with the L2's evict-first
+policy; ``tma``: ``default`` leaves it to ``default_decode_tma``) and also times the merge kernel alone (``_decode_reduce_kernel``
 at that split count) and a ``copy_`` of K (read + write bytes, as ``bench
 kernels`` counts the copy bandwidth). Prints the best rows per point and writes
 every row to ``$OUT/diag_decode.json``.
@@ -39,6 +41,8 @@ def main() -> None:
     p.add_argument("--block-n", default="64,128")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4")
+    p.add_argument("--evict", default="0", help="evict_first values to sweep: 0, 1 or 0,1")
+    p.add_argument("--tma", default="default", help="tma values to sweep: default (the library's rule), 0, 1")
     p.add_argument("--rep-ms", type=float, default=20.0)
     p.add_argument("--l2-flush", choices=L2_FLUSHES, default="write",
                    help="how the L2 is emptied before each replay (torch_vkv.bench.timing)")
@@ -62,7 +66,9 @@ def main() -> None:
         copy_us = time_us_graph(lambda: dst.copy_(k), dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)
         copy_tb = 2 * k.numel() * k.element_size() / copy_us / 1e6
         default = tk.default_num_splits(B, H_kv, S, dev)
-        default_stages = tk.default_decode_stages(B, H_kv, D, default, dev, False)  # pointer-load tiles of 64 keys
+        # The library's launch with pointer loads (a graph at four waves of a short cache may take descriptors)
+        default_block_n = tk.default_decode_block_n(B, H_kv, D, default, dev, False, S)
+        default_stages = tk.default_decode_stages(B, H_kv, D, default, dev, False, max_len=S)
         rows.append(dict(batch=B, context=S, kind="copy_k", us=copy_us, tb_s=copy_tb))
         print(f"B={B} S={S}: copy of K {copy_us:.1f} us ({copy_tb:.2f} TB/s); ideal K+V read at that rate "
               f"{kv_bytes / copy_tb / 1e6:.1f} us; default splits {default}", flush=True)
@@ -76,27 +82,29 @@ def main() -> None:
                 BLOCK_S=next_pow2(splits), num_warps=4), dev, rep_ms=args.rep_ms, warmup_ms=5)  # fmt: skip
             rows.append(dict(batch=B, context=S, kind="reduce", splits=splits, us=us))
             print(f"  reduce alone, {splits} splits: {us:.1f} us", flush=True)
-        for splits, block_n, warps, stages in itertools.product(
-            _ints(args.splits), _ints(args.block_n), _ints(args.warps), _ints(args.stages)
+        tmas = [None if t == "default" else bool(int(t)) for t in args.tma.split(",")]
+        for splits, block_n, warps, stages, evict, tma in itertools.product(
+            _ints(args.splits), _ints(args.block_n), _ints(args.warps), _ints(args.stages), _ints(args.evict), tmas
         ):
-            row = dict(batch=B, context=S, kind="decode", splits=splits, block_n=block_n, warps=warps, stages=stages)
+            row = dict(batch=B, context=S, kind="decode", splits=splits, block_n=block_n, warps=warps, stages=stages,
+                       evict_first=bool(evict), tma=tma)  # fmt: skip
             try:
                 row["us"] = time_us_graph(lambda: tk.decode_attention(
-                    q, k, v, lens, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages),
-                    dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)  # fmt: skip
+                    q, k, v, lens, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
+                    evict_first=bool(evict), tma=tma), dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)  # fmt: skip
                 row["pct_copy"] = 100 * kv_bytes / row["us"] / 1e6 / copy_tb
             except Exception as e:  # a configuration that does not fit shared memory
                 row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
             point.append(row)
         rows += point
         for r in sorted((r for r in point if "us" in r), key=lambda r: r["us"])[:6]:
-            print(f"  splits={r['splits']} block_n={r['block_n']} warps={r['warps']} stages={r['stages']}: "
+            print(f"  splits={r['splits']} block_n={r['block_n']} warps={r['warps']} stages={r['stages']} "
+                  f"evict_first={r['evict_first']} tma={r['tma']}: "
                   f"{r['us']:.1f} us ({r['pct_copy']:.0f}% of copy)", flush=True)
-        launch = (default, 64, 4, default_stages)
-        ref = [r for r in point if (r["splits"], r["block_n"], r["warps"], r["stages"]) == launch]
-        if ref and "us" in ref[0]:
-            print(f"  default (splits={default}, 64, 4, {default_stages}): {ref[0]['us']:.1f} us "
-                  f"({ref[0]['pct_copy']:.0f}%)", flush=True)
+        launch = (default, default_block_n, 4, default_stages)
+        for ref in (r for r in point if (r["splits"], r["block_n"], r["warps"], r["stages"]) == launch and "us" in r):
+            print(f"  default (splits={default}, {default_block_n}, 4, {default_stages}), evict_first={ref['evict_first']} "
+                  f"tma={ref['tma']}: {ref['us']:.1f} us ({ref['pct_copy']:.0f}%)", flush=True)
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, "diag_decode.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -35,8 +35,13 @@ def tk():
 
 
 def decode_mod():
-    """The Triton decode module (whose ``sm_count`` the rules read)."""
+    """The Triton decode module (``decode_attention`` asks the launch rules through its names)."""
     return importlib.import_module(tk().__name__ + ".decode")
+
+
+def launch_mod():
+    """The decode's launch rules (whose ``sm_count`` they read)."""
+    return importlib.import_module(tk().__name__ + ".decode_launch")
 
 
 def skip_unless_runs(backend: str, device: str) -> None:
@@ -224,11 +229,54 @@ def test_decode_tma_equals_pointer_loads(device, layout, num_splits):
                               tma=True)  # fmt: skip
 
 
+@pytest.mark.parametrize("num_stages", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_evict_first_equals_plain_loads(device, paged, num_splits, num_stages):
+    """``decode_attention(evict_first=True)`` only changes the loads' L2 policy: bitwise the plain
+    loads' output, contiguous or paged, pipelined or not, against the float64 reference, NaN past
+    the lengths never read."""
+    skip_unless_runs("triton", device)
+    b, k, v = setup_case("decode", "GQA", 128, "per_layer", device, seed=53)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, slots=b.slots)
+    extra = dict(block_n=16) if device == "cpu" else {}
+    if paged:  # the same rows as a pool of 4-row pages, one block table row per slot
+        B, S = k.shape[:2]
+        k, v = (t.reshape(B * S // 4, 4, *t.shape[2:]) for t in (k, v))
+        extra["block_table"] = torch.arange(B * S // 4, dtype=torch.int32, device=device).reshape(B, S // 4)
+    args = (b.q, k, v, b.cache_seqlens)
+    kw = dict(slots=b.slots, num_splits=num_splits, num_stages=num_stages, **extra)
+    out = tk().decode_attention(*args, evict_first=True, **kw)
+    assert torch.equal(out, tk().decode_attention(*args, evict_first=False, **kw))
+    assert_close(out, tk().decode_reference(*args, slots=b.slots, block_table=extra.get("block_table")), torch.bfloat16)
+
+
+def test_decode_evict_first_rule(monkeypatch):
+    """The evict-first policy by default only on unpipelined split keys of contiguous rows whose splits
+    span at most EVICT_FIRST_MAX_SPAN (512) keys; decode_attention asks the rule unless told."""
+    rule = tk().default_decode_evict_first
+    assert rule(64, 1, 16384, False, False) and rule(32, 1, 16384, False, False)  # 256 and 512 keys a split
+    assert not rule(16, 1, 16384, False, False)  # 1024 keys a split
+    assert not rule(64, 2, 16384, False, False) and not rule(1, 1, 256, False, False)  # pipelined; one split
+    assert not rule(64, 1, 16384, True, False) and not rule(64, 1, 16384, False, True)  # descriptors; paged
+    seen = []
+    real = decode_mod().default_decode_evict_first
+    monkeypatch.setattr(decode_mod(), "default_decode_evict_first", lambda *a: seen.append(a) or real(*a))
+    b, k, v = setup_case("decode", "GQA", 64, "per_layer", "cpu", seed=5)
+    append_kv(k, v, b.k_new, b.v_new, b.cache_seqlens, slots=b.slots)
+    out = tk().decode_attention(b.q, k, v, b.cache_seqlens, slots=b.slots, block_n=16, num_splits=2, num_stages=1)
+    assert_close(out, reference(b, k, v), torch.bfloat16)
+    assert seen == [(2, 1, k.shape[1], False, False)]
+    tk().decode_attention(b.q, k, v, b.cache_seqlens, slots=b.slots, block_n=16, evict_first=False)
+    assert len(seen) == 1  # given: not asked
+
+
 def test_decode_block_n_rule(monkeypatch):
     """64-key decode tiles, 32 past head_dim 128; 128 only with descriptors, one split and at least
     four waves of (request, kv head) programs (where the H200 measured it faster); descriptors by
     default only on the GPU (test_cuda_decode_default_tma_on_hopper)."""
-    monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
+    monkeypatch.setattr(launch_mod(), "sm_count", lambda device: 132)
     rule, cuda = tk().default_decode_block_n, torch.device("cuda")
     q, k = torch.zeros(128, 32, 128, dtype=torch.bfloat16), torch.zeros(128, 64, 8, 128, dtype=torch.bfloat16)
     assert tk().default_decode_tma(q, k, k, None, 1) is False  # CPU tensors: never descriptors
@@ -242,19 +290,40 @@ def test_decode_block_n_rule(monkeypatch):
     long_rows = tk().LONG_TILE_MIN_ROWS
     assert rule(128, 8, 128, 1, cuda, True, long_rows) == 128
     assert rule(128, 8, 128, 1, cuda, True, long_rows - 1) == 64
+    # Pointer loads over a long cache (long_cache_decode_launch): 128 keys past one wave (132
+    # programs) to below 3 (396), 64 from there; one wave, short caches, the paged twin and fp32 keep 64.
+    assert rule(17, 8, 128, 1, cuda, False, long_rows) == 128 and rule(16, 8, 128, 1, cuda, False, long_rows) == 64
+    assert rule(49, 8, 128, 1, cuda, False, long_rows) == 128 and rule(50, 8, 128, 1, cuda, False, long_rows) == 64
+    assert rule(32, 8, 128, 1, cuda, False) == 128  # max_len unknown: taken as long
+    assert rule(32, 8, 128, 1, cuda, False, long_rows - 1) == 64
+    assert rule(32, 8, 128, 1, cuda, False, long_rows, paged=True) == 64
+    assert rule(32, 8, 128, 1, cuda, False, long_rows, element_size=4) == 64
+    assert rule(32, 8, 128, 2, cuda, False, long_rows) == 64  # split keys
 
 
 def test_decode_stages_rule(monkeypatch):
     """Two pipeline stages for 16-bit head_dim 128 with one split between two and four waves of
     (request, kv head) programs (three programs an SM instead of two: measured faster on the H200),
     or split keys within one wave of two programs an SM (measured faster on the H100), three elsewhere; decode_attention takes the rule's value unless num_stages is given."""
-    monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
+    monkeypatch.setattr(launch_mod(), "sm_count", lambda device: 132)
     rule, cuda = tk().default_decode_stages, torch.device("cuda")
-    assert rule(64, 8, 128, 1, cuda, False) == 2  # 512 programs: 3.9 waves of 132
-    assert rule(48, 8, 128, 1, cuda, False) == 2  # 384
-    assert rule(34, 8, 128, 1, cuda, False) == 2 and rule(33, 8, 128, 1, cuda, False) == 3  # 264 = 2 x 132
-    assert rule(65, 8, 128, 1, cuda, False) == 2 and rule(66, 8, 128, 1, cuda, False) == 3  # 528 = 4 x 132
-    assert rule(64, 8, 128, 2, cuda, False) == 3  # split keys past one wave of two an SM
+    short = dict(max_len=tk().LONG_TILE_MIN_ROWS - 1)  # below long_cache_decode_launch's caches
+    assert rule(64, 8, 128, 1, cuda, False, **short) == 2  # 512 programs: 3.9 waves of 132
+    assert rule(48, 8, 128, 1, cuda, False, **short) == 2  # 384
+    assert rule(34, 8, 128, 1, cuda, False, **short) == 2 and rule(33, 8, 128, 1, cuda, False, **short) == 3  # 264 = 2 x 132
+    assert rule(65, 8, 128, 1, cuda, False, **short) == 2 and rule(66, 8, 128, 1, cuda, False, **short) == 3  # 528
+    # A long cache (or max_len unknown), one split: two stages past one wave, none from 1.5 waves (198 programs).
+    for batch, stages in ((16, 3), (17, 2), (24, 2), (25, 1), (33, 1), (64, 1), (66, 1), (256, 1)):
+        assert rule(batch, 8, 128, 1, cuda, False) == stages == rule(batch, 8, 128, 1, cuda, False, max_len=4096)
+    assert rule(64, 8, 128, 1, cuda, False, paged=True) == 3 and rule(64, 8, 128, 1, cuda, True) == 3
+    launch = tk().long_cache_decode_launch
+    assert [launch(b, 8, 128, 1, cuda) for b in (16, 17, 25, 50)] == [None, (128, 2), (128, 1), (64, 1)]
+    assert launch(25, 8, 128, 1, torch.device("cpu")) is None and launch(25, 8, 128, 2, cuda) is None
+    assert rule(64, 8, 128, 2, cuda, False) == 3  # split keys past four waves
+    # Split keys at three to four waves (default_num_splits' small batches): no pipeline.
+    assert rule(1, 8, 128, 64, cuda, False) == 1 and rule(2, 8, 128, 32, cuda, False) == 1
+    assert rule(8, 8, 128, 8, cuda, False) == 1 and rule(1, 8, 128, 50, cuda, False) == 1  # 400 >= 396
+    assert rule(1, 8, 128, 49, cuda, False) == 3 and rule(1, 8, 128, 67, cuda, False) == 3  # 392; 536 > 528
     assert rule(1, 8, 128, 32, cuda, False) == 2 and rule(2, 8, 128, 16, cuda, False) == 2  # 256 programs
     assert rule(1, 8, 128, 34, cuda, False) == 3  # 272 > 2 x 132
     assert rule(64, 8, 128, 1, cuda, True) == 3  # descriptors: measured with 3
@@ -280,7 +349,7 @@ def test_cuda_decode_two_stage_default_equals_three_stages():
     output is bitwise that of three stages and within bf16 rounding of the float64 reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     R = 2 * sms // 8 + 1 + 8  # between two and four waves of 8-head requests
-    if tk().default_decode_stages(R, 8, 128, 1, torch.device("cuda"), False) != 2:
+    if tk().default_decode_stages(R, 8, 128, 1, torch.device("cuda"), False, max_len=512) != 2:
         pytest.skip(f"two stages are not the default for {R} requests on this GPU ({sms} SMs)")
     gen = torch.Generator(device="cuda").manual_seed(29)
     q = torch.randn(R, 32, 128, dtype=torch.bfloat16, device="cuda", generator=gen)
@@ -318,6 +387,38 @@ def test_cuda_decode_default_tma_on_hopper():
     cases = [(q, None, 1), (q[: many - 1], None, 1), (q, None, 2), (q, table, 1)]
     assert [rule(q_, k, k, bt, splits) for q_, bt, splits in cases] == [False] * 4  # eager
     assert _while_capturing(lambda: [rule(q_, k, k, bt, splits) for q_, bt, splits in cases]) == [True, False, False, False]
+    # A call that may read LONG_TILE_MIN_ROWS keys takes long_cache_decode_launch's plain loads instead.
+    assert _while_capturing(lambda: rule(q, k, k, None, 1, tk().LONG_TILE_MIN_ROWS)) is False
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("waves", [1.2, 1.5, 4])
+def test_cuda_long_cache_decode_default_against_reference(waves):
+    """Past one wave of (request, kv head) programs over a long cache the default decode takes
+    long_cache_decode_launch's tiles (128 keys in two stages, then without a pipeline; 64 keys from 3
+    waves): eager and replayed from a CUDA graph, within bf16 rounding of the float64 reference,
+    ragged lengths and NaN past them."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    R, H, H_kv, D, S = -(-int(waves * sms) // 8), 32, 8, 128, tk().LONG_TILE_MIN_ROWS
+    assert tk().long_cache_decode_launch(R, H_kv, D, 1, torch.device("cuda"), S) is not None
+    gen = torch.Generator(device="cuda").manual_seed(67)
+    q = torch.randn(R, H, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    k = torch.randn(R, S, H_kv, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    v = torch.randn(R, S, H_kv, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    lens = torch.randint(1, S + 1, (R,), dtype=torch.int32, device="cuda", generator=gen)
+    lens[0] = S  # one request fills the cache
+    for r, n in enumerate(lens.tolist()):  # rows past a length are never read
+        k[r, n:] = float("nan")
+        v[r, n:] = float("nan")
+    assert_close(tk().decode_attention(q, k, v, lens), tk().decode_reference(q, k, v, lens), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = tk().decode_attention(q, k, v, lens)
+    q.copy_(torch.randn(q.shape, dtype=q.dtype, device="cuda", generator=gen))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(captured, tk().decode_reference(q, k, v, lens), torch.bfloat16)
 
 
 @pytest.mark.cuda
@@ -420,23 +521,25 @@ def test_prefill_tma_refuses_what_a_descriptor_cannot_address():
     assert "16-byte" in tk().tma_problem(odd, odd, None)
 
 
-def test_default_num_splits_fills_the_gpu_in_about_two_waves(monkeypatch):
-    """Contiguous: one split once (request, kv head) programs cover 70% of the SMs, else ~2 waves; paged: ~4
-    waves; >= 256 keys a split
-    (the H200's 132 SMs; shapes only, no GPU needed)."""
+def test_default_num_splits_fills_the_gpu_in_about_four_waves(monkeypatch):
+    """Contiguous: one split once (request, kv head) programs cover 70% of the SMs, else ~SPLIT_WAVES (4)
+    waves (two off CUDA); paged: ~4 waves; >= 256 keys a split (the H100's 132 SMs; shapes only, no GPU
+    needed)."""
     skip_unless_runs("triton", "cpu")
-    monkeypatch.setattr(decode_mod(), "sm_count", lambda device: 132)
+    monkeypatch.setattr(launch_mod(), "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
+    assert tk().SPLIT_WAVES == 4
     assert tk().default_num_splits(32, 8, 4096, cuda) == 1  # 256 programs >= 132 SMs
-    assert tk().default_num_splits(1, 8, 16384, cuda) == 32  # 2 * 132 // 8 = 33: its power of two below
-    assert tk().default_num_splits(3, 8, 16384, cuda) == 11  # 264 // 24: 8 would lose a quarter
+    assert tk().default_num_splits(1, 8, 16384, cuda) == 64  # 4 * 132 // 8 = 66: its power of two below
+    assert tk().default_num_splits(2, 8, 16384, cuda) == 32  # 33
+    assert tk().default_num_splits(3, 8, 16384, cuda) == 22  # 528 // 24: 16 would lose more than 1/16
     assert tk().default_num_splits(16, 8, 16384, cuda) == 1  # 128 programs: >= 70% of the SMs
     assert tk().default_num_splits(12, 8, 16384, cuda) == 1  # 96 programs: 73%
-    assert tk().default_num_splits(11, 8, 16384, cuda) == 3  # 88 programs, 67%: 2 * 132 // 88
+    assert tk().default_num_splits(11, 8, 16384, cuda) == 6  # 88 programs, 67%: 4 * 132 // 88
     assert tk().default_num_splits(1, 8, 1024, cuda) == 4  # 256 keys a split at least
     assert tk().default_num_splits(1, 1, 1 << 20, cuda) == 64  # capped
-    assert tk().default_num_splits(8, 8, 4096, cuda) == 4  # 256 programs, not 320
-    assert tk().default_num_splits(1, 2, 4096, torch.device("cpu")) == 4  # 4 "SMs" off CUDA
+    assert tk().default_num_splits(8, 8, 4096, cuda) == 8  # 512 programs
+    assert tk().default_num_splits(1, 2, 4096, torch.device("cpu")) == 4  # 2 waves of 4 "SMs" off CUDA
     # The paged twin keeps about four waves (its block-table loads gain from more programs).
     assert tk().default_num_splits(32, 8, 4096, cuda, paged=True) == 3
     assert tk().default_num_splits(1, 8, 16384, cuda, paged=True) == 64

@@ -282,3 +282,19 @@ def test_diag_sass_gluon_against_a_copy_of_itself_finds_no_change(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads((tmp_path / "diag_sass.json").read_text())
     assert row["changed_lines"] > 0, row
+
+
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton ships no CUDA backend or ptxas to compile with")
+def test_decode_evict_first_reaches_unpipelined_loads_in_the_sm90_ptx():
+    """``decode_attention(evict_first=True)`` compiled for sm90 on this machine (no GPU): without a
+    software pipeline every K/V load carries the L2 policy, without the flag none does; pipelined, the
+    copies are cp.async (Triton 3.6 drops the policy there, 3.9 keeps it: counted, not asserted)."""
+    code = ("import json, torch_vkv.triton_kernels.decode as d; print(json.dumps("
+            "[d.compile_decode_for_sm90(s, e) for s, e in ((1, True), (1, False), (3, True))]))")  # fmt: skip
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain_hinted, plain, piped = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plain_hinted["l2_hinted_loads"] > 0 and plain_hinted["async_copies"] == 0, plain_hinted
+    assert plain == dict(l2_hinted_loads=0, async_copies=0), plain
+    assert piped["async_copies"] > 0, piped

@@ -27,15 +27,21 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .append import append_kv, append_kv_reference, zero_tail  # noqa: E402
 from .decode import (  # noqa: E402
-    LONG_TILE_MIN_ROWS,
     decode_attention,
     decode_reference,
-    default_decode_block_n,
-    default_decode_stages,
-    default_decode_tma,
     default_fuse_merge,
     default_merge_counters,
+)
+from .decode_launch import (  # noqa: E402
+    LONG_CACHE_WAVE_STEPS,
+    LONG_TILE_MIN_ROWS,
+    SPLIT_WAVES,
+    default_decode_block_n,
+    default_decode_evict_first,
+    default_decode_stages,
+    default_decode_tma,
     default_num_splits,
+    long_cache_decode_launch,
 )
 from .page_table import decode_page_entries  # noqa: E402
 from .prefill import (  # noqa: E402
@@ -57,7 +63,9 @@ __all__ = [
     "EAGER_TMA_MIN_ROWS",
     "GLUON_PREFILL_DEFAULT",
     "INTERPRETED",
+    "LONG_CACHE_WAVE_STEPS",
     "LONG_TILE_MIN_ROWS",
+    "SPLIT_WAVES",
     "append_kv",
     "append_kv_reference",
     "attention_reference",
@@ -70,6 +78,7 @@ __all__ = [
     "default_launch",
     "default_tma",
     "default_decode_block_n",
+    "default_decode_evict_first",
     "default_decode_stages",
     "default_decode_tma",
     "default_fuse_merge",
@@ -77,6 +86,7 @@ __all__ = [
     "default_merge_counters",
     "default_num_splits",
     "gather_paged",
+    "long_cache_decode_launch",
     "prefill_attention",
     "tma_problem",
     "zero_tail",

@@ -193,6 +193,7 @@ def _attn_tiles(
     PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
     USE_TMA: tl.constexpr,  # full tiles through the tensor descriptors (bulk copies on Hopper); not with PAGED
+    EVICT: tl.constexpr,  # the pointer loads' L2 eviction policy ("" or "evict_first"; descriptors take none)
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
@@ -207,11 +208,13 @@ def _attn_tiles(
                 k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
                 mask=n_ok[:, None],
                 other=0.0,
+                eviction_policy=EVICT,
             )
             v = tl.load(
                 v_ptr + (blk * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
                 mask=n_ok[:, None],
                 other=0.0,
+                eviction_policy=EVICT,
             )
         elif USE_TMA:
             # Full tiles only: every row is below the length, so committed (a masked tile's rows
@@ -220,8 +223,10 @@ def _attn_tiles(
             v = v_desc.load([slot.to(tl.int32), start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
             blk, row, _ = _rows(bt_ptr, stride_bt, slot, offs_n, offs_n < hi, num_blocks, PAGED, PAGE_SIZE)
-            k = tl.load(k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :])
-            v = tl.load(v_ptr + (blk * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :])
+            k = tl.load(k_ptr + (blk * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
+                        eviction_policy=EVICT)
+            v = tl.load(v_ptr + (blk * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
+                        eviction_policy=EVICT)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -263,7 +268,7 @@ def _attn_span(
     lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """Keys ``[lo, hi)``: the masked window edge ``[lo, lo_full)`` (empty without a window),
     full tiles ``[lo_full, hi_full)`` without masks, then the masked rest ``[hi_full, hi)``.
@@ -277,21 +282,21 @@ def _attn_span(
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             lo, lo_full, key_lo, window, num_blocks, qk_mul, cap_out,
             MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False, EVICT=EVICT,
         )  # fmt: skip
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo_full, hi_full, key_lo, window, num_blocks, qk_mul, cap_out,
         MASKED=False, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=USE_TMA,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=USE_TMA, EVICT=EVICT,
     )  # fmt: skip
     return _attn_tiles(
         acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, k_desc, v_desc, bt_ptr, stride_bt, slot, kv_head,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         tl.maximum(hi_full, lo_full), hi, key_lo, window, num_blocks, qk_mul, cap_out,
         MASKED=True, CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False,
+        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32, USE_TMA=False, EVICT=EVICT,
     )  # fmt: skip
 
 

@@ -24,7 +24,6 @@ With ``NUM_SPLITS == 1`` the first kernel writes the final output directly.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -32,7 +31,14 @@ import triton
 import triton.language as tl
 
 from ._common import _attn_span, _request, bounds, dot_f32, next_pow2, on_tensor_device, score_params
-from .prefill import _tma_capable, attention_reference, capturing, tile_descriptors
+from .decode_launch import (
+    default_decode_block_n,
+    default_decode_evict_first,
+    default_decode_stages,
+    default_decode_tma,
+    default_num_splits,
+)
+from .prefill import attention_reference, capturing, tile_descriptors
 
 
 @triton.jit
@@ -76,6 +82,7 @@ def _decode_split_kernel(
     GROUP_P2: tl.constexpr = 1,  # FUSE_MERGE: next_pow2(GROUP)
     BLOCK_S: tl.constexpr = 1,  # FUSE_MERGE: next_pow2(NUM_SPLITS)
     CHUNK_S: tl.constexpr = 1,  # FUSE_MERGE: splits merged per load
+    EVICT: tl.constexpr = "",  # K/V pointer loads' L2 eviction policy: "" or "evict_first"
 ):
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -118,7 +125,7 @@ def _decode_split_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=False, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
-        USE_TMA=USE_TMA,
+        USE_TMA=USE_TMA, EVICT=EVICT,
     )  # fmt: skip
 
     # An empty split (lo >= seqlen) has l = 0: store 0 and lse = -inf, weight 0 in the merge.
@@ -208,145 +215,6 @@ def _decode_reduce_kernel(
     tl.store(o_ptr + r * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device``, asked of the driver once per device (the query
-    cost several microseconds of host time in every decode call)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-#: Share of the SMs that one program per ``(request, kv head)`` must cover for :func:`default_num_splits`
-#: to keep one split on contiguous rows.
-ONE_SPLIT_SM_SHARE = 0.7
-
-
-def default_num_splits(num_requests: int, num_kv_heads: int, max_len: int, device: torch.device,
-                       paged: bool = False) -> int:  # fmt: skip
-    """Splits per (request, kv head), at least 256 keys a split.
-
-    Contiguous rows: one split when the ``(request, kv head)`` programs already cover
-    :data:`ONE_SPLIT_SM_SHARE` (70%) of the SMs, else as many splits as fit one wave of two programs
-    an SM (``2 * SMs // programs``, rounded down, then to the power of two below where that keeps
-    15/16 of them). Paged (``paged=True``): about four waves, whatever the batch (rounded up), as
-    the block-table loads gain from more programs in flight.
-
-    Measured on the H200 (``bench kernels``, CUDA-graph replay, 2026-12-02), Llama-3-8B heads:
-    contiguous, batch 32, 4K (256 programs on 132 SMs): 1 split 134.9 us against 142.3 for 3
-    (the four-wave rule); batch 1, 16K: 32 splits 31.7 us against 34.3 for 64. The paged twin
-    under the two-wave rule slowed down instead: batch 32, 4K, block 16: 161.4 us against 148.9
-    (16K: 588 against 513), so it keeps four waves. Rounding down rather than up (2026-12-04,
-    ``scripts/diag_ab.py``, per layer of a 32-layer step graph): batch 8, 32K, 4 splits 246.4 us
-    against 5 splits' 265.7 (1.2 waves); batch 8, 16K 127.6 against 136.7; batch 4, 32K 127.5
-    against 143.1; batch 2, 32K 67.9 against 72.9; batch 16, 16K 246.5 against 249.9.
-    One split from 70% of the SMs (thirty-first session, H100, ``scripts/diag_decode.py``, one
-    graph replay, splits compared in the same run): batch 16, 16K (128 programs on 132 SMs):
-    351.5 us with one split against 362.7 with two; 32K 681.6 against 704.4; 8K 184.1 against
-    191.0; 4K 103.4 against 107.8; batch 15, 16K (120 programs) 331.0 against 339.6; batch 14
-    (112) 312.9 against 327.2, 4K 93.6 against 100.0; batch 13 (104) 302.0 against 316.6; batch
-    12 (96, 73% of the SMs) 286.3 against 302.4; but batch 10 (80, 61%) 264.9 against 244.6.
-    Two splits of 96-128 programs leave some SMs one program and others two, half as long: the
-    memory is read by fewer programs at the end, while one split's programs already read at
-    95-100% of the copy rate.
-    Depends only on shapes (never on the lengths on the device), so a CUDA graph captured
-    once replays with any lengths.
-    """
-    sms = sm_count(device) if device.type == "cuda" else 4
-    programs = max(1, num_requests * num_kv_heads)
-    if not paged and programs >= ONE_SPLIT_SM_SHARE * sms:
-        return 1
-    # Contiguous: at most one wave of two programs an SM (rounded down: 1.2 waves left a short
-    # second wave, slower than 1.0). Paged: rounded up, as measured.
-    want = math.ceil(4 * sms / programs) if paged else (2 * sms) // programs
-    # The merge reads next_pow2(splits) partials: 33 cost as many as 64. The power of two below,
-    # where it keeps 15/16 of the programs (H100, batch 1, 16K, 8 KV heads: 32 splits 39.3-39.6 us
-    # against 33's 39.9-40.2, both with two stages, two rounds).
-    below = 1 << (want.bit_length() - 1)
-    if not paged and 16 * below >= 15 * want:
-        want = below
-    cap = max(1, math.ceil(max_len / 256))
-    return int(max(1, min(want, cap, 64)))
-
-
-def _many_waves(num_requests: int, num_kv_heads: int, device: torch.device) -> bool:
-    """Whether one program per ``(request, kv head)`` already makes at least four waves on ``device``'s SMs."""
-    return device.type == "cuda" and num_requests * num_kv_heads >= 4 * sm_count(device)
-
-
-def default_decode_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       block_table: torch.Tensor | None, num_splits: int) -> bool:  # fmt: skip
-    """Whether :func:`decode_attention` reads full tiles through tensor descriptors by itself: where
-    :func:`~.prefill.default_tma`'s kernel conditions hold, with one split and at least four waves of
-    programs, and only in a call being captured into a CUDA graph.
-
-    Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, 2026-12-04), with
-    128-key tiles (:func:`default_decode_block_n`): batch 128, 4K: 490 against 507 us; 16K: 1897
-    against 1998 us. At smaller batches the kernel gained 0-3%. But Triton encodes the descriptors
-    on the host at every launch, and a decode call's length is on the device: an eager loop of
-    calls at batch 128, 512 keys took 135.1 us per call with them against 75.0 without (the host's
-    time, not the kernel's), at 16K 1940 against 2044. A graph pays that host time once, at capture.
-    """
-    # Cheapest first: an eager call (almost every call outside a graph) stops at capturing().
-    return num_splits == 1 and capturing(q) and _many_waves(q.shape[0], k_cache.shape[2], q.device) and \
-        _tma_capable(q, k_cache, v_cache, block_table)  # fmt: skip
-
-
-#: Fewest cache rows (``S_max``) for which descriptor-read decode takes 128-key tiles.
-LONG_TILE_MIN_ROWS = 4096
-
-
-def default_decode_block_n(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,
-                           device: torch.device, tma: bool, max_len: int | None = None) -> int:  # fmt: skip
-    """Keys per tile of :func:`decode_attention`: 64 (32 past head_dim 128); 128 with tensor
-    descriptors when one split per ``(request, kv head)`` already gives at least four waves of
-    programs and the cache holds at least :data:`LONG_TILE_MIN_ROWS` rows (``max_len``, its
-    ``S_max``; ``None``: not known, taken as long).
-
-    Measured on the H200 (``scripts/diag_ab.py``, Llama-3-8B heads, bf16, batch 128, per layer of a
-    step graph, 2026-12-04), descriptors with 128- against 64-key tiles: 16K 1886 against 1929 us,
-    4K 493 against 497, 2K 256.5 against 253.1, 512 keys 75.9 against 68.5 (pointer loads 70.5). At
-    batch 32 (two waves) 128-key tiles were 1% slower and at batch 1-8 3-7% slower. The cache's
-    ``S_max`` bounds the lengths a call may see (which are on the device): a long cache may still
-    hold short requests, where the 128-key tiles cost up to 10% of a short kernel.
-    """
-    if head_dim > 128:
-        return 32
-    if tma and num_splits == 1 and _many_waves(num_requests, num_kv_heads, device) and \
-            (max_len is None or max_len >= LONG_TILE_MIN_ROWS):  # fmt: skip
-        return 128
-    return 64
-
-
-def default_decode_stages(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,
-                          device: torch.device, tma: bool, element_size: int = 2, paged: bool = False) -> int:  # fmt: skip
-    """Pipeline stages of :func:`decode_attention`'s key loop: 3, but 2 for 16-bit head_dim 128
-    (pointer loads over contiguous rows; the paged twin was not measured) with one split per
-    ``(request, kv head)`` and between two and four waves of programs on the GPU's SMs, where three
-    stages' 96 KiB of shared memory fit two programs on an SM and two stages' 64 KiB three; and
-    with split keys whose programs fit one wave of two an SM (the small batches of
-    :func:`default_num_splits`).
-
-    Measured on the H200 (``scripts/diag_decode.py``, Llama-3-8B heads, bf16, one split, 64-key
-    tiles, CUDA-graph replays, two device calls alike, 2026-12-04): batch 64 (512 programs on 132
-    SMs), 4K: 251.0 us with 2 stages against 287.7 with 3; 16K: 952.6 against 1110.0 (FlashInfer's
-    paged decode: 960.7); batch 48, 16K: 715.8 against 722.9. One wave or less (batch 32) and four
-    waves (batch 128) are faster with 3: 135.3 against 152.5 us at batch 32, 4K; 1930.8 against
-    1967.5 at batch 128, 16K. Split keys (thirty-first session, H100, the same script, two rounds
-    of each L2 flush): batch 1, 16K, 32 splits: 39.3-39.6 us with 2 stages against 40.6-40.9 with
-    3; batch 1, 32K: 63.8-64.0 against 64.8-65.0; batch 2, 16K, 16 splits: alike (54.7 both, L2
-    emptied by reads).
-    """
-    if head_dim != 128 or element_size != 2 or tma or paged or device.type != "cuda":
-        return 3
-    if num_splits > 1:  # split keys: two where all the programs fit one wave of two an SM
-        return 2 if num_requests * num_kv_heads * num_splits <= 2 * sm_count(device) else 3
-    more_than_two_waves = num_requests * num_kv_heads > 2 * sm_count(device)
-    return 2 if more_than_two_waves and not _many_waves(num_requests, num_kv_heads, device) else 3
-
-
 #: Fused-merge counters of eager calls, per (device, stream): the kernel leaves them zeroed, so they
 #: are made (and zeroed) once, not at every call.
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -422,6 +290,7 @@ def decode_attention(
     tma: bool | None = None,
     fuse_merge: bool | None = None,
     merge_counters: torch.Tensor | None = None,
+    evict_first: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: one query per request over its cached keys.
@@ -458,6 +327,11 @@ def decode_attention(
         buffer per stream; refused in a capture). Two calls must not use one buffer at the same
         time (calls on one stream never do; two graphs given one buffer and replayed on two streams
         at once would).
+    evict_first : read K and V with the L2's evict-first policy (``ld.global.L2::cache_hint``):
+        each cache line is read once, so the lines a decode brings in are the first replaced, and
+        what else the L2 holds (dirty lines of the step's other kernels included) stays. Only loads
+        outside a software pipeline (``num_stages=1``) carry it: Triton 3.6 drops it from pipelined
+        copies and tensor descriptors. ``None``: :func:`default_decode_evict_first`.
 
     Returns
     -------
@@ -477,11 +351,13 @@ def decode_attention(
     if num_splits is None:
         num_splits = default_num_splits(R, H_kv, span, q.device, paged=paged)
     if tma is None:
-        tma = default_decode_tma(q, k_cache, v_cache, block_table, num_splits)
+        tma = default_decode_tma(q, k_cache, v_cache, block_table, num_splits, span)
     if block_n is None:
-        block_n = default_decode_block_n(R, H_kv, D, num_splits, q.device, tma, span)
+        block_n = default_decode_block_n(R, H_kv, D, num_splits, q.device, tma, span, q.element_size(), paged)
     if num_stages is None:
-        num_stages = default_decode_stages(R, H_kv, D, num_splits, q.device, tma, q.element_size(), paged)
+        num_stages = default_decode_stages(R, H_kv, D, num_splits, q.device, tma, q.element_size(), paged, span)
+    if evict_first is None:
+        evict_first = default_decode_evict_first(num_splits, num_stages, span, bool(tma), paged)
     if out is None:
         out = torch.empty_like(q)
     if R == 0:
@@ -528,7 +404,7 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), stride_os,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, DIRECT=direct,
         WINDOW=window_left is not None, SOFTCAP=bool(softcap), HAS_SLOTS=slots is not None, PAGED=paged, PAGE_SIZE=page_size, DOT_F32=dot_f32(q),
-        USE_TMA=bool(tma), FUSE_MERGE=fused, GROUP_P2=group_p2, BLOCK_S=next_pow2(num_splits), CHUNK_S=_merge_chunk(group_p2, D, num_splits),
+        USE_TMA=bool(tma), FUSE_MERGE=fused, EVICT="evict_first" if evict_first else "", GROUP_P2=group_p2, BLOCK_S=next_pow2(num_splits), CHUNK_S=_merge_chunk(group_p2, D, num_splits),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct and not fused:
@@ -549,3 +425,32 @@ def decode_reference(
         q, k_cache, v_cache, cache_seqlens, cu, slots=slots, block_table=block_table, causal=True, scale=scale,
         window_left=window_left, softcap=softcap,
     )  # fmt: skip
+
+
+def compile_decode_for_sm90(num_stages: int = 3, evict_first: bool = False, head_dim: int = 128,
+                            block_n: int = 64) -> dict:  # fmt: skip
+    """:func:`decode_attention`'s split kernel (one split, bf16, GQA group 4, pointer loads) compiled
+    for sm90 with the installed Triton, no GPU needed, summarised from its PTX: ``{"l2_hinted_loads":
+    loads carrying an L2 cache policy, "async_copies": pipelined copies (cp.async)}``. A check that
+    ``evict_first`` reaches the loads where :func:`~.decode_launch.default_decode_evict_first` uses
+    it (without a pipeline), and that Triton still drops it from pipelined copies."""
+    from triton.backends.compiler import GPUTarget
+
+    fn = _decode_split_kernel
+    signature = {name: "i32" for name in fn.arg_names}  # lengths, bounds, strides
+    signature.update({n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "k_desc", "v_desc", "o_ptr", "out_ptr")})
+    signature.update({n: "*i32" for n in ("seqlens_ptr", "slots_ptr", "bt_ptr", "count_ptr")})
+    signature.update(lse_ptr="*fp32", qk_mul="fp32", cap_out="fp32")
+    constants = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_N=block_n, NUM_SPLITS=1, DIRECT=True, WINDOW=False,
+                     SOFTCAP=False, HAS_SLOTS=False, PAGED=False, PAGE_SIZE=1, DOT_F32=False, USE_TMA=False,
+                     FUSE_MERGE=False, GROUP_P2=4, BLOCK_S=1, CHUNK_S=1, EVICT="evict_first" if evict_first else "")  # fmt: skip
+    signature.update({name: "constexpr" for name in constants})
+    # 16-byte aligned pointers and strides, as a launch on real tensors specialises them (vector loads)
+    aligned = [i for i, n in enumerate(fn.arg_names) if n.endswith(("_ptr", "_desc")) or n.startswith("stride_")]
+    source = triton.compiler.ASTSource(
+        fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )  # fmt: skip
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "num_stages": num_stages}).asm["ptx"]  # fmt: skip
+    return dict(l2_hinted_loads=ptx.count("L2::cache_hint"), async_copies=ptx.count("cp.async.cg"))

@@ -86,6 +86,7 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
     for B, S in _decode_tune_points(cfg):
         q, lens, kv_bytes, k, v, keep = _decode_inputs(cfg, caches, B, S, H, H_kv, D)
         default = tk.default_num_splits(B, H_kv, S, cfg.device)
+        default_block_n = tk.default_decode_block_n(B, H_kv, D, default, cfg.device, False, S)  # pointer loads
         split_set = {max(1, default // 2), default, default * 2, default * 4}
         point = []
         for splits in sorted(split_set):
@@ -98,7 +99,7 @@ def decode_tune_rows(cfg: Any, caches: Any, copy_bw: float, log: Callable[[str],
                     if us is not None:
                         tb = kv_bytes / (us * 1e-6) / 1e12
                         row.update(tb_s=tb, pct_copy=100 * tb / copy_bw,
-                                   note="default" if (splits, block_n, warps) == (default, 64, 4) else None)  # fmt: skip
+                                   note="default" if (splits, block_n, warps) == (default, default_block_n, 4) else None)  # fmt: skip
                     point.append(row)
         rows += point
         _log_best_decode(point, B, S, log)
