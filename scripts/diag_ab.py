@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from torch_vkv._checks import point_list_arg
 from torch_vkv.bench.timing import host_us, time_us, time_us_graph
 
 H, H_KV, D = 32, 8, 128
@@ -62,10 +63,6 @@ def _load_baseline(path: str):
     sys.modules["tk_baseline"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def _pairs(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]  # type: ignore[misc]
 
 
 def _launches(text: str) -> list[tuple[int, int, int, int, bool]]:
@@ -210,7 +207,8 @@ def _flashinfer_pages(rows_per_page: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", default=".ab/triton_kernels", help="an earlier triton_kernels/ folder")
-    p.add_argument("--decode", default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
+    p.add_argument("--decode", type=point_list_arg(allow_empty=True),
+                   default="1x16384,2x16384,4x16384,1x32768,8x4096,32x4096,32x16384,128x4096,128x16384")
     p.add_argument("--prefill", default="8192,32768")
     p.add_argument("--gluon", default="2,3,pp3,P3", help="the Gluon prefill's variants timed beside: ring buffers "
                    "(the digit), pp: ping-pong, P: persistent, h: heads one after another (group_order=False)")
@@ -249,7 +247,7 @@ def main() -> None:
     }
     for rows_per_page in [int(x) for x in args.flashinfer_rows.split(",") if x]:
         decode[f"flashinfer, pages of {rows_per_page}"] = _flashinfer_pages(rows_per_page)
-    for B, S in _pairs(args.decode):
+    for B, S in args.decode:
         _decode_point(B, S, decode, args, copy_tb, rows)
     prefill = {
         "baseline": lambda q, k, v, lens, cu, n: old.prefill_attention(q, k, v, lens, cu, n),

@@ -22,12 +22,9 @@ import os
 
 import torch
 
+from torch_vkv._checks import point_list_arg
 from torch_vkv.attention import deps
 from torch_vkv.bench.timing import L2_FLUSHES, time_us_graph
-
-
-def _pairs(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(x) for x in p.split("x")) for p in text.split(",")]  # type: ignore[misc]
 
 
 def _ints(text: str) -> list[int]:
@@ -36,7 +33,7 @@ def _ints(text: str) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--points", default="1x16384,1x32768,2x16384,4x16384", help="BATCHxCONTEXT list")
+    p.add_argument("--points", type=point_list_arg(), default="1x16384,1x32768,2x16384,4x16384", help="BATCHxCONTEXT list")
     p.add_argument("--splits", default="16,32,64,128")
     p.add_argument("--block-n", default="64,128")
     p.add_argument("--warps", default="4,8")
@@ -56,7 +53,7 @@ def main() -> None:
 
     H, H_kv, D = 32, 8, 128
     rows = []
-    for B, S in _pairs(args.points):
+    for B, S in args.points:
         q = torch.randn((B, H, D), dtype=torch.bfloat16, device=dev)
         k = torch.randn((B, S, H_kv, D), dtype=torch.bfloat16, device=dev)
         v = torch.randn_like(k)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_vkv._checks import int_list_arg
+from torch_vkv._checks import int_list_arg, point_list_arg
 from torch_vkv.bench.timing import L2_FLUSHES, time_us, time_us_graph
 
 NUM_KV_HEADS, HEAD_DIM = 8, 128
@@ -80,10 +80,6 @@ def _descriptor(x2d: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(x2d, list(x2d.shape), list(x2d.stride()), [rows, cols])
 
 
-def _pairs(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(x) for x in p.split("x")) for p in text.split(",")]  # type: ignore[misc]
-
-
 def _exact_sum(x: torch.Tensor) -> float:
     return sum(float(c.double().sum()) for c in x.reshape(-1).split(1 << 26))
 
@@ -129,7 +125,7 @@ def _triton_row(kind: str, tma: bool, caches, sums, launch: tuple, rep_ms: float
 def main() -> None:
     ints = int_list_arg(1)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--points", default="256x4096,64x16384", help="BATCHxCONTEXT list (K and V of each are read)")
+    p.add_argument("--points", type=point_list_arg(), default="256x4096,64x16384", help="BATCHxCONTEXT list (K and V of each are read)")
     p.add_argument("--rows", type=ints, default=[64, 128], help="tile rows (keys) a load")
     p.add_argument("--warps", type=ints, default=[4, 8])
     p.add_argument("--stages", type=ints, default=[2, 3, 4])
@@ -144,7 +140,7 @@ def main() -> None:
         raise SystemExit("diag_read.py: expected a CUDA GPU (the times are CUDA-graph replays), found none")
     dev = torch.device("cuda")
     rows = []
-    for B, S in _pairs(args.points):
+    for B, S in args.points:
         # Uniform in [0, 1): every partial sum is positive, so the float64 check has no cancellation.
         caches = [torch.rand((B, S, NUM_KV_HEADS, HEAD_DIM), device=dev).to(torch.bfloat16) for _ in range(2)]
         nbytes = sum(x.numel() * x.element_size() for x in caches)

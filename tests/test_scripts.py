@@ -59,6 +59,23 @@ def test_gpu_diagnostic_without_a_gpu_says_what_it_needs(name, tmp_path):
     assert "expected a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_point_lists_parse_and_a_malformed_point_is_named():
+    """``--points`` / ``--decode`` of the decode diagnostics: BATCHxCONTEXT pairs of ints >= 1; a bad one is
+    an argparse error naming the item (the scripts exit with a usage line, no traceback)."""
+    import argparse
+
+    from torch_vkv._checks import point_list_arg
+
+    assert point_list_arg()("1x16384, 4X4096") == [(1, 16384), (4, 4096)]
+    assert point_list_arg(allow_empty=True)("") == []
+    for bad in ("", "4y5", "0x128", "4x", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            point_list_arg()(bad)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "diag_decode.py"), "--points", "4y5"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2 and "'4y5'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.cuda
 def test_cuda_diag_decode_sweeps_and_writes_every_row(tmp_path):
     rows = _gpu_diag_rows("diag_decode", tmp_path, "--points", "1x1024,2x512", "--splits", "1,4", "--block-n", "64",

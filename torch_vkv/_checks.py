@@ -123,6 +123,26 @@ def int_list_arg(low: int):
     return parse
 
 
+def point_list_arg(allow_empty: bool = False):
+    """An ``argparse`` type: a comma list of ``BATCHxCONTEXT`` points ("1x16384,4x16384") as ``(batch,
+    context)`` pairs of ints >= 1; with ``allow_empty`` an empty text is no point (``--decode=``)."""
+    import argparse
+
+    def parse(text: str) -> list[tuple[int, int]]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected a comma list of BATCHxCONTEXT such as '1x16384,4x4096', got {text!r}")
+        points = []
+        for item in items:
+            parts = item.lower().split("x")
+            if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+                raise argparse.ArgumentTypeError(f"expected BATCHxCONTEXT with two ints >= 1 such as '4x16384', got {item!r}")
+            points.append((int(parts[0]), int(parts[1])))
+        return points
+
+    return parse
+
+
 #: ``argparse`` types for counts (>= 1) and sizes that may be 0.
 positive_int_arg = int_arg(1)
 non_negative_int_arg = int_arg(0)
