@@ -13,6 +13,7 @@ import torch
 
 from .prefill import _tma_capable, capturing
 
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -23,6 +24,10 @@ def sm_count(device: torch.device) -> int:
     cost several microseconds of host time in every decode call)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
+
+#: Fewest cache rows (``S_max``) for which decode takes 128-key tiles (descriptors, or
+#: :func:`long_cache_decode_launch`'s pointer loads).
+LONG_TILE_MIN_ROWS = 4096
 
 #: Share of the SMs that one program per ``(request, kv head)`` must cover for :func:`default_num_splits`
 #: to keep one split on contiguous rows.
@@ -119,10 +124,10 @@ def long_cache_decode_launch(num_requests: int, num_kv_heads: int, head_dim: int
     to do that. Measured on the H100 (thirty-third session, ``scripts/diag_decode.py``, Llama-3-8B
     heads, bf16, one graph replay; the former default in parentheses):
 
-    * 1-1.5 waves, 128 keys, 2 stages: batch 18, 16K 409.6 us (417.4); 20 x 4K 126.4 (128.4);
-      20 x 16K 446.9 (458.2); 24 x 4K 146.9 (154.6); 24 x 16K 528.0 (566.6);
-    * 1.5-3 waves, 128 keys, 1 stage: 28 x 4K 165.4 (174.6); 32 x 4K 174.7 (177.9), 32 x 16K
-      674.2 (683.0), with the L2 emptied by reads; with 64-key tiles 186.9 at 32 x 4K;
+    * 1-1.5 waves, 128 keys, 2 stages (L2 emptied by writes): batch 18, 16K 409.6 us (417.4); 20 x
+      4K 126.4 (128.4); 20 x 16K 446.9 (458.2); 24 x 4K 146.9 (154.6); 24 x 16K 528.0 (566.6);
+    * 1.5-3 waves, 128 keys, 1 stage: 28 x 4K 165.4 (174.6, by writes); 32 x 4K 174.7 (177.9), 32 x
+      16K 674.2 (683.0), by reads; with 64-key tiles 186.9 at 32 x 4K;
     * from 3 waves, 64 keys, 1 stage (L2 emptied by reads): batch 64, 4K 340.4 (347.3), 16K 1341.1
       (1363.2); batch 128, 4K 679.5 (686.4, descriptors), 16K 2692.2 (2707.7); batch 256, 4K
       1348.5 (1370.5), 16K 5378.8 (5405.1); 2 or 8 warps and 32- or 128-key tiles no faster
@@ -167,10 +172,6 @@ def default_decode_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                                 block_table is not None) is not None:  # fmt: skip
         return False
     return _tma_capable(q, k_cache, v_cache, block_table)
-
-
-#: Fewest cache rows (``S_max``) for which descriptor-read decode takes 128-key tiles.
-LONG_TILE_MIN_ROWS = 4096
 
 
 def default_decode_block_n(num_requests: int, num_kv_heads: int, head_dim: int, num_splits: int,

@@ -143,7 +143,7 @@ def _prefill_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         lo, lo_full, hi_full, hi, key_lo, window, num_blocks, qk_mul, cap_out,
         CAUSAL=CAUSAL, WINDOW=WINDOW, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, DOT_F32=DOT_F32,
-        USE_TMA=USE_TMA, EVICT="",
+        USE_TMA=USE_TMA, EVICT="",  # no hint: every query block of a head reads its keys again (from the L2)
     )  # fmt: skip
     # A query that sees no key (only with bad lengths) gets 0, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
