@@ -1,14 +1,15 @@
 """Small-batch split-KV decode: where its time goes, on a GPU (a diagnostic, not a benchmark).
 
     python scripts/diag_decode.py [--points 1x16384,4x16384] [--splits 16,32,64] [--stages 2,3,4]
-                                  [--evict 0,1] [--tma default,0]
+                                  [--evict default,0,1] [--tma default,0]
 
 Llama-3-8B heads (32 query, 8 KV heads of 128), bf16, our Triton decode on a
 contiguous cache, every time replayed from a CUDA graph with the L2 cleared
 before each replay (``torch_vkv.bench.timing.time_us_graph``). For each
 (batch, context) point it sweeps ``num_splits x block_n x num_warps x
 num_stages x evict_first x tma`` (``evict_first``: K/V read with the L2's evict-first
-policy; ``tma``: ``default`` leaves it to ``default_decode_tma``) and also times the merge kernel alone (``_decode_reduce_kernel``
+policy; ``default`` leaves each to the library's rule, ``default_decode_evict_first`` and
+``default_decode_tma``) and also times the merge kernel alone (``_decode_reduce_kernel``
 at that split count) and a ``copy_`` of K (read + write bytes, as ``bench
 kernels`` counts the copy bandwidth). Prints the best rows per point and writes
 every row to ``$OUT/diag_decode.json``.
@@ -31,6 +32,11 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _flags(text: str) -> list[bool | None]:
+    """``default,0,1`` -> ``[None, False, True]`` (``None``: the library's rule decides)."""
+    return [None if t == "default" else bool(int(t)) for t in text.split(",")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", type=point_list_arg(), default="1x16384,1x32768,2x16384,4x16384", help="BATCHxCONTEXT list")
@@ -38,7 +44,7 @@ def main() -> None:
     p.add_argument("--block-n", default="64,128")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4")
-    p.add_argument("--evict", default="0", help="evict_first values to sweep: 0, 1 or 0,1")
+    p.add_argument("--evict", default="default", help="evict_first values to sweep: default (the library's rule), 0, 1")
     p.add_argument("--tma", default="default", help="tma values to sweep: default (the library's rule), 0, 1")
     p.add_argument("--rep-ms", type=float, default=20.0)
     p.add_argument("--l2-flush", choices=L2_FLUSHES, default="write",
@@ -79,16 +85,16 @@ def main() -> None:
                 BLOCK_S=next_pow2(splits), num_warps=4), dev, rep_ms=args.rep_ms, warmup_ms=5)  # fmt: skip
             rows.append(dict(batch=B, context=S, kind="reduce", splits=splits, us=us))
             print(f"  reduce alone, {splits} splits: {us:.1f} us", flush=True)
-        tmas = [None if t == "default" else bool(int(t)) for t in args.tma.split(",")]
         for splits, block_n, warps, stages, evict, tma in itertools.product(
-            _ints(args.splits), _ints(args.block_n), _ints(args.warps), _ints(args.stages), _ints(args.evict), tmas
+            _ints(args.splits), _ints(args.block_n), _ints(args.warps), _ints(args.stages), _flags(args.evict),
+            _flags(args.tma),
         ):
             row = dict(batch=B, context=S, kind="decode", splits=splits, block_n=block_n, warps=warps, stages=stages,
-                       evict_first=bool(evict), tma=tma)  # fmt: skip
+                       evict_first=evict, tma=tma)  # fmt: skip
             try:
                 row["us"] = time_us_graph(lambda: tk.decode_attention(
                     q, k, v, lens, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
-                    evict_first=bool(evict), tma=tma), dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)  # fmt: skip
+                    evict_first=evict, tma=tma), dev, rep_ms=args.rep_ms, warmup_ms=5, l2_flush=args.l2_flush)  # fmt: skip
                 row["pct_copy"] = 100 * kv_bytes / row["us"] / 1e6 / copy_tb
             except Exception as e:  # a configuration that does not fit shared memory
                 row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
