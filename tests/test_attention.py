@@ -407,9 +407,7 @@ def test_cuda_long_cache_decode_default_against_reference(waves):
     v = torch.randn(R, S, H_kv, D, dtype=torch.bfloat16, device="cuda", generator=gen)
     lens = torch.randint(1, S + 1, (R,), dtype=torch.int32, device="cuda", generator=gen)
     lens[0] = S  # one request fills the cache
-    for r, n in enumerate(lens.tolist()):  # rows past a length are never read
-        k[r, n:] = float("nan")
-        v[r, n:] = float("nan")
+    poison(k, v, lens.tolist(), list(range(R)))  # rows past a length are never read
     assert_close(tk().decode_attention(q, k, v, lens), tk().decode_reference(q, k, v, lens), torch.bfloat16)
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
