@@ -469,6 +469,45 @@ def test_flashinfer_window_softcap_cuda(kind, layout, D):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
+    """``torch.compile(mode="reduce-overhead")`` over append + attention whose first flashinfer call
+    is the CUDA-graph trees' warm-up: the workspace, wrappers and plans made there must stay out of
+    the graph's pool, where the trees refuse a live tensor that is not an output ("tensor(s) in the
+    cudagraph pool not tracked as outputs"). Warm-up, recording and three replays with new inputs,
+    each against the float64 reference."""
+    _skip_unless_flashinfer()
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    for table in ("_WORKSPACE", "_DECODE", "_RAGGED", "_LAYOUT"):  # nothing left from earlier tests
+        monkeypatch.setattr(fib, table, {})
+    b = make_batch(kind, H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=600, seed=53)
+    k, v = make_cache("per_layer", len(b.lengths), 600, 2, 128, dtype=torch.bfloat16, device="cuda", seed=53)
+    max_q = max(b.q_lens)
+
+    def step(q, k_cache, v_cache, lens, cu):  # no input mutated: the trees would run it without a graph
+        return attention(q, k_cache, v_cache, lens, cu_seqlens_q=cu, backend="flashinfer", max_seqlen_q=max_q)
+
+    torch._dynamo.reset()
+    counters.clear()
+    for cache in (k, v):  # read in place by the graphs, as a KV cache is (not copied into static inputs)
+        torch._dynamo.mark_static_address(cache)
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for call in range(5):
+        q, k_new, v_new = (torch.randn_like(x) for x in (b.q, b.k_new, b.v_new))
+        poison(k, v, b.lengths, list(range(len(b.lengths))))
+        append_kv(k, v, k_new, v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)
+        out = compiled(q, k, v, b.cache_seqlens, b.cu_seqlens_q).clone()
+        ref = reference(q, k, v, b.cache_seqlens, b.cu_seqlens_q, None)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"call {call}"
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"call {call}: {m}")
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the calls after the warm-up were graph replays
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("margin", [0, 256])
 def test_flashinfer_prefill_on_a_kvcache_reads_only_committed_rows(layout, margin):

@@ -63,23 +63,20 @@ prefill, whose loads stop at each request's last key.
 
 Plans and workspaces are kept per device and shape in this module (FlashInfer's
 wrappers are stateful); calls are expected on one stream at a time. They are
-allocated on a side stream (:func:`_outside_graph_pools`): a first call inside
-``torch.compile``'s CUDA-graph warm-up would otherwise put them in the graph's
-private pool, which cudagraph trees refuse ("tensors in the cudagraph pool not
-tracked as outputs"). That holds where the trees route their stream's
-allocations (``_cuda_beginAllocateCurrentStreamToPool``); torch versions that
-route the whole thread's (``_cuda_beginAllocateCurrentThreadToPool``: 2.13, and
-2.11, where the fused decode merge's side-stream buffer was refused, twenty-fifth
-session in docs/benchmarks.md) route the side stream's too: not yet fixed here.
+made by :func:`~torch_vkv._graph_pools.outside_graph_pools` (a helper thread on
+a side stream): a first call inside ``torch.compile``'s CUDA-graph warm-up would
+otherwise put them in the graph's private pool, which cudagraph trees refuse
+("tensors in the cudagraph pool not tracked as outputs"). The trees route the
+allocations of the warming thread (torch 2.11 and 2.13), whatever its stream.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
+from .._graph_pools import outside_graph_pools
 from . import deps
 from .common import ATTN_SCHEMA, flat_rows, flatten
 from .host_values import host_values
@@ -228,28 +225,11 @@ _RAGGED: dict = {}
 _LAYOUT: dict = {}  # device -> (metadata key, _StepLayout) of the last prefill step
 
 
-@contextlib.contextmanager
-def _outside_graph_pools(device: torch.device) -> Iterator[None]:
-    """Allocates the block's long-lived state (workspaces, plans) outside any CUDA
-    graph pool. CUDA-graph trees route the allocations of their stream to the
-    graph's pool, warm-up runs included; a side stream's allocations are not
-    routed. The side stream waits for the current one and back."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        yield  # the CPU, or a capture (plans are refused there, see _decode)
-        return
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        yield
-    current.wait_stream(side)
-
-
 def _workspace(device: torch.device) -> torch.Tensor:
     ws = _WORKSPACE.get(device)
     if ws is None:
-        with _outside_graph_pools(device):
-            ws = _WORKSPACE[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        ws = _WORKSPACE[device] = outside_graph_pools(
+            device, lambda: torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device))
     return ws
 
 
@@ -305,8 +285,7 @@ def decode_plan(table: dict, key: tuple, q: torch.Tensor, shape: str, make) -> o
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("flashinfer decode: expected one call outside the CUDA graph first (it plans "
                                f"the kernel for this shape: {shape}), got the first call inside a capture")
-        with _outside_graph_pools(q.device):
-            plan = table[key] = make()
+        plan = table[key] = outside_graph_pools(q.device, make)
     return plan
 
 
@@ -377,24 +356,29 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
     kind = (dev, backend, H, H_kv, D, q.dtype, causal, window_left, softcap)
     holder = _RAGGED.get(kind)
     if holder is None:
-        with _outside_graph_pools(dev):
-            holder = _RAGGED[kind] = [fi.BatchPrefillWithRaggedKVCacheWrapper(
-                _workspace(dev), "NHD", backend=backend), None, None]  # fmt: skip
+        workspace = _workspace(dev)
+        holder = _RAGGED[kind] = [outside_graph_pools(
+            dev, lambda: fi.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)), None, None]
     wrapper = holder[0]
     plan_key = (layout.qo, layout.kv, scale)
     if holder[1] != plan_key:  # layers of one step share the plan
         if holder[2] is not None:
             # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
             holder[2].synchronize()
-        with _outside_graph_pools(dev):
+
+        def plan() -> Optional[torch.cuda.Event]:
             wrapper.plan(
                 torch.tensor(layout.qo, dtype=torch.int32), torch.tensor(layout.kv, dtype=torch.int32), H, H_kv, D,
                 causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
                 q_data_type=q.dtype, kv_data_type=k_cache.dtype,
             )  # fmt: skip
-            if dev.type == "cuda":
-                holder[2] = torch.cuda.Event()
-                holder[2].record()  # on the side stream, after the plan's copies
+            if dev.type != "cuda":
+                return None
+            done = torch.cuda.Event()
+            done.record()  # on the side stream, after the plan's copies
+            return done
+
+        holder[2] = outside_graph_pools(dev, plan)
         holder[1] = plan_key
     if backend == "fa3":
         if layout.all_valid:  # the tensors as given (no host-to-device copy)

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from .flashinfer_backend import _outside_graph_pools, decode_plan
+from .._graph_pools import outside_graph_pools
+from .flashinfer_backend import decode_plan
 from .flashinfer_pages import GraphDecodePlan
 from .inputs import cache_bounds, safe_blocks, valid_requests
 
@@ -127,8 +128,8 @@ def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu
         last.append(lengths[r] - (pages - 1) * bs if pages else 0)
     holder = _PREFILL.get((dev, backend))
     if holder is None:
-        with _outside_graph_pools(dev):
-            wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+        wrapper = outside_graph_pools(dev, lambda: fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD",
+                                                                                          backend=backend))
         holder = _PREFILL[(dev, backend)] = [wrapper, None, None]
     wrapper = holder[0]
     H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
@@ -141,13 +142,17 @@ def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu
         if holder[2] is not None:
             # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
             holder[2].synchronize()
-        with _outside_graph_pools(dev):
+        def plan() -> Optional[torch.cuda.Event]:
             wrapper.plan(i32(qo), i32(kv), i32(indices), i32(last), H, H_kv, D, bs, causal=causal,
                          window_left=window_left, logits_soft_cap=softcap, sm_scale=scale, q_data_type=q.dtype,
                          kv_data_type=k_cache.dtype)  # fmt: skip
-            if dev.type == "cuda":
-                holder[2] = torch.cuda.Event()
-                holder[2].record()  # on the side stream, after the plan's copies
+            if dev.type != "cuda":
+                return None
+            done = torch.cuda.Event()
+            done.record()  # on the side stream, after the plan's copies
+            return done
+
+        holder[2] = outside_graph_pools(dev, plan)
         holder[1] = plan_key
     order = [i for rr in rows for i in rr]
     if order == list(range(T)):  # every row planned in place: no gather, no scatter
