@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import random
+import sys
 import types
 
 import pytest
@@ -328,6 +329,23 @@ def test_decode_plans_per_page_size_of_caches_with_one_shape(fake_flashinfer):
                                    rtol=1e-5)  # fmt: skip
 
 
+def test_plans_make_flashinfers_scratch_first(fake_flashinfer, monkeypatch):
+    """Prefill and decode plans make FlashInfer's process-wide scratch (its ALiBi slopes, which a
+    wrapper's run() otherwise makes and keeps on its first call) before any run, for the call's
+    query heads: inside a CUDA-graph warm-up, a run would put them in the graph's pool."""
+    made = []
+    fake_flashinfer.__name__ = "fake_flashinfer"
+    monkeypatch.setitem(sys.modules, "fake_flashinfer.utils", types.SimpleNamespace(
+        _get_cache_alibi_slopes_buf=lambda heads, device: made.append((heads, device))))  # fmt: skip
+    for kind in ("mixed", "decode"):
+        b = make_batch(kind, H=8, H_kv=2, D=64, dtype=torch.float32, device="cpu", S_max=48, seed=3)
+        k, v = make_cache("per_layer", len(b.lengths), 48, 2, 64, dtype=torch.float32, device="cpu", seed=3)
+        fib.flashinfer_attention(b.q, k, v, b.cache_seqlens, b.cu_seqlens_q if kind == "mixed" else None, None,
+                                 None, True, 0.125, max(b.q_lens), 0, -1, 0.0)  # fmt: skip
+    assert made == [(8, torch.device("cpu"))] * 2
+    assert fib.with_flashinfer_scratch(torch.device("cpu"), 4, lambda: "made") == "made"
+    assert made[-1] == (4, torch.device("cpu"))
+
 @pytest.mark.parametrize("triton", [True, False])
 def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer, monkeypatch, triton):
     if triton and not deps.triton_usable(torch.device("cpu")):
@@ -478,10 +496,16 @@ def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
     each against the float64 reference."""
     _skip_unless_flashinfer()
     import torch._dynamo
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
     for table in ("_WORKSPACE", "_DECODE", "_RAGGED", "_LAYOUT"):  # nothing left from earlier tests
         monkeypatch.setattr(fib, table, {})
+    fi_utils = sys.modules.get(f"{deps.flashinfer_module().__name__}.utils")
+    if hasattr(fi_utils, "_cache_buf"):  # FlashInfer's own scratch too, as in a fresh process
+        monkeypatch.setattr(fi_utils, "_cache_buf", {})
+    # A failure then names where the stray tensor was allocated.
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_trees_history_recording", True)
     b = make_batch(kind, H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=600, seed=53)
     k, v = make_cache("per_layer", len(b.lengths), 600, 2, 128, dtype=torch.bfloat16, device="cuda", seed=53)
     max_q = max(b.q_lens)

@@ -72,7 +72,8 @@ allocations of the warming thread (torch 2.11 and 2.13), whatever its stream.
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -216,6 +217,8 @@ def fa3_tail_fits(k_cache: torch.Tensor, lengths: list, slots: list, valid: list
 
 # ----------------------------------------------------------------------------- wrappers and plans
 
+T = TypeVar("T")
+
 _WORKSPACE: dict = {}  # device -> FlashInfer float workspace (shared: used only during a run, one stream)
 _DECODE: dict = {}  # (device, R, shapes, options) -> _DecodePlan
 # (device, fa backend, shapes, dtype, causal, window, softcap) -> [wrapper, last plan key, event after its plan].
@@ -223,6 +226,28 @@ _DECODE: dict = {}  # (device, R, shapes, options) -> _DecodePlan
 # every layer, and plan() writes a pinned host buffer whose copy to the GPU is only queued.
 _RAGGED: dict = {}
 _LAYOUT: dict = {}  # device -> (metadata key, _StepLayout) of the last prefill step
+
+
+def _flashinfer_scratch(num_qo_heads: int, device: torch.device) -> None:
+    """FlashInfer's process-wide scratch tensors that its wrappers' ``run()`` make on first use and
+    keep: the ALiBi slopes of ``num_qo_heads`` heads (0.7 makes them on every prefill run, ALiBi or
+    not). Made here, called inside :func:`~torch_vkv._graph_pools.outside_graph_pools`, they do not
+    land in the pool of a CUDA-graph warm-up that runs a wrapper first."""
+    fi = deps.flashinfer_module()
+    utils = sys.modules.get(f"{getattr(fi, '__name__', '')}.utils")
+    make = getattr(utils, "_get_cache_alibi_slopes_buf", None)
+    if make is not None:  # other FlashInfer versions: nothing known to make
+        make(num_qo_heads, device)
+
+
+def with_flashinfer_scratch(device: torch.device, num_qo_heads: int, make: Callable[[], T]) -> T:
+    """``make()`` outside any CUDA graph's pool, FlashInfer's scratch for ``num_qo_heads`` heads first."""
+
+    def both() -> T:
+        _flashinfer_scratch(num_qo_heads, device)
+        return make()
+
+    return outside_graph_pools(device, both)
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -285,7 +310,7 @@ def decode_plan(table: dict, key: tuple, q: torch.Tensor, shape: str, make) -> o
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("flashinfer decode: expected one call outside the CUDA graph first (it plans "
                                f"the kernel for this shape: {shape}), got the first call inside a capture")
-        plan = table[key] = outside_graph_pools(q.device, make)
+        plan = table[key] = with_flashinfer_scratch(q.device, q.shape[1], make)
     return plan
 
 
@@ -378,7 +403,7 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
             done.record()  # on the side stream, after the plan's copies
             return done
 
-        holder[2] = outside_graph_pools(dev, plan)
+        holder[2] = with_flashinfer_scratch(dev, H, plan)
         holder[1] = plan_key
     if backend == "fa3":
         if layout.all_valid:  # the tensors as given (no host-to-device copy)

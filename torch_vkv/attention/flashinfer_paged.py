@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .._graph_pools import outside_graph_pools
-from .flashinfer_backend import decode_plan
+from .flashinfer_backend import decode_plan, with_flashinfer_scratch
 from .flashinfer_pages import GraphDecodePlan
 from .inputs import cache_bounds, safe_blocks, valid_requests
 
@@ -152,7 +152,7 @@ def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu
             done.record()  # on the side stream, after the plan's copies
             return done
 
-        holder[2] = outside_graph_pools(dev, plan)
+        holder[2] = with_flashinfer_scratch(dev, H, plan)
         holder[1] = plan_key
     order = [i for rr in rows for i in rr]
     if order == list(range(T)):  # every row planned in place: no gather, no scatter
