@@ -487,13 +487,15 @@ def test_flashinfer_window_softcap_cuda(kind, layout, D):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["decode", "mixed"])
+@pytest.mark.parametrize("kind", ["decode", "mixed", "mixed-fa3-slots"])
 def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
     """``torch.compile(mode="reduce-overhead")`` over append + attention whose first flashinfer call
     is the CUDA-graph trees' warm-up: the workspace, wrappers and plans made there must stay out of
     the graph's pool, where the trees refuse a live tensor that is not an output ("tensor(s) in the
     cudagraph pool not tracked as outputs"). Warm-up, recording and three replays with new inputs,
-    each against the float64 reference."""
+    each against the float64 reference. ``mixed`` takes FA2 (a tile past a length would leave
+    the slot), ``mixed-fa3-slots`` FA3 with its tail rows and permuted slots (the step's layout
+    keeps a device tensor there: the order of the moved query rows)."""
     _skip_unless_flashinfer()
     import torch._dynamo
     import torch._inductor.config
@@ -506,12 +508,17 @@ def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
         monkeypatch.setattr(fi_utils, "_cache_buf", {})
     # A failure then names where the stray tensor was allocated.
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_trees_history_recording", True)
-    b = make_batch(kind, H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=600, seed=53)
-    k, v = make_cache("per_layer", len(b.lengths), 600, 2, 128, dtype=torch.bfloat16, device="cuda", seed=53)
+    fa3 = kind == "mixed-fa3-slots"
+    b = make_batch(kind[:5], H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=600, with_slots=fa3,
+                   seed=53)  # fmt: skip
+    # FA3 where every length + 255 rows fit the slot's view (fib.fa3_tail_fits)
+    S_view = 600 + fib.FA3_TILE if fa3 else 600
+    k, v = make_cache("per_layer", len(b.lengths) + 1, S_view, 2, 128, dtype=torch.bfloat16, device="cuda", seed=53)
     max_q = max(b.q_lens)
 
-    def step(q, k_cache, v_cache, lens, cu):  # no input mutated: the trees would run it without a graph
-        return attention(q, k_cache, v_cache, lens, cu_seqlens_q=cu, backend="flashinfer", max_seqlen_q=max_q)
+    def step(q, k_cache, v_cache, lens, cu, slots):  # no input mutated: the trees would run it without a graph
+        return attention(q, k_cache, v_cache, lens, cu_seqlens_q=cu, slots=slots, backend="flashinfer",
+                         max_seqlen_q=max_q)  # fmt: skip
 
     torch._dynamo.reset()
     counters.clear()
@@ -520,10 +527,10 @@ def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
     compiled = torch.compile(step, mode="reduce-overhead")
     for call in range(5):
         q, k_new, v_new = (torch.randn_like(x) for x in (b.q, b.k_new, b.v_new))
-        poison(k, v, b.lengths, list(range(len(b.lengths))))
-        append_kv(k, v, k_new, v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q)
-        out = compiled(q, k, v, b.cache_seqlens, b.cu_seqlens_q).clone()
-        ref = reference(q, k, v, b.cache_seqlens, b.cu_seqlens_q, None)
+        poison(k, v, b.lengths, b.slot_list)
+        append_kv(k, v, k_new, v_new, b.cache_seqlens, cu_seqlens_q=b.cu_seqlens_q, slots=b.slots)
+        out = compiled(q, k, v, b.cache_seqlens, b.cu_seqlens_q, b.slots).clone()
+        ref = reference(q, k, v, b.cache_seqlens, b.cu_seqlens_q, b.slots)
         torch.cuda.synchronize()
         assert not out.isnan().any(), f"call {call}"
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"call {call}: {m}")

@@ -326,11 +326,13 @@ def _decode(fi, q, k_cache, v_cache, cache_seqlens, slots, scale, window_left, s
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` on ``device`` without a sync: a pageable host-to-device copy waits for the stream."""
+    """``values`` on ``device`` without a sync (a pageable host-to-device copy waits for the stream),
+    outside graph pools: the step's layout keeps it."""
     t = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)  # the host allocator keeps it until the copy ran
+    # The host allocator keeps the pinned copy until the copy ran.
+    return outside_graph_pools(device, lambda: t.pin_memory().to(device, non_blocking=True))
 
 
 class _StepLayout:
