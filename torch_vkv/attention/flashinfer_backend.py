@@ -250,6 +250,29 @@ def with_flashinfer_scratch(device: torch.device, num_qo_heads: int, make: Calla
     return outside_graph_pools(device, both)
 
 
+def replan(holder: list, plan_key: tuple, device: torch.device, num_qo_heads: int, plan: Callable[[], None]) -> None:
+    """``plan()`` (a prefill wrapper's host plan) where ``plan_key`` differs from the last one
+    (``holder``: ``[wrapper, last plan key, event after the last plan's copies]``; the layers of a step
+    share a plan): after the copy that the last plan queued, outside graph pools, FlashInfer's scratch
+    first (:func:`with_flashinfer_scratch`)."""
+    if holder[1] == plan_key:
+        return
+    if holder[2] is not None:
+        # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
+        holder[2].synchronize()
+
+    def planned() -> Optional[torch.cuda.Event]:
+        plan()
+        if device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()  # on the plan's stream, after its copies
+        return done
+
+    holder[2] = with_flashinfer_scratch(device, num_qo_heads, planned)
+    holder[1] = plan_key
+
+
 def _workspace(device: torch.device) -> torch.Tensor:
     ws = _WORKSPACE.get(device)
     if ws is None:
@@ -387,26 +410,10 @@ def _ragged(fi, q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, slots, causal,
         holder = _RAGGED[kind] = [outside_graph_pools(
             dev, lambda: fi.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)), None, None]
     wrapper = holder[0]
-    plan_key = (layout.qo, layout.kv, scale)
-    if holder[1] != plan_key:  # layers of one step share the plan
-        if holder[2] is not None:
-            # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
-            holder[2].synchronize()
-
-        def plan() -> Optional[torch.cuda.Event]:
-            wrapper.plan(
-                torch.tensor(layout.qo, dtype=torch.int32), torch.tensor(layout.kv, dtype=torch.int32), H, H_kv, D,
-                causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale,
-                q_data_type=q.dtype, kv_data_type=k_cache.dtype,
-            )  # fmt: skip
-            if dev.type != "cuda":
-                return None
-            done = torch.cuda.Event()
-            done.record()  # on the side stream, after the plan's copies
-            return done
-
-        holder[2] = with_flashinfer_scratch(dev, H, plan)
-        holder[1] = plan_key
+    replan(holder, (layout.qo, layout.kv, scale), dev, H, lambda: wrapper.plan(
+        torch.tensor(layout.qo, dtype=torch.int32), torch.tensor(layout.kv, dtype=torch.int32), H, H_kv, D,
+        causal=causal, window_left=window_left, logits_soft_cap=softcap, sm_scale=scale, q_data_type=q.dtype,
+        kv_data_type=k_cache.dtype))  # fmt: skip
     if backend == "fa3":
         if layout.all_valid:  # the tensors as given (no host-to-device copy)
             lens = cache_seqlens.to(torch.int32)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .._graph_pools import outside_graph_pools
-from .flashinfer_backend import decode_plan, with_flashinfer_scratch
+from .flashinfer_backend import decode_plan, replan
 from .flashinfer_pages import GraphDecodePlan
 from .inputs import cache_bounds, safe_blocks, valid_requests
 
@@ -135,25 +135,13 @@ def paged_prefill(fi, workspace, backend, q, k_cache, v_cache, cache_seqlens, cu
     H, H_kv, D = q.shape[1], k_cache.shape[2], q.shape[2]
     plan_key = (tuple(qo), tuple(kv), tuple(indices), tuple(last), H, H_kv, D, bs, q.dtype, causal, scale,
                 window_left, softcap)  # fmt: skip
-    if holder[1] != plan_key:  # layers of one step share the plan
-        def i32(x):
-            return torch.tensor(x, dtype=torch.int32)
 
-        if holder[2] is not None:
-            # plan() rewrites the pinned host buffer whose copy the last plan only queued: wait for that copy.
-            holder[2].synchronize()
-        def plan() -> Optional[torch.cuda.Event]:
-            wrapper.plan(i32(qo), i32(kv), i32(indices), i32(last), H, H_kv, D, bs, causal=causal,
-                         window_left=window_left, logits_soft_cap=softcap, sm_scale=scale, q_data_type=q.dtype,
-                         kv_data_type=k_cache.dtype)  # fmt: skip
-            if dev.type != "cuda":
-                return None
-            done = torch.cuda.Event()
-            done.record()  # on the side stream, after the plan's copies
-            return done
+    def i32(x):
+        return torch.tensor(x, dtype=torch.int32)
 
-        holder[2] = with_flashinfer_scratch(dev, H, plan)
-        holder[1] = plan_key
+    replan(holder, plan_key, dev, H, lambda: wrapper.plan(
+        i32(qo), i32(kv), i32(indices), i32(last), H, H_kv, D, bs, causal=causal, window_left=window_left,
+        logits_soft_cap=softcap, sm_scale=scale, q_data_type=q.dtype, kv_data_type=k_cache.dtype))  # fmt: skip
     order = [i for rr in rows for i in rr]
     if order == list(range(T)):  # every row planned in place: no gather, no scatter
         return wrapper.run(q.contiguous(), (k_cache, v_cache))
