@@ -63,11 +63,13 @@ prefill, whose loads stop at each request's last key.
 
 Plans and workspaces are kept per device and shape in this module (FlashInfer's
 wrappers are stateful); calls are expected on one stream at a time. They are
-made by :func:`~torch_vkv._graph_pools.outside_graph_pools` (a helper thread on
-a side stream): a first call inside ``torch.compile``'s CUDA-graph warm-up would
-otherwise put them in the graph's private pool, which cudagraph trees refuse
-("tensors in the cudagraph pool not tracked as outputs"). The trees route the
-allocations of the warming thread (torch 2.11 and 2.13), whatever its stream.
+made by :func:`~torch_vkv._graph_pools.outside_graph_pools` (under CUDA-graph
+trees, in a helper thread on a side stream), as is FlashInfer's own scratch
+(:func:`with_flashinfer_scratch`): a first call inside ``torch.compile``'s
+CUDA-graph warm-up would otherwise put them in the graph's private pool, which
+the trees refuse ("tensors in the cudagraph pool not tracked as outputs"). The
+trees route the allocations of the warming thread (torch 2.11 and 2.13),
+whatever its stream.
 """
 
 from __future__ import annotations
