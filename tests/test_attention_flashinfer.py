@@ -346,6 +346,7 @@ def test_plans_make_flashinfers_scratch_first(fake_flashinfer, monkeypatch):
     assert fib.with_flashinfer_scratch(torch.device("cpu"), 4, lambda: "made") == "made"
     assert made[-1] == (4, torch.device("cpu"))
 
+
 @pytest.mark.parametrize("triton", [True, False])
 def test_decode_plans_once_per_shape_and_masks_bad_requests(fake_flashinfer, monkeypatch, triton):
     if triton and not deps.triton_usable(torch.device("cpu")):
@@ -489,10 +490,10 @@ def test_flashinfer_window_softcap_cuda(kind, layout, D):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["decode", "mixed", "mixed-fa3-slots"])
 def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
-    """``torch.compile(mode="reduce-overhead")`` over append + attention whose first flashinfer call
-    is the CUDA-graph trees' warm-up: the workspace, wrappers and plans made there must stay out of
-    the graph's pool, where the trees refuse a live tensor that is not an output ("tensor(s) in the
-    cudagraph pool not tracked as outputs"). Warm-up, recording and three replays with new inputs,
+    """``torch.compile(mode="reduce-overhead")`` over attention (the append runs eagerly before each
+    call) whose first flashinfer call is the CUDA-graph trees' warm-up: the workspace, wrappers and
+    plans made there must stay out of the graph's pool, where the trees refuse a live tensor that is
+    not an output ("tensor(s) in the cudagraph pool not tracked as outputs"). Warm-up, recording and three replays with new inputs,
     each against the float64 reference. ``mixed`` takes FA2 (a tile past a length would leave
     the slot), ``mixed-fa3-slots`` FA3 with its tail rows and permuted slots (the step's layout
     keeps a device tensor there: the order of the moved query rows)."""
@@ -509,8 +510,8 @@ def test_flashinfer_first_call_inside_reduce_overhead(kind, monkeypatch):
     # A failure then names where the stray tensor was allocated.
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_trees_history_recording", True)
     fa3 = kind == "mixed-fa3-slots"
-    b = make_batch(kind.split("-")[0], H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=600, with_slots=fa3,
-                   seed=53)  # fmt: skip
+    b = make_batch(kind.split("-")[0], H=8, H_kv=2, D=128, dtype=torch.bfloat16, device="cuda", S_max=600,
+                   with_slots=fa3, seed=53)  # fmt: skip
     # FA3 where every length + 255 rows fit the slot's view (fib.fa3_tail_fits)
     S_view = 600 + fib.FA3_TILE if fa3 else 600
     k, v = make_cache("per_layer", len(b.lengths) + 1, S_view, 2, 128, dtype=torch.bfloat16, device="cuda", seed=53)
